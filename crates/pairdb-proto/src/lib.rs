@@ -1,0 +1,35 @@
+//! Generated protobuf messages and gRPC services of PairDB, one module per versioned package.
+//!
+//! These are wire types: the services convert them to domain types (`pairdb-core`) at their edge and
+//! never pass them deeper.
+#![allow(missing_debug_implementations, unused_qualifications, clippy::all, clippy::pedantic)]
+
+pub mod common {
+    pub mod v1 {
+        tonic::include_proto!("pairdb.common.v1");
+    }
+}
+
+pub mod kv {
+    pub mod v1 {
+        tonic::include_proto!("pairdb.kv.v1");
+    }
+}
+
+pub mod admin {
+    pub mod v1 {
+        tonic::include_proto!("pairdb.admin.v1");
+    }
+}
+
+pub mod cluster {
+    pub mod v1 {
+        tonic::include_proto!("pairdb.cluster.v1");
+    }
+}
+
+pub mod storage {
+    pub mod v1 {
+        tonic::include_proto!("pairdb.storage.v1");
+    }
+}
