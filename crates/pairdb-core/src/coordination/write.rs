@@ -1,0 +1,307 @@
+//! The write path of DESIGN §4: the first live preference-list replica coordinates the DVVS update, the
+//! resulting set is replicated to the other N−1 in parallel (a failed or suspect replica is replaced by
+//! the next fallback, which keeps a hint), and the reply goes out at W acknowledgements.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{FailureCause, ReplicaFailure};
+use crate::ring::NodeId;
+
+/// Everything the write needs to know up front.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WritePlan {
+    /// The first N nodes of the partition's list in the current topology.
+    pub preference: Vec<NodeId>,
+    /// The rest of the list, in order: stand-ins that keep hints.
+    pub fallbacks: Vec<NodeId>,
+    /// Owners that only the pending topology of a running migration adds: they receive the set but their
+    /// acknowledgements do not count (W is counted on the current set).
+    pub pending_owners: Vec<NodeId>,
+    /// W.
+    pub required: usize,
+    /// Count only preference-list acknowledgements.
+    pub strict_quorum: bool,
+    /// Nodes the caller's failure view considers down: they are tried last as coordinators and replaced
+    /// by fallbacks right away as replication targets.
+    pub suspects: BTreeSet<NodeId>,
+    pub deadline_ms: u64,
+}
+
+/// What the router must do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteEffect {
+    /// Ask `node` to apply the client's update as its actor and return the resulting set.
+    Coordinate { node: NodeId },
+    /// Send the resulting set to `node`; with `hint_for`, `node` keeps it as a hint for that owner.
+    Replicate { node: NodeId, hint_for: Option<NodeId> },
+    /// Answer the client. Emitted once.
+    Reply(WriteReply),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteReply {
+    Acked {
+        acks: usize,
+        hinted_acks: usize,
+        required: usize,
+    },
+    /// Fewer than W acknowledgements: the outcome is unknown (some replicas may hold the value).
+    QuorumNotReached {
+        acks: usize,
+        hinted_acks: usize,
+        required: usize,
+        failures: Vec<ReplicaFailure>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Coordinating(NodeId),
+    Replicating,
+    Finished,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Outstanding {
+    /// The owner this call stands for (itself when it is not a hint).
+    owner: NodeId,
+    hinted: bool,
+    /// Whether an acknowledgement counts toward W (false for pending-topology owners).
+    counted: bool,
+}
+
+/// State machine of one write. See the module docs of [`crate::coordination`] for its laws.
+#[derive(Debug, Clone)]
+pub struct WriteCoordinator {
+    plan: WritePlan,
+    candidates: Vec<NodeId>,
+    next_candidate: usize,
+    phase: Phase,
+    coordinator: Option<NodeId>,
+    outstanding: BTreeMap<NodeId, Outstanding>,
+    /// Every node contacted in any role, so a fallback is never used twice.
+    used: BTreeSet<NodeId>,
+    acks: usize,
+    hinted_acks: usize,
+    failures: Vec<ReplicaFailure>,
+    replied: bool,
+}
+
+impl WriteCoordinator {
+    pub fn new(plan: WritePlan) -> Self {
+        // Live preference-list replicas first, in list order; suspects only as a last resort.
+        let (live, suspect): (Vec<NodeId>, Vec<NodeId>) =
+            plan.preference.iter().partition(|node| !plan.suspects.contains(node));
+        let candidates = live.into_iter().chain(suspect).collect();
+        Self {
+            plan,
+            candidates,
+            next_candidate: 0,
+            phase: Phase::Replicating,
+            coordinator: None,
+            outstanding: BTreeMap::new(),
+            used: BTreeSet::new(),
+            acks: 0,
+            hinted_acks: 0,
+            failures: Vec::new(),
+            replied: false,
+        }
+    }
+
+    /// The first effects: contact a coordinator.
+    pub fn start(&mut self, now_ms: u64) -> Vec<WriteEffect> {
+        let mut effects = Vec::new();
+        self.try_next_coordinator(now_ms, &mut effects);
+        effects
+    }
+
+    /// The coordinator applied the update and returned the set.
+    pub fn on_coordinated(&mut self, node: NodeId, now_ms: u64) -> Vec<WriteEffect> {
+        let mut effects = Vec::new();
+        if self.phase != Phase::Coordinating(node) {
+            return effects;
+        }
+        self.coordinator = Some(node);
+        self.phase = Phase::Replicating;
+        self.acks += 1;
+        let replicas: Vec<NodeId> = self.plan.preference.iter().copied().filter(|&n| n != node).collect();
+        for owner in replicas {
+            let failed_as_coordinator = self.failures.iter().any(|f| f.node == owner);
+            if self.plan.suspects.contains(&owner) || failed_as_coordinator {
+                self.replace_with_fallback(owner, true, &mut effects);
+            } else {
+                self.send_replicate(owner, owner, false, true, &mut effects);
+            }
+        }
+        let pending: Vec<NodeId> = self
+            .plan
+            .pending_owners
+            .iter()
+            .copied()
+            .filter(|n| !self.plan.preference.contains(n) && *n != node)
+            .collect();
+        for owner in pending {
+            if self.plan.suspects.contains(&owner) {
+                self.replace_with_fallback(owner, false, &mut effects);
+            } else {
+                self.send_replicate(owner, owner, false, false, &mut effects);
+            }
+        }
+        self.check_progress(now_ms, &mut effects);
+        effects
+    }
+
+    /// The coordinate call failed (error or per-replica timeout): try the next preference replica.
+    pub fn on_coordinate_failed(
+        &mut self,
+        node: NodeId,
+        cause: FailureCause,
+        now_ms: u64,
+    ) -> Vec<WriteEffect> {
+        let mut effects = Vec::new();
+        if self.phase != Phase::Coordinating(node) {
+            return effects;
+        }
+        self.failures.push(ReplicaFailure { node, cause });
+        self.try_next_coordinator(now_ms, &mut effects);
+        effects
+    }
+
+    /// A replicate call succeeded.
+    pub fn on_replicated(&mut self, node: NodeId, now_ms: u64) -> Vec<WriteEffect> {
+        let mut effects = Vec::new();
+        if let Some(call) = self.outstanding.remove(&node) {
+            if call.counted {
+                if call.hinted {
+                    self.hinted_acks += 1;
+                } else {
+                    self.acks += 1;
+                }
+            }
+            self.check_progress(now_ms, &mut effects);
+        }
+        effects
+    }
+
+    /// A replicate call failed: the next fallback stands in for the same owner.
+    pub fn on_replicate_failed(
+        &mut self,
+        node: NodeId,
+        cause: FailureCause,
+        now_ms: u64,
+    ) -> Vec<WriteEffect> {
+        let mut effects = Vec::new();
+        if let Some(call) = self.outstanding.remove(&node) {
+            self.failures.push(ReplicaFailure { node, cause });
+            if now_ms < self.plan.deadline_ms && !self.is_finished() {
+                self.replace_with_fallback(call.owner, call.counted, &mut effects);
+            }
+            self.check_progress(now_ms, &mut effects);
+        }
+        effects
+    }
+
+    /// Time passed: replies QuorumNotReached once the deadline is reached without W acks.
+    pub fn on_tick(&mut self, now_ms: u64) -> Vec<WriteEffect> {
+        let mut effects = Vec::new();
+        if now_ms >= self.plan.deadline_ms && self.phase != Phase::Finished {
+            self.phase = Phase::Finished;
+            self.outstanding.clear();
+            self.reply_failure(&mut effects);
+        }
+        effects
+    }
+
+    /// The time at which [`Self::on_tick`] must be called next, if any.
+    pub fn next_timeout_ms(&self) -> Option<u64> {
+        (self.phase != Phase::Finished).then_some(self.plan.deadline_ms)
+    }
+
+    /// No call is outstanding and the reply was sent: the router can drop this request.
+    pub fn is_finished(&self) -> bool {
+        self.phase == Phase::Finished
+    }
+
+    pub fn coordinator(&self) -> Option<NodeId> {
+        self.coordinator
+    }
+
+    pub fn counted_acks(&self) -> usize {
+        if self.plan.strict_quorum { self.acks } else { self.acks + self.hinted_acks }
+    }
+
+    fn try_next_coordinator(&mut self, now_ms: u64, effects: &mut Vec<WriteEffect>) {
+        if now_ms >= self.plan.deadline_ms {
+            self.phase = Phase::Finished;
+            self.reply_failure(effects);
+            return;
+        }
+        match self.candidates.get(self.next_candidate).copied() {
+            Some(node) => {
+                self.next_candidate += 1;
+                self.used.insert(node);
+                self.phase = Phase::Coordinating(node);
+                effects.push(WriteEffect::Coordinate { node });
+            }
+            None => {
+                // Every preference-list replica refused to coordinate.
+                self.phase = Phase::Finished;
+                self.reply_failure(effects);
+            }
+        }
+    }
+
+    fn send_replicate(
+        &mut self,
+        node: NodeId,
+        owner: NodeId,
+        hinted: bool,
+        counted: bool,
+        effects: &mut Vec<WriteEffect>,
+    ) {
+        self.used.insert(node);
+        self.outstanding.insert(node, Outstanding { owner, hinted, counted });
+        effects.push(WriteEffect::Replicate { node, hint_for: hinted.then_some(owner) });
+    }
+
+    fn replace_with_fallback(&mut self, owner: NodeId, counted: bool, effects: &mut Vec<WriteEffect>) {
+        let fallback = self
+            .plan
+            .fallbacks
+            .iter()
+            .copied()
+            .find(|f| !self.used.contains(f) && !self.plan.suspects.contains(f));
+        match fallback {
+            Some(node) => self.send_replicate(node, owner, true, counted, effects),
+            None => self.failures.push(ReplicaFailure { node: owner, cause: FailureCause::NoFallback }),
+        }
+    }
+
+    fn check_progress(&mut self, _now_ms: u64, effects: &mut Vec<WriteEffect>) {
+        if !self.replied && self.counted_acks() >= self.plan.required {
+            self.replied = true;
+            effects.push(WriteEffect::Reply(WriteReply::Acked {
+                acks: self.acks,
+                hinted_acks: self.hinted_acks,
+                required: self.plan.required,
+            }));
+        }
+        if self.outstanding.is_empty() && self.phase == Phase::Replicating {
+            self.phase = Phase::Finished;
+            self.reply_failure(effects);
+        }
+    }
+
+    fn reply_failure(&mut self, effects: &mut Vec<WriteEffect>) {
+        if self.replied {
+            return;
+        }
+        self.replied = true;
+        effects.push(WriteEffect::Reply(WriteReply::QuorumNotReached {
+            acks: self.acks,
+            hinted_acks: self.hinted_acks,
+            required: self.plan.required,
+            failures: self.failures.clone(),
+        }));
+    }
+}

@@ -1,0 +1,399 @@
+//! Dotted version vector sets (DVVS): the versioned value of one key, as in Riak 2.x and Garage K2V.
+//!
+//! A [`VersionSet`] is a version vector (the causal history the replica has seen) plus the siblings
+//! that are still live in that history, each tagged with the dot (actor, counter) of the write that
+//! created it. Actors are storage-node incarnations: an actor id is created with a data directory and
+//! never reused, so counters never repeat (Riak's "key amnesia" cannot happen).
+//!
+//! Laws (proved by the property tests in `tests/dvv_laws.rs`):
+//! - `merge` is commutative, associative and idempotent, so replicas converge whatever order they
+//!   exchange sets in, and redelivery is harmless.
+//! - `update(C, a, v)` removes exactly the siblings whose dots are covered by C and keeps every other
+//!   (concurrent) sibling; the new sibling's dot is (a, max counter seen for a + 1), so it is covered by
+//!   no earlier context.
+//! - A write without context removes nothing: two blind writes both survive any merge.
+//!
+//! Invariants of a [`VersionSet`]: every sibling's dot is covered by the vector; siblings are sorted by
+//! dot and no two share a dot; a dot identifies one write, so two sets holding the same dot hold the
+//! same sibling.
+
+use std::collections::BTreeMap;
+
+/// A storage-node incarnation (random 64-bit id created with the data directory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Actor(pub u64);
+
+impl std::fmt::Display for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// The identity of one write: the coordinating actor and its per-actor counter (starting at 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Dot {
+    pub actor: Actor,
+    pub counter: u64,
+}
+
+/// Highest counter seen per actor. Absent actors have counter 0.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct VersionVector {
+    entries: BTreeMap<Actor, u64>,
+}
+
+impl VersionVector {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Builds a vector from (actor, counter) pairs; zero counters are dropped, duplicates keep the max.
+    pub fn from_entries(entries: impl IntoIterator<Item = (Actor, u64)>) -> Self {
+        let mut vector = Self::new();
+        for (actor, counter) in entries {
+            vector.raise(actor, counter);
+        }
+        vector
+    }
+
+    pub fn get(&self, actor: Actor) -> u64 {
+        self.entries.get(&actor).copied().unwrap_or(0)
+    }
+
+    /// Raises `actor`'s counter to at least `counter`.
+    pub fn raise(&mut self, actor: Actor, counter: u64) {
+        if counter == 0 {
+            return;
+        }
+        let entry = self.entries.entry(actor).or_insert(0);
+        *entry = (*entry).max(counter);
+    }
+
+    pub fn covers(&self, dot: Dot) -> bool {
+        self.get(dot.actor) >= dot.counter
+    }
+
+    /// Pointwise maximum.
+    pub fn merge(&mut self, other: &VersionVector) {
+        for (&actor, &counter) in &other.entries {
+            self.raise(actor, counter);
+        }
+    }
+
+    /// True when every event `other` has seen, `self` has seen too.
+    pub fn descends(&self, other: &VersionVector) -> bool {
+        other.entries.iter().all(|(&actor, &counter)| self.get(actor) >= counter)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Entries in actor order.
+    pub fn entries(&self) -> impl ExactSizeIterator<Item = (Actor, u64)> + '_ {
+        self.entries.iter().map(|(&actor, &counter)| (actor, counter))
+    }
+}
+
+/// One concurrent version of a key: a value, or a tombstone (`value == None`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Sibling {
+    pub dot: Dot,
+    pub value: Option<Vec<u8>>,
+    /// Write time at the coordinator, milliseconds since the Unix epoch. Only LWW resolution and
+    /// tombstone GC look at it; causality never does.
+    pub timestamp_ms: u64,
+}
+
+impl Sibling {
+    pub fn is_tombstone(&self) -> bool {
+        self.value.is_none()
+    }
+}
+
+/// Why an update was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpdateError {
+    #[error("the write would leave {would_have} siblings, above the tenant's cap of {max_siblings}")]
+    TooManySiblings { would_have: usize, max_siblings: usize },
+}
+
+impl UpdateError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            UpdateError::TooManySiblings { .. } => "TOO_MANY_SIBLINGS",
+        }
+    }
+}
+
+/// The dotted version vector set of one key on one replica.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct VersionSet {
+    vector: VersionVector,
+    /// Sorted by dot, unique dots, each covered by `vector`.
+    siblings: Vec<Sibling>,
+}
+
+impl VersionSet {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Builds a set from parts, restoring the invariants: siblings are sorted, duplicate dots keep the
+    /// first occurrence, and the vector is raised to cover every sibling.
+    pub fn from_parts(mut vector: VersionVector, mut siblings: Vec<Sibling>) -> Self {
+        siblings.sort_by_key(|s| s.dot);
+        siblings.dedup_by_key(|s| s.dot);
+        for sibling in &siblings {
+            vector.raise(sibling.dot.actor, sibling.dot.counter);
+        }
+        Self { vector, siblings }
+    }
+
+    /// The causal context of this set: what a client that read it has seen.
+    pub fn vector(&self) -> &VersionVector {
+        &self.vector
+    }
+
+    /// Every stored sibling, tombstones included, in dot order.
+    pub fn siblings(&self) -> &[Sibling] {
+        &self.siblings
+    }
+
+    /// True when nothing was ever written (no history at all).
+    pub fn is_empty(&self) -> bool {
+        self.vector.is_empty() && self.siblings.is_empty()
+    }
+
+    /// True when no sibling holds a value (never written, or deleted).
+    pub fn is_deleted(&self) -> bool {
+        self.siblings.iter().all(Sibling::is_tombstone)
+    }
+
+    /// Live siblings with identical values returned once (the one with the highest dot), in dot order.
+    pub fn live_values(&self) -> Vec<&Sibling> {
+        let mut live: Vec<&Sibling> = Vec::with_capacity(self.siblings.len());
+        // Walk from the highest dot so the survivor of a duplicate group is the newest write.
+        for sibling in self.siblings.iter().rev() {
+            if sibling.is_tombstone() {
+                continue;
+            }
+            if live.iter().any(|kept| kept.value == sibling.value) {
+                continue;
+            }
+            live.push(sibling);
+        }
+        live.reverse();
+        live
+    }
+
+    /// Last-writer-wins resolution: the sibling with the highest (timestamp, dot). `None` if empty.
+    /// A tombstone can win, which means the key reads as deleted.
+    pub fn lww_winner(&self) -> Option<&Sibling> {
+        self.siblings.iter().max_by_key(|s| (s.timestamp_ms, s.dot.counter, s.dot.actor))
+    }
+
+    /// Applies a client write coordinated by `actor`: drops siblings covered by `context`, absorbs the
+    /// context into the vector (so versions the client saw elsewhere stay superseded when they arrive)
+    /// and adds the new sibling. Returns the new dot. On error the set is unchanged.
+    pub fn update(
+        &mut self,
+        context: &VersionVector,
+        actor: Actor,
+        value: Option<Vec<u8>>,
+        timestamp_ms: u64,
+        max_siblings: Option<usize>,
+    ) -> Result<Dot, UpdateError> {
+        let surviving = self.siblings.iter().filter(|s| !context.covers(s.dot)).count();
+        if let Some(max_siblings) = max_siblings {
+            let would_have = surviving + 1;
+            if would_have > max_siblings {
+                return Err(UpdateError::TooManySiblings { would_have, max_siblings });
+            }
+        }
+        self.siblings.retain(|s| !context.covers(s.dot));
+        self.vector.merge(context);
+        let dot = Dot { actor, counter: self.vector.get(actor).saturating_add(1) };
+        self.vector.raise(actor, dot.counter);
+        // The new dot is above every dot of `actor` in the set, but other actors may sort after it.
+        let at = self.siblings.partition_point(|s| s.dot < dot);
+        self.siblings.insert(at, Sibling { dot, value, timestamp_ms });
+        Ok(dot)
+    }
+
+    /// The merge of two replicas' sets: the pointwise-max vector, and every sibling that the other side
+    /// has not superseded (not covered by its vector, or present on both sides).
+    pub fn merge(&self, other: &VersionSet) -> VersionSet {
+        let mut siblings = Vec::with_capacity(self.siblings.len().max(other.siblings.len()));
+        let (mut left, mut right) = (self.siblings.iter().peekable(), other.siblings.iter().peekable());
+        loop {
+            match (left.peek(), right.peek()) {
+                (Some(l), Some(r)) if l.dot == r.dot => {
+                    siblings.push((*l).clone());
+                    left.next();
+                    right.next();
+                }
+                (Some(l), Some(r)) if l.dot < r.dot => {
+                    if !other.vector.covers(l.dot) {
+                        siblings.push((*l).clone());
+                    }
+                    left.next();
+                }
+                (Some(_), Some(r)) => {
+                    if !self.vector.covers(r.dot) {
+                        siblings.push((*r).clone());
+                    }
+                    right.next();
+                }
+                (Some(l), None) => {
+                    if !other.vector.covers(l.dot) {
+                        siblings.push((*l).clone());
+                    }
+                    left.next();
+                }
+                (None, Some(r)) => {
+                    if !self.vector.covers(r.dot) {
+                        siblings.push((*r).clone());
+                    }
+                    right.next();
+                }
+                (None, None) => break,
+            }
+        }
+        let mut vector = self.vector.clone();
+        vector.merge(&other.vector);
+        VersionSet { vector, siblings }
+    }
+
+    /// Merges `other` into `self`; returns whether `self` changed.
+    pub fn merge_from(&mut self, other: &VersionSet) -> bool {
+        if self.descends(other) {
+            return false;
+        }
+        *self = self.merge(other);
+        true
+    }
+
+    /// True when merging `other` into `self` would change nothing (`self.merge(other) == self`): `self`
+    /// has seen all of `other`'s history, and `other` supersedes none of `self`'s siblings. A replica
+    /// whose set does not descend the merged result of a read is behind and gets a read repair.
+    pub fn descends(&self, other: &VersionSet) -> bool {
+        // Given the vector condition every sibling of `other` is covered by `self.vector`, so `other`
+        // can add nothing; what remains is whether `other` would drop one of ours.
+        self.vector.descends(&other.vector)
+            && self.siblings.iter().all(|mine| {
+                !other.vector.covers(mine.dot)
+                    || other.siblings.binary_search_by_key(&mine.dot, |s| s.dot).is_ok()
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: Actor = Actor(1);
+    const B: Actor = Actor(2);
+
+    fn value(set: &VersionSet) -> Vec<Vec<u8>> {
+        set.live_values().iter().filter_map(|s| s.value.clone()).collect()
+    }
+
+    #[test]
+    fn blind_writes_become_siblings() {
+        let mut set = VersionSet::new();
+        set.update(&VersionVector::new(), A, Some(b"x".to_vec()), 1, None).unwrap();
+        set.update(&VersionVector::new(), A, Some(b"y".to_vec()), 2, None).unwrap();
+        assert_eq!(value(&set), vec![b"x".to_vec(), b"y".to_vec()]);
+    }
+
+    #[test]
+    fn write_with_context_supersedes_what_was_seen() {
+        let mut set = VersionSet::new();
+        set.update(&VersionVector::new(), A, Some(b"x".to_vec()), 1, None).unwrap();
+        let seen = set.vector().clone();
+        set.update(&VersionVector::new(), B, Some(b"concurrent".to_vec()), 2, None).unwrap();
+        set.update(&seen, A, Some(b"z".to_vec()), 3, None).unwrap();
+        assert_eq!(value(&set), vec![b"z".to_vec(), b"concurrent".to_vec()]);
+    }
+
+    #[test]
+    fn context_from_another_replica_supersedes_late_arrivals() {
+        // Replica 1 has (B,1) which the client saw via replica 2; replica 1 coordinates a write with that
+        // context before (B,1) reaches it. When (B,1) arrives, it must stay superseded.
+        let mut replica2 = VersionSet::new();
+        replica2.update(&VersionVector::new(), B, Some(b"old".to_vec()), 1, None).unwrap();
+        let mut replica1 = VersionSet::new();
+        replica1.update(replica2.vector(), A, Some(b"new".to_vec()), 2, None).unwrap();
+        let merged = replica1.merge(&replica2);
+        assert_eq!(value(&merged), vec![b"new".to_vec()]);
+    }
+
+    #[test]
+    fn sibling_cap_refuses_without_changing_the_set() {
+        let mut set = VersionSet::new();
+        for i in 0..3u8 {
+            set.update(&VersionVector::new(), A, Some(vec![i]), 1, Some(3)).unwrap();
+        }
+        let before = set.clone();
+        let err = set.update(&VersionVector::new(), A, Some(vec![9]), 1, Some(3)).unwrap_err();
+        assert_eq!(err, UpdateError::TooManySiblings { would_have: 4, max_siblings: 3 });
+        assert_eq!(err.reason(), "TOO_MANY_SIBLINGS");
+        assert_eq!(set, before);
+        // A write with a covering context is allowed: it replaces the siblings.
+        let ctx = set.vector().clone();
+        set.update(&ctx, A, Some(vec![9]), 1, Some(3)).unwrap();
+        assert_eq!(set.siblings().len(), 1);
+    }
+
+    #[test]
+    fn identical_values_are_returned_once() {
+        let mut set = VersionSet::new();
+        set.update(&VersionVector::new(), A, Some(b"same".to_vec()), 1, None).unwrap();
+        set.update(&VersionVector::new(), B, Some(b"same".to_vec()), 2, None).unwrap();
+        assert_eq!(set.siblings().len(), 2);
+        let live = set.live_values();
+        assert_eq!(live.len(), 1);
+        assert_eq!(live[0].dot, Dot { actor: B, counter: 1 });
+    }
+
+    #[test]
+    fn tombstone_with_covering_context_hides_the_value() {
+        let mut set = VersionSet::new();
+        set.update(&VersionVector::new(), A, Some(b"x".to_vec()), 1, None).unwrap();
+        let ctx = set.vector().clone();
+        set.update(&ctx, B, None, 2, None).unwrap();
+        assert!(set.is_deleted());
+        assert!(set.live_values().is_empty());
+        assert!(!set.is_empty());
+    }
+
+    #[test]
+    fn lww_picks_highest_timestamp_then_dot() {
+        let mut set = VersionSet::new();
+        set.update(&VersionVector::new(), A, Some(b"late".to_vec()), 20, None).unwrap();
+        set.update(&VersionVector::new(), B, Some(b"early".to_vec()), 10, None).unwrap();
+        assert_eq!(set.lww_winner().unwrap().value.as_deref(), Some(&b"late"[..]));
+        set.update(&VersionVector::new(), B, Some(b"tie".to_vec()), 20, None).unwrap();
+        // Tie on timestamp: (B, 2) has the higher counter.
+        assert_eq!(set.lww_winner().unwrap().value.as_deref(), Some(&b"tie"[..]));
+    }
+
+    #[test]
+    fn older_set_does_not_roll_back_newer() {
+        let mut older = VersionSet::new();
+        older.update(&VersionVector::new(), A, Some(b"v1".to_vec()), 1, None).unwrap();
+        let mut newer = older.clone();
+        let ctx = newer.vector().clone();
+        newer.update(&ctx, A, Some(b"v2".to_vec()), 2, None).unwrap();
+        let mut replica = newer.clone();
+        assert!(!replica.merge_from(&older));
+        assert_eq!(replica, newer);
+        assert!(newer.descends(&older));
+        assert!(!older.descends(&newer));
+    }
+}

@@ -1,0 +1,24 @@
+//! PairDB's pure core: everything that decides, nothing that does.
+//!
+//! - [`token`]: the stable 64-bit token of a (tenant, key) and its partition.
+//! - [`ring`]: the deterministic, weighted, zone-aware partition assignment, preference lists and the
+//!   transfers between two assignments.
+//! - [`dvv`]: dotted version vector sets (siblings + causal context), their merge and update laws.
+//! - [`encoding`]: the versioned binary encoding of version sets and the opaque client context.
+//! - [`quorum`]: consistency levels and R/W arithmetic.
+//! - [`coordination`]: the write and read coordination state machines driven by the router.
+//! - [`validation`]: limits on tenant ids, keys, values and replication factors.
+//!
+//! Architecture invariant: this crate does no IO, spawns nothing and never reads the clock. Time comes in
+//! as plain numbers (`now_ms`) and decisions come out as values, so every rule here can be tested
+//! exhaustively and driven by a seeded simulation.
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod coordination;
+pub mod dvv;
+pub mod encoding;
+pub mod quorum;
+pub mod ring;
+pub mod token;
+pub mod validation;

@@ -1,0 +1,312 @@
+//! Coordination state-machine tests: exact W, "not found" as a read answer, outcome-unknown timeouts,
+//! hinted handoff, strict quorum, and read-repair targeting.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeSet;
+
+use pairdb_core::coordination::{
+    FailureCause, ReadAnswer, ReadCoordinator, ReadEffect, ReadPlan, ReadReply, WriteCoordinator,
+    WriteEffect, WritePlan, WriteReply,
+};
+use pairdb_core::dvv::{Actor, VersionSet, VersionVector};
+use pairdb_core::ring::NodeId;
+
+const N1: NodeId = NodeId(1);
+const N2: NodeId = NodeId(2);
+const N3: NodeId = NodeId(3);
+const F4: NodeId = NodeId(4);
+const F5: NodeId = NodeId(5);
+
+fn write_plan(required: usize) -> WritePlan {
+    WritePlan {
+        preference: vec![N1, N2, N3],
+        fallbacks: vec![F4, F5],
+        pending_owners: vec![],
+        required,
+        strict_quorum: false,
+        suspects: BTreeSet::new(),
+        deadline_ms: 1000,
+    }
+}
+
+fn replies(effects: &[WriteEffect]) -> Vec<&WriteReply> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            WriteEffect::Reply(reply) => Some(reply),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn write_replies_at_exactly_w_acks() {
+    for required in 1..=3 {
+        let mut write = WriteCoordinator::new(write_plan(required));
+        assert_eq!(write.start(0), vec![WriteEffect::Coordinate { node: N1 }]);
+        let effects = write.on_coordinated(N1, 1);
+        assert!(effects.contains(&WriteEffect::Replicate { node: N2, hint_for: None }));
+        assert!(effects.contains(&WriteEffect::Replicate { node: N3, hint_for: None }));
+        let mut all = effects;
+        all.extend(write.on_replicated(N2, 2));
+        let after_two = replies(&all).len();
+        all.extend(write.on_replicated(N3, 3));
+        let acked_at: Vec<_> = replies(&all)
+            .into_iter()
+            .map(|r| match r {
+                WriteReply::Acked { acks, .. } => *acks,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        // Exactly one reply, sent at the moment the W-th ack arrived.
+        assert_eq!(acked_at, vec![required], "W={required}");
+        assert_eq!(after_two, usize::from(required <= 2));
+        assert!(write.is_finished());
+    }
+}
+
+#[test]
+fn write_timeout_with_fewer_than_w_acks_is_outcome_unknown() {
+    let mut write = WriteCoordinator::new(write_plan(2));
+    write.start(0);
+    write.on_coordinated(N1, 1);
+    assert_eq!(write.next_timeout_ms(), Some(1000));
+    assert!(write.on_tick(999).is_empty());
+    let effects = write.on_tick(1000);
+    assert_eq!(
+        effects,
+        vec![WriteEffect::Reply(WriteReply::QuorumNotReached {
+            acks: 1,
+            hinted_acks: 0,
+            required: 2,
+            failures: vec![],
+        })]
+    );
+    assert!(write.is_finished());
+    // Late answers change nothing.
+    assert!(write.on_replicated(N2, 1001).is_empty());
+}
+
+#[test]
+fn failed_coordinator_is_replaced_by_the_next_replica_and_hinted() {
+    let mut write = WriteCoordinator::new(write_plan(3));
+    write.start(0);
+    let effects = write.on_coordinate_failed(N1, FailureCause::Error, 5);
+    assert_eq!(effects, vec![WriteEffect::Coordinate { node: N2 }]);
+    let effects = write.on_coordinated(N2, 6);
+    // N1 failed as coordinator: a fallback keeps its copy as a hint.
+    assert!(effects.contains(&WriteEffect::Replicate { node: N3, hint_for: None }));
+    assert!(effects.contains(&WriteEffect::Replicate { node: F4, hint_for: Some(N1) }));
+    write.on_replicated(N3, 7);
+    let effects = write.on_replicated(F4, 8);
+    assert_eq!(replies(&effects), vec![&WriteReply::Acked { acks: 2, hinted_acks: 1, required: 3 }]);
+}
+
+#[test]
+fn suspect_replicas_are_skipped_and_strict_quorum_ignores_hints() {
+    let mut plan = write_plan(3);
+    plan.suspects = BTreeSet::from([N1]);
+    plan.strict_quorum = true;
+    let mut write = WriteCoordinator::new(plan);
+    assert_eq!(write.start(0), vec![WriteEffect::Coordinate { node: N2 }]);
+    let effects = write.on_coordinated(N2, 1);
+    assert!(effects.contains(&WriteEffect::Replicate { node: F4, hint_for: Some(N1) }));
+    write.on_replicated(N3, 2);
+    let effects = write.on_replicated(F4, 3);
+    assert_eq!(
+        replies(&effects),
+        vec![&WriteReply::QuorumNotReached { acks: 2, hinted_acks: 1, required: 3, failures: vec![] }]
+    );
+    assert!(write.is_finished());
+}
+
+#[test]
+fn failing_replica_walks_the_fallbacks_then_reports_each_cause() {
+    let mut write = WriteCoordinator::new(write_plan(3));
+    write.start(0);
+    write.on_coordinated(N1, 1);
+    write.on_replicated(N2, 2);
+    let effects = write.on_replicate_failed(N3, FailureCause::Timeout, 3);
+    assert_eq!(effects, vec![WriteEffect::Replicate { node: F4, hint_for: Some(N3) }]);
+    let effects = write.on_replicate_failed(F4, FailureCause::Error, 4);
+    assert_eq!(effects, vec![WriteEffect::Replicate { node: F5, hint_for: Some(N3) }]);
+    let effects = write.on_replicate_failed(F5, FailureCause::Error, 5);
+    match replies(&effects).as_slice() {
+        [WriteReply::QuorumNotReached { acks: 2, required: 3, failures, .. }] => {
+            let causes: Vec<_> = failures.iter().map(|f| (f.node, f.cause)).collect();
+            assert_eq!(
+                causes,
+                vec![
+                    (N3, FailureCause::Timeout),
+                    (F4, FailureCause::Error),
+                    (F5, FailureCause::Error),
+                    (N3, FailureCause::NoFallback),
+                ]
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn pending_owners_receive_the_write_without_counting() {
+    let mut plan = write_plan(3);
+    plan.pending_owners = vec![N2, NodeId(9)];
+    let mut write = WriteCoordinator::new(plan);
+    write.start(0);
+    let effects = write.on_coordinated(N1, 1);
+    assert!(effects.contains(&WriteEffect::Replicate { node: NodeId(9), hint_for: None }));
+    write.on_replicated(NodeId(9), 2);
+    write.on_replicated(N2, 3);
+    assert_eq!(write.counted_acks(), 2);
+    let effects = write.on_replicated(N3, 4);
+    assert_eq!(replies(&effects), vec![&WriteReply::Acked { acks: 3, hinted_acks: 0, required: 3 }]);
+}
+
+#[test]
+fn every_coordinator_failing_fails_the_write() {
+    let mut write = WriteCoordinator::new(write_plan(1));
+    write.start(0);
+    write.on_coordinate_failed(N1, FailureCause::Error, 1);
+    write.on_coordinate_failed(N2, FailureCause::Error, 2);
+    let effects = write.on_coordinate_failed(N3, FailureCause::Timeout, 3);
+    assert!(matches!(
+        replies(&effects).as_slice(),
+        [WriteReply::QuorumNotReached { acks: 0, required: 1, .. }]
+    ));
+}
+
+fn read_plan(required: usize) -> ReadPlan {
+    ReadPlan {
+        replicas: vec![N1, N2, N3],
+        required,
+        suspects: BTreeSet::new(),
+        speculative_after_ms: 50,
+        deadline_ms: 1000,
+    }
+}
+
+fn set(values: &[(u64, &[u8])]) -> VersionSet {
+    let mut set = VersionSet::new();
+    for (actor, value) in values {
+        set.update(&VersionVector::new(), Actor(*actor), Some(value.to_vec()), 1, None).unwrap();
+    }
+    set
+}
+
+fn read_replies(effects: &[ReadEffect]) -> Vec<&ReadReply> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            ReadEffect::Reply(reply) => Some(reply),
+            _ => None,
+        })
+        .collect()
+}
+
+fn repairs(effects: &[ReadEffect]) -> BTreeSet<NodeId> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            ReadEffect::Repair { node } => Some(*node),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn read_asks_r_replicas_first_and_not_found_counts_as_an_answer() {
+    let mut read = ReadCoordinator::new(read_plan(2));
+    assert_eq!(read.start(0), vec![ReadEffect::Fetch { node: N1 }, ReadEffect::Fetch { node: N2 }]);
+    let effects = read.on_answer(N1, ReadAnswer::NotFound, 1);
+    // A miss asks the remaining replica too.
+    assert_eq!(effects, vec![ReadEffect::Fetch { node: N3 }]);
+    let effects = read.on_answer(N2, ReadAnswer::NotFound, 2);
+    assert_eq!(read_replies(&effects), vec![&ReadReply::Answered { merged: None, answered: 2 }]);
+    let effects = read.on_answer(N3, ReadAnswer::NotFound, 3);
+    assert!(effects.is_empty());
+    assert!(read.is_finished());
+}
+
+#[test]
+fn agreeing_answers_reply_at_r_without_asking_more() {
+    let value = set(&[(1, b"v")]);
+    let mut read = ReadCoordinator::new(read_plan(2));
+    read.start(0);
+    assert!(read.on_answer(N1, ReadAnswer::Found(value.clone()), 1).is_empty());
+    let effects = read.on_answer(N2, ReadAnswer::Found(value.clone()), 2);
+    assert_eq!(effects, vec![ReadEffect::Reply(ReadReply::Answered { merged: Some(value), answered: 2 })]);
+    assert!(read.is_finished());
+}
+
+#[test]
+fn read_repair_targets_only_replicas_behind_the_merge() {
+    let old = set(&[(1, b"old")]);
+    let mut new = old.clone();
+    let context = new.vector().clone();
+    new.update(&context, Actor(1), Some(b"new".to_vec()), 2, None).unwrap();
+
+    let mut read = ReadCoordinator::new(read_plan(3));
+    read.start(0);
+    let mut effects = read.on_answer(N1, ReadAnswer::Found(new.clone()), 1);
+    effects.extend(read.on_answer(N2, ReadAnswer::Found(old), 2));
+    effects.extend(read.on_answer(N3, ReadAnswer::NotFound, 3));
+    assert_eq!(read_replies(&effects), vec![&ReadReply::Answered { merged: Some(new), answered: 3 }]);
+    assert_eq!(repairs(&effects), BTreeSet::from([N2, N3]));
+}
+
+#[test]
+fn concurrent_answers_merge_into_siblings_and_both_sides_are_repaired() {
+    let left = set(&[(1, b"a")]);
+    let right = set(&[(2, b"b")]);
+    let mut read = ReadCoordinator::new(read_plan(2));
+    read.start(0);
+    read.on_answer(N1, ReadAnswer::Found(left.clone()), 1);
+    // Disagreement asks N3 as well; the reply still goes out at R = 2.
+    let effects = read.on_answer(N2, ReadAnswer::Found(right.clone()), 2);
+    assert!(effects.contains(&ReadEffect::Fetch { node: N3 }));
+    let merged = left.merge(&right);
+    assert_eq!(
+        read_replies(&effects),
+        vec![&ReadReply::Answered { merged: Some(merged.clone()), answered: 2 }]
+    );
+    let effects = read.on_answer(N3, ReadAnswer::Found(merged), 3);
+    assert_eq!(repairs(&effects), BTreeSet::from([N1, N2]));
+}
+
+#[test]
+fn slow_replicas_trigger_the_rest_and_the_deadline_fails_the_read() {
+    let mut read = ReadCoordinator::new(read_plan(2));
+    read.start(0);
+    assert_eq!(read.next_timeout_ms(), Some(50));
+    assert_eq!(read.on_tick(50), vec![ReadEffect::Fetch { node: N3 }]);
+    read.on_answer(N3, ReadAnswer::Found(set(&[(1, b"v")])), 60);
+    let effects = read.on_tick(1000);
+    assert!(matches!(
+        read_replies(&effects).as_slice(),
+        [ReadReply::QuorumNotReached { answered: 1, required: 2, .. }]
+    ));
+    assert!(read.is_finished());
+}
+
+#[test]
+fn failures_leave_quorum_unreached_when_too_few_can_answer() {
+    let mut read = ReadCoordinator::new(read_plan(2));
+    read.start(0);
+    let effects = read.on_answer(N1, ReadAnswer::Failed(FailureCause::Error), 1);
+    assert_eq!(effects, vec![ReadEffect::Fetch { node: N3 }]);
+    read.on_answer(N2, ReadAnswer::Failed(FailureCause::Timeout), 2);
+    let effects = read.on_answer(N3, ReadAnswer::NotFound, 3);
+    assert!(matches!(
+        read_replies(&effects).as_slice(),
+        [ReadReply::QuorumNotReached { answered: 1, required: 2, failures }] if failures.len() == 2
+    ));
+}
+
+#[test]
+fn suspects_are_asked_last() {
+    let mut plan = read_plan(1);
+    plan.suspects = BTreeSet::from([N1]);
+    let mut read = ReadCoordinator::new(plan);
+    assert_eq!(read.start(0), vec![ReadEffect::Fetch { node: N2 }]);
+}
