@@ -1,0 +1,121 @@
+//! The one error table: every stable reason code PairDB returns, mapped to a gRPC code here and to an
+//! HTTP status by [`http_status`]. Each crate's error enum names its reason (`reason()`); the service
+//! edge turns it into a `tonic::Status` with [`status`], which carries a `pairdb.common.v1.ErrorDetail`
+//! (reason, message, metadata) in the status details so clients can branch on the reason.
+
+use pairdb_proto::common::v1::ErrorDetail;
+use prost::Message;
+use tonic::Code;
+
+/// The gRPC code for a reason. Unknown reasons are INTERNAL, so a new reason must be added here.
+pub fn grpc_code(reason: &str) -> Code {
+    match reason {
+        "INVALID_ARGUMENT"
+        | "INVALID_TENANT_ID"
+        | "INVALID_KEY"
+        | "INVALID_CONSISTENCY"
+        | "MALFORMED_VERSION"
+        | "INVALID_PARTITION"
+        | "PARTITION_MISMATCH"
+        | "INVALID_REPLICATION_FACTOR"
+        | "INVALID_NODE"
+        | "INVALID_CONFIG" => Code::InvalidArgument,
+        "UNAUTHENTICATED" => Code::Unauthenticated,
+        "PERMISSION_DENIED" => Code::PermissionDenied,
+        "TENANT_NOT_FOUND"
+        | "KEY_NOT_FOUND"
+        | "NODE_NOT_FOUND"
+        | "MIGRATION_NOT_FOUND"
+        | "API_KEY_NOT_FOUND" => Code::NotFound,
+        "TENANT_EXISTS" | "NODE_EXISTS" | "IDEMPOTENCY_KEY_CONFLICT" => Code::AlreadyExists,
+        "NODE_IN_USE" | "MIGRATION_IN_PROGRESS" | "MIGRATION_FINISHED" | "WRONG_NODE" => {
+            Code::FailedPrecondition
+        }
+        "RATE_LIMITED" | "VALUE_TOO_LARGE" | "TOO_MANY_SIBLINGS" | "DISK_FULL" => Code::ResourceExhausted,
+        "IDEMPOTENCY_IN_FLIGHT" => Code::Aborted,
+        "QUORUM_NOT_REACHED"
+        | "WRITE_PATH_POISONED"
+        | "NOT_READY"
+        | "OVERLOADED"
+        | "META_UNAVAILABLE"
+        | "IDEMPOTENCY_STORE_UNAVAILABLE"
+        | "DATABASE_UNAVAILABLE" => Code::Unavailable,
+        "DEADLINE_EXCEEDED" => Code::DeadlineExceeded,
+        _ => Code::Internal,
+    }
+}
+
+/// The HTTP status for a gRPC code (DESIGN §6 and the edge issue's table).
+pub fn http_status(code: Code) -> u16 {
+    match code {
+        Code::Ok => 200,
+        Code::InvalidArgument | Code::OutOfRange => 400,
+        Code::Unauthenticated => 401,
+        Code::PermissionDenied => 403,
+        Code::NotFound => 404,
+        Code::AlreadyExists | Code::Aborted => 409,
+        Code::FailedPrecondition => 412,
+        Code::ResourceExhausted => 429,
+        Code::Unimplemented => 501,
+        Code::Unavailable => 503,
+        Code::DeadlineExceeded => 504,
+        Code::Cancelled => 499,
+        _ => 500,
+    }
+}
+
+/// A status for `reason` with a human message and structured metadata in its details.
+pub fn status(reason: &str, message: impl Into<String>, metadata: &[(&str, String)]) -> tonic::Status {
+    let message = message.into();
+    let detail = ErrorDetail {
+        reason: reason.to_owned(),
+        message: message.clone(),
+        metadata: metadata.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect(),
+    };
+    tonic::Status::with_details(grpc_code(reason), message, detail.encode_to_vec().into())
+}
+
+/// The structured detail of a status made by [`status`], if any.
+pub fn detail_of(status: &tonic::Status) -> Option<ErrorDetail> {
+    ErrorDetail::decode(status.details()).ok().filter(|d| !d.reason.is_empty())
+}
+
+/// The reason code of a status made by [`status`], if any.
+pub fn reason_of(status: &tonic::Status) -> Option<String> {
+    detail_of(status).map(|d| d.reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_round_trip_through_status_details() {
+        let status = status("QUORUM_NOT_REACHED", "1 of 2", &[("acks", "1".into())]);
+        assert_eq!(status.code(), Code::Unavailable);
+        let detail = detail_of(&status).expect("detail");
+        assert_eq!(detail.reason, "QUORUM_NOT_REACHED");
+        assert_eq!(detail.metadata.get("acks").map(String::as_str), Some("1"));
+        assert_eq!(http_status(status.code()), 503);
+    }
+
+    #[test]
+    fn table_matches_the_documented_http_statuses() {
+        for (reason, http) in [
+            ("INVALID_KEY", 400),
+            ("UNAUTHENTICATED", 401),
+            ("PERMISSION_DENIED", 403),
+            ("KEY_NOT_FOUND", 404),
+            ("TENANT_EXISTS", 409),
+            ("IDEMPOTENCY_KEY_CONFLICT", 409),
+            ("NODE_IN_USE", 412),
+            ("RATE_LIMITED", 429),
+            ("TOO_MANY_SIBLINGS", 429),
+            ("QUORUM_NOT_REACHED", 503),
+            ("DEADLINE_EXCEEDED", 504),
+            ("SOMETHING_NEW", 500),
+        ] {
+            assert_eq!(http_status(grpc_code(reason)), http, "{reason}");
+        }
+    }
+}
