@@ -1,0 +1,121 @@
+//! Engine-path micro-benchmark (no gRPC): coordinated writes and reads of 1 KiB values with
+//! `--sync periodic` and `always`, 1 and 64 concurrent writers.
+//!
+//! `cargo bench -p pairdb-storage --bench engine` (set `PAIRDB_BENCH_SECS` to change the 3 s per case).
+//! Numbers are recorded in docs/benchmarks.md.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, missing_docs)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use pairdb_core::dvv::VersionVector;
+use pairdb_core::token::PartitionCount;
+use pairdb_storage::engine::{Engine, EngineConfig, SyncMode};
+use pairdb_storage::keys::RecordKey;
+
+fn open(dir: &std::path::Path, sync: SyncMode) -> Arc<Engine> {
+    Engine::open(&EngineConfig {
+        data_dir: dir.to_path_buf(),
+        node_id: 1,
+        partitions: PartitionCount::default(),
+        sync,
+        cache_bytes: 256 * 1024 * 1024,
+        disk_reserve_bytes: 0,
+    })
+    .unwrap()
+}
+
+/// Runs `threads` workers calling `op(thread, i)` for `duration`; returns operations per second.
+fn run(threads: usize, duration: Duration, op: impl Fn(usize, u64) + Send + Sync + 'static) -> f64 {
+    let op = Arc::new(op);
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|thread| {
+            let (op, stop, done) = (op.clone(), stop.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    op(thread, i);
+                    i += 1;
+                }
+                done.fetch_add(i, Ordering::Relaxed);
+            })
+        })
+        .collect();
+    std::thread::sleep(duration);
+    stop.store(true, Ordering::Relaxed);
+    for handle in handles {
+        handle.join().unwrap();
+    }
+    done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+fn main() {
+    // `cargo test --benches` runs bench targets with `--bench`-less arguments; keep that quick.
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return;
+    }
+    let secs: u64 = std::env::var("PAIRDB_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let duration = Duration::from_secs(secs);
+    let q = PartitionCount::default();
+    let value = vec![0x5au8; 1024];
+    println!("| sync | writers | writes/s | reads/s (same thread count) |");
+    println!("|---|---|---|---|");
+    for (name, sync) in [("periodic", SyncMode::Periodic { interval_ms: 100 }), ("always", SyncMode::Always)]
+    {
+        for threads in [1usize, 64] {
+            let dir = tempfile::tempdir().unwrap();
+            let engine = open(dir.path(), sync);
+            let write_engine = engine.clone();
+            let write_value = value.clone();
+            let writes = run(threads, duration, move |thread, i| {
+                let key = RecordKey::new(q, "bench", &format!("t{thread}-k{i}"));
+                write_engine
+                    .coordinate_write(
+                        &key,
+                        &VersionVector::new(),
+                        Some(write_value.clone()),
+                        i,
+                        Some(64),
+                        false,
+                    )
+                    .unwrap();
+            });
+            let read_engine = engine.clone();
+            let reads = run(threads, duration, move |thread, i| {
+                let key = RecordKey::new(q, "bench", &format!("t{thread}-k{}", i % 1000));
+                std::hint::black_box(read_engine.get(&key).unwrap());
+            });
+            println!("| {name} | {threads} | {writes:.0} | {reads:.0} |");
+        }
+    }
+    restart_with_a_million_keys();
+}
+
+/// Time from opening a data directory holding 1,000,000 small keys (after a clean shutdown) to the
+/// engine being ready, which is what a node's start-to-ready time is made of.
+fn restart_with_a_million_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = PartitionCount::default();
+    let mut set = pairdb_core::dvv::VersionSet::new();
+    set.update(&VersionVector::new(), pairdb_core::dvv::Actor(1), Some(b"small".to_vec()), 1, None).unwrap();
+    {
+        let engine = open(dir.path(), SyncMode::Periodic { interval_ms: 100 });
+        for chunk in (0..1_000_000u32).collect::<Vec<_>>().chunks(10_000) {
+            let batch: Vec<_> =
+                chunk.iter().map(|i| (RecordKey::new(q, "restart", &format!("k{i:07}")), set.clone())).collect();
+            engine.merge_batch(&batch).unwrap();
+        }
+        engine.sync_now().unwrap();
+    }
+    let started = Instant::now();
+    let engine = open(dir.path(), SyncMode::Always);
+    let opened = started.elapsed();
+    let probe = RecordKey::new(q, "restart", "k0999999");
+    assert!(engine.get(&probe).unwrap().is_some());
+    println!();
+    println!("reopen with 1,000,000 keys after a clean shutdown: {:.0} ms to ready", opened.as_secs_f64() * 1000.0);
+}

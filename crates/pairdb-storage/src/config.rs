@@ -1,0 +1,143 @@
+//! Configuration of a storage node: flags with `PAIRDB_*` environment fallbacks, validated at start
+//! with messages that name the field.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use pairdb_core::token::{DEFAULT_PARTITION_COUNT, PartitionCount};
+
+use crate::engine::SyncMode;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SyncSetting {
+    /// fsync before acknowledging (concurrent writes share one fsync): survives power loss.
+    Always,
+    /// fsync every `--sync-interval-ms`: survives a process crash, may lose the last interval on power
+    /// loss.
+    Periodic,
+}
+
+/// Configuration of one storage node.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "pairdb-storage", version, about = "PairDB storage node")]
+pub struct Config {
+    /// Address to serve gRPC and HTTP on.
+    #[arg(long, env = "PAIRDB_LISTEN_ADDR", default_value = "127.0.0.1:7200")]
+    pub listen_addr: SocketAddr,
+    /// Address other processes use to reach this node (defaults to the listen address).
+    #[arg(long, env = "PAIRDB_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+    /// This node's id in the cluster (stored in the data directory on first start).
+    #[arg(long, env = "PAIRDB_NODE_ID")]
+    pub node_id: u32,
+    /// Directory holding the node's data.
+    #[arg(long, env = "PAIRDB_DATA_DIR", default_value = "./data/storage")]
+    pub data_dir: PathBuf,
+    /// When writes are fsynced.
+    #[arg(long, env = "PAIRDB_SYNC", value_enum, default_value = "always")]
+    pub sync: SyncSetting,
+    /// fsync interval with `--sync periodic`.
+    #[arg(long, env = "PAIRDB_SYNC_INTERVAL_MS", default_value_t = 100)]
+    pub sync_interval_ms: u64,
+    /// Number of ring partitions Q (a power of two; must match the cluster's).
+    #[arg(long, env = "PAIRDB_PARTITION_COUNT", default_value_t = DEFAULT_PARTITION_COUNT)]
+    pub partition_count: u32,
+    /// Requests served at once; more wait.
+    #[arg(long, env = "PAIRDB_MAX_INFLIGHT_REQUESTS", default_value_t = 1024)]
+    pub max_inflight_requests: usize,
+    /// Largest batch a partition stream sends.
+    #[arg(long, env = "PAIRDB_STREAM_BATCH_MAX", default_value_t = 1024)]
+    pub stream_batch_max: usize,
+    /// Block cache size in MiB.
+    #[arg(long, env = "PAIRDB_CACHE_MB", default_value_t = 64)]
+    pub cache_mb: u64,
+    /// Writes are refused (DISK_FULL) when free disk space falls below this many MiB.
+    #[arg(long, env = "PAIRDB_DISK_RESERVE_MB", default_value_t = 64)]
+    pub disk_reserve_mb: u64,
+    /// Metadata service to register with (host:port). Without it the node runs standalone.
+    #[arg(long, env = "PAIRDB_META_ADDR")]
+    pub meta_addr: Option<String>,
+    /// Failure zone (rack, availability zone) of this node.
+    #[arg(long, env = "PAIRDB_ZONE")]
+    pub zone: Option<String>,
+    /// Relative capacity of this node in the ring.
+    #[arg(long, env = "PAIRDB_WEIGHT", default_value_t = 1)]
+    pub weight: u32,
+    #[arg(long, env = "PAIRDB_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: pairdb_service::logging::LogFormat,
+    /// Validate the configuration, print it and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// A configuration value that cannot work; the message names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("node_id: must be at least 1")]
+    NodeIdZero,
+    #[error("partition_count: {0}")]
+    PartitionCount(#[from] pairdb_core::token::InvalidPartitionCount),
+    #[error("sync_interval_ms: must be between 1 and 60000")]
+    SyncInterval,
+    #[error("max_inflight_requests: must be between 1 and 100000")]
+    MaxInflight,
+    #[error("stream_batch_max: must be between 1 and 65536")]
+    StreamBatch,
+    #[error("weight: must be between 1 and 1000")]
+    Weight,
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_id == 0 {
+            return Err(ConfigError::NodeIdZero);
+        }
+        PartitionCount::new(self.partition_count)?;
+        if !(1..=60_000).contains(&self.sync_interval_ms) {
+            return Err(ConfigError::SyncInterval);
+        }
+        if !(1..=100_000).contains(&self.max_inflight_requests) {
+            return Err(ConfigError::MaxInflight);
+        }
+        if !(1..=65_536).contains(&self.stream_batch_max) {
+            return Err(ConfigError::StreamBatch);
+        }
+        if !(1..=1000).contains(&self.weight) {
+            return Err(ConfigError::Weight);
+        }
+        Ok(())
+    }
+
+    pub fn sync_mode(&self) -> SyncMode {
+        match self.sync {
+            SyncSetting::Always => SyncMode::Always,
+            SyncSetting::Periodic => SyncMode::Periodic { interval_ms: self.sync_interval_ms },
+        }
+    }
+
+    pub fn partitions(&self) -> Result<PartitionCount, ConfigError> {
+        Ok(PartitionCount::new(self.partition_count)?)
+    }
+
+    /// A configuration for tests and embedding: node `node_id` in `data_dir`, defaults elsewhere.
+    pub fn for_node(node_id: u32, data_dir: PathBuf) -> Self {
+        Self {
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise_addr: None,
+            node_id,
+            data_dir,
+            sync: SyncSetting::Always,
+            sync_interval_ms: 100,
+            partition_count: DEFAULT_PARTITION_COUNT,
+            max_inflight_requests: 1024,
+            stream_batch_max: 1024,
+            cache_mb: 64,
+            disk_reserve_mb: 64,
+            meta_addr: None,
+            zone: None,
+            weight: 1,
+            log_format: pairdb_service::logging::LogFormat::Text,
+            check_config: false,
+        }
+    }
+}

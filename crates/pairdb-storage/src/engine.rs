@@ -1,0 +1,671 @@
+//! The storage engine: fjall (a pure-Rust LSM tree) behind one small module, so it could be swapped.
+//!
+//! What is stored (data format version 1, see [`crate::keys`]):
+//! - keyspace `records`: record key → the key's version set in `pairdb-core`'s binary encoding;
+//! - keyspace `hints`: hint key → `stored_at_ms u64be | version set`, sets kept for another node;
+//! - `IDENTITY` file: node id, actor id, format version ([`crate::identity`]).
+//!
+//! Invariants:
+//! - Read-merge-write of one key is atomic on this node: it runs under the key's stripe lock, so
+//!   concurrent writes to one key never lose each other's siblings while different keys proceed in
+//!   parallel.
+//! - Nothing is acknowledged before it reached the OS (fjall flushes its journal buffer on every write,
+//!   so an acknowledged write survives `kill -9`). With [`SyncMode::Always`] it is also fsynced before
+//!   the acknowledgement; concurrent writers share one fsync (group commit). With
+//!   [`SyncMode::Periodic`] a background thread fsyncs every interval.
+//! - A failed write or fsync poisons the write path for good: writes fail with WRITE_PATH_POISONED,
+//!   reads go on, readiness reports the reason. A failed fsync is never retried (the page cache may
+//!   have dropped the dirty pages; see "Can applications recover from fsync failures?", ATC '20).
+//! - Before the disk fills, writes are refused with DISK_FULL (free space below the reserve), so a full
+//!   disk is a clear error rather than a poisoned node.
+//!
+//! Every method blocks; async callers run them on the blocking pool.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use pairdb_core::dvv::{UpdateError, VersionSet, VersionVector};
+use pairdb_core::encoding::{DecodeError, decode_version_set, encode_version_set};
+use pairdb_core::token::{PartitionCount, PartitionId};
+use sha2::{Digest, Sha256};
+
+use crate::identity::{self, Identity, IdentityError};
+use crate::keys::{RecordKey, hint_prefix, partition_prefix};
+
+/// When writes are fsynced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// fsync before acknowledging; concurrent writes share one fsync.
+    Always,
+    /// fsync in the background every `interval_ms`; writes reach the OS before they are acknowledged.
+    Periodic { interval_ms: u64 },
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub data_dir: PathBuf,
+    pub node_id: u32,
+    pub partitions: PartitionCount,
+    pub sync: SyncMode,
+    /// Block cache size.
+    pub cache_bytes: u64,
+    /// Writes are refused once free disk space falls below this.
+    pub disk_reserve_bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("cannot open the storage engine in {dir}: {source}")]
+    Open { dir: PathBuf, source: fjall::Error },
+    #[error("write path is poisoned and refuses writes: {0}")]
+    Poisoned(String),
+    #[error("disk almost full: {free_bytes} bytes free, reserve is {reserve_bytes}")]
+    DiskFull { free_bytes: u64, reserve_bytes: u64 },
+    #[error("storage engine read failed: {0}")]
+    Read(fjall::Error),
+    #[error(transparent)]
+    Update(#[from] UpdateError),
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(DecodeError),
+}
+
+impl EngineError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            EngineError::Identity(_) | EngineError::Open { .. } => "INVALID_CONFIG",
+            EngineError::Poisoned(_) => "WRITE_PATH_POISONED",
+            EngineError::DiskFull { .. } => "DISK_FULL",
+            EngineError::Read(_) | EngineError::Corrupt(_) => "INTERNAL",
+            EngineError::Update(e) => e.reason(),
+        }
+    }
+}
+
+/// A hint kept for another node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredHint {
+    pub target_node: u32,
+    pub key: RecordKey,
+    pub set: VersionSet,
+    pub stored_at_ms: u64,
+}
+
+/// One batch of a partition scan.
+#[derive(Debug, Clone, Default)]
+pub struct ScanBatch {
+    pub records: Vec<(RecordKey, Vec<u8>)>,
+    /// The last record key visited (resume strictly after it), even if filtered out.
+    pub next_cursor: Vec<u8>,
+    pub done: bool,
+}
+
+/// Sizes reported by [`Engine::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub keys: u64,
+    pub disk_bytes: u64,
+    pub disk_free_bytes: u64,
+    pub hints_pending: u64,
+    pub poisoned: bool,
+}
+
+const LOCK_STRIPES: usize = 4096;
+/// Depth of the per-partition Merkle tree: 2^8 leaves.
+pub const MERKLE_DEPTH: u32 = 8;
+
+pub struct Engine {
+    db: Database,
+    records: Keyspace,
+    hints: Keyspace,
+    identity: Identity,
+    partitions: PartitionCount,
+    data_dir: PathBuf,
+    stripes: Box<[Mutex<()>]>,
+    commit: GroupCommit,
+    sync: SyncMode,
+    poison: Mutex<Option<String>>,
+    poisoned: AtomicBool,
+    disk_free_bytes: AtomicU64,
+    disk_reserve_bytes: u64,
+    stop: AtomicBool,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("identity", &self.identity).field("sync", &self.sync).finish()
+    }
+}
+
+impl Engine {
+    /// Opens (or creates) the data directory and starts the maintenance thread (periodic fsync, disk
+    /// space checks). The thread stops when the engine is dropped.
+    pub fn open(config: &EngineConfig) -> Result<Arc<Engine>, EngineError> {
+        let (identity, _created) = identity::load_or_create(&config.data_dir, config.node_id)?;
+        let engine_dir = config.data_dir.join("engine");
+        let open_err = |source| EngineError::Open { dir: engine_dir.clone(), source };
+        let db = Database::builder(&engine_dir).cache_size(config.cache_bytes).open().map_err(open_err)?;
+        let records = db.keyspace("records", KeyspaceCreateOptions::default).map_err(open_err)?;
+        let hints = db.keyspace("hints", KeyspaceCreateOptions::default).map_err(open_err)?;
+        let stripes = (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect();
+        let engine = Arc::new(Engine {
+            db,
+            records,
+            hints,
+            identity,
+            partitions: config.partitions,
+            data_dir: config.data_dir.clone(),
+            stripes,
+            commit: GroupCommit::default(),
+            sync: config.sync,
+            poison: Mutex::new(None),
+            poisoned: AtomicBool::new(false),
+            disk_free_bytes: AtomicU64::new(u64::MAX),
+            disk_reserve_bytes: config.disk_reserve_bytes,
+            stop: AtomicBool::new(false),
+        });
+        engine.refresh_disk_free();
+        spawn_maintenance(Arc::downgrade(&engine));
+        Ok(engine)
+    }
+
+    pub fn identity(&self) -> Identity {
+        self.identity
+    }
+
+    pub fn partitions(&self) -> PartitionCount {
+        self.partitions
+    }
+
+    /// `Some(reason)` once the write path is poisoned.
+    pub fn poisoned_reason(&self) -> Option<String> {
+        if !self.poisoned.load(Ordering::Acquire) {
+            return None;
+        }
+        self.poison.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// The key's version set, if any.
+    pub fn get(&self, key: &RecordKey) -> Result<Option<VersionSet>, EngineError> {
+        self.read_set(&key.encode())
+    }
+
+    /// The raw encoded set (for streaming without a decode/encode round trip).
+    pub fn get_encoded(&self, key: &RecordKey) -> Result<Option<Vec<u8>>, EngineError> {
+        Ok(self.records.get(key.encode()).map_err(EngineError::Read)?.map(|v| v.to_vec()))
+    }
+
+    /// Applies a client write as this node's actor and returns the resulting set, durably.
+    /// `supersede_local` (LWW tenants) extends the context with everything this replica holds.
+    pub fn coordinate_write(
+        &self,
+        key: &RecordKey,
+        context: &VersionVector,
+        value: Option<Vec<u8>>,
+        timestamp_ms: u64,
+        max_siblings: Option<usize>,
+        supersede_local: bool,
+    ) -> Result<VersionSet, EngineError> {
+        self.check_writable()?;
+        let encoded_key = key.encode();
+        let result = {
+            let _guard = self.lock(&encoded_key);
+            let mut set = self.read_set(&encoded_key)?.unwrap_or_default();
+            let mut context = context.clone();
+            if supersede_local {
+                context.merge(set.vector());
+            }
+            set.update(&context, self.identity.actor, value, timestamp_ms, max_siblings)?;
+            self.write(|| self.records.insert(encoded_key.clone(), encode_version_set(&set)))?;
+            set
+        };
+        self.make_durable()?;
+        Ok(result)
+    }
+
+    /// Merges `incoming` into the local replica; returns whether the local set changed.
+    pub fn merge(&self, key: &RecordKey, incoming: &VersionSet) -> Result<bool, EngineError> {
+        self.check_writable()?;
+        let encoded_key = key.encode();
+        let changed = {
+            let _guard = self.lock(&encoded_key);
+            let mut set = self.read_set(&encoded_key)?.unwrap_or_default();
+            let changed = set.merge_from(incoming);
+            if changed {
+                self.write(|| self.records.insert(encoded_key.clone(), encode_version_set(&set)))?;
+            }
+            changed
+        };
+        if changed {
+            self.make_durable()?;
+        }
+        Ok(changed)
+    }
+
+    /// Merges many records with one durability wait; returns how many changed.
+    pub fn merge_batch(&self, records: &[(RecordKey, VersionSet)]) -> Result<usize, EngineError> {
+        self.check_writable()?;
+        let mut changed = 0;
+        for (key, incoming) in records {
+            let encoded_key = key.encode();
+            let _guard = self.lock(&encoded_key);
+            let mut set = self.read_set(&encoded_key)?.unwrap_or_default();
+            if set.merge_from(incoming) {
+                self.write(|| self.records.insert(encoded_key.clone(), encode_version_set(&set)))?;
+                changed += 1;
+            }
+        }
+        if changed > 0 {
+            self.make_durable()?;
+        }
+        Ok(changed)
+    }
+
+    /// Keeps `set` as a hint for `target_node` (merged with an earlier hint for the same key).
+    pub fn put_hint(&self, target_node: u32, key: &RecordKey, set: &VersionSet) -> Result<(), EngineError> {
+        self.check_writable()?;
+        let hint_key = key.encode_hint(target_node);
+        {
+            let _guard = self.lock(&hint_key);
+            let merged = match self.hints.get(&hint_key).map_err(EngineError::Read)? {
+                Some(raw) => decode_hint_value(&raw)?.1.merge(set),
+                None => set.clone(),
+            };
+            let mut value = now_ms().to_be_bytes().to_vec();
+            value.extend_from_slice(&encode_version_set(&merged));
+            self.write(|| self.hints.insert(hint_key.clone(), value))?;
+        }
+        self.make_durable()
+    }
+
+    /// Up to `limit` hints for `target_node` (optionally one partition), in key order.
+    pub fn list_hints(
+        &self,
+        target_node: u32,
+        partition: Option<PartitionId>,
+        limit: usize,
+    ) -> Result<Vec<StoredHint>, EngineError> {
+        let mut hints = Vec::new();
+        for item in self.hints.prefix(hint_prefix(target_node, partition)).take(limit) {
+            let (raw_key, raw_value) = item.into_inner().map_err(EngineError::Read)?;
+            let Some((target, key)) = RecordKey::decode_hint(&raw_key) else { continue };
+            let (stored_at_ms, set) = decode_hint_value(&raw_value)?;
+            hints.push(StoredHint { target_node: target, key, set, stored_at_ms });
+        }
+        Ok(hints)
+    }
+
+    /// Number of hints held for `target_node` (a scan of that node's hint range).
+    pub fn count_hints(&self, target_node: u32) -> u64 {
+        self.hints.prefix(hint_prefix(target_node, None)).count() as u64
+    }
+
+    /// Deletes hints for `target_node`: the given keys, or a whole partition. Returns how many.
+    pub fn delete_hints(
+        &self,
+        target_node: u32,
+        keys: &[RecordKey],
+        partition: Option<PartitionId>,
+    ) -> Result<u64, EngineError> {
+        self.check_writable()?;
+        let mut doomed: Vec<Vec<u8>> = keys.iter().map(|k| k.encode_hint(target_node)).collect();
+        if keys.is_empty()
+            && let Some(partition) = partition
+        {
+            for item in self.hints.prefix(hint_prefix(target_node, Some(partition))) {
+                doomed.push(item.key().map_err(EngineError::Read)?.to_vec());
+            }
+        }
+        let mut deleted = 0;
+        for key in doomed {
+            let _guard = self.lock(&key);
+            if self.hints.contains_key(&key).map_err(EngineError::Read)? {
+                self.write(|| self.hints.remove(key.clone()))?;
+                deleted += 1;
+            }
+        }
+        if deleted > 0 {
+            self.make_durable()?;
+        }
+        Ok(deleted)
+    }
+
+    /// Deletes the hint for `key` only if it is still exactly `delivered` (a hint that grew while it was
+    /// being delivered is kept for the next round).
+    pub fn delete_hint_if_unchanged(
+        &self,
+        target_node: u32,
+        key: &RecordKey,
+        delivered: &VersionSet,
+    ) -> Result<bool, EngineError> {
+        self.check_writable()?;
+        let hint_key = key.encode_hint(target_node);
+        let deleted = {
+            let _guard = self.lock(&hint_key);
+            match self.hints.get(&hint_key).map_err(EngineError::Read)? {
+                Some(raw) if &decode_hint_value(&raw)?.1 == delivered => {
+                    self.write(|| self.hints.remove(hint_key.clone()))?;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if deleted {
+            self.make_durable()?;
+        }
+        Ok(deleted)
+    }
+
+    /// Up to `limit` records of `partition` after `cursor` (exclusive), optionally only some tenants.
+    pub fn scan_partition(
+        &self,
+        partition: PartitionId,
+        cursor: &[u8],
+        tenants: &[String],
+        limit: usize,
+    ) -> Result<ScanBatch, EngineError> {
+        let prefix = partition_prefix(partition);
+        let end = partition_end(partition);
+        let start: Vec<u8> = if cursor.is_empty() { prefix.to_vec() } else { successor(cursor) };
+        let mut batch = ScanBatch::default();
+        let mut visited = 0usize;
+        let iter = match &end {
+            Some(end) => self.records.range(start.as_slice()..end.as_slice()),
+            None => self.records.range(start.as_slice()..),
+        };
+        for item in iter {
+            let (raw_key, raw_value) = item.into_inner().map_err(EngineError::Read)?;
+            visited += 1;
+            batch.next_cursor = raw_key.to_vec();
+            let Some(key) = RecordKey::decode(&raw_key) else { continue };
+            if tenants.is_empty() || tenants.contains(&key.tenant) {
+                batch.records.push((key, raw_value.to_vec()));
+            }
+            // Bound the work per batch even when a tenant filter skips most records.
+            if batch.records.len() >= limit || visited >= limit.saturating_mul(16) {
+                return Ok(batch);
+            }
+        }
+        batch.done = true;
+        Ok(batch)
+    }
+
+    /// The Merkle tree level `level` (0 = root) of `partition`: `(index, hash, keys)` per node. Leaves
+    /// split the partition's token range into 2^[`MERKLE_DEPTH`] equal slices; a leaf hashes the
+    /// (record key, SHA-256 of the encoded set) pairs in key order; an inner node hashes its two
+    /// children. Empty subtrees hash to zeros, so two empty replicas agree.
+    pub fn merkle_level(
+        &self,
+        partition: PartitionId,
+        level: u32,
+    ) -> Result<Vec<(u32, [u8; 32], u64)>, EngineError> {
+        let leaves = 1usize << MERKLE_DEPTH;
+        let mut hashers: Vec<Option<Sha256>> = (0..leaves).map(|_| None).collect();
+        let mut counts = vec![0u64; leaves];
+        let prefix = partition_prefix(partition);
+        let partition_bits = self.partitions.get().trailing_zeros();
+        for item in self.records.prefix(prefix) {
+            let (raw_key, raw_value) = item.into_inner().map_err(EngineError::Read)?;
+            let Some(token_bytes) = raw_key.get(4..12) else { continue };
+            let token = u64::from_be_bytes(token_bytes.try_into().unwrap_or_default());
+            // The bits right after the partition bits pick the leaf.
+            let leaf = ((token << partition_bits) >> (64 - MERKLE_DEPTH)) as usize;
+            let hasher = hashers.get_mut(leaf).map(|h| h.get_or_insert_with(Sha256::new));
+            if let Some(hasher) = hasher {
+                hasher.update((raw_key.len() as u32).to_be_bytes());
+                hasher.update(&raw_key);
+                hasher.update(Sha256::digest(&raw_value));
+            }
+            if let Some(count) = counts.get_mut(leaf) {
+                *count += 1;
+            }
+        }
+        let mut nodes: Vec<([u8; 32], u64)> = hashers
+            .into_iter()
+            .zip(counts)
+            .map(|(h, c)| (h.map(|h| h.finalize().into()).unwrap_or([0u8; 32]), c))
+            .collect();
+        let mut current_level = MERKLE_DEPTH;
+        while current_level > level.min(MERKLE_DEPTH) {
+            nodes = nodes
+                .chunks(2)
+                .map(|pair| match pair {
+                    [(l, lc), (r, rc)] => {
+                        let hash = if *lc + *rc == 0 {
+                            [0u8; 32]
+                        } else {
+                            let mut h = Sha256::new();
+                            h.update(l);
+                            h.update(r);
+                            h.finalize().into()
+                        };
+                        (hash, lc + rc)
+                    }
+                    [single] => *single,
+                    _ => ([0u8; 32], 0),
+                })
+                .collect();
+            current_level -= 1;
+        }
+        Ok(nodes.into_iter().enumerate().map(|(i, (hash, keys))| (i as u32, hash, keys)).collect())
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        self.refresh_disk_free();
+        EngineStats {
+            keys: self.records.approximate_len() as u64,
+            disk_bytes: self.db.disk_space().unwrap_or(0),
+            disk_free_bytes: self.disk_free_bytes.load(Ordering::Relaxed),
+            hints_pending: self.hints.approximate_len() as u64,
+            poisoned: self.poisoned.load(Ordering::Acquire),
+        }
+    }
+
+    /// fsyncs everything written so far (used at shutdown and by tests).
+    pub fn sync_now(&self) -> Result<(), EngineError> {
+        if let Err(error) = self.db.persist(PersistMode::SyncData) {
+            self.poison_with(format!("fsync failed: {error:?}"));
+            return Err(EngineError::Poisoned(format!("fsync failed: {error:?}")));
+        }
+        Ok(())
+    }
+
+    fn lock(&self, key: &[u8]) -> std::sync::MutexGuard<'_, ()> {
+        let stripe = (fnv1a(key) as usize) % self.stripes.len();
+        // Stripe mutexes guard no data, so a poisoned one is safe to reuse.
+        self.stripes[stripe].lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn read_set(&self, encoded_key: &[u8]) -> Result<Option<VersionSet>, EngineError> {
+        match self.records.get(encoded_key).map_err(EngineError::Read)? {
+            Some(raw) => decode_version_set(&raw).map(Some).map_err(EngineError::Corrupt),
+            None => Ok(None),
+        }
+    }
+
+    fn check_writable(&self) -> Result<(), EngineError> {
+        if let Some(reason) = self.poisoned_reason() {
+            return Err(EngineError::Poisoned(reason));
+        }
+        let free_bytes = self.disk_free_bytes.load(Ordering::Relaxed);
+        if free_bytes < self.disk_reserve_bytes {
+            return Err(EngineError::DiskFull { free_bytes, reserve_bytes: self.disk_reserve_bytes });
+        }
+        Ok(())
+    }
+
+    /// Runs one engine write; an error poisons the write path.
+    fn write(&self, op: impl FnOnce() -> fjall::Result<()>) -> Result<(), EngineError> {
+        op().map_err(|error| {
+            let reason = format!("engine write failed: {error:?}");
+            self.poison_with(reason.clone());
+            EngineError::Poisoned(reason)
+        })
+    }
+
+    fn make_durable(&self) -> Result<(), EngineError> {
+        match self.sync {
+            SyncMode::Periodic { .. } => Ok(()),
+            SyncMode::Always => {
+                let ticket = self.commit.take_ticket();
+                self.commit
+                    .wait_durable(ticket, || {
+                        self.db.persist(PersistMode::SyncData).map_err(|error| {
+                            let reason = format!("fsync failed: {error:?}");
+                            self.poison_with(reason.clone());
+                            reason
+                        })
+                    })
+                    .map_err(EngineError::Poisoned)
+            }
+        }
+    }
+
+    fn poison_with(&self, reason: String) {
+        let mut slot = self.poison.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.is_none() {
+            tracing::error!(%reason, "write path poisoned: refusing writes until restart");
+            *slot = Some(reason);
+        }
+        self.poisoned.store(true, Ordering::Release);
+    }
+
+    fn refresh_disk_free(&self) {
+        if let Ok(free) = fs4::available_space(&self.data_dir) {
+            self.disk_free_bytes.store(free, Ordering::Relaxed);
+        }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if !self.poisoned.load(Ordering::Acquire)
+            && let Err(error) = self.db.persist(PersistMode::SyncAll)
+        {
+            tracing::error!(?error, "final fsync at shutdown failed");
+        }
+    }
+}
+
+/// FNV-1a: cheap and good enough to spread keys over lock stripes.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+fn decode_hint_value(raw: &[u8]) -> Result<(u64, VersionSet), EngineError> {
+    let (stamp, set) = raw.split_at_checked(8).ok_or(EngineError::Corrupt(DecodeError::Truncated))?;
+    let stored_at_ms = u64::from_be_bytes(stamp.try_into().unwrap_or_default());
+    Ok((stored_at_ms, decode_version_set(set).map_err(EngineError::Corrupt)?))
+}
+
+/// The first key after every key of `partition` (None for the last partition).
+fn partition_end(partition: PartitionId) -> Option<Vec<u8>> {
+    partition.0.checked_add(1).map(|next| next.to_be_bytes().to_vec())
+}
+
+/// The smallest byte string greater than `key`.
+fn successor(key: &[u8]) -> Vec<u8> {
+    let mut next = key.to_vec();
+    next.push(0);
+    next
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Background work: periodic fsync and disk-space refresh. Holds only a weak reference so dropping
+/// the engine stops it.
+fn spawn_maintenance(engine: Weak<Engine>) {
+    let spawned = std::thread::Builder::new().name("pairdb-storage-maintenance".into()).spawn(move || {
+        let mut last_sync = Instant::now();
+        let mut last_disk_check = Instant::now();
+        loop {
+            std::thread::sleep(Duration::from_millis(20));
+            let Some(engine) = engine.upgrade() else { return };
+            if engine.stop.load(Ordering::Acquire) {
+                return;
+            }
+            if let SyncMode::Periodic { interval_ms } = engine.sync
+                && last_sync.elapsed() >= Duration::from_millis(interval_ms)
+                && !engine.poisoned.load(Ordering::Acquire)
+            {
+                last_sync = Instant::now();
+                let _ = engine.sync_now();
+            }
+            if last_disk_check.elapsed() >= Duration::from_secs(1) {
+                last_disk_check = Instant::now();
+                engine.refresh_disk_free();
+            }
+        }
+    });
+    if let Err(error) = spawned {
+        tracing::error!(%error, "cannot start the storage maintenance thread");
+    }
+}
+
+/// Group commit: writers take a ticket after their write reached the OS; one of them fsyncs on behalf
+/// of every ticket issued before the fsync started; the others wait for it.
+#[derive(Debug, Default)]
+struct GroupCommit {
+    state: Mutex<CommitState>,
+    synced: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct CommitState {
+    issued: u64,
+    durable: u64,
+    syncing: bool,
+    failed: Option<String>,
+}
+
+impl GroupCommit {
+    fn take_ticket(&self) -> u64 {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.issued += 1;
+        state.issued
+    }
+
+    fn wait_durable(&self, ticket: u64, fsync: impl Fn() -> Result<(), String>) -> Result<(), String> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(reason) = &state.failed {
+                return Err(reason.clone());
+            }
+            if state.durable >= ticket {
+                return Ok(());
+            }
+            if !state.syncing {
+                // Become the leader: everything issued so far is in the OS buffer and covered.
+                state.syncing = true;
+                let target = state.issued;
+                drop(state);
+                let result = fsync();
+                state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+                state.syncing = false;
+                match result {
+                    Ok(()) => state.durable = state.durable.max(target),
+                    Err(reason) => state.failed = Some(reason),
+                }
+                self.synced.notify_all();
+                continue;
+            }
+            state = self.synced.wait(state).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! `pairdb-storage`: the process that owns replicas on local disk.
+//!
+//! - [`engine`]: fjall behind one small module; atomic per-key read-merge-write, group commit,
+//!   poisoning, hints, partition scans, Merkle summaries.
+//! - [`service`]: the internal gRPC API; engine calls run on the blocking pool.
+//! - [`hints`]: pushing hints to their owner.
+//! - [`membership`]: standalone, or register and heartbeat with the metadata service.
+//! - [`identity`], [`keys`]: the data directory's identity and on-disk key layouts.
+//!
+//! [`run`] serves the API on an injected listener until the shutdown future resolves, then finishes
+//! in-flight requests and fsyncs.
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod config;
+pub mod engine;
+pub mod hints;
+pub mod identity;
+pub mod keys;
+pub mod membership;
+pub mod service;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pairdb_proto::storage::v1::storage_service_server::StorageServiceServer;
+use tokio::net::TcpListener;
+
+pub use config::{Config, ConfigError};
+use engine::{Engine, EngineConfig, EngineError};
+
+/// Errors that stop the storage node.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Serve(#[from] pairdb_service::ServeError),
+    #[error("invalid meta address: {0}")]
+    MetaAddress(#[from] tonic::transport::Error),
+    #[error("engine task failed: {0}")]
+    Task(String),
+}
+
+/// Opens the engine described by `config` (blocking; call from a blocking context or at start).
+pub fn open_engine(config: &Config) -> Result<Arc<Engine>, Error> {
+    let engine_config = EngineConfig {
+        data_dir: config.data_dir.clone(),
+        node_id: config.node_id,
+        partitions: config.partitions()?,
+        sync: config.sync_mode(),
+        cache_bytes: config.cache_mb * 1024 * 1024,
+        disk_reserve_bytes: config.disk_reserve_mb * 1024 * 1024,
+    };
+    Ok(Engine::open(&engine_config)?)
+}
+
+/// Runs the storage node on `listener` until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    config.validate()?;
+    let (readiness, health_service) = pairdb_service::health("opening data directory").await;
+    let open_config = config.clone();
+    let engine = tokio::task::spawn_blocking(move || open_engine(&open_config))
+        .await
+        .map_err(|e| Error::Task(e.to_string()))??;
+    let identity = engine.identity();
+    let address = config.advertise_addr.clone().unwrap_or_else(|| {
+        listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| config.listen_addr.to_string())
+    });
+
+    let api = service::StorageApi::new(engine.clone(), config.max_inflight_requests, config.stream_batch_max);
+    let grpc = StorageServiceServer::new(api)
+        .max_decoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES);
+    let routes = tonic::service::Routes::new(health_service).add_service(grpc);
+    let http = pairdb_service::health_routes(readiness.clone()).merge(pairdb_service::metrics::routes());
+
+    let (stop_sender, stop_receiver) = tokio::sync::watch::channel(false);
+    let watchdog = tokio::spawn(watch_health(engine.clone(), readiness.clone(), stop_receiver.clone()));
+    let membership_task = match &config.meta_addr {
+        Some(meta_addr) => {
+            let membership: Arc<dyn membership::Membership> =
+                Arc::new(membership::MetaMembership::new(meta_addr)?);
+            let node = membership::NodeAnnouncement {
+                node_id: identity.node_id,
+                address: address.clone(),
+                zone: config.zone.clone(),
+                weight: config.weight,
+                actor: identity.actor.0,
+            };
+            Some(tokio::spawn(membership::run(membership, node, engine.clone(), stop_receiver)))
+        }
+        None => None,
+    };
+
+    readiness.set_ready().await;
+    tracing::info!(
+        node_id = identity.node_id,
+        actor = %identity.actor,
+        %address,
+        sync = ?config.sync,
+        "storage node ready"
+    );
+    let served = pairdb_service::serve(listener, routes, http, shutdown).await;
+
+    // In-flight requests have finished; stop background work and make everything durable.
+    let _ = stop_sender.send(true);
+    let _ = watchdog.await;
+    if let Some(task) = membership_task {
+        let _ = task.await;
+    }
+    let final_engine = engine.clone();
+    match tokio::task::spawn_blocking(move || final_engine.sync_now()).await {
+        Ok(Ok(())) => tracing::info!("storage node stopped cleanly"),
+        Ok(Err(error)) => tracing::error!(%error, "final fsync failed"),
+        Err(error) => tracing::error!(%error, "final fsync task failed"),
+    }
+    served?;
+    Ok(())
+}
+
+/// Keeps readiness honest (not ready once the write path is poisoned) and publishes engine gauges.
+async fn watch_health(
+    engine: Arc<Engine>,
+    readiness: pairdb_service::Readiness,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut poisoned_reported = false;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stop.changed() => return,
+        }
+        let stats_engine = engine.clone();
+        let Ok(stats) = tokio::task::spawn_blocking(move || stats_engine.stats()).await else { continue };
+        metrics::gauge!("pairdb_storage_keys").set(stats.keys as f64);
+        metrics::gauge!("pairdb_storage_disk_bytes").set(stats.disk_bytes as f64);
+        metrics::gauge!("pairdb_storage_disk_free_bytes").set(stats.disk_free_bytes as f64);
+        metrics::gauge!("pairdb_storage_hints_pending").set(stats.hints_pending as f64);
+        metrics::gauge!("pairdb_storage_write_path_poisoned").set(if stats.poisoned { 1.0 } else { 0.0 });
+        if let Some(reason) = engine.poisoned_reason()
+            && !poisoned_reported
+        {
+            poisoned_reported = true;
+            readiness.set_not_ready(format!("write path poisoned: {reason}")).await;
+        }
+    }
+}

@@ -1,0 +1,368 @@
+//! The internal gRPC API (`pairdb.storage.v1.StorageService`): the edge where wire messages become
+//! engine calls and engine errors become statuses. Every engine call runs on the blocking pool, under
+//! a bounded number of in-flight requests.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use pairdb_core::dvv::VersionSet;
+use pairdb_core::encoding::{decode_context, decode_version_set, encode_version_set};
+use pairdb_core::token::PartitionId;
+use pairdb_core::validation::{
+    ABSOLUTE_MAX_SIBLINGS, ABSOLUTE_MAX_VALUE_BYTES, validate_key, validate_tenant_id,
+};
+use pairdb_proto::common::v1::VersionEntry;
+use pairdb_proto::storage::v1 as pb;
+use pairdb_proto::storage::v1::storage_service_server::StorageService;
+use pairdb_service::errors::status;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::engine::{Engine, EngineError, MERKLE_DEPTH};
+use crate::hints;
+use crate::keys::RecordKey;
+
+/// The gRPC service over one engine.
+#[derive(Debug, Clone)]
+pub struct StorageApi {
+    engine: Arc<Engine>,
+    inflight: Arc<Semaphore>,
+    stream_batch_max: usize,
+}
+
+impl StorageApi {
+    pub fn new(engine: Arc<Engine>, max_inflight_requests: usize, stream_batch_max: usize) -> Self {
+        Self { engine, inflight: Arc::new(Semaphore::new(max_inflight_requests)), stream_batch_max }
+    }
+
+    /// Runs `op` on the blocking pool once an in-flight slot is free, recording metrics for `rpc`.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        rpc: &'static str,
+        op: impl FnOnce(&Engine) -> Result<T, EngineError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let started = Instant::now();
+        let _permit = self
+            .inflight
+            .acquire()
+            .await
+            .map_err(|_| status("NOT_READY", "storage node is shutting down", &[]))?;
+        let engine = self.engine.clone();
+        let result = tokio::task::spawn_blocking(move || op(&engine))
+            .await
+            .map_err(|error| status("INTERNAL", format!("engine task failed: {error}"), &[]))?
+            .map_err(engine_status);
+        record(rpc, started, &result);
+        result
+    }
+
+    fn record_key(&self, key: Option<pb::KeyRef>) -> Result<RecordKey, Status> {
+        let key = key.ok_or_else(|| status("INVALID_ARGUMENT", "key is required", &[]))?;
+        validate_tenant_id(&key.tenant_id).map_err(|e| status(e.reason(), e.to_string(), &[]))?;
+        validate_key(key.key.as_bytes()).map_err(|e| status(e.reason(), e.to_string(), &[]))?;
+        let record = RecordKey::new(self.engine.partitions(), &key.tenant_id, &key.key);
+        self.check_partition(key.partition)?;
+        if record.partition.0 != key.partition {
+            return Err(status(
+                "PARTITION_MISMATCH",
+                format!("key belongs to partition {}, request named {}", record.partition, key.partition),
+                &[],
+            ));
+        }
+        Ok(record)
+    }
+
+    fn check_partition(&self, partition: u32) -> Result<PartitionId, Status> {
+        let partition = PartitionId(partition);
+        if !self.engine.partitions().contains(partition) {
+            return Err(status(
+                "INVALID_PARTITION",
+                format!("partition {partition} is outside the ring of {}", self.engine.partitions().get()),
+                &[],
+            ));
+        }
+        Ok(partition)
+    }
+}
+
+fn engine_status(error: EngineError) -> Status {
+    match &error {
+        EngineError::Read(_) | EngineError::Corrupt(_) => tracing::error!(%error, "storage engine error"),
+        _ => {}
+    }
+    status(error.reason(), error.to_string(), &[])
+}
+
+fn decode_set(bytes: &[u8]) -> Result<VersionSet, Status> {
+    decode_version_set(bytes).map_err(|e| status(e.reason(), format!("version set: {e}"), &[]))
+}
+
+pub fn vector_entries(set: &VersionSet) -> Vec<VersionEntry> {
+    set.vector().entries().map(|(actor, counter)| VersionEntry { actor: actor.0, counter }).collect()
+}
+
+fn record<T>(rpc: &'static str, started: Instant, result: &Result<T, Status>) {
+    let code = match result {
+        Ok(_) => "OK".to_owned(),
+        Err(status) => format!("{:?}", status.code()),
+    };
+    metrics::counter!("pairdb_storage_requests_total", "rpc" => rpc, "status" => code).increment(1);
+    metrics::histogram!("pairdb_storage_request_duration_seconds", "rpc" => rpc)
+        .record(started.elapsed().as_secs_f64());
+}
+
+#[tonic::async_trait]
+impl StorageService for StorageApi {
+    async fn coordinate_write(
+        &self,
+        request: Request<pb::CoordinateWriteRequest>,
+    ) -> Result<Response<pb::CoordinateWriteResponse>, Status> {
+        let request = request.into_inner();
+        let key = self.record_key(request.key)?;
+        let context =
+            decode_context(&request.context).map_err(|e| status(e.reason(), format!("context: {e}"), &[]))?;
+        if let Some(value) = &request.value
+            && value.len() as u64 > ABSOLUTE_MAX_VALUE_BYTES
+        {
+            return Err(status(
+                "VALUE_TOO_LARGE",
+                format!("value is {} bytes, above {ABSOLUTE_MAX_VALUE_BYTES}", value.len()),
+                &[],
+            ));
+        }
+        let max_siblings = match request.max_siblings as usize {
+            0 => None,
+            n => Some(n.min(ABSOLUTE_MAX_SIBLINGS)),
+        };
+        let set = self
+            .blocking("coordinate_write", move |engine| {
+                engine.coordinate_write(
+                    &key,
+                    &context,
+                    request.value,
+                    request.timestamp_ms,
+                    max_siblings,
+                    request.supersede_local,
+                )
+            })
+            .await?;
+        Ok(Response::new(pb::CoordinateWriteResponse {
+            version_vector: vector_entries(&set),
+            version_set: encode_version_set(&set),
+            actor: self.engine.identity().actor.0,
+        }))
+    }
+
+    async fn replicate(
+        &self,
+        request: Request<pb::ReplicateRequest>,
+    ) -> Result<Response<pb::ReplicateResponse>, Status> {
+        let request = request.into_inner();
+        let key = self.record_key(request.key)?;
+        let set = decode_set(&request.version_set)?;
+        let own_node = self.engine.identity().node_id;
+        let hint_for = request.hint_for_node_id;
+        let hinted = hint_for != 0 && hint_for != own_node;
+        self.blocking("replicate", move |engine| {
+            if hinted { engine.put_hint(hint_for, &key, &set) } else { engine.merge(&key, &set).map(|_| ()) }
+        })
+        .await?;
+        Ok(Response::new(pb::ReplicateResponse { hinted }))
+    }
+
+    async fn merge_batch(
+        &self,
+        request: Request<pb::MergeBatchRequest>,
+    ) -> Result<Response<pb::MergeBatchResponse>, Status> {
+        let request = request.into_inner();
+        let partition = self.check_partition(request.partition)?;
+        let mut records = Vec::with_capacity(request.records.len());
+        for record in request.records {
+            let key = self.record_key(Some(pb::KeyRef {
+                tenant_id: record.tenant_id,
+                key: record.key,
+                partition: partition.0,
+            }))?;
+            records.push((key, decode_set(&record.version_set)?));
+        }
+        let merged = records.len() as u32;
+        let changed = self.blocking("merge_batch", move |engine| engine.merge_batch(&records)).await?;
+        Ok(Response::new(pb::MergeBatchResponse { merged, changed: changed as u32 }))
+    }
+
+    async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        let key = self.record_key(request.into_inner().key)?;
+        let encoded = self.blocking("get", move |engine| engine.get_encoded(&key)).await?;
+        Ok(Response::new(match encoded {
+            Some(version_set) => pb::GetResponse { found: true, version_set },
+            None => pb::GetResponse { found: false, version_set: Vec::new() },
+        }))
+    }
+
+    type StreamPartitionStream = ReceiverStream<Result<pb::PartitionBatch, Status>>;
+
+    async fn stream_partition(
+        &self,
+        request: Request<pb::StreamPartitionRequest>,
+    ) -> Result<Response<Self::StreamPartitionStream>, Status> {
+        let request = request.into_inner();
+        let partition = self.check_partition(request.partition)?;
+        let batch_size = match request.batch_size as usize {
+            0 => 256,
+            n => n.min(self.stream_batch_max),
+        };
+        // Two batches in flight at most: the stream is paced by the receiver.
+        let (sender, receiver) = mpsc::channel(2);
+        let api = self.clone();
+        let tenants = request.tenant_ids;
+        let mut cursor = request.cursor;
+        tokio::spawn(async move {
+            loop {
+                let (scan_cursor, scan_tenants) = (cursor.clone(), tenants.clone());
+                let batch = api
+                    .blocking("stream_partition", move |engine| {
+                        engine.scan_partition(partition, &scan_cursor, &scan_tenants, batch_size)
+                    })
+                    .await;
+                let message = batch.map(|batch| {
+                    cursor = batch.next_cursor.clone();
+                    pb::PartitionBatch {
+                        records: batch
+                            .records
+                            .into_iter()
+                            .map(|(key, version_set)| pb::Record {
+                                tenant_id: key.tenant,
+                                key: key.key,
+                                version_set,
+                            })
+                            .collect(),
+                        next_cursor: batch.next_cursor,
+                        done: batch.done,
+                    }
+                });
+                let finished = message.as_ref().map_or(true, |b| b.done);
+                if sender.send(message).await.is_err() || finished {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+
+    async fn merkle_summary(
+        &self,
+        request: Request<pb::MerkleSummaryRequest>,
+    ) -> Result<Response<pb::MerkleSummaryResponse>, Status> {
+        let request = request.into_inner();
+        let partition = self.check_partition(request.partition)?;
+        if request.level > MERKLE_DEPTH {
+            return Err(status("INVALID_ARGUMENT", format!("level must be at most {MERKLE_DEPTH}"), &[]));
+        }
+        let level = request.level;
+        let nodes =
+            self.blocking("merkle_summary", move |engine| engine.merkle_level(partition, level)).await?;
+        let wanted = request.node_indexes;
+        Ok(Response::new(pb::MerkleSummaryResponse {
+            partition: partition.0,
+            level,
+            depth: MERKLE_DEPTH,
+            nodes: nodes
+                .into_iter()
+                .filter(|(index, _, _)| wanted.is_empty() || wanted.contains(index))
+                .map(|(index, hash, keys)| pb::MerkleNode { index, hash: hash.to_vec(), keys })
+                .collect(),
+        }))
+    }
+
+    async fn list_hints(
+        &self,
+        request: Request<pb::ListHintsRequest>,
+    ) -> Result<Response<pb::ListHintsResponse>, Status> {
+        let request = request.into_inner();
+        let partition = request.partition.map(|p| self.check_partition(p)).transpose()?;
+        let limit = match request.limit as usize {
+            0 => 1000,
+            n => n.min(10_000),
+        };
+        let target = request.target_node_id;
+        let (hints, total_pending) = self
+            .blocking("list_hints", move |engine| {
+                Ok((engine.list_hints(target, partition, limit)?, engine.count_hints(target)))
+            })
+            .await?;
+        Ok(Response::new(pb::ListHintsResponse {
+            hints: hints
+                .into_iter()
+                .map(|hint| pb::Hint {
+                    target_node_id: hint.target_node,
+                    partition: hint.key.partition.0,
+                    tenant_id: hint.key.tenant,
+                    key: hint.key.key,
+                    version_set: encode_version_set(&hint.set),
+                    stored_at_ms: hint.stored_at_ms,
+                })
+                .collect(),
+            total_pending,
+        }))
+    }
+
+    async fn delete_hints(
+        &self,
+        request: Request<pb::DeleteHintsRequest>,
+    ) -> Result<Response<pb::DeleteHintsResponse>, Status> {
+        let request = request.into_inner();
+        let partition = request.partition.map(|p| self.check_partition(p)).transpose()?;
+        let mut keys = Vec::with_capacity(request.hints.len());
+        for hint in request.hints {
+            keys.push(self.record_key(Some(pb::KeyRef {
+                tenant_id: hint.tenant_id,
+                key: hint.key,
+                partition: hint.partition,
+            }))?);
+        }
+        if keys.is_empty() && partition.is_none() {
+            return Err(status("INVALID_ARGUMENT", "name hints or a partition to delete", &[]));
+        }
+        let target = request.target_node_id;
+        let deleted = self
+            .blocking("delete_hints", move |engine| engine.delete_hints(target, &keys, partition))
+            .await?;
+        Ok(Response::new(pb::DeleteHintsResponse { deleted }))
+    }
+
+    async fn deliver_hints(
+        &self,
+        request: Request<pb::DeliverHintsRequest>,
+    ) -> Result<Response<pb::DeliverHintsResponse>, Status> {
+        let request = request.into_inner();
+        if request.target_address.is_empty() {
+            return Err(status("INVALID_ARGUMENT", "target_address is required", &[]));
+        }
+        let report = hints::deliver(self.engine.clone(), request.target_node_id, &request.target_address)
+            .await
+            .map_err(|error| status(error.reason(), error.to_string(), &[]))?;
+        Ok(Response::new(pb::DeliverHintsResponse {
+            delivered: report.delivered,
+            remaining: report.remaining,
+        }))
+    }
+
+    async fn stats(
+        &self,
+        _request: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::StatsResponse>, Status> {
+        let stats = self.blocking("stats", |engine| Ok(engine.stats())).await?;
+        let identity = self.engine.identity();
+        Ok(Response::new(pb::StatsResponse {
+            node_id: identity.node_id,
+            actor: identity.actor.0,
+            keys: stats.keys,
+            live_bytes: stats.disk_bytes,
+            disk_free_bytes: stats.disk_free_bytes,
+            hints_pending: stats.hints_pending,
+            write_path_poisoned: stats.poisoned,
+            data_format_version: identity.format_version,
+        }))
+    }
+}

@@ -1,0 +1,247 @@
+//! Engine tests on a real data directory: per-key atomic read-merge-write under concurrency, DVVS
+//! merging, partition scans, hints across restarts, identity checks, DISK_FULL, and a 1,000,000-key
+//! clean restart.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use pairdb_core::dvv::{Actor, VersionSet, VersionVector};
+use pairdb_core::token::{PartitionCount, PartitionId};
+use pairdb_storage::engine::{Engine, EngineConfig, EngineError, SyncMode};
+use pairdb_storage::keys::RecordKey;
+
+fn config(dir: &std::path::Path, node_id: u32) -> EngineConfig {
+    EngineConfig {
+        data_dir: dir.to_path_buf(),
+        node_id,
+        partitions: PartitionCount::default(),
+        sync: SyncMode::Always,
+        cache_bytes: 16 * 1024 * 1024,
+        disk_reserve_bytes: 0,
+    }
+}
+
+fn key(name: &str) -> RecordKey {
+    RecordKey::new(PartitionCount::default(), "tenant-a", name)
+}
+
+fn blind(actor: u64, value: &[u8]) -> VersionSet {
+    let mut set = VersionSet::new();
+    set.update(&VersionVector::new(), Actor(actor), Some(value.to_vec()), 1, None).unwrap();
+    set
+}
+
+#[test]
+fn concurrent_blind_writes_to_one_key_all_become_siblings() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(&config(dir.path(), 1)).unwrap();
+    let k = key("hot");
+    let threads: Vec<_> = (0..64u8)
+        .map(|i| {
+            let (engine, k) = (engine.clone(), k.clone());
+            std::thread::spawn(move || {
+                engine.coordinate_write(&k, &VersionVector::new(), Some(vec![i]), 1, Some(64), false).unwrap()
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let set = engine.get(&k).unwrap().unwrap();
+    assert_eq!(set.siblings().len(), 64);
+    let values: BTreeSet<_> = set.siblings().iter().map(|s| s.value.clone().unwrap()).collect();
+    assert_eq!(values.len(), 64);
+    // The 65th blind write would pass the cap.
+    let err =
+        engine.coordinate_write(&k, &VersionVector::new(), Some(vec![0]), 1, Some(64), false).unwrap_err();
+    assert!(matches!(err, EngineError::Update(_)), "{err:?}");
+    assert_eq!(err.reason(), "TOO_MANY_SIBLINGS");
+}
+
+#[test]
+fn concurrent_merges_of_concurrent_sets_keep_every_sibling() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(&config(dir.path(), 1)).unwrap();
+    let k = key("merged");
+    let threads: Vec<_> = (0..64u64)
+        .map(|actor| {
+            let (engine, k) = (engine.clone(), k.clone());
+            std::thread::spawn(move || engine.merge(&k, &blind(100 + actor, &actor.to_be_bytes())).unwrap())
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(engine.get(&k).unwrap().unwrap().siblings().len(), 64);
+}
+
+#[test]
+fn merge_rules_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(&config(dir.path(), 1)).unwrap();
+    let k = key("rules");
+    let older = blind(7, b"v1");
+    let mut newer = older.clone();
+    let ctx = newer.vector().clone();
+    newer.update(&ctx, Actor(7), Some(b"v2".to_vec()), 2, None).unwrap();
+
+    // An older set arriving after a newer one changes nothing.
+    assert!(engine.merge(&k, &newer).unwrap());
+    assert!(!engine.merge(&k, &older).unwrap());
+    assert_eq!(engine.get(&k).unwrap().unwrap(), newer);
+
+    // A concurrent set from another actor becomes a sibling.
+    assert!(engine.merge(&k, &blind(8, b"other")).unwrap());
+    assert_eq!(engine.get(&k).unwrap().unwrap().live_values().len(), 2);
+
+    // A tombstone written with a covering context hides both values.
+    let ctx = engine.get(&k).unwrap().unwrap().vector().clone();
+    let after = engine.coordinate_write(&k, &ctx, None, 3, None, false).unwrap();
+    assert!(after.is_deleted());
+    assert!(engine.get(&k).unwrap().unwrap().live_values().is_empty());
+}
+
+#[test]
+fn partition_scan_returns_exactly_the_partition_and_resumes_from_a_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = PartitionCount::new(16).unwrap();
+    let engine = Engine::open(&EngineConfig { partitions: q, ..config(dir.path(), 1) }).unwrap();
+    let mut expected: Vec<BTreeSet<(String, String)>> = vec![BTreeSet::new(); 16];
+    for tenant in ["alpha", "beta"] {
+        for i in 0..600 {
+            let k = RecordKey::new(q, tenant, &format!("key-{i}"));
+            engine.merge(&k, &blind(1, b"x")).unwrap();
+            expected[k.partition.0 as usize].insert((k.tenant.clone(), k.key.clone()));
+        }
+    }
+    for partition in 0..16u32 {
+        // Scan in batches of 7, resuming from each cursor as a cut stream would.
+        let mut seen = BTreeSet::new();
+        let mut cursor = Vec::new();
+        loop {
+            let batch = engine.scan_partition(PartitionId(partition), &cursor, &[], 7).unwrap();
+            for (k, _) in &batch.records {
+                assert_eq!(k.partition.0, partition, "foreign key in partition {partition}");
+                assert!(seen.insert((k.tenant.clone(), k.key.clone())), "duplicate after resume");
+            }
+            if batch.done {
+                break;
+            }
+            cursor = batch.next_cursor;
+        }
+        assert_eq!(seen, expected[partition as usize]);
+        // Tenant filter.
+        let only_beta =
+            engine.scan_partition(PartitionId(partition), &[], &["beta".to_owned()], 100_000).unwrap();
+        assert!(only_beta.done);
+        let beta: BTreeSet<_> =
+            only_beta.records.iter().map(|(k, _)| (k.tenant.clone(), k.key.clone())).collect();
+        let expected_beta: BTreeSet<_> =
+            expected[partition as usize].iter().filter(|(t, _)| t == "beta").cloned().collect();
+        assert_eq!(beta, expected_beta);
+    }
+}
+
+#[test]
+fn hints_survive_restart_and_are_removed_by_partition() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = PartitionCount::default();
+    let keys: Vec<RecordKey> = (0..50).map(|i| RecordKey::new(q, "t", &format!("h{i}"))).collect();
+    {
+        let engine = Engine::open(&config(dir.path(), 1)).unwrap();
+        for k in &keys {
+            engine.put_hint(9, k, &blind(3, b"hinted")).unwrap();
+        }
+        engine.put_hint(8, &keys[0], &blind(3, b"for another node")).unwrap();
+    }
+    let engine = Engine::open(&config(dir.path(), 1)).unwrap();
+    let hints = engine.list_hints(9, None, 1000).unwrap();
+    assert_eq!(hints.len(), 50);
+    assert_eq!(engine.count_hints(9), 50);
+    assert!(hints.iter().all(|h| h.target_node == 9 && h.set == blind(3, b"hinted")));
+    let partition = keys[0].partition;
+    let in_partition = engine.list_hints(9, Some(partition), 1000).unwrap();
+    assert!(!in_partition.is_empty());
+    assert!(in_partition.iter().all(|h| h.key.partition == partition));
+    let deleted = engine.delete_hints(9, &[], Some(partition)).unwrap();
+    assert_eq!(deleted as usize, in_partition.len());
+    assert_eq!(engine.count_hints(9), 50 - deleted);
+    assert!(engine.list_hints(9, Some(partition), 1000).unwrap().is_empty());
+    assert_eq!(engine.count_hints(8), 1);
+}
+
+#[test]
+fn data_directory_of_another_node_or_format_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(Engine::open(&config(dir.path(), 1)).unwrap());
+    let err = Engine::open(&config(dir.path(), 2)).unwrap_err();
+    assert!(err.to_string().contains("belongs to node 1, not node 2"), "{err}");
+    let identity = std::fs::read_to_string(dir.path().join("IDENTITY")).unwrap();
+    std::fs::write(dir.path().join("IDENTITY"), identity.replace("format_version=1", "format_version=7"))
+        .unwrap();
+    let err = Engine::open(&config(dir.path(), 1)).unwrap_err();
+    assert!(err.to_string().contains("data format version 7"), "{err}");
+}
+
+#[test]
+fn low_disk_space_refuses_writes_but_serves_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = key("full");
+    {
+        let engine = Engine::open(&config(dir.path(), 1)).unwrap();
+        engine.merge(&k, &blind(1, b"kept")).unwrap();
+    }
+    let engine =
+        Engine::open(&EngineConfig { disk_reserve_bytes: u64::MAX, ..config(dir.path(), 1) }).unwrap();
+    let err = engine.merge(&k, &blind(2, b"refused")).unwrap_err();
+    assert_eq!(err.reason(), "DISK_FULL");
+    assert_eq!(engine.get(&k).unwrap().unwrap(), blind(1, b"kept"));
+    assert!(engine.poisoned_reason().is_none());
+}
+
+#[test]
+fn a_million_keys_survive_a_clean_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = PartitionCount::default();
+    let total = 1_000_000u32;
+    let value = blind(1, b"v");
+    {
+        let engine = Engine::open(&EngineConfig {
+            sync: SyncMode::Periodic { interval_ms: 100 },
+            ..config(dir.path(), 1)
+        })
+        .unwrap();
+        let chunk: Vec<u32> = (0..total).collect();
+        let workers: Vec<_> = chunk
+            .chunks(total as usize / 2)
+            .map(|part| {
+                let (engine, part, value) = (engine.clone(), part.to_vec(), value.clone());
+                std::thread::spawn(move || {
+                    for ids in part.chunks(5000) {
+                        let batch: Vec<_> = ids
+                            .iter()
+                            .map(|i| (RecordKey::new(q, "bulk", &format!("k{i:07}")), value.clone()))
+                            .collect();
+                        engine.merge_batch(&batch).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+        engine.sync_now().unwrap();
+    }
+    let engine: Arc<Engine> = Engine::open(&config(dir.path(), 1)).unwrap();
+    let mut seen = 0u64;
+    for partition in q.partitions() {
+        let batch = engine.scan_partition(partition, &[], &[], usize::MAX / 32).unwrap();
+        assert!(batch.done);
+        seen += batch.records.len() as u64;
+    }
+    assert_eq!(seen, u64::from(total));
+    for i in [0u32, 1, 499_999, 999_999] {
+        assert_eq!(engine.get(&RecordKey::new(q, "bulk", &format!("k{i:07}"))).unwrap().unwrap(), value);
+    }
+}

@@ -1,0 +1,359 @@
+//! The internal gRPC API over loopback against a real node (`run` on a port-0 listener): concurrency on
+//! one key, bad input with stable reasons, partition streams that resume after a cut, hint delivery to
+//! a second node, stats and health.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+
+use pairdb_core::dvv::{Actor, VersionSet, VersionVector};
+use pairdb_core::encoding::{decode_version_set, encode_context, encode_version_set};
+use pairdb_core::token::{PartitionCount, token_for};
+use pairdb_proto::storage::v1 as pb;
+use pairdb_proto::storage::v1::storage_service_client::StorageServiceClient;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+struct Node {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), pairdb_storage::Error>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    async fn start(node_id: u32) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = pairdb_storage::Config::for_node(node_id, dir.path().join("data"));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(pairdb_storage::run(config, listener, async {
+            let _ = stopped.await;
+        }));
+        let node = Node { addr, stop: Some(stop), task, _dir: dir };
+        for _ in 0..200 {
+            if node.try_client().await.is_some() {
+                return node;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("storage node did not start");
+    }
+
+    async fn try_client(&self) -> Option<StorageServiceClient<Channel>> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        let mut client = StorageServiceClient::new(channel);
+        client.stats(pb::StatsRequest {}).await.ok()?;
+        Some(client)
+    }
+
+    async fn client(&self) -> StorageServiceClient<Channel> {
+        self.try_client().await.unwrap()
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+fn key_ref(tenant: &str, key: &str) -> pb::KeyRef {
+    let partition = PartitionCount::default().partition_of(token_for(tenant, key.as_bytes())).0;
+    pb::KeyRef { tenant_id: tenant.into(), key: key.into(), partition }
+}
+
+fn blind(actor: u64, value: &[u8]) -> VersionSet {
+    let mut set = VersionSet::new();
+    set.update(&VersionVector::new(), Actor(actor), Some(value.to_vec()), 1, None).unwrap();
+    set
+}
+
+async fn get(client: &mut StorageServiceClient<Channel>, tenant: &str, key: &str) -> Option<VersionSet> {
+    let response = client.get(pb::GetRequest { key: Some(key_ref(tenant, key)) }).await.unwrap().into_inner();
+    response.found.then(|| decode_version_set(&response.version_set).unwrap())
+}
+
+fn reason(status: &tonic::Status) -> String {
+    pairdb_service::errors::reason_of(status).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixty_four_concurrent_writes_and_replicates_to_one_key_keep_every_sibling() {
+    let node = Node::start(1).await;
+    let client = node.client().await;
+    let writes: Vec<_> = (0..64u8)
+        .map(|i| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .coordinate_write(pb::CoordinateWriteRequest {
+                        key: Some(key_ref("t", "hot")),
+                        context: Vec::new(),
+                        value: Some(vec![i]),
+                        timestamp_ms: 1,
+                        max_siblings: 64,
+                        supersede_local: false,
+                    })
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    for w in writes {
+        w.await.unwrap();
+    }
+    let mut c = client.clone();
+    assert_eq!(get(&mut c, "t", "hot").await.unwrap().siblings().len(), 64);
+
+    let replicates: Vec<_> = (0..64u64)
+        .map(|actor| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .replicate(pb::ReplicateRequest {
+                        key: Some(key_ref("t", "merged")),
+                        version_set: encode_version_set(&blind(1000 + actor, &actor.to_be_bytes())),
+                        hint_for_node_id: 0,
+                    })
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    for r in replicates {
+        assert!(!r.await.unwrap().into_inner().hinted);
+    }
+    assert_eq!(get(&mut c, "t", "merged").await.unwrap().siblings().len(), 64);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn coordinated_write_with_context_supersedes_and_returns_the_set() {
+    let node = Node::start(1).await;
+    let mut client = node.client().await;
+    let first = client
+        .coordinate_write(pb::CoordinateWriteRequest {
+            key: Some(key_ref("t", "k")),
+            value: Some(b"v1".to_vec()),
+            timestamp_ms: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first_set = decode_version_set(&first.version_set).unwrap();
+    let second = client
+        .coordinate_write(pb::CoordinateWriteRequest {
+            key: Some(key_ref("t", "k")),
+            context: encode_context(first_set.vector()),
+            value: Some(b"v2".to_vec()),
+            timestamp_ms: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let second_set = decode_version_set(&second.version_set).unwrap();
+    assert_eq!(second_set.live_values().len(), 1);
+    assert_eq!(second_set.live_values()[0].value.as_deref(), Some(&b"v2"[..]));
+    assert_eq!(second.version_vector.len(), 1);
+    assert_eq!(second.version_vector[0].counter, 2);
+    assert_eq!(second.actor, second_set.siblings()[0].dot.actor.0);
+    assert_eq!(get(&mut client, "t", "k").await.unwrap(), second_set);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_invalid_argument_with_a_reason_and_the_node_keeps_serving() {
+    let node = Node::start(1).await;
+    let mut client = node.client().await;
+    let write = |key: pb::KeyRef| pb::CoordinateWriteRequest {
+        key: Some(key),
+        value: Some(b"v".to_vec()),
+        ..Default::default()
+    };
+    let good = key_ref("t", "k");
+    let cases: Vec<(&str, pb::CoordinateWriteRequest, &str)> = vec![
+        (
+            "bad tenant",
+            write(pb::KeyRef { tenant_id: "Bad Tenant".into(), ..good.clone() }),
+            "INVALID_TENANT_ID",
+        ),
+        ("empty key", write(pb::KeyRef { key: String::new(), ..good.clone() }), "INVALID_KEY"),
+        ("long key", write(key_ref("t", &"k".repeat(1025))), "INVALID_KEY"),
+        (
+            "partition outside ring",
+            write(pb::KeyRef { partition: 1 << 20, ..good.clone() }),
+            "INVALID_PARTITION",
+        ),
+        (
+            "wrong partition",
+            write(pb::KeyRef { partition: (good.partition + 1) % 4096, ..good.clone() }),
+            "PARTITION_MISMATCH",
+        ),
+        (
+            "garbage context",
+            pb::CoordinateWriteRequest { context: vec![1, 2, 3, 4, 5, 6], ..write(good.clone()) },
+            "MALFORMED_VERSION",
+        ),
+        (
+            "oversized value",
+            pb::CoordinateWriteRequest { value: Some(vec![0; 4 * 1024 * 1024 + 1]), ..write(good.clone()) },
+            "VALUE_TOO_LARGE",
+        ),
+    ];
+    for (name, request, expected) in cases {
+        let status = client.coordinate_write(request).await.unwrap_err();
+        assert_eq!(reason(&status), expected, "{name}: {status:?}");
+    }
+    let status = client
+        .replicate(pb::ReplicateRequest {
+            key: Some(good.clone()),
+            version_set: vec![1, 200, 3],
+            hint_for_node_id: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(reason(&status), "MALFORMED_VERSION");
+    // Still serving.
+    client.coordinate_write(write(good)).await.unwrap();
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn partition_stream_matches_a_scan_and_resumes_after_a_cut() {
+    let node = Node::start(1).await;
+    let mut client = node.client().await;
+    let q = PartitionCount::default();
+    // Put many keys into one partition by picking keys that hash there.
+    let target = key_ref("t", "anchor").partition;
+    let mut expected = BTreeSet::new();
+    let mut i = 0;
+    while expected.len() < 300 {
+        let key = format!("k{i}");
+        i += 1;
+        if q.partition_of(token_for("t", key.as_bytes())).0 == target {
+            client
+                .replicate(pb::ReplicateRequest {
+                    key: Some(key_ref("t", &key)),
+                    version_set: encode_version_set(&blind(1, key.as_bytes())),
+                    hint_for_node_id: 0,
+                })
+                .await
+                .unwrap();
+            expected.insert(key);
+        } else if i % 50 == 0 {
+            // Some neighbours in other partitions that must never appear.
+            client
+                .replicate(pb::ReplicateRequest {
+                    key: Some(key_ref("t", &key)),
+                    version_set: encode_version_set(&blind(1, b"other")),
+                    hint_for_node_id: 0,
+                })
+                .await
+                .unwrap();
+        }
+    }
+    // Read two batches, drop the stream (a cut), resume from the last cursor.
+    let mut seen = BTreeSet::new();
+    let mut stream = client
+        .stream_partition(pb::StreamPartitionRequest {
+            partition: target,
+            batch_size: 64,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut cursor = Vec::new();
+    for _ in 0..2 {
+        let batch = stream.message().await.unwrap().unwrap();
+        for record in batch.records {
+            assert!(seen.insert(record.key));
+        }
+        cursor = batch.next_cursor;
+    }
+    drop(stream);
+    let mut stream = client
+        .stream_partition(pb::StreamPartitionRequest {
+            partition: target,
+            batch_size: 64,
+            cursor,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(batch) = stream.message().await.unwrap() {
+        for record in batch.records {
+            assert_eq!(q.partition_of(token_for(&record.tenant_id, record.key.as_bytes())).0, target);
+            assert!(seen.insert(record.key), "record repeated after resume");
+        }
+        if batch.done {
+            break;
+        }
+    }
+    assert_eq!(seen, expected);
+    // Merkle summary covers exactly those keys.
+    let summary = client
+        .merkle_summary(pb::MerkleSummaryRequest { partition: target, level: 0, node_indexes: vec![] })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(summary.nodes.len(), 1);
+    assert_eq!(summary.nodes[0].keys, 300);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn hints_are_kept_for_the_owner_and_delivered_to_it() {
+    let holder = Node::start(1).await;
+    let owner = Node::start(2).await;
+    let mut holder_client = holder.client().await;
+    let mut owner_client = owner.client().await;
+    for i in 0..40 {
+        let response = holder_client
+            .replicate(pb::ReplicateRequest {
+                key: Some(key_ref("t", &format!("h{i}"))),
+                version_set: encode_version_set(&blind(5, b"while you were away")),
+                hint_for_node_id: 2,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(response.hinted);
+    }
+    // Hints are not data: the holder does not serve them as its own replica.
+    assert!(get(&mut holder_client, "t", "h0").await.is_none());
+    let listed = holder_client
+        .list_hints(pb::ListHintsRequest { target_node_id: 2, partition: None, limit: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.hints.len(), 40);
+    assert_eq!(listed.total_pending, 40);
+
+    let report = holder_client
+        .deliver_hints(pb::DeliverHintsRequest { target_node_id: 2, target_address: owner.addr.to_string() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((report.delivered, report.remaining), (40, 0));
+    for i in 0..40 {
+        assert_eq!(
+            get(&mut owner_client, "t", &format!("h{i}")).await.unwrap(),
+            blind(5, b"while you were away")
+        );
+    }
+    let stats = holder_client.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+    assert_eq!(stats.node_id, 1);
+    assert!(!stats.write_path_poisoned);
+    holder.stop().await;
+    owner.stop().await;
+}
