@@ -1,0 +1,106 @@
+//! Router configuration: flags with `PAIRDB_*` environment fallbacks, validated at start with messages
+//! that name the field.
+
+use std::net::SocketAddr;
+
+/// Configuration of one router.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "pairdb-router", version, about = "PairDB request router")]
+pub struct Config {
+    /// Address to serve gRPC and HTTP on.
+    #[arg(long, env = "PAIRDB_LISTEN_ADDR", default_value = "127.0.0.1:7000")]
+    pub listen_addr: SocketAddr,
+    /// Address of the metadata service (host:port) whose watch stream gives topology and tenants.
+    #[arg(long, env = "PAIRDB_META_ADDR", default_value = "127.0.0.1:7100")]
+    pub meta_addr: String,
+    /// Deadline of a request that names none.
+    #[arg(long, env = "PAIRDB_REQUEST_TIMEOUT_MS", default_value_t = 2000)]
+    pub request_timeout_ms: u64,
+    /// Largest deadline a client may ask for.
+    #[arg(long, env = "PAIRDB_MAX_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    pub max_request_timeout_ms: u64,
+    /// Per-call timeout of one storage RPC; a replica slower than this counts as failed for the call.
+    #[arg(long, env = "PAIRDB_STORAGE_TIMEOUT_MS", default_value_t = 1000)]
+    pub storage_timeout_ms: u64,
+    /// A read asks the remaining replicas when the first R have not all answered after this long.
+    #[arg(long, env = "PAIRDB_READ_SPECULATIVE_AFTER_MS", default_value_t = 50)]
+    pub read_speculative_after_ms: u64,
+    /// In-flight RPCs per storage node; more wait (bounded by the request deadline).
+    #[arg(long, env = "PAIRDB_MAX_INFLIGHT_PER_NODE", default_value_t = 512)]
+    pub max_inflight_per_node: usize,
+    /// Concurrent keys of one GetMany.
+    #[arg(long, env = "PAIRDB_GET_MANY_CONCURRENCY", default_value_t = 16)]
+    pub get_many_concurrency: usize,
+    /// How often suspect storage nodes are probed.
+    #[arg(long, env = "PAIRDB_PROBE_INTERVAL_MS", default_value_t = 500)]
+    pub probe_interval_ms: u64,
+    /// How often the router asks hint holders to deliver to every live node.
+    #[arg(long, env = "PAIRDB_HINT_SWEEP_INTERVAL_MS", default_value_t = 10_000)]
+    pub hint_sweep_interval_ms: u64,
+    #[arg(long, env = "PAIRDB_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: pairdb_service::logging::LogFormat,
+    /// Validate the configuration, print it and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// A configuration value that cannot work; the message names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("meta_addr: must not be empty")]
+    EmptyMetaAddr,
+    #[error("request_timeout_ms: must be between 1 and max_request_timeout_ms")]
+    RequestTimeout,
+    #[error("storage_timeout_ms: must be between 1 and 60000")]
+    StorageTimeout,
+    #[error("max_inflight_per_node: must be between 1 and 100000")]
+    MaxInflight,
+    #[error("get_many_concurrency: must be between 1 and 100")]
+    GetManyConcurrency,
+    #[error("probe_interval_ms and hint_sweep_interval_ms: must be between 10 and 3600000")]
+    Interval,
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.meta_addr.trim().is_empty() {
+            return Err(ConfigError::EmptyMetaAddr);
+        }
+        if self.request_timeout_ms == 0 || self.request_timeout_ms > self.max_request_timeout_ms {
+            return Err(ConfigError::RequestTimeout);
+        }
+        if !(1..=60_000).contains(&self.storage_timeout_ms) {
+            return Err(ConfigError::StorageTimeout);
+        }
+        if !(1..=100_000).contains(&self.max_inflight_per_node) {
+            return Err(ConfigError::MaxInflight);
+        }
+        if !(1..=100).contains(&self.get_many_concurrency) {
+            return Err(ConfigError::GetManyConcurrency);
+        }
+        for interval in [self.probe_interval_ms, self.hint_sweep_interval_ms] {
+            if !(10..=3_600_000).contains(&interval) {
+                return Err(ConfigError::Interval);
+            }
+        }
+        Ok(())
+    }
+
+    /// Defaults for tests and embedding, talking to meta at `meta_addr`.
+    pub fn with_meta(meta_addr: impl Into<String>) -> Self {
+        Self {
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            meta_addr: meta_addr.into(),
+            request_timeout_ms: 2000,
+            max_request_timeout_ms: 30_000,
+            storage_timeout_ms: 1000,
+            read_speculative_after_ms: 50,
+            max_inflight_per_node: 512,
+            get_many_concurrency: 16,
+            probe_interval_ms: 500,
+            hint_sweep_interval_ms: 10_000,
+            log_format: pairdb_service::logging::LogFormat::Text,
+            check_config: false,
+        }
+    }
+}

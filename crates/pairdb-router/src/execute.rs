@@ -1,0 +1,408 @@
+//! Drives the core's coordination state machines ([`WriteCoordinator`], [`ReadCoordinator`]) over real
+//! storage RPCs. Each request runs in its own task: the client gets its answer through a oneshot as
+//! soon as the machine says `Reply`, while the task finishes the remaining replication or read repair
+//! in the background, bounded by the request's deadline.
+//!
+//! Every storage call is bounded twice: by the per-node in-flight semaphore and by the storage timeout.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use pairdb_core::coordination::{
+    FailureCause, ReadAnswer, ReadCoordinator, ReadEffect, ReadPlan, ReadReply, ReplicaFailure,
+    WriteCoordinator, WriteEffect, WritePlan, WriteReply,
+};
+use pairdb_core::dvv::VersionSet;
+use pairdb_core::encoding::{decode_version_set, encode_version_set};
+use pairdb_core::ring::NodeId;
+use pairdb_proto::storage::v1 as pb;
+use tokio::sync::oneshot;
+
+use crate::pool::StoragePool;
+use crate::view::ClusterView;
+
+/// Milliseconds on the router's monotonic clock (the core's `now_ms`).
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    origin: Instant,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self { origin: Instant::now() }
+    }
+}
+
+impl Clock {
+    pub fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    fn instant(&self, ms: u64) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.origin + Duration::from_millis(ms))
+    }
+}
+
+/// What the coordinator replica is asked to apply.
+#[derive(Debug, Clone)]
+pub struct WriteInput {
+    pub key: pb::KeyRef,
+    /// Encoded client context (empty for a blind write).
+    pub context: Vec<u8>,
+    /// `None` writes a tombstone.
+    pub value: Option<Vec<u8>>,
+    pub timestamp_ms: u64,
+    pub max_siblings: u32,
+    pub supersede_local: bool,
+}
+
+#[derive(Debug)]
+pub enum WriteResult {
+    Acked {
+        set: VersionSet,
+        acks: usize,
+        hinted_acks: usize,
+        required: usize,
+    },
+    QuorumNotReached {
+        acks: usize,
+        hinted_acks: usize,
+        required: usize,
+        failures: Vec<ReplicaFailure>,
+    },
+    /// The coordinator refused the write for a reason retrying elsewhere would not fix.
+    Rejected(tonic::Status),
+}
+
+#[derive(Debug)]
+pub enum ReadResult {
+    Answered { merged: Option<VersionSet>, replicas: Vec<(NodeId, &'static str)> },
+    QuorumNotReached { answered: usize, required: usize, failures: Vec<ReplicaFailure> },
+}
+
+/// Reasons a storage node gives that another replica would give too: the request itself is wrong.
+fn is_definitive(status: &tonic::Status) -> bool {
+    matches!(
+        pairdb_service::errors::reason_of(status).as_deref(),
+        Some(
+            "TOO_MANY_SIBLINGS"
+                | "VALUE_TOO_LARGE"
+                | "MALFORMED_VERSION"
+                | "INVALID_TENANT_ID"
+                | "INVALID_KEY"
+                | "INVALID_PARTITION"
+                | "PARTITION_MISMATCH"
+        )
+    )
+}
+
+enum CallError {
+    Failed(FailureCause),
+    Rejected(tonic::Status),
+}
+
+/// Runs one RPC against `node` with the pool's bounds, updating the failure view.
+async fn call<T, F, Fut>(pool: &StoragePool, view: &ClusterView, node: NodeId, rpc: F) -> Result<T, CallError>
+where
+    F: FnOnce(
+        pairdb_proto::storage::v1::storage_service_client::StorageServiceClient<tonic::transport::Channel>,
+    ) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let Some(address) = view.nodes.get(&node).map(|n| n.address.clone()) else {
+        return Err(CallError::Failed(FailureCause::Error));
+    };
+    let Some(client) = pool.client(node, &address) else {
+        return Err(CallError::Failed(FailureCause::Error));
+    };
+    let outcome = tokio::time::timeout(pool.storage_timeout(), async {
+        let Some((grpc, _permit)) = client.acquire().await else {
+            return Err(tonic::Status::unavailable("router shutting down"));
+        };
+        rpc(grpc).await
+    })
+    .await;
+    match outcome {
+        Ok(Ok(response)) => {
+            client.record_success();
+            Ok(response.into_inner())
+        }
+        Ok(Err(status)) if is_definitive(&status) => Err(CallError::Rejected(status)),
+        Ok(Err(_status)) => {
+            client.record_failure();
+            Err(CallError::Failed(FailureCause::Error))
+        }
+        Err(_elapsed) => {
+            client.record_failure();
+            Err(CallError::Failed(FailureCause::Timeout))
+        }
+    }
+}
+
+type WriteCallFuture = std::pin::Pin<Box<dyn Future<Output = WriteCall> + Send>>;
+
+enum WriteCall {
+    Coordinated(NodeId, Result<pb::CoordinateWriteResponse, CallError>),
+    Replicated(NodeId, bool, Result<pb::ReplicateResponse, CallError>),
+}
+
+/// Runs a write; resolves when the client can be answered (replication may go on afterwards).
+pub async fn write(
+    pool: Arc<StoragePool>,
+    view: Arc<ClusterView>,
+    clock: Clock,
+    plan: WritePlan,
+    input: WriteInput,
+) -> WriteResult {
+    let (reply_tx, reply_rx) = oneshot::channel();
+    tokio::spawn(run_write(pool, view, clock, plan, input, reply_tx));
+    reply_rx.await.unwrap_or_else(|_| {
+        WriteResult::Rejected(tonic::Status::internal("write task ended without a reply"))
+    })
+}
+
+async fn run_write(
+    pool: Arc<StoragePool>,
+    view: Arc<ClusterView>,
+    clock: Clock,
+    plan: WritePlan,
+    input: WriteInput,
+    reply_tx: oneshot::Sender<WriteResult>,
+) {
+    let mut reply_tx = Some(reply_tx);
+    let mut machine = WriteCoordinator::new(plan);
+    let mut calls = FuturesUnordered::new();
+    let mut result_set: Option<(VersionSet, Arc<Vec<u8>>)> = None;
+    let mut effects = machine.start(clock.now_ms());
+    loop {
+        for effect in effects.drain(..) {
+            match effect {
+                WriteEffect::Coordinate { node } => {
+                    let (pool, view, input) = (pool.clone(), view.clone(), input.clone());
+                    calls.push(Box::pin(async move {
+                        let request = pb::CoordinateWriteRequest {
+                            key: Some(input.key),
+                            context: input.context,
+                            value: input.value,
+                            timestamp_ms: input.timestamp_ms,
+                            max_siblings: input.max_siblings,
+                            supersede_local: input.supersede_local,
+                        };
+                        let response =
+                            call(
+                                &pool,
+                                &view,
+                                node,
+                                |mut c| async move { c.coordinate_write(request).await },
+                            )
+                            .await;
+                        WriteCall::Coordinated(node, response)
+                    }) as WriteCallFuture);
+                }
+                WriteEffect::Replicate { node, hint_for } => {
+                    let Some((_, encoded)) = &result_set else { continue };
+                    let (pool, view, key, encoded) =
+                        (pool.clone(), view.clone(), input.key.clone(), encoded.clone());
+                    calls.push(Box::pin(async move {
+                        let request = pb::ReplicateRequest {
+                            key: Some(key),
+                            version_set: encoded.as_ref().clone(),
+                            hint_for_node_id: hint_for.map_or(0, |n| n.0),
+                        };
+                        let response =
+                            call(&pool, &view, node, |mut c| async move { c.replicate(request).await }).await;
+                        WriteCall::Replicated(node, hint_for.is_some(), response)
+                    }));
+                }
+                WriteEffect::Reply(reply) => {
+                    let result = match reply {
+                        WriteReply::Acked { acks, hinted_acks, required } => match &result_set {
+                            Some((set, _)) => {
+                                WriteResult::Acked { set: set.clone(), acks, hinted_acks, required }
+                            }
+                            None => WriteResult::QuorumNotReached {
+                                acks,
+                                hinted_acks,
+                                required,
+                                failures: vec![],
+                            },
+                        },
+                        WriteReply::QuorumNotReached { acks, hinted_acks, required, failures } => {
+                            metrics::counter!("pairdb_router_quorum_failures_total", "op" => "write")
+                                .increment(1);
+                            WriteResult::QuorumNotReached { acks, hinted_acks, required, failures }
+                        }
+                    };
+                    if let Some(tx) = reply_tx.take() {
+                        let _ = tx.send(result);
+                    }
+                }
+            }
+        }
+        if machine.is_finished() {
+            return;
+        }
+        let deadline = machine.next_timeout_ms().unwrap_or_else(|| clock.now_ms());
+        tokio::select! {
+            next = calls.next(), if !calls.is_empty() => {
+                let Some(outcome) = next else { continue };
+                let now = clock.now_ms();
+                effects = match outcome {
+                    WriteCall::Coordinated(node, Ok(response)) => match decode_version_set(&response.version_set) {
+                        Ok(set) => {
+                            result_set = Some((set, Arc::new(response.version_set)));
+                            machine.on_coordinated(node, now)
+                        }
+                        Err(error) => {
+                            tracing::error!(node_id = node.0, %error, "coordinator returned an undecodable set");
+                            machine.on_coordinate_failed(node, FailureCause::Error, now)
+                        }
+                    },
+                    WriteCall::Coordinated(_, Err(CallError::Rejected(status))) => {
+                        if let Some(tx) = reply_tx.take() {
+                            let _ = tx.send(WriteResult::Rejected(status));
+                        }
+                        return;
+                    }
+                    WriteCall::Coordinated(node, Err(CallError::Failed(cause))) => {
+                        machine.on_coordinate_failed(node, cause, now)
+                    }
+                    WriteCall::Replicated(node, hinted, Ok(_)) => {
+                        if hinted {
+                            metrics::counter!("pairdb_router_hints_written_total").increment(1);
+                        }
+                        machine.on_replicated(node, now)
+                    }
+                    WriteCall::Replicated(node, _, Err(CallError::Failed(cause))) => {
+                        machine.on_replicate_failed(node, cause, now)
+                    }
+                    WriteCall::Replicated(node, _, Err(CallError::Rejected(status))) => {
+                        tracing::warn!(node_id = node.0, %status, "replica refused a replicated set");
+                        machine.on_replicate_failed(node, FailureCause::Error, now)
+                    }
+                };
+            }
+            () = tokio::time::sleep_until(clock.instant(deadline)) => {
+                effects = machine.on_tick(clock.now_ms());
+            }
+        }
+    }
+}
+
+/// Runs a read; resolves when R replicas answered (read repair may go on afterwards).
+pub async fn read(
+    pool: Arc<StoragePool>,
+    view: Arc<ClusterView>,
+    clock: Clock,
+    plan: ReadPlan,
+    key: pb::KeyRef,
+) -> ReadResult {
+    let (reply_tx, reply_rx) = oneshot::channel();
+    tokio::spawn(run_read(pool, view, clock, plan, key, reply_tx));
+    reply_rx.await.unwrap_or(ReadResult::QuorumNotReached { answered: 0, required: 0, failures: vec![] })
+}
+
+async fn run_read(
+    pool: Arc<StoragePool>,
+    view: Arc<ClusterView>,
+    clock: Clock,
+    plan: ReadPlan,
+    key: pb::KeyRef,
+    reply_tx: oneshot::Sender<ReadResult>,
+) {
+    let mut reply_tx = Some(reply_tx);
+    let mut machine = ReadCoordinator::new(plan);
+    let mut outcomes: BTreeMap<NodeId, &'static str> = BTreeMap::new();
+    let mut calls = FuturesUnordered::new();
+    let mut effects = machine.start(clock.now_ms());
+    loop {
+        for effect in effects.drain(..) {
+            match effect {
+                ReadEffect::Fetch { node } => {
+                    let (pool, view, key) = (pool.clone(), view.clone(), key.clone());
+                    calls.push(async move {
+                        let request = pb::GetRequest { key: Some(key) };
+                        let response =
+                            call(&pool, &view, node, |mut c| async move { c.get(request).await }).await;
+                        (node, response)
+                    });
+                }
+                ReadEffect::Reply(reply) => {
+                    let result = match reply {
+                        ReadReply::Answered { merged, .. } => ReadResult::Answered {
+                            merged,
+                            replicas: outcomes.iter().map(|(n, o)| (*n, *o)).collect(),
+                        },
+                        ReadReply::QuorumNotReached { answered, required, failures } => {
+                            metrics::counter!("pairdb_router_quorum_failures_total", "op" => "read")
+                                .increment(1);
+                            ReadResult::QuorumNotReached { answered, required, failures }
+                        }
+                    };
+                    if let Some(tx) = reply_tx.take() {
+                        let _ = tx.send(result);
+                    }
+                }
+                ReadEffect::Repair { node } => {
+                    let Some(merged) = machine.merged() else { continue };
+                    let (pool, view, key) = (pool.clone(), view.clone(), key.clone());
+                    let version_set = encode_version_set(merged);
+                    metrics::counter!("pairdb_router_read_repairs_total").increment(1);
+                    tokio::spawn(async move {
+                        let request =
+                            pb::ReplicateRequest { key: Some(key), version_set, hint_for_node_id: 0 };
+                        let repaired =
+                            call(&pool, &view, node, |mut c| async move { c.replicate(request).await }).await;
+                        if repaired.is_err() {
+                            tracing::debug!(
+                                node_id = node.0,
+                                "read repair failed; anti-entropy will catch up"
+                            );
+                        }
+                    });
+                }
+            }
+        }
+        if machine.is_finished() {
+            return;
+        }
+        let timeout = machine.next_timeout_ms().unwrap_or_else(|| clock.now_ms());
+        tokio::select! {
+            next = calls.next(), if !calls.is_empty() => {
+                let Some((node, response)) = next else { continue };
+                let answer = match response {
+                    Ok(pb::GetResponse { found: true, version_set }) => match decode_version_set(&version_set) {
+                        Ok(set) => {
+                            outcomes.insert(node, "found");
+                            ReadAnswer::Found(set)
+                        }
+                        Err(error) => {
+                            tracing::error!(node_id = node.0, %error, "replica returned an undecodable set");
+                            outcomes.insert(node, "error");
+                            ReadAnswer::Failed(FailureCause::Error)
+                        }
+                    },
+                    Ok(_) => {
+                        outcomes.insert(node, "not_found");
+                        ReadAnswer::NotFound
+                    }
+                    Err(CallError::Failed(cause)) => {
+                        outcomes.insert(node, cause.as_str());
+                        ReadAnswer::Failed(cause)
+                    }
+                    Err(CallError::Rejected(_)) => {
+                        outcomes.insert(node, "error");
+                        ReadAnswer::Failed(FailureCause::Error)
+                    }
+                };
+                effects = machine.on_answer(node, answer, clock.now_ms());
+            }
+            () = tokio::time::sleep_until(clock.instant(timeout)) => {
+                effects = machine.on_tick(clock.now_ms());
+            }
+        }
+    }
+}

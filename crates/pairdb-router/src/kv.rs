@@ -1,0 +1,278 @@
+//! The key-value operations (put, get, delete, get-many) on top of [`crate::execute`]: tenant lookup,
+//! validation, consistency arithmetic, placement (preference list, fallbacks, pending owners during a
+//! migration) and the read-before-write of `overwrite` puts and context-less deletes (DESIGN §3).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use pairdb_core::coordination::{ReadPlan, WritePlan};
+use pairdb_core::dvv::{Sibling, VersionSet};
+use pairdb_core::encoding::{decode_context, encode_context};
+use pairdb_core::quorum::{Consistency, Requirement, required_replicas};
+use pairdb_core::ring::NodeId;
+use pairdb_core::token::token_for;
+use pairdb_core::validation::{validate_key, validate_tenant_id, validate_value};
+use pairdb_proto::common::v1::Consistency as PbConsistency;
+use pairdb_proto::storage::v1 as pb;
+
+use crate::error::RouterError;
+use crate::execute::{self, Clock, ReadResult, WriteInput, WriteResult};
+use crate::pool::StoragePool;
+use crate::view::{ClusterView, ConflictMode, SharedView, TenantSettings};
+
+/// Timing knobs of request coordination.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub request_timeout_ms: u64,
+    pub max_request_timeout_ms: u64,
+    pub read_speculative_after_ms: u64,
+}
+
+/// What a request asks for: a level or an explicit count, and a deadline.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestOptions {
+    /// Raw `pairdb.common.v1.Consistency` value (0 = the tenant's default).
+    pub consistency: i32,
+    /// Explicit R or W (0 = use `consistency`).
+    pub explicit: u32,
+    pub strict_quorum: bool,
+    pub timeout_ms: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct WriteOutcome {
+    pub set: VersionSet,
+    pub acks: usize,
+    pub hinted_acks: usize,
+    pub required: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReadOutcome {
+    pub set: VersionSet,
+    /// Live values to return (LWW tenants: the winner only).
+    pub siblings: Vec<Sibling>,
+    pub replicas: Vec<(NodeId, &'static str)>,
+}
+
+/// The router's request logic, shared by the gRPC and HTTP edges.
+#[derive(Debug, Clone)]
+pub struct KvRouter {
+    view: SharedView,
+    pool: Arc<StoragePool>,
+    clock: Clock,
+    timing: Timing,
+}
+
+struct Placement {
+    key: pb::KeyRef,
+    preference: Vec<NodeId>,
+    fallbacks: Vec<NodeId>,
+    pending_owners: Vec<NodeId>,
+}
+
+impl KvRouter {
+    pub fn new(view: SharedView, pool: Arc<StoragePool>, timing: Timing) -> Self {
+        Self { view, pool, clock: Clock::default(), timing }
+    }
+
+    pub fn view(&self) -> &SharedView {
+        &self.view
+    }
+
+    fn tenant(view: &ClusterView, tenant_id: &str) -> Result<Arc<TenantSettings>, RouterError> {
+        validate_tenant_id(tenant_id).map_err(|e| RouterError::invalid(e.reason(), e.to_string()))?;
+        view.tenants.get(tenant_id).cloned().ok_or_else(|| RouterError::TenantNotFound(tenant_id.to_owned()))
+    }
+
+    fn requirement(options: &RequestOptions, tenant: &TenantSettings) -> Result<Requirement, RouterError> {
+        if options.explicit > 0 {
+            return Ok(Requirement::Explicit(options.explicit));
+        }
+        let level = match PbConsistency::try_from(options.consistency) {
+            Ok(PbConsistency::Unspecified) => tenant.default_consistency,
+            Ok(PbConsistency::One) => Consistency::One,
+            Ok(PbConsistency::Quorum) => Consistency::Quorum,
+            Ok(PbConsistency::All) => Consistency::All,
+            Err(_) => {
+                return Err(RouterError::invalid(
+                    "INVALID_CONSISTENCY",
+                    format!("unknown consistency level {}", options.consistency),
+                ));
+            }
+        };
+        Ok(Requirement::Level(level))
+    }
+
+    fn required(options: &RequestOptions, tenant: &TenantSettings) -> Result<usize, RouterError> {
+        let requirement = Self::requirement(options, tenant)?;
+        required_replicas(requirement, tenant.serving_replication_factor())
+            .map_err(|e| RouterError::invalid(e.reason(), e.to_string()))
+    }
+
+    fn deadline_ms(&self, options: &RequestOptions) -> u64 {
+        let timeout = match u64::from(options.timeout_ms) {
+            0 => self.timing.request_timeout_ms,
+            requested => requested.min(self.timing.max_request_timeout_ms),
+        };
+        self.clock.now_ms() + timeout
+    }
+
+    fn placement(view: &ClusterView, tenant: &TenantSettings, key: &str) -> Result<Placement, RouterError> {
+        let current = view.current.as_ref().ok_or(RouterError::NotReady)?;
+        let partition = current.partition_count().partition_of(token_for(&tenant.tenant_id, key.as_bytes()));
+        let n = tenant.serving_replication_factor();
+        let preference = current.preference_list(partition, n).to_vec();
+        if preference.is_empty() {
+            return Err(RouterError::NoReplicas(partition.0));
+        }
+        let fallbacks = current.fallbacks(partition, n).to_vec();
+        // Owners a running migration adds (a new topology, or a larger N): they get every write so
+        // nothing written during the migration is missing when it completes; acks count on the old set.
+        let mut pending_owners: Vec<NodeId> = Vec::new();
+        let target_n = tenant.replication_factor;
+        if let Some(pending) = &view.pending {
+            pending_owners.extend(pending.preference_list(partition, target_n));
+        }
+        if target_n > n {
+            pending_owners.extend(current.preference_list(partition, target_n));
+        }
+        let mut seen: BTreeSet<NodeId> = preference.iter().copied().collect();
+        pending_owners.retain(|node| seen.insert(*node));
+        Ok(Placement {
+            key: pb::KeyRef {
+                tenant_id: tenant.tenant_id.clone(),
+                key: key.to_owned(),
+                partition: partition.0,
+            },
+            preference,
+            fallbacks,
+            pending_owners,
+        })
+    }
+
+    fn suspects(&self, view: &ClusterView) -> BTreeSet<NodeId> {
+        let mut suspects = self.pool.suspects();
+        suspects.extend(view.nodes.iter().filter(|(_, n)| n.down).map(|(id, _)| *id));
+        suspects
+    }
+
+    fn validate_key(key: &str) -> Result<(), RouterError> {
+        validate_key(key.as_bytes()).map_err(|e| RouterError::invalid(e.reason(), e.to_string()))
+    }
+
+    /// Reads the key's merged set at the request's consistency (`None` when no replica has it).
+    async fn read_set(
+        &self,
+        view: &Arc<ClusterView>,
+        tenant: &TenantSettings,
+        key: &str,
+        options: &RequestOptions,
+    ) -> Result<(Option<VersionSet>, Vec<(NodeId, &'static str)>), RouterError> {
+        let placement = Self::placement(view, tenant, key)?;
+        let required = Self::required(options, tenant)?;
+        let now = self.clock.now_ms();
+        let deadline_ms = self.deadline_ms(options);
+        let plan = ReadPlan {
+            replicas: placement.preference,
+            required,
+            suspects: self.suspects(view),
+            speculative_after_ms: (now + self.timing.read_speculative_after_ms).min(deadline_ms),
+            deadline_ms,
+        };
+        match execute::read(self.pool.clone(), view.clone(), self.clock, plan, placement.key).await {
+            ReadResult::Answered { merged, replicas } => Ok((merged, replicas)),
+            ReadResult::QuorumNotReached { answered, required, failures } => {
+                Err(RouterError::QuorumNotReached { acks: answered, hinted_acks: 0, required, failures })
+            }
+        }
+    }
+
+    /// Reads a key: every live sibling (LWW tenants: the winner) plus the merged set for its context.
+    pub async fn get(
+        &self,
+        tenant_id: &str,
+        key: &str,
+        options: RequestOptions,
+    ) -> Result<ReadOutcome, RouterError> {
+        let view = self.view.load();
+        let tenant = Self::tenant(&view, tenant_id)?;
+        Self::validate_key(key)?;
+        let (merged, replicas) = self.read_set(&view, &tenant, key, &options).await?;
+        let set = merged.ok_or(RouterError::KeyNotFound)?;
+        let siblings: Vec<Sibling> = match tenant.conflict_mode {
+            ConflictMode::Siblings => set.live_values().into_iter().cloned().collect(),
+            ConflictMode::Lww => {
+                set.lww_winner().filter(|s| !s.is_tombstone()).cloned().into_iter().collect()
+            }
+        };
+        if siblings.is_empty() {
+            return Err(RouterError::KeyNotFound);
+        }
+        Ok(ReadOutcome { set, siblings, replicas })
+    }
+
+    /// Writes a value (`Some`) or a tombstone (`None`).
+    pub async fn write(
+        &self,
+        tenant_id: &str,
+        key: &str,
+        value: Option<Vec<u8>>,
+        context: &[u8],
+        read_first: bool,
+        options: RequestOptions,
+    ) -> Result<WriteOutcome, RouterError> {
+        let view = self.view.load();
+        let tenant = Self::tenant(&view, tenant_id)?;
+        Self::validate_key(key)?;
+        if let Some(value) = &value {
+            validate_value(value, tenant.max_value_bytes)
+                .map_err(|e| RouterError::invalid(e.reason(), e.to_string()))?;
+        }
+        let required = Self::required(&options, &tenant)?;
+        decode_context(context).map_err(|e| RouterError::invalid(e.reason(), format!("context: {e}")))?;
+        let context = if read_first && context.is_empty() {
+            // Supersede every version a read at the request's consistency sees; versions written
+            // concurrently and not seen survive as siblings on the replicas.
+            let (merged, _) = self.read_set(&view, &tenant, key, &options).await?;
+            merged.map(|set| encode_context(set.vector())).unwrap_or_default()
+        } else {
+            context.to_vec()
+        };
+        let placement = Self::placement(&view, &tenant, key)?;
+        let plan = WritePlan {
+            preference: placement.preference,
+            fallbacks: placement.fallbacks,
+            pending_owners: placement.pending_owners,
+            required,
+            strict_quorum: options.strict_quorum || tenant.strict_quorum,
+            suspects: self.suspects(&view),
+            deadline_ms: self.deadline_ms(&options),
+        };
+        let input = WriteInput {
+            key: placement.key,
+            context,
+            value,
+            timestamp_ms: wall_clock_ms(),
+            max_siblings: u32::try_from(tenant.max_siblings).unwrap_or(u32::MAX),
+            supersede_local: tenant.conflict_mode == ConflictMode::Lww,
+        };
+        match execute::write(self.pool.clone(), view.clone(), self.clock, plan, input).await {
+            WriteResult::Acked { set, acks, hinted_acks, required } => {
+                Ok(WriteOutcome { set, acks, hinted_acks, required })
+            }
+            WriteResult::QuorumNotReached { acks, hinted_acks, required, failures } => {
+                Err(RouterError::QuorumNotReached { acks, hinted_acks, required, failures })
+            }
+            WriteResult::Rejected(status) => Err(RouterError::Storage(status)),
+        }
+    }
+}
+
+/// Wall-clock milliseconds, used only as the LWW timestamp of a sibling (never for causality).
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

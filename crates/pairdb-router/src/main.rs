@@ -1,0 +1,18 @@
+//! `pairdb-router`: parses the configuration, binds the listener and hands both to [`pairdb_router::run`].
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = pairdb_router::Config::parse();
+    config.validate()?;
+    if config.check_config {
+        println!("{config:#?}");
+        return Ok(());
+    }
+    pairdb_service::logging::init(config.log_format);
+    let listener = pairdb_service::bind(config.listen_addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "pairdb-router listening");
+    pairdb_router::run(config, listener, pairdb_service::shutdown_signal()).await?;
+    Ok(())
+}

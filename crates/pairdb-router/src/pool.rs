@@ -1,0 +1,124 @@
+//! Connections to storage nodes and the router's local failure view.
+//!
+//! One multiplexed HTTP/2 channel per storage node, created lazily (`connect_lazy`, so no lock is ever
+//! held across a connect) and replaced when the node's address changes. Each node has a bound on
+//! in-flight RPCs. A node becomes *suspect* at its first failed call (error or timeout) — ahead of
+//! meta's verdict — and stays suspect until a probe succeeds; suspects are skipped as coordinators and
+//! replaced by fallbacks as replicas, so the router never waits on a dead node twice.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use pairdb_core::ring::NodeId;
+use pairdb_proto::storage::v1::storage_service_client::StorageServiceClient;
+use tokio::sync::Semaphore;
+use tonic::transport::{Channel, Endpoint};
+
+/// One storage node's client and health.
+#[derive(Debug)]
+pub struct NodeClient {
+    pub node: NodeId,
+    pub address: String,
+    client: StorageServiceClient<Channel>,
+    inflight: Semaphore,
+    suspect: AtomicBool,
+    consecutive_failures: AtomicU64,
+}
+
+impl NodeClient {
+    /// A client for one call once an in-flight slot is free. The permit must live as long as the call.
+    pub async fn acquire(&self) -> Option<(StorageServiceClient<Channel>, tokio::sync::SemaphorePermit<'_>)> {
+        let permit = self.inflight.acquire().await.ok()?;
+        Some((self.client.clone(), permit))
+    }
+
+    pub fn is_suspect(&self) -> bool {
+        self.suspect.load(Ordering::Relaxed)
+    }
+
+    /// Records a failed call: the node is suspect from now on, until a probe succeeds.
+    pub fn record_failure(&self) {
+        self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+        if !self.suspect.swap(true, Ordering::Relaxed) {
+            tracing::warn!(node_id = self.node.0, address = %self.address, "storage node suspect after a failed call");
+        }
+        metrics::counter!("pairdb_router_storage_errors_total", "node" => self.node.0.to_string())
+            .increment(1);
+    }
+
+    /// Records a successful call. Returns true when this cleared a suspicion.
+    pub fn record_success(&self) -> bool {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.suspect.swap(false, Ordering::Relaxed)
+    }
+}
+
+/// Every storage node the router talks to.
+#[derive(Debug)]
+pub struct StoragePool {
+    nodes: RwLock<HashMap<NodeId, Arc<NodeClient>>>,
+    max_inflight_per_node: usize,
+    storage_timeout: Duration,
+}
+
+impl StoragePool {
+    pub fn new(max_inflight_per_node: usize, storage_timeout: Duration) -> Self {
+        Self { nodes: RwLock::default(), max_inflight_per_node, storage_timeout }
+    }
+
+    pub fn storage_timeout(&self) -> Duration {
+        self.storage_timeout
+    }
+
+    /// The client of `node` at `address`, created on first use or when the address changed.
+    pub fn client(&self, node: NodeId, address: &str) -> Option<Arc<NodeClient>> {
+        if let Some(existing) = self.nodes.read().unwrap_or_else(PoisonError::into_inner).get(&node)
+            && existing.address == address
+        {
+            return Some(existing.clone());
+        }
+        let url = if address.contains("://") { address.to_owned() } else { format!("http://{address}") };
+        let channel = Endpoint::from_shared(url)
+            .ok()?
+            .connect_timeout(self.storage_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        let client = StorageServiceClient::new(channel)
+            .max_decoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES);
+        let fresh = Arc::new(NodeClient {
+            node,
+            address: address.to_owned(),
+            client,
+            inflight: Semaphore::new(self.max_inflight_per_node),
+            suspect: AtomicBool::new(false),
+            consecutive_failures: AtomicU64::new(0),
+        });
+        let mut nodes = self.nodes.write().unwrap_or_else(PoisonError::into_inner);
+        // Another request may have raced us; keep whichever matches the address.
+        let entry = nodes.entry(node).or_insert_with(|| fresh.clone());
+        if entry.address != address {
+            *entry = fresh;
+        }
+        Some(entry.clone())
+    }
+
+    /// Nodes currently suspect in the local failure view.
+    pub fn suspects(&self) -> BTreeSet<NodeId> {
+        self.nodes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .filter(|c| c.is_suspect())
+            .map(|c| c.node)
+            .collect()
+    }
+
+    pub fn all(&self) -> Vec<Arc<NodeClient>> {
+        self.nodes.read().unwrap_or_else(PoisonError::into_inner).values().cloned().collect()
+    }
+}

@@ -1,0 +1,206 @@
+//! The router's picture of the cluster, built only from the metadata service's watch stream: the
+//! current topology (and the pending one while a migration runs), node addresses and statuses, tenant
+//! settings and API-key hashes.
+//!
+//! Invariant: readers take an `Arc` snapshot and never hold a lock across an await; the watch task
+//! replaces the whole view atomically on every event, so a request sees one consistent revision.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use pairdb_core::quorum::Consistency;
+use pairdb_core::ring::{Assignment, NodeId, RingError};
+use pairdb_core::token::{InvalidPartitionCount, PartitionCount};
+use pairdb_proto::admin::v1::NodeStatus;
+use pairdb_proto::cluster::v1 as pb;
+use pairdb_proto::common::v1::{ConflictMode as PbConflictMode, Consistency as PbConsistency};
+
+/// How a tenant resolves concurrent writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConflictMode {
+    Siblings,
+    Lww,
+}
+
+/// A tenant's settings as pushed by meta.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantSettings {
+    pub tenant_id: String,
+    pub replication_factor: usize,
+    /// While a replication-factor change migrates: the factor reads (and counted acks) still use.
+    pub previous_replication_factor: Option<usize>,
+    pub default_consistency: Consistency,
+    pub conflict_mode: ConflictMode,
+    pub rate_limit_ops_per_sec: u32,
+    pub rate_limit_burst: u32,
+    pub max_value_bytes: u64,
+    pub max_siblings: usize,
+    pub strict_quorum: bool,
+}
+
+impl TenantSettings {
+    /// The replication factor requests are counted against (the old one while N changes).
+    pub fn serving_replication_factor(&self) -> usize {
+        self.previous_replication_factor.unwrap_or(self.replication_factor)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeEntry {
+    pub address: String,
+    pub down: bool,
+}
+
+/// One consistent picture of the cluster.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterView {
+    pub revision: u64,
+    /// Epoch of the current topology.
+    pub epoch: u64,
+    pub current: Option<Arc<Assignment>>,
+    pub pending: Option<Arc<Assignment>>,
+    pub nodes: BTreeMap<NodeId, NodeEntry>,
+    pub tenants: HashMap<String, Arc<TenantSettings>>,
+    /// SHA-256 hex of an API key secret → (key id, tenant id).
+    pub api_keys: HashMap<String, (String, String)>,
+}
+
+impl ClusterView {
+    pub fn partitions(&self) -> Option<PartitionCount> {
+        self.current.as_ref().map(|a| a.partition_count())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    #[error("watch event without a payload")]
+    Empty,
+    #[error("invalid topology: {0}")]
+    Topology(#[from] RingError),
+    #[error("invalid partition count: {0}")]
+    PartitionCount(#[from] InvalidPartitionCount),
+}
+
+fn topology(topology: &pb::Topology) -> Result<Arc<Assignment>, ViewError> {
+    let partitions = PartitionCount::new(topology.partition_count)?;
+    let lists =
+        topology.partitions.iter().map(|p| p.node_ids.iter().copied().map(NodeId).collect()).collect();
+    Ok(Arc::new(Assignment::from_lists(partitions, lists)?))
+}
+
+fn consistency(value: i32) -> Consistency {
+    match PbConsistency::try_from(value) {
+        Ok(PbConsistency::One) => Consistency::One,
+        Ok(PbConsistency::All) => Consistency::All,
+        _ => Consistency::Quorum,
+    }
+}
+
+fn tenant(config: &pb::TenantConfig) -> TenantSettings {
+    TenantSettings {
+        tenant_id: config.tenant_id.clone(),
+        replication_factor: config.replication_factor.max(1) as usize,
+        previous_replication_factor: (config.previous_replication_factor != 0
+            && config.previous_replication_factor != config.replication_factor)
+            .then_some(config.previous_replication_factor as usize),
+        default_consistency: consistency(config.default_consistency),
+        conflict_mode: match PbConflictMode::try_from(config.conflict_mode) {
+            Ok(PbConflictMode::Lww) => ConflictMode::Lww,
+            _ => ConflictMode::Siblings,
+        },
+        rate_limit_ops_per_sec: config.rate_limit_ops_per_sec,
+        rate_limit_burst: config.rate_limit_burst,
+        max_value_bytes: if config.max_value_bytes == 0 {
+            pairdb_core::validation::DEFAULT_MAX_VALUE_BYTES
+        } else {
+            config.max_value_bytes
+        },
+        max_siblings: if config.max_siblings == 0 {
+            pairdb_core::validation::DEFAULT_MAX_SIBLINGS
+        } else {
+            config.max_siblings as usize
+        },
+        strict_quorum: config.strict_quorum,
+    }
+}
+
+fn node(info: &pb::NodeInfo) -> NodeEntry {
+    NodeEntry { address: info.address.clone(), down: info.status == NodeStatus::Down as i32 }
+}
+
+impl ClusterView {
+    /// The view after `event`.
+    pub fn apply(&self, event: &pb::WatchEvent) -> Result<ClusterView, ViewError> {
+        use pb::watch_event::Event;
+        let mut next = match event.event.as_ref().ok_or(ViewError::Empty)? {
+            Event::Snapshot(snapshot) => {
+                let mut view = ClusterView::default();
+                view.current = snapshot.current.as_ref().map(topology).transpose()?;
+                view.epoch = snapshot.current.as_ref().map_or(0, |t| t.epoch);
+                view.pending = snapshot.pending.as_ref().map(topology).transpose()?;
+                view.nodes = snapshot.nodes.iter().map(|n| (NodeId(n.node_id), node(n))).collect();
+                view.tenants =
+                    snapshot.tenants.iter().map(|t| (t.tenant_id.clone(), Arc::new(tenant(t)))).collect();
+                view.api_keys = snapshot
+                    .api_keys
+                    .iter()
+                    .map(|k| (k.secret_sha256.clone(), (k.key_id.clone(), k.tenant_id.clone())))
+                    .collect();
+                view
+            }
+            other => {
+                let mut view = self.clone();
+                match other {
+                    Event::Snapshot(_) => {}
+                    Event::TopologyCurrent(t) => {
+                        view.current = Some(topology(t)?);
+                        view.epoch = t.epoch;
+                    }
+                    Event::TopologyPending(t) => view.pending = Some(topology(t)?),
+                    Event::TopologyPendingCleared(_) => view.pending = None,
+                    Event::NodeChanged(n) => {
+                        view.nodes.insert(NodeId(n.node_id), node(n));
+                    }
+                    Event::TenantChanged(t) => {
+                        view.tenants.insert(t.tenant_id.clone(), Arc::new(tenant(t)));
+                    }
+                    Event::TenantDeleted(id) => {
+                        view.tenants.remove(id);
+                        view.api_keys.retain(|_, (_, tenant)| tenant != id);
+                    }
+                    Event::ApiKeyAdded(k) => {
+                        view.api_keys
+                            .insert(k.secret_sha256.clone(), (k.key_id.clone(), k.tenant_id.clone()));
+                    }
+                    Event::ApiKeyRevoked(key_id) => view.api_keys.retain(|_, (id, _)| id != key_id),
+                }
+                view
+            }
+        };
+        next.revision = event.revision;
+        Ok(next)
+    }
+}
+
+/// The shared, atomically replaced view.
+#[derive(Debug, Clone, Default)]
+pub struct SharedView {
+    inner: Arc<RwLock<Arc<ClusterView>>>,
+}
+
+impl SharedView {
+    pub fn load(&self) -> Arc<ClusterView> {
+        self.inner.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    pub fn store(&self, view: ClusterView) {
+        *self.inner.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(view);
+    }
+
+    /// Applies one watch event; on error the view is unchanged.
+    pub fn apply(&self, event: &pb::WatchEvent) -> Result<(), ViewError> {
+        let next = self.load().apply(event)?;
+        self.store(next);
+        Ok(())
+    }
+}

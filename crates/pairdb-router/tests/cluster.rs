@@ -1,0 +1,317 @@
+//! The router's request paths against three real storage nodes on loopback (in-process `run` on
+//! port-0 listeners). The cluster view is fed through the same watch-event path meta uses (a snapshot
+//! event), so everything below the metadata service is real: storage engines on disk, gRPC, the core
+//! coordinators, hinted handoff and read repair. End-to-end tests with meta and processes live in the
+//! top-level `tests` crate.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pairdb_core::encoding::decode_version_set;
+use pairdb_core::ring::{Assignment, NodeId, NodeSpec};
+use pairdb_core::token::{PartitionCount, token_for};
+use pairdb_proto::cluster::v1 as cpb;
+use pairdb_proto::storage::v1 as spb;
+use pairdb_proto::storage::v1::storage_service_client::StorageServiceClient;
+use pairdb_router::kv::{KvRouter, RequestOptions, Timing};
+use pairdb_router::pool::StoragePool;
+use pairdb_router::view::SharedView;
+use tokio::sync::oneshot;
+
+const QUORUM: i32 = 2;
+const ONE: i32 = 1;
+const ALL: i32 = 3;
+
+struct StorageNode {
+    id: u32,
+    addr: SocketAddr,
+    dir: std::path::PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), pairdb_storage::Error>>>,
+}
+
+impl StorageNode {
+    async fn start(id: u32, dir: std::path::PathBuf, addr: Option<SocketAddr>) -> StorageNode {
+        let listener = tokio::net::TcpListener::bind(addr.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))))
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = pairdb_storage::Config::for_node(id, dir.clone());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(pairdb_storage::run(config, listener, async {
+            let _ = stopped.await;
+        }));
+        let node = StorageNode { id, addr, dir, stop: Some(stop), task: Some(task) };
+        for _ in 0..200 {
+            if node.client().await.is_some() {
+                return node;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("storage node {id} did not start");
+    }
+
+    async fn client(&self) -> Option<StorageServiceClient<tonic::transport::Channel>> {
+        let mut client = StorageServiceClient::connect(format!("http://{}", self.addr)).await.ok()?;
+        client.stats(spb::StatsRequest {}).await.ok()?;
+        Some(client)
+    }
+
+    async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+
+    async fn restart(&mut self) {
+        self.stop().await;
+        let restarted = StorageNode::start(self.id, self.dir.clone(), Some(self.addr)).await;
+        *self = restarted;
+    }
+
+    /// This replica's own copy of a key (not through the router).
+    async fn local(&self, tenant: &str, key: &str) -> Option<pairdb_core::dvv::VersionSet> {
+        let partition = PartitionCount::default().partition_of(token_for(tenant, key.as_bytes())).0;
+        let response = self
+            .client()
+            .await
+            .unwrap()
+            .get(spb::GetRequest {
+                key: Some(spb::KeyRef { tenant_id: tenant.into(), key: key.into(), partition }),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        response.found.then(|| decode_version_set(&response.version_set).unwrap())
+    }
+}
+
+struct Cluster {
+    nodes: Vec<StorageNode>,
+    router: KvRouter,
+    _dir: tempfile::TempDir,
+}
+
+fn tenant(id: &str, n: u32, lww: bool) -> cpb::TenantConfig {
+    cpb::TenantConfig {
+        tenant_id: id.into(),
+        replication_factor: n,
+        default_consistency: QUORUM,
+        conflict_mode: if lww { 2 } else { 1 },
+        max_value_bytes: 1024 * 1024,
+        max_siblings: 64,
+        ..Default::default()
+    }
+}
+
+impl Cluster {
+    /// `nodes` storage nodes, a tenant `t` with N = 3 and a tenant `lww` in LWW mode.
+    async fn start(nodes: u32) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut started = Vec::new();
+        for id in 1..=nodes {
+            started.push(StorageNode::start(id, dir.path().join(format!("node-{id}")), None).await);
+        }
+        let specs: Vec<NodeSpec> =
+            (1..=nodes).map(|id| NodeSpec { id: NodeId(id), weight: 1, zone: None }).collect();
+        let assignment = Assignment::compute(None, &specs, PartitionCount::default()).unwrap();
+        let topology = cpb::Topology {
+            epoch: 1,
+            partition_count: 4096,
+            partitions: assignment
+                .lists()
+                .map(|(_, list)| cpb::PartitionNodes { node_ids: list.iter().map(|n| n.0).collect() })
+                .collect(),
+        };
+        let snapshot = cpb::WatchEvent {
+            revision: 1,
+            event: Some(cpb::watch_event::Event::Snapshot(cpb::ClusterSnapshot {
+                current: Some(topology),
+                pending: None,
+                nodes: started
+                    .iter()
+                    .map(|n| cpb::NodeInfo {
+                        node_id: n.id,
+                        address: n.addr.to_string(),
+                        weight: 1,
+                        status: 2,
+                        ..Default::default()
+                    })
+                    .collect(),
+                tenants: vec![tenant("t", 3, false), tenant("lww", 3, true)],
+                api_keys: vec![],
+            })),
+        };
+        let view = SharedView::default();
+        view.apply(&snapshot).unwrap();
+        let pool = Arc::new(StoragePool::new(256, Duration::from_millis(300)));
+        let router = KvRouter::new(
+            view,
+            pool,
+            Timing { request_timeout_ms: 1500, max_request_timeout_ms: 5000, read_speculative_after_ms: 30 },
+        );
+        Cluster { nodes: started, router, _dir: dir }
+    }
+
+    /// The preference list of `key` in tenant `t` as node indexes into `self.nodes`.
+    fn owners(&self, tenant: &str, key: &str) -> Vec<usize> {
+        let view = self.router.view().load();
+        let current = view.current.as_ref().unwrap();
+        let partition = current.partition_count().partition_of(token_for(tenant, key.as_bytes()));
+        current.preference_list(partition, 3).iter().map(|n| (n.0 - 1) as usize).collect()
+    }
+}
+
+fn opts(consistency: i32) -> RequestOptions {
+    RequestOptions { consistency, ..Default::default() }
+}
+
+fn values(outcome: &pairdb_router::kv::ReadOutcome) -> Vec<Vec<u8>> {
+    let mut values: Vec<Vec<u8>> = outcome.siblings.iter().map(|s| s.value.clone().unwrap()).collect();
+    values.sort();
+    values
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quorum_writes_are_read_back_and_concurrent_writes_become_siblings() {
+    let cluster = Cluster::start(3).await;
+    let r = &cluster.router;
+    let ack = r.write("t", "k", Some(b"v1".to_vec()), &[], false, opts(QUORUM)).await.unwrap();
+    assert!(ack.acks >= 2 && ack.required == 2);
+    assert_eq!(values(&r.get("t", "k", opts(QUORUM)).await.unwrap()), vec![b"v1".to_vec()]);
+
+    // Two blind writes: both survive as siblings; a write with the read's context resolves them.
+    r.write("t", "k", Some(b"a".to_vec()), &[], false, opts(QUORUM)).await.unwrap();
+    let read = r.get("t", "k", opts(ALL)).await.unwrap();
+    assert_eq!(values(&read), vec![b"a".to_vec(), b"v1".to_vec()]);
+    let context = pairdb_core::encoding::encode_context(read.set.vector());
+    r.write("t", "k", Some(b"resolved".to_vec()), &context, false, opts(QUORUM)).await.unwrap();
+    assert_eq!(values(&r.get("t", "k", opts(QUORUM)).await.unwrap()), vec![b"resolved".to_vec()]);
+
+    // 20 concurrent writers without context: 20 siblings, none lost.
+    let writers: Vec<_> = (0..20u8)
+        .map(|i| {
+            let r = r.clone();
+            tokio::spawn(async move {
+                r.write("t", "busy", Some(vec![i]), &[], false, opts(QUORUM)).await.unwrap()
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert_eq!(r.get("t", "busy", opts(ALL)).await.unwrap().siblings.len(), 20);
+
+    // Missing keys are NOT_FOUND, not quorum errors; W or R above N is INVALID_CONSISTENCY.
+    let missing = r.get("t", "never-written", opts(QUORUM)).await.unwrap_err();
+    assert_eq!(missing.reason(), "KEY_NOT_FOUND");
+    let too_many = RequestOptions { explicit: 4, ..Default::default() };
+    assert_eq!(r.get("t", "k", too_many).await.unwrap_err().reason(), "INVALID_CONSISTENCY");
+    assert_eq!(r.get("nobody", "k", opts(QUORUM)).await.unwrap_err().reason(), "TENANT_NOT_FOUND");
+    // LWW tenants return one winner.
+    r.write("lww", "k", Some(b"first".to_vec()), &[], false, opts(QUORUM)).await.unwrap();
+    r.write("lww", "k", Some(b"second".to_vec()), &[], false, opts(QUORUM)).await.unwrap();
+    assert_eq!(values(&r.get("lww", "k", opts(QUORUM)).await.unwrap()), vec![b"second".to_vec()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deletes_and_overwrites_supersede_what_the_read_saw() {
+    let cluster = Cluster::start(3).await;
+    let r = &cluster.router;
+    r.write("t", "gone", Some(b"x".to_vec()), &[], false, opts(QUORUM)).await.unwrap();
+    r.write("t", "gone", Some(b"y".to_vec()), &[], false, opts(QUORUM)).await.unwrap();
+    // Delete without context reads first and removes both siblings.
+    r.write("t", "gone", None, &[], true, opts(QUORUM)).await.unwrap();
+    assert_eq!(r.get("t", "gone", opts(ALL)).await.unwrap_err().reason(), "KEY_NOT_FOUND");
+    // Delete with context.
+    let ack = r.write("t", "ctx", Some(b"x".to_vec()), &[], false, opts(ALL)).await.unwrap();
+    let context = pairdb_core::encoding::encode_context(ack.set.vector());
+    r.write("t", "ctx", None, &context, false, opts(QUORUM)).await.unwrap();
+    assert_eq!(r.get("t", "ctx", opts(QUORUM)).await.unwrap_err().reason(), "KEY_NOT_FOUND");
+    // Overwrite replaces what a read saw.
+    r.write("t", "ow", Some(b"a".to_vec()), &[], false, opts(ALL)).await.unwrap();
+    r.write("t", "ow", Some(b"b".to_vec()), &[], false, opts(ALL)).await.unwrap();
+    r.write("t", "ow", Some(b"final".to_vec()), &[], true, opts(QUORUM)).await.unwrap();
+    assert_eq!(values(&r.get("t", "ow", opts(ALL)).await.unwrap()), vec![b"final".to_vec()]);
+    // Bad input.
+    assert_eq!(
+        r.write("t", "", Some(vec![1]), &[], false, opts(ONE)).await.unwrap_err().reason(),
+        "INVALID_KEY"
+    );
+    assert_eq!(
+        r.write("t", "k", Some(vec![1]), &[9, 9, 9, 9, 9, 9], false, opts(ONE)).await.unwrap_err().reason(),
+        "MALFORMED_VERSION"
+    );
+    assert_eq!(
+        r.write("t", "k", Some(vec![0; 1024 * 1024 + 1]), &[], false, opts(ONE)).await.unwrap_err().reason(),
+        "VALUE_TOO_LARGE"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_replica_is_covered_by_hints_and_receives_them_when_back() {
+    let mut cluster = Cluster::start(4).await;
+    let key = "handoff";
+    let owners = cluster.owners("t", key);
+    let down = owners[2];
+    cluster.nodes[down].stop().await;
+
+    // QUORUM and non-strict ALL succeed (a fallback holds a hint); strict ALL fails.
+    let r = cluster.router.clone();
+    r.write("t", key, Some(b"while-down".to_vec()), &[], false, opts(QUORUM)).await.unwrap();
+    let all = r.write("t", "k-all", Some(b"x".to_vec()), &[], false, opts(ALL)).await;
+    let all_owners = cluster.owners("t", "k-all");
+    if all_owners.contains(&down) {
+        let ack = all.unwrap();
+        assert_eq!(ack.hinted_acks, 1);
+        let strict = RequestOptions { consistency: ALL, strict_quorum: true, ..Default::default() };
+        let err = r.write("t", "k-all", Some(b"y".to_vec()), &[], false, strict).await.unwrap_err();
+        assert_eq!(err.reason(), "QUORUM_NOT_REACHED");
+    }
+    let read = r.get("t", key, opts(QUORUM)).await.unwrap();
+    assert_eq!(values(&read), vec![b"while-down".to_vec()]);
+
+    // The owner comes back; hints are delivered to it (driven by the router's hint module).
+    cluster.nodes[down].restart().await;
+    let pool = Arc::new(StoragePool::new(16, Duration::from_millis(500)));
+    pairdb_router::hints::deliver_to(&pool, cluster.router.view(), NodeId(down as u32 + 1)).await;
+    let local = cluster.nodes[down].local("t", key).await.expect("hint delivered to the owner");
+    assert_eq!(local.live_values()[0].value.as_deref(), Some(&b"while-down"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn read_repair_brings_stale_replicas_up_to_date() {
+    let mut cluster = Cluster::start(3).await;
+    let key = "repair-me";
+    // Stop two replicas, write at ONE, bring them back.
+    cluster.nodes[1].stop().await;
+    cluster.nodes[2].stop().await;
+    cluster.router.write("t", key, Some(b"lonely".to_vec()), &[], false, opts(ONE)).await.unwrap();
+    cluster.nodes[1].restart().await;
+    cluster.nodes[2].restart().await;
+    assert!(cluster.nodes[1].local("t", key).await.is_none());
+    // One read at ALL repairs both.
+    let read = cluster.router.get("t", key, opts(ALL)).await.unwrap();
+    assert_eq!(values(&read), vec![b"lonely".to_vec()]);
+    for node in &cluster.nodes {
+        let mut repaired = None;
+        for _ in 0..50 {
+            repaired = node.local("t", key).await;
+            if repaired.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            repaired.unwrap().live_values()[0].value.as_deref(),
+            Some(&b"lonely"[..]),
+            "node {}",
+            node.id
+        );
+    }
+}
