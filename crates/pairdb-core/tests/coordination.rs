@@ -310,3 +310,18 @@ fn suspects_are_asked_last() {
     let mut read = ReadCoordinator::new(plan);
     assert_eq!(read.start(0), vec![ReadEffect::Fetch { node: N2 }]);
 }
+
+#[test]
+fn without_a_distinct_fallback_the_coordinator_keeps_the_hint() {
+    // Three nodes, N = 3: every node is a replica, so nobody else can stand in for N3.
+    let mut plan = write_plan(2);
+    plan.fallbacks = vec![];
+    plan.suspects = BTreeSet::from([N3]);
+    let mut write = WriteCoordinator::new(plan);
+    write.start(0);
+    let effects = write.on_coordinated(N1, 1);
+    assert!(effects.contains(&WriteEffect::Replicate { node: N2, hint_for: None }));
+    assert!(effects.contains(&WriteEffect::StoreHint { node: N1, hint_for: N3 }));
+    let effects = write.on_replicated(N2, 2);
+    assert_eq!(replies(&effects), vec![&WriteReply::Acked { acks: 2, hinted_acks: 0, required: 2 }]);
+}

@@ -62,6 +62,7 @@ fn assert_balanced(assignment: &Assignment, nodes: &[NodeSpec]) {
 fn first_n(assignment: &Assignment, partition: PartitionId, replicas: usize) -> BTreeSet<NodeId> {
     assignment.preference_list(partition, replicas).iter().copied().collect()
 }
+
 /// Nodes in `new` but not in `old`.
 fn added<'a>(old: &[NodeId], new: &'a [NodeId]) -> impl Iterator<Item = &'a NodeId> {
     new.iter().filter(move |node| !old.contains(node))
@@ -99,7 +100,11 @@ fn assert_only_departed_replaced(before: &Assignment, after: &Assignment, remove
                 assert_eq!(lost, [&removed], "N = {replicas}, partition {partition}: {old:?} -> {new:?}");
                 // The set only shrinks when fewer nodes than N are left.
                 let expected = usize::from(new.len() == old.len());
-                assert_eq!(gained.len(), expected, "N = {replicas}, partition {partition}: {old:?} -> {new:?}");
+                assert_eq!(
+                    gained.len(),
+                    expected,
+                    "N = {replicas}, partition {partition}: {old:?} -> {new:?}"
+                );
             } else {
                 assert!(
                     lost.is_empty() && gained.is_empty(),
@@ -490,9 +495,8 @@ fn from_lists_validates_and_round_trips() {
 }
 
 fn node_set() -> impl Strategy<Value = Vec<NodeSpec>> {
-    prop::collection::btree_map(1u32..1000, 1u32..=3, 1..=20).prop_map(|nodes| {
-        nodes.into_iter().map(|(id, weight)| NodeSpec::new(NodeId(id), weight)).collect()
-    })
+    prop::collection::btree_map(1u32..1000, 1u32..=3, 1..=20)
+        .prop_map(|nodes| nodes.into_iter().map(|(id, weight)| NodeSpec::new(NodeId(id), weight)).collect())
 }
 
 fn zoned_node_set() -> impl Strategy<Value = Vec<NodeSpec>> {

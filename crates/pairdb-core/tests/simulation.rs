@@ -201,6 +201,7 @@ enum Body {
     Replicate { rpc: u64, key: Key, set: VersionSet, hint_for: Option<NodeId> },
     Fetch { rpc: u64, key: Key },
     Repair { key: Key, set: VersionSet },
+    StoreHint { key: Key, set: VersionSet, owner: NodeId },
     // Storage → router.
     Coordinated { rpc: u64, dot: Dot, set: VersionSet },
     Replicated { rpc: u64 },
@@ -585,6 +586,12 @@ impl Sim {
                 node.replica.entry(key).or_default().merge_from(&set);
                 None
             }
+            Body::StoreHint { key, set, owner } => {
+                node.hints.insert(self.next_hint, Hint { owner, key, set });
+                self.next_hint += 1;
+                self.outcome.stats.hints_stored += 1;
+                None
+            }
             Body::Handoff { hints } => {
                 let ids = hints.iter().map(|(hint, _, _)| *hint).collect();
                 for (_, key, set) in hints {
@@ -838,6 +845,13 @@ impl Sim {
                     set,
                     hint_for,
                 });
+            }
+            WriteEffect::StoreHint { node, hint_for } => {
+                let Some((_, set)) = coordinated else {
+                    self.violation(format!("write {id} stores a hint on {node:?} before it was coordinated"));
+                    return;
+                };
+                self.send(Place::Router, Place::Node(node), Body::StoreHint { key, set, owner: hint_for });
             }
             WriteEffect::Reply(reply) => {
                 self.requests[id].replies += 1;

@@ -34,6 +34,10 @@ pub enum WriteEffect {
     Coordinate { node: NodeId },
     /// Send the resulting set to `node`; with `hint_for`, `node` keeps it as a hint for that owner.
     Replicate { node: NodeId, hint_for: Option<NodeId> },
+    /// No distinct fallback is left to stand in for `hint_for` (small clusters: every node is already a
+    /// replica), so the coordinator keeps a hint for it. Fire and forget: it counts toward nothing, it
+    /// only makes sure the owner receives the write when it is back.
+    StoreHint { node: NodeId, hint_for: NodeId },
     /// Answer the client. Emitted once.
     Reply(WriteReply),
 }
@@ -273,7 +277,14 @@ impl WriteCoordinator {
             .find(|f| !self.used.contains(f) && !self.plan.suspects.contains(f));
         match fallback {
             Some(node) => self.send_replicate(node, owner, true, counted, effects),
-            None => self.failures.push(ReplicaFailure { node: owner, cause: FailureCause::NoFallback }),
+            None => {
+                self.failures.push(ReplicaFailure { node: owner, cause: FailureCause::NoFallback });
+                if let Some(coordinator) = self.coordinator
+                    && coordinator != owner
+                {
+                    effects.push(WriteEffect::StoreHint { node: coordinator, hint_for: owner });
+                }
+            }
         }
     }
 
