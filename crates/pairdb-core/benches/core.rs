@@ -74,6 +74,7 @@ fn version_sets(c: &mut Criterion) {
         });
     }
     let set = set_with_siblings(3, 1);
+    group.throughput(Throughput::Elements(1));
     group.bench_function("update_with_context", |b| {
         b.iter(|| {
             let mut copy = set.clone();
