@@ -1,0 +1,284 @@
+//! Configuration of one meta replica: flags with `PAIRDB_*` environment fallbacks, validated at start
+//! with messages that name the field.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pairdb_core::token::{DEFAULT_PARTITION_COUNT, PartitionCount};
+
+/// Configuration of one meta replica.
+#[derive(Clone, clap::Parser)]
+#[command(name = "pairdb-meta", version, about = "PairDB metadata service")]
+pub struct Config {
+    /// Address to serve gRPC and HTTP on.
+    #[arg(long, env = "PAIRDB_LISTEN_ADDR", default_value = "127.0.0.1:7100")]
+    pub listen_addr: SocketAddr,
+    /// PostgreSQL URL (`postgres://...`). Without one, meta uses SQLite in the data directory
+    /// (`sqlite:` URLs, including `sqlite::memory:`, are accepted too).
+    #[arg(long, env = "PAIRDB_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Directory for the embedded SQLite database.
+    #[arg(long, env = "PAIRDB_DATA_DIR", default_value = "./data/meta")]
+    pub data_dir: PathBuf,
+    /// Bound on waiting for a database connection; admin calls fail with UNAVAILABLE after it while
+    /// the database is unreachable.
+    #[arg(long, env = "PAIRDB_DATABASE_TIMEOUT_MS", default_value_t = 5000)]
+    pub database_timeout_ms: u64,
+    /// Pool size per replica.
+    #[arg(long, env = "PAIRDB_DATABASE_MAX_CONNECTIONS", default_value_t = 10)]
+    pub database_max_connections: u32,
+    /// Bearer token the admin API requires.
+    #[arg(long, env = "PAIRDB_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// File holding the admin token (surrounding whitespace is ignored).
+    #[arg(long, env = "PAIRDB_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Serve the admin API without authentication (for `pairdb dev`; logged as a warning).
+    #[arg(long, env = "PAIRDB_NO_AUTH")]
+    pub no_auth: bool,
+    /// Q, the number of partitions. Used only when the cluster is created; fixed afterwards.
+    #[arg(long, env = "PAIRDB_PARTITION_COUNT", default_value_t = DEFAULT_PARTITION_COUNT)]
+    pub partition_count: u32,
+    /// A node silent for this long is marked down.
+    #[arg(long, env = "PAIRDB_NODE_DOWN_AFTER_MS", default_value_t = 5000)]
+    pub node_down_after_ms: u64,
+    /// Heartbeat interval storage nodes are told to use.
+    #[arg(long, env = "PAIRDB_HEARTBEAT_INTERVAL_MS", default_value_t = 1000)]
+    pub heartbeat_interval_ms: u32,
+    /// Let a storage node that registers with an unknown id join the cluster (dev mode). Without it
+    /// such a registration fails with NODE_NOT_FOUND: nodes are added with the admin API.
+    #[arg(long, env = "PAIRDB_AUTO_ADD_NODES")]
+    pub auto_add_nodes: bool,
+    /// Events buffered for each watch subscriber; a subscriber further behind is disconnected and
+    /// resumes from a fresh snapshot.
+    #[arg(long, env = "PAIRDB_WATCH_BUFFER", default_value_t = 1024)]
+    pub watch_buffer: usize,
+    #[arg(long, env = "PAIRDB_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: pairdb_service::logging::LogFormat,
+    /// Validate the configuration, print it and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+impl std::fmt::Debug for Config {
+    /// Secrets are never printed (`--check-config` prints this).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen_addr", &self.listen_addr)
+            .field("database_url", &self.database_url.as_deref().map(redact_url))
+            .field("data_dir", &self.data_dir)
+            .field("database_timeout_ms", &self.database_timeout_ms)
+            .field("database_max_connections", &self.database_max_connections)
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "<redacted>"))
+            .field("admin_token_file", &self.admin_token_file)
+            .field("no_auth", &self.no_auth)
+            .field("partition_count", &self.partition_count)
+            .field("node_down_after_ms", &self.node_down_after_ms)
+            .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
+            .field("auto_add_nodes", &self.auto_add_nodes)
+            .field("watch_buffer", &self.watch_buffer)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
+}
+
+/// A URL with its password replaced.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:<redacted>{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// A configuration value that cannot work; the message names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("database_url: must start with postgres://, postgresql:// or sqlite:")]
+    DatabaseUrlScheme,
+    #[error("database_timeout_ms: must be between 100 and 600000")]
+    DatabaseTimeout,
+    #[error("database_max_connections: must be between 2 and 1000")]
+    DatabaseMaxConnections,
+    #[error(
+        "admin_token: an admin token is required (--admin-token, PAIRDB_ADMIN_TOKEN, --admin-token-file or \
+         PAIRDB_ADMIN_TOKEN_FILE); pass --no-auth to run without one"
+    )]
+    AdminTokenMissing,
+    #[error("admin_token: set either admin_token or admin_token_file, not both")]
+    AdminTokenTwice,
+    #[error("admin_token: must be at least 8 characters without whitespace")]
+    AdminTokenWeak,
+    #[error("admin_token_file: cannot read {path}: {source}")]
+    AdminTokenFile { path: PathBuf, source: std::io::Error },
+    #[error("no_auth: cannot be combined with an admin token")]
+    NoAuthWithToken,
+    #[error("partition_count: {0}")]
+    PartitionCount(#[from] pairdb_core::token::InvalidPartitionCount),
+    #[error("node_down_after_ms: must be between 100 and 3600000 and above heartbeat_interval_ms")]
+    NodeDownAfter,
+    #[error("heartbeat_interval_ms: must be between 50 and 60000")]
+    HeartbeatInterval,
+    #[error("watch_buffer: must be between 16 and 1000000")]
+    WatchBuffer,
+}
+
+/// How admin requests are authenticated.
+#[derive(Clone, PartialEq, Eq)]
+pub enum AdminAuth {
+    /// `authorization: Bearer <token>` required.
+    Token(String),
+    /// `--no-auth`.
+    Disabled,
+}
+
+impl std::fmt::Debug for AdminAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AdminAuth::Token(_) => f.write_str("Token(<redacted>)"),
+            AdminAuth::Disabled => f.write_str("Disabled"),
+        }
+    }
+}
+
+impl Config {
+    /// Checks every field (reading the admin token file) without touching the database.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.database_url
+            && !(url.starts_with("postgres://")
+                || url.starts_with("postgresql://")
+                || url.starts_with("sqlite:"))
+        {
+            return Err(ConfigError::DatabaseUrlScheme);
+        }
+        if !(100..=600_000).contains(&self.database_timeout_ms) {
+            return Err(ConfigError::DatabaseTimeout);
+        }
+        if !(2..=1000).contains(&self.database_max_connections) {
+            return Err(ConfigError::DatabaseMaxConnections);
+        }
+        self.admin_auth()?;
+        PartitionCount::new(self.partition_count)?;
+        if !(50..=60_000).contains(&self.heartbeat_interval_ms) {
+            return Err(ConfigError::HeartbeatInterval);
+        }
+        if !(100..=3_600_000).contains(&self.node_down_after_ms)
+            || self.node_down_after_ms <= u64::from(self.heartbeat_interval_ms)
+        {
+            return Err(ConfigError::NodeDownAfter);
+        }
+        if !(16..=1_000_000).contains(&self.watch_buffer) {
+            return Err(ConfigError::WatchBuffer);
+        }
+        Ok(())
+    }
+
+    /// The admin authentication mode, reading `admin_token_file` if given.
+    pub fn admin_auth(&self) -> Result<AdminAuth, ConfigError> {
+        let token = match (&self.admin_token, &self.admin_token_file) {
+            (Some(_), Some(_)) => return Err(ConfigError::AdminTokenTwice),
+            (Some(token), None) => Some(token.trim().to_owned()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::AdminTokenFile { path: path.clone(), source })?
+                    .trim()
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        match (token, self.no_auth) {
+            (Some(_), true) => Err(ConfigError::NoAuthWithToken),
+            (None, true) => Ok(AdminAuth::Disabled),
+            (None, false) => Err(ConfigError::AdminTokenMissing),
+            (Some(token), false) => {
+                if token.len() < 8 || token.chars().any(char::is_whitespace) {
+                    Err(ConfigError::AdminTokenWeak)
+                } else {
+                    Ok(AdminAuth::Token(token))
+                }
+            }
+        }
+    }
+
+    /// The database URL to use: `database_url`, or an SQLite file in `data_dir`.
+    pub fn effective_database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}?mode=rwc", self.data_dir.join("meta.db").display()),
+        }
+    }
+
+    pub fn partitions(&self) -> Result<PartitionCount, ConfigError> {
+        Ok(PartitionCount::new(self.partition_count)?)
+    }
+
+    pub fn database_timeout(&self) -> Duration {
+        Duration::from_millis(self.database_timeout_ms)
+    }
+
+    /// A configuration for tests and embedding: SQLite in `data_dir`, the given auth, short timers
+    /// left at their defaults.
+    pub fn for_tests(data_dir: PathBuf, admin_token: Option<String>) -> Self {
+        Self {
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            database_url: None,
+            data_dir,
+            database_timeout_ms: 5000,
+            database_max_connections: 10,
+            no_auth: admin_token.is_none(),
+            admin_token,
+            admin_token_file: None,
+            partition_count: DEFAULT_PARTITION_COUNT,
+            node_down_after_ms: 5000,
+            heartbeat_interval_ms: 1000,
+            auto_add_nodes: false,
+            watch_buffer: 1024,
+            log_format: pairdb_service::logging::LogFormat::Text,
+            check_config: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_field() {
+        let dir = PathBuf::from("/tmp/none");
+        let mut config = Config::for_tests(dir.clone(), Some("a-long-token".into()));
+        assert!(config.validate().is_ok());
+        config.database_url = Some("mysql://x".into());
+        assert!(config.validate().unwrap_err().to_string().starts_with("database_url"));
+
+        let mut config = Config::for_tests(dir.clone(), None);
+        config.no_auth = false;
+        assert!(config.validate().unwrap_err().to_string().starts_with("admin_token"));
+        config.admin_token = Some("short".into());
+        assert!(config.validate().unwrap_err().to_string().starts_with("admin_token"));
+
+        let mut config = Config::for_tests(dir.clone(), None);
+        config.partition_count = 1000;
+        assert!(config.validate().unwrap_err().to_string().starts_with("partition_count"));
+
+        let mut config = Config::for_tests(dir, None);
+        config.node_down_after_ms = 500;
+        assert!(config.validate().unwrap_err().to_string().starts_with("node_down_after_ms"));
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let mut config = Config::for_tests(PathBuf::from("/tmp"), Some("super-secret-token".into()));
+        config.database_url = Some("postgres://user:hunter2@db:5432/meta".into());
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("super-secret-token"), "{printed}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("postgres://user:<redacted>@db:5432/meta"), "{printed}");
+    }
+}

@@ -1,0 +1,119 @@
+//! The errors the metadata service returns to its callers, each with a stable reason code. Both edges
+//! (gRPC in [`crate::grpc`], HTTP/JSON in [`crate::http`]) turn them into responses through
+//! `pairdb_service::errors`, the one reason → code → HTTP status table.
+
+use pairdb_core::validation::MAX_REPLICATION_FACTOR;
+
+use crate::persistence::PersistenceError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("invalid tenant id {0:?}: must match [a-z0-9][a-z0-9_-]{{0,62}}")]
+    InvalidTenantId(String),
+    #[error("replication factor {requested} is not allowed: {why}")]
+    InvalidReplicationFactor { requested: u32, active_nodes: Option<usize>, why: String },
+    #[error("tenant {0:?} already exists")]
+    TenantExists(String),
+    #[error("tenant {0:?} not found")]
+    TenantNotFound(String),
+    #[error("api key {0:?} not found")]
+    ApiKeyNotFound(String),
+    #[error("storage node {0} not found")]
+    NodeNotFound(u32),
+    #[error("storage node {0} already exists")]
+    NodeExists(u32),
+    #[error("invalid storage node: {0}")]
+    InvalidNode(String),
+    #[error(
+        "storage node {node_id} is in use: removing it would leave {remaining} ring node(s) but tenants need {required}"
+    )]
+    NodeInUse { node_id: u32, remaining: usize, required: usize },
+    #[error("migration {0:?} not found")]
+    MigrationNotFound(String),
+    #[error("{what} (migration {migration_id} in progress)")]
+    MigrationInProgress { migration_id: String, what: String },
+    #[error("migration {migration_id} already finished ({state})")]
+    MigrationFinished { migration_id: String, state: &'static str },
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("metadata database unavailable: {0}")]
+    DatabaseUnavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl MetaError {
+    /// The stable reason code (see `pairdb_service::errors::grpc_code`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            MetaError::InvalidArgument(_) => "INVALID_ARGUMENT",
+            MetaError::InvalidTenantId(_) => "INVALID_TENANT_ID",
+            MetaError::InvalidReplicationFactor { .. } => "INVALID_REPLICATION_FACTOR",
+            MetaError::TenantExists(_) => "TENANT_EXISTS",
+            MetaError::TenantNotFound(_) => "TENANT_NOT_FOUND",
+            MetaError::ApiKeyNotFound(_) => "API_KEY_NOT_FOUND",
+            MetaError::NodeNotFound(_) => "NODE_NOT_FOUND",
+            MetaError::NodeExists(_) => "NODE_EXISTS",
+            MetaError::InvalidNode(_) => "INVALID_NODE",
+            MetaError::NodeInUse { .. } => "NODE_IN_USE",
+            MetaError::MigrationNotFound(_) => "MIGRATION_NOT_FOUND",
+            MetaError::MigrationInProgress { .. } => "MIGRATION_IN_PROGRESS",
+            MetaError::MigrationFinished { .. } => "MIGRATION_FINISHED",
+            MetaError::Unauthenticated(_) => "UNAUTHENTICATED",
+            MetaError::DatabaseUnavailable(_) => "DATABASE_UNAVAILABLE",
+            MetaError::Internal(_) => "INTERNAL",
+        }
+    }
+
+    /// Structured details for clients (error metadata / JSON `details`).
+    pub fn metadata(&self) -> Vec<(&'static str, String)> {
+        match self {
+            MetaError::InvalidTenantId(tenant)
+            | MetaError::TenantExists(tenant)
+            | MetaError::TenantNotFound(tenant) => {
+                vec![("tenant_id", tenant.clone())]
+            }
+            MetaError::InvalidReplicationFactor { requested, active_nodes, .. } => {
+                let mut metadata =
+                    vec![("requested", requested.to_string()), ("max", MAX_REPLICATION_FACTOR.to_string())];
+                if let Some(active) = active_nodes {
+                    metadata.push(("active_nodes", active.to_string()));
+                }
+                metadata
+            }
+            MetaError::ApiKeyNotFound(key) => vec![("key_id", key.clone())],
+            MetaError::NodeNotFound(node) | MetaError::NodeExists(node) => {
+                vec![("node_id", node.to_string())]
+            }
+            MetaError::NodeInUse { node_id, remaining, required } => vec![
+                ("node_id", node_id.to_string()),
+                ("remaining_nodes", remaining.to_string()),
+                ("required_nodes", required.to_string()),
+            ],
+            MetaError::MigrationNotFound(id) => vec![("migration_id", id.clone())],
+            MetaError::MigrationInProgress { migration_id, .. } => {
+                vec![("migration_id", migration_id.clone())]
+            }
+            MetaError::MigrationFinished { migration_id, state } => {
+                vec![("migration_id", migration_id.clone()), ("state", (*state).to_owned())]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// The gRPC status, carrying the reason and metadata in its details.
+    pub fn to_status(&self) -> tonic::Status {
+        pairdb_service::errors::status(self.reason(), self.to_string(), &self.metadata())
+    }
+}
+
+impl From<PersistenceError> for MetaError {
+    fn from(error: PersistenceError) -> Self {
+        match error {
+            PersistenceError::Unavailable(source) => MetaError::DatabaseUnavailable(source.to_string()),
+            other => MetaError::Internal(other.to_string()),
+        }
+    }
+}

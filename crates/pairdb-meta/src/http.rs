@@ -1,0 +1,537 @@
+//! The HTTP/JSON edge of the admin API, on the same port as gRPC, with the seed's REST paths:
+//!
+//! | method and path | operation |
+//! |---|---|
+//! | `POST /v1/tenants`, `GET /v1/tenants` | create (201), list |
+//! | `GET`, `PATCH`, `DELETE /v1/tenants/{id}` | get, update (N change → `migration_id`), delete |
+//! | `PUT /v1/tenants/{id}/replication-factor` | the seed's UpdateReplicationFactor |
+//! | `POST`, `GET /v1/tenants/{id}/api-keys` | create a key (201, the secret is in this response only), list |
+//! | `POST /v1/api-keys` (`tenant_id` in the body), `GET /v1/api-keys?tenant_id=` | the same, flat |
+//! | `DELETE /v1/api-keys/{key_id}` | revoke |
+//! | `POST`, `GET /v1/admin/storage-nodes` | add (201), list |
+//! | `GET`, `PATCH`, `DELETE /v1/admin/storage-nodes/{id}` (`?force=true`) | get, update weight/zone, remove |
+//! | `GET /v1/admin/migrations`, `GET /v1/admin/migrations/{id}` | list, get (the seed's GetMigrationStatus) |
+//! | `POST /v1/admin/migrations/{id}/cancel` | cancel |
+//!
+//! Every request needs `authorization: Bearer <admin token>` (unless `--no-auth`). Errors are
+//! `{"error": {"code": "<gRPC code name>", "reason": "...", "message": "...", "details": {...}}}` with
+//! the HTTP status of the one error table; malformed JSON and unknown fields are 400
+//! INVALID_ARGUMENT.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use pairdb_core::quorum::Consistency;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use crate::admin::{Meta, NewNode, NewTenant, NodePatch, NodeView, TenantPatch, now_ms};
+use crate::config::AdminAuth;
+use crate::error::MetaError;
+use crate::grpc::{authorized, migration_rates};
+use crate::model::{ApiKey, ConflictMode, Migration, Tenant};
+
+/// The admin routes, behind the admin-token check.
+pub fn routes(meta: Meta, auth: Arc<AdminAuth>) -> Router {
+    Router::new()
+        .route("/v1/tenants", post(create_tenant).get(list_tenants))
+        .route("/v1/tenants/{tenant_id}", get(get_tenant).patch(update_tenant).delete(delete_tenant))
+        .route("/v1/tenants/{tenant_id}/replication-factor", put(update_replication_factor))
+        .route("/v1/tenants/{tenant_id}/api-keys", post(create_tenant_api_key).get(list_tenant_api_keys))
+        .route("/v1/api-keys", post(create_api_key).get(list_api_keys))
+        .route("/v1/api-keys/{key_id}", delete(revoke_api_key))
+        .route("/v1/admin/storage-nodes", post(add_node).get(list_nodes))
+        .route("/v1/admin/storage-nodes/{node_id}", get(get_node).patch(update_node).delete(remove_node))
+        .route("/v1/admin/migrations", get(list_migrations))
+        .route("/v1/admin/migrations/{migration_id}", get(get_migration))
+        .route("/v1/admin/migrations/{migration_id}/cancel", post(cancel_migration))
+        // The gRPC router owns the fallback; unknown /v1 paths still get a JSON 404.
+        .route("/v1/{*rest}", axum::routing::any(unknown_path))
+        .with_state(meta)
+        .layer(axum::middleware::from_fn_with_state(auth, require_admin_token))
+}
+
+async fn require_admin_token(State(auth): State<Arc<AdminAuth>>, request: Request, next: Next) -> Response {
+    let header = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    if authorized(&auth, header) {
+        next.run(request).await
+    } else {
+        error_response(&MetaError::Unauthenticated(
+            "missing or invalid admin token (authorization: Bearer <token>)".to_owned(),
+        ))
+    }
+}
+
+async fn unknown_path() -> Response {
+    let body = json!({"error": {"code": "NOT_FOUND", "reason": "NOT_FOUND", "message": "no such endpoint", "details": {}}});
+    (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
+}
+
+/// The gRPC code's canonical name, as in the JSON error body.
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+fn error_response(error: &MetaError) -> Response {
+    match error {
+        MetaError::Internal(_) => tracing::error!(%error, "http request failed"),
+        MetaError::DatabaseUnavailable(_) => tracing::warn!(%error, "http request failed"),
+        _ => tracing::debug!(%error, "http request rejected"),
+    }
+    let reason = error.reason();
+    let code = pairdb_service::errors::grpc_code(reason);
+    let status = StatusCode::from_u16(pairdb_service::errors::http_status(code))
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let details: serde_json::Map<String, Value> =
+        error.metadata().into_iter().map(|(k, v)| (k.to_owned(), Value::String(v))).collect();
+    let body = json!({"error": {
+        "code": code_name(code),
+        "reason": reason,
+        "message": error.to_string(),
+        "details": details,
+    }});
+    (status, axum::Json(body)).into_response()
+}
+
+fn reply(result: Result<(StatusCode, Value), MetaError>) -> Response {
+    match result {
+        Ok((status, body)) => (status, axum::Json(body)).into_response(),
+        Err(error) => error_response(&error),
+    }
+}
+
+/// Parses a JSON body; malformed JSON, wrong types and unknown fields are INVALID_ARGUMENT.
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, MetaError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return serde_json::from_str("{}")
+            .map_err(|e| MetaError::InvalidArgument(format!("request body: {e}")));
+    }
+    serde_json::from_slice(body).map_err(|e| MetaError::InvalidArgument(format!("invalid JSON body: {e}")))
+}
+
+fn parse_node_id(text: &str) -> Result<u32, MetaError> {
+    text.parse().map_err(|_| MetaError::InvalidArgument(format!("node id {text:?} is not a number")))
+}
+
+/// `key=value` pairs of a query string (values used here never need percent-decoding, and one that
+/// would is rejected by the field's own validation).
+fn query_param(query: &Option<String>, name: &str) -> Option<String> {
+    query.as_deref()?.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name).then(|| value.to_owned())
+    })
+}
+
+fn parse_consistency(text: Option<String>) -> Result<Option<Consistency>, MetaError> {
+    text.map(|t| {
+        Consistency::parse(&t).ok_or_else(|| {
+            MetaError::InvalidArgument(format!("default_consistency {t:?}: use one, quorum or all"))
+        })
+    })
+    .transpose()
+}
+
+fn parse_conflict_mode(text: Option<String>) -> Result<Option<ConflictMode>, MetaError> {
+    text.map(|t| {
+        ConflictMode::parse(&t.to_ascii_lowercase())
+            .ok_or_else(|| MetaError::InvalidArgument(format!("conflict_mode {t:?}: use siblings or lww")))
+    })
+    .transpose()
+}
+
+fn tenant_json(tenant: &Tenant) -> Value {
+    json!({
+        "tenant_id": tenant.tenant_id,
+        "replication_factor": tenant.replication_factor,
+        "previous_replication_factor": tenant.previous_replication_factor,
+        "default_consistency": tenant.default_consistency.as_str(),
+        "conflict_mode": tenant.conflict_mode.as_str(),
+        "rate_limit_ops_per_sec": tenant.rate_limit_ops_per_sec,
+        "rate_limit_burst": tenant.rate_limit_burst,
+        "max_value_bytes": tenant.max_value_bytes,
+        "max_siblings": tenant.max_siblings,
+        "strict_quorum": tenant.strict_quorum,
+        "created_at_ms": tenant.created_at_ms,
+        "updated_at_ms": tenant.updated_at_ms,
+    })
+}
+
+fn api_key_json(key: &ApiKey) -> Value {
+    json!({
+        "key_id": key.key_id,
+        "tenant_id": key.tenant_id,
+        "description": key.description,
+        "created_at_ms": key.created_at_ms,
+        "revoked": key.revoked(),
+    })
+}
+
+fn node_json(view: &NodeView) -> Value {
+    let node = &view.node;
+    json!({
+        "node_id": node.node_id,
+        "address": node.address,
+        "zone": node.zone,
+        "weight": node.weight,
+        "status": node.status().as_str(),
+        "last_heartbeat_ms": node.last_heartbeat_ms,
+        "stats": {
+            "keys": node.stats.keys,
+            "live_bytes": node.stats.live_bytes,
+            "disk_free_bytes": node.stats.disk_free_bytes,
+            "hints_pending": node.stats.hints_pending,
+            "write_path_poisoned": node.stats.write_path_poisoned,
+        },
+        "in_ring": view.in_ring,
+    })
+}
+
+fn migration_json(migration: &Migration) -> Value {
+    let (keys_per_sec, eta_secs) = migration_rates(migration, now_ms());
+    json!({
+        "migration_id": migration.migration_id,
+        "kind": migration.kind.as_str(),
+        "state": migration.state.as_str(),
+        "from_epoch": migration.from_epoch,
+        "to_epoch": migration.to_epoch,
+        "progress": {
+            "partitions_total": migration.progress.partitions_total,
+            "partitions_done": migration.progress.partitions_done,
+            "keys_total": migration.progress.keys_total,
+            "keys_done": migration.progress.keys_done,
+            "bytes_done": migration.progress.bytes_done,
+            "keys_per_sec": keys_per_sec,
+            "eta_secs": eta_secs,
+        },
+        "error": migration.error,
+        "created_at_ms": migration.created_at_ms,
+        "updated_at_ms": migration.updated_at_ms,
+        "tenant_id": migration.tenant_id,
+        "node_id": migration.node_id,
+    })
+}
+
+fn change_json(key: &str, value: Value, migration_id: Option<String>) -> Value {
+    json!({ key: value, "migration_id": migration_id })
+}
+
+// ---- tenants --------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTenantBody {
+    tenant_id: String,
+    #[serde(default)]
+    replication_factor: u32,
+    default_consistency: Option<String>,
+    conflict_mode: Option<String>,
+    #[serde(default)]
+    rate_limit_ops_per_sec: u32,
+    #[serde(default)]
+    rate_limit_burst: u32,
+    #[serde(default)]
+    max_value_bytes: u64,
+    #[serde(default)]
+    max_siblings: u32,
+    #[serde(default)]
+    strict_quorum: bool,
+}
+
+async fn create_tenant(State(meta): State<Meta>, body: Bytes) -> Response {
+    reply(
+        async {
+            let body: CreateTenantBody = parse(&body)?;
+            let new = NewTenant {
+                tenant_id: body.tenant_id,
+                replication_factor: body.replication_factor,
+                default_consistency: parse_consistency(body.default_consistency)?,
+                conflict_mode: parse_conflict_mode(body.conflict_mode)?,
+                rate_limit_ops_per_sec: body.rate_limit_ops_per_sec,
+                rate_limit_burst: body.rate_limit_burst,
+                max_value_bytes: body.max_value_bytes,
+                max_siblings: body.max_siblings,
+                strict_quorum: body.strict_quorum,
+            };
+            let tenant = meta.create_tenant(new).await?;
+            Ok((StatusCode::CREATED, tenant_json(&tenant)))
+        }
+        .await,
+    )
+}
+
+async fn list_tenants(State(meta): State<Meta>) -> Response {
+    reply(meta.list_tenants().await.map(|tenants| {
+        (StatusCode::OK, json!({"tenants": tenants.iter().map(tenant_json).collect::<Vec<_>>()}))
+    }))
+}
+
+async fn get_tenant(State(meta): State<Meta>, Path(tenant_id): Path<String>) -> Response {
+    reply(meta.get_tenant(&tenant_id).await.map(|tenant| (StatusCode::OK, tenant_json(&tenant))))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchTenantBody {
+    replication_factor: Option<u32>,
+    default_consistency: Option<String>,
+    conflict_mode: Option<String>,
+    rate_limit_ops_per_sec: Option<u32>,
+    rate_limit_burst: Option<u32>,
+    max_value_bytes: Option<u64>,
+    max_siblings: Option<u32>,
+    strict_quorum: Option<bool>,
+}
+
+async fn update_tenant(State(meta): State<Meta>, Path(tenant_id): Path<String>, body: Bytes) -> Response {
+    reply(
+        async {
+            let body: PatchTenantBody = parse(&body)?;
+            let patch = TenantPatch {
+                replication_factor: body.replication_factor,
+                default_consistency: parse_consistency(body.default_consistency)?,
+                conflict_mode: parse_conflict_mode(body.conflict_mode)?,
+                rate_limit_ops_per_sec: body.rate_limit_ops_per_sec,
+                rate_limit_burst: body.rate_limit_burst,
+                max_value_bytes: body.max_value_bytes,
+                max_siblings: body.max_siblings,
+                strict_quorum: body.strict_quorum,
+            };
+            let (tenant, migration_id) = meta.update_tenant(&tenant_id, patch).await?;
+            Ok((StatusCode::OK, change_json("tenant", tenant_json(&tenant), migration_id)))
+        }
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplicationFactorBody {
+    replication_factor: u32,
+}
+
+async fn update_replication_factor(
+    State(meta): State<Meta>,
+    Path(tenant_id): Path<String>,
+    body: Bytes,
+) -> Response {
+    reply(
+        async {
+            let body: ReplicationFactorBody = parse(&body)?;
+            let patch =
+                TenantPatch { replication_factor: Some(body.replication_factor), ..TenantPatch::default() };
+            let (tenant, migration_id) = meta.update_tenant(&tenant_id, patch).await?;
+            Ok((StatusCode::OK, change_json("tenant", tenant_json(&tenant), migration_id)))
+        }
+        .await,
+    )
+}
+
+async fn delete_tenant(State(meta): State<Meta>, Path(tenant_id): Path<String>) -> Response {
+    reply(meta.delete_tenant(&tenant_id).await.map(|()| (StatusCode::OK, json!({}))))
+}
+
+// ---- api keys -------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantApiKeyBody {
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiKeyBody {
+    tenant_id: String,
+    #[serde(default)]
+    description: String,
+}
+
+async fn new_api_key(
+    meta: &Meta,
+    tenant_id: &str,
+    description: &str,
+) -> Result<(StatusCode, Value), MetaError> {
+    let (key, secret) = meta.create_api_key(tenant_id, description).await?;
+    Ok((StatusCode::CREATED, json!({"api_key": api_key_json(&key), "secret": secret})))
+}
+
+async fn create_tenant_api_key(
+    State(meta): State<Meta>,
+    Path(tenant_id): Path<String>,
+    body: Bytes,
+) -> Response {
+    reply(
+        async {
+            let body: TenantApiKeyBody = parse(&body)?;
+            new_api_key(&meta, &tenant_id, &body.description).await
+        }
+        .await,
+    )
+}
+
+async fn create_api_key(State(meta): State<Meta>, body: Bytes) -> Response {
+    reply(
+        async {
+            let body: ApiKeyBody = parse(&body)?;
+            new_api_key(&meta, &body.tenant_id, &body.description).await
+        }
+        .await,
+    )
+}
+
+async fn keys_of(meta: &Meta, tenant_id: Option<&str>) -> Result<(StatusCode, Value), MetaError> {
+    let keys = meta.list_api_keys(tenant_id).await?;
+    Ok((StatusCode::OK, json!({"api_keys": keys.iter().map(api_key_json).collect::<Vec<_>>()})))
+}
+
+async fn list_tenant_api_keys(State(meta): State<Meta>, Path(tenant_id): Path<String>) -> Response {
+    reply(keys_of(&meta, Some(&tenant_id)).await)
+}
+
+async fn list_api_keys(State(meta): State<Meta>, RawQuery(query): RawQuery) -> Response {
+    let tenant_id = query_param(&query, "tenant_id").filter(|t| !t.is_empty());
+    reply(keys_of(&meta, tenant_id.as_deref()).await)
+}
+
+async fn revoke_api_key(State(meta): State<Meta>, Path(key_id): Path<String>) -> Response {
+    reply(
+        meta.revoke_api_key(&key_id)
+            .await
+            .map(|key| (StatusCode::OK, json!({"api_key": api_key_json(&key)}))),
+    )
+}
+
+// ---- storage nodes --------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddNodeBody {
+    #[serde(default)]
+    node_id: u32,
+    #[serde(default)]
+    address: String,
+    #[serde(default)]
+    zone: String,
+    #[serde(default)]
+    weight: u32,
+}
+
+async fn add_node(State(meta): State<Meta>, body: Bytes) -> Response {
+    reply(
+        async {
+            let body: AddNodeBody = parse(&body)?;
+            let new = NewNode {
+                node_id: body.node_id,
+                address: body.address,
+                zone: body.zone,
+                weight: body.weight,
+            };
+            let (node, migration_id) = meta.add_node(new).await?;
+            Ok((StatusCode::CREATED, change_json("node", node_json(&node), migration_id)))
+        }
+        .await,
+    )
+}
+
+async fn list_nodes(State(meta): State<Meta>) -> Response {
+    reply(
+        meta.list_nodes()
+            .await
+            .map(|nodes| (StatusCode::OK, json!({"nodes": nodes.iter().map(node_json).collect::<Vec<_>>()}))),
+    )
+}
+
+async fn get_node(State(meta): State<Meta>, Path(node_id): Path<String>) -> Response {
+    reply(
+        async {
+            let node = meta.get_node(parse_node_id(&node_id)?).await?;
+            Ok((StatusCode::OK, node_json(&node)))
+        }
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchNodeBody {
+    weight: Option<u32>,
+    zone: Option<String>,
+}
+
+async fn update_node(State(meta): State<Meta>, Path(node_id): Path<String>, body: Bytes) -> Response {
+    reply(
+        async {
+            let node_id = parse_node_id(&node_id)?;
+            let body: PatchNodeBody = parse(&body)?;
+            let (node, migration_id) =
+                meta.update_node(node_id, NodePatch { weight: body.weight, zone: body.zone }).await?;
+            Ok((StatusCode::OK, change_json("node", node_json(&node), migration_id)))
+        }
+        .await,
+    )
+}
+
+async fn remove_node(
+    State(meta): State<Meta>,
+    Path(node_id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    reply(
+        async {
+            let node_id = parse_node_id(&node_id)?;
+            let force = match query_param(&query, "force").as_deref() {
+                None | Some("false" | "0") => false,
+                Some("" | "true" | "1") => true,
+                Some(other) => {
+                    return Err(MetaError::InvalidArgument(format!("force={other:?}: use true or false")));
+                }
+            };
+            let (node, migration_id) = meta.remove_node(node_id, force).await?;
+            Ok((StatusCode::OK, change_json("node", node_json(&node), migration_id)))
+        }
+        .await,
+    )
+}
+
+// ---- migrations -----------------------------------------------------------------------------
+
+async fn list_migrations(State(meta): State<Meta>) -> Response {
+    reply(meta.list_migrations().await.map(|migrations| {
+        (StatusCode::OK, json!({"migrations": migrations.iter().map(migration_json).collect::<Vec<_>>()}))
+    }))
+}
+
+async fn get_migration(State(meta): State<Meta>, Path(migration_id): Path<String>) -> Response {
+    reply(meta.get_migration(&migration_id).await.map(|m| (StatusCode::OK, migration_json(&m))))
+}
+
+async fn cancel_migration(State(meta): State<Meta>, Path(migration_id): Path<String>) -> Response {
+    reply(meta.cancel_migration(&migration_id).await.map(|m| (StatusCode::OK, migration_json(&m))))
+}

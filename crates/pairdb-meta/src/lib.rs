@@ -1,0 +1,303 @@
+//! `pairdb-meta`: cluster membership and metadata, the only process that touches the metadata
+//! database (PostgreSQL in production, SQLite embedded).
+//!
+//! # Map
+//!
+//! - [`persistence`]: every SQL statement; what is stored and why; the two backends behind one
+//!   [`persistence::Store`].
+//! - [`model`]: domain types (tenants, keys, nodes, topology versions, migrations).
+//! - [`admin`]: the operations behind the admin and cluster APIs (one write transaction each, under
+//!   the cluster-wide metadata lock), and how storage nodes join.
+//! - [`grpc`], [`http`]: the two edges (`AdminService` + `ClusterService` over gRPC; the admin API as
+//!   HTTP/JSON with the seed's REST paths), on one port.
+//! - [`view`], [`follower`]: the replica's in-memory view, kept in step with the change log (local
+//!   notification, PostgreSQL LISTEN/NOTIFY, a 1 s safety poll), and the fan-out to watch streams.
+//! - [`leader`]: leader election (a PostgreSQL session advisory lock on a dedicated connection) and
+//!   the leader-only work: the failure detector and the [`orchestrator`] of migrations.
+//! - [`config`]: flags, environment fallbacks, validation.
+//!
+//! # Invariants
+//!
+//! - Every change that a watch subscriber must see is committed together with a change-log row whose
+//!   revision is assigned under the metadata lock, so revisions are contiguous and in commit order, and
+//!   every replica publishes the same events in the same order.
+//! - Node status changes (failure detector) bump no topology epoch; assignment changes always do, and
+//!   an epoch is never reused.
+//! - Only the leader starts, advances and completes migrations and marks nodes down, and its writes
+//!   are fenced by the leader lock's session.
+//! - The database being unreachable makes the replica not ready and admin calls fail UNAVAILABLE
+//!   (DATABASE_UNAVAILABLE); watch streams stay open with their last state, and everything resumes
+//!   when the database answers again, without a restart.
+//!
+//! What is not here yet: data movement during migrations ([`orchestrator`] explains the extension
+//! point), purging a deleted tenant's data on storage nodes, and authentication of the cluster API
+//! (it must be reachable only from the cluster's network).
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod admin;
+pub mod config;
+pub mod error;
+pub mod follower;
+pub mod grpc;
+pub mod http;
+pub mod leader;
+pub mod model;
+pub mod orchestrator;
+pub mod persistence;
+pub mod view;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pairdb_proto::admin::v1::admin_service_server::AdminServiceServer;
+use pairdb_proto::cluster::v1::cluster_service_server::ClusterServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+
+pub use config::{AdminAuth, Config, ConfigError};
+pub use error::MetaError;
+pub use orchestrator::{DataMover, NoDataMovement};
+
+use crate::admin::{Meta, Settings, now_ms};
+use crate::persistence::{PersistenceError, Store, StoreOptions};
+use crate::view::ClusterView;
+
+/// Errors that stop the metadata service.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Persistence(#[from] PersistenceError),
+    #[error("data_dir: cannot create {path}: {source}")]
+    DataDir { path: std::path::PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Serve(#[from] pairdb_service::ServeError),
+}
+
+/// How often readiness re-checks the database.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Runs one meta replica on `listener` until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    run_with_mover(config, listener, shutdown, Arc::new(NoDataMovement)).await
+}
+
+/// [`run`] with a chosen [`DataMover`] (the rebalancing issue plugs its implementation in here).
+pub async fn run_with_mover(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    mover: Arc<dyn DataMover>,
+) -> Result<(), Error> {
+    config.validate()?;
+    let auth = Arc::new(config.admin_auth()?);
+    if auth.as_ref() == &AdminAuth::Disabled {
+        tracing::warn!(
+            "admin API authentication is DISABLED (--no-auth): anyone who can reach this port can administer the cluster"
+        );
+    }
+    pairdb_service::metrics::install();
+    let (readiness, health_service) = pairdb_service::health("connecting to the metadata database").await;
+
+    if config.database_url.is_none() {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|source| Error::DataDir { path: config.data_dir.clone(), source })?;
+    }
+    let store = Store::open(&StoreOptions {
+        url: config.effective_database_url(),
+        timeout: config.database_timeout(),
+        max_connections: config.database_max_connections,
+    })
+    .await?;
+    let view = Arc::new(ClusterView::new(config.watch_buffer));
+    let meta = Meta::new(
+        store.clone(),
+        view.clone(),
+        Settings {
+            auto_add_nodes: config.auto_add_nodes,
+            heartbeat_interval_ms: config.heartbeat_interval_ms,
+            node_down_after_ms: config.node_down_after_ms,
+        },
+    );
+    metrics::gauge!("pairdb_meta_watch_subscribers").increment(0.0);
+
+    let (stop_sender, stop) = watch::channel(false);
+    let stop_sender = Arc::new(stop_sender);
+    let (initialized_sender, initialized) = watch::channel(false);
+    let wake = Arc::new(Notify::new());
+    let partitions = config.partitions()?;
+    // Initialize before serving when the database answers (always, for SQLite: a local file that
+    // cannot be initialized is a fatal error), so the replica is ready as soon as it is live. A
+    // PostgreSQL that is down is retried in the background while health reports not ready.
+    let initialize_task = match try_initialize(&meta, partitions).await {
+        Ok(_) => {
+            let _ = initialized_sender.send(true);
+            readiness.set_ready().await;
+            None
+        }
+        Err(error) if store.backend() == persistence::Backend::Sqlite => return Err(error.into()),
+        Err(error) => {
+            tracing::warn!(%error, "cannot initialize the metadata database yet; retrying in the background");
+            Some(tokio::spawn(initialize(meta.clone(), partitions, initialized_sender, stop.clone())))
+        }
+    };
+    let mut tasks = vec![
+        tokio::spawn(after_initialization(
+            initialized.clone(),
+            stop.clone(),
+            follower::run(store.clone(), view.clone(), wake.clone(), stop.clone()),
+        )),
+        tokio::spawn(after_initialization(
+            initialized.clone(),
+            stop.clone(),
+            follower::listen(store.clone(), wake, stop.clone()),
+        )),
+        tokio::spawn(leader::run(meta.clone(), mover, stop.clone())),
+        tokio::spawn(watch_readiness(meta.clone(), readiness.clone(), initialized.clone(), stop.clone())),
+    ];
+    tasks.extend(initialize_task);
+
+    let admin = AdminServiceServer::new(grpc::AdminGrpc::new(meta.clone()));
+    let admin =
+        tonic::service::interceptor::InterceptedService::new(admin, grpc::admin_interceptor(auth.clone()));
+    let cluster = ClusterServiceServer::new(grpc::ClusterGrpc::new(meta.clone(), stop.clone()))
+        .max_encoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES);
+    let routes = tonic::service::Routes::new(health_service).add_service(admin).add_service(cluster);
+    let http = pairdb_service::health_routes(readiness.clone())
+        .merge(pairdb_service::metrics::routes())
+        .merge(http::routes(meta.clone(), auth));
+
+    tracing::info!(
+        backend = ?store.backend(),
+        auto_add_nodes = config.auto_add_nodes,
+        "metadata service serving"
+    );
+    let stop_on_shutdown = stop_sender.clone();
+    let served = pairdb_service::serve(listener, routes, http, async move {
+        shutdown.await;
+        // End watch streams and background work so the server can drain.
+        let _ = stop_on_shutdown.send(true);
+    })
+    .await;
+
+    let _ = stop_sender.send(true);
+    for task in tasks {
+        let abort = task.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+            abort.abort();
+        }
+    }
+    store.close().await;
+    tracing::info!("metadata service stopped");
+    served?;
+    Ok(())
+}
+
+/// Migrates the schema and creates the cluster, retrying until the database answers.
+async fn initialize(
+    meta: Meta,
+    partitions: pairdb_core::token::PartitionCount,
+    initialized: watch::Sender<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut reported = false;
+    loop {
+        match try_initialize(&meta, partitions).await {
+            Ok(_) => {
+                let _ = initialized.send(true);
+                return;
+            }
+            Err(error) => {
+                if !reported || !error.is_unavailable() {
+                    tracing::warn!(%error, "cannot initialize the metadata database; retrying");
+                    reported = true;
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// One attempt at [`initialize`]'s work: schema, cluster, first view.
+async fn try_initialize(
+    meta: &Meta,
+    partitions: pairdb_core::token::PartitionCount,
+) -> Result<persistence::MetaState, PersistenceError> {
+    let state = meta.store().initialize(partitions, now_ms()).await?;
+    meta.view().replace(meta.store().load_snapshot().await?);
+    if state.partition_count != partitions {
+        tracing::warn!(
+            configured = partitions.get(),
+            cluster = state.partition_count.get(),
+            "partition_count is fixed when the cluster is created; using the cluster's"
+        );
+    }
+    meta.mark_initialized(&state);
+    tracing::info!(
+        partitions = state.partition_count.get(),
+        revision = state.revision,
+        epoch = state.current_epoch,
+        "metadata database ready"
+    );
+    Ok(state)
+}
+
+/// Runs `task` once the database is initialized (or never, if `stop` comes first).
+async fn after_initialization(
+    mut initialized: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+    task: impl Future<Output = ()>,
+) {
+    tokio::select! {
+        waited = initialized.wait_for(|done| *done) => if waited.is_err() { return },
+        _ = stop.changed() => return,
+    }
+    task.await;
+}
+
+/// Ready iff the database is initialized and answers; re-checked every [`HEALTH_INTERVAL`].
+async fn watch_readiness(
+    meta: Meta,
+    readiness: pairdb_service::Readiness,
+    mut initialized: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ready = readiness.check().is_ok();
+    loop {
+        let verdict = if !meta.is_initialized() {
+            Err("connecting to the metadata database".to_owned())
+        } else {
+            meta.store().ping().await.map_err(|error| format!("{error}"))
+        };
+        match (verdict, ready) {
+            (Ok(()), false) => {
+                readiness.set_ready().await;
+                tracing::info!("ready");
+                ready = true;
+            }
+            (Err(reason), true) => {
+                readiness.set_not_ready(reason.clone()).await;
+                tracing::warn!(%reason, "not ready");
+                ready = false;
+            }
+            (Err(reason), false) => readiness.set_not_ready(reason).await,
+            (Ok(()), true) => {}
+        }
+        tokio::select! {
+            () = tokio::time::sleep(HEALTH_INTERVAL) => {}
+            // Re-check at once when background initialization completes.
+            Ok(()) = initialized.changed() => {}
+            _ = stop.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! `pairdb-meta`: parses the configuration, binds the listener and hands both to [`pairdb_meta::run`].
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = pairdb_meta::Config::parse();
+    config.validate()?;
+    if config.check_config {
+        println!("{config:#?}");
+        return Ok(());
+    }
+    pairdb_service::logging::init(config.log_format);
+    let listener = pairdb_service::bind(config.listen_addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "pairdb-meta listening");
+    pairdb_meta::run(config, listener, pairdb_service::shutdown_signal()).await?;
+    Ok(())
+}

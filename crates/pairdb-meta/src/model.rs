@@ -1,0 +1,324 @@
+//! Domain types of the metadata service: what the persistence layer stores, the admin and cluster
+//! logic decides on, and the watch stream publishes. Wire types (protobuf, JSON) are converted to and
+//! from these at the service edge (`grpc`, `http`) and never travel further in.
+
+use std::sync::Arc;
+
+use pairdb_core::quorum::Consistency;
+use pairdb_core::ring::{Assignment, NodeId, NodeSpec};
+
+/// How concurrent writes to one key are presented (DESIGN §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConflictMode {
+    #[default]
+    Siblings,
+    Lww,
+}
+
+impl ConflictMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConflictMode::Siblings => "siblings",
+            ConflictMode::Lww => "lww",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "siblings" => Some(ConflictMode::Siblings),
+            "lww" => Some(ConflictMode::Lww),
+            _ => None,
+        }
+    }
+}
+
+/// A tenant's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant {
+    pub tenant_id: String,
+    pub replication_factor: u32,
+    /// While a replication_factor migration runs: the factor reads still use. 0 = none.
+    pub previous_replication_factor: u32,
+    pub default_consistency: Consistency,
+    pub conflict_mode: ConflictMode,
+    /// Sustained operations per second; 0 = unlimited.
+    pub rate_limit_ops_per_sec: u32,
+    pub rate_limit_burst: u32,
+    pub max_value_bytes: u64,
+    pub max_siblings: u32,
+    pub strict_quorum: bool,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+/// An API key as stored: the secret itself is never kept, only its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    pub key_id: String,
+    pub tenant_id: String,
+    /// Lowercase hex SHA-256 of the whole secret string.
+    pub secret_sha256: String,
+    pub description: String,
+    pub created_at_ms: u64,
+    /// 0 = active.
+    pub revoked_at_ms: u64,
+}
+
+impl ApiKey {
+    pub fn revoked(&self) -> bool {
+        self.revoked_at_ms != 0
+    }
+}
+
+/// A node's lifecycle, driven by the admin API and migrations. Liveness is separate
+/// ([`StorageNode::alive`]): a node can be active and down at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Membership {
+    /// Added; becomes part of the ring when its add_node migration completes.
+    Joining,
+    Active,
+    /// Being drained or force-removed by a migration; still in the ring until it completes.
+    Leaving,
+    /// Out of the cluster. The row is kept so the id is never silently reused.
+    Removed,
+}
+
+impl Membership {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Membership::Joining => "joining",
+            Membership::Active => "active",
+            Membership::Leaving => "leaving",
+            Membership::Removed => "removed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "joining" => Some(Membership::Joining),
+            "active" => Some(Membership::Active),
+            "leaving" => Some(Membership::Leaving),
+            "removed" => Some(Membership::Removed),
+            _ => None,
+        }
+    }
+}
+
+/// The status reported to operators and subscribers: the membership, except that a node the failure
+/// detector considers dead reports `Down` (unless it was removed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeStatus {
+    Joining,
+    Active,
+    Leaving,
+    Down,
+    Removed,
+}
+
+impl NodeStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Joining => "joining",
+            NodeStatus::Active => "active",
+            NodeStatus::Leaving => "leaving",
+            NodeStatus::Down => "down",
+            NodeStatus::Removed => "removed",
+        }
+    }
+}
+
+/// The last stats a node reported with its heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NodeStats {
+    pub keys: u64,
+    pub live_bytes: u64,
+    pub disk_free_bytes: u64,
+    pub hints_pending: u64,
+    pub write_path_poisoned: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageNode {
+    pub node_id: u32,
+    /// `host:port` the node serves on; empty until the node registers when added without one.
+    pub address: String,
+    /// Empty = no zone.
+    pub zone: String,
+    pub weight: u32,
+    pub membership: Membership,
+    pub alive: bool,
+    pub last_heartbeat_ms: u64,
+    pub actor_id: u64,
+    pub data_format_version: u32,
+    pub stats: NodeStats,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+impl StorageNode {
+    pub fn status(&self) -> NodeStatus {
+        match self.membership {
+            Membership::Removed => NodeStatus::Removed,
+            _ if !self.alive => NodeStatus::Down,
+            Membership::Joining => NodeStatus::Joining,
+            Membership::Active => NodeStatus::Active,
+            Membership::Leaving => NodeStatus::Leaving,
+        }
+    }
+
+    /// The node as placement sees it.
+    pub fn spec(&self) -> NodeSpec {
+        let spec = NodeSpec::new(NodeId(self.node_id), self.weight.max(1));
+        if self.zone.is_empty() { spec } else { spec.with_zone(self.zone.clone()) }
+    }
+}
+
+/// One topology version: an epoch and its partition assignment. Immutable once stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    pub epoch: u64,
+    pub assignment: Arc<Assignment>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationKind {
+    AddNode,
+    DrainNode,
+    RemoveNode,
+    ReplicationFactor,
+    NodeWeight,
+}
+
+impl MigrationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationKind::AddNode => "add_node",
+            MigrationKind::DrainNode => "drain_node",
+            MigrationKind::RemoveNode => "remove_node",
+            MigrationKind::ReplicationFactor => "replication_factor",
+            MigrationKind::NodeWeight => "node_weight",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "add_node" => Some(MigrationKind::AddNode),
+            "drain_node" => Some(MigrationKind::DrainNode),
+            "remove_node" => Some(MigrationKind::RemoveNode),
+            "replication_factor" => Some(MigrationKind::ReplicationFactor),
+            "node_weight" => Some(MigrationKind::NodeWeight),
+            _ => None,
+        }
+    }
+
+    /// Whether the migration changes the ring (and so produces a pending topology version).
+    pub fn changes_ring(self) -> bool {
+        !matches!(self, MigrationKind::ReplicationFactor)
+    }
+}
+
+/// pending → running → completed | failed | cancelled (pending → cancelled too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationState {
+    Pending,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl MigrationState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationState::Pending => "pending",
+            MigrationState::Running => "running",
+            MigrationState::Completed => "completed",
+            MigrationState::Failed => "failed",
+            MigrationState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "pending" => Some(MigrationState::Pending),
+            "running" => Some(MigrationState::Running),
+            "completed" => Some(MigrationState::Completed),
+            "failed" => Some(MigrationState::Failed),
+            "cancelled" => Some(MigrationState::Cancelled),
+            _ => None,
+        }
+    }
+
+    pub fn is_finished(self) -> bool {
+        matches!(self, MigrationState::Completed | MigrationState::Failed | MigrationState::Cancelled)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MigrationProgress {
+    pub partitions_total: u64,
+    pub partitions_done: u64,
+    pub keys_total: u64,
+    pub keys_done: u64,
+    pub bytes_done: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migration {
+    pub migration_id: String,
+    /// Queue position: migrations start in `seq` order, one at a time.
+    pub seq: u64,
+    pub kind: MigrationKind,
+    pub state: MigrationState,
+    /// The node added, drained, removed or re-weighted; 0 for replication_factor.
+    pub node_id: u32,
+    /// The tenant whose replication factor changes; empty otherwise.
+    pub tenant_id: String,
+    /// Replication factor or weight before the change (restored on cancel or failure).
+    pub old_value: u64,
+    /// Replication factor or weight after the change.
+    pub new_value: u64,
+    pub from_epoch: u64,
+    pub to_epoch: u64,
+    pub progress: MigrationProgress,
+    /// One bit per partition whose transfers are done (resumption after a leader change).
+    pub done_bitmap: Vec<u8>,
+    pub error: String,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    pub started_at_ms: u64,
+    pub finished_at_ms: u64,
+}
+
+impl Migration {
+    pub fn partition_done(&self, partition: u32) -> bool {
+        let byte = (partition / 8) as usize;
+        self.done_bitmap.get(byte).is_some_and(|b| b & (1 << (partition % 8)) != 0)
+    }
+
+    pub fn mark_partition_done(&mut self, partition: u32) {
+        let byte = (partition / 8) as usize;
+        if self.done_bitmap.len() <= byte {
+            self.done_bitmap.resize(byte + 1, 0);
+        }
+        self.done_bitmap[byte] |= 1 << (partition % 8);
+    }
+}
+
+/// An API key as routers need it: enough to check a presented secret, nothing to recover it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyHash {
+    pub key_id: String,
+    pub tenant_id: String,
+    pub secret_sha256: String,
+}
+
+impl From<&ApiKey> for ApiKeyHash {
+    fn from(key: &ApiKey) -> Self {
+        Self {
+            key_id: key.key_id.clone(),
+            tenant_id: key.tenant_id.clone(),
+            secret_sha256: key.secret_sha256.clone(),
+        }
+    }
+}

@@ -1,0 +1,544 @@
+//! The admin API over gRPC: every operation and every error reason, against an in-process replica
+//! (SQLite; the 2-replica PostgreSQL behaviour is in `processes.rs`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use common::{ADMIN_TOKEN, Server, add_nodes, reason, test_config, wait_migration};
+use pairdb_proto::admin::v1 as pb;
+use pairdb_proto::admin::v1::admin_service_client::AdminServiceClient;
+use pairdb_proto::common::v1::{ConflictMode, Consistency};
+use tonic::Code;
+
+fn create(tenant_id: &str, replication_factor: u32) -> pb::CreateTenantRequest {
+    pb::CreateTenantRequest { tenant_id: tenant_id.to_owned(), replication_factor, ..Default::default() }
+}
+
+#[tokio::test]
+async fn tenants_every_operation_and_error() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(test_config(dir.path())).await?;
+    let mut admin = server.admin().await?;
+
+    // No active node yet: N=3 cannot be placed.
+    let error = admin.create_tenant(create("acme", 0)).await.unwrap_err();
+    assert_eq!(
+        (error.code(), reason(&error).as_str()),
+        (Code::InvalidArgument, "INVALID_REPLICATION_FACTOR")
+    );
+
+    add_nodes(&mut admin, 3).await?;
+    let tenant = admin.create_tenant(create("acme", 0)).await?.into_inner();
+    assert_eq!(tenant.tenant_id, "acme");
+    assert_eq!(tenant.replication_factor, 3, "default N");
+    assert_eq!(tenant.default_consistency, Consistency::Quorum as i32);
+    assert_eq!(tenant.conflict_mode, ConflictMode::Siblings as i32);
+    assert_eq!(tenant.max_value_bytes, 1024 * 1024);
+    assert_eq!(tenant.max_siblings, 64);
+    assert_eq!((tenant.rate_limit_ops_per_sec, tenant.rate_limit_burst), (0, 0), "unlimited");
+    assert!(!tenant.strict_quorum);
+
+    let error = admin.create_tenant(create("acme", 1)).await.unwrap_err();
+    assert_eq!((error.code(), reason(&error).as_str()), (Code::AlreadyExists, "TENANT_EXISTS"));
+    for bad in ["Acme", "-x", "a b", "", &"a".repeat(64)] {
+        let error = admin.create_tenant(create(bad, 1)).await.unwrap_err();
+        assert_eq!(
+            (error.code(), reason(&error).as_str()),
+            (Code::InvalidArgument, "INVALID_TENANT_ID"),
+            "{bad:?}"
+        );
+    }
+    for (n, active) in [(8, None), (4, Some("3"))] {
+        let error = admin.create_tenant(create("big", n)).await.unwrap_err();
+        assert_eq!(reason(&error), "INVALID_REPLICATION_FACTOR", "N={n}");
+        let detail = pairdb_service::errors::detail_of(&error).unwrap();
+        assert_eq!(detail.metadata.get("active_nodes").map(String::as_str), active);
+    }
+    let custom = admin
+        .create_tenant(pb::CreateTenantRequest {
+            tenant_id: "lww-1".into(),
+            replication_factor: 1,
+            default_consistency: Consistency::One as i32,
+            conflict_mode: ConflictMode::Lww as i32,
+            rate_limit_ops_per_sec: 50,
+            rate_limit_burst: 0,
+            max_value_bytes: 1000,
+            max_siblings: 2,
+            strict_quorum: true,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(custom.rate_limit_burst, 50, "burst defaults to the rate");
+    assert_eq!(custom.conflict_mode, ConflictMode::Lww as i32);
+    let error = admin
+        .create_tenant(pb::CreateTenantRequest { max_value_bytes: 1 << 40, ..create("huge", 1) })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&error), "INVALID_ARGUMENT");
+    let error = admin
+        .create_tenant(pb::CreateTenantRequest { default_consistency: 42, ..create("x", 1) })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&error), "INVALID_ARGUMENT");
+
+    let got = admin.get_tenant(pb::GetTenantRequest { tenant_id: "acme".into() }).await?.into_inner();
+    assert_eq!(got, tenant);
+    let error = admin.get_tenant(pb::GetTenantRequest { tenant_id: "nobody".into() }).await.unwrap_err();
+    assert_eq!((error.code(), reason(&error).as_str()), (Code::NotFound, "TENANT_NOT_FOUND"));
+    let listed = admin.list_tenants(pb::ListTenantsRequest {}).await?.into_inner().tenants;
+    assert_eq!(listed.iter().map(|t| t.tenant_id.as_str()).collect::<Vec<_>>(), ["acme", "lww-1"]);
+
+    // Settings without N: no migration.
+    let updated = admin
+        .update_tenant(pb::UpdateTenantRequest {
+            tenant_id: "acme".into(),
+            default_consistency: Some(Consistency::All as i32),
+            rate_limit_ops_per_sec: Some(100),
+            strict_quorum: Some(true),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert!(updated.migration_id.is_empty());
+    let updated = updated.tenant.unwrap();
+    assert_eq!(updated.default_consistency, Consistency::All as i32);
+    assert_eq!((updated.rate_limit_ops_per_sec, updated.rate_limit_burst), (100, 100));
+    assert!(updated.strict_quorum);
+
+    // N: a migration, which completes (no data to move).
+    let changed = admin
+        .update_tenant(pb::UpdateTenantRequest {
+            tenant_id: "acme".into(),
+            replication_factor: Some(2),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert!(!changed.migration_id.is_empty());
+    assert_eq!(changed.tenant.unwrap().replication_factor, 2);
+    let migration = wait_migration(&mut admin, &changed.migration_id, pb::MigrationState::Completed).await?;
+    assert_eq!(migration.kind, "replication_factor");
+    assert_eq!(migration.tenant_id, "acme");
+
+    // The seed's UpdateReplicationFactor.
+    let changed = admin
+        .update_replication_factor(pb::UpdateReplicationFactorRequest {
+            tenant_id: "acme".into(),
+            replication_factor: 3,
+        })
+        .await?
+        .into_inner();
+    wait_migration(&mut admin, &changed.migration_id, pb::MigrationState::Completed).await?;
+    for n in [0, 4, 8] {
+        let error = admin
+            .update_replication_factor(pb::UpdateReplicationFactorRequest {
+                tenant_id: "acme".into(),
+                replication_factor: n,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(reason(&error), "INVALID_REPLICATION_FACTOR", "N={n}");
+    }
+    let error = admin
+        .update_replication_factor(pb::UpdateReplicationFactorRequest {
+            tenant_id: "nobody".into(),
+            replication_factor: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&error), "TENANT_NOT_FOUND");
+    let error = admin
+        .update_tenant(pb::UpdateTenantRequest { tenant_id: "BAD".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&error), "INVALID_TENANT_ID");
+
+    admin.delete_tenant(pb::DeleteTenantRequest { tenant_id: "acme".into() }).await?;
+    let error = admin.get_tenant(pb::GetTenantRequest { tenant_id: "acme".into() }).await.unwrap_err();
+    assert_eq!(reason(&error), "TENANT_NOT_FOUND");
+    let error = admin.delete_tenant(pb::DeleteTenantRequest { tenant_id: "acme".into() }).await.unwrap_err();
+    assert_eq!(reason(&error), "TENANT_NOT_FOUND");
+    server.shutdown().await
+}
+
+#[tokio::test]
+async fn api_keys_are_shown_once_and_stored_hashed() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(test_config(dir.path())).await?;
+    let mut admin = server.admin().await?;
+    add_nodes(&mut admin, 1).await?;
+    admin.create_tenant(create("acme", 1)).await?;
+
+    let created = admin
+        .create_api_key(pb::CreateApiKeyRequest { tenant_id: "acme".into(), description: "ci".into() })
+        .await?
+        .into_inner();
+    let key = created.api_key.unwrap();
+    let secret = created.secret;
+    assert!(secret.starts_with(&format!("pdb_{}_", key.key_id)), "{secret}");
+    assert!(secret.len() >= 60);
+    assert_eq!((key.tenant_id.as_str(), key.description.as_str(), key.revoked), ("acme", "ci", false));
+    let second = admin
+        .create_api_key(pb::CreateApiKeyRequest { tenant_id: "acme".into(), description: String::new() })
+        .await?;
+    assert_ne!(second.into_inner().secret, secret);
+
+    let error = admin
+        .create_api_key(pb::CreateApiKeyRequest { tenant_id: "nobody".into(), description: String::new() })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&error), "TENANT_NOT_FOUND");
+    let error = admin
+        .create_api_key(pb::CreateApiKeyRequest { tenant_id: "acme".into(), description: "x".repeat(300) })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&error), "INVALID_ARGUMENT");
+
+    let listed = admin.list_api_keys(pb::ListApiKeysRequest { tenant_id: "acme".into() }).await?.into_inner();
+    assert_eq!(listed.api_keys.len(), 2);
+    assert!(!format!("{listed:?}").contains(&secret), "list responses never carry secrets");
+    let all = admin.list_api_keys(pb::ListApiKeysRequest::default()).await?.into_inner();
+    assert_eq!(all.api_keys.len(), 2);
+    let error = admin.list_api_keys(pb::ListApiKeysRequest { tenant_id: "nobody".into() }).await.unwrap_err();
+    assert_eq!(reason(&error), "TENANT_NOT_FOUND");
+
+    let revoked =
+        admin.revoke_api_key(pb::RevokeApiKeyRequest { key_id: key.key_id.clone() }).await?.into_inner();
+    assert!(revoked.api_key.unwrap().revoked);
+    let again =
+        admin.revoke_api_key(pb::RevokeApiKeyRequest { key_id: key.key_id.clone() }).await?.into_inner();
+    assert!(again.api_key.unwrap().revoked, "revoking twice is idempotent");
+    let error = admin.revoke_api_key(pb::RevokeApiKeyRequest { key_id: "missing".into() }).await.unwrap_err();
+    assert_eq!((error.code(), reason(&error).as_str()), (Code::NotFound, "API_KEY_NOT_FOUND"));
+
+    // The database holds the SHA-256 of the secret and never the secret.
+    server.shutdown().await?;
+    let database = std::fs::read(dir.path().join("meta.db"))?;
+    let wal = std::fs::read(dir.path().join("meta.db-wal")).unwrap_or_default();
+    for bytes in [&database, &wal] {
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "secret found in the SQLite files"
+        );
+    }
+    let hash = pairdb_meta::admin::secret_sha256(&secret);
+    let store = pairdb_meta::persistence::Store::open(&pairdb_meta::persistence::StoreOptions {
+        url: format!("sqlite://{}", dir.path().join("meta.db").display()),
+        timeout: std::time::Duration::from_secs(5),
+        max_connections: 2,
+    })
+    .await?;
+    let mut tx = store.read().await?;
+    let stored = tx.get_api_key(&key.key_id).await?.unwrap();
+    assert_eq!(stored.secret_sha256, hash);
+    Ok(())
+}
+
+#[tokio::test]
+async fn storage_nodes_every_operation_and_error() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(test_config(dir.path())).await?;
+    let mut admin = server.admin().await?;
+
+    // The first node bootstraps the ring: active at once, no migration.
+    let first = admin
+        .add_storage_node(pb::AddStorageNodeRequest {
+            node_id: 0,
+            address: "127.0.0.1:7201".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert!(first.migration_id.is_empty());
+    let node = first.node.unwrap();
+    assert_eq!((node.node_id, node.weight, node.in_ring), (1, 1, true), "id allocated, weight defaulted");
+    assert_eq!(node.status, pb::NodeStatus::Active as i32);
+
+    // Later nodes join through an add_node migration.
+    let second = admin
+        .add_storage_node(pb::AddStorageNodeRequest {
+            node_id: 0,
+            address: "127.0.0.1:7202".into(),
+            zone: String::new(),
+            weight: 2,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(second.node.as_ref().unwrap().node_id, 2);
+    assert_eq!(second.node.as_ref().unwrap().status, pb::NodeStatus::Joining as i32);
+    assert!(!second.node.as_ref().unwrap().in_ring);
+    let migration = wait_migration(&mut admin, &second.migration_id, pb::MigrationState::Completed).await?;
+    assert_eq!((migration.kind.as_str(), migration.node_id), ("add_node", 2));
+    assert_eq!(migration.to_epoch, migration.from_epoch + 1);
+    let progress = migration.progress.unwrap();
+    assert!(progress.partitions_total > 0);
+    assert_eq!(progress.partitions_done, progress.partitions_total);
+    let node = admin.get_storage_node(pb::GetStorageNodeRequest { node_id: 2 }).await?.into_inner();
+    assert_eq!((node.status, node.in_ring, node.weight), (pb::NodeStatus::Active as i32, true, 2));
+    add_nodes_from(&mut admin, 3, 3).await?;
+
+    let error = admin
+        .add_storage_node(pb::AddStorageNodeRequest {
+            node_id: 2,
+            address: "127.0.0.1:9".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!((error.code(), reason(&error).as_str()), (Code::AlreadyExists, "NODE_EXISTS"));
+    for bad in [
+        pb::AddStorageNodeRequest { address: "no-port".into(), ..Default::default() },
+        pb::AddStorageNodeRequest { weight: 5000, ..Default::default() },
+        pb::AddStorageNodeRequest { zone: "a b".into(), ..Default::default() },
+    ] {
+        let error = admin.add_storage_node(bad).await.unwrap_err();
+        assert_eq!(reason(&error), "INVALID_NODE");
+    }
+    let error = admin.get_storage_node(pb::GetStorageNodeRequest { node_id: 99 }).await.unwrap_err();
+    assert_eq!((error.code(), reason(&error).as_str()), (Code::NotFound, "NODE_NOT_FOUND"));
+    let error = admin
+        .remove_storage_node(pb::RemoveStorageNodeRequest { node_id: 99, force: false })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&error), "NODE_NOT_FOUND");
+    let error = admin
+        .update_storage_node(pb::UpdateStorageNodeRequest { node_id: 99, weight: Some(2), zone: None })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&error), "NODE_NOT_FOUND");
+
+    // With N=3 and three active nodes none can go.
+    admin.create_tenant(create("acme", 3)).await?;
+    let error = admin
+        .remove_storage_node(pb::RemoveStorageNodeRequest { node_id: 1, force: false })
+        .await
+        .unwrap_err();
+    assert_eq!((error.code(), reason(&error).as_str()), (Code::FailedPrecondition, "NODE_IN_USE"));
+    let detail = pairdb_service::errors::detail_of(&error).unwrap();
+    assert_eq!(detail.metadata.get("required_nodes").map(String::as_str), Some("3"));
+
+    // Weight change: a node_weight migration.
+    let reweighted = admin
+        .update_storage_node(pb::UpdateStorageNodeRequest { node_id: 3, weight: Some(3), zone: None })
+        .await?
+        .into_inner();
+    assert_eq!(reweighted.node.unwrap().weight, 3);
+    let migration =
+        wait_migration(&mut admin, &reweighted.migration_id, pb::MigrationState::Completed).await?;
+    assert_eq!(migration.kind, "node_weight");
+    let unchanged = admin
+        .update_storage_node(pb::UpdateStorageNodeRequest { node_id: 3, weight: Some(3), zone: None })
+        .await?
+        .into_inner();
+    assert!(unchanged.migration_id.is_empty(), "no change, no migration");
+
+    // Drain node 4 (added now), force-remove node 5.
+    add_nodes_from(&mut admin, 4, 5).await?;
+    let drained = admin
+        .remove_storage_node(pb::RemoveStorageNodeRequest { node_id: 4, force: false })
+        .await?
+        .into_inner();
+    assert_eq!(drained.node.as_ref().unwrap().status, pb::NodeStatus::Leaving as i32);
+    let migration = wait_migration(&mut admin, &drained.migration_id, pb::MigrationState::Completed).await?;
+    assert_eq!(migration.kind, "drain_node");
+    let removed = admin
+        .remove_storage_node(pb::RemoveStorageNodeRequest { node_id: 5, force: true })
+        .await?
+        .into_inner();
+    let migration = wait_migration(&mut admin, &removed.migration_id, pb::MigrationState::Completed).await?;
+    assert_eq!(migration.kind, "remove_node");
+    for id in [4, 5] {
+        let node = admin.get_storage_node(pb::GetStorageNodeRequest { node_id: id }).await?.into_inner();
+        assert_eq!((node.status, node.in_ring), (pb::NodeStatus::Removed as i32, false), "node {id}");
+    }
+    let error = admin
+        .remove_storage_node(pb::RemoveStorageNodeRequest { node_id: 4, force: false })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&error), "NODE_NOT_FOUND", "removed nodes cannot be removed again");
+
+    let nodes = admin.list_storage_nodes(pb::ListStorageNodesRequest {}).await?.into_inner().nodes;
+    assert_eq!(nodes.iter().map(|n| n.node_id).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+    assert_eq!(nodes.iter().filter(|n| n.in_ring).count(), 3);
+
+    // Migrations: listed newest first; unknown ids; finished ones cannot be cancelled.
+    let migrations = admin.list_migrations(pb::ListMigrationsRequest {}).await?.into_inner().migrations;
+    assert_eq!(migrations.first().map(|m| m.migration_id.as_str()), Some(removed.migration_id.as_str()));
+    assert!(migrations.iter().all(|m| m.state == pb::MigrationState::Completed as i32));
+    let error =
+        admin.get_migration(pb::GetMigrationRequest { migration_id: "mig-nope".into() }).await.unwrap_err();
+    assert_eq!((error.code(), reason(&error).as_str()), (Code::NotFound, "MIGRATION_NOT_FOUND"));
+    let error = admin
+        .cancel_migration(pb::CancelMigrationRequest { migration_id: "mig-nope".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&error), "MIGRATION_NOT_FOUND");
+    let error = admin
+        .cancel_migration(pb::CancelMigrationRequest { migration_id: removed.migration_id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!((error.code(), reason(&error).as_str()), (Code::FailedPrecondition, "MIGRATION_FINISHED"));
+    server.shutdown().await
+}
+
+async fn add_nodes_from(admin: &mut common::Admin, first: u32, last: u32) -> anyhow::Result<()> {
+    for id in first..=last {
+        let response = admin
+            .add_storage_node(pb::AddStorageNodeRequest {
+                node_id: id,
+                address: format!("127.0.0.1:{}", 7200 + id),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        wait_migration(admin, &response.migration_id, pb::MigrationState::Completed).await?;
+    }
+    Ok(())
+}
+
+/// Migrations queue one at a time, report progress while running, and cancelling a running one
+/// discards its pending topology and restores what it changed.
+#[tokio::test]
+async fn migrations_queue_run_and_cancel() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mover = Arc::new(common::GatedMover::default());
+    let server = Server::start_with_mover(test_config(dir.path()), mover.clone()).await?;
+    let mut admin = server.admin().await?;
+    add_nodes(&mut admin, 1).await?; // bootstrap: no migration, so the gate does not matter
+
+    let adding = admin
+        .add_storage_node(pb::AddStorageNodeRequest {
+            node_id: 2,
+            address: "127.0.0.1:7202".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let queued = admin
+        .add_storage_node(pb::AddStorageNodeRequest {
+            node_id: 3,
+            address: "127.0.0.1:7203".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let running = wait_migration(&mut admin, &adding.migration_id, pb::MigrationState::Running).await?;
+    assert_eq!(running.to_epoch, running.from_epoch + 1);
+    let second = admin
+        .get_migration(pb::GetMigrationRequest { migration_id: queued.migration_id.clone() })
+        .await?
+        .into_inner();
+    assert_eq!(second.state, pb::MigrationState::Pending as i32, "one migration runs at a time");
+
+    // Removing a node whose add_node migration is still queued cancels that migration and needs no
+    // migration of its own.
+    let joining = admin
+        .add_storage_node(pb::AddStorageNodeRequest {
+            node_id: 4,
+            address: "127.0.0.1:7204".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let removed = admin
+        .remove_storage_node(pb::RemoveStorageNodeRequest { node_id: 4, force: false })
+        .await?
+        .into_inner();
+    assert!(removed.migration_id.is_empty());
+    assert_eq!(removed.node.unwrap().status, pb::NodeStatus::Removed as i32);
+    let dropped = admin
+        .get_migration(pb::GetMigrationRequest { migration_id: joining.migration_id })
+        .await?
+        .into_inner();
+    assert_eq!(dropped.state, pb::MigrationState::Cancelled as i32);
+
+    // Cancel the running one: node 2 is removed, the ring stays as it was.
+    let cancelled = admin
+        .cancel_migration(pb::CancelMigrationRequest { migration_id: adding.migration_id.clone() })
+        .await?
+        .into_inner();
+    assert_eq!(cancelled.state, pb::MigrationState::Cancelled as i32);
+    let again = admin
+        .cancel_migration(pb::CancelMigrationRequest { migration_id: adding.migration_id.clone() })
+        .await?
+        .into_inner();
+    assert_eq!(again.state, pb::MigrationState::Cancelled as i32, "cancelling twice is idempotent");
+    let node = admin.get_storage_node(pb::GetStorageNodeRequest { node_id: 2 }).await?.into_inner();
+    assert_eq!((node.status, node.in_ring), (pb::NodeStatus::Removed as i32, false));
+
+    // The queued one runs next, and completes once data movement is allowed.
+    wait_migration(&mut admin, &queued.migration_id, pb::MigrationState::Running).await?;
+    mover.release();
+    let done = wait_migration(&mut admin, &queued.migration_id, pb::MigrationState::Completed).await?;
+    let progress = done.progress.unwrap();
+    assert_eq!(progress.partitions_done, progress.partitions_total);
+    assert_eq!(progress.keys_done, 2 * progress.partitions_total, "the mover's counts are reported");
+    assert!(mover.moves.load(Ordering::SeqCst) >= progress.partitions_total);
+    assert!(done.to_epoch > running.to_epoch, "a cancelled epoch is never reused");
+    let node = admin.get_storage_node(pb::GetStorageNodeRequest { node_id: 3 }).await?.into_inner();
+    assert_eq!((node.status, node.in_ring), (pb::NodeStatus::Active as i32, true));
+
+    // A replication-factor change runs as a migration; while it runs the tenant reports the factor
+    // reads still use, and a second change is refused.
+    admin.create_tenant(create("acme", 1)).await?;
+    mover.close();
+    let raised = admin
+        .update_replication_factor(pb::UpdateReplicationFactorRequest {
+            tenant_id: "acme".into(),
+            replication_factor: 2,
+        })
+        .await?
+        .into_inner();
+    wait_migration(&mut admin, &raised.migration_id, pb::MigrationState::Running).await?;
+    let tenant = common::http(server.addr, "GET", "/v1/tenants/acme", Some(ADMIN_TOKEN), None).await?.json();
+    assert_eq!(
+        (tenant["replication_factor"].as_u64(), tenant["previous_replication_factor"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let error = admin
+        .update_replication_factor(pb::UpdateReplicationFactorRequest {
+            tenant_id: "acme".into(),
+            replication_factor: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!((error.code(), reason(&error).as_str()), (Code::FailedPrecondition, "MIGRATION_IN_PROGRESS"));
+    let error = admin
+        .remove_storage_node(pb::RemoveStorageNodeRequest { node_id: 3, force: false })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&error), "NODE_IN_USE", "the migrating tenant needs both nodes");
+    mover.release();
+    wait_migration(&mut admin, &raised.migration_id, pb::MigrationState::Completed).await?;
+    let tenant = common::http(server.addr, "GET", "/v1/tenants/acme", Some(ADMIN_TOKEN), None).await?.json();
+    assert_eq!(tenant["previous_replication_factor"].as_u64(), Some(0));
+
+    server.shutdown().await
+}
+
+#[tokio::test]
+async fn unauthenticated_requests_are_rejected() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(test_config(dir.path())).await?;
+    let channel = common::channel(server.addr).await?;
+    let mut anonymous = AdminServiceClient::new(channel.clone());
+    let error = anonymous.list_tenants(pb::ListTenantsRequest {}).await.unwrap_err();
+    assert_eq!((error.code(), reason(&error).as_str()), (Code::Unauthenticated, "UNAUTHENTICATED"));
+
+    let mut wrong = AdminServiceClient::with_interceptor(channel, |mut request: tonic::Request<()>| {
+        request.metadata_mut().insert("authorization", "Bearer not-the-token".parse().unwrap());
+        Ok(request)
+    });
+    let error = wrong.create_tenant(create("acme", 1)).await.unwrap_err();
+    assert_eq!(reason(&error), "UNAUTHENTICATED");
+
+    // The right token works; the cluster API and health need none.
+    let mut admin = server.admin().await?;
+    assert!(admin.list_tenants(pb::ListTenantsRequest {}).await.is_ok());
+    assert!(!ADMIN_TOKEN.is_empty());
+    server.shutdown().await
+}

@@ -1,0 +1,511 @@
+//! The persistence conformance suite: the same test bodies run against SQLite (a temporary file) and
+//! PostgreSQL (a fresh schema on `PAIRDB_TEST_POSTGRES_URL`; skipped with a message when unset).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pairdb_core::quorum::Consistency;
+use pairdb_core::ring::{Assignment, NodeId, NodeSpec};
+use pairdb_core::token::PartitionCount;
+use pairdb_meta::model::{
+    ApiKey, ConflictMode, Membership, Migration, MigrationKind, MigrationProgress, MigrationState, NodeStats,
+    StorageNode, Tenant, Topology,
+};
+use pairdb_meta::persistence::{Backend, ChangeKind, PersistenceError, Store, StoreOptions};
+
+/// Keeps the backing database alive for the test's duration.
+#[allow(dead_code)]
+enum Guard {
+    Dir(tempfile::TempDir),
+    Schema(common::PgSchema),
+}
+
+const Q: u32 = 64;
+
+fn partitions() -> PartitionCount {
+    PartitionCount::new(Q).unwrap()
+}
+
+async fn open(url: String) -> Store {
+    let store = Store::open(&StoreOptions { url, timeout: Duration::from_secs(10), max_connections: 8 })
+        .await
+        .unwrap();
+    store.initialize(partitions(), 1_000).await.unwrap();
+    store
+}
+
+async fn sqlite_store() -> (Store, Guard) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("meta.db").display());
+    let store = open(url).await;
+    assert_eq!(store.backend(), Backend::Sqlite);
+    (store, Guard::Dir(dir))
+}
+
+async fn postgres_store() -> Option<(Store, Guard)> {
+    let base = common::postgres_url()?;
+    let schema = common::PgSchema::create(&base).await.unwrap();
+    let store = open(schema.url()).await;
+    assert_eq!(store.backend(), Backend::Postgres);
+    Some((store, Guard::Schema(schema)))
+}
+
+/// One `#[tokio::test]` per body and backend.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let (store, _guard) = super::sqlite_store().await;
+                    super::$name(store).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some((store, _guard)) = super::postgres_store().await else { return };
+                    super::$name(store).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    initialization_is_idempotent_and_fixes_the_partition_count,
+    tenants_round_trip,
+    api_keys_round_trip,
+    storage_nodes_round_trip,
+    heartbeats_and_liveness,
+    topology_versions_round_trip,
+    migrations_round_trip,
+    change_log_is_contiguous_and_transactional,
+    concurrent_writers_get_distinct_contiguous_revisions,
+    snapshot_reflects_committed_state,
+);
+
+fn tenant(id: &str) -> Tenant {
+    Tenant {
+        tenant_id: id.to_owned(),
+        replication_factor: 3,
+        previous_replication_factor: 0,
+        default_consistency: Consistency::Quorum,
+        conflict_mode: ConflictMode::Siblings,
+        rate_limit_ops_per_sec: 100,
+        rate_limit_burst: 200,
+        max_value_bytes: 1 << 20,
+        max_siblings: 64,
+        strict_quorum: false,
+        created_at_ms: 10,
+        updated_at_ms: 10,
+    }
+}
+
+fn node(id: u32) -> StorageNode {
+    StorageNode {
+        node_id: id,
+        address: format!("10.0.0.{id}:7200"),
+        zone: format!("z{}", id % 3),
+        weight: 1,
+        membership: Membership::Joining,
+        alive: true,
+        last_heartbeat_ms: 0,
+        actor_id: u64::MAX - u64::from(id),
+        data_format_version: 1,
+        stats: NodeStats::default(),
+        created_at_ms: 5,
+        updated_at_ms: 5,
+    }
+}
+
+fn migration(id: &str, seq: u64, kind: MigrationKind) -> Migration {
+    Migration {
+        migration_id: id.to_owned(),
+        seq,
+        kind,
+        state: MigrationState::Pending,
+        node_id: 4,
+        tenant_id: String::new(),
+        old_value: 0,
+        new_value: 1,
+        from_epoch: 0,
+        to_epoch: 0,
+        progress: MigrationProgress::default(),
+        done_bitmap: vec![0; (Q / 8) as usize],
+        error: String::new(),
+        created_at_ms: 7,
+        updated_at_ms: 7,
+        started_at_ms: 0,
+        finished_at_ms: 0,
+    }
+}
+
+fn assignment(ids: &[u32]) -> Arc<Assignment> {
+    let nodes: Vec<NodeSpec> = ids.iter().map(|&id| NodeSpec::new(NodeId(id), 1)).collect();
+    Arc::new(Assignment::compute(None, &nodes, partitions()).unwrap())
+}
+
+async fn initialization_is_idempotent_and_fixes_the_partition_count(store: Store) {
+    // A second start (a second replica, or a restart with another --partition-count) keeps Q.
+    let again = store.initialize(PartitionCount::new(1024).unwrap(), 2_000).await.unwrap();
+    assert_eq!(again.partition_count.get(), Q);
+    assert_eq!(again.created_at_ms, 1_000);
+    assert_eq!((again.revision, again.current_epoch, again.pending_epoch), (0, 0, 0));
+    store.ping().await.unwrap();
+}
+
+async fn tenants_round_trip(store: Store) {
+    let mut tx = store.write().await.unwrap();
+    assert!(tx.insert_tenant(&tenant("beta")).await.unwrap());
+    assert!(tx.insert_tenant(&tenant("alpha")).await.unwrap());
+    assert!(!tx.insert_tenant(&tenant("alpha")).await.unwrap(), "duplicate id must not insert");
+    tx.commit().await.unwrap();
+
+    let mut tx = store.write().await.unwrap();
+    let mut updated = tenant("alpha");
+    updated.replication_factor = 5;
+    updated.previous_replication_factor = 3;
+    updated.default_consistency = Consistency::All;
+    updated.conflict_mode = ConflictMode::Lww;
+    updated.max_value_bytes = 4 << 20;
+    updated.strict_quorum = true;
+    updated.updated_at_ms = 99;
+    assert!(tx.update_tenant(&updated).await.unwrap());
+    assert!(!tx.update_tenant(&tenant("missing")).await.unwrap());
+    tx.commit().await.unwrap();
+
+    let mut tx = store.read().await.unwrap();
+    let loaded = tx.get_tenant("alpha").await.unwrap().unwrap();
+    assert_eq!(loaded, Tenant { created_at_ms: 10, ..updated });
+    let ids: Vec<String> = tx.list_tenants().await.unwrap().into_iter().map(|t| t.tenant_id).collect();
+    assert_eq!(ids, ["alpha", "beta"]);
+    assert_eq!(tx.get_tenant("missing").await.unwrap(), None);
+    tx.commit().await.unwrap();
+
+    let mut tx = store.write().await.unwrap();
+    assert!(tx.delete_tenant("beta").await.unwrap());
+    assert!(!tx.delete_tenant("beta").await.unwrap());
+    tx.commit().await.unwrap();
+    let mut tx = store.read().await.unwrap();
+    assert_eq!(tx.list_tenants().await.unwrap().len(), 1);
+}
+
+async fn api_keys_round_trip(store: Store) {
+    let key = |id: &str, tenant: &str| ApiKey {
+        key_id: id.to_owned(),
+        tenant_id: tenant.to_owned(),
+        secret_sha256: format!("{:064x}", id.len()),
+        description: format!("key {id}"),
+        created_at_ms: 1,
+        revoked_at_ms: 0,
+    };
+    let mut tx = store.write().await.unwrap();
+    assert!(tx.insert_api_key(&key("k1", "t1")).await.unwrap());
+    assert!(tx.insert_api_key(&key("k2", "t1")).await.unwrap());
+    assert!(tx.insert_api_key(&key("k3", "t2")).await.unwrap());
+    assert!(!tx.insert_api_key(&key("k3", "t2")).await.unwrap());
+    tx.commit().await.unwrap();
+
+    let mut tx = store.write().await.unwrap();
+    assert!(tx.revoke_api_key("k2", 50).await.unwrap());
+    assert!(!tx.revoke_api_key("k2", 60).await.unwrap(), "revoking twice changes nothing");
+    assert!(!tx.revoke_api_key("nope", 60).await.unwrap());
+    tx.commit().await.unwrap();
+
+    let mut tx = store.read().await.unwrap();
+    assert_eq!(tx.get_api_key("k1").await.unwrap(), Some(key("k1", "t1")));
+    let revoked = tx.get_api_key("k2").await.unwrap().unwrap();
+    assert!(revoked.revoked());
+    assert_eq!(revoked.revoked_at_ms, 50);
+    assert_eq!(tx.list_api_keys(Some("t1")).await.unwrap().len(), 2);
+    assert_eq!(tx.list_api_keys(None).await.unwrap().len(), 3);
+    tx.commit().await.unwrap();
+
+    let mut tx = store.write().await.unwrap();
+    assert_eq!(tx.delete_api_keys_of_tenant("t1").await.unwrap(), ["k1"], "only active keys are reported");
+    tx.commit().await.unwrap();
+    let mut tx = store.read().await.unwrap();
+    assert_eq!(tx.list_api_keys(None).await.unwrap().len(), 1);
+}
+
+async fn storage_nodes_round_trip(store: Store) {
+    let mut tx = store.write().await.unwrap();
+    assert_eq!(tx.max_node_id().await.unwrap(), 0);
+    tx.upsert_node(&node(2)).await.unwrap();
+    tx.upsert_node(&node(9)).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let mut tx = store.write().await.unwrap();
+    assert_eq!(tx.max_node_id().await.unwrap(), 9);
+    let mut changed = node(2);
+    changed.membership = Membership::Active;
+    changed.weight = 3;
+    changed.zone = "eu-1".into();
+    changed.address = "10.1.1.1:7000".into();
+    changed.actor_id = 42;
+    changed.updated_at_ms = 77;
+    assert!(tx.update_node(&changed).await.unwrap());
+    assert!(!tx.update_node(&node(5)).await.unwrap());
+    tx.commit().await.unwrap();
+
+    let mut tx = store.read().await.unwrap();
+    assert_eq!(tx.get_node(2).await.unwrap().unwrap(), changed);
+    assert_eq!(
+        tx.get_node(9).await.unwrap().unwrap().actor_id,
+        u64::MAX - 9,
+        "u64 actor ids survive i64 storage"
+    );
+    assert_eq!(tx.get_node(5).await.unwrap(), None);
+    let ids: Vec<u32> = tx.list_nodes().await.unwrap().into_iter().map(|n| n.node_id).collect();
+    assert_eq!(ids, [2, 9]);
+    tx.commit().await.unwrap();
+
+    // Re-adding a removed node replaces its row.
+    let mut tx = store.write().await.unwrap();
+    let mut removed = changed.clone();
+    removed.membership = Membership::Removed;
+    tx.update_node(&removed).await.unwrap();
+    let mut again = node(2);
+    again.created_at_ms = 1234;
+    tx.upsert_node(&again).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = store.read().await.unwrap();
+    assert_eq!(tx.get_node(2).await.unwrap().unwrap(), again);
+}
+
+async fn heartbeats_and_liveness(store: Store) {
+    let mut tx = store.write().await.unwrap();
+    tx.upsert_node(&node(1)).await.unwrap();
+    let mut removed = node(2);
+    removed.membership = Membership::Removed;
+    tx.upsert_node(&removed).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let stats = NodeStats {
+        keys: 10,
+        live_bytes: 20,
+        disk_free_bytes: 30,
+        hints_pending: 4,
+        write_path_poisoned: true,
+    };
+    assert_eq!(store.record_heartbeat(1, &stats, 1_000).await.unwrap(), Some(true));
+    assert_eq!(store.record_heartbeat(2, &stats, 1_000).await.unwrap(), None, "removed nodes are unknown");
+    assert_eq!(store.record_heartbeat(3, &stats, 1_000).await.unwrap(), None);
+
+    // A heartbeat newer than the cutoff keeps the node alive; an older one does not.
+    let mut tx = store.write().await.unwrap();
+    assert!(!tx.mark_node_dead(1, 1_000, 2_000).await.unwrap());
+    assert!(tx.mark_node_dead(1, 1_001, 2_000).await.unwrap());
+    assert!(!tx.mark_node_dead(1, 5_000, 2_000).await.unwrap(), "already dead");
+    tx.commit().await.unwrap();
+    assert_eq!(store.record_heartbeat(1, &stats, 3_000).await.unwrap(), Some(false));
+
+    let mut tx = store.write().await.unwrap();
+    // Configuration updates leave the heartbeat and stats alone.
+    let mut loaded = tx.get_node(1).await.unwrap().unwrap();
+    assert_eq!(loaded.stats, stats);
+    assert_eq!(loaded.last_heartbeat_ms, 3_000);
+    loaded.weight = 2;
+    loaded.last_heartbeat_ms = 0;
+    tx.update_node(&loaded).await.unwrap();
+    assert!(tx.mark_node_alive(1, 3_001).await.unwrap());
+    assert!(!tx.mark_node_alive(1, 3_002).await.unwrap());
+    tx.set_last_heartbeat(1, 4_000).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = store.read().await.unwrap();
+    let loaded = tx.get_node(1).await.unwrap().unwrap();
+    assert!(loaded.alive);
+    assert_eq!((loaded.weight, loaded.last_heartbeat_ms), (2, 4_000));
+}
+
+async fn topology_versions_round_trip(store: Store) {
+    let first = Topology { epoch: 1, assignment: assignment(&[1, 2, 3]) };
+    let second = Topology { epoch: 2, assignment: assignment(&[1, 2, 3, 4, 5, 6, 7, 8]) };
+    let mut tx = store.write().await.unwrap();
+    assert_eq!(tx.max_epoch().await.unwrap(), 0);
+    tx.insert_topology(&first).await.unwrap();
+    tx.insert_topology(&second).await.unwrap();
+    tx.set_epochs(1, 2).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let mut tx = store.read().await.unwrap();
+    assert_eq!(tx.max_epoch().await.unwrap(), 2);
+    assert_eq!(tx.get_topology(1).await.unwrap().unwrap(), first);
+    let loaded = tx.require_topology(2).await.unwrap();
+    assert_eq!(loaded, second);
+    assert_eq!(loaded.assignment.list_len(), 7);
+    assert_eq!(tx.get_topology(3).await.unwrap(), None);
+    assert!(matches!(tx.require_topology(3).await, Err(PersistenceError::Corrupt(_))));
+    let state = tx.meta_state().await.unwrap();
+    assert_eq!((state.current_epoch, state.pending_epoch), (1, 2));
+    tx.commit().await.unwrap();
+
+    // Epochs are unique: writing one twice fails and leaves the stored version intact.
+    let mut tx = store.write().await.unwrap();
+    assert!(tx.insert_topology(&Topology { epoch: 1, assignment: assignment(&[9]) }).await.is_err());
+    drop(tx);
+    let mut tx = store.read().await.unwrap();
+    assert_eq!(tx.get_topology(1).await.unwrap().unwrap(), first);
+}
+
+async fn migrations_round_trip(store: Store) {
+    let mut tx = store.write().await.unwrap();
+    assert_eq!(tx.next_migration_seq().await.unwrap(), 1);
+    tx.insert_migration(&migration("m1", 1, MigrationKind::AddNode)).await.unwrap();
+    let mut rf = migration("m2", 2, MigrationKind::ReplicationFactor);
+    rf.tenant_id = "acme".into();
+    rf.old_value = 3;
+    rf.new_value = 5;
+    tx.insert_migration(&rf).await.unwrap();
+    tx.insert_migration(&migration("m3", 3, MigrationKind::DrainNode)).await.unwrap();
+    assert_eq!(tx.next_migration_seq().await.unwrap(), 4);
+    tx.commit().await.unwrap();
+
+    let mut tx = store.write().await.unwrap();
+    let mut running = tx.get_migration("m1").await.unwrap().unwrap();
+    running.state = MigrationState::Running;
+    running.from_epoch = 1;
+    running.to_epoch = 2;
+    running.progress = MigrationProgress {
+        partitions_total: 10,
+        partitions_done: 3,
+        keys_total: 5,
+        keys_done: 4,
+        bytes_done: 9,
+    };
+    running.mark_partition_done(0);
+    running.mark_partition_done(63);
+    running.started_at_ms = 11;
+    assert!(tx.update_migration(&running).await.unwrap());
+    let mut cancelled = tx.get_migration("m3").await.unwrap().unwrap();
+    cancelled.state = MigrationState::Cancelled;
+    cancelled.error = "cancelled by an operator".into();
+    cancelled.finished_at_ms = 12;
+    tx.update_migration(&cancelled).await.unwrap();
+    assert!(!tx.update_migration(&migration("nope", 9, MigrationKind::NodeWeight)).await.unwrap());
+    tx.commit().await.unwrap();
+
+    let mut tx = store.read().await.unwrap();
+    let loaded = tx.get_migration("m1").await.unwrap().unwrap();
+    assert_eq!(loaded, running);
+    assert!(loaded.partition_done(0) && loaded.partition_done(63) && !loaded.partition_done(1));
+    assert_eq!(tx.get_migration("m2").await.unwrap().unwrap(), rf);
+    assert_eq!(tx.get_migration("nope").await.unwrap(), None);
+    let unfinished: Vec<String> =
+        tx.unfinished_migrations().await.unwrap().into_iter().map(|m| m.migration_id).collect();
+    assert_eq!(unfinished, ["m1", "m2"], "queue order, finished ones excluded");
+    let all: Vec<String> = tx.list_migrations().await.unwrap().into_iter().map(|m| m.migration_id).collect();
+    assert_eq!(all, ["m3", "m2", "m1"], "newest first");
+}
+
+async fn change_log_is_contiguous_and_transactional(store: Store) {
+    let mut tx = store.write().await.unwrap();
+    tx.set_now(5);
+    assert_eq!(tx.record_change(ChangeKind::Tenant, "a").await.unwrap(), 1);
+    assert_eq!(tx.record_change(ChangeKind::Node, "3").await.unwrap(), 2);
+    assert_eq!(tx.record_change(ChangeKind::TopologyCurrent, "1").await.unwrap(), 3);
+    assert_eq!(tx.commit().await.unwrap(), Some(3));
+
+    // A write transaction without changes commits no revision.
+    let tx = store.write().await.unwrap();
+    assert_eq!(tx.commit().await.unwrap(), None);
+
+    // A rolled-back transaction leaves neither rows nor a revision behind.
+    let mut tx = store.write().await.unwrap();
+    tx.record_change(ChangeKind::TenantDeleted, "a").await.unwrap();
+    drop(tx);
+
+    let mut tx = store.write().await.unwrap();
+    assert_eq!(tx.revision(), 3);
+    assert_eq!(tx.record_change(ChangeKind::ApiKeyRevoked, "k").await.unwrap(), 4);
+    tx.commit().await.unwrap();
+
+    let mut tx = store.read().await.unwrap();
+    assert!(tx.record_change(ChangeKind::Tenant, "x").await.is_err(), "read transactions record nothing");
+    let changes = tx.changes_after(0, 100).await.unwrap();
+    let summary: Vec<(u64, ChangeKind, &str)> =
+        changes.iter().map(|c| (c.revision, c.kind, c.entity.as_str())).collect();
+    assert_eq!(
+        summary,
+        [
+            (1, ChangeKind::Tenant, "a"),
+            (2, ChangeKind::Node, "3"),
+            (3, ChangeKind::TopologyCurrent, "1"),
+            (4, ChangeKind::ApiKeyRevoked, "k"),
+        ]
+    );
+    assert_eq!(tx.changes_after(2, 1).await.unwrap().len(), 1);
+    assert_eq!(tx.meta_state().await.unwrap().revision, 4);
+    tx.commit().await.unwrap();
+
+    let mut tx = store.write().await.unwrap();
+    assert_eq!(tx.prune_changes(2).await.unwrap(), 2);
+    tx.commit().await.unwrap();
+    let mut tx = store.read().await.unwrap();
+    assert_eq!(tx.changes_after(0, 100).await.unwrap().first().map(|c| c.revision), Some(3));
+}
+
+async fn concurrent_writers_get_distinct_contiguous_revisions(store: Store) {
+    let writers: Vec<_> = (0..8)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut tx = store.write().await.unwrap();
+                tx.record_change(ChangeKind::Tenant, &format!("t{i}")).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                tx.record_change(ChangeKind::Node, &i.to_string()).await.unwrap();
+                tx.commit().await.unwrap().unwrap()
+            })
+        })
+        .collect();
+    let mut last: Vec<u64> = Vec::new();
+    for writer in writers {
+        last.push(writer.await.unwrap());
+    }
+    last.sort_unstable();
+    assert_eq!(last, [2, 4, 6, 8, 10, 12, 14, 16], "each writer got two consecutive revisions");
+    let mut tx = store.read().await.unwrap();
+    let changes = tx.changes_after(0, 100).await.unwrap();
+    assert_eq!(changes.iter().map(|c| c.revision).collect::<Vec<_>>(), (1..=16).collect::<Vec<_>>());
+    // The two changes of one transaction are adjacent.
+    for pair in changes.chunks(2) {
+        assert_eq!(pair[0].kind, ChangeKind::Tenant);
+        assert_eq!(pair[1].kind, ChangeKind::Node);
+        assert_eq!(pair[0].entity.trim_start_matches('t'), pair[1].entity);
+    }
+}
+
+async fn snapshot_reflects_committed_state(store: Store) {
+    let mut tx = store.write().await.unwrap();
+    tx.insert_tenant(&tenant("acme")).await.unwrap();
+    tx.upsert_node(&node(1)).await.unwrap();
+    let active = ApiKey {
+        key_id: "k1".into(),
+        tenant_id: "acme".into(),
+        secret_sha256: "ab".repeat(32),
+        description: String::new(),
+        created_at_ms: 1,
+        revoked_at_ms: 0,
+    };
+    tx.insert_api_key(&active).await.unwrap();
+    tx.insert_api_key(&ApiKey { key_id: "k2".into(), revoked_at_ms: 9, ..active.clone() }).await.unwrap();
+    tx.insert_topology(&Topology { epoch: 1, assignment: assignment(&[1]) }).await.unwrap();
+    tx.set_epochs(1, 0).await.unwrap();
+    tx.record_change(ChangeKind::Tenant, "acme").await.unwrap();
+    tx.commit().await.unwrap();
+
+    let snapshot = store.load_snapshot().await.unwrap();
+    assert_eq!(snapshot.state.revision, 1);
+    assert_eq!(snapshot.tenants.len(), 1);
+    assert_eq!(snapshot.nodes.len(), 1);
+    assert_eq!(snapshot.api_keys, [active], "revoked keys are not in the snapshot");
+    assert_eq!(snapshot.current.as_ref().map(|t| t.epoch), Some(1));
+    assert!(snapshot.pending.is_none());
+}
