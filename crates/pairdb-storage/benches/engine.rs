@@ -105,8 +105,10 @@ fn restart_with_a_million_keys() {
     {
         let engine = open(dir.path(), SyncMode::Periodic { interval_ms: 100 });
         for chunk in (0..1_000_000u32).collect::<Vec<_>>().chunks(10_000) {
-            let batch: Vec<_> =
-                chunk.iter().map(|i| (RecordKey::new(q, "restart", &format!("k{i:07}")), set.clone())).collect();
+            let batch: Vec<_> = chunk
+                .iter()
+                .map(|i| (RecordKey::new(q, "restart", &format!("k{i:07}")), set.clone()))
+                .collect();
             engine.merge_batch(&batch).unwrap();
         }
         engine.sync_now().unwrap();
@@ -117,5 +119,8 @@ fn restart_with_a_million_keys() {
     let probe = RecordKey::new(q, "restart", "k0999999");
     assert!(engine.get(&probe).unwrap().is_some());
     println!();
-    println!("reopen with 1,000,000 keys after a clean shutdown: {:.0} ms to ready", opened.as_secs_f64() * 1000.0);
+    println!(
+        "reopen with 1,000,000 keys after a clean shutdown: {:.0} ms to ready",
+        opened.as_secs_f64() * 1000.0
+    );
 }

@@ -9,10 +9,10 @@
 //! - Read-merge-write of one key is atomic on this node: it runs under the key's stripe lock, so
 //!   concurrent writes to one key never lose each other's siblings while different keys proceed in
 //!   parallel.
-//! - Nothing is acknowledged before it reached the OS (fjall flushes its journal buffer on every write,
-//!   so an acknowledged write survives `kill -9`). With [`SyncMode::Always`] it is also fsynced before
-//!   the acknowledgement; concurrent writers share one fsync (group commit). With
-//!   [`SyncMode::Periodic`] a background thread fsyncs every interval.
+//! - Nothing is acknowledged before it reached the OS: after writing, a request waits until the
+//!   journal was flushed to the OS past its write (so an acknowledged write survives `kill -9`); with
+//!   [`SyncMode::Always`] it waits for an fsync instead. Concurrent writers share one flush / fsync
+//!   (group commit). With [`SyncMode::Periodic`] a background thread also fsyncs every interval.
 //! - A failed write or fsync poisons the write path for good: writes fail with WRITE_PATH_POISONED,
 //!   reads go on, readiness reports the reason. A failed fsync is never retried (the page cache may
 //!   have dropped the dirty pages; see "Can applications recover from fsync failures?", ATC '20).
@@ -148,7 +148,13 @@ impl Engine {
         let (identity, _created) = identity::load_or_create(&config.data_dir, config.node_id)?;
         let engine_dir = config.data_dir.join("engine");
         let open_err = |source| EngineError::Open { dir: engine_dir.clone(), source };
-        let db = Database::builder(&engine_dir).cache_size(config.cache_bytes).open().map_err(open_err)?;
+        // Journal flushes are ours (group commit in `make_durable`): fjall then buffers each write and we
+        // hand a whole group to the OS (and, with `always`, to the disk) in one call.
+        let db = Database::builder(&engine_dir)
+            .cache_size(config.cache_bytes)
+            .manual_journal_persist(true)
+            .open()
+            .map_err(open_err)?;
         let records = db.keyspace("records", KeyspaceCreateOptions::default).map_err(open_err)?;
         let hints = db.keyspace("hints", KeyspaceCreateOptions::default).map_err(open_err)?;
         let stripes = (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect();
@@ -507,22 +513,24 @@ impl Engine {
         })
     }
 
+    /// Waits until this thread's writes reached the OS (`periodic`) or the disk (`always`). Writers
+    /// share the work: one of them flushes (or fsyncs) the journal for every write issued before it
+    /// started, so a burst of writers costs one syscall, not one each.
     fn make_durable(&self) -> Result<(), EngineError> {
-        match self.sync {
-            SyncMode::Periodic { .. } => Ok(()),
-            SyncMode::Always => {
-                let ticket = self.commit.take_ticket();
-                self.commit
-                    .wait_durable(ticket, || {
-                        self.db.persist(PersistMode::SyncData).map_err(|error| {
-                            let reason = format!("fsync failed: {error:?}");
-                            self.poison_with(reason.clone());
-                            reason
-                        })
-                    })
-                    .map_err(EngineError::Poisoned)
-            }
-        }
+        let mode = match self.sync {
+            SyncMode::Periodic { .. } => PersistMode::Buffer,
+            SyncMode::Always => PersistMode::SyncData,
+        };
+        let ticket = self.commit.take_ticket();
+        self.commit
+            .wait_durable(ticket, || {
+                self.db.persist(mode).map_err(|error| {
+                    let reason = format!("journal {mode:?} failed: {error:?}");
+                    self.poison_with(reason.clone());
+                    reason
+                })
+            })
+            .map_err(EngineError::Poisoned)
     }
 
     fn poison_with(&self, reason: String) {
@@ -548,9 +556,17 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        if !self.poisoned.load(Ordering::Acquire)
-            && let Err(error) = self.db.persist(PersistMode::SyncAll)
-        {
+        if self.poisoned.load(Ordering::Acquire) {
+            return;
+        }
+        // Flush memtables to tables so the next start does not replay the journal (start-to-ready
+        // time), then make everything durable.
+        for keyspace in [&self.records, &self.hints] {
+            if let Err(error) = keyspace.rotate_memtable_and_wait() {
+                tracing::warn!(?error, "flushing memtables at shutdown failed; the journal will be replayed");
+            }
+        }
+        if let Err(error) = self.db.persist(PersistMode::SyncAll) {
             tracing::error!(?error, "final fsync at shutdown failed");
         }
     }
