@@ -11,7 +11,7 @@ async fn services_start_and_report_health() -> anyhow::Result<()> {
     let mut meta = Process::spawn(
         "pairdb-meta",
         free_addr()?,
-        &["--data-dir".into(), data.path().join("meta").display().to_string()],
+        &["--data-dir".into(), data.path().join("meta").display().to_string(), "--no-auth".into()],
     )?;
     let mut storage = Process::spawn(
         "pairdb-storage",

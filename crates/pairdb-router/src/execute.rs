@@ -217,6 +217,26 @@ async fn run_write(
                         WriteCall::Replicated(node, hint_for.is_some(), response)
                     }));
                 }
+                WriteEffect::StoreHint { node, hint_for } => {
+                    let Some((_, encoded)) = &result_set else { continue };
+                    let (pool, view, key, encoded) =
+                        (pool.clone(), view.clone(), input.key.clone(), encoded.clone());
+                    tokio::spawn(async move {
+                        let request = pb::ReplicateRequest {
+                            key: Some(key),
+                            version_set: encoded.as_ref().clone(),
+                            hint_for_node_id: hint_for.0,
+                        };
+                        match call(&pool, &view, node, |mut c| async move { c.replicate(request).await })
+                            .await
+                        {
+                            Ok(_) => metrics::counter!("pairdb_router_hints_written_total").increment(1),
+                            Err(_) => {
+                                tracing::debug!(node_id = node.0, "could not store a hint on the coordinator")
+                            }
+                        }
+                    });
+                }
                 WriteEffect::Reply(reply) => {
                     let result = match reply {
                         WriteReply::Acked { acks, hinted_acks, required } => match &result_set {
