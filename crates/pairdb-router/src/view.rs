@@ -133,21 +133,23 @@ impl ClusterView {
     pub fn apply(&self, event: &pb::WatchEvent) -> Result<ClusterView, ViewError> {
         use pb::watch_event::Event;
         let mut next = match event.event.as_ref().ok_or(ViewError::Empty)? {
-            Event::Snapshot(snapshot) => {
-                let mut view = ClusterView::default();
-                view.current = snapshot.current.as_ref().map(topology).transpose()?;
-                view.epoch = snapshot.current.as_ref().map_or(0, |t| t.epoch);
-                view.pending = snapshot.pending.as_ref().map(topology).transpose()?;
-                view.nodes = snapshot.nodes.iter().map(|n| (NodeId(n.node_id), node(n))).collect();
-                view.tenants =
-                    snapshot.tenants.iter().map(|t| (t.tenant_id.clone(), Arc::new(tenant(t)))).collect();
-                view.api_keys = snapshot
+            Event::Snapshot(snapshot) => ClusterView {
+                revision: 0,
+                epoch: snapshot.current.as_ref().map_or(0, |t| t.epoch),
+                current: snapshot.current.as_ref().map(topology).transpose()?,
+                pending: snapshot.pending.as_ref().map(topology).transpose()?,
+                nodes: snapshot.nodes.iter().map(|n| (NodeId(n.node_id), node(n))).collect(),
+                tenants: snapshot
+                    .tenants
+                    .iter()
+                    .map(|t| (t.tenant_id.clone(), Arc::new(tenant(t))))
+                    .collect(),
+                api_keys: snapshot
                     .api_keys
                     .iter()
                     .map(|k| (k.secret_sha256.clone(), (k.key_id.clone(), k.tenant_id.clone())))
-                    .collect();
-                view
-            }
+                    .collect(),
+            },
             other => {
                 let mut view = self.clone();
                 match other {

@@ -292,6 +292,9 @@ async fn read_repair_brings_stale_replicas_up_to_date() {
     cluster.nodes[1].stop().await;
     cluster.nodes[2].stop().await;
     cluster.router.write("t", key, Some(b"lonely".to_vec()), &[], false, opts(ONE)).await.unwrap();
+    // Let the write's background replication to the stopped nodes time out (300 ms) first, or the
+    // lazily reconnecting channel would deliver it to the restarted nodes.
+    tokio::time::sleep(Duration::from_millis(600)).await;
     cluster.nodes[1].restart().await;
     cluster.nodes[2].restart().await;
     assert!(cluster.nodes[1].local("t", key).await.is_none());
@@ -314,4 +317,33 @@ async fn read_repair_brings_stale_replicas_up_to_date() {
             node.id
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overwrite_supersedes_what_its_read_saw_and_keeps_an_unseen_write() {
+    let mut cluster = Cluster::start(3).await;
+    let key = "contested";
+    let owners = cluster.owners("t", key);
+    // A write the overwrite's read will not see: only the last preference replica takes it.
+    cluster.nodes[owners[0]].stop().await;
+    cluster.nodes[owners[1]].stop().await;
+    cluster.router.write("t", key, Some(b"unseen".to_vec()), &[], false, opts(ONE)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    cluster.nodes[owners[0]].restart().await;
+    cluster.nodes[owners[1]].restart().await;
+
+    // A fresh router (no suspects) reads at ONE from the first replica, which misses the value, so the
+    // overwrite carries an empty context and must not destroy the unseen write.
+    let fresh = KvRouter::new(
+        cluster.router.view().clone(),
+        Arc::new(StoragePool::new(64, Duration::from_millis(300))),
+        Timing { request_timeout_ms: 1500, max_request_timeout_ms: 5000, read_speculative_after_ms: 1000 },
+    );
+    fresh.write("t", key, Some(b"overwrite".to_vec()), &[], true, opts(ONE)).await.unwrap();
+    let read = fresh.get("t", key, opts(ALL)).await.unwrap();
+    assert_eq!(values(&read), vec![b"overwrite".to_vec(), b"unseen".to_vec()]);
+
+    // An overwrite whose read sees both supersedes both.
+    fresh.write("t", key, Some(b"final".to_vec()), &[], true, opts(ALL)).await.unwrap();
+    assert_eq!(values(&fresh.get("t", key, opts(ALL)).await.unwrap()), vec![b"final".to_vec()]);
 }

@@ -559,13 +559,6 @@ impl Drop for Engine {
         if self.poisoned.load(Ordering::Acquire) {
             return;
         }
-        // Flush memtables to tables so the next start does not replay the journal (start-to-ready
-        // time), then make everything durable.
-        for keyspace in [&self.records, &self.hints] {
-            if let Err(error) = keyspace.rotate_memtable_and_wait() {
-                tracing::warn!(?error, "flushing memtables at shutdown failed; the journal will be replayed");
-            }
-        }
         if let Err(error) = self.db.persist(PersistMode::SyncAll) {
             tracing::error!(?error, "final fsync at shutdown failed");
         }
