@@ -107,6 +107,7 @@ pub async fn run(
                 }
             }
         };
+        let mut failing = false;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
@@ -123,9 +124,19 @@ pub async fn run(
                 write_path_poisoned: stats.poisoned,
             };
             match membership.heartbeat(node.node_id, stats).await {
-                Ok(true) => {}
+                Ok(true) => {
+                    if failing {
+                        tracing::info!("heartbeats reach the metadata service again");
+                    }
+                    failing = false;
+                }
                 Ok(false) => break,
-                Err(error) => tracing::warn!(%error, "heartbeat failed"),
+                // Warn once per outage, not once per interval.
+                Err(error) if !failing => {
+                    failing = true;
+                    tracing::warn!(%error, "heartbeat failed; retrying every interval");
+                }
+                Err(error) => tracing::debug!(%error, "heartbeat failed"),
             }
         }
     }
