@@ -15,6 +15,11 @@ use pairdb_proto::storage::v1 as spb;
 use pairdb_tests::cluster::{Cluster, wait_ready};
 use tonic::transport::Channel;
 
+/// The tests of this file each run a whole cluster of processes; run them one at a time so that two
+/// clusters never compete for the machine's two cores (the load and latency assertions would then
+/// measure the neighbours, not the router).
+static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const ONE: i32 = 1;
 const QUORUM: i32 = 2;
 const ALL: i32 = 3;
@@ -74,6 +79,7 @@ async fn local(cluster: &Cluster, index: usize, key: &str) -> Option<pairdb_core
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writes_are_read_back_through_another_router_with_siblings_and_deletes() {
+    let _serial = ONE_CLUSTER_AT_A_TIME.lock().await;
     let mut cluster = Cluster::start(3, 2, 3).await.unwrap();
     let mut a = cluster.kv(0).await.unwrap();
     let mut b = cluster.kv(1).await.unwrap();
@@ -204,6 +210,7 @@ fn percentile(latencies: &mut [u64], p: f64) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_storage_node_is_routed_around_and_gets_its_hints_back() {
+    let _serial = ONE_CLUSTER_AT_A_TIME.lock().await;
     let mut cluster = Cluster::start(3, 1, 3).await.unwrap();
     let mut client = cluster.kv(0).await.unwrap();
     settle(&mut client).await;
@@ -266,6 +273,7 @@ async fn a_killed_storage_node_is_routed_around_and_gets_its_hints_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hung_replica_never_holds_requests_past_their_deadline() {
+    let _serial = ONE_CLUSTER_AT_A_TIME.lock().await;
     let cluster = Cluster::start(3, 1, 3).await.unwrap();
     let mut client = cluster.kv(0).await.unwrap();
     settle(&mut client).await;
@@ -315,6 +323,7 @@ async fn a_hung_replica_never_holds_requests_past_their_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reads_repair_replicas_that_missed_a_write() {
+    let _serial = ONE_CLUSTER_AT_A_TIME.lock().await;
     let mut cluster = Cluster::start(3, 0, 3).await.unwrap();
     // A router that never probes or sweeps hints, so only read repair can fix the replicas.
     let router = cluster
@@ -367,6 +376,7 @@ async fn reads_repair_replicas_that_missed_a_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn routers_keep_serving_while_meta_is_down() {
+    let _serial = ONE_CLUSTER_AT_A_TIME.lock().await;
     let seconds: u64 =
         std::env::var("PAIRDB_E2E_META_DOWN_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
     let mut cluster = Cluster::start(3, 1, 3).await.unwrap();
@@ -395,6 +405,7 @@ async fn routers_keep_serving_while_meta_is_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sixty_four_clients_for_thirty_seconds_without_an_error() {
+    let _serial = ONE_CLUSTER_AT_A_TIME.lock().await;
     let seconds: u64 = std::env::var("PAIRDB_E2E_LOAD_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
     let cluster = Cluster::start(3, 1, 3).await.unwrap();
     let mut client = cluster.kv(0).await.unwrap();
