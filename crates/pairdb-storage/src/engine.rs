@@ -460,8 +460,9 @@ impl Engine {
         Ok(nodes.into_iter().enumerate().map(|(i, (hash, keys))| (i as u32, hash, keys)).collect())
     }
 
+    /// Current sizes. Free disk space is the maintenance thread's reading (at most a second old), so
+    /// frequent callers (probes, heartbeats, the readiness watchdog) cost no statvfs each.
     pub fn stats(&self) -> EngineStats {
-        self.refresh_disk_free();
         EngineStats {
             keys: self.records.approximate_len() as u64,
             disk_bytes: self.db.disk_space().unwrap_or(0),
