@@ -1,30 +1,90 @@
-//! Rust client for PairDB. The CLI issue grows this into a typed KV/admin client with safe retries;
-//! today it connects to a service and checks its gRPC health.
+//! Typed async Rust client for PairDB.
+//!
+//! [`KvClient`] talks to a router (put/get/delete/get-many with consistency, causal context, siblings,
+//! idempotency key and deadline); [`AdminClient`] talks to the metadata service. Both send
+//! `authorization: Bearer <token>` when given a token and retry only what is safe to repeat (see
+//! [`retry`]).
 
+mod admin;
+mod error;
+mod kv;
+pub mod retry;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-/// Client-side errors.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("invalid endpoint {endpoint}: {source}")]
-    InvalidEndpoint { endpoint: String, source: tonic::transport::Error },
-    #[error("cannot connect to {endpoint}: {source}")]
-    Connect { endpoint: String, source: tonic::transport::Error },
-    #[error("request failed: {0}")]
-    Status(#[from] tonic::Status),
+pub use admin::AdminClient;
+pub use error::ClientError;
+pub use kv::{Consistency, KvClient, ReadOptions, ReadResult, Sibling, WriteOptions, WriteResult};
+pub use pairdb_proto as proto;
+pub use retry::RetryPolicy;
+
+/// How to reach a service.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Bearer token (API key for the router, admin token for meta).
+    pub token: Option<String>,
+    /// Bound on establishing the connection.
+    pub connect_timeout: Duration,
+    /// Default per-request deadline.
+    pub request_timeout: Duration,
+    pub retry: RetryPolicy,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            token: None,
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(5),
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// Adds the bearer token to every request.
+#[derive(Debug, Clone)]
+pub struct BearerToken(Option<AsciiMetadataValue>);
+
+impl BearerToken {
+    pub fn new(token: Option<&str>) -> Result<Self, ClientError> {
+        token
+            .map(|token| AsciiMetadataValue::from_str(&format!("Bearer {}", token.trim())))
+            .transpose()
+            .map(Self)
+            .map_err(|_| ClientError::InvalidToken)
+    }
+}
+
+impl Interceptor for BearerToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
 }
 
 /// Opens a channel to `address` (`host:port` or a full `http://` URL).
 pub async fn connect(address: &str) -> Result<Channel, ClientError> {
+    connect_with(address, Duration::from_secs(3)).await
+}
+
+async fn connect_with(address: &str, connect_timeout: Duration) -> Result<Channel, ClientError> {
     let endpoint = if address.contains("://") { address.to_owned() } else { format!("http://{address}") };
-    let channel = Endpoint::from_shared(endpoint.clone())
+    Endpoint::from_shared(endpoint.clone())
         .map_err(|source| ClientError::InvalidEndpoint { endpoint: endpoint.clone(), source })?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
         .connect()
         .await
-        .map_err(|source| ClientError::Connect { endpoint, source })?;
-    Ok(channel)
+        .map_err(|source| ClientError::Connect { endpoint, source })
 }
 
 /// Whether the service behind `channel` reports SERVING on the standard gRPC health service.
