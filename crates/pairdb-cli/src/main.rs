@@ -1,42 +1,29 @@
-//! `pairdb`: the command line. The CLI issue adds `kv`, `tenant`, `node`, `migration`, `dev` and
-//! `bench`; today it can check that services are up.
+//! `pairdb`: the command line. Parses the arguments and hands them to [`cli::run`]; the exit code
+//! says whether the command succeeded (0), failed on the server or the network (1) or was misused (2).
 
-use clap::{Parser, Subcommand};
+mod admin;
+mod bench;
+mod cli;
+mod dev;
+mod kv;
+mod output;
 
-#[derive(Debug, Parser)]
-#[command(name = "pairdb", version, about = "PairDB command line")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
+use clap::Parser;
 
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Check the gRPC health of one or more services (host:port).
-    Health {
-        #[arg(required = true)]
-        addresses: Vec<String>,
-    },
-}
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Health { addresses } => {
-            let mut all_serving = true;
-            for address in addresses {
-                let serving = match pairdb_client::connect(&address).await {
-                    Ok(channel) => pairdb_client::is_serving(channel).await.unwrap_or(false),
-                    Err(_) => false,
-                };
-                all_serving &= serving;
-                println!("{address}\t{}", if serving { "serving" } else { "not serving" });
-            }
-            if !all_serving {
-                anyhow::bail!("some services are not serving");
-            }
+fn main() -> std::process::ExitCode {
+    let args = cli::Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli::run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", output::describe_error(&error));
+            std::process::ExitCode::FAILURE
         }
     }
-    Ok(())
 }

@@ -13,7 +13,12 @@ pub enum LogFormat {
 /// Installs the global subscriber. Safe to call more than once (later calls are no-ops), so several
 /// services can share one process (`pairdb dev`, tests).
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_with_default(format, "info");
+}
+
+/// [`init`] with another filter for when `RUST_LOG` is unset (`pairdb dev` shows warnings only).
+pub fn init_with_default(format: LogFormat, default_filter: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _already_installed = match format {
         LogFormat::Text => builder.try_init(),

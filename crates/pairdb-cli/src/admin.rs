@@ -1,0 +1,317 @@
+//! Admin commands against the metadata service: tenants, API keys, storage nodes and migrations.
+
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use pairdb_client::proto::admin::v1 as pb;
+use pairdb_client::proto::common::v1 as common;
+use serde_json::{Value, json};
+
+use crate::cli::{
+    ApiKeyCommand, ConflictModeArg, ConsistencyArg, Globals, MigrationCommand, NodeCommand, TenantCommand,
+    TenantSettings,
+};
+use crate::output::{self, Output};
+
+/// Prints one object: all its fields as a table, or the JSON document.
+fn show(format: Output, value: &Value) {
+    match format {
+        Output::Json => output::print_json(value),
+        Output::Table => output::print_fields(value),
+    }
+}
+
+fn consistency(value: Option<ConsistencyArg>) -> Option<i32> {
+    value.map(|value| match value {
+        ConsistencyArg::One => common::Consistency::One as i32,
+        ConsistencyArg::Quorum => common::Consistency::Quorum as i32,
+        ConsistencyArg::All => common::Consistency::All as i32,
+    })
+}
+
+fn conflict_mode(value: Option<ConflictModeArg>) -> Option<i32> {
+    value.map(|value| match value {
+        ConflictModeArg::Siblings => common::ConflictMode::Siblings as i32,
+        ConflictModeArg::Lww => common::ConflictMode::Lww as i32,
+    })
+}
+
+fn change_json(name: &str, value: Value, migration_id: &str) -> Value {
+    let migration_id =
+        if migration_id.is_empty() { Value::Null } else { Value::String(migration_id.to_owned()) };
+    json!({ name: value, "migration_id": migration_id })
+}
+
+pub async fn tenant(globals: &Globals, command: TenantCommand) -> anyhow::Result<()> {
+    let admin = globals.admin().await?;
+    match command {
+        TenantCommand::Create { tenant_id, settings } => {
+            let TenantSettings {
+                replication_factor,
+                default_consistency,
+                conflict_mode: mode,
+                rate_limit_ops_per_sec,
+                rate_limit_burst,
+                max_value_bytes,
+                max_siblings,
+                strict_quorum,
+            } = settings;
+            let tenant = admin
+                .create_tenant(pb::CreateTenantRequest {
+                    tenant_id,
+                    replication_factor: replication_factor.unwrap_or(0),
+                    default_consistency: consistency(default_consistency).unwrap_or(0),
+                    conflict_mode: conflict_mode(mode).unwrap_or(0),
+                    rate_limit_ops_per_sec: rate_limit_ops_per_sec.unwrap_or(0),
+                    rate_limit_burst: rate_limit_burst.unwrap_or(0),
+                    max_value_bytes: max_value_bytes.unwrap_or(0),
+                    max_siblings: max_siblings.unwrap_or(0),
+                    strict_quorum: strict_quorum.unwrap_or(false),
+                })
+                .await?;
+            show(globals.output, &output::tenant_json(&tenant));
+        }
+        TenantCommand::Get { tenant_id } => {
+            let tenant = admin.get_tenant(pb::GetTenantRequest { tenant_id }).await?;
+            show(globals.output, &output::tenant_json(&tenant));
+        }
+        TenantCommand::List => {
+            let tenants = admin.list_tenants(pb::ListTenantsRequest {}).await?.tenants;
+            match globals.output {
+                Output::Json => output::print_json(&json!({
+                    "tenants": tenants.iter().map(output::tenant_json).collect::<Vec<_>>()
+                })),
+                Output::Table => output::print_table(
+                    &["TENANT", "RF", "CONSISTENCY", "CONFLICTS", "OPS/S", "MAX VALUE"],
+                    &tenants
+                        .iter()
+                        .map(|tenant| {
+                            let body = output::tenant_json(tenant);
+                            vec![
+                                tenant.tenant_id.clone(),
+                                tenant.replication_factor.to_string(),
+                                body["default_consistency"].as_str().unwrap_or_default().to_owned(),
+                                body["conflict_mode"].as_str().unwrap_or_default().to_owned(),
+                                tenant.rate_limit_ops_per_sec.to_string(),
+                                tenant.max_value_bytes.to_string(),
+                            ]
+                        })
+                        .collect::<Vec<_>>(),
+                ),
+            }
+        }
+        TenantCommand::Update { tenant_id, settings } => {
+            let reply = admin
+                .update_tenant(pb::UpdateTenantRequest {
+                    tenant_id,
+                    replication_factor: settings.replication_factor,
+                    default_consistency: consistency(settings.default_consistency),
+                    conflict_mode: conflict_mode(settings.conflict_mode),
+                    rate_limit_ops_per_sec: settings.rate_limit_ops_per_sec,
+                    rate_limit_burst: settings.rate_limit_burst,
+                    max_value_bytes: settings.max_value_bytes,
+                    max_siblings: settings.max_siblings,
+                    strict_quorum: settings.strict_quorum,
+                })
+                .await?;
+            let tenant = reply.tenant.as_ref().map(output::tenant_json).unwrap_or(Value::Null);
+            show(globals.output, &change_json("tenant", tenant, &reply.migration_id));
+        }
+        TenantCommand::Delete { tenant_id } => {
+            admin.delete_tenant(pb::DeleteTenantRequest { tenant_id: tenant_id.clone() }).await?;
+            match globals.output {
+                Output::Json => output::print_json(&json!({"tenant_id": tenant_id, "deleted": true})),
+                Output::Table => println!("deleted tenant {tenant_id}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn api_key(globals: &Globals, command: ApiKeyCommand) -> anyhow::Result<()> {
+    let admin = globals.admin().await?;
+    match command {
+        ApiKeyCommand::Create { tenant_id, description } => {
+            let reply = admin.create_api_key(pb::CreateApiKeyRequest { tenant_id, description }).await?;
+            let key = reply.api_key.as_ref().map(output::api_key_json).unwrap_or(Value::Null);
+            match globals.output {
+                Output::Json => output::print_json(&json!({"api_key": key, "secret": reply.secret})),
+                Output::Table => {
+                    output::print_fields(&key);
+                    println!("secret        {}", reply.secret);
+                    eprintln!("(the secret is shown only once; store it now)");
+                }
+            }
+        }
+        ApiKeyCommand::List { tenant_id } => {
+            let keys = admin
+                .list_api_keys(pb::ListApiKeysRequest { tenant_id: tenant_id.unwrap_or_default() })
+                .await?
+                .api_keys;
+            match globals.output {
+                Output::Json => output::print_json(&json!({
+                    "api_keys": keys.iter().map(output::api_key_json).collect::<Vec<_>>()
+                })),
+                Output::Table => output::print_table(
+                    &["KEY ID", "TENANT", "REVOKED", "DESCRIPTION"],
+                    &keys
+                        .iter()
+                        .map(|key| {
+                            vec![
+                                key.key_id.clone(),
+                                key.tenant_id.clone(),
+                                key.revoked.to_string(),
+                                key.description.clone(),
+                            ]
+                        })
+                        .collect::<Vec<_>>(),
+                ),
+            }
+        }
+        ApiKeyCommand::Revoke { key_id } => {
+            let reply = admin.revoke_api_key(pb::RevokeApiKeyRequest { key_id }).await?;
+            let key = reply.api_key.as_ref().map(output::api_key_json).unwrap_or(Value::Null);
+            show(globals.output, &json!({"api_key": key}));
+        }
+    }
+    Ok(())
+}
+
+pub async fn node(globals: &Globals, command: NodeCommand) -> anyhow::Result<()> {
+    let admin = globals.admin().await?;
+    match command {
+        NodeCommand::Add { address, node_id, zone, weight } => {
+            let reply = admin
+                .add_storage_node(pb::AddStorageNodeRequest {
+                    node_id: node_id.unwrap_or(0),
+                    address,
+                    zone,
+                    weight,
+                })
+                .await?;
+            let node = reply.node.as_ref().map(output::node_json).unwrap_or(Value::Null);
+            show(globals.output, &change_json("node", node, &reply.migration_id));
+        }
+        NodeCommand::List => {
+            let nodes = admin.list_storage_nodes(pb::ListStorageNodesRequest {}).await?.nodes;
+            match globals.output {
+                Output::Json => output::print_json(&json!({
+                    "nodes": nodes.iter().map(output::node_json).collect::<Vec<_>>()
+                })),
+                Output::Table => output::print_table(
+                    &["NODE", "ADDRESS", "ZONE", "WEIGHT", "STATUS", "IN RING", "KEYS", "HINTS"],
+                    &nodes
+                        .iter()
+                        .map(|node| {
+                            let stats = node.stats.unwrap_or_default();
+                            vec![
+                                node.node_id.to_string(),
+                                node.address.clone(),
+                                node.zone.clone(),
+                                node.weight.to_string(),
+                                output::node_status_name(node.status).to_owned(),
+                                node.in_ring.to_string(),
+                                stats.keys.to_string(),
+                                stats.hints_pending.to_string(),
+                            ]
+                        })
+                        .collect::<Vec<_>>(),
+                ),
+            }
+        }
+        NodeCommand::Get { node_id } => {
+            let node = admin.get_storage_node(pb::GetStorageNodeRequest { node_id }).await?;
+            show(globals.output, &output::node_json(&node));
+        }
+        NodeCommand::Remove { node_id, force } => {
+            let reply = admin.remove_storage_node(pb::RemoveStorageNodeRequest { node_id, force }).await?;
+            let node = reply.node.as_ref().map(output::node_json).unwrap_or(Value::Null);
+            show(globals.output, &change_json("node", node, &reply.migration_id));
+        }
+    }
+    Ok(())
+}
+
+fn finished(migration: &pb::Migration) -> bool {
+    matches!(output::migration_state_name(migration.state), "completed" | "failed" | "cancelled")
+}
+
+pub async fn migration(globals: &Globals, command: MigrationCommand) -> anyhow::Result<()> {
+    let admin = globals.admin().await?;
+    match command {
+        MigrationCommand::Get { migration_id } => {
+            let migration = admin.get_migration(pb::GetMigrationRequest { migration_id }).await?;
+            show(globals.output, &output::migration_json(&migration));
+        }
+        MigrationCommand::List => {
+            let migrations = admin.list_migrations(pb::ListMigrationsRequest {}).await?.migrations;
+            match globals.output {
+                Output::Json => output::print_json(&json!({
+                    "migrations": migrations.iter().map(output::migration_json).collect::<Vec<_>>()
+                })),
+                Output::Table => output::print_table(
+                    &["MIGRATION", "KIND", "STATE", "EPOCHS", "PARTITIONS", "KEYS"],
+                    &migrations
+                        .iter()
+                        .map(|migration| {
+                            let progress = migration.progress.unwrap_or_default();
+                            vec![
+                                migration.migration_id.clone(),
+                                migration.kind.clone(),
+                                output::migration_state_name(migration.state).to_owned(),
+                                format!("{} -> {}", migration.from_epoch, migration.to_epoch),
+                                format!("{}/{}", progress.partitions_done, progress.partitions_total),
+                                format!("{}/{}", progress.keys_done, progress.keys_total),
+                            ]
+                        })
+                        .collect::<Vec<_>>(),
+                ),
+            }
+        }
+        MigrationCommand::Cancel { migration_id } => {
+            let migration = admin.cancel_migration(pb::CancelMigrationRequest { migration_id }).await?;
+            show(globals.output, &output::migration_json(&migration));
+        }
+        MigrationCommand::Watch { migration_id, interval_ms } => {
+            let interval = Duration::from_millis(interval_ms.max(50));
+            let bar =
+                if globals.output == Output::Table { ProgressBar::new(0) } else { ProgressBar::hidden() };
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {pos}/{len} partitions")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            let migration = loop {
+                let migration = admin
+                    .get_migration(pb::GetMigrationRequest { migration_id: migration_id.clone() })
+                    .await?;
+                let progress = migration.progress.unwrap_or_default();
+                bar.set_length(progress.partitions_total);
+                bar.set_position(progress.partitions_done);
+                bar.set_message(format!(
+                    "{} {} | {} keys, {:.0} keys/s, eta {}s",
+                    migration.kind,
+                    output::migration_state_name(migration.state),
+                    progress.keys_done,
+                    progress.keys_per_sec,
+                    progress.eta_secs
+                ));
+                if finished(&migration) {
+                    break migration;
+                }
+                tokio::time::sleep(interval).await;
+            };
+            bar.finish();
+            show(globals.output, &output::migration_json(&migration));
+            let state = output::migration_state_name(migration.state);
+            if state != "completed" {
+                anyhow::bail!(
+                    "MIGRATION_{}: migration {} ended {state}: {}",
+                    state.to_uppercase(),
+                    migration_id,
+                    migration.error
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,442 @@
+//! `pairdb bench`: a YCSB-style load generator against a router.
+//!
+//! A load phase inserts `--records` keys, then a run phase issues the workload's mix for
+//! `--operations` or `--duration`. Closed loop by default (each of `--concurrency` workers sends its
+//! next request when the last one returns). With `--target-rate` the load is open loop: operation i is
+//! due at start + i / rate and its latency is measured from that due time, so a stall shows up as
+//! latency of every request that should have been sent during it (no coordinated omission).
+//!
+//! Updates write with the context the last write or read of that key returned (kept per key), so the
+//! benchmark does not grow siblings the way blind writes would; F reads and writes back with the
+//! read's context.
+
+mod keys;
+mod report;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use pairdb_client::{Consistency, KvClient, ReadOptions, WriteOptions};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use tokio::time::Instant;
+
+use self::keys::{KeyChooser, key_of};
+use self::report::{Op, Recorder};
+use crate::cli::{ConsistencyArg, Globals};
+use crate::output::{self, Output};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// 50% reads, 50% updates.
+    A,
+    /// 95% reads, 5% updates.
+    B,
+    /// Reads only.
+    C,
+    /// 50% reads, 50% read-modify-writes (read, then write back with the read's context).
+    F,
+    /// Updates only.
+    W,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::A => "A",
+            Workload::B => "B",
+            Workload::C => "C",
+            Workload::F => "F",
+            Workload::W => "W",
+        }
+    }
+
+    /// Percentage of reads; the rest are updates (read-modify-writes for F).
+    fn read_percent(self) -> u32 {
+        match self {
+            Workload::A | Workload::F => 50,
+            Workload::B => 95,
+            Workload::C => 100,
+            Workload::W => 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Distribution {
+    Uniform,
+    Zipfian,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[arg(long, value_enum, default_value_t = Workload::A, ignore_case = true)]
+    pub workload: Workload,
+    /// Keys inserted by the load phase and drawn by the run phase.
+    #[arg(long, default_value_t = 10_000)]
+    pub records: u64,
+    /// Run-phase operations (instead of --duration).
+    #[arg(long, conflicts_with = "duration")]
+    pub operations: Option<u64>,
+    /// Run-phase duration, e.g. `20s`, `2m`, `500ms` (default 10s).
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Concurrent requests (workers).
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: u32,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    pub value_size: usize,
+    #[arg(long, value_enum, default_value_t = Distribution::Zipfian)]
+    pub distribution: Distribution,
+    /// Consistency of every request (default: the tenant's).
+    #[arg(long, value_enum)]
+    pub consistency: Option<ConsistencyArg>,
+    /// Open-loop load at this many operations per second.
+    #[arg(long)]
+    pub target_rate: Option<f64>,
+    /// Skip the load phase (the records are already there).
+    #[arg(long)]
+    pub skip_load: bool,
+    /// Seed of the key and operation choice.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(text.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(text.len()));
+    let value: f64 = number.trim().parse().map_err(|_| format!("{text:?}: expected e.g. 20s, 2m, 500ms"))?;
+    let seconds = match unit {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("{text:?}: unit must be ms, s, m or h")),
+    };
+    if !seconds.is_finite() || seconds <= 0.0 {
+        return Err(format!("{text:?}: must be positive"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// When the run phase stops.
+#[derive(Debug, Clone, Copy)]
+enum Limit {
+    Operations(u64),
+    Until(Instant),
+}
+
+/// Contexts returned for each record, so updates supersede what they last saw.
+#[derive(Debug, Default)]
+struct Contexts {
+    shards: Vec<Mutex<HashMap<u64, Vec<u8>>>>,
+}
+
+impl Contexts {
+    fn new() -> Self {
+        Self { shards: (0..64).map(|_| Mutex::new(HashMap::new())).collect() }
+    }
+
+    fn shard(&self, record: u64) -> &Mutex<HashMap<u64, Vec<u8>>> {
+        &self.shards[(record % self.shards.len() as u64) as usize]
+    }
+
+    fn get(&self, record: u64) -> Vec<u8> {
+        self.shard(record).lock().map(|map| map.get(&record).cloned().unwrap_or_default()).unwrap_or_default()
+    }
+
+    fn set(&self, record: u64, context: Vec<u8>) {
+        if let Ok(mut map) = self.shard(record).lock() {
+            map.insert(record, context);
+        }
+    }
+}
+
+/// Shared state of one phase.
+#[derive(Debug)]
+struct Phase {
+    client: KvClient,
+    contexts: Contexts,
+    next_operation: AtomicU64,
+    value_size: usize,
+    consistency: Consistency,
+}
+
+pub async fn run(globals: &Globals, args: BenchArgs) -> anyhow::Result<()> {
+    if args.records == 0 || args.concurrency == 0 || args.concurrency > 10_000 {
+        anyhow::bail!("INVALID_ARGUMENT: --records must be positive and --concurrency between 1 and 10000");
+    }
+    if let Some(rate) = args.target_rate
+        && !(rate.is_finite() && rate > 0.0)
+    {
+        anyhow::bail!("INVALID_ARGUMENT: --target-rate must be a positive number of operations per second");
+    }
+    let client = globals.kv().await?;
+    let phase = Arc::new(Phase {
+        client,
+        contexts: Contexts::new(),
+        next_operation: AtomicU64::new(0),
+        value_size: args.value_size,
+        consistency: crate::cli::consistency(args.consistency),
+    });
+    let show_progress = globals.output == Output::Table;
+
+    let load = if args.skip_load {
+        None
+    } else {
+        let (recorder, elapsed) = load_phase(&phase, &args, show_progress).await;
+        Some(recorder.to_json(elapsed))
+    };
+
+    phase.next_operation.store(0, Ordering::Relaxed);
+    let duration = args.duration.unwrap_or(Duration::from_secs(10));
+    let (recorder, elapsed) = run_phase(&phase, &args, duration, show_progress).await;
+    let run = recorder.to_json(elapsed);
+    let errors = recorder.error_count()
+        + load.as_ref().map_or(0, |load| {
+            load["errors"].as_object().map_or(0, |errors| errors.values().filter_map(|v| v.as_u64()).sum())
+        });
+
+    let report = json!({
+        "workload": args.workload.name(),
+        "records": args.records,
+        "concurrency": args.concurrency,
+        "value_size": args.value_size,
+        "distribution": format!("{:?}", args.distribution).to_lowercase(),
+        "consistency": args.consistency.map(|c| format!("{c:?}").to_lowercase()),
+        "target_rate": args.target_rate,
+        "load": load,
+        "run": run,
+    });
+    match globals.output {
+        Output::Json => output::print_json(&report),
+        Output::Table => {
+            println!(
+                "workload {} ({}% reads), {} records, {}-byte values, {} distribution, {} workers, {}",
+                args.workload.name(),
+                args.workload.read_percent(),
+                args.records,
+                args.value_size,
+                report["distribution"].as_str().unwrap_or_default(),
+                args.concurrency,
+                match args.target_rate {
+                    Some(rate) => format!("open loop at {rate} ops/s"),
+                    None => "closed loop".to_owned(),
+                },
+            );
+            if let Some(load) = &report["load"].as_object().map(|_| &report["load"]) {
+                report::print_table("load", load);
+            }
+            report::print_table("run", &report["run"]);
+        }
+    }
+    if errors > 0 {
+        anyhow::bail!("BENCH_ERRORS: {errors} operations failed (see the report above)");
+    }
+    Ok(())
+}
+
+fn progress(show: bool, length: u64, template: &str) -> ProgressBar {
+    let bar = if show { ProgressBar::new(length) } else { ProgressBar::hidden() };
+    bar.set_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()));
+    bar
+}
+
+async fn load_phase(phase: &Arc<Phase>, args: &BenchArgs, show_progress: bool) -> (Recorder, Duration) {
+    let bar = progress(show_progress, args.records, "load [{bar:40}] {pos}/{len} records {per_sec}");
+    let started = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for worker in 0..args.concurrency {
+        let (phase, bar, records, seed) = (phase.clone(), bar.clone(), args.records, args.seed);
+        workers.spawn(async move {
+            let mut recorder = Recorder::default();
+            let mut rng = StdRng::seed_from_u64(seed ^ u64::from(worker).rotate_left(32));
+            loop {
+                let record = phase.next_operation.fetch_add(1, Ordering::Relaxed);
+                if record >= records {
+                    break;
+                }
+                let sent = Instant::now();
+                put(&phase, record, &mut rng, Vec::new(), Op::Insert, sent, &mut recorder).await;
+                bar.inc(1);
+            }
+            recorder
+        });
+    }
+    let recorder = collect(workers).await;
+    bar.finish_and_clear();
+    (recorder, started.elapsed())
+}
+
+async fn run_phase(
+    phase: &Arc<Phase>,
+    args: &BenchArgs,
+    duration: Duration,
+    show_progress: bool,
+) -> (Recorder, Duration) {
+    let started = Instant::now();
+    let limit = match args.operations {
+        Some(operations) => Limit::Operations(operations),
+        None => Limit::Until(started + duration),
+    };
+    let (length, template) = match limit {
+        Limit::Operations(operations) => (operations, "run [{bar:40}] {pos}/{len} ops {per_sec}"),
+        Limit::Until(_) => (duration.as_secs().max(1), "run [{bar:40}] {pos}/{len} s"),
+    };
+    let bar = progress(show_progress, length, template);
+    let chooser = match args.distribution {
+        Distribution::Uniform => KeyChooser::uniform(args.records),
+        Distribution::Zipfian => KeyChooser::zipfian(args.records),
+    };
+    let ticker = {
+        let bar = bar.clone();
+        tokio::spawn(async move {
+            if let Limit::Until(_) = limit {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    bar.set_position(started.elapsed().as_secs());
+                }
+            }
+        })
+    };
+    let mut workers = tokio::task::JoinSet::new();
+    for worker in 0..args.concurrency {
+        let (phase, bar, chooser) = (phase.clone(), bar.clone(), chooser.clone());
+        let (workload, seed, target_rate) = (args.workload, args.seed, args.target_rate);
+        workers.spawn(async move {
+            let mut recorder = Recorder::default();
+            let mut rng = StdRng::seed_from_u64(seed.wrapping_add(1) ^ u64::from(worker).rotate_left(17));
+            loop {
+                let operation = phase.next_operation.fetch_add(1, Ordering::Relaxed);
+                let due = match target_rate {
+                    Some(rate) => started + Duration::from_secs_f64(operation as f64 / rate),
+                    None => Instant::now(),
+                };
+                match limit {
+                    Limit::Operations(total) if operation >= total => break,
+                    Limit::Until(end) if due >= end || Instant::now() >= end => break,
+                    _ => {}
+                }
+                tokio::time::sleep_until(due).await;
+                let record = chooser.next(&mut rng);
+                if rng.random_range(0..100) < workload.read_percent() {
+                    read(&phase, record, Op::Read, due, &mut recorder).await;
+                } else if workload == Workload::F {
+                    let context = read(&phase, record, Op::ReadModifyWrite, due, &mut recorder).await;
+                    if let Some(context) = context {
+                        put(&phase, record, &mut rng, context, Op::ReadModifyWrite, due, &mut recorder).await;
+                    }
+                } else {
+                    let context = phase.contexts.get(record);
+                    put(&phase, record, &mut rng, context, Op::Update, due, &mut recorder).await;
+                }
+                if let Limit::Operations(_) = limit {
+                    bar.inc(1);
+                }
+            }
+            recorder
+        });
+    }
+    let recorder = collect(workers).await;
+    ticker.abort();
+    bar.finish_and_clear();
+    (recorder, started.elapsed())
+}
+
+async fn collect(mut workers: tokio::task::JoinSet<Recorder>) -> Recorder {
+    let mut total = Recorder::default();
+    while let Some(joined) = workers.join_next().await {
+        match joined {
+            Ok(recorder) => total.merge(recorder),
+            Err(error) => total.error(&format!("WORKER_PANICKED: {error}")),
+        }
+    }
+    total
+}
+
+fn value(rng: &mut StdRng, size: usize) -> Vec<u8> {
+    let mut value = vec![0u8; size];
+    rng.fill(value.as_mut_slice());
+    value
+}
+
+/// Writes a fresh value to `record`; the latency of `op` runs from `since` (its send or due time;
+/// for read-modify-write, from the read's due time, so it covers both round trips).
+async fn put(
+    phase: &Phase,
+    record: u64,
+    rng: &mut StdRng,
+    context: Vec<u8>,
+    op: Op,
+    since: Instant,
+    recorder: &mut Recorder,
+) {
+    let options = WriteOptions { consistency: phase.consistency, context, ..WriteOptions::default() };
+    match phase.client.put(&key_of(record), value(rng, phase.value_size), options).await {
+        Ok(result) => {
+            recorder.record(op, since.elapsed());
+            phase.contexts.set(record, result.context);
+        }
+        Err(error) => recorder.error(error.reason()),
+    }
+}
+
+/// Reads `record`; returns its context (for read-modify-write) when the read succeeded. A read that is
+/// the first half of a read-modify-write records no latency of its own.
+async fn read(
+    phase: &Phase,
+    record: u64,
+    op: Op,
+    since: Instant,
+    recorder: &mut Recorder,
+) -> Option<Vec<u8>> {
+    let options = ReadOptions { consistency: phase.consistency, ..ReadOptions::default() };
+    match phase.client.get(&key_of(record), options).await {
+        Ok(found) => {
+            if op == Op::Read {
+                recorder.record(op, since.elapsed());
+            }
+            match found {
+                Some(result) => Some(result.context),
+                None => {
+                    recorder.not_found += 1;
+                    Some(Vec::new())
+                }
+            }
+        }
+        Err(error) => {
+            recorder.error(error.reason());
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("20s").unwrap(), Duration::from_secs(20));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn workload_mixes() {
+        assert_eq!(Workload::A.read_percent(), 50);
+        assert_eq!(Workload::B.read_percent(), 95);
+        assert_eq!(Workload::C.read_percent(), 100);
+        assert_eq!(Workload::W.read_percent(), 0);
+    }
+}

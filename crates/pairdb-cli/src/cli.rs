@@ -1,0 +1,353 @@
+//! Argument definitions and dispatch. Every global flag has a `PAIRDB_*` environment fallback; the
+//! defaults are the endpoints `pairdb dev` serves on, so with no flags the CLI talks to that cluster.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use pairdb_client::{AdminClient, ClientOptions, Consistency, KvClient};
+
+use crate::output::Output;
+
+/// Router address `pairdb dev` serves on.
+pub const DEFAULT_ROUTER: &str = "127.0.0.1:7000";
+/// Meta address `pairdb dev` serves on.
+pub const DEFAULT_META: &str = "127.0.0.1:7100";
+/// Tenant `pairdb dev` creates; used when no API key names one.
+pub const DEV_TENANT: &str = "demo";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pairdb",
+    version,
+    about = "PairDB command line: data, admin, the local dev cluster and benchmarks",
+    after_help = "JSON output of every command is described in docs/cli.md."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub globals: Globals,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Globals {
+    /// Router address (host:port) for `kv` and `bench`.
+    #[arg(long, global = true, env = "PAIRDB_ROUTER", default_value = DEFAULT_ROUTER)]
+    pub router: String,
+    /// Metadata service address (host:port) for admin commands.
+    #[arg(long, global = true, env = "PAIRDB_META", default_value = DEFAULT_META)]
+    pub meta: String,
+    /// API key sent to the router (`authorization: Bearer`).
+    #[arg(long, global = true, env = "PAIRDB_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Admin token sent to the metadata service.
+    #[arg(long, global = true, env = "PAIRDB_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Tenant for `kv` and `bench`. Defaults to `demo` (the dev cluster's tenant) when no API key is
+    /// given; with an API key the key names the tenant.
+    #[arg(long, global = true, env = "PAIRDB_TENANT")]
+    pub tenant: Option<String>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Table, env = "PAIRDB_OUTPUT")]
+    pub output: Output,
+    /// Deadline of each request.
+    #[arg(long, global = true, env = "PAIRDB_TIMEOUT_MS", default_value_t = 5000)]
+    pub timeout_ms: u64,
+}
+
+impl Globals {
+    fn options(&self, token: Option<&String>) -> ClientOptions {
+        ClientOptions {
+            token: token.cloned(),
+            request_timeout: Duration::from_millis(self.timeout_ms.max(1)),
+            ..ClientOptions::default()
+        }
+    }
+
+    pub fn tenant(&self) -> String {
+        match (&self.tenant, &self.token) {
+            (Some(tenant), _) => tenant.clone(),
+            (None, Some(_)) => String::new(),
+            (None, None) => DEV_TENANT.to_owned(),
+        }
+    }
+
+    pub async fn kv(&self) -> anyhow::Result<KvClient> {
+        Ok(KvClient::connect(&self.router, &self.tenant(), self.options(self.token.as_ref())).await?)
+    }
+
+    pub async fn admin(&self) -> anyhow::Result<AdminClient> {
+        Ok(AdminClient::connect(&self.meta, self.options(self.admin_token.as_ref())).await?)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Put, get and delete keys through a router.
+    #[command(subcommand)]
+    Kv(KvCommand),
+    /// Manage tenants (metadata service).
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Manage API keys (metadata service).
+    #[command(subcommand)]
+    Apikey(ApiKeyCommand),
+    /// Manage storage nodes (metadata service).
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Inspect and cancel migrations (metadata service).
+    #[command(subcommand)]
+    Migration(MigrationCommand),
+    /// Start a complete local cluster (meta on SQLite, storage nodes, a router) in this process.
+    Dev(DevArgs),
+    /// YCSB-style load generator against a router.
+    Bench(crate::bench::BenchArgs),
+    /// Check the gRPC health of services (host:port).
+    Health {
+        #[arg(required = true)]
+        addresses: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConsistencyArg {
+    One,
+    Quorum,
+    All,
+}
+
+/// The client's consistency for an optional `--consistency` (unset = the tenant's default).
+pub fn consistency(value: Option<ConsistencyArg>) -> Consistency {
+    {
+        match value {
+            None => Consistency::TenantDefault,
+            Some(ConsistencyArg::One) => Consistency::One,
+            Some(ConsistencyArg::Quorum) => Consistency::Quorum,
+            Some(ConsistencyArg::All) => Consistency::All,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KvCommand {
+    /// Store a value. Without --context it is added next to what is there (a sibling if the key has a
+    /// value); pass the context a get printed to replace what that get saw, or --overwrite.
+    Put {
+        key: String,
+        /// The value (UTF-8 text); use --file for binary data.
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        value: Option<String>,
+        /// Read the value from a file.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[arg(long, value_enum)]
+        consistency: Option<ConsistencyArg>,
+        /// Context printed by an earlier get or put of this key (base64).
+        #[arg(long)]
+        context: Option<String>,
+        /// Read first and replace every version that read saw.
+        #[arg(long, conflicts_with = "context")]
+        overwrite: bool,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// Read every live value (sibling) of a key and its context.
+    Get {
+        key: String,
+        #[arg(long, value_enum)]
+        consistency: Option<ConsistencyArg>,
+    },
+    /// Delete a key (a tombstone over the given context, or over what a read sees).
+    Delete {
+        key: String,
+        #[arg(long, value_enum)]
+        consistency: Option<ConsistencyArg>,
+        #[arg(long)]
+        context: Option<String>,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConflictModeArg {
+    Siblings,
+    Lww,
+}
+
+/// Tenant settings shared by create and update (unset = default on create, unchanged on update).
+#[derive(Debug, Args)]
+pub struct TenantSettings {
+    #[arg(long)]
+    pub replication_factor: Option<u32>,
+    #[arg(long, value_enum)]
+    pub default_consistency: Option<ConsistencyArg>,
+    #[arg(long, value_enum)]
+    pub conflict_mode: Option<ConflictModeArg>,
+    /// Sustained operations per second (0 = unlimited).
+    #[arg(long)]
+    pub rate_limit_ops_per_sec: Option<u32>,
+    #[arg(long)]
+    pub rate_limit_burst: Option<u32>,
+    #[arg(long)]
+    pub max_value_bytes: Option<u64>,
+    #[arg(long)]
+    pub max_siblings: Option<u32>,
+    #[arg(long)]
+    pub strict_quorum: Option<bool>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    Create {
+        tenant_id: String,
+        #[command(flatten)]
+        settings: TenantSettings,
+    },
+    Get {
+        tenant_id: String,
+    },
+    List,
+    /// Change settings; a new replication factor starts a migration.
+    Update {
+        tenant_id: String,
+        #[command(flatten)]
+        settings: TenantSettings,
+    },
+    Delete {
+        tenant_id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiKeyCommand {
+    /// Create a key; its secret is printed once.
+    Create {
+        tenant_id: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List keys (of one tenant with --tenant-id).
+    List {
+        #[arg(long)]
+        tenant_id: Option<String>,
+    },
+    Revoke {
+        key_id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Add a storage node to the ring (starts a migration).
+    Add {
+        /// Address routers and peers reach it at (host:port).
+        address: String,
+        /// Node id (default: the next free one).
+        #[arg(long)]
+        node_id: Option<u32>,
+        #[arg(long, default_value = "")]
+        zone: String,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+    },
+    List,
+    Get {
+        node_id: u32,
+    },
+    /// Drain a node out of the ring (a migration); --force removes a dead node.
+    Remove {
+        node_id: u32,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MigrationCommand {
+    Get {
+        migration_id: String,
+    },
+    List,
+    Cancel {
+        migration_id: String,
+    },
+    /// Follow a migration with a progress bar until it finishes.
+    Watch {
+        migration_id: String,
+        /// Poll interval.
+        #[arg(long, default_value_t = 500)]
+        interval_ms: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SyncArg {
+    Always,
+    Periodic,
+}
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Number of storage nodes.
+    #[arg(long, default_value_t = 3)]
+    pub storage_nodes: u32,
+    /// Directory for all data (meta's SQLite database and each node's directory); reused on restart.
+    #[arg(long, default_value = "./pairdb-dev-data")]
+    pub data_dir: PathBuf,
+    /// Router listen address.
+    #[arg(long, default_value = DEFAULT_ROUTER)]
+    pub router_addr: std::net::SocketAddr,
+    /// Metadata service listen address.
+    #[arg(long, default_value = DEFAULT_META)]
+    pub meta_addr: std::net::SocketAddr,
+    /// Port of the first storage node; node i listens on this + i - 1.
+    #[arg(long, default_value_t = 7201)]
+    pub storage_base_port: u16,
+    /// Storage nodes' fsync mode.
+    #[arg(long, value_enum, default_value_t = SyncArg::Always)]
+    pub sync: SyncArg,
+}
+
+/// Runs one command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let globals = &cli.globals;
+    match cli.command {
+        Command::Kv(command) => crate::kv::run(globals, command).await,
+        Command::Tenant(command) => crate::admin::tenant(globals, command).await,
+        Command::Apikey(command) => crate::admin::api_key(globals, command).await,
+        Command::Node(command) => crate::admin::node(globals, command).await,
+        Command::Migration(command) => crate::admin::migration(globals, command).await,
+        Command::Dev(args) => crate::dev::run(args).await,
+        Command::Bench(args) => crate::bench::run(globals, args).await,
+        Command::Health { addresses } => health(globals, addresses).await,
+    }
+}
+
+async fn health(globals: &Globals, addresses: Vec<String>) -> anyhow::Result<()> {
+    let mut results = Vec::new();
+    for address in addresses {
+        let serving = match pairdb_client::connect(&address).await {
+            Ok(channel) => pairdb_client::is_serving(channel).await.unwrap_or(false),
+            Err(_) => false,
+        };
+        results.push((address, serving));
+    }
+    match globals.output {
+        Output::Json => crate::output::print_json(&serde_json::json!({
+            "services": results.iter().map(|(address, serving)| serde_json::json!({
+                "address": address, "serving": serving,
+            })).collect::<Vec<_>>()
+        })),
+        Output::Table => {
+            for (address, serving) in &results {
+                println!("{address}\t{}", if *serving { "serving" } else { "not serving" });
+            }
+        }
+    }
+    if results.iter().any(|(_, serving)| !serving) {
+        anyhow::bail!("some services are not serving");
+    }
+    Ok(())
+}

@@ -1,0 +1,237 @@
+//! Rendering: a human table (the default) or one JSON document per command (`--output json`, shapes
+//! in docs/cli.md, matching meta's HTTP API where both exist). Values that are not UTF-8 text are shown
+//! as base64; contexts are always base64.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use pairdb_client::ClientError;
+use pairdb_client::proto::admin::v1 as admin;
+use pairdb_client::proto::common::v1 as common;
+use serde_json::{Value, json};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+pub fn print_json(value: &Value) {
+    println!("{}", serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string()));
+}
+
+/// The message printed for a failed command: the stable reason first, then what to do about it.
+pub fn describe_error(error: &anyhow::Error) -> String {
+    match error.downcast_ref::<ClientError>() {
+        Some(client_error @ ClientError::Connect { endpoint, .. }) => format!(
+            "{} ({}): nothing answers at {endpoint}; is `pairdb dev` running, or are --router/--meta right?",
+            client_error.reason(),
+            client_error
+        ),
+        Some(ClientError::Server { reason, message, .. }) => format!("{reason}: {message}"),
+        _ => format!("{error:#}"),
+    }
+}
+
+pub fn encode_context(context: &[u8]) -> String {
+    BASE64.encode(context)
+}
+
+pub fn decode_context(text: &str) -> anyhow::Result<Vec<u8>> {
+    BASE64
+        .decode(text.trim())
+        .map_err(|error| anyhow::anyhow!("INVALID_ARGUMENT: --context is not base64 ({error})"))
+}
+
+/// A value for humans: the text when it is printable UTF-8, else `base64:...`.
+pub fn display_value(value: &[u8]) -> String {
+    match std::str::from_utf8(value) {
+        Ok(text) if !text.chars().any(|c| c.is_control() && c != '\n' && c != '\t') => text.to_owned(),
+        _ => format!("base64:{}", BASE64.encode(value)),
+    }
+}
+
+/// A value in JSON: `{"value": text}` when UTF-8, else `{"value_base64": ...}`.
+pub fn value_json(value: &[u8]) -> (&'static str, Value) {
+    match std::str::from_utf8(value) {
+        Ok(text) => ("value", Value::String(text.to_owned())),
+        Err(_) => ("value_base64", Value::String(BASE64.encode(value))),
+    }
+}
+
+/// A version vector as a list of `{actor, counter}` (actor in hex, as stored).
+pub fn vector_json(vector: &[(u64, u64)]) -> Value {
+    Value::Array(
+        vector
+            .iter()
+            .map(|(actor, counter)| json!({"actor": format!("{actor:016x}"), "counter": counter}))
+            .collect(),
+    )
+}
+
+fn consistency_name(value: i32) -> &'static str {
+    match common::Consistency::try_from(value) {
+        Ok(common::Consistency::One) => "one",
+        Ok(common::Consistency::Quorum) => "quorum",
+        Ok(common::Consistency::All) => "all",
+        _ => "unspecified",
+    }
+}
+
+fn conflict_mode_name(value: i32) -> &'static str {
+    match common::ConflictMode::try_from(value) {
+        Ok(common::ConflictMode::Siblings) => "siblings",
+        Ok(common::ConflictMode::Lww) => "lww",
+        _ => "unspecified",
+    }
+}
+
+pub fn tenant_json(tenant: &admin::Tenant) -> Value {
+    json!({
+        "tenant_id": tenant.tenant_id,
+        "replication_factor": tenant.replication_factor,
+        "default_consistency": consistency_name(tenant.default_consistency),
+        "conflict_mode": conflict_mode_name(tenant.conflict_mode),
+        "rate_limit_ops_per_sec": tenant.rate_limit_ops_per_sec,
+        "rate_limit_burst": tenant.rate_limit_burst,
+        "max_value_bytes": tenant.max_value_bytes,
+        "max_siblings": tenant.max_siblings,
+        "strict_quorum": tenant.strict_quorum,
+        "created_at_ms": tenant.created_at_ms,
+        "updated_at_ms": tenant.updated_at_ms,
+    })
+}
+
+pub fn api_key_json(key: &admin::ApiKey) -> Value {
+    json!({
+        "key_id": key.key_id,
+        "tenant_id": key.tenant_id,
+        "description": key.description,
+        "created_at_ms": key.created_at_ms,
+        "revoked": key.revoked,
+    })
+}
+
+pub fn node_status_name(value: i32) -> &'static str {
+    match admin::NodeStatus::try_from(value) {
+        Ok(admin::NodeStatus::Joining) => "joining",
+        Ok(admin::NodeStatus::Active) => "active",
+        Ok(admin::NodeStatus::Leaving) => "leaving",
+        Ok(admin::NodeStatus::Down) => "down",
+        Ok(admin::NodeStatus::Removed) => "removed",
+        _ => "unspecified",
+    }
+}
+
+pub fn node_json(node: &admin::StorageNode) -> Value {
+    let stats = node.stats.unwrap_or_default();
+    json!({
+        "node_id": node.node_id,
+        "address": node.address,
+        "zone": node.zone,
+        "weight": node.weight,
+        "status": node_status_name(node.status),
+        "last_heartbeat_ms": node.last_heartbeat_ms,
+        "stats": {
+            "keys": stats.keys,
+            "live_bytes": stats.live_bytes,
+            "disk_free_bytes": stats.disk_free_bytes,
+            "hints_pending": stats.hints_pending,
+            "write_path_poisoned": stats.write_path_poisoned,
+        },
+        "in_ring": node.in_ring,
+    })
+}
+
+pub fn migration_state_name(value: i32) -> &'static str {
+    match admin::MigrationState::try_from(value) {
+        Ok(admin::MigrationState::Pending) => "pending",
+        Ok(admin::MigrationState::Running) => "running",
+        Ok(admin::MigrationState::Completed) => "completed",
+        Ok(admin::MigrationState::Failed) => "failed",
+        Ok(admin::MigrationState::Cancelled) => "cancelled",
+        _ => "unspecified",
+    }
+}
+
+pub fn migration_json(migration: &admin::Migration) -> Value {
+    let progress = migration.progress.unwrap_or_default();
+    json!({
+        "migration_id": migration.migration_id,
+        "kind": migration.kind,
+        "state": migration_state_name(migration.state),
+        "from_epoch": migration.from_epoch,
+        "to_epoch": migration.to_epoch,
+        "progress": {
+            "partitions_total": progress.partitions_total,
+            "partitions_done": progress.partitions_done,
+            "keys_total": progress.keys_total,
+            "keys_done": progress.keys_done,
+            "bytes_done": progress.bytes_done,
+            "keys_per_sec": progress.keys_per_sec,
+            "eta_secs": progress.eta_secs,
+        },
+        "error": migration.error,
+        "created_at_ms": migration.created_at_ms,
+        "updated_at_ms": migration.updated_at_ms,
+        "tenant_id": migration.tenant_id,
+        "node_id": migration.node_id,
+    })
+}
+
+/// Prints rows as aligned columns under a header.
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> =
+            cells.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+/// Prints `field  value` pairs of one JSON object (nested objects flattened with dots).
+pub fn print_fields(value: &Value) {
+    let mut rows = Vec::new();
+    flatten("", value, &mut rows);
+    let width = rows.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
+    for (name, text) in rows {
+        println!("{name:<width$}  {text}");
+    }
+}
+
+fn flatten(prefix: &str, value: &Value, rows: &mut Vec<(String, String)>) {
+    match value {
+        Value::Object(map) => {
+            for (name, inner) in map {
+                let path = if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
+                flatten(&path, inner, rows);
+            }
+        }
+        Value::String(text) => rows.push((prefix.to_owned(), text.clone())),
+        Value::Null => rows.push((prefix.to_owned(), "-".to_owned())),
+        other => rows.push((prefix.to_owned(), other.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_and_contexts_round_trip() {
+        assert_eq!(display_value(b"hello"), "hello");
+        assert_eq!(display_value(&[0xff, 0x00]), "base64:/wA=");
+        assert_eq!(value_json(&[0xff]).0, "value_base64");
+        let context = vec![1, 2, 3, 250];
+        assert_eq!(decode_context(&encode_context(&context)).unwrap(), context);
+        assert!(decode_context("not base64!").is_err());
+    }
+}
