@@ -154,6 +154,25 @@ pub mod cluster {
         pub routers: Vec<Process>,
         pub dir: tempfile::TempDir,
         meta_args: Vec<String>,
+        /// Meta's PostgreSQL schema when the cluster runs on PostgreSQL (dropped with the cluster).
+        pub postgres: Option<super::postgres::Schema>,
+    }
+
+    /// What [`Cluster::start_with`] starts.
+    #[derive(Debug, Clone)]
+    pub struct ClusterOptions {
+        pub storage_nodes: u32,
+        pub routers: usize,
+        /// Replication factor of tenant `t`.
+        pub replication_factor: u32,
+        /// Run meta on this PostgreSQL server (a fresh schema) instead of SQLite.
+        pub postgres_url: Option<String>,
+    }
+
+    impl Default for ClusterOptions {
+        fn default() -> Self {
+            Self { storage_nodes: 3, routers: 1, replication_factor: 3, postgres_url: None }
+        }
     }
 
     /// Router flags tuned for tests: short storage timeouts so failures are noticed quickly.
@@ -172,7 +191,27 @@ pub mod cluster {
             routers: usize,
             replication_factor: u32,
         ) -> anyhow::Result<Cluster> {
+            Self::start_with(ClusterOptions {
+                storage_nodes,
+                routers,
+                replication_factor,
+                postgres_url: None,
+            })
+            .await
+        }
+
+        /// Starts the cluster `options` describe (meta on SQLite, or on a fresh PostgreSQL schema).
+        pub async fn start_with(options: ClusterOptions) -> anyhow::Result<Cluster> {
+            let ClusterOptions { storage_nodes, routers, replication_factor, postgres_url } = options;
             let dir = tempfile::tempdir()?;
+            let postgres = match postgres_url {
+                Some(url) => Some(super::postgres::Schema::create(&url).await?),
+                None => None,
+            };
+            let database: Vec<String> = match &postgres {
+                Some(schema) => vec!["--database-url".into(), schema.url()],
+                None => vec!["--data-dir".into(), dir.path().join("meta").display().to_string()],
+            };
             let meta_args: Vec<String> = [
                 "--no-auth",
                 "--auto-add-nodes",
@@ -180,15 +219,15 @@ pub mod cluster {
                 "2000",
                 "--heartbeat-interval-ms",
                 "200",
-                "--data-dir",
             ]
             .iter()
             .map(|s| (*s).to_owned())
-            .chain([dir.path().join("meta").display().to_string()])
+            .chain(database)
             .collect();
             let mut meta = Process::spawn("pairdb-meta", free_addr()?, &meta_args)?;
             meta.wait_live(Duration::from_secs(30))?;
-            let mut cluster = Cluster { meta, storage: Vec::new(), routers: Vec::new(), dir, meta_args };
+            let mut cluster =
+                Cluster { meta, storage: Vec::new(), routers: Vec::new(), dir, meta_args, postgres };
             for id in 1..=storage_nodes {
                 let process = cluster.spawn_storage(id, free_addr()?)?;
                 cluster.storage.push(process);
@@ -262,6 +301,35 @@ pub mod cluster {
             self.storage[index].wait_live(Duration::from_secs(30))
         }
 
+        /// Freezes storage node `index` (SIGSTOP): it keeps its connections but answers nothing.
+        pub fn pause_storage(&self, index: usize) -> anyhow::Result<()> {
+            self.storage[index].signal("STOP")
+        }
+
+        /// Thaws a node [`Cluster::pause_storage`] froze.
+        pub fn resume_storage(&self, index: usize) -> anyhow::Result<()> {
+            self.storage[index].signal("CONT")
+        }
+
+        /// A typed client of router `router` for tenant `t`.
+        pub async fn client(&self, router: usize) -> anyhow::Result<pairdb_client::KvClient> {
+            Ok(pairdb_client::KvClient::connect(
+                &self.routers[router].addr.to_string(),
+                "t",
+                pairdb_client::ClientOptions::default(),
+            )
+            .await?)
+        }
+
+        /// A typed admin client of meta.
+        pub async fn admin_client(&self) -> anyhow::Result<pairdb_client::AdminClient> {
+            Ok(pairdb_client::AdminClient::connect(
+                &self.meta.addr.to_string(),
+                pairdb_client::ClientOptions::default(),
+            )
+            .await?)
+        }
+
         pub async fn admin(&self) -> anyhow::Result<AdminServiceClient<Channel>> {
             Ok(AdminServiceClient::new(pairdb_client::connect(&self.meta.addr.to_string()).await?))
         }
@@ -311,6 +379,200 @@ pub mod cluster {
                 bail!("{} not ready after {timeout:?}", process.name);
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The `pairdb` CLI: one-shot commands and the `pairdb dev` cluster, run from the built binary.
+pub mod cli {
+    use std::io::{BufRead, BufReader};
+    use std::path::Path;
+    use std::process::{Child, Command, Stdio};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    use anyhow::{Context, bail};
+
+    use super::binaries_dir;
+
+    /// What a finished command printed.
+    #[derive(Debug)]
+    pub struct Finished {
+        pub success: bool,
+        pub stdout: String,
+        pub stderr: String,
+    }
+
+    impl Finished {
+        /// stdout parsed as JSON (for `--output json`).
+        pub fn json(&self) -> anyhow::Result<serde_json::Value> {
+            serde_json::from_str(&self.stdout)
+                .with_context(|| format!("not JSON: {}\n{}", self.stdout, self.stderr))
+        }
+    }
+
+    /// Runs `pairdb ARGS` in `dir` with the given environment and waits for it.
+    pub fn run(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Finished> {
+        let output = Command::new(binaries_dir()?.join("pairdb"))
+            .args(args)
+            .current_dir(dir)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .output()
+            .context("running pairdb")?;
+        Ok(Finished {
+            success: output.status.success(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        })
+    }
+
+    /// A running `pairdb dev`; killed when dropped.
+    #[derive(Debug)]
+    pub struct Dev {
+        child: Child,
+        lines: mpsc::Receiver<String>,
+        /// Every stdout line seen so far.
+        pub printed: Vec<String>,
+    }
+
+    impl Dev {
+        /// Starts `pairdb dev ARGS` in `dir`.
+        pub fn spawn(dir: &Path, args: &[&str]) -> anyhow::Result<Dev> {
+            let mut child = Command::new(binaries_dir()?.join("pairdb"))
+                .arg("dev")
+                .args(args)
+                .current_dir(dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .spawn()
+                .context("starting pairdb dev")?;
+            let stdout = child.stdout.take().context("piped stdout")?;
+            let (sender, lines) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if sender.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            Ok(Dev { child, lines, printed: Vec::new() })
+        }
+
+        /// Waits until a printed line starts with `prefix` and returns it.
+        pub fn wait_for_line(&mut self, prefix: &str, timeout: Duration) -> anyhow::Result<String> {
+            let deadline = Instant::now() + timeout;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.lines.recv_timeout(left) {
+                    Ok(line) => {
+                        self.printed.push(line.clone());
+                        if line.starts_with(prefix) {
+                            return Ok(line);
+                        }
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        bail!("no line starting {prefix:?} within {timeout:?}; printed: {:#?}", self.printed)
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        let status = self.child.wait()?;
+                        bail!("pairdb dev exited ({status}) before {prefix:?}; printed: {:#?}", self.printed)
+                    }
+                }
+            }
+        }
+
+        /// Sends Ctrl-C (SIGINT) and waits for the process to exit; true if it exited successfully.
+        pub fn interrupt(&mut self, timeout: Duration) -> anyhow::Result<bool> {
+            let status = Command::new("kill").arg("-INT").arg(self.child.id().to_string()).status()?;
+            if !status.success() {
+                bail!("kill -INT failed");
+            }
+            let deadline = Instant::now() + timeout;
+            loop {
+                if let Some(status) = self.child.try_wait()? {
+                    while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                        self.printed.push(line);
+                    }
+                    return Ok(status.success());
+                }
+                if Instant::now() > deadline {
+                    bail!("pairdb dev did not stop within {timeout:?} of Ctrl-C");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    impl Drop for Dev {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A fresh PostgreSQL schema per cluster, on the server `PAIRDB_TEST_POSTGRES_URL` names.
+pub mod postgres {
+    use anyhow::Context;
+    use sqlx::Connection;
+
+    /// The test server's URL, or `None` (with a message saying the test is skipped) when unset.
+    pub fn test_url() -> Option<String> {
+        match std::env::var("PAIRDB_TEST_POSTGRES_URL") {
+            Ok(url) if !url.is_empty() => Some(url),
+            _ => {
+                eprintln!("skipped: PAIRDB_TEST_POSTGRES_URL not set");
+                None
+            }
+        }
+    }
+
+    /// A schema of its own, dropped with everything in it when this is dropped.
+    #[derive(Debug)]
+    pub struct Schema {
+        pub name: String,
+        base_url: String,
+    }
+
+    impl Schema {
+        pub async fn create(base_url: &str) -> anyhow::Result<Schema> {
+            let name = format!("pairdb_e2e_{:016x}", rand::random::<u64>());
+            let mut connection =
+                sqlx::postgres::PgConnection::connect(base_url).await.context("connecting to PostgreSQL")?;
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {name}")))
+                .execute(&mut connection)
+                .await?;
+            connection.close().await?;
+            Ok(Schema { name, base_url: base_url.to_owned() })
+        }
+
+        /// The server URL with `search_path` set to this schema.
+        pub fn url(&self) -> String {
+            let separator = if self.base_url.contains('?') { '&' } else { '?' };
+            format!("{}{separator}options=-c%20search_path%3D{}", self.base_url, self.name)
+        }
+    }
+
+    impl Drop for Schema {
+        fn drop(&mut self) {
+            let (base_url, name) = (self.base_url.clone(), self.name.clone());
+            // Drop may run inside a runtime, which cannot block on itself: use a thread.
+            let dropped = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+                runtime.block_on(async {
+                    let mut connection = sqlx::postgres::PgConnection::connect(&base_url).await.ok()?;
+                    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {name} CASCADE")))
+                        .execute(&mut connection)
+                        .await
+                        .ok()?;
+                    connection.close().await.ok()
+                })
+            })
+            .join();
+            if !matches!(dropped, Ok(Some(()))) {
+                eprintln!("warning: could not drop test schema {}", self.name);
+            }
         }
     }
 }

@@ -1,0 +1,315 @@
+//! End-to-end tests of the `pairdb` CLI against `pairdb dev` (real binaries, real processes): the
+//! README quickstart run literally, a restart that keeps the data, `pairdb bench` without errors, and
+//! the JSON output of every command.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use pairdb_tests::binaries_dir;
+use pairdb_tests::cli::{Dev, Finished, run};
+use serde_json::Value;
+
+/// Both tests start a dev cluster; one at a time keeps the bench from measuring its neighbour.
+static ONE_CLUSTER_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The issue's bound on `pairdb dev` start-up (after the build).
+const READY_WITHIN: Duration = Duration::from_secs(15);
+
+fn readme() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap()
+}
+
+/// The quickstart's `$ command` lines and the output printed under each.
+fn quickstart_steps(readme: &str) -> Vec<(String, Vec<String>)> {
+    let begin = readme.find("<!-- quickstart:begin").expect("quickstart begin marker");
+    let end = readme.find("<!-- quickstart:end -->").expect("quickstart end marker");
+    let block = &readme[begin..end];
+    let mut steps: Vec<(String, Vec<String>)> = Vec::new();
+    for line in block.lines().skip_while(|l| !l.starts_with("```console")).skip(1) {
+        if line.starts_with("```") {
+            break;
+        }
+        match line.strip_prefix("$ ") {
+            Some(command) => steps.push((command.to_owned(), Vec::new())),
+            None => steps.last_mut().expect("output before the first command").1.push(line.to_owned()),
+        }
+    }
+    steps
+}
+
+/// Splits a command line on spaces, keeping double-quoted words together (all the README uses).
+fn words(command: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    for c in command.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ' ' if !quoted => {
+                if !current.is_empty() {
+                    words.push(std::mem::take(&mut current));
+                }
+            }
+            c => current.push(c),
+        }
+    }
+    if !current.is_empty() {
+        words.push(current);
+    }
+    words
+}
+
+/// Contexts differ from run to run (they hold random actor ids); everything else must match.
+fn normalize(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .map(|line| match line.strip_prefix("context: ") {
+            Some(context) if !context.is_empty() => "context: <base64>".to_owned(),
+            _ => line.trim_end().to_owned(),
+        })
+        .collect()
+}
+
+fn pairdb(dir: &Path, args: &[&str]) -> Finished {
+    let finished = run(dir, args, &[]).unwrap();
+    assert!(finished.success, "pairdb {args:?} failed:\n{}\n{}", finished.stdout, finished.stderr);
+    finished
+}
+
+#[test]
+fn readme_quickstart_runs_as_written_and_a_restart_keeps_the_data() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let readme = readme();
+    assert!(readme.contains("cargo install --locked --path crates/pairdb-cli && pairdb dev"));
+    assert!(readme.contains("cargo test --workspace"));
+    let steps = quickstart_steps(&readme);
+    assert!(steps.len() >= 6, "quickstart has too few commands: {steps:?}");
+
+    binaries_dir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let launched = Instant::now();
+    let mut dev = Dev::spawn(dir.path(), &[]).unwrap();
+    dev.wait_for_line("pairdb dev: ready", READY_WITHIN).unwrap();
+    assert!(launched.elapsed() < READY_WITHIN);
+    assert!(dir.path().join("pairdb-dev-data").is_dir(), "data goes to ./pairdb-dev-data");
+
+    for (command, expected) in &steps {
+        let words = words(command);
+        assert_eq!(words[0], "pairdb", "quickstart commands are pairdb commands: {command}");
+        let args: Vec<&str> = words[1..].iter().map(String::as_str).collect();
+        let finished = pairdb(dir.path(), &args);
+        let printed: Vec<String> = finished.stdout.lines().map(str::to_owned).collect();
+        assert_eq!(normalize(&printed), normalize(expected), "output of `{command}`");
+    }
+
+    pairdb(dir.path(), &["kv", "put", "survivor", "still here"]);
+    assert!(dev.interrupt(Duration::from_secs(20)).unwrap(), "Ctrl-C stops pairdb dev cleanly");
+    assert!(dev.printed.iter().any(|line| line.starts_with("pairdb dev: stopped")), "{:#?}", dev.printed);
+
+    let mut again = Dev::spawn(dir.path(), &[]).unwrap();
+    again.wait_for_line("pairdb dev: ready", READY_WITHIN).unwrap();
+    let read = pairdb(dir.path(), &["kv", "get", "survivor", "--consistency", "all"]);
+    assert_eq!(read.stdout.lines().next(), Some("survivor = still here"));
+    assert!(again.interrupt(Duration::from_secs(20)).unwrap());
+}
+
+/// Three consecutive free loopback ports (for the storage nodes).
+fn free_port_run() -> u16 {
+    for _ in 0..100 {
+        let base: u16 = 20_000 + rand_port_offset();
+        if (0..3).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no three consecutive free ports");
+}
+
+fn rand_port_offset() -> u16 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    (nanos % 30_000) as u16
+}
+
+fn free_addr() -> String {
+    pairdb_tests::free_addr().unwrap().to_string()
+}
+
+fn bench_secs() -> String {
+    std::env::var("PAIRDB_E2E_BENCH_SECS").unwrap_or_else(|_| "20".to_owned())
+}
+
+#[test]
+fn dev_cluster_survives_bench_and_every_command_prints_json() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    binaries_dir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (router, meta, base) = (free_addr(), free_addr(), free_port_run());
+    let launched = Instant::now();
+    let mut dev = Dev::spawn(
+        dir.path(),
+        &["--router-addr", &router, "--meta-addr", &meta, "--storage-base-port", &base.to_string()],
+    )
+    .unwrap();
+    dev.wait_for_line("pairdb dev: ready", READY_WITHIN).unwrap();
+    assert!(launched.elapsed() < READY_WITHIN);
+
+    let json = |args: &[&str]| -> Value {
+        let mut all = vec!["--router", router.as_str(), "--meta", meta.as_str(), "--output", "json"];
+        all.extend_from_slice(args);
+        pairdb(dir.path(), &all).json().unwrap()
+    };
+    let fails = |args: &[&str]| -> Finished {
+        let mut all = vec!["--router", router.as_str(), "--meta", meta.as_str(), "--output", "json"];
+        all.extend_from_slice(args);
+        let finished = run(dir.path(), &all, &[]).unwrap();
+        assert!(!finished.success, "pairdb {args:?} should fail: {}", finished.stdout);
+        finished
+    };
+
+    // The bench: workload A for 20 s at 64 clients, zero errors.
+    let secs = bench_secs();
+    let duration = format!("{secs}s");
+    let report = json(&["bench", "--workload", "A", "--duration", &duration, "--records", "2000"]);
+    assert_eq!(report["workload"], "A");
+    assert_eq!(report["concurrency"], 64);
+    assert_eq!(report["run"]["errors"], serde_json::json!({}), "{report:#}");
+    assert_eq!(report["load"]["errors"], serde_json::json!({}), "{report:#}");
+    assert_eq!(report["load"]["operations"], 2000);
+    assert!(report["run"]["operations"].as_u64().unwrap() > 100, "{report:#}");
+    for op in ["read", "update"] {
+        let latency = &report["run"]["per_operation"][op]["latency_ms"];
+        for field in ["p50", "p95", "p99", "p99_9", "max"] {
+            assert!(latency[field].as_f64().unwrap() > 0.0, "{op} {field}: {report:#}");
+        }
+    }
+
+    // kv
+    let put = json(&["kv", "put", "k1", "v1"]);
+    assert_eq!(put["key"], "k1");
+    assert!(put["acks"].as_u64().unwrap() >= 2 && put["required"] == 2, "{put:#}");
+    assert!(!put["context"].as_str().unwrap().is_empty());
+    assert_eq!(put["duplicate"], false);
+    let sibling = json(&["kv", "put", "k1", "v2", "--consistency", "all"]);
+    assert_eq!(sibling["required"], 3);
+    let got = json(&["kv", "get", "k1", "--consistency", "all"]);
+    assert_eq!(got["found"], true);
+    assert_eq!(got["siblings"].as_array().unwrap().len(), 2);
+    assert!(got.get("value").is_none(), "no single value with two siblings");
+    let resolved = json(&["kv", "put", "k1", "v3", "--context", got["context"].as_str().unwrap()]);
+    assert!(!resolved["version_vector"].as_array().unwrap().is_empty());
+    let got = json(&["kv", "get", "k1"]);
+    assert_eq!(got["value"], "v3");
+    let binary = dir.path().join("blob.bin");
+    std::fs::write(&binary, [0u8, 159, 146, 150]).unwrap();
+    json(&["kv", "put", "blob", "--file", binary.to_str().unwrap()]);
+    assert_eq!(json(&["kv", "get", "blob"])["value_base64"], "AJ+Slg==");
+    let deleted = json(&["kv", "delete", "k1"]);
+    assert_eq!(deleted["key"], "k1");
+    let gone = json(&["kv", "get", "k1"]);
+    assert_eq!(gone["found"], false);
+    assert_eq!(gone["siblings"], serde_json::json!([]));
+    let unknown = fails(&["--tenant", "nobody", "kv", "get", "k1"]);
+    assert!(unknown.stderr.contains("TENANT_NOT_FOUND"), "{}", unknown.stderr);
+    let bad_context = fails(&["kv", "put", "k1", "v", "--context", "%%%"]);
+    assert!(bad_context.stderr.contains("INVALID_ARGUMENT"), "{}", bad_context.stderr);
+
+    // tenants
+    let created =
+        json(&["tenant", "create", "acme", "--replication-factor", "2", "--max-value-bytes", "4096"]);
+    assert_eq!(created["tenant_id"], "acme");
+    assert_eq!(created["replication_factor"], 2);
+    assert_eq!(created["max_value_bytes"], 4096);
+    let exists = fails(&["tenant", "create", "acme"]);
+    assert!(exists.stderr.contains("TENANT_EXISTS"), "{}", exists.stderr);
+    assert_eq!(json(&["tenant", "get", "acme"])["conflict_mode"], "siblings");
+    let listed = json(&["tenant", "list"]);
+    let ids: Vec<&str> =
+        listed["tenants"].as_array().unwrap().iter().map(|t| t["tenant_id"].as_str().unwrap()).collect();
+    assert!(ids.contains(&"acme") && ids.contains(&"demo"), "{ids:?}");
+    let updated = json(&["tenant", "update", "acme", "--rate-limit-ops-per-sec", "500"]);
+    assert_eq!(updated["tenant"]["rate_limit_ops_per_sec"], 500);
+    assert_eq!(updated["migration_id"], Value::Null);
+    assert_eq!(
+        json(&["tenant", "delete", "acme"]),
+        serde_json::json!({"tenant_id": "acme", "deleted": true})
+    );
+    let missing = fails(&["tenant", "get", "acme"]);
+    assert!(missing.stderr.contains("TENANT_NOT_FOUND"), "{}", missing.stderr);
+
+    // API keys
+    let key = json(&["apikey", "create", "demo", "--description", "ci"]);
+    assert!(key["secret"].as_str().unwrap().len() >= 16);
+    let key_id = key["api_key"]["key_id"].as_str().unwrap().to_owned();
+    assert_eq!(key["api_key"]["tenant_id"], "demo");
+    let keys = json(&["apikey", "list", "--tenant-id", "demo"]);
+    assert!(keys["api_keys"].as_array().unwrap().iter().any(|k| k["key_id"] == key_id.as_str()));
+    assert!(keys.to_string().find(key["secret"].as_str().unwrap()).is_none(), "secrets are never listed");
+    assert_eq!(json(&["apikey", "revoke", &key_id])["api_key"]["revoked"], true);
+
+    // nodes and migrations (last: a node that never starts changes the ring)
+    let nodes = json(&["node", "list"]);
+    assert_eq!(nodes["nodes"].as_array().unwrap().len(), 3);
+    let node = json(&["node", "get", "2"]);
+    assert_eq!(node["status"], "active");
+    assert_eq!(node["in_ring"], true);
+    assert!(node["stats"]["disk_free_bytes"].as_u64().is_some());
+    let added = json(&["node", "add", "127.0.0.1:1", "--node-id", "9", "--zone", "z9"]);
+    assert_eq!(added["node"]["node_id"], 9);
+    let migration_id = added["migration_id"].as_str().unwrap().to_owned();
+    let watched = json(&["migration", "watch", &migration_id, "--interval-ms", "100"]);
+    assert_eq!(watched["state"], "completed", "{watched:#}");
+    assert_eq!(watched["kind"], "add_node");
+    assert_eq!(json(&["migration", "get", &migration_id])["migration_id"], migration_id.as_str());
+    let migrations = json(&["migration", "list"]);
+    assert!(
+        migrations["migrations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["migration_id"] == migration_id.as_str())
+    );
+    let finished = fails(&["migration", "cancel", &migration_id]);
+    assert!(finished.stderr.contains("MIGRATION_FINISHED"), "{}", finished.stderr);
+    let removed = json(&["node", "remove", "9", "--force"]);
+    assert_eq!(removed["node"]["node_id"], 9);
+    assert!(removed["migration_id"].is_string());
+
+    let health = json(&["health", &router, &meta]);
+    assert_eq!(health["services"][0]["serving"], true);
+    assert_eq!(health["services"][1]["serving"], true);
+    assert!(dev.interrupt(Duration::from_secs(20)).unwrap());
+}
+
+#[test]
+fn help_points_at_the_json_documentation() {
+    let dir = tempfile::tempdir().unwrap();
+    let help = pairdb(dir.path(), &["--help"]);
+    assert!(help.stdout.contains("docs/cli.md"), "{}", help.stdout);
+    let docs = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/cli.md")).unwrap();
+    for command in [
+        "pairdb kv put",
+        "pairdb kv get",
+        "pairdb kv delete",
+        "pairdb tenant create",
+        "pairdb tenant get",
+        "pairdb tenant list",
+        "pairdb tenant update",
+        "pairdb tenant delete",
+        "pairdb apikey create",
+        "pairdb apikey list",
+        "pairdb apikey revoke",
+        "pairdb node add",
+        "pairdb node list",
+        "pairdb node get",
+        "pairdb node remove",
+        "pairdb migration get",
+        "pairdb migration list",
+        "pairdb migration cancel",
+        "pairdb migration watch",
+        "pairdb bench",
+        "pairdb health",
+    ] {
+        assert!(docs.contains(&format!("`{command}")), "docs/cli.md does not document {command}");
+    }
+}
