@@ -1,7 +1,8 @@
 //! Engine-path micro-benchmark (no gRPC): coordinated writes and reads of 1 KiB values with
 //! `--sync periodic` and `always`, 1 and 64 concurrent writers.
 //!
-//! `cargo bench -p pairdb-storage --bench engine` (set `PAIRDB_BENCH_SECS` to change the 3 s per case).
+//! `cargo bench -p pairdb-storage --bench engine` (set `PAIRDB_BENCH_SECS` to change the 3 s per case;
+//! `PAIRDB_BENCH_ONLY=periodic-64,restart` runs only the named cases, for profiling one of them).
 //! Numbers are recorded in docs/benchmarks.md.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, missing_docs)]
 
@@ -26,9 +27,20 @@ fn open(dir: &std::path::Path, sync: SyncMode) -> Arc<Engine> {
     .unwrap()
 }
 
-/// Runs `threads` workers calling `op(thread, i)` for `duration`; returns operations per second.
-fn run(threads: usize, duration: Duration, op: impl Fn(usize, u64) + Send + Sync + 'static) -> f64 {
+/// This process's user + system CPU time so far (Linux `/proc/self/stat`, in clock ticks of 10 ms).
+fn cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split(' ').collect();
+    fields.get(12).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0)
+        + fields.get(13).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0)
+}
+
+/// Runs `threads` workers calling `op(thread, i)` for `duration`; returns operations per second and
+/// the process's CPU time per operation in microseconds (background flushes and compactions included).
+fn run(threads: usize, duration: Duration, op: impl Fn(usize, u64) + Send + Sync + 'static) -> (f64, f64) {
     let op = Arc::new(op);
+    let cpu_before = cpu_ticks();
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -50,7 +62,9 @@ fn run(threads: usize, duration: Duration, op: impl Fn(usize, u64) + Send + Sync
     for handle in handles {
         handle.join().unwrap();
     }
-    done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+    let ops = done.load(Ordering::Relaxed) as f64;
+    let cpu_us = (cpu_ticks() - cpu_before) as f64 * 10_000.0;
+    (ops / started.elapsed().as_secs_f64(), cpu_us / ops.max(1.0))
 }
 
 fn main() {
@@ -60,18 +74,24 @@ fn main() {
     }
     let secs: u64 = std::env::var("PAIRDB_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     let duration = Duration::from_secs(secs);
+    let only = std::env::var("PAIRDB_BENCH_ONLY").ok();
+    let selected = |case: &str| only.as_deref().is_none_or(|only| only.split(',').any(|c| c == case));
     let q = PartitionCount::default();
     let value = vec![0x5au8; 1024];
     println!("| sync | writers | writes/s | reads/s (same thread count) |");
     println!("|---|---|---|---|");
+    let mut cpu = Vec::new();
     for (name, sync) in [("periodic", SyncMode::Periodic { interval_ms: 100 }), ("always", SyncMode::Always)]
     {
         for threads in [1usize, 64] {
+            if !selected(&format!("{name}-{threads}")) {
+                continue;
+            }
             let dir = tempfile::tempdir().unwrap();
             let engine = open(dir.path(), sync);
             let write_engine = engine.clone();
             let write_value = value.clone();
-            let writes = run(threads, duration, move |thread, i| {
+            let (writes, write_cpu_us) = run(threads, duration, move |thread, i| {
                 let key = RecordKey::new(q, "bench", &format!("t{thread}-k{i}"));
                 write_engine
                     .coordinate_write(
@@ -85,14 +105,24 @@ fn main() {
                     .unwrap();
             });
             let read_engine = engine.clone();
-            let reads = run(threads, duration, move |thread, i| {
+            let (reads, read_cpu_us) = run(threads, duration, move |thread, i| {
                 let key = RecordKey::new(q, "bench", &format!("t{thread}-k{}", i % 1000));
                 std::hint::black_box(read_engine.get(&key).unwrap());
             });
             println!("| {name} | {threads} | {writes:.0} | {reads:.0} |");
+            cpu.push(format!(
+                "{name}/{threads}: {write_cpu_us:.1} µs per write, {read_cpu_us:.1} µs per read"
+            ));
         }
     }
-    restart_with_a_million_keys();
+    println!();
+    println!("process CPU time (all threads, background flushes and compactions included):");
+    for line in cpu {
+        println!("- {line}");
+    }
+    if selected("restart") {
+        restart_with_a_million_keys();
+    }
 }
 
 /// Time from opening a data directory holding 1,000,000 small keys (after a clean shutdown) to the
