@@ -6,24 +6,29 @@
 //! - `IDENTITY` file: node id, actor id, format version ([`crate::identity`]).
 //!
 //! Invariants:
-//! - Read-merge-write of one key is atomic on this node: it runs under the key's stripe lock, so
-//!   concurrent writes to one key never lose each other's siblings while different keys proceed in
-//!   parallel.
-//! - Nothing is acknowledged before it reached the OS: after writing, a request waits until the
-//!   journal was flushed to the OS past its write (so an acknowledged write survives `kill -9`); with
-//!   [`SyncMode::Always`] it waits for an fsync instead. Concurrent writers share one flush / fsync
-//!   (group commit). With [`SyncMode::Periodic`] a background thread also fsyncs every interval.
+//! - Read-merge-write of one key is atomic on this node: it runs under the key's stripe lock, held
+//!   until the write is committed, so concurrent writes to one key never lose each other's siblings
+//!   while different keys proceed in parallel. (Holding it to the commit also means a group never
+//!   holds one key twice, which a fjall batch, all of one sequence number, must not.)
+//! - Nothing is acknowledged before it reached the OS: a single-key write is committed in a fjall
+//!   write batch that is flushed to the OS (`periodic`) or fsynced (`always`) before it is applied to
+//!   the memtable and before the request returns, so an acknowledged write survives `kill -9` (and,
+//!   with `always`, a power loss). Concurrent writers share one batch, one flush and one fsync (group
+//!   commit, [`CommitQueue`]). With [`SyncMode::Periodic`] a background thread also fsyncs every
+//!   interval.
 //! - A failed write or fsync poisons the write path for good: writes fail with WRITE_PATH_POISONED,
 //!   reads go on, readiness reports the reason. A failed fsync is never retried (the page cache may
 //!   have dropped the dirty pages; see "Can applications recover from fsync failures?", ATC '20).
+//!   [`Engine::inject_persist_failure_for_tests`] makes the next journal persist fail, so tests can
+//!   drive this path through the real code.
 //! - Before the disk fills, writes are refused with DISK_FULL (free space below the reserve), so a full
 //!   disk is a clear error rather than a poisoned node.
 //!
 //! Every method blocks; async callers run them on the blocking pool.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
@@ -126,7 +131,9 @@ pub struct Engine {
     partitions: PartitionCount,
     data_dir: PathBuf,
     stripes: Box<[Mutex<()>]>,
-    commit: GroupCommit,
+    commit: CommitQueue,
+    /// Armed by [`Engine::inject_persist_failure_for_tests`]: the next journal persist fails.
+    persist_fault: AtomicBool,
     sync: SyncMode,
     poison: Mutex<Option<String>>,
     poisoned: AtomicBool,
@@ -148,8 +155,8 @@ impl Engine {
         let (identity, _created) = identity::load_or_create(&config.data_dir, config.node_id)?;
         let engine_dir = config.data_dir.join("engine");
         let open_err = |source| EngineError::Open { dir: engine_dir.clone(), source };
-        // Journal flushes are ours (group commit in `make_durable`): fjall then buffers each write and we
-        // hand a whole group to the OS (and, with `always`, to the disk) in one call.
+        // Journal flushes are ours (group commit in `CommitQueue`): fjall then buffers each write and
+        // a whole group goes to the OS (and, with `always`, to the disk) in one call.
         let db = Database::builder(&engine_dir)
             .cache_size(config.cache_bytes)
             .manual_journal_persist(true)
@@ -166,7 +173,10 @@ impl Engine {
             partitions: config.partitions,
             data_dir: config.data_dir.clone(),
             stripes,
-            commit: GroupCommit::default(),
+            // With `always` an fsync costs far more than the read-merge of a writer that already holds
+            // its stripe lock, so a leader waits for those writers to join its group.
+            commit: CommitQueue::new(matches!(config.sync, SyncMode::Always)),
+            persist_fault: AtomicBool::new(false),
             sync: config.sync,
             poison: Mutex::new(None),
             poisoned: AtomicBool::new(false),
@@ -218,41 +228,37 @@ impl Engine {
     ) -> Result<VersionSet, EngineError> {
         self.check_writable()?;
         let encoded_key = key.encode();
-        let result = {
-            let _guard = self.lock(&encoded_key);
-            let mut set = self.read_set(&encoded_key)?.unwrap_or_default();
-            let mut context = context.clone();
-            if supersede_local {
-                context.merge(set.vector());
-            }
-            set.update(&context, self.identity.actor, value, timestamp_ms, max_siblings)?;
-            self.write(|| self.records.insert(encoded_key.clone(), encode_version_set(&set)))?;
-            set
-        };
-        self.make_durable()?;
-        Ok(result)
+        let _guard = self.lock(&encoded_key);
+        let preparing = self.commit.preparing();
+        let mut set = self.read_set(&encoded_key)?.unwrap_or_default();
+        let mut context = context.clone();
+        if supersede_local {
+            context.merge(set.vector());
+        }
+        set.update(&context, self.identity.actor, value, timestamp_ms, max_siblings)?;
+        let value = encode_version_set(&set);
+        self.commit_write(WriteOp::Insert(Space::Records, encoded_key, value), preparing)?;
+        Ok(set)
     }
 
     /// Merges `incoming` into the local replica; returns whether the local set changed.
     pub fn merge(&self, key: &RecordKey, incoming: &VersionSet) -> Result<bool, EngineError> {
         self.check_writable()?;
         let encoded_key = key.encode();
-        let changed = {
-            let _guard = self.lock(&encoded_key);
-            let mut set = self.read_set(&encoded_key)?.unwrap_or_default();
-            let changed = set.merge_from(incoming);
-            if changed {
-                self.write(|| self.records.insert(encoded_key.clone(), encode_version_set(&set)))?;
-            }
-            changed
-        };
-        if changed {
-            self.make_durable()?;
+        let _guard = self.lock(&encoded_key);
+        let preparing = self.commit.preparing();
+        let mut set = self.read_set(&encoded_key)?.unwrap_or_default();
+        if !set.merge_from(incoming) {
+            return Ok(false);
         }
-        Ok(changed)
+        let value = encode_version_set(&set);
+        self.commit_write(WriteOp::Insert(Space::Records, encoded_key, value), preparing)?;
+        Ok(true)
     }
 
-    /// Merges many records with one durability wait; returns how many changed.
+    /// Merges many records with one durability wait; returns how many changed. Each record is written
+    /// straight to the journal under its stripe lock (holding one lock at a time); the batch then waits
+    /// for one group commit, whose flush or fsync covers everything written before it.
     pub fn merge_batch(&self, records: &[(RecordKey, VersionSet)]) -> Result<usize, EngineError> {
         self.check_writable()?;
         let mut changed = 0;
@@ -275,17 +281,15 @@ impl Engine {
     pub fn put_hint(&self, target_node: u32, key: &RecordKey, set: &VersionSet) -> Result<(), EngineError> {
         self.check_writable()?;
         let hint_key = key.encode_hint(target_node);
-        {
-            let _guard = self.lock(&hint_key);
-            let merged = match self.hints.get(&hint_key).map_err(EngineError::Read)? {
-                Some(raw) => decode_hint_value(&raw)?.1.merge(set),
-                None => set.clone(),
-            };
-            let mut value = now_ms().to_be_bytes().to_vec();
-            value.extend_from_slice(&encode_version_set(&merged));
-            self.write(|| self.hints.insert(hint_key.clone(), value))?;
-        }
-        self.make_durable()
+        let _guard = self.lock(&hint_key);
+        let preparing = self.commit.preparing();
+        let merged = match self.hints.get(&hint_key).map_err(EngineError::Read)? {
+            Some(raw) => decode_hint_value(&raw)?.1.merge(set),
+            None => set.clone(),
+        };
+        let mut value = now_ms().to_be_bytes().to_vec();
+        value.extend_from_slice(&encode_version_set(&merged));
+        self.commit_write(WriteOp::Insert(Space::Hints, hint_key, value), preparing)
     }
 
     /// Up to `limit` hints for `target_node` (optionally one partition), in key order.
@@ -350,20 +354,15 @@ impl Engine {
     ) -> Result<bool, EngineError> {
         self.check_writable()?;
         let hint_key = key.encode_hint(target_node);
-        let deleted = {
-            let _guard = self.lock(&hint_key);
-            match self.hints.get(&hint_key).map_err(EngineError::Read)? {
-                Some(raw) if &decode_hint_value(&raw)?.1 == delivered => {
-                    self.write(|| self.hints.remove(hint_key.clone()))?;
-                    true
-                }
-                _ => false,
+        let _guard = self.lock(&hint_key);
+        let preparing = self.commit.preparing();
+        match self.hints.get(&hint_key).map_err(EngineError::Read)? {
+            Some(raw) if &decode_hint_value(&raw)?.1 == delivered => {
+                self.commit_write(WriteOp::Remove(Space::Hints, hint_key), preparing)?;
+                Ok(true)
             }
-        };
-        if deleted {
-            self.make_durable()?;
+            _ => Ok(false),
         }
-        Ok(deleted)
     }
 
     /// Up to `limit` records of `partition` after `cursor` (exclusive), optionally only some tenants.
@@ -474,14 +473,36 @@ impl Engine {
 
     /// fsyncs everything written so far (used at shutdown and by tests).
     pub fn sync_now(&self) -> Result<(), EngineError> {
-        if let Err(error) = self.db.persist(PersistMode::SyncData) {
-            self.poison_with(format!("fsync failed: {error:?}"));
-            return Err(EngineError::Poisoned(format!("fsync failed: {error:?}")));
-        }
-        Ok(())
+        self.persist(PersistMode::SyncData).map_err(|error| {
+            let reason = format!("fsync failed: {error:?}");
+            self.poison_with(reason.clone());
+            EngineError::Poisoned(reason)
+        })
     }
 
-    fn lock(&self, key: &[u8]) -> std::sync::MutexGuard<'_, ()> {
+    /// Makes the next journal persist (a group's flush or fsync, or [`Engine::sync_now`]) fail with an
+    /// I/O error, as a failing disk would, without touching the journal: the group is not applied and
+    /// the write path poisons itself exactly as on a real failure. For fault-injection tests only.
+    #[doc(hidden)]
+    pub fn inject_persist_failure_for_tests(&self) {
+        self.persist_fault.store(true, Ordering::Release);
+    }
+
+    /// Consumes an injected fault, if one is armed.
+    fn injected_fault(&self) -> Option<fjall::Error> {
+        self.persist_fault
+            .swap(false, Ordering::AcqRel)
+            .then(|| fjall::Error::Io(std::io::Error::other("injected fault: journal persist returned EIO")))
+    }
+
+    fn persist(&self, mode: PersistMode) -> fjall::Result<()> {
+        match self.injected_fault() {
+            Some(error) => Err(error),
+            None => self.db.persist(mode),
+        }
+    }
+
+    fn lock(&self, key: &[u8]) -> MutexGuard<'_, ()> {
         let stripe = (fnv1a(key) as usize) % self.stripes.len();
         // Stripe mutexes guard no data, so a poisoned one is safe to reuse.
         self.stripes[stripe].lock().unwrap_or_else(PoisonError::into_inner)
@@ -514,24 +535,61 @@ impl Engine {
         })
     }
 
-    /// Waits until this thread's writes reached the OS (`periodic`) or the disk (`always`). Writers
-    /// share the work: one of them flushes (or fsyncs) the journal for every write issued before it
-    /// started, so a burst of writers costs one syscall, not one each.
-    fn make_durable(&self) -> Result<(), EngineError> {
-        let mode = match self.sync {
+    fn persist_mode(&self) -> PersistMode {
+        match self.sync {
             SyncMode::Periodic { .. } => PersistMode::Buffer,
             SyncMode::Always => PersistMode::SyncData,
-        };
-        let ticket = self.commit.take_ticket();
+        }
+    }
+
+    /// Commits one single-key write through the group commit; the caller holds the key's stripe lock.
+    fn commit_write(&self, op: WriteOp, preparing: Preparing<'_>) -> Result<(), EngineError> {
         self.commit
-            .wait_durable(ticket, || {
-                self.db.persist(mode).map_err(|error| {
-                    let reason = format!("journal {mode:?} failed: {error:?}");
-                    self.poison_with(reason.clone());
-                    reason
-                })
-            })
+            .submit(Some(op), Some(preparing), |ops| self.commit_group(ops))
             .map_err(EngineError::Poisoned)
+    }
+
+    /// Waits until everything this thread wrote straight to the journal reached the OS (`periodic`)
+    /// or the disk (`always`): one group commit covers it, since the journal is sequential.
+    fn make_durable(&self) -> Result<(), EngineError> {
+        self.commit.submit(None, None, |ops| self.commit_group(ops)).map_err(EngineError::Poisoned)
+    }
+
+    /// The leader's work: one fjall batch holding every queued write, flushed (`periodic`) or fsynced
+    /// (`always`) before fjall applies it to the memtables; just a flush / fsync when the group only
+    /// waits for earlier writes. An error poisons the write path.
+    fn commit_group(&self, ops: Vec<WriteOp>) -> Result<(), String> {
+        let mode = self.persist_mode();
+        // Poisoned meanwhile (say by the periodic fsync): fjall may not know, so nothing more is written.
+        if let Some(reason) = self.poisoned_reason() {
+            return Err(reason);
+        }
+        let result = if let Some(error) = self.injected_fault() {
+            Err(error)
+        } else if ops.is_empty() {
+            self.db.persist(mode)
+        } else {
+            let mut batch = self.db.batch().durability(Some(mode));
+            for op in ops {
+                match op {
+                    WriteOp::Insert(space, key, value) => batch.insert(self.keyspace(space), key, value),
+                    WriteOp::Remove(space, key) => batch.remove(self.keyspace(space), key),
+                }
+            }
+            batch.commit()
+        };
+        result.map_err(|error| {
+            let reason = format!("journal {mode:?} failed: {error:?}");
+            self.poison_with(reason.clone());
+            reason
+        })
+    }
+
+    fn keyspace(&self, space: Space) -> &Keyspace {
+        match space {
+            Space::Records => &self.records,
+            Space::Hints => &self.hints,
+        }
     }
 
     fn poison_with(&self, reason: String) {
@@ -628,54 +686,200 @@ fn spawn_maintenance(engine: Weak<Engine>) {
     }
 }
 
-/// Group commit: writers take a ticket after their write reached the OS; one of them fsyncs on behalf
-/// of every ticket issued before the fsync started; the others wait for it.
-#[derive(Debug, Default)]
-struct GroupCommit {
-    state: Mutex<CommitState>,
-    synced: Condvar,
+/// Which keyspace a queued write goes to.
+#[derive(Debug, Clone, Copy)]
+enum Space {
+    Records,
+    Hints,
+}
+
+/// One single-key write waiting for a group commit.
+#[derive(Debug)]
+enum WriteOp {
+    Insert(Space, Vec<u8>, Vec<u8>),
+    Remove(Space, Vec<u8>),
+}
+
+/// Longest a leader waits for writers that hold their stripe lock to join its group (`always` only).
+const MAX_GATHER: Duration = Duration::from_micros(250);
+
+/// Group commit. A writer queues its write (or, with no write, a wait for what it wrote to the journal
+/// earlier); if no leader is committing it becomes the leader, takes the whole queue and commits it as
+/// one batch with one flush or fsync, then hands leadership to the first writer that queued meanwhile
+/// and wakes each member of its group. Every waiter has its own condvar, so a commit wakes exactly the
+/// writers it finished, not every thread in the queue.
+///
+/// While the leader fsyncs (fjall holds its journal lock for the fsync), the other writers do their
+/// read-merge and queue up, so the next group takes all of them at once. With `gather`, a leader first
+/// waits (at most [`MAX_GATHER`]) for writers that hold a stripe lock and are about to queue: without
+/// that, groups alternate between nearly everyone and the few writers the last commit released.
+#[derive(Debug)]
+struct CommitQueue {
+    state: Mutex<QueueState>,
+    /// Signalled when the last preparing writer queued (or gave up) while a leader waits for it.
+    gathered: Condvar,
+    /// Writers holding their stripe lock that will queue a write soon (`gather` only).
+    preparing: AtomicUsize,
+    gather: bool,
 }
 
 #[derive(Debug, Default)]
-struct CommitState {
-    issued: u64,
-    durable: u64,
-    syncing: bool,
+struct QueueState {
+    queue: Vec<(Option<WriteOp>, Arc<Waiter>)>,
+    /// A leader is committing (or gathering); new writers queue behind it.
+    leading: bool,
+    leader_gathering: bool,
+    /// Set by the first failed commit; every later commit fails with it (never retried).
     failed: Option<String>,
 }
 
-impl GroupCommit {
-    fn take_ticket(&self) -> u64 {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        state.issued += 1;
-        state.issued
+#[derive(Debug, Default)]
+struct Waiter {
+    state: Mutex<WaiterState>,
+    woken: Condvar,
+}
+
+#[derive(Debug, Default)]
+enum WaiterState {
+    #[default]
+    Waiting,
+    /// The previous leader handed over: commit the queue.
+    Lead,
+    Done(Result<(), String>),
+}
+
+impl Waiter {
+    fn wake(&self, state: WaiterState) {
+        *self.state.lock().unwrap_or_else(PoisonError::into_inner) = state;
+        self.woken.notify_one();
     }
 
-    fn wait_durable(&self, ticket: u64, fsync: impl Fn() -> Result<(), String>) -> Result<(), String> {
+    fn wait(&self) -> WaiterState {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        loop {
-            if let Some(reason) = &state.failed {
-                return Err(reason.clone());
-            }
-            if state.durable >= ticket {
-                return Ok(());
-            }
-            if !state.syncing {
-                // Become the leader: everything issued so far is in the OS buffer and covered.
-                state.syncing = true;
-                let target = state.issued;
-                drop(state);
-                let result = fsync();
-                state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-                state.syncing = false;
-                match result {
-                    Ok(()) => state.durable = state.durable.max(target),
-                    Err(reason) => state.failed = Some(reason),
-                }
-                self.synced.notify_all();
-                continue;
-            }
-            state = self.synced.wait(state).unwrap_or_else(PoisonError::into_inner);
+        while matches!(*state, WaiterState::Waiting) {
+            state = self.woken.wait(state).unwrap_or_else(PoisonError::into_inner);
         }
+        std::mem::take(&mut *state)
+    }
+}
+
+/// A writer between taking its stripe lock and queueing its write; counted only with `gather`.
+/// Dropping it without queueing (an error, or nothing to write) releases a gathering leader.
+#[derive(Debug)]
+struct Preparing<'a> {
+    queue: Option<&'a CommitQueue>,
+}
+
+impl Drop for Preparing<'_> {
+    fn drop(&mut self) {
+        if let Some(queue) = self.queue.take() {
+            let state = queue.lock();
+            queue.done_preparing(&state);
+        }
+    }
+}
+
+impl CommitQueue {
+    fn new(gather: bool) -> Self {
+        Self { state: Mutex::default(), gathered: Condvar::new(), preparing: AtomicUsize::new(0), gather }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Call right after taking the stripe lock of a key about to be written.
+    fn preparing(&self) -> Preparing<'_> {
+        if !self.gather {
+            return Preparing { queue: None };
+        }
+        self.preparing.fetch_add(1, Ordering::AcqRel);
+        Preparing { queue: Some(self) }
+    }
+
+    /// Called with the state lock held, so a gathering leader cannot miss the wake-up.
+    fn done_preparing(&self, state: &QueueState) {
+        if self.preparing.fetch_sub(1, Ordering::AcqRel) == 1 && state.leader_gathering {
+            self.gathered.notify_one();
+        }
+    }
+
+    /// Queues `op` (or a wait for earlier journal writes) and returns once a group commit covering it
+    /// succeeded or failed. `commit` is the leader's work for one group.
+    fn submit(
+        &self,
+        op: Option<WriteOp>,
+        preparing: Option<Preparing<'_>>,
+        commit: impl FnOnce(Vec<WriteOp>) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let me = Arc::new(Waiter::default());
+        let mut state = self.lock();
+        // Queued now: no longer preparing (taken out of the guard so its drop does not count again).
+        if preparing.and_then(|mut preparing| preparing.queue.take()).is_some() {
+            self.done_preparing(&state);
+        }
+        if let Some(reason) = &state.failed {
+            return Err(reason.clone());
+        }
+        state.queue.push((op, me.clone()));
+        if state.leading {
+            drop(state);
+            match me.wait() {
+                WaiterState::Done(result) => return result,
+                WaiterState::Lead | WaiterState::Waiting => state = self.lock(),
+            }
+        } else {
+            state.leading = true;
+        }
+        self.lead(state, &me, commit)
+    }
+
+    fn lead(
+        &self,
+        mut state: MutexGuard<'_, QueueState>,
+        me: &Arc<Waiter>,
+        commit: impl FnOnce(Vec<WriteOp>) -> Result<(), String>,
+    ) -> Result<(), String> {
+        if self.gather {
+            let deadline = Instant::now() + MAX_GATHER;
+            while self.preparing.load(Ordering::Acquire) > 0 && state.failed.is_none() {
+                let Some(left) = deadline.checked_duration_since(Instant::now()) else { break };
+                state.leader_gathering = true;
+                state = self.gathered.wait_timeout(state, left).unwrap_or_else(PoisonError::into_inner).0;
+            }
+            state.leader_gathering = false;
+        }
+        let group = std::mem::take(&mut state.queue);
+        let failed = state.failed.clone();
+        drop(state);
+
+        let mut ops = Vec::with_capacity(group.len());
+        let mut waiters = Vec::with_capacity(group.len());
+        for (op, waiter) in group {
+            ops.extend(op);
+            waiters.push(waiter);
+        }
+        let result = match failed {
+            Some(reason) => Err(reason),
+            None => commit(ops),
+        };
+
+        let mut state = self.lock();
+        if let Err(reason) = &result {
+            state.failed.get_or_insert_with(|| reason.clone());
+        }
+        let next = state.queue.first().map(|(_, waiter)| waiter.clone());
+        state.leading = next.is_some();
+        drop(state);
+        // Hand over first, so the next group's commit starts while this one's writers wake up.
+        if let Some(next) = next {
+            next.wake(WaiterState::Lead);
+        }
+        for waiter in waiters {
+            if !Arc::ptr_eq(&waiter, me) {
+                waiter.wake(WaiterState::Done(result.clone()));
+            }
+        }
+        result
     }
 }
