@@ -471,8 +471,12 @@ impl Engine {
         }
     }
 
-    /// fsyncs everything written so far (used at shutdown and by tests).
+    /// fsyncs everything written so far (periodic fsync, shutdown, tests). Once the write path is
+    /// poisoned it fails without trying: a failed fsync is not retried.
     pub fn sync_now(&self) -> Result<(), EngineError> {
+        if let Some(reason) = self.poisoned_reason() {
+            return Err(EngineError::Poisoned(reason));
+        }
         self.persist(PersistMode::SyncData).map_err(|error| {
             let reason = format!("fsync failed: {error:?}");
             self.poison_with(reason.clone());

@@ -8,7 +8,7 @@
 //! - [`identity`], [`keys`]: the data directory's identity and on-disk key layouts.
 //!
 //! [`run`] serves the API on an injected listener until the shutdown future resolves, then finishes
-//! in-flight requests and fsyncs.
+//! in-flight requests and fsyncs; [`run_with_engine`] does the same over an engine the caller opened.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
@@ -65,11 +65,23 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     config.validate()?;
-    let (readiness, health_service) = pairdb_service::health("opening data directory").await;
     let open_config = config.clone();
     let engine = tokio::task::spawn_blocking(move || open_engine(&open_config))
         .await
         .map_err(|e| Error::Task(e.to_string()))??;
+    run_with_engine(config, engine, listener, shutdown).await
+}
+
+/// [`run`] over an engine opened by the caller with [`open_engine`] from the same `config`; the
+/// caller keeps a handle to the engine of the running node (tests inject faults through it).
+pub async fn run_with_engine(
+    config: Config,
+    engine: Arc<Engine>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    config.validate()?;
+    let (readiness, health_service) = pairdb_service::health("starting").await;
     let identity = engine.identity();
     let address = config.advertise_addr.clone().unwrap_or_else(|| {
         listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| config.listen_addr.to_string())
@@ -119,6 +131,10 @@ pub async fn run(
     let final_engine = engine.clone();
     match tokio::task::spawn_blocking(move || final_engine.sync_now()).await {
         Ok(Ok(())) => tracing::info!("storage node stopped cleanly"),
+        // Already logged when it happened; a poisoned write path is not fsynced again.
+        Ok(Err(EngineError::Poisoned(reason))) => {
+            tracing::warn!(%reason, "stopped with a poisoned write path")
+        }
         Ok(Err(error)) => tracing::error!(%error, "final fsync failed"),
         Err(error) => tracing::error!(%error, "final fsync task failed"),
     }

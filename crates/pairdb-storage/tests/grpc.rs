@@ -1,23 +1,32 @@
 //! The internal gRPC API over loopback against a real node (`run` on a port-0 listener): concurrency on
 //! one key, bad input with stable reasons, partition streams that resume after a cut, hint delivery to
-//! a second node, stats and health.
+//! a second node, stats and health, and a failed fsync that poisons the write path.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use pairdb_core::dvv::{Actor, VersionSet, VersionVector};
 use pairdb_core::encoding::{decode_version_set, encode_context, encode_version_set};
 use pairdb_core::token::{PartitionCount, token_for};
 use pairdb_proto::storage::v1 as pb;
 use pairdb_proto::storage::v1::storage_service_client::StorageServiceClient;
+use pairdb_storage::engine::Engine;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
+use tonic_health::ServingStatus;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus as WireStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 struct Node {
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), pairdb_storage::Error>>,
+    /// The running node's engine (for fault injection).
+    engine: Arc<Engine>,
     _dir: tempfile::TempDir,
 }
 
@@ -27,16 +36,21 @@ impl Node {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let config = pairdb_storage::Config::for_node(node_id, dir.path().join("data"));
+        let open_config = config.clone();
+        let engine = tokio::task::spawn_blocking(move || pairdb_storage::open_engine(&open_config))
+            .await
+            .unwrap()
+            .unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(pairdb_storage::run(config, listener, async {
+        let task = tokio::spawn(pairdb_storage::run_with_engine(config, engine.clone(), listener, async {
             let _ = stopped.await;
         }));
-        let node = Node { addr, stop: Some(stop), task, _dir: dir };
+        let node = Node { addr, stop: Some(stop), task, engine, _dir: dir };
         for _ in 0..200 {
             if node.try_client().await.is_some() {
                 return node;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("storage node did not start");
     }
@@ -356,4 +370,96 @@ async fn hints_are_kept_for_the_owner_and_delivered_to_it() {
     assert!(!stats.write_path_poisoned);
     holder.stop().await;
     owner.stop().await;
+}
+
+/// Waits on the gRPC health Watch stream (no polling) until the node reports `wanted`.
+async fn await_health(addr: SocketAddr, wanted: ServingStatus) {
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut updates = HealthClient::new(channel)
+        .watch(HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    let wanted = match wanted {
+        ServingStatus::Serving => WireStatus::Serving,
+        ServingStatus::NotServing => WireStatus::NotServing,
+        ServingStatus::Unknown => WireStatus::Unknown,
+    };
+    let seen = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(update) = updates.message().await.unwrap() {
+            if update.status() == wanted {
+                return;
+            }
+        }
+        panic!("health stream ended before {wanted:?}");
+    })
+    .await;
+    assert!(seen.is_ok(), "node did not report {wanted:?} within 30 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_fsync_refuses_writes_with_write_path_poisoned_keeps_reads_and_turns_not_ready() {
+    let node = Node::start(1).await;
+    let mut client = node.client().await;
+    await_health(node.addr, ServingStatus::Serving).await;
+    let write = |key: &str| pb::CoordinateWriteRequest {
+        key: Some(key_ref("t", key)),
+        value: Some(key.as_bytes().to_vec()),
+        timestamp_ms: 1,
+        ..Default::default()
+    };
+    client.coordinate_write(write("before")).await.unwrap();
+
+    // The node runs with `--sync always`: the next fsync of the journal fails.
+    node.engine.inject_persist_failure_for_tests();
+    let refused = client.coordinate_write(write("doomed")).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert_eq!(reason(&refused), "WRITE_PATH_POISONED");
+    assert!(refused.message().contains("injected fault"), "{}", refused.message());
+
+    // Poisoned for good: the disk "works" again, but nothing more is written or fsynced.
+    let refused = client.coordinate_write(write("after")).await.unwrap_err();
+    assert_eq!(
+        (refused.code(), reason(&refused).as_str()),
+        (tonic::Code::Unavailable, "WRITE_PATH_POISONED")
+    );
+    let refused = client
+        .replicate(pb::ReplicateRequest {
+            key: Some(key_ref("t", "replicated")),
+            version_set: encode_version_set(&blind(7, b"r")),
+            hint_for_node_id: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (refused.code(), reason(&refused).as_str()),
+        (tonic::Code::Unavailable, "WRITE_PATH_POISONED")
+    );
+
+    // Reads go on; the unacknowledged write is not there.
+    assert_eq!(get(&mut client, "t", "before").await.unwrap().siblings().len(), 1);
+    assert!(get(&mut client, "t", "doomed").await.is_none());
+    assert!(get(&mut client, "t", "after").await.is_none());
+    let stats = client.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+    assert!(stats.write_path_poisoned, "{stats:?}");
+
+    await_health(node.addr, ServingStatus::NotServing).await;
+    let (status, body) = http_get(node.addr, "/health/ready").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("write path poisoned"), "{body}");
+    node.stop().await;
+}
+
+/// A minimal HTTP/1.1 GET against the node's port (the HTTP routes share it with gRPC).
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap();
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+    (status, body)
 }
