@@ -19,6 +19,7 @@ pub mod coordination;
 pub mod dvv;
 pub mod encoding;
 pub mod quorum;
+pub mod rate_limit;
 pub mod ring;
 pub mod token;
 pub mod validation;
