@@ -74,30 +74,6 @@ async fn unknown_path() -> Response {
     (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
 }
 
-/// The gRPC code's canonical name, as in the JSON error body.
-fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code;
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
 fn error_response(error: &MetaError) -> Response {
     match error {
         MetaError::Internal(_) => tracing::error!(%error, "http request failed"),
@@ -111,7 +87,7 @@ fn error_response(error: &MetaError) -> Response {
     let details: serde_json::Map<String, Value> =
         error.metadata().into_iter().map(|(k, v)| (k.to_owned(), Value::String(v))).collect();
     let body = json!({"error": {
-        "code": code_name(code),
+        "code": pairdb_service::errors::code_name(code),
         "reason": reason,
         "message": error.to_string(),
         "details": details,

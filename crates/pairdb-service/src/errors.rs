@@ -19,7 +19,10 @@ pub fn grpc_code(reason: &str) -> Code {
         | "PARTITION_MISMATCH"
         | "INVALID_REPLICATION_FACTOR"
         | "INVALID_NODE"
-        | "INVALID_CONFIG" => Code::InvalidArgument,
+        | "INVALID_CONFIG"
+        | "INVALID_JSON"
+        | "INVALID_CONTENT_TYPE"
+        | "BODY_TOO_LARGE" => Code::InvalidArgument,
         "UNAUTHENTICATED" => Code::Unauthenticated,
         "PERMISSION_DENIED" => Code::PermissionDenied,
         "TENANT_NOT_FOUND"
@@ -61,6 +64,55 @@ pub fn http_status(code: Code) -> u16 {
         Code::DeadlineExceeded => 504,
         Code::Cancelled => 499,
         _ => 500,
+    }
+}
+
+/// The gRPC code's canonical name, as in the HTTP JSON error body.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// The HTTP form of an error: status and `{"error": {code, reason, message, details}}`.
+pub fn http_error(reason: &str, message: &str, details: &[(&str, String)]) -> (u16, serde_json::Value) {
+    let code = grpc_code(reason);
+    let details: serde_json::Map<String, serde_json::Value> =
+        details.iter().map(|(k, v)| ((*k).to_owned(), serde_json::Value::String(v.clone()))).collect();
+    let body = serde_json::json!({"error": {
+        "code": code_name(code),
+        "reason": reason,
+        "message": message,
+        "details": details,
+    }});
+    (http_status(code), body)
+}
+
+/// The HTTP form of a status made by [`status`] (or any status: its code names the reason then).
+pub fn http_error_of(status: &tonic::Status) -> (u16, serde_json::Value) {
+    match detail_of(status) {
+        Some(detail) => {
+            let metadata: Vec<(&str, String)> =
+                detail.metadata.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+            http_error(&detail.reason, &detail.message, &metadata)
+        }
+        None => http_error(code_name(status.code()), status.message(), &[]),
     }
 }
 
