@@ -82,6 +82,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         Ok(()) => {
             let mut router_config = pairdb_router::Config::with_meta(args.meta_addr.to_string());
             router_config.listen_addr = args.router_addr;
+            // Dev mode: no API keys; requests name their tenant (the CLI sends `demo`).
+            router_config.no_auth = true;
             let stop = stopped(stop_rx.clone());
             services.spawn(async move {
                 (

@@ -37,6 +37,20 @@ pub struct Config {
     /// How often the router asks hint holders to deliver to every live node.
     #[arg(long, env = "PAIRDB_HINT_SWEEP_INTERVAL_MS", default_value_t = 10_000)]
     pub hint_sweep_interval_ms: u64,
+    /// Serve without API-key authentication: requests name their tenant with `tenant_id` (for
+    /// `pairdb dev` and tests; logged as a warning).
+    #[arg(long, env = "PAIRDB_NO_AUTH")]
+    pub no_auth: bool,
+    /// Redis URL for idempotency records shared by all routers (`redis://host:6379`). Without it each
+    /// router keeps them in memory, which is right only for a single router.
+    #[arg(long, env = "PAIRDB_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// How long a completed idempotent write's reply is kept.
+    #[arg(long, env = "PAIRDB_IDEMPOTENCY_RETENTION_SECS", default_value_t = 86_400)]
+    pub idempotency_retention_secs: u64,
+    /// Bound on each idempotency-store call; a slower store fails keyed writes with UNAVAILABLE.
+    #[arg(long, env = "PAIRDB_IDEMPOTENCY_TIMEOUT_MS", default_value_t = 500)]
+    pub idempotency_timeout_ms: u64,
     #[arg(long, env = "PAIRDB_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: pairdb_service::logging::LogFormat,
     /// Validate the configuration, print it and exit.
@@ -59,6 +73,12 @@ pub enum ConfigError {
     GetManyConcurrency,
     #[error("probe_interval_ms and hint_sweep_interval_ms: must be between 10 and 3600000")]
     Interval,
+    #[error("redis_url: must start with redis:// or rediss://")]
+    RedisUrl,
+    #[error("idempotency_retention_secs: must be between 60 and 2592000 (30 days)")]
+    IdempotencyRetention,
+    #[error("idempotency_timeout_ms: must be between 10 and 60000")]
+    IdempotencyTimeout,
 }
 
 impl Config {
@@ -77,6 +97,17 @@ impl Config {
         }
         if !(1..=100).contains(&self.get_many_concurrency) {
             return Err(ConfigError::GetManyConcurrency);
+        }
+        if let Some(url) = &self.redis_url
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            return Err(ConfigError::RedisUrl);
+        }
+        if !(60..=2_592_000).contains(&self.idempotency_retention_secs) {
+            return Err(ConfigError::IdempotencyRetention);
+        }
+        if !(10..=60_000).contains(&self.idempotency_timeout_ms) {
+            return Err(ConfigError::IdempotencyTimeout);
         }
         for interval in [self.probe_interval_ms, self.hint_sweep_interval_ms] {
             if !(10..=3_600_000).contains(&interval) {
@@ -99,6 +130,10 @@ impl Config {
             get_many_concurrency: 16,
             probe_interval_ms: 500,
             hint_sweep_interval_ms: 10_000,
+            no_auth: false,
+            redis_url: None,
+            idempotency_retention_secs: 86_400,
+            idempotency_timeout_ms: 500,
             log_format: pairdb_service::logging::LogFormat::Text,
             check_config: false,
         }

@@ -19,6 +19,14 @@ pub enum RouterError {
     NoReplicas(u32),
     #[error(transparent)]
     Storage(tonic::Status),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("tenant {tenant} is over its rate limit; retry in {retry_after_ms} ms")]
+    RateLimited { tenant: String, retry_after_ms: u64 },
+    #[error(transparent)]
+    Idempotency(#[from] crate::idempotency::IdempotencyError),
 }
 
 impl RouterError {
@@ -36,6 +44,10 @@ impl RouterError {
             RouterError::Storage(status) => {
                 pairdb_service::errors::reason_of(status).unwrap_or_else(|| "INTERNAL".into())
             }
+            RouterError::Unauthenticated(_) => "UNAUTHENTICATED".into(),
+            RouterError::PermissionDenied(_) => "PERMISSION_DENIED".into(),
+            RouterError::RateLimited { .. } => "RATE_LIMITED".into(),
+            RouterError::Idempotency(error) => error.reason().into(),
         }
     }
 
@@ -50,6 +62,9 @@ impl RouterError {
             let causes: Vec<String> =
                 failures.iter().map(|f| format!("{}:{}", f.node.0, f.cause.as_str())).collect();
             metadata.push(("replica_failures", causes.join(",")));
+        }
+        if let RouterError::RateLimited { retry_after_ms, .. } = &self {
+            metadata.push(("retry_after_ms", retry_after_ms.to_string()));
         }
         if let RouterError::Storage(status) = &self
             && let Some(detail) = pairdb_service::errors::detail_of(status)

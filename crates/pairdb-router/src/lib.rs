@@ -6,14 +6,20 @@
 //! - [`pool`]: one lazily connected channel per storage node, in-flight bounds, the local failure view.
 //! - [`execute`]: drives `pairdb-core`'s write/read state machines over storage RPCs.
 //! - [`kv`]: put/get/delete semantics (validation, consistency, placement, read-before-write).
-//! - [`grpc`]: the `pairdb.kv.v1` edge; [`error`]: reasons → statuses.
+//! - [`edge`]: API key → tenant, per-tenant rate limits; [`idempotency`]: keyed-write records (Redis
+//!   or in-process); [`front`]: the KV API with those policies, shared by both edges.
+//! - [`grpc`] and [`http`]: the `pairdb.kv.v1` gRPC edge and the HTTP/JSON edge; [`error`]: reasons.
 //! - [`hints`]: probing suspects and driving hint delivery.
 
 pub mod config;
+pub mod edge;
 pub mod error;
 pub mod execute;
+pub mod front;
 pub mod grpc;
 pub mod hints;
+pub mod http;
+pub mod idempotency;
 pub mod kv;
 pub mod pool;
 pub mod view;
@@ -35,6 +41,8 @@ pub enum Error {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Serve(#[from] pairdb_service::ServeError),
+    #[error("redis_url: {0}")]
+    Redis(String),
 }
 
 /// Runs the router on `listener` until `shutdown` resolves. It reports not ready until the watch stream
@@ -60,12 +68,36 @@ pub async fn run(
             read_speculative_after_ms: config.read_speculative_after_ms,
         },
     );
-    let api = grpc::KvApi::new(router, config.get_many_concurrency);
+    let auth = if config.no_auth {
+        tracing::warn!(
+            "API-key authentication is DISABLED (--no-auth): requests choose their tenant with tenant_id"
+        );
+        edge::AuthMode::Disabled
+    } else {
+        edge::AuthMode::Required
+    };
+    let idempotency_settings = idempotency::IdempotencySettings {
+        retention: Duration::from_secs(config.idempotency_retention_secs),
+        // A reservation must outlive the longest request it guards.
+        lease: Duration::from_millis(config.max_request_timeout_ms.saturating_mul(2).max(10_000)),
+        operation_timeout: Duration::from_millis(config.idempotency_timeout_ms),
+        ..idempotency::IdempotencySettings::default()
+    };
+    let idempotency = match &config.redis_url {
+        Some(url) => idempotency::IdempotencyStore::redis(url, idempotency_settings)
+            .map_err(|error| Error::Redis(error.to_string()))?,
+        None => idempotency::IdempotencyStore::memory(idempotency_settings),
+    };
+    let edge = Arc::new(edge::Edge::new(view.clone(), auth));
+    let front = front::Front::new(router, edge, idempotency, config.get_many_concurrency);
+    let api = grpc::KvApi::new(front.clone());
     let grpc_service = KvServiceServer::new(api)
         .max_decoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES)
         .max_encoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES);
     let routes = tonic::service::Routes::new(health_service).add_service(grpc_service);
-    let http = pairdb_service::health_routes(readiness.clone()).merge(pairdb_service::metrics::routes());
+    let http = pairdb_service::health_routes(readiness.clone())
+        .merge(pairdb_service::metrics::routes())
+        .merge(http::routes(front));
 
     let (stop_sender, stop_receiver) = tokio::sync::watch::channel(false);
     let subscriber_id = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();

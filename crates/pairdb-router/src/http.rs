@@ -1,0 +1,441 @@
+//! The HTTP/JSON edge of the client KV API, mirroring the gRPC API through [`Front`]:
+//!
+//! - `POST /v1/key-value` (JSON body: `key`, `value` or `value_base64`, optional `consistency`, `w`,
+//!   `context`, `overwrite`, `timeout_ms`, `tenant_id`), `GET /v1/key-value?key=&consistency=&r=`,
+//!   `DELETE /v1/key-value?key=&context=&consistency=&w=` — the seed's form;
+//! - `PUT|GET|DELETE /v1/kv/{key}` — the same as a resource.
+//!
+//! Headers: `authorization: Bearer <api key>`, `Idempotency-Key` for puts and deletes. `value` is any
+//! JSON value, stored as its compact JSON text and returned as JSON; `value_base64` stores raw bytes.
+//! Reads return every sibling (`values`, and `values_base64` which is always lossless), `value` when
+//! there is exactly one, the `context` (base64) to write back with and the `vector_clock`.
+//! Every failure — malformed JSON, wrong types, unknown fields, a wrong content type, an oversize body,
+//! a bad query — is a JSON error `{error: {code, reason, message, details}}` from the shared table,
+//! never a 500 or a crash.
+
+use std::collections::BTreeMap;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use pairdb_proto::common::v1::{Consistency, VersionEntry};
+use pairdb_proto::kv::v1 as pb;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::error::RouterError;
+use crate::front::Front;
+
+/// Largest request body (a 1 MiB value is ~1.4 MiB as base64, plus the envelope).
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// The router's HTTP KV routes.
+pub fn routes(front: Front) -> Router {
+    Router::new()
+        .route("/v1/key-value", post(post_key_value).get(get_key_value).delete(delete_key_value))
+        .route("/v1/kv/{key}", axum::routing::put(put_resource).get(get_resource).delete(delete_resource))
+        .with_state(front)
+}
+
+/// An HTTP failure: reason, message and details for the JSON error body.
+#[derive(Debug)]
+struct HttpError {
+    reason: String,
+    message: String,
+    details: Vec<(String, String)>,
+}
+
+impl HttpError {
+    fn invalid(reason: &str, message: impl Into<String>) -> Self {
+        Self { reason: reason.to_owned(), message: message.into(), details: Vec::new() }
+    }
+}
+
+impl From<RouterError> for HttpError {
+    fn from(error: RouterError) -> Self {
+        let status = error.into_status();
+        let detail = pairdb_service::errors::detail_of(&status);
+        match detail {
+            Some(detail) => {
+                let mut details: Vec<(String, String)> = detail.metadata.into_iter().collect();
+                details.sort();
+                Self { reason: detail.reason, message: detail.message, details }
+            }
+            None => {
+                Self { reason: "INTERNAL".into(), message: status.message().to_owned(), details: Vec::new() }
+            }
+        }
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let details: Vec<(&str, String)> =
+            self.details.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        let (status, body) = pairdb_service::errors::http_error(&self.reason, &self.message, &details);
+        (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), axum::Json(body))
+            .into_response()
+    }
+}
+
+type HttpResult = Result<Response, HttpError>;
+
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    headers.get("authorization").and_then(|value| value.to_str().ok())
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<String, HttpError> {
+    match headers.get("idempotency-key") {
+        None => Ok(String::new()),
+        Some(value) => value
+            .to_str()
+            .map(str::to_owned)
+            .map_err(|_| HttpError::invalid("INVALID_ARGUMENT", "Idempotency-Key must be visible ASCII")),
+    }
+}
+
+fn consistency(text: Option<&str>) -> Result<i32, HttpError> {
+    match text.map(str::to_ascii_lowercase).as_deref() {
+        None | Some("") => Ok(Consistency::Unspecified as i32),
+        Some("one") => Ok(Consistency::One as i32),
+        Some("quorum") => Ok(Consistency::Quorum as i32),
+        Some("all") => Ok(Consistency::All as i32),
+        Some(other) => Err(HttpError::invalid(
+            "INVALID_CONSISTENCY",
+            format!("consistency {other:?}: use one, quorum or all"),
+        )),
+    }
+}
+
+fn context(text: Option<&str>) -> Result<Vec<u8>, HttpError> {
+    match text {
+        None | Some("") => Ok(Vec::new()),
+        Some(text) => BASE64.decode(text).map_err(|_| {
+            HttpError::invalid("MALFORMED_VERSION", "context must be the base64 string a read returned")
+        }),
+    }
+}
+
+/// Query parameters of GET and DELETE.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyQuery {
+    key: Option<String>,
+    consistency: Option<String>,
+    r: Option<u32>,
+    w: Option<u32>,
+    context: Option<String>,
+    timeout_ms: Option<u32>,
+    tenant_id: Option<String>,
+}
+
+fn parse_query(raw: Option<&str>) -> Result<KeyQuery, HttpError> {
+    let raw = raw.unwrap_or_default();
+    // Decode by hand so invalid UTF-8 or a bad number is our 400, not a framework rejection.
+    let mut map = serde_json::Map::new();
+    for pair in raw.split('&').filter(|pair| !pair.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = percent_decode(name)?;
+        let value = percent_decode(value)?;
+        let value = match name.as_str() {
+            "r" | "w" | "timeout_ms" => Value::from(
+                value
+                    .parse::<u32>()
+                    .map_err(|_| HttpError::invalid("INVALID_ARGUMENT", format!("{name}: not a number")))?,
+            ),
+            _ => Value::String(value),
+        };
+        if map.insert(name.clone(), value).is_some() {
+            return Err(HttpError::invalid(
+                "INVALID_ARGUMENT",
+                format!("query parameter {name} given twice"),
+            ));
+        }
+    }
+    serde_json::from_value(Value::Object(map))
+        .map_err(|error| HttpError::invalid("INVALID_ARGUMENT", format!("query: {error}")))
+}
+
+fn percent_decode(text: &str) -> Result<String, HttpError> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|hex| std::str::from_utf8(hex).ok())
+                    .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                    .ok_or_else(|| {
+                        HttpError::invalid("INVALID_ARGUMENT", "malformed percent-encoding in the query")
+                    })?;
+                out.push(hex);
+                i += 2;
+            }
+            byte => out.push(byte),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).map_err(|_| HttpError::invalid("INVALID_KEY", "query is not valid UTF-8"))
+}
+
+/// Body of a put.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutBody {
+    key: Option<String>,
+    value: Option<Value>,
+    value_base64: Option<String>,
+    consistency: Option<String>,
+    w: Option<u32>,
+    context: Option<String>,
+    overwrite: Option<bool>,
+    timeout_ms: Option<u32>,
+    tenant_id: Option<String>,
+}
+
+async fn read_json_body(headers: &HeaderMap, body: Body) -> Result<PutBody, HttpError> {
+    let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let media_type = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    if media_type != "application/json" {
+        return Err(HttpError::invalid(
+            "INVALID_CONTENT_TYPE",
+            format!("content-type must be application/json, got {content_type:?}"),
+        ));
+    }
+    let bytes: Bytes = axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| {
+        HttpError::invalid("BODY_TOO_LARGE", format!("request body over {MAX_BODY_BYTES} bytes"))
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|error| HttpError::invalid("INVALID_JSON", format!("request body: {error}")))
+}
+
+fn value_bytes(body: &PutBody) -> Result<Vec<u8>, HttpError> {
+    match (&body.value, &body.value_base64) {
+        (Some(value), None) => {
+            serde_json::to_vec(value).map_err(|e| HttpError::invalid("INVALID_ARGUMENT", e.to_string()))
+        }
+        (None, Some(encoded)) => BASE64
+            .decode(encoded)
+            .map_err(|_| HttpError::invalid("INVALID_ARGUMENT", "value_base64 is not base64")),
+        (Some(_), Some(_)) => {
+            Err(HttpError::invalid("INVALID_ARGUMENT", "give value or value_base64, not both"))
+        }
+        (None, None) => {
+            Err(HttpError::invalid("INVALID_ARGUMENT", "value (any JSON) or value_base64 is required"))
+        }
+    }
+}
+
+fn vector_clock(entries: &[VersionEntry]) -> Value {
+    let clock: BTreeMap<String, u64> =
+        entries.iter().map(|e| (format!("{:016x}", e.actor), e.counter)).collect();
+    json!(clock)
+}
+
+fn ack_json(key: &str, ack: &pb::WriteAck) -> Value {
+    json!({
+        "key": key,
+        "context": BASE64.encode(&ack.context),
+        "vector_clock": vector_clock(&ack.version_vector),
+        "acks": ack.acks,
+        "required": ack.required,
+        "hinted_acks": ack.hinted_acks,
+        "duplicate": ack.duplicate,
+        "idempotency_key": ack.idempotency_key,
+    })
+}
+
+fn read_json(key: &str, response: &pb::GetResponse) -> Value {
+    let decoded: Vec<Option<Value>> =
+        response.siblings.iter().map(|s| serde_json::from_slice::<Value>(&s.value).ok()).collect();
+    let mut body = json!({
+        "key": key,
+        "found": response.found,
+        "values": decoded.iter().map(|v| v.clone().unwrap_or(Value::Null)).collect::<Vec<_>>(),
+        "values_base64": response.siblings.iter().map(|s| BASE64.encode(&s.value)).collect::<Vec<_>>(),
+        "siblings": response.siblings.iter().map(|s| json!({
+            "value_base64": BASE64.encode(&s.value),
+            "timestamp_ms": s.timestamp_ms,
+        })).collect::<Vec<_>>(),
+        "context": BASE64.encode(&response.context),
+        "vector_clock": vector_clock(&response.version_vector),
+    });
+    if let [only] = response.siblings.as_slice() {
+        match &decoded[0] {
+            Some(value) => body["value"] = value.clone(),
+            None => body["value_base64"] = Value::String(BASE64.encode(&only.value)),
+        }
+    }
+    body
+}
+
+fn ok(body: Value) -> Response {
+    (StatusCode::OK, axum::Json(body)).into_response()
+}
+
+async fn put(front: &Front, headers: &HeaderMap, path_key: Option<String>, body: Body) -> HttpResult {
+    let body = read_json_body(headers, body).await?;
+    let key = match (path_key, &body.key) {
+        (Some(path), None) => path,
+        (Some(path), Some(named)) if &path == named => path,
+        (Some(_), Some(_)) => {
+            return Err(HttpError::invalid("INVALID_ARGUMENT", "body key differs from the path"));
+        }
+        (None, Some(named)) => named.clone(),
+        (None, None) => return Err(HttpError::invalid("INVALID_KEY", "key is required")),
+    };
+    let request = pb::PutRequest {
+        tenant_id: body.tenant_id.clone().unwrap_or_default(),
+        key: key.clone(),
+        value: value_bytes(&body)?,
+        context: context(body.context.as_deref())?,
+        overwrite: body.overwrite.unwrap_or(false),
+        options: Some(pb::WriteOptions {
+            consistency: consistency(body.consistency.as_deref())?,
+            w: body.w.unwrap_or(0),
+            strict_quorum: false,
+            timeout_ms: body.timeout_ms.unwrap_or(0),
+            idempotency_key: idempotency_key(headers)?,
+        }),
+    };
+    let ack = front.put(authorization(headers), request).await?;
+    Ok(ok(ack_json(&key, &ack)))
+}
+
+async fn get(
+    front: &Front,
+    headers: &HeaderMap,
+    path_key: Option<String>,
+    raw_query: Option<&str>,
+) -> HttpResult {
+    let query = parse_query(raw_query)?;
+    let key = path_key.or(query.key).ok_or_else(|| HttpError::invalid("INVALID_KEY", "key is required"))?;
+    let request = pb::GetRequest {
+        tenant_id: query.tenant_id.unwrap_or_default(),
+        key: key.clone(),
+        options: Some(pb::ReadOptions {
+            consistency: consistency(query.consistency.as_deref())?,
+            r: query.r.unwrap_or(0),
+            timeout_ms: query.timeout_ms.unwrap_or(0),
+        }),
+    };
+    let response = front.get(authorization(headers), request).await?;
+    Ok(ok(read_json(&key, &response)))
+}
+
+async fn delete(
+    front: &Front,
+    headers: &HeaderMap,
+    path_key: Option<String>,
+    raw_query: Option<&str>,
+) -> HttpResult {
+    let query = parse_query(raw_query)?;
+    let key = path_key.or(query.key).ok_or_else(|| HttpError::invalid("INVALID_KEY", "key is required"))?;
+    let request = pb::DeleteRequest {
+        tenant_id: query.tenant_id.unwrap_or_default(),
+        key: key.clone(),
+        context: context(query.context.as_deref())?,
+        options: Some(pb::WriteOptions {
+            consistency: consistency(query.consistency.as_deref())?,
+            w: query.w.unwrap_or(0),
+            strict_quorum: false,
+            timeout_ms: query.timeout_ms.unwrap_or(0),
+            idempotency_key: idempotency_key(headers)?,
+        }),
+    };
+    let ack = front.delete(authorization(headers), request).await?;
+    Ok(ok(ack_json(&key, &ack)))
+}
+
+async fn post_key_value(State(front): State<Front>, headers: HeaderMap, body: Body) -> HttpResult {
+    put(&front, &headers, None, body).await
+}
+
+async fn get_key_value(
+    State(front): State<Front>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> HttpResult {
+    get(&front, &headers, None, query.as_deref()).await
+}
+
+async fn delete_key_value(
+    State(front): State<Front>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> HttpResult {
+    delete(&front, &headers, None, query.as_deref()).await
+}
+
+async fn put_resource(
+    State(front): State<Front>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> HttpResult {
+    put(&front, &headers, Some(key), body).await
+}
+
+async fn get_resource(
+    State(front): State<Front>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> HttpResult {
+    get(&front, &headers, Some(key), query.as_deref()).await
+}
+
+async fn delete_resource(
+    State(front): State<Front>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> HttpResult {
+    delete(&front, &headers, Some(key), query.as_deref()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_decode_strictly() {
+        let query = parse_query(Some("key=a%20b+c&consistency=ALL&r=2")).unwrap();
+        assert_eq!(query.key.as_deref(), Some("a b c"));
+        assert_eq!(consistency(query.consistency.as_deref()).unwrap(), Consistency::All as i32);
+        assert_eq!(query.r, Some(2));
+        assert_eq!(parse_query(Some("key=%ff")).unwrap_err().reason, "INVALID_KEY");
+        assert_eq!(parse_query(Some("key=a&key=b")).unwrap_err().reason, "INVALID_ARGUMENT");
+        assert_eq!(parse_query(Some("r=two")).unwrap_err().reason, "INVALID_ARGUMENT");
+        assert_eq!(parse_query(Some("bogus=1")).unwrap_err().reason, "INVALID_ARGUMENT");
+        assert_eq!(parse_query(Some("key=%4")).unwrap_err().reason, "INVALID_ARGUMENT");
+        assert_eq!(consistency(Some("most")).unwrap_err().reason, "INVALID_CONSISTENCY");
+    }
+
+    #[test]
+    fn json_values_round_trip_and_bytes_stay_lossless() {
+        let stored = serde_json::to_vec(&json!({"a": [1, 2]})).unwrap();
+        let response = pb::GetResponse {
+            found: true,
+            siblings: vec![pb::Sibling { value: stored, dot: None, timestamp_ms: 1 }],
+            ..Default::default()
+        };
+        assert_eq!(read_json("k", &response)["value"], json!({"a": [1, 2]}));
+        let raw = pb::GetResponse {
+            found: true,
+            siblings: vec![pb::Sibling { value: vec![0xff], dot: None, timestamp_ms: 1 }],
+            ..Default::default()
+        };
+        let body = read_json("k", &raw);
+        assert_eq!(body["value_base64"], "/w==");
+        assert_eq!(body["values"], json!([null]));
+    }
+}
