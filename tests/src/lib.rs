@@ -116,6 +116,108 @@ impl Drop for Process {
     }
 }
 
+/// A minimal HTTP/1.1 request returning (status, body): enough for the JSON APIs' tests.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> anyhow::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    let body = body.unwrap_or_default();
+    request.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    stream.write_all(request.as_bytes())?;
+    stream.write_all(body)?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .context("malformed HTTP status line")?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    // Chunked replies (axum streams bodies of unknown length) are de-chunked here.
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else { break };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A TCP proxy the test controls: forwards to `target` until cut (open connections are dropped and
+/// new ones refused), then forwards again once restored.
+#[derive(Debug)]
+pub struct Proxy {
+    pub addr: SocketAddr,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> anyhow::Result<Proxy> {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let generation = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (accept_open, accept_generation) = (open.clone(), generation.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !accept_open.load(Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection closed
+                }
+                let (open, generation) = (accept_open.clone(), accept_generation.clone());
+                let born = generation.load(Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else { return };
+                    let copy = tokio::io::copy_bidirectional(&mut client, &mut server);
+                    let cut = async {
+                        while open.load(Ordering::SeqCst) && generation.load(Ordering::SeqCst) == born {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    };
+                    tokio::select! {
+                        _ = copy => {}
+                        () = cut => {}
+                    }
+                });
+            }
+        });
+        Ok(Proxy { addr, open, generation })
+    }
+
+    /// Drops every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// A minimal HTTP/1.1 GET returning (status, body); enough for health and metrics checks.
 pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
@@ -156,6 +258,8 @@ pub mod cluster {
         meta_args: Vec<String>,
         /// Meta's PostgreSQL schema when the cluster runs on PostgreSQL (dropped with the cluster).
         pub postgres: Option<super::postgres::Schema>,
+        /// Flags every router of this cluster gets (auth, Redis).
+        router_extra: Vec<String>,
     }
 
     /// What [`Cluster::start_with`] starts.
@@ -167,11 +271,22 @@ pub mod cluster {
         pub replication_factor: u32,
         /// Run meta on this PostgreSQL server (a fresh schema) instead of SQLite.
         pub postgres_url: Option<String>,
+        /// Routers require API keys (off: `--no-auth`, requests name their tenant).
+        pub auth: bool,
+        /// Routers keep idempotency records in this Redis (else in memory).
+        pub redis_url: Option<String>,
     }
 
     impl Default for ClusterOptions {
         fn default() -> Self {
-            Self { storage_nodes: 3, routers: 1, replication_factor: 3, postgres_url: None }
+            Self {
+                storage_nodes: 3,
+                routers: 1,
+                replication_factor: 3,
+                postgres_url: None,
+                auth: false,
+                redis_url: None,
+            }
         }
     }
 
@@ -195,14 +310,22 @@ pub mod cluster {
                 storage_nodes,
                 routers,
                 replication_factor,
-                postgres_url: None,
+                ..ClusterOptions::default()
             })
             .await
         }
 
         /// Starts the cluster `options` describe (meta on SQLite, or on a fresh PostgreSQL schema).
         pub async fn start_with(options: ClusterOptions) -> anyhow::Result<Cluster> {
-            let ClusterOptions { storage_nodes, routers, replication_factor, postgres_url } = options;
+            let ClusterOptions { storage_nodes, routers, replication_factor, postgres_url, auth, redis_url } =
+                options;
+            let mut router_extra = Vec::new();
+            if !auth {
+                router_extra.push("--no-auth".to_owned());
+            }
+            if let Some(url) = redis_url {
+                router_extra.extend(["--redis-url".to_owned(), url]);
+            }
             let dir = tempfile::tempdir()?;
             let postgres = match postgres_url {
                 Some(url) => Some(super::postgres::Schema::create(&url).await?),
@@ -226,8 +349,15 @@ pub mod cluster {
             .collect();
             let mut meta = Process::spawn("pairdb-meta", free_addr()?, &meta_args)?;
             meta.wait_live(Duration::from_secs(30))?;
-            let mut cluster =
-                Cluster { meta, storage: Vec::new(), routers: Vec::new(), dir, meta_args, postgres };
+            let mut cluster = Cluster {
+                meta,
+                storage: Vec::new(),
+                routers: Vec::new(),
+                dir,
+                meta_args,
+                postgres,
+                router_extra,
+            };
             for id in 1..=storage_nodes {
                 let process = cluster.spawn_storage(id, free_addr()?)?;
                 cluster.storage.push(process);
@@ -278,6 +408,7 @@ pub mod cluster {
         /// Starts one more router with extra flags (not waiting for readiness).
         pub fn add_router_with(&mut self, extra: &[&str]) -> anyhow::Result<&mut Process> {
             let mut args = router_args(&self.meta);
+            args.extend(self.router_extra.iter().cloned());
             args.extend(extra.iter().map(|s| (*s).to_owned()));
             let router = Process::spawn("pairdb-router", free_addr()?, &args)?;
             self.routers.push(router);
@@ -290,6 +421,16 @@ pub mod cluster {
             let meta = Process::spawn("pairdb-meta", self.meta.addr, &self.meta_args)?;
             self.meta = meta;
             self.meta.wait_live(Duration::from_secs(30))
+        }
+
+        /// Restarts router `index` on its address with the same flags.
+        pub fn restart_router(&mut self, index: usize) -> anyhow::Result<()> {
+            let addr = self.routers[index].addr;
+            self.routers[index].kill();
+            let mut args = router_args(&self.meta);
+            args.extend(self.router_extra.iter().cloned());
+            self.routers[index] = Process::spawn("pairdb-router", addr, &args)?;
+            wait_ready(&mut self.routers[index], Duration::from_secs(30))
         }
 
         /// Restarts storage node `index` (0-based) on its address and data directory.
