@@ -10,6 +10,10 @@ mod output;
 
 use clap::Parser;
 
+/// mimalloc: glibc malloc's arena locks cost ~15% of a loaded cluster's CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -2,6 +2,10 @@
 
 use clap::Parser;
 
+/// mimalloc: glibc malloc's arena locks cost ~15% of a loaded cluster's CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = pairdb_meta::Config::parse();
