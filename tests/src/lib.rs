@@ -717,3 +717,94 @@ pub mod postgres {
         }
     }
 }
+
+/// Certificates made in the test: a cluster CA, one certificate for every process (SANs localhost and
+/// 127.0.0.1, usable as server and client), and a rogue CA with its own client certificate.
+pub mod pki {
+    use std::path::PathBuf;
+
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        KeyUsagePurpose,
+    };
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+
+    #[derive(Debug)]
+    pub struct TestPki {
+        dir: tempfile::TempDir,
+        pub ca_pem: String,
+        pub node_cert_pem: String,
+        pub node_key_pem: String,
+        pub rogue_cert_pem: String,
+        pub rogue_key_pem: String,
+    }
+
+    fn authority(name: &str) -> anyhow::Result<(String, Issuer<'static, KeyPair>)> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::CrlSign];
+        params.distinguished_name.push(DnType::CommonName, name);
+        let certificate = params.self_signed(&key)?;
+        Ok((certificate.pem(), Issuer::new(params, key)))
+    }
+
+    fn leaf(issuer: &Issuer<'static, KeyPair>, name: &str) -> anyhow::Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let certificate = params.signed_by(&key, issuer)?;
+        Ok((certificate.pem(), key.serialize_pem()))
+    }
+
+    impl TestPki {
+        pub fn generate() -> anyhow::Result<TestPki> {
+            let (ca_pem, ca) = authority("pairdb test CA")?;
+            let (node_cert_pem, node_key_pem) = leaf(&ca, "pairdb node")?;
+            let (_, rogue_ca) = authority("rogue CA")?;
+            let (rogue_cert_pem, rogue_key_pem) = leaf(&rogue_ca, "rogue client")?;
+            let dir = tempfile::tempdir()?;
+            for (name, pem) in
+                [("ca.pem", &ca_pem), ("node.pem", &node_cert_pem), ("node.key", &node_key_pem)]
+            {
+                std::fs::write(dir.path().join(name), pem)?;
+            }
+            Ok(TestPki { dir, ca_pem, node_cert_pem, node_key_pem, rogue_cert_pem, rogue_key_pem })
+        }
+
+        fn path(&self, name: &str) -> String {
+            let path: PathBuf = self.dir.path().join(name);
+            path.display().to_string()
+        }
+
+        /// The flags that turn TLS on for a service.
+        pub fn service_args(&self) -> Vec<String> {
+            vec![
+                "--tls-cert".into(),
+                self.path("node.pem"),
+                "--tls-key".into(),
+                self.path("node.key"),
+                "--tls-ca".into(),
+                self.path("ca.pem"),
+            ]
+        }
+
+        /// A client that trusts the cluster CA and presents no certificate.
+        pub fn anonymous_client(&self) -> ClientTlsConfig {
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem))
+        }
+
+        /// A client with a certificate the cluster CA signed.
+        pub fn member_client(&self) -> ClientTlsConfig {
+            self.anonymous_client().identity(Identity::from_pem(&self.node_cert_pem, &self.node_key_pem))
+        }
+
+        /// A client with a certificate from another CA.
+        pub fn rogue_client(&self) -> ClientTlsConfig {
+            self.anonymous_client().identity(Identity::from_pem(&self.rogue_cert_pem, &self.rogue_key_pem))
+        }
+    }
+}

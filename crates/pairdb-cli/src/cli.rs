@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pairdb_client::{AdminClient, ClientOptions, Consistency, KvClient};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 use crate::output::Output;
 
@@ -54,15 +55,37 @@ pub struct Globals {
     /// Deadline of each request.
     #[arg(long, global = true, env = "PAIRDB_TIMEOUT_MS", default_value_t = 5000)]
     pub timeout_ms: u64,
+    /// Use TLS, verifying servers against this PEM CA.
+    #[arg(long, global = true, env = "PAIRDB_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for services that require one (meta and storage with mutual TLS).
+    #[arg(long, global = true, env = "PAIRDB_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, global = true, env = "PAIRDB_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Globals {
-    fn options(&self, token: Option<&String>) -> ClientOptions {
-        ClientOptions {
+    fn options(&self, token: Option<&String>) -> anyhow::Result<ClientOptions> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|error| anyhow::anyhow!("cannot read {}: {error}", path.display()))
+        };
+        let tls = match &self.tls_ca {
+            None => None,
+            Some(ca) => {
+                let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+                if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+                    tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+                }
+                Some(tls)
+            }
+        };
+        Ok(ClientOptions {
             token: token.cloned(),
             request_timeout: Duration::from_millis(self.timeout_ms.max(1)),
+            tls,
             ..ClientOptions::default()
-        }
+        })
     }
 
     pub fn tenant(&self) -> String {
@@ -74,11 +97,11 @@ impl Globals {
     }
 
     pub async fn kv(&self) -> anyhow::Result<KvClient> {
-        Ok(KvClient::connect(&self.router, &self.tenant(), self.options(self.token.as_ref())).await?)
+        Ok(KvClient::connect(&self.router, &self.tenant(), self.options(self.token.as_ref())?).await?)
     }
 
     pub async fn admin(&self) -> anyhow::Result<AdminClient> {
-        Ok(AdminClient::connect(&self.meta, self.options(self.admin_token.as_ref())).await?)
+        Ok(AdminClient::connect(&self.meta, self.options(self.admin_token.as_ref())?).await?)
     }
 }
 
@@ -327,8 +350,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn health(globals: &Globals, addresses: Vec<String>) -> anyhow::Result<()> {
     let mut results = Vec::new();
+    let options = globals.options(None)?;
     for address in addresses {
-        let serving = match pairdb_client::connect(&address).await {
+        let serving = match pairdb_client::connect_with(&address, &options).await {
             Ok(channel) => pairdb_client::is_serving(channel).await.unwrap_or(false),
             Err(_) => false,
         };

@@ -41,7 +41,7 @@ macro_rules! admin_call {
 impl AdminClient {
     /// Connects to the metadata service at `address`; `options.token` is the admin token.
     pub async fn connect(address: &str, options: ClientOptions) -> Result<Self, ClientError> {
-        let channel = connect_with(address, options.connect_timeout).await?;
+        let channel = connect_with(address, &options).await?;
         Self::from_channel(channel, options)
     }
 

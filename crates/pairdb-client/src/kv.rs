@@ -119,7 +119,7 @@ impl KvClient {
         tenant_id: &str,
         options: ClientOptions,
     ) -> Result<Self, ClientError> {
-        let channel = connect_with(address, options.connect_timeout).await?;
+        let channel = connect_with(address, &options).await?;
         Self::from_channel(channel, tenant_id, options)
     }
 

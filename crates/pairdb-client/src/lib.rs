@@ -35,6 +35,8 @@ pub struct ClientOptions {
     /// Default per-request deadline.
     pub request_timeout: Duration,
     pub retry: RetryPolicy,
+    /// TLS (CA to verify the server, and a client certificate for services that require one).
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Default for ClientOptions {
@@ -44,6 +46,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(5),
             retry: RetryPolicy::default(),
+            tls: None,
         }
     }
 }
@@ -73,14 +76,23 @@ impl Interceptor for BearerToken {
 
 /// Opens a channel to `address` (`host:port` or a full `http://` URL).
 pub async fn connect(address: &str) -> Result<Channel, ClientError> {
-    connect_with(address, Duration::from_secs(3)).await
+    connect_with(address, &ClientOptions::default()).await
 }
 
-async fn connect_with(address: &str, connect_timeout: Duration) -> Result<Channel, ClientError> {
-    let endpoint = if address.contains("://") { address.to_owned() } else { format!("http://{address}") };
-    Endpoint::from_shared(endpoint.clone())
-        .map_err(|source| ClientError::InvalidEndpoint { endpoint: endpoint.clone(), source })?
-        .connect_timeout(connect_timeout)
+/// Opens a channel with `options`' connect timeout and TLS (`https` when TLS is set).
+pub async fn connect_with(address: &str, options: &ClientOptions) -> Result<Channel, ClientError> {
+    let host = address.split_once("://").map_or(address, |(_, rest)| rest);
+    let scheme = if options.tls.is_some() { "https" } else { "http" };
+    let endpoint = format!("{scheme}://{host}");
+    let mut builder = Endpoint::from_shared(endpoint.clone())
+        .map_err(|source| ClientError::InvalidEndpoint { endpoint: endpoint.clone(), source })?;
+    if let Some(tls) = &options.tls {
+        builder = builder
+            .tls_config(tls.clone())
+            .map_err(|source| ClientError::InvalidEndpoint { endpoint: endpoint.clone(), source })?;
+    }
+    builder
+        .connect_timeout(options.connect_timeout)
         .tcp_nodelay(true)
         .connect()
         .await

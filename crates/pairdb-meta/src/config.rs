@@ -54,6 +54,8 @@ pub struct Config {
     /// resumes from a fresh snapshot.
     #[arg(long, env = "PAIRDB_WATCH_BUFFER", default_value_t = 1024)]
     pub watch_buffer: usize,
+    #[command(flatten)]
+    pub tls: pairdb_service::tls::TlsArgs,
     #[arg(long, env = "PAIRDB_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: pairdb_service::logging::LogFormat,
     /// Validate the configuration, print it and exit.
@@ -78,6 +80,7 @@ impl std::fmt::Debug for Config {
             .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
             .field("auto_add_nodes", &self.auto_add_nodes)
             .field("watch_buffer", &self.watch_buffer)
+            .field("tls", &self.tls)
             .field("log_format", &self.log_format)
             .finish()
     }
@@ -239,6 +242,7 @@ impl Config {
             heartbeat_interval_ms: 1000,
             auto_add_nodes: false,
             watch_buffer: 1024,
+            tls: pairdb_service::tls::TlsArgs::default(),
             log_format: pairdb_service::logging::LogFormat::Text,
             check_config: false,
         }

@@ -75,6 +75,8 @@ pub enum Error {
     DataDir { path: std::path::PathBuf, source: std::io::Error },
     #[error(transparent)]
     Serve(#[from] pairdb_service::ServeError),
+    #[error(transparent)]
+    Tls(#[from] pairdb_service::tls::TlsError),
 }
 
 /// How often readiness re-checks the database.
@@ -180,7 +182,8 @@ pub async fn run_with_mover(
         "metadata service serving"
     );
     let stop_on_shutdown = stop_sender.clone();
-    let served = pairdb_service::serve(listener, routes, http, async move {
+    let tls = config.tls.load()?.map(|tls| tls.server_config(pairdb_service::tls::ClientCerts::Required));
+    let served = pairdb_service::serve(listener, routes, http, tls, async move {
         shutdown.await;
         // End watch streams and background work so the server can drain.
         let _ = stop_on_shutdown.send(true);

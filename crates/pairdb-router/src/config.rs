@@ -51,6 +51,8 @@ pub struct Config {
     /// Bound on each idempotency-store call; a slower store fails keyed writes with UNAVAILABLE.
     #[arg(long, env = "PAIRDB_IDEMPOTENCY_TIMEOUT_MS", default_value_t = 500)]
     pub idempotency_timeout_ms: u64,
+    #[command(flatten)]
+    pub tls: pairdb_service::tls::TlsArgs,
     #[arg(long, env = "PAIRDB_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: pairdb_service::logging::LogFormat,
     /// Validate the configuration, print it and exit.
@@ -134,6 +136,7 @@ impl Config {
             redis_url: None,
             idempotency_retention_secs: 86_400,
             idempotency_timeout_ms: 500,
+            tls: pairdb_service::tls::TlsArgs::default(),
             log_format: pairdb_service::logging::LogFormat::Text,
             check_config: false,
         }

@@ -43,6 +43,8 @@ pub enum Error {
     Serve(#[from] pairdb_service::ServeError),
     #[error("redis_url: {0}")]
     Redis(String),
+    #[error(transparent)]
+    Tls(#[from] pairdb_service::tls::TlsError),
 }
 
 /// Runs the router on `listener` until `shutdown` resolves. It reports not ready until the watch stream
@@ -53,12 +55,16 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     config.validate()?;
+    let tls = config.tls.load()?;
     let (readiness, health_service) = pairdb_service::health("no topology yet").await;
     let view = view::SharedView::default();
-    let pool = Arc::new(pool::StoragePool::new(
-        config.max_inflight_per_node,
-        Duration::from_millis(config.storage_timeout_ms),
-    ));
+    let pool = Arc::new(
+        pool::StoragePool::new(
+            config.max_inflight_per_node,
+            Duration::from_millis(config.storage_timeout_ms),
+        )
+        .with_tls(tls.clone()),
+    );
     let router = kv::KvRouter::new(
         view.clone(),
         pool.clone(),
@@ -106,6 +112,7 @@ pub async fn run(
         subscriber_id,
         view.clone(),
         readiness.clone(),
+        tls.clone(),
         stop_receiver.clone(),
     ));
     let hint_driver = tokio::spawn(hints::run(
@@ -116,7 +123,14 @@ pub async fn run(
         stop_receiver,
     ));
     tracing::info!(meta_addr = %config.meta_addr, "router serving (ready once it has a topology)");
-    let served = pairdb_service::serve(listener, routes, http, shutdown).await;
+    let served = pairdb_service::serve(
+        listener,
+        routes,
+        http,
+        tls.map(|tls| tls.server_config(pairdb_service::tls::ClientCerts::Optional)),
+        shutdown,
+    )
+    .await;
     let _ = stop_sender.send(true);
     let _ = watcher.await;
     let _ = hint_driver.await;

@@ -14,7 +14,7 @@ use std::time::Duration;
 use pairdb_core::ring::NodeId;
 use pairdb_proto::storage::v1::storage_service_client::StorageServiceClient;
 use tokio::sync::Semaphore;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// One storage node's client and health.
 #[derive(Debug)]
@@ -61,11 +61,18 @@ pub struct StoragePool {
     nodes: RwLock<HashMap<NodeId, Arc<NodeClient>>>,
     max_inflight_per_node: usize,
     storage_timeout: Duration,
+    tls: Option<pairdb_service::tls::Tls>,
 }
 
 impl StoragePool {
     pub fn new(max_inflight_per_node: usize, storage_timeout: Duration) -> Self {
-        Self { nodes: RwLock::default(), max_inflight_per_node, storage_timeout }
+        Self { nodes: RwLock::default(), max_inflight_per_node, storage_timeout, tls: None }
+    }
+
+    /// Talks to storage nodes over (mutual) TLS.
+    pub fn with_tls(mut self, tls: Option<pairdb_service::tls::Tls>) -> Self {
+        self.tls = tls;
+        self
     }
 
     pub fn storage_timeout(&self) -> Duration {
@@ -79,8 +86,7 @@ impl StoragePool {
         {
             return Some(existing.clone());
         }
-        let url = if address.contains("://") { address.to_owned() } else { format!("http://{address}") };
-        let channel = Endpoint::from_shared(url)
+        let channel = pairdb_service::tls::endpoint(address, self.tls.as_ref())
             .ok()?
             .connect_timeout(self.storage_timeout)
             .tcp_nodelay(true)

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use pairdb_proto::cluster::v1 as pb;
 use pairdb_proto::cluster::v1::cluster_service_client::ClusterServiceClient;
-use tonic::transport::Endpoint;
 
 use crate::view::SharedView;
 
@@ -19,10 +18,10 @@ pub async fn follow(
     subscriber_id: String,
     view: SharedView,
     readiness: pairdb_service::Readiness,
+    tls: Option<pairdb_service::tls::Tls>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let url = if meta_addr.contains("://") { meta_addr.clone() } else { format!("http://{meta_addr}") };
-    let endpoint = match Endpoint::from_shared(url) {
+    let endpoint = match pairdb_service::tls::endpoint(&meta_addr, tls.as_ref()) {
         Ok(endpoint) => endpoint.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true),
         Err(error) => {
             tracing::error!(%error, %meta_addr, "invalid meta address; the router will never be ready");

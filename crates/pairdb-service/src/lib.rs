@@ -8,10 +8,12 @@
 //! - [`shutdown_signal`]: resolves on SIGINT or SIGTERM.
 //! - [`errors`]: the one reason → gRPC code → HTTP status table.
 //! - [`metrics`]: the process-wide Prometheus recorder behind `/metrics`.
+//! - [`tls`]: the TLS flags, server and client configurations (mutual TLS between services).
 
 pub mod errors;
 pub mod logging;
 pub mod metrics;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -97,11 +99,16 @@ pub async fn serve(
     listener: TcpListener,
     routes: tonic::service::Routes,
     http: axum::Router,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let incoming = tokio_listener_stream(listener);
     let routes = routes.into_axum_router().merge(http);
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .accept_http1(true)
         .tcp_nodelay(true)
         .add_routes(tonic::service::Routes::from(routes))

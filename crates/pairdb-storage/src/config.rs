@@ -63,6 +63,8 @@ pub struct Config {
     /// Relative capacity of this node in the ring.
     #[arg(long, env = "PAIRDB_WEIGHT", default_value_t = 1)]
     pub weight: u32,
+    #[command(flatten)]
+    pub tls: pairdb_service::tls::TlsArgs,
     #[arg(long, env = "PAIRDB_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: pairdb_service::logging::LogFormat,
     /// Validate the configuration, print it and exit.
@@ -136,6 +138,7 @@ impl Config {
             meta_addr: None,
             zone: None,
             weight: 1,
+            tls: pairdb_service::tls::TlsArgs::default(),
             log_format: pairdb_service::logging::LogFormat::Text,
             check_config: false,
         }

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use pairdb_core::encoding::encode_version_set;
 use pairdb_proto::storage::v1 as pb;
 use pairdb_proto::storage::v1::storage_service_client::StorageServiceClient;
-use tonic::transport::Endpoint;
 
 use crate::engine::{Engine, EngineError, StoredHint};
 
@@ -62,10 +61,10 @@ pub async fn deliver(
     engine: Arc<Engine>,
     target_node: u32,
     address: &str,
+    tls: Option<&pairdb_service::tls::Tls>,
 ) -> Result<DeliveryReport, HintError> {
-    let url = if address.contains("://") { address.to_owned() } else { format!("http://{address}") };
     let unreachable = |message: String| HintError::Unreachable { address: address.to_owned(), message };
-    let channel = Endpoint::from_shared(url)
+    let channel = pairdb_service::tls::endpoint(address, tls)
         .map_err(|e| unreachable(e.to_string()))?
         .connect_timeout(std::time::Duration::from_secs(2))
         .connect()

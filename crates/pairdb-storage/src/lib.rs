@@ -41,6 +41,8 @@ pub enum Error {
     Serve(#[from] pairdb_service::ServeError),
     #[error("invalid meta address: {0}")]
     MetaAddress(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Tls(#[from] pairdb_service::tls::TlsError),
     #[error("engine task failed: {0}")]
     Task(String),
 }
@@ -87,7 +89,9 @@ pub async fn run_with_engine(
         listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| config.listen_addr.to_string())
     });
 
-    let api = service::StorageApi::new(engine.clone(), config.max_inflight_requests, config.stream_batch_max);
+    let tls = config.tls.load()?;
+    let api = service::StorageApi::new(engine.clone(), config.max_inflight_requests, config.stream_batch_max)
+        .with_tls(tls.clone());
     let grpc = StorageServiceServer::new(api)
         .max_decoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES)
         .max_encoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES);
@@ -99,7 +103,7 @@ pub async fn run_with_engine(
     let membership_task = match &config.meta_addr {
         Some(meta_addr) => {
             let membership: Arc<dyn membership::Membership> =
-                Arc::new(membership::MetaMembership::new(meta_addr)?);
+                Arc::new(membership::MetaMembership::new(meta_addr, tls.as_ref())?);
             let node = membership::NodeAnnouncement {
                 node_id: identity.node_id,
                 address: address.clone(),
@@ -120,7 +124,14 @@ pub async fn run_with_engine(
         sync = ?config.sync,
         "storage node ready"
     );
-    let served = pairdb_service::serve(listener, routes, http, shutdown).await;
+    let served = pairdb_service::serve(
+        listener,
+        routes,
+        http,
+        tls.map(|tls| tls.server_config(pairdb_service::tls::ClientCerts::Required)),
+        shutdown,
+    )
+    .await;
 
     // In-flight requests have finished; stop background work and make everything durable.
     let _ = stop_sender.send(true);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use pairdb_proto::admin::v1::NodeStats;
 use pairdb_proto::cluster::v1 as pb;
 use pairdb_proto::cluster::v1::cluster_service_client::ClusterServiceClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::engine::Engine;
 use crate::identity::DATA_FORMAT_VERSION;
@@ -40,10 +40,11 @@ pub struct MetaMembership {
 
 impl MetaMembership {
     /// A lazily connecting client for `meta_addr`.
-    pub fn new(meta_addr: &str) -> Result<Self, tonic::transport::Error> {
-        let url =
-            if meta_addr.contains("://") { meta_addr.to_owned() } else { format!("http://{meta_addr}") };
-        let channel = Endpoint::from_shared(url)?
+    pub fn new(
+        meta_addr: &str,
+        tls: Option<&pairdb_service::tls::Tls>,
+    ) -> Result<Self, tonic::transport::Error> {
+        let channel = pairdb_service::tls::endpoint(meta_addr, tls)?
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(5))
             .connect_lazy();

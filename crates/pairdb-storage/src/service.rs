@@ -29,11 +29,23 @@ pub struct StorageApi {
     engine: Arc<Engine>,
     inflight: Arc<Semaphore>,
     stream_batch_max: usize,
+    tls: Option<pairdb_service::tls::Tls>,
 }
 
 impl StorageApi {
     pub fn new(engine: Arc<Engine>, max_inflight_requests: usize, stream_batch_max: usize) -> Self {
-        Self { engine, inflight: Arc::new(Semaphore::new(max_inflight_requests)), stream_batch_max }
+        Self {
+            engine,
+            inflight: Arc::new(Semaphore::new(max_inflight_requests)),
+            stream_batch_max,
+            tls: None,
+        }
+    }
+
+    /// Delivers hints to other nodes over (mutual) TLS.
+    pub fn with_tls(mut self, tls: Option<pairdb_service::tls::Tls>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Runs `op` on the blocking pool once an in-flight slot is free, recording metrics for `rpc`.
@@ -339,9 +351,14 @@ impl StorageService for StorageApi {
         if request.target_address.is_empty() {
             return Err(status("INVALID_ARGUMENT", "target_address is required", &[]));
         }
-        let report = hints::deliver(self.engine.clone(), request.target_node_id, &request.target_address)
-            .await
-            .map_err(|error| status(error.reason(), error.to_string(), &[]))?;
+        let report = hints::deliver(
+            self.engine.clone(),
+            request.target_node_id,
+            &request.target_address,
+            self.tls.as_ref(),
+        )
+        .await
+        .map_err(|error| status(error.reason(), error.to_string(), &[]))?;
         Ok(Response::new(pb::DeliverHintsResponse {
             delivered: report.delivered,
             remaining: report.remaining,
