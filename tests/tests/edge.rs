@@ -322,9 +322,11 @@ async fn bad_input_gets_exact_statuses_and_reasons_over_grpc_and_http() {
     let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let cluster =
         Cluster::start_with(ClusterOptions { auth: true, ..ClusterOptions::default() }).await.unwrap();
-    let secret =
-        tenant_with_key(&cluster, admin::CreateTenantRequest { max_value_bytes: 1024, ..tenant("strict") })
-            .await;
+    let secret = tenant_with_key(
+        &cluster,
+        admin::CreateTenantRequest { max_value_bytes: 1024, max_siblings: 2, ..tenant("strict") },
+    )
+    .await;
     let router = cluster.routers[0].addr;
     let channel = pairdb_client::connect(&router.to_string()).await.unwrap();
     let mut raw = KvServiceClient::new(channel);
@@ -561,6 +563,49 @@ async fn bad_input_gets_exact_statuses_and_reasons_over_grpc_and_http() {
             "{got}"
         );
     }
+
+    // The sibling cap: a third concurrent (context-free) value is refused, over gRPC and HTTP.
+    let kv = client(&cluster, &secret, "").await;
+    let all = WriteOptions { consistency: Consistency::All, ..WriteOptions::default() };
+    let first = kv.put("crowded", b"1".to_vec(), all.clone()).await.unwrap();
+    assert!(first.idempotency_key.starts_with("gen-"), "unkeyed writes get a generated key: {first:?}");
+    kv.put("crowded", b"2".to_vec(), all.clone()).await.unwrap();
+    let error = kv.put("crowded", b"3".to_vec(), all).await.unwrap_err();
+    assert_eq!((error.code(), error.reason()), (Code::ResourceExhausted, "TOO_MANY_SIBLINGS"), "{error}");
+    let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
+    let (status, body) = http(
+        router,
+        "POST",
+        "/v1/key-value",
+        &headers,
+        Some(br#"{"key": "crowded", "value": 3, "consistency": "all"}"#),
+    );
+    assert_eq!((status, reason(&body)), (429, "TOO_MANY_SIBLINGS"), "{body}");
+    // A delete through the seed's route with the read's context and an idempotency key clears them.
+    let (_, read) = http(router, "GET", "/v1/key-value?key=crowded&consistency=all", &headers, None);
+    assert_eq!(read["values"].as_array().unwrap().len(), 2, "{read}");
+    let context =
+        read["context"].as_str().unwrap().replace('+', "%2B").replace('/', "%2F").replace('=', "%3D");
+    let delete_headers = [("authorization", auth.as_str()), ("idempotency-key", "del-1")];
+    let (status, deleted) = http(
+        router,
+        "DELETE",
+        &format!("/v1/key-value?key=crowded&context={context}"),
+        &delete_headers,
+        None,
+    );
+    assert_eq!(status, 200, "{deleted}");
+    assert_eq!(deleted["idempotency_key"], "del-1");
+    let (status, again) = http(
+        router,
+        "DELETE",
+        &format!("/v1/key-value?key=crowded&context={context}"),
+        &delete_headers,
+        None,
+    );
+    assert_eq!((status, &again["duplicate"]), (200, &Value::Bool(true)), "{again}");
+    let (status, gone) = http(router, "GET", "/v1/key-value?key=crowded&consistency=all", &headers, None);
+    assert_eq!((status, reason(&gone)), (404, "KEY_NOT_FOUND"), "{gone}");
 
     // Unknown tenant: a key whose tenant was deleted.
     let orphan = tenant_with_key(&cluster, tenant("doomed")).await;
