@@ -157,11 +157,7 @@ impl Engine {
         let open_err = |source| EngineError::Open { dir: engine_dir.clone(), source };
         // Journal flushes are ours (group commit in `CommitQueue`): fjall then buffers each write and
         // a whole group goes to the OS (and, with `always`, to the disk) in one call.
-        let db = Database::builder(&engine_dir)
-            .cache_size(config.cache_bytes)
-            .manual_journal_persist(true)
-            .open()
-            .map_err(open_err)?;
+        let db = open_database(&engine_dir, config.cache_bytes).map_err(open_err)?;
         let records = db.keyspace("records", KeyspaceCreateOptions::default).map_err(open_err)?;
         let hints = db.keyspace("hints", KeyspaceCreateOptions::default).map_err(open_err)?;
         let stripes = (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect();
@@ -658,6 +654,26 @@ fn successor(key: &[u8]) -> Vec<u8> {
 
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// How long `open` waits for a previous engine on the same directory to finish closing.
+const LOCKED_WAIT: Duration = Duration::from_secs(5);
+
+/// Opens fjall, waiting (bounded) while the directory is locked: the previous engine of this process
+/// may still be closing on its maintenance thread (which can hold the last reference for the length of
+/// one fsync). Another process holding the directory still fails, after the wait.
+fn open_database(engine_dir: &Path, cache_bytes: u64) -> Result<Database, fjall::Error> {
+    let started = Instant::now();
+    loop {
+        let opened =
+            Database::builder(engine_dir).cache_size(cache_bytes).manual_journal_persist(true).open();
+        match opened {
+            Err(fjall::Error::Locked) if started.elapsed() < LOCKED_WAIT => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Background work: periodic fsync and disk-space refresh. Holds only a weak reference so dropping

@@ -245,3 +245,23 @@ fn a_million_keys_survive_a_clean_restart() {
         assert_eq!(engine.get(&RecordKey::new(q, "bulk", &format!("k{i:07}"))).unwrap().unwrap(), value);
     }
 }
+
+#[test]
+fn a_directory_in_use_is_refused_and_a_closed_one_reopens_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let periodic = EngineConfig { sync: SyncMode::Periodic { interval_ms: 1 }, ..config(dir.path(), 1) };
+    let engine = Engine::open(&periodic).unwrap();
+    let error = Engine::open(&periodic).map(|_| ()).expect_err("one engine per directory");
+    assert!(error.to_string().contains("cannot open the storage engine"), "{error}");
+    // Another thread holds the last reference a moment longer (as the maintenance thread does
+    // during an fsync): a reopen waits for that engine to close instead of failing.
+    let late = engine.clone();
+    let closer = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        drop(late);
+    });
+    drop(engine);
+    let reopened = Engine::open(&periodic).expect("waits for the previous engine to finish closing");
+    closer.join().unwrap();
+    reopened.merge(&key("after"), &blind(7, b"v")).unwrap();
+}
