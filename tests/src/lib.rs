@@ -65,11 +65,22 @@ pub struct Process {
 impl Process {
     /// Starts binary `binary` with `args`, serving on `addr`.
     pub fn spawn(binary: &str, addr: SocketAddr, args: &[String]) -> anyhow::Result<Self> {
+        Self::spawn_with_env(binary, addr, args, &[])
+    }
+
+    /// [`Process::spawn`] with extra environment variables.
+    pub fn spawn_with_env(
+        binary: &str,
+        addr: SocketAddr,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
         let path = binaries_dir()?.join(binary);
         let child = Command::new(&path)
             .arg("--listen-addr")
             .arg(addr.to_string())
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()))
             .stdin(Stdio::null())
             .spawn()
@@ -260,6 +271,8 @@ pub mod cluster {
         pub postgres: Option<super::postgres::Schema>,
         /// Flags every router of this cluster gets (auth, Redis).
         router_extra: Vec<String>,
+        /// Environment of every process.
+        env: Vec<(String, String)>,
     }
 
     /// What [`Cluster::start_with`] starts.
@@ -275,6 +288,8 @@ pub mod cluster {
         pub auth: bool,
         /// Routers keep idempotency records in this Redis (else in memory).
         pub redis_url: Option<String>,
+        /// Extra environment of every process (e.g. `OTEL_*`).
+        pub env: Vec<(String, String)>,
     }
 
     impl Default for ClusterOptions {
@@ -286,6 +301,7 @@ pub mod cluster {
                 postgres_url: None,
                 auth: false,
                 redis_url: None,
+                env: Vec::new(),
             }
         }
     }
@@ -317,8 +333,15 @@ pub mod cluster {
 
         /// Starts the cluster `options` describe (meta on SQLite, or on a fresh PostgreSQL schema).
         pub async fn start_with(options: ClusterOptions) -> anyhow::Result<Cluster> {
-            let ClusterOptions { storage_nodes, routers, replication_factor, postgres_url, auth, redis_url } =
-                options;
+            let ClusterOptions {
+                storage_nodes,
+                routers,
+                replication_factor,
+                postgres_url,
+                auth,
+                redis_url,
+                env,
+            } = options;
             let mut router_extra = Vec::new();
             if !auth {
                 router_extra.push("--no-auth".to_owned());
@@ -347,7 +370,7 @@ pub mod cluster {
             .map(|s| (*s).to_owned())
             .chain(database)
             .collect();
-            let mut meta = Process::spawn("pairdb-meta", free_addr()?, &meta_args)?;
+            let mut meta = Process::spawn_with_env("pairdb-meta", free_addr()?, &meta_args, &env)?;
             meta.wait_live(Duration::from_secs(30))?;
             let mut cluster = Cluster {
                 meta,
@@ -357,6 +380,7 @@ pub mod cluster {
                 meta_args,
                 postgres,
                 router_extra,
+                env,
             };
             for id in 1..=storage_nodes {
                 let process = cluster.spawn_storage(id, free_addr()?)?;
@@ -384,7 +408,7 @@ pub mod cluster {
         }
 
         pub fn spawn_storage(&self, id: u32, addr: std::net::SocketAddr) -> anyhow::Result<Process> {
-            Process::spawn(
+            Process::spawn_with_env(
                 "pairdb-storage",
                 addr,
                 &[
@@ -397,6 +421,7 @@ pub mod cluster {
                     "--data-dir".into(),
                     self.dir.path().join(format!("storage-{id}")).display().to_string(),
                 ],
+                &self.env,
             )
         }
 
@@ -410,7 +435,7 @@ pub mod cluster {
             let mut args = router_args(&self.meta);
             args.extend(self.router_extra.iter().cloned());
             args.extend(extra.iter().map(|s| (*s).to_owned()));
-            let router = Process::spawn("pairdb-router", free_addr()?, &args)?;
+            let router = Process::spawn_with_env("pairdb-router", free_addr()?, &args, &self.env)?;
             self.routers.push(router);
             self.routers.last_mut().context("router just pushed")
         }
@@ -418,7 +443,7 @@ pub mod cluster {
         /// Restarts meta on the same address and data directory.
         pub fn restart_meta(&mut self) -> anyhow::Result<()> {
             self.meta.kill();
-            let meta = Process::spawn("pairdb-meta", self.meta.addr, &self.meta_args)?;
+            let meta = Process::spawn_with_env("pairdb-meta", self.meta.addr, &self.meta_args, &self.env)?;
             self.meta = meta;
             self.meta.wait_live(Duration::from_secs(30))
         }
@@ -429,7 +454,7 @@ pub mod cluster {
             self.routers[index].kill();
             let mut args = router_args(&self.meta);
             args.extend(self.router_extra.iter().cloned());
-            self.routers[index] = Process::spawn("pairdb-router", addr, &args)?;
+            self.routers[index] = Process::spawn_with_env("pairdb-router", addr, &args, &self.env)?;
             wait_ready(&mut self.routers[index], Duration::from_secs(30))
         }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pairdb_client::{AdminClient, ClientOptions, Consistency, KvClient};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+use tracing::Instrument;
 
 use crate::output::Output;
 
@@ -333,8 +334,39 @@ pub struct DevArgs {
     pub sync: SyncArg,
 }
 
-/// Runs one command.
+/// Runs one command. Except for `dev` (whose services set up their own), commands run in a span
+/// whose trace context the client propagates, so with `OTEL_EXPORTER_OTLP_ENDPOINT` set a CLI call
+/// is the root of its request's trace.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Dev(args) = cli.command {
+        return crate::dev::run(args).await;
+    }
+    if let Command::Bench(_) = cli.command {
+        // Each benchmark request is its own trace (if any), not a child of one giant command span.
+        return run_command(cli).await;
+    }
+    let telemetry =
+        pairdb_service::telemetry::init(pairdb_service::logging::LogFormat::Text, "warn", "pairdb-cli");
+    let span = tracing::info_span!("cli.command", otel.name = command_name(&cli.command));
+    let result = run_command(cli).instrument(span).await;
+    telemetry.shutdown().await;
+    result
+}
+
+fn command_name(command: &Command) -> &'static str {
+    match command {
+        Command::Kv(_) => "pairdb kv",
+        Command::Tenant(_) => "pairdb tenant",
+        Command::Apikey(_) => "pairdb apikey",
+        Command::Node(_) => "pairdb node",
+        Command::Migration(_) => "pairdb migration",
+        Command::Dev(_) => "pairdb dev",
+        Command::Bench(_) => "pairdb bench",
+        Command::Health { .. } => "pairdb health",
+    }
+}
+
+async fn run_command(cli: Cli) -> anyhow::Result<()> {
     let globals = &cli.globals;
     match cli.command {
         Command::Kv(command) => crate::kv::run(globals, command).await,

@@ -30,7 +30,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         anyhow::bail!("INVALID_ARGUMENT: --storage-nodes must be between 1 and 16");
     }
     // Quiet by default: the dev console shows the endpoints, not every service's info log.
-    pairdb_service::logging::init_with_default(pairdb_service::logging::LogFormat::Text, "warn");
+    let telemetry =
+        pairdb_service::telemetry::init(pairdb_service::logging::LogFormat::Text, "warn", "pairdb-dev");
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|error| anyhow::anyhow!("cannot create {}: {error}", args.data_dir.display()))?;
 
@@ -100,6 +101,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     };
     if let Err(error) = outcome {
         stop_all(stop_tx, &mut services).await;
+        telemetry.shutdown().await;
         return Err(error);
     }
 
@@ -114,6 +116,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     };
     println!("pairdb dev: stopping");
     stop_all(stop_tx, &mut services).await;
+    telemetry.shutdown().await;
     match failure {
         Some(error) => Err(error),
         None => {

@@ -70,8 +70,31 @@ impl Interceptor for BearerToken {
         if let Some(value) = &self.0 {
             request.metadata_mut().insert("authorization", value.clone());
         }
+        inject_trace_context(request.metadata_mut());
         Ok(request)
     }
+}
+
+/// Propagates the caller's trace (W3C `traceparent`) when the application installed an OpenTelemetry
+/// propagator; a no-op otherwise.
+fn inject_trace_context(metadata: &mut tonic::metadata::MetadataMap) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
+    impl opentelemetry::propagation::Injector for MetadataInjector<'_> {
+        fn set(&mut self, key: &str, value: String) {
+            if let (Ok(key), Ok(value)) = (
+                tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
+                tonic::metadata::MetadataValue::try_from(value.as_str()),
+            ) {
+                self.0.insert(key, value);
+            }
+        }
+    }
+    let context = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut MetadataInjector(metadata));
+    });
 }
 
 /// Opens a channel to `address` (`host:port` or a full `http://` URL).

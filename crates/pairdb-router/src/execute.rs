@@ -20,8 +20,9 @@ use pairdb_core::encoding::{decode_version_set, encode_version_set};
 use pairdb_core::ring::NodeId;
 use pairdb_proto::storage::v1 as pb;
 use tokio::sync::oneshot;
+use tracing::Instrument;
 
-use crate::pool::StoragePool;
+use crate::pool::{StorageClient, StoragePool};
 use crate::view::ClusterView;
 
 /// Milliseconds on the router's monotonic clock (the core's `now_ms`).
@@ -84,6 +85,10 @@ pub enum ReadResult {
 }
 
 /// Reasons a storage node gives that another replica would give too: the request itself is wrong.
+fn partition_of(key: &Option<pb::KeyRef>) -> u32 {
+    key.as_ref().map_or(0, |key| key.partition)
+}
+
 fn is_definitive(status: &tonic::Status) -> bool {
     matches!(
         pairdb_service::errors::reason_of(status).as_deref(),
@@ -105,11 +110,50 @@ enum CallError {
 }
 
 /// Runs one RPC against `node` with the pool's bounds, updating the failure view.
-async fn call<T, F, Fut>(pool: &StoragePool, view: &ClusterView, node: NodeId, rpc: F) -> Result<T, CallError>
+///
+/// Each call is a client span (`rpc`, node id, partition, outcome) whose trace context the storage
+/// node continues, so a client request is one trace with one child per replica call.
+async fn call<T, F, Fut>(
+    pool: &StoragePool,
+    view: &ClusterView,
+    node: NodeId,
+    rpc_name: &'static str,
+    partition: u32,
+    rpc: F,
+) -> Result<T, CallError>
 where
-    F: FnOnce(
-        pairdb_proto::storage::v1::storage_service_client::StorageServiceClient<tonic::transport::Channel>,
-    ) -> Fut,
+    F: FnOnce(StorageClient) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let span = tracing::info_span!(
+        "storage.call",
+        otel.name = rpc_name,
+        otel.kind = "client",
+        node_id = node.0,
+        partition,
+        outcome = tracing::field::Empty,
+    );
+    let result = call_inner(pool, view, node, rpc).instrument(span.clone()).await;
+    span.record(
+        "outcome",
+        match &result {
+            Ok(_) => "ok",
+            Err(CallError::Rejected(_)) => "rejected",
+            Err(CallError::Failed(FailureCause::Timeout)) => "timeout",
+            Err(CallError::Failed(_)) => "error",
+        },
+    );
+    result
+}
+
+async fn call_inner<T, F, Fut>(
+    pool: &StoragePool,
+    view: &ClusterView,
+    node: NodeId,
+    rpc: F,
+) -> Result<T, CallError>
+where
+    F: FnOnce(StorageClient) -> Fut,
     Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     let Some(address) = view.nodes.get(&node).map(|n| n.address.clone()) else {
@@ -158,7 +202,7 @@ pub async fn write(
     input: WriteInput,
 ) -> WriteResult {
     let (reply_tx, reply_rx) = oneshot::channel();
-    tokio::spawn(run_write(pool, view, clock, plan, input, reply_tx));
+    tokio::spawn(run_write(pool, view, clock, plan, input, reply_tx).instrument(tracing::Span::current()));
     reply_rx.await.unwrap_or_else(|_| {
         WriteResult::Rejected(tonic::Status::internal("write task ended without a reply"))
     })
@@ -191,14 +235,16 @@ async fn run_write(
                             max_siblings: input.max_siblings,
                             supersede_local: input.supersede_local,
                         };
-                        let response =
-                            call(
-                                &pool,
-                                &view,
-                                node,
-                                |mut c| async move { c.coordinate_write(request).await },
-                            )
-                            .await;
+                        let partition = partition_of(&request.key);
+                        let response = call(
+                            &pool,
+                            &view,
+                            node,
+                            "storage.coordinate_write",
+                            partition,
+                            |mut c| async move { c.coordinate_write(request).await },
+                        )
+                        .await;
                         WriteCall::Coordinated(node, response)
                     }) as WriteCallFuture);
                 }
@@ -212,8 +258,15 @@ async fn run_write(
                             version_set: encoded.as_ref().clone(),
                             hint_for_node_id: hint_for.map_or(0, |n| n.0),
                         };
-                        let response =
-                            call(&pool, &view, node, |mut c| async move { c.replicate(request).await }).await;
+                        let response = call(
+                            &pool,
+                            &view,
+                            node,
+                            "storage.replicate",
+                            partition_of(&request.key),
+                            |mut c| async move { c.replicate(request).await },
+                        )
+                        .await;
                         WriteCall::Replicated(node, hint_for.is_some(), response)
                     }));
                 }
@@ -221,21 +274,34 @@ async fn run_write(
                     let Some((_, encoded)) = &result_set else { continue };
                     let (pool, view, key, encoded) =
                         (pool.clone(), view.clone(), input.key.clone(), encoded.clone());
-                    tokio::spawn(async move {
-                        let request = pb::ReplicateRequest {
-                            key: Some(key),
-                            version_set: encoded.as_ref().clone(),
-                            hint_for_node_id: hint_for.0,
-                        };
-                        match call(&pool, &view, node, |mut c| async move { c.replicate(request).await })
+                    tokio::spawn(
+                        async move {
+                            let request = pb::ReplicateRequest {
+                                key: Some(key),
+                                version_set: encoded.as_ref().clone(),
+                                hint_for_node_id: hint_for.0,
+                            };
+                            match call(
+                                &pool,
+                                &view,
+                                node,
+                                "storage.replicate",
+                                partition_of(&request.key),
+                                |mut c| async move { c.replicate(request).await },
+                            )
                             .await
-                        {
-                            Ok(_) => metrics::counter!("pairdb_router_hints_written_total").increment(1),
-                            Err(_) => {
-                                tracing::debug!(node_id = node.0, "could not store a hint on the coordinator")
+                            {
+                                Ok(_) => metrics::counter!("pairdb_router_hints_written_total").increment(1),
+                                Err(_) => {
+                                    tracing::debug!(
+                                        node_id = node.0,
+                                        "could not store a hint on the coordinator"
+                                    )
+                                }
                             }
                         }
-                    });
+                        .instrument(tracing::Span::current()),
+                    );
                 }
                 WriteEffect::Reply(reply) => {
                     let result = match reply {
@@ -321,7 +387,7 @@ pub async fn read(
     key: pb::KeyRef,
 ) -> ReadResult {
     let (reply_tx, reply_rx) = oneshot::channel();
-    tokio::spawn(run_read(pool, view, clock, plan, key, reply_tx));
+    tokio::spawn(run_read(pool, view, clock, plan, key, reply_tx).instrument(tracing::Span::current()));
     reply_rx.await.unwrap_or(ReadResult::QuorumNotReached { answered: 0, required: 0, failures: vec![] })
 }
 
@@ -345,8 +411,15 @@ async fn run_read(
                     let (pool, view, key) = (pool.clone(), view.clone(), key.clone());
                     calls.push(async move {
                         let request = pb::GetRequest { key: Some(key) };
-                        let response =
-                            call(&pool, &view, node, |mut c| async move { c.get(request).await }).await;
+                        let response = call(
+                            &pool,
+                            &view,
+                            node,
+                            "storage.get",
+                            partition_of(&request.key),
+                            |mut c| async move { c.get(request).await },
+                        )
+                        .await;
                         (node, response)
                     });
                 }
@@ -371,18 +444,28 @@ async fn run_read(
                     let (pool, view, key) = (pool.clone(), view.clone(), key.clone());
                     let version_set = encode_version_set(merged);
                     metrics::counter!("pairdb_router_read_repairs_total").increment(1);
-                    tokio::spawn(async move {
-                        let request =
-                            pb::ReplicateRequest { key: Some(key), version_set, hint_for_node_id: 0 };
-                        let repaired =
-                            call(&pool, &view, node, |mut c| async move { c.replicate(request).await }).await;
-                        if repaired.is_err() {
-                            tracing::debug!(
-                                node_id = node.0,
-                                "read repair failed; anti-entropy will catch up"
-                            );
+                    tokio::spawn(
+                        async move {
+                            let request =
+                                pb::ReplicateRequest { key: Some(key), version_set, hint_for_node_id: 0 };
+                            let repaired = call(
+                                &pool,
+                                &view,
+                                node,
+                                "storage.replicate",
+                                partition_of(&request.key),
+                                |mut c| async move { c.replicate(request).await },
+                            )
+                            .await;
+                            if repaired.is_err() {
+                                tracing::debug!(
+                                    node_id = node.0,
+                                    "read repair failed; anti-entropy will catch up"
+                                );
+                            }
                         }
-                    });
+                        .instrument(tracing::Span::current()),
+                    );
                 }
             }
         }

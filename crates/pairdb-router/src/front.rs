@@ -19,6 +19,7 @@ use pairdb_core::encoding::encode_context;
 use pairdb_proto::common::v1::{Dot, VersionEntry};
 use pairdb_proto::kv::v1 as pb;
 use prost::Message;
+use tracing::Instrument;
 
 use crate::edge::Edge;
 use crate::error::RouterError;
@@ -52,6 +53,7 @@ impl Front {
     /// The tenant of a request after authentication and admission.
     fn admit(&self, authorization: Option<&str>, requested_tenant: &str) -> Result<String, RouterError> {
         let tenant = self.edge.tenant_for(authorization, requested_tenant)?;
+        tracing::Span::current().record("tenant", tenant.as_str());
         let settings = self.edge.settings(&tenant)?;
         self.edge.admit(&settings)?;
         Ok(tenant)
@@ -64,6 +66,7 @@ impl Front {
     ) -> Result<pb::WriteAck, RouterError> {
         let started = Instant::now();
         let options = write_options(&request.options);
+        let span = request_span("router.put", &options);
         let result = async {
             let tenant = self.admit(authorization, &request.tenant_id)?;
             let idempotency_key =
@@ -90,7 +93,9 @@ impl Front {
             })
             .await
         }
+        .instrument(span.clone())
         .await;
+        finish(&span, &result);
         observe("put", &options, started, &result);
         result
     }
@@ -102,6 +107,7 @@ impl Front {
     ) -> Result<pb::WriteAck, RouterError> {
         let started = Instant::now();
         let options = write_options(&request.options);
+        let span = request_span("router.delete", &options);
         let result = async {
             let tenant = self.admit(authorization, &request.tenant_id)?;
             let idempotency_key =
@@ -119,7 +125,9 @@ impl Front {
             })
             .await
         }
+        .instrument(span.clone())
         .await;
+        finish(&span, &result);
         observe("delete", &options, started, &result);
         result
     }
@@ -187,11 +195,16 @@ impl Front {
     ) -> Result<pb::GetResponse, RouterError> {
         let started = Instant::now();
         let options = read_options(request.options);
+        let span = request_span("router.get", &options);
         let result = async {
             let tenant = self.admit(authorization, &request.tenant_id)?;
-            self.router.get(&tenant, &request.key, options).await.map(|outcome| get_response(&outcome))
+            let outcome = self.router.get(&tenant, &request.key, options).await?;
+            metrics::histogram!("pairdb_router_read_siblings").record(outcome.siblings.len() as f64);
+            Ok(get_response(&outcome))
         }
+        .instrument(span.clone())
         .await;
+        finish(&span, &result);
         observe("get", &options, started, &result);
         result
     }
@@ -247,6 +260,26 @@ impl Front {
         observe::<()>("get_many", &options, started, &Ok(()));
         Ok(pb::GetManyResponse { results })
     }
+}
+
+/// The span of one client request: the parent of one span per replica call. Tenant, partition and
+/// outcome are recorded as they become known; keys and values never are.
+fn request_span(name: &'static str, options: &RequestOptions) -> tracing::Span {
+    tracing::info_span!(
+        "router.request",
+        otel.name = name,
+        tenant = tracing::field::Empty,
+        partition = tracing::field::Empty,
+        consistency = %consistency_label(options),
+        outcome = tracing::field::Empty,
+    )
+}
+
+fn finish<T>(span: &tracing::Span, result: &Result<T, RouterError>) {
+    match result {
+        Ok(_) => span.record("outcome", "ok"),
+        Err(error) => span.record("outcome", error.reason().as_str()),
+    };
 }
 
 /// A key naming a write sent without one (not recorded; see the module docs).

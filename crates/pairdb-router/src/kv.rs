@@ -121,6 +121,8 @@ impl KvRouter {
     fn placement(view: &ClusterView, tenant: &TenantSettings, key: &str) -> Result<Placement, RouterError> {
         let current = view.current.as_ref().ok_or(RouterError::NotReady)?;
         let partition = current.partition_count().partition_of(token_for(&tenant.tenant_id, key.as_bytes()));
+        // The request span (see `front`) carries the partition, never the key.
+        tracing::Span::current().record("partition", partition.0);
         let n = tenant.serving_replication_factor();
         let preference = current.preference_list(partition, n).to_vec();
         if preference.is_empty() {

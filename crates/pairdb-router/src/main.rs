@@ -14,9 +14,12 @@ async fn main() -> anyhow::Result<()> {
         println!("{config:#?}");
         return Ok(());
     }
-    pairdb_service::logging::init(config.log_format);
+    let telemetry = pairdb_service::telemetry::init(config.log_format, "info", "pairdb-router");
     let listener = pairdb_service::bind(config.listen_addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "pairdb-router listening");
-    pairdb_router::run(config, listener, pairdb_service::shutdown_signal()).await?;
+    let served = pairdb_router::run(config, listener, pairdb_service::shutdown_signal()).await;
+    // Buffered spans are exported before the process exits.
+    telemetry.shutdown().await;
+    served?;
     Ok(())
 }

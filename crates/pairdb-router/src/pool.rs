@@ -14,14 +14,19 @@ use std::time::Duration;
 use pairdb_core::ring::NodeId;
 use pairdb_proto::storage::v1::storage_service_client::StorageServiceClient;
 use tokio::sync::Semaphore;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// A storage client that propagates the calling span's trace context.
+pub type StorageClient =
+    StorageServiceClient<InterceptedService<Channel, pairdb_service::telemetry::TraceInterceptor>>;
 
 /// One storage node's client and health.
 #[derive(Debug)]
 pub struct NodeClient {
     pub node: NodeId,
     pub address: String,
-    client: StorageServiceClient<Channel>,
+    client: StorageClient,
     inflight: Semaphore,
     suspect: AtomicBool,
     consecutive_failures: AtomicU64,
@@ -29,7 +34,7 @@ pub struct NodeClient {
 
 impl NodeClient {
     /// A client for one call once an in-flight slot is free. The permit must live as long as the call.
-    pub async fn acquire(&self) -> Option<(StorageServiceClient<Channel>, tokio::sync::SemaphorePermit<'_>)> {
+    pub async fn acquire(&self) -> Option<(StorageClient, tokio::sync::SemaphorePermit<'_>)> {
         let permit = self.inflight.acquire().await.ok()?;
         Some((self.client.clone(), permit))
     }
@@ -93,9 +98,10 @@ impl StoragePool {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
             .connect_lazy();
-        let client = StorageServiceClient::new(channel)
-            .max_decoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES);
+        let client =
+            StorageServiceClient::with_interceptor(channel, pairdb_service::telemetry::TraceInterceptor)
+                .max_decoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES);
         let fresh = Arc::new(NodeClient {
             node,
             address: address.to_owned(),

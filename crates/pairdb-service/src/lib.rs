@@ -8,11 +8,13 @@
 //! - [`shutdown_signal`]: resolves on SIGINT or SIGTERM.
 //! - [`errors`]: the one reason → gRPC code → HTTP status table.
 //! - [`metrics`]: the process-wide Prometheus recorder behind `/metrics`.
+//! - [`telemetry`]: logs always, OpenTelemetry traces over OTLP when configured, trace propagation.
 //! - [`tls`]: the TLS flags, server and client configurations (mutual TLS between services).
 
 pub mod errors;
 pub mod logging;
 pub mod metrics;
+pub mod telemetry;
 pub mod tls;
 
 use std::future::Future;
@@ -109,6 +111,7 @@ pub async fn serve(
         builder = builder.tls_config(tls)?;
     }
     builder
+        .trace_fn(telemetry::server_span)
         .accept_http1(true)
         .tcp_nodelay(true)
         .add_routes(tonic::service::Routes::from(routes))

@@ -473,7 +473,10 @@ impl Engine {
         if let Some(reason) = self.poisoned_reason() {
             return Err(EngineError::Poisoned(reason));
         }
-        self.persist(PersistMode::SyncData).map_err(|error| {
+        let started = Instant::now();
+        let synced = self.persist(PersistMode::SyncData);
+        metrics::histogram!("pairdb_storage_fsync_duration_seconds").record(started.elapsed().as_secs_f64());
+        synced.map_err(|error| {
             let reason = format!("fsync failed: {error:?}");
             self.poison_with(reason.clone());
             EngineError::Poisoned(reason)
@@ -564,6 +567,8 @@ impl Engine {
         if let Some(reason) = self.poisoned_reason() {
             return Err(reason);
         }
+        let group_size = ops.len();
+        let started = Instant::now();
         let result = if let Some(error) = self.injected_fault() {
             Err(error)
         } else if ops.is_empty() {
@@ -578,6 +583,12 @@ impl Engine {
             }
             batch.commit()
         };
+        // One journal flush (`periodic`) or fsync (`always`) per group: its latency and the group size
+        // show whether group commit is working.
+        let mode_label = if matches!(mode, PersistMode::Buffer) { "buffer" } else { "fsync" };
+        metrics::histogram!("pairdb_storage_commit_duration_seconds", "mode" => mode_label)
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("pairdb_storage_commit_group_writes").record(group_size as f64);
         result.map_err(|error| {
             let reason = format!("journal {mode:?} failed: {error:?}");
             self.poison_with(reason.clone());

@@ -116,8 +116,10 @@ pub fn vector_entries(set: &VersionSet) -> Vec<VersionEntry> {
 
 fn record<T>(rpc: &'static str, started: Instant, result: &Result<T, Status>) {
     let code = match result {
-        Ok(_) => "OK".to_owned(),
-        Err(status) => format!("{:?}", status.code()),
+        Ok(_) => "ok".to_owned(),
+        // The reason, as the router labels its requests (the code name when there is none).
+        Err(status) => pairdb_service::errors::reason_of(status)
+            .unwrap_or_else(|| pairdb_service::errors::code_name(status.code()).to_owned()),
     };
     metrics::counter!("pairdb_storage_requests_total", "rpc" => rpc, "status" => code).increment(1);
     metrics::histogram!("pairdb_storage_request_duration_seconds", "rpc" => rpc)

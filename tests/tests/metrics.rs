@@ -1,0 +1,164 @@
+//! `/metrics` of every service after a small workload: the catalogue in docs/metrics.md exists, and
+//! the request counters equal the requests made.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use pairdb_client::{Consistency, ReadOptions, WriteOptions};
+use pairdb_tests::cluster::Cluster;
+use pairdb_tests::{Process, http_get};
+
+/// One sample: metric name, labels, value.
+#[derive(Debug, Clone)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+fn scrape(process: &Process) -> Vec<Sample> {
+    let (status, body) = http_get(process.addr, "/metrics").unwrap();
+    assert_eq!(status, 200, "{} /metrics", process.name);
+    body.lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => {
+                    let labels = rest
+                        .trim_end_matches('}')
+                        .split("\",")
+                        .filter(|pair| !pair.is_empty())
+                        .map(|pair| {
+                            let (key, value) = pair.split_once('=').unwrap();
+                            (key.to_owned(), value.trim_matches('"').to_owned())
+                        })
+                        .collect();
+                    (name.to_owned(), labels)
+                }
+                None => (series.to_owned(), BTreeMap::new()),
+            };
+            Sample { name, labels, value: value.parse().unwrap_or(f64::NAN) }
+        })
+        .collect()
+}
+
+/// Sum of the samples of `name` whose labels include all of `labels`.
+fn sum(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| {
+            s.name == name && labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+        .sum()
+}
+
+fn names(samples: &[Sample]) -> Vec<&str> {
+    samples.iter().map(|s| s.name.as_str()).collect()
+}
+
+#[tokio::test]
+async fn every_service_exports_the_documented_metrics_and_counts_requests_exactly() {
+    let cluster = Cluster::start(3, 1, 3).await.unwrap();
+    let kv = cluster.client(0).await.unwrap();
+    let quorum_write = WriteOptions { consistency: Consistency::Quorum, ..WriteOptions::default() };
+    let quorum_read = ReadOptions { consistency: Consistency::Quorum, ..ReadOptions::default() };
+    let (puts, gets, misses) = (20, 30, 5);
+    for i in 0..puts {
+        kv.put(&format!("k{i}"), vec![7; 100], quorum_write.clone()).await.unwrap();
+    }
+    for i in 0..gets {
+        assert!(kv.get(&format!("k{}", i % puts), quorum_read.clone()).await.unwrap().is_some());
+    }
+    for i in 0..misses {
+        assert!(kv.get(&format!("missing{i}"), quorum_read.clone()).await.unwrap().is_none());
+    }
+
+    let router = scrape(&cluster.routers[0]);
+    assert_eq!(
+        sum(
+            &router,
+            "pairdb_router_requests_total",
+            &[("op", "put"), ("consistency", "quorum"), ("status", "ok")]
+        ),
+        f64::from(puts)
+    );
+    assert_eq!(
+        sum(
+            &router,
+            "pairdb_router_requests_total",
+            &[("op", "get"), ("consistency", "quorum"), ("status", "ok")]
+        ),
+        f64::from(gets)
+    );
+    assert_eq!(
+        sum(&router, "pairdb_router_requests_total", &[("op", "get"), ("status", "KEY_NOT_FOUND")]),
+        f64::from(misses)
+    );
+    assert_eq!(
+        sum(&router, "pairdb_router_request_duration_seconds_count", &[("op", "put")]),
+        f64::from(puts)
+    );
+    assert_eq!(
+        sum(&router, "pairdb_router_request_duration_seconds_count", &[("op", "get")]),
+        f64::from(gets + misses)
+    );
+    assert_eq!(sum(&router, "pairdb_router_read_siblings_count", &[]), f64::from(gets));
+    assert_eq!(sum(&router, "pairdb_router_read_siblings_sum", &[]), f64::from(gets), "one sibling per read");
+    assert!(sum(&router, "pairdb_router_topology_epoch", &[]) >= 1.0);
+
+    // Every put was coordinated by exactly one node and replicated to the two others (in the
+    // background after the quorum answer, so wait for the last replicates to land).
+    let started = Instant::now();
+    let storage = loop {
+        let storage: Vec<Vec<Sample>> = cluster.storage.iter().map(scrape).collect();
+        let total = |rpc: &str| -> f64 {
+            storage
+                .iter()
+                .map(|s| sum(s, "pairdb_storage_requests_total", &[("rpc", rpc), ("status", "ok")]))
+                .sum()
+        };
+        let keys: f64 = storage.iter().map(|s| sum(s, "pairdb_storage_keys", &[])).sum();
+        if total("coordinate_write") == f64::from(puts)
+            && total("replicate") == f64::from(2 * puts)
+            && keys == f64::from(3 * puts)
+        {
+            break storage;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "coordinate_write {} replicate {} keys {keys}",
+            total("coordinate_write"),
+            total("replicate")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for node in &storage {
+        assert!(sum(node, "pairdb_storage_commit_group_writes_count", &[]) >= 1.0);
+        assert!(sum(node, "pairdb_storage_commit_duration_seconds_count", &[]) >= 1.0);
+        assert!(sum(node, "pairdb_storage_disk_free_bytes", &[]) > 0.0);
+        assert_eq!(sum(node, "pairdb_storage_write_path_poisoned", &[]), 0.0);
+    }
+
+    let meta = scrape(&cluster.meta);
+    assert_eq!(sum(&meta, "pairdb_meta_is_leader", &[]), 1.0);
+    assert!(sum(&meta, "pairdb_meta_watch_subscribers", &[]) >= 1.0, "the router watches meta");
+
+    // Every name asserted here is in the catalogue.
+    let catalogue =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/metrics.md")).unwrap();
+    for (service, samples) in [("router", &router), ("storage", &storage[0]), ("meta", &meta)] {
+        for name in names(samples) {
+            let base = name.trim_end_matches("_bucket").trim_end_matches("_count").trim_end_matches("_sum");
+            if base.starts_with("pairdb_") {
+                assert!(
+                    catalogue.contains(&format!("`{base}`")),
+                    "{service} exports {base}, which docs/metrics.md does not list"
+                );
+            }
+        }
+    }
+}
