@@ -32,8 +32,9 @@ pub async fn follow(
     loop {
         let session = async {
             let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
-            let mut client = ClusterServiceClient::new(channel)
-                .max_decoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES);
+            let mut client =
+                ClusterServiceClient::with_interceptor(channel, pairdb_service::telemetry::TraceInterceptor)
+                    .max_decoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES);
             let mut stream = client
                 .watch(pb::WatchRequest {
                     subscriber_kind: "router".into(),

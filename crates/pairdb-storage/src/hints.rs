@@ -70,9 +70,10 @@ pub async fn deliver(
         .connect()
         .await
         .map_err(|e| unreachable(e.to_string()))?;
-    let mut client = StorageServiceClient::new(channel)
-        .max_decoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES);
+    let mut client =
+        StorageServiceClient::with_interceptor(channel, pairdb_service::telemetry::TraceInterceptor)
+            .max_decoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES);
     let mut report = DeliveryReport::default();
     for _ in 0..MAX_ROUNDS {
         let hints = blocking(&engine, move |e| e.list_hints(target_node, None, DELIVERY_BATCH)).await?;

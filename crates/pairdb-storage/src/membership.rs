@@ -8,6 +8,8 @@ use std::time::Duration;
 use pairdb_proto::admin::v1::NodeStats;
 use pairdb_proto::cluster::v1 as pb;
 use pairdb_proto::cluster::v1::cluster_service_client::ClusterServiceClient;
+use pairdb_service::telemetry::TraceInterceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::engine::Engine;
@@ -35,7 +37,7 @@ pub trait Membership: Send + Sync + 'static {
 /// Membership through the metadata service's cluster API.
 #[derive(Debug, Clone)]
 pub struct MetaMembership {
-    client: ClusterServiceClient<Channel>,
+    client: ClusterServiceClient<InterceptedService<Channel, TraceInterceptor>>,
 }
 
 impl MetaMembership {
@@ -48,7 +50,7 @@ impl MetaMembership {
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(5))
             .connect_lazy();
-        Ok(Self { client: ClusterServiceClient::new(channel) })
+        Ok(Self { client: ClusterServiceClient::with_interceptor(channel, TraceInterceptor) })
     }
 }
 
