@@ -141,11 +141,20 @@ async fn every_service_exports_the_documented_metrics_and_counts_requests_exactl
         assert!(sum(node, "pairdb_storage_commit_duration_seconds_count", &[]) >= 1.0);
         assert!(sum(node, "pairdb_storage_disk_free_bytes", &[]) > 0.0);
         assert_eq!(sum(node, "pairdb_storage_write_path_poisoned", &[]), 0.0);
+        assert!(node.iter().any(|s| s.name == "pairdb_storage_lsm_tables"));
+        assert_eq!(
+            sum(node, "pairdb_storage_lsm_outstanding_flushes", &[]),
+            0.0,
+            "a tiny workload flushes nothing"
+        );
     }
 
     let meta = scrape(&cluster.meta);
     assert_eq!(sum(&meta, "pairdb_meta_is_leader", &[]), 1.0);
     assert!(sum(&meta, "pairdb_meta_watch_subscribers", &[]) >= 1.0, "the router watches meta");
+    // Nodes joined one by one (auto-add): each join was a completed add_node migration.
+    assert!(sum(&meta, "pairdb_meta_migrations_completed_total", &[("kind", "add_node")]) >= 2.0);
+    assert_eq!(sum(&meta, "pairdb_meta_migration_running", &[]), 0.0);
 
     // Every name asserted here is in the catalogue.
     let catalogue =

@@ -337,6 +337,15 @@ async fn until_not_running(meta: &Meta, migration_id: &str) {
     }
 }
 
+/// The leader's gauges of the migration it runs (one at a time per node; `running` 0 when idle).
+fn publish_progress(migration: &Migration, running: f64) {
+    metrics::gauge!("pairdb_meta_migration_running").set(running);
+    metrics::gauge!("pairdb_meta_migration_partitions_total").set(migration.progress.partitions_total as f64);
+    metrics::gauge!("pairdb_meta_migration_partitions_done").set(migration.progress.partitions_done as f64);
+    metrics::gauge!("pairdb_meta_migration_keys_done").set(migration.progress.keys_done as f64);
+    metrics::gauge!("pairdb_meta_migration_bytes_done").set(migration.progress.bytes_done as f64);
+}
+
 /// Writes progress; `false` if the migration is no longer running (cancelled meanwhile).
 async fn save_progress(meta: &Meta, fence: LeaderFence, migration: &Migration) -> Result<bool, MetaError> {
     let mut tx = meta.store().write().await?;
@@ -350,6 +359,7 @@ async fn save_progress(meta: &Meta, fence: LeaderFence, migration: &Migration) -
     stored.updated_at_ms = now_ms();
     tx.update_migration(&stored).await?;
     tx.commit().await?;
+    publish_progress(migration, 1.0);
     Ok(true)
 }
 
@@ -409,6 +419,8 @@ async fn complete(meta: &Meta, fence: LeaderFence, migration: Migration) -> Resu
     stored.updated_at_ms = now;
     tx.update_migration(&stored).await?;
     tx.commit().await?;
+    publish_progress(&stored, 0.0);
+    metrics::counter!("pairdb_meta_migrations_completed_total", "kind" => stored.kind.as_str()).increment(1);
     tracing::info!(
         migration = %stored.migration_id,
         kind = stored.kind.as_str(),

@@ -109,6 +109,15 @@ pub struct ScanBatch {
     pub done: bool,
 }
 
+/// Counters of the LSM engine itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LsmStats {
+    pub outstanding_flushes: u64,
+    pub compactions_completed: u64,
+    pub journals: u64,
+    pub tables: u64,
+}
+
 /// Sizes reported by [`Engine::stats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EngineStats {
@@ -615,6 +624,16 @@ impl Engine {
     fn refresh_disk_free(&self) {
         if let Ok(free) = fs4::available_space(&self.data_dir) {
             self.disk_free_bytes.store(free, Ordering::Relaxed);
+        }
+    }
+
+    /// The LSM's own counters (for gauges): flushes waiting, compactions done, journals, tables.
+    pub fn lsm_stats(&self) -> LsmStats {
+        LsmStats {
+            outstanding_flushes: self.db.outstanding_flushes() as u64,
+            compactions_completed: self.db.compactions_completed() as u64,
+            journals: self.db.journal_count() as u64,
+            tables: (self.records.table_count() + self.hints.table_count()) as u64,
         }
     }
 

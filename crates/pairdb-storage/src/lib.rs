@@ -171,6 +171,11 @@ async fn watch_health(
         metrics::gauge!("pairdb_storage_disk_bytes").set(stats.disk_bytes as f64);
         metrics::gauge!("pairdb_storage_disk_free_bytes").set(stats.disk_free_bytes as f64);
         metrics::gauge!("pairdb_storage_hints_pending").set(stats.hints_pending as f64);
+        let lsm = engine.lsm_stats();
+        metrics::gauge!("pairdb_storage_lsm_outstanding_flushes").set(lsm.outstanding_flushes as f64);
+        metrics::gauge!("pairdb_storage_lsm_compactions_completed").set(lsm.compactions_completed as f64);
+        metrics::gauge!("pairdb_storage_lsm_journals").set(lsm.journals as f64);
+        metrics::gauge!("pairdb_storage_lsm_tables").set(lsm.tables as f64);
         metrics::gauge!("pairdb_storage_write_path_poisoned").set(if stats.poisoned { 1.0 } else { 0.0 });
         if let Some(reason) = engine.poisoned_reason()
             && !poisoned_reported
