@@ -64,14 +64,12 @@ impl Front {
         authorization: Option<&str>,
         request: pb::PutRequest,
     ) -> Result<pb::WriteAck, RouterError> {
-        let started = Instant::now();
         let options = write_options(&request.options);
-        let span = request_span("router.put", &options);
-        let result = async {
+        traced("put", options, async {
             let tenant = self.admit(authorization, &request.tenant_id)?;
-            let idempotency_key =
-                request.options.as_ref().map(|o| o.idempotency_key.clone()).unwrap_or_default();
-            let fingerprint = || {
+            let idempotency_key = idempotency_key(&request.options);
+            // Only keyed writes need a fingerprint; the value then moves into the write uncopied.
+            let fingerprint = (!idempotency_key.is_empty()).then(|| {
                 Fingerprint::of(&[
                     b"put",
                     request.key.as_bytes(),
@@ -80,24 +78,14 @@ impl Front {
                     &[u8::from(request.overwrite)],
                     &options_bytes(&options),
                 ])
-            };
+            });
+            let pb::PutRequest { key, value, context, overwrite, .. } = request;
             self.keyed(&tenant, &idempotency_key, fingerprint, || {
-                self.router.write(
-                    &tenant,
-                    &request.key,
-                    Some(request.value.clone()),
-                    &request.context,
-                    request.overwrite,
-                    options,
-                )
+                self.router.write(&tenant, &key, Some(value), &context, overwrite, options)
             })
             .await
-        }
-        .instrument(span.clone())
-        .await;
-        finish(&span, &result);
-        observe("put", &options, started, &result);
-        result
+        })
+        .await
     }
 
     pub async fn delete(
@@ -105,31 +93,24 @@ impl Front {
         authorization: Option<&str>,
         request: pb::DeleteRequest,
     ) -> Result<pb::WriteAck, RouterError> {
-        let started = Instant::now();
         let options = write_options(&request.options);
-        let span = request_span("router.delete", &options);
-        let result = async {
+        traced("delete", options, async {
             let tenant = self.admit(authorization, &request.tenant_id)?;
-            let idempotency_key =
-                request.options.as_ref().map(|o| o.idempotency_key.clone()).unwrap_or_default();
-            let fingerprint = || {
+            let idempotency_key = idempotency_key(&request.options);
+            let fingerprint = (!idempotency_key.is_empty()).then(|| {
                 Fingerprint::of(&[
                     b"delete",
                     request.key.as_bytes(),
                     &request.context,
                     &options_bytes(&options),
                 ])
-            };
+            });
             self.keyed(&tenant, &idempotency_key, fingerprint, || {
                 self.router.write(&tenant, &request.key, None, &request.context, true, options)
             })
             .await
-        }
-        .instrument(span.clone())
-        .await;
-        finish(&span, &result);
-        observe("delete", &options, started, &result);
-        result
+        })
+        .await
     }
 
     /// Runs `write` under the idempotency contract (see the module docs).
@@ -137,17 +118,17 @@ impl Front {
         &self,
         tenant: &str,
         idempotency_key: &str,
-        fingerprint: impl FnOnce() -> Fingerprint,
+        fingerprint: Option<Fingerprint>,
         write: F,
     ) -> Result<pb::WriteAck, RouterError>
     where
         F: FnOnce() -> W,
         W: Future<Output = Result<WriteOutcome, RouterError>>,
     {
-        if idempotency_key.is_empty() {
+        let Some(fingerprint) = fingerprint else {
             let outcome = write().await?;
             return Ok(write_ack(&outcome, generated_key()));
-        }
+        };
         if idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES || idempotency_key.chars().any(char::is_control)
         {
             return Err(RouterError::invalid(
@@ -157,7 +138,7 @@ impl Front {
                 ),
             ));
         }
-        match self.idempotency.begin(tenant, idempotency_key, &fingerprint()).await? {
+        match self.idempotency.begin(tenant, idempotency_key, &fingerprint).await? {
             Begin::Completed(stored) => {
                 let mut ack = pb::WriteAck::decode(stored.as_slice()).map_err(|error| {
                     RouterError::Idempotency(crate::idempotency::IdempotencyError::Unavailable(format!(
@@ -193,20 +174,14 @@ impl Front {
         authorization: Option<&str>,
         request: pb::GetRequest,
     ) -> Result<pb::GetResponse, RouterError> {
-        let started = Instant::now();
         let options = read_options(request.options);
-        let span = request_span("router.get", &options);
-        let result = async {
+        traced("get", options, async {
             let tenant = self.admit(authorization, &request.tenant_id)?;
             let outcome = self.router.get(&tenant, &request.key, options).await?;
             metrics::histogram!("pairdb_router_read_siblings").record(outcome.siblings.len() as f64);
             Ok(get_response(&outcome))
-        }
-        .instrument(span.clone())
-        .await;
-        finish(&span, &result);
-        observe("get", &options, started, &result);
-        result
+        })
+        .await
     }
 
     pub async fn get_many(
@@ -262,12 +237,30 @@ impl Front {
     }
 }
 
+/// Runs one request in its span (see [`request_span`]) and records its outcome and metrics.
+async fn traced<T>(
+    op: &'static str,
+    options: RequestOptions,
+    request: impl Future<Output = Result<T, RouterError>>,
+) -> Result<T, RouterError> {
+    let started = Instant::now();
+    let span = request_span(op, &options);
+    let result = request.instrument(span.clone()).await;
+    finish(&span, &result);
+    observe(op, &options, started, &result);
+    result
+}
+
+fn idempotency_key(options: &Option<pb::WriteOptions>) -> String {
+    options.as_ref().map(|o| o.idempotency_key.clone()).unwrap_or_default()
+}
+
 /// The span of one client request: the parent of one span per replica call. Tenant, partition and
 /// outcome are recorded as they become known; keys and values never are.
-fn request_span(name: &'static str, options: &RequestOptions) -> tracing::Span {
+fn request_span(op: &'static str, options: &RequestOptions) -> tracing::Span {
     tracing::info_span!(
         "router.request",
-        otel.name = name,
+        otel.name = format!("router.{op}"),
         tenant = tracing::field::Empty,
         partition = tracing::field::Empty,
         consistency = %consistency_label(options),
