@@ -20,6 +20,7 @@ pub mod dvv;
 pub mod encoding;
 pub mod quorum;
 pub mod rate_limit;
+pub mod repair;
 pub mod ring;
 pub mod token;
 pub mod validation;

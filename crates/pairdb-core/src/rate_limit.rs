@@ -43,8 +43,52 @@ impl TokenBucket {
     }
 }
 
+/// A budget of units per second (keys, bytes) for background work that cannot be split into single
+/// tokens: [`Budget::charge`] always admits the work and returns how long to pause so the average
+/// stays at the rate (the debt is paid by waiting). A rate of 0 means unlimited.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Budget {
+    units_per_sec: u64,
+    /// Negative = debt.
+    balance: f64,
+    burst: f64,
+    last_ms: u64,
+}
+
+impl Budget {
+    /// Starts with one second's worth available.
+    pub fn new(units_per_sec: u64, now_ms: u64) -> Self {
+        let burst = units_per_sec as f64;
+        Self { units_per_sec, balance: burst, burst, last_ms: now_ms }
+    }
+
+    /// Spends `units`; returns the milliseconds to wait before doing more.
+    pub fn charge(&mut self, units: u64, now_ms: u64) -> u64 {
+        if self.units_per_sec == 0 {
+            return 0;
+        }
+        let elapsed_ms = now_ms.saturating_sub(self.last_ms);
+        self.last_ms = self.last_ms.max(now_ms);
+        let rate = self.units_per_sec as f64;
+        self.balance = (self.balance + elapsed_ms as f64 * rate / 1000.0).min(self.burst);
+        self.balance -= units as f64;
+        if self.balance >= 0.0 { 0 } else { (-self.balance * 1000.0 / rate).ceil() as u64 }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn budget_paces_large_charges_to_the_rate() {
+        let mut budget = Budget::new(1000, 0);
+        assert_eq!(budget.charge(1000, 0), 0, "one second's worth is free");
+        assert_eq!(budget.charge(500, 0), 500);
+        // After waiting the debt off, the next charge starts from zero.
+        assert_eq!(budget.charge(100, 500), 100);
+        let mut unlimited = Budget::new(0, 0);
+        assert_eq!(unlimited.charge(u64::MAX, 0), 0);
+    }
+
     use super::*;
 
     #[test]
