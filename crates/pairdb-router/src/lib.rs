@@ -1,7 +1,7 @@
 //! `pairdb-router`: the stateless tier clients talk to. Several routers run side by side behind a load
 //! balancer and agree because they follow the same topology from the metadata service.
 //!
-//! - [`view`] + [`watch`]: the cluster picture, built only from meta's watch stream (kept while meta
+//! - [`view`] (`pairdb_service::cluster_view`): the cluster picture, built only from meta's watch stream (kept while meta
 //!   is unreachable).
 //! - [`pool`]: one lazily connected channel per storage node, in-flight bounds, the local failure view.
 //! - [`execute`]: drives `pairdb-core`'s write/read state machines over storage RPCs.
@@ -22,8 +22,8 @@ pub mod http;
 pub mod idempotency;
 pub mod kv;
 pub mod pool;
-pub mod view;
-pub mod watch;
+/// The cluster view and its watch follower live in `pairdb-service` (storage nodes follow it too).
+pub use pairdb_service::cluster_view as view;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -107,11 +107,11 @@ pub async fn run(
 
     let (stop_sender, stop_receiver) = tokio::sync::watch::channel(false);
     let subscriber_id = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    let watcher = tokio::spawn(watch::follow(
+    let watcher = tokio::spawn(view::follow(
         config.meta_addr.clone(),
-        subscriber_id,
+        view::Subscriber { kind: "router", id: subscriber_id, include_api_keys: true },
         view.clone(),
-        readiness.clone(),
+        Some(readiness.clone()),
         tls.clone(),
         stop_receiver.clone(),
     ));

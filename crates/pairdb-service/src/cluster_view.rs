@@ -1,18 +1,22 @@
-//! The router's picture of the cluster, built only from the metadata service's watch stream: the
-//! current topology (and the pending one while a migration runs), node addresses and statuses, tenant
-//! settings and API-key hashes.
+//! A process's picture of the cluster (routers and storage nodes), built only from the metadata
+//! service's watch stream: the current topology (and the pending one while a migration runs), node
+//! addresses and statuses, tenant settings and (routers only) API-key hashes. [`follow`] keeps it
+//! current: a snapshot, then changes; on any error it keeps the last view (work goes on from it) and
+//! reconnects with capped exponential backoff and jitter, starting over from a snapshot.
 //!
 //! Invariant: readers take an `Arc` snapshot and never hold a lock across an await; the watch task
-//! replaces the whole view atomically on every event, so a request sees one consistent revision.
+//! replaces the whole view atomically on every event, so a reader sees one consistent revision.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
 
 use pairdb_core::quorum::Consistency;
 use pairdb_core::ring::{Assignment, NodeId, RingError};
 use pairdb_core::token::{InvalidPartitionCount, PartitionCount};
 use pairdb_proto::admin::v1::NodeStatus;
 use pairdb_proto::cluster::v1 as pb;
+use pairdb_proto::cluster::v1::cluster_service_client::ClusterServiceClient;
 use pairdb_proto::common::v1::{ConflictMode as PbConflictMode, Consistency as PbConsistency};
 
 /// How a tenant resolves concurrent writes.
@@ -204,5 +208,87 @@ impl SharedView {
         let next = self.load().apply(event)?;
         self.store(next);
         Ok(())
+    }
+}
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Who follows the stream (meta lists subscribers by kind and id).
+#[derive(Debug, Clone)]
+pub struct Subscriber {
+    /// `router` or `storage`; also the prefix of this process's watch metrics.
+    pub kind: &'static str,
+    pub id: String,
+    pub include_api_keys: bool,
+}
+
+/// Follows meta's watch stream into `view` until `shutdown` fires. `readiness`, when given, is set
+/// ready once the view holds a topology.
+pub async fn follow(
+    meta_addr: String,
+    subscriber: Subscriber,
+    view: SharedView,
+    readiness: Option<crate::Readiness>,
+    tls: Option<crate::tls::Tls>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let endpoint = match crate::tls::endpoint(&meta_addr, tls.as_ref()) {
+        Ok(endpoint) => endpoint.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true),
+        Err(error) => {
+            tracing::error!(%error, %meta_addr, "invalid meta address; the cluster view will stay empty");
+            return;
+        }
+    };
+    let epoch_gauge = format!("pairdb_{}_topology_epoch", subscriber.kind);
+    let revision_gauge = format!("pairdb_{}_watch_revision", subscriber.kind);
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let session = async {
+            let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+            let mut client =
+                ClusterServiceClient::with_interceptor(channel, crate::telemetry::TraceInterceptor)
+                    .max_decoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES);
+            let mut stream = client
+                .watch(pb::WatchRequest {
+                    subscriber_kind: subscriber.kind.into(),
+                    subscriber_id: subscriber.id.clone(),
+                    include_api_keys: subscriber.include_api_keys,
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .into_inner();
+            while let Some(event) = stream.message().await.map_err(|e| e.to_string())? {
+                if let Err(error) = view.apply(&event) {
+                    return Err(format!("bad watch event at revision {}: {error}", event.revision));
+                }
+                let current = view.load();
+                if current.current.is_some() {
+                    metrics::gauge!(epoch_gauge.clone()).set(current.epoch as f64);
+                    if let Some(readiness) = &readiness
+                        && readiness.check().is_err()
+                    {
+                        readiness.set_ready().await;
+                        tracing::info!(revision = current.revision, "cluster view has a topology; ready");
+                    }
+                }
+                metrics::gauge!(revision_gauge.clone()).set(current.revision as f64);
+            }
+            Err::<(), String>("watch stream ended".into())
+        };
+        tokio::select! {
+            result = session => {
+                if let Err(error) = result {
+                    tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "lost the metadata watch stream; working from the last view");
+                }
+            }
+            _ = shutdown.changed() => return,
+        }
+        let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
+        tokio::select! {
+            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }

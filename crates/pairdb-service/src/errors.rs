@@ -31,7 +31,7 @@ pub fn grpc_code(reason: &str) -> Code {
         | "MIGRATION_NOT_FOUND"
         | "API_KEY_NOT_FOUND" => Code::NotFound,
         "TENANT_EXISTS" | "NODE_EXISTS" | "IDEMPOTENCY_KEY_CONFLICT" => Code::AlreadyExists,
-        "NODE_IN_USE" | "MIGRATION_IN_PROGRESS" | "MIGRATION_FINISHED" | "WRONG_NODE" => {
+        "NODE_IN_USE" | "NODE_REMOVED" | "MIGRATION_IN_PROGRESS" | "MIGRATION_FINISHED" | "WRONG_NODE" => {
             Code::FailedPrecondition
         }
         "RATE_LIMITED" | "VALUE_TOO_LARGE" | "TOO_MANY_SIBLINGS" | "DISK_FULL" => Code::ResourceExhausted,
@@ -39,6 +39,7 @@ pub fn grpc_code(reason: &str) -> Code {
         "QUORUM_NOT_REACHED"
         | "WRITE_PATH_POISONED"
         | "NOT_READY"
+        | "SOURCE_UNAVAILABLE"
         | "OVERLOADED"
         | "META_UNAVAILABLE"
         | "IDEMPOTENCY_STORE_UNAVAILABLE"

@@ -11,6 +11,7 @@
 //! - [`telemetry`]: logs always, OpenTelemetry traces over OTLP when configured, trace propagation.
 //! - [`tls`]: the TLS flags, server and client configurations (mutual TLS between services).
 
+pub mod cluster_view;
 pub mod errors;
 pub mod logging;
 pub mod metrics;
