@@ -63,6 +63,27 @@ pub struct Config {
     /// Relative capacity of this node in the ring.
     #[arg(long, env = "PAIRDB_WEIGHT", default_value_t = 1)]
     pub weight: u32,
+    /// Anti-entropy covers every partition this node replicates once per period (0 = off). Needs
+    /// `--meta-addr` (the replicas come from the topology).
+    #[arg(long, env = "PAIRDB_ANTI_ENTROPY_PERIOD_SECS", default_value_t = 3600)]
+    pub anti_entropy_period_secs: u64,
+    /// Keys anti-entropy may compare or exchange per second (0 = unlimited).
+    #[arg(long, env = "PAIRDB_ANTI_ENTROPY_KEYS_PER_SEC", default_value_t = 20_000)]
+    pub anti_entropy_keys_per_sec: u64,
+    /// Bytes of version sets anti-entropy may exchange per second (0 = unlimited).
+    #[arg(long, env = "PAIRDB_ANTI_ENTROPY_BYTES_PER_SEC", default_value_t = 16 * 1024 * 1024)]
+    pub anti_entropy_bytes_per_sec: u64,
+    /// After a topology version became current, data this node no longer owns is deleted once this
+    /// long has passed (routers still on the old version may read it meanwhile).
+    #[arg(long, env = "PAIRDB_UNOWNED_GRACE_SECS", default_value_t = 3600)]
+    pub unowned_grace_secs: u64,
+    /// Tombstones are purged once older than this and every replica holds them (never on time
+    /// alone). Must be at least `--hint-retention-secs`.
+    #[arg(long, env = "PAIRDB_TOMBSTONE_GRACE_SECS", default_value_t = 86_400)]
+    pub tombstone_grace_secs: u64,
+    /// Hints not delivered within this long are dropped (anti-entropy repairs what they carried).
+    #[arg(long, env = "PAIRDB_HINT_RETENTION_SECS", default_value_t = 10_800)]
+    pub hint_retention_secs: u64,
     #[command(flatten)]
     pub tls: pairdb_service::tls::TlsArgs,
     #[arg(long, env = "PAIRDB_LOG_FORMAT", value_enum, default_value_t)]
@@ -87,6 +108,12 @@ pub enum ConfigError {
     StreamBatch,
     #[error("weight: must be between 1 and 1000")]
     Weight,
+    #[error("hint_retention_secs: must be at least 1")]
+    HintRetention,
+    #[error(
+        "tombstone_grace_secs: must be at least hint_retention_secs ({hint_retention_secs}): a hint older than a purged tombstone would bring the deleted value back"
+    )]
+    TombstoneGrace { hint_retention_secs: u64 },
 }
 
 impl Config {
@@ -107,6 +134,12 @@ impl Config {
         if !(1..=1000).contains(&self.weight) {
             return Err(ConfigError::Weight);
         }
+        if self.hint_retention_secs == 0 {
+            return Err(ConfigError::HintRetention);
+        }
+        if self.tombstone_grace_secs < self.hint_retention_secs {
+            return Err(ConfigError::TombstoneGrace { hint_retention_secs: self.hint_retention_secs });
+        }
         Ok(())
     }
 
@@ -114,6 +147,18 @@ impl Config {
         match self.sync {
             SyncSetting::Always => SyncMode::Always,
             SyncSetting::Periodic => SyncMode::Periodic { interval_ms: self.sync_interval_ms },
+        }
+    }
+
+    pub fn repair_settings(&self) -> crate::repair::RepairSettings {
+        use std::time::Duration;
+        crate::repair::RepairSettings {
+            anti_entropy_period: Duration::from_secs(self.anti_entropy_period_secs),
+            keys_per_sec: self.anti_entropy_keys_per_sec,
+            bytes_per_sec: self.anti_entropy_bytes_per_sec,
+            unowned_grace: Duration::from_secs(self.unowned_grace_secs),
+            tombstone_grace: Duration::from_secs(self.tombstone_grace_secs),
+            hint_retention: Duration::from_secs(self.hint_retention_secs),
         }
     }
 
@@ -138,6 +183,12 @@ impl Config {
             meta_addr: None,
             zone: None,
             weight: 1,
+            anti_entropy_period_secs: 3600,
+            anti_entropy_keys_per_sec: 20_000,
+            anti_entropy_bytes_per_sec: 16 * 1024 * 1024,
+            unowned_grace_secs: 3600,
+            tombstone_grace_secs: 86_400,
+            hint_retention_secs: 10_800,
             tls: pairdb_service::tls::TlsArgs::default(),
             log_format: pairdb_service::logging::LogFormat::Text,
             check_config: false,

@@ -35,10 +35,10 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use pairdb_core::dvv::{UpdateError, VersionSet, VersionVector};
 use pairdb_core::encoding::{DecodeError, decode_version_set, encode_version_set};
 use pairdb_core::token::{PartitionCount, PartitionId};
-use sha2::{Digest, Sha256};
 
 use crate::identity::{self, Identity, IdentityError};
 use crate::keys::{RecordKey, hint_prefix, partition_prefix};
+use crate::merkle::{Entry, MerkleIndex, MerkleNode, version_digest};
 
 /// When writes are fsynced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,8 +129,28 @@ pub struct EngineStats {
 }
 
 const LOCK_STRIPES: usize = 4096;
-/// Depth of the per-partition Merkle tree: 2^8 leaves.
-pub const MERKLE_DEPTH: u32 = 8;
+
+/// One record's (key, version digest), as anti-entropy compares them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordDigest {
+    pub key: RecordKey,
+    pub digest: u64,
+    /// Every sibling is a tombstone.
+    pub tombstone_only: bool,
+    /// Write time of the newest sibling (ms since the Unix epoch).
+    pub newest_timestamp_ms: u64,
+}
+
+impl RecordDigest {
+    fn of(key: RecordKey, set: &VersionSet) -> Self {
+        Self {
+            key,
+            digest: version_digest(set),
+            tombstone_only: set.is_deleted(),
+            newest_timestamp_ms: set.siblings().iter().map(|s| s.timestamp_ms).max().unwrap_or(0),
+        }
+    }
+}
 
 pub struct Engine {
     db: Database,
@@ -140,6 +160,8 @@ pub struct Engine {
     partitions: PartitionCount,
     data_dir: PathBuf,
     stripes: Box<[Mutex<()>]>,
+    /// Merkle trees of every partition, following every record write ([`crate::merkle`]).
+    merkle: MerkleIndex,
     commit: CommitQueue,
     /// Armed by [`Engine::inject_persist_failure_for_tests`]: the next journal persist fails.
     persist_fault: AtomicBool,
@@ -178,6 +200,7 @@ impl Engine {
             partitions: config.partitions,
             data_dir: config.data_dir.clone(),
             stripes,
+            merkle: MerkleIndex::new(config.partitions),
             // With `always` an fsync costs far more than the read-merge of a writer that already holds
             // its stripe lock, so a leader waits for those writers to join its group.
             commit: CommitQueue::new(matches!(config.sync, SyncMode::Always)),
@@ -190,6 +213,7 @@ impl Engine {
             stop: AtomicBool::new(false),
         });
         engine.refresh_disk_free();
+        engine.rebuild_merkle()?;
         spawn_maintenance(Arc::downgrade(&engine));
         Ok(engine)
     }
@@ -235,14 +259,17 @@ impl Engine {
         let encoded_key = key.encode();
         let _guard = self.lock(&encoded_key);
         let preparing = self.commit.preparing();
-        let mut set = self.read_set(&encoded_key)?.unwrap_or_default();
+        let existing = self.read_set(&encoded_key)?;
+        let old_digest = existing.as_ref().map(Entry::of);
+        let mut set = existing.unwrap_or_default();
         let mut context = context.clone();
         if supersede_local {
             context.merge(set.vector());
         }
         set.update(&context, self.identity.actor, value, timestamp_ms, max_siblings)?;
         let value = encode_version_set(&set);
-        self.commit_write(WriteOp::Insert(Space::Records, encoded_key, value), preparing)?;
+        self.commit_write(WriteOp::Insert(Space::Records, encoded_key.clone(), value), preparing)?;
+        self.merkle.update(&encoded_key, old_digest, Some(Entry::of(&set)));
         Ok(set)
     }
 
@@ -252,12 +279,15 @@ impl Engine {
         let encoded_key = key.encode();
         let _guard = self.lock(&encoded_key);
         let preparing = self.commit.preparing();
-        let mut set = self.read_set(&encoded_key)?.unwrap_or_default();
+        let existing = self.read_set(&encoded_key)?;
+        let old_digest = existing.as_ref().map(Entry::of);
+        let mut set = existing.unwrap_or_default();
         if !set.merge_from(incoming) {
             return Ok(false);
         }
         let value = encode_version_set(&set);
-        self.commit_write(WriteOp::Insert(Space::Records, encoded_key, value), preparing)?;
+        self.commit_write(WriteOp::Insert(Space::Records, encoded_key.clone(), value), preparing)?;
+        self.merkle.update(&encoded_key, old_digest, Some(Entry::of(&set)));
         Ok(true)
     }
 
@@ -270,9 +300,12 @@ impl Engine {
         for (key, incoming) in records {
             let encoded_key = key.encode();
             let _guard = self.lock(&encoded_key);
-            let mut set = self.read_set(&encoded_key)?.unwrap_or_default();
+            let existing = self.read_set(&encoded_key)?;
+            let old_digest = existing.as_ref().map(Entry::of);
+            let mut set = existing.unwrap_or_default();
             if set.merge_from(incoming) {
                 self.write(|| self.records.insert(encoded_key.clone(), encode_version_set(&set)))?;
+                self.merkle.update(&encoded_key, old_digest, Some(Entry::of(&set)));
                 changed += 1;
             }
         }
@@ -404,71 +437,216 @@ impl Engine {
         Ok(batch)
     }
 
-    /// The Merkle tree level `level` (0 = root) of `partition`: `(index, hash, keys)` per node. Leaves
-    /// split the partition's token range into 2^[`MERKLE_DEPTH`] equal slices; a leaf hashes the
-    /// (record key, SHA-256 of the encoded set) pairs in key order; an inner node hashes its two
-    /// children. Empty subtrees hash to zeros, so two empty replicas agree.
-    pub fn merkle_level(
+    /// Level `level` (0 = root) of `partition`'s Merkle tree, from memory ([`crate::merkle`]).
+    pub fn merkle_level(&self, partition: PartitionId, level: u32) -> Vec<MerkleNode> {
+        self.merkle.level(partition, level)
+    }
+
+    /// Tombstone-only records of `partition` (no scan).
+    pub fn partition_tombstones(&self, partition: PartitionId) -> u64 {
+        self.merkle.tombstones(partition)
+    }
+
+    /// Tombstone-only records of `partition` whose newest tombstone was written before
+    /// `written_before_ms`, at most `limit` (tombstone GC candidates; a scan of the partition).
+    pub fn old_tombstones(
         &self,
         partition: PartitionId,
-        level: u32,
-    ) -> Result<Vec<(u32, [u8; 32], u64)>, EngineError> {
-        let leaves = 1usize << MERKLE_DEPTH;
-        let mut hashers: Vec<Option<Sha256>> = (0..leaves).map(|_| None).collect();
-        let mut counts = vec![0u64; leaves];
-        let prefix = partition_prefix(partition);
-        let partition_bits = self.partitions.get().trailing_zeros();
-        for item in self.records.prefix(prefix) {
+        written_before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordDigest>, EngineError> {
+        let mut out = Vec::new();
+        for item in self.records.prefix(partition_prefix(partition)) {
             let (raw_key, raw_value) = item.into_inner().map_err(EngineError::Read)?;
-            let Some(token_bytes) = raw_key.get(4..12) else { continue };
-            let token = u64::from_be_bytes(token_bytes.try_into().unwrap_or_default());
-            // The bits right after the partition bits pick the leaf.
-            let leaf = ((token << partition_bits) >> (64 - MERKLE_DEPTH)) as usize;
-            let hasher = hashers.get_mut(leaf).map(|h| h.get_or_insert_with(Sha256::new));
-            if let Some(hasher) = hasher {
-                hasher.update((raw_key.len() as u32).to_be_bytes());
-                hasher.update(&raw_key);
-                hasher.update(Sha256::digest(&raw_value));
-            }
-            if let Some(count) = counts.get_mut(leaf) {
-                *count += 1;
-            }
-        }
-        let mut nodes: Vec<([u8; 32], u64)> = hashers
-            .into_iter()
-            .zip(counts)
-            .map(|(h, c)| (h.map(|h| h.finalize().into()).unwrap_or([0u8; 32]), c))
-            .collect();
-        let mut current_level = MERKLE_DEPTH;
-        while current_level > level.min(MERKLE_DEPTH) {
-            nodes = nodes
-                .chunks(2)
-                .map(|pair| match pair {
-                    [(l, lc), (r, rc)] => {
-                        let hash = if *lc + *rc == 0 {
-                            [0u8; 32]
-                        } else {
-                            let mut h = Sha256::new();
-                            h.update(l);
-                            h.update(r);
-                            h.finalize().into()
-                        };
-                        (hash, lc + rc)
+            let Some(key) = RecordKey::decode(&raw_key) else { continue };
+            let set = decode_version_set(&raw_value).map_err(EngineError::Corrupt)?;
+            if set.is_deleted() {
+                let digest = RecordDigest::of(key, &set);
+                if digest.newest_timestamp_ms < written_before_ms {
+                    out.push(digest);
+                    if out.len() >= limit {
+                        break;
                     }
-                    [single] => *single,
-                    _ => ([0u8; 32], 0),
-                })
-                .collect();
-            current_level -= 1;
+                }
+            }
         }
-        Ok(nodes.into_iter().enumerate().map(|(i, (hash, keys))| (i as u32, hash, keys)).collect())
+        Ok(out)
+    }
+
+    /// The Merkle leaf a record key falls in.
+    pub fn merkle_leaf(&self, key: &RecordKey) -> u32 {
+        self.merkle.leaf_of(&key.encode()) as u32
+    }
+
+    /// Partitions this node holds records of.
+    pub fn partitions_with_data(&self) -> Vec<PartitionId> {
+        self.merkle.partitions_with_data()
+    }
+
+    /// Records of `partition` (from the Merkle tree's counters, no scan).
+    pub fn partition_keys(&self, partition: PartitionId) -> u64 {
+        self.merkle.keys(partition)
+    }
+
+    /// (key, digest) of every record in the given Merkle leaves of `partition`, in key order; at most
+    /// `limit` records (anti-entropy asks for few leaves at a time).
+    pub fn leaf_digests(
+        &self,
+        partition: PartitionId,
+        leaves: &[u32],
+        limit: usize,
+    ) -> Result<Vec<RecordDigest>, EngineError> {
+        let mut out = Vec::new();
+        let mut leaves = leaves.to_vec();
+        leaves.sort_unstable();
+        leaves.dedup();
+        for leaf in leaves {
+            let (start, end) = self.merkle.leaf_range(partition, leaf);
+            let iter = match &end {
+                Some(end) => self.records.range(start.as_slice()..end.as_slice()),
+                None => self.records.range(start.as_slice()..),
+            };
+            for item in iter {
+                let (raw_key, raw_value) = item.into_inner().map_err(EngineError::Read)?;
+                let Some(key) = RecordKey::decode(&raw_key) else { continue };
+                let set = decode_version_set(&raw_value).map_err(EngineError::Corrupt)?;
+                out.push(RecordDigest::of(key, &set));
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The encoded sets of `keys` (absent keys are left out).
+    pub fn get_batch(&self, keys: &[RecordKey]) -> Result<Vec<(RecordKey, Vec<u8>)>, EngineError> {
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            if let Some(raw) = self.records.get(key.encode()).map_err(EngineError::Read)? {
+                out.push((key.clone(), raw.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Tombstone GC: removes each record that is still exactly the tombstone-only set with `digest`
+    /// and whose newest tombstone was written before `written_before_ms`. The caller vouches that
+    /// every replica holds the same tombstone (anti-entropy saw equal digests everywhere).
+    pub fn purge_tombstones(
+        &self,
+        candidates: &[(RecordKey, u64)],
+        written_before_ms: u64,
+    ) -> Result<u64, EngineError> {
+        self.check_writable()?;
+        let mut purged = 0;
+        for (key, digest) in candidates {
+            let encoded_key = key.encode();
+            let _guard = self.lock(&encoded_key);
+            let Some(set) = self.read_set(&encoded_key)? else { continue };
+            let current = RecordDigest::of(key.clone(), &set);
+            if current.digest != *digest
+                || !current.tombstone_only
+                || current.newest_timestamp_ms >= written_before_ms
+            {
+                continue;
+            }
+            self.write(|| self.records.remove(encoded_key.clone()))?;
+            self.merkle.update(&encoded_key, Some(Entry::of(&set)), None);
+            purged += 1;
+        }
+        if purged > 0 {
+            self.make_durable()?;
+        }
+        Ok(purged)
+    }
+
+    /// Deletes up to `limit` records of `partition` whose tenant `drop_tenant` says this node no longer
+    /// owns; returns (deleted, scanned everything). Hints are not touched.
+    pub fn delete_unowned(
+        &self,
+        partition: PartitionId,
+        drop_tenant: &dyn Fn(&str) -> bool,
+        limit: usize,
+    ) -> Result<(u64, bool), EngineError> {
+        self.check_writable()?;
+        let mut doomed = Vec::new();
+        let mut complete = true;
+        for item in self.records.prefix(partition_prefix(partition)) {
+            let raw_key = item.key().map_err(EngineError::Read)?;
+            let Some(key) = RecordKey::decode(&raw_key) else { continue };
+            if drop_tenant(&key.tenant) {
+                if doomed.len() >= limit {
+                    complete = false;
+                    break;
+                }
+                doomed.push(raw_key.to_vec());
+            }
+        }
+        let mut deleted = 0;
+        for encoded_key in doomed {
+            let _guard = self.lock(&encoded_key);
+            let Some(set) = self.read_set(&encoded_key)? else { continue };
+            self.write(|| self.records.remove(encoded_key.clone()))?;
+            self.merkle.update(&encoded_key, Some(Entry::of(&set)), None);
+            deleted += 1;
+        }
+        if deleted > 0 {
+            self.make_durable()?;
+        }
+        Ok((deleted, complete))
+    }
+
+    /// Drops hints last updated before `stored_before_ms` (hint retention); returns how many.
+    pub fn expire_hints(&self, stored_before_ms: u64) -> Result<u64, EngineError> {
+        let mut doomed = Vec::new();
+        for item in self.hints.iter() {
+            let (raw_key, raw_value) = item.into_inner().map_err(EngineError::Read)?;
+            if let Some(stamp) = raw_value.get(..8) {
+                let stored_at_ms = u64::from_be_bytes(stamp.try_into().unwrap_or_default());
+                if stored_at_ms < stored_before_ms {
+                    doomed.push((raw_key.to_vec(), raw_value.to_vec()));
+                }
+            }
+        }
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        self.check_writable()?;
+        let mut expired = 0;
+        for (hint_key, seen) in doomed {
+            let _guard = self.lock(&hint_key);
+            // Unchanged since the scan: a hint that grew meanwhile is young again.
+            if self.hints.get(&hint_key).map_err(EngineError::Read)?.is_some_and(|raw| *raw == *seen) {
+                self.write(|| self.hints.remove(hint_key.clone()))?;
+                expired += 1;
+            }
+        }
+        if expired > 0 {
+            self.make_durable()?;
+        }
+        Ok(expired)
+    }
+
+    /// Builds the Merkle trees from disk (at open, before anything is written).
+    fn rebuild_merkle(&self) -> Result<(), EngineError> {
+        let started = Instant::now();
+        let mut records = 0u64;
+        for item in self.records.iter() {
+            let (raw_key, raw_value) = item.into_inner().map_err(EngineError::Read)?;
+            let set = decode_version_set(&raw_value).map_err(EngineError::Corrupt)?;
+            self.merkle.update(&raw_key, None, Some(Entry::of(&set)));
+            records += 1;
+        }
+        tracing::info!(records, elapsed_ms = started.elapsed().as_millis() as u64, "merkle trees built");
+        Ok(())
     }
 
     /// Current sizes. Free disk space is the maintenance thread's reading (at most a second old), so
     /// frequent callers (probes, heartbeats, the readiness watchdog) cost no statvfs each.
     pub fn stats(&self) -> EngineStats {
         EngineStats {
-            keys: self.records.approximate_len() as u64,
+            keys: self.merkle.total_keys(),
             disk_bytes: self.db.disk_space().unwrap_or(0),
             disk_free_bytes: self.disk_free_bytes.load(Ordering::Relaxed),
             hints_pending: self.hints.approximate_len() as u64,

@@ -18,7 +18,10 @@ pub mod hints;
 pub mod identity;
 pub mod keys;
 pub mod membership;
+pub mod merkle;
+pub mod repair;
 pub mod service;
+pub mod sync;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -91,7 +94,8 @@ pub async fn run_with_engine(
 
     let tls = config.tls.load()?;
     let api = service::StorageApi::new(engine.clone(), config.max_inflight_requests, config.stream_batch_max)
-        .with_tls(tls.clone());
+        .with_tls(tls.clone())
+        .with_tombstone_grace(Duration::from_secs(config.tombstone_grace_secs));
     let grpc = StorageServiceServer::new(api)
         .max_decoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES)
         .max_encoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES);
@@ -100,8 +104,31 @@ pub async fn run_with_engine(
 
     let (stop_sender, stop_receiver) = tokio::sync::watch::channel(false);
     let watchdog = tokio::spawn(watch_health(engine.clone(), readiness.clone(), stop_receiver.clone()));
+    let mut background = Vec::new();
     let membership_task = match &config.meta_addr {
         Some(meta_addr) => {
+            // The topology drives anti-entropy, tombstone GC and dropping unowned data.
+            let view = pairdb_service::cluster_view::SharedView::default();
+            let subscriber = pairdb_service::cluster_view::Subscriber {
+                kind: "storage",
+                id: format!("node-{}", identity.node_id),
+                include_api_keys: false,
+            };
+            background.push(tokio::spawn(pairdb_service::cluster_view::follow(
+                meta_addr.clone(),
+                subscriber,
+                view.clone(),
+                None,
+                tls.clone(),
+                stop_receiver.clone(),
+            )));
+            background.push(tokio::spawn(repair::run(
+                engine.clone(),
+                view,
+                config.repair_settings(),
+                tls.clone(),
+                stop_receiver.clone(),
+            )));
             let membership: Arc<dyn membership::Membership> =
                 Arc::new(membership::MetaMembership::new(meta_addr, tls.as_ref())?);
             let node = membership::NodeAnnouncement {
@@ -137,6 +164,9 @@ pub async fn run_with_engine(
     let _ = stop_sender.send(true);
     let _ = watchdog.await;
     if let Some(task) = membership_task {
+        let _ = task.await;
+    }
+    for task in background {
         let _ = task.await;
     }
     let final_engine = engine.clone();

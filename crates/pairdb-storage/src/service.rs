@@ -19,9 +19,10 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::engine::{Engine, EngineError, MERKLE_DEPTH};
-use crate::hints;
+use crate::engine::{Engine, EngineError, RecordDigest};
 use crate::keys::RecordKey;
+use crate::merkle::MERKLE_DEPTH;
+use crate::{hints, sync};
 
 /// The gRPC service over one engine.
 #[derive(Debug, Clone)]
@@ -30,6 +31,8 @@ pub struct StorageApi {
     inflight: Arc<Semaphore>,
     stream_batch_max: usize,
     tls: Option<pairdb_service::tls::Tls>,
+    /// Tombstones younger than this are never purged, whatever a peer asks.
+    tombstone_grace_ms: u64,
 }
 
 impl StorageApi {
@@ -39,7 +42,14 @@ impl StorageApi {
             inflight: Arc::new(Semaphore::new(max_inflight_requests)),
             stream_batch_max,
             tls: None,
+            tombstone_grace_ms: u64::MAX,
         }
+    }
+
+    /// Enables tombstone purges requested by anti-entropy peers, for tombstones older than `grace`.
+    pub fn with_tombstone_grace(mut self, grace: std::time::Duration) -> Self {
+        self.tombstone_grace_ms = grace.as_millis() as u64;
+        self
     }
 
     /// Delivers hints to other nodes over (mutual) TLS.
@@ -104,6 +114,20 @@ fn engine_status(error: EngineError) -> Status {
         _ => {}
     }
     status(error.reason(), error.to_string(), &[])
+}
+
+/// Bounds of one anti-entropy exchange, so a request never holds a whole partition in memory.
+pub const MAX_LEAVES_PER_REQUEST: usize = 256;
+pub const MAX_DIGESTS_PER_RESPONSE: usize = 50_000;
+
+pub fn key_digest(digest: RecordDigest) -> pb::KeyDigest {
+    pb::KeyDigest {
+        tenant_id: digest.key.tenant,
+        key: digest.key.key,
+        digest: digest.digest,
+        tombstone_only: digest.tombstone_only,
+        newest_timestamp_ms: digest.newest_timestamp_ms,
+    }
 }
 
 fn decode_set(bytes: &[u8]) -> Result<VersionSet, Status> {
@@ -274,8 +298,8 @@ impl StorageService for StorageApi {
             return Err(status("INVALID_ARGUMENT", format!("level must be at most {MERKLE_DEPTH}"), &[]));
         }
         let level = request.level;
-        let nodes =
-            self.blocking("merkle_summary", move |engine| engine.merkle_level(partition, level)).await?;
+        // In memory and cheap: no blocking-pool hop.
+        let nodes = self.engine.merkle_level(partition, level);
         let wanted = request.node_indexes;
         Ok(Response::new(pb::MerkleSummaryResponse {
             partition: partition.0,
@@ -283,9 +307,128 @@ impl StorageService for StorageApi {
             depth: MERKLE_DEPTH,
             nodes: nodes
                 .into_iter()
-                .filter(|(index, _, _)| wanted.is_empty() || wanted.contains(index))
-                .map(|(index, hash, keys)| pb::MerkleNode { index, hash: hash.to_vec(), keys })
+                .filter(|node| wanted.is_empty() || wanted.contains(&node.index))
+                .map(|node| pb::MerkleNode {
+                    index: node.index,
+                    hash: node.hash.to_be_bytes().to_vec(),
+                    keys: node.keys,
+                })
                 .collect(),
+        }))
+    }
+
+    async fn leaf_digests(
+        &self,
+        request: Request<pb::LeafDigestsRequest>,
+    ) -> Result<Response<pb::LeafDigestsResponse>, Status> {
+        let request = request.into_inner();
+        let partition = self.check_partition(request.partition)?;
+        if request.leaves.iter().any(|&leaf| leaf >= 1 << MERKLE_DEPTH) {
+            return Err(status("INVALID_ARGUMENT", format!("leaves are below {}", 1 << MERKLE_DEPTH), &[]));
+        }
+        if request.leaves.len() > MAX_LEAVES_PER_REQUEST {
+            return Err(status(
+                "INVALID_ARGUMENT",
+                format!("at most {MAX_LEAVES_PER_REQUEST} leaves per request"),
+                &[],
+            ));
+        }
+        let leaves = request.leaves;
+        let digests = self
+            .blocking("leaf_digests", move |engine| {
+                engine.leaf_digests(partition, &leaves, MAX_DIGESTS_PER_RESPONSE)
+            })
+            .await?;
+        Ok(Response::new(pb::LeafDigestsResponse { digests: digests.into_iter().map(key_digest).collect() }))
+    }
+
+    async fn get_batch(
+        &self,
+        request: Request<pb::GetBatchRequest>,
+    ) -> Result<Response<pb::GetBatchResponse>, Status> {
+        let request = request.into_inner();
+        let partition = self.check_partition(request.partition)?;
+        if request.keys.len() > self.stream_batch_max {
+            return Err(status(
+                "INVALID_ARGUMENT",
+                format!("at most {} keys per request", self.stream_batch_max),
+                &[],
+            ));
+        }
+        let mut keys = Vec::with_capacity(request.keys.len());
+        for mut key in request.keys {
+            key.partition = partition.0;
+            keys.push(self.record_key(Some(key))?);
+        }
+        let records = self.blocking("get_batch", move |engine| engine.get_batch(&keys)).await?;
+        Ok(Response::new(pb::GetBatchResponse {
+            records: records
+                .into_iter()
+                .map(|(key, version_set)| pb::Record { tenant_id: key.tenant, key: key.key, version_set })
+                .collect(),
+        }))
+    }
+
+    async fn purge_tombstones(
+        &self,
+        request: Request<pb::PurgeTombstonesRequest>,
+    ) -> Result<Response<pb::PurgeTombstonesResponse>, Status> {
+        let request = request.into_inner();
+        let partition = self.check_partition(request.partition)?;
+        let mut candidates = Vec::with_capacity(request.keys.len());
+        for entry in request.keys {
+            let key = self.record_key(Some(pb::KeyRef {
+                tenant_id: entry.tenant_id,
+                key: entry.key,
+                partition: partition.0,
+            }))?;
+            candidates.push((key, entry.digest));
+        }
+        let written_before_ms = crate::engine::now_ms().saturating_sub(self.tombstone_grace_ms);
+        let purged = self
+            .blocking("purge_tombstones", move |engine| {
+                engine.purge_tombstones(&candidates, written_before_ms)
+            })
+            .await?;
+        if purged > 0 {
+            metrics::counter!("pairdb_storage_tombstones_purged_total").increment(purged);
+        }
+        Ok(Response::new(pb::PurgeTombstonesResponse { purged }))
+    }
+
+    async fn sync_partition(
+        &self,
+        request: Request<pb::SyncPartitionRequest>,
+    ) -> Result<Response<pb::SyncPartitionResponse>, Status> {
+        let request = request.into_inner();
+        let partition = self.check_partition(request.partition)?;
+        if request.tenant_ids.is_empty() {
+            return Err(status("INVALID_ARGUMENT", "tenant_ids must name the tenants to copy", &[]));
+        }
+        if request.sources.is_empty() {
+            return Err(status("INVALID_ARGUMENT", "sources must name at least one node", &[]));
+        }
+        let batch_size = match request.batch_size as usize {
+            0 => 512,
+            n => n.min(self.stream_batch_max),
+        };
+        let report = sync::pull_partition(
+            &self.engine,
+            partition,
+            request.tenant_ids,
+            &request.sources,
+            batch_size,
+            self.tls.as_ref(),
+        )
+        .await
+        .map_err(|error| {
+            tracing::warn!(%partition, %error, "partition sync failed");
+            status(error.reason(), error.to_string(), &[])
+        })?;
+        Ok(Response::new(pb::SyncPartitionResponse {
+            keys: report.keys,
+            bytes: report.bytes,
+            source_node_id: report.source_node_id,
         }))
     }
 

@@ -1,0 +1,629 @@
+//! Background repair on a storage node, driven by the topology it follows from meta's watch stream:
+//!
+//! - **Anti-entropy**: every partition this node replicates is compared, once per
+//!   `anti_entropy_period`, with each replica after it in the partition's list (so each pair is
+//!   compared once per period, by the replica with the lower position). Roots of the in-memory Merkle
+//!   trees first ([`crate::merkle`]); on a difference, the 16 mid-level nodes, then the leaves under
+//!   differing mid nodes, then the (key, digest) lists of differing leaves only. Differing keys are
+//!   fetched, merged here with DVVS, and the merged sets pushed back where the peer's digest differs,
+//!   so both sides converge in one exchange. Keys compared and bytes moved are paced by
+//!   [`Budget`]s (keys/s, bytes/s). Replicas of tenants with different N share only the tenants deep
+//!   enough for both positions (`pairdb_core::repair::replica_peers`); digests are filtered to those.
+//! - **Tombstone GC**: the first replica of a partition lists its tombstone-only records older than the
+//!   grace period and purges those every other replica holds with the same digest (each peer purges
+//!   too, and re-checks the digest and its own grace). A replica that is down or differs blocks the
+//!   purge: tombstones are never purged on time alone. Skipped while a migration runs.
+//! - **Unowned data**: once the topology and tenants' N have been unchanged for `unowned_grace`
+//!   (and no migration runs), records of tenants this node no longer replicates are deleted.
+//! - **Hint retention**: hints not delivered within `hint_retention` are dropped.
+//!
+//! Every storage call runs on the blocking pool; every RPC is bounded (leaves per request, keys per
+//! batch); failures are logged here and retried next period.
+
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pairdb_core::encoding::decode_version_set;
+use pairdb_core::rate_limit::Budget;
+use pairdb_core::repair::{KeyDigest, compare_digests, owned_tenants, replica_peers};
+use pairdb_core::ring::NodeId;
+use pairdb_core::token::PartitionId;
+use pairdb_proto::storage::v1 as pb;
+use pairdb_proto::storage::v1::storage_service_client::StorageServiceClient;
+use pairdb_service::cluster_view::{ClusterView, SharedView};
+use pairdb_service::telemetry::TraceInterceptor;
+use tokio::sync::watch;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::engine::{Engine, EngineError, now_ms};
+use crate::keys::RecordKey;
+use crate::merkle::{MERKLE_DEPTH, version_digest};
+
+/// Settings of the background repair (from the configuration).
+#[derive(Debug, Clone)]
+pub struct RepairSettings {
+    /// Zero disables anti-entropy.
+    pub anti_entropy_period: Duration,
+    pub keys_per_sec: u64,
+    pub bytes_per_sec: u64,
+    pub unowned_grace: Duration,
+    pub tombstone_grace: Duration,
+    pub hint_retention: Duration,
+}
+
+/// Mid level of the descent: 2^4 = 16 nodes, each over 16 leaves.
+const MID_LEVEL: u32 = 4;
+/// Leaves whose digests one request asks for.
+const LEAVES_PER_REQUEST: usize = 4;
+/// Keys fetched / pushed per batch.
+const KEYS_PER_BATCH: usize = 256;
+/// Tombstone candidates per partition per round.
+const GC_CANDIDATES: usize = 1000;
+/// Records deleted per engine call while dropping unowned data.
+const DELETE_BATCH: usize = 1000;
+const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+
+type Client = StorageServiceClient<InterceptedService<Channel, TraceInterceptor>>;
+
+#[derive(Debug, thiserror::Error)]
+enum RepairError {
+    #[error("peer {node}: {message}")]
+    Peer { node: NodeId, message: String },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("repair task failed: {0}")]
+    Task(String),
+}
+
+/// Runs the repair loops until `shutdown` is set.
+pub async fn run(
+    engine: Arc<Engine>,
+    view: SharedView,
+    settings: RepairSettings,
+    tls: Option<pairdb_service::tls::Tls>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let peers = Peers { tls, clients: tokio::sync::Mutex::new(HashMap::new()) };
+    let repair = Arc::new(Repair { engine, view, settings, peers });
+    let anti_entropy = tokio::spawn(repair.clone().anti_entropy_loop(shutdown.clone()));
+    let cleanup = tokio::spawn(repair.clone().unowned_loop(shutdown.clone()));
+    let hints = tokio::spawn(repair.hint_expiry_loop(shutdown));
+    let _ = tokio::join!(anti_entropy, cleanup, hints);
+}
+
+#[derive(Debug)]
+struct Peers {
+    tls: Option<pairdb_service::tls::Tls>,
+    clients: tokio::sync::Mutex<HashMap<String, Client>>,
+}
+
+impl Peers {
+    async fn client(&self, address: &str) -> Result<Client, String> {
+        let mut clients = self.clients.lock().await;
+        if let Some(client) = clients.get(address) {
+            return Ok(client.clone());
+        }
+        let channel = pairdb_service::tls::endpoint(address, self.tls.as_ref())
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(RPC_TIMEOUT)
+            .connect_lazy();
+        let client = StorageServiceClient::with_interceptor(channel, TraceInterceptor)
+            .max_decoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES);
+        // Bounded by the cluster's node count; an address that changed leaves one idle entry.
+        clients.insert(address.to_owned(), client.clone());
+        Ok(client)
+    }
+}
+
+#[derive(Debug)]
+struct Repair {
+    engine: Arc<Engine>,
+    view: SharedView,
+    settings: RepairSettings,
+    peers: Peers,
+}
+
+/// What one partition's exchange with one peer did.
+#[derive(Debug, Clone, Copy, Default)]
+struct Exchange {
+    compared: u64,
+    repaired: u64,
+    bytes: u64,
+}
+
+/// Each tenant with the deepest N any request may use for it (the old one while N changes).
+fn tenant_depths(view: &ClusterView) -> Vec<(String, usize)> {
+    let mut tenants: Vec<(String, usize)> = view
+        .tenants
+        .values()
+        .map(|t| (t.tenant_id.clone(), t.replication_factor.max(t.previous_replication_factor.unwrap_or(0))))
+        .collect();
+    tenants.sort();
+    tenants
+}
+
+async fn sleep_or_stop(duration: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(duration) => false,
+        _ = shutdown.changed() => true,
+    }
+}
+
+impl Repair {
+    fn me(&self) -> NodeId {
+        NodeId(self.engine.identity().node_id)
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Engine) -> Result<T, EngineError> + Send + 'static,
+    ) -> Result<T, RepairError> {
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || op(&engine))
+            .await
+            .map_err(|e| RepairError::Task(e.to_string()))?
+            .map_err(RepairError::from)
+    }
+
+    async fn anti_entropy_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let period = self.settings.anti_entropy_period;
+        if period.is_zero() {
+            tracing::info!("anti-entropy is off");
+            return;
+        }
+        let mut keys_budget = Budget::new(self.settings.keys_per_sec, now_ms());
+        let mut bytes_budget = Budget::new(self.settings.bytes_per_sec, now_ms());
+        loop {
+            let view = self.view.load();
+            let me = self.me();
+            let tenants = tenant_depths(&view);
+            let partitions: Vec<PartitionId> = match &view.current {
+                Some(current) => current
+                    .lists()
+                    .filter(|(_, list)| !replica_peers(list, me, &tenants).is_empty())
+                    .map(|(partition, _)| partition)
+                    .collect(),
+                None => Vec::new(),
+            };
+            if partitions.is_empty() {
+                if sleep_or_stop(period.min(Duration::from_secs(1)), &mut shutdown).await {
+                    return;
+                }
+                continue;
+            }
+            // Spread the period evenly over the partitions.
+            let pace = period / partitions.len() as u32;
+            let cycle_started = Instant::now();
+            for partition in partitions {
+                let started = Instant::now();
+                let exchange = self.partition_round(partition, &mut keys_budget, &mut bytes_budget).await;
+                metrics::counter!("pairdb_storage_anti_entropy_keys_compared_total")
+                    .increment(exchange.compared);
+                metrics::counter!("pairdb_storage_anti_entropy_keys_repaired_total")
+                    .increment(exchange.repaired);
+                metrics::counter!("pairdb_storage_anti_entropy_bytes_total").increment(exchange.bytes);
+                metrics::histogram!("pairdb_storage_anti_entropy_round_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                if exchange.repaired > 0 {
+                    tracing::info!(%partition, repaired = exchange.repaired, compared = exchange.compared, "anti-entropy repaired keys");
+                }
+                if sleep_or_stop(pace.saturating_sub(started.elapsed()), &mut shutdown).await {
+                    return;
+                }
+            }
+            metrics::counter!("pairdb_storage_anti_entropy_cycles_total").increment(1);
+            metrics::gauge!("pairdb_storage_anti_entropy_cycle_seconds")
+                .set(cycle_started.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Compares one partition with the replicas after this node in its list, then (first replica
+    /// only) collects tombstones.
+    async fn partition_round(
+        &self,
+        partition: PartitionId,
+        keys_budget: &mut Budget,
+        bytes_budget: &mut Budget,
+    ) -> Exchange {
+        let view = self.view.load();
+        let Some(current) = view.current.clone() else { return Exchange::default() };
+        let me = self.me();
+        let tenants = tenant_depths(&view);
+        let list = current.list(partition);
+        let Some(own_position) = list.iter().position(|&n| n == me) else { return Exchange::default() };
+        let mut total = Exchange::default();
+        for (peer, shared) in replica_peers(list, me, &tenants) {
+            let peer_position = list.iter().position(|&n| n == peer).unwrap_or(0);
+            if peer_position < own_position {
+                continue;
+            }
+            let Some(entry) = view.nodes.get(&peer) else { continue };
+            if entry.down {
+                continue;
+            }
+            let shared: BTreeSet<String> = shared.into_iter().collect();
+            match self.exchange(partition, peer, &entry.address, &shared, keys_budget, bytes_budget).await {
+                Ok(exchange) => {
+                    total.compared += exchange.compared;
+                    total.repaired += exchange.repaired;
+                    total.bytes += exchange.bytes;
+                }
+                Err(error) => {
+                    metrics::counter!("pairdb_storage_anti_entropy_errors_total").increment(1);
+                    tracing::debug!(%partition, %error, "anti-entropy exchange failed; retried next period");
+                }
+            }
+        }
+        if own_position == 0
+            && view.pending.is_none()
+            && view.tenants.values().all(|t| t.previous_replication_factor.is_none())
+            && self.engine.partition_tombstones(partition) > 0
+            && let Err(error) = self.collect_tombstones(partition, &view, &tenants).await
+        {
+            tracing::debug!(%partition, %error, "tombstone collection skipped");
+        }
+        total
+    }
+
+    async fn exchange(
+        &self,
+        partition: PartitionId,
+        peer: NodeId,
+        address: &str,
+        shared: &BTreeSet<String>,
+        keys_budget: &mut Budget,
+        bytes_budget: &mut Budget,
+    ) -> Result<Exchange, RepairError> {
+        let peer_error = |message: String| RepairError::Peer { node: peer, message };
+        let mut client = self.peers.client(address).await.map_err(peer_error)?;
+        let mut exchange = Exchange::default();
+        let remote_level = |client: &mut Client, level: u32, indexes: Vec<u32>| {
+            let mut client = client.clone();
+            async move {
+                client
+                    .merkle_summary(pb::MerkleSummaryRequest {
+                        partition: partition.0,
+                        level,
+                        node_indexes: indexes,
+                    })
+                    .await
+                    .map(|r| r.into_inner().nodes)
+                    .map_err(|s| s.message().to_owned())
+            }
+        };
+        let hash_of = |node: &pb::MerkleNode| {
+            let mut bytes = [0u8; 8];
+            if node.hash.len() == 8 {
+                bytes.copy_from_slice(&node.hash);
+            }
+            u64::from_be_bytes(bytes)
+        };
+        let local_root = self.engine.merkle_level(partition, 0);
+        let remote_root = remote_level(&mut client, 0, Vec::new()).await.map_err(peer_error)?;
+        let local_root_hash = local_root.first().map_or(0, |n| n.hash);
+        let remote_root_hash = remote_root.first().map_or(0, hash_of);
+        if local_root_hash == remote_root_hash {
+            exchange.compared = local_root.first().map_or(0, |n| n.keys);
+            return Ok(exchange);
+        }
+        // Descend: mid level, then the leaves under differing mid nodes.
+        let local_mid = self.engine.merkle_level(partition, MID_LEVEL);
+        let remote_mid = remote_level(&mut client, MID_LEVEL, Vec::new()).await.map_err(peer_error)?;
+        let differing_mid: Vec<u32> = local_mid
+            .iter()
+            .filter(|local| {
+                remote_mid.iter().find(|r| r.index == local.index).map_or(0, hash_of) != local.hash
+            })
+            .map(|local| local.index)
+            .collect();
+        let per_mid = 1u32 << (MERKLE_DEPTH - MID_LEVEL);
+        let candidate_leaves: Vec<u32> =
+            differing_mid.iter().flat_map(|&mid| mid * per_mid..(mid + 1) * per_mid).collect();
+        let local_leaves = self.engine.merkle_level(partition, MERKLE_DEPTH);
+        let remote_leaves =
+            remote_level(&mut client, MERKLE_DEPTH, candidate_leaves.clone()).await.map_err(peer_error)?;
+        let differing_leaves: Vec<u32> = candidate_leaves
+            .into_iter()
+            .filter(|&leaf| {
+                let local = local_leaves.get(leaf as usize).map_or(0, |n| n.hash);
+                let remote = remote_leaves.iter().find(|r| r.index == leaf).map_or(0, hash_of);
+                local != remote
+            })
+            .collect();
+        for leaves in differing_leaves.chunks(LEAVES_PER_REQUEST) {
+            let remote: Vec<pb::KeyDigest> = client
+                .leaf_digests(pb::LeafDigestsRequest { partition: partition.0, leaves: leaves.to_vec() })
+                .await
+                .map_err(|s| peer_error(s.message().to_owned()))?
+                .into_inner()
+                .digests;
+            let wanted = leaves.to_vec();
+            let local = self
+                .blocking(move |engine| {
+                    engine.leaf_digests(partition, &wanted, crate::service::MAX_DIGESTS_PER_RESPONSE)
+                })
+                .await?;
+            let to_core = |tenant_id: &str, key: &str, digest: u64| KeyDigest {
+                tenant_id: tenant_id.to_owned(),
+                key: key.to_owned(),
+                digest,
+            };
+            let local_digests: Vec<KeyDigest> =
+                local.iter().map(|d| to_core(&d.key.tenant, &d.key.key, d.digest)).collect();
+            let remote_digests: Vec<KeyDigest> =
+                remote.iter().map(|d| to_core(&d.tenant_id, &d.key, d.digest)).collect();
+            let diff = compare_digests(&local_digests, &remote_digests, shared);
+            exchange.compared += diff.compared as u64;
+            pause(keys_budget.charge(diff.compared as u64, now_ms())).await;
+            let remote_digest: HashMap<(&str, &str), u64> =
+                remote.iter().map(|d| ((d.tenant_id.as_str(), d.key.as_str()), d.digest)).collect();
+            for keys in diff.differing.chunks(KEYS_PER_BATCH) {
+                let moved = self.repair_keys(partition, &mut client, keys, &remote_digest).await?;
+                exchange.repaired += moved.repaired;
+                exchange.bytes += moved.bytes;
+                pause(bytes_budget.charge(moved.bytes, now_ms())).await;
+            }
+        }
+        Ok(exchange)
+    }
+
+    /// Pulls the peer's sets of `keys`, merges them here, and pushes the merged sets the peer lacks.
+    async fn repair_keys(
+        &self,
+        partition: PartitionId,
+        client: &mut Client,
+        keys: &[(String, String)],
+        remote_digest: &HashMap<(&str, &str), u64>,
+    ) -> Result<Exchange, RepairError> {
+        let mut exchange = Exchange::default();
+        let remote_error = |s: tonic::Status| RepairError::Task(format!("peer: {}", s.message()));
+        let refs = keys
+            .iter()
+            .map(|(tenant, key)| pb::KeyRef {
+                tenant_id: tenant.clone(),
+                key: key.clone(),
+                partition: partition.0,
+            })
+            .collect();
+        let remote = client
+            .get_batch(pb::GetBatchRequest { partition: partition.0, keys: refs })
+            .await
+            .map_err(remote_error)?
+            .into_inner()
+            .records;
+        let partitions = self.engine.partitions();
+        let mut incoming = Vec::with_capacity(remote.len());
+        for record in &remote {
+            exchange.bytes += record.version_set.len() as u64;
+            let Ok(set) = decode_version_set(&record.version_set) else { continue };
+            incoming.push((RecordKey::new(partitions, &record.tenant_id, &record.key), set));
+        }
+        let record_keys: Vec<RecordKey> =
+            keys.iter().map(|(tenant, key)| RecordKey::new(partitions, tenant, key)).collect();
+        let (changed_here, local) = self
+            .blocking(move |engine| {
+                let changed = engine.merge_batch(&incoming)?;
+                Ok((changed, engine.get_batch(&record_keys)?))
+            })
+            .await?;
+        exchange.repaired += changed_here as u64;
+        let mut push = Vec::new();
+        for (key, raw) in local {
+            let Ok(set) = decode_version_set(&raw) else { continue };
+            if remote_digest.get(&(key.tenant.as_str(), key.key.as_str())) != Some(&version_digest(&set)) {
+                exchange.bytes += raw.len() as u64;
+                push.push(pb::Record { tenant_id: key.tenant, key: key.key, version_set: raw });
+            }
+        }
+        if !push.is_empty() {
+            let response = client
+                .merge_batch(pb::MergeBatchRequest { partition: partition.0, records: push })
+                .await
+                .map_err(remote_error)?
+                .into_inner();
+            exchange.repaired += u64::from(response.changed);
+        }
+        Ok(exchange)
+    }
+
+    /// Purges tombstones every replica of their key holds identically (see the module docs).
+    async fn collect_tombstones(
+        &self,
+        partition: PartitionId,
+        view: &ClusterView,
+        tenants: &[(String, usize)],
+    ) -> Result<(), RepairError> {
+        let Some(current) = &view.current else { return Ok(()) };
+        let me = self.me();
+        // The sweep interval is the slack of hint expiry: a hint can outlive its retention by it.
+        let grace = self.settings.tombstone_grace + hint_sweep_interval(self.settings.hint_retention);
+        let cutoff = now_ms().saturating_sub(grace.as_millis() as u64);
+        let candidates = self.blocking(move |e| e.old_tombstones(partition, cutoff, GC_CANDIDATES)).await?;
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let mut leaves: Vec<u32> = candidates.iter().map(|c| self.engine.merkle_leaf(&c.key)).collect();
+        leaves.sort_unstable();
+        leaves.dedup();
+        let peers = replica_peers(current.list(partition), me, tenants);
+        let mut confirmed: Vec<bool> = vec![true; candidates.len()];
+        let mut clients = Vec::new();
+        for (peer, shared) in &peers {
+            let entry = view
+                .nodes
+                .get(peer)
+                .filter(|e| !e.down)
+                .ok_or(RepairError::Peer { node: *peer, message: "down; tombstones wait".into() })?;
+            let mut client = self
+                .peers
+                .client(&entry.address)
+                .await
+                .map_err(|message| RepairError::Peer { node: *peer, message })?;
+            let mut remote: HashMap<(String, String), (u64, bool)> = HashMap::new();
+            for chunk in leaves.chunks(LEAVES_PER_REQUEST) {
+                let digests = client
+                    .leaf_digests(pb::LeafDigestsRequest { partition: partition.0, leaves: chunk.to_vec() })
+                    .await
+                    .map_err(|s| RepairError::Peer { node: *peer, message: s.message().to_owned() })?
+                    .into_inner()
+                    .digests;
+                remote.extend(
+                    digests.into_iter().map(|d| ((d.tenant_id, d.key), (d.digest, d.tombstone_only))),
+                );
+            }
+            for (candidate, ok) in candidates.iter().zip(confirmed.iter_mut()) {
+                if shared.contains(&candidate.key.tenant) {
+                    let theirs = remote.get(&(candidate.key.tenant.clone(), candidate.key.key.clone()));
+                    *ok &= theirs == Some(&(candidate.digest, true));
+                }
+            }
+            clients.push((client, shared.clone()));
+        }
+        let purge: Vec<_> =
+            candidates.iter().zip(&confirmed).filter(|(_, ok)| **ok).map(|(c, _)| c).collect();
+        if purge.is_empty() {
+            return Ok(());
+        }
+        // Peers first: if this node stops halfway, its own tombstone stays and anti-entropy pushes it
+        // back to peers that purged (harmless; collected again next period).
+        for (mut client, shared) in clients {
+            let keys = purge
+                .iter()
+                .filter(|c| shared.contains(&c.key.tenant))
+                .map(|c| crate::service::key_digest((*c).clone()))
+                .collect();
+            client
+                .purge_tombstones(pb::PurgeTombstonesRequest { partition: partition.0, keys })
+                .await
+                .map_err(|s| RepairError::Task(format!("peer purge: {}", s.message())))?;
+        }
+        let local: Vec<(RecordKey, u64)> = purge.iter().map(|c| (c.key.clone(), c.digest)).collect();
+        let purged = self.blocking(move |e| e.purge_tombstones(&local, cutoff)).await?;
+        metrics::counter!("pairdb_storage_tombstones_purged_total").increment(purged);
+        tracing::debug!(%partition, purged, "tombstones collected");
+        Ok(())
+    }
+
+    async fn unowned_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let grace = self.settings.unowned_grace;
+        let tick = (grace / 4).clamp(Duration::from_millis(200), Duration::from_secs(10));
+        // (fingerprint of topology + tenants' N, since when it has not changed)
+        let mut settled: Option<(u64, Instant)> = None;
+        loop {
+            if sleep_or_stop(tick, &mut shutdown).await {
+                return;
+            }
+            let view = self.view.load();
+            if view.current.is_none() || view.pending.is_some() {
+                settled = None;
+                continue;
+            }
+            let fingerprint = placement_fingerprint(&view);
+            match settled {
+                Some((seen, since)) if seen == fingerprint => {
+                    if since.elapsed() < grace {
+                        continue;
+                    }
+                }
+                _ => {
+                    settled = Some((fingerprint, Instant::now()));
+                    continue;
+                }
+            }
+            if let Err(error) = self.drop_unowned(&view, fingerprint).await {
+                tracing::warn!(%error, "dropping unowned data failed; retrying");
+            }
+        }
+    }
+
+    async fn drop_unowned(&self, view: &ClusterView, fingerprint: u64) -> Result<(), RepairError> {
+        let Some(current) = &view.current else { return Ok(()) };
+        let me = self.me();
+        let tenants = tenant_depths(view);
+        let known: Arc<BTreeSet<String>> = Arc::new(view.tenants.keys().cloned().collect());
+        let mut total = 0;
+        for partition in self.engine.partitions_with_data() {
+            // The placement changed meanwhile: start over after a new grace period.
+            let latest = self.view.load();
+            if latest.pending.is_some() || placement_fingerprint(&latest) != fingerprint {
+                return Ok(());
+            }
+            let owned: Arc<BTreeSet<String>> = Arc::new(
+                owned_tenants(current.list(partition), me, &tenants).into_iter().map(str::to_owned).collect(),
+            );
+            if owned.len() == known.len() {
+                continue;
+            }
+            loop {
+                let (known, owned) = (known.clone(), owned.clone());
+                let (deleted, complete) = self
+                    .blocking(move |engine| {
+                        // Tenants meta does not know (yet, or any more) are left alone.
+                        let drop = |tenant: &str| known.contains(tenant) && !owned.contains(tenant);
+                        engine.delete_unowned(partition, &drop, DELETE_BATCH)
+                    })
+                    .await?;
+                total += deleted;
+                if complete {
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            metrics::counter!("pairdb_storage_unowned_records_deleted_total").increment(total);
+            tracing::info!(deleted = total, epoch = view.epoch, "deleted data this node no longer owns");
+        }
+        Ok(())
+    }
+
+    async fn hint_expiry_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let retention = self.settings.hint_retention;
+        loop {
+            if sleep_or_stop(hint_sweep_interval(retention), &mut shutdown).await {
+                return;
+            }
+            let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
+            match self.blocking(move |engine| engine.expire_hints(cutoff)).await {
+                Ok(0) => {}
+                Ok(expired) => {
+                    metrics::counter!("pairdb_storage_hints_expired_total").increment(expired);
+                    tracing::warn!(
+                        expired,
+                        "dropped hints older than the retention; anti-entropy repairs their keys"
+                    );
+                }
+                Err(error) => tracing::warn!(%error, "hint expiry failed"),
+            }
+        }
+    }
+}
+
+/// How often expired hints are dropped: a quarter of the retention, between 1 s and 60 s.
+fn hint_sweep_interval(retention: Duration) -> Duration {
+    (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+/// Changes whenever the current topology or any tenant's N changes.
+fn placement_fingerprint(view: &ClusterView) -> u64 {
+    let mut tenants: Vec<(&str, usize, Option<usize>)> = view
+        .tenants
+        .values()
+        .map(|t| (t.tenant_id.as_str(), t.replication_factor, t.previous_replication_factor))
+        .collect();
+    tenants.sort_unstable();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    view.epoch.hash(&mut hasher);
+    tenants.hash(&mut hasher);
+    hasher.finish()
+}
+
+async fn pause(wait_ms: u64) {
+    if wait_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+    }
+}

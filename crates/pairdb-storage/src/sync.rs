@@ -1,0 +1,154 @@
+//! Migration transfers, target side: pull some tenants of one partition from a current replica and
+//! merge them here with DVVS, so live writes this node received meanwhile (routers write to the
+//! union of old and new owners during a migration) are never overwritten by older streamed data.
+//!
+//! Sources are tried in order; a source that fails mid-stream is replaced by the next one, resuming
+//! after the last record key merged (record keys sort the same on every node). Pulling the same
+//! partition twice is harmless (merge is idempotent), which makes a transfer safe to retry after a
+//! meta failover.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pairdb_core::encoding::decode_version_set;
+use pairdb_core::token::PartitionId;
+use pairdb_proto::storage::v1 as pb;
+use pairdb_proto::storage::v1::storage_service_client::StorageServiceClient;
+
+use crate::engine::{Engine, EngineError};
+use crate::keys::RecordKey;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("no source could stream partition {partition}: {failures}")]
+    NoSource { partition: PartitionId, failures: String },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("sync task failed: {0}")]
+    Task(String),
+}
+
+impl SyncError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SyncError::NoSource { .. } => "SOURCE_UNAVAILABLE",
+            SyncError::Engine(e) => e.reason(),
+            SyncError::Task(_) => "INTERNAL",
+        }
+    }
+}
+
+/// What one pull did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub keys: u64,
+    pub bytes: u64,
+    pub source_node_id: u32,
+}
+
+/// How long one source may stay silent before the next one is tried.
+const SOURCE_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Pulls `tenants` of `partition` from the first source that completes the stream.
+pub async fn pull_partition(
+    engine: &Arc<Engine>,
+    partition: PartitionId,
+    tenants: Vec<String>,
+    sources: &[pb::SyncSource],
+    batch_size: usize,
+    tls: Option<&pairdb_service::tls::Tls>,
+) -> Result<SyncReport, SyncError> {
+    let own_node = engine.identity().node_id;
+    let mut report = SyncReport::default();
+    let mut cursor: Vec<u8> = Vec::new();
+    let mut failures = Vec::new();
+    for source in sources.iter().filter(|s| s.node_id != own_node) {
+        match pull_from(engine, partition, &tenants, source, batch_size, tls, &mut cursor, &mut report).await
+        {
+            Ok(()) => {
+                report.source_node_id = source.node_id;
+                metrics::counter!("pairdb_storage_sync_keys_total").increment(report.keys);
+                metrics::counter!("pairdb_storage_sync_bytes_total").increment(report.bytes);
+                return Ok(report);
+            }
+            Err(SourceFailure::Local(error)) => return Err(error),
+            Err(SourceFailure::Remote(message)) => {
+                tracing::info!(%partition, source = source.node_id, %message, "sync source failed; trying the next");
+                failures.push(format!("node {}: {message}", source.node_id));
+            }
+        }
+    }
+    Err(SyncError::NoSource { partition, failures: failures.join("; ") })
+}
+
+enum SourceFailure {
+    /// This node cannot take the data: no point trying another source.
+    Local(SyncError),
+    Remote(String),
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn pull_from(
+    engine: &Arc<Engine>,
+    partition: PartitionId,
+    tenants: &[String],
+    source: &pb::SyncSource,
+    batch_size: usize,
+    tls: Option<&pairdb_service::tls::Tls>,
+    cursor: &mut Vec<u8>,
+    report: &mut SyncReport,
+) -> Result<(), SourceFailure> {
+    let remote = |e: &dyn std::fmt::Display| SourceFailure::Remote(e.to_string());
+    let channel = pairdb_service::tls::endpoint(&source.address, tls)
+        .map_err(|e| remote(&e))?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|e| remote(&e))?;
+    let mut client =
+        StorageServiceClient::with_interceptor(channel, pairdb_service::telemetry::TraceInterceptor)
+            .max_decoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES);
+    let mut stream = client
+        .stream_partition(pb::StreamPartitionRequest {
+            partition: partition.0,
+            tenant_ids: tenants.to_vec(),
+            cursor: cursor.clone(),
+            batch_size: batch_size as u32,
+        })
+        .await
+        .map_err(|e| remote(&e))?
+        .into_inner();
+    loop {
+        let batch = match tokio::time::timeout(SOURCE_IDLE_TIMEOUT, stream.message()).await {
+            Err(_) => return Err(SourceFailure::Remote("stream stalled".into())),
+            Ok(Err(status)) => return Err(remote(&status)),
+            Ok(Ok(None)) => return Err(SourceFailure::Remote("stream ended before done".into())),
+            Ok(Ok(Some(batch))) => batch,
+        };
+        let mut records = Vec::with_capacity(batch.records.len());
+        for record in &batch.records {
+            let key = RecordKey::new(engine.partitions(), &record.tenant_id, &record.key);
+            if key.partition != partition {
+                return Err(SourceFailure::Remote(format!("sent a key of partition {}", key.partition)));
+            }
+            let set = decode_version_set(&record.version_set).map_err(|e| remote(&e))?;
+            report.bytes += record.version_set.len() as u64;
+            records.push((key, set));
+        }
+        report.keys += records.len() as u64;
+        if !records.is_empty() {
+            let merge_engine = engine.clone();
+            tokio::task::spawn_blocking(move || merge_engine.merge_batch(&records))
+                .await
+                .map_err(|e| SourceFailure::Local(SyncError::Task(e.to_string())))?
+                .map_err(|e| SourceFailure::Local(e.into()))?;
+        }
+        // Only advanced once merged: a fallback source resumes after what is durable here.
+        if !batch.next_cursor.is_empty() {
+            *cursor = batch.next_cursor;
+        }
+        if batch.done {
+            return Ok(());
+        }
+    }
+}
