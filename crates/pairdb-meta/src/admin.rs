@@ -54,6 +54,8 @@ pub struct Settings {
     pub auto_add_nodes: bool,
     pub heartbeat_interval_ms: u32,
     pub node_down_after_ms: u64,
+    /// Partitions a migration moves concurrently (at least 1).
+    pub migration_parallelism: usize,
 }
 
 /// A tenant to create. Zero / `None` fields take the defaults.
@@ -740,8 +742,15 @@ impl Meta {
         let (mut tx, now) = self.write().await?;
         let existing = match registration.node_id {
             0 => None,
-            id => tx.get_node(id).await?.filter(|n| n.membership != Membership::Removed),
+            id => tx.get_node(id).await?,
         };
+        // A drained or force-removed node that is still running keeps registering: it must not
+        // rejoin by itself (not even with auto-add), or a drain would undo itself.
+        if let Some(node) = &existing
+            && node.membership == Membership::Removed
+        {
+            return Err(MetaError::NodeRemoved(node.node_id));
+        }
         let node_id = match existing {
             Some(mut node) => {
                 let mut changed = false;

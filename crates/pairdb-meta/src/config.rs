@@ -50,6 +50,9 @@ pub struct Config {
     /// such a registration fails with NODE_NOT_FOUND: nodes are added with the admin API.
     #[arg(long, env = "PAIRDB_AUTO_ADD_NODES")]
     pub auto_add_nodes: bool,
+    /// Partitions a migration moves at the same time (each moves to its new owners node to node).
+    #[arg(long, env = "PAIRDB_MIGRATION_PARALLELISM", default_value_t = 4)]
+    pub migration_parallelism: usize,
     /// Events buffered for each watch subscriber; a subscriber further behind is disconnected and
     /// resumes from a fresh snapshot.
     #[arg(long, env = "PAIRDB_WATCH_BUFFER", default_value_t = 1024)]
@@ -79,6 +82,7 @@ impl std::fmt::Debug for Config {
             .field("node_down_after_ms", &self.node_down_after_ms)
             .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
             .field("auto_add_nodes", &self.auto_add_nodes)
+            .field("migration_parallelism", &self.migration_parallelism)
             .field("watch_buffer", &self.watch_buffer)
             .field("tls", &self.tls)
             .field("log_format", &self.log_format)
@@ -130,6 +134,8 @@ pub enum ConfigError {
     HeartbeatInterval,
     #[error("watch_buffer: must be between 16 and 1000000")]
     WatchBuffer,
+    #[error("migration_parallelism: must be between 1 and 64")]
+    MigrationParallelism,
 }
 
 /// How admin requests are authenticated.
@@ -178,6 +184,9 @@ impl Config {
         }
         if !(16..=1_000_000).contains(&self.watch_buffer) {
             return Err(ConfigError::WatchBuffer);
+        }
+        if !(1..=64).contains(&self.migration_parallelism) {
+            return Err(ConfigError::MigrationParallelism);
         }
         Ok(())
     }
@@ -241,6 +250,7 @@ impl Config {
             node_down_after_ms: 5000,
             heartbeat_interval_ms: 1000,
             auto_add_nodes: false,
+            migration_parallelism: 4,
             watch_buffer: 1024,
             tls: pairdb_service::tls::TlsArgs::default(),
             log_format: pairdb_service::logging::LogFormat::Text,

@@ -24,6 +24,10 @@ pub enum MetaError {
     NodeNotFound(u32),
     #[error("storage node {0} already exists")]
     NodeExists(u32),
+    #[error(
+        "storage node {0} was removed from the cluster; an operator must add it again (AddStorageNode), preferably with a fresh data directory"
+    )]
+    NodeRemoved(u32),
     #[error("invalid storage node: {0}")]
     InvalidNode(String),
     #[error(
@@ -56,6 +60,7 @@ impl MetaError {
             MetaError::ApiKeyNotFound(_) => "API_KEY_NOT_FOUND",
             MetaError::NodeNotFound(_) => "NODE_NOT_FOUND",
             MetaError::NodeExists(_) => "NODE_EXISTS",
+            MetaError::NodeRemoved(_) => "NODE_REMOVED",
             MetaError::InvalidNode(_) => "INVALID_NODE",
             MetaError::NodeInUse { .. } => "NODE_IN_USE",
             MetaError::MigrationNotFound(_) => "MIGRATION_NOT_FOUND",
@@ -84,7 +89,7 @@ impl MetaError {
                 metadata
             }
             MetaError::ApiKeyNotFound(key) => vec![("key_id", key.clone())],
-            MetaError::NodeNotFound(node) | MetaError::NodeExists(node) => {
+            MetaError::NodeNotFound(node) | MetaError::NodeExists(node) | MetaError::NodeRemoved(node) => {
                 vec![("node_id", node.to_string())]
             }
             MetaError::NodeInUse { node_id, remaining, required } => vec![

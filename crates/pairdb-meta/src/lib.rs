@@ -43,6 +43,7 @@ pub mod grpc;
 pub mod http;
 pub mod leader;
 pub mod model;
+pub mod mover;
 pub mod orchestrator;
 pub mod persistence;
 pub mod view;
@@ -58,6 +59,7 @@ use tokio::sync::{Notify, watch};
 
 pub use config::{AdminAuth, Config, ConfigError};
 pub use error::MetaError;
+pub use mover::StreamingDataMover;
 pub use orchestrator::{DataMover, NoDataMovement};
 
 use crate::admin::{Meta, Settings, now_ms};
@@ -88,10 +90,12 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
-    run_with_mover(config, listener, shutdown, Arc::new(NoDataMovement)).await
+    let mover = Arc::new(StreamingDataMover::new(config.tls.load()?));
+    run_with_mover(config, listener, shutdown, mover).await
 }
 
-/// [`run`] with a chosen [`DataMover`] (the rebalancing issue plugs its implementation in here).
+/// [`run`] with a chosen [`DataMover`]: [`StreamingDataMover`] in production; tests of the
+/// orchestrator alone (no storage nodes) use [`NoDataMovement`] or a gated mover.
 pub async fn run_with_mover(
     config: Config,
     listener: TcpListener,
@@ -126,6 +130,7 @@ pub async fn run_with_mover(
             auto_add_nodes: config.auto_add_nodes,
             heartbeat_interval_ms: config.heartbeat_interval_ms,
             node_down_after_ms: config.node_down_after_ms,
+            migration_parallelism: config.migration_parallelism.max(1),
         },
     );
     metrics::gauge!("pairdb_meta_watch_subscribers").increment(0.0);

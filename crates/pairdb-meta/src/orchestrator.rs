@@ -10,21 +10,23 @@
 //! current (`topology_current`, then `topology_pending_cleared`) and settles node lifecycles
 //! (joining → active, leaving → removed).
 //!
-//! # Data movement: not implemented yet
+//! # Data movement
 //!
-//! Moving data between storage nodes is the rebalancing issue's work. The extension point is
-//! [`DataMover`]: the orchestrator hands it every partition whose replica set changes (with the old and
-//! new lists and the tenants' replication factors), persists the per-partition "done" bitmap and the
+//! The orchestrator hands a [`DataMover`] every partition whose replica set changes (with the old and
+//! new lists, the tenants' replication factors and the nodes' addresses), up to
+//! `migration_parallelism` partitions at a time, persists the per-partition "done" bitmap and the
 //! key/byte counters it returns, and only completes the migration when every partition is done. The
-//! default [`NoDataMovement`] reports every partition done at once with zero keys, so **today a
-//! migration switches the topology without moving any data**. That is correct for a cluster that holds
-//! no data yet (a fresh cluster, `pairdb dev`, the tests) and wrong for one that does; operators must
-//! not change membership of a cluster with data until the rebalancing issue lands.
+//! production mover is [`crate::mover::StreamingDataMover`] (new owners pull from old replicas);
+//! [`NoDataMovement`] exists for tests of the orchestrator alone.
+//!
+//! Migrations run one at a time (the queue is global), which is stricter than "one migration per
+//! node": a second migration always queues behind the first.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use pairdb_core::ring::{NodeId, NodeSpec, diff};
 use pairdb_core::token::PartitionId;
 use tokio::sync::watch;
@@ -63,6 +65,15 @@ pub struct PartitionMove {
     /// data of this partition when it is in the first `new` positions of `new_list` but not in the
     /// first `old` positions of `old_list` (`pairdb_core::ring::gained_memberships`).
     pub tenants: Arc<Vec<TenantReplication>>,
+    /// Every storage node meta knows, with its address (sources and targets are looked up here).
+    pub nodes: Arc<BTreeMap<NodeId, NodeEndpoint>>,
+}
+
+/// Where a storage node answers, and whether meta believes it is down.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeEndpoint {
+    pub address: String,
+    pub down: bool,
 }
 
 /// What moving one partition did.
@@ -84,7 +95,8 @@ pub trait DataMover: Send + Sync + std::fmt::Debug + 'static {
     async fn move_partition(&self, plan: &PartitionMove) -> Result<MoveStats, MoveError>;
 }
 
-/// The placeholder until rebalancing exists: every partition is done at once, nothing is moved.
+/// Moves nothing and reports every partition done at once: for tests of the orchestrator without
+/// storage nodes.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoDataMovement;
 
@@ -234,7 +246,7 @@ async fn drive(
     fence: LeaderFence,
     mut migration: Migration,
 ) -> Result<(), MetaError> {
-    let (current, pending, tenants) = {
+    let (current, pending, tenants, nodes) = {
         let mut tx = meta.store().read().await?;
         let current = tx.get_topology(migration.from_epoch).await?;
         let pending = match migration.kind.changes_ring() {
@@ -242,9 +254,19 @@ async fn drive(
             false => current.clone(),
         };
         let tenants = tx.list_tenants().await?;
+        let nodes = tx.list_nodes().await?;
         tx.commit().await?;
-        (current, pending, tenants)
+        (current, pending, tenants, nodes)
     };
+    let nodes: Arc<BTreeMap<NodeId, NodeEndpoint>> = Arc::new(
+        nodes
+            .iter()
+            .map(|node| {
+                let endpoint = NodeEndpoint { address: node.address.clone(), down: !node.alive };
+                (NodeId(node.node_id), endpoint)
+            })
+            .collect(),
+    );
     let (Some(current), Some(pending)) = (current, pending) else {
         return fail(meta, fence, &migration.migration_id, "its topology versions are missing").await;
     };
@@ -279,23 +301,33 @@ async fn drive(
             changed.into_iter().map(PartitionId).collect()
         }
     };
+    let todo: Vec<PartitionId> = moves.into_iter().filter(|p| !migration.partition_done(p.0)).collect();
+    let migration_id = migration.migration_id.clone();
+    let plans = todo.into_iter().map(|partition| PartitionMove {
+        migration_id: migration_id.clone(),
+        partition,
+        old_list: current.assignment.list(partition).to_vec(),
+        new_list: pending.assignment.list(partition).to_vec(),
+        tenants: tenants.clone(),
+        nodes: nodes.clone(),
+    });
+    let parallelism = meta.settings().migration_parallelism.max(1);
+    let mut moving = futures::stream::iter(plans)
+        .map(|plan| async move {
+            let moved = mover.move_partition(&plan).await;
+            (plan.partition, moved)
+        })
+        .buffer_unordered(parallelism);
     let mut last_flush = Instant::now();
-    for partition in moves {
-        if migration.partition_done(partition.0) {
-            continue;
-        }
-        let plan = PartitionMove {
-            migration_id: migration.migration_id.clone(),
-            partition,
-            old_list: current.assignment.list(partition).to_vec(),
-            new_list: pending.assignment.list(partition).to_vec(),
-            tenants: tenants.clone(),
-        };
-        let moved = tokio::select! {
-            moved = mover.move_partition(&plan) => moved,
+    let cancelled = until_not_running(meta, &migration_id);
+    tokio::pin!(cancelled);
+    loop {
+        let next = tokio::select! {
+            next = moving.next() => next,
             // A cancelled migration stops mid-partition (the mover must be cancel-safe).
-            () = until_not_running(meta, &migration.migration_id) => return Ok(()),
+            () = &mut cancelled => return Ok(()),
         };
+        let Some((partition, moved)) = next else { break };
         match moved {
             Ok(stats) => {
                 migration.mark_partition_done(partition.0);

@@ -1,0 +1,119 @@
+//! The [`DataMover`] that moves real data: for each partition of a migration it asks every node that
+//! gains tenants there to pull them (`StorageService.SyncPartition`) from the old replicas, which the
+//! node tries in order (a dead source falls back to the next replica). The data flows node to node;
+//! meta only drives the transfers and counts what moved.
+//!
+//! A transfer whose target fails is retried a bounded number of times with backoff before the
+//! partition (and so the migration) fails; pulling again is harmless since storage merges with DVVS.
+
+use std::time::Duration;
+
+use pairdb_core::repair::{TenantSpan, partition_transfers};
+use pairdb_proto::storage::v1 as pb;
+use pairdb_proto::storage::v1::storage_service_client::StorageServiceClient;
+
+use crate::orchestrator::{DataMover, MoveError, MoveStats, PartitionMove};
+
+/// Attempts per transfer before the partition fails.
+const TRANSFER_ATTEMPTS: u32 = 5;
+/// Longest one transfer (one partition's tenants to one node) may take.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Moves partitions by having their new owners pull them from the old ones.
+#[derive(Debug, Clone, Default)]
+pub struct StreamingDataMover {
+    tls: Option<pairdb_service::tls::Tls>,
+}
+
+impl StreamingDataMover {
+    pub fn new(tls: Option<pairdb_service::tls::Tls>) -> Self {
+        Self { tls }
+    }
+
+    async fn sync(
+        &self,
+        address: &str,
+        request: pb::SyncPartitionRequest,
+    ) -> Result<pb::SyncPartitionResponse, String> {
+        let channel = pairdb_service::tls::endpoint(address, self.tls.as_ref())
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(TRANSFER_TIMEOUT)
+            .connect()
+            .await
+            .map_err(|e| format!("cannot reach {address}: {e}"))?;
+        let mut client =
+            StorageServiceClient::with_interceptor(channel, pairdb_service::telemetry::TraceInterceptor);
+        client.sync_partition(request).await.map(tonic::Response::into_inner).map_err(|status| {
+            let reason = pairdb_service::errors::reason_of(&status).unwrap_or_default();
+            format!("{reason} {}", status.message())
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl DataMover for StreamingDataMover {
+    async fn move_partition(&self, plan: &PartitionMove) -> Result<MoveStats, MoveError> {
+        let spans: Vec<TenantSpan> = plan
+            .tenants
+            .iter()
+            .map(|t| TenantSpan {
+                tenant_id: t.tenant_id.clone(),
+                old_n: t.old_replication_factor,
+                new_n: t.new_replication_factor,
+            })
+            .collect();
+        let mut stats = MoveStats::default();
+        for transfer in partition_transfers(&plan.old_list, &plan.new_list, &spans) {
+            let target = plan
+                .nodes
+                .get(&transfer.target)
+                .ok_or_else(|| MoveError(format!("target node {} has no address", transfer.target)))?;
+            // Live sources first (in list order), nodes meta believes down last.
+            let mut sources: Vec<pb::SyncSource> = Vec::new();
+            for down in [false, true] {
+                for node in &transfer.sources {
+                    if let Some(endpoint) = plan.nodes.get(node)
+                        && endpoint.down == down
+                    {
+                        sources.push(pb::SyncSource { node_id: node.0, address: endpoint.address.clone() });
+                    }
+                }
+            }
+            if sources.is_empty() {
+                return Err(MoveError(format!(
+                    "partition {}: no replica holds the data node {} must receive",
+                    plan.partition, transfer.target
+                )));
+            }
+            let request = pb::SyncPartitionRequest {
+                partition: plan.partition.0,
+                tenant_ids: transfer.tenant_ids.clone(),
+                sources,
+                batch_size: 0,
+            };
+            let mut backoff = Duration::from_millis(200);
+            let mut attempt = 1;
+            let response = loop {
+                match self.sync(&target.address, request.clone()).await {
+                    Ok(response) => break response,
+                    Err(error) if attempt < TRANSFER_ATTEMPTS => {
+                        tracing::info!(partition = %plan.partition, target = %transfer.target, attempt, %error, "transfer failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        attempt += 1;
+                    }
+                    Err(error) => {
+                        return Err(MoveError(format!(
+                            "partition {} to node {}: {error}",
+                            plan.partition, transfer.target
+                        )));
+                    }
+                }
+            };
+            stats.keys += response.keys;
+            stats.bytes += response.bytes;
+        }
+        Ok(stats)
+    }
+}
