@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+pub mod checker;
+
 /// The workspace's binaries, by package and binary name.
 pub const BINARIES: &[(&str, &str)] = &[
     ("pairdb-meta", "pairdb-meta"),
@@ -76,15 +78,27 @@ impl Process {
         env: &[(String, String)],
     ) -> anyhow::Result<Self> {
         let path = binaries_dir()?.join(binary);
-        let child = Command::new(&path)
+        let mut command = Command::new(&path);
+        command
             .arg("--listen-addr")
             .arg(addr.to_string())
             .args(args)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()))
-            .stdin(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", path.display()))?;
+            .stdin(Stdio::null());
+        // With PAIRDB_TEST_LOG_DIR set, each process logs to its own file there (appending across
+        // restarts), named by binary and port, instead of into the test's output.
+        if let Ok(dir) = std::env::var("PAIRDB_TEST_LOG_DIR")
+            && !dir.is_empty()
+        {
+            std::fs::create_dir_all(&dir)?;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(PathBuf::from(dir).join(format!("{binary}-{}.log", addr.port())))?;
+            command.stdout(file.try_clone()?).stderr(file);
+        }
+        let child = command.spawn().with_context(|| format!("starting {}", path.display()))?;
         Ok(Self { name: binary.to_owned(), addr, child })
     }
 
@@ -245,6 +259,24 @@ pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     Ok((status, body))
 }
 
+/// The sum of every series of metric `name` on the process at `addr` (`/metrics`); 0 when absent.
+pub fn metric_sum(addr: SocketAddr, name: &str) -> anyhow::Result<f64> {
+    let (status, body) = http_get(addr, "/metrics")?;
+    if status != 200 {
+        bail!("/metrics of {addr} answered {status}");
+    }
+    let mut sum = 0.0;
+    for line in body.lines() {
+        let Some(rest) = line.strip_prefix(name) else { continue };
+        if !(rest.starts_with(' ') || rest.starts_with('{')) {
+            continue;
+        }
+        let value = rest.rsplit(' ').next().context("metric line without a value")?;
+        sum += value.parse::<f64>().with_context(|| format!("metric line {line:?}"))?;
+    }
+    Ok(sum)
+}
+
 /// Clients of a running cluster.
 pub mod cluster {
     use std::time::{Duration, Instant};
@@ -252,14 +284,18 @@ pub mod cluster {
     use anyhow::{Context, bail};
     use pairdb_proto::admin::v1 as admin;
     use pairdb_proto::admin::v1::admin_service_client::AdminServiceClient;
+    use pairdb_proto::cluster::v1 as cluster_pb;
+    use pairdb_proto::cluster::v1::cluster_service_client::ClusterServiceClient;
     use pairdb_proto::kv::v1::kv_service_client::KvServiceClient;
     use pairdb_proto::storage::v1::storage_service_client::StorageServiceClient;
+    use pairdb_proto::storage::v1::{StatsRequest, StatsResponse};
     use tonic::transport::Channel;
 
     use super::{Process, free_addr, http_get};
 
-    /// A whole cluster of real processes: one meta (SQLite, auth off, nodes auto-added), storage nodes
-    /// registering with it, and routers following it. Dropping it kills everything.
+    /// A whole cluster of real processes: one meta (SQLite, auth off, nodes auto-added unless
+    /// [`ClusterOptions::auto_add_nodes`] is off), storage nodes registering with it, and routers
+    /// following it. Dropping it kills everything.
     #[derive(Debug)]
     pub struct Cluster {
         pub meta: Process,
@@ -273,6 +309,10 @@ pub mod cluster {
         router_extra: Vec<String>,
         /// Environment of every process.
         env: Vec<(String, String)>,
+        /// Flags every storage node of this cluster gets.
+        storage_extra: Vec<String>,
+        /// Meta adds registering nodes itself; otherwise the harness adds them with the admin API.
+        auto_add_nodes: bool,
     }
 
     /// What [`Cluster::start_with`] starts.
@@ -290,6 +330,12 @@ pub mod cluster {
         pub redis_url: Option<String>,
         /// Extra environment of every process (e.g. `OTEL_*`).
         pub env: Vec<(String, String)>,
+        /// Extra flags of every storage node (e.g. `--anti-entropy-period-secs 5`).
+        pub storage_args: Vec<String>,
+        /// Meta runs with `--auto-add-nodes` (a registering unknown node joins the ring). Without it
+        /// the harness adds every node with `AddStorageNode`, and a removed node that is still running
+        /// cannot rejoin by registering again.
+        pub auto_add_nodes: bool,
     }
 
     impl Default for ClusterOptions {
@@ -302,6 +348,8 @@ pub mod cluster {
                 auth: false,
                 redis_url: None,
                 env: Vec::new(),
+                storage_args: Vec::new(),
+                auto_add_nodes: true,
             }
         }
     }
@@ -341,6 +389,8 @@ pub mod cluster {
                 auth,
                 redis_url,
                 env,
+                storage_args,
+                auto_add_nodes,
             } = options;
             let mut router_extra = Vec::new();
             if !auth {
@@ -358,18 +408,13 @@ pub mod cluster {
                 Some(schema) => vec!["--database-url".into(), schema.url()],
                 None => vec!["--data-dir".into(), dir.path().join("meta").display().to_string()],
             };
-            let meta_args: Vec<String> = [
-                "--no-auth",
-                "--auto-add-nodes",
-                "--node-down-after-ms",
-                "2000",
-                "--heartbeat-interval-ms",
-                "200",
-            ]
-            .iter()
-            .map(|s| (*s).to_owned())
-            .chain(database)
-            .collect();
+            let meta_args: Vec<String> =
+                ["--no-auth", "--node-down-after-ms", "2000", "--heartbeat-interval-ms", "200"]
+                    .iter()
+                    .map(|s| (*s).to_owned())
+                    .chain(auto_add_nodes.then(|| "--auto-add-nodes".to_owned()))
+                    .chain(database)
+                    .collect();
             let mut meta = Process::spawn_with_env("pairdb-meta", free_addr()?, &meta_args, &env)?;
             meta.wait_live(Duration::from_secs(30))?;
             let mut cluster = Cluster {
@@ -381,6 +426,8 @@ pub mod cluster {
                 postgres,
                 router_extra,
                 env,
+                storage_extra: storage_args,
+                auto_add_nodes,
             };
             for id in 1..=storage_nodes {
                 let process = cluster.spawn_storage(id, free_addr()?)?;
@@ -388,6 +435,11 @@ pub mod cluster {
             }
             for node in &mut cluster.storage {
                 node.wait_live(Duration::from_secs(30))?;
+            }
+            if !auto_add_nodes {
+                for index in 0..cluster.storage.len() {
+                    cluster.add_node_to_ring(index).await?;
+                }
             }
             cluster.wait_ring_size(storage_nodes as usize).await?;
             let mut admin = cluster.admin().await?;
@@ -419,10 +471,80 @@ pub mod cluster {
                     "--sync".into(),
                     "periodic".into(),
                     "--data-dir".into(),
-                    self.dir.path().join(format!("storage-{id}")).display().to_string(),
-                ],
+                    self.storage_dir(id).display().to_string(),
+                ]
+                .into_iter()
+                .chain(self.storage_extra.iter().cloned())
+                .collect::<Vec<String>>(),
                 &self.env,
             )
+        }
+
+        /// The data directory of storage node `id`.
+        pub fn storage_dir(&self, id: u32) -> std::path::PathBuf {
+            self.dir.path().join(format!("storage-{id}"))
+        }
+
+        /// Storage node `index`'s node id (nodes are numbered from 1 in start order).
+        pub fn storage_node_id(index: usize) -> u32 {
+            index as u32 + 1
+        }
+
+        /// Starts the next storage node (id `storage.len() + 1`, fresh data directory), waits until it
+        /// is live and returns its index. It joins the ring through an `add_node` migration (created
+        /// on registration with auto-add, by `AddStorageNode` otherwise): see
+        /// [`Cluster::node_migration`].
+        pub async fn add_storage(&mut self) -> anyhow::Result<usize> {
+            let index = self.storage.len();
+            let mut process = self.spawn_storage(Self::storage_node_id(index), free_addr()?)?;
+            process.wait_live(Duration::from_secs(30))?;
+            self.storage.push(process);
+            if !self.auto_add_nodes {
+                self.add_node_to_ring(index).await?;
+            }
+            Ok(index)
+        }
+
+        /// `AddStorageNode` for node `index` at its address (clusters without auto-add).
+        async fn add_node_to_ring(&self, index: usize) -> anyhow::Result<()> {
+            let mut admin = self.admin().await?;
+            admin
+                .add_storage_node(admin::AddStorageNodeRequest {
+                    node_id: Self::storage_node_id(index),
+                    address: self.storage[index].addr.to_string(),
+                    ..Default::default()
+                })
+                .await
+                .with_context(|| format!("AddStorageNode {}", Self::storage_node_id(index)))?;
+            Ok(())
+        }
+
+        /// SIGKILLs storage node `index`; its slot (address, data directory) stays for
+        /// [`Cluster::start_storage_again`].
+        pub fn kill_storage(&mut self, index: usize) {
+            self.storage[index].kill();
+        }
+
+        /// Starts storage node `index` again (same id, address and data directory) after
+        /// [`Cluster::kill_storage`], and waits until it is live.
+        pub fn start_storage_again(&mut self, index: usize) -> anyhow::Result<()> {
+            self.restart_storage(index)
+        }
+
+        /// SIGKILLs storage node `index`, deletes its data directory and starts it again with the same
+        /// id and address: it comes back empty, with a new actor id.
+        pub fn wipe_storage(&mut self, index: usize) -> anyhow::Result<()> {
+            self.storage[index].kill();
+            let dir = self.storage_dir(Self::storage_node_id(index));
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).with_context(|| format!("deleting {}", dir.display()))?;
+            }
+            self.restart_storage(index)
+        }
+
+        /// SIGKILLs meta (the only replica, so the leader); [`Cluster::restart_meta`] brings it back.
+        pub fn kill_meta(&mut self) {
+            self.meta.kill();
         }
 
         /// Starts one more router (not waiting for readiness).
@@ -462,7 +584,7 @@ pub mod cluster {
         pub fn restart_storage(&mut self, index: usize) -> anyhow::Result<()> {
             let addr = self.storage[index].addr;
             self.storage[index].kill();
-            let node = self.spawn_storage(index as u32 + 1, addr)?;
+            let node = self.spawn_storage(Self::storage_node_id(index), addr)?;
             self.storage[index] = node;
             self.storage[index].wait_live(Duration::from_secs(30))
         }
@@ -510,6 +632,148 @@ pub mod cluster {
             ))
         }
 
+        /// `Stats` of storage node `index`.
+        pub async fn storage_stats(&self, index: usize) -> anyhow::Result<StatsResponse> {
+            let mut client = self.storage_client(index).await?;
+            Ok(client.stats(StatsRequest {}).await?.into_inner())
+        }
+
+        /// One migration, by id.
+        pub async fn migration(&self, migration_id: &str) -> anyhow::Result<admin::Migration> {
+            let mut admin = self.admin().await?;
+            Ok(admin
+                .get_migration(admin::GetMigrationRequest { migration_id: migration_id.to_owned() })
+                .await?
+                .into_inner())
+        }
+
+        /// Every migration meta knows.
+        pub async fn migrations(&self) -> anyhow::Result<Vec<admin::Migration>> {
+            let mut admin = self.admin().await?;
+            Ok(admin.list_migrations(admin::ListMigrationsRequest {}).await?.into_inner().migrations)
+        }
+
+        /// Waits until a migration of `kind` (`"add_node"`, `"drain_node"`, ...) for node `node_id`
+        /// exists and returns the newest one. Meta being briefly unreachable is tolerated.
+        pub async fn node_migration(
+            &self,
+            kind: &str,
+            node_id: u32,
+            timeout: Duration,
+        ) -> anyhow::Result<admin::Migration> {
+            let started = Instant::now();
+            loop {
+                let last = match self.migrations().await {
+                    Ok(migrations) => {
+                        if let Some(found) = migrations
+                            .into_iter()
+                            .filter(|m| m.kind == kind && m.node_id == node_id)
+                            .max_by_key(|m| m.created_at_ms)
+                        {
+                            return Ok(found);
+                        }
+                        "none yet".to_owned()
+                    }
+                    Err(error) => format!("{error:#}"),
+                };
+                if started.elapsed() > timeout {
+                    bail!("no {kind} migration for node {node_id} after {timeout:?} ({last})");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+
+        /// Polls migration `migration_id` until it completes and returns it; fails at once when it
+        /// fails or is cancelled, and after `timeout` (with its last progress). Meta being briefly
+        /// unreachable (restarting) is tolerated.
+        pub async fn wait_migration(
+            &self,
+            migration_id: &str,
+            timeout: Duration,
+        ) -> anyhow::Result<admin::Migration> {
+            let started = Instant::now();
+            loop {
+                let last = match self.migration(migration_id).await {
+                    Ok(migration) => {
+                        match admin::MigrationState::try_from(migration.state) {
+                            Ok(admin::MigrationState::Completed) => return Ok(migration),
+                            Ok(
+                                state @ (admin::MigrationState::Failed | admin::MigrationState::Cancelled),
+                            ) => {
+                                bail!(
+                                    "migration {migration_id} ({}) ended {state:?}: {:?}",
+                                    migration.kind,
+                                    migration.error
+                                )
+                            }
+                            _ => {}
+                        }
+                        format!("{migration:?}")
+                    }
+                    Err(error) => format!("{error:#}"),
+                };
+                if started.elapsed() > timeout {
+                    bail!("migration {migration_id} not completed after {timeout:?}; last seen: {last}");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+
+        /// Waits for the `add_node` migration of node `node_id` (see [`Cluster::add_storage`]) to
+        /// complete.
+        pub async fn wait_node_added(
+            &self,
+            node_id: u32,
+            timeout: Duration,
+        ) -> anyhow::Result<admin::Migration> {
+            let started = Instant::now();
+            let migration = self.node_migration("add_node", node_id, timeout).await?;
+            let left = timeout.saturating_sub(started.elapsed());
+            self.wait_migration(&migration.migration_id, left).await
+        }
+
+        /// The cluster as meta publishes it: the first message of a watch stream.
+        pub async fn topology(&self) -> anyhow::Result<ClusterTopology> {
+            let mut client =
+                ClusterServiceClient::new(pairdb_client::connect(&self.meta.addr.to_string()).await?);
+            let mut stream = client
+                .watch(cluster_pb::WatchRequest {
+                    subscriber_kind: "test".into(),
+                    subscriber_id: "e2e-harness".into(),
+                    include_api_keys: false,
+                })
+                .await?
+                .into_inner();
+            let first = stream.message().await?.context("the watch stream ended before its snapshot")?;
+            let Some(cluster_pb::watch_event::Event::Snapshot(snapshot)) = first.event else {
+                bail!("the watch stream did not start with a snapshot: {first:?}");
+            };
+            let lists = |topology: cluster_pb::Topology| -> (u64, u32, Vec<Vec<u32>>) {
+                let lists = topology.partitions.into_iter().map(|p| p.node_ids).collect();
+                (topology.epoch, topology.partition_count, lists)
+            };
+            let (epoch, partition_count, current) =
+                lists(snapshot.current.context("the snapshot has no current topology")?);
+            Ok(ClusterTopology {
+                epoch,
+                partition_count,
+                current,
+                pending: snapshot.pending.map(|pending| lists(pending).2),
+                replication_factors: snapshot
+                    .tenants
+                    .iter()
+                    .map(|t| (t.tenant_id.clone(), t.replication_factor))
+                    .collect(),
+                previous_replication_factors: snapshot
+                    .tenants
+                    .iter()
+                    .filter(|t| t.previous_replication_factor != 0)
+                    .map(|t| (t.tenant_id.clone(), t.previous_replication_factor))
+                    .collect(),
+                nodes: snapshot.nodes,
+            })
+        }
+
         async fn wait_ring_size(&self, nodes: usize) -> anyhow::Result<()> {
             let started = Instant::now();
             loop {
@@ -531,6 +795,43 @@ pub mod cluster {
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+        }
+    }
+
+    /// Meta's picture of the cluster at one revision (from its watch stream).
+    #[derive(Debug, Clone)]
+    pub struct ClusterTopology {
+        pub epoch: u64,
+        /// Q.
+        pub partition_count: u32,
+        /// Node ids of every partition's list, in preference order, indexed by partition.
+        pub current: Vec<Vec<u32>>,
+        /// The pending topology's lists while a migration runs.
+        pub pending: Option<Vec<Vec<u32>>>,
+        /// Tenant → replication factor.
+        pub replication_factors: std::collections::BTreeMap<String, u32>,
+        /// Tenant → replication factor reads still use while an N change migrates.
+        pub previous_replication_factors: std::collections::BTreeMap<String, u32>,
+        pub nodes: Vec<cluster_pb::NodeInfo>,
+    }
+
+    impl ClusterTopology {
+        /// The partition of `key` of `tenant`.
+        pub fn partition_of(&self, tenant: &str, key: &str) -> anyhow::Result<u32> {
+            let count = pairdb_core::token::PartitionCount::new(self.partition_count)?;
+            Ok(count.partition_of(pairdb_core::token::token_for(tenant, key.as_bytes())).0)
+        }
+
+        /// The first `n` nodes of `key`'s list in the current topology.
+        pub fn preference_list(&self, tenant: &str, key: &str, n: usize) -> anyhow::Result<Vec<u32>> {
+            let partition = self.partition_of(tenant, key)?;
+            let list = self.current.get(partition as usize).context("partition outside the topology")?;
+            Ok(list.iter().copied().take(n).collect())
+        }
+
+        /// How many partitions have `node_id` at list position `position` (current topology).
+        pub fn position_count(&self, node_id: u32, position: usize) -> usize {
+            self.current.iter().filter(|list| list.get(position) == Some(&node_id)).count()
         }
     }
 
