@@ -247,7 +247,8 @@ fn dev_cluster_survives_bench_and_every_command_prints_json() {
     assert!(keys.to_string().find(key["secret"].as_str().unwrap()).is_none(), "secrets are never listed");
     assert_eq!(json(&["apikey", "revoke", &key_id])["api_key"]["revoked"], true);
 
-    // nodes and migrations (last: a node that never starts changes the ring)
+    // nodes and migrations (last): a node that never starts cannot receive its data, so adding it
+    // fails (the migration moves real data) and rolls back, leaving the node removed.
     let nodes = json(&["node", "list"]);
     assert_eq!(nodes["nodes"].as_array().unwrap().len(), 3);
     let node = json(&["node", "get", "2"]);
@@ -257,9 +258,12 @@ fn dev_cluster_survives_bench_and_every_command_prints_json() {
     let added = json(&["node", "add", "127.0.0.1:1", "--node-id", "9", "--zone", "z9"]);
     assert_eq!(added["node"]["node_id"], 9);
     let migration_id = added["migration_id"].as_str().unwrap().to_owned();
-    let watched = json(&["migration", "watch", &migration_id, "--interval-ms", "100"]);
-    assert_eq!(watched["state"], "completed", "{watched:#}");
+    let watched = fails(&["migration", "watch", &migration_id, "--interval-ms", "100"]);
+    assert!(watched.stderr.contains("MIGRATION_FAILED"), "{}", watched.stderr);
+    let watched = watched.json().unwrap();
+    assert_eq!(watched["state"], "failed", "{watched:#}");
     assert_eq!(watched["kind"], "add_node");
+    assert!(watched["error"].as_str().unwrap().contains("node 9"), "{watched:#}");
     assert_eq!(json(&["migration", "get", &migration_id])["migration_id"], migration_id.as_str());
     let migrations = json(&["migration", "list"]);
     assert!(
@@ -271,9 +275,7 @@ fn dev_cluster_survives_bench_and_every_command_prints_json() {
     );
     let finished = fails(&["migration", "cancel", &migration_id]);
     assert!(finished.stderr.contains("MIGRATION_FINISHED"), "{}", finished.stderr);
-    let removed = json(&["node", "remove", "9", "--force"]);
-    assert_eq!(removed["node"]["node_id"], 9);
-    assert!(removed["migration_id"].is_string());
+    assert_eq!(json(&["node", "get", "9"])["status"], "removed");
 
     let health = json(&["health", &router, &meta]);
     assert_eq!(health["services"][0]["serving"], true);
