@@ -332,6 +332,9 @@ pub struct DevArgs {
     /// Storage nodes' fsync mode.
     #[arg(long, value_enum, default_value_t = SyncArg::Always)]
     pub sync: SyncArg,
+    /// Storage nodes' anti-entropy period (each covers all its partitions once per period; 0 = off).
+    #[arg(long, default_value_t = 3600)]
+    pub anti_entropy_period_secs: u64,
 }
 
 /// Runs one command. Except for `dev` (whose services set up their own), commands run in a span

@@ -57,6 +57,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             pairdb_storage::Config::for_node(node_id, args.data_dir.join(format!("storage-{node_id}")));
         config.listen_addr = addr;
         config.meta_addr = Some(args.meta_addr.to_string());
+        config.anti_entropy_period_secs = args.anti_entropy_period_secs;
         config.sync = match args.sync {
             SyncArg::Always => pairdb_storage::config::SyncSetting::Always,
             SyncArg::Periodic => pairdb_storage::config::SyncSetting::Periodic,

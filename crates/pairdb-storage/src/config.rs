@@ -195,3 +195,22 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tombstone_grace_below_hint_retention_is_refused() {
+        let mut config = Config::for_node(1, PathBuf::from("/tmp/unused"));
+        assert!(config.validate().is_ok());
+        config.hint_retention_secs = 600;
+        config.tombstone_grace_secs = 599;
+        let error = config.validate().unwrap_err();
+        assert!(error.to_string().starts_with("tombstone_grace_secs:"), "{error}");
+        config.tombstone_grace_secs = 600;
+        assert!(config.validate().is_ok());
+        config.hint_retention_secs = 0;
+        assert!(matches!(config.validate(), Err(ConfigError::HintRetention)));
+    }
+}
