@@ -6,8 +6,14 @@
 //!
 //! Invariant: readers take an `Arc` snapshot and never hold a lock across an await; the watch task
 //! replaces the whole view atomically on every event, so a reader sees one consistent revision.
+//!
+//! [`SharedView::session`] says whether the view is live (a watch session delivered its snapshot and
+//! has not broken since) and which session it is: work that must not act on a stale view (a storage
+//! node deleting data it no longer owns) requires one unbroken session. HTTP/2 keepalive pings
+//! detect a silently dead connection to meta within about 20 s.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -192,6 +198,8 @@ impl ClusterView {
 #[derive(Debug, Clone, Default)]
 pub struct SharedView {
     inner: Arc<RwLock<Arc<ClusterView>>>,
+    /// Number of the watch session the view follows; 0 while none does (not yet, or it broke).
+    session: Arc<AtomicU64>,
 }
 
 impl SharedView {
@@ -203,6 +211,20 @@ impl SharedView {
         *self.inner.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(view);
     }
 
+    /// The live watch session (numbered from 1, a new number after every reconnection), or `None`
+    /// while the view is not being kept current.
+    pub fn session(&self) -> Option<u64> {
+        match self.session.load(Ordering::Acquire) {
+            0 => None,
+            session => Some(session),
+        }
+    }
+
+    /// Records that session `session` (0: none) keeps the view current.
+    pub fn set_session(&self, session: u64) {
+        self.session.store(session, Ordering::Release);
+    }
+
     /// Applies one watch event; on error the view is unchanged.
     pub fn apply(&self, event: &pb::WatchEvent) -> Result<(), ViewError> {
         let next = self.load().apply(event)?;
@@ -212,6 +234,8 @@ impl SharedView {
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Ping meta this often on the watch connection and give up on it after as long without an answer.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Who follows the stream (meta lists subscribers by kind and id).
@@ -234,7 +258,12 @@ pub async fn follow(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let endpoint = match crate::tls::endpoint(&meta_addr, tls.as_ref()) {
-        Ok(endpoint) => endpoint.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true),
+        Ok(endpoint) => endpoint
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_INTERVAL)
+            .keep_alive_while_idle(true),
         Err(error) => {
             tracing::error!(%error, %meta_addr, "invalid meta address; the cluster view will stay empty");
             return;
@@ -243,7 +272,10 @@ pub async fn follow(
     let epoch_gauge = format!("pairdb_{}_topology_epoch", subscriber.kind);
     let revision_gauge = format!("pairdb_{}_watch_revision", subscriber.kind);
     let mut backoff = MIN_BACKOFF;
+    let mut sessions = 0u64;
     loop {
+        sessions += 1;
+        let number = sessions;
         let session = async {
             let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
             let mut client =
@@ -262,6 +294,8 @@ pub async fn follow(
                 if let Err(error) = view.apply(&event) {
                     return Err(format!("bad watch event at revision {}: {error}", event.revision));
                 }
+                // The first event of a session is a snapshot: from here on the view is live.
+                view.set_session(number);
                 let current = view.load();
                 if current.current.is_some() {
                     metrics::gauge!(epoch_gauge.clone()).set(current.epoch as f64);
@@ -276,13 +310,17 @@ pub async fn follow(
             }
             Err::<(), String>("watch stream ended".into())
         };
-        tokio::select! {
-            result = session => {
-                if let Err(error) = result {
-                    tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "lost the metadata watch stream; working from the last view");
-                }
-            }
+        let ended = tokio::select! {
+            result = session => result,
             _ = shutdown.changed() => return,
+        };
+        if view.session() == Some(number) {
+            // The session worked: reconnect quickly, as after the first failure.
+            backoff = MIN_BACKOFF;
+        }
+        view.set_session(0);
+        if let Err(error) = ended {
+            tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "lost the metadata watch stream; working from the last view");
         }
         let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
         tokio::select! {

@@ -14,7 +14,9 @@
 //!   too, and re-checks the digest and its own grace). A replica that is down or differs blocks the
 //!   purge: tombstones are never purged on time alone. Skipped while a migration runs.
 //! - **Unowned data**: once the topology and tenants' N have been unchanged for `unowned_grace`
-//!   (and no migration runs), records of tenants this node no longer replicates are deleted.
+//!   (and no migration runs), records of tenants this node no longer replicates are deleted. The
+//!   grace must be spent in one unbroken watch session: a node cut off from meta may be looking at a
+//!   topology that is no longer current, so it deletes nothing until it is back and settled again.
 //! - **Hint retention**: hints not delivered within `hint_retention` are dropped.
 //!
 //! Every storage call runs on the blocking pool; every RPC is bounded (leaves per request, keys per
@@ -512,18 +514,17 @@ impl Repair {
     async fn unowned_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let grace = self.settings.unowned_grace;
         let tick = (grace / 4).clamp(Duration::from_millis(200), Duration::from_secs(10));
-        // (fingerprint of topology + tenants' N, since when it has not changed)
+        // (fingerprint of watch session + topology + tenants' N, since when it has not changed)
         let mut settled: Option<(u64, Instant)> = None;
         loop {
             if sleep_or_stop(tick, &mut shutdown).await {
                 return;
             }
             let view = self.view.load();
-            if view.current.is_none() || view.pending.is_some() {
+            let Some(fingerprint) = settled_fingerprint(&self.view, &view) else {
                 settled = None;
                 continue;
-            }
-            let fingerprint = placement_fingerprint(&view);
+            };
             match settled {
                 Some((seen, since)) if seen == fingerprint => {
                     if since.elapsed() < grace {
@@ -548,9 +549,9 @@ impl Repair {
         let known: Arc<BTreeSet<String>> = Arc::new(view.tenants.keys().cloned().collect());
         let mut total = 0;
         for partition in self.engine.partitions_with_data() {
-            // The placement changed meanwhile: start over after a new grace period.
-            let latest = self.view.load();
-            if latest.pending.is_some() || placement_fingerprint(&latest) != fingerprint {
+            // The placement changed, or the view stopped being live, meanwhile: start over after a
+            // new grace period.
+            if settled_fingerprint(&self.view, &self.view.load()) != Some(fingerprint) {
                 return Ok(());
             }
             let owned: Arc<BTreeSet<String>> = Arc::new(
@@ -608,6 +609,20 @@ fn hint_sweep_interval(retention: Duration) -> Duration {
     (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
 
+/// What unowned-data deletion waits to see unchanged for its grace period: `None` while the view is
+/// not live (see [`SharedView::session`]), has no topology or a migration is pending; otherwise a
+/// value that changes with the watch session, the current topology and any tenant's N.
+fn settled_fingerprint(shared: &SharedView, view: &ClusterView) -> Option<u64> {
+    let session = shared.session()?;
+    if view.current.is_none() || view.pending.is_some() {
+        return None;
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    session.hash(&mut hasher);
+    placement_fingerprint(view).hash(&mut hasher);
+    Some(hasher.finish())
+}
+
 /// Changes whenever the current topology or any tenant's N changes.
 fn placement_fingerprint(view: &ClusterView) -> u64 {
     let mut tenants: Vec<(&str, usize, Option<usize>)> = view
@@ -625,5 +640,50 @@ fn placement_fingerprint(view: &ClusterView) -> u64 {
 async fn pause(wait_ms: u64) {
     if wait_ms > 0 {
         tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use pairdb_core::ring::{Assignment, NodeSpec};
+    use pairdb_core::token::PartitionCount;
+
+    use super::*;
+
+    fn view_with_topology(epoch: u64) -> ClusterView {
+        let nodes: Vec<NodeSpec> =
+            (1..=3).map(|id| NodeSpec { id: NodeId(id), weight: 1, zone: None }).collect();
+        let current = Assignment::compute(None, &nodes, PartitionCount::new(16).unwrap()).unwrap();
+        ClusterView { epoch, current: Some(Arc::new(current)), ..ClusterView::default() }
+    }
+
+    #[test]
+    fn unowned_data_waits_for_a_live_unbroken_watch_session() {
+        let shared = SharedView::default();
+        let view = view_with_topology(1);
+        assert_eq!(settled_fingerprint(&shared, &view), None, "never connected: the view may be stale");
+
+        shared.set_session(1);
+        let first = settled_fingerprint(&shared, &view).unwrap();
+        assert_eq!(settled_fingerprint(&shared, &view), Some(first), "stable while nothing changes");
+
+        shared.set_session(0);
+        assert_eq!(settled_fingerprint(&shared, &view), None, "stream broken: nothing is deleted");
+
+        shared.set_session(2);
+        let reconnected = settled_fingerprint(&shared, &view).unwrap();
+        assert_ne!(reconnected, first, "a new session restarts the grace period");
+
+        let next_epoch = view_with_topology(2);
+        assert_ne!(
+            settled_fingerprint(&shared, &next_epoch),
+            Some(reconnected),
+            "a new topology restarts it"
+        );
+
+        let mut migrating = view_with_topology(2);
+        migrating.pending = migrating.current.clone();
+        assert_eq!(settled_fingerprint(&shared, &migrating), None, "nothing is deleted during a migration");
+        assert_eq!(settled_fingerprint(&shared, &ClusterView::default()), None, "no topology yet");
     }
 }
