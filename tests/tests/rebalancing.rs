@@ -1,7 +1,7 @@
 //! Rebalancing and repair end to end, with real processes and the checker's load running throughout
 //! (issue 8's acceptance): adding, draining and force-removing nodes, changing a tenant's replication
-//! factor, killing meta mid-migration, refilling a wiped replica, converging after dropped hints, and
-//! deletes that survive tombstone GC.
+//! factor, killing meta mid-migration, refilling a wiped replica (by anti-entropy, and by
+//! `pairdb node rebuild`), converging after dropped hints, and deletes that survive tombstone GC.
 //!
 //! After each scenario the checker reads every key at ALL (no acknowledged write lost, nothing
 //! superseded back), and replicas are read directly from the storage nodes (storage `Get`, no read
@@ -537,6 +537,74 @@ async fn a_wiped_replica_is_refilled_by_anti_entropy_and_its_new_writes_win() {
 }
 
 /// The `hinted-*` keys the nodes at `indexes` hold hints of for node `target`.
+/// `pairdb ARGS --meta <cluster's meta> --output json`, as a real CLI process.
+fn pairdb(cluster: &Cluster, args: &[&str]) -> pairdb_tests::cli::Finished {
+    let meta = cluster.meta.addr.to_string();
+    let mut all = vec!["--meta", meta.as_str(), "--output", "json"];
+    all.extend_from_slice(args);
+    pairdb_tests::cli::run(cluster.dir.path(), &all, &[]).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pairdb_node_rebuild_refills_a_wiped_replica_with_periodic_anti_entropy_off() {
+    let _serial = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let mut cluster = start(3, 3, &["--anti-entropy-period-secs", "0"]).await;
+    let mut checker = Checker::start(&cluster, LoadConfig::default()).await.unwrap();
+    checker.wait_for_acked_writes(200, Duration::from_secs(30)).await.unwrap();
+    let wiped = 2;
+    let wiped_id = Cluster::storage_node_id(wiped);
+    let node = wiped_id.to_string();
+
+    let status = pairdb(&cluster, &["node", "rebuild-status", &node]);
+    assert!(status.success, "{}", status.stderr);
+    assert_eq!(status.json().unwrap()["state"], "idle");
+    let unknown = pairdb(&cluster, &["node", "rebuild", "99"]);
+    assert!(!unknown.success && unknown.stderr.contains("NODE_NOT_FOUND"), "{unknown:?}");
+
+    // Nothing but the rebuild may refill the node: no writes, no reads (read repair).
+    checker.pause().await;
+    checker.pause_readers().await;
+    cluster.wipe_storage(wiped).unwrap();
+    let keys = checker.keys();
+    let held = cluster.storage_stats(wiped).await.unwrap().keys;
+    assert!(held < keys.len() as u64 / 2, "the wiped node already holds {held} of {} keys", keys.len());
+
+    let started = Instant::now();
+    let rebuilt = pairdb(&cluster, &["node", "rebuild", &node]);
+    assert!(rebuilt.success, "pairdb node rebuild failed:\n{}\n{}", rebuilt.stdout, rebuilt.stderr);
+    let report = rebuilt.json().unwrap();
+    eprintln!("rebuild of node {wiped_id} took {:.1}s: {report}", started.elapsed().as_secs_f64());
+    assert_eq!(report["state"], "done", "{report}");
+    assert_eq!(report["failed_exchanges"], 0, "{report}");
+    assert!(report["keys_repaired"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["partitions_total"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["partitions_done"], report["partitions_total"], "{report}");
+
+    // The rebuild is over when the CLI returns: every key is back already (the deadline only
+    // covers reading the replicas).
+    wait_for_replicas(
+        &cluster,
+        TENANT,
+        &keys,
+        3,
+        &all_nodes(&cluster),
+        ReplicaCheck::NotBehind(wiped_id),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let (code, body) =
+        pairdb_tests::http_get(cluster.meta.addr, &format!("/v1/admin/storage-nodes/{wiped_id}/rebuild"))
+            .unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["state"], "done", "{body}");
+
+    checker.resume();
+    checker.wait_for_acked_writes(100, Duration::from_secs(30)).await.unwrap();
+    let report = checker.stop().await.unwrap();
+    report.verify(&cluster).await.unwrap().ensure_ok().unwrap();
+}
+
 async fn hints_for(cluster: &Cluster, indexes: &[usize], target: u32) -> BTreeSet<String> {
     let mut keys = BTreeSet::new();
     for index in indexes {

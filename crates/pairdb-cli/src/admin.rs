@@ -228,8 +228,59 @@ pub async fn node(globals: &Globals, command: NodeCommand) -> anyhow::Result<()>
             let node = reply.node.as_ref().map(output::node_json).unwrap_or(Value::Null);
             show(globals.output, &change_json("node", node, &reply.migration_id));
         }
+        NodeCommand::Rebuild { node_id, no_wait, interval_ms } => {
+            let started = admin.rebuild_storage_node(pb::RebuildStorageNodeRequest { node_id }).await?;
+            if no_wait {
+                show(globals.output, &output::rebuild_json(&started));
+                return Ok(());
+            }
+            let interval = Duration::from_millis(interval_ms.max(50));
+            let bar = partitions_bar(globals.output);
+            let rebuild = loop {
+                let rebuild = admin.get_node_rebuild(pb::GetNodeRebuildRequest { node_id }).await?;
+                bar.set_length(rebuild.partitions_total);
+                bar.set_position(rebuild.partitions_done);
+                bar.set_message(format!(
+                    "node {node_id} rebuild {} | {} keys compared, {} repaired",
+                    rebuild.state, rebuild.keys_compared, rebuild.keys_repaired
+                ));
+                // A node that restarted meanwhile reports "idle": its rebuild is gone with it.
+                if rebuild.state != "running" {
+                    break rebuild;
+                }
+                tokio::time::sleep(interval).await;
+            };
+            bar.finish();
+            show(globals.output, &output::rebuild_json(&rebuild));
+            if rebuild.state != "done" || rebuild.started_at_ms < started.started_at_ms {
+                anyhow::bail!(
+                    "REBUILD_INTERRUPTED: node {node_id} no longer reports the rebuild (it restarted?); run it again"
+                );
+            }
+            if rebuild.failed_exchanges > 0 {
+                anyhow::bail!(
+                    "REBUILD_INCOMPLETE: node {node_id} could not exchange with a peer {} time(s) (down or failing); \
+                     run it again once every replica is up",
+                    rebuild.failed_exchanges
+                );
+            }
+        }
+        NodeCommand::RebuildStatus { node_id } => {
+            let rebuild = admin.get_node_rebuild(pb::GetNodeRebuildRequest { node_id }).await?;
+            show(globals.output, &output::rebuild_json(&rebuild));
+        }
     }
     Ok(())
+}
+
+/// A live progress bar over partitions in table output; hidden for JSON (only the result is printed).
+fn partitions_bar(output: Output) -> ProgressBar {
+    let bar = if output == Output::Table { ProgressBar::new(0) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {pos}/{len} partitions")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
 }
 
 fn finished(migration: &pb::Migration) -> bool {
@@ -274,12 +325,7 @@ pub async fn migration(globals: &Globals, command: MigrationCommand) -> anyhow::
         }
         MigrationCommand::Watch { migration_id, interval_ms } => {
             let interval = Duration::from_millis(interval_ms.max(50));
-            let bar =
-                if globals.output == Output::Table { ProgressBar::new(0) } else { ProgressBar::hidden() };
-            bar.set_style(
-                ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {pos}/{len} partitions")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
+            let bar = partitions_bar(globals.output);
             let migration = loop {
                 let migration = admin
                     .get_migration(pb::GetMigrationRequest { migration_id: migration_id.clone() })

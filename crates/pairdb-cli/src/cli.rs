@@ -286,6 +286,21 @@ pub enum NodeCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Refill a node from the other replicas now (e.g. after its data directory was lost) and wait
+    /// until it is done; anti-entropy would do it too, within its period.
+    Rebuild {
+        node_id: u32,
+        /// Start it and return at once (follow it with `pairdb node rebuild-status`).
+        #[arg(long)]
+        no_wait: bool,
+        /// Poll interval while waiting.
+        #[arg(long, default_value_t = 500)]
+        interval_ms: u64,
+    },
+    /// Show a node's rebuild (the last one since the node started, or the one running).
+    RebuildStatus {
+        node_id: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]

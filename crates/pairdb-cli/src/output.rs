@@ -153,6 +153,21 @@ pub fn migration_state_name(value: i32) -> &'static str {
     }
 }
 
+pub fn rebuild_json(rebuild: &admin::NodeRebuild) -> Value {
+    json!({
+        "node_id": rebuild.node_id,
+        "state": rebuild.state,
+        "partitions_total": rebuild.partitions_total,
+        "partitions_done": rebuild.partitions_done,
+        "keys_compared": rebuild.keys_compared,
+        "keys_repaired": rebuild.keys_repaired,
+        "bytes": rebuild.bytes,
+        "failed_exchanges": rebuild.failed_exchanges,
+        "started_at_ms": rebuild.started_at_ms,
+        "finished_at_ms": rebuild.finished_at_ms,
+    })
+}
+
 pub fn migration_json(migration: &admin::Migration) -> Value {
     let progress = migration.progress.unwrap_or_default();
     json!({

@@ -97,6 +97,16 @@ impl AdminClient {
         pb::StorageNodeChangeResponse,
         false
     );
+    admin_call!(
+        /// Starts refilling a node from its peers (one rebuild at a time per node; starting while one
+        /// runs returns its progress).
+        rebuild_storage_node,
+        rebuild_storage_node,
+        pb::RebuildStorageNodeRequest,
+        pb::NodeRebuild,
+        true
+    );
+    admin_call!(get_node_rebuild, get_node_rebuild, pb::GetNodeRebuildRequest, pb::NodeRebuild, true);
     admin_call!(get_migration, get_migration, pb::GetMigrationRequest, pb::Migration, true);
     admin_call!(
         list_migrations,

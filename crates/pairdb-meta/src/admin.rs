@@ -30,14 +30,15 @@ use pairdb_core::token::PartitionCount;
 use pairdb_core::validation::{
     self, DEFAULT_MAX_SIBLINGS, DEFAULT_MAX_VALUE_BYTES, DEFAULT_REPLICATION_FACTOR, MAX_REPLICATION_FACTOR,
 };
+use pairdb_proto::storage::v1 as storage_pb;
 use rand::Rng;
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
 use crate::error::MetaError;
 use crate::model::{
-    ApiKey, ConflictMode, Membership, Migration, MigrationKind, MigrationProgress, MigrationState, NodeStats,
-    StorageNode, Tenant, Topology,
+    ApiKey, ConflictMode, Membership, Migration, MigrationKind, MigrationProgress, MigrationState,
+    NodeRebuild, NodeStats, StorageNode, Tenant, Topology,
 };
 use crate::persistence::{ChangeKind, MetaState, Store, Tx, hex};
 use crate::view::ClusterView;
@@ -56,6 +57,8 @@ pub struct Settings {
     pub node_down_after_ms: u64,
     /// Partitions a migration moves concurrently (at least 1).
     pub migration_parallelism: usize,
+    /// How meta reaches storage nodes for operator requests (rebuilds); `None` = plaintext.
+    pub storage_tls: Option<pairdb_service::tls::Tls>,
 }
 
 /// A tenant to create. Zero / `None` fields take the defaults.
@@ -533,6 +536,39 @@ impl Meta {
         let view = node_view(&mut tx, node).await?;
         tx.commit().await?;
         Ok(view)
+    }
+
+    /// Starts (`start`) or reports a storage node's rebuild, which the node runs itself: meta only
+    /// relays, so nothing about it is stored here.
+    pub async fn node_rebuild(&self, node_id: u32, start: bool) -> Result<NodeRebuild, MetaError> {
+        let node = self.get_node(node_id).await?.node;
+        if node.membership == Membership::Removed {
+            return Err(MetaError::NodeRemoved(node_id));
+        }
+        if node.address.is_empty() {
+            return Err(MetaError::NodeUnavailable { node_id, message: "it has not registered yet".into() });
+        }
+        let status =
+            crate::mover::node_rebuild(&node.address, self.inner.settings.storage_tls.as_ref(), start)
+                .await
+                .map_err(|message| MetaError::NodeUnavailable { node_id, message })?;
+        let state = match status.state() {
+            storage_pb::RebuildState::Running => "running",
+            storage_pb::RebuildState::Done => "done",
+            storage_pb::RebuildState::Idle | storage_pb::RebuildState::Unspecified => "idle",
+        };
+        Ok(NodeRebuild {
+            node_id,
+            state,
+            partitions_total: status.partitions_total,
+            partitions_done: status.partitions_done,
+            keys_compared: status.keys_compared,
+            keys_repaired: status.keys_repaired,
+            bytes: status.bytes,
+            failed_exchanges: status.failed_exchanges,
+            started_at_ms: status.started_at_ms,
+            finished_at_ms: status.finished_at_ms,
+        })
     }
 
     /// Every node, removed ones included.

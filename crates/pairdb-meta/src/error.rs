@@ -30,6 +30,8 @@ pub enum MetaError {
     NodeRemoved(u32),
     #[error("invalid storage node: {0}")]
     InvalidNode(String),
+    #[error("storage node {node_id} did not answer: {message}")]
+    NodeUnavailable { node_id: u32, message: String },
     #[error(
         "storage node {node_id} is in use: removing it would leave {remaining} ring node(s) but tenants need {required}"
     )]
@@ -62,6 +64,7 @@ impl MetaError {
             MetaError::NodeExists(_) => "NODE_EXISTS",
             MetaError::NodeRemoved(_) => "NODE_REMOVED",
             MetaError::InvalidNode(_) => "INVALID_NODE",
+            MetaError::NodeUnavailable { .. } => "NODE_UNAVAILABLE",
             MetaError::NodeInUse { .. } => "NODE_IN_USE",
             MetaError::MigrationNotFound(_) => "MIGRATION_NOT_FOUND",
             MetaError::MigrationInProgress { .. } => "MIGRATION_IN_PROGRESS",
@@ -89,9 +92,10 @@ impl MetaError {
                 metadata
             }
             MetaError::ApiKeyNotFound(key) => vec![("key_id", key.clone())],
-            MetaError::NodeNotFound(node) | MetaError::NodeExists(node) | MetaError::NodeRemoved(node) => {
-                vec![("node_id", node.to_string())]
-            }
+            MetaError::NodeNotFound(node)
+            | MetaError::NodeExists(node)
+            | MetaError::NodeRemoved(node)
+            | MetaError::NodeUnavailable { node_id: node, .. } => vec![("node_id", node.to_string())],
             MetaError::NodeInUse { node_id, remaining, required } => vec![
                 ("node_id", node_id.to_string()),
                 ("remaining_nodes", remaining.to_string()),

@@ -19,8 +19,8 @@ use crate::admin::{Meta, NewNode, NewTenant, NodePatch, NodeView, Registration, 
 use crate::config::AdminAuth;
 use crate::error::MetaError;
 use crate::model::{
-    ApiKey, ApiKeyHash, ConflictMode, Migration, MigrationState, NodeStats, NodeStatus, StorageNode, Tenant,
-    Topology,
+    ApiKey, ApiKeyHash, ConflictMode, Migration, MigrationState, NodeRebuild, NodeStats, NodeStatus,
+    StorageNode, Tenant, Topology,
 };
 use crate::view::{Event, RevisionedEvent, ViewSnapshot};
 
@@ -281,6 +281,30 @@ impl AdminService for AdminGrpc {
             .await
             .map_err(|e| error_status("RemoveStorageNode", e))?;
         Ok(Response::new(node_change(&node, migration_id)))
+    }
+
+    async fn rebuild_storage_node(
+        &self,
+        request: Request<admin_pb::RebuildStorageNodeRequest>,
+    ) -> Result<Response<admin_pb::NodeRebuild>, Status> {
+        let rebuild = self
+            .meta
+            .node_rebuild(request.into_inner().node_id, true)
+            .await
+            .map_err(|e| error_status("RebuildStorageNode", e))?;
+        Ok(Response::new(node_rebuild_message(&rebuild)))
+    }
+
+    async fn get_node_rebuild(
+        &self,
+        request: Request<admin_pb::GetNodeRebuildRequest>,
+    ) -> Result<Response<admin_pb::NodeRebuild>, Status> {
+        let rebuild = self
+            .meta
+            .node_rebuild(request.into_inner().node_id, false)
+            .await
+            .map_err(|e| error_status("GetNodeRebuild", e))?;
+        Ok(Response::new(node_rebuild_message(&rebuild)))
     }
 
     async fn get_migration(
@@ -588,6 +612,21 @@ fn node_to_pb(view: &NodeView) -> admin_pb::StorageNode {
             write_path_poisoned: node.stats.write_path_poisoned,
         }),
         in_ring: view.in_ring,
+    }
+}
+
+fn node_rebuild_message(rebuild: &NodeRebuild) -> admin_pb::NodeRebuild {
+    admin_pb::NodeRebuild {
+        node_id: rebuild.node_id,
+        state: rebuild.state.to_owned(),
+        partitions_total: rebuild.partitions_total,
+        partitions_done: rebuild.partitions_done,
+        keys_compared: rebuild.keys_compared,
+        keys_repaired: rebuild.keys_repaired,
+        bytes: rebuild.bytes,
+        failed_exchanges: rebuild.failed_exchanges,
+        started_at_ms: rebuild.started_at_ms,
+        finished_at_ms: rebuild.finished_at_ms,
     }
 }
 

@@ -10,6 +10,7 @@
 //! | `DELETE /v1/api-keys/{key_id}` | revoke |
 //! | `POST`, `GET /v1/admin/storage-nodes` | add (201), list |
 //! | `GET`, `PATCH`, `DELETE /v1/admin/storage-nodes/{id}` (`?force=true`) | get, update weight/zone, remove |
+//! | `POST`, `GET /v1/admin/storage-nodes/{id}/rebuild` | start a rebuild (202), its progress |
 //! | `GET /v1/admin/migrations`, `GET /v1/admin/migrations/{id}` | list, get (the seed's GetMigrationStatus) |
 //! | `POST /v1/admin/migrations/{id}/cancel` | cancel |
 //!
@@ -36,7 +37,7 @@ use crate::admin::{Meta, NewNode, NewTenant, NodePatch, NodeView, TenantPatch, n
 use crate::config::AdminAuth;
 use crate::error::MetaError;
 use crate::grpc::{authorized, migration_rates};
-use crate::model::{ApiKey, ConflictMode, Migration, Tenant};
+use crate::model::{ApiKey, ConflictMode, Migration, NodeRebuild, Tenant};
 
 /// The admin routes, behind the admin-token check.
 pub fn routes(meta: Meta, auth: Arc<AdminAuth>) -> Router {
@@ -49,6 +50,7 @@ pub fn routes(meta: Meta, auth: Arc<AdminAuth>) -> Router {
         .route("/v1/api-keys/{key_id}", delete(revoke_api_key))
         .route("/v1/admin/storage-nodes", post(add_node).get(list_nodes))
         .route("/v1/admin/storage-nodes/{node_id}", get(get_node).patch(update_node).delete(remove_node))
+        .route("/v1/admin/storage-nodes/{node_id}/rebuild", post(start_rebuild).get(get_rebuild))
         .route("/v1/admin/migrations", get(list_migrations))
         .route("/v1/admin/migrations/{migration_id}", get(get_migration))
         .route("/v1/admin/migrations/{migration_id}/cancel", post(cancel_migration))
@@ -185,6 +187,21 @@ fn node_json(view: &NodeView) -> Value {
             "write_path_poisoned": node.stats.write_path_poisoned,
         },
         "in_ring": view.in_ring,
+    })
+}
+
+fn rebuild_json(rebuild: &NodeRebuild) -> Value {
+    json!({
+        "node_id": rebuild.node_id,
+        "state": rebuild.state,
+        "partitions_total": rebuild.partitions_total,
+        "partitions_done": rebuild.partitions_done,
+        "keys_compared": rebuild.keys_compared,
+        "keys_repaired": rebuild.keys_repaired,
+        "bytes": rebuild.bytes,
+        "failed_exchanges": rebuild.failed_exchanges,
+        "started_at_ms": rebuild.started_at_ms,
+        "finished_at_ms": rebuild.finished_at_ms,
     })
 }
 
@@ -491,6 +508,26 @@ async fn remove_node(
             };
             let (node, migration_id) = meta.remove_node(node_id, force).await?;
             Ok((StatusCode::OK, change_json("node", node_json(&node), migration_id)))
+        }
+        .await,
+    )
+}
+
+async fn start_rebuild(State(meta): State<Meta>, Path(node_id): Path<String>) -> Response {
+    reply(
+        async {
+            let rebuild = meta.node_rebuild(parse_node_id(&node_id)?, true).await?;
+            Ok((StatusCode::ACCEPTED, rebuild_json(&rebuild)))
+        }
+        .await,
+    )
+}
+
+async fn get_rebuild(State(meta): State<Meta>, Path(node_id): Path<String>) -> Response {
+    reply(
+        async {
+            let rebuild = meta.node_rebuild(parse_node_id(&node_id)?, false).await?;
+            Ok((StatusCode::OK, rebuild_json(&rebuild)))
         }
         .await,
     )

@@ -131,6 +131,7 @@ pub async fn run_with_mover(
             heartbeat_interval_ms: config.heartbeat_interval_ms,
             node_down_after_ms: config.node_down_after_ms,
             migration_parallelism: config.migration_parallelism.max(1),
+            storage_tls: config.tls.load()?,
         },
     );
     metrics::gauge!("pairdb_meta_watch_subscribers").increment(0.0);

@@ -137,6 +137,23 @@ pub struct NodeStats {
     pub write_path_poisoned: bool,
 }
 
+/// A storage node's rebuild as the node reports it (relayed, never stored: the node owns it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRebuild {
+    pub node_id: u32,
+    /// "idle" (none since the node started), "running" or "done".
+    pub state: &'static str,
+    pub partitions_total: u64,
+    pub partitions_done: u64,
+    pub keys_compared: u64,
+    pub keys_repaired: u64,
+    pub bytes: u64,
+    /// (partition, peer) exchanges that failed or were skipped because the peer was down.
+    pub failed_exchanges: u64,
+    pub started_at_ms: u64,
+    pub finished_at_ms: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StorageNode {
     pub node_id: u32,

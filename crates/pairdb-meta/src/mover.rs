@@ -5,6 +5,9 @@
 //!
 //! A transfer whose target fails is retried a bounded number of times with backoff before the
 //! partition (and so the migration) fails; pulling again is harmless since storage merges with DVVS.
+//!
+//! [`node_rebuild`] is the other call meta makes to a storage node for an operator: starting or
+//! reading the node's rebuild, which the node runs itself (data flows from its peers to it).
 
 use std::time::Duration;
 
@@ -35,20 +38,51 @@ impl StreamingDataMover {
         address: &str,
         request: pb::SyncPartitionRequest,
     ) -> Result<pb::SyncPartitionResponse, String> {
-        let channel = pairdb_service::tls::endpoint(address, self.tls.as_ref())
-            .map_err(|e| e.to_string())?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(TRANSFER_TIMEOUT)
-            .connect()
-            .await
-            .map_err(|e| format!("cannot reach {address}: {e}"))?;
-        let mut client =
-            StorageServiceClient::with_interceptor(channel, pairdb_service::telemetry::TraceInterceptor);
-        client.sync_partition(request).await.map(tonic::Response::into_inner).map_err(|status| {
-            let reason = pairdb_service::errors::reason_of(&status).unwrap_or_default();
-            format!("{reason} {}", status.message())
-        })
+        let mut client = storage_client(address, self.tls.as_ref(), TRANSFER_TIMEOUT).await?;
+        client.sync_partition(request).await.map(tonic::Response::into_inner).map_err(status_text)
     }
+}
+
+type Client = StorageServiceClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        pairdb_service::telemetry::TraceInterceptor,
+    >,
+>;
+
+async fn storage_client(
+    address: &str,
+    tls: Option<&pairdb_service::tls::Tls>,
+    timeout: Duration,
+) -> Result<Client, String> {
+    let channel = pairdb_service::tls::endpoint(address, tls)
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(timeout)
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach {address}: {e}"))?;
+    Ok(StorageServiceClient::with_interceptor(channel, pairdb_service::telemetry::TraceInterceptor))
+}
+
+fn status_text(status: tonic::Status) -> String {
+    let reason = pairdb_service::errors::reason_of(&status).unwrap_or_default();
+    format!("{reason} {}", status.message())
+}
+
+/// Starts (`start`) or reads the rebuild of the storage node at `address`.
+pub async fn node_rebuild(
+    address: &str,
+    tls: Option<&pairdb_service::tls::Tls>,
+    start: bool,
+) -> Result<pb::RebuildStatus, String> {
+    let mut client = storage_client(address, tls, Duration::from_secs(10)).await?;
+    let reply = if start {
+        client.start_rebuild(pb::StartRebuildRequest {}).await
+    } else {
+        client.get_rebuild_status(pb::GetRebuildStatusRequest {}).await
+    };
+    reply.map(tonic::Response::into_inner).map_err(status_text)
 }
 
 #[tonic::async_trait]

@@ -31,15 +31,19 @@ pub fn grpc_code(reason: &str) -> Code {
         | "MIGRATION_NOT_FOUND"
         | "API_KEY_NOT_FOUND" => Code::NotFound,
         "TENANT_EXISTS" | "NODE_EXISTS" | "IDEMPOTENCY_KEY_CONFLICT" => Code::AlreadyExists,
-        "NODE_IN_USE" | "NODE_REMOVED" | "MIGRATION_IN_PROGRESS" | "MIGRATION_FINISHED" | "WRONG_NODE" => {
-            Code::FailedPrecondition
-        }
+        "NODE_IN_USE"
+        | "NODE_REMOVED"
+        | "NOT_IN_CLUSTER"
+        | "MIGRATION_IN_PROGRESS"
+        | "MIGRATION_FINISHED"
+        | "WRONG_NODE" => Code::FailedPrecondition,
         "RATE_LIMITED" | "VALUE_TOO_LARGE" | "TOO_MANY_SIBLINGS" | "DISK_FULL" => Code::ResourceExhausted,
         "IDEMPOTENCY_IN_FLIGHT" => Code::Aborted,
         "QUORUM_NOT_REACHED"
         | "WRITE_PATH_POISONED"
         | "NOT_READY"
         | "SOURCE_UNAVAILABLE"
+        | "NODE_UNAVAILABLE"
         | "OVERLOADED"
         | "META_UNAVAILABLE"
         | "IDEMPOTENCY_STORE_UNAVAILABLE"

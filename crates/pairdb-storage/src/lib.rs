@@ -93,9 +93,14 @@ pub async fn run_with_engine(
     });
 
     let tls = config.tls.load()?;
-    let api = service::StorageApi::new(engine.clone(), config.max_inflight_requests, config.stream_batch_max)
-        .with_tls(tls.clone())
-        .with_tombstone_grace(Duration::from_secs(config.tombstone_grace_secs));
+    let rebuild = Arc::new(repair::Rebuild::default());
+    let mut api =
+        service::StorageApi::new(engine.clone(), config.max_inflight_requests, config.stream_batch_max)
+            .with_tls(tls.clone())
+            .with_tombstone_grace(Duration::from_secs(config.tombstone_grace_secs));
+    if config.meta_addr.is_some() {
+        api = api.with_rebuild(rebuild.clone());
+    }
     let grpc = StorageServiceServer::new(api)
         .max_decoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES)
         .max_encoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES);
@@ -126,6 +131,7 @@ pub async fn run_with_engine(
                 engine.clone(),
                 view,
                 config.repair_settings(),
+                rebuild,
                 tls.clone(),
                 stop_receiver.clone(),
             )));

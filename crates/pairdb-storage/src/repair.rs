@@ -18,6 +18,10 @@
 //!   grace must be spent in one unbroken watch session: a node cut off from meta may be looking at a
 //!   topology that is no longer current, so it deletes nothing until it is back and settled again.
 //! - **Hint retention**: hints not delivered within `hint_retention` are dropped.
+//! - **Rebuild** (`StartRebuild`, `pairdb node rebuild`): one pass over every partition this node
+//!   replicates, exchanging with *every* other replica (not only those after it), right away and
+//!   paced only by the rate limits — how a node whose data directory was lost is refilled without
+//!   waiting for the anti-entropy period. Runs even when periodic anti-entropy is off.
 //!
 //! Every storage call runs on the blocking pool; every RPC is bounded (leaves per request, keys per
 //! batch); failures are logged here and retried next period.
@@ -36,7 +40,7 @@ use pairdb_proto::storage::v1 as pb;
 use pairdb_proto::storage::v1::storage_service_client::StorageServiceClient;
 use pairdb_service::cluster_view::{ClusterView, SharedView};
 use pairdb_service::telemetry::TraceInterceptor;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -80,20 +84,85 @@ enum RepairError {
     Task(String),
 }
 
-/// Runs the repair loops until `shutdown` is set.
+/// Where a rebuild is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RebuildState {
+    /// None since the node started.
+    #[default]
+    Idle,
+    Running,
+    Done,
+}
+
+/// Progress of the node's rebuild (see the module docs).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RebuildProgress {
+    pub state: RebuildState,
+    pub partitions_total: u64,
+    pub partitions_done: u64,
+    pub keys_compared: u64,
+    pub keys_repaired: u64,
+    pub bytes: u64,
+    /// (partition, peer) exchanges that failed or were skipped because the peer was down.
+    pub failed_exchanges: u64,
+    pub started_at_ms: u64,
+    pub finished_at_ms: u64,
+}
+
+/// Shared by the gRPC service (which starts rebuilds and reports them) and the repair task (which
+/// runs them, one at a time).
+#[derive(Debug, Default)]
+pub struct Rebuild {
+    progress: std::sync::Mutex<RebuildProgress>,
+    wake: Notify,
+}
+
+impl Rebuild {
+    /// Starts a rebuild unless one is running; returns its progress either way.
+    pub fn start(&self) -> RebuildProgress {
+        let mut progress = self.lock();
+        if progress.state != RebuildState::Running {
+            *progress = RebuildProgress {
+                state: RebuildState::Running,
+                started_at_ms: now_ms(),
+                ..Default::default()
+            };
+            // Stored as a permit when the task is busy elsewhere; it picks it up next.
+            self.wake.notify_one();
+        }
+        *progress
+    }
+
+    pub fn progress(&self) -> RebuildProgress {
+        *self.lock()
+    }
+
+    fn update(&self, change: impl FnOnce(&mut RebuildProgress)) {
+        change(&mut self.lock());
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RebuildProgress> {
+        // Plain counters: a panic mid-update cannot leave them inconsistent in a harmful way.
+        self.progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Runs the repair loops until `shutdown` is set; rebuilds requested through `rebuild` run here.
 pub async fn run(
     engine: Arc<Engine>,
     view: SharedView,
     settings: RepairSettings,
+    rebuild: Arc<Rebuild>,
     tls: Option<pairdb_service::tls::Tls>,
     shutdown: watch::Receiver<bool>,
 ) {
     let peers = Peers { tls, clients: tokio::sync::Mutex::new(HashMap::new()) };
     let repair = Arc::new(Repair { engine, view, settings, peers });
     let anti_entropy = tokio::spawn(repair.clone().anti_entropy_loop(shutdown.clone()));
+    let rebuilds = tokio::spawn(repair.clone().rebuild_loop(rebuild, shutdown.clone()));
     let cleanup = tokio::spawn(repair.clone().unowned_loop(shutdown.clone()));
     let hints = tokio::spawn(repair.hint_expiry_loop(shutdown));
-    let _ = tokio::join!(anti_entropy, cleanup, hints);
+    let _ = tokio::join!(anti_entropy, rebuilds, cleanup, hints);
 }
 
 #[derive(Debug)]
@@ -130,12 +199,29 @@ struct Repair {
     peers: Peers,
 }
 
-/// What one partition's exchange with one peer did.
+/// What one partition's exchange with one peer (or several) did.
 #[derive(Debug, Clone, Copy, Default)]
 struct Exchange {
     compared: u64,
     repaired: u64,
     bytes: u64,
+}
+
+impl Exchange {
+    fn add(&mut self, other: Exchange) {
+        self.compared += other.compared;
+        self.repaired += other.repaired;
+        self.bytes += other.bytes;
+    }
+}
+
+/// Which replica peers of a partition a node exchanges with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PeerSet {
+    /// Those after it in the list (periodic anti-entropy: each pair once per period).
+    Later,
+    /// Every one (a rebuild).
+    All,
 }
 
 /// Each tenant with the deepest N any request may use for it (the old one while N changes).
@@ -181,17 +267,7 @@ impl Repair {
         let mut keys_budget = Budget::new(self.settings.keys_per_sec, now_ms());
         let mut bytes_budget = Budget::new(self.settings.bytes_per_sec, now_ms());
         loop {
-            let view = self.view.load();
-            let me = self.me();
-            let tenants = tenant_depths(&view);
-            let partitions: Vec<PartitionId> = match &view.current {
-                Some(current) => current
-                    .lists()
-                    .filter(|(_, list)| !replica_peers(list, me, &tenants).is_empty())
-                    .map(|(partition, _)| partition)
-                    .collect(),
-                None => Vec::new(),
-            };
+            let partitions = self.replicated_partitions(&self.view.load());
             if partitions.is_empty() {
                 if sleep_or_stop(period.min(Duration::from_secs(1)), &mut shutdown).await {
                     return;
@@ -224,6 +300,111 @@ impl Repair {
         }
     }
 
+    /// The partitions of the current topology this node shares with at least one other replica.
+    fn replicated_partitions(&self, view: &ClusterView) -> Vec<PartitionId> {
+        let me = self.me();
+        let tenants = tenant_depths(view);
+        match &view.current {
+            Some(current) => current
+                .lists()
+                .filter(|(_, list)| !replica_peers(list, me, &tenants).is_empty())
+                .map(|(partition, _)| partition)
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    async fn rebuild_loop(self: Arc<Self>, rebuild: Arc<Rebuild>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = rebuild.wake.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+            // A node that just started may not have its first topology yet.
+            let partitions = loop {
+                let view = self.view.load();
+                if view.current.is_some() {
+                    break self.replicated_partitions(&view);
+                }
+                if sleep_or_stop(Duration::from_millis(200), &mut shutdown).await {
+                    return;
+                }
+            };
+            rebuild.update(|p| p.partitions_total = partitions.len() as u64);
+            tracing::info!(partitions = partitions.len(), "rebuild started");
+            let started = Instant::now();
+            let mut keys_budget = Budget::new(self.settings.keys_per_sec, now_ms());
+            let mut bytes_budget = Budget::new(self.settings.bytes_per_sec, now_ms());
+            for partition in partitions {
+                if *shutdown.borrow() {
+                    return;
+                }
+                let view = self.view.load();
+                let (exchange, failed) = self
+                    .exchange_partition(partition, &view, PeerSet::All, &mut keys_budget, &mut bytes_budget)
+                    .await;
+                metrics::counter!("pairdb_storage_rebuild_keys_repaired_total").increment(exchange.repaired);
+                rebuild.update(|p| {
+                    p.partitions_done += 1;
+                    p.keys_compared += exchange.compared;
+                    p.keys_repaired += exchange.repaired;
+                    p.bytes += exchange.bytes;
+                    p.failed_exchanges += failed;
+                });
+            }
+            rebuild.update(|p| {
+                p.state = RebuildState::Done;
+                p.finished_at_ms = now_ms();
+            });
+            let done = rebuild.progress();
+            tracing::info!(
+                keys_repaired = done.keys_repaired,
+                failed_exchanges = done.failed_exchanges,
+                seconds = started.elapsed().as_secs_f64(),
+                "rebuild done"
+            );
+        }
+    }
+
+    /// Exchanges one partition with its replica peers in `peers`; returns what moved and how many
+    /// peers were down or failed.
+    async fn exchange_partition(
+        &self,
+        partition: PartitionId,
+        view: &ClusterView,
+        peers: PeerSet,
+        keys_budget: &mut Budget,
+        bytes_budget: &mut Budget,
+    ) -> (Exchange, u64) {
+        let mut total = Exchange::default();
+        let mut failed = 0;
+        let Some(current) = view.current.as_ref() else { return (total, failed) };
+        let me = self.me();
+        let tenants = tenant_depths(view);
+        let list = current.list(partition);
+        let Some(own_position) = list.iter().position(|&n| n == me) else { return (total, failed) };
+        for (peer, shared) in replica_peers(list, me, &tenants) {
+            let peer_position = list.iter().position(|&n| n == peer).unwrap_or(0);
+            if peers == PeerSet::Later && peer_position < own_position {
+                continue;
+            }
+            let Some(entry) = view.nodes.get(&peer).filter(|entry| !entry.down) else {
+                failed += 1;
+                continue;
+            };
+            let shared: BTreeSet<String> = shared.into_iter().collect();
+            match self.exchange(partition, peer, &entry.address, &shared, keys_budget, bytes_budget).await {
+                Ok(exchange) => total.add(exchange),
+                Err(error) => {
+                    failed += 1;
+                    metrics::counter!("pairdb_storage_anti_entropy_errors_total").increment(1);
+                    tracing::debug!(%partition, %error, "anti-entropy exchange failed; retried next period");
+                }
+            }
+        }
+        (total, failed)
+    }
+
     /// Compares one partition with the replicas after this node in its list, then (first replica
     /// only) collects tombstones.
     async fn partition_round(
@@ -233,35 +414,12 @@ impl Repair {
         bytes_budget: &mut Budget,
     ) -> Exchange {
         let view = self.view.load();
-        let Some(current) = view.current.clone() else { return Exchange::default() };
-        let me = self.me();
+        let (total, _) =
+            self.exchange_partition(partition, &view, PeerSet::Later, keys_budget, bytes_budget).await;
+        let Some(current) = view.current.as_ref() else { return total };
         let tenants = tenant_depths(&view);
-        let list = current.list(partition);
-        let Some(own_position) = list.iter().position(|&n| n == me) else { return Exchange::default() };
-        let mut total = Exchange::default();
-        for (peer, shared) in replica_peers(list, me, &tenants) {
-            let peer_position = list.iter().position(|&n| n == peer).unwrap_or(0);
-            if peer_position < own_position {
-                continue;
-            }
-            let Some(entry) = view.nodes.get(&peer) else { continue };
-            if entry.down {
-                continue;
-            }
-            let shared: BTreeSet<String> = shared.into_iter().collect();
-            match self.exchange(partition, peer, &entry.address, &shared, keys_budget, bytes_budget).await {
-                Ok(exchange) => {
-                    total.compared += exchange.compared;
-                    total.repaired += exchange.repaired;
-                    total.bytes += exchange.bytes;
-                }
-                Err(error) => {
-                    metrics::counter!("pairdb_storage_anti_entropy_errors_total").increment(1);
-                    tracing::debug!(%partition, %error, "anti-entropy exchange failed; retried next period");
-                }
-            }
-        }
-        if own_position == 0
+        let own_position = current.list(partition).iter().position(|&n| n == self.me());
+        if own_position == Some(0)
             && view.pending.is_none()
             && view.tenants.values().all(|t| t.previous_replication_factor.is_none())
             && self.engine.partition_tombstones(partition) > 0

@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status};
 use crate::engine::{Engine, EngineError, RecordDigest};
 use crate::keys::RecordKey;
 use crate::merkle::MERKLE_DEPTH;
+use crate::repair::{Rebuild, RebuildProgress, RebuildState};
 use crate::{hints, sync};
 
 /// The gRPC service over one engine.
@@ -33,6 +34,8 @@ pub struct StorageApi {
     tls: Option<pairdb_service::tls::Tls>,
     /// Tombstones younger than this are never purged, whatever a peer asks.
     tombstone_grace_ms: u64,
+    /// Present when the node follows a cluster (a standalone node has nobody to rebuild from).
+    rebuild: Option<Arc<Rebuild>>,
 }
 
 impl StorageApi {
@@ -43,7 +46,24 @@ impl StorageApi {
             stream_batch_max,
             tls: None,
             tombstone_grace_ms: u64::MAX,
+            rebuild: None,
         }
+    }
+
+    /// Serves `StartRebuild` / `GetRebuildStatus` with the repair task's handle.
+    pub fn with_rebuild(mut self, rebuild: Arc<Rebuild>) -> Self {
+        self.rebuild = Some(rebuild);
+        self
+    }
+
+    fn rebuild(&self) -> Result<&Rebuild, Status> {
+        self.rebuild.as_deref().ok_or_else(|| {
+            status(
+                "NOT_IN_CLUSTER",
+                "this storage node runs standalone (no --meta-addr): there are no replicas to rebuild from",
+                &[],
+            )
+        })
     }
 
     /// Enables tombstone purges requested by anti-entropy peers, for tombstones older than `grace`.
@@ -127,6 +147,25 @@ pub fn key_digest(digest: RecordDigest) -> pb::KeyDigest {
         digest: digest.digest,
         tombstone_only: digest.tombstone_only,
         newest_timestamp_ms: digest.newest_timestamp_ms,
+    }
+}
+
+fn rebuild_status(progress: RebuildProgress) -> pb::RebuildStatus {
+    let state = match progress.state {
+        RebuildState::Idle => pb::RebuildState::Idle,
+        RebuildState::Running => pb::RebuildState::Running,
+        RebuildState::Done => pb::RebuildState::Done,
+    };
+    pb::RebuildStatus {
+        state: state.into(),
+        partitions_total: progress.partitions_total,
+        partitions_done: progress.partitions_done,
+        keys_compared: progress.keys_compared,
+        keys_repaired: progress.keys_repaired,
+        bytes: progress.bytes,
+        failed_exchanges: progress.failed_exchanges,
+        started_at_ms: progress.started_at_ms,
+        finished_at_ms: progress.finished_at_ms,
     }
 }
 
@@ -526,5 +565,20 @@ impl StorageService for StorageApi {
             write_path_poisoned: stats.poisoned,
             data_format_version: identity.format_version,
         }))
+    }
+
+    async fn start_rebuild(
+        &self,
+        _request: Request<pb::StartRebuildRequest>,
+    ) -> Result<Response<pb::RebuildStatus>, Status> {
+        let progress = self.rebuild()?.start();
+        Ok(Response::new(rebuild_status(progress)))
+    }
+
+    async fn get_rebuild_status(
+        &self,
+        _request: Request<pb::GetRebuildStatusRequest>,
+    ) -> Result<Response<pb::RebuildStatus>, Status> {
+        Ok(Response::new(rebuild_status(self.rebuild()?.progress())))
     }
 }
