@@ -23,6 +23,9 @@
 //!   paced only by the rate limits — how a node whose data directory was lost is refilled without
 //!   waiting for the anti-entropy period. Runs even when periodic anti-entropy is off.
 //!
+//! The keys/s and bytes/s budgets are the node's: the periodic pass and a rebuild draw on the same
+//! ones, so together they never exceed the configured rates.
+//!
 //! Every storage call runs on the blocking pool; every RPC is bounded (leaves per request, keys per
 //! batch); failures are logged here and retried next period.
 
@@ -157,7 +160,8 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
 ) {
     let peers = Peers { tls, clients: tokio::sync::Mutex::new(HashMap::new()) };
-    let repair = Arc::new(Repair { engine, view, settings, peers });
+    let pacing = Pacing::new(&settings);
+    let repair = Arc::new(Repair { engine, view, settings, peers, pacing });
     let anti_entropy = tokio::spawn(repair.clone().anti_entropy_loop(shutdown.clone()));
     let rebuilds = tokio::spawn(repair.clone().rebuild_loop(rebuild, shutdown.clone()));
     let cleanup = tokio::spawn(repair.clone().unowned_loop(shutdown.clone()));
@@ -197,6 +201,40 @@ struct Repair {
     view: SharedView,
     settings: RepairSettings,
     peers: Peers,
+    pacing: Pacing,
+}
+
+/// The node's anti-entropy budgets (keys compared per second, bytes moved per second), shared by the
+/// periodic pass and rebuilds, so the configured rates cap the node's repair work as a whole.
+#[derive(Debug)]
+struct Pacing {
+    keys: std::sync::Mutex<Budget>,
+    bytes: std::sync::Mutex<Budget>,
+}
+
+impl Pacing {
+    fn new(settings: &RepairSettings) -> Self {
+        Self {
+            keys: std::sync::Mutex::new(Budget::new(settings.keys_per_sec, now_ms())),
+            bytes: std::sync::Mutex::new(Budget::new(settings.bytes_per_sec, now_ms())),
+        }
+    }
+
+    /// Charges `count` keys compared and waits out any debt (the lock is not held while waiting).
+    async fn keys(&self, count: u64) {
+        let wait_ms = Self::charge(&self.keys, count);
+        pause(wait_ms).await;
+    }
+
+    /// Charges `count` bytes moved and waits out any debt.
+    async fn bytes(&self, count: u64) {
+        let wait_ms = Self::charge(&self.bytes, count);
+        pause(wait_ms).await;
+    }
+
+    fn charge(budget: &std::sync::Mutex<Budget>, count: u64) -> u64 {
+        budget.lock().unwrap_or_else(std::sync::PoisonError::into_inner).charge(count, now_ms())
+    }
 }
 
 /// What one partition's exchange with one peer (or several) did.
@@ -264,8 +302,6 @@ impl Repair {
             tracing::info!("anti-entropy is off");
             return;
         }
-        let mut keys_budget = Budget::new(self.settings.keys_per_sec, now_ms());
-        let mut bytes_budget = Budget::new(self.settings.bytes_per_sec, now_ms());
         loop {
             let partitions = self.replicated_partitions(&self.view.load());
             if partitions.is_empty() {
@@ -279,7 +315,7 @@ impl Repair {
             let cycle_started = Instant::now();
             for partition in partitions {
                 let started = Instant::now();
-                let exchange = self.partition_round(partition, &mut keys_budget, &mut bytes_budget).await;
+                let exchange = self.partition_round(partition).await;
                 metrics::counter!("pairdb_storage_anti_entropy_keys_compared_total")
                     .increment(exchange.compared);
                 metrics::counter!("pairdb_storage_anti_entropy_keys_repaired_total")
@@ -333,16 +369,12 @@ impl Repair {
             rebuild.update(|p| p.partitions_total = partitions.len() as u64);
             tracing::info!(partitions = partitions.len(), "rebuild started");
             let started = Instant::now();
-            let mut keys_budget = Budget::new(self.settings.keys_per_sec, now_ms());
-            let mut bytes_budget = Budget::new(self.settings.bytes_per_sec, now_ms());
             for partition in partitions {
                 if *shutdown.borrow() {
                     return;
                 }
                 let view = self.view.load();
-                let (exchange, failed) = self
-                    .exchange_partition(partition, &view, PeerSet::All, &mut keys_budget, &mut bytes_budget)
-                    .await;
+                let (exchange, failed) = self.exchange_partition(partition, &view, PeerSet::All).await;
                 metrics::counter!("pairdb_storage_rebuild_keys_repaired_total").increment(exchange.repaired);
                 rebuild.update(|p| {
                     p.partitions_done += 1;
@@ -373,8 +405,6 @@ impl Repair {
         partition: PartitionId,
         view: &ClusterView,
         peers: PeerSet,
-        keys_budget: &mut Budget,
-        bytes_budget: &mut Budget,
     ) -> (Exchange, u64) {
         let mut total = Exchange::default();
         let mut failed = 0;
@@ -393,7 +423,7 @@ impl Repair {
                 continue;
             };
             let shared: BTreeSet<String> = shared.into_iter().collect();
-            match self.exchange(partition, peer, &entry.address, &shared, keys_budget, bytes_budget).await {
+            match self.exchange(partition, peer, &entry.address, &shared).await {
                 Ok(exchange) => total.add(exchange),
                 Err(error) => {
                     failed += 1;
@@ -407,15 +437,9 @@ impl Repair {
 
     /// Compares one partition with the replicas after this node in its list, then (first replica
     /// only) collects tombstones.
-    async fn partition_round(
-        &self,
-        partition: PartitionId,
-        keys_budget: &mut Budget,
-        bytes_budget: &mut Budget,
-    ) -> Exchange {
+    async fn partition_round(&self, partition: PartitionId) -> Exchange {
         let view = self.view.load();
-        let (total, _) =
-            self.exchange_partition(partition, &view, PeerSet::Later, keys_budget, bytes_budget).await;
+        let (total, _) = self.exchange_partition(partition, &view, PeerSet::Later).await;
         let Some(current) = view.current.as_ref() else { return total };
         let tenants = tenant_depths(&view);
         let own_position = current.list(partition).iter().position(|&n| n == self.me());
@@ -436,8 +460,6 @@ impl Repair {
         peer: NodeId,
         address: &str,
         shared: &BTreeSet<String>,
-        keys_budget: &mut Budget,
-        bytes_budget: &mut Budget,
     ) -> Result<Exchange, RepairError> {
         let peer_error = |message: String| RepairError::Peer { node: peer, message };
         let mut client = self.peers.client(address).await.map_err(peer_error)?;
@@ -519,14 +541,14 @@ impl Repair {
                 remote.iter().map(|d| to_core(&d.tenant_id, &d.key, d.digest)).collect();
             let diff = compare_digests(&local_digests, &remote_digests, shared);
             exchange.compared += diff.compared as u64;
-            pause(keys_budget.charge(diff.compared as u64, now_ms())).await;
+            self.pacing.keys(diff.compared as u64).await;
             let remote_digest: HashMap<(&str, &str), u64> =
                 remote.iter().map(|d| ((d.tenant_id.as_str(), d.key.as_str()), d.digest)).collect();
             for keys in diff.differing.chunks(KEYS_PER_BATCH) {
                 let moved = self.repair_keys(partition, &mut client, keys, &remote_digest).await?;
                 exchange.repaired += moved.repaired;
                 exchange.bytes += moved.bytes;
-                pause(bytes_budget.charge(moved.bytes, now_ms())).await;
+                self.pacing.bytes(moved.bytes).await;
             }
         }
         Ok(exchange)
