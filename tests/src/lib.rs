@@ -293,6 +293,10 @@ pub mod cluster {
 
     use super::{Process, free_addr, http_get};
 
+    /// Bound on a new cluster's storage nodes all becoming active ring members (one `add_node`
+    /// migration per node after the first, each computing an assignment in a debug build).
+    const RING_TIMEOUT: Duration = Duration::from_secs(120);
+
     /// A whole cluster of real processes: one meta (SQLite, auth off, nodes auto-added unless
     /// [`ClusterOptions::auto_add_nodes`] is off), storage nodes registering with it, and routers
     /// following it. Dropping it kills everything.
@@ -776,22 +780,46 @@ pub mod cluster {
 
         async fn wait_ring_size(&self, nodes: usize) -> anyhow::Result<()> {
             let started = Instant::now();
+            let mut last_seen = String::from("meta never answered ListStorageNodes");
             loop {
                 if let Ok(mut admin) = self.admin().await
                     && let Ok(list) = admin.list_storage_nodes(admin::ListStorageNodesRequest {}).await
                 {
+                    let list = list.into_inner().nodes;
                     let active = list
-                        .into_inner()
-                        .nodes
                         .iter()
                         .filter(|n| n.in_ring && n.status == admin::NodeStatus::Active as i32)
                         .count();
                     if active >= nodes {
                         return Ok(());
                     }
+                    last_seen = list
+                        .iter()
+                        .map(|n| {
+                            format!(
+                                "node {} {:?} in_ring={} last_heartbeat_ms={}",
+                                n.node_id,
+                                n.status(),
+                                n.in_ring,
+                                n.last_heartbeat_ms
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; ");
                 }
-                if started.elapsed() > Duration::from_secs(60) {
-                    bail!("the ring never reached {nodes} active nodes");
+                if started.elapsed() > RING_TIMEOUT {
+                    let migrations = match self.admin().await {
+                        Ok(mut admin) => admin
+                            .list_migrations(admin::ListMigrationsRequest {})
+                            .await
+                            .map(|r| format!("{:?}", r.into_inner().migrations))
+                            .unwrap_or_else(|e| format!("ListMigrations failed: {e}")),
+                        Err(e) => format!("no admin client: {e}"),
+                    };
+                    bail!(
+                        "the ring never reached {nodes} active nodes within {RING_TIMEOUT:?}; \
+                         last seen: {last_seen}; migrations: {migrations}"
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

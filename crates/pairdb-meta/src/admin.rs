@@ -776,6 +776,7 @@ impl Meta {
     /// A storage process announces itself (see the module documentation). Returns its node id.
     pub async fn register_node(&self, registration: Registration) -> Result<u32, MetaError> {
         let (mut tx, now) = self.write().await?;
+        let mut queued_migration = false;
         let existing = match registration.node_id {
             0 => None,
             id => tx.get_node(id).await?,
@@ -829,9 +830,7 @@ impl Meta {
                 node.data_format_version = registration.data_format_version;
                 tx.update_node(&node).await?;
                 tx.set_last_heartbeat(node.node_id, now).await?;
-                if migration.is_some() {
-                    self.inner.orchestrator_wake.notify_one();
-                }
+                queued_migration = migration.is_some();
                 tracing::info!(
                     node_id = node.node_id,
                     "unknown storage node added on registration (auto-add)"
@@ -843,6 +842,11 @@ impl Meta {
             }
         };
         tx.commit().await?;
+        // Woken only after the commit, or the orchestrator could look before the migration exists
+        // and sleep a whole poll interval.
+        if queued_migration {
+            self.inner.orchestrator_wake.notify_one();
+        }
         tracing::debug!(node_id, address = %registration.address, "storage node registered");
         Ok(node_id)
     }
