@@ -157,6 +157,25 @@ async fn local(cluster: &Cluster, index: usize, key: &str) -> Option<VersionSet>
 }
 
 /// The live values of `key` read at ALL through router 0, sorted.
+/// Writes `value` at ALL and returns its context. An attempt that times out under the load (the
+/// harness gives storage calls 500 ms) is made again as an overwrite (read at ALL first), so the
+/// context returned also covers whatever the failed attempt left on some replicas: the scenarios
+/// need every replica to hold one value, not a first attempt that never stalls.
+async fn put_at_all(kv: &pairdb_client::KvClient, key: &str, value: &[u8]) -> Vec<u8> {
+    let mut all = WriteOptions { consistency: Consistency::All, ..WriteOptions::default() };
+    let mut attempt = 1;
+    loop {
+        match kv.put(key, value.to_vec(), all.clone()).await {
+            Ok(written) => return written.context,
+            Err(error) => {
+                assert!(attempt < 5, "writing {key} at ALL failed {attempt} times: {error}");
+                attempt += 1;
+                all.overwrite = true;
+            }
+        }
+    }
+}
+
 async fn values_at_all(kv: &pairdb_client::KvClient, key: &str) -> Vec<Vec<u8>> {
     let all = ReadOptions { consistency: Consistency::All, ..ReadOptions::default() };
     let read = kv.get(key, all).await.unwrap();
@@ -460,15 +479,7 @@ async fn a_wiped_replica_is_refilled_by_anti_entropy_and_its_new_writes_win() {
     // already consider seen.
     let amnesia: Vec<String> = (0..20).map(|i| format!("amnesia-{i}")).collect();
     for key in &amnesia {
-        let written = kv
-            .put(
-                key,
-                b"first".to_vec(),
-                WriteOptions { consistency: Consistency::All, ..WriteOptions::default() },
-            )
-            .await
-            .unwrap();
-        let mut context = written.context;
+        let mut context = put_at_all(&kv, key, b"first").await;
         for round in 0..3 {
             let set =
                 coordinate_on(&cluster, wiped, &others, key, context, format!("old-{round}").as_bytes())
@@ -700,8 +711,7 @@ async fn deleted_keys_do_not_resurrect_when_tombstones_are_collected() {
     let keys: Vec<String> = (0..300).map(|i| format!("doomed-{i}")).collect();
     let mut contexts = Vec::new();
     for key in &keys {
-        let all = WriteOptions { consistency: Consistency::All, ..WriteOptions::default() };
-        contexts.push(kv.put(key, b"doomed".to_vec(), all).await.unwrap().context);
+        contexts.push(put_at_all(&kv, key, b"doomed").await);
     }
     let down = 2;
     cluster.kill_storage(down);
@@ -743,6 +753,98 @@ async fn deleted_keys_do_not_resurrect_when_tombstones_are_collected() {
     .unwrap();
     for key in &keys {
         assert!(values_at_all(&kv, key).await.is_empty(), "{key} came back after its tombstone was purged");
+    }
+
+    let report = checker.stop().await.unwrap();
+    report.verify(&cluster).await.unwrap().ensure_ok().unwrap();
+}
+
+/// The full-ack GC path (DESIGN §3: "anti-entropy or a full-ack write"): with anti-entropy off,
+/// tombstones every owner acknowledged are purged after the grace period; deletes one replica missed
+/// outlive it (never purged on time alone), and nothing comes back when that replica returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fully_acknowledged_deletes_are_collected_without_anti_entropy() {
+    let _serial = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let storage_args =
+        ["--tombstone-grace-secs", "1", "--hint-retention-secs", "1", "--anti-entropy-period-secs", "0"];
+    let mut cluster = start(3, 3, &storage_args).await;
+    let checker = Checker::start(&cluster, LoadConfig::default()).await.unwrap();
+    checker.wait_for_acked_writes(100, Duration::from_secs(30)).await.unwrap();
+    let kv = checker::client(&cluster, 0, TENANT, Duration::from_secs(5)).await.unwrap();
+    let all = WriteOptions { consistency: Consistency::All, ..WriteOptions::default() };
+
+    // Deletes at ALL on 3 nodes with N = 3 (no fallback can stand in): an acknowledged one was
+    // acknowledged by every owner itself. One that times out under the load is made again without
+    // a context (read at ALL first), so it supersedes whatever the failed attempt left.
+    let collected: Vec<String> = (0..200).map(|i| format!("collected-{i}")).collect();
+    for key in &collected {
+        let context = put_at_all(&kv, key, b"gone").await;
+        let mut delete = WriteOptions { context, ..all.clone() };
+        let mut attempt = 1;
+        while let Err(error) = kv.delete(key, delete.clone()).await {
+            assert!(attempt < 5, "deleting {key} at ALL failed {attempt} times: {error}");
+            attempt += 1;
+            delete = all.clone();
+        }
+    }
+    wait_for_replicas(
+        &cluster,
+        TENANT,
+        &collected,
+        3,
+        &all_nodes(&cluster),
+        ReplicaCheck::Absent,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    let full_ack_purges: f64 = all_nodes(&cluster)
+        .iter()
+        .map(|&i| {
+            metric_sum(cluster.storage[i].addr, "pairdb_storage_tombstones_purged_total{path=\"full_ack\"}")
+                .unwrap()
+        })
+        .sum();
+    assert!(full_ack_purges >= 3.0 * collected.len() as f64, "{full_ack_purges} full-ack purges");
+    for key in &collected {
+        assert!(values_at_all(&kv, key).await.is_empty(), "{key} came back after its tombstone was purged");
+    }
+
+    // With a replica down, the deletes are not acknowledged by every owner: their tombstones must
+    // outlive the grace period on the live replicas, or the returning replica's values come back.
+    let kept: Vec<String> = (0..100).map(|i| format!("kept-{i}")).collect();
+    let mut contexts = Vec::new();
+    for key in &kept {
+        contexts.push(put_at_all(&kv, key, b"kept").await);
+    }
+    let down = 2;
+    cluster.kill_storage(down);
+    for (key, context) in kept.iter().zip(contexts) {
+        let quorum = WriteOptions { consistency: Consistency::Quorum, context, ..WriteOptions::default() };
+        kv.delete(key, quorum).await.unwrap();
+    }
+    // Several grace periods (1 s + 1 s of hint-sweep slack) and GC passes; undelivered hints expire.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let live = nodes_except(&cluster, &[down]);
+    let topology = cluster.topology().await.unwrap();
+    let scan = checker::scan_replicas(&cluster, &topology, TENANT, &kept, &live).await.unwrap();
+    for key in &kept {
+        assert_eq!(
+            scan.holders(key).len(),
+            live.len(),
+            "{key}: a tombstone not every owner holds was purged"
+        );
+    }
+    cluster.start_storage_again(down).unwrap();
+    // Reads at ALL need the returning node; the router notices it within a few heartbeats.
+    let started = Instant::now();
+    let all_reads = ReadOptions { consistency: Consistency::All, ..ReadOptions::default() };
+    while kv.get(&kept[0], all_reads.clone()).await.is_err() {
+        assert!(started.elapsed() < Duration::from_secs(30), "reads at ALL keep failing");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for key in &kept {
+        assert!(values_at_all(&kv, key).await.is_empty(), "{key} came back");
     }
 
     let report = checker.stop().await.unwrap();

@@ -325,3 +325,60 @@ fn without_a_distinct_fallback_the_coordinator_keeps_the_hint() {
     let effects = write.on_replicated(N2, 2);
     assert_eq!(replies(&effects), vec![&WriteReply::Acked { acks: 2, hinted_acks: 0, required: 2 }]);
 }
+
+/// The full-ack tombstone GC path trusts `every_owner_acked`: it must hold only once all N owners
+/// acknowledged directly, never with a hint standing in, a failure, or a migration adding owners.
+#[test]
+fn every_owner_acked_only_when_all_n_owners_hold_the_set_themselves() {
+    // All three owners ack (the reply goes out at W = 2; the answer waits for the third).
+    let mut write = WriteCoordinator::new(write_plan(2));
+    write.start(0);
+    write.on_coordinated(N1, 1);
+    write.on_replicated(N2, 2);
+    assert!(!write.every_owner_acked(), "N3 has not answered yet");
+    write.on_replicated(N3, 3);
+    assert!(write.every_owner_acked());
+    assert_eq!(write.owners(), &[N1, N2, N3]);
+
+    // N3 fails and fallback F4 keeps a hint for it: W is reached, but not every owner holds it.
+    let mut write = WriteCoordinator::new(write_plan(2));
+    write.start(0);
+    write.on_coordinated(N1, 1);
+    write.on_replicated(N2, 2);
+    let effects = write.on_replicate_failed(N3, FailureCause::Error, 3);
+    assert!(effects.contains(&WriteEffect::Replicate { node: F4, hint_for: Some(N3) }));
+    write.on_replicated(F4, 4);
+    assert!(write.is_finished());
+    assert!(!write.every_owner_acked());
+
+    // The first owner fails to coordinate: N2 coordinates, N1 gets a hint via a fallback.
+    let mut write = WriteCoordinator::new(write_plan(2));
+    write.start(0);
+    write.on_coordinate_failed(N1, FailureCause::Timeout, 1);
+    write.on_coordinated(N2, 2);
+    write.on_replicated(N3, 3);
+    write.on_replicated(F4, 4);
+    assert!(write.is_finished());
+    assert!(!write.every_owner_acked());
+
+    // A migration adds an owner: even with every ack in, the new owner's copy is not counted.
+    let mut plan = write_plan(3);
+    plan.pending_owners = vec![NodeId(9)];
+    let mut write = WriteCoordinator::new(plan);
+    write.start(0);
+    write.on_coordinated(N1, 1);
+    for node in [N2, N3, NodeId(9)] {
+        write.on_replicated(node, 2);
+    }
+    assert!(write.is_finished());
+    assert!(!write.every_owner_acked());
+
+    // The deadline passes with a reply out but a replica still silent.
+    let mut write = WriteCoordinator::new(write_plan(2));
+    write.start(0);
+    write.on_coordinated(N1, 1);
+    write.on_replicated(N2, 2);
+    write.on_tick(1000);
+    assert!(write.is_finished());
+    assert!(!write.every_owner_acked());
+}

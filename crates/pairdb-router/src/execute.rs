@@ -58,6 +58,17 @@ pub struct WriteInput {
     pub timestamp_ms: u64,
     pub max_siblings: u32,
     pub supersede_local: bool,
+    /// For a delete placed with no migration or N change under way: where it was placed, reported
+    /// to the owners with `ConfirmTombstone` if every one of them acknowledges the tombstone itself
+    /// (they may then purge it after the grace period without waiting for anti-entropy).
+    pub confirm_tombstone: Option<DeletePlacement>,
+}
+
+/// The topology epoch and tenant N a delete was placed with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeletePlacement {
+    pub topology_epoch: u64,
+    pub replication_factor: u32,
 }
 
 #[derive(Debug)]
@@ -329,6 +340,13 @@ async fn run_write(
             }
         }
         if machine.is_finished() {
+            if let Some(placement) = input.confirm_tombstone
+                && machine.every_owner_acked()
+                && let Some((set, encoded)) = &result_set
+                && set.is_deleted()
+            {
+                confirm_tombstone(&pool, &view, machine.owners(), &input.key, encoded, placement).await;
+            }
             return;
         }
         let deadline = machine.next_timeout_ms().unwrap_or_else(|| clock.now_ms());
@@ -376,6 +394,55 @@ async fn run_write(
             }
         }
     }
+}
+
+/// Tries per owner for a tombstone confirmation (a lost one only leaves the purge to anti-entropy).
+const CONFIRM_ATTEMPTS: u32 = 3;
+
+/// Tells every owner that all of them hold the tombstone-only set `encoded` (after the client was
+/// answered; best effort: an owner that does not hear it keeps the tombstone for anti-entropy).
+async fn confirm_tombstone(
+    pool: &StoragePool,
+    view: &ClusterView,
+    owners: &[NodeId],
+    key: &pb::KeyRef,
+    encoded: &[u8],
+    placement: DeletePlacement,
+) {
+    let calls = owners.iter().map(|&node| {
+        let request = pb::ConfirmTombstoneRequest {
+            key: Some(key.clone()),
+            version_set: encoded.to_vec(),
+            topology_epoch: placement.topology_epoch,
+            replication_factor: placement.replication_factor,
+        };
+        async move {
+            let partition = partition_of(&request.key);
+            for attempt in 1..=CONFIRM_ATTEMPTS {
+                let request = request.clone();
+                let outcome =
+                    call(pool, view, node, "storage.confirm_tombstone", partition, |mut c| async move {
+                        c.confirm_tombstone(request).await
+                    })
+                    .await;
+                match outcome {
+                    Ok(response) if response.recorded => {
+                        metrics::counter!("pairdb_router_tombstones_confirmed_total").increment(1);
+                    }
+                    Ok(_) => {
+                        tracing::debug!(node_id = node.0, "owner did not record the tombstone confirmation")
+                    }
+                    Err(CallError::Failed(_)) if attempt < CONFIRM_ATTEMPTS => {
+                        tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                        continue;
+                    }
+                    Err(_) => tracing::debug!(node_id = node.0, "tombstone confirmation failed"),
+                }
+                break;
+            }
+        }
+    });
+    futures::future::join_all(calls).await;
 }
 
 /// Runs a read; resolves when R replicas answered (read repair may go on afterwards).

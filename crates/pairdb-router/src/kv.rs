@@ -16,7 +16,7 @@ use pairdb_proto::common::v1::Consistency as PbConsistency;
 use pairdb_proto::storage::v1 as pb;
 
 use crate::error::RouterError;
-use crate::execute::{self, Clock, ReadResult, WriteInput, WriteResult};
+use crate::execute::{self, Clock, DeletePlacement, ReadResult, WriteInput, WriteResult};
 use crate::pool::StoragePool;
 use crate::view::{ClusterView, ConflictMode, SharedView, TenantSettings};
 
@@ -242,6 +242,13 @@ impl KvRouter {
             context.to_vec()
         };
         let placement = Self::placement(&view, &tenant, key)?;
+        let confirm_tombstone = (value.is_none()
+            && view.pending.is_none()
+            && tenant.previous_replication_factor.is_none())
+        .then(|| DeletePlacement {
+            topology_epoch: view.epoch,
+            replication_factor: u32::try_from(tenant.replication_factor).unwrap_or(u32::MAX),
+        });
         let plan = WritePlan {
             preference: placement.preference,
             fallbacks: placement.fallbacks,
@@ -258,6 +265,7 @@ impl KvRouter {
             timestamp_ms: wall_clock_ms(),
             max_siblings: u32::try_from(tenant.max_siblings).unwrap_or(u32::MAX),
             supersede_local: tenant.conflict_mode == ConflictMode::Lww,
+            confirm_tombstone,
         };
         match execute::write(self.pool.clone(), view.clone(), self.clock, plan, input).await {
             WriteResult::Acked { set, acks, hinted_acks, required } => {

@@ -3,6 +3,8 @@
 //! What is stored (data format version 1, see [`crate::keys`]):
 //! - keyspace `records`: record key → the key's version set in `pairdb-core`'s binary encoding;
 //! - keyspace `hints`: hint key → `stored_at_ms u64be | version set`, sets kept for another node;
+//! - keyspace `confirmed_tombstones`: record key → `digest u64be | topology epoch u64be | N u32be`,
+//!   tombstones every owner acknowledged (the full-ack GC path; losing one only delays its purge);
 //! - `IDENTITY` file: node id, actor id, format version ([`crate::identity`]).
 //!
 //! Invariants:
@@ -152,10 +154,35 @@ impl RecordDigest {
     }
 }
 
+/// Where a delete was placed when every owner acknowledged it: the topology epoch and the tenant's N.
+/// A purge needs both unchanged (same owners, no migration since).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TombstonePlacement {
+    pub topology_epoch: u64,
+    pub replication_factor: u32,
+}
+
+/// A stored full-ack confirmation.
+#[derive(Debug, Clone, Copy)]
+struct Confirmation {
+    digest: u64,
+    placement: TombstonePlacement,
+}
+
+impl Confirmation {
+    fn decode(raw: &[u8]) -> Option<Self> {
+        let digest = u64::from_be_bytes(raw.get(..8)?.try_into().ok()?);
+        let topology_epoch = u64::from_be_bytes(raw.get(8..16)?.try_into().ok()?);
+        let replication_factor = u32::from_be_bytes(raw.get(16..20)?.try_into().ok()?);
+        Some(Self { digest, placement: TombstonePlacement { topology_epoch, replication_factor } })
+    }
+}
+
 pub struct Engine {
     db: Database,
     records: Keyspace,
     hints: Keyspace,
+    confirmed: Keyspace,
     identity: Identity,
     partitions: PartitionCount,
     data_dir: PathBuf,
@@ -191,11 +218,14 @@ impl Engine {
         let db = open_database(&engine_dir, config.cache_bytes).map_err(open_err)?;
         let records = db.keyspace("records", KeyspaceCreateOptions::default).map_err(open_err)?;
         let hints = db.keyspace("hints", KeyspaceCreateOptions::default).map_err(open_err)?;
+        let confirmed =
+            db.keyspace("confirmed_tombstones", KeyspaceCreateOptions::default).map_err(open_err)?;
         let stripes = (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect();
         let engine = Arc::new(Engine {
             db,
             records,
             hints,
+            confirmed,
             identity,
             partitions: config.partitions,
             data_dir: config.data_dir.clone(),
@@ -559,6 +589,95 @@ impl Engine {
             self.make_durable()?;
         }
         Ok(purged)
+    }
+
+    /// Remembers that every owner of `key` acknowledged the tombstone-only `set` under placement
+    /// `placement` (the full-ack GC path). Only if this node's record is still exactly that set:
+    /// `false` otherwise (the tombstone then waits for anti-entropy's confirmation).
+    pub fn confirm_tombstone(
+        &self,
+        key: &RecordKey,
+        set: &VersionSet,
+        placement: TombstonePlacement,
+    ) -> Result<bool, EngineError> {
+        self.check_writable()?;
+        let encoded_key = key.encode();
+        let _guard = self.lock(&encoded_key);
+        let digest = version_digest(set);
+        let Some(current) = self.read_set(&encoded_key)? else { return Ok(false) };
+        if !current.is_deleted() || version_digest(&current) != digest {
+            return Ok(false);
+        }
+        let mut value = Vec::with_capacity(20);
+        value.extend_from_slice(&digest.to_be_bytes());
+        value.extend_from_slice(&placement.topology_epoch.to_be_bytes());
+        value.extend_from_slice(&placement.replication_factor.to_be_bytes());
+        self.write(|| self.confirmed.insert(encoded_key.clone(), value))?;
+        Ok(true)
+    }
+
+    /// One pass of full-ack tombstone GC over at most `limit` confirmations after `cursor`: purges
+    /// each record that is still exactly its confirmed tombstone-only set, written before
+    /// `written_before_ms`, whose placement `placement_holds` still accepts; forgets confirmations
+    /// whose record changed or is gone, or whose placement no longer holds. Returns (purged, the
+    /// cursor to go on from, `None` once the end was reached).
+    pub fn collect_confirmed_tombstones(
+        &self,
+        cursor: Option<&[u8]>,
+        limit: usize,
+        written_before_ms: u64,
+        placement_holds: &dyn Fn(&RecordKey, TombstonePlacement) -> bool,
+    ) -> Result<(u64, Option<Vec<u8>>), EngineError> {
+        self.check_writable()?;
+        let mut batch = Vec::new();
+        let iter = match cursor {
+            Some(after) => self
+                .confirmed
+                .range::<&[u8], _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
+            None => self.confirmed.range::<&[u8], _>(..),
+        };
+        for item in iter.take(limit) {
+            let (raw_key, raw_value) = item.into_inner().map_err(EngineError::Read)?;
+            batch.push((raw_key.to_vec(), raw_value.to_vec()));
+        }
+        let next = (batch.len() == limit).then(|| batch.last().map(|(k, _)| k.clone())).flatten();
+        let mut purged = 0;
+        let mut wrote = false;
+        for (encoded_key, raw_value) in batch {
+            let (Some(key), Some(confirmation)) =
+                (RecordKey::decode(&encoded_key), Confirmation::decode(&raw_value))
+            else {
+                self.write(|| self.confirmed.remove(encoded_key.clone()))?;
+                wrote = true;
+                continue;
+            };
+            let _guard = self.lock(&encoded_key);
+            let current = self.read_set(&encoded_key)?.map(|set| RecordDigest::of(key.clone(), &set));
+            let unchanged =
+                current.as_ref().is_some_and(|c| c.tombstone_only && c.digest == confirmation.digest);
+            if !unchanged || !placement_holds(&key, confirmation.placement) {
+                self.write(|| self.confirmed.remove(encoded_key.clone()))?;
+                wrote = true;
+                continue;
+            }
+            if current.is_some_and(|c| c.newest_timestamp_ms < written_before_ms) {
+                let Some(set) = self.read_set(&encoded_key)? else { continue };
+                self.write(|| self.records.remove(encoded_key.clone()))?;
+                self.write(|| self.confirmed.remove(encoded_key.clone()))?;
+                self.merkle.update(&encoded_key, Some(Entry::of(&set)), None);
+                purged += 1;
+                wrote = true;
+            }
+        }
+        if wrote {
+            self.make_durable()?;
+        }
+        Ok((purged, next))
+    }
+
+    /// Confirmations waiting (a scan; for tests and stats).
+    pub fn confirmed_tombstones(&self) -> u64 {
+        self.confirmed.iter().count() as u64
     }
 
     /// Deletes up to `limit` records of `partition` whose tenant `drop_tenant` says this node no longer

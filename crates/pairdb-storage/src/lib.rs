@@ -98,8 +98,10 @@ pub async fn run_with_engine(
         service::StorageApi::new(engine.clone(), config.max_inflight_requests, config.stream_batch_max)
             .with_tls(tls.clone())
             .with_tombstone_grace(Duration::from_secs(config.tombstone_grace_secs));
-    if config.meta_addr.is_some() {
-        api = api.with_rebuild(rebuild.clone());
+    // The topology drives anti-entropy, tombstone GC and dropping unowned data.
+    let view = config.meta_addr.as_ref().map(|_| pairdb_service::cluster_view::SharedView::default());
+    if let Some(view) = &view {
+        api = api.with_rebuild(rebuild.clone()).with_view(view.clone());
     }
     let grpc = StorageServiceServer::new(api)
         .max_decoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES)
@@ -112,8 +114,7 @@ pub async fn run_with_engine(
     let mut background = Vec::new();
     let membership_task = match &config.meta_addr {
         Some(meta_addr) => {
-            // The topology drives anti-entropy, tombstone GC and dropping unowned data.
-            let view = pairdb_service::cluster_view::SharedView::default();
+            let view = view.unwrap_or_default();
             let subscriber = pairdb_service::cluster_view::Subscriber {
                 kind: "storage",
                 id: format!("node-{}", identity.node_id),

@@ -13,6 +13,10 @@
 //!   grace period and purges those every other replica holds with the same digest (each peer purges
 //!   too, and re-checks the digest and its own grace). A replica that is down or differs blocks the
 //!   purge: tombstones are never purged on time alone. Skipped while a migration runs.
+//! - **Full-ack tombstone GC**: a tombstone the router reports every one of the key's N owners
+//!   acknowledged itself (`ConfirmTombstone`, recorded only if this node's record is that exact set)
+//!   is purged here once older than the grace period, with anti-entropy on or off, provided the
+//!   record is unchanged and the placement too (same topology epoch and N, no migration, live view).
 //! - **Unowned data**: once the topology and tenants' N have been unchanged for `unowned_grace`
 //!   (and no migration runs), records of tenants this node no longer replicates are deleted. The
 //!   grace must be spent in one unbroken watch session: a node cut off from meta may be looking at a
@@ -47,7 +51,7 @@ use tokio::sync::{Notify, watch};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use crate::engine::{Engine, EngineError, now_ms};
+use crate::engine::{Engine, EngineError, TombstonePlacement, now_ms};
 use crate::keys::RecordKey;
 use crate::merkle::{MERKLE_DEPTH, version_digest};
 
@@ -71,6 +75,8 @@ const LEAVES_PER_REQUEST: usize = 4;
 const KEYS_PER_BATCH: usize = 256;
 /// Tombstone candidates per partition per round.
 const GC_CANDIDATES: usize = 1000;
+/// Full-ack confirmations looked at per engine call.
+const CONFIRMED_BATCH: usize = 1000;
 /// Records deleted per engine call while dropping unowned data.
 const DELETE_BATCH: usize = 1000;
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -165,8 +171,9 @@ pub async fn run(
     let anti_entropy = tokio::spawn(repair.clone().anti_entropy_loop(shutdown.clone()));
     let rebuilds = tokio::spawn(repair.clone().rebuild_loop(rebuild, shutdown.clone()));
     let cleanup = tokio::spawn(repair.clone().unowned_loop(shutdown.clone()));
+    let confirmed = tokio::spawn(repair.clone().confirmed_gc_loop(shutdown.clone()));
     let hints = tokio::spawn(repair.hint_expiry_loop(shutdown));
-    let _ = tokio::join!(anti_entropy, rebuilds, cleanup, hints);
+    let _ = tokio::join!(anti_entropy, rebuilds, cleanup, confirmed, hints);
 }
 
 #[derive(Debug)]
@@ -622,9 +629,7 @@ impl Repair {
     ) -> Result<(), RepairError> {
         let Some(current) = &view.current else { return Ok(()) };
         let me = self.me();
-        // The sweep interval is the slack of hint expiry: a hint can outlive its retention by it.
-        let grace = self.settings.tombstone_grace + hint_sweep_interval(self.settings.hint_retention);
-        let cutoff = now_ms().saturating_sub(grace.as_millis() as u64);
+        let cutoff = now_ms().saturating_sub(self.gc_grace().as_millis() as u64);
         let candidates = self.blocking(move |e| e.old_tombstones(partition, cutoff, GC_CANDIDATES)).await?;
         if candidates.is_empty() {
             return Ok(());
@@ -686,7 +691,8 @@ impl Repair {
         }
         let local: Vec<(RecordKey, u64)> = purge.iter().map(|c| (c.key.clone(), c.digest)).collect();
         let purged = self.blocking(move |e| e.purge_tombstones(&local, cutoff)).await?;
-        metrics::counter!("pairdb_storage_tombstones_purged_total").increment(purged);
+        metrics::counter!("pairdb_storage_tombstones_purged_total", "path" => "anti_entropy")
+            .increment(purged);
         tracing::debug!(%partition, purged, "tombstones collected");
         Ok(())
     }
@@ -762,6 +768,63 @@ impl Repair {
         Ok(())
     }
 
+    /// How old a tombstone must be to be purged: the configured grace plus the hint sweep interval,
+    /// the slack of hint expiry (a hint can outlive its retention by it).
+    fn gc_grace(&self) -> Duration {
+        self.settings.tombstone_grace + hint_sweep_interval(self.settings.hint_retention)
+    }
+
+    /// The full-ack GC path: purges tombstones that every owner acknowledged (the router's
+    /// `ConfirmTombstone`) once they are older than the grace, whether or not anti-entropy runs.
+    /// Works only from a live view with no migration or N change under way, so "same epoch, same N"
+    /// means "same owners, and nothing moved since".
+    async fn confirmed_gc_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let interval =
+            (self.settings.tombstone_grace / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        loop {
+            if sleep_or_stop(interval, &mut shutdown).await {
+                return;
+            }
+            let mut cursor: Option<Vec<u8>> = None;
+            loop {
+                let view = self.view.load();
+                if self.view.session().is_none()
+                    || view.pending.is_some()
+                    || view.tenants.values().any(|t| t.previous_replication_factor.is_some())
+                {
+                    break;
+                }
+                let cutoff = now_ms().saturating_sub(self.gc_grace().as_millis() as u64);
+                let after = cursor.take();
+                let pass = self
+                    .blocking(move |engine| {
+                        let holds = |key: &RecordKey, placement: TombstonePlacement| {
+                            placement_holds(&view, &key.tenant, placement)
+                        };
+                        engine.collect_confirmed_tombstones(after.as_deref(), CONFIRMED_BATCH, cutoff, &holds)
+                    })
+                    .await;
+                match pass {
+                    Ok((purged, next)) => {
+                        if purged > 0 {
+                            metrics::counter!("pairdb_storage_tombstones_purged_total", "path" => "full_ack")
+                                .increment(purged);
+                            tracing::debug!(purged, "fully acknowledged tombstones collected");
+                        }
+                        match next {
+                            Some(next) => cursor = Some(next),
+                            None => break,
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "full-ack tombstone collection failed; retrying");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
     async fn hint_expiry_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let retention = self.settings.hint_retention;
         loop {
@@ -782,6 +845,19 @@ impl Repair {
             }
         }
     }
+}
+
+/// Whether a full-ack confirmation made under `placement` still names the key's owners: the view's
+/// current epoch is the one the delete was placed in, no migration is pending, and the tenant's N is
+/// unchanged and not changing.
+pub(crate) fn placement_holds(view: &ClusterView, tenant: &str, placement: TombstonePlacement) -> bool {
+    view.current.is_some()
+        && view.epoch == placement.topology_epoch
+        && view.pending.is_none()
+        && view.tenants.get(tenant).is_some_and(|t| {
+            t.previous_replication_factor.is_none()
+                && t.replication_factor == placement.replication_factor as usize
+        })
 }
 
 /// How often expired hints are dropped: a quarter of the retention, between 1 s and 60 s.

@@ -14,15 +14,16 @@ use pairdb_core::validation::{
 use pairdb_proto::common::v1::VersionEntry;
 use pairdb_proto::storage::v1 as pb;
 use pairdb_proto::storage::v1::storage_service_server::StorageService;
+use pairdb_service::cluster_view::SharedView;
 use pairdb_service::errors::status;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::engine::{Engine, EngineError, RecordDigest};
+use crate::engine::{Engine, EngineError, RecordDigest, TombstonePlacement};
 use crate::keys::RecordKey;
 use crate::merkle::MERKLE_DEPTH;
-use crate::repair::{Rebuild, RebuildProgress, RebuildState};
+use crate::repair::{Rebuild, RebuildProgress, RebuildState, placement_holds};
 use crate::{hints, sync};
 
 /// The gRPC service over one engine.
@@ -36,6 +37,9 @@ pub struct StorageApi {
     tombstone_grace_ms: u64,
     /// Present when the node follows a cluster (a standalone node has nobody to rebuild from).
     rebuild: Option<Arc<Rebuild>>,
+    /// The cluster view the node follows (absent when standalone): full-ack tombstone confirmations
+    /// are recorded only if they were placed in the topology and N this node sees.
+    view: Option<SharedView>,
 }
 
 impl StorageApi {
@@ -47,7 +51,14 @@ impl StorageApi {
             tls: None,
             tombstone_grace_ms: u64::MAX,
             rebuild: None,
+            view: None,
         }
+    }
+
+    /// Checks `ConfirmTombstone` placements against the view the node follows.
+    pub fn with_view(mut self, view: SharedView) -> Self {
+        self.view = Some(view);
+        self
     }
 
     /// Serves `StartRebuild` / `GetRebuildStatus` with the repair task's handle.
@@ -430,9 +441,35 @@ impl StorageService for StorageApi {
             })
             .await?;
         if purged > 0 {
-            metrics::counter!("pairdb_storage_tombstones_purged_total").increment(purged);
+            metrics::counter!("pairdb_storage_tombstones_purged_total", "path" => "anti_entropy")
+                .increment(purged);
         }
         Ok(Response::new(pb::PurgeTombstonesResponse { purged }))
+    }
+
+    async fn confirm_tombstone(
+        &self,
+        request: Request<pb::ConfirmTombstoneRequest>,
+    ) -> Result<Response<pb::ConfirmTombstoneResponse>, Status> {
+        let request = request.into_inner();
+        let key = self.record_key(request.key)?;
+        let set = decode_set(&request.version_set)?;
+        if !set.is_deleted() {
+            return Err(status("INVALID_ARGUMENT", "version_set must hold only tombstones", &[]));
+        }
+        let placement = TombstonePlacement {
+            topology_epoch: request.topology_epoch,
+            replication_factor: request.replication_factor,
+        };
+        // A standalone node, or one whose view differs from the router's, keeps the tombstone for
+        // anti-entropy to confirm.
+        let placed_here =
+            self.view.as_ref().is_some_and(|view| placement_holds(&view.load(), &key.tenant, placement));
+        let recorded = placed_here
+            && self
+                .blocking("confirm_tombstone", move |engine| engine.confirm_tombstone(&key, &set, placement))
+                .await?;
+        Ok(Response::new(pb::ConfirmTombstoneResponse { recorded }))
     }
 
     async fn sync_partition(

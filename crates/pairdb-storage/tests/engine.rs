@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use pairdb_core::dvv::{Actor, VersionSet, VersionVector};
 use pairdb_core::token::{PartitionCount, PartitionId};
-use pairdb_storage::engine::{Engine, EngineConfig, EngineError, SyncMode};
+use pairdb_storage::engine::{Engine, EngineConfig, EngineError, SyncMode, TombstonePlacement};
 use pairdb_storage::keys::RecordKey;
 
 fn config(dir: &std::path::Path, node_id: u32) -> EngineConfig {
@@ -169,6 +169,89 @@ fn hints_survive_restart_and_are_removed_by_partition() {
     assert_eq!(engine.count_hints(9), 50 - deleted);
     assert!(engine.list_hints(9, Some(partition), 1000).unwrap().is_empty());
     assert_eq!(engine.count_hints(8), 1);
+}
+
+/// The full-ack GC path: a confirmation is recorded only for the exact tombstone-only set the node
+/// holds, survives a restart, purges only after the grace and while the placement holds, and is
+/// forgotten (the tombstone kept) once the record or the placement changed.
+#[test]
+fn confirmed_tombstones_are_purged_only_unchanged_and_after_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let placement = TombstonePlacement { topology_epoch: 4, replication_factor: 3 };
+    let holds = |_: &RecordKey, p: TombstonePlacement| p == placement;
+    let never = |_: &RecordKey, _: TombstonePlacement| false;
+    let delete = |engine: &Engine, k: &RecordKey, at_ms: u64| {
+        engine
+            .coordinate_write(k, &VersionVector::new(), Some(b"v".to_vec()), at_ms - 1, None, false)
+            .unwrap();
+        let context = engine.get(k).unwrap().unwrap().vector().clone();
+        engine.coordinate_write(k, &context, None, at_ms, None, false).unwrap()
+    };
+    let (doomed, revived, moved) = (key("doomed"), key("revived"), key("moved"));
+    {
+        let engine = Engine::open(&config(dir.path(), 1)).unwrap();
+        let tombstone = delete(&engine, &doomed, 1_000);
+        // Only the set the node holds, and only tombstones, are confirmed.
+        assert!(!engine.confirm_tombstone(&doomed, &blind(9, b"other"), placement).unwrap());
+        assert!(!engine.confirm_tombstone(&key("absent"), &tombstone, placement).unwrap());
+        assert!(engine.confirm_tombstone(&doomed, &tombstone, placement).unwrap());
+        let tombstone = delete(&engine, &revived, 1_000);
+        assert!(engine.confirm_tombstone(&revived, &tombstone, placement).unwrap());
+        let tombstone = delete(&engine, &moved, 1_000);
+        assert!(engine.confirm_tombstone(&moved, &tombstone, placement).unwrap());
+        assert_eq!(engine.confirmed_tombstones(), 3);
+    }
+    let engine = Engine::open(&config(dir.path(), 1)).unwrap();
+    assert_eq!(engine.confirmed_tombstones(), 3, "confirmations are lost on restart");
+
+    // Within the grace: nothing is purged, nothing forgotten.
+    assert_eq!(engine.collect_confirmed_tombstones(None, 100, 1_000, &holds).unwrap(), (0, None));
+    assert_eq!(engine.confirmed_tombstones(), 3);
+
+    // A concurrent write after the delete: the record is no longer the confirmed set.
+    engine.merge(&revived, &blind(9, b"concurrent")).unwrap();
+    assert_eq!(engine.collect_confirmed_tombstones(None, 100, 1_000, &holds).unwrap(), (0, None));
+    assert_eq!(engine.confirmed_tombstones(), 2);
+    assert_eq!(engine.get(&revived).unwrap().unwrap().live_values().len(), 1);
+
+    // The placement changed (a migration since): forgotten, the tombstone stays for anti-entropy.
+    let only_moved =
+        |k: &RecordKey, p: TombstonePlacement| if *k == moved { never(k, p) } else { holds(k, p) };
+    assert_eq!(engine.collect_confirmed_tombstones(None, 100, 1_000, &only_moved).unwrap(), (0, None));
+    assert_eq!(engine.confirmed_tombstones(), 1);
+    assert!(engine.get(&moved).unwrap().unwrap().is_deleted());
+
+    // Past the grace, unchanged: purged.
+    assert_eq!(engine.collect_confirmed_tombstones(None, 100, 1_001, &holds).unwrap(), (1, None));
+    assert_eq!(engine.get(&doomed).unwrap(), None);
+    assert_eq!(engine.confirmed_tombstones(), 0);
+    assert!(engine.get(&moved).unwrap().unwrap().is_deleted());
+}
+
+/// Confirmations are walked in bounded batches with a cursor.
+#[test]
+fn confirmed_tombstone_collection_resumes_from_its_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(&config(dir.path(), 1)).unwrap();
+    let placement = TombstonePlacement { topology_epoch: 1, replication_factor: 1 };
+    for i in 0..25 {
+        let k = key(&format!("k{i}"));
+        let tombstone = engine.coordinate_write(&k, &VersionVector::new(), None, 10, None, false).unwrap();
+        assert!(engine.confirm_tombstone(&k, &tombstone, placement).unwrap());
+    }
+    let holds = |_: &RecordKey, _: TombstonePlacement| true;
+    let (mut cursor, mut purged, mut calls) = (None, 0, 0);
+    loop {
+        let (done, next) = engine.collect_confirmed_tombstones(cursor.as_deref(), 10, 11, &holds).unwrap();
+        purged += done;
+        calls += 1;
+        match next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!((purged, calls), (25, 3));
+    assert_eq!(engine.confirmed_tombstones(), 0);
 }
 
 #[test]

@@ -230,6 +230,18 @@ impl WriteCoordinator {
         self.coordinator
     }
 
+    /// The write is over and every preference-list owner acknowledged the set itself (no hint stood
+    /// in, none failed) while no migration was adding owners: all N replicas hold it. A tombstone
+    /// written so may be collected after its grace period without waiting for anti-entropy.
+    pub fn every_owner_acked(&self) -> bool {
+        self.is_finished() && self.plan.pending_owners.is_empty() && self.acks == self.plan.preference.len()
+    }
+
+    /// The preference-list owners (the first N of the partition's list).
+    pub fn owners(&self) -> &[NodeId] {
+        &self.plan.preference
+    }
+
     pub fn counted_acks(&self) -> usize {
         if self.plan.strict_quorum { self.acks } else { self.acks + self.hinted_acks }
     }
