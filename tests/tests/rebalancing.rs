@@ -176,6 +176,25 @@ async fn put_at_all(kv: &pairdb_client::KvClient, key: &str, value: &[u8]) -> Ve
     }
 }
 
+/// Writes `keys` at ALL, SIGKILLs storage node `down`, then deletes them at QUORUM with the contexts
+/// of those writes: the live replicas hold tombstones, `down` still holds the values.
+async fn delete_with_a_replica_down(
+    cluster: &mut Cluster,
+    kv: &pairdb_client::KvClient,
+    keys: &[String],
+    down: usize,
+) {
+    let mut contexts = Vec::new();
+    for key in keys {
+        contexts.push(put_at_all(kv, key, b"to be deleted").await);
+    }
+    cluster.kill_storage(down);
+    for (key, context) in keys.iter().zip(contexts) {
+        let quorum = WriteOptions { consistency: Consistency::Quorum, context, ..WriteOptions::default() };
+        kv.delete(key, quorum).await.unwrap();
+    }
+}
+
 async fn values_at_all(kv: &pairdb_client::KvClient, key: &str) -> Vec<Vec<u8>> {
     let all = ReadOptions { consistency: Consistency::All, ..ReadOptions::default() };
     let read = kv.get(key, all).await.unwrap();
@@ -709,16 +728,8 @@ async fn deleted_keys_do_not_resurrect_when_tombstones_are_collected() {
     let kv = checker::client(&cluster, 0, TENANT, Duration::from_secs(5)).await.unwrap();
 
     let keys: Vec<String> = (0..300).map(|i| format!("doomed-{i}")).collect();
-    let mut contexts = Vec::new();
-    for key in &keys {
-        contexts.push(put_at_all(&kv, key, b"doomed").await);
-    }
     let down = 2;
-    cluster.kill_storage(down);
-    for (key, context) in keys.iter().zip(contexts) {
-        let quorum = WriteOptions { consistency: Consistency::Quorum, context, ..WriteOptions::default() };
-        kv.delete(key, quorum).await.unwrap();
-    }
+    delete_with_a_replica_down(&mut cluster, &kv, &keys, down).await;
     // Let the grace period pass and the live replicas run anti-entropy rounds with old tombstones
     // the down replica does not have (a GC on time alone would purge them now).
     tokio::time::sleep(Duration::from_secs(2 * ANTI_ENTROPY_PERIOD_SECS)).await;
@@ -813,16 +824,8 @@ async fn fully_acknowledged_deletes_are_collected_without_anti_entropy() {
     // With a replica down, the deletes are not acknowledged by every owner: their tombstones must
     // outlive the grace period on the live replicas, or the returning replica's values come back.
     let kept: Vec<String> = (0..100).map(|i| format!("kept-{i}")).collect();
-    let mut contexts = Vec::new();
-    for key in &kept {
-        contexts.push(put_at_all(&kv, key, b"kept").await);
-    }
     let down = 2;
-    cluster.kill_storage(down);
-    for (key, context) in kept.iter().zip(contexts) {
-        let quorum = WriteOptions { consistency: Consistency::Quorum, context, ..WriteOptions::default() };
-        kv.delete(key, quorum).await.unwrap();
-    }
+    delete_with_a_replica_down(&mut cluster, &kv, &kept, down).await;
     // Several grace periods (1 s + 1 s of hint-sweep slack) and GC passes; undelivered hints expire.
     tokio::time::sleep(Duration::from_secs(8)).await;
     let live = nodes_except(&cluster, &[down]);
