@@ -120,12 +120,17 @@ impl Sibling {
 pub enum UpdateError {
     #[error("the write would leave {would_have} siblings, above the tenant's cap of {max_siblings}")]
     TooManySiblings { would_have: usize, max_siblings: usize },
+    /// The actor's counter is at its maximum: a new dot would repeat or wrap. Never saturate: two
+    /// writes with one dot would be taken for one.
+    #[error("actor {actor}'s counter is exhausted")]
+    CounterExhausted { actor: Actor },
 }
 
 impl UpdateError {
     pub fn reason(&self) -> &'static str {
         match self {
             UpdateError::TooManySiblings { .. } => "TOO_MANY_SIBLINGS",
+            UpdateError::CounterExhausted { .. } => "MALFORMED_VERSION",
         }
     }
 }
@@ -208,6 +213,8 @@ impl VersionSet {
         timestamp_ms: u64,
         max_siblings: Option<usize>,
     ) -> Result<Dot, UpdateError> {
+        let seen = self.vector.get(actor).max(context.get(actor));
+        let counter = seen.checked_add(1).ok_or(UpdateError::CounterExhausted { actor })?;
         let surviving = self.siblings.iter().filter(|s| !context.covers(s.dot)).count();
         if let Some(max_siblings) = max_siblings {
             let would_have = surviving + 1;
@@ -217,7 +224,8 @@ impl VersionSet {
         }
         self.siblings.retain(|s| !context.covers(s.dot));
         self.vector.merge(context);
-        let dot = Dot { actor, counter: self.vector.get(actor).saturating_add(1) };
+        let dot = Dot { actor, counter };
+        debug_assert_eq!(counter, self.vector.get(actor) + 1);
         self.vector.raise(actor, dot.counter);
         // The new dot is above every dot of `actor` in the set, but other actors may sort after it.
         let at = self.siblings.partition_point(|s| s.dot < dot);
@@ -348,6 +356,22 @@ mod tests {
         let ctx = set.vector().clone();
         set.update(&ctx, A, Some(vec![9]), 1, Some(3)).unwrap();
         assert_eq!(set.siblings().len(), 1);
+    }
+
+    #[test]
+    fn exhausted_counter_is_an_error_not_a_repeated_dot() {
+        let mut set = VersionSet::new();
+        set.update(&VersionVector::new(), A, Some(b"x".to_vec()), 1, None).unwrap();
+        let before = set.clone();
+        // A context claiming A's counter at its maximum: the next dot does not exist.
+        let forged = VersionVector::from_entries([(A, u64::MAX)]);
+        let err = set.update(&forged, A, Some(b"y".to_vec()), 2, None).unwrap_err();
+        assert_eq!(err, UpdateError::CounterExhausted { actor: A });
+        assert_eq!(set, before, "a refused update leaves the set unchanged");
+        // One below the maximum still works and gives the last counter.
+        let high = VersionVector::from_entries([(A, u64::MAX - 1)]);
+        let dot = set.update(&high, A, Some(b"z".to_vec()), 3, None).unwrap();
+        assert_eq!(dot.counter, u64::MAX);
     }
 
     #[test]

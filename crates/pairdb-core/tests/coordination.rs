@@ -5,8 +5,8 @@
 use std::collections::BTreeSet;
 
 use pairdb_core::coordination::{
-    FailureCause, ReadAnswer, ReadCoordinator, ReadEffect, ReadPlan, ReadReply, WriteCoordinator,
-    WriteEffect, WritePlan, WriteReply,
+    FailureCause, ReadAnswer, ReadCoordinator, ReadEffect, ReadPlan, ReadReply, ReplicaFailure,
+    WriteCoordinator, WriteEffect, WritePlan, WriteReply,
 };
 use pairdb_core::dvv::{Actor, VersionSet, VersionVector};
 use pairdb_core::ring::NodeId;
@@ -91,7 +91,7 @@ fn write_timeout_with_fewer_than_w_acks_is_outcome_unknown() {
 fn failed_coordinator_is_replaced_by_the_next_replica_and_hinted() {
     let mut write = WriteCoordinator::new(write_plan(3));
     write.start(0);
-    let effects = write.on_coordinate_failed(N1, FailureCause::Error, 5);
+    let effects = write.on_coordinate_failed(N1, FailureCause::NotApplied, 5);
     assert_eq!(effects, vec![WriteEffect::Coordinate { node: N2 }]);
     let effects = write.on_coordinated(N2, 6);
     // N1 failed as coordinator: a fallback keeps its copy as a hint.
@@ -100,6 +100,44 @@ fn failed_coordinator_is_replaced_by_the_next_replica_and_hinted() {
     write.on_replicated(N3, 7);
     let effects = write.on_replicated(F4, 8);
     assert_eq!(replies(&effects), vec![&WriteReply::Acked { acks: 2, hinted_acks: 1, required: 3 }]);
+}
+
+/// A coordinate call that may have been applied (timeout, or an error after the request left) is never
+/// followed by a second coordinator: that would mint a second dot for one client write, and a delete
+/// carrying the acknowledged dot's context would leave the twin behind. The write ends at once,
+/// outcome unknown, whatever the deadline.
+#[test]
+fn ambiguous_coordinator_failure_ends_the_write_without_failover() {
+    for cause in [FailureCause::Timeout, FailureCause::Error] {
+        let mut write = WriteCoordinator::new(write_plan(2));
+        write.start(0);
+        let effects = write.on_coordinate_failed(N1, cause, 5);
+        assert_eq!(
+            effects,
+            vec![WriteEffect::Reply(WriteReply::QuorumNotReached {
+                acks: 0,
+                hinted_acks: 0,
+                required: 2,
+                failures: vec![ReplicaFailure { node: N1, cause }],
+            })],
+            "{cause:?}"
+        );
+        assert!(write.is_finished());
+        assert_eq!(write.ambiguous_coordinator(), Some(N1));
+        // A late success from N1 changes nothing: the client was told the outcome is unknown.
+        assert!(write.on_coordinated(N1, 6).is_empty());
+        assert!(write.on_tick(1000).is_empty());
+    }
+    // A definite refusal still fails over, and the failed node is not ambiguous.
+    let mut write = WriteCoordinator::new(write_plan(2));
+    write.start(0);
+    let effects = write.on_coordinate_failed(N1, FailureCause::NotApplied, 5);
+    assert_eq!(effects, vec![WriteEffect::Coordinate { node: N2 }]);
+    assert_eq!(write.ambiguous_coordinator(), None);
+    // ...and the second coordinator may fail ambiguously too: then it stops there.
+    let effects = write.on_coordinate_failed(N2, FailureCause::Timeout, 6);
+    assert!(matches!(replies(&effects).as_slice(), [WriteReply::QuorumNotReached { acks: 0, .. }]));
+    assert_eq!(write.ambiguous_coordinator(), Some(N2));
 }
 
 #[test]
@@ -167,9 +205,9 @@ fn pending_owners_receive_the_write_without_counting() {
 fn every_coordinator_failing_fails_the_write() {
     let mut write = WriteCoordinator::new(write_plan(1));
     write.start(0);
-    write.on_coordinate_failed(N1, FailureCause::Error, 1);
-    write.on_coordinate_failed(N2, FailureCause::Error, 2);
-    let effects = write.on_coordinate_failed(N3, FailureCause::Timeout, 3);
+    write.on_coordinate_failed(N1, FailureCause::NotApplied, 1);
+    write.on_coordinate_failed(N2, FailureCause::NotApplied, 2);
+    let effects = write.on_coordinate_failed(N3, FailureCause::NotApplied, 3);
     assert!(matches!(
         replies(&effects).as_slice(),
         [WriteReply::QuorumNotReached { acks: 0, required: 1, .. }]
@@ -354,7 +392,7 @@ fn every_owner_acked_only_when_all_n_owners_hold_the_set_themselves() {
     // The first owner fails to coordinate: N2 coordinates, N1 gets a hint via a fallback.
     let mut write = WriteCoordinator::new(write_plan(2));
     write.start(0);
-    write.on_coordinate_failed(N1, FailureCause::Timeout, 1);
+    write.on_coordinate_failed(N1, FailureCause::NotApplied, 1);
     write.on_coordinated(N2, 2);
     write.on_replicated(N3, 3);
     write.on_replicated(F4, 4);

@@ -5,6 +5,11 @@
 //! `tests/simulation.rs`.
 //!
 //! Laws:
+//! - A write has at most one coordinator that may have applied it: it moves to the next preference
+//!   replica only after a coordinate call that certainly had no effect
+//!   ([`FailureCause::NotApplied`]). After an ambiguous one it replies `QuorumNotReached` (outcome
+//!   unknown) at once. So one client write is at most one dot, and a context that covers the dot
+//!   of an acknowledged write covers every copy of that write, wherever it was applied, however late.
 //! - A write replies `Acked` exactly when the counted acknowledgements reach W (fallback acks count
 //!   unless the request is strict), and `QuorumNotReached` (outcome unknown) when the deadline passes or
 //!   every possible target failed first. It never replies twice.
@@ -21,12 +26,23 @@ pub use write::{WriteCoordinator, WriteEffect, WritePlan, WriteReply};
 use crate::ring::NodeId;
 
 /// Why a replica did not contribute to a request.
+///
+/// The distinction that matters for writes is whether the call may have had an effect: a coordinate
+/// call that failed with [`FailureCause::Error`] or [`FailureCause::Timeout`] may have been applied
+/// (the reply was lost, or the node applied it after the caller stopped waiting), so the write is not
+/// retried on another coordinator: that would give one client write two dots, and a context naming
+/// one of them would not cover the other (see [`WriteCoordinator`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FailureCause {
-    /// The call returned an error (connection refused, I/O error, node not ready...).
+    /// The call returned an error after it may have reached the node (reset connection, I/O error,
+    /// an undecodable answer...): its effect is unknown.
     Error,
-    /// The call did not answer within the per-replica timeout.
+    /// The call did not answer within the per-replica timeout: its effect is unknown.
     Timeout,
+    /// The call certainly had no effect: it never reached the node (down when the call was made,
+    /// connection refused, no free slot before the timeout) or the node refused it before applying
+    /// anything (not ready, poisoned write path, disk full, deadline passed on arrival).
+    NotApplied,
     /// No fallback was left to stand in for this replica.
     NoFallback,
 }
@@ -36,8 +52,14 @@ impl FailureCause {
         match self {
             FailureCause::Error => "error",
             FailureCause::Timeout => "timeout",
+            FailureCause::NotApplied => "not_applied",
             FailureCause::NoFallback => "no_fallback",
         }
+    }
+
+    /// True when the failed call may have been applied by the node all the same.
+    pub fn may_have_applied(self) -> bool {
+        matches!(self, FailureCause::Error | FailureCause::Timeout)
     }
 }
 

@@ -1,6 +1,10 @@
 //! The write path of DESIGN §4: the first live preference-list replica coordinates the DVVS update, the
 //! resulting set is replicated to the other N−1 in parallel (a failed or suspect replica is replaced by
 //! the next fallback, which keeps a hint), and the reply goes out at W acknowledgements.
+//!
+//! A write is one dot: the coordinator is replaced only when its call certainly had no effect
+//! ([`FailureCause::NotApplied`]); after a timeout or an error that may have followed the apply, the
+//! write ends with "outcome unknown" instead of minting a second dot elsewhere.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -89,6 +93,9 @@ pub struct WriteCoordinator {
     hinted_acks: usize,
     failures: Vec<ReplicaFailure>,
     replied: bool,
+    /// A coordinate call that failed but may have been applied; once set, no other coordinator is
+    /// ever asked (one client write, at most one dot).
+    ambiguous_coordinator: Option<NodeId>,
 }
 
 impl WriteCoordinator {
@@ -109,6 +116,7 @@ impl WriteCoordinator {
             hinted_acks: 0,
             failures: Vec::new(),
             replied: false,
+            ambiguous_coordinator: None,
         }
     }
 
@@ -155,7 +163,11 @@ impl WriteCoordinator {
         effects
     }
 
-    /// The coordinate call failed (error or per-replica timeout): try the next preference replica.
+    /// The coordinate call failed. When it certainly had no effect ([`FailureCause::NotApplied`]) the
+    /// next preference replica is tried; otherwise the node may hold the write under its own dot, and
+    /// a second coordinator would mint a second dot for the same client write (a twin that a context
+    /// naming the acknowledged dot would not cover, so it could outlive an acknowledged delete). The
+    /// write then ends at once with `QuorumNotReached`: its outcome is unknown.
     pub fn on_coordinate_failed(
         &mut self,
         node: NodeId,
@@ -167,8 +179,20 @@ impl WriteCoordinator {
             return effects;
         }
         self.failures.push(ReplicaFailure { node, cause });
+        if cause.may_have_applied() {
+            self.ambiguous_coordinator = Some(node);
+            self.phase = Phase::Finished;
+            self.reply_failure(&mut effects);
+            return effects;
+        }
         self.try_next_coordinator(now_ms, &mut effects);
         effects
+    }
+
+    /// The node whose coordinate call may have been applied although it failed (the write's outcome
+    /// is unknown), if any.
+    pub fn ambiguous_coordinator(&self) -> Option<NodeId> {
+        self.ambiguous_coordinator
     }
 
     /// A replicate call succeeded.
@@ -247,6 +271,10 @@ impl WriteCoordinator {
     }
 
     fn try_next_coordinator(&mut self, now_ms: u64, effects: &mut Vec<WriteEffect>) {
+        debug_assert!(
+            self.ambiguous_coordinator.is_none(),
+            "a write whose coordinate call may have been applied must not be coordinated again"
+        );
         if now_ms >= self.plan.deadline_ms {
             self.phase = Phase::Finished;
             self.reply_failure(effects);
