@@ -45,6 +45,20 @@ impl Clock {
     fn instant(&self, ms: u64) -> tokio::time::Instant {
         tokio::time::Instant::from_std(self.origin + Duration::from_millis(ms))
     }
+
+    /// Time left until `ms` (zero once it has passed).
+    fn until(&self, ms: u64) -> Duration {
+        Duration::from_millis(ms.saturating_sub(self.now_ms()))
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch: the LWW timestamp of a sibling and the wall-clock
+/// form of a coordinate call's deadline; never an input to causality.
+pub fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// What the coordinator replica is asked to apply.
@@ -120,7 +134,34 @@ enum CallError {
     Rejected(tonic::Status),
 }
 
-/// Runs one RPC against `node` with the pool's bounds, updating the failure view.
+/// Reasons a storage node gives only before it applied anything, so another replica may be asked.
+/// (WRITE_PATH_POISONED is not one: the failed fsync may have left the write on disk.)
+fn refused_before_applying(status: &tonic::Status) -> bool {
+    matches!(
+        pairdb_service::errors::reason_of(status).as_deref(),
+        Some("NOT_READY" | "DISK_FULL" | "COORDINATE_DEADLINE_PASSED")
+    )
+}
+
+/// The call failed because no connection could be opened: the request never left the router.
+fn never_connected(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if error
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
+/// Runs one RPC against `node` with the pool's bounds, updating the failure view. The call gets
+/// `timeout` (at most the storage timeout) for a free in-flight slot and then `timeout` for the RPC;
+/// `rpc` is told what is left of it when it is sent (a coordinate call passes that on, so the node
+/// stops applying when the router stops waiting).
 ///
 /// Each call is a client span (`rpc`, node id, partition, outcome) whose trace context the storage
 /// node continues, so a client request is one trace with one child per replica call.
@@ -133,7 +174,23 @@ async fn call<T, F, Fut>(
     rpc: F,
 ) -> Result<T, CallError>
 where
-    F: FnOnce(StorageClient) -> Fut,
+    F: FnOnce(StorageClient, Duration) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    call_within(pool, view, node, rpc_name, partition, pool.storage_timeout(), rpc).await
+}
+
+async fn call_within<T, F, Fut>(
+    pool: &StoragePool,
+    view: &ClusterView,
+    node: NodeId,
+    rpc_name: &'static str,
+    partition: u32,
+    timeout: Duration,
+    rpc: F,
+) -> Result<T, CallError>
+where
+    F: FnOnce(StorageClient, Duration) -> Fut,
     Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     let span = tracing::info_span!(
@@ -144,13 +201,14 @@ where
         partition,
         outcome = tracing::field::Empty,
     );
-    let result = call_inner(pool, view, node, rpc).instrument(span.clone()).await;
+    let result = call_inner(pool, view, node, timeout, rpc).instrument(span.clone()).await;
     span.record(
         "outcome",
         match &result {
             Ok(_) => "ok",
             Err(CallError::Rejected(_)) => "rejected",
             Err(CallError::Failed(FailureCause::Timeout)) => "timeout",
+            Err(CallError::Failed(FailureCause::NotApplied)) => "not_applied",
             Err(CallError::Failed(_)) => "error",
         },
     );
@@ -161,34 +219,41 @@ async fn call_inner<T, F, Fut>(
     pool: &StoragePool,
     view: &ClusterView,
     node: NodeId,
+    timeout: Duration,
     rpc: F,
 ) -> Result<T, CallError>
 where
-    F: FnOnce(StorageClient) -> Fut,
+    F: FnOnce(StorageClient, Duration) -> Fut,
     Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
+    // Until the request is handed to the channel nothing has left the router: every failure before
+    // that point is `NotApplied`.
     let Some(address) = view.nodes.get(&node).map(|n| n.address.clone()) else {
-        return Err(CallError::Failed(FailureCause::Error));
+        return Err(CallError::Failed(FailureCause::NotApplied));
     };
     let Some(client) = pool.client(node, &address) else {
-        return Err(CallError::Failed(FailureCause::Error));
+        return Err(CallError::Failed(FailureCause::NotApplied));
     };
-    let outcome = tokio::time::timeout(pool.storage_timeout(), async {
-        let Some((grpc, _permit)) = client.acquire().await else {
-            return Err(tonic::Status::unavailable("router shutting down"));
-        };
-        rpc(grpc).await
-    })
-    .await;
+    let acquired = match tokio::time::timeout(timeout, client.acquire()).await {
+        Ok(Some(acquired)) => acquired,
+        Ok(None) => return Err(CallError::Failed(FailureCause::NotApplied)),
+        Err(_elapsed) => {
+            client.record_failure();
+            return Err(CallError::Failed(FailureCause::NotApplied));
+        }
+    };
+    let (grpc, _permit) = acquired;
+    let outcome = tokio::time::timeout(timeout, rpc(grpc, timeout)).await;
     match outcome {
         Ok(Ok(response)) => {
             client.record_success();
             Ok(response.into_inner())
         }
         Ok(Err(status)) if is_definitive(&status) => Err(CallError::Rejected(status)),
-        Ok(Err(_status)) => {
+        Ok(Err(status)) => {
             client.record_failure();
-            Err(CallError::Failed(FailureCause::Error))
+            let definite = refused_before_applying(&status) || never_connected(&status);
+            Err(CallError::Failed(if definite { FailureCause::NotApplied } else { FailureCause::Error }))
         }
         Err(_elapsed) => {
             client.record_failure();
@@ -228,6 +293,7 @@ async fn run_write(
     reply_tx: oneshot::Sender<WriteResult>,
 ) {
     let mut reply_tx = Some(reply_tx);
+    let machine_deadline_ms = plan.deadline_ms;
     let mut machine = WriteCoordinator::new(plan);
     let mut calls = FuturesUnordered::new();
     let mut result_set: Option<(VersionSet, Arc<Vec<u8>>)> = None;
@@ -237,23 +303,35 @@ async fn run_write(
             match effect {
                 WriteEffect::Coordinate { node } => {
                     let (pool, view, input) = (pool.clone(), view.clone(), input.clone());
+                    // The node must stop applying when the router stops waiting: at the storage
+                    // timeout, or at the request's deadline if that comes first.
+                    let until_deadline = clock.until(machine_deadline_ms);
+                    let timeout = pool.storage_timeout().min(until_deadline);
                     calls.push(Box::pin(async move {
-                        let request = pb::CoordinateWriteRequest {
+                        let mut request = pb::CoordinateWriteRequest {
                             key: Some(input.key),
                             context: input.context,
                             value: input.value,
                             timestamp_ms: input.timestamp_ms,
                             max_siblings: input.max_siblings,
                             supersede_local: input.supersede_local,
+                            apply_within_ms: 0,
+                            apply_before_unix_ms: 0,
                         };
                         let partition = partition_of(&request.key);
-                        let response = call(
+                        let response = call_within(
                             &pool,
                             &view,
                             node,
                             "storage.coordinate_write",
                             partition,
-                            |mut c| async move { c.coordinate_write(request).await },
+                            timeout,
+                            |mut c, left| async move {
+                                let left_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
+                                request.apply_within_ms = u32::try_from(left_ms).unwrap_or(u32::MAX);
+                                request.apply_before_unix_ms = wall_clock_ms().saturating_add(left_ms);
+                                c.coordinate_write(request).await
+                            },
                         )
                         .await;
                         WriteCall::Coordinated(node, response)
@@ -275,7 +353,7 @@ async fn run_write(
                             node,
                             "storage.replicate",
                             partition_of(&request.key),
-                            |mut c| async move { c.replicate(request).await },
+                            |mut c, _| async move { c.replicate(request).await },
                         )
                         .await;
                         WriteCall::Replicated(node, hint_for.is_some(), response)
@@ -298,7 +376,7 @@ async fn run_write(
                                 node,
                                 "storage.replicate",
                                 partition_of(&request.key),
-                                |mut c| async move { c.replicate(request).await },
+                                |mut c, _| async move { c.replicate(request).await },
                             )
                             .await
                             {
@@ -421,7 +499,7 @@ async fn confirm_tombstone(
             for attempt in 1..=CONFIRM_ATTEMPTS {
                 let request = request.clone();
                 let outcome =
-                    call(pool, view, node, "storage.confirm_tombstone", partition, |mut c| async move {
+                    call(pool, view, node, "storage.confirm_tombstone", partition, |mut c, _| async move {
                         c.confirm_tombstone(request).await
                     })
                     .await;
@@ -484,7 +562,7 @@ async fn run_read(
                             node,
                             "storage.get",
                             partition_of(&request.key),
-                            |mut c| async move { c.get(request).await },
+                            |mut c, _| async move { c.get(request).await },
                         )
                         .await;
                         (node, response)
@@ -521,7 +599,7 @@ async fn run_read(
                                 node,
                                 "storage.replicate",
                                 partition_of(&request.key),
-                                |mut c| async move { c.replicate(request).await },
+                                |mut c, _| async move { c.replicate(request).await },
                             )
                             .await;
                             if repaired.is_err() {

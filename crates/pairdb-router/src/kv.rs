@@ -16,7 +16,7 @@ use pairdb_proto::common::v1::Consistency as PbConsistency;
 use pairdb_proto::storage::v1 as pb;
 
 use crate::error::RouterError;
-use crate::execute::{self, Clock, DeletePlacement, ReadResult, WriteInput, WriteResult};
+use crate::execute::{self, Clock, DeletePlacement, ReadResult, WriteInput, WriteResult, wall_clock_ms};
 use crate::pool::StoragePool;
 use crate::view::{ClusterView, ConflictMode, SharedView, TenantSettings};
 
@@ -277,12 +277,4 @@ impl KvRouter {
             WriteResult::Rejected(status) => Err(RouterError::Storage(status)),
         }
     }
-}
-
-/// Wall-clock milliseconds, used only as the LWW timestamp of a sibling (never for causality).
-fn wall_clock_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

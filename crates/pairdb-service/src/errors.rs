@@ -48,7 +48,7 @@ pub fn grpc_code(reason: &str) -> Code {
         | "META_UNAVAILABLE"
         | "IDEMPOTENCY_STORE_UNAVAILABLE"
         | "DATABASE_UNAVAILABLE" => Code::Unavailable,
-        "DEADLINE_EXCEEDED" => Code::DeadlineExceeded,
+        "DEADLINE_EXCEEDED" | "COORDINATE_DEADLINE_PASSED" => Code::DeadlineExceeded,
         _ => Code::Internal,
     }
 }

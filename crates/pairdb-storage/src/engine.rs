@@ -79,6 +79,10 @@ pub enum EngineError {
     Update(#[from] UpdateError),
     #[error("stored record is corrupt: {0}")]
     Corrupt(DecodeError),
+    /// The coordinate call's deadline passed before the write could be applied: nothing was applied,
+    /// and the caller, which has stopped waiting, may safely try another coordinator.
+    #[error("the write's deadline passed before it could be applied; nothing was applied")]
+    DeadlinePassed,
 }
 
 impl EngineError {
@@ -89,8 +93,47 @@ impl EngineError {
             EngineError::DiskFull { .. } => "DISK_FULL",
             EngineError::Read(_) | EngineError::Corrupt(_) => "INTERNAL",
             EngineError::Update(e) => e.reason(),
+            EngineError::DeadlinePassed => "COORDINATE_DEADLINE_PASSED",
         }
     }
+}
+
+/// How much wall-clock skew between a router and a storage node [`ApplyDeadline`] tolerates: a node
+/// whose clock runs ahead refuses writes only when the router gave up this much earlier than the
+/// node's clock says. Safety never depends on this check (a router never asks a second coordinator
+/// after a call that may have been applied); it only keeps late applies rare.
+pub const WALL_CLOCK_SKEW_ALLOWANCE_MS: u64 = 500;
+
+/// The last moment a coordinate call may be applied: after it the caller has given up on the call,
+/// so applying it would only create a write nobody was told about.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApplyDeadline {
+    /// On this node's monotonic clock, from when the request was read.
+    pub monotonic: Option<Instant>,
+    /// On the wall clock (ms since the Unix epoch), as the router set it.
+    pub unix_ms: Option<u64>,
+}
+
+impl ApplyDeadline {
+    /// No deadline: always apply.
+    pub const NONE: ApplyDeadline = ApplyDeadline { monotonic: None, unix_ms: None };
+
+    pub fn passed(&self) -> bool {
+        self.monotonic.is_some_and(|at| Instant::now() > at)
+            || self.unix_ms.is_some_and(|at| now_ms() > at.saturating_add(WALL_CLOCK_SKEW_ALLOWANCE_MS))
+    }
+}
+
+/// A client write as the coordinator applies it.
+#[derive(Debug, Clone)]
+pub struct CoordinatedWrite<'a> {
+    pub context: &'a VersionVector,
+    /// `None` writes a tombstone.
+    pub value: Option<Vec<u8>>,
+    pub timestamp_ms: u64,
+    pub max_siblings: Option<usize>,
+    /// LWW tenants: also supersede everything this replica holds.
+    pub supersede_local: bool,
 }
 
 /// A hint kept for another node.
@@ -285,9 +328,27 @@ impl Engine {
         max_siblings: Option<usize>,
         supersede_local: bool,
     ) -> Result<VersionSet, EngineError> {
+        let write = CoordinatedWrite { context, value, timestamp_ms, max_siblings, supersede_local };
+        self.coordinate_write_before(key, write, ApplyDeadline::NONE)
+    }
+
+    /// [`Self::coordinate_write`], refused with [`EngineError::DeadlinePassed`] (nothing applied)
+    /// when `deadline` has passed once the key's lock is held: the last point before the write
+    /// becomes visible, so a call the router gave up on is not applied later.
+    pub fn coordinate_write_before(
+        &self,
+        key: &RecordKey,
+        write: CoordinatedWrite<'_>,
+        deadline: ApplyDeadline,
+    ) -> Result<VersionSet, EngineError> {
+        let CoordinatedWrite { context, value, timestamp_ms, max_siblings, supersede_local } = write;
         self.check_writable()?;
         let encoded_key = key.encode();
         let _guard = self.lock(&encoded_key);
+        if deadline.passed() {
+            metrics::counter!("pairdb_storage_coordinate_deadline_refusals_total").increment(1);
+            return Err(EngineError::DeadlinePassed);
+        }
         let preparing = self.commit.preparing();
         let existing = self.read_set(&encoded_key)?;
         let old_digest = existing.as_ref().map(Entry::of);

@@ -3,7 +3,7 @@
 //! a bounded number of in-flight requests.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use pairdb_core::dvv::VersionSet;
 use pairdb_core::encoding::{decode_context, decode_version_set, encode_version_set};
@@ -20,7 +20,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::engine::{Engine, EngineError, RecordDigest, TombstonePlacement};
+use crate::engine::{ApplyDeadline, CoordinatedWrite, Engine, EngineError, RecordDigest, TombstonePlacement};
 use crate::keys::RecordKey;
 use crate::merkle::MERKLE_DEPTH;
 use crate::repair::{Rebuild, RebuildProgress, RebuildState, placement_holds};
@@ -78,7 +78,7 @@ impl StorageApi {
     }
 
     /// Enables tombstone purges requested by anti-entropy peers, for tombstones older than `grace`.
-    pub fn with_tombstone_grace(mut self, grace: std::time::Duration) -> Self {
+    pub fn with_tombstone_grace(mut self, grace: Duration) -> Self {
         self.tombstone_grace_ms = grace.as_millis() as u64;
         self
     }
@@ -206,7 +206,15 @@ impl StorageService for StorageApi {
         &self,
         request: Request<pb::CoordinateWriteRequest>,
     ) -> Result<Response<pb::CoordinateWriteResponse>, Status> {
+        // The budget counts from here, when the node read the request; the wall-clock deadline also
+        // covers the time it waited before (see `ApplyDeadline`).
+        let received = Instant::now();
         let request = request.into_inner();
+        let deadline = ApplyDeadline {
+            monotonic: (request.apply_within_ms > 0)
+                .then(|| received + Duration::from_millis(u64::from(request.apply_within_ms))),
+            unix_ms: (request.apply_before_unix_ms > 0).then_some(request.apply_before_unix_ms),
+        };
         let key = self.record_key(request.key)?;
         let context =
             decode_context(&request.context).map_err(|e| status(e.reason(), format!("context: {e}"), &[]))?;
@@ -225,14 +233,14 @@ impl StorageService for StorageApi {
         };
         let set = self
             .blocking("coordinate_write", move |engine| {
-                engine.coordinate_write(
-                    &key,
-                    &context,
-                    request.value,
-                    request.timestamp_ms,
+                let write = CoordinatedWrite {
+                    context: &context,
+                    value: request.value,
+                    timestamp_ms: request.timestamp_ms,
                     max_siblings,
-                    request.supersede_local,
-                )
+                    supersede_local: request.supersede_local,
+                };
+                engine.coordinate_write_before(&key, write, deadline)
             })
             .await?;
         Ok(Response::new(pb::CoordinateWriteResponse {

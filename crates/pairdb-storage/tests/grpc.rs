@@ -111,7 +111,7 @@ async fn sixty_four_concurrent_writes_and_replicates_to_one_key_keep_every_sibli
                         value: Some(vec![i]),
                         timestamp_ms: 1,
                         max_siblings: 64,
-                        supersede_local: false,
+                        ..Default::default()
                     })
                     .await
                     .unwrap()
@@ -179,6 +179,34 @@ async fn coordinated_write_with_context_supersedes_and_returns_the_set() {
     assert_eq!(second.version_vector[0].counter, 2);
     assert_eq!(second.actor, second_set.siblings()[0].dot.actor.0);
     assert_eq!(get(&mut client, "t", "k").await.unwrap(), second_set);
+    node.stop().await;
+}
+
+/// A coordinate call the router has given up on is refused, not applied late: its wall-clock deadline
+/// (which also covers time the request waited before the node read it, e.g. while the process was
+/// stopped) has passed. Nothing is stored, the reason says so (the router may then ask another
+/// replica), and a call with budget left is applied.
+#[tokio::test]
+async fn coordinate_call_past_its_deadline_is_refused_and_applies_nothing() {
+    let node = Node::start(1).await;
+    let mut client = node.client().await;
+    let now_ms = pairdb_storage::engine::now_ms();
+    let late = pb::CoordinateWriteRequest {
+        key: Some(key_ref("t", "late")),
+        value: Some(b"v".to_vec()),
+        timestamp_ms: now_ms,
+        apply_within_ms: 60_000,
+        apply_before_unix_ms: now_ms - 10 * pairdb_storage::engine::WALL_CLOCK_SKEW_ALLOWANCE_MS,
+        ..Default::default()
+    };
+    let status = client.coordinate_write(late.clone()).await.unwrap_err();
+    assert_eq!(reason(&status), "COORDINATE_DEADLINE_PASSED", "{status:?}");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+    assert!(get(&mut client, "t", "late").await.is_none(), "a refused write must store nothing");
+    // Within its budget the same write is applied.
+    let in_time = pb::CoordinateWriteRequest { apply_before_unix_ms: now_ms + 60_000, ..late };
+    client.coordinate_write(in_time).await.unwrap();
+    assert_eq!(get(&mut client, "t", "late").await.unwrap().live_values().len(), 1);
     node.stop().await;
 }
 
