@@ -12,8 +12,12 @@
 //! [`LoadReport::verify`] reads every key at ALL and checks, per key:
 //! - **lost**: the last acknowledged write is a put whose value is absent, and no later
 //!   (unknown-outcome) write could have replaced it;
-//! - **resurrected**: a value is present whose dot is covered by the context of a later acknowledged
-//!   write (something that write replaced came back, e.g. a deleted value);
+//! - **resurrected**: a value is present that a later acknowledged write replaced: its dot is covered
+//!   by that write's context, or the value is an acknowledged write's and the later write's context
+//!   covers everything that write's acknowledgement returned. The second form catches a write that
+//!   reached the replicas under two dots (a coordinator that applied it although the router gave up
+//!   on it, plus the one that acknowledged it): the later context names only the acknowledged dot,
+//!   and the twin must not outlive it either;
 //! - **unexpected**: a value this checker never wrote for the key;
 //! - an older acknowledged value present as a sibling whose dot the later acknowledged contexts did not
 //!   cover is legal (a concurrent value is never silently dropped) and only counted (`stale_siblings`).
@@ -658,9 +662,11 @@ fn check_key(key: &str, history: &KeyHistory, read: Option<&ReadResult>, out: &m
         };
         present.insert(seq);
         let op = &ops[position];
-        let covering = sibling
-            .dot
-            .and_then(|dot| ops[position + 1..].iter().find(|later| later.acked && covers(&later.sent, dot)));
+        let covering = ops[position + 1..].iter().find(|later| {
+            later.acked
+                && (sibling.dot.is_some_and(|dot| covers(&later.sent, dot))
+                    || op.result.as_ref().is_some_and(|acked| later.sent.descends(acked)))
+        });
         if let Some(later) = covering {
             out.resurrected += 1;
             out.problem(format!(

@@ -556,9 +556,17 @@ pub mod cluster {
             self.add_router_with(&[])
         }
 
-        /// Starts one more router with extra flags (not waiting for readiness).
+        /// Starts one more router with extra flags (not waiting for readiness). A `--flag value` in
+        /// `extra` replaces the harness's default for that flag.
         pub fn add_router_with(&mut self, extra: &[&str]) -> anyhow::Result<&mut Process> {
-            let mut args = router_args(&self.meta);
+            let mut args = Vec::new();
+            let mut defaults = router_args(&self.meta).into_iter();
+            while let Some(flag) = defaults.next() {
+                let value = defaults.next().context("router flags come in pairs")?;
+                if !extra.contains(&flag.as_str()) {
+                    args.extend([flag, value]);
+                }
+            }
             args.extend(self.router_extra.iter().cloned());
             args.extend(extra.iter().map(|s| (*s).to_owned()));
             let router = Process::spawn_with_env("pairdb-router", free_addr()?, &args, &self.env)?;
