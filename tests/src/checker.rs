@@ -1049,3 +1049,61 @@ pub async fn wait_for_replicas(
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn op(seq: u64, delete: bool, sent: &[(u64, u64)], result: Option<&[(u64, u64)]>) -> Op {
+        Op {
+            seq,
+            delete,
+            acked: result.is_some(),
+            sent: vector_of(sent),
+            result: result.map(vector_of),
+            at: Duration::from_secs(seq),
+        }
+    }
+
+    fn read_of(key: &str, siblings: &[(u64, (u64, u64))]) -> ReadResult {
+        ReadResult {
+            siblings: siblings
+                .iter()
+                .map(|(seq, dot)| pairdb_client::Sibling {
+                    value: value_of(key, *seq, 10),
+                    timestamp_ms: 0,
+                    dot: Some(*dot),
+                })
+                .collect(),
+            context: Vec::new(),
+            version_vector: Vec::new(),
+        }
+    }
+
+    /// Issue 16's shape: put seq 0 acknowledged through coordinator 2 as (2,1), while coordinator 1
+    /// also applied it as (1,1); the delete carried the ack context [2:1]. The twin (1,1) is not
+    /// covered by that context, yet it is the deleted write: the checker must call it resurrected
+    /// (it used to count it as a legal stale sibling).
+    #[test]
+    fn a_twin_of_a_deleted_write_is_resurrected_not_stale() {
+        let key = "w0-k0";
+        let history = KeyHistory {
+            ops: vec![op(0, false, &[], Some(&[(2, 1)])), op(1, true, &[(2, 1)], Some(&[(2, 2)]))],
+            ..KeyHistory::default()
+        };
+        let mut out = Verification::default();
+        check_key(key, &history, Some(&read_of(key, &[(0, (1, 1))])), &mut out);
+        assert_eq!((out.resurrected, out.stale_siblings), (1, 0), "{:?}", out.problems);
+
+        // A concurrent value nobody superseded stays legal: an acknowledged put not covered.
+        let history = KeyHistory {
+            ops: vec![op(0, false, &[], Some(&[(2, 1)])), op(1, false, &[], Some(&[(3, 1)]))],
+            ..KeyHistory::default()
+        };
+        let mut out = Verification::default();
+        check_key(key, &history, Some(&read_of(key, &[(0, (2, 1)), (1, (3, 1))])), &mut out);
+        assert_eq!((out.resurrected, out.stale_siblings, out.lost), (0, 1, 0), "{:?}", out.problems);
+    }
+}

@@ -9,6 +9,12 @@
 //! the check is exact: the value of an acknowledged put that was later deleted or overwritten with
 //! its ack context must be gone from every replica (a put whose outcome was unknown may still show,
 //! as an ordinary concurrent value; it is counted, not failed).
+//!
+//! Both fail on the code before issue 16 (failover after any coordinate failure, no deadline on the
+//! node): "burst-126: the acknowledged put "burst-126:v1:0" came back after its overwrite was
+//! acknowledged" and "tight-13: the acknowledged put "tight-13:v1:0" came back after its overwrite
+//! was acknowledged". With the node's deadline check disabled and only the router's rule in place,
+//! both pass (the check only makes late applies rare; the rule is what makes them harmless).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
@@ -27,10 +33,14 @@ use pairdb_tests::metric_sum;
 static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const ANTI_ENTROPY_PERIOD_SECS: &str = "2";
+/// The harness routers' `--storage-timeout-ms`.
+const STORAGE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// What a key went through: the put attempts (value, acknowledged context) and what replaced it.
 #[derive(Debug, Default, Clone)]
 struct KeyRun {
+    /// A put took longer than the router's storage timeout: it waited on a stalled node.
+    waited: bool,
     /// Values of put attempts whose outcome is unknown.
     unknown: Vec<Vec<u8>>,
     /// The acknowledged put: its value and the context its acknowledgement returned.
@@ -53,7 +63,10 @@ fn quorum(context: Vec<u8>, timeout: Duration) -> WriteOptions {
 async fn put_until_acked(kv: &KvClient, key: &str, attempts: usize, run: &mut KeyRun) {
     for attempt in 0..attempts {
         let value = format!("{key}:v1:{attempt}").into_bytes();
-        match kv.put(key, value.clone(), quorum(Vec::new(), Duration::from_secs(3))).await {
+        let started = Instant::now();
+        let outcome = kv.put(key, value.clone(), quorum(Vec::new(), Duration::from_secs(3))).await;
+        run.waited |= started.elapsed() >= STORAGE_TIMEOUT;
+        match outcome {
             Ok(result) => {
                 run.acked = Some((value, result.context));
                 return;
@@ -216,11 +229,11 @@ async fn a_paused_coordinator_cannot_bring_back_deleted_or_overwritten_writes() 
         runs.extend(share.unwrap());
     }
     let unknown = runs.values().filter(|r| r.acked.is_none()).count();
+    let waited = runs.values().filter(|r| r.waited).count();
     eprintln!(
-        "burst: {} acked, {unknown} unknown outcome (in flight to the paused node)",
+        "burst: {} acked, {unknown} unknown outcome, {waited} waited on the paused node",
         runs.len() - unknown
     );
-    assert!(unknown > 0, "no put was in flight to the paused node: the scenario did not happen");
 
     // Deletes and overwrites with the ack contexts while X is still stopped.
     for (index, (key, run)) in runs.iter_mut().enumerate() {
@@ -232,6 +245,9 @@ async fn a_paused_coordinator_cannot_bring_back_deleted_or_overwritten_writes() 
         metric_sum(cluster.storage[0].addr, "pairdb_storage_coordinate_deadline_refusals_total").unwrap();
     eprintln!("the paused node refused {refused} coordinate calls past their deadline after it resumed");
     verify(&cluster, &topology, &kv, &runs).await;
+    // Checked last, so that a resurrection is reported as such: puts were in flight to the node when
+    // it stopped (they end "outcome unknown"; a router that failed over acknowledged them late).
+    assert!(waited > 0, "no put was in flight to the paused node: the scenario did not happen");
 }
 
 /// No fault at all, but a router whose storage timeout (10 ms) is shorter than many calls take: many
