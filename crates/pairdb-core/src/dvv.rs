@@ -19,6 +19,18 @@
 
 use std::collections::BTreeMap;
 
+/// The most actors a write may leave in a key's version vector. Real vectors name the storage-node
+/// incarnations that coordinated writes to the key (a few per preference-list position over a
+/// cluster's life); a write whose context would grow the vector past this is refused
+/// ([`UpdateError::TooManyActors`]), so invented actors cannot bloat a record. A vector already
+/// above it (concurrent growth on several replicas) still takes writes that add no actor.
+pub const MAX_ACTORS: usize = 64;
+
+/// The highest counter a dot may have: 2^48 − 1 (nine years of a million writes per second to one
+/// key). Counters above it are never minted and never decoded, so counter arithmetic cannot reach
+/// `u64::MAX` (no saturation, no wrap, no repeated dot).
+pub const MAX_COUNTER: u64 = (1 << 48) - 1;
+
 /// A storage-node incarnation (random 64-bit id created with the data directory).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Actor(pub u64);
@@ -120,17 +132,20 @@ impl Sibling {
 pub enum UpdateError {
     #[error("the write would leave {would_have} siblings, above the tenant's cap of {max_siblings}")]
     TooManySiblings { would_have: usize, max_siblings: usize },
-    /// The actor's counter is at its maximum: a new dot would repeat or wrap. Never saturate: two
-    /// writes with one dot would be taken for one.
+    /// The actor's counter is at [`MAX_COUNTER`]: a new dot would repeat or wrap. Never saturate:
+    /// two writes with one dot would be taken for one.
     #[error("actor {actor}'s counter is exhausted")]
     CounterExhausted { actor: Actor },
+    /// The context names so many actors the key's vector would grow past [`MAX_ACTORS`].
+    #[error("the write would leave {would_have} actors in the key's version vector, above {MAX_ACTORS}")]
+    TooManyActors { would_have: usize },
 }
 
 impl UpdateError {
     pub fn reason(&self) -> &'static str {
         match self {
             UpdateError::TooManySiblings { .. } => "TOO_MANY_SIBLINGS",
-            UpdateError::CounterExhausted { .. } => "MALFORMED_VERSION",
+            UpdateError::CounterExhausted { .. } | UpdateError::TooManyActors { .. } => "MALFORMED_VERSION",
         }
     }
 }
@@ -214,7 +229,19 @@ impl VersionSet {
         max_siblings: Option<usize>,
     ) -> Result<Dot, UpdateError> {
         let seen = self.vector.get(actor).max(context.get(actor));
-        let counter = seen.checked_add(1).ok_or(UpdateError::CounterExhausted { actor })?;
+        let counter = seen.checked_add(1).filter(|c| *c <= MAX_COUNTER);
+        let counter = counter.ok_or(UpdateError::CounterExhausted { actor })?;
+        let new_actors = context
+            .entries()
+            .map(|(a, _)| a)
+            .chain(std::iter::once(actor))
+            .filter(|a| self.vector.get(*a) == 0)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        let would_have = self.vector.len() + new_actors;
+        if new_actors > 0 && would_have > MAX_ACTORS {
+            return Err(UpdateError::TooManyActors { would_have });
+        }
         let surviving = self.siblings.iter().filter(|s| !context.covers(s.dot)).count();
         if let Some(max_siblings) = max_siblings {
             let would_have = surviving + 1;
@@ -363,15 +390,35 @@ mod tests {
         let mut set = VersionSet::new();
         set.update(&VersionVector::new(), A, Some(b"x".to_vec()), 1, None).unwrap();
         let before = set.clone();
-        // A context claiming A's counter at its maximum: the next dot does not exist.
-        let forged = VersionVector::from_entries([(A, u64::MAX)]);
-        let err = set.update(&forged, A, Some(b"y".to_vec()), 2, None).unwrap_err();
-        assert_eq!(err, UpdateError::CounterExhausted { actor: A });
-        assert_eq!(set, before, "a refused update leaves the set unchanged");
+        // Contexts claiming A's counter at the maximum or beyond: the next dot does not exist.
+        for claimed in [MAX_COUNTER, MAX_COUNTER + 1, u64::MAX] {
+            let forged = VersionVector::from_entries([(A, claimed)]);
+            let err = set.update(&forged, A, Some(b"y".to_vec()), 2, None).unwrap_err();
+            assert_eq!(err, UpdateError::CounterExhausted { actor: A });
+            assert_eq!(set, before, "a refused update leaves the set unchanged");
+        }
         // One below the maximum still works and gives the last counter.
-        let high = VersionVector::from_entries([(A, u64::MAX - 1)]);
+        let high = VersionVector::from_entries([(A, MAX_COUNTER - 1)]);
         let dot = set.update(&high, A, Some(b"z".to_vec()), 3, None).unwrap();
-        assert_eq!(dot.counter, u64::MAX);
+        assert_eq!(dot.counter, MAX_COUNTER);
+    }
+
+    #[test]
+    fn invented_actors_cannot_grow_a_vector_past_the_bound() {
+        let mut set = VersionSet::new();
+        set.update(&VersionVector::new(), A, Some(b"x".to_vec()), 1, None).unwrap();
+        let before = set.clone();
+        let invented = VersionVector::from_entries((1000..1000 + MAX_ACTORS as u64).map(|a| (Actor(a), 1)));
+        let err = set.update(&invented, A, Some(b"y".to_vec()), 2, None).unwrap_err();
+        assert_eq!(err, UpdateError::TooManyActors { would_have: MAX_ACTORS + 1 });
+        assert_eq!(set, before);
+        // Up to the bound is fine, and a vector at the bound keeps taking writes by known actors.
+        let fits = VersionVector::from_entries((1000..1000 + MAX_ACTORS as u64 - 1).map(|a| (Actor(a), 1)));
+        set.update(&fits, A, Some(b"y".to_vec()), 2, None).unwrap();
+        assert_eq!(set.vector().len(), MAX_ACTORS);
+        let context = set.vector().clone();
+        set.update(&context, A, Some(b"z".to_vec()), 3, None).unwrap();
+        assert!(set.update(&VersionVector::new(), B, Some(b"w".to_vec()), 4, None).is_err());
     }
 
     #[test]

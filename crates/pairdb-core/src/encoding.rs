@@ -20,7 +20,12 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::dvv::{Actor, Dot, Sibling, VersionSet, VersionVector};
+use crate::dvv::{Actor, Dot, MAX_ACTORS, MAX_COUNTER, Sibling, VersionSet, VersionVector};
+
+/// The most vector entries a decoder accepts, in a stored or replicated set and in a client context:
+/// [`MAX_ACTORS`] plus room for vectors that grew on several replicas at once. Anything longer is
+/// refused before it is allocated or stored.
+pub const MAX_DECODED_ACTORS: usize = 4 * MAX_ACTORS;
 
 pub const VERSION_SET_FORMAT: u8 = 1;
 pub const CONTEXT_FORMAT: u8 = 1;
@@ -49,6 +54,10 @@ pub enum DecodeError {
     UnknownKind(u8),
     #[error("checksum mismatch")]
     ChecksumMismatch,
+    #[error("{0} vector entries, above {MAX_DECODED_ACTORS}")]
+    TooManyActors(usize),
+    #[error("counter {0} is above the maximum {MAX_COUNTER}")]
+    CounterTooLarge(u64),
 }
 
 impl DecodeError {
@@ -136,6 +145,9 @@ fn put_vector(out: &mut Vec<u8>, vector: &VersionVector) {
 fn read_vector(reader: &mut Reader<'_>) -> Result<VersionVector, DecodeError> {
     // Each entry takes at least 9 bytes (8-byte actor + 1-byte varint).
     let count = reader.count(9)?;
+    if count > MAX_DECODED_ACTORS {
+        return Err(DecodeError::TooManyActors(count));
+    }
     let mut entries = Vec::with_capacity(count);
     let mut previous: Option<Actor> = None;
     for _ in 0..count {
@@ -143,6 +155,9 @@ fn read_vector(reader: &mut Reader<'_>) -> Result<VersionVector, DecodeError> {
         let counter = reader.varint()?;
         if counter == 0 {
             return Err(DecodeError::ZeroCounter);
+        }
+        if counter > MAX_COUNTER {
+            return Err(DecodeError::CounterTooLarge(counter));
         }
         if previous.is_some_and(|p| p >= actor) {
             return Err(DecodeError::NotSorted);
@@ -309,6 +324,27 @@ mod tests {
         // Huge count with no data must not allocate or panic.
         let hostile: &[u8] = &[1, 0xff, 0xff, 0xff, 0xff, 0x0f];
         assert_eq!(decode_version_set(hostile), Err(DecodeError::Truncated));
+    }
+
+    /// Forged shapes that used to be accepted: a context or a set whose counters are saturated, and
+    /// contexts listing a hundred thousand invented actors. Each is refused before allocation.
+    #[test]
+    fn saturated_counters_and_invented_actors_are_refused() {
+        let saturated = VersionVector::from_entries([(Actor(7), u64::MAX)]);
+        assert_eq!(decode_context(&encode_context(&saturated)), Err(DecodeError::CounterTooLarge(u64::MAX)));
+        let at_max = VersionVector::from_entries([(Actor(7), MAX_COUNTER)]);
+        assert_eq!(decode_context(&encode_context(&at_max)).unwrap(), at_max);
+
+        let invented = VersionVector::from_entries((0..100_000).map(|a| (Actor(a), 1)));
+        assert_eq!(decode_context(&encode_context(&invented)), Err(DecodeError::TooManyActors(100_000)));
+        let most = VersionVector::from_entries((0..MAX_DECODED_ACTORS as u64).map(|a| (Actor(a), 1)));
+        assert_eq!(decode_context(&encode_context(&most)).unwrap(), most);
+
+        let set = VersionSet::from_parts(saturated, Vec::new());
+        assert_eq!(
+            decode_version_set(&encode_version_set(&set)),
+            Err(DecodeError::CounterTooLarge(u64::MAX))
+        );
     }
 
     #[test]
