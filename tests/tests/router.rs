@@ -156,6 +156,8 @@ async fn writes_are_read_back_through_another_router_with_siblings_and_deletes()
 struct LoadStats {
     ok: AtomicU64,
     failed: AtomicU64,
+    /// The reason of every failure, in order.
+    failure_reasons: Mutex<Vec<String>>,
     latencies_us: Mutex<Vec<u64>>,
     written: Mutex<BTreeMap<String, Vec<u8>>>,
 }
@@ -189,8 +191,10 @@ fn spawn_load(
                             stats.latencies_us.lock().unwrap().push(elapsed / 2);
                             stats.written.lock().unwrap().insert(key, value);
                         }
-                        Err(_) => {
+                        Err(status) => {
                             stats.failed.fetch_add(1, Ordering::Relaxed);
+                            let reason = pairdb_service::errors::reason_of(&status).unwrap_or_default();
+                            stats.failure_reasons.lock().unwrap().push(reason);
                         }
                     }
                 }
@@ -294,7 +298,13 @@ async fn a_hung_replica_never_holds_requests_past_their_deadline() {
     let hung_for = stopped_at.elapsed();
     cluster.storage[1].signal("CONT").unwrap();
 
-    assert_eq!(stats.failed.load(Ordering::Relaxed), 0, "requests failed while a replica hung");
+    // Writes that were in flight to the hung node as their coordinator wait for it until their
+    // deadline and then end "outcome unknown" (QUORUM_NOT_REACHED): the node may apply them, so the
+    // router does not retry them on another replica (issue 16). At most one per load client: the
+    // node is suspect after the storage timeout and later writes are coordinated elsewhere.
+    let reasons = stats.failure_reasons.lock().unwrap().clone();
+    assert!(reasons.len() <= 16, "{} requests failed while a replica hung: {reasons:?}", reasons.len());
+    assert!(reasons.iter().all(|r| r == "QUORUM_NOT_REACHED"), "{reasons:?}");
     let mut all = stats.latencies_us.lock().unwrap().clone();
     let max = *all.iter().max().unwrap();
     assert!(max < 3_500_000, "a request waited {max} µs, past its 3 s deadline");

@@ -158,10 +158,26 @@ fn never_connected(status: &tonic::Status) -> bool {
     false
 }
 
+/// How long a storage call may take.
+#[derive(Debug, Clone, Copy)]
+struct CallBudget {
+    /// How long the router waits for the answer once the request was sent.
+    wait: Duration,
+    /// When a call still unanswered makes the node suspect (the storage timeout): new requests then
+    /// avoid it, while this call may go on waiting up to `wait`.
+    suspect_after: Duration,
+}
+
+impl CallBudget {
+    fn storage_timeout(pool: &StoragePool) -> Self {
+        Self { wait: pool.storage_timeout(), suspect_after: pool.storage_timeout() }
+    }
+}
+
 /// Runs one RPC against `node` with the pool's bounds, updating the failure view. The call gets
-/// `timeout` (at most the storage timeout) for a free in-flight slot and then `timeout` for the RPC;
-/// `rpc` is told what is left of it when it is sent (a coordinate call passes that on, so the node
-/// stops applying when the router stops waiting).
+/// `budget.suspect_after` for a free in-flight slot (nothing is sent before, so a call refused here
+/// is `NotApplied`) and then `budget.wait` for the answer; `rpc` is told that wait when it is sent (a
+/// coordinate call passes it on, so the node stops applying when the router stops waiting).
 ///
 /// Each call is a client span (`rpc`, node id, partition, outcome) whose trace context the storage
 /// node continues, so a client request is one trace with one child per replica call.
@@ -177,7 +193,7 @@ where
     F: FnOnce(StorageClient, Duration) -> Fut,
     Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
-    call_within(pool, view, node, rpc_name, partition, pool.storage_timeout(), rpc).await
+    call_within(pool, view, node, rpc_name, partition, CallBudget::storage_timeout(pool), rpc).await
 }
 
 async fn call_within<T, F, Fut>(
@@ -186,7 +202,7 @@ async fn call_within<T, F, Fut>(
     node: NodeId,
     rpc_name: &'static str,
     partition: u32,
-    timeout: Duration,
+    budget: CallBudget,
     rpc: F,
 ) -> Result<T, CallError>
 where
@@ -201,7 +217,7 @@ where
         partition,
         outcome = tracing::field::Empty,
     );
-    let result = call_inner(pool, view, node, timeout, rpc).instrument(span.clone()).await;
+    let result = call_inner(pool, view, node, budget, rpc).instrument(span.clone()).await;
     span.record(
         "outcome",
         match &result {
@@ -219,7 +235,7 @@ async fn call_inner<T, F, Fut>(
     pool: &StoragePool,
     view: &ClusterView,
     node: NodeId,
-    timeout: Duration,
+    budget: CallBudget,
     rpc: F,
 ) -> Result<T, CallError>
 where
@@ -234,7 +250,7 @@ where
     let Some(client) = pool.client(node, &address) else {
         return Err(CallError::Failed(FailureCause::NotApplied));
     };
-    let acquired = match tokio::time::timeout(timeout, client.acquire()).await {
+    let acquired = match tokio::time::timeout(budget.suspect_after, client.acquire()).await {
         Ok(Some(acquired)) => acquired,
         Ok(None) => return Err(CallError::Failed(FailureCause::NotApplied)),
         Err(_elapsed) => {
@@ -243,7 +259,16 @@ where
         }
     };
     let (grpc, _permit) = acquired;
-    let outcome = tokio::time::timeout(timeout, rpc(grpc, timeout)).await;
+    let call = rpc(grpc, budget.wait);
+    tokio::pin!(call);
+    let suspect_after = budget.suspect_after.min(budget.wait);
+    let outcome = match tokio::time::timeout(suspect_after, &mut call).await {
+        Ok(answer) => Ok(answer),
+        Err(_slow) => {
+            client.record_failure();
+            tokio::time::timeout(budget.wait - suspect_after, call).await
+        }
+    };
     match outcome {
         Ok(Ok(response)) => {
             client.record_success();
@@ -255,10 +280,8 @@ where
             let definite = refused_before_applying(&status) || never_connected(&status);
             Err(CallError::Failed(if definite { FailureCause::NotApplied } else { FailureCause::Error }))
         }
-        Err(_elapsed) => {
-            client.record_failure();
-            Err(CallError::Failed(FailureCause::Timeout))
-        }
+        // Already suspect since `suspect_after`.
+        Err(_elapsed) => Err(CallError::Failed(FailureCause::Timeout)),
     }
 }
 
@@ -303,10 +326,14 @@ async fn run_write(
             match effect {
                 WriteEffect::Coordinate { node } => {
                     let (pool, view, input) = (pool.clone(), view.clone(), input.clone());
-                    // The node must stop applying when the router stops waiting: at the storage
-                    // timeout, or at the request's deadline if that comes first.
-                    let until_deadline = clock.until(machine_deadline_ms);
-                    let timeout = pool.storage_timeout().min(until_deadline);
+                    // A coordinate call that may have been applied is never retried elsewhere, so
+                    // giving up on it early gains nothing: it waits until the request's deadline
+                    // (the node is suspect after the storage timeout, so new writes avoid it), and
+                    // the node stops applying it when the router stops waiting.
+                    let budget = CallBudget {
+                        wait: clock.until(machine_deadline_ms),
+                        suspect_after: pool.storage_timeout(),
+                    };
                     calls.push(Box::pin(async move {
                         let mut request = pb::CoordinateWriteRequest {
                             key: Some(input.key),
@@ -325,7 +352,7 @@ async fn run_write(
                             node,
                             "storage.coordinate_write",
                             partition,
-                            timeout,
+                            budget,
                             |mut c, left| async move {
                                 let left_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
                                 request.apply_within_ms = u32::try_from(left_ms).unwrap_or(u32::MAX);
