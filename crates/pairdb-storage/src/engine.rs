@@ -5,6 +5,9 @@
 //! - keyspace `hints`: hint key → `stored_at_ms u64be | version set`, sets kept for another node;
 //! - keyspace `confirmed_tombstones`: record key → `digest u64be | topology epoch u64be | N u32be`,
 //!   tombstones every owner acknowledged (the full-ack GC path; losing one only delays its purge);
+//! - keyspace `quarantine`: record key → the raw bytes of a record that did not decode when the node
+//!   opened (corrupt, or written before its shape was refused, e.g. a saturated counter), kept for
+//!   inspection only; anti-entropy and rebuilds restore the key from the other replicas;
 //! - `IDENTITY` file: node id, actor id, format version ([`crate::identity`]).
 //!
 //! Invariants:
@@ -23,6 +26,8 @@
 //!   have dropped the dirty pages; see "Can applications recover from fsync failures?", ATC '20).
 //!   [`Engine::inject_persist_failure_for_tests`] makes the next journal persist fail, so tests can
 //!   drive this path through the real code.
+//! - A stored record that does not decode never stops the node: at open it is moved to `quarantine`
+//!   (counted in [`EngineStats::quarantined_records`]) and the key reads as absent here.
 //! - Before the disk fills, writes are refused with DISK_FULL (free space below the reserve), so a full
 //!   disk is a clear error rather than a poisoned node.
 //!
@@ -35,7 +40,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use pairdb_core::dvv::{UpdateError, VersionSet, VersionVector};
-use pairdb_core::encoding::{DecodeError, decode_version_set, encode_version_set};
+use pairdb_core::encoding::{DecodeError, MAX_DECODED_ACTORS, decode_version_set, encode_version_set};
 use pairdb_core::token::{PartitionCount, PartitionId};
 
 use crate::identity::{self, Identity, IdentityError};
@@ -124,6 +129,16 @@ impl ApplyDeadline {
     }
 }
 
+/// Refuses a merged set that the decoder would refuse when reading it back (two valid sets whose
+/// vectors name different actors can merge into one above `MAX_DECODED_ACTORS`): what is stored
+/// always decodes.
+fn storable(set: &VersionSet) -> Result<(), EngineError> {
+    if set.vector().len() > MAX_DECODED_ACTORS {
+        return Err(EngineError::Update(UpdateError::TooManyActors { would_have: set.vector().len() }));
+    }
+    Ok(())
+}
+
 /// A client write as the coordinator applies it.
 #[derive(Debug, Clone)]
 pub struct CoordinatedWrite<'a> {
@@ -171,6 +186,8 @@ pub struct EngineStats {
     pub disk_free_bytes: u64,
     pub hints_pending: u64,
     pub poisoned: bool,
+    /// Records moved to quarantine because they did not decode (all time, this data directory).
+    pub quarantined_records: u64,
 }
 
 const LOCK_STRIPES: usize = 4096;
@@ -226,6 +243,7 @@ pub struct Engine {
     records: Keyspace,
     hints: Keyspace,
     confirmed: Keyspace,
+    quarantine: Keyspace,
     identity: Identity,
     partitions: PartitionCount,
     data_dir: PathBuf,
@@ -263,12 +281,14 @@ impl Engine {
         let hints = db.keyspace("hints", KeyspaceCreateOptions::default).map_err(open_err)?;
         let confirmed =
             db.keyspace("confirmed_tombstones", KeyspaceCreateOptions::default).map_err(open_err)?;
+        let quarantine = db.keyspace("quarantine", KeyspaceCreateOptions::default).map_err(open_err)?;
         let stripes = (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect();
         let engine = Arc::new(Engine {
             db,
             records,
             hints,
             confirmed,
+            quarantine,
             identity,
             partitions: config.partitions,
             data_dir: config.data_dir.clone(),
@@ -376,6 +396,7 @@ impl Engine {
         if !set.merge_from(incoming) {
             return Ok(false);
         }
+        storable(&set)?;
         let value = encode_version_set(&set);
         self.commit_write(WriteOp::Insert(Space::Records, encoded_key.clone(), value), preparing)?;
         self.merkle.update(&encoded_key, old_digest, Some(Entry::of(&set)));
@@ -395,6 +416,14 @@ impl Engine {
             let old_digest = existing.as_ref().map(Entry::of);
             let mut set = existing.unwrap_or_default();
             if set.merge_from(incoming) {
+                // One record that cannot be stored must not hold back the batch (hint delivery,
+                // anti-entropy and migrations all come this way).
+                if let Err(error) = storable(&set) {
+                    tracing::warn!(partition = key.partition.0, %error, "merged set refused; record skipped");
+                    metrics::counter!("pairdb_storage_invalid_sets_refused_total", "rpc" => "merge_batch")
+                        .increment(1);
+                    continue;
+                }
                 self.write(|| self.records.insert(encoded_key.clone(), encode_version_set(&set)))?;
                 self.merkle.update(&encoded_key, old_digest, Some(Entry::of(&set)));
                 changed += 1;
@@ -416,6 +445,7 @@ impl Engine {
             Some(raw) => decode_hint_value(&raw)?.1.merge(set),
             None => set.clone(),
         };
+        storable(&merged)?;
         let mut value = now_ms().to_be_bytes().to_vec();
         value.extend_from_slice(&encode_version_set(&merged));
         self.commit_write(WriteOp::Insert(Space::Hints, hint_key, value), preparing)
@@ -808,18 +838,52 @@ impl Engine {
         Ok(expired)
     }
 
-    /// Builds the Merkle trees from disk (at open, before anything is written).
+    /// Builds the Merkle trees from disk (at open, before anything is written). A record that does
+    /// not decode is quarantined, not fatal: one bad record must not keep a node (or, after a rolling
+    /// restart, every replica of it) down.
     fn rebuild_merkle(&self) -> Result<(), EngineError> {
         let started = Instant::now();
         let mut records = 0u64;
+        let mut undecodable = Vec::new();
         for item in self.records.iter() {
             let (raw_key, raw_value) = item.into_inner().map_err(EngineError::Read)?;
-            let set = decode_version_set(&raw_value).map_err(EngineError::Corrupt)?;
-            self.merkle.update(&raw_key, None, Some(Entry::of(&set)));
-            records += 1;
+            match decode_version_set(&raw_value) {
+                Ok(set) => {
+                    self.merkle.update(&raw_key, None, Some(Entry::of(&set)));
+                    records += 1;
+                }
+                Err(error) => undecodable.push((raw_key, raw_value, error)),
+            }
         }
         tracing::info!(records, elapsed_ms = started.elapsed().as_millis() as u64, "merkle trees built");
+        self.quarantine_records(undecodable)
+    }
+
+    /// Moves undecodable records from `records` to `quarantine` (durably, before the node serves).
+    fn quarantine_records(
+        &self,
+        undecodable: Vec<(fjall::Slice, fjall::Slice, DecodeError)>,
+    ) -> Result<(), EngineError> {
+        if undecodable.is_empty() {
+            return Ok(());
+        }
+        for (raw_key, raw_value, error) in &undecodable {
+            let partition = RecordKey::decode(raw_key).map(|key| key.partition.0);
+            tracing::warn!(?partition, %error, "stored record does not decode; moved to quarantine");
+            self.write(|| self.quarantine.insert(raw_key.clone(), raw_value.clone()))?;
+            self.write(|| self.records.remove(raw_key.clone()))?;
+        }
+        self.make_durable()?;
+        metrics::counter!("pairdb_storage_records_quarantined_total").increment(undecodable.len() as u64);
         Ok(())
+    }
+
+    /// Writes raw bytes as a record, bypassing every check, so tests can plant a record that does not
+    /// decode. Never called outside tests.
+    #[doc(hidden)]
+    pub fn insert_raw_record_for_tests(&self, key: &RecordKey, raw: &[u8]) -> Result<(), EngineError> {
+        self.write(|| self.records.insert(key.encode(), raw))?;
+        self.make_durable()
     }
 
     /// Current sizes. Free disk space is the maintenance thread's reading (at most a second old), so
@@ -831,6 +895,7 @@ impl Engine {
             disk_free_bytes: self.disk_free_bytes.load(Ordering::Relaxed),
             hints_pending: self.hints.approximate_len() as u64,
             poisoned: self.poisoned.load(Ordering::Acquire),
+            quarantined_records: self.quarantine.approximate_len() as u64,
         }
     }
 

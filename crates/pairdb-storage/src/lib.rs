@@ -205,6 +205,7 @@ async fn watch_health(
         let stats_engine = engine.clone();
         let Ok(stats) = tokio::task::spawn_blocking(move || stats_engine.stats()).await else { continue };
         metrics::gauge!("pairdb_storage_keys").set(stats.keys as f64);
+        metrics::gauge!("pairdb_storage_quarantined_records").set(stats.quarantined_records as f64);
         metrics::gauge!("pairdb_storage_disk_bytes").set(stats.disk_bytes as f64);
         metrics::gauge!("pairdb_storage_disk_free_bytes").set(stats.disk_free_bytes as f64);
         metrics::gauge!("pairdb_storage_hints_pending").set(stats.hints_pending as f64);

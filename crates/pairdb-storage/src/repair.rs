@@ -589,7 +589,11 @@ impl Repair {
         let mut incoming = Vec::with_capacity(remote.len());
         for record in &remote {
             exchange.bytes += record.version_set.len() as u64;
-            let Ok(set) = decode_version_set(&record.version_set) else { continue };
+            let Ok(set) = decode_version_set(&record.version_set) else {
+                metrics::counter!("pairdb_storage_invalid_sets_refused_total", "rpc" => "get_batch")
+                    .increment(1);
+                continue;
+            };
             incoming.push((RecordKey::new(partitions, &record.tenant_id, &record.key), set));
         }
         let record_keys: Vec<RecordKey> =

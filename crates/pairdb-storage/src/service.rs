@@ -180,8 +180,14 @@ fn rebuild_status(progress: RebuildProgress) -> pb::RebuildStatus {
     }
 }
 
-fn decode_set(bytes: &[u8]) -> Result<VersionSet, Status> {
-    decode_version_set(bytes).map_err(|e| status(e.reason(), format!("version set: {e}"), &[]))
+/// Decodes a version set sent by a peer or a router. The decoder validates every invariant and bound
+/// (sorted unique dots covered by the vector, counters at most `MAX_COUNTER`, at most
+/// `MAX_DECODED_ACTORS` actors), so what fails here is refused with a reason and never stored.
+fn decode_set(rpc: &'static str, bytes: &[u8]) -> Result<VersionSet, Status> {
+    decode_version_set(bytes).map_err(|e| {
+        metrics::counter!("pairdb_storage_invalid_sets_refused_total", "rpc" => rpc).increment(1);
+        status(e.reason(), format!("version set: {e}"), &[])
+    })
 }
 
 pub fn vector_entries(set: &VersionSet) -> Vec<VersionEntry> {
@@ -256,7 +262,7 @@ impl StorageService for StorageApi {
     ) -> Result<Response<pb::ReplicateResponse>, Status> {
         let request = request.into_inner();
         let key = self.record_key(request.key)?;
-        let set = decode_set(&request.version_set)?;
+        let set = decode_set("replicate", &request.version_set)?;
         let own_node = self.engine.identity().node_id;
         let hint_for = request.hint_for_node_id;
         let hinted = hint_for != 0 && hint_for != own_node;
@@ -280,7 +286,7 @@ impl StorageService for StorageApi {
                 key: record.key,
                 partition: partition.0,
             }))?;
-            records.push((key, decode_set(&record.version_set)?));
+            records.push((key, decode_set("merge_batch", &record.version_set)?));
         }
         let merged = records.len() as u32;
         let changed = self.blocking("merge_batch", move |engine| engine.merge_batch(&records)).await?;
@@ -461,7 +467,7 @@ impl StorageService for StorageApi {
     ) -> Result<Response<pb::ConfirmTombstoneResponse>, Status> {
         let request = request.into_inner();
         let key = self.record_key(request.key)?;
-        let set = decode_set(&request.version_set)?;
+        let set = decode_set("confirm_tombstone", &request.version_set)?;
         if !set.is_deleted() {
             return Err(status("INVALID_ARGUMENT", "version_set must hold only tombstones", &[]));
         }
@@ -609,6 +615,7 @@ impl StorageService for StorageApi {
             hints_pending: stats.hints_pending,
             write_path_poisoned: stats.poisoned,
             data_format_version: identity.format_version,
+            quarantined_records: stats.quarantined_records,
         }))
     }
 

@@ -131,7 +131,18 @@ async fn pull_from(
             if key.partition != partition {
                 return Err(SourceFailure::Remote(format!("sent a key of partition {}", key.partition)));
             }
-            let set = decode_version_set(&record.version_set).map_err(|e| remote(&e))?;
+            // A set that fails validation is skipped, not stored: one bad record on a source must not
+            // fail the partition's transfer from every source (anti-entropy brings the key from a
+            // replica that holds a valid copy).
+            let set = match decode_version_set(&record.version_set) {
+                Ok(set) => set,
+                Err(error) => {
+                    tracing::warn!(partition = partition.0, %error, "source sent an invalid version set; skipped");
+                    metrics::counter!("pairdb_storage_invalid_sets_refused_total", "rpc" => "sync_partition")
+                        .increment(1);
+                    continue;
+                }
+            };
             report.bytes += record.version_set.len() as u64;
             records.push((key, set));
         }
