@@ -149,16 +149,23 @@ pub fn http_request(
     headers: &[(&str, &str)],
     body: Option<&[u8]>,
 ) -> anyhow::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }
     let body = body.unwrap_or_default();
     request.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
-    stream.write_all(request.as_bytes())?;
-    stream.write_all(body)?;
+    let mut raw = request.into_bytes();
+    raw.extend_from_slice(body);
+    let (status, _head, body) = http_raw(addr, &raw)?;
+    Ok((status, body))
+}
+
+/// Sends `request` exactly as given (head and body) and returns (status, response head, body).
+pub fn http_raw(addr: SocketAddr, request: &[u8]) -> anyhow::Result<(u16, String, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(request)?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response)?;
     let response = String::from_utf8_lossy(&response).into_owned();
@@ -174,7 +181,7 @@ pub fn http_request(
     } else {
         body.to_owned()
     };
-    Ok((status, body))
+    Ok((status, head.to_owned(), body))
 }
 
 fn dechunk(mut body: &str) -> String {

@@ -299,22 +299,26 @@ async fn a_tenant_over_its_rate_limit_is_refused_while_another_is_served() {
     for result in fast_results {
         result.await.unwrap().expect("the unlimited tenant is never refused");
     }
-    // Over HTTP the refusal is a 429 with the reason.
+    // Over HTTP the refusal is a 429 with the reason and a Retry-After header (whole seconds).
     let auth = bearer(&slow_key);
-    let statuses: Vec<u16> = (0..40)
-        .map(|_| {
-            http_request(
-                cluster.routers[0].addr,
-                "GET",
-                "/v1/key-value?key=k1",
-                &[("authorization", &auth)],
-                None,
-            )
-            .unwrap()
-            .0
-        })
+    let request = format!(
+        "GET /v1/key-value?key=k1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\nauthorization: {auth}\r\n\r\n"
+    );
+    let responses: Vec<(u16, String, String)> = (0..40)
+        .map(|_| pairdb_tests::http_raw(cluster.routers[0].addr, request.as_bytes()).unwrap())
         .collect();
-    assert!(statuses.contains(&429), "{statuses:?}");
+    let refused = responses.iter().find(|(status, _, _)| *status == 429);
+    let Some((_, head, body)) = refused else {
+        panic!("no 429 in {:?}", responses.iter().map(|r| r.0).collect::<Vec<_>>());
+    };
+    let parsed: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(reason(&parsed), "RATE_LIMITED", "{body}");
+    let retry_after = head
+        .lines()
+        .find_map(|line| line.to_ascii_lowercase().strip_prefix("retry-after:").map(|v| v.trim().to_owned()));
+    let seconds: u64 =
+        retry_after.unwrap_or_else(|| panic!("429 without Retry-After: {head}")).parse().unwrap();
+    assert!(seconds >= 1, "{head}");
 }
 
 #[tokio::test]
@@ -623,6 +627,15 @@ async fn bad_input_gets_exact_statuses_and_reasons_over_grpc_and_http() {
         }
     };
     assert!(matches!(error.reason(), "TENANT_NOT_FOUND" | "UNAUTHENTICATED"), "{error}");
+
+    // A broken chunked body is malformed input (INVALID_ARGUMENT), not BODY_TOO_LARGE.
+    let chunked = format!(
+        "POST /v1/key-value HTTP/1.1\r\nHost: x\r\nConnection: close\r\nauthorization: Bearer {secret}\r\n\
+         content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n{{}}\r\n0\r\n\r\n"
+    );
+    let (status, _, body) = pairdb_tests::http_raw(router, chunked.as_bytes()).unwrap();
+    let parsed: Value = serde_json::from_str(&body).unwrap_or_default();
+    assert_eq!((status, reason(&parsed)), (400, "INVALID_ARGUMENT"), "{body}");
 
     // Still serving after all of that.
     let (status, _) = http_get(router, "/health/ready").unwrap();

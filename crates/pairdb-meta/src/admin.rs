@@ -873,7 +873,7 @@ impl Meta {
 }
 
 /// Rejects N outside 1..=7.
-fn check_replication_factor_range(n: u32) -> Result<(), MetaError> {
+pub(crate) fn check_replication_factor_range(n: u32) -> Result<(), MetaError> {
     validation::validate_replication_factor(n as usize).map_err(|_| MetaError::InvalidReplicationFactor {
         requested: n,
         active_nodes: None,

@@ -33,10 +33,10 @@ pub fn authorized(auth: &AdminAuth, authorization: Option<&str>) -> bool {
     match auth {
         AdminAuth::Disabled => true,
         AdminAuth::Token(token) => {
-            let Some(presented) = authorization.and_then(|value| value.strip_prefix("Bearer ")) else {
+            let Some(presented) = authorization.and_then(pairdb_service::errors::bearer_token) else {
                 return false;
             };
-            Sha256::digest(presented.trim().as_bytes()) == Sha256::digest(token.as_bytes())
+            Sha256::digest(presented.as_bytes()) == Sha256::digest(token.as_bytes())
         }
     }
 }

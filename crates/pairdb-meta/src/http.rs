@@ -58,6 +58,26 @@ pub fn routes(meta: Meta, auth: Arc<AdminAuth>) -> Router {
         .route("/v1/{*rest}", axum::routing::any(unknown_path))
         .with_state(meta)
         .layer(axum::middleware::from_fn_with_state(auth, require_admin_token))
+        .layer(axum::middleware::map_response(json_payload_too_large))
+}
+
+/// axum refuses a body over its limit with a plain-text 413 before any handler runs; answer it with
+/// the same JSON error body (reason BODY_TOO_LARGE) as every other error.
+async fn json_payload_too_large(response: Response) -> Response {
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if response.status() != StatusCode::PAYLOAD_TOO_LARGE || is_json {
+        return response;
+    }
+    let body = json!({"error": {
+        "code": "INVALID_ARGUMENT",
+        "reason": "BODY_TOO_LARGE",
+        "message": "request body is over the size limit",
+        "details": {},
+    }});
+    (StatusCode::PAYLOAD_TOO_LARGE, axum::Json(body)).into_response()
 }
 
 async fn require_admin_token(State(auth): State<Arc<AdminAuth>>, request: Request, next: Next) -> Response {
@@ -240,8 +260,8 @@ fn change_json(key: &str, value: Value, migration_id: Option<String>) -> Value {
 #[serde(deny_unknown_fields)]
 struct CreateTenantBody {
     tenant_id: String,
-    #[serde(default)]
-    replication_factor: u32,
+    /// Absent = the default N; 0 is refused like on the update path (one rule for both).
+    replication_factor: Option<u32>,
     default_consistency: Option<String>,
     conflict_mode: Option<String>,
     #[serde(default)]
@@ -260,9 +280,16 @@ async fn create_tenant(State(meta): State<Meta>, body: Bytes) -> Response {
     reply(
         async {
             let body: CreateTenantBody = parse(&body)?;
+            let replication_factor = match body.replication_factor {
+                None => 0,
+                Some(n) => {
+                    crate::admin::check_replication_factor_range(n)?;
+                    n
+                }
+            };
             let new = NewTenant {
                 tenant_id: body.tenant_id,
-                replication_factor: body.replication_factor,
+                replication_factor,
                 default_consistency: parse_consistency(body.default_consistency)?,
                 conflict_mode: parse_conflict_mode(body.conflict_mode)?,
                 rate_limit_ops_per_sec: body.rate_limit_ops_per_sec,

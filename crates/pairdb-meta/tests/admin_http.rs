@@ -341,6 +341,41 @@ async fn storage_nodes_and_migrations_over_http() -> anyhow::Result<()> {
     server.shutdown().await
 }
 
+/// Issue 15's contract slips on meta: the Bearer scheme is case-insensitive (one rule with the
+/// router), an explicit replication factor of 0 is refused on create as on update, and a body over
+/// the limit gets the JSON error body (reason BODY_TOO_LARGE), not axum's plain text.
+#[tokio::test]
+async fn bearer_rule_zero_replication_factor_and_oversized_bodies() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(test_config(dir.path())).await?;
+    let addr = server.addr;
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let request = format!(
+            "GET /v1/tenants HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: {scheme} {ADMIN_TOKEN}\r\n\r\n"
+        );
+        let response = common::http_raw(addr, request.as_bytes()).await?;
+        assert_eq!(response.status, 200, "{scheme}: {response:?}");
+    }
+    let basic = format!(
+        "GET /v1/tenants HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Basic {ADMIN_TOKEN}\r\n\r\n"
+    );
+    assert_error(&common::http_raw(addr, basic.as_bytes()).await?, 401, "UNAUTHENTICATED", "UNAUTHENTICATED");
+
+    let zero =
+        call(addr, "POST", "/v1/tenants", Some(r#"{"tenant_id": "zero", "replication_factor": 0}"#)).await;
+    assert_error(&zero, 400, "INVALID_ARGUMENT", "INVALID_REPLICATION_FACTOR");
+    assert!(
+        call(addr, "GET", "/v1/tenants/zero", None).await.status == 404,
+        "a refused create stored a tenant"
+    );
+
+    let oversized = format!(r#"{{"tenant_id": "big", "description": "{}"}}"#, "x".repeat(3 * 1024 * 1024));
+    let response = call(addr, "POST", "/v1/tenants", Some(&oversized)).await;
+    assert_eq!(response.status, 413, "{response:?}");
+    assert_eq!(response.reason(), "BODY_TOO_LARGE", "{response:?}");
+    server.shutdown().await
+}
+
 #[tokio::test]
 async fn authentication_and_unknown_paths() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

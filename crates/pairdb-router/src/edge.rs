@@ -68,11 +68,8 @@ impl Edge {
                 Ok(requested_tenant.to_owned())
             }
             AuthMode::Required => {
-                let secret = authorization
-                    .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
-                    .map(str::trim)
-                    .filter(|secret| !secret.is_empty())
-                    .ok_or_else(|| {
+                let secret =
+                    authorization.and_then(pairdb_service::errors::bearer_token).ok_or_else(|| {
                         RouterError::Unauthenticated(
                             "missing API key (authorization: Bearer <api key>)".into(),
                         )

@@ -78,8 +78,16 @@ impl IntoResponse for HttpError {
         let details: Vec<(&str, String)> =
             self.details.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
         let (status, body) = pairdb_service::errors::http_error(&self.reason, &self.message, &details);
-        (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), axum::Json(body))
-            .into_response()
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = (status, axum::Json(body)).into_response();
+        // A refusal that says when to retry says it in the standard header too (RFC 9110 §10.2.3).
+        let retry_after =
+            self.details.iter().find(|(k, _)| k == "retry_after_ms").and_then(|(_, v)| v.parse().ok());
+        if let Some(retry_after_ms) = retry_after {
+            let secs = pairdb_service::errors::retry_after_secs(retry_after_ms);
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 
@@ -210,11 +218,28 @@ async fn read_json_body(headers: &HeaderMap, body: Body) -> Result<PutBody, Http
             format!("content-type must be application/json, got {content_type:?}"),
         ));
     }
-    let bytes: Bytes = axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| {
-        HttpError::invalid("BODY_TOO_LARGE", format!("request body over {MAX_BODY_BYTES} bytes"))
+    let bytes: Bytes = axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|error| {
+        if is_length_limit(&error) {
+            HttpError::invalid("BODY_TOO_LARGE", format!("request body over {MAX_BODY_BYTES} bytes"))
+        } else {
+            // A broken chunked encoding or a connection cut mid-body: the request is malformed.
+            HttpError::invalid("INVALID_ARGUMENT", format!("request body could not be read: {error}"))
+        }
     })?;
     serde_json::from_slice(&bytes)
         .map_err(|error| HttpError::invalid("INVALID_JSON", format!("request body: {error}")))
+}
+
+/// True when reading a body failed because it was longer than the limit (not because it was broken).
+fn is_length_limit(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = source {
+        if error.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 fn value_bytes(body: &PutBody) -> Result<Vec<u8>, HttpError> {

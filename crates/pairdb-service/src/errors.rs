@@ -121,6 +121,21 @@ pub fn http_error_of(status: &tonic::Status) -> (u16, serde_json::Value) {
     }
 }
 
+/// The credential of an `authorization: Bearer <token>` header value: the scheme is matched
+/// case-insensitively and followed by one or more spaces (RFC 9110 §11.1); surrounding whitespace is
+/// dropped. `None` for any other scheme or an empty token. Every service uses this one rule.
+pub fn bearer_token(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The value of an HTTP `Retry-After` header for a refusal that says when to retry: whole seconds,
+/// rounded up (at least 1, as the header cannot say less).
+pub fn retry_after_secs(retry_after_ms: u64) -> u64 {
+    retry_after_ms.div_ceil(1000).max(1)
+}
+
 /// A status for `reason` with a human message and structured metadata in its details.
 pub fn status(reason: &str, message: impl Into<String>, metadata: &[(&str, String)]) -> tonic::Status {
     let message = message.into();
@@ -154,6 +169,24 @@ mod tests {
         assert_eq!(detail.reason, "QUORUM_NOT_REACHED");
         assert_eq!(detail.metadata.get("acks").map(String::as_str), Some("1"));
         assert_eq!(http_status(status.code()), 503);
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_nothing_else_passes() {
+        for (header, token) in [
+            ("Bearer abc", Some("abc")),
+            ("bearer abc", Some("abc")),
+            ("BEARER  abc ", Some("abc")),
+            (" Bearer abc", Some("abc")),
+            ("Bearer ", None),
+            ("Bearer", None),
+            ("Basic abc", None),
+            ("Bearerabc", None),
+            ("", None),
+        ] {
+            assert_eq!(bearer_token(header), token, "{header:?}");
+        }
+        assert_eq!((retry_after_secs(0), retry_after_secs(1), retry_after_secs(1001)), (1, 1, 2));
     }
 
     #[test]

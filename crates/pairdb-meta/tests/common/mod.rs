@@ -263,22 +263,37 @@ pub async fn http(
     token: Option<&str>,
     body: Option<&str>,
 ) -> anyhow::Result<HttpResponse> {
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(token) = token {
+        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
+        request.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    http_raw(addr, request.as_bytes()).await
+}
+
+/// Sends `request` as written (head and body) on a new connection and reads the response.
+pub async fn http_raw(addr: SocketAddr, request: &[u8]) -> anyhow::Result<HttpResponse> {
+    let request = request.to_vec();
     let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-        if let Some(token) = token {
-            request.push_str(&format!("Authorization: Bearer {token}\r\n"));
-        }
-        let body = body.unwrap_or("");
-        if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
-            request
-                .push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
-        }
-        request.push_str("\r\n");
-        request.push_str(body);
-        stream.write_all(request.as_bytes()).await?;
+        let (mut reader, mut writer) = TcpStream::connect(addr).await?.into_split();
+        // The server may answer (and close) before it read everything, e.g. a body over the limit,
+        // and closing with unread input resets the connection: read while writing, so the answer
+        // is in hand before the reset, and keep what arrived if the reset ends the read.
+        let write = tokio::spawn(async move {
+            let _ = writer.write_all(&request).await;
+            writer
+        });
         let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
+        let read = reader.read_to_end(&mut raw).await;
+        drop(write.await);
+        if raw.is_empty() {
+            read?;
+        }
         anyhow::Ok(raw)
     };
     let raw =
