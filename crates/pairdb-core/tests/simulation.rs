@@ -449,7 +449,7 @@ struct Stats {
     late_coordinates_refused: u64,
     /// Writes that ended "outcome unknown" because their coordinate call may have been applied.
     ambiguous_coordinations: u64,
-    /// Ambiguous coordinate calls the node applied all the same (reply lost or late).
+    /// Writes a coordinator applied that were not acknowledged (reply lost or late, or replication short of W).
     applied_but_unacknowledged: u64,
     /// Writes carrying the context their previous acknowledged write returned.
     ack_context_writes: u64,
@@ -1642,7 +1642,7 @@ fn run_seeds(config: &Config, seeds: std::ops::Range<u64>) -> Stats {
         for created in &outcome.created {
             *coordinated.entry(created.request).or_default() += 1;
         }
-        // Ambiguous coordinate calls that were applied all the same: the raw material of twins.
+        // Writes a coordinator applied that the client was not told succeeded: what a twin was made of.
         total.applied_but_unacknowledged +=
             coordinated.keys().filter(|request| !acked.contains(request)).count() as u64;
     }
@@ -1671,7 +1671,7 @@ fn simulation_acknowledged_deletes_and_overwrites_stay_under_pauses() {
         ("call timeouts", total.timeouts),
         ("writes with the previous ack's context", total.ack_context_writes),
         ("ambiguous coordinate calls", total.ambiguous_coordinations),
-        ("ambiguous writes applied all the same", total.applied_but_unacknowledged),
+        ("writes applied but not acknowledged", total.applied_but_unacknowledged),
         ("coordinate calls refused before applying", total.coordinate_refusals),
         ("late coordinate calls refused by the deadline", total.late_coordinates_refused),
         ("read repairs", total.repairs),
