@@ -11,7 +11,7 @@ floor() { SECS=10 bash "$here/../../../shared/bench/floor.sh" | grep '"channels"
 one() {
   local bin=$1 label=$2 dir
   dir=$(mktemp -d)
-  (cd "$dir" && "$bin" dev --sync periodic > dev.log 2>&1) &
+  (cd "$dir" && exec "$bin" dev --sync periodic > dev.log 2>&1) &
   local dev=$!
   for _ in $(seq 1 100); do grep -q "ready in" "$dir/dev.log" 2>/dev/null && break; sleep 0.2; done
   "$bin" --output json bench --workload A --records 50000 --duration 20s --consistency quorum > "$dir/a.json"
