@@ -36,7 +36,22 @@ async fn cluster_on_postgres_serves_typed_clients_and_survives_a_paused_node() {
 
     cluster.pause_storage(2).unwrap();
     let update = WriteOptions { context: written.context.clone(), ..quorum };
-    client.put("k", b"v2".to_vec(), update).await.expect("a quorum tolerates one frozen node");
+    let coordinator = cluster.topology().await.unwrap().preference_list("t", "k", 3).unwrap()[0];
+    let first = client.put("k", b"v2".to_vec(), update.clone()).await;
+    if coordinator == Cluster::storage_node_id(2) {
+        // The write in flight to its frozen coordinator may be applied there later, so the router
+        // does not retry it on another replica (issue 16): it ends "outcome unknown" at its
+        // deadline. The node is suspect by then, and the retry is coordinated elsewhere.
+        let error = first.expect_err("a write in flight to a frozen coordinator has an unknown outcome");
+        assert_eq!(
+            (error.reason(), error.metadata("outcome")),
+            ("QUORUM_NOT_REACHED", Some("unknown")),
+            "{error}"
+        );
+        client.put("k", b"v2".to_vec(), update).await.expect("a quorum tolerates one frozen node");
+    } else {
+        first.expect("a quorum tolerates one frozen node");
+    }
     let no_retries = ClientOptions { retry: RetryPolicy::never(), ..ClientOptions::default() };
     let impatient = KvClient::connect(&cluster.routers[0].addr.to_string(), "t", no_retries).await.unwrap();
     let all = ReadOptions {
