@@ -36,6 +36,14 @@ async fn services_start_and_report_health() -> anyhow::Result<()> {
     assert_eq!(status, 503);
     assert!(body.contains("no topology"), "{body}");
 
+    // A path nobody serves is a JSON 404 over plain HTTP on every service (it used to pass as
+    // `200 application/grpc` with grpc-status 12, so a mistyped health probe looked healthy).
+    for process in [&meta, &storage, &router] {
+        let (status, body) = http_get(process.addr, "/health/readyy")?;
+        assert_eq!(status, 404, "{}: {body}", process.name);
+        assert!(body.contains("\"reason\":\"NOT_FOUND\""), "{}: {body}", process.name);
+    }
+
     // The same port speaks gRPC: the standard health service agrees with HTTP.
     let meta_channel = pairdb_client::connect(&meta.addr.to_string()).await?;
     assert!(pairdb_client::is_serving(meta_channel).await?);

@@ -448,6 +448,11 @@ impl Meta {
     /// Adds a node: bootstraps the first topology if there is none, else queues an `add_node`
     /// migration (whose id is returned).
     pub async fn add_node(&self, request: NewNode) -> Result<(NodeView, Option<String>), MetaError> {
+        // Its migration must stream data to it before the node ever registers, so an operator's
+        // add names where it listens (a registration with auto-add always carries its address).
+        if request.address.is_empty() {
+            return Err(MetaError::InvalidNode("address is required (host:port)".to_owned()));
+        }
         let (mut tx, now) = self.write().await?;
         let (node, migration_id) = self.add_node_in(&mut tx, request, now).await?;
         let view = node_view(&mut tx, node).await?;

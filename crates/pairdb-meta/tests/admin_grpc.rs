@@ -292,8 +292,14 @@ async fn storage_nodes_every_operation_and_error() -> anyhow::Result<()> {
     assert_eq!((error.code(), reason(&error).as_str()), (Code::AlreadyExists, "NODE_EXISTS"));
     for bad in [
         pb::AddStorageNodeRequest { address: "no-port".into(), ..Default::default() },
-        pb::AddStorageNodeRequest { weight: 5000, ..Default::default() },
-        pb::AddStorageNodeRequest { zone: "a b".into(), ..Default::default() },
+        pb::AddStorageNodeRequest { address: "127.0.0.1:7300".into(), weight: 5000, ..Default::default() },
+        pb::AddStorageNodeRequest {
+            address: "127.0.0.1:7300".into(),
+            zone: "a b".into(),
+            ..Default::default()
+        },
+        // No address: its migration could not stream to it (issue 15).
+        pb::AddStorageNodeRequest { node_id: 7, ..Default::default() },
     ] {
         let error = admin.add_storage_node(bad).await.unwrap_err();
         assert_eq!(reason(&error), "INVALID_NODE");

@@ -106,7 +106,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let incoming = tokio_listener_stream(listener);
-    let routes = routes.into_axum_router().merge(http);
+    let routes = routes.into_axum_router().merge(http).fallback(unknown_route);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
@@ -119,6 +119,27 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
+}
+
+/// What a path no route serves gets: gRPC's UNIMPLEMENTED only for a gRPC request (content type
+/// `application/grpc…`), and otherwise a JSON 404 in the one error shape, so a mistyped HTTP probe
+/// or URL fails visibly instead of passing as `200 application/grpc`.
+async fn unknown_route(request: axum::extract::Request) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let is_grpc = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if is_grpc {
+        return tonic::Status::unimplemented(format!("no method {}", request.uri().path())).into_http();
+    }
+    let body = serde_json::json!({"error": {
+        "code": "NOT_FOUND",
+        "reason": "NOT_FOUND",
+        "message": format!("no such endpoint: {} {}", request.method(), request.uri().path()),
+        "details": {},
+    }});
+    (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
 }
 
 fn tokio_listener_stream(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
