@@ -10,11 +10,12 @@
 //! its ack context must be gone from every replica (a put whose outcome was unknown may still show,
 //! as an ordinary concurrent value; it is counted, not failed).
 //!
-//! Both fail on the code before issue 16 (failover after any coordinate failure, no deadline on the
-//! node): "burst-126: the acknowledged put "burst-126:v1:0" came back after its overwrite was
-//! acknowledged" and "tight-13: the acknowledged put "tight-13:v1:0" came back after its overwrite
-//! was acknowledged". With the node's deadline check disabled and only the router's rule in place,
-//! both pass (the check only makes late applies rare; the rule is what makes them harmless).
+//! Both fail on the code before issue 16 (a coordinate call abandoned at the storage timeout and
+//! retried on the next replica, no deadline on the node), emulated in these binaries:
+//! "burst-10: the acknowledged put "burst-10:v1:0" came back after its delete was acknowledged" and
+//! "tight-115: the acknowledged put "tight-115:v1:0" came back after its overwrite was
+//! acknowledged". With the node's deadline check disabled and only the router's rule in place, both
+//! pass (the check only makes late applies rare; the rule is what makes them harmless).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
