@@ -231,13 +231,11 @@ impl VersionSet {
         let seen = self.vector.get(actor).max(context.get(actor));
         let counter = seen.checked_add(1).filter(|c| *c <= MAX_COUNTER);
         let counter = counter.ok_or(UpdateError::CounterExhausted { actor })?;
-        let new_actors = context
-            .entries()
-            .map(|(a, _)| a)
-            .chain(std::iter::once(actor))
-            .filter(|a| self.vector.get(*a) == 0)
-            .collect::<std::collections::BTreeSet<_>>()
-            .len();
+        // Actors the write adds to the vector: the context's (distinct by construction) and the
+        // coordinator's own, counted without allocating on every write.
+        let unknown = |a: Actor| self.vector.get(a) == 0;
+        let new_actors = context.entries().filter(|(a, _)| unknown(*a)).count()
+            + usize::from(unknown(actor) && context.get(actor) == 0);
         let would_have = self.vector.len() + new_actors;
         if new_actors > 0 && would_have > MAX_ACTORS {
             return Err(UpdateError::TooManyActors { would_have });
