@@ -60,13 +60,19 @@ fn quorum(context: Vec<u8>, timeout: Duration) -> WriteOptions {
     }
 }
 
-/// Puts `key` until one attempt is acknowledged (at most `attempts`), each with a unique value and a
-/// request deadline of `timeout`.
-async fn put_until_acked(kv: &KvClient, key: &str, attempts: usize, timeout: Duration, run: &mut KeyRun) {
+/// Puts `key` until one attempt is acknowledged (at most `attempts`), each with a unique value;
+/// attempt `i` has the request deadline `deadline(i)`.
+async fn put_until_acked(
+    kv: &KvClient,
+    key: &str,
+    attempts: usize,
+    deadline: impl Fn(usize) -> Duration,
+    run: &mut KeyRun,
+) {
     for attempt in 0..attempts {
         let value = format!("{key}:v1:{attempt}").into_bytes();
         let started = Instant::now();
-        let outcome = kv.put(key, value.clone(), quorum(Vec::new(), timeout)).await;
+        let outcome = kv.put(key, value.clone(), quorum(Vec::new(), deadline(attempt))).await;
         run.waited |= started.elapsed() >= STORAGE_TIMEOUT;
         match outcome {
             Ok(result) => {
@@ -211,7 +217,7 @@ async fn a_paused_coordinator_cannot_bring_back_deleted_or_overwritten_writes() 
             let mut runs = Vec::new();
             for key in share {
                 let mut run = KeyRun::default();
-                put_until_acked(&kv, &key, 1, Duration::from_secs(3), &mut run).await;
+                put_until_acked(&kv, &key, 1, |_| Duration::from_secs(3), &mut run).await;
                 if run.acked.is_some() {
                     acked.fetch_add(1, Ordering::Relaxed);
                 }
@@ -252,11 +258,16 @@ async fn a_paused_coordinator_cannot_bring_back_deleted_or_overwritten_writes() 
     assert!(waited > 0, "no put was in flight to the paused node: the scenario did not happen");
 }
 
-/// Request deadline of the puts in the tight-timeout scenario.
-const TIGHT_REQUEST_TIMEOUT: Duration = Duration::from_millis(25);
+/// Request deadline of put attempt `attempt` in the tight-timeout scenario: 3 ms, doubling up to
+/// 384 ms. The first attempts end before most calls can answer (the coordinate call was sent, the
+/// node may apply it: an ambiguous outcome every run, whatever the machine's speed); later ones get
+/// every key acknowledged.
+fn tight_deadline(attempt: usize) -> Duration {
+    Duration::from_millis(3 << attempt.min(7))
+}
 
 /// No fault at all, but a router whose storage timeout (10 ms) is shorter than many calls take, and
-/// puts whose deadline (25 ms) is too: many coordinate calls fail ambiguously (the router used to
+/// puts whose deadlines (from 3 ms, see `tight_deadline`) are too: many coordinate calls fail ambiguously (the router used to
 /// retry them on another replica at the storage timeout; it now waits for the coordinator until the
 /// deadline and then answers "outcome unknown"), and the values they may have left must not outlive
 /// the deletes and overwrites of the acknowledged attempts.
@@ -276,7 +287,7 @@ async fn a_storage_timeout_shorter_than_the_calls_cannot_bring_back_deleted_writ
             let mut runs = Vec::new();
             for (i, key) in share.into_iter().enumerate() {
                 let mut run = KeyRun::default();
-                put_until_acked(&kv, &key, 20, TIGHT_REQUEST_TIMEOUT, &mut run).await;
+                put_until_acked(&kv, &key, 20, tight_deadline, &mut run).await;
                 replace_acked(&kv, &key, offset + i, &mut run).await;
                 runs.push((key, run));
             }
