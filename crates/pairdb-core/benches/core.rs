@@ -7,8 +7,9 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use pairdb_core::context::{ContextBinding, ContextKey, ContextKeyRing, open_context, seal_context};
 use pairdb_core::dvv::{Actor, VersionSet, VersionVector};
-use pairdb_core::encoding::{decode_version_set, encode_context, encode_version_set};
+use pairdb_core::encoding::{decode_version_set, encode_vector, encode_version_set};
 use pairdb_core::ring::{Assignment, NodeId, NodeSpec};
 use pairdb_core::token::{PartitionCount, token_for};
 
@@ -82,9 +83,28 @@ fn version_sets(c: &mut Criterion) {
             black_box(copy.update(&context, Actor(1), Some(vec![1u8; 1024]), 5, Some(64)).unwrap())
         })
     });
-    group.bench_function("encode_context", |b| b.iter(|| black_box(encode_context(set.vector()))));
+    group.bench_function("encode_vector", |b| b.iter(|| black_box(encode_vector(set.vector()))));
     group.finish();
 }
 
-criterion_group!(benches, ring_lookup, version_sets);
+/// The per-request cost of sealed contexts (issue 15): one seal per read or write reply, one open
+/// per write that carries a context. Three actors: a key written through three coordinators.
+fn sealed_contexts(c: &mut Criterion) {
+    let mut group = c.benchmark_group("context");
+    group.throughput(Throughput::Elements(1));
+    let vector = set_with_siblings(3, 1).vector().clone();
+    let key = ContextKey::new(1, &[7u8; 32]).unwrap();
+    let ring = ContextKeyRing::new(key.clone(), None);
+    let binding = ContextBinding { tenant: "tenant-a", key: "user:1234567890" };
+    group.bench_function("seal_3_actors", |b| {
+        b.iter(|| black_box(seal_context(black_box(&vector), binding, &key)))
+    });
+    let sealed = seal_context(&vector, binding, &key);
+    group.bench_function("open_3_actors", |b| {
+        b.iter(|| black_box(open_context(black_box(&sealed), binding, &ring).unwrap()))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, ring_lookup, version_sets, sealed_contexts);
 criterion_main!(benches);

@@ -1,4 +1,6 @@
-//! Binary encodings: the stored/replicated form of a [`VersionSet`] and the opaque client context.
+//! Binary encodings: the stored/replicated form of a [`VersionSet`] and the internal wire form of a
+//! version vector (what a router sends a storage node as a write's context, after it verified the
+//! client's sealed context: see [`crate::context`]).
 //!
 //! Both start with a format version byte; decoders accept only versions they know and never panic on
 //! any input (property-tested with random bytes). Integers are LEB128 varints except actor ids, which
@@ -12,11 +14,12 @@
 //! ```
 //! Siblings are in strictly increasing dot order and each dot is covered by the vector.
 //!
-//! Client context, format 1 (what clients carry between a read and a write, base64 on HTTP):
+//! Version vector, format 1 (between cluster members only; clients get sealed contexts):
 //! ```text
 //! u8 1 | varint n | n × (actor u64le, counter varint) | 4-byte checksum (first bytes of SHA-256)
 //! ```
-//! The checksum makes a corrupted or made-up context an error instead of a silently wrong causal claim.
+//! The checksum catches corruption; it is not a MAC (anyone can compute it), so this form is never
+//! accepted from a client (earlier releases gave it to clients as their context).
 
 use sha2::{Digest, Sha256};
 
@@ -28,7 +31,7 @@ use crate::dvv::{Actor, Dot, MAX_ACTORS, MAX_COUNTER, Sibling, VersionSet, Versi
 pub const MAX_DECODED_ACTORS: usize = 4 * MAX_ACTORS;
 
 pub const VERSION_SET_FORMAT: u8 = 1;
-pub const CONTEXT_FORMAT: u8 = 1;
+pub const VECTOR_FORMAT: u8 = 1;
 const CONTEXT_CHECKSUM_LEN: usize = 4;
 
 /// Why bytes could not be decoded. Every variant is a client or peer error, never a reason to crash.
@@ -67,7 +70,7 @@ impl DecodeError {
     }
 }
 
-fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut value: u64) {
     while value >= 0x80 {
         out.push((value as u8) | 0x80);
         value >>= 7;
@@ -75,11 +78,15 @@ fn put_varint(out: &mut Vec<u8>, mut value: u64) {
     out.push(value as u8);
 }
 
-struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     bytes: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
+    pub(crate) fn new(bytes: &'a [u8]) -> Self {
+        Self { bytes }
+    }
+
     fn u8(&mut self) -> Result<u8, DecodeError> {
         let (&first, rest) = self.bytes.split_first().ok_or(DecodeError::Truncated)?;
         self.bytes = rest;
@@ -102,7 +109,7 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(buf))
     }
 
-    fn varint(&mut self) -> Result<u64, DecodeError> {
+    pub(crate) fn varint(&mut self) -> Result<u64, DecodeError> {
         let mut value = 0u64;
         for shift in (0..64).step_by(7) {
             let byte = self.u8()?;
@@ -129,12 +136,12 @@ impl<'a> Reader<'a> {
         usize::try_from(count).map_err(|_| DecodeError::Truncated)
     }
 
-    fn finish(&self) -> Result<(), DecodeError> {
+    pub(crate) fn finish(&self) -> Result<(), DecodeError> {
         if self.bytes.is_empty() { Ok(()) } else { Err(DecodeError::TrailingBytes(self.bytes.len())) }
     }
 }
 
-fn put_vector(out: &mut Vec<u8>, vector: &VersionVector) {
+pub(crate) fn put_vector(out: &mut Vec<u8>, vector: &VersionVector) {
     put_varint(out, vector.len() as u64);
     for (actor, counter) in vector.entries() {
         out.extend_from_slice(&actor.0.to_le_bytes());
@@ -142,7 +149,7 @@ fn put_vector(out: &mut Vec<u8>, vector: &VersionVector) {
     }
 }
 
-fn read_vector(reader: &mut Reader<'_>) -> Result<VersionVector, DecodeError> {
+pub(crate) fn read_vector(reader: &mut Reader<'_>) -> Result<VersionVector, DecodeError> {
     // Each entry takes at least 9 bytes (8-byte actor + 1-byte varint).
     let count = reader.count(9)?;
     if count > MAX_DECODED_ACTORS {
@@ -239,18 +246,19 @@ fn context_checksum(body: &[u8]) -> [u8; CONTEXT_CHECKSUM_LEN] {
     out
 }
 
-/// Encodes a causal context for a client (format 1, with checksum).
-pub fn encode_context(vector: &VersionVector) -> Vec<u8> {
+/// Encodes a version vector for another cluster member (format 1, with checksum).
+pub fn encode_vector(vector: &VersionVector) -> Vec<u8> {
     let mut out = Vec::with_capacity(2 + vector.len() * 12 + CONTEXT_CHECKSUM_LEN);
-    out.push(CONTEXT_FORMAT);
+    out.push(VECTOR_FORMAT);
     put_vector(&mut out, vector);
     let checksum = context_checksum(&out);
     out.extend_from_slice(&checksum);
     out
 }
 
-/// Decodes a client context. Empty input is the empty context (a blind write).
-pub fn decode_context(bytes: &[u8]) -> Result<VersionVector, DecodeError> {
+/// Decodes a version vector sent by another cluster member. Empty input is the empty vector (a
+/// blind write).
+pub fn decode_vector(bytes: &[u8]) -> Result<VersionVector, DecodeError> {
     if bytes.is_empty() {
         return Ok(VersionVector::new());
     }
@@ -259,7 +267,7 @@ pub fn decode_context(bytes: &[u8]) -> Result<VersionVector, DecodeError> {
     }
     let (body, checksum) = bytes.split_at(bytes.len() - CONTEXT_CHECKSUM_LEN);
     let format = body.first().copied().ok_or(DecodeError::Truncated)?;
-    if format != CONTEXT_FORMAT {
+    if format != VECTOR_FORMAT {
         return Err(DecodeError::UnknownFormat(format));
     }
     if context_checksum(body) != checksum {
@@ -331,14 +339,14 @@ mod tests {
     #[test]
     fn saturated_counters_and_invented_actors_are_refused() {
         let saturated = VersionVector::from_entries([(Actor(7), u64::MAX)]);
-        assert_eq!(decode_context(&encode_context(&saturated)), Err(DecodeError::CounterTooLarge(u64::MAX)));
+        assert_eq!(decode_vector(&encode_vector(&saturated)), Err(DecodeError::CounterTooLarge(u64::MAX)));
         let at_max = VersionVector::from_entries([(Actor(7), MAX_COUNTER)]);
-        assert_eq!(decode_context(&encode_context(&at_max)).unwrap(), at_max);
+        assert_eq!(decode_vector(&encode_vector(&at_max)).unwrap(), at_max);
 
         let invented = VersionVector::from_entries((0..100_000).map(|a| (Actor(a), 1)));
-        assert_eq!(decode_context(&encode_context(&invented)), Err(DecodeError::TooManyActors(100_000)));
+        assert_eq!(decode_vector(&encode_vector(&invented)), Err(DecodeError::TooManyActors(100_000)));
         let most = VersionVector::from_entries((0..MAX_DECODED_ACTORS as u64).map(|a| (Actor(a), 1)));
-        assert_eq!(decode_context(&encode_context(&most)).unwrap(), most);
+        assert_eq!(decode_vector(&encode_vector(&most)).unwrap(), most);
 
         let set = VersionSet::from_parts(saturated, Vec::new());
         assert_eq!(
@@ -348,12 +356,12 @@ mod tests {
     }
 
     #[test]
-    fn context_detects_corruption() {
+    fn vector_detects_corruption() {
         let vector = VersionVector::from_entries([(Actor(7), 2), (Actor(9), 1)]);
-        let mut encoded = encode_context(&vector);
-        assert_eq!(decode_context(&encoded).unwrap(), vector);
+        let mut encoded = encode_vector(&vector);
+        assert_eq!(decode_vector(&encoded).unwrap(), vector);
         encoded[3] ^= 1;
-        assert_eq!(decode_context(&encoded), Err(DecodeError::ChecksumMismatch));
-        assert_eq!(decode_context(&[]).unwrap(), VersionVector::new());
+        assert_eq!(decode_vector(&encoded), Err(DecodeError::ChecksumMismatch));
+        assert_eq!(decode_vector(&[]).unwrap(), VersionVector::new());
     }
 }

@@ -4,7 +4,8 @@
 //! - [`ring`]: the deterministic, weighted, zone-aware partition assignment, preference lists and the
 //!   transfers between two assignments.
 //! - [`dvv`]: dotted version vector sets (siblings + causal context), their merge and update laws.
-//! - [`encoding`]: the versioned binary encoding of version sets and the opaque client context.
+//! - [`encoding`]: the versioned binary encoding of version sets and version vectors.
+//! - [`context`]: client contexts sealed (MACed) by routers and bound to a tenant and key.
 //! - [`quorum`]: consistency levels and R/W arithmetic.
 //! - [`coordination`]: the write and read coordination state machines driven by the router.
 //! - [`validation`]: limits on tenant ids, keys, values and replication factors.
@@ -15,6 +16,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod context;
 pub mod coordination;
 pub mod dvv;
 pub mod encoding;

@@ -1,13 +1,14 @@
 //! Property tests of the DVVS laws (DESIGN §3): merge is commutative, associative and idempotent; an
 //! update with context C removes exactly the siblings C covers; blind writes survive merges; encodings
-//! round-trip; garbage never decodes into a context.
+//! round-trip; garbage never decodes into a context; sealed contexts open only for their binding.
 //!
 //! States are not generated independently: they come from one random history of updates and merges
 //! across replicas (like a real cluster), because a dot names exactly one write.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use pairdb_core::context::{ContextBinding, ContextKey, ContextKeyRing, open_context, seal_context};
 use pairdb_core::dvv::{Actor, MAX_COUNTER, VersionSet, VersionVector};
-use pairdb_core::encoding::{decode_context, decode_version_set, encode_context, encode_version_set};
+use pairdb_core::encoding::{decode_vector, decode_version_set, encode_vector, encode_version_set};
 use proptest::prelude::*;
 
 const REPLICAS: usize = 3;
@@ -134,12 +135,12 @@ proptest! {
     #[test]
     fn context_round_trips(entries in proptest::collection::vec((any::<u64>(), 1u64..=MAX_COUNTER), 0..12)) {
         let vector = VersionVector::from_entries(entries.into_iter().map(|(a, c)| (Actor(a), c)));
-        prop_assert_eq!(decode_context(&encode_context(&vector)).unwrap(), vector);
+        prop_assert_eq!(decode_vector(&encode_vector(&vector)).unwrap(), vector);
     }
 
     #[test]
     fn random_bytes_never_decode_into_a_context(bytes in proptest::collection::vec(any::<u8>(), 1..200)) {
-        prop_assert!(decode_context(&bytes).is_err());
+        prop_assert!(decode_vector(&bytes).is_err());
     }
 
     #[test]
@@ -155,9 +156,33 @@ proptest! {
         entries in proptest::collection::vec((any::<u64>(), 1u64..1000), 1..6), flip in any::<usize>(), bit in 0u8..8,
     ) {
         let vector = VersionVector::from_entries(entries.into_iter().map(|(a, c)| (Actor(a), c)));
-        let mut encoded = encode_context(&vector);
+        let mut encoded = encode_vector(&vector);
         let at = flip % encoded.len();
         encoded[at] ^= 1 << bit;
-        prop_assert!(decode_context(&encoded).is_err());
+        prop_assert!(decode_vector(&encoded).is_err());
+    }
+
+    #[test]
+    fn sealed_contexts_round_trip_and_bind_tenant_and_key(
+        entries in proptest::collection::vec((any::<u64>(), 1u64..=MAX_COUNTER), 0..12),
+        tenant in "[a-z0-9]{1,8}", key in "\\PC{1,12}", other in "\\PC{1,12}", secret in any::<[u8; 32]>(),
+    ) {
+        let vector = VersionVector::from_entries(entries.into_iter().map(|(a, c)| (Actor(a), c)));
+        let context_key = ContextKey::new(1, &secret).unwrap();
+        let ring = ContextKeyRing::new(context_key.clone(), None);
+        let binding = ContextBinding { tenant: &tenant, key: &key };
+        let sealed = seal_context(&vector, binding, &context_key);
+        prop_assert_eq!(open_context(&sealed, binding, &ring).unwrap(), vector);
+        if other != key {
+            let elsewhere = ContextBinding { tenant: &tenant, key: &other };
+            prop_assert!(open_context(&sealed, elsewhere, &ring).is_err());
+        }
+    }
+
+    #[test]
+    fn random_bytes_never_open_as_a_context(bytes in proptest::collection::vec(any::<u8>(), 1..300)) {
+        let ring = ContextKeyRing::new(ContextKey::new(1, &[7; 32]).unwrap(), None);
+        let binding = ContextBinding { tenant: "t", key: "k" };
+        prop_assert!(open_context(&bytes, binding, &ring).is_err());
     }
 }
