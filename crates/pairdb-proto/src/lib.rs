@@ -1,8 +1,11 @@
 //! Generated protobuf messages and gRPC services of PairDB, one module per versioned package.
 //!
 //! These are wire types: the services convert them to domain types (`pairdb-core`) at their edge and
-//! never pass them deeper.
+//! never pass them deeper. Every service uses [`codec::StrictCodec`]: a message that does not decode is
+//! the caller's INVALID_ARGUMENT (reason MALFORMED_REQUEST), not the server's INTERNAL.
 #![allow(missing_debug_implementations, unused_qualifications, clippy::all, clippy::pedantic)]
+
+pub mod codec;
 
 pub mod common {
     pub mod v1 {
