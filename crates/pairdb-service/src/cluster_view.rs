@@ -1,6 +1,7 @@
 //! A process's picture of the cluster (routers and storage nodes), built only from the metadata
 //! service's watch stream: the current topology (and the pending one while a migration runs), node
-//! addresses and statuses, tenant settings and (routers only) API-key hashes. [`follow`] keeps it
+//! addresses and statuses, tenant settings and (routers only) API-key hashes and context keys.
+//! [`follow`] keeps it
 //! current: a snapshot, then changes; on any error it keeps the last view (work goes on from it) and
 //! reconnects with capped exponential backoff and jitter, starting over from a snapshot.
 //!
@@ -17,12 +18,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
+use pairdb_core::context::{ContextKey, ContextKeyRing};
 use pairdb_core::quorum::Consistency;
 use pairdb_core::ring::{Assignment, NodeId, RingError};
 use pairdb_core::token::{InvalidPartitionCount, PartitionCount};
 use pairdb_proto::admin::v1::NodeStatus;
 use pairdb_proto::cluster::v1 as pb;
-use pairdb_proto::cluster::v1::cluster_service_client::ClusterServiceClient;
 use pairdb_proto::common::v1::{ConflictMode as PbConflictMode, Consistency as PbConsistency};
 
 /// How a tenant resolves concurrent writes.
@@ -46,6 +47,12 @@ pub struct TenantSettings {
     pub max_value_bytes: u64,
     pub max_siblings: usize,
     pub strict_quorum: bool,
+    /// The tenant is being deleted: nothing is served or stored for it; storage nodes purge it.
+    pub deleting: bool,
+    /// Identifies the deletion storage nodes confirm (0 while the tenant is active).
+    pub purge_seq: u64,
+    /// Changes each time a tenant with this id is created (0: meta did not say).
+    pub generation: u64,
 }
 
 impl TenantSettings {
@@ -73,6 +80,8 @@ pub struct ClusterView {
     pub tenants: HashMap<String, Arc<TenantSettings>>,
     /// SHA-256 hex of an API key secret → (key id, tenant id).
     pub api_keys: HashMap<String, (String, String)>,
+    /// The keys client contexts are sealed with (routers only; empty elsewhere).
+    pub context_keys: ContextKeyRing,
 }
 
 impl ClusterView {
@@ -89,6 +98,8 @@ pub enum ViewError {
     Topology(#[from] RingError),
     #[error("invalid partition count: {0}")]
     PartitionCount(#[from] InvalidPartitionCount),
+    #[error("invalid context key: {0}")]
+    ContextKey(#[from] pairdb_core::context::ContextKeyError),
 }
 
 fn topology(topology: &pb::Topology) -> Result<Arc<Assignment>, ViewError> {
@@ -131,6 +142,18 @@ fn tenant(config: &pb::TenantConfig) -> TenantSettings {
             config.max_siblings as usize
         },
         strict_quorum: config.strict_quorum,
+        deleting: config.deleting,
+        purge_seq: config.purge_seq,
+        generation: config.generation,
+    }
+}
+
+fn context_keys(keys: Option<&pb::ContextKeys>) -> Result<ContextKeyRing, ViewError> {
+    let Some(keys) = keys else { return Ok(ContextKeyRing::default()) };
+    let key = |k: &pb::ContextKey| ContextKey::new(k.key_id, &k.secret);
+    match &keys.current {
+        None => Ok(ContextKeyRing::default()),
+        Some(current) => Ok(ContextKeyRing::new(key(current)?, keys.previous.as_ref().map(key).transpose()?)),
     }
 }
 
@@ -159,6 +182,7 @@ impl ClusterView {
                     .iter()
                     .map(|k| (k.secret_sha256.clone(), (k.key_id.clone(), k.tenant_id.clone())))
                     .collect(),
+                context_keys: context_keys(snapshot.context_keys.as_ref())?,
             },
             other => {
                 let mut view = self.clone();
@@ -185,6 +209,7 @@ impl ClusterView {
                             .insert(k.secret_sha256.clone(), (k.key_id.clone(), k.tenant_id.clone()));
                     }
                     Event::ApiKeyRevoked(key_id) => view.api_keys.retain(|_, (id, _)| id != key_id),
+                    Event::ContextKeysChanged(keys) => view.context_keys = context_keys(Some(keys))?,
                 }
                 view
             }
@@ -254,16 +279,16 @@ pub async fn follow(
     subscriber: Subscriber,
     view: SharedView,
     readiness: Option<crate::Readiness>,
-    tls: Option<crate::tls::Tls>,
+    clients: crate::clients::InternalClients,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let endpoint = match crate::tls::endpoint(&meta_addr, tls.as_ref()) {
-        Ok(endpoint) => endpoint
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_INTERVAL)
-            .keep_alive_while_idle(true),
+    let settings = crate::clients::ChannelSettings {
+        connect_timeout: Duration::from_secs(2),
+        request_timeout: None,
+        keepalive: Some(KEEPALIVE_INTERVAL),
+    };
+    let endpoint = match clients.endpoint(&meta_addr, settings) {
+        Ok(endpoint) => endpoint,
         Err(error) => {
             tracing::error!(%error, %meta_addr, "invalid meta address; the cluster view will stay empty");
             return;
@@ -277,10 +302,9 @@ pub async fn follow(
         sessions += 1;
         let number = sessions;
         let session = async {
+            // A fresh connection per session: a broken one is never reused.
             let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
-            let mut client =
-                ClusterServiceClient::with_interceptor(channel, crate::telemetry::TraceInterceptor)
-                    .max_decoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES);
+            let mut client = clients.cluster_over(channel);
             let mut stream = client
                 .watch(pb::WatchRequest {
                     subscriber_kind: subscriber.kind.into(),

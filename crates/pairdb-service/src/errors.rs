@@ -15,6 +15,8 @@ pub fn grpc_code(reason: &str) -> Code {
         | "INVALID_KEY"
         | "INVALID_CONSISTENCY"
         | "MALFORMED_VERSION"
+        | "INVALID_CONTEXT"
+        | "MALFORMED_REQUEST"
         | "INVALID_PARTITION"
         | "PARTITION_MISMATCH"
         | "INVALID_REPLICATION_FACTOR"
@@ -36,7 +38,9 @@ pub fn grpc_code(reason: &str) -> Code {
         | "NOT_IN_CLUSTER"
         | "MIGRATION_IN_PROGRESS"
         | "MIGRATION_FINISHED"
-        | "WRONG_NODE" => Code::FailedPrecondition,
+        | "WRONG_NODE"
+        | "TENANT_BEING_DELETED"
+        | "STALE_DATA_DIRECTORY" => Code::FailedPrecondition,
         "RATE_LIMITED" | "VALUE_TOO_LARGE" | "TOO_MANY_SIBLINGS" | "DISK_FULL" => Code::ResourceExhausted,
         "IDEMPOTENCY_IN_FLIGHT" => Code::Aborted,
         "QUORUM_NOT_REACHED"
@@ -48,7 +52,7 @@ pub fn grpc_code(reason: &str) -> Code {
         | "META_UNAVAILABLE"
         | "IDEMPOTENCY_STORE_UNAVAILABLE"
         | "DATABASE_UNAVAILABLE" => Code::Unavailable,
-        "DEADLINE_EXCEEDED" | "COORDINATE_DEADLINE_PASSED" => Code::DeadlineExceeded,
+        "DEADLINE_EXCEEDED" | "COORDINATE_DEADLINE_PASSED" | "REQUEST_TIMEOUT" => Code::DeadlineExceeded,
         _ => Code::Internal,
     }
 }
@@ -69,6 +73,15 @@ pub fn http_status(code: Code) -> u16 {
         Code::DeadlineExceeded => 504,
         Code::Cancelled => 499,
         _ => 500,
+    }
+}
+
+/// The HTTP status of a reason: its gRPC code's status, except where HTTP has a more precise one
+/// (a client too slow to send its body is 408, not a gateway's 504).
+pub fn http_status_of(reason: &str) -> u16 {
+    match reason {
+        "REQUEST_TIMEOUT" => 408,
+        _ => http_status(grpc_code(reason)),
     }
 }
 
@@ -106,7 +119,7 @@ pub fn http_error(reason: &str, message: &str, details: &[(&str, String)]) -> (u
         "message": message,
         "details": details,
     }});
-    (http_status(code), body)
+    (http_status_of(reason), body)
 }
 
 /// The HTTP form of a status made by [`status`] (or any status: its code names the reason then).
@@ -203,9 +216,13 @@ mod tests {
             ("TOO_MANY_SIBLINGS", 429),
             ("QUORUM_NOT_REACHED", 503),
             ("DEADLINE_EXCEEDED", 504),
+            ("REQUEST_TIMEOUT", 408),
+            ("INVALID_CONTEXT", 400),
+            ("MALFORMED_REQUEST", 400),
+            ("TENANT_BEING_DELETED", 412),
             ("SOMETHING_NEW", 500),
         ] {
-            assert_eq!(http_status(grpc_code(reason)), http, "{reason}");
+            assert_eq!(http_status_of(reason), http, "{reason}");
         }
     }
 }

@@ -10,9 +10,15 @@
 //! - [`metrics`]: the process-wide Prometheus recorder behind `/metrics`.
 //! - [`telemetry`]: logs always, OpenTelemetry traces over OTLP when configured, trace propagation.
 //! - [`tls`]: the TLS flags, server and client configurations (mutual TLS between services).
+//! - [`cluster_auth`]: cluster credentials, and the guard that checks them before a body is read.
+//! - [`clients`]: the one constructor of internal clients (storage API, meta's cluster API).
+//! - [`listener`]: connection and stream caps, HTTP body deadlines.
 
+pub mod clients;
+pub mod cluster_auth;
 pub mod cluster_view;
 pub mod errors;
+pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod telemetry;
@@ -41,13 +47,15 @@ pub enum ServeError {
 #[derive(Debug, Clone)]
 pub struct Readiness {
     state: Arc<Mutex<Option<String>>>,
+    /// Something an operator should know about a ready service (e.g. quarantined records).
+    detail: Arc<Mutex<Option<String>>>,
     reporter: HealthReporter,
 }
 
 impl Readiness {
     /// Starts not ready with `reason`.
     fn new(reporter: HealthReporter, reason: &str) -> Self {
-        Self { state: Arc::new(Mutex::new(Some(reason.to_owned()))), reporter }
+        Self { state: Arc::new(Mutex::new(Some(reason.to_owned()))), detail: Arc::default(), reporter }
     }
 
     pub async fn set_ready(&self) {
@@ -58,6 +66,16 @@ impl Readiness {
     pub async fn set_not_ready(&self, reason: impl Into<String>) {
         *self.state.lock().unwrap_or_else(PoisonError::into_inner) = Some(reason.into());
         self.reporter.set_service_status("", ServingStatus::NotServing).await;
+    }
+
+    /// Sets (or clears) the detail `/health/ready` reports next to "ready".
+    pub fn set_detail(&self, detail: Option<String>) {
+        *self.detail.lock().unwrap_or_else(PoisonError::into_inner) = detail;
+    }
+
+    /// The detail set with [`Readiness::set_detail`].
+    pub fn detail(&self) -> Option<String> {
+        self.detail.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// `Ok` when ready, else the reason.
@@ -80,7 +98,8 @@ pub async fn health(
     (Readiness::new(reporter, initial_reason), service)
 }
 
-/// `/health/live` (always 200 while the process serves) and `/health/ready` (200 or 503 with reason).
+/// `/health/live` (always 200 while the process serves) and `/health/ready` (200, with a detail when
+/// there is one, or 503 with the reason).
 pub fn health_routes(readiness: Readiness) -> axum::Router {
     axum::Router::new().route("/health/live", get(|| async { "ok\n" })).route(
         "/health/ready",
@@ -88,7 +107,10 @@ pub fn health_routes(readiness: Readiness) -> axum::Router {
             let readiness = readiness.clone();
             async move {
                 match readiness.check() {
-                    Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+                    Ok(()) => match readiness.detail() {
+                        None => (StatusCode::OK, "ready\n".to_owned()),
+                        Some(detail) => (StatusCode::OK, format!("ready ({detail})\n")),
+                    },
                     Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
                 }
             }
@@ -96,26 +118,50 @@ pub fn health_routes(readiness: Readiness) -> axum::Router {
     )
 }
 
-/// Serves gRPC `routes` plus the HTTP/1.1 `http` router on `listener` until `shutdown` resolves, then
-/// stops accepting and lets in-flight requests finish.
+/// What one listener serves, and how.
+#[derive(Debug)]
+pub struct Served {
+    /// The service's name in metrics (`meta`, `storage`, `router`).
+    pub service: &'static str,
+    /// The gRPC services (`Routes::into_axum_router()`, with any layers of the service's own).
+    pub grpc: axum::Router,
+    /// The HTTP/1.1 routes (health, metrics, JSON APIs); their request bodies get a read deadline.
+    pub http: axum::Router,
+    /// Internal gRPC services that need a cluster credential, checked before bodies are read.
+    pub guard: Option<cluster_auth::Guarded>,
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+    pub limits: listener::ListenerArgs,
+}
+
+/// Serves `served` on `listener` until `shutdown` resolves, then stops accepting and lets in-flight
+/// requests finish.
 pub async fn serve(
     listener: TcpListener,
-    routes: tonic::service::Routes,
-    http: axum::Router,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    served: Served,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let incoming = tokio_listener_stream(listener);
-    let routes = routes.into_axum_router().merge(http).fallback(unknown_route);
+    let limits = &served.limits;
+    let incoming = listener::CappedIncoming::new(
+        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+        limits,
+        served.service,
+    );
+    let body_timeout = std::time::Duration::from_millis(limits.http_body_timeout_ms);
+    let http = served.http.layer(axum::middleware::from_fn_with_state(body_timeout, listener::body_deadline));
+    let mut app = served.grpc.merge(http).fallback(unknown_route);
+    if let Some(guarded) = served.guard {
+        app = app.layer(axum::middleware::from_fn_with_state(guarded, cluster_auth::guard));
+    }
     let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
+    if let Some(tls) = served.tls {
         builder = builder.tls_config(tls)?;
     }
     builder
         .trace_fn(telemetry::server_span)
         .accept_http1(true)
         .tcp_nodelay(true)
-        .add_routes(tonic::service::Routes::from(routes))
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .add_routes(tonic::service::Routes::from(app))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
@@ -140,10 +186,6 @@ async fn unknown_route(request: axum::extract::Request) -> axum::response::Respo
         "details": {},
     }});
     (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
-}
-
-fn tokio_listener_stream(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// Binds `addr` (port 0 picks a free port).

@@ -84,6 +84,19 @@ impl Tls {
     }
 }
 
+/// The principal named by the verified client certificate of a mutual-TLS request: its subject's
+/// common name (`node-3`, `router`, `meta`; `pairdb cert` issues such certificates). `None` without
+/// TLS, without a client certificate or when the name is not a principal. The TLS handshake already
+/// checked the certificate against the cluster CA.
+pub fn peer_principal(extensions: &http::Extensions) -> Option<crate::cluster_auth::Principal> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let certificates = extensions.get::<TlsConnectInfo<TcpConnectInfo>>()?.peer_certs()?;
+    let leaf = certificates.first()?;
+    let (_, certificate) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let common_name = certificate.subject().iter_common_name().next()?.as_str().ok()?;
+    common_name.parse().ok()
+}
+
 /// An endpoint for `address` (`host:port` or a URL): `https` with this process's TLS when on.
 pub fn endpoint(address: &str, tls: Option<&Tls>) -> Result<Endpoint, tonic::transport::Error> {
     let host = address.split_once("://").map_or(address, |(_, rest)| rest);
