@@ -84,6 +84,18 @@ pub struct Config {
     /// Hints not delivered within this long are dropped (anti-entropy repairs what they carried).
     #[arg(long, env = "PAIRDB_HINT_RETENTION_SECS", default_value_t = 10_800)]
     pub hint_retention_secs: u64,
+    /// How often hints are pushed to every live node they are kept for (a node coming back gets its
+    /// hints at once).
+    #[arg(long, env = "PAIRDB_HINT_DELIVERY_INTERVAL_MS", default_value_t = 10_000)]
+    pub hint_delivery_interval_ms: u64,
+    /// Largest gRPC message this node accepts or sends, in MiB (checked after authentication; must
+    /// hold a key's whole version set).
+    #[arg(long, env = "PAIRDB_MAX_MESSAGE_MB", default_value_t = 64)]
+    pub max_message_mb: usize,
+    #[command(flatten)]
+    pub cluster_auth: pairdb_service::cluster_auth::ClusterAuthArgs,
+    #[command(flatten)]
+    pub listener: pairdb_service::listener::ListenerArgs,
     #[command(flatten)]
     pub tls: pairdb_service::tls::TlsArgs,
     #[arg(long, env = "PAIRDB_LOG_FORMAT", value_enum, default_value_t)]
@@ -114,6 +126,16 @@ pub enum ConfigError {
         "tombstone_grace_secs: must be at least hint_retention_secs ({hint_retention_secs}): a hint older than a purged tombstone would bring the deleted value back"
     )]
     TombstoneGrace { hint_retention_secs: u64 },
+    #[error("hint_delivery_interval_ms: must be between 10 and 3600000")]
+    HintDeliveryInterval,
+    #[error("max_message_mb: must be between 1 and 1024")]
+    MaxMessage,
+    #[error(transparent)]
+    ClusterAuth(#[from] pairdb_service::cluster_auth::AuthConfigError),
+    #[error(transparent)]
+    Listener(#[from] pairdb_service::listener::ListenerArgsError),
+    #[error(transparent)]
+    Tls(#[from] pairdb_service::tls::TlsError),
 }
 
 impl Config {
@@ -140,7 +162,29 @@ impl Config {
         if self.tombstone_grace_secs < self.hint_retention_secs {
             return Err(ConfigError::TombstoneGrace { hint_retention_secs: self.hint_retention_secs });
         }
+        if !(10..=3_600_000).contains(&self.hint_delivery_interval_ms) {
+            return Err(ConfigError::HintDeliveryInterval);
+        }
+        if !(1..=1024).contains(&self.max_message_mb) {
+            return Err(ConfigError::MaxMessage);
+        }
+        self.listener.validate()?;
+        self.cluster_auth()?;
         Ok(())
+    }
+
+    /// Largest gRPC message, in bytes.
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message_mb * 1024 * 1024
+    }
+
+    /// How this node authenticates: it presents `node-<node_id>`'s credential (or, with TLS on, may
+    /// rely on its certificate alone).
+    pub fn cluster_auth(&self) -> Result<pairdb_service::cluster_auth::ClusterAuth, ConfigError> {
+        use pairdb_service::cluster_auth::Principal;
+        let node = Principal::Node(self.node_id);
+        let certificates = self.tls.load()?.is_some();
+        Ok(self.cluster_auth.load(|p| p == node, &node.to_string(), certificates)?)
     }
 
     pub fn sync_mode(&self) -> SyncMode {
@@ -189,6 +233,14 @@ impl Config {
             unowned_grace_secs: 3600,
             tombstone_grace_secs: 86_400,
             hint_retention_secs: 10_800,
+            hint_delivery_interval_ms: 10_000,
+            max_message_mb: 64,
+            // Tests and embedders opt into cluster authentication explicitly.
+            cluster_auth: pairdb_service::cluster_auth::ClusterAuthArgs {
+                insecure_cluster: true,
+                ..Default::default()
+            },
+            listener: pairdb_service::listener::ListenerArgs::default(),
             tls: pairdb_service::tls::TlsArgs::default(),
             log_format: pairdb_service::logging::LogFormat::Text,
             check_config: false,

@@ -1,48 +1,47 @@
-//! Hint delivery: push the sets this node keeps for `target` to that node, then delete each delivered
-//! hint unless it grew meanwhile (it is then delivered in the next round). Batches are bounded and go
-//! one partition at a time through `MergeBatch`, which merges with DVVS on the owner, so a hint never
-//! overwrites a newer version there.
+//! Hinted handoff delivery, by the node that holds the hints (it follows the topology, so it knows
+//! when an owner is back and where it listens): every `interval`, and at once when the view shows a
+//! node that was down come back, the hints held for each live node are pushed to it through
+//! `MergeBatch` (which merges with DVVS on the owner, so a hint never overwrites a newer version
+//! there) and each delivered hint is deleted unless it grew meanwhile (it then goes next round).
+//!
+//! A hint is only ever sent to the address the topology lists for its owner. Batches are bounded and
+//! go one partition at a time.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use pairdb_core::encoding::encode_version_set;
+use pairdb_core::ring::NodeId;
 use pairdb_proto::storage::v1 as pb;
-use pairdb_proto::storage::v1::storage_service_client::StorageServiceClient;
+use pairdb_service::clients::{ChannelSettings, InternalClients};
+use pairdb_service::cluster_view::SharedView;
+use tokio::sync::watch;
 
 use crate::engine::{Engine, EngineError, StoredHint};
 
 /// Hints per delivery round.
 const DELIVERY_BATCH: usize = 256;
-/// Rounds per call, so one call is bounded even if hints keep arriving.
+/// Rounds per delivery, so one delivery is bounded even if hints keep arriving.
 const MAX_ROUNDS: usize = 10_000;
+/// How often the view is checked for nodes that came back.
+const VIEW_CHECK: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HintError {
-    #[error("cannot reach node at {address}: {message}")]
-    Unreachable { address: String, message: String },
-    #[error("target refused hints: {0}")]
-    Rejected(tonic::Status),
+    #[error("cannot reach node {node} at {address}: {message}")]
+    Unreachable { node: u32, address: String, message: String },
+    #[error("node {node} refused hints: {status}")]
+    Rejected { node: u32, status: tonic::Status },
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error("hint task failed: {0}")]
     Task(String),
 }
 
-impl HintError {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            HintError::Unreachable { .. } | HintError::Rejected(_) => "NOT_READY",
-            HintError::Engine(e) => e.reason(),
-            HintError::Task(_) => "INTERNAL",
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DeliveryReport {
     pub delivered: u64,
-    pub remaining: u64,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -56,27 +55,74 @@ async fn blocking<T: Send + 'static>(
         .map_err(HintError::from)
 }
 
+/// Delivers hints until `shutdown` fires (see the module docs).
+pub async fn run(
+    engine: Arc<Engine>,
+    view: SharedView,
+    clients: InternalClients,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut down: BTreeSet<NodeId> = BTreeSet::new();
+    let mut since_sweep = Duration::ZERO;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(VIEW_CHECK) => {}
+            _ = shutdown.changed() => return,
+        }
+        since_sweep += VIEW_CHECK;
+        let current = view.load();
+        let now_down: BTreeSet<NodeId> =
+            current.nodes.iter().filter(|(_, node)| node.down).map(|(id, _)| *id).collect();
+        let returned: Vec<NodeId> = down.difference(&now_down).copied().collect();
+        down = now_down;
+        let targets = if since_sweep >= interval {
+            since_sweep = Duration::ZERO;
+            match blocking(&engine, |e| e.hint_targets()).await {
+                Ok(targets) => targets.into_iter().map(NodeId).collect(),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot list hint targets");
+                    continue;
+                }
+            }
+        } else {
+            returned
+        };
+        for target in targets {
+            let Some(entry) = current.nodes.get(&target).filter(|n| !n.down && !n.address.is_empty()) else {
+                continue;
+            };
+            match deliver(&engine, target.0, &entry.address, &clients).await {
+                Ok(report) if report.delivered > 0 => {
+                    tracing::info!(target = target.0, delivered = report.delivered, "hints delivered")
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::debug!(target = target.0, %error, "hint delivery failed; retried next round")
+                }
+            }
+        }
+    }
+}
+
 /// Delivers every hint held for `target_node` to `address`.
 pub async fn deliver(
-    engine: Arc<Engine>,
+    engine: &Arc<Engine>,
     target_node: u32,
     address: &str,
-    tls: Option<&pairdb_service::tls::Tls>,
+    clients: &InternalClients,
 ) -> Result<DeliveryReport, HintError> {
-    let unreachable = |message: String| HintError::Unreachable { address: address.to_owned(), message };
-    let channel = pairdb_service::tls::endpoint(address, tls)
-        .map_err(|e| unreachable(e.to_string()))?
-        .connect_timeout(std::time::Duration::from_secs(2))
-        .connect()
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    let mut client =
-        StorageServiceClient::with_interceptor(channel, pairdb_service::telemetry::TraceInterceptor)
-            .max_decoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES);
+    let unreachable =
+        |message: String| HintError::Unreachable { node: target_node, address: address.to_owned(), message };
+    let settings = ChannelSettings {
+        request_timeout: Some(Duration::from_secs(30)),
+        keepalive: None,
+        ..ChannelSettings::default()
+    };
+    let mut client = clients.storage(address, settings).map_err(|e| unreachable(e.to_string()))?;
     let mut report = DeliveryReport::default();
     for _ in 0..MAX_ROUNDS {
-        let hints = blocking(&engine, move |e| e.list_hints(target_node, None, DELIVERY_BATCH)).await?;
+        let hints = blocking(engine, move |e| e.list_hints(target_node, None, DELIVERY_BATCH)).await?;
         if hints.is_empty() {
             break;
         }
@@ -97,8 +143,8 @@ pub async fn deliver(
             client
                 .merge_batch(pb::MergeBatchRequest { partition, records })
                 .await
-                .map_err(HintError::Rejected)?;
-            let deleted = blocking(&engine, move |e| {
+                .map_err(|status| HintError::Rejected { node: target_node, status })?;
+            let deleted = blocking(engine, move |e| {
                 let mut deleted = 0u64;
                 for hint in &hints {
                     if e.delete_hint_if_unchanged(target_node, &hint.key, &hint.set)? {
@@ -111,11 +157,10 @@ pub async fn deliver(
             report.delivered += deleted;
             progressed |= deleted > 0;
         }
-        metrics::counter!("pairdb_storage_hints_delivered_total").increment(report.delivered);
         if !progressed {
             break;
         }
     }
-    report.remaining = blocking(&engine, move |e| Ok(e.count_hints(target_node))).await?;
+    metrics::counter!("pairdb_storage_hints_delivered_total").increment(report.delivered);
     Ok(report)
 }

@@ -3,8 +3,9 @@
 //! - [`engine`]: fjall behind one small module; atomic per-key read-merge-write, group commit,
 //!   poisoning, hints, partition scans, Merkle summaries.
 //! - [`service`]: the internal gRPC API; engine calls run on the blocking pool.
-//! - [`hints`]: pushing hints to their owner.
+//! - [`hints`]: pushing hints to their owner when it is live in the topology.
 //! - [`membership`]: standalone, or register and heartbeat with the metadata service.
+//! - [`tenant_purge`]: purging deleted tenants' data and reporting it.
 //! - [`identity`], [`keys`]: the data directory's identity and on-disk key layouts.
 //!
 //! [`run`] serves the API on an injected listener until the shutdown future resolves, then finishes
@@ -22,6 +23,7 @@ pub mod merkle;
 pub mod repair;
 pub mod service;
 pub mod sync;
+pub mod tenant_purge;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -44,8 +46,6 @@ pub enum Error {
     Serve(#[from] pairdb_service::ServeError),
     #[error("invalid meta address: {0}")]
     MetaAddress(#[from] tonic::transport::Error),
-    #[error(transparent)]
-    Tls(#[from] pairdb_service::tls::TlsError),
     #[error("engine task failed: {0}")]
     Task(String),
 }
@@ -92,20 +92,25 @@ pub async fn run_with_engine(
         listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| config.listen_addr.to_string())
     });
 
-    let tls = config.tls.load()?;
+    let tls = config.tls.load().map_err(ConfigError::from)?;
+    let auth = Arc::new(config.cluster_auth()?);
+    auth.log_mode("storage");
+    let clients =
+        pairdb_service::clients::InternalClients::new(tls.clone(), &auth, config.max_message_bytes());
     let rebuild = Arc::new(repair::Rebuild::default());
     let mut api =
         service::StorageApi::new(engine.clone(), config.max_inflight_requests, config.stream_batch_max)
-            .with_tls(tls.clone())
+            .with_clients(clients.clone())
             .with_tombstone_grace(Duration::from_secs(config.tombstone_grace_secs));
-    // The topology drives anti-entropy, tombstone GC and dropping unowned data.
+    // The topology drives anti-entropy, tombstone GC, hint delivery, tenant purges and dropping
+    // unowned data.
     let view = config.meta_addr.as_ref().map(|_| pairdb_service::cluster_view::SharedView::default());
     if let Some(view) = &view {
         api = api.with_rebuild(rebuild.clone()).with_view(view.clone());
     }
     let grpc = StorageServiceServer::new(api)
-        .max_decoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(config.max_message_bytes())
+        .max_encoding_message_size(config.max_message_bytes());
     let routes = tonic::service::Routes::new(health_service).add_service(grpc);
     let http = pairdb_service::health_routes(readiness.clone()).merge(pairdb_service::metrics::routes());
 
@@ -125,19 +130,27 @@ pub async fn run_with_engine(
                 subscriber,
                 view.clone(),
                 None,
-                tls.clone(),
+                clients.clone(),
                 stop_receiver.clone(),
             )));
             background.push(tokio::spawn(repair::run(
                 engine.clone(),
-                view,
+                view.clone(),
                 config.repair_settings(),
                 rebuild,
-                tls.clone(),
+                clients.clone(),
                 stop_receiver.clone(),
             )));
+            background.push(tokio::spawn(hints::run(
+                engine.clone(),
+                view.clone(),
+                clients.clone(),
+                Duration::from_millis(config.hint_delivery_interval_ms),
+                stop_receiver.clone(),
+            )));
+            background.push(tokio::spawn(tenant_purge::run(engine.clone(), view, stop_receiver.clone())));
             let membership: Arc<dyn membership::Membership> =
-                Arc::new(membership::MetaMembership::new(meta_addr, tls.as_ref())?);
+                Arc::new(membership::MetaMembership::new(meta_addr, &clients)?);
             let node = membership::NodeAnnouncement {
                 node_id: identity.node_id,
                 address: address.clone(),
@@ -160,9 +173,18 @@ pub async fn run_with_engine(
     );
     let served = pairdb_service::serve(
         listener,
-        routes,
-        http,
-        tls.map(|tls| tls.server_config(pairdb_service::tls::ClientCerts::Required)),
+        pairdb_service::Served {
+            service: "storage",
+            grpc: routes.into_axum_router(),
+            http,
+            guard: Some(pairdb_service::cluster_auth::Guarded {
+                auth,
+                services: &["/pairdb.storage.v1.StorageService/"],
+                label: "storage",
+            }),
+            tls: tls.map(|tls| tls.server_config(pairdb_service::tls::ClientCerts::Required)),
+            limits: config.listener.clone(),
+        },
         shutdown,
     )
     .await;
@@ -206,6 +228,12 @@ async fn watch_health(
         let Ok(stats) = tokio::task::spawn_blocking(move || stats_engine.stats()).await else { continue };
         metrics::gauge!("pairdb_storage_keys").set(stats.keys as f64);
         metrics::gauge!("pairdb_storage_quarantined_records").set(stats.quarantined_records as f64);
+        readiness.set_detail((stats.quarantined_records > 0).then(|| {
+            format!(
+                "{} records quarantined (did not decode; anti-entropy or `pairdb node rebuild` restores them from peers)",
+                stats.quarantined_records
+            )
+        }));
         metrics::gauge!("pairdb_storage_disk_bytes").set(stats.disk_bytes as f64);
         metrics::gauge!("pairdb_storage_disk_free_bytes").set(stats.disk_free_bytes as f64);
         metrics::gauge!("pairdb_storage_hints_pending").set(stats.hints_pending as f64);

@@ -1,16 +1,14 @@
-//! Membership hooks: a node runs standalone (static configuration, as tests do) or registers with the
-//! metadata service and heartbeats to it. The meta side arrives with the metadata-service issue; this
-//! side only needs the cluster API of `proto/`, behind the [`Membership`] trait.
+//! Membership: a node runs standalone (static configuration, as tests do) or registers with the
+//! metadata service and heartbeats to it, behind the [`Membership`] trait. Heartbeats carry the
+//! node's stats and the deleted tenants it has purged (meta completes a deletion once every node
+//! reported it).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use pairdb_proto::admin::v1::NodeStats;
 use pairdb_proto::cluster::v1 as pb;
-use pairdb_proto::cluster::v1::cluster_service_client::ClusterServiceClient;
-use pairdb_service::telemetry::TraceInterceptor;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use pairdb_service::clients::{ChannelSettings, ClusterClient, InternalClients};
 
 use crate::engine::Engine;
 use crate::identity::DATA_FORMAT_VERSION;
@@ -30,27 +28,33 @@ pub struct NodeAnnouncement {
 pub trait Membership: Send + Sync + 'static {
     /// Announces the node; returns the heartbeat interval.
     async fn register(&self, node: &NodeAnnouncement) -> Result<Duration, tonic::Status>;
-    /// Reports liveness and stats; `Ok(false)` means "unknown node, register again".
-    async fn heartbeat(&self, node_id: u32, stats: NodeStats) -> Result<bool, tonic::Status>;
+    /// Reports liveness, stats and purged tenants; `Ok(false)` means "unknown node, register again".
+    async fn heartbeat(&self, node_id: u32, report: HeartbeatReport) -> Result<bool, tonic::Status>;
+}
+
+/// What a heartbeat carries.
+#[derive(Debug, Clone, Default)]
+pub struct HeartbeatReport {
+    pub stats: NodeStats,
+    /// (tenant, purge sequence) of every deleted tenant purged here.
+    pub purged_tenants: Vec<(String, u64)>,
 }
 
 /// Membership through the metadata service's cluster API.
 #[derive(Debug, Clone)]
 pub struct MetaMembership {
-    client: ClusterServiceClient<InterceptedService<Channel, TraceInterceptor>>,
+    client: ClusterClient,
 }
 
 impl MetaMembership {
     /// A lazily connecting client for `meta_addr`.
-    pub fn new(
-        meta_addr: &str,
-        tls: Option<&pairdb_service::tls::Tls>,
-    ) -> Result<Self, tonic::transport::Error> {
-        let channel = pairdb_service::tls::endpoint(meta_addr, tls)?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(5))
-            .connect_lazy();
-        Ok(Self { client: ClusterServiceClient::with_interceptor(channel, TraceInterceptor) })
+    pub fn new(meta_addr: &str, clients: &InternalClients) -> Result<Self, tonic::transport::Error> {
+        let settings = ChannelSettings {
+            request_timeout: Some(Duration::from_secs(5)),
+            keepalive: None,
+            ..ChannelSettings::default()
+        };
+        Ok(Self { client: clients.cluster(meta_addr, settings)? })
     }
 }
 
@@ -73,13 +77,14 @@ impl Membership for MetaMembership {
         Ok(Duration::from_millis(u64::from(response.heartbeat_interval_ms.max(100))))
     }
 
-    async fn heartbeat(&self, node_id: u32, stats: NodeStats) -> Result<bool, tonic::Status> {
-        let response = self
-            .client
-            .clone()
-            .heartbeat(pb::HeartbeatRequest { node_id, stats: Some(stats) })
-            .await?
-            .into_inner();
+    async fn heartbeat(&self, node_id: u32, report: HeartbeatReport) -> Result<bool, tonic::Status> {
+        let purged_tenants = report
+            .purged_tenants
+            .into_iter()
+            .map(|(tenant_id, purge_seq)| pb::TenantPurged { tenant_id, purge_seq })
+            .collect();
+        let request = pb::HeartbeatRequest { node_id, stats: Some(report.stats), purged_tenants };
+        let response = self.client.clone().heartbeat(request).await?.into_inner();
         Ok(!response.unknown_node)
     }
 }
@@ -116,17 +121,8 @@ pub async fn run(
                 _ = tokio::time::sleep(interval) => {}
                 _ = shutdown.changed() => return,
             }
-            let engine_for_stats = engine.clone();
-            let stats =
-                tokio::task::spawn_blocking(move || engine_for_stats.stats()).await.unwrap_or_default();
-            let stats = NodeStats {
-                keys: stats.keys,
-                live_bytes: stats.disk_bytes,
-                disk_free_bytes: stats.disk_free_bytes,
-                hints_pending: stats.hints_pending,
-                write_path_poisoned: stats.poisoned,
-            };
-            match membership.heartbeat(node.node_id, stats).await {
+            let report = heartbeat_report(&engine).await;
+            match membership.heartbeat(node.node_id, report).await {
                 Ok(true) => {
                     if failing {
                         tracing::info!("heartbeats reach the metadata service again");
@@ -143,4 +139,32 @@ pub async fn run(
             }
         }
     }
+}
+
+/// The node's stats and finished purges (read on the blocking pool).
+async fn heartbeat_report(engine: &Arc<Engine>) -> HeartbeatReport {
+    let engine = engine.clone();
+    tokio::task::spawn_blocking(move || {
+        let stats = engine.stats();
+        let purged_tenants = match engine.tenant_purges() {
+            Ok(purges) => purges.into_iter().filter(|p| p.done).map(|p| (p.tenant, p.purge_seq)).collect(),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the tenant purges to report");
+                Vec::new()
+            }
+        };
+        HeartbeatReport {
+            stats: NodeStats {
+                keys: stats.keys,
+                live_bytes: stats.disk_bytes,
+                disk_free_bytes: stats.disk_free_bytes,
+                hints_pending: stats.hints_pending,
+                write_path_poisoned: stats.poisoned,
+                quarantined_records: stats.quarantined_records,
+            },
+            purged_tenants,
+        }
+    })
+    .await
+    .unwrap_or_default()
 }

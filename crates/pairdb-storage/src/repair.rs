@@ -44,12 +44,9 @@ use pairdb_core::repair::{KeyDigest, compare_digests, owned_tenants, replica_pee
 use pairdb_core::ring::NodeId;
 use pairdb_core::token::PartitionId;
 use pairdb_proto::storage::v1 as pb;
-use pairdb_proto::storage::v1::storage_service_client::StorageServiceClient;
+use pairdb_service::clients::{ChannelSettings, InternalClients, StorageClient};
 use pairdb_service::cluster_view::{ClusterView, SharedView};
-use pairdb_service::telemetry::TraceInterceptor;
 use tokio::sync::{Notify, watch};
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
 use crate::engine::{Engine, EngineError, TombstonePlacement, now_ms};
 use crate::keys::RecordKey;
@@ -81,7 +78,7 @@ const CONFIRMED_BATCH: usize = 1000;
 const DELETE_BATCH: usize = 1000;
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 
-type Client = StorageServiceClient<InterceptedService<Channel, TraceInterceptor>>;
+type Client = StorageClient;
 
 #[derive(Debug, thiserror::Error)]
 enum RepairError {
@@ -162,10 +159,10 @@ pub async fn run(
     view: SharedView,
     settings: RepairSettings,
     rebuild: Arc<Rebuild>,
-    tls: Option<pairdb_service::tls::Tls>,
+    clients: InternalClients,
     shutdown: watch::Receiver<bool>,
 ) {
-    let peers = Peers { tls, clients: tokio::sync::Mutex::new(HashMap::new()) };
+    let peers = Peers { builder: clients, clients: tokio::sync::Mutex::new(HashMap::new()) };
     let pacing = Pacing::new(&settings);
     let repair = Arc::new(Repair { engine, view, settings, peers, pacing });
     let anti_entropy = tokio::spawn(repair.clone().anti_entropy_loop(shutdown.clone()));
@@ -178,7 +175,7 @@ pub async fn run(
 
 #[derive(Debug)]
 struct Peers {
-    tls: Option<pairdb_service::tls::Tls>,
+    builder: InternalClients,
     clients: tokio::sync::Mutex<HashMap<String, Client>>,
 }
 
@@ -188,14 +185,8 @@ impl Peers {
         if let Some(client) = clients.get(address) {
             return Ok(client.clone());
         }
-        let channel = pairdb_service::tls::endpoint(address, self.tls.as_ref())
-            .map_err(|e| e.to_string())?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(RPC_TIMEOUT)
-            .connect_lazy();
-        let client = StorageServiceClient::with_interceptor(channel, TraceInterceptor)
-            .max_decoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES);
+        let settings = ChannelSettings { request_timeout: Some(RPC_TIMEOUT), ..ChannelSettings::default() };
+        let client = self.builder.storage(address, settings).map_err(|e| e.to_string())?;
         // Bounded by the cluster's node count; an address that changed leaves one idle entry.
         clients.insert(address.to_owned(), client.clone());
         Ok(client)
@@ -270,10 +261,12 @@ enum PeerSet {
 }
 
 /// Each tenant with the deepest N any request may use for it (the old one while N changes).
+/// Tenants being deleted are left out: their data is purged, not repaired.
 fn tenant_depths(view: &ClusterView) -> Vec<(String, usize)> {
     let mut tenants: Vec<(String, usize)> = view
         .tenants
         .values()
+        .filter(|t| !t.deleting)
         .map(|t| (t.tenant_id.clone(), t.replication_factor.max(t.previous_replication_factor.unwrap_or(0))))
         .collect();
     tenants.sort();
@@ -577,6 +570,7 @@ impl Repair {
                 tenant_id: tenant.clone(),
                 key: key.clone(),
                 partition: partition.0,
+                tenant_generation: 0,
             })
             .collect();
         let remote = client

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pairdb_core::dvv::VersionSet;
-use pairdb_core::encoding::{decode_context, decode_version_set, encode_version_set};
+use pairdb_core::encoding::{decode_vector, decode_version_set, encode_version_set};
 use pairdb_core::token::PartitionId;
 use pairdb_core::validation::{
     ABSOLUTE_MAX_SIBLINGS, ABSOLUTE_MAX_VALUE_BYTES, validate_key, validate_tenant_id,
@@ -24,7 +24,7 @@ use crate::engine::{ApplyDeadline, CoordinatedWrite, Engine, EngineError, Record
 use crate::keys::RecordKey;
 use crate::merkle::MERKLE_DEPTH;
 use crate::repair::{Rebuild, RebuildProgress, RebuildState, placement_holds};
-use crate::{hints, sync};
+use crate::sync;
 
 /// The gRPC service over one engine.
 #[derive(Debug, Clone)]
@@ -32,13 +32,16 @@ pub struct StorageApi {
     engine: Arc<Engine>,
     inflight: Arc<Semaphore>,
     stream_batch_max: usize,
-    tls: Option<pairdb_service::tls::Tls>,
+    /// How this node calls its peers (migration pulls).
+    clients: pairdb_service::clients::InternalClients,
     /// Tombstones younger than this are never purged, whatever a peer asks.
     tombstone_grace_ms: u64,
     /// Present when the node follows a cluster (a standalone node has nobody to rebuild from).
     rebuild: Option<Arc<Rebuild>>,
     /// The cluster view the node follows (absent when standalone): full-ack tombstone confirmations
-    /// are recorded only if they were placed in the topology and N this node sees.
+    /// are recorded only if they were placed in the topology and N this node sees; requests for a
+    /// tenant being deleted, or of another generation of it, are refused; migration sources are
+    /// looked up in it.
     view: Option<SharedView>,
 }
 
@@ -48,7 +51,7 @@ impl StorageApi {
             engine,
             inflight: Arc::new(Semaphore::new(max_inflight_requests)),
             stream_batch_max,
-            tls: None,
+            clients: pairdb_service::clients::InternalClients::insecure(),
             tombstone_grace_ms: u64::MAX,
             rebuild: None,
             view: None,
@@ -83,9 +86,9 @@ impl StorageApi {
         self
     }
 
-    /// Delivers hints to other nodes over (mutual) TLS.
-    pub fn with_tls(mut self, tls: Option<pairdb_service::tls::Tls>) -> Self {
-        self.tls = tls;
+    /// Calls peers (migration pulls) with these clients (TLS, cluster credential).
+    pub fn with_clients(mut self, clients: pairdb_service::clients::InternalClients) -> Self {
+        self.clients = clients;
         self
     }
 
@@ -126,6 +129,30 @@ impl StorageApi {
         Ok(record)
     }
 
+    /// [`Self::record_key`] for a request a router sent on a client's behalf: also refused when the
+    /// tenant is being deleted here or in the view, or when the router's view names another
+    /// generation of the tenant than this node's (a re-created tenant never sees a predecessor's
+    /// requests, nor a predecessor its data).
+    fn client_key(&self, key: Option<pb::KeyRef>) -> Result<RecordKey, Status> {
+        let generation = key.as_ref().map_or(0, |k| k.tenant_generation);
+        let record = self.record_key(key)?;
+        let gone = |why: &str| status("TENANT_NOT_FOUND", format!("tenant {:?} {why}", record.tenant), &[]);
+        if self.engine.is_refused(&record.tenant) {
+            return Err(gone("is being deleted"));
+        }
+        if let Some(view) = &self.view
+            && let Some(tenant) = view.load().tenants.get(&record.tenant)
+        {
+            if tenant.deleting {
+                return Err(gone("is being deleted"));
+            }
+            if generation != 0 && tenant.generation != 0 && generation != tenant.generation {
+                return Err(gone("was deleted and created again (the request names an older generation)"));
+            }
+        }
+        Ok(record)
+    }
+
     fn check_partition(&self, partition: u32) -> Result<PartitionId, Status> {
         let partition = PartitionId(partition);
         if !self.engine.partitions().contains(partition) {
@@ -136,6 +163,38 @@ impl StorageApi {
             ));
         }
         Ok(partition)
+    }
+}
+
+impl StorageApi {
+    /// The addresses of migration sources, from the topology this node follows: a peer is only ever
+    /// contacted at the address meta lists for it, never at one a caller supplies.
+    fn sync_sources(&self, sources: &[pb::SyncSource]) -> Result<Vec<sync::Source>, Status> {
+        let view = self.view.as_ref().ok_or_else(|| {
+            status(
+                "NOT_IN_CLUSTER",
+                "this storage node runs standalone (no --meta-addr): it has no peers",
+                &[],
+            )
+        })?;
+        let view = view.load();
+        let mut resolved = Vec::with_capacity(sources.len());
+        for source in sources {
+            let node = pairdb_core::ring::NodeId(source.node_id);
+            match view.nodes.get(&node) {
+                Some(entry) if !entry.address.is_empty() => {
+                    resolved.push(sync::Source { node_id: source.node_id, address: entry.address.clone() })
+                }
+                _ => {
+                    return Err(status(
+                        "NODE_NOT_FOUND",
+                        format!("source node {} is not in this node's view of the cluster", source.node_id),
+                        &[],
+                    ));
+                }
+            }
+        }
+        Ok(resolved)
     }
 }
 
@@ -221,9 +280,9 @@ impl StorageService for StorageApi {
                 .then(|| received + Duration::from_millis(u64::from(request.apply_within_ms))),
             unix_ms: (request.apply_before_unix_ms > 0).then_some(request.apply_before_unix_ms),
         };
-        let key = self.record_key(request.key)?;
+        let key = self.client_key(request.key)?;
         let context =
-            decode_context(&request.context).map_err(|e| status(e.reason(), format!("context: {e}"), &[]))?;
+            decode_vector(&request.context).map_err(|e| status(e.reason(), format!("context: {e}"), &[]))?;
         if let Some(value) = &request.value
             && value.len() as u64 > ABSOLUTE_MAX_VALUE_BYTES
         {
@@ -261,7 +320,7 @@ impl StorageService for StorageApi {
         request: Request<pb::ReplicateRequest>,
     ) -> Result<Response<pb::ReplicateResponse>, Status> {
         let request = request.into_inner();
-        let key = self.record_key(request.key)?;
+        let key = self.client_key(request.key)?;
         let set = decode_set("replicate", &request.version_set)?;
         let own_node = self.engine.identity().node_id;
         let hint_for = request.hint_for_node_id;
@@ -285,6 +344,7 @@ impl StorageService for StorageApi {
                 tenant_id: record.tenant_id,
                 key: record.key,
                 partition: partition.0,
+                tenant_generation: 0,
             }))?;
             records.push((key, decode_set("merge_batch", &record.version_set)?));
         }
@@ -294,7 +354,7 @@ impl StorageService for StorageApi {
     }
 
     async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
-        let key = self.record_key(request.into_inner().key)?;
+        let key = self.client_key(request.into_inner().key)?;
         let encoded = self.blocking("get", move |engine| engine.get_encoded(&key)).await?;
         Ok(Response::new(match encoded {
             Some(version_set) => pb::GetResponse { found: true, version_set },
@@ -445,6 +505,7 @@ impl StorageService for StorageApi {
                 tenant_id: entry.tenant_id,
                 key: entry.key,
                 partition: partition.0,
+                tenant_generation: 0,
             }))?;
             candidates.push((key, entry.digest));
         }
@@ -466,7 +527,7 @@ impl StorageService for StorageApi {
         request: Request<pb::ConfirmTombstoneRequest>,
     ) -> Result<Response<pb::ConfirmTombstoneResponse>, Status> {
         let request = request.into_inner();
-        let key = self.record_key(request.key)?;
+        let key = self.client_key(request.key)?;
         let set = decode_set("confirm_tombstone", &request.version_set)?;
         if !set.is_deleted() {
             return Err(status("INVALID_ARGUMENT", "version_set must hold only tombstones", &[]));
@@ -498,6 +559,7 @@ impl StorageService for StorageApi {
         if request.sources.is_empty() {
             return Err(status("INVALID_ARGUMENT", "sources must name at least one node", &[]));
         }
+        let sources = self.sync_sources(&request.sources)?;
         let batch_size = match request.batch_size as usize {
             0 => 512,
             n => n.min(self.stream_batch_max),
@@ -506,9 +568,9 @@ impl StorageService for StorageApi {
             &self.engine,
             partition,
             request.tenant_ids,
-            &request.sources,
+            &sources,
             batch_size,
-            self.tls.as_ref(),
+            &self.clients,
         )
         .await
         .map_err(|error| {
@@ -551,52 +613,6 @@ impl StorageService for StorageApi {
                 })
                 .collect(),
             total_pending,
-        }))
-    }
-
-    async fn delete_hints(
-        &self,
-        request: Request<pb::DeleteHintsRequest>,
-    ) -> Result<Response<pb::DeleteHintsResponse>, Status> {
-        let request = request.into_inner();
-        let partition = request.partition.map(|p| self.check_partition(p)).transpose()?;
-        let mut keys = Vec::with_capacity(request.hints.len());
-        for hint in request.hints {
-            keys.push(self.record_key(Some(pb::KeyRef {
-                tenant_id: hint.tenant_id,
-                key: hint.key,
-                partition: hint.partition,
-            }))?);
-        }
-        if keys.is_empty() && partition.is_none() {
-            return Err(status("INVALID_ARGUMENT", "name hints or a partition to delete", &[]));
-        }
-        let target = request.target_node_id;
-        let deleted = self
-            .blocking("delete_hints", move |engine| engine.delete_hints(target, &keys, partition))
-            .await?;
-        Ok(Response::new(pb::DeleteHintsResponse { deleted }))
-    }
-
-    async fn deliver_hints(
-        &self,
-        request: Request<pb::DeliverHintsRequest>,
-    ) -> Result<Response<pb::DeliverHintsResponse>, Status> {
-        let request = request.into_inner();
-        if request.target_address.is_empty() {
-            return Err(status("INVALID_ARGUMENT", "target_address is required", &[]));
-        }
-        let report = hints::deliver(
-            self.engine.clone(),
-            request.target_node_id,
-            &request.target_address,
-            self.tls.as_ref(),
-        )
-        .await
-        .map_err(|error| status(error.reason(), error.to_string(), &[]))?;
-        Ok(Response::new(pb::DeliverHintsResponse {
-            delivered: report.delivered,
-            remaining: report.remaining,
         }))
     }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use pairdb_core::encoding::decode_version_set;
 use pairdb_core::token::PartitionId;
 use pairdb_proto::storage::v1 as pb;
-use pairdb_proto::storage::v1::storage_service_client::StorageServiceClient;
+use pairdb_service::clients::{ChannelSettings, InternalClients};
 
 use crate::engine::{Engine, EngineError};
 use crate::keys::RecordKey;
@@ -46,6 +46,13 @@ pub struct SyncReport {
     pub source_node_id: u32,
 }
 
+/// A node to pull from, at the address the topology gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    pub node_id: u32,
+    pub address: String,
+}
+
 /// How long one source may stay silent before the next one is tried.
 const SOURCE_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -54,16 +61,17 @@ pub async fn pull_partition(
     engine: &Arc<Engine>,
     partition: PartitionId,
     tenants: Vec<String>,
-    sources: &[pb::SyncSource],
+    sources: &[Source],
     batch_size: usize,
-    tls: Option<&pairdb_service::tls::Tls>,
+    clients: &InternalClients,
 ) -> Result<SyncReport, SyncError> {
     let own_node = engine.identity().node_id;
     let mut report = SyncReport::default();
     let mut cursor: Vec<u8> = Vec::new();
     let mut failures = Vec::new();
     for source in sources.iter().filter(|s| s.node_id != own_node) {
-        match pull_from(engine, partition, &tenants, source, batch_size, tls, &mut cursor, &mut report).await
+        match pull_from(engine, partition, &tenants, source, batch_size, clients, &mut cursor, &mut report)
+            .await
         {
             Ok(()) => {
                 report.source_node_id = source.node_id;
@@ -92,22 +100,21 @@ async fn pull_from(
     engine: &Arc<Engine>,
     partition: PartitionId,
     tenants: &[String],
-    source: &pb::SyncSource,
+    source: &Source,
     batch_size: usize,
-    tls: Option<&pairdb_service::tls::Tls>,
+    clients: &InternalClients,
     cursor: &mut Vec<u8>,
     report: &mut SyncReport,
 ) -> Result<(), SourceFailure> {
     let remote = |e: &dyn std::fmt::Display| SourceFailure::Remote(e.to_string());
-    let channel = pairdb_service::tls::endpoint(&source.address, tls)
+    let settings = ChannelSettings { keepalive: None, ..ChannelSettings::default() };
+    let channel = clients
+        .endpoint(&source.address, settings)
         .map_err(|e| remote(&e))?
-        .connect_timeout(Duration::from_secs(2))
         .connect()
         .await
         .map_err(|e| remote(&e))?;
-    let mut client =
-        StorageServiceClient::with_interceptor(channel, pairdb_service::telemetry::TraceInterceptor)
-            .max_decoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES);
+    let mut client = clients.storage_over(channel);
     let mut stream = client
         .stream_partition(pb::StreamPartitionRequest {
             partition: partition.0,

@@ -20,7 +20,7 @@ const WRITERS: usize = 32;
 
 fn spawn_node(dir: &std::path::Path, port: u16, sync: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_pairdb-storage"))
-        .args(["--node-id", "1", "--sync", sync, "--listen-addr"])
+        .args(["--node-id", "1", "--insecure-cluster", "--sync", sync, "--listen-addr"])
         .arg(format!("127.0.0.1:{port}"))
         .arg("--data-dir")
         .arg(dir)
@@ -48,7 +48,7 @@ async fn connect(port: u16) -> StorageServiceClient<Channel> {
 
 fn key_ref(key: &str) -> pb::KeyRef {
     let partition = PartitionCount::default().partition_of(token_for("crash", key.as_bytes())).0;
-    pb::KeyRef { tenant_id: "crash".into(), key: key.into(), partition }
+    pb::KeyRef { tenant_id: "crash".into(), key: key.into(), partition, tenant_generation: 0 }
 }
 
 async fn crash_and_recover(sync: &'static str) {

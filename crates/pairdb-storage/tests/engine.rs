@@ -144,7 +144,7 @@ fn partition_scan_returns_exactly_the_partition_and_resumes_from_a_cursor() {
 }
 
 #[test]
-fn hints_survive_restart_and_are_removed_by_partition() {
+fn hints_survive_restart_and_are_delivered_one_by_one() {
     let dir = tempfile::tempdir().unwrap();
     let q = PartitionCount::default();
     let keys: Vec<RecordKey> = (0..50).map(|i| RecordKey::new(q, "t", &format!("h{i}"))).collect();
@@ -164,10 +164,15 @@ fn hints_survive_restart_and_are_removed_by_partition() {
     let in_partition = engine.list_hints(9, Some(partition), 1000).unwrap();
     assert!(!in_partition.is_empty());
     assert!(in_partition.iter().all(|h| h.key.partition == partition));
-    let deleted = engine.delete_hints(9, &[], Some(partition)).unwrap();
-    assert_eq!(deleted as usize, in_partition.len());
-    assert_eq!(engine.count_hints(9), 50 - deleted);
-    assert!(engine.list_hints(9, Some(partition), 1000).unwrap().is_empty());
+    assert_eq!(engine.hint_targets().unwrap(), vec![8, 9]);
+    // A delivered hint goes only if it did not grow meanwhile.
+    let first = &in_partition[0];
+    engine.put_hint(9, &first.key, &blind(4, b"grew")).unwrap();
+    assert!(!engine.delete_hint_if_unchanged(9, &first.key, &first.set).unwrap());
+    let grown = engine.list_hints(9, Some(partition), 1000).unwrap();
+    let grown = grown.iter().find(|h| h.key == first.key).unwrap();
+    assert!(engine.delete_hint_if_unchanged(9, &grown.key, &grown.set).unwrap());
+    assert_eq!(engine.count_hints(9), 49);
     assert_eq!(engine.count_hints(8), 1);
 }
 

@@ -54,7 +54,7 @@ fn assert_refuses_writes_and_serves_reads(engine: &Engine) {
     assert_poisoned(engine.merge(&key("merged"), &blind(9, b"m")));
     assert_poisoned(engine.merge_batch(&[(key("batched"), blind(9, b"b"))]));
     assert_poisoned(engine.put_hint(2, &key("hinted"), &blind(9, b"h")));
-    assert_poisoned(engine.delete_hints(2, &[key("hinted")], None));
+    assert_poisoned(engine.delete_hint_if_unchanged(2, &key("hinted"), &blind(9, b"h")));
     // A failed fsync is never retried, not even by an explicit sync.
     assert_poisoned(engine.sync_now());
 

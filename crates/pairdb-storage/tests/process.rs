@@ -6,7 +6,10 @@ use std::process::Command;
 
 fn storage(dir: &std::path::Path, node_id: &str) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_pairdb-storage"));
-    command.args(["--listen-addr", "127.0.0.1:0", "--node-id", node_id, "--data-dir"]).arg(dir);
+    // Standalone (no meta): there is no cluster to authenticate against.
+    command
+        .args(["--listen-addr", "127.0.0.1:0", "--insecure-cluster", "--node-id", node_id, "--data-dir"])
+        .arg(dir);
     command
 }
 
@@ -19,6 +22,9 @@ fn wrong_node_id_or_format_version_stops_the_start_with_a_clear_error() {
     let started = std::time::Instant::now();
     while !data.join("IDENTITY").exists() {
         assert!(started.elapsed().as_secs() < 30, "node never created its identity");
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("node exited with {status} before creating its identity");
+        }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     std::thread::sleep(std::time::Duration::from_millis(300));

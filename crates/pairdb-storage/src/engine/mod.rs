@@ -8,6 +8,8 @@
 //! - keyspace `quarantine`: record key → the raw bytes of a record that did not decode when the node
 //!   opened (corrupt, or written before its shape was refused, e.g. a saturated counter), kept for
 //!   inspection only; anti-entropy and rebuilds restore the key from the other replicas;
+//! - keyspace `tenant_purges`: tenants being deleted (or purged) here, whose writes are refused
+//!   ([`tenant_purge`]);
 //! - `IDENTITY` file: node id, actor id, format version ([`crate::identity`]).
 //!
 //! Invariants:
@@ -33,9 +35,12 @@
 //!
 //! Every method blocks; async callers run them on the blocking pool.
 
+mod tenant_purge;
+
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
@@ -46,6 +51,8 @@ use pairdb_core::token::{PartitionCount, PartitionId};
 use crate::identity::{self, Identity, IdentityError};
 use crate::keys::{RecordKey, hint_prefix, partition_prefix};
 use crate::merkle::{Entry, MerkleIndex, MerkleNode, version_digest};
+
+pub use tenant_purge::{PurgeSpace, PurgeStep, TenantPurge};
 
 /// When writes are fsynced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +95,9 @@ pub enum EngineError {
     /// and the caller, which has stopped waiting, may safely try another coordinator.
     #[error("the write's deadline passed before it could be applied; nothing was applied")]
     DeadlinePassed,
+    /// The tenant is being deleted (or was): nothing of it is stored any more.
+    #[error("tenant {0:?} is being deleted")]
+    TenantDeleted(String),
 }
 
 impl EngineError {
@@ -99,6 +109,7 @@ impl EngineError {
             EngineError::Read(_) | EngineError::Corrupt(_) => "INTERNAL",
             EngineError::Update(e) => e.reason(),
             EngineError::DeadlinePassed => "COORDINATE_DEADLINE_PASSED",
+            EngineError::TenantDeleted(_) => "TENANT_NOT_FOUND",
         }
     }
 }
@@ -244,6 +255,9 @@ pub struct Engine {
     hints: Keyspace,
     confirmed: Keyspace,
     quarantine: Keyspace,
+    purges: Keyspace,
+    /// Tenants whose writes are refused → their deletion's purge sequence ([`tenant_purge`]).
+    refused: RwLock<HashMap<String, u64>>,
     identity: Identity,
     partitions: PartitionCount,
     data_dir: PathBuf,
@@ -282,6 +296,7 @@ impl Engine {
         let confirmed =
             db.keyspace("confirmed_tombstones", KeyspaceCreateOptions::default).map_err(open_err)?;
         let quarantine = db.keyspace("quarantine", KeyspaceCreateOptions::default).map_err(open_err)?;
+        let purges = db.keyspace("tenant_purges", KeyspaceCreateOptions::default).map_err(open_err)?;
         let stripes = (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect();
         let engine = Arc::new(Engine {
             db,
@@ -289,6 +304,8 @@ impl Engine {
             hints,
             confirmed,
             quarantine,
+            purges,
+            refused: RwLock::new(HashMap::new()),
             identity,
             partitions: config.partitions,
             data_dir: config.data_dir.clone(),
@@ -306,6 +323,7 @@ impl Engine {
             stop: AtomicBool::new(false),
         });
         engine.refresh_disk_free();
+        engine.load_tenant_purges()?;
         engine.rebuild_merkle()?;
         spawn_maintenance(Arc::downgrade(&engine));
         Ok(engine)
@@ -365,6 +383,7 @@ impl Engine {
         self.check_writable()?;
         let encoded_key = key.encode();
         let _guard = self.lock(&encoded_key);
+        self.check_tenant(&key.tenant)?;
         if deadline.passed() {
             metrics::counter!("pairdb_storage_coordinate_deadline_refusals_total").increment(1);
             return Err(EngineError::DeadlinePassed);
@@ -389,6 +408,7 @@ impl Engine {
         self.check_writable()?;
         let encoded_key = key.encode();
         let _guard = self.lock(&encoded_key);
+        self.check_tenant(&key.tenant)?;
         let preparing = self.commit.preparing();
         let existing = self.read_set(&encoded_key)?;
         let old_digest = existing.as_ref().map(Entry::of);
@@ -412,6 +432,11 @@ impl Engine {
         for (key, incoming) in records {
             let encoded_key = key.encode();
             let _guard = self.lock(&encoded_key);
+            // A deleted tenant's record (a late hint, a peer that has not purged yet) is dropped.
+            if self.is_refused(&key.tenant) {
+                metrics::counter!("pairdb_storage_deleted_tenant_writes_refused_total").increment(1);
+                continue;
+            }
             let existing = self.read_set(&encoded_key)?;
             let old_digest = existing.as_ref().map(Entry::of);
             let mut set = existing.unwrap_or_default();
@@ -440,6 +465,7 @@ impl Engine {
         self.check_writable()?;
         let hint_key = key.encode_hint(target_node);
         let _guard = self.lock(&hint_key);
+        self.check_tenant(&key.tenant)?;
         let preparing = self.commit.preparing();
         let merged = match self.hints.get(&hint_key).map_err(EngineError::Read)? {
             Some(raw) => decode_hint_value(&raw)?.1.merge(set),
@@ -473,34 +499,22 @@ impl Engine {
         self.hints.prefix(hint_prefix(target_node, None)).count() as u64
     }
 
-    /// Deletes hints for `target_node`: the given keys, or a whole partition. Returns how many.
-    pub fn delete_hints(
-        &self,
-        target_node: u32,
-        keys: &[RecordKey],
-        partition: Option<PartitionId>,
-    ) -> Result<u64, EngineError> {
-        self.check_writable()?;
-        let mut doomed: Vec<Vec<u8>> = keys.iter().map(|k| k.encode_hint(target_node)).collect();
-        if keys.is_empty()
-            && let Some(partition) = partition
-        {
-            for item in self.hints.prefix(hint_prefix(target_node, Some(partition))) {
-                doomed.push(item.key().map_err(EngineError::Read)?.to_vec());
+    /// The nodes this node holds hints for (one seek per node, not a scan of every hint).
+    pub fn hint_targets(&self) -> Result<Vec<u32>, EngineError> {
+        let mut targets = Vec::new();
+        let mut from: Vec<u8> = Vec::new();
+        while let Some(item) = self.hints.range(from.as_slice()..).next() {
+            let key = item.key().map_err(EngineError::Read)?;
+            let Some(target) = key.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes) else {
+                break;
+            };
+            targets.push(target);
+            match target.checked_add(1) {
+                Some(next) => from = next.to_be_bytes().to_vec(),
+                None => break,
             }
         }
-        let mut deleted = 0;
-        for key in doomed {
-            let _guard = self.lock(&key);
-            if self.hints.contains_key(&key).map_err(EngineError::Read)? {
-                self.write(|| self.hints.remove(key.clone()))?;
-                deleted += 1;
-            }
-        }
-        if deleted > 0 {
-            self.make_durable()?;
-        }
-        Ok(deleted)
+        Ok(targets)
     }
 
     /// Deletes the hint for `key` only if it is still exactly `delivered` (a hint that grew while it was
@@ -948,6 +962,15 @@ impl Engine {
             Some(raw) => decode_version_set(&raw).map(Some).map_err(EngineError::Corrupt),
             None => Ok(None),
         }
+    }
+
+    /// Refuses writes of a tenant being deleted; call with the key's stripe lock held.
+    fn check_tenant(&self, tenant: &str) -> Result<(), EngineError> {
+        if self.is_refused(tenant) {
+            metrics::counter!("pairdb_storage_deleted_tenant_writes_refused_total").increment(1);
+            return Err(EngineError::TenantDeleted(tenant.to_owned()));
+        }
+        Ok(())
     }
 
     fn check_writable(&self) -> Result<(), EngineError> {
