@@ -34,9 +34,6 @@ pub struct Config {
     /// How often suspect storage nodes are probed.
     #[arg(long, env = "PAIRDB_PROBE_INTERVAL_MS", default_value_t = 500)]
     pub probe_interval_ms: u64,
-    /// How often the router asks hint holders to deliver to every live node.
-    #[arg(long, env = "PAIRDB_HINT_SWEEP_INTERVAL_MS", default_value_t = 10_000)]
-    pub hint_sweep_interval_ms: u64,
     /// Serve without API-key authentication: requests name their tenant with `tenant_id` (for
     /// `pairdb dev` and tests; logged as a warning).
     #[arg(long, env = "PAIRDB_NO_AUTH")]
@@ -51,6 +48,10 @@ pub struct Config {
     /// Bound on each idempotency-store call; a slower store fails keyed writes with UNAVAILABLE.
     #[arg(long, env = "PAIRDB_IDEMPOTENCY_TIMEOUT_MS", default_value_t = 500)]
     pub idempotency_timeout_ms: u64,
+    #[command(flatten)]
+    pub cluster_auth: pairdb_service::cluster_auth::ClusterAuthArgs,
+    #[command(flatten)]
+    pub listener: pairdb_service::listener::ListenerArgs,
     #[command(flatten)]
     pub tls: pairdb_service::tls::TlsArgs,
     #[arg(long, env = "PAIRDB_LOG_FORMAT", value_enum, default_value_t)]
@@ -73,7 +74,7 @@ pub enum ConfigError {
     MaxInflight,
     #[error("get_many_concurrency: must be between 1 and 100")]
     GetManyConcurrency,
-    #[error("probe_interval_ms and hint_sweep_interval_ms: must be between 10 and 3600000")]
+    #[error("probe_interval_ms: must be between 10 and 3600000")]
     Interval,
     #[error("redis_url: must start with redis:// or rediss://")]
     RedisUrl,
@@ -81,6 +82,12 @@ pub enum ConfigError {
     IdempotencyRetention,
     #[error("idempotency_timeout_ms: must be between 10 and 60000")]
     IdempotencyTimeout,
+    #[error(transparent)]
+    ClusterAuth(#[from] pairdb_service::cluster_auth::AuthConfigError),
+    #[error(transparent)]
+    Listener(#[from] pairdb_service::listener::ListenerArgsError),
+    #[error(transparent)]
+    Tls(#[from] pairdb_service::tls::TlsError),
 }
 
 impl Config {
@@ -111,12 +118,20 @@ impl Config {
         if !(10..=60_000).contains(&self.idempotency_timeout_ms) {
             return Err(ConfigError::IdempotencyTimeout);
         }
-        for interval in [self.probe_interval_ms, self.hint_sweep_interval_ms] {
-            if !(10..=3_600_000).contains(&interval) {
-                return Err(ConfigError::Interval);
-            }
+        if !(10..=3_600_000).contains(&self.probe_interval_ms) {
+            return Err(ConfigError::Interval);
         }
+        self.listener.validate()?;
+        self.cluster_auth()?;
         Ok(())
+    }
+
+    /// How this router authenticates to storage nodes and meta: with `router`'s credential (or, with
+    /// TLS on, its certificate alone).
+    pub fn cluster_auth(&self) -> Result<pairdb_service::cluster_auth::ClusterAuth, ConfigError> {
+        use pairdb_service::cluster_auth::Principal;
+        let certificates = self.tls.load()?.is_some();
+        Ok(self.cluster_auth.load(|p| p == Principal::Router, "router", certificates)?)
     }
 
     /// Defaults for tests and embedding, talking to meta at `meta_addr`.
@@ -131,11 +146,16 @@ impl Config {
             max_inflight_per_node: 512,
             get_many_concurrency: 16,
             probe_interval_ms: 500,
-            hint_sweep_interval_ms: 10_000,
             no_auth: false,
             redis_url: None,
             idempotency_retention_secs: 86_400,
             idempotency_timeout_ms: 500,
+            // Tests and embedders opt into cluster authentication explicitly.
+            cluster_auth: pairdb_service::cluster_auth::ClusterAuthArgs {
+                insecure_cluster: true,
+                ..Default::default()
+            },
+            listener: pairdb_service::listener::ListenerArgs::default(),
             tls: pairdb_service::tls::TlsArgs::default(),
             log_format: pairdb_service::logging::LogFormat::Text,
             check_config: false,

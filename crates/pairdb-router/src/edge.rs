@@ -1,14 +1,27 @@
 //! The client edge shared by the gRPC and HTTP APIs: who is calling (API key → tenant) and whether
 //! the tenant may send another request now (token bucket per tenant).
 //!
+//! [`admit_client`] runs both checks as HTTP middleware in front of the KV API, on the request's
+//! headers only: a request without a valid key, or over its tenant's rate, is refused before its
+//! body is read, and the body of an admitted gRPC request may be no larger than its tenant's
+//! requests can need (its value cap plus [`MESSAGE_OVERHEAD_BYTES`]). The admitted [`Client`] goes
+//! to the handlers in the request's extensions.
+//!
 //! Invariants: authentication reads only the watch-fed view (key hashes, never secrets; no database on
 //! the request path); a request naming a tenant other than its key's is PERMISSION_DENIED; a rate-limit
 //! rejection is answered at once with a retry-after hint and never delays other tenants (buckets are
 //! sharded by tenant, each shard lock held only for one arithmetic update).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
 
 use pairdb_core::rate_limit::TokenBucket;
 use sha2::{Digest, Sha256};
@@ -26,6 +39,18 @@ pub enum AuthMode {
 }
 
 const RATE_LIMIT_SHARDS: usize = 16;
+
+/// What a KV request may carry beyond its value: key, context, options, or a GetMany's keys.
+pub const MESSAGE_OVERHEAD_BYTES: u64 = 256 * 1024;
+
+/// Who a request acts for, once admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Client {
+    /// The API key named this tenant and its rate limit admitted the request.
+    Admitted(String),
+    /// Authentication is off (`--no-auth`): the request names its tenant.
+    Anonymous,
+}
 
 /// Authentication and per-tenant admission.
 #[derive(Debug)]
@@ -48,6 +73,42 @@ impl Edge {
 
     pub fn auth_mode(&self) -> AuthMode {
         self.auth
+    }
+
+    /// Authenticates and admits a request from its `authorization` header alone.
+    pub fn admit_headers(
+        &self,
+        authorization: Option<&str>,
+    ) -> Result<(Client, Option<Arc<TenantSettings>>), RouterError> {
+        match self.auth {
+            AuthMode::Disabled => Ok((Client::Anonymous, None)),
+            AuthMode::Required => {
+                let tenant = self.tenant_for(authorization, "")?;
+                let settings = self.settings(&tenant)?;
+                self.admit(&settings)?;
+                Ok((Client::Admitted(tenant), Some(settings)))
+            }
+        }
+    }
+
+    /// The tenant of an admitted request naming `requested_tenant` (empty = none); for
+    /// [`Client::Anonymous`] this is where the tenant is looked up and rate limited.
+    pub fn tenant_of(&self, client: &Client, requested_tenant: &str) -> Result<String, RouterError> {
+        match client {
+            Client::Admitted(tenant) => {
+                if !requested_tenant.is_empty() && requested_tenant != tenant {
+                    return Err(RouterError::PermissionDenied(format!(
+                        "this API key belongs to another tenant than {requested_tenant:?}"
+                    )));
+                }
+                Ok(tenant.clone())
+            }
+            Client::Anonymous => {
+                let tenant = self.tenant_for(None, requested_tenant)?;
+                self.admit(&*self.settings(&tenant)?)?;
+                Ok(tenant)
+            }
+        }
     }
 
     /// The tenant a request acts for, from its `authorization` header value and the tenant it names
@@ -111,14 +172,131 @@ impl Edge {
         })
     }
 
-    /// The tenant's settings from the view.
-    pub fn settings(&self, tenant: &str) -> Result<std::sync::Arc<TenantSettings>, RouterError> {
+    /// The tenant's settings from the view (a tenant being deleted does not exist any more).
+    pub fn settings(&self, tenant: &str) -> Result<Arc<TenantSettings>, RouterError> {
         self.view
             .load()
             .tenants
             .get(tenant)
+            .filter(|t| !t.deleting)
             .cloned()
             .ok_or_else(|| RouterError::TenantNotFound(tenant.to_owned()))
+    }
+}
+
+/// The paths of the KV API (gRPC service and HTTP routes).
+fn is_kv_path(path: &str) -> bool {
+    path.starts_with("/pairdb.kv.v1.KvService/") || path == "/v1/key-value" || path.starts_with("/v1/kv/")
+}
+
+fn is_grpc(request: &Request) -> bool {
+    request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Middleware: authenticate and rate-limit KV requests before their body is read (module docs).
+pub async fn admit_client(State(edge): State<Arc<Edge>>, mut request: Request, next: Next) -> Response {
+    if !is_kv_path(request.uri().path()) {
+        return next.run(request).await;
+    }
+    let grpc = is_grpc(&request);
+    let authorization = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    let (client, settings) = match edge.admit_headers(authorization) {
+        Ok(admitted) => admitted,
+        Err(error) if grpc => return error.into_status().into_http::<Body>(),
+        Err(error) => return crate::http::error_response(error),
+    };
+    if grpc {
+        let value_cap =
+            settings.map_or(pairdb_core::validation::ABSOLUTE_MAX_VALUE_BYTES, |s| s.max_value_bytes);
+        let limit = value_cap.saturating_add(MESSAGE_OVERHEAD_BYTES);
+        request = request.map(|body| Body::new(CappedBody::new(body, limit)));
+    }
+    request.extensions_mut().insert(client);
+    next.run(request).await
+}
+
+/// A gRPC request body that fails with RESOURCE_EXHAUSTED (VALUE_TOO_LARGE) as soon as its message
+/// header declares more than `limit` bytes, or more than `limit` bytes arrive, so an oversized
+/// message is never buffered. The error is a `tonic::Status`, which tonic reports as the call's.
+struct CappedBody {
+    inner: Body,
+    remaining: u64,
+    limit: u64,
+    /// The gRPC message header (compression flag, u32be length) as far as it has arrived.
+    header: [u8; 5],
+    header_len: usize,
+}
+
+impl CappedBody {
+    fn new(inner: Body, limit: u64) -> Self {
+        Self { inner, remaining: limit, limit, header: [0; 5], header_len: 0 }
+    }
+
+    fn too_large(&self) -> axum::BoxError {
+        Box::new(pairdb_service::errors::status(
+            "VALUE_TOO_LARGE",
+            format!(
+                "the request message is larger than this tenant's requests can be ({} bytes)",
+                self.limit
+            ),
+            &[("limit_bytes", self.limit.to_string())],
+        ))
+    }
+
+    /// Takes the next data bytes; `Err` once the body is over the limit.
+    fn admit(&mut self, data: &[u8]) -> Result<(), axum::BoxError> {
+        if self.header_len < self.header.len() {
+            let take = (self.header.len() - self.header_len).min(data.len());
+            self.header[self.header_len..self.header_len + take].copy_from_slice(&data[..take]);
+            self.header_len += take;
+            if self.header_len == self.header.len() {
+                let declared =
+                    u32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]);
+                if u64::from(declared) > self.limit {
+                    return Err(self.too_large());
+                }
+            }
+        }
+        let len = data.len() as u64;
+        if len > self.remaining {
+            return Err(self.too_large());
+        }
+        self.remaining -= len;
+        Ok(())
+    }
+}
+
+impl http_body::Body for CappedBody {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error.into()))),
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
+        if let Some(data) = frame.data_ref()
+            && let Err(error) = self.admit(data)
+        {
+            return Poll::Ready(Some(Err(error)));
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -130,4 +308,21 @@ fn shard_of(tenant: &str) -> usize {
 /// Lowercase hex SHA-256, the form meta stores API-key hashes in.
 pub fn hex_sha256(secret: &str) -> String {
     Sha256::digest(secret.as_bytes()).iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_over_the_cap_is_refused_from_its_header() {
+        let mut body = CappedBody::new(Body::empty(), 100);
+        // Declares 60 MiB: refused on the header, before any payload.
+        assert!(body.admit(&[0, 3, 192, 0, 0]).is_err());
+        let mut body = CappedBody::new(Body::empty(), 100);
+        assert!(body.admit(&[0, 0, 0]).is_ok());
+        assert!(body.admit(&[0, 90]).is_ok(), "90 bytes declared");
+        assert!(body.admit(&[1; 90]).is_ok());
+        assert!(body.admit(&[1; 10]).is_err(), "more bytes than the cap");
+    }
 }

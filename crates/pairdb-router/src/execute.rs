@@ -65,7 +65,7 @@ pub fn wall_clock_ms() -> u64 {
 #[derive(Debug, Clone)]
 pub struct WriteInput {
     pub key: pb::KeyRef,
-    /// Encoded client context (empty for a blind write).
+    /// The write's verified context vector in the internal encoding (empty for a blind write).
     pub context: Vec<u8>,
     /// `None` writes a tombstone.
     pub value: Option<Vec<u8>>,
@@ -105,8 +105,18 @@ pub enum WriteResult {
 
 #[derive(Debug)]
 pub enum ReadResult {
-    Answered { merged: Option<VersionSet>, replicas: Vec<(NodeId, &'static str)> },
-    QuorumNotReached { answered: usize, required: usize, failures: Vec<ReplicaFailure> },
+    Answered {
+        merged: Option<VersionSet>,
+        replicas: Vec<(NodeId, &'static str)>,
+    },
+    QuorumNotReached {
+        answered: usize,
+        required: usize,
+        failures: Vec<ReplicaFailure>,
+    },
+    /// Too few replicas answered because some refused the request for a reason every replica would
+    /// give (e.g. the tenant is being deleted): that refusal is the answer, not a quorum failure.
+    Rejected(tonic::Status),
 }
 
 /// Reasons a storage node gives that another replica would give too: the request itself is wrong.
@@ -125,6 +135,7 @@ fn is_definitive(status: &tonic::Status) -> bool {
                 | "INVALID_KEY"
                 | "INVALID_PARTITION"
                 | "PARTITION_MISMATCH"
+                | "TENANT_NOT_FOUND"
         )
     )
 }
@@ -572,6 +583,7 @@ async fn run_read(
     reply_tx: oneshot::Sender<ReadResult>,
 ) {
     let mut reply_tx = Some(reply_tx);
+    let mut rejected: Option<tonic::Status> = None;
     let mut machine = ReadCoordinator::new(plan);
     let mut outcomes: BTreeMap<NodeId, &'static str> = BTreeMap::new();
     let mut calls = FuturesUnordered::new();
@@ -601,6 +613,9 @@ async fn run_read(
                             merged,
                             replicas: outcomes.iter().map(|(n, o)| (*n, *o)).collect(),
                         },
+                        ReadReply::QuorumNotReached { .. } if rejected.is_some() => {
+                            ReadResult::Rejected(rejected.take().expect("checked by the guard"))
+                        }
                         ReadReply::QuorumNotReached { answered, required, failures } => {
                             metrics::counter!("pairdb_router_quorum_failures_total", "op" => "read")
                                 .increment(1);
@@ -668,8 +683,9 @@ async fn run_read(
                         outcomes.insert(node, cause.as_str());
                         ReadAnswer::Failed(cause)
                     }
-                    Err(CallError::Rejected(_)) => {
-                        outcomes.insert(node, "error");
+                    Err(CallError::Rejected(status)) => {
+                        outcomes.insert(node, "rejected");
+                        rejected.get_or_insert(status);
                         ReadAnswer::Failed(FailureCause::Error)
                     }
                 };

@@ -15,13 +15,12 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use pairdb_core::dvv::VersionSet;
-use pairdb_core::encoding::encode_context;
 use pairdb_proto::common::v1::{Dot, VersionEntry};
 use pairdb_proto::kv::v1 as pb;
 use prost::Message;
 use tracing::Instrument;
 
-use crate::edge::Edge;
+use crate::edge::{Client, Edge};
 use crate::error::RouterError;
 use crate::idempotency::{Begin, Fingerprint, IdempotencyStore};
 use crate::kv::{KvRouter, ReadOutcome, RequestOptions, WriteOutcome};
@@ -50,23 +49,24 @@ impl Front {
         Self { router, edge, idempotency, get_many_concurrency }
     }
 
-    /// The tenant of a request after authentication and admission.
-    fn admit(&self, authorization: Option<&str>, requested_tenant: &str) -> Result<String, RouterError> {
-        let tenant = self.edge.tenant_for(authorization, requested_tenant)?;
+    /// Who calls, from the `authorization` header: for callers that did not pass the edge's
+    /// admission middleware ([`crate::edge::admit_client`]), which normally admits before the body
+    /// is read.
+    pub fn identify(&self, authorization: Option<&str>) -> Result<Client, RouterError> {
+        Ok(self.edge.admit_headers(authorization)?.0)
+    }
+
+    /// The tenant of an admitted request.
+    fn admit(&self, client: &Client, requested_tenant: &str) -> Result<String, RouterError> {
+        let tenant = self.edge.tenant_of(client, requested_tenant)?;
         tracing::Span::current().record("tenant", tenant.as_str());
-        let settings = self.edge.settings(&tenant)?;
-        self.edge.admit(&settings)?;
         Ok(tenant)
     }
 
-    pub async fn put(
-        &self,
-        authorization: Option<&str>,
-        request: pb::PutRequest,
-    ) -> Result<pb::WriteAck, RouterError> {
+    pub async fn put(&self, client: &Client, request: pb::PutRequest) -> Result<pb::WriteAck, RouterError> {
         let options = write_options(&request.options);
         traced("put", options, async {
-            let tenant = self.admit(authorization, &request.tenant_id)?;
+            let tenant = self.admit(client, &request.tenant_id)?;
             let idempotency_key = idempotency_key(&request.options);
             // Only keyed writes need a fingerprint; the value then moves into the write uncopied.
             let fingerprint = (!idempotency_key.is_empty()).then(|| {
@@ -90,12 +90,12 @@ impl Front {
 
     pub async fn delete(
         &self,
-        authorization: Option<&str>,
+        client: &Client,
         request: pb::DeleteRequest,
     ) -> Result<pb::WriteAck, RouterError> {
         let options = write_options(&request.options);
         traced("delete", options, async {
-            let tenant = self.admit(authorization, &request.tenant_id)?;
+            let tenant = self.admit(client, &request.tenant_id)?;
             let idempotency_key = idempotency_key(&request.options);
             let fingerprint = (!idempotency_key.is_empty()).then(|| {
                 Fingerprint::of(&[
@@ -171,12 +171,12 @@ impl Front {
 
     pub async fn get(
         &self,
-        authorization: Option<&str>,
+        client: &Client,
         request: pb::GetRequest,
     ) -> Result<pb::GetResponse, RouterError> {
         let options = read_options(request.options);
         traced("get", options, async {
-            let tenant = self.admit(authorization, &request.tenant_id)?;
+            let tenant = self.admit(client, &request.tenant_id)?;
             let outcome = self.router.get(&tenant, &request.key, options).await?;
             metrics::histogram!("pairdb_router_read_siblings").record(outcome.siblings.len() as f64);
             Ok(get_response(&outcome))
@@ -186,12 +186,12 @@ impl Front {
 
     pub async fn get_many(
         &self,
-        authorization: Option<&str>,
+        client: &Client,
         request: pb::GetManyRequest,
     ) -> Result<pb::GetManyResponse, RouterError> {
         let started = Instant::now();
         let options = read_options(request.options);
-        let tenant = match self.admit(authorization, &request.tenant_id) {
+        let tenant = match self.admit(client, &request.tenant_id) {
             Ok(tenant) => tenant,
             Err(error) => {
                 metrics::counter!("pairdb_router_requests_total", "op" => "get_many", "consistency" => consistency_label(&options), "status" => error.reason())
@@ -316,7 +316,7 @@ pub fn vector_entries(set: &VersionSet) -> Vec<VersionEntry> {
 
 fn write_ack(outcome: &WriteOutcome, idempotency_key: String) -> pb::WriteAck {
     pb::WriteAck {
-        context: encode_context(outcome.set.vector()),
+        context: outcome.context.clone(),
         version_vector: vector_entries(&outcome.set),
         acks: outcome.acks as u32,
         required: outcome.required as u32,
@@ -338,7 +338,7 @@ pub fn get_response(outcome: &ReadOutcome) -> pb::GetResponse {
                 timestamp_ms: s.timestamp_ms,
             })
             .collect(),
-        context: encode_context(outcome.set.vector()),
+        context: outcome.context.clone(),
         version_vector: vector_entries(&outcome.set),
         replicas: outcome
             .replicas

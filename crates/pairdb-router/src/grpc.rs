@@ -5,6 +5,7 @@ use pairdb_proto::kv::v1 as pb;
 use pairdb_proto::kv::v1::kv_service_server::KvService;
 use tonic::{Request, Response, Status};
 
+use crate::edge::Client;
 use crate::error::RouterError;
 use crate::front::Front;
 
@@ -19,23 +20,29 @@ impl KvApi {
     }
 }
 
-fn authorization<T>(request: &Request<T>) -> Option<String> {
-    request.metadata().get("authorization").and_then(|value| value.to_str().ok()).map(str::to_owned)
+impl KvApi {
+    /// The client the admission middleware let through (or, without it, the headers' identity).
+    fn client<T>(&self, request: &Request<T>) -> Result<Client, Status> {
+        if let Some(client) = request.extensions().get::<Client>() {
+            return Ok(client.clone());
+        }
+        let authorization = request.metadata().get("authorization").and_then(|value| value.to_str().ok());
+        self.front.identify(authorization).map_err(RouterError::into_status)
+    }
 }
 
 #[tonic::async_trait]
 impl KvService for KvApi {
     async fn put(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
-        let auth = authorization(&request);
-        let ack =
-            self.front.put(auth.as_deref(), request.into_inner()).await.map_err(RouterError::into_status)?;
+        let client = self.client(&request)?;
+        let ack = self.front.put(&client, request.into_inner()).await.map_err(RouterError::into_status)?;
         Ok(Response::new(pb::PutResponse { ack: Some(ack) }))
     }
 
     async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
-        let auth = authorization(&request);
+        let client = self.client(&request)?;
         let response =
-            self.front.get(auth.as_deref(), request.into_inner()).await.map_err(RouterError::into_status)?;
+            self.front.get(&client, request.into_inner()).await.map_err(RouterError::into_status)?;
         Ok(Response::new(response))
     }
 
@@ -43,12 +50,8 @@ impl KvService for KvApi {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
-        let auth = authorization(&request);
-        let ack = self
-            .front
-            .delete(auth.as_deref(), request.into_inner())
-            .await
-            .map_err(RouterError::into_status)?;
+        let client = self.client(&request)?;
+        let ack = self.front.delete(&client, request.into_inner()).await.map_err(RouterError::into_status)?;
         Ok(Response::new(pb::DeleteResponse { ack: Some(ack) }))
     }
 
@@ -56,12 +59,9 @@ impl KvService for KvApi {
         &self,
         request: Request<pb::GetManyRequest>,
     ) -> Result<Response<pb::GetManyResponse>, Status> {
-        let auth = authorization(&request);
-        let response = self
-            .front
-            .get_many(auth.as_deref(), request.into_inner())
-            .await
-            .map_err(RouterError::into_status)?;
+        let client = self.client(&request)?;
+        let response =
+            self.front.get_many(&client, request.into_inner()).await.map_err(RouterError::into_status)?;
         Ok(Response::new(response))
     }
 }

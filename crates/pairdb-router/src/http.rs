@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -28,6 +28,7 @@ use pairdb_proto::kv::v1 as pb;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::edge::Client;
 use crate::error::RouterError;
 use crate::front::Front;
 
@@ -85,7 +86,7 @@ impl IntoResponse for HttpError {
             self.details.iter().find(|(k, _)| k == "retry_after_ms").and_then(|(_, v)| v.parse().ok());
         if let Some(retry_after_ms) = retry_after {
             let secs = pairdb_service::errors::retry_after_secs(retry_after_ms);
-            response.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
+            response.headers_mut().insert(http::header::RETRY_AFTER, secs.into());
         }
         response
     }
@@ -93,8 +94,22 @@ impl IntoResponse for HttpError {
 
 type HttpResult = Result<Response, HttpError>;
 
-fn authorization(headers: &HeaderMap) -> Option<&str> {
-    headers.get("authorization").and_then(|value| value.to_str().ok())
+/// A router error in the HTTP edge's JSON form (with `Retry-After` where it says when to retry).
+pub fn error_response(error: RouterError) -> Response {
+    HttpError::from(error).into_response()
+}
+
+/// The client the admission middleware admitted (before the body was read), or, without the
+/// middleware, the headers' identity.
+fn client(
+    front: &Front,
+    headers: &HeaderMap,
+    admitted: Option<Extension<Client>>,
+) -> Result<Client, HttpError> {
+    match admitted {
+        Some(Extension(client)) => Ok(client),
+        None => Ok(front.identify(headers.get("authorization").and_then(|v| v.to_str().ok()))?),
+    }
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<String, HttpError> {
@@ -124,7 +139,7 @@ fn context(text: Option<&str>) -> Result<Vec<u8>, HttpError> {
     match text {
         None | Some("") => Ok(Vec::new()),
         Some(text) => BASE64.decode(text).map_err(|_| {
-            HttpError::invalid("MALFORMED_VERSION", "context must be the base64 string a read returned")
+            HttpError::invalid("INVALID_CONTEXT", "context must be the base64 string a read returned")
         }),
     }
 }
@@ -221,6 +236,8 @@ async fn read_json_body(headers: &HeaderMap, body: Body) -> Result<PutBody, Http
     let bytes: Bytes = axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|error| {
         if is_length_limit(&error) {
             HttpError::invalid("BODY_TOO_LARGE", format!("request body over {MAX_BODY_BYTES} bytes"))
+        } else if pairdb_service::listener::is_body_timeout(&error) {
+            HttpError::invalid("REQUEST_TIMEOUT", format!("request body: {error}"))
         } else {
             // A broken chunked encoding or a connection cut mid-body: the request is malformed.
             HttpError::invalid("INVALID_ARGUMENT", format!("request body could not be read: {error}"))
@@ -306,7 +323,13 @@ fn ok(body: Value) -> Response {
     (StatusCode::OK, axum::Json(body)).into_response()
 }
 
-async fn put(front: &Front, headers: &HeaderMap, path_key: Option<String>, body: Body) -> HttpResult {
+async fn put(
+    front: &Front,
+    client: &Client,
+    headers: &HeaderMap,
+    path_key: Option<String>,
+    body: Body,
+) -> HttpResult {
     let body = read_json_body(headers, body).await?;
     let key = match (path_key, &body.key) {
         (Some(path), None) => path,
@@ -331,13 +354,13 @@ async fn put(front: &Front, headers: &HeaderMap, path_key: Option<String>, body:
             idempotency_key: idempotency_key(headers)?,
         }),
     };
-    let ack = front.put(authorization(headers), request).await?;
+    let ack = front.put(client, request).await?;
     Ok(ok(ack_json(&key, &ack)))
 }
 
 async fn get(
     front: &Front,
-    headers: &HeaderMap,
+    client: &Client,
     path_key: Option<String>,
     raw_query: Option<&str>,
 ) -> HttpResult {
@@ -352,12 +375,13 @@ async fn get(
             timeout_ms: query.timeout_ms.unwrap_or(0),
         }),
     };
-    let response = front.get(authorization(headers), request).await?;
+    let response = front.get(client, request).await?;
     Ok(ok(read_json(&key, &response)))
 }
 
 async fn delete(
     front: &Front,
+    client: &Client,
     headers: &HeaderMap,
     path_key: Option<String>,
     raw_query: Option<&str>,
@@ -376,55 +400,73 @@ async fn delete(
             idempotency_key: idempotency_key(headers)?,
         }),
     };
-    let ack = front.delete(authorization(headers), request).await?;
+    let ack = front.delete(client, request).await?;
     Ok(ok(ack_json(&key, &ack)))
 }
 
-async fn post_key_value(State(front): State<Front>, headers: HeaderMap, body: Body) -> HttpResult {
-    put(&front, &headers, None, body).await
+type Admitted = Option<Extension<Client>>;
+
+async fn post_key_value(
+    State(front): State<Front>,
+    admitted: Admitted,
+    headers: HeaderMap,
+    body: Body,
+) -> HttpResult {
+    let client = client(&front, &headers, admitted)?;
+    put(&front, &client, &headers, None, body).await
 }
 
 async fn get_key_value(
     State(front): State<Front>,
+    admitted: Admitted,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> HttpResult {
-    get(&front, &headers, None, query.as_deref()).await
+    let client = client(&front, &headers, admitted)?;
+    get(&front, &client, None, query.as_deref()).await
 }
 
 async fn delete_key_value(
     State(front): State<Front>,
+    admitted: Admitted,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> HttpResult {
-    delete(&front, &headers, None, query.as_deref()).await
+    let client = client(&front, &headers, admitted)?;
+    delete(&front, &client, &headers, None, query.as_deref()).await
 }
 
 async fn put_resource(
     State(front): State<Front>,
+    admitted: Admitted,
     Path(key): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> HttpResult {
-    put(&front, &headers, Some(key), body).await
+    let client = client(&front, &headers, admitted)?;
+    put(&front, &client, &headers, Some(key), body).await
 }
 
 async fn get_resource(
     State(front): State<Front>,
+    admitted: Admitted,
     Path(key): Path<String>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> HttpResult {
-    get(&front, &headers, Some(key), query.as_deref()).await
+    let client = client(&front, &headers, admitted)?;
+    get(&front, &client, Some(key), query.as_deref()).await
 }
 
 async fn delete_resource(
     State(front): State<Front>,
+    admitted: Admitted,
     Path(key): Path<String>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> HttpResult {
-    delete(&front, &headers, Some(key), query.as_deref()).await
+    let client = client(&front, &headers, admitted)?;
+    delete(&front, &client, &headers, Some(key), query.as_deref()).await
 }
 
 #[cfg(test)]

@@ -1,13 +1,20 @@
 //! The key-value operations (put, get, delete, get-many) on top of [`crate::execute`]: tenant lookup,
 //! validation, consistency arithmetic, placement (preference list, fallbacks, pending owners during a
 //! migration) and the read-before-write of `overwrite` puts and context-less deletes (DESIGN §3).
+//!
+//! Client contexts are sealed here ([`pairdb_core::context`]): every context a reply carries is MACed
+//! with the view's current context key and bound to (tenant, key), and every context a write carries
+//! is verified against the view's keys before anything is sent to a storage node. Storage nodes get
+//! only the verified vector.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use pairdb_core::context::{ContextBinding, ContextKey, open_context, seal_context};
 use pairdb_core::coordination::{ReadPlan, WritePlan};
+use pairdb_core::dvv::VersionVector;
 use pairdb_core::dvv::{Sibling, VersionSet};
-use pairdb_core::encoding::{decode_context, encode_context};
+use pairdb_core::encoding::encode_vector;
 use pairdb_core::quorum::{Consistency, Requirement, required_replicas};
 use pairdb_core::ring::NodeId;
 use pairdb_core::token::token_for;
@@ -42,6 +49,8 @@ pub struct RequestOptions {
 #[derive(Debug, Clone)]
 pub struct WriteOutcome {
     pub set: VersionSet,
+    /// The sealed context of `set` (what the client writes back with).
+    pub context: Vec<u8>,
     pub acks: usize,
     pub hinted_acks: usize,
     pub required: usize,
@@ -50,6 +59,8 @@ pub struct WriteOutcome {
 #[derive(Debug, Clone)]
 pub struct ReadOutcome {
     pub set: VersionSet,
+    /// The sealed context of `set`.
+    pub context: Vec<u8>,
     /// Live values to return (LWW tenants: the winner only).
     pub siblings: Vec<Sibling>,
     pub replicas: Vec<(NodeId, &'static str)>,
@@ -82,7 +93,20 @@ impl KvRouter {
 
     fn tenant(view: &ClusterView, tenant_id: &str) -> Result<Arc<TenantSettings>, RouterError> {
         validate_tenant_id(tenant_id).map_err(|e| RouterError::invalid(e.reason(), e.to_string()))?;
-        view.tenants.get(tenant_id).cloned().ok_or_else(|| RouterError::TenantNotFound(tenant_id.to_owned()))
+        view.tenants
+            .get(tenant_id)
+            .filter(|t| !t.deleting)
+            .cloned()
+            .ok_or_else(|| RouterError::TenantNotFound(tenant_id.to_owned()))
+    }
+
+    /// The key replies' contexts are sealed with (a router without one has not had a snapshot).
+    fn sealing_key(view: &ClusterView) -> Result<&ContextKey, RouterError> {
+        view.context_keys.current().ok_or(RouterError::NotReady)
+    }
+
+    fn seal(key: &ContextKey, tenant: &str, user_key: &str, vector: &VersionVector) -> Vec<u8> {
+        seal_context(vector, ContextBinding { tenant, key: user_key }, key)
     }
 
     fn requirement(options: &RequestOptions, tenant: &TenantSettings) -> Result<Requirement, RouterError> {
@@ -146,6 +170,7 @@ impl KvRouter {
                 tenant_id: tenant.tenant_id.clone(),
                 key: key.to_owned(),
                 partition: partition.0,
+                tenant_generation: tenant.generation,
             },
             preference,
             fallbacks,
@@ -187,6 +212,7 @@ impl KvRouter {
             ReadResult::QuorumNotReached { answered, required, failures } => {
                 Err(RouterError::QuorumNotReached { acks: answered, hinted_acks: 0, required, failures })
             }
+            ReadResult::Rejected(status) => Err(RouterError::Storage(status)),
         }
     }
 
@@ -200,6 +226,7 @@ impl KvRouter {
         let view = self.view.load();
         let tenant = Self::tenant(&view, tenant_id)?;
         Self::validate_key(key)?;
+        let sealing = Self::sealing_key(&view)?;
         let (merged, replicas) = self.read_set(&view, &tenant, key, &options).await?;
         let set = merged.ok_or(RouterError::KeyNotFound)?;
         let siblings: Vec<Sibling> = match tenant.conflict_mode {
@@ -211,7 +238,8 @@ impl KvRouter {
         if siblings.is_empty() {
             return Err(RouterError::KeyNotFound);
         }
-        Ok(ReadOutcome { set, siblings, replicas })
+        let context = Self::seal(sealing, tenant_id, key, set.vector());
+        Ok(ReadOutcome { set, context, siblings, replicas })
     }
 
     /// Writes a value (`Some`) or a tombstone (`None`).
@@ -232,14 +260,19 @@ impl KvRouter {
                 .map_err(|e| RouterError::invalid(e.reason(), e.to_string()))?;
         }
         let required = Self::required(&options, &tenant)?;
-        decode_context(context).map_err(|e| RouterError::invalid(e.reason(), format!("context: {e}")))?;
+        let sealing = Self::sealing_key(&view)?;
+        let binding = ContextBinding { tenant: tenant_id, key };
+        let vector = open_context(context, binding, &view.context_keys)
+            .map_err(|e| RouterError::invalid(e.reason(), format!("context: {e}")))?;
         let context = if read_first && context.is_empty() {
             // Supersede every version a read at the request's consistency sees; versions written
             // concurrently and not seen survive as siblings on the replicas.
             let (merged, _) = self.read_set(&view, &tenant, key, &options).await?;
-            merged.map(|set| encode_context(set.vector())).unwrap_or_default()
+            merged.map(|set| encode_vector(set.vector())).unwrap_or_default()
+        } else if vector.is_empty() {
+            Vec::new()
         } else {
-            context.to_vec()
+            encode_vector(&vector)
         };
         let placement = Self::placement(&view, &tenant, key)?;
         let confirm_tombstone = (value.is_none()
@@ -269,7 +302,8 @@ impl KvRouter {
         };
         match execute::write(self.pool.clone(), view.clone(), self.clock, plan, input).await {
             WriteResult::Acked { set, acks, hinted_acks, required } => {
-                Ok(WriteOutcome { set, acks, hinted_acks, required })
+                let context = Self::seal(sealing, tenant_id, key, set.vector());
+                Ok(WriteOutcome { set, context, acks, hinted_acks, required })
             }
             WriteResult::QuorumNotReached { acks, hinted_acks, required, failures } => {
                 Err(RouterError::QuorumNotReached { acks, hinted_acks, required, failures })

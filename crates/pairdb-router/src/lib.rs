@@ -9,7 +9,7 @@
 //! - [`edge`]: API key → tenant, per-tenant rate limits; [`idempotency`]: keyed-write records (Redis
 //!   or in-process); [`front`]: the KV API with those policies, shared by both edges.
 //! - [`grpc`] and [`http`]: the `pairdb.kv.v1` gRPC edge and the HTTP/JSON edge; [`error`]: reasons.
-//! - [`hints`]: probing suspects and driving hint delivery.
+//! - [`probe`]: probing suspect storage nodes until they answer again.
 
 pub mod config;
 pub mod edge;
@@ -17,11 +17,11 @@ pub mod error;
 pub mod execute;
 pub mod front;
 pub mod grpc;
-pub mod hints;
 pub mod http;
 pub mod idempotency;
 pub mod kv;
 pub mod pool;
+pub mod probe;
 /// The cluster view and its watch follower live in `pairdb-service` (storage nodes follow it too).
 pub use pairdb_service::cluster_view as view;
 
@@ -43,8 +43,6 @@ pub enum Error {
     Serve(#[from] pairdb_service::ServeError),
     #[error("redis_url: {0}")]
     Redis(String),
-    #[error(transparent)]
-    Tls(#[from] pairdb_service::tls::TlsError),
 }
 
 /// Runs the router on `listener` until `shutdown` resolves. It reports not ready until the watch stream
@@ -55,7 +53,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     config.validate()?;
-    let tls = config.tls.load()?;
+    let tls = config.tls.load().map_err(ConfigError::from)?;
+    let cluster_auth = config.cluster_auth()?;
+    cluster_auth.log_mode("router");
+    let clients = pairdb_service::clients::InternalClients::new(
+        tls.clone(),
+        &cluster_auth,
+        pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES,
+    );
     let (readiness, health_service) = pairdb_service::health("no topology yet").await;
     let view = view::SharedView::default();
     let pool = Arc::new(
@@ -63,7 +68,7 @@ pub async fn run(
             config.max_inflight_per_node,
             Duration::from_millis(config.storage_timeout_ms),
         )
-        .with_tls(tls.clone()),
+        .with_clients(clients.clone()),
     );
     let router = kv::KvRouter::new(
         view.clone(),
@@ -95,15 +100,19 @@ pub async fn run(
         None => idempotency::IdempotencyStore::memory(idempotency_settings),
     };
     let edge = Arc::new(edge::Edge::new(view.clone(), auth));
-    let front = front::Front::new(router, edge, idempotency, config.get_many_concurrency);
+    let front = front::Front::new(router, edge.clone(), idempotency, config.get_many_concurrency);
     let api = grpc::KvApi::new(front.clone());
+    // The admission middleware caps each request at its tenant's needs; this is the ceiling.
+    let max_request_bytes =
+        (pairdb_core::validation::ABSOLUTE_MAX_VALUE_BYTES + edge::MESSAGE_OVERHEAD_BYTES) as usize;
     let grpc_service = KvServiceServer::new(api)
-        .max_decoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(max_request_bytes)
         .max_encoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES);
     let routes = tonic::service::Routes::new(health_service).add_service(grpc_service);
+    let admission = axum::middleware::from_fn_with_state(edge, edge::admit_client);
     let http = pairdb_service::health_routes(readiness.clone())
         .merge(pairdb_service::metrics::routes())
-        .merge(http::routes(front));
+        .merge(http::routes(front).layer(admission.clone()));
 
     let (stop_sender, stop_receiver) = tokio::sync::watch::channel(false);
     let subscriber_id = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -112,28 +121,28 @@ pub async fn run(
         view::Subscriber { kind: "router", id: subscriber_id, include_api_keys: true },
         view.clone(),
         Some(readiness.clone()),
-        tls.clone(),
+        clients,
         stop_receiver.clone(),
     ));
-    let hint_driver = tokio::spawn(hints::run(
-        pool,
-        view,
-        Duration::from_millis(config.probe_interval_ms),
-        Duration::from_millis(config.hint_sweep_interval_ms),
-        stop_receiver,
-    ));
+    let prober =
+        tokio::spawn(probe::run(pool, Duration::from_millis(config.probe_interval_ms), stop_receiver));
     tracing::info!(meta_addr = %config.meta_addr, "router serving (ready once it has a topology)");
     let served = pairdb_service::serve(
         listener,
-        routes,
-        http,
-        tls.map(|tls| tls.server_config(pairdb_service::tls::ClientCerts::Optional)),
+        pairdb_service::Served {
+            service: "router",
+            grpc: routes.into_axum_router().layer(admission),
+            http,
+            guard: None,
+            tls: tls.map(|tls| tls.server_config(pairdb_service::tls::ClientCerts::Optional)),
+            limits: config.listener.clone(),
+        },
         shutdown,
     )
     .await;
     let _ = stop_sender.send(true);
     let _ = watcher.await;
-    let _ = hint_driver.await;
+    let _ = prober.await;
     served?;
     Ok(())
 }

@@ -7,19 +7,16 @@
 //! replaced by fallbacks as replicas, so the router never waits on a dead node twice.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use pairdb_core::ring::NodeId;
-use pairdb_proto::storage::v1::storage_service_client::StorageServiceClient;
+use pairdb_service::clients::{ChannelSettings, InternalClients};
 use tokio::sync::Semaphore;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
-/// A storage client that propagates the calling span's trace context.
-pub type StorageClient =
-    StorageServiceClient<InterceptedService<Channel, pairdb_service::telemetry::TraceInterceptor>>;
+/// A storage client presenting the router's cluster credential and propagating trace context.
+pub type StorageClient = pairdb_service::clients::StorageClient;
 
 /// One storage node's client and health.
 #[derive(Debug)]
@@ -29,7 +26,6 @@ pub struct NodeClient {
     client: StorageClient,
     inflight: Semaphore,
     suspect: AtomicBool,
-    consecutive_failures: AtomicU64,
 }
 
 impl NodeClient {
@@ -45,7 +41,6 @@ impl NodeClient {
 
     /// Records a failed call: the node is suspect from now on, until a probe succeeds.
     pub fn record_failure(&self) {
-        self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
         if !self.suspect.swap(true, Ordering::Relaxed) {
             tracing::warn!(node_id = self.node.0, address = %self.address, "storage node suspect after a failed call");
         }
@@ -55,7 +50,6 @@ impl NodeClient {
 
     /// Records a successful call. Returns true when this cleared a suspicion.
     pub fn record_success(&self) -> bool {
-        self.consecutive_failures.store(0, Ordering::Relaxed);
         self.suspect.swap(false, Ordering::Relaxed)
     }
 }
@@ -66,17 +60,22 @@ pub struct StoragePool {
     nodes: RwLock<HashMap<NodeId, Arc<NodeClient>>>,
     max_inflight_per_node: usize,
     storage_timeout: Duration,
-    tls: Option<pairdb_service::tls::Tls>,
+    clients: InternalClients,
 }
 
 impl StoragePool {
     pub fn new(max_inflight_per_node: usize, storage_timeout: Duration) -> Self {
-        Self { nodes: RwLock::default(), max_inflight_per_node, storage_timeout, tls: None }
+        Self {
+            nodes: RwLock::default(),
+            max_inflight_per_node,
+            storage_timeout,
+            clients: InternalClients::insecure(),
+        }
     }
 
-    /// Talks to storage nodes over (mutual) TLS.
-    pub fn with_tls(mut self, tls: Option<pairdb_service::tls::Tls>) -> Self {
-        self.tls = tls;
+    /// Talks to storage nodes with these clients (TLS, cluster credential, message bounds).
+    pub fn with_clients(mut self, clients: InternalClients) -> Self {
+        self.clients = clients;
         self
     }
 
@@ -91,24 +90,18 @@ impl StoragePool {
         {
             return Some(existing.clone());
         }
-        let channel = pairdb_service::tls::endpoint(address, self.tls.as_ref())
-            .ok()?
-            .connect_timeout(self.storage_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect_lazy();
-        let client =
-            StorageServiceClient::with_interceptor(channel, pairdb_service::telemetry::TraceInterceptor)
-                .max_decoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES);
+        let settings = ChannelSettings {
+            connect_timeout: self.storage_timeout,
+            request_timeout: None,
+            keepalive: Some(Duration::from_secs(10)),
+        };
+        let client = self.clients.storage(address, settings).ok()?;
         let fresh = Arc::new(NodeClient {
             node,
             address: address.to_owned(),
             client,
             inflight: Semaphore::new(self.max_inflight_per_node),
             suspect: AtomicBool::new(false),
-            consecutive_failures: AtomicU64::new(0),
         });
         let mut nodes = self.nodes.write().unwrap_or_else(PoisonError::into_inner);
         // Another request may have raced us; keep whichever matches the address.

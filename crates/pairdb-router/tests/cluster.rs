@@ -82,7 +82,12 @@ impl StorageNode {
             .await
             .unwrap()
             .get(spb::GetRequest {
-                key: Some(spb::KeyRef { tenant_id: tenant.into(), key: key.into(), partition }),
+                key: Some(spb::KeyRef {
+                    tenant_id: tenant.into(),
+                    key: key.into(),
+                    partition,
+                    tenant_generation: 0,
+                }),
             })
             .await
             .unwrap()
@@ -145,6 +150,10 @@ impl Cluster {
                     .collect(),
                 tenants: vec![tenant("t", 3, false), tenant("lww", 3, true)],
                 api_keys: vec![],
+                context_keys: Some(cpb::ContextKeys {
+                    current: Some(cpb::ContextKey { key_id: 1, secret: vec![7; 32] }),
+                    previous: None,
+                }),
             })),
         };
         let view = SharedView::default();
@@ -189,8 +198,7 @@ async fn quorum_writes_are_read_back_and_concurrent_writes_become_siblings() {
     r.write("t", "k", Some(b"a".to_vec()), &[], false, opts(QUORUM)).await.unwrap();
     let read = r.get("t", "k", opts(ALL)).await.unwrap();
     assert_eq!(values(&read), vec![b"a".to_vec(), b"v1".to_vec()]);
-    let context = pairdb_core::encoding::encode_context(read.set.vector());
-    r.write("t", "k", Some(b"resolved".to_vec()), &context, false, opts(QUORUM)).await.unwrap();
+    r.write("t", "k", Some(b"resolved".to_vec()), &read.context, false, opts(QUORUM)).await.unwrap();
     assert_eq!(values(&r.get("t", "k", opts(QUORUM)).await.unwrap()), vec![b"resolved".to_vec()]);
 
     // 20 concurrent writers without context: 20 siblings, none lost.
@@ -230,8 +238,10 @@ async fn deletes_and_overwrites_supersede_what_the_read_saw() {
     assert_eq!(r.get("t", "gone", opts(ALL)).await.unwrap_err().reason(), "KEY_NOT_FOUND");
     // Delete with context.
     let ack = r.write("t", "ctx", Some(b"x".to_vec()), &[], false, opts(ALL)).await.unwrap();
-    let context = pairdb_core::encoding::encode_context(ack.set.vector());
-    r.write("t", "ctx", None, &context, false, opts(QUORUM)).await.unwrap();
+    r.write("t", "ctx", None, &ack.context, false, opts(QUORUM)).await.unwrap();
+    // A context is bound to its key: the same context for another key is refused.
+    let elsewhere = r.write("t", "ctx2", None, &ack.context, false, opts(QUORUM)).await.unwrap_err();
+    assert_eq!(elsewhere.reason(), "INVALID_CONTEXT");
     assert_eq!(r.get("t", "ctx", opts(QUORUM)).await.unwrap_err().reason(), "KEY_NOT_FOUND");
     // Overwrite replaces what a read saw.
     r.write("t", "ow", Some(b"a".to_vec()), &[], false, opts(ALL)).await.unwrap();
@@ -245,7 +255,7 @@ async fn deletes_and_overwrites_supersede_what_the_read_saw() {
     );
     assert_eq!(
         r.write("t", "k", Some(vec![1]), &[9, 9, 9, 9, 9, 9], false, opts(ONE)).await.unwrap_err().reason(),
-        "MALFORMED_VERSION"
+        "INVALID_CONTEXT"
     );
     assert_eq!(
         r.write("t", "k", Some(vec![0; 1024 * 1024 + 1]), &[], false, opts(ONE)).await.unwrap_err().reason(),
@@ -254,7 +264,7 @@ async fn deletes_and_overwrites_supersede_what_the_read_saw() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_stopped_replica_is_covered_by_hints_and_receives_them_when_back() {
+async fn a_stopped_replica_is_covered_by_a_hint_on_a_fallback() {
     let mut cluster = Cluster::start(4).await;
     let key = "handoff";
     let owners = cluster.owners("t", key);
@@ -276,12 +286,18 @@ async fn a_stopped_replica_is_covered_by_hints_and_receives_them_when_back() {
     let read = r.get("t", key, opts(QUORUM)).await.unwrap();
     assert_eq!(values(&read), vec![b"while-down".to_vec()]);
 
-    // The owner comes back; hints are delivered to it (driven by the router's hint module).
-    cluster.nodes[down].restart().await;
-    let pool = Arc::new(StoragePool::new(16, Duration::from_millis(500)));
-    pairdb_router::hints::deliver_to(&pool, cluster.router.view(), NodeId(down as u32 + 1)).await;
-    let local = cluster.nodes[down].local("t", key).await.expect("hint delivered to the owner");
-    assert_eq!(local.live_values()[0].value.as_deref(), Some(&b"while-down"[..]));
+    // A fallback keeps the write as a hint for the owner (storage nodes that follow meta deliver
+    // it when the owner is back: tests/tests/router.rs).
+    let target = down as u32 + 1;
+    let mut hinted = Vec::new();
+    for node in cluster.nodes.iter().filter(|n| n.id != target) {
+        let request = spb::ListHintsRequest { target_node_id: target, partition: None, limit: 100 };
+        let hints = node.client().await.unwrap().list_hints(request).await.unwrap().into_inner().hints;
+        hinted.extend(hints.into_iter().filter(|h| h.key == key));
+    }
+    assert_eq!(hinted.len(), 1, "exactly one fallback holds the hint: {hinted:?}");
+    let set = decode_version_set(&hinted[0].version_set).unwrap();
+    assert_eq!(set.live_values()[0].value.as_deref(), Some(&b"while-down"[..]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
