@@ -38,7 +38,7 @@ use tokio::sync::Notify;
 use crate::error::MetaError;
 use crate::model::{
     ApiKey, ConflictMode, Membership, Migration, MigrationKind, MigrationProgress, MigrationState,
-    NodeRebuild, NodeStats, StorageNode, Tenant, Topology,
+    NodeRebuild, NodeStats, StorageNode, Tenant, TenantState, Topology,
 };
 use crate::persistence::{ChangeKind, MetaState, Store, Tx, hex};
 use crate::view::ClusterView;
@@ -57,8 +57,10 @@ pub struct Settings {
     pub node_down_after_ms: u64,
     /// Partitions a migration moves concurrently (at least 1).
     pub migration_parallelism: usize,
-    /// How meta reaches storage nodes for operator requests (rebuilds); `None` = plaintext.
-    pub storage_tls: Option<pairdb_service::tls::Tls>,
+    /// How meta reaches storage nodes (migrations, rebuilds): TLS and meta's cluster credential.
+    pub storage_clients: pairdb_service::clients::InternalClients,
+    /// Signs cluster credentials; `None` when the cluster runs with `--insecure-cluster`.
+    pub signer: Option<Arc<pairdb_service::cluster_auth::Signer>>,
 }
 
 /// A tenant to create. Zero / `None` fields take the defaults.
@@ -192,7 +194,7 @@ impl Meta {
         }
     }
 
-    async fn write(&self) -> Result<(Tx, u64), MetaError> {
+    pub(crate) async fn write(&self) -> Result<(Tx, u64), MetaError> {
         self.partitions()?;
         let now = now_ms();
         let mut tx = self.inner.store.write().await?;
@@ -200,7 +202,7 @@ impl Meta {
         Ok((tx, now))
     }
 
-    async fn read(&self) -> Result<Tx, MetaError> {
+    pub(crate) async fn read(&self) -> Result<Tx, MetaError> {
         self.partitions()?;
         Ok(self.inner.store.read().await?)
     }
@@ -224,7 +226,17 @@ impl Meta {
             siblings => siblings,
         };
         let (mut tx, now) = self.write().await?;
+        if let Some(existing) = tx.get_tenant(&request.tenant_id).await? {
+            return Err(match existing.state {
+                TenantState::Active => MetaError::TenantExists(existing.tenant_id),
+                TenantState::Deleting => crate::deletion::being_deleted(&mut tx, &existing).await?,
+            });
+        }
+        let generation = tx.next_tenant_seq().await?;
         let mut tenant = Tenant {
+            state: TenantState::Active,
+            generation,
+            purge_seq: 0,
             tenant_id: request.tenant_id,
             replication_factor,
             previous_replication_factor: 0,
@@ -275,8 +287,11 @@ impl Meta {
         validation::validate_tenant_id(tenant_id)
             .map_err(|_| MetaError::InvalidTenantId(tenant_id.to_owned()))?;
         let (mut tx, now) = self.write().await?;
-        let mut tenant =
-            tx.get_tenant(tenant_id).await?.ok_or_else(|| MetaError::TenantNotFound(tenant_id.to_owned()))?;
+        let mut tenant = tx
+            .get_tenant(tenant_id)
+            .await?
+            .filter(|t| t.state == TenantState::Active)
+            .ok_or_else(|| MetaError::TenantNotFound(tenant_id.to_owned()))?;
         let mut migration = None;
         if let Some(n) = patch.replication_factor
             && n != tenant.replication_factor
@@ -349,33 +364,6 @@ impl Meta {
         Ok((tenant, migration_id))
     }
 
-    /// Deletes the tenant and its API keys, and cancels its unfinished migrations. The data stored
-    /// under the tenant on storage nodes is not purged here (a later issue).
-    pub async fn delete_tenant(&self, tenant_id: &str) -> Result<(), MetaError> {
-        validation::validate_tenant_id(tenant_id)
-            .map_err(|_| MetaError::InvalidTenantId(tenant_id.to_owned()))?;
-        let (mut tx, now) = self.write().await?;
-        if !tx.delete_tenant(tenant_id).await? {
-            return Err(MetaError::TenantNotFound(tenant_id.to_owned()));
-        }
-        for mut migration in tx.unfinished_migrations().await? {
-            if migration.kind == MigrationKind::ReplicationFactor && migration.tenant_id == tenant_id {
-                migration.state = MigrationState::Cancelled;
-                migration.error = "tenant deleted".to_owned();
-                migration.finished_at_ms = now;
-                migration.updated_at_ms = now;
-                tx.update_migration(&migration).await?;
-            }
-        }
-        for key_id in tx.delete_api_keys_of_tenant(tenant_id).await? {
-            tx.record_change(ChangeKind::ApiKeyRevoked, &key_id).await?;
-        }
-        tx.record_change(ChangeKind::TenantDeleted, tenant_id).await?;
-        tx.commit().await?;
-        tracing::info!(tenant = tenant_id, "tenant deleted");
-        Ok(())
-    }
-
     // ---- api keys ---------------------------------------------------------------------------
 
     /// Creates a key for `tenant_id`. Returns the key and its secret, which exists only in this
@@ -394,7 +382,7 @@ impl Meta {
         }
         let (key_id, secret) = generate_secret();
         let (mut tx, now) = self.write().await?;
-        if tx.get_tenant(tenant_id).await?.is_none() {
+        if !tx.get_tenant(tenant_id).await?.is_some_and(|t| t.state == TenantState::Active) {
             return Err(MetaError::TenantNotFound(tenant_id.to_owned()));
         }
         let key = ApiKey {
@@ -482,12 +470,18 @@ impl Meta {
                 .ok_or_else(|| MetaError::InvalidNode("node ids exhausted".to_owned()))?,
             id => id,
         };
-        if let Some(existing) = tx.get_node(node_id).await?
-            && existing.membership != Membership::Removed
-        {
-            return Err(MetaError::NodeExists(node_id));
-        }
+        // A removed node's data directory is stale (the cluster re-replicated without it, and may
+        // have purged tombstones or deleted tenants since): remember its actor id so it cannot rejoin.
+        let retired_actor_id = match tx.get_node(node_id).await? {
+            Some(existing) if existing.membership != Membership::Removed => {
+                return Err(MetaError::NodeExists(node_id));
+            }
+            Some(existing) if existing.actor_id != 0 => existing.actor_id,
+            Some(existing) => existing.retired_actor_id,
+            None => 0,
+        };
         let mut node = StorageNode {
+            retired_actor_id,
             node_id,
             address: request.address,
             zone: request.zone,
@@ -553,10 +547,9 @@ impl Meta {
         if node.address.is_empty() {
             return Err(MetaError::NodeUnavailable { node_id, message: "it has not registered yet".into() });
         }
-        let status =
-            crate::mover::node_rebuild(&node.address, self.inner.settings.storage_tls.as_ref(), start)
-                .await
-                .map_err(|message| MetaError::NodeUnavailable { node_id, message })?;
+        let status = crate::mover::node_rebuild(&node.address, &self.inner.settings.storage_clients, start)
+            .await
+            .map_err(|message| MetaError::NodeUnavailable { node_id, message })?;
         let state = match status.state() {
             storage_pb::RebuildState::Running => "running",
             storage_pb::RebuildState::Done => "done",
@@ -794,6 +787,9 @@ impl Meta {
             return Err(MetaError::NodeRemoved(node.node_id));
         }
         let node_id = match existing {
+            Some(node) if node.retired_actor_id != 0 && node.retired_actor_id == registration.actor_id => {
+                return Err(MetaError::StaleDataDirectory(node.node_id));
+            }
             Some(mut node) => {
                 let mut changed = false;
                 if !registration.address.is_empty() && node.address != registration.address {
@@ -856,11 +852,21 @@ impl Meta {
         Ok(node_id)
     }
 
-    /// Records a heartbeat; `false` if the node is unknown (it should register again). A node that
-    /// was marked down is marked alive again at once.
-    pub async fn heartbeat(&self, node_id: u32, stats: NodeStats) -> Result<bool, MetaError> {
+    /// Records a heartbeat and the tenant purges it reports; `false` if the node is unknown (it
+    /// should register again). A node that was marked down is marked alive again at once.
+    pub async fn heartbeat(
+        &self,
+        node_id: u32,
+        stats: NodeStats,
+        purged_tenants: &[(String, u64)],
+    ) -> Result<bool, MetaError> {
         self.partitions()?;
         let now = now_ms();
+        for (tenant, purge_seq) in purged_tenants {
+            if self.inner.store.confirm_tenant_purge(tenant, *purge_seq, node_id, now).await? {
+                tracing::info!(node_id, tenant, purge_seq, "storage node purged a deleted tenant");
+            }
+        }
         match self.inner.store.record_heartbeat(node_id, &stats, now).await? {
             None => Ok(false),
             Some(true) => Ok(true),

@@ -57,6 +57,23 @@ pub struct Config {
     /// resumes from a fresh snapshot.
     #[arg(long, env = "PAIRDB_WATCH_BUFFER", default_value_t = 1024)]
     pub watch_buffer: usize,
+    /// The cluster secret (at least 32 characters; `pairdb cluster init` makes one). Meta derives the
+    /// key that signs cluster credentials from it and verifies every internal caller with it. Every
+    /// meta replica of a cluster needs the same secret. Prefer --cluster-secret-file.
+    #[arg(long, env = "PAIRDB_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+    /// File holding the cluster secret.
+    #[arg(long, env = "PAIRDB_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// Serve the cluster API (registration, heartbeats, the watch stream with every API-key hash)
+    /// to anyone who reaches this port. For isolated test networks only; logged as a warning.
+    #[arg(long, env = "PAIRDB_INSECURE_CLUSTER")]
+    pub insecure_cluster: bool,
+    /// Largest gRPC message, in MiB (the watch stream's snapshot must fit).
+    #[arg(long, env = "PAIRDB_MAX_MESSAGE_MB", default_value_t = 64)]
+    pub max_message_mb: usize,
+    #[command(flatten)]
+    pub listener: pairdb_service::listener::ListenerArgs,
     #[command(flatten)]
     pub tls: pairdb_service::tls::TlsArgs,
     #[arg(long, env = "PAIRDB_LOG_FORMAT", value_enum, default_value_t)]
@@ -84,6 +101,11 @@ impl std::fmt::Debug for Config {
             .field("auto_add_nodes", &self.auto_add_nodes)
             .field("migration_parallelism", &self.migration_parallelism)
             .field("watch_buffer", &self.watch_buffer)
+            .field("cluster_secret", &self.cluster_secret.as_ref().map(|_| "<redacted>"))
+            .field("cluster_secret_file", &self.cluster_secret_file)
+            .field("insecure_cluster", &self.insecure_cluster)
+            .field("max_message_mb", &self.max_message_mb)
+            .field("listener", &self.listener)
             .field("tls", &self.tls)
             .field("log_format", &self.log_format)
             .finish()
@@ -136,6 +158,24 @@ pub enum ConfigError {
     WatchBuffer,
     #[error("migration_parallelism: must be between 1 and 64")]
     MigrationParallelism,
+    #[error(
+        "cluster_secret: a cluster secret is required (--cluster-secret-file, PAIRDB_CLUSTER_SECRET_FILE or \
+         PAIRDB_CLUSTER_SECRET; `pairdb cluster init` makes one); pass --insecure-cluster to run without \
+         cluster authentication"
+    )]
+    ClusterSecretMissing,
+    #[error("cluster_secret: set either cluster_secret or cluster_secret_file, not both")]
+    ClusterSecretTwice,
+    #[error("insecure_cluster: cannot be combined with a cluster secret")]
+    InsecureWithSecret,
+    #[error("cluster_secret: {0}")]
+    ClusterSecret(pairdb_service::cluster_auth::CredentialError),
+    #[error("cluster_secret_file: {0}")]
+    ClusterSecretFile(pairdb_service::cluster_auth::AuthConfigError),
+    #[error("max_message_mb: must be between 1 and 1024")]
+    MaxMessage,
+    #[error(transparent)]
+    Listener(#[from] pairdb_service::listener::ListenerArgsError),
 }
 
 /// How admin requests are authenticated.
@@ -188,7 +228,36 @@ impl Config {
         if !(1..=64).contains(&self.migration_parallelism) {
             return Err(ConfigError::MigrationParallelism);
         }
+        if !(1..=1024).contains(&self.max_message_mb) {
+            return Err(ConfigError::MaxMessage);
+        }
+        self.listener.validate()?;
+        self.signer()?;
         Ok(())
+    }
+
+    /// The cluster's credential signer, from the cluster secret; `None` with `--insecure-cluster`, or
+    /// with mutual TLS and no secret (members are then identified by their certificates, and meta
+    /// issues no credentials).
+    pub fn signer(&self) -> Result<Option<pairdb_service::cluster_auth::Signer>, ConfigError> {
+        use pairdb_service::cluster_auth::Signer;
+        let signer = match (&self.cluster_secret, &self.cluster_secret_file) {
+            (Some(_), Some(_)) => return Err(ConfigError::ClusterSecretTwice),
+            (Some(secret), None) => Some(Signer::from_secret(secret).map_err(ConfigError::ClusterSecret)?),
+            (None, Some(path)) => Some(Signer::read(path).map_err(ConfigError::ClusterSecretFile)?),
+            (None, None) => None,
+        };
+        let certificates = self.tls.tls_cert.is_some();
+        match (signer, self.insecure_cluster) {
+            (Some(_), true) => Err(ConfigError::InsecureWithSecret),
+            (None, false) if !certificates => Err(ConfigError::ClusterSecretMissing),
+            (signer, _) => Ok(signer),
+        }
+    }
+
+    /// Largest gRPC message, in bytes.
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message_mb * 1024 * 1024
     }
 
     /// The admin authentication mode, reading `admin_token_file` if given.
@@ -252,6 +321,12 @@ impl Config {
             auto_add_nodes: false,
             migration_parallelism: 4,
             watch_buffer: 1024,
+            cluster_secret: None,
+            cluster_secret_file: None,
+            // Tests and embedders opt into cluster authentication explicitly.
+            insecure_cluster: true,
+            max_message_mb: 64,
+            listener: pairdb_service::listener::ListenerArgs::default(),
             tls: pairdb_service::tls::TlsArgs::default(),
             log_format: pairdb_service::logging::LogFormat::Text,
             check_config: false,

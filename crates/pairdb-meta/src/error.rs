@@ -42,8 +42,22 @@ pub enum MetaError {
     MigrationInProgress { migration_id: String, what: String },
     #[error("migration {migration_id} already finished ({state})")]
     MigrationFinished { migration_id: String, state: &'static str },
+    #[error(
+        "tenant {tenant:?} is being deleted: {nodes_done} of {nodes_total} storage nodes purged its data; \
+         it can be created again once every node has (`pairdb tenant get {tenant}` shows progress)"
+    )]
+    TenantBeingDeleted { tenant: String, nodes_done: u32, nodes_total: u32 },
+    #[error(
+        "storage node {0} registered with the data directory it had before it was removed; start it with an \
+         empty --data-dir (its data is stale: the cluster moved on without it)"
+    )]
+    StaleDataDirectory(u32),
     #[error("{0}")]
     Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("metadata database unavailable: {0}")]
     DatabaseUnavailable(String),
     #[error("internal error: {0}")]
@@ -69,7 +83,11 @@ impl MetaError {
             MetaError::MigrationNotFound(_) => "MIGRATION_NOT_FOUND",
             MetaError::MigrationInProgress { .. } => "MIGRATION_IN_PROGRESS",
             MetaError::MigrationFinished { .. } => "MIGRATION_FINISHED",
+            MetaError::TenantBeingDeleted { .. } => "TENANT_BEING_DELETED",
+            MetaError::StaleDataDirectory(_) => "STALE_DATA_DIRECTORY",
             MetaError::Unauthenticated(_) => "UNAUTHENTICATED",
+            MetaError::PermissionDenied(_) => "PERMISSION_DENIED",
+            MetaError::RequestTimeout(_) => "REQUEST_TIMEOUT",
             MetaError::DatabaseUnavailable(_) => "DATABASE_UNAVAILABLE",
             MetaError::Internal(_) => "INTERNAL",
         }
@@ -91,6 +109,12 @@ impl MetaError {
                 }
                 metadata
             }
+            MetaError::TenantBeingDeleted { tenant, nodes_done, nodes_total } => vec![
+                ("tenant_id", tenant.clone()),
+                ("nodes_done", nodes_done.to_string()),
+                ("nodes_total", nodes_total.to_string()),
+            ],
+            MetaError::StaleDataDirectory(node) => vec![("node_id", node.to_string())],
             MetaError::ApiKeyNotFound(key) => vec![("key_id", key.clone())],
             MetaError::NodeNotFound(node)
             | MetaError::NodeExists(node)

@@ -121,6 +121,7 @@ async fn load_event(tx: &mut Tx, change: &Change) -> Result<Option<Event>, Persi
         ChangeKind::TopologyCurrent => tx.get_topology(epoch()?).await?.map(Event::TopologyCurrent),
         ChangeKind::TopologyPending => tx.get_topology(epoch()?).await?.map(Event::TopologyPending),
         ChangeKind::TopologyPendingCleared => Some(Event::TopologyPendingCleared),
+        ChangeKind::ContextKeys => Some(Event::ContextKeysChanged(tx.context_keys().await?)),
     })
 }
 

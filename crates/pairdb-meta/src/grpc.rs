@@ -15,12 +15,15 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use pairdb_service::cluster_auth::{Caller, Principal};
+
 use crate::admin::{Meta, NewNode, NewTenant, NodePatch, NodeView, Registration, TenantPatch, now_ms};
 use crate::config::AdminAuth;
+use crate::deletion::TenantView;
 use crate::error::MetaError;
 use crate::model::{
-    ApiKey, ApiKeyHash, ConflictMode, Migration, MigrationState, NodeRebuild, NodeStats, NodeStatus,
-    StorageNode, Tenant, Topology,
+    ApiKey, ApiKeyHash, ConflictMode, ContextKeyRecord, ContextKeySet, Migration, MigrationState,
+    NodeRebuild, NodeStats, NodeStatus, StorageNode, Tenant, TenantState, Topology,
 };
 use crate::view::{Event, RevisionedEvent, ViewSnapshot};
 
@@ -101,26 +104,26 @@ impl AdminService for AdminGrpc {
             strict_quorum: r.strict_quorum,
         };
         let tenant = self.meta.create_tenant(new).await.map_err(|e| error_status("CreateTenant", e))?;
-        Ok(Response::new(tenant_to_pb(&tenant)))
+        Ok(Response::new(tenant_to_pb(&TenantView { tenant, purge: None })))
     }
 
     async fn get_tenant(
         &self,
         request: Request<admin_pb::GetTenantRequest>,
     ) -> Result<Response<admin_pb::Tenant>, Status> {
-        let tenant = self
+        let view = self
             .meta
-            .get_tenant(&request.into_inner().tenant_id)
+            .tenant_view(&request.into_inner().tenant_id)
             .await
             .map_err(|e| error_status("GetTenant", e))?;
-        Ok(Response::new(tenant_to_pb(&tenant)))
+        Ok(Response::new(tenant_to_pb(&view)))
     }
 
     async fn list_tenants(
         &self,
         _request: Request<admin_pb::ListTenantsRequest>,
     ) -> Result<Response<admin_pb::ListTenantsResponse>, Status> {
-        let tenants = self.meta.list_tenants().await.map_err(|e| error_status("ListTenants", e))?;
+        let tenants = self.meta.tenant_views().await.map_err(|e| error_status("ListTenants", e))?;
         Ok(Response::new(admin_pb::ListTenantsResponse {
             tenants: tenants.iter().map(tenant_to_pb).collect(),
         }))
@@ -153,7 +156,7 @@ impl AdminService for AdminGrpc {
             .await
             .map_err(|e| error_status("UpdateTenant", e))?;
         Ok(Response::new(admin_pb::UpdateTenantResponse {
-            tenant: Some(tenant_to_pb(&tenant)),
+            tenant: Some(tenant_to_pb(&TenantView { tenant, purge: None })),
             migration_id: migration_id.unwrap_or_default(),
         }))
     }
@@ -170,7 +173,7 @@ impl AdminService for AdminGrpc {
             .await
             .map_err(|e| error_status("UpdateReplicationFactor", e))?;
         Ok(Response::new(admin_pb::UpdateTenantResponse {
-            tenant: Some(tenant_to_pb(&tenant)),
+            tenant: Some(tenant_to_pb(&TenantView { tenant, purge: None })),
             migration_id: migration_id.unwrap_or_default(),
         }))
     }
@@ -179,11 +182,12 @@ impl AdminService for AdminGrpc {
         &self,
         request: Request<admin_pb::DeleteTenantRequest>,
     ) -> Result<Response<admin_pb::DeleteTenantResponse>, Status> {
-        self.meta
+        let view = self
+            .meta
             .delete_tenant(&request.into_inner().tenant_id)
             .await
             .map_err(|e| error_status("DeleteTenant", e))?;
-        Ok(Response::new(admin_pb::DeleteTenantResponse {}))
+        Ok(Response::new(admin_pb::DeleteTenantResponse { tenant: Some(tenant_to_pb(&view)) }))
     }
 
     async fn create_api_key(
@@ -231,7 +235,12 @@ impl AdminService for AdminGrpc {
         let new = NewNode { node_id: r.node_id, address: r.address, zone: r.zone, weight: r.weight };
         let (node, migration_id) =
             self.meta.add_node(new).await.map_err(|e| error_status("AddStorageNode", e))?;
-        Ok(Response::new(node_change(&node, migration_id)))
+        let mut response = node_change(&node, migration_id);
+        // An insecure cluster has no credentials to hand out.
+        if let Ok(credential) = self.meta.issue_credential(Principal::Node(node.node.node_id)) {
+            response.cluster_credential = credential.as_str().to_owned();
+        }
+        Ok(Response::new(response))
     }
 
     async fn list_storage_nodes(
@@ -340,6 +349,52 @@ impl AdminService for AdminGrpc {
             .map_err(|e| error_status("CancelMigration", e))?;
         Ok(Response::new(migration_to_pb(&migration)))
     }
+
+    async fn rotate_context_key(
+        &self,
+        _request: Request<admin_pb::RotateContextKeyRequest>,
+    ) -> Result<Response<admin_pb::ContextKeyStatus>, Status> {
+        let status = self.meta.rotate_context_key().await.map_err(|e| error_status("RotateContextKey", e))?;
+        Ok(Response::new(admin_pb::ContextKeyStatus {
+            current_key_id: status.current_key_id,
+            previous_key_id: status.previous_key_id,
+            rotated_at_ms: status.rotated_at_ms,
+        }))
+    }
+
+    async fn issue_cluster_credential(
+        &self,
+        request: Request<admin_pb::IssueClusterCredentialRequest>,
+    ) -> Result<Response<admin_pb::IssueClusterCredentialResponse>, Status> {
+        let principal: Principal = request.into_inner().principal.parse().map_err(|e| {
+            error_status("IssueClusterCredential", MetaError::InvalidArgument(format!("principal: {e}")))
+        })?;
+        let credential =
+            self.meta.issue_credential(principal).map_err(|e| error_status("IssueClusterCredential", e))?;
+        Ok(Response::new(admin_pb::IssueClusterCredentialResponse {
+            principal: principal.to_string(),
+            cluster_credential: credential.as_str().to_owned(),
+        }))
+    }
+}
+
+/// The verified caller of a cluster-API request (the guard put it there), or UNAUTHENTICATED.
+fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
+    Caller::of(request)
+        .ok_or_else(|| MetaError::Unauthenticated("cluster credential required".to_owned()).to_status())
+}
+
+/// A storage node may register and heartbeat only as the node its credential names.
+fn require_node(rpc: &'static str, caller: Caller, node_id: u32) -> Result<(), Status> {
+    if caller.is(Principal::Node(node_id)) {
+        return Ok(());
+    }
+    tracing::warn!(rpc, node_id, ?caller, "a cluster member tried to act as another node");
+    metrics::counter!("pairdb_cluster_auth_refused_total", "api" => "cluster_identity").increment(1);
+    Err(error_status(
+        rpc,
+        MetaError::PermissionDenied(format!("this cluster credential does not name node {node_id}")),
+    ))
 }
 
 /// `pairdb.cluster.v1.ClusterService`.
@@ -364,7 +419,9 @@ impl ClusterService for ClusterGrpc {
         &self,
         request: Request<cluster_pb::RegisterNodeRequest>,
     ) -> Result<Response<cluster_pb::RegisterNodeResponse>, Status> {
+        let caller = caller(&request)?;
         let r = request.into_inner();
+        require_node("RegisterNode", caller, r.node_id)?;
         let registration = Registration {
             node_id: r.node_id,
             address: r.address,
@@ -385,9 +442,14 @@ impl ClusterService for ClusterGrpc {
         &self,
         request: Request<cluster_pb::HeartbeatRequest>,
     ) -> Result<Response<cluster_pb::HeartbeatResponse>, Status> {
+        let caller = caller(&request)?;
         let r = request.into_inner();
+        require_node("Heartbeat", caller, r.node_id)?;
         let stats = r.stats.map(stats_from_pb).unwrap_or_default();
-        let known = self.meta.heartbeat(r.node_id, stats).await.map_err(|e| error_status("Heartbeat", e))?;
+        let purged: Vec<(String, u64)> =
+            r.purged_tenants.into_iter().map(|p| (p.tenant_id, p.purge_seq)).collect();
+        let known =
+            self.meta.heartbeat(r.node_id, stats, &purged).await.map_err(|e| error_status("Heartbeat", e))?;
         Ok(Response::new(cluster_pb::HeartbeatResponse { unknown_node: !known }))
     }
 
@@ -395,7 +457,11 @@ impl ClusterService for ClusterGrpc {
         &self,
         request: Request<cluster_pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let caller = caller(&request)?;
         let r = request.into_inner();
+        // API-key hashes and context keys go to routers only (any caller when the cluster is insecure
+        // and the subscriber asks for them).
+        let secrets = r.include_api_keys && caller.is(Principal::Router);
         // Catch up first, so a subscriber sees at least everything committed before it subscribed
         // (read-your-writes for a client that changed something and then watches). If the database
         // is unreachable, the view is served as it is.
@@ -415,7 +481,7 @@ impl ClusterService for ClusterGrpc {
         let subscriber = Subscriber {
             kind: if r.subscriber_kind.is_empty() { "unknown".to_owned() } else { r.subscriber_kind },
             id: r.subscriber_id,
-            include_api_keys: r.include_api_keys,
+            include_api_keys: secrets,
         };
         tokio::spawn(pump(subscriber, snapshot, events, sender, self.stop.clone()));
         Ok(Response::new(ReceiverStream::new(receiver)))
@@ -526,8 +592,15 @@ fn conflict_mode_to_pb(mode: ConflictMode) -> i32 {
     }
 }
 
-fn tenant_to_pb(tenant: &Tenant) -> admin_pb::Tenant {
+fn tenant_to_pb(view: &TenantView) -> admin_pb::Tenant {
+    let tenant = &view.tenant;
     admin_pb::Tenant {
+        state: tenant.state.as_str().to_owned(),
+        purge: view.purge.as_ref().map(|p| admin_pb::TenantPurgeProgress {
+            nodes_done: p.nodes_done,
+            nodes_total: p.nodes_total,
+            waiting_node_ids: p.waiting_node_ids.clone(),
+        }),
         tenant_id: tenant.tenant_id.clone(),
         replication_factor: tenant.replication_factor,
         default_consistency: consistency_to_pb(tenant.default_consistency),
@@ -554,6 +627,20 @@ fn tenant_config_to_pb(tenant: &Tenant) -> cluster_pb::TenantConfig {
         max_siblings: tenant.max_siblings,
         strict_quorum: tenant.strict_quorum,
         previous_replication_factor: tenant.previous_replication_factor,
+        deleting: tenant.state == TenantState::Deleting,
+        purge_seq: tenant.purge_seq,
+        generation: tenant.generation,
+    }
+}
+
+fn context_key_to_pb(key: &ContextKeyRecord) -> cluster_pb::ContextKey {
+    cluster_pb::ContextKey { key_id: key.key_id, secret: key.secret.clone() }
+}
+
+fn context_keys_to_pb(keys: &ContextKeySet) -> cluster_pb::ContextKeys {
+    cluster_pb::ContextKeys {
+        current: keys.current.as_ref().map(context_key_to_pb),
+        previous: keys.previous.as_ref().map(context_key_to_pb),
     }
 }
 
@@ -592,6 +679,7 @@ fn stats_from_pb(stats: admin_pb::NodeStats) -> NodeStats {
         disk_free_bytes: stats.disk_free_bytes,
         hints_pending: stats.hints_pending,
         write_path_poisoned: stats.write_path_poisoned,
+        quarantined_records: stats.quarantined_records,
     }
 }
 
@@ -610,6 +698,7 @@ fn node_to_pb(view: &NodeView) -> admin_pb::StorageNode {
             disk_free_bytes: node.stats.disk_free_bytes,
             hints_pending: node.stats.hints_pending,
             write_path_poisoned: node.stats.write_path_poisoned,
+            quarantined_records: node.stats.quarantined_records,
         }),
         in_ring: view.in_ring,
     }
@@ -634,6 +723,7 @@ fn node_change(view: &NodeView, migration_id: Option<String>) -> admin_pb::Stora
     admin_pb::StorageNodeChangeResponse {
         node: Some(node_to_pb(view)),
         migration_id: migration_id.unwrap_or_default(),
+        cluster_credential: String::new(),
     }
 }
 
@@ -723,6 +813,7 @@ fn snapshot_to_pb(snapshot: &ViewSnapshot, include_api_keys: bool) -> cluster_pb
         } else {
             Vec::new()
         },
+        context_keys: include_api_keys.then(|| context_keys_to_pb(&snapshot.context_keys)),
     };
     cluster_pb::WatchEvent {
         revision: snapshot.revision,
@@ -741,7 +832,10 @@ fn event_to_pb(event: &RevisionedEvent, include_api_keys: bool) -> Option<cluste
         Event::TenantDeleted(tenant_id) => E::TenantDeleted(tenant_id.clone()),
         Event::ApiKeyAdded(key) if include_api_keys => E::ApiKeyAdded(api_key_hash_to_pb(key)),
         Event::ApiKeyRevoked(key_id) if include_api_keys => E::ApiKeyRevoked(key_id.clone()),
-        Event::ApiKeyAdded(_) | Event::ApiKeyRevoked(_) => return None,
+        Event::ContextKeysChanged(keys) if include_api_keys => {
+            E::ContextKeysChanged(context_keys_to_pb(keys))
+        }
+        Event::ApiKeyAdded(_) | Event::ApiKeyRevoked(_) | Event::ContextKeysChanged(_) => return None,
     };
     Some(cluster_pb::WatchEvent { revision: event.revision, event: Some(converted) })
 }

@@ -13,6 +13,11 @@
 //! | `POST`, `GET /v1/admin/storage-nodes/{id}/rebuild` | start a rebuild (202), its progress |
 //! | `GET /v1/admin/migrations`, `GET /v1/admin/migrations/{id}` | list, get (the seed's GetMigrationStatus) |
 //! | `POST /v1/admin/migrations/{id}/cancel` | cancel |
+//! | `POST /v1/admin/context-keys/rotate` | rotate the key routers seal client contexts with |
+//! | `POST /v1/admin/cluster-credentials` (`principal` in the body) | issue a cluster credential |
+//!
+//! `DELETE /v1/tenants/{id}` answers 202 with the tenant in state `deleting`: storage nodes purge its
+//! data in the background, `GET` shows the progress, and the id can be reused once every node has.
 //!
 //! Every request needs `authorization: Bearer <admin token>` (unless `--no-auth`). Errors are
 //! `{"error": {"code": "<gRPC code name>", "reason": "...", "message": "...", "details": {...}}}` with
@@ -35,6 +40,7 @@ use serde_json::{Value, json};
 
 use crate::admin::{Meta, NewNode, NewTenant, NodePatch, NodeView, TenantPatch, now_ms};
 use crate::config::AdminAuth;
+use crate::deletion::TenantView;
 use crate::error::MetaError;
 use crate::grpc::{authorized, migration_rates};
 use crate::model::{ApiKey, ConflictMode, Migration, NodeRebuild, Tenant};
@@ -54,6 +60,8 @@ pub fn routes(meta: Meta, auth: Arc<AdminAuth>) -> Router {
         .route("/v1/admin/migrations", get(list_migrations))
         .route("/v1/admin/migrations/{migration_id}", get(get_migration))
         .route("/v1/admin/migrations/{migration_id}/cancel", post(cancel_migration))
+        .route("/v1/admin/context-keys/rotate", post(rotate_context_key))
+        .route("/v1/admin/cluster-credentials", post(issue_cluster_credential))
         // The gRPC router owns the fallback; unknown /v1 paths still get a JSON 404.
         .route("/v1/{*rest}", axum::routing::any(unknown_path))
         .with_state(meta)
@@ -104,7 +112,7 @@ fn error_response(error: &MetaError) -> Response {
     }
     let reason = error.reason();
     let code = pairdb_service::errors::grpc_code(reason);
-    let status = StatusCode::from_u16(pairdb_service::errors::http_status(code))
+    let status = StatusCode::from_u16(pairdb_service::errors::http_status_of(reason))
         .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let details: serde_json::Map<String, Value> =
         error.metadata().into_iter().map(|(k, v)| (k.to_owned(), Value::String(v))).collect();
@@ -121,6 +129,30 @@ fn reply(result: Result<(StatusCode, Value), MetaError>) -> Response {
     match result {
         Ok((status, body)) => (status, axum::Json(body)).into_response(),
         Err(error) => error_response(&error),
+    }
+}
+
+/// A request body, read within the listener's deadline and size limit: a body that does not arrive in
+/// time is REQUEST_TIMEOUT (408), one over the limit BODY_TOO_LARGE (413, see
+/// [`json_payload_too_large`]), a broken one INVALID_ARGUMENT — each in the JSON error shape.
+struct JsonBody(Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for JsonBody {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Response> {
+        match <Bytes as axum::extract::FromRequest<S>>::from_request(request, state).await {
+            Ok(bytes) => Ok(JsonBody(bytes)),
+            Err(rejection) if pairdb_service::listener::is_body_timeout(&rejection) => {
+                Err(error_response(&MetaError::RequestTimeout(format!("request body: {rejection}"))))
+            }
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(rejection.into_response())
+            }
+            Err(rejection) => Err(error_response(&MetaError::InvalidArgument(format!(
+                "request body could not be read: {rejection}"
+            )))),
+        }
     }
 }
 
@@ -163,8 +195,21 @@ fn parse_conflict_mode(text: Option<String>) -> Result<Option<ConflictMode>, Met
     .transpose()
 }
 
+fn tenant_view_json(view: &TenantView) -> Value {
+    let mut json = tenant_json(&view.tenant);
+    if let Some(purge) = &view.purge {
+        json["purge"] = json!({
+            "nodes_done": purge.nodes_done,
+            "nodes_total": purge.nodes_total,
+            "waiting_node_ids": purge.waiting_node_ids,
+        });
+    }
+    json
+}
+
 fn tenant_json(tenant: &Tenant) -> Value {
     json!({
+        "state": tenant.state.as_str(),
         "tenant_id": tenant.tenant_id,
         "replication_factor": tenant.replication_factor,
         "previous_replication_factor": tenant.previous_replication_factor,
@@ -205,6 +250,7 @@ fn node_json(view: &NodeView) -> Value {
             "disk_free_bytes": node.stats.disk_free_bytes,
             "hints_pending": node.stats.hints_pending,
             "write_path_poisoned": node.stats.write_path_poisoned,
+            "quarantined_records": node.stats.quarantined_records,
         },
         "in_ring": view.in_ring,
     })
@@ -276,7 +322,7 @@ struct CreateTenantBody {
     strict_quorum: bool,
 }
 
-async fn create_tenant(State(meta): State<Meta>, body: Bytes) -> Response {
+async fn create_tenant(State(meta): State<Meta>, JsonBody(body): JsonBody) -> Response {
     reply(
         async {
             let body: CreateTenantBody = parse(&body)?;
@@ -306,13 +352,13 @@ async fn create_tenant(State(meta): State<Meta>, body: Bytes) -> Response {
 }
 
 async fn list_tenants(State(meta): State<Meta>) -> Response {
-    reply(meta.list_tenants().await.map(|tenants| {
-        (StatusCode::OK, json!({"tenants": tenants.iter().map(tenant_json).collect::<Vec<_>>()}))
+    reply(meta.tenant_views().await.map(|tenants| {
+        (StatusCode::OK, json!({"tenants": tenants.iter().map(tenant_view_json).collect::<Vec<_>>()}))
     }))
 }
 
 async fn get_tenant(State(meta): State<Meta>, Path(tenant_id): Path<String>) -> Response {
-    reply(meta.get_tenant(&tenant_id).await.map(|tenant| (StatusCode::OK, tenant_json(&tenant))))
+    reply(meta.tenant_view(&tenant_id).await.map(|view| (StatusCode::OK, tenant_view_json(&view))))
 }
 
 #[derive(Deserialize)]
@@ -328,7 +374,11 @@ struct PatchTenantBody {
     strict_quorum: Option<bool>,
 }
 
-async fn update_tenant(State(meta): State<Meta>, Path(tenant_id): Path<String>, body: Bytes) -> Response {
+async fn update_tenant(
+    State(meta): State<Meta>,
+    Path(tenant_id): Path<String>,
+    JsonBody(body): JsonBody,
+) -> Response {
     reply(
         async {
             let body: PatchTenantBody = parse(&body)?;
@@ -358,7 +408,7 @@ struct ReplicationFactorBody {
 async fn update_replication_factor(
     State(meta): State<Meta>,
     Path(tenant_id): Path<String>,
-    body: Bytes,
+    JsonBody(body): JsonBody,
 ) -> Response {
     reply(
         async {
@@ -373,7 +423,37 @@ async fn update_replication_factor(
 }
 
 async fn delete_tenant(State(meta): State<Meta>, Path(tenant_id): Path<String>) -> Response {
-    reply(meta.delete_tenant(&tenant_id).await.map(|()| (StatusCode::OK, json!({}))))
+    reply(meta.delete_tenant(&tenant_id).await.map(|view| (StatusCode::ACCEPTED, tenant_view_json(&view))))
+}
+
+async fn rotate_context_key(State(meta): State<Meta>) -> Response {
+    reply(meta.rotate_context_key().await.map(|status| {
+        let body = json!({
+            "current_key_id": status.current_key_id,
+            "previous_key_id": status.previous_key_id,
+            "rotated_at_ms": status.rotated_at_ms,
+        });
+        (StatusCode::OK, body)
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CredentialBody {
+    principal: String,
+}
+
+async fn issue_cluster_credential(State(meta): State<Meta>, JsonBody(body): JsonBody) -> Response {
+    reply((|| {
+        let body: CredentialBody = parse(&body)?;
+        let principal: pairdb_service::cluster_auth::Principal =
+            body.principal.parse().map_err(|e| MetaError::InvalidArgument(format!("principal: {e}")))?;
+        let credential = meta.issue_credential(principal)?;
+        Ok((
+            StatusCode::OK,
+            json!({"principal": principal.to_string(), "cluster_credential": credential.as_str()}),
+        ))
+    })())
 }
 
 // ---- api keys -------------------------------------------------------------------------------
@@ -405,7 +485,7 @@ async fn new_api_key(
 async fn create_tenant_api_key(
     State(meta): State<Meta>,
     Path(tenant_id): Path<String>,
-    body: Bytes,
+    JsonBody(body): JsonBody,
 ) -> Response {
     reply(
         async {
@@ -416,7 +496,7 @@ async fn create_tenant_api_key(
     )
 }
 
-async fn create_api_key(State(meta): State<Meta>, body: Bytes) -> Response {
+async fn create_api_key(State(meta): State<Meta>, JsonBody(body): JsonBody) -> Response {
     reply(
         async {
             let body: ApiKeyBody = parse(&body)?;
@@ -463,7 +543,7 @@ struct AddNodeBody {
     weight: u32,
 }
 
-async fn add_node(State(meta): State<Meta>, body: Bytes) -> Response {
+async fn add_node(State(meta): State<Meta>, JsonBody(body): JsonBody) -> Response {
     reply(
         async {
             let body: AddNodeBody = parse(&body)?;
@@ -474,7 +554,12 @@ async fn add_node(State(meta): State<Meta>, body: Bytes) -> Response {
                 weight: body.weight,
             };
             let (node, migration_id) = meta.add_node(new).await?;
-            Ok((StatusCode::CREATED, change_json("node", node_json(&node), migration_id)))
+            let mut body = change_json("node", node_json(&node), migration_id);
+            let principal = pairdb_service::cluster_auth::Principal::Node(node.node.node_id);
+            if let Ok(credential) = meta.issue_credential(principal) {
+                body["cluster_credential"] = Value::String(credential.as_str().to_owned());
+            }
+            Ok((StatusCode::CREATED, body))
         }
         .await,
     )
@@ -505,7 +590,11 @@ struct PatchNodeBody {
     zone: Option<String>,
 }
 
-async fn update_node(State(meta): State<Meta>, Path(node_id): Path<String>, body: Bytes) -> Response {
+async fn update_node(
+    State(meta): State<Meta>,
+    Path(node_id): Path<String>,
+    JsonBody(body): JsonBody,
+) -> Response {
     reply(
         async {
             let node_id = parse_node_id(&node_id)?;

@@ -34,6 +34,8 @@ pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// Change-log rows kept behind the latest revision (a replica further behind reloads a snapshot).
 const CHANGES_KEPT: u64 = 10_000;
 const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+/// How often the leader looks for tenant deletions every storage node has confirmed.
+const DELETION_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Campaigns for leadership until `stop` is set; runs the leader work while elected.
 pub async fn run(meta: Meta, mover: Arc<dyn DataMover>, mut stop: watch::Receiver<bool>) {
@@ -160,6 +162,7 @@ fn spawn_leader_work(
         forwarder,
         tokio::spawn(orchestrator::run(meta.clone(), mover.clone(), fence, receiver.clone())),
         tokio::spawn(failure_detector(meta.clone(), fence, receiver.clone())),
+        tokio::spawn(finish_tenant_deletions(meta.clone(), fence, receiver.clone())),
         tokio::spawn(prune_changes(meta.clone(), fence, receiver)),
     ];
     LeaderWork { stop, tasks }
@@ -217,6 +220,19 @@ async fn detect_once(
         }
     }
     Ok(())
+}
+
+/// Completes tenant deletions every storage node has purged ([`crate::deletion`]).
+async fn finish_tenant_deletions(meta: Meta, fence: LeaderFence, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(DELETION_CHECK_INTERVAL) => {}
+            _ = stop.changed() => return,
+        }
+        if let Err(error) = meta.finish_tenant_deletions(fence).await {
+            tracing::debug!(%error, "tenant deletion pass failed");
+        }
+    }
 }
 
 /// Keeps the change log bounded.

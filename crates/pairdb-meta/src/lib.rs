@@ -13,7 +13,10 @@
 //! - [`view`], [`follower`]: the replica's in-memory view, kept in step with the change log (local
 //!   notification, PostgreSQL LISTEN/NOTIFY, a 1 s safety poll), and the fan-out to watch streams.
 //! - [`leader`]: leader election (a PostgreSQL session advisory lock on a dedicated connection) and
-//!   the leader-only work: the failure detector and the [`orchestrator`] of migrations.
+//!   the leader-only work: the failure detector, the [`orchestrator`] of migrations and completing
+//!   tenant deletions.
+//! - [`deletion`]: deleting a tenant so that every storage node purged it before its id is reused.
+//! - [`credentials`]: cluster credentials and the context keys routers seal client contexts with.
 //! - [`config`]: flags, environment fallbacks, validation.
 //!
 //! # Invariants
@@ -28,15 +31,16 @@
 //! - The database being unreachable makes the replica not ready and admin calls fail UNAVAILABLE
 //!   (DATABASE_UNAVAILABLE); watch streams stay open with their last state, and everything resumes
 //!   when the database answers again, without a restart.
-//!
-//! What is not here yet: data movement during migrations ([`orchestrator`] explains the extension
-//! point), purging a deleted tenant's data on storage nodes, and authentication of the cluster API
-//! (it must be reachable only from the cluster's network).
+//! - The cluster API (registration, heartbeats, the watch stream) needs a cluster credential,
+//!   checked before a request body is read: a storage node registers and heartbeats only as the
+//!   node its credential names, and only routers get API-key hashes and context keys.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod admin;
 pub mod config;
+pub mod credentials;
+pub mod deletion;
 pub mod error;
 pub mod follower;
 pub mod grpc;
@@ -81,6 +85,30 @@ pub enum Error {
     Tls(#[from] pairdb_service::tls::TlsError),
 }
 
+/// How this replica authenticates callers, signs credentials and reaches storage nodes.
+struct ClusterSecurity {
+    auth: Arc<pairdb_service::cluster_auth::ClusterAuth>,
+    /// `None` with `--insecure-cluster`.
+    signer: Option<Arc<pairdb_service::cluster_auth::Signer>>,
+    storage_clients: pairdb_service::clients::InternalClients,
+}
+
+impl ClusterSecurity {
+    fn from_config(config: &Config) -> Result<Self, Error> {
+        let tls = config.tls.load()?;
+        let signer = config.signer()?.map(Arc::new);
+        let auth = Arc::new(match &signer {
+            Some(signer) => pairdb_service::cluster_auth::ClusterAuth::for_meta(signer, tls.is_some()),
+            None if config.insecure_cluster => pairdb_service::cluster_auth::ClusterAuth::insecure(),
+            // Mutual TLS without a secret: certificates name every member.
+            None => pairdb_service::cluster_auth::ClusterAuth::certificates_only(),
+        });
+        let storage_clients =
+            pairdb_service::clients::InternalClients::new(tls, &auth, config.max_message_bytes());
+        Ok(Self { auth, signer, storage_clients })
+    }
+}
+
 /// How often readiness re-checks the database.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -90,7 +118,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
-    let mover = Arc::new(StreamingDataMover::new(config.tls.load()?));
+    config.validate()?;
+    let mover = Arc::new(StreamingDataMover::new(ClusterSecurity::from_config(&config)?.storage_clients));
     run_with_mover(config, listener, shutdown, mover).await
 }
 
@@ -103,6 +132,9 @@ pub async fn run_with_mover(
     mover: Arc<dyn DataMover>,
 ) -> Result<(), Error> {
     config.validate()?;
+    let ClusterSecurity { auth: cluster_auth, signer, storage_clients } =
+        ClusterSecurity::from_config(&config)?;
+    cluster_auth.log_mode("meta");
     let auth = Arc::new(config.admin_auth()?);
     if auth.as_ref() == &AdminAuth::Disabled {
         tracing::warn!(
@@ -131,7 +163,8 @@ pub async fn run_with_mover(
             heartbeat_interval_ms: config.heartbeat_interval_ms,
             node_down_after_ms: config.node_down_after_ms,
             migration_parallelism: config.migration_parallelism.max(1),
-            storage_tls: config.tls.load()?,
+            storage_clients,
+            signer,
         },
     );
     metrics::gauge!("pairdb_meta_watch_subscribers").increment(0.0);
@@ -176,7 +209,8 @@ pub async fn run_with_mover(
     let admin =
         tonic::service::interceptor::InterceptedService::new(admin, grpc::admin_interceptor(auth.clone()));
     let cluster = ClusterServiceServer::new(grpc::ClusterGrpc::new(meta.clone(), stop.clone()))
-        .max_encoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(config.max_message_bytes())
+        .max_encoding_message_size(config.max_message_bytes());
     let routes = tonic::service::Routes::new(health_service).add_service(admin).add_service(cluster);
     let http = pairdb_service::health_routes(readiness.clone())
         .merge(pairdb_service::metrics::routes())
@@ -189,11 +223,26 @@ pub async fn run_with_mover(
     );
     let stop_on_shutdown = stop_sender.clone();
     let tls = config.tls.load()?.map(|tls| tls.server_config(pairdb_service::tls::ClientCerts::Required));
-    let served = pairdb_service::serve(listener, routes, http, tls, async move {
-        shutdown.await;
-        // End watch streams and background work so the server can drain.
-        let _ = stop_on_shutdown.send(true);
-    })
+    let served = pairdb_service::serve(
+        listener,
+        pairdb_service::Served {
+            service: "meta",
+            grpc: routes.into_axum_router(),
+            http,
+            guard: Some(pairdb_service::cluster_auth::Guarded {
+                auth: cluster_auth,
+                services: &["/pairdb.cluster.v1.ClusterService/"],
+                label: "cluster",
+            }),
+            tls,
+            limits: config.listener.clone(),
+        },
+        async move {
+            shutdown.await;
+            // End watch streams and background work so the server can drain.
+            let _ = stop_on_shutdown.send(true);
+        },
+    )
     .await;
 
     let _ = stop_sender.send(true);
@@ -243,6 +292,10 @@ async fn try_initialize(
     partitions: pairdb_core::token::PartitionCount,
 ) -> Result<persistence::MetaState, PersistenceError> {
     let state = meta.store().initialize(partitions, now_ms()).await?;
+    let secret = rand::random::<[u8; pairdb_core::context::CONTEXT_SECRET_LEN]>();
+    if meta.store().ensure_context_key(&secret, now_ms()).await? {
+        tracing::info!("first context key created");
+    }
     meta.view().replace(meta.store().load_snapshot().await?);
     if state.partition_count != partitions {
         tracing::warn!(

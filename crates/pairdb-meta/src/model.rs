@@ -32,6 +32,33 @@ impl ConflictMode {
     }
 }
 
+/// Where a tenant is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TenantState {
+    #[default]
+    Active,
+    /// Deleted by an operator; storage nodes are purging its data. The id cannot be reused until
+    /// every node confirmed the purge (the row then goes).
+    Deleting,
+}
+
+impl TenantState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TenantState::Active => "active",
+            TenantState::Deleting => "deleting",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "active" => Some(TenantState::Active),
+            "deleting" => Some(TenantState::Deleting),
+            _ => None,
+        }
+    }
+}
+
 /// A tenant's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tenant {
@@ -49,6 +76,41 @@ pub struct Tenant {
     pub strict_quorum: bool,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
+    pub state: TenantState,
+    /// Which creation of this tenant id this is (unique over the cluster's life; 0 = unknown).
+    pub generation: u64,
+    /// While deleting: the deletion storage nodes confirm (0 otherwise).
+    pub purge_seq: u64,
+}
+
+/// How far a deleting tenant's purge got.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PurgeProgress {
+    pub nodes_done: u32,
+    pub nodes_total: u32,
+    /// Nodes still to confirm (a down node confirms when it is back).
+    pub waiting_node_ids: Vec<u32>,
+}
+
+/// A key routers seal client contexts with.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ContextKeyRecord {
+    pub key_id: u32,
+    pub secret: Vec<u8>,
+    pub created_at_ms: u64,
+}
+
+impl std::fmt::Debug for ContextKeyRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContextKeyRecord").field("key_id", &self.key_id).finish_non_exhaustive()
+    }
+}
+
+/// The context keys in use: `current` seals, `previous` (if any) still opens.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContextKeySet {
+    pub current: Option<ContextKeyRecord>,
+    pub previous: Option<ContextKeyRecord>,
 }
 
 /// An API key as stored: the secret itself is never kept, only its SHA-256.
@@ -135,6 +197,8 @@ pub struct NodeStats {
     pub disk_free_bytes: u64,
     pub hints_pending: u64,
     pub write_path_poisoned: bool,
+    /// Records the node quarantined because they did not decode.
+    pub quarantined_records: u64,
 }
 
 /// A storage node's rebuild as the node reports it (relayed, never stored: the node owns it).
@@ -166,6 +230,9 @@ pub struct StorageNode {
     pub alive: bool,
     pub last_heartbeat_ms: u64,
     pub actor_id: u64,
+    /// The actor id of the data directory the node had when it was removed (0 = none): a re-added
+    /// node must not come back with that stale directory.
+    pub retired_actor_id: u64,
     pub data_format_version: u32,
     pub stats: NodeStats,
     pub created_at_ms: u64,

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use pairdb_core::repair::{TenantSpan, partition_transfers};
 use pairdb_proto::storage::v1 as pb;
-use pairdb_proto::storage::v1::storage_service_client::StorageServiceClient;
+use pairdb_service::clients::{ChannelSettings, InternalClients, StorageClient};
 
 use crate::orchestrator::{DataMover, MoveError, MoveStats, PartitionMove};
 
@@ -23,14 +23,15 @@ const TRANSFER_ATTEMPTS: u32 = 5;
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Moves partitions by having their new owners pull them from the old ones.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct StreamingDataMover {
-    tls: Option<pairdb_service::tls::Tls>,
+    clients: InternalClients,
 }
 
 impl StreamingDataMover {
-    pub fn new(tls: Option<pairdb_service::tls::Tls>) -> Self {
-        Self { tls }
+    /// A mover calling storage nodes with `clients` (meta's TLS and cluster credential).
+    pub fn new(clients: InternalClients) -> Self {
+        Self { clients }
     }
 
     async fn sync(
@@ -38,31 +39,25 @@ impl StreamingDataMover {
         address: &str,
         request: pb::SyncPartitionRequest,
     ) -> Result<pb::SyncPartitionResponse, String> {
-        let mut client = storage_client(address, self.tls.as_ref(), TRANSFER_TIMEOUT).await?;
+        let mut client = storage_client(address, &self.clients, TRANSFER_TIMEOUT).await?;
         client.sync_partition(request).await.map(tonic::Response::into_inner).map_err(status_text)
     }
 }
 
-type Client = StorageServiceClient<
-    tonic::service::interceptor::InterceptedService<
-        tonic::transport::Channel,
-        pairdb_service::telemetry::TraceInterceptor,
-    >,
->;
-
 async fn storage_client(
     address: &str,
-    tls: Option<&pairdb_service::tls::Tls>,
+    clients: &InternalClients,
     timeout: Duration,
-) -> Result<Client, String> {
-    let channel = pairdb_service::tls::endpoint(address, tls)
+) -> Result<StorageClient, String> {
+    let settings =
+        ChannelSettings { request_timeout: Some(timeout), keepalive: None, ..ChannelSettings::default() };
+    let channel = clients
+        .endpoint(address, settings)
         .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(timeout)
         .connect()
         .await
         .map_err(|e| format!("cannot reach {address}: {e}"))?;
-    Ok(StorageServiceClient::with_interceptor(channel, pairdb_service::telemetry::TraceInterceptor))
+    Ok(clients.storage_over(channel))
 }
 
 fn status_text(status: tonic::Status) -> String {
@@ -73,10 +68,10 @@ fn status_text(status: tonic::Status) -> String {
 /// Starts (`start`) or reads the rebuild of the storage node at `address`.
 pub async fn node_rebuild(
     address: &str,
-    tls: Option<&pairdb_service::tls::Tls>,
+    clients: &InternalClients,
     start: bool,
 ) -> Result<pb::RebuildStatus, String> {
-    let mut client = storage_client(address, tls, Duration::from_secs(10)).await?;
+    let mut client = storage_client(address, clients, Duration::from_secs(10)).await?;
     let reply = if start {
         client.start_rebuild(pb::StartRebuildRequest {}).await
     } else {
@@ -103,14 +98,15 @@ impl DataMover for StreamingDataMover {
                 .nodes
                 .get(&transfer.target)
                 .ok_or_else(|| MoveError(format!("target node {} has no address", transfer.target)))?;
-            // Live sources first (in list order), nodes meta believes down last.
+            // Live sources first (in list order), nodes meta believes down last. The target looks their
+            // addresses up in the topology it follows.
             let mut sources: Vec<pb::SyncSource> = Vec::new();
             for down in [false, true] {
                 for node in &transfer.sources {
                     if let Some(endpoint) = plan.nodes.get(node)
                         && endpoint.down == down
                     {
-                        sources.push(pb::SyncSource { node_id: node.0, address: endpoint.address.clone() });
+                        sources.push(pb::SyncSource { node_id: node.0 });
                     }
                 }
             }

@@ -270,9 +270,11 @@ async fn drive(
     let (Some(current), Some(pending)) = (current, pending) else {
         return fail(meta, fence, &migration.migration_id, "its topology versions are missing").await;
     };
+    // A tenant being deleted is purged, not moved.
     let tenants: Arc<Vec<TenantReplication>> = Arc::new(
         tenants
             .iter()
+            .filter(|tenant| tenant.state == crate::model::TenantState::Active)
             .map(|tenant| {
                 let n = tenant.replication_factor as usize;
                 let old = if migration.kind == MigrationKind::ReplicationFactor

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::broadcast;
 
-use crate::model::{ApiKeyHash, StorageNode, Tenant, Topology};
+use crate::model::{ApiKeyHash, ContextKeySet, StorageNode, Tenant, Topology};
 use crate::persistence::Snapshot;
 
 /// One change, as published on the watch stream.
@@ -29,6 +29,8 @@ pub enum Event {
     TenantDeleted(String),
     ApiKeyAdded(ApiKeyHash),
     ApiKeyRevoked(String),
+    /// The context keys in use changed (a rotation); routers only.
+    ContextKeysChanged(ContextKeySet),
 }
 
 /// An event with the revision of the change that produced it.
@@ -47,6 +49,7 @@ pub struct ViewSnapshot {
     pub nodes: Vec<StorageNode>,
     pub tenants: Vec<Tenant>,
     pub api_keys: Vec<ApiKeyHash>,
+    pub context_keys: ContextKeySet,
 }
 
 #[derive(Debug)]
@@ -58,6 +61,7 @@ struct State {
     nodes: BTreeMap<u32, StorageNode>,
     tenants: BTreeMap<String, Tenant>,
     api_keys: BTreeMap<String, ApiKeyHash>,
+    context_keys: ContextKeySet,
     sender: broadcast::Sender<Arc<RevisionedEvent>>,
 }
 
@@ -81,6 +85,7 @@ impl ClusterView {
                 nodes: BTreeMap::new(),
                 tenants: BTreeMap::new(),
                 api_keys: BTreeMap::new(),
+                context_keys: ContextKeySet::default(),
                 sender,
             }),
             buffer: buffer.max(1),
@@ -115,6 +120,7 @@ impl ClusterView {
             snapshot.tenants.into_iter().map(|tenant| (tenant.tenant_id.clone(), tenant)).collect();
         state.api_keys =
             snapshot.api_keys.iter().map(|key| (key.key_id.clone(), ApiKeyHash::from(key))).collect();
+        state.context_keys = snapshot.context_keys;
     }
 
     /// Applies the change with `revision` (which must follow the view's) and broadcasts its event.
@@ -146,6 +152,7 @@ impl ClusterView {
             Event::ApiKeyRevoked(key_id) => {
                 state.api_keys.remove(key_id);
             }
+            Event::ContextKeysChanged(keys) => state.context_keys = keys.clone(),
         }
         // No receivers is fine: nobody is watching.
         let _ = state.sender.send(Arc::new(RevisionedEvent { revision, event }));
@@ -164,6 +171,7 @@ impl ClusterView {
             nodes: state.nodes.values().cloned().collect(),
             tenants: state.tenants.values().cloned().collect(),
             api_keys: state.api_keys.values().cloned().collect(),
+            context_keys: state.context_keys.clone(),
         };
         Some((snapshot, state.sender.subscribe()))
     }

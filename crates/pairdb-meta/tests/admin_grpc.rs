@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use common::{ADMIN_TOKEN, Server, add_nodes, reason, test_config, wait_migration};
 use pairdb_proto::admin::v1 as pb;
 use pairdb_proto::admin::v1::admin_service_client::AdminServiceClient;
+use pairdb_proto::cluster::v1 as cluster_pb;
 use pairdb_proto::common::v1::{ConflictMode, Consistency};
 use tonic::Code;
 
@@ -157,11 +158,51 @@ async fn tenants_every_operation_and_error() -> anyhow::Result<()> {
         .unwrap_err();
     assert_eq!(reason(&error), "INVALID_TENANT_ID");
 
-    admin.delete_tenant(pb::DeleteTenantRequest { tenant_id: "acme".into() }).await?;
-    let error = admin.get_tenant(pb::GetTenantRequest { tenant_id: "acme".into() }).await.unwrap_err();
-    assert_eq!(reason(&error), "TENANT_NOT_FOUND");
+    // Deleting is a process: the tenant stays `deleting` until every storage node reported its purge.
+    let deleting =
+        admin.delete_tenant(pb::DeleteTenantRequest { tenant_id: "acme".into() }).await?.into_inner();
+    let deleting = deleting.tenant.unwrap();
+    assert_eq!(deleting.state, "deleting");
+    let progress = deleting.purge.unwrap();
+    assert_eq!((progress.nodes_done, progress.nodes_total, progress.waiting_node_ids), (0, 3, vec![1, 2, 3]));
+    let again = admin.delete_tenant(pb::DeleteTenantRequest { tenant_id: "acme".into() }).await?.into_inner();
+    assert_eq!(again.tenant.unwrap().state, "deleting", "deleting twice is idempotent");
+    let error = admin.create_tenant(create("acme", 1)).await.unwrap_err();
+    assert_eq!((error.code(), reason(&error).as_str()), (Code::FailedPrecondition, "TENANT_BEING_DELETED"));
+    let error =
+        admin.update_tenant(pb::UpdateTenantRequest { tenant_id: "acme".into(), ..Default::default() });
+    assert_eq!(reason(&error.await.unwrap_err()), "TENANT_NOT_FOUND");
+
+    // Nodes confirm in their heartbeats; a confirmation of another deletion counts for nothing.
+    let purge_seq = admin.get_tenant(pb::GetTenantRequest { tenant_id: "acme".into() }).await?.into_inner();
+    assert_eq!(purge_seq.purge.as_ref().map(|p| p.nodes_done), Some(0));
+    let mut cluster = server.cluster().await?;
+    let beat = |node_id: u32, seq: u64| cluster_pb::HeartbeatRequest {
+        node_id,
+        purged_tenants: vec![cluster_pb::TenantPurged { tenant_id: "acme".into(), purge_seq: seq }],
+        ..Default::default()
+    };
+    let seq = server.purge_seq("acme").await?;
+    cluster.heartbeat(beat(1, seq + 1000)).await?;
+    cluster.heartbeat(beat(1, seq)).await?;
+    cluster.heartbeat(beat(2, seq)).await?;
+    let view = admin.get_tenant(pb::GetTenantRequest { tenant_id: "acme".into() }).await?.into_inner();
+    let progress = view.purge.unwrap();
+    assert_eq!((progress.nodes_done, progress.waiting_node_ids), (2, vec![3]));
+    cluster.heartbeat(beat(3, seq)).await?;
+    common::eventually(std::time::Duration::from_secs(10), "the deletion completes", || {
+        let mut admin = admin.clone();
+        async move {
+            let gone = admin.get_tenant(pb::GetTenantRequest { tenant_id: "acme".into() }).await;
+            gone.err().filter(|e| reason(e) == "TENANT_NOT_FOUND").map(|_| ())
+        }
+    })
+    .await?;
     let error = admin.delete_tenant(pb::DeleteTenantRequest { tenant_id: "acme".into() }).await.unwrap_err();
     assert_eq!(reason(&error), "TENANT_NOT_FOUND");
+    // The id can be used again, by a new generation.
+    let recreated = admin.create_tenant(create("acme", 1)).await?.into_inner();
+    assert_eq!(recreated.state, "active");
     server.shutdown().await
 }
 

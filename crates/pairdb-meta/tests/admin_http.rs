@@ -206,9 +206,26 @@ async fn tenants_and_api_keys_over_http() -> anyhow::Result<()> {
         "API_KEY_NOT_FOUND",
     );
 
+    // Deletion is accepted and runs until every storage node purged the tenant's data.
     let deleted = call(addr, "DELETE", "/v1/tenants/acme", None).await;
-    assert_eq!(deleted.status, 200);
-    assert_error(&call(addr, "DELETE", "/v1/tenants/acme", None).await, 404, "NOT_FOUND", "TENANT_NOT_FOUND");
+    assert_eq!(deleted.status, 202, "{deleted:?}");
+    let body = deleted.json();
+    assert_eq!(body["state"], "deleting");
+    assert_eq!(body["purge"]["nodes_total"], 3, "{body}");
+    let again = call(addr, "DELETE", "/v1/tenants/acme", None).await;
+    assert_eq!((again.status, again.json()["state"].clone()), (202, serde_json::json!("deleting")));
+    assert_error(
+        &call(addr, "POST", "/v1/tenants", Some(r#"{"tenant_id": "acme"}"#)).await,
+        412,
+        "FAILED_PRECONDITION",
+        "TENANT_BEING_DELETED",
+    );
+    assert_error(
+        &call(addr, "DELETE", "/v1/tenants/nobody", None).await,
+        404,
+        "NOT_FOUND",
+        "TENANT_NOT_FOUND",
+    );
     assert_eq!(call(addr, "GET", "/v1/api-keys?tenant_id=fast", None).await.status, 200);
     server.shutdown().await
 }
@@ -409,4 +426,23 @@ async fn authentication_and_unknown_paths() -> anyhow::Result<()> {
     let open = Server::start(config).await?;
     assert_eq!(common::http(open.addr, "GET", "/v1/tenants", None, None).await?.status, 200);
     open.shutdown().await
+}
+
+/// A body that stops arriving is cut off after the listener's deadline with 408 REQUEST_TIMEOUT in
+/// the JSON error shape (a client trickling a body cannot hold a handler forever).
+#[tokio::test]
+async fn a_body_that_does_not_arrive_in_time_is_refused() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut config = test_config(dir.path());
+    config.listener.http_body_timeout_ms = 300;
+    let server = Server::start(config).await?;
+    let request = format!(
+        "POST /v1/tenants HTTP/1.1\r\nHost: x\r\nauthorization: Bearer {ADMIN_TOKEN}\r\n\
+         content-type: application/json\r\ncontent-length: 1000\r\nConnection: close\r\n\r\n{{\"tenant_id\""
+    );
+    let started = std::time::Instant::now();
+    let response = common::http_raw(server.addr, request.as_bytes()).await?;
+    assert_error(&response, 408, "DEADLINE_EXCEEDED", "REQUEST_TIMEOUT");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "took {:?}", started.elapsed());
+    server.shutdown().await
 }

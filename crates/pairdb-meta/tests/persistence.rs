@@ -13,7 +13,7 @@ use pairdb_core::ring::{Assignment, NodeId, NodeSpec};
 use pairdb_core::token::PartitionCount;
 use pairdb_meta::model::{
     ApiKey, ConflictMode, Membership, Migration, MigrationKind, MigrationProgress, MigrationState, NodeStats,
-    StorageNode, Tenant, Topology,
+    StorageNode, Tenant, TenantState, Topology,
 };
 use pairdb_meta::persistence::{Backend, ChangeKind, PersistenceError, Store, StoreOptions};
 
@@ -105,6 +105,9 @@ fn tenant(id: &str) -> Tenant {
         strict_quorum: false,
         created_at_ms: 10,
         updated_at_ms: 10,
+        state: TenantState::Active,
+        generation: 2,
+        purge_seq: 0,
     }
 }
 
@@ -118,6 +121,7 @@ fn node(id: u32) -> StorageNode {
         alive: true,
         last_heartbeat_ms: 0,
         actor_id: u64::MAX - u64::from(id),
+        retired_actor_id: 0,
         data_format_version: 1,
         stats: NodeStats::default(),
         created_at_ms: 5,
@@ -294,6 +298,7 @@ async fn heartbeats_and_liveness(store: Store) {
         disk_free_bytes: 30,
         hints_pending: 4,
         write_path_poisoned: true,
+        quarantined_records: 3,
     };
     assert_eq!(store.record_heartbeat(1, &stats, 1_000).await.unwrap(), Some(true));
     assert_eq!(store.record_heartbeat(2, &stats, 1_000).await.unwrap(), None, "removed nodes are unknown");

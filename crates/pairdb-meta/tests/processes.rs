@@ -19,8 +19,12 @@ use pairdb_proto::cluster::v1::cluster_service_client::ClusterServiceClient;
 use pairdb_proto::cluster::v1::watch_event::Event;
 use tonic::Code;
 
+/// Meta processes of these tests run the cluster API without credentials: they exercise the
+/// replicas' database behaviour (cluster authentication is covered end to end in the top-level
+/// `tests` crate).
 fn meta_args(database_url: &str) -> Vec<String> {
     [
+        "--insecure-cluster",
         "--database-url",
         database_url,
         "--admin-token",
@@ -120,7 +124,8 @@ async fn leader_failover_after_kill_9() -> anyhow::Result<()> {
         })
         .await?;
     for _ in 0..3 {
-        let beat = cluster.heartbeat(pb::HeartbeatRequest { node_id: 1, stats: None }).await?.into_inner();
+        let beat =
+            cluster.heartbeat(pb::HeartbeatRequest { node_id: 1, ..Default::default() }).await?.into_inner();
         assert!(!beat.unknown_node);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

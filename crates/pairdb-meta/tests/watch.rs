@@ -153,6 +153,7 @@ async fn watchers_see_changes_within_a_second() -> anyhow::Result<()> {
         .heartbeat(pb::HeartbeatRequest {
             node_id: 1,
             stats: Some(admin_pb::NodeStats { keys: 5, ..Default::default() }),
+            purged_tenants: Vec::new(),
         })
         .await?
         .into_inner();
@@ -180,7 +181,8 @@ async fn watchers_see_changes_within_a_second() -> anyhow::Result<()> {
     assert!(snapshot.api_keys.is_empty(), "keys only for subscribers that ask");
 
     // Unknown nodes are told to register; without --auto-add-nodes registration is refused.
-    let beat = cluster.heartbeat(pb::HeartbeatRequest { node_id: 9, stats: None }).await?.into_inner();
+    let beat =
+        cluster.heartbeat(pb::HeartbeatRequest { node_id: 9, ..Default::default() }).await?.into_inner();
     assert!(beat.unknown_node);
     let error = cluster
         .register_node(pb::RegisterNodeRequest {

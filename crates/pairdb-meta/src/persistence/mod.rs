@@ -10,12 +10,23 @@
 //!   transaction updates this row first ([`Store::write`]); the row lock serialises metadata writes
 //!   across replicas, which makes check-then-act rules (N ≤ active nodes, one running migration, ...)
 //!   safe and assigns change revisions in commit order.
-//! - `tenants`: replication factor, default consistency, conflict mode and limits of each tenant.
+//! - `tenants`: replication factor, default consistency, conflict mode and limits of each tenant; its
+//!   `state` (`active`, or `deleting` while storage nodes purge its data), its `generation` (which
+//!   creation of the id it is) and, while deleting, the `purge_seq` nodes confirm. Generations and
+//!   purge sequences come from `meta_state.last_tenant_seq`, so neither is ever reused.
+//! - `tenant_purges`: which storage nodes confirmed (in a heartbeat) that they purged a deleting
+//!   tenant's records and hints. When every node that is not removed has, the tenant row and its
+//!   confirmations go and the id may be created again.
+//! - `context_keys`: the keys routers seal client contexts with (current = newest unretired,
+//!   previous = the one before it; a rotation retires the previous one). Stored in clear: routers need
+//!   them, and they only let a holder mint contexts, which a tenant's own key already bounds.
 //! - `api_keys`: key id, tenant, description and the SHA-256 of the secret. The secret itself is
 //!   never stored: it is shown once, at creation, and routers authenticate by hashing what they are
 //!   presented.
 //! - `storage_nodes`: id, address, zone, weight, lifecycle (`membership`) and the failure detector's
-//!   verdict (`alive`), the last heartbeat and the stats it carried. Removed nodes keep their row.
+//!   verdict (`alive`), the last heartbeat and the stats it carried. Removed nodes keep their row; a
+//!   re-added node keeps the removed data directory's actor id in `retired_actor_id` so that stale
+//!   directory cannot rejoin.
 //! - `topology_versions`: every topology version ever made current or pending, immutable once written
 //!   (a cancelled pending epoch is never reused), with the assignment encoded compactly
 //!   ([`encode_assignment`]).
@@ -26,8 +37,8 @@
 //!
 //! # What is derived in memory at start
 //!
-//! Each replica loads a [`Snapshot`] (tenants, active key hashes, nodes, current and pending
-//! topology, at one revision) into its [`crate::view::ClusterView`] and then follows the change log.
+//! Each replica loads a [`Snapshot`] (tenants, active key hashes, context keys in use, nodes, current
+//! and pending topology, at one revision) into its [`crate::view::ClusterView`] and then follows the change log.
 //! Leadership, the subscribers of the watch stream, the failure detector's timers and readiness are
 //! process state only. Nothing in memory is authoritative: a replica can be killed at any time and
 //! another one (or the restarted one) rebuilds the same view from the database.
@@ -56,8 +67,8 @@ use sqlx::{Connection, PgPool, SqlitePool};
 use tokio::sync::Notify;
 
 use crate::model::{
-    ApiKey, ConflictMode, Membership, Migration, MigrationKind, MigrationProgress, MigrationState, NodeStats,
-    StorageNode, Tenant, Topology,
+    ApiKey, ConflictMode, ContextKeySet, Membership, Migration, MigrationKind, MigrationProgress,
+    MigrationState, NodeStats, StorageNode, Tenant, TenantState, Topology,
 };
 
 pub use codec::{decode_assignment, encode_assignment};
@@ -169,6 +180,8 @@ pub enum ChangeKind {
     TopologyCurrent,
     TopologyPending,
     TopologyPendingCleared,
+    /// `entity` = the current context key's id; the keys in use are published.
+    ContextKeys,
 }
 
 impl ChangeKind {
@@ -182,6 +195,7 @@ impl ChangeKind {
             ChangeKind::TopologyCurrent => "topology_current",
             ChangeKind::TopologyPending => "topology_pending",
             ChangeKind::TopologyPendingCleared => "topology_pending_cleared",
+            ChangeKind::ContextKeys => "context_keys",
         }
     }
 
@@ -195,6 +209,7 @@ impl ChangeKind {
             "topology_current" => ChangeKind::TopologyCurrent,
             "topology_pending" => ChangeKind::TopologyPending,
             "topology_pending_cleared" => ChangeKind::TopologyPendingCleared,
+            "context_keys" => ChangeKind::ContextKeys,
             _ => return None,
         })
     }
@@ -218,6 +233,7 @@ pub struct Snapshot {
     pub nodes: Vec<StorageNode>,
     pub current: Option<Topology>,
     pub pending: Option<Topology>,
+    pub context_keys: ContextKeySet,
 }
 
 /// Proof, for leader-only writes on PostgreSQL, of which session holds the leader lock.
@@ -288,6 +304,8 @@ macro_rules! on_conn {
         }
     };
 }
+
+mod security;
 
 impl Store {
     /// A store for `options.url`. PostgreSQL pools connect lazily (meta starts, and reports not
@@ -505,8 +523,8 @@ impl Store {
         now_ms: u64,
     ) -> Result<Option<bool>, PersistenceError> {
         let sql = "UPDATE storage_nodes SET last_heartbeat_ms = $2, stats_keys = $3, stats_live_bytes = $4, \
-                   stats_disk_free_bytes = $5, stats_hints_pending = $6, stats_write_path_poisoned = $7 \
-                   WHERE node_id = $1 AND membership <> 'removed' RETURNING alive";
+                   stats_disk_free_bytes = $5, stats_hints_pending = $6, stats_write_path_poisoned = $7, \
+                   stats_quarantined_records = $8 WHERE node_id = $1 AND membership <> 'removed' RETURNING alive";
         let alive: Option<bool> = match &self.inner.pool {
             Pool::Postgres(pool) => {
                 sqlx::query_scalar(sql)
@@ -517,6 +535,7 @@ impl Store {
                     .bind(to_i64(stats.disk_free_bytes))
                     .bind(to_i64(stats.hints_pending))
                     .bind(stats.write_path_poisoned)
+                    .bind(to_i64(stats.quarantined_records))
                     .fetch_optional(pool)
                     .await?
             }
@@ -529,6 +548,7 @@ impl Store {
                     .bind(to_i64(stats.disk_free_bytes))
                     .bind(to_i64(stats.hints_pending))
                     .bind(stats.write_path_poisoned)
+                    .bind(to_i64(stats.quarantined_records))
                     .fetch_optional(pool)
                     .await?
             }
@@ -551,8 +571,9 @@ impl Store {
             0 => None,
             epoch => Some(tx.require_topology(epoch).await?),
         };
+        let context_keys = tx.context_keys().await?;
         tx.commit().await?;
-        Ok(Snapshot { state, tenants, api_keys, nodes, current, pending })
+        Ok(Snapshot { state, tenants, api_keys, nodes, current, pending, context_keys })
     }
 
     /// Closes the pool (in-flight statements finish first).
@@ -604,6 +625,9 @@ struct TenantRow {
     strict_quorum: bool,
     created_at_ms: i64,
     updated_at_ms: i64,
+    state: String,
+    generation: i64,
+    purge_seq: i64,
 }
 
 impl TryFrom<TenantRow> for Tenant {
@@ -614,7 +638,11 @@ impl TryFrom<TenantRow> for Tenant {
             .ok_or_else(|| corrupt("tenants.default_consistency", &row.default_consistency))?;
         let conflict_mode = ConflictMode::parse(&row.conflict_mode)
             .ok_or_else(|| corrupt("tenants.conflict_mode", &row.conflict_mode))?;
+        let state = TenantState::parse(&row.state).ok_or_else(|| corrupt("tenants.state", &row.state))?;
         Ok(Tenant {
+            state,
+            generation: to_u64(row.generation),
+            purge_seq: to_u64(row.purge_seq),
             replication_factor: to_u32(row.replication_factor, "tenants.replication_factor")?,
             previous_replication_factor: to_u32(
                 row.previous_replication_factor,
@@ -673,6 +701,8 @@ struct NodeRow {
     stats_disk_free_bytes: i64,
     stats_hints_pending: i64,
     stats_write_path_poisoned: bool,
+    stats_quarantined_records: i64,
+    retired_actor_id: i64,
     created_at_ms: i64,
     updated_at_ms: i64,
 }
@@ -692,6 +722,7 @@ impl TryFrom<NodeRow> for StorageNode {
             alive: row.alive,
             last_heartbeat_ms: to_u64(row.last_heartbeat_ms),
             actor_id: u64::from_be_bytes(row.actor_id.to_be_bytes()),
+            retired_actor_id: u64::from_be_bytes(row.retired_actor_id.to_be_bytes()),
             data_format_version: to_u32(row.data_format_version, "storage_nodes.data_format_version")?,
             stats: NodeStats {
                 keys: to_u64(row.stats_keys),
@@ -699,6 +730,7 @@ impl TryFrom<NodeRow> for StorageNode {
                 disk_free_bytes: to_u64(row.stats_disk_free_bytes),
                 hints_pending: to_u64(row.stats_hints_pending),
                 write_path_poisoned: row.stats_write_path_poisoned,
+                quarantined_records: to_u64(row.stats_quarantined_records),
             },
             created_at_ms: to_u64(row.created_at_ms),
             updated_at_ms: to_u64(row.updated_at_ms),
@@ -972,7 +1004,8 @@ impl Tx {
             sqlx::query(
                 "INSERT INTO tenants (tenant_id, replication_factor, previous_replication_factor, default_consistency, \
                  conflict_mode, rate_limit_ops_per_sec, rate_limit_burst, max_value_bytes, max_siblings, strict_quorum, \
-                 created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+                 created_at_ms, updated_at_ms, state, generation, purge_seq) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
                  ON CONFLICT (tenant_id) DO NOTHING",
             )
             .bind(&tenant.tenant_id)
@@ -987,6 +1020,9 @@ impl Tx {
             .bind(tenant.strict_quorum)
             .bind(to_i64(tenant.created_at_ms))
             .bind(to_i64(tenant.updated_at_ms))
+            .bind(tenant.state.as_str())
+            .bind(to_i64(tenant.generation))
+            .bind(to_i64(tenant.purge_seq))
             .execute(&mut *c)
             .await?
             .rows_affected()
@@ -1000,7 +1036,8 @@ impl Tx {
             sqlx::query(
                 "UPDATE tenants SET replication_factor = $2, previous_replication_factor = $3, default_consistency = $4, \
                  conflict_mode = $5, rate_limit_ops_per_sec = $6, rate_limit_burst = $7, max_value_bytes = $8, \
-                 max_siblings = $9, strict_quorum = $10, updated_at_ms = $11 WHERE tenant_id = $1",
+                 max_siblings = $9, strict_quorum = $10, updated_at_ms = $11, state = $12, purge_seq = $13 \
+                 WHERE tenant_id = $1",
             )
             .bind(&tenant.tenant_id)
             .bind(i64::from(tenant.replication_factor))
@@ -1013,6 +1050,8 @@ impl Tx {
             .bind(i64::from(tenant.max_siblings))
             .bind(tenant.strict_quorum)
             .bind(to_i64(tenant.updated_at_ms))
+            .bind(tenant.state.as_str())
+            .bind(to_i64(tenant.purge_seq))
             .execute(&mut *c)
             .await?
             .rows_affected()
@@ -1137,8 +1176,8 @@ impl Tx {
             sqlx::query(
                 "INSERT INTO storage_nodes (node_id, address, zone, weight, membership, alive, last_heartbeat_ms, actor_id, \
                  data_format_version, stats_keys, stats_live_bytes, stats_disk_free_bytes, stats_hints_pending, \
-                 stats_write_path_poisoned, created_at_ms, updated_at_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+                 stats_write_path_poisoned, created_at_ms, updated_at_ms, stats_quarantined_records, retired_actor_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
                  ON CONFLICT (node_id) DO UPDATE SET address = excluded.address, zone = excluded.zone, \
                  weight = excluded.weight, membership = excluded.membership, alive = excluded.alive, \
                  last_heartbeat_ms = excluded.last_heartbeat_ms, actor_id = excluded.actor_id, \
@@ -1146,7 +1185,8 @@ impl Tx {
                  stats_live_bytes = excluded.stats_live_bytes, stats_disk_free_bytes = excluded.stats_disk_free_bytes, \
                  stats_hints_pending = excluded.stats_hints_pending, \
                  stats_write_path_poisoned = excluded.stats_write_path_poisoned, created_at_ms = excluded.created_at_ms, \
-                 updated_at_ms = excluded.updated_at_ms",
+                 updated_at_ms = excluded.updated_at_ms, stats_quarantined_records = excluded.stats_quarantined_records, \
+                 retired_actor_id = excluded.retired_actor_id",
             )
             .bind(i64::from(node.node_id))
             .bind(&node.address)
@@ -1164,6 +1204,8 @@ impl Tx {
             .bind(node.stats.write_path_poisoned)
             .bind(to_i64(node.created_at_ms))
             .bind(to_i64(node.updated_at_ms))
+            .bind(to_i64(node.stats.quarantined_records))
+            .bind(i64::from_be_bytes(node.retired_actor_id.to_be_bytes()))
             .execute(&mut *c)
             .await?;
         });
@@ -1176,7 +1218,7 @@ impl Tx {
         let affected = on_conn!(self, c => {
             sqlx::query(
                 "UPDATE storage_nodes SET address = $2, zone = $3, weight = $4, membership = $5, alive = $6, \
-                 actor_id = $7, data_format_version = $8, updated_at_ms = $9 WHERE node_id = $1",
+                 actor_id = $7, data_format_version = $8, updated_at_ms = $9, retired_actor_id = $10 WHERE node_id = $1",
             )
             .bind(i64::from(node.node_id))
             .bind(&node.address)
@@ -1187,6 +1229,7 @@ impl Tx {
             .bind(i64::from_be_bytes(node.actor_id.to_be_bytes()))
             .bind(i64::from(node.data_format_version))
             .bind(to_i64(node.updated_at_ms))
+            .bind(i64::from_be_bytes(node.retired_actor_id.to_be_bytes()))
             .execute(&mut *c)
             .await?
             .rows_affected()

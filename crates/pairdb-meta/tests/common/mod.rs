@@ -178,6 +178,20 @@ impl Server {
     pub async fn cluster(&self) -> anyhow::Result<ClusterServiceClient<Channel>> {
         Ok(ClusterServiceClient::new(channel(self.addr).await?))
     }
+
+    /// The purge sequence of a tenant being deleted, as the watch stream publishes it.
+    pub async fn purge_seq(&self, tenant: &str) -> anyhow::Result<u64> {
+        use pairdb_proto::cluster::v1 as cluster_pb;
+        let mut stream = self.cluster().await?.watch(cluster_pb::WatchRequest::default()).await?.into_inner();
+        let first = stream.message().await?.context("no snapshot")?;
+        let Some(cluster_pb::watch_event::Event::Snapshot(snapshot)) = first.event else {
+            anyhow::bail!("the watch stream did not start with a snapshot");
+        };
+        let config =
+            snapshot.tenants.into_iter().find(|t| t.tenant_id == tenant).context("tenant not in the view")?;
+        anyhow::ensure!(config.deleting, "tenant {tenant} is not being deleted");
+        Ok(config.purge_seq)
+    }
 }
 
 impl Drop for Server {
