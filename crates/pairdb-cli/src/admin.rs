@@ -82,13 +82,14 @@ pub async fn tenant(globals: &Globals, command: TenantCommand) -> anyhow::Result
                     "tenants": tenants.iter().map(output::tenant_json).collect::<Vec<_>>()
                 })),
                 Output::Table => output::print_table(
-                    &["TENANT", "RF", "CONSISTENCY", "CONFLICTS", "OPS/S", "MAX VALUE"],
+                    &["TENANT", "STATE", "RF", "CONSISTENCY", "CONFLICTS", "OPS/S", "MAX VALUE"],
                     &tenants
                         .iter()
                         .map(|tenant| {
                             let body = output::tenant_json(tenant);
                             vec![
                                 tenant.tenant_id.clone(),
+                                body["state"].as_str().unwrap_or_default().to_owned(),
                                 tenant.replication_factor.to_string(),
                                 body["default_consistency"].as_str().unwrap_or_default().to_owned(),
                                 body["conflict_mode"].as_str().unwrap_or_default().to_owned(),
@@ -118,10 +119,18 @@ pub async fn tenant(globals: &Globals, command: TenantCommand) -> anyhow::Result
             show(globals.output, &change_json("tenant", tenant, &reply.migration_id));
         }
         TenantCommand::Delete { tenant_id } => {
-            admin.delete_tenant(pb::DeleteTenantRequest { tenant_id: tenant_id.clone() }).await?;
+            let reply = admin.delete_tenant(pb::DeleteTenantRequest { tenant_id: tenant_id.clone() }).await?;
+            let tenant = reply.tenant.as_ref().map(output::tenant_json).unwrap_or(Value::Null);
             match globals.output {
-                Output::Json => output::print_json(&json!({"tenant_id": tenant_id, "deleted": true})),
-                Output::Table => println!("deleted tenant {tenant_id}"),
+                Output::Json => output::print_json(&tenant),
+                Output::Table => {
+                    let purge = &tenant["purge"];
+                    println!(
+                        "deleting tenant {tenant_id}: storage nodes are purging its data ({} of {} done); \
+                         `pairdb tenant get {tenant_id}` shows progress, the id can be reused once all are done",
+                        purge["nodes_done"], purge["nodes_total"]
+                    );
+                }
             }
         }
     }
@@ -190,7 +199,17 @@ pub async fn node(globals: &Globals, command: NodeCommand) -> anyhow::Result<()>
                 })
                 .await?;
             let node = reply.node.as_ref().map(output::node_json).unwrap_or(Value::Null);
-            show(globals.output, &change_json("node", node, &reply.migration_id));
+            let mut value = change_json("node", node, &reply.migration_id);
+            if !reply.cluster_credential.is_empty() {
+                value["cluster_credential"] = Value::String(reply.cluster_credential.clone());
+            }
+            show(globals.output, &value);
+            if globals.output == Output::Table && !reply.cluster_credential.is_empty() {
+                println!(
+                    "start the node with this credential in --cluster-credential-file (or PAIRDB_CLUSTER_CREDENTIAL); \
+                     `pairdb cluster credential node-<id>` prints it again"
+                );
+            }
         }
         NodeCommand::List => {
             let nodes = admin.list_storage_nodes(pb::ListStorageNodesRequest {}).await?.nodes;
@@ -199,7 +218,17 @@ pub async fn node(globals: &Globals, command: NodeCommand) -> anyhow::Result<()>
                     "nodes": nodes.iter().map(output::node_json).collect::<Vec<_>>()
                 })),
                 Output::Table => output::print_table(
-                    &["NODE", "ADDRESS", "ZONE", "WEIGHT", "STATUS", "IN RING", "KEYS", "HINTS"],
+                    &[
+                        "NODE",
+                        "ADDRESS",
+                        "ZONE",
+                        "WEIGHT",
+                        "STATUS",
+                        "IN RING",
+                        "KEYS",
+                        "HINTS",
+                        "QUARANTINED",
+                    ],
                     &nodes
                         .iter()
                         .map(|node| {
@@ -213,6 +242,7 @@ pub async fn node(globals: &Globals, command: NodeCommand) -> anyhow::Result<()>
                                 node.in_ring.to_string(),
                                 stats.keys.to_string(),
                                 stats.hints_pending.to_string(),
+                                stats.quarantined_records.to_string(),
                             ]
                         })
                         .collect::<Vec<_>>(),

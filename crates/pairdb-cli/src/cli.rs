@@ -123,6 +123,12 @@ pub enum Command {
     /// Inspect and cancel migrations (metadata service).
     #[command(subcommand)]
     Migration(MigrationCommand),
+    /// Cluster secrets: credentials of routers and storage nodes, context-key rotation.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Certificates for mutual TLS between the cluster's services.
+    #[command(subcommand)]
+    Cert(CertCommand),
     /// Start a complete local cluster (meta on SQLite, storage nodes, a router) in this process.
     Dev(DevArgs),
     /// YCSB-style load generator against a router.
@@ -321,6 +327,73 @@ pub enum MigrationCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Make a cluster secret and the credentials of a router and storage nodes 1..=N, as files in
+    /// OUT (offline; for deployment files).
+    Init {
+        /// Directory to write `cluster-secret`, `router.credential` and `node-<id>.credential` to.
+        #[arg(long)]
+        out: PathBuf,
+        /// Storage nodes to make credentials for.
+        #[arg(long, default_value_t = 3)]
+        storage_nodes: u32,
+    },
+    /// Print the cluster credential of a principal (`router`, `meta` or `node-<id>`): computed from
+    /// the cluster secret file when given, else issued by meta (admin API).
+    Credential {
+        principal: String,
+        #[arg(long)]
+        cluster_secret_file: Option<PathBuf>,
+    },
+    /// Replace the key routers seal client contexts with; contexts sealed with the previous key keep
+    /// working until the next rotation.
+    RotateContextKey,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Create the cluster CA (ca.crt, ca.key).
+    #[command(name = "create-ca")]
+    Ca {
+        #[arg(long, default_value = "./certs")]
+        certs_dir: PathBuf,
+    },
+    /// Create storage node ID's certificate (common name node-ID) for its hosts.
+    #[command(name = "create-node")]
+    Node {
+        node_id: u32,
+        /// Host names and IP addresses the node serves on (repeat the flag).
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+        #[arg(long, default_value = "./certs")]
+        certs_dir: PathBuf,
+    },
+    /// Create the routers' certificate (common name router).
+    #[command(name = "create-router")]
+    Router {
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+        #[arg(long, default_value = "./certs")]
+        certs_dir: PathBuf,
+    },
+    /// Create the metadata service's certificate (common name meta).
+    #[command(name = "create-meta")]
+    Meta {
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+        #[arg(long, default_value = "./certs")]
+        certs_dir: PathBuf,
+    },
+    /// Create a client certificate for tools (common name client-NAME; not a cluster member).
+    #[command(name = "create-client")]
+    Client {
+        name: String,
+        #[arg(long, default_value = "./certs")]
+        certs_dir: PathBuf,
+    },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum SyncArg {
     Always,
@@ -350,6 +423,10 @@ pub struct DevArgs {
     /// Storage nodes' anti-entropy period (each covers all its partitions once per period; 0 = off).
     #[arg(long, default_value_t = 3600)]
     pub anti_entropy_period_secs: u64,
+    /// Run the services without cluster authentication (internal APIs open to anyone who reaches
+    /// their ports): for comparing its cost only; logged as a warning.
+    #[arg(long)]
+    pub insecure_cluster: bool,
 }
 
 /// Runs one command. Except for `dev` (whose services set up their own), commands run in a span
@@ -378,6 +455,8 @@ fn command_name(command: &Command) -> &'static str {
         Command::Apikey(_) => "pairdb apikey",
         Command::Node(_) => "pairdb node",
         Command::Migration(_) => "pairdb migration",
+        Command::Cluster(_) => "pairdb cluster",
+        Command::Cert(_) => "pairdb cert",
         Command::Dev(_) => "pairdb dev",
         Command::Bench(_) => "pairdb bench",
         Command::Health { .. } => "pairdb health",
@@ -392,6 +471,8 @@ async fn run_command(cli: Cli) -> anyhow::Result<()> {
         Command::Apikey(command) => crate::admin::api_key(globals, command).await,
         Command::Node(command) => crate::admin::node(globals, command).await,
         Command::Migration(command) => crate::admin::migration(globals, command).await,
+        Command::Cluster(command) => crate::cluster::run(globals, command).await,
+        Command::Cert(command) => crate::cert::run(globals, command),
         Command::Dev(args) => crate::dev::run(args).await,
         Command::Bench(args) => crate::bench::run(globals, args).await,
         Command::Health { addresses } => health(globals, addresses).await,

@@ -1,5 +1,10 @@
 //! `pairdb dev`: a complete local cluster in one process, for trying PairDB and for the quickstart.
 //!
+//! Cluster authentication is on, as in production: the first run writes a cluster secret to
+//! `<data-dir>/cluster-secret` (owner-only) and every service gets its credential from it, so an
+//! unauthenticated call to a dev storage node's or meta's internal API is refused too. Tenant API
+//! keys and the admin token are off (and the banner says so).
+//!
 //! Each service runs as an in-process task calling the same `run(config, listener, shutdown)` its
 //! standalone binary calls, so the dev cluster is the production code on embedded defaults: meta on
 //! SQLite with admin auth off and nodes auto-added, N storage nodes, one router (in-process
@@ -9,11 +14,12 @@
 //! under `--data-dir` and is reused by the next run.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use pairdb_client::proto::admin::v1 as admin;
 use pairdb_client::{AdminClient, ClientOptions, KvClient, ReadOptions, RetryPolicy};
+use pairdb_service::cluster_auth::{ClusterAuthArgs, Principal, Signer};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -37,11 +43,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut services = JoinSet::new();
+    let secret_file = cluster_secret(&args.data_dir)?;
+    let signer = Signer::read(&secret_file)?;
 
     let meta_listener = bind(args.meta_addr, "meta").await?;
     let mut meta_config = pairdb_meta::Config::for_tests(args.data_dir.join("meta"), None);
     meta_config.listen_addr = args.meta_addr;
     meta_config.auto_add_nodes = true;
+    meta_config.insecure_cluster = args.insecure_cluster;
+    meta_config.cluster_secret_file = (!args.insecure_cluster).then(|| secret_file.clone());
     let stop = stopped(stop_rx.clone());
     services.spawn(async move {
         ("meta", pairdb_meta::run(meta_config, meta_listener, stop).await.map_err(anyhow::Error::from))
@@ -57,6 +67,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             pairdb_storage::Config::for_node(node_id, args.data_dir.join(format!("storage-{node_id}")));
         config.listen_addr = addr;
         config.meta_addr = Some(args.meta_addr.to_string());
+        config.cluster_auth = credential(&signer, Principal::Node(node_id), args.insecure_cluster);
         config.anti_entropy_period_secs = args.anti_entropy_period_secs;
         config.sync = match args.sync {
             SyncArg::Always => pairdb_storage::config::SyncSetting::Always,
@@ -86,6 +97,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             router_config.listen_addr = args.router_addr;
             // Dev mode: no API keys; requests name their tenant (the CLI sends `demo`).
             router_config.no_auth = true;
+            router_config.cluster_auth = credential(&signer, Principal::Router, args.insecure_cluster);
             let stop = stopped(stop_rx.clone());
             services.spawn(async move {
                 (
@@ -124,6 +136,24 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             println!("pairdb dev: stopped; data kept in {}", args.data_dir.display());
             Ok(())
         }
+    }
+}
+
+/// The dev cluster's secret file, created (owner-only) on the first run.
+fn cluster_secret(data_dir: &Path) -> anyhow::Result<PathBuf> {
+    let path = data_dir.join("cluster-secret");
+    if !path.exists() {
+        crate::cluster::write_secret(&path, &Signer::generate_secret())?;
+    }
+    Ok(path)
+}
+
+/// Cluster-auth flags presenting `principal`'s credential (or none, with `--insecure-cluster`).
+fn credential(signer: &Signer, principal: Principal, insecure: bool) -> ClusterAuthArgs {
+    ClusterAuthArgs {
+        cluster_credential: (!insecure).then(|| signer.issue(principal).as_str().to_owned()),
+        cluster_credential_file: None,
+        insecure_cluster: insecure,
     }
 }
 
@@ -236,6 +266,14 @@ async fn wait_for_router(address: &str) -> anyhow::Result<()> {
 fn print_banner(args: &DevArgs, storage: &[(u32, SocketAddr)], replication_factor: u32, elapsed: Duration) {
     let data_dir: &Path = &args.data_dir;
     println!("pairdb dev: data in {} (kept across restarts)", data_dir.display());
+    if args.insecure_cluster {
+        println!("  cluster  internal APIs are OPEN (--insecure-cluster): anyone on this host can call them");
+    } else {
+        println!(
+            "  cluster  internal APIs need cluster credentials (secret in {})",
+            data_dir.join("cluster-secret").display()
+        );
+    }
     println!("  meta     {}  (SQLite; admin auth DISABLED, dev only)", args.meta_addr);
     for (node_id, addr) in storage {
         println!("  storage  {addr}  (node {node_id})");

@@ -3,7 +3,9 @@
 
 mod admin;
 mod bench;
+mod cert;
 mod cli;
+mod cluster;
 mod dev;
 mod kv;
 mod output;

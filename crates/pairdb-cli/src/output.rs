@@ -86,8 +86,9 @@ fn conflict_mode_name(value: i32) -> &'static str {
 }
 
 pub fn tenant_json(tenant: &admin::Tenant) -> Value {
-    json!({
+    let mut value = json!({
         "tenant_id": tenant.tenant_id,
+        "state": if tenant.state.is_empty() { "active" } else { tenant.state.as_str() },
         "replication_factor": tenant.replication_factor,
         "default_consistency": consistency_name(tenant.default_consistency),
         "conflict_mode": conflict_mode_name(tenant.conflict_mode),
@@ -98,7 +99,15 @@ pub fn tenant_json(tenant: &admin::Tenant) -> Value {
         "strict_quorum": tenant.strict_quorum,
         "created_at_ms": tenant.created_at_ms,
         "updated_at_ms": tenant.updated_at_ms,
-    })
+    });
+    if let Some(purge) = &tenant.purge {
+        value["purge"] = json!({
+            "nodes_done": purge.nodes_done,
+            "nodes_total": purge.nodes_total,
+            "waiting_node_ids": purge.waiting_node_ids,
+        });
+    }
+    value
 }
 
 pub fn api_key_json(key: &admin::ApiKey) -> Value {
@@ -137,6 +146,7 @@ pub fn node_json(node: &admin::StorageNode) -> Value {
             "disk_free_bytes": stats.disk_free_bytes,
             "hints_pending": stats.hints_pending,
             "write_path_poisoned": stats.write_path_poisoned,
+            "quarantined_records": stats.quarantined_records,
         },
         "in_ring": node.in_ring,
     })

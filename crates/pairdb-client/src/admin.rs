@@ -54,6 +54,18 @@ impl AdminClient {
         })
     }
 
+    admin_call!(
+        /// Replaces the key routers seal client contexts with.
+        rotate_context_key, rotate_context_key, pb::RotateContextKeyRequest, pb::ContextKeyStatus, false
+    );
+    admin_call!(
+        /// The cluster credential of a principal (`router`, `meta`, `node-<id>`).
+        issue_cluster_credential,
+        issue_cluster_credential,
+        pb::IssueClusterCredentialRequest,
+        pb::IssueClusterCredentialResponse,
+        true
+    );
     admin_call!(create_tenant, create_tenant, pb::CreateTenantRequest, pb::Tenant, false);
     admin_call!(get_tenant, get_tenant, pb::GetTenantRequest, pb::Tenant, true);
     admin_call!(list_tenants, list_tenants, pb::ListTenantsRequest, pb::ListTenantsResponse, true);
