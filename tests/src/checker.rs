@@ -34,8 +34,9 @@ use anyhow::{Context, bail};
 use pairdb_client::{
     ClientOptions, Consistency, KvClient, ReadOptions, ReadResult, RetryPolicy, WriteOptions, WriteResult,
 };
+use pairdb_core::context::context_vector_unverified;
 use pairdb_core::dvv::{Actor, VersionSet, VersionVector};
-use pairdb_core::encoding::{decode_context, decode_version_set};
+use pairdb_core::encoding::decode_version_set;
 use pairdb_proto::storage::v1 as spb;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -390,7 +391,7 @@ async fn write_once(kv: &KvClient, shared: &Shared, key: &str, history: &mut Key
     let config = &shared.config;
     let seq = history.next_seq;
     history.next_seq += 1;
-    let sent = decode_context(&history.context).unwrap_or_default();
+    let sent = context_vector_unverified(&history.context).unwrap_or_default();
     let options = WriteOptions {
         consistency: config.write_consistency,
         context: history.context.clone(),
@@ -825,6 +826,7 @@ pub async fn scan_replicas(
                     tenant_id: tenant.to_owned(),
                     key: key.clone(),
                     partition: topology.partition_of(tenant, key)?,
+                    tenant_generation: 0,
                 });
             }
             tasks.spawn(async move {

@@ -133,6 +133,11 @@ impl Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// The operating system's process id (for `/proc/<pid>/...` readings).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Process {
@@ -161,38 +166,41 @@ pub fn http_request(
     Ok((status, body))
 }
 
-/// Sends `request` exactly as given (head and body) and returns (status, response head, body).
+/// Sends `request` exactly as given (head and body) and returns (status, response head, body); the
+/// body is de-chunked, then read as (lossy) UTF-8, so binary bodies (gRPC) are safe too.
 pub fn http_raw(addr: SocketAddr, request: &[u8]) -> anyhow::Result<(u16, String, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.write_all(request)?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response)?;
-    let response = String::from_utf8_lossy(&response).into_owned();
-    let status = response
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(response.len());
+    let head = String::from_utf8_lossy(&response[..split]).into_owned();
+    let body = response.get(split + 4..).unwrap_or_default();
+    let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|code| code.parse().ok())
         .context("malformed HTTP status line")?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
     // Chunked replies (axum streams bodies of unknown length) are de-chunked here.
     let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
         dechunk(body)
     } else {
-        body.to_owned()
+        body.to_vec()
     };
-    Ok((status, head.to_owned(), body))
+    Ok((status, head, String::from_utf8_lossy(&body).into_owned()))
 }
 
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(size) = usize::from_str_radix(size.trim(), 16) else { break };
-        if size == 0 || rest.len() < size {
-            break;
-        }
-        out.push_str(&rest[..size]);
-        body = rest[size..].trim_start_matches("\r\n");
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(line_end) = body.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&body[..line_end])
+            .ok()
+            .and_then(|s| usize::from_str_radix(s.trim(), 16).ok());
+        let rest = &body[line_end + 2..];
+        let Some(size) = size.filter(|&size| size > 0 && rest.len() >= size) else { break };
+        out.extend_from_slice(&rest[..size]);
+        body = rest[size..].strip_prefix(b"\r\n").unwrap_or(&rest[size..]);
     }
     out
 }
@@ -292,11 +300,42 @@ pub mod cluster {
     use pairdb_proto::admin::v1 as admin;
     use pairdb_proto::admin::v1::admin_service_client::AdminServiceClient;
     use pairdb_proto::cluster::v1 as cluster_pb;
-    use pairdb_proto::cluster::v1::cluster_service_client::ClusterServiceClient;
     use pairdb_proto::kv::v1::kv_service_client::KvServiceClient;
-    use pairdb_proto::storage::v1::storage_service_client::StorageServiceClient;
     use pairdb_proto::storage::v1::{StatsRequest, StatsResponse};
+    use pairdb_service::clients::InternalClients;
+    pub use pairdb_service::clients::StorageClient;
+    pub use pairdb_service::cluster_auth::Principal;
+    use pairdb_service::cluster_auth::{ClusterAuth, Signer};
     use tonic::transport::Channel;
+
+    /// A cluster secret in `dir` and the flags giving it to meta, or `--insecure-cluster`.
+    fn cluster_secret(
+        dir: &std::path::Path,
+        insecure: bool,
+    ) -> anyhow::Result<(Option<std::sync::Arc<Signer>>, Vec<String>)> {
+        if insecure {
+            return Ok((None, vec!["--insecure-cluster".to_owned()]));
+        }
+        let path = dir.join("cluster-secret");
+        std::fs::write(&path, Signer::generate_secret())?;
+        let signer = Signer::read(&path)?;
+        Ok((
+            Some(std::sync::Arc::new(signer)),
+            vec!["--cluster-secret-file".to_owned(), path.display().to_string()],
+        ))
+    }
+
+    /// The flags presenting `principal`'s credential (a file in `dir`), or `--insecure-cluster`.
+    fn credential_args(
+        dir: &std::path::Path,
+        signer: Option<&Signer>,
+        principal: Principal,
+    ) -> anyhow::Result<Vec<String>> {
+        let Some(signer) = signer else { return Ok(vec!["--insecure-cluster".to_owned()]) };
+        let path = dir.join(format!("{principal}.credential"));
+        std::fs::write(&path, signer.issue(principal).as_str())?;
+        Ok(vec!["--cluster-credential-file".to_owned(), path.display().to_string()])
+    }
 
     use super::{Process, free_addr, http_get};
 
@@ -324,6 +363,8 @@ pub mod cluster {
         storage_extra: Vec<String>,
         /// Meta adds registering nodes itself; otherwise the harness adds them with the admin API.
         auto_add_nodes: bool,
+        /// Signs this cluster's credentials (`None` with [`ClusterOptions::insecure_cluster`]).
+        signer: Option<std::sync::Arc<Signer>>,
     }
 
     /// What [`Cluster::start_with`] starts.
@@ -347,6 +388,9 @@ pub mod cluster {
         /// the harness adds every node with `AddStorageNode`, and a removed node that is still running
         /// cannot rejoin by registering again.
         pub auto_add_nodes: bool,
+        /// Run every process with `--insecure-cluster` (no cluster credentials). Off: meta gets a
+        /// cluster secret and every router and storage node its own credential, as in production.
+        pub insecure_cluster: bool,
     }
 
     impl Default for ClusterOptions {
@@ -361,6 +405,7 @@ pub mod cluster {
                 env: Vec::new(),
                 storage_args: Vec::new(),
                 auto_add_nodes: true,
+                insecure_cluster: false,
             }
         }
     }
@@ -402,7 +447,10 @@ pub mod cluster {
                 env,
                 storage_args,
                 auto_add_nodes,
+                insecure_cluster,
             } = options;
+            let dir = tempfile::tempdir()?;
+            let (signer, secret_args) = cluster_secret(dir.path(), insecure_cluster)?;
             let mut router_extra = Vec::new();
             if !auth {
                 router_extra.push("--no-auth".to_owned());
@@ -410,7 +458,7 @@ pub mod cluster {
             if let Some(url) = redis_url {
                 router_extra.extend(["--redis-url".to_owned(), url]);
             }
-            let dir = tempfile::tempdir()?;
+            router_extra.extend(credential_args(dir.path(), signer.as_deref(), Principal::Router)?);
             let postgres = match postgres_url {
                 Some(url) => Some(super::postgres::Schema::create(&url).await?),
                 None => None,
@@ -425,6 +473,7 @@ pub mod cluster {
                     .map(|s| (*s).to_owned())
                     .chain(auto_add_nodes.then(|| "--auto-add-nodes".to_owned()))
                     .chain(database)
+                    .chain(secret_args)
                     .collect();
             let mut meta = Process::spawn_with_env("pairdb-meta", free_addr()?, &meta_args, &env)?;
             meta.wait_live(Duration::from_secs(30))?;
@@ -439,6 +488,7 @@ pub mod cluster {
                 env,
                 storage_extra: storage_args,
                 auto_add_nodes,
+                signer,
             };
             for id in 1..=storage_nodes {
                 let process = cluster.spawn_storage(id, free_addr()?)?;
@@ -471,6 +521,7 @@ pub mod cluster {
         }
 
         pub fn spawn_storage(&self, id: u32, addr: std::net::SocketAddr) -> anyhow::Result<Process> {
+            let credential = credential_args(self.dir.path(), self.signer.as_deref(), Principal::Node(id))?;
             Process::spawn_with_env(
                 "pairdb-storage",
                 addr,
@@ -485,10 +536,25 @@ pub mod cluster {
                     self.storage_dir(id).display().to_string(),
                 ]
                 .into_iter()
+                .chain(credential)
                 .chain(self.storage_extra.iter().cloned())
                 .collect::<Vec<String>>(),
                 &self.env,
             )
+        }
+
+        /// The credential of `principal` in this cluster (`None` when it runs insecure).
+        pub fn credential(&self, principal: Principal) -> Option<pairdb_service::cluster_auth::Credential> {
+            self.signer.as_ref().map(|signer| signer.issue(principal))
+        }
+
+        /// Internal clients presenting `principal`'s credential.
+        pub fn clients_as(&self, principal: Principal) -> InternalClients {
+            let auth = match self.credential(principal) {
+                Some(credential) => ClusterAuth::with_credential(credential, false),
+                None => ClusterAuth::insecure(),
+            };
+            InternalClients::new(None, &auth, pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES)
         }
 
         /// The data directory of storage node `id`.
@@ -645,10 +711,10 @@ pub mod cluster {
             Ok(KvServiceClient::new(pairdb_client::connect(&self.routers[router].addr.to_string()).await?))
         }
 
-        pub async fn storage_client(&self, index: usize) -> anyhow::Result<StorageServiceClient<Channel>> {
-            Ok(StorageServiceClient::new(
-                pairdb_client::connect(&self.storage[index].addr.to_string()).await?,
-            ))
+        /// A client of storage node `index`'s internal API, presenting the router's credential.
+        pub async fn storage_client(&self, index: usize) -> anyhow::Result<StorageClient> {
+            let channel = pairdb_client::connect(&self.storage[index].addr.to_string()).await?;
+            Ok(self.clients_as(Principal::Router).storage_over(channel))
         }
 
         /// `Stats` of storage node `index`.
@@ -753,8 +819,8 @@ pub mod cluster {
 
         /// The cluster as meta publishes it: the first message of a watch stream.
         pub async fn topology(&self) -> anyhow::Result<ClusterTopology> {
-            let mut client =
-                ClusterServiceClient::new(pairdb_client::connect(&self.meta.addr.to_string()).await?);
+            let channel = pairdb_client::connect(&self.meta.addr.to_string()).await?;
+            let mut client = self.clients_as(Principal::Router).cluster_over(channel);
             let mut stream = client
                 .watch(cluster_pb::WatchRequest {
                     subscriber_kind: "test".into(),

@@ -161,6 +161,7 @@ async fn verify(
                 tenant_id: "t".into(),
                 key: key.clone(),
                 partition: topology.partition_of("t", key).unwrap(),
+                tenant_generation: 0,
             };
             let response = storage.get(spb::GetRequest { key: Some(key_ref) }).await.unwrap().into_inner();
             if response.found {

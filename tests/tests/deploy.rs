@@ -46,6 +46,9 @@ struct Workspace {
     shims: tempfile::TempDir,
     /// Scratch files standing in for mounted secrets.
     scratch: tempfile::TempDir,
+    /// A cluster secret and credentials made by the real `pairdb cluster init`, standing in for the
+    /// files deployments must generate (they are never in git).
+    cluster: tempfile::TempDir,
     /// `env = "..."` names per binary (services include the flattened TLS arguments).
     env_names: BTreeMap<String, BTreeSet<String>>,
     default_ports: BTreeMap<String, u16>,
@@ -63,12 +66,17 @@ impl Workspace {
     fn load() -> Result<Workspace> {
         let root = repo_root();
         let bin_dir = pairdb_tests::binaries_dir()?;
-        let tls = read(&root.join("crates/pairdb-service/src/tls.rs"))?;
+        // Flags every service flattens in from pairdb-service.
+        let shared: String = ["tls.rs", "cluster_auth.rs", "listener.rs"]
+            .iter()
+            .map(|file| read(&root.join("crates/pairdb-service/src").join(file)))
+            .collect::<Result<Vec<_>>>()?
+            .join("\n");
         let mut env_names = BTreeMap::new();
         let mut default_ports = BTreeMap::new();
         for (binary, _) in SERVICES {
             let config = read(&root.join(format!("crates/{binary}/src/config.rs")))?;
-            let names: BTreeSet<String> = env_attributes(&config).chain(env_attributes(&tls)).collect();
+            let names: BTreeSet<String> = env_attributes(&config).chain(env_attributes(&shared)).collect();
             ensure!(names.contains("PAIRDB_LISTEN_ADDR"), "{binary}: no PAIRDB_LISTEN_ADDR in its config");
             env_names.insert((*binary).to_owned(), names);
             let line = config
@@ -106,11 +114,18 @@ impl Workspace {
             .into_iter()
             .map(|stage| (stage.name.clone(), stage))
             .collect();
+        let cluster = tempfile::tempdir()?;
+        let init = Command::new(bin_dir.join(CLI))
+            .args(["cluster", "init", "--storage-nodes", "3", "--out"])
+            .arg(cluster.path().join("cluster"))
+            .output()?;
+        ensure!(init.status.success(), "pairdb cluster init: {}", String::from_utf8_lossy(&init.stderr));
         Ok(Workspace {
             root,
             bin_dir,
             shims,
             scratch: tempfile::tempdir()?,
+            cluster,
             env_names,
             default_ports,
             stages,
@@ -125,6 +140,29 @@ impl Workspace {
             other => SERVICES.iter().find(|(binary, _)| *binary == other)?.1,
         };
         self.stages.get(target)
+    }
+
+    /// The generated cluster file named like `name` (`cluster-secret`, `router.credential`, ...).
+    fn cluster_file(&self, name: &str) -> Result<PathBuf> {
+        let base = Path::new(name).file_name().context("cluster file name")?;
+        let path = self.cluster.path().join("cluster").join(base);
+        ensure!(path.exists(), "pairdb cluster init makes no {}", path.display());
+        Ok(path)
+    }
+
+    /// A Secret value, with `REPLACE-ME` placeholders of cluster files replaced by generated ones.
+    fn secret_value(&self, key: &str, value: &str) -> Result<String> {
+        if value.starts_with("REPLACE-ME") {
+            return read(&self.cluster_file(key)?);
+        }
+        Ok(value.to_owned())
+    }
+
+    /// An empty scratch directory standing in for a mounted secret volume.
+    fn scratch_dir(&self, name: &str) -> Result<PathBuf> {
+        let path = self.scratch.path().join(name.replace('/', "_"));
+        std::fs::create_dir_all(&path)?;
+        Ok(path)
     }
 
     /// A scratch file with `contents`, standing in for a mounted secret.
@@ -460,17 +498,33 @@ fn dockerfile_targets_match_the_binaries() -> Result<()> {
         let user = stage.user.as_deref().context(format!("{origin}: USER is set"))?;
         ensure!(!["root", "0", "0:0"].contains(&user), "{origin}: runs as a non-root user, not {user}");
 
-        // What a deployment must add: an admin token for meta, a node id for storage.
+        // What a deployment must add: an admin token for meta, a node id for storage, and cluster
+        // credentials.
         let mut launch = Launch::from_argv(origin.clone(), &stage.entrypoint, stage.env.clone())
             .context("entrypoint runs the binary")?;
+        // Cluster authentication: the cluster secret for meta, a credential for the others.
         match *target {
             "meta" => {
                 launch.env.insert("PAIRDB_ADMIN_TOKEN_FILE".into(), "/run/secrets/admin_token".into());
                 let token = workspace.scratch_file("docker-admin-token", "a-deploy-time-token\n")?;
                 launch.files.insert("/run/secrets/admin_token".into(), token);
+                launch.env.insert("PAIRDB_CLUSTER_SECRET_FILE".into(), "/run/secrets/cluster_secret".into());
+                launch
+                    .files
+                    .insert("/run/secrets/cluster_secret".into(), workspace.cluster_file("cluster-secret")?);
             }
             "storage" => {
                 launch.env.insert("PAIRDB_NODE_ID".into(), "1".into());
+                launch.env.insert("PAIRDB_CLUSTER_CREDENTIAL_FILE".into(), "/run/secrets/credential".into());
+                launch
+                    .files
+                    .insert("/run/secrets/credential".into(), workspace.cluster_file("node-1.credential")?);
+            }
+            "router" => {
+                launch.env.insert("PAIRDB_CLUSTER_CREDENTIAL_FILE".into(), "/run/secrets/credential".into());
+                launch
+                    .files
+                    .insert("/run/secrets/credential".into(), workspace.cluster_file("router.credential")?);
             }
             _ => {}
         }
@@ -580,7 +634,13 @@ fn compose_services(workspace: &Workspace, doc: &Yaml, dir: &Path) -> Result<Vec
             let secret = scalar(secret).or_else(|| scalar(&secret["source"])).context("secret name")?;
             let file =
                 doc["secrets"][secret.as_str()]["file"].as_str().context(format!("secret {secret} file"))?;
-            launch.files.insert(format!("/run/secrets/{secret}"), dir.join(file));
+            // Cluster files are generated per deployment (`pairdb cluster init`), never committed.
+            let local = match dir.join(file) {
+                path if path.exists() => path,
+                _ if file.starts_with("./cluster/") => workspace.cluster_file(file)?,
+                path => bail!("{origin}: secret file {} is missing", path.display()),
+            };
+            launch.files.insert(format!("/run/secrets/{secret}"), local);
         }
         let aliases = str_list(&service["networks"]["default"]["aliases"]);
         let mut published = Vec::new();
@@ -887,11 +947,14 @@ fn k8s_containers(workspace: &Workspace, manifests: &Manifests) -> Result<Vec<Co
                             .collect(),
                         _ => data.keys().map(|k| (k.clone(), k.clone())).collect(),
                     };
+                    // The mount directory maps to a local one holding the items, so paths the
+                    // container computes at start (`node-$((ordinal + 1)).credential`) resolve too.
+                    let local_dir = workspace.scratch_dir(&format!("{name}-{secret}-{volume_name}"))?;
                     for (key, path) in items {
                         let contents = data.get(&key).context(format!("{secret}.{key}"))?;
-                        let local = workspace.scratch_file(&format!("{name}-{secret}-{key}"), contents)?;
-                        launch.files.insert(format!("{mount_path}/{path}"), local);
+                        std::fs::write(local_dir.join(&path), workspace.secret_value(&key, contents)?)?;
                     }
+                    launch.files.insert(mount_path.to_owned(), local_dir);
                 }
                 let mut ports = BTreeMap::new();
                 let mut container_ports = Vec::new();
@@ -1115,6 +1178,20 @@ fn a_wrong_flag_or_variable_fails_the_check() -> Result<()> {
     let mut no_secret = meta.launch.clone();
     no_secret.files.clear();
     assert!(no_secret.check_config(&workspace, &Env::new()).is_err(), "meta needs its admin token file");
+
+    // Cluster authentication is not optional: without its credential a storage node refuses to start,
+    // and so does one presenting another node's credential.
+    let mut no_credential = storage.launch.clone();
+    no_credential.env.remove("PAIRDB_CLUSTER_CREDENTIAL_FILE");
+    let error = no_credential.check_config(&workspace, &Env::new()).expect_err("a node without a credential");
+    assert!(format!("{error:#}").contains("cluster_credential"), "{error:#}");
+    let mut borrowed = storage.launch.clone();
+    let node_two = workspace.cluster_file("node-2.credential")?;
+    for file in borrowed.files.values_mut() {
+        *file = node_two.clone();
+    }
+    let error = borrowed.check_config(&workspace, &Env::new()).expect_err("node 1 with node 2's credential");
+    assert!(format!("{error:#}").contains("names node-2"), "{error:#}");
 
     let health = vec![CLI.to_owned(), "health".into(), "127.0.0.1:7101".into()];
     assert!(check_health_command("test", &health, 7100).is_err(), "a healthcheck on the wrong port");

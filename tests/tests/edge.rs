@@ -375,7 +375,7 @@ async fn bad_input_gets_exact_statuses_and_reasons_over_grpc_and_http() {
             pb::PutRequest { context: vec![1, 2, 3], ..put("k", b"v".to_vec()) },
             Some(&secret),
             Code::InvalidArgument,
-            "MALFORMED_VERSION",
+            "INVALID_CONTEXT",
         ),
         (
             "other tenant",
@@ -466,7 +466,7 @@ async fn bad_input_gets_exact_statuses_and_reasons_over_grpc_and_http() {
             Vec::new(),
             Some(&auth),
             400,
-            "MALFORMED_VERSION",
+            "INVALID_CONTEXT",
         ),
         (
             "malformed JSON",

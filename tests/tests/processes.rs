@@ -11,7 +11,12 @@ async fn services_start_and_report_health() -> anyhow::Result<()> {
     let mut meta = Process::spawn(
         "pairdb-meta",
         free_addr()?,
-        &["--data-dir".into(), data.path().join("meta").display().to_string(), "--no-auth".into()],
+        &[
+            "--data-dir".into(),
+            data.path().join("meta").display().to_string(),
+            "--no-auth".into(),
+            "--insecure-cluster".into(),
+        ],
     )?;
     let mut storage = Process::spawn(
         "pairdb-storage",
@@ -19,12 +24,16 @@ async fn services_start_and_report_health() -> anyhow::Result<()> {
         &[
             "--node-id".into(),
             "1".into(),
+            "--insecure-cluster".into(),
             "--data-dir".into(),
             data.path().join("storage-1").display().to_string(),
         ],
     )?;
-    let mut router =
-        Process::spawn("pairdb-router", free_addr()?, &["--meta-addr".into(), meta.addr.to_string()])?;
+    let mut router = Process::spawn(
+        "pairdb-router",
+        free_addr()?,
+        &["--meta-addr".into(), meta.addr.to_string(), "--insecure-cluster".into()],
+    )?;
     for process in [&mut meta, &mut storage, &mut router] {
         process.wait_live(Duration::from_secs(30))?;
     }
@@ -67,5 +76,45 @@ fn invalid_config_fails_with_the_field_name() -> anyhow::Result<()> {
         .output()?;
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("database_url"));
+    Ok(())
+}
+
+/// Cluster authentication is on unless switched off explicitly: each service refuses to start
+/// without its cluster secret or credential (naming the field), and `--insecure-cluster` starts it
+/// with a warning in its log.
+#[test]
+fn services_refuse_to_start_without_cluster_credentials() -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+    let binaries = pairdb_tests::binaries_dir()?;
+    for (binary, args, field) in [
+        ("pairdb-meta", vec!["--no-auth"], "cluster_secret"),
+        ("pairdb-storage", vec!["--node-id", "1"], "cluster_credential"),
+        ("pairdb-router", vec![], "cluster_credential"),
+    ] {
+        let output = std::process::Command::new(binaries.join(binary))
+            .args(&args)
+            .arg("--check-config")
+            .env_clear()
+            .output()?;
+        assert!(!output.status.success(), "{binary} accepted a configuration without cluster credentials");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(field) && stderr.contains("--insecure-cluster"), "{binary}: {stderr}");
+    }
+    let data = tempfile::tempdir()?;
+    let mut storage = std::process::Command::new(binaries.join("pairdb-storage"))
+        .args(["--node-id", "1", "--insecure-cluster", "--listen-addr", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path())
+        .env_clear()
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let stderr = storage.stderr.take().expect("piped stderr");
+    let warned = std::io::BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .take(50)
+        .any(|line| line.contains("WARN") && line.contains("cluster authentication is DISABLED"));
+    storage.kill()?;
+    storage.wait()?;
+    assert!(warned, "--insecure-cluster started without a warning");
     Ok(())
 }

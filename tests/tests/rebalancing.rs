@@ -12,8 +12,9 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use pairdb_client::{Consistency, ReadOptions, WriteOptions};
-use pairdb_core::dvv::VersionSet;
-use pairdb_core::encoding::{decode_version_set, encode_context};
+use pairdb_core::context::context_vector_unverified;
+use pairdb_core::dvv::{VersionSet, VersionVector};
+use pairdb_core::encoding::{decode_version_set, encode_vector};
 use pairdb_proto::admin::v1 as admin;
 use pairdb_proto::storage::v1 as spb;
 use pairdb_tests::checker::{self, Checker, LoadConfig, ReplicaCheck, wait_for_replicas};
@@ -96,19 +97,21 @@ fn key_ref(topology: &pairdb_tests::cluster::ClusterTopology, key: &str) -> spb:
         tenant_id: TENANT.into(),
         key: key.into(),
         partition: topology.partition_of(TENANT, key).unwrap(),
+        tenant_generation: 0,
     }
 }
 
-/// A write coordinated by storage node `index` itself (as a router would ask it to), then replicated
-/// to `replicas`; returns the resulting set.
+/// A write coordinated by storage node `index` itself (as a router would ask it to, with the context's
+/// vector), then replicated to `replicas`; returns the resulting set.
 async fn coordinate_on(
     cluster: &Cluster,
     index: usize,
     replicas: &[usize],
     key: &str,
-    context: Vec<u8>,
+    context: VersionVector,
     value: &[u8],
 ) -> VersionSet {
+    let context = encode_vector(&context);
     let topology = cluster.topology().await.unwrap();
     let now_ms =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
@@ -498,12 +501,12 @@ async fn a_wiped_replica_is_refilled_by_anti_entropy_and_its_new_writes_win() {
     // already consider seen.
     let amnesia: Vec<String> = (0..20).map(|i| format!("amnesia-{i}")).collect();
     for key in &amnesia {
-        let mut context = put_at_all(&kv, key, b"first").await;
+        let mut context = context_vector_unverified(&put_at_all(&kv, key, b"first").await).unwrap();
         for round in 0..3 {
             let set =
                 coordinate_on(&cluster, wiped, &others, key, context, format!("old-{round}").as_bytes())
                     .await;
-            context = encode_context(set.vector());
+            context = set.vector().clone();
         }
         assert_eq!(values_at_all(&kv, key).await, vec![b"old-2".to_vec()], "{key}");
     }
@@ -523,7 +526,7 @@ async fn a_wiped_replica_is_refilled_by_anti_entropy_and_its_new_writes_win() {
         for other in others {
             merged = merged.merge(&local(&cluster, other, key).await.unwrap());
         }
-        coordinate_on(&cluster, wiped, &others, key, encode_context(merged.vector()), b"after-wipe").await;
+        coordinate_on(&cluster, wiped, &others, key, merged.vector().clone(), b"after-wipe").await;
     }
 
     // Every key the node should hold comes back within about three anti-entropy periods.
@@ -550,7 +553,8 @@ async fn a_wiped_replica_is_refilled_by_anti_entropy_and_its_new_writes_win() {
             .await
             .unwrap()
             .unwrap();
-        coordinate_on(&cluster, wiped, &others, key, read.context, b"after-refill").await;
+        let context = context_vector_unverified(&read.context).unwrap();
+        coordinate_on(&cluster, wiped, &others, key, context, b"after-refill").await;
     }
     // Neither is lost to the versions the old incarnation wrote.
     for key in early {

@@ -70,7 +70,14 @@ async fn local(cluster: &Cluster, index: usize, key: &str) -> Option<pairdb_core
     let partition = PartitionCount::default().partition_of(token_for("t", key.as_bytes())).0;
     let mut client = cluster.storage_client(index).await.ok()?;
     let response = client
-        .get(spb::GetRequest { key: Some(spb::KeyRef { tenant_id: "t".into(), key: key.into(), partition }) })
+        .get(spb::GetRequest {
+            key: Some(spb::KeyRef {
+                tenant_id: "t".into(),
+                key: key.into(),
+                partition,
+                tenant_generation: 0,
+            }),
+        })
         .await
         .ok()?
         .into_inner();
@@ -335,10 +342,9 @@ async fn a_hung_replica_never_holds_requests_past_their_deadline() {
 async fn reads_repair_replicas_that_missed_a_write() {
     let _serial = ONE_CLUSTER_AT_A_TIME.lock().await;
     let mut cluster = Cluster::start(3, 0, 3).await.unwrap();
-    // A router that never probes or sweeps hints, so only read repair can fix the replicas.
-    let router = cluster
-        .add_router_with(&["--probe-interval-ms", "3600000", "--hint-sweep-interval-ms", "3600000"])
-        .unwrap();
+    // A router that never probes, so only read repair can fix the replicas (no fallback exists for
+    // hints with three nodes and N = 3).
+    let router = cluster.add_router_with(&["--probe-interval-ms", "3600000"]).unwrap();
     wait_ready(router, Duration::from_secs(30)).unwrap();
     let mut client = cluster.kv(0).await.unwrap();
     settle(&mut client).await;
