@@ -38,6 +38,7 @@ images:
 
 # The compose stack (PostgreSQL, Redis, Jaeger UI on http://localhost:16686, 2 meta, 3 storage, 2 routers).
 compose-up:
+    test -f deploy/compose/cluster/cluster-secret || cargo run --release -p pairdb-cli -- cluster init --out deploy/compose/cluster --storage-nodes 3
     docker compose -f deploy/compose/compose.yaml up --build -d
 
 compose-down:
