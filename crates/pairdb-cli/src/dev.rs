@@ -246,7 +246,7 @@ async fn ensure_tenant(admin: &AdminClient, replication_factor: u32) -> anyhow::
     };
     match admin.create_tenant(request).await {
         Ok(_) => Ok(()),
-        Err(error) if error.reason() == "TENANT_EXISTS" => Ok(()),
+        Err(error) if error.known_reason() == Some(pairdb_client::Reason::TenantExists) => Ok(()),
         Err(error) => Err(error.into()),
     }
 }

@@ -1,8 +1,7 @@
 //! Client errors. A server error keeps its gRPC code and PairDB's stable reason code (from the status
 //! details) so callers branch on `reason()`, never on message text.
 
-use pairdb_proto::common::v1::ErrorDetail;
-use prost::Message;
+use pairdb_proto::status::{Reason, detail_of, reason_of_code};
 use tonic::Code;
 
 /// Everything a client call can fail with.
@@ -19,14 +18,20 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// The stable reason code: the server's (e.g. `QUORUM_NOT_REACHED`), or the client-side condition.
+    /// The stable reason code: the server's (e.g. `QUORUM_NOT_REACHED`, also one newer than this
+    /// client), or the client-side condition.
     pub fn reason(&self) -> &str {
         match self {
-            ClientError::InvalidEndpoint { .. } => "INVALID_ENDPOINT",
-            ClientError::Connect { .. } => "CONNECT_FAILED",
-            ClientError::InvalidToken => "INVALID_TOKEN",
+            ClientError::InvalidEndpoint { .. } => Reason::InvalidEndpoint.as_str(),
+            ClientError::Connect { .. } => Reason::ConnectFailed.as_str(),
+            ClientError::InvalidToken => Reason::InvalidToken.as_str(),
             ClientError::Server { reason, .. } => reason,
         }
+    }
+
+    /// The reason, when this client knows it (`None` for a newer server's reason).
+    pub fn known_reason(&self) -> Option<Reason> {
+        Reason::parse(self.reason())
     }
 
     /// The gRPC code of a server error; `Unavailable` for connection failures.
@@ -51,41 +56,24 @@ impl ClientError {
 
 impl From<tonic::Status> for ClientError {
     fn from(status: tonic::Status) -> Self {
-        let detail = ErrorDetail::decode(status.details()).ok().filter(|detail| !detail.reason.is_empty());
-        let (reason, metadata) = match detail {
+        let (reason, metadata) = match detail_of(&status) {
             Some(detail) => {
                 let mut metadata: Vec<(String, String)> = detail.metadata.into_iter().collect();
                 metadata.sort();
                 (detail.reason, metadata)
             }
             // A status without PairDB details (a proxy, the transport, an old server): its code names it.
-            None => (code_reason(status.code()).to_owned(), Vec::new()),
+            None => (reason_of_code(status.code()).as_str().to_owned(), Vec::new()),
         };
         ClientError::Server { code: status.code(), reason, message: status.message().to_owned(), metadata }
     }
 }
 
-/// Reason used for statuses that carry no PairDB detail.
-fn code_reason(code: Code) -> &'static str {
-    match code {
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::Cancelled => "CANCELLED",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        _ => "INTERNAL",
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use pairdb_proto::common::v1::ErrorDetail;
+    use prost::Message;
+
     use super::*;
 
     #[test]

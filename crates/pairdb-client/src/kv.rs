@@ -6,6 +6,7 @@ use std::time::Duration;
 use pairdb_proto::common::v1 as common;
 use pairdb_proto::kv::v1 as pb;
 use pairdb_proto::kv::v1::kv_service_client::KvServiceClient;
+use pairdb_proto::status::Reason;
 use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -199,7 +200,11 @@ impl KvClient {
         .await;
         match result {
             Ok(response) => Ok(read_result(response)),
-            Err(error) if error.code() == Code::NotFound && error.reason() == "KEY_NOT_FOUND" => Ok(None),
+            Err(error)
+                if error.code() == Code::NotFound && error.known_reason() == Some(Reason::KeyNotFound) =>
+            {
+                Ok(None)
+            }
             Err(error) => Err(error),
         }
     }

@@ -23,6 +23,7 @@ pub use admin::AdminClient;
 pub use error::ClientError;
 pub use kv::{Consistency, KvClient, ReadOptions, ReadResult, Sibling, WriteOptions, WriteResult};
 pub use pairdb_proto as proto;
+pub use pairdb_proto::status::Reason;
 pub use retry::RetryPolicy;
 
 /// How to reach a service.

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use pairdb_proto::status::Reason;
 use rand::Rng;
 use tonic::Code;
 
@@ -55,9 +56,9 @@ pub fn is_retryable(error: &ClientError, safe_to_repeat: bool) -> bool {
     }
     match error {
         ClientError::Connect { .. } => true,
-        ClientError::Server { code, reason, .. } => {
+        ClientError::Server { code, .. } => {
             matches!(code, Code::Unavailable | Code::Aborted | Code::DeadlineExceeded)
-                || reason == "RATE_LIMITED"
+                || error.known_reason() == Some(Reason::RateLimited)
         }
         ClientError::InvalidEndpoint { .. } | ClientError::InvalidToken => false,
     }

@@ -23,6 +23,7 @@
 //! any byte, the binding or the key makes `open` fail; `open` never panics and never allocates more
 //! than the input's length allows.
 
+use crate::reason::{HasReason, Reason};
 use hmac::{KeyInit, Mac};
 use sha2::Sha256;
 
@@ -145,10 +146,10 @@ pub enum ContextError {
     Forged,
 }
 
-impl ContextError {
+impl HasReason for ContextError {
     /// Stable reason code for error replies.
-    pub fn reason(&self) -> &'static str {
-        "INVALID_CONTEXT"
+    fn reason(&self) -> Reason {
+        Reason::InvalidContext
     }
 }
 

@@ -17,6 +17,7 @@
 //! dot and no two share a dot; a dot identifies one write, so two sets holding the same dot hold the
 //! same sibling.
 
+use crate::reason::{HasReason, Reason};
 use std::collections::BTreeMap;
 
 /// The most actors a write may leave in a key's version vector. Real vectors name the storage-node
@@ -141,11 +142,13 @@ pub enum UpdateError {
     TooManyActors { would_have: usize },
 }
 
-impl UpdateError {
-    pub fn reason(&self) -> &'static str {
+impl HasReason for UpdateError {
+    fn reason(&self) -> Reason {
         match self {
-            UpdateError::TooManySiblings { .. } => "TOO_MANY_SIBLINGS",
-            UpdateError::CounterExhausted { .. } | UpdateError::TooManyActors { .. } => "MALFORMED_VERSION",
+            UpdateError::TooManySiblings { .. } => Reason::TooManySiblings,
+            UpdateError::CounterExhausted { .. } | UpdateError::TooManyActors { .. } => {
+                Reason::MalformedVersion
+            }
         }
     }
 }

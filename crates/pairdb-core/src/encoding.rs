@@ -21,6 +21,7 @@
 //! The checksum catches corruption; it is not a MAC (anyone can compute it), so this form is never
 //! accepted from a client (earlier releases gave it to clients as their context).
 
+use crate::reason::{HasReason, Reason};
 use sha2::{Digest, Sha256};
 
 use crate::dvv::{Actor, Dot, MAX_ACTORS, MAX_COUNTER, Sibling, VersionSet, VersionVector};
@@ -63,10 +64,10 @@ pub enum DecodeError {
     CounterTooLarge(u64),
 }
 
-impl DecodeError {
+impl HasReason for DecodeError {
     /// Stable reason code for error replies.
-    pub fn reason(&self) -> &'static str {
-        "MALFORMED_VERSION"
+    fn reason(&self) -> Reason {
+        Reason::MalformedVersion
     }
 }
 

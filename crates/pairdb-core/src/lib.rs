@@ -22,6 +22,7 @@ pub mod dvv;
 pub mod encoding;
 pub mod quorum;
 pub mod rate_limit;
+pub mod reason;
 pub mod repair;
 pub mod ring;
 pub mod token;

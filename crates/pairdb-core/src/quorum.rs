@@ -1,5 +1,6 @@
 //! Consistency levels and the R/W arithmetic against a tenant's replication factor N.
 
+use crate::reason::{HasReason, Reason};
 use crate::validation::MAX_REPLICATION_FACTOR;
 
 /// A named consistency level.
@@ -49,11 +50,11 @@ pub enum QuorumError {
     BadReplicationFactor(usize),
 }
 
-impl QuorumError {
-    pub fn reason(&self) -> &'static str {
+impl HasReason for QuorumError {
+    fn reason(&self) -> Reason {
         match self {
-            QuorumError::ExceedsReplicationFactor { .. } | QuorumError::Zero => "INVALID_CONSISTENCY",
-            QuorumError::BadReplicationFactor(_) => "INVALID_REPLICATION_FACTOR",
+            QuorumError::ExceedsReplicationFactor { .. } | QuorumError::Zero => Reason::InvalidConsistency,
+            QuorumError::BadReplicationFactor(_) => Reason::InvalidReplicationFactor,
         }
     }
 }

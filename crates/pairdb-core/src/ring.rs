@@ -88,6 +88,7 @@
 //!   checks, with equal weights and no zones); with unequal weights the deepest levels are best effort
 //!   when some node belongs in nearly every list. The add law is never traded for balance.
 
+use crate::reason::{HasReason, Reason};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -152,15 +153,15 @@ pub enum RingError {
     InvalidList { partition: PartitionId, problem: &'static str },
 }
 
-impl RingError {
+impl HasReason for RingError {
     /// Stable machine-readable code, for metrics and the API's error table.
-    pub fn reason(&self) -> &'static str {
+    fn reason(&self) -> Reason {
         match self {
-            Self::NoNodes => "NO_NODES",
-            Self::DuplicateNode(_) => "DUPLICATE_NODE",
-            Self::ZeroWeight(_) => "ZERO_WEIGHT",
-            Self::PartitionCountMismatch { .. } => "PARTITION_COUNT_MISMATCH",
-            Self::InvalidList { .. } => "INVALID_LIST",
+            Self::NoNodes => Reason::NoNodes,
+            Self::DuplicateNode(_) => Reason::DuplicateNode,
+            Self::ZeroWeight(_) => Reason::ZeroWeight,
+            Self::PartitionCountMismatch { .. } => Reason::PartitionCountMismatch,
+            Self::InvalidList { .. } => Reason::InvalidList,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Input limits of DESIGN §3, checked at every edge before anything is stored.
 
+use crate::reason::{HasReason, Reason};
 /// Highest replication factor (and the length of a partition's node list).
 pub const MAX_REPLICATION_FACTOR: usize = 7;
 pub const DEFAULT_REPLICATION_FACTOR: usize = 3;
@@ -36,17 +37,17 @@ pub enum ValidationError {
     InvalidMaxSiblings(usize),
 }
 
-impl ValidationError {
-    pub fn reason(&self) -> &'static str {
+impl HasReason for ValidationError {
+    fn reason(&self) -> Reason {
         match self {
-            ValidationError::InvalidTenantId => "INVALID_TENANT_ID",
+            ValidationError::InvalidTenantId => Reason::InvalidTenantId,
             ValidationError::EmptyKey | ValidationError::KeyTooLong { .. } | ValidationError::KeyNotUtf8 => {
-                "INVALID_KEY"
+                Reason::InvalidKey
             }
-            ValidationError::ValueTooLarge { .. } => "VALUE_TOO_LARGE",
-            ValidationError::InvalidReplicationFactor(_) => "INVALID_REPLICATION_FACTOR",
+            ValidationError::ValueTooLarge { .. } => Reason::ValueTooLarge,
+            ValidationError::InvalidReplicationFactor(_) => Reason::InvalidReplicationFactor,
             ValidationError::InvalidMaxValueBytes(_) | ValidationError::InvalidMaxSiblings(_) => {
-                "INVALID_ARGUMENT"
+                Reason::InvalidArgument
             }
         }
     }

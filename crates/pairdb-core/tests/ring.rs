@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use pairdb_core::reason::HasReason;
 use pairdb_core::ring::{
     Assignment, MAX_LIST_LEN, NodeId, NodeSpec, RingError, Transfer, diff, gained_memberships,
 };

@@ -2,6 +2,7 @@
 //! (gRPC in [`crate::grpc`], HTTP/JSON in [`crate::http`]) turn them into responses through
 //! `pairdb_service::errors`, the one reason → code → HTTP status table.
 
+use pairdb_core::reason::{HasReason, Reason};
 use pairdb_core::validation::MAX_REPLICATION_FACTOR;
 
 use crate::persistence::PersistenceError;
@@ -64,35 +65,36 @@ pub enum MetaError {
     Internal(String),
 }
 
-impl MetaError {
-    /// The stable reason code (see `pairdb_service::errors::grpc_code`).
-    pub fn reason(&self) -> &'static str {
+impl HasReason for MetaError {
+    fn reason(&self) -> Reason {
         match self {
-            MetaError::InvalidArgument(_) => "INVALID_ARGUMENT",
-            MetaError::InvalidTenantId(_) => "INVALID_TENANT_ID",
-            MetaError::InvalidReplicationFactor { .. } => "INVALID_REPLICATION_FACTOR",
-            MetaError::TenantExists(_) => "TENANT_EXISTS",
-            MetaError::TenantNotFound(_) => "TENANT_NOT_FOUND",
-            MetaError::ApiKeyNotFound(_) => "API_KEY_NOT_FOUND",
-            MetaError::NodeNotFound(_) => "NODE_NOT_FOUND",
-            MetaError::NodeExists(_) => "NODE_EXISTS",
-            MetaError::NodeRemoved(_) => "NODE_REMOVED",
-            MetaError::InvalidNode(_) => "INVALID_NODE",
-            MetaError::NodeUnavailable { .. } => "NODE_UNAVAILABLE",
-            MetaError::NodeInUse { .. } => "NODE_IN_USE",
-            MetaError::MigrationNotFound(_) => "MIGRATION_NOT_FOUND",
-            MetaError::MigrationInProgress { .. } => "MIGRATION_IN_PROGRESS",
-            MetaError::MigrationFinished { .. } => "MIGRATION_FINISHED",
-            MetaError::TenantBeingDeleted { .. } => "TENANT_BEING_DELETED",
-            MetaError::StaleDataDirectory(_) => "STALE_DATA_DIRECTORY",
-            MetaError::Unauthenticated(_) => "UNAUTHENTICATED",
-            MetaError::PermissionDenied(_) => "PERMISSION_DENIED",
-            MetaError::RequestTimeout(_) => "REQUEST_TIMEOUT",
-            MetaError::DatabaseUnavailable(_) => "DATABASE_UNAVAILABLE",
-            MetaError::Internal(_) => "INTERNAL",
+            MetaError::InvalidArgument(_) => Reason::InvalidArgument,
+            MetaError::InvalidTenantId(_) => Reason::InvalidTenantId,
+            MetaError::InvalidReplicationFactor { .. } => Reason::InvalidReplicationFactor,
+            MetaError::TenantExists(_) => Reason::TenantExists,
+            MetaError::TenantNotFound(_) => Reason::TenantNotFound,
+            MetaError::ApiKeyNotFound(_) => Reason::ApiKeyNotFound,
+            MetaError::NodeNotFound(_) => Reason::NodeNotFound,
+            MetaError::NodeExists(_) => Reason::NodeExists,
+            MetaError::NodeRemoved(_) => Reason::NodeRemoved,
+            MetaError::InvalidNode(_) => Reason::InvalidNode,
+            MetaError::NodeUnavailable { .. } => Reason::NodeUnavailable,
+            MetaError::NodeInUse { .. } => Reason::NodeInUse,
+            MetaError::MigrationNotFound(_) => Reason::MigrationNotFound,
+            MetaError::MigrationInProgress { .. } => Reason::MigrationInProgress,
+            MetaError::MigrationFinished { .. } => Reason::MigrationFinished,
+            MetaError::TenantBeingDeleted { .. } => Reason::TenantBeingDeleted,
+            MetaError::StaleDataDirectory(_) => Reason::StaleDataDirectory,
+            MetaError::Unauthenticated(_) => Reason::Unauthenticated,
+            MetaError::PermissionDenied(_) => Reason::PermissionDenied,
+            MetaError::RequestTimeout(_) => Reason::RequestTimeout,
+            MetaError::DatabaseUnavailable(_) => Reason::DatabaseUnavailable,
+            MetaError::Internal(_) => Reason::Internal,
         }
     }
+}
 
+impl MetaError {
     /// Structured details for clients (error metadata / JSON `details`).
     pub fn metadata(&self) -> Vec<(&'static str, String)> {
         match self {

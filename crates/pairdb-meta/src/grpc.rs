@@ -539,7 +539,7 @@ async fn pump(
                 tracing::warn!(kind = %subscriber.kind, id = %subscriber.id, missed, "watch subscriber fell behind; disconnecting it");
                 metrics::counter!("pairdb_meta_watch_lagged_total").increment(1);
                 let status = pairdb_service::errors::status(
-                    "OVERLOADED",
+                    pairdb_core::reason::Reason::Overloaded,
                     "watch subscriber fell behind; reconnect for a fresh snapshot",
                     &[("missed_events", missed.to_string())],
                 );

@@ -34,6 +34,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use pairdb_core::quorum::Consistency;
+use pairdb_core::reason::{HasReason, Reason};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -79,13 +80,14 @@ async fn json_payload_too_large(response: Response) -> Response {
     if response.status() != StatusCode::PAYLOAD_TOO_LARGE || is_json {
         return response;
     }
-    let body = json!({"error": {
-        "code": "INVALID_ARGUMENT",
-        "reason": "BODY_TOO_LARGE",
-        "message": "request body is over the size limit",
-        "details": {},
-    }});
-    (StatusCode::PAYLOAD_TOO_LARGE, axum::Json(body)).into_response()
+    let mut response = pairdb_service::errors::http_response(
+        Reason::BodyTooLarge,
+        "request body is over the size limit",
+        &[],
+    );
+    // HTTP's own status for this (the gRPC table says 400, which the router's edge keeps answering).
+    *response.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+    response
 }
 
 async fn require_admin_token(State(auth): State<Arc<AdminAuth>>, request: Request, next: Next) -> Response {
@@ -100,8 +102,7 @@ async fn require_admin_token(State(auth): State<Arc<AdminAuth>>, request: Reques
 }
 
 async fn unknown_path() -> Response {
-    let body = json!({"error": {"code": "NOT_FOUND", "reason": "NOT_FOUND", "message": "no such endpoint", "details": {}}});
-    (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
+    pairdb_service::errors::http_response(Reason::NotFound, "no such endpoint", &[])
 }
 
 fn error_response(error: &MetaError) -> Response {
@@ -110,19 +111,7 @@ fn error_response(error: &MetaError) -> Response {
         MetaError::DatabaseUnavailable(_) => tracing::warn!(%error, "http request failed"),
         _ => tracing::debug!(%error, "http request rejected"),
     }
-    let reason = error.reason();
-    let code = pairdb_service::errors::grpc_code(reason);
-    let status = StatusCode::from_u16(pairdb_service::errors::http_status_of(reason))
-        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let details: serde_json::Map<String, Value> =
-        error.metadata().into_iter().map(|(k, v)| (k.to_owned(), Value::String(v))).collect();
-    let body = json!({"error": {
-        "code": pairdb_service::errors::code_name(code),
-        "reason": reason,
-        "message": error.to_string(),
-        "details": details,
-    }});
-    (status, axum::Json(body)).into_response()
+    pairdb_service::errors::http_response(error.reason(), &error.to_string(), &error.metadata())
 }
 
 fn reply(result: Result<(StatusCode, Value), MetaError>) -> Response {

@@ -61,8 +61,10 @@ async fn storage_client(
 }
 
 fn status_text(status: tonic::Status) -> String {
-    let reason = pairdb_service::errors::reason_of(&status).unwrap_or_default();
-    format!("{reason} {}", status.message())
+    match pairdb_service::errors::known_reason_of(&status) {
+        Some(reason) => format!("{reason} {}", status.message()),
+        None => format!(" {}", status.message()),
+    }
 }
 
 /// Starts (`start`) or reads the rebuild of the storage node at `address`.

@@ -9,10 +9,7 @@ use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic_prost::{ProstCodec, ProstEncoder};
 
-use crate::common::v1::ErrorDetail;
-
-/// The stable reason of a message that does not decode.
-pub const MALFORMED_REQUEST: &str = "MALFORMED_REQUEST";
+use crate::status::{Reason, status};
 
 /// prost encoding, strict decoding errors.
 #[derive(Debug, Clone)]
@@ -65,11 +62,5 @@ impl<U: Message + Default> Decoder for StrictDecoder<U> {
 }
 
 fn malformed(error: &prost::DecodeError) -> Status {
-    let message = format!("malformed protobuf message: {error}");
-    let detail = ErrorDetail {
-        reason: MALFORMED_REQUEST.to_owned(),
-        message: message.clone(),
-        metadata: Default::default(),
-    };
-    Status::with_details(tonic::Code::InvalidArgument, message, detail.encode_to_vec().into())
+    status(Reason::MalformedRequest, format!("malformed protobuf message: {error}"), &[])
 }

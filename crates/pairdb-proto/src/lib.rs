@@ -2,35 +2,41 @@
 //!
 //! These are wire types: the services convert them to domain types (`pairdb-core`) at their edge and
 //! never pass them deeper. Every service uses [`codec::StrictCodec`]: a message that does not decode is
-//! the caller's INVALID_ARGUMENT (reason MALFORMED_REQUEST), not the server's INTERNAL.
-#![allow(missing_debug_implementations, unused_qualifications, clippy::all, clippy::pedantic)]
+//! the caller's INVALID_ARGUMENT (reason MALFORMED_REQUEST), not the server's INTERNAL. [`status`]
+//! holds the one reason → gRPC code table and the `ErrorDetail` every error status carries.
 
 pub mod codec;
+pub mod status;
 
+#[allow(missing_debug_implementations, unused_qualifications, clippy::all, clippy::pedantic)]
 pub mod common {
     pub mod v1 {
         tonic::include_proto!("pairdb.common.v1");
     }
 }
 
+#[allow(missing_debug_implementations, unused_qualifications, clippy::all, clippy::pedantic)]
 pub mod kv {
     pub mod v1 {
         tonic::include_proto!("pairdb.kv.v1");
     }
 }
 
+#[allow(missing_debug_implementations, unused_qualifications, clippy::all, clippy::pedantic)]
 pub mod admin {
     pub mod v1 {
         tonic::include_proto!("pairdb.admin.v1");
     }
 }
 
+#[allow(missing_debug_implementations, unused_qualifications, clippy::all, clippy::pedantic)]
 pub mod cluster {
     pub mod v1 {
         tonic::include_proto!("pairdb.cluster.v1");
     }
 }
 
+#[allow(missing_debug_implementations, unused_qualifications, clippy::all, clippy::pedantic)]
 pub mod storage {
     pub mod v1 {
         tonic::include_proto!("pairdb.storage.v1");

@@ -24,6 +24,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 
 use pairdb_core::rate_limit::TokenBucket;
+use pairdb_core::reason::Reason;
 use sha2::{Digest, Sha256};
 
 use crate::error::RouterError;
@@ -122,7 +123,7 @@ impl Edge {
             AuthMode::Disabled => {
                 if requested_tenant.is_empty() {
                     return Err(RouterError::invalid(
-                        "INVALID_TENANT_ID",
+                        Reason::InvalidTenantId,
                         "tenant_id is required (authentication is off, so no API key names the tenant)",
                     ));
                 }
@@ -237,7 +238,7 @@ impl CappedBody {
 
     fn too_large(&self) -> axum::BoxError {
         Box::new(pairdb_service::errors::status(
-            "VALUE_TOO_LARGE",
+            Reason::ValueTooLarge,
             format!(
                 "the request message is larger than this tenant's requests can be ({} bytes)",
                 self.limit

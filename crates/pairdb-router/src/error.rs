@@ -1,12 +1,13 @@
-//! The router's errors. Each has a stable reason; [`RouterError::into_status`] is the one place they
-//! become `tonic::Status` (through the shared reason → code table in `pairdb_service::errors`).
+//! The router's errors. Each names its stable [`Reason`]; [`RouterError::into_status`] (gRPC) and the
+//! HTTP edge's error response turn it into a reply through the one table in `pairdb_service::errors`.
 
 use pairdb_core::coordination::ReplicaFailure;
+use pairdb_core::reason::{HasReason, Reason};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
     #[error("{message}")]
-    Invalid { reason: &'static str, message: String },
+    Invalid { reason: Reason, message: String },
     #[error("tenant {0} does not exist")]
     TenantNotFound(String),
     #[error("key not found")]
@@ -30,31 +31,30 @@ pub enum RouterError {
 }
 
 impl RouterError {
-    pub fn invalid(reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn invalid(reason: Reason, message: impl Into<String>) -> Self {
         RouterError::Invalid { reason, message: message.into() }
     }
 
-    pub fn reason(&self) -> String {
+    /// The error of a core or validation failure that names its reason.
+    pub fn from_reasoned<E: HasReason + std::fmt::Display>(error: &E) -> Self {
+        RouterError::invalid(error.reason(), error.to_string())
+    }
+
+    /// The message a client sees (a storage node's own message for a storage refusal).
+    pub fn message(&self) -> String {
         match self {
-            RouterError::Invalid { reason, .. } => (*reason).to_owned(),
-            RouterError::TenantNotFound(_) => "TENANT_NOT_FOUND".into(),
-            RouterError::KeyNotFound => "KEY_NOT_FOUND".into(),
-            RouterError::NotReady => "NOT_READY".into(),
-            RouterError::QuorumNotReached { .. } | RouterError::NoReplicas(_) => "QUORUM_NOT_REACHED".into(),
-            RouterError::Storage(status) => {
-                pairdb_service::errors::reason_of(status).unwrap_or_else(|| "INTERNAL".into())
-            }
-            RouterError::Unauthenticated(_) => "UNAUTHENTICATED".into(),
-            RouterError::PermissionDenied(_) => "PERMISSION_DENIED".into(),
-            RouterError::RateLimited { .. } => "RATE_LIMITED".into(),
-            RouterError::Idempotency(error) => error.reason().into(),
+            RouterError::Storage(status) => match pairdb_service::errors::detail_of(status) {
+                Some(detail) => detail.message,
+                None => status.message().to_owned(),
+            },
+            _ => self.to_string(),
         }
     }
 
-    pub fn into_status(self) -> tonic::Status {
-        let reason = self.reason();
+    /// Structured details of the error (metadata of the gRPC detail, `details` of the JSON body).
+    pub fn metadata(&self) -> Vec<(&'static str, String)> {
         let mut metadata = Vec::new();
-        if let RouterError::QuorumNotReached { acks, hinted_acks, required, failures } = &self {
+        if let RouterError::QuorumNotReached { acks, hinted_acks, required, failures } = self {
             metadata.push(("acks", acks.to_string()));
             metadata.push(("hinted_acks", hinted_acks.to_string()));
             metadata.push(("required", required.to_string()));
@@ -63,14 +63,32 @@ impl RouterError {
                 failures.iter().map(|f| format!("{}:{}", f.node.0, f.cause.as_str())).collect();
             metadata.push(("replica_failures", causes.join(",")));
         }
-        if let RouterError::RateLimited { retry_after_ms, .. } = &self {
+        if let RouterError::RateLimited { retry_after_ms, .. } = self {
             metadata.push(("retry_after_ms", retry_after_ms.to_string()));
         }
-        if let RouterError::Storage(status) = &self
-            && let Some(detail) = pairdb_service::errors::detail_of(status)
-        {
-            return pairdb_service::errors::status(&detail.reason, detail.message, &[]);
+        metadata
+    }
+
+    pub fn into_status(self) -> tonic::Status {
+        pairdb_service::errors::status(self.reason(), self.message(), &self.metadata())
+    }
+}
+
+impl HasReason for RouterError {
+    fn reason(&self) -> Reason {
+        match self {
+            RouterError::Invalid { reason, .. } => *reason,
+            RouterError::TenantNotFound(_) => Reason::TenantNotFound,
+            RouterError::KeyNotFound => Reason::KeyNotFound,
+            RouterError::NotReady => Reason::NotReady,
+            RouterError::QuorumNotReached { .. } | RouterError::NoReplicas(_) => Reason::QuorumNotReached,
+            RouterError::Storage(status) => {
+                pairdb_service::errors::known_reason_of(status).unwrap_or(Reason::Internal)
+            }
+            RouterError::Unauthenticated(_) => Reason::Unauthenticated,
+            RouterError::PermissionDenied(_) => Reason::PermissionDenied,
+            RouterError::RateLimited { .. } => Reason::RateLimited,
+            RouterError::Idempotency(error) => error.reason(),
         }
-        pairdb_service::errors::status(&reason, self.to_string(), &metadata)
     }
 }

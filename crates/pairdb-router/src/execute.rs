@@ -17,6 +17,7 @@ use pairdb_core::coordination::{
 };
 use pairdb_core::dvv::VersionSet;
 use pairdb_core::encoding::{decode_version_set, encode_version_set};
+use pairdb_core::reason::Reason;
 use pairdb_core::ring::NodeId;
 use pairdb_proto::storage::v1 as pb;
 use tokio::sync::oneshot;
@@ -126,16 +127,16 @@ fn partition_of(key: &Option<pb::KeyRef>) -> u32 {
 
 fn is_definitive(status: &tonic::Status) -> bool {
     matches!(
-        pairdb_service::errors::reason_of(status).as_deref(),
+        pairdb_service::errors::known_reason_of(status),
         Some(
-            "TOO_MANY_SIBLINGS"
-                | "VALUE_TOO_LARGE"
-                | "MALFORMED_VERSION"
-                | "INVALID_TENANT_ID"
-                | "INVALID_KEY"
-                | "INVALID_PARTITION"
-                | "PARTITION_MISMATCH"
-                | "TENANT_NOT_FOUND"
+            Reason::TooManySiblings
+                | Reason::ValueTooLarge
+                | Reason::MalformedVersion
+                | Reason::InvalidTenantId
+                | Reason::InvalidKey
+                | Reason::InvalidPartition
+                | Reason::PartitionMismatch
+                | Reason::TenantNotFound
         )
     )
 }
@@ -149,8 +150,8 @@ enum CallError {
 /// (WRITE_PATH_POISONED is not one: the failed fsync may have left the write on disk.)
 fn refused_before_applying(status: &tonic::Status) -> bool {
     matches!(
-        pairdb_service::errors::reason_of(status).as_deref(),
-        Some("NOT_READY" | "DISK_FULL" | "COORDINATE_DEADLINE_PASSED")
+        pairdb_service::errors::known_reason_of(status),
+        Some(Reason::NotReady | Reason::DiskFull | Reason::CoordinateDeadlinePassed)
     )
 }
 

@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use pairdb_core::dvv::VersionSet;
+use pairdb_core::reason::{HasReason, Reason};
 use pairdb_proto::common::v1::{Dot, VersionEntry};
 use pairdb_proto::kv::v1 as pb;
 use prost::Message;
@@ -132,7 +133,7 @@ impl Front {
         if idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES || idempotency_key.chars().any(char::is_control)
         {
             return Err(RouterError::invalid(
-                "INVALID_ARGUMENT",
+                Reason::InvalidArgument,
                 format!(
                     "idempotency key: at most {MAX_IDEMPOTENCY_KEY_BYTES} bytes without control characters"
                 ),
@@ -194,14 +195,14 @@ impl Front {
         let tenant = match self.admit(client, &request.tenant_id) {
             Ok(tenant) => tenant,
             Err(error) => {
-                metrics::counter!("pairdb_router_requests_total", "op" => "get_many", "consistency" => consistency_label(&options), "status" => error.reason())
+                metrics::counter!("pairdb_router_requests_total", "op" => "get_many", "consistency" => consistency_label(&options), "status" => error.reason().as_str())
                     .increment(1);
                 return Err(error);
             }
         };
         if request.keys.len() > MAX_GET_MANY_KEYS {
             return Err(RouterError::invalid(
-                "INVALID_ARGUMENT",
+                Reason::InvalidArgument,
                 format!("at most {MAX_GET_MANY_KEYS} keys per GetMany, got {}", request.keys.len()),
             ));
         }
@@ -300,8 +301,8 @@ fn consistency_label(options: &RequestOptions) -> String {
 
 fn observe<T>(op: &'static str, options: &RequestOptions, started: Instant, result: &Result<T, RouterError>) {
     let status = match result {
-        Ok(_) => "ok".to_owned(),
-        Err(error) => error.reason(),
+        Ok(_) => "ok",
+        Err(error) => error.reason().as_str(),
     };
     let consistency = consistency_label(options);
     metrics::counter!("pairdb_router_requests_total", "op" => op, "consistency" => consistency.clone(), "status" => status)

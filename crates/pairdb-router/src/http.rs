@@ -23,6 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use pairdb_core::reason::{HasReason, Reason};
 use pairdb_proto::common::v1::{Consistency, VersionEntry};
 use pairdb_proto::kv::v1 as pb;
 use serde::Deserialize;
@@ -46,49 +47,26 @@ pub fn routes(front: Front) -> Router {
 /// An HTTP failure: reason, message and details for the JSON error body.
 #[derive(Debug)]
 struct HttpError {
-    reason: String,
+    reason: Reason,
     message: String,
-    details: Vec<(String, String)>,
+    details: Vec<(&'static str, String)>,
 }
 
 impl HttpError {
-    fn invalid(reason: &str, message: impl Into<String>) -> Self {
-        Self { reason: reason.to_owned(), message: message.into(), details: Vec::new() }
+    fn invalid(reason: Reason, message: impl Into<String>) -> Self {
+        Self { reason, message: message.into(), details: Vec::new() }
     }
 }
 
 impl From<RouterError> for HttpError {
     fn from(error: RouterError) -> Self {
-        let status = error.into_status();
-        let detail = pairdb_service::errors::detail_of(&status);
-        match detail {
-            Some(detail) => {
-                let mut details: Vec<(String, String)> = detail.metadata.into_iter().collect();
-                details.sort();
-                Self { reason: detail.reason, message: detail.message, details }
-            }
-            None => {
-                Self { reason: "INTERNAL".into(), message: status.message().to_owned(), details: Vec::new() }
-            }
-        }
+        Self { reason: error.reason(), message: error.message(), details: error.metadata() }
     }
 }
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
-        let details: Vec<(&str, String)> =
-            self.details.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-        let (status, body) = pairdb_service::errors::http_error(&self.reason, &self.message, &details);
-        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut response = (status, axum::Json(body)).into_response();
-        // A refusal that says when to retry says it in the standard header too (RFC 9110 §10.2.3).
-        let retry_after =
-            self.details.iter().find(|(k, _)| k == "retry_after_ms").and_then(|(_, v)| v.parse().ok());
-        if let Some(retry_after_ms) = retry_after {
-            let secs = pairdb_service::errors::retry_after_secs(retry_after_ms);
-            response.headers_mut().insert(http::header::RETRY_AFTER, secs.into());
-        }
-        response
+        pairdb_service::errors::http_response(self.reason, &self.message, &self.details)
     }
 }
 
@@ -115,10 +93,9 @@ fn client(
 fn idempotency_key(headers: &HeaderMap) -> Result<String, HttpError> {
     match headers.get("idempotency-key") {
         None => Ok(String::new()),
-        Some(value) => value
-            .to_str()
-            .map(str::to_owned)
-            .map_err(|_| HttpError::invalid("INVALID_ARGUMENT", "Idempotency-Key must be visible ASCII")),
+        Some(value) => value.to_str().map(str::to_owned).map_err(|_| {
+            HttpError::invalid(Reason::InvalidArgument, "Idempotency-Key must be visible ASCII")
+        }),
     }
 }
 
@@ -129,7 +106,7 @@ fn consistency(text: Option<&str>) -> Result<i32, HttpError> {
         Some("quorum") => Ok(Consistency::Quorum as i32),
         Some("all") => Ok(Consistency::All as i32),
         Some(other) => Err(HttpError::invalid(
-            "INVALID_CONSISTENCY",
+            Reason::InvalidConsistency,
             format!("consistency {other:?}: use one, quorum or all"),
         )),
     }
@@ -139,7 +116,7 @@ fn context(text: Option<&str>) -> Result<Vec<u8>, HttpError> {
     match text {
         None | Some("") => Ok(Vec::new()),
         Some(text) => BASE64.decode(text).map_err(|_| {
-            HttpError::invalid("INVALID_CONTEXT", "context must be the base64 string a read returned")
+            HttpError::invalid(Reason::InvalidContext, "context must be the base64 string a read returned")
         }),
     }
 }
@@ -165,23 +142,22 @@ fn parse_query(raw: Option<&str>) -> Result<KeyQuery, HttpError> {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         let name = percent_decode(name)?;
         let value = percent_decode(value)?;
-        let value = match name.as_str() {
-            "r" | "w" | "timeout_ms" => Value::from(
-                value
-                    .parse::<u32>()
-                    .map_err(|_| HttpError::invalid("INVALID_ARGUMENT", format!("{name}: not a number")))?,
-            ),
-            _ => Value::String(value),
-        };
+        let value =
+            match name.as_str() {
+                "r" | "w" | "timeout_ms" => Value::from(value.parse::<u32>().map_err(|_| {
+                    HttpError::invalid(Reason::InvalidArgument, format!("{name}: not a number"))
+                })?),
+                _ => Value::String(value),
+            };
         if map.insert(name.clone(), value).is_some() {
             return Err(HttpError::invalid(
-                "INVALID_ARGUMENT",
+                Reason::InvalidArgument,
                 format!("query parameter {name} given twice"),
             ));
         }
     }
     serde_json::from_value(Value::Object(map))
-        .map_err(|error| HttpError::invalid("INVALID_ARGUMENT", format!("query: {error}")))
+        .map_err(|error| HttpError::invalid(Reason::InvalidArgument, format!("query: {error}")))
 }
 
 fn percent_decode(text: &str) -> Result<String, HttpError> {
@@ -197,7 +173,7 @@ fn percent_decode(text: &str) -> Result<String, HttpError> {
                     .and_then(|hex| std::str::from_utf8(hex).ok())
                     .and_then(|hex| u8::from_str_radix(hex, 16).ok())
                     .ok_or_else(|| {
-                        HttpError::invalid("INVALID_ARGUMENT", "malformed percent-encoding in the query")
+                        HttpError::invalid(Reason::InvalidArgument, "malformed percent-encoding in the query")
                     })?;
                 out.push(hex);
                 i += 2;
@@ -206,7 +182,7 @@ fn percent_decode(text: &str) -> Result<String, HttpError> {
         }
         i += 1;
     }
-    String::from_utf8(out).map_err(|_| HttpError::invalid("INVALID_KEY", "query is not valid UTF-8"))
+    String::from_utf8(out).map_err(|_| HttpError::invalid(Reason::InvalidKey, "query is not valid UTF-8"))
 }
 
 /// Body of a put.
@@ -229,22 +205,22 @@ async fn read_json_body(headers: &HeaderMap, body: Body) -> Result<PutBody, Http
     let media_type = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
     if media_type != "application/json" {
         return Err(HttpError::invalid(
-            "INVALID_CONTENT_TYPE",
+            Reason::InvalidContentType,
             format!("content-type must be application/json, got {content_type:?}"),
         ));
     }
     let bytes: Bytes = axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|error| {
         if is_length_limit(&error) {
-            HttpError::invalid("BODY_TOO_LARGE", format!("request body over {MAX_BODY_BYTES} bytes"))
+            HttpError::invalid(Reason::BodyTooLarge, format!("request body over {MAX_BODY_BYTES} bytes"))
         } else if pairdb_service::listener::is_body_timeout(&error) {
-            HttpError::invalid("REQUEST_TIMEOUT", format!("request body: {error}"))
+            HttpError::invalid(Reason::RequestTimeout, format!("request body: {error}"))
         } else {
             // A broken chunked encoding or a connection cut mid-body: the request is malformed.
-            HttpError::invalid("INVALID_ARGUMENT", format!("request body could not be read: {error}"))
+            HttpError::invalid(Reason::InvalidArgument, format!("request body could not be read: {error}"))
         }
     })?;
     serde_json::from_slice(&bytes)
-        .map_err(|error| HttpError::invalid("INVALID_JSON", format!("request body: {error}")))
+        .map_err(|error| HttpError::invalid(Reason::InvalidJson, format!("request body: {error}")))
 }
 
 /// True when reading a body failed because it was longer than the limit (not because it was broken).
@@ -262,16 +238,16 @@ fn is_length_limit(error: &axum::Error) -> bool {
 fn value_bytes(body: &PutBody) -> Result<Vec<u8>, HttpError> {
     match (&body.value, &body.value_base64) {
         (Some(value), None) => {
-            serde_json::to_vec(value).map_err(|e| HttpError::invalid("INVALID_ARGUMENT", e.to_string()))
+            serde_json::to_vec(value).map_err(|e| HttpError::invalid(Reason::InvalidArgument, e.to_string()))
         }
         (None, Some(encoded)) => BASE64
             .decode(encoded)
-            .map_err(|_| HttpError::invalid("INVALID_ARGUMENT", "value_base64 is not base64")),
+            .map_err(|_| HttpError::invalid(Reason::InvalidArgument, "value_base64 is not base64")),
         (Some(_), Some(_)) => {
-            Err(HttpError::invalid("INVALID_ARGUMENT", "give value or value_base64, not both"))
+            Err(HttpError::invalid(Reason::InvalidArgument, "give value or value_base64, not both"))
         }
         (None, None) => {
-            Err(HttpError::invalid("INVALID_ARGUMENT", "value (any JSON) or value_base64 is required"))
+            Err(HttpError::invalid(Reason::InvalidArgument, "value (any JSON) or value_base64 is required"))
         }
     }
 }
@@ -335,10 +311,10 @@ async fn put(
         (Some(path), None) => path,
         (Some(path), Some(named)) if &path == named => path,
         (Some(_), Some(_)) => {
-            return Err(HttpError::invalid("INVALID_ARGUMENT", "body key differs from the path"));
+            return Err(HttpError::invalid(Reason::InvalidArgument, "body key differs from the path"));
         }
         (None, Some(named)) => named.clone(),
-        (None, None) => return Err(HttpError::invalid("INVALID_KEY", "key is required")),
+        (None, None) => return Err(HttpError::invalid(Reason::InvalidKey, "key is required")),
     };
     let request = pb::PutRequest {
         tenant_id: body.tenant_id.clone().unwrap_or_default(),
@@ -365,7 +341,8 @@ async fn get(
     raw_query: Option<&str>,
 ) -> HttpResult {
     let query = parse_query(raw_query)?;
-    let key = path_key.or(query.key).ok_or_else(|| HttpError::invalid("INVALID_KEY", "key is required"))?;
+    let key =
+        path_key.or(query.key).ok_or_else(|| HttpError::invalid(Reason::InvalidKey, "key is required"))?;
     let request = pb::GetRequest {
         tenant_id: query.tenant_id.unwrap_or_default(),
         key: key.clone(),
@@ -387,7 +364,8 @@ async fn delete(
     raw_query: Option<&str>,
 ) -> HttpResult {
     let query = parse_query(raw_query)?;
-    let key = path_key.or(query.key).ok_or_else(|| HttpError::invalid("INVALID_KEY", "key is required"))?;
+    let key =
+        path_key.or(query.key).ok_or_else(|| HttpError::invalid(Reason::InvalidKey, "key is required"))?;
     let request = pb::DeleteRequest {
         tenant_id: query.tenant_id.unwrap_or_default(),
         key: key.clone(),

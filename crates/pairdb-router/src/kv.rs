@@ -16,6 +16,7 @@ use pairdb_core::dvv::VersionVector;
 use pairdb_core::dvv::{Sibling, VersionSet};
 use pairdb_core::encoding::encode_vector;
 use pairdb_core::quorum::{Consistency, Requirement, required_replicas};
+use pairdb_core::reason::{HasReason, Reason};
 use pairdb_core::ring::NodeId;
 use pairdb_core::token::token_for;
 use pairdb_core::validation::{validate_key, validate_tenant_id, validate_value};
@@ -92,7 +93,7 @@ impl KvRouter {
     }
 
     fn tenant(view: &ClusterView, tenant_id: &str) -> Result<Arc<TenantSettings>, RouterError> {
-        validate_tenant_id(tenant_id).map_err(|e| RouterError::invalid(e.reason(), e.to_string()))?;
+        validate_tenant_id(tenant_id).map_err(|e| RouterError::from_reasoned(&e))?;
         view.tenants
             .get(tenant_id)
             .filter(|t| !t.deleting)
@@ -120,7 +121,7 @@ impl KvRouter {
             Ok(PbConsistency::All) => Consistency::All,
             Err(_) => {
                 return Err(RouterError::invalid(
-                    "INVALID_CONSISTENCY",
+                    Reason::InvalidConsistency,
                     format!("unknown consistency level {}", options.consistency),
                 ));
             }
@@ -131,7 +132,7 @@ impl KvRouter {
     fn required(options: &RequestOptions, tenant: &TenantSettings) -> Result<usize, RouterError> {
         let requirement = Self::requirement(options, tenant)?;
         required_replicas(requirement, tenant.serving_replication_factor())
-            .map_err(|e| RouterError::invalid(e.reason(), e.to_string()))
+            .map_err(|e| RouterError::from_reasoned(&e))
     }
 
     fn deadline_ms(&self, options: &RequestOptions) -> u64 {
@@ -185,7 +186,7 @@ impl KvRouter {
     }
 
     fn validate_key(key: &str) -> Result<(), RouterError> {
-        validate_key(key.as_bytes()).map_err(|e| RouterError::invalid(e.reason(), e.to_string()))
+        validate_key(key.as_bytes()).map_err(|e| RouterError::from_reasoned(&e))
     }
 
     /// Reads the key's merged set at the request's consistency (`None` when no replica has it).
@@ -256,8 +257,7 @@ impl KvRouter {
         let tenant = Self::tenant(&view, tenant_id)?;
         Self::validate_key(key)?;
         if let Some(value) = &value {
-            validate_value(value, tenant.max_value_bytes)
-                .map_err(|e| RouterError::invalid(e.reason(), e.to_string()))?;
+            validate_value(value, tenant.max_value_bytes).map_err(|e| RouterError::from_reasoned(&e))?;
         }
         let required = Self::required(&options, &tenant)?;
         let sealing = Self::sealing_key(&view)?;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pairdb_core::encoding::decode_version_set;
+use pairdb_core::reason::HasReason;
 use pairdb_core::ring::{Assignment, NodeId, NodeSpec};
 use pairdb_core::token::{PartitionCount, token_for};
 use pairdb_proto::cluster::v1 as cpb;

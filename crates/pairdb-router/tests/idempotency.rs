@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
+use pairdb_core::reason::HasReason;
 use pairdb_router::idempotency::{
     Begin, Fingerprint, IdempotencyError, IdempotencySettings, IdempotencyStore, Reservation,
 };

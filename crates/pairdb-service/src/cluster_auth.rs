@@ -487,7 +487,8 @@ pub async fn guard(State(guarded): State<Guarded>, mut request: Request, next: N
         Err(failure) => {
             metrics::counter!("pairdb_cluster_auth_refused_total", "api" => guarded.label).increment(1);
             tracing::debug!(path, %failure, "internal call refused");
-            crate::errors::status("UNAUTHENTICATED", failure.to_string(), &[]).into_http::<axum::body::Body>()
+            crate::errors::status(crate::errors::Reason::Unauthenticated, failure.to_string(), &[])
+                .into_http::<axum::body::Body>()
         }
     }
 }

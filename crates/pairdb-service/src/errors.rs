@@ -1,61 +1,12 @@
-//! The one error table: every stable reason code PairDB returns, mapped to a gRPC code here and to an
-//! HTTP status by [`http_status`]. Each crate's error enum names its reason (`reason()`); the service
-//! edge turns it into a `tonic::Status` with [`status`], which carries a `pairdb.common.v1.ErrorDetail`
-//! (reason, message, metadata) in the status details so clients can branch on the reason.
+//! The HTTP half of the one error table, and the reason → gRPC code half re-exported from
+//! `pairdb_proto::status`. Every crate's error implements [`HasReason`]; the gRPC edge turns it into a
+//! `tonic::Status` with [`status`] (reason, message and metadata in a `pairdb.common.v1.ErrorDetail`),
+//! and every HTTP edge answers with [`http_response`], so both forms come from the same reason.
 
-use pairdb_proto::common::v1::ErrorDetail;
-use prost::Message;
+pub use pairdb_proto::status::{
+    HasReason, Reason, detail_of, grpc_code, known_reason_of, reason_of, reason_of_code, status, status_of,
+};
 use tonic::Code;
-
-/// The gRPC code for a reason. Unknown reasons are INTERNAL, so a new reason must be added here.
-pub fn grpc_code(reason: &str) -> Code {
-    match reason {
-        "INVALID_ARGUMENT"
-        | "INVALID_TENANT_ID"
-        | "INVALID_KEY"
-        | "INVALID_CONSISTENCY"
-        | "MALFORMED_VERSION"
-        | "INVALID_CONTEXT"
-        | "MALFORMED_REQUEST"
-        | "INVALID_PARTITION"
-        | "PARTITION_MISMATCH"
-        | "INVALID_REPLICATION_FACTOR"
-        | "INVALID_NODE"
-        | "INVALID_CONFIG"
-        | "INVALID_JSON"
-        | "INVALID_CONTENT_TYPE"
-        | "BODY_TOO_LARGE" => Code::InvalidArgument,
-        "UNAUTHENTICATED" => Code::Unauthenticated,
-        "PERMISSION_DENIED" => Code::PermissionDenied,
-        "TENANT_NOT_FOUND"
-        | "KEY_NOT_FOUND"
-        | "NODE_NOT_FOUND"
-        | "MIGRATION_NOT_FOUND"
-        | "API_KEY_NOT_FOUND" => Code::NotFound,
-        "TENANT_EXISTS" | "NODE_EXISTS" | "IDEMPOTENCY_KEY_CONFLICT" => Code::AlreadyExists,
-        "NODE_IN_USE"
-        | "NODE_REMOVED"
-        | "NOT_IN_CLUSTER"
-        | "MIGRATION_IN_PROGRESS"
-        | "MIGRATION_FINISHED"
-        | "WRONG_NODE"
-        | "TENANT_BEING_DELETED"
-        | "STALE_DATA_DIRECTORY" => Code::FailedPrecondition,
-        "RATE_LIMITED" | "VALUE_TOO_LARGE" | "TOO_MANY_SIBLINGS" | "DISK_FULL" => Code::ResourceExhausted,
-        "IDEMPOTENCY_IN_FLIGHT" => Code::Aborted,
-        "QUORUM_NOT_REACHED"
-        | "WRITE_PATH_POISONED"
-        | "NOT_READY"
-        | "SOURCE_UNAVAILABLE"
-        | "NODE_UNAVAILABLE"
-        | "OVERLOADED"
-        | "META_UNAVAILABLE"
-        | "IDEMPOTENCY_STORE_UNAVAILABLE"
-        | "DATABASE_UNAVAILABLE" => Code::Unavailable,
-        "DEADLINE_EXCEEDED" | "COORDINATE_DEADLINE_PASSED" | "REQUEST_TIMEOUT" => Code::DeadlineExceeded,
-        _ => Code::Internal,
-    }
-}
 
 /// The HTTP status for a gRPC code (DESIGN §6 and the edge issue's table).
 pub fn http_status(code: Code) -> u16 {
@@ -78,9 +29,9 @@ pub fn http_status(code: Code) -> u16 {
 
 /// The HTTP status of a reason: its gRPC code's status, except where HTTP has a more precise one
 /// (a client too slow to send its body is 408, not a gateway's 504).
-pub fn http_status_of(reason: &str) -> u16 {
+pub fn http_status_of(reason: Reason) -> u16 {
     match reason {
-        "REQUEST_TIMEOUT" => 408,
+        Reason::RequestTimeout => 408,
         _ => http_status(grpc_code(reason)),
     }
 }
@@ -108,30 +59,27 @@ pub fn code_name(code: Code) -> &'static str {
     }
 }
 
-/// The HTTP form of an error: status and `{"error": {code, reason, message, details}}`.
-pub fn http_error(reason: &str, message: &str, details: &[(&str, String)]) -> (u16, serde_json::Value) {
-    let code = grpc_code(reason);
-    let details: serde_json::Map<String, serde_json::Value> =
+/// The one HTTP error reply of every service: the reason's status and
+/// `{"error": {code, reason, message, details}}`, plus `Retry-After` when the details say when to
+/// retry (`retry_after_ms`; RFC 9110 §10.2.3).
+pub fn http_response(reason: Reason, message: &str, details: &[(&str, String)]) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let body: serde_json::Map<String, serde_json::Value> =
         details.iter().map(|(k, v)| ((*k).to_owned(), serde_json::Value::String(v.clone()))).collect();
     let body = serde_json::json!({"error": {
-        "code": code_name(code),
-        "reason": reason,
+        "code": code_name(grpc_code(reason)),
+        "reason": reason.as_str(),
         "message": message,
-        "details": details,
+        "details": body,
     }});
-    (http_status_of(reason), body)
-}
-
-/// The HTTP form of a status made by [`status`] (or any status: its code names the reason then).
-pub fn http_error_of(status: &tonic::Status) -> (u16, serde_json::Value) {
-    match detail_of(status) {
-        Some(detail) => {
-            let metadata: Vec<(&str, String)> =
-                detail.metadata.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-            http_error(&detail.reason, &detail.message, &metadata)
-        }
-        None => http_error(code_name(status.code()), status.message(), &[]),
+    let status =
+        http::StatusCode::from_u16(http_status_of(reason)).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, axum::Json(body)).into_response();
+    let retry_after = details.iter().find(|(k, _)| *k == "retry_after_ms").and_then(|(_, v)| v.parse().ok());
+    if let Some(retry_after_ms) = retry_after {
+        response.headers_mut().insert(http::header::RETRY_AFTER, retry_after_secs(retry_after_ms).into());
     }
+    response
 }
 
 /// The credential of an `authorization: Bearer <token>` header value: the scheme is matched
@@ -149,34 +97,16 @@ pub fn retry_after_secs(retry_after_ms: u64) -> u64 {
     retry_after_ms.div_ceil(1000).max(1)
 }
 
-/// A status for `reason` with a human message and structured metadata in its details.
-pub fn status(reason: &str, message: impl Into<String>, metadata: &[(&str, String)]) -> tonic::Status {
-    let message = message.into();
-    let detail = ErrorDetail {
-        reason: reason.to_owned(),
-        message: message.clone(),
-        metadata: metadata.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect(),
-    };
-    tonic::Status::with_details(grpc_code(reason), message, detail.encode_to_vec().into())
-}
-
-/// The structured detail of a status made by [`status`], if any.
-pub fn detail_of(status: &tonic::Status) -> Option<ErrorDetail> {
-    ErrorDetail::decode(status.details()).ok().filter(|d| !d.reason.is_empty())
-}
-
-/// The reason code of a status made by [`status`], if any.
-pub fn reason_of(status: &tonic::Status) -> Option<String> {
-    detail_of(status).map(|d| d.reason)
-}
-
 #[cfg(test)]
 mod tests {
+    use pairdb_proto::common::v1::ErrorDetail;
+    use prost::Message;
+
     use super::*;
 
     #[test]
     fn reasons_round_trip_through_status_details() {
-        let status = status("QUORUM_NOT_REACHED", "1 of 2", &[("acks", "1".into())]);
+        let status = status(Reason::QuorumNotReached, "1 of 2", &[("acks", "1".into())]);
         assert_eq!(status.code(), Code::Unavailable);
         let detail = detail_of(&status).expect("detail");
         assert_eq!(detail.reason, "QUORUM_NOT_REACHED");
@@ -220,9 +150,25 @@ mod tests {
             ("INVALID_CONTEXT", 400),
             ("MALFORMED_REQUEST", 400),
             ("TENANT_BEING_DELETED", 412),
-            ("SOMETHING_NEW", 500),
         ] {
+            let reason = Reason::parse(reason).expect("a known reason");
             assert_eq!(http_status_of(reason), http, "{reason}");
         }
+    }
+
+    #[test]
+    fn every_reason_maps_to_a_status_that_names_it_back() {
+        for &reason in Reason::ALL {
+            let status = status(reason, "m", &[]);
+            assert_eq!(status.code(), grpc_code(reason));
+            assert_eq!(known_reason_of(&status), Some(reason));
+            assert_eq!(reason_of(&status).as_deref(), Some(reason.as_str()));
+            let generic = reason_of_code(grpc_code(reason));
+            assert_eq!(grpc_code(generic), grpc_code(reason), "{reason} vs {generic}");
+        }
+        // A newer peer's reason is not guessed at.
+        let detail = ErrorDetail { reason: "SOMETHING_NEW".into(), ..Default::default() };
+        let unknown = tonic::Status::with_details(Code::Internal, "m", detail.encode_to_vec().into());
+        assert_eq!(known_reason_of(&unknown), None);
     }
 }

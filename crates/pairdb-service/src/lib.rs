@@ -171,7 +171,6 @@ pub async fn serve(
 /// `application/grpc…`), and otherwise a JSON 404 in the one error shape, so a mistyped HTTP probe
 /// or URL fails visibly instead of passing as `200 application/grpc`.
 async fn unknown_route(request: axum::extract::Request) -> axum::response::Response {
-    use axum::response::IntoResponse;
     let is_grpc = request
         .headers()
         .get(http::header::CONTENT_TYPE)
@@ -179,13 +178,8 @@ async fn unknown_route(request: axum::extract::Request) -> axum::response::Respo
     if is_grpc {
         return tonic::Status::unimplemented(format!("no method {}", request.uri().path())).into_http();
     }
-    let body = serde_json::json!({"error": {
-        "code": "NOT_FOUND",
-        "reason": "NOT_FOUND",
-        "message": format!("no such endpoint: {} {}", request.method(), request.uri().path()),
-        "details": {},
-    }});
-    (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
+    let message = format!("no such endpoint: {} {}", request.method(), request.uri().path());
+    errors::http_response(errors::Reason::NotFound, &message, &[])
 }
 
 /// Binds `addr` (port 0 picks a free port).

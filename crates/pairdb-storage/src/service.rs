@@ -15,7 +15,7 @@ use pairdb_proto::common::v1::VersionEntry;
 use pairdb_proto::storage::v1 as pb;
 use pairdb_proto::storage::v1::storage_service_server::StorageService;
 use pairdb_service::cluster_view::SharedView;
-use pairdb_service::errors::status;
+use pairdb_service::errors::{HasReason, Reason, status};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -73,7 +73,7 @@ impl StorageApi {
     fn rebuild(&self) -> Result<&Rebuild, Status> {
         self.rebuild.as_deref().ok_or_else(|| {
             status(
-                "NOT_IN_CLUSTER",
+                Reason::NotInCluster,
                 "this storage node runs standalone (no --meta-addr): there are no replicas to rebuild from",
                 &[],
             )
@@ -103,25 +103,25 @@ impl StorageApi {
             .inflight
             .acquire()
             .await
-            .map_err(|_| status("NOT_READY", "storage node is shutting down", &[]))?;
+            .map_err(|_| status(Reason::NotReady, "storage node is shutting down", &[]))?;
         let engine = self.engine.clone();
         let result = tokio::task::spawn_blocking(move || op(&engine))
             .await
-            .map_err(|error| status("INTERNAL", format!("engine task failed: {error}"), &[]))?
+            .map_err(|error| status(Reason::Internal, format!("engine task failed: {error}"), &[]))?
             .map_err(engine_status);
         record(rpc, started, &result);
         result
     }
 
     fn record_key(&self, key: Option<pb::KeyRef>) -> Result<RecordKey, Status> {
-        let key = key.ok_or_else(|| status("INVALID_ARGUMENT", "key is required", &[]))?;
+        let key = key.ok_or_else(|| status(Reason::InvalidArgument, "key is required", &[]))?;
         validate_tenant_id(&key.tenant_id).map_err(|e| status(e.reason(), e.to_string(), &[]))?;
         validate_key(key.key.as_bytes()).map_err(|e| status(e.reason(), e.to_string(), &[]))?;
         let record = RecordKey::new(self.engine.partitions(), &key.tenant_id, &key.key);
         self.check_partition(key.partition)?;
         if record.partition.0 != key.partition {
             return Err(status(
-                "PARTITION_MISMATCH",
+                Reason::PartitionMismatch,
                 format!("key belongs to partition {}, request named {}", record.partition, key.partition),
                 &[],
             ));
@@ -136,7 +136,8 @@ impl StorageApi {
     fn client_key(&self, key: Option<pb::KeyRef>) -> Result<RecordKey, Status> {
         let generation = key.as_ref().map_or(0, |k| k.tenant_generation);
         let record = self.record_key(key)?;
-        let gone = |why: &str| status("TENANT_NOT_FOUND", format!("tenant {:?} {why}", record.tenant), &[]);
+        let gone =
+            |why: &str| status(Reason::TenantNotFound, format!("tenant {:?} {why}", record.tenant), &[]);
         if self.engine.is_refused(&record.tenant) {
             return Err(gone("is being deleted"));
         }
@@ -157,7 +158,7 @@ impl StorageApi {
         let partition = PartitionId(partition);
         if !self.engine.partitions().contains(partition) {
             return Err(status(
-                "INVALID_PARTITION",
+                Reason::InvalidPartition,
                 format!("partition {partition} is outside the ring of {}", self.engine.partitions().get()),
                 &[],
             ));
@@ -172,7 +173,7 @@ impl StorageApi {
     fn sync_sources(&self, sources: &[pb::SyncSource]) -> Result<Vec<sync::Source>, Status> {
         let view = self.view.as_ref().ok_or_else(|| {
             status(
-                "NOT_IN_CLUSTER",
+                Reason::NotInCluster,
                 "this storage node runs standalone (no --meta-addr): it has no peers",
                 &[],
             )
@@ -187,7 +188,7 @@ impl StorageApi {
                 }
                 _ => {
                     return Err(status(
-                        "NODE_NOT_FOUND",
+                        Reason::NodeNotFound,
                         format!("source node {} is not in this node's view of the cluster", source.node_id),
                         &[],
                     ));
@@ -255,10 +256,11 @@ pub fn vector_entries(set: &VersionSet) -> Vec<VersionEntry> {
 
 fn record<T>(rpc: &'static str, started: Instant, result: &Result<T, Status>) {
     let code = match result {
-        Ok(_) => "ok".to_owned(),
+        Ok(_) => "ok",
         // The reason, as the router labels its requests (the code name when there is none).
-        Err(status) => pairdb_service::errors::reason_of(status)
-            .unwrap_or_else(|| pairdb_service::errors::code_name(status.code()).to_owned()),
+        Err(status) => pairdb_service::errors::known_reason_of(status)
+            .unwrap_or_else(|| pairdb_service::errors::reason_of_code(status.code()))
+            .as_str(),
     };
     metrics::counter!("pairdb_storage_requests_total", "rpc" => rpc, "status" => code).increment(1);
     metrics::histogram!("pairdb_storage_request_duration_seconds", "rpc" => rpc)
@@ -287,7 +289,7 @@ impl StorageService for StorageApi {
             && value.len() as u64 > ABSOLUTE_MAX_VALUE_BYTES
         {
             return Err(status(
-                "VALUE_TOO_LARGE",
+                Reason::ValueTooLarge,
                 format!("value is {} bytes, above {ABSOLUTE_MAX_VALUE_BYTES}", value.len()),
                 &[],
             ));
@@ -419,7 +421,11 @@ impl StorageService for StorageApi {
         let request = request.into_inner();
         let partition = self.check_partition(request.partition)?;
         if request.level > MERKLE_DEPTH {
-            return Err(status("INVALID_ARGUMENT", format!("level must be at most {MERKLE_DEPTH}"), &[]));
+            return Err(status(
+                Reason::InvalidArgument,
+                format!("level must be at most {MERKLE_DEPTH}"),
+                &[],
+            ));
         }
         let level = request.level;
         // In memory and cheap: no blocking-pool hop.
@@ -448,11 +454,15 @@ impl StorageService for StorageApi {
         let request = request.into_inner();
         let partition = self.check_partition(request.partition)?;
         if request.leaves.iter().any(|&leaf| leaf >= 1 << MERKLE_DEPTH) {
-            return Err(status("INVALID_ARGUMENT", format!("leaves are below {}", 1 << MERKLE_DEPTH), &[]));
+            return Err(status(
+                Reason::InvalidArgument,
+                format!("leaves are below {}", 1 << MERKLE_DEPTH),
+                &[],
+            ));
         }
         if request.leaves.len() > MAX_LEAVES_PER_REQUEST {
             return Err(status(
-                "INVALID_ARGUMENT",
+                Reason::InvalidArgument,
                 format!("at most {MAX_LEAVES_PER_REQUEST} leaves per request"),
                 &[],
             ));
@@ -474,7 +484,7 @@ impl StorageService for StorageApi {
         let partition = self.check_partition(request.partition)?;
         if request.keys.len() > self.stream_batch_max {
             return Err(status(
-                "INVALID_ARGUMENT",
+                Reason::InvalidArgument,
                 format!("at most {} keys per request", self.stream_batch_max),
                 &[],
             ));
@@ -530,7 +540,7 @@ impl StorageService for StorageApi {
         let key = self.client_key(request.key)?;
         let set = decode_set("confirm_tombstone", &request.version_set)?;
         if !set.is_deleted() {
-            return Err(status("INVALID_ARGUMENT", "version_set must hold only tombstones", &[]));
+            return Err(status(Reason::InvalidArgument, "version_set must hold only tombstones", &[]));
         }
         let placement = TombstonePlacement {
             topology_epoch: request.topology_epoch,
@@ -554,10 +564,10 @@ impl StorageService for StorageApi {
         let request = request.into_inner();
         let partition = self.check_partition(request.partition)?;
         if request.tenant_ids.is_empty() {
-            return Err(status("INVALID_ARGUMENT", "tenant_ids must name the tenants to copy", &[]));
+            return Err(status(Reason::InvalidArgument, "tenant_ids must name the tenants to copy", &[]));
         }
         if request.sources.is_empty() {
-            return Err(status("INVALID_ARGUMENT", "sources must name at least one node", &[]));
+            return Err(status(Reason::InvalidArgument, "sources must name at least one node", &[]));
         }
         let sources = self.sync_sources(&request.sources)?;
         let batch_size = match request.batch_size as usize {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pairdb_core::encoding::decode_version_set;
+use pairdb_core::reason::{HasReason, Reason};
 use pairdb_core::token::PartitionId;
 use pairdb_proto::storage::v1 as pb;
 use pairdb_service::clients::{ChannelSettings, InternalClients};
@@ -28,12 +29,12 @@ pub enum SyncError {
     Task(String),
 }
 
-impl SyncError {
-    pub fn reason(&self) -> &'static str {
+impl HasReason for SyncError {
+    fn reason(&self) -> Reason {
         match self {
-            SyncError::NoSource { .. } => "SOURCE_UNAVAILABLE",
+            SyncError::NoSource { .. } => Reason::SourceUnavailable,
             SyncError::Engine(e) => e.reason(),
-            SyncError::Task(_) => "INTERNAL",
+            SyncError::Task(_) => Reason::Internal,
         }
     }
 }

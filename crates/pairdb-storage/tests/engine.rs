@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use pairdb_core::dvv::{Actor, VersionSet, VersionVector};
+use pairdb_core::reason::HasReason;
 use pairdb_core::token::{PartitionCount, PartitionId};
 use pairdb_storage::engine::{Engine, EngineConfig, EngineError, SyncMode, TombstonePlacement};
 use pairdb_storage::keys::RecordKey;

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use pairdb_core::dvv::{Actor, VersionSet, VersionVector};
+use pairdb_core::reason::HasReason;
 use pairdb_core::token::PartitionCount;
 use pairdb_storage::engine::{Engine, EngineConfig, EngineError, SyncMode};
 use pairdb_storage::keys::RecordKey;

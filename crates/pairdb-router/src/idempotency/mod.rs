@@ -50,6 +50,7 @@ mod redis;
 
 use std::time::Duration;
 
+use pairdb_core::reason::{HasReason, Reason};
 use sha2::{Digest, Sha256};
 
 pub use self::memory::MemoryStore;
@@ -133,12 +134,12 @@ pub enum IdempotencyError {
     Unavailable(String),
 }
 
-impl IdempotencyError {
-    pub fn reason(&self) -> &'static str {
+impl HasReason for IdempotencyError {
+    fn reason(&self) -> Reason {
         match self {
-            IdempotencyError::Conflict => "IDEMPOTENCY_KEY_CONFLICT",
-            IdempotencyError::InFlight => "IDEMPOTENCY_IN_FLIGHT",
-            IdempotencyError::Unavailable(_) => "IDEMPOTENCY_STORE_UNAVAILABLE",
+            IdempotencyError::Conflict => Reason::IdempotencyKeyConflict,
+            IdempotencyError::InFlight => Reason::IdempotencyInFlight,
+            IdempotencyError::Unavailable(_) => Reason::IdempotencyStoreUnavailable,
         }
     }
 }

@@ -46,6 +46,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use pairdb_core::dvv::{UpdateError, VersionSet, VersionVector};
 use pairdb_core::encoding::{DecodeError, MAX_DECODED_ACTORS, decode_version_set, encode_version_set};
+use pairdb_core::reason::{HasReason, Reason};
 use pairdb_core::token::{PartitionCount, PartitionId};
 
 use crate::identity::{self, Identity, IdentityError};
@@ -100,16 +101,16 @@ pub enum EngineError {
     TenantDeleted(String),
 }
 
-impl EngineError {
-    pub fn reason(&self) -> &'static str {
+impl HasReason for EngineError {
+    fn reason(&self) -> Reason {
         match self {
-            EngineError::Identity(_) | EngineError::Open { .. } => "INVALID_CONFIG",
-            EngineError::Poisoned(_) => "WRITE_PATH_POISONED",
-            EngineError::DiskFull { .. } => "DISK_FULL",
-            EngineError::Read(_) | EngineError::Corrupt(_) => "INTERNAL",
+            EngineError::Identity(_) | EngineError::Open { .. } => Reason::InvalidConfig,
+            EngineError::Poisoned(_) => Reason::WritePathPoisoned,
+            EngineError::DiskFull { .. } => Reason::DiskFull,
+            EngineError::Read(_) | EngineError::Corrupt(_) => Reason::Internal,
             EngineError::Update(e) => e.reason(),
-            EngineError::DeadlinePassed => "COORDINATE_DEADLINE_PASSED",
-            EngineError::TenantDeleted(_) => "TENANT_NOT_FOUND",
+            EngineError::DeadlinePassed => Reason::CoordinateDeadlinePassed,
+            EngineError::TenantDeleted(_) => Reason::TenantNotFound,
         }
     }
 }
