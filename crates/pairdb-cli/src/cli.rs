@@ -441,7 +441,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         return run_command(cli).await;
     }
     let telemetry =
-        pairdb_service::telemetry::init(pairdb_service::logging::LogFormat::Text, "warn", "pairdb-cli");
+        pairdb_service::telemetry::init(pairdb_service::telemetry::LogFormat::Text, "warn", "pairdb-cli");
     let span = tracing::info_span!("cli.command", otel.name = command_name(&cli.command));
     let result = run_command(cli).instrument(span).await;
     telemetry.shutdown().await;

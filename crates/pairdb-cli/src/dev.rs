@@ -37,7 +37,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     // Quiet by default: the dev console shows the endpoints, not every service's info log.
     let telemetry =
-        pairdb_service::telemetry::init(pairdb_service::logging::LogFormat::Text, "warn", "pairdb-dev");
+        pairdb_service::telemetry::init(pairdb_service::telemetry::LogFormat::Text, "warn", "pairdb-dev");
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|error| anyhow::anyhow!("cannot create {}: {error}", args.data_dir.display()))?;
 

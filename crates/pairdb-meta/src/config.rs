@@ -77,7 +77,7 @@ pub struct Config {
     #[command(flatten)]
     pub tls: pairdb_service::tls::TlsArgs,
     #[arg(long, env = "PAIRDB_LOG_FORMAT", value_enum, default_value_t)]
-    pub log_format: pairdb_service::logging::LogFormat,
+    pub log_format: pairdb_service::telemetry::LogFormat,
     /// Validate the configuration, print it and exit.
     #[arg(long)]
     pub check_config: bool,
@@ -328,7 +328,7 @@ impl Config {
             max_message_mb: 64,
             listener: pairdb_service::listener::ListenerArgs::default(),
             tls: pairdb_service::tls::TlsArgs::default(),
-            log_format: pairdb_service::logging::LogFormat::Text,
+            log_format: pairdb_service::telemetry::LogFormat::Text,
             check_config: false,
         }
     }

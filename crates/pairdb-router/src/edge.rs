@@ -72,10 +72,6 @@ impl Edge {
         }
     }
 
-    pub fn auth_mode(&self) -> AuthMode {
-        self.auth
-    }
-
     /// Authenticates and admits a request from its `authorization` header alone.
     pub fn admit_headers(
         &self,

@@ -4,11 +4,11 @@
 //! - [`serve`]: one listener per service carries both gRPC (HTTP/2) and the HTTP/1.1 routes
 //!   (`/health/live`, `/health/ready`, `/metrics`, JSON APIs), so each service has one port to expose.
 //! - [`Readiness`]: the one readiness flag behind both the gRPC health service and `/health/ready`.
-//! - [`logging`]: log setup from `--log-format` and `RUST_LOG`.
 //! - [`shutdown_signal`]: resolves on SIGINT or SIGTERM.
 //! - [`errors`]: the one reason → gRPC code → HTTP status table.
 //! - [`metrics`]: the process-wide Prometheus recorder behind `/metrics`.
-//! - [`telemetry`]: logs always, OpenTelemetry traces over OTLP when configured, trace propagation.
+//! - [`telemetry`]: logs always (`--log-format`, `RUST_LOG`), OpenTelemetry traces over OTLP when
+//!   configured, trace propagation.
 //! - [`tls`]: the TLS flags, server and client configurations (mutual TLS between services).
 //! - [`cluster_auth`]: cluster credentials, and the guard that checks them before a body is read.
 //! - [`clients`]: the one constructor of internal clients (storage API, meta's cluster API).
@@ -19,7 +19,6 @@ pub mod cluster_auth;
 pub mod cluster_view;
 pub mod errors;
 pub mod listener;
-pub mod logging;
 pub mod metrics;
 pub mod telemetry;
 pub mod tls;

@@ -18,7 +18,13 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-use crate::logging::LogFormat;
+/// `--log-format`: human-readable text or JSON lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
 
 /// The installed tracer provider; [`Telemetry::shutdown`] flushes the spans still buffered.
 #[derive(Debug)]

@@ -167,14 +167,6 @@ impl MerkleIndex {
             .collect()
     }
 
-    /// Number of records in `partition` (from the tree, no scan).
-    pub fn keys(&self, partition: PartitionId) -> u64 {
-        self.trees
-            .get(partition.0 as usize)
-            .and_then(|slot| slot.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(|t| t.keys))
-            .unwrap_or(0)
-    }
-
     /// Records on this node (exact, unlike the LSM's estimate, which counts uncompacted versions).
     pub fn total_keys(&self) -> u64 {
         self.trees

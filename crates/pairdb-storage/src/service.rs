@@ -11,7 +11,6 @@ use pairdb_core::token::PartitionId;
 use pairdb_core::validation::{
     ABSOLUTE_MAX_SIBLINGS, ABSOLUTE_MAX_VALUE_BYTES, validate_key, validate_tenant_id,
 };
-use pairdb_proto::common::v1::VersionEntry;
 use pairdb_proto::storage::v1 as pb;
 use pairdb_proto::storage::v1::storage_service_server::StorageService;
 use pairdb_service::cluster_view::SharedView;
@@ -250,10 +249,6 @@ fn decode_set(rpc: &'static str, bytes: &[u8]) -> Result<VersionSet, Status> {
     })
 }
 
-pub fn vector_entries(set: &VersionSet) -> Vec<VersionEntry> {
-    set.vector().entries().map(|(actor, counter)| VersionEntry { actor: actor.0, counter }).collect()
-}
-
 fn record<T>(rpc: &'static str, started: Instant, result: &Result<T, Status>) {
     let code = match result {
         Ok(_) => "ok",
@@ -310,11 +305,7 @@ impl StorageService for StorageApi {
                 engine.coordinate_write_before(&key, write, deadline)
             })
             .await?;
-        Ok(Response::new(pb::CoordinateWriteResponse {
-            version_vector: vector_entries(&set),
-            version_set: encode_version_set(&set),
-            actor: self.engine.identity().actor.0,
-        }))
+        Ok(Response::new(pb::CoordinateWriteResponse { version_set: encode_version_set(&set) }))
     }
 
     async fn replicate(

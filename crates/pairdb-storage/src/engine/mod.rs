@@ -619,11 +619,6 @@ impl Engine {
         self.merkle.partitions_with_data()
     }
 
-    /// Records of `partition` (from the Merkle tree's counters, no scan).
-    pub fn partition_keys(&self, partition: PartitionId) -> u64 {
-        self.merkle.keys(partition)
-    }
-
     /// (key, digest) of every record in the given Merkle leaves of `partition`, in key order; at most
     /// `limit` records (anti-entropy asks for few leaves at a time).
     pub fn leaf_digests(
