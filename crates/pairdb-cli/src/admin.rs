@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use pairdb_client::proto::admin::v1 as pb;
-use pairdb_client::proto::common::v1 as common;
+use pairdb_client::proto::convert;
 use serde_json::{Value, json};
 
 use crate::cli::{
@@ -22,17 +22,23 @@ fn show(format: Output, value: &Value) {
 }
 
 fn consistency(value: Option<ConsistencyArg>) -> Option<i32> {
-    value.map(|value| match value {
-        ConsistencyArg::One => common::Consistency::One as i32,
-        ConsistencyArg::Quorum => common::Consistency::Quorum as i32,
-        ConsistencyArg::All => common::Consistency::All as i32,
+    use pairdb_core::quorum::Consistency;
+    value.map(|value| {
+        convert::consistency_to_wire(Some(match value {
+            ConsistencyArg::One => Consistency::One,
+            ConsistencyArg::Quorum => Consistency::Quorum,
+            ConsistencyArg::All => Consistency::All,
+        }))
     })
 }
 
 fn conflict_mode(value: Option<ConflictModeArg>) -> Option<i32> {
-    value.map(|value| match value {
-        ConflictModeArg::Siblings => common::ConflictMode::Siblings as i32,
-        ConflictModeArg::Lww => common::ConflictMode::Lww as i32,
+    use pairdb_core::tenant::ConflictMode;
+    value.map(|value| {
+        convert::conflict_mode_to_wire(Some(match value {
+            ConflictModeArg::Siblings => ConflictMode::Siblings,
+            ConflictModeArg::Lww => ConflictMode::Lww,
+        }))
     })
 }
 

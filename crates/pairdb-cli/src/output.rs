@@ -6,7 +6,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use pairdb_client::ClientError;
 use pairdb_client::proto::admin::v1 as admin;
-use pairdb_client::proto::common::v1 as common;
+use pairdb_client::proto::convert;
 use serde_json::{Value, json};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -69,20 +69,11 @@ pub fn vector_json(vector: &[(u64, u64)]) -> Value {
 }
 
 fn consistency_name(value: i32) -> &'static str {
-    match common::Consistency::try_from(value) {
-        Ok(common::Consistency::One) => "one",
-        Ok(common::Consistency::Quorum) => "quorum",
-        Ok(common::Consistency::All) => "all",
-        _ => "unspecified",
-    }
+    convert::consistency_from_wire(value).ok().flatten().map_or("unspecified", |level| level.as_str())
 }
 
 fn conflict_mode_name(value: i32) -> &'static str {
-    match common::ConflictMode::try_from(value) {
-        Ok(common::ConflictMode::Siblings) => "siblings",
-        Ok(common::ConflictMode::Lww) => "lww",
-        _ => "unspecified",
-    }
+    convert::conflict_mode_from_wire(value).ok().flatten().map_or("unspecified", |mode| mode.as_str())
 }
 
 pub fn tenant_json(tenant: &admin::Tenant) -> Value {

@@ -26,12 +26,13 @@ pub enum Consistency {
 
 impl Consistency {
     fn to_proto(self) -> i32 {
-        match self {
-            Consistency::TenantDefault => common::Consistency::Unspecified as i32,
-            Consistency::One => common::Consistency::One as i32,
-            Consistency::Quorum => common::Consistency::Quorum as i32,
-            Consistency::All => common::Consistency::All as i32,
-        }
+        use pairdb_core::quorum::Consistency as Level;
+        pairdb_proto::convert::consistency_to_wire(match self {
+            Consistency::TenantDefault => None,
+            Consistency::One => Some(Level::One),
+            Consistency::Quorum => Some(Level::Quorum),
+            Consistency::All => Some(Level::All),
+        })
     }
 }
 

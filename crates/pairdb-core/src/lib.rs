@@ -6,8 +6,10 @@
 //! - [`dvv`]: dotted version vector sets (siblings + causal context), their merge and update laws.
 //! - [`encoding`]: the versioned binary encoding of version sets and version vectors.
 //! - [`context`]: client contexts sealed (MACed) by routers and bound to a tenant and key.
+//! - [`gc`]: when a fully acknowledged tombstone may be purged early (its placement still holds).
 //! - [`quorum`]: consistency levels and R/W arithmetic.
 //! - [`coordination`]: the write and read coordination state machines driven by the router.
+//! - [`tenant`]: per-tenant choices the core reads (conflict mode).
 //! - [`validation`]: limits on tenant ids, keys, values and replication factors.
 //!
 //! Architecture invariant: this crate does no IO, spawns nothing and never reads the clock. Time comes in
@@ -20,10 +22,12 @@ pub mod context;
 pub mod coordination;
 pub mod dvv;
 pub mod encoding;
+pub mod gc;
 pub mod quorum;
 pub mod rate_limit;
 pub mod reason;
 pub mod repair;
 pub mod ring;
+pub mod tenant;
 pub mod token;
 pub mod validation;

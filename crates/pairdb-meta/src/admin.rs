@@ -239,7 +239,7 @@ impl Meta {
             purge_seq: 0,
             tenant_id: request.tenant_id,
             replication_factor,
-            previous_replication_factor: 0,
+            previous_replication_factor: None,
             default_consistency: request.default_consistency.unwrap_or(Consistency::Quorum),
             conflict_mode: request.conflict_mode.unwrap_or_default(),
             rate_limit_ops_per_sec: request.rate_limit_ops_per_sec,
@@ -297,7 +297,7 @@ impl Meta {
             && n != tenant.replication_factor
         {
             check_replication_factor_range(n)?;
-            if tenant.previous_replication_factor != 0 {
+            if tenant.previous_replication_factor.is_some() {
                 let running = tx
                     .unfinished_migrations()
                     .await?
@@ -313,7 +313,7 @@ impl Meta {
             queued.tenant_id = tenant_id.to_owned();
             queued.old_value = u64::from(tenant.replication_factor);
             queued.new_value = u64::from(n);
-            tenant.previous_replication_factor = tenant.replication_factor;
+            tenant.previous_replication_factor = Some(tenant.replication_factor);
             tenant.replication_factor = n;
             migration = Some(queued);
         }
@@ -353,7 +353,7 @@ impl Meta {
         let migration_id = migration.map(|m| {
             tracing::info!(
                 tenant = tenant_id,
-                from = tenant.previous_replication_factor,
+                from = tenant.previous_replication_factor.unwrap_or(tenant.replication_factor),
                 to = tenant.replication_factor,
                 migration = %m.migration_id,
                 "replication factor change queued"
@@ -693,7 +693,7 @@ impl Meta {
                     .list_tenants()
                     .await?
                     .iter()
-                    .map(|t| t.replication_factor.max(t.previous_replication_factor) as usize)
+                    .map(|t| t.replication_factor.max(t.previous_replication_factor.unwrap_or(0)) as usize)
                     .max()
                     .unwrap_or(0)
                     .max(1);
@@ -1005,11 +1005,11 @@ pub(crate) async fn abandon(
         }
         MigrationKind::ReplicationFactor => {
             if let Some(mut tenant) = tx.get_tenant(&migration.tenant_id).await?
-                && tenant.previous_replication_factor != 0
+                && let Some(previous) = tenant.previous_replication_factor
                 && u64::from(tenant.replication_factor) == migration.new_value
             {
-                tenant.replication_factor = tenant.previous_replication_factor;
-                tenant.previous_replication_factor = 0;
+                tenant.replication_factor = previous;
+                tenant.previous_replication_factor = None;
                 tenant.updated_at_ms = now;
                 tx.update_tenant(&tenant).await?;
                 tx.record_change(ChangeKind::Tenant, &tenant.tenant_id).await?;

@@ -5,11 +5,12 @@
 use std::sync::Arc;
 
 use pairdb_core::quorum::Consistency;
+use pairdb_core::tenant::ConflictMode;
 use pairdb_proto::admin::v1 as admin_pb;
 use pairdb_proto::admin::v1::admin_service_server::AdminService;
 use pairdb_proto::cluster::v1 as cluster_pb;
 use pairdb_proto::cluster::v1::cluster_service_server::ClusterService;
-use pairdb_proto::common::v1 as common_pb;
+use pairdb_proto::convert;
 use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -22,8 +23,8 @@ use crate::config::AdminAuth;
 use crate::deletion::TenantView;
 use crate::error::MetaError;
 use crate::model::{
-    ApiKey, ApiKeyHash, ConflictMode, ContextKeyRecord, ContextKeySet, Migration, MigrationState,
-    NodeRebuild, NodeStats, NodeStatus, StorageNode, Tenant, TenantState, Topology,
+    ApiKey, ApiKeyHash, ContextKeyRecord, ContextKeySet, Migration, MigrationState, NodeRebuild, NodeStats,
+    NodeStatus, StorageNode, Tenant, TenantState, Topology,
 };
 use crate::view::{Event, RevisionedEvent, ViewSnapshot};
 
@@ -559,37 +560,11 @@ async fn pump(
 // ---- conversions ------------------------------------------------------------------------------
 
 fn consistency_from_pb(value: i32) -> Result<Option<Consistency>, MetaError> {
-    match common_pb::Consistency::try_from(value) {
-        Ok(common_pb::Consistency::Unspecified) => Ok(None),
-        Ok(common_pb::Consistency::One) => Ok(Some(Consistency::One)),
-        Ok(common_pb::Consistency::Quorum) => Ok(Some(Consistency::Quorum)),
-        Ok(common_pb::Consistency::All) => Ok(Some(Consistency::All)),
-        Err(_) => Err(MetaError::InvalidArgument(format!("unknown consistency {value}"))),
-    }
-}
-
-fn consistency_to_pb(consistency: Consistency) -> i32 {
-    match consistency {
-        Consistency::One => common_pb::Consistency::One as i32,
-        Consistency::Quorum => common_pb::Consistency::Quorum as i32,
-        Consistency::All => common_pb::Consistency::All as i32,
-    }
+    convert::consistency_from_wire(value).map_err(|e| MetaError::InvalidArgument(e.to_string()))
 }
 
 fn conflict_mode_from_pb(value: i32) -> Result<Option<ConflictMode>, MetaError> {
-    match common_pb::ConflictMode::try_from(value) {
-        Ok(common_pb::ConflictMode::Unspecified) => Ok(None),
-        Ok(common_pb::ConflictMode::Siblings) => Ok(Some(ConflictMode::Siblings)),
-        Ok(common_pb::ConflictMode::Lww) => Ok(Some(ConflictMode::Lww)),
-        Err(_) => Err(MetaError::InvalidArgument(format!("unknown conflict mode {value}"))),
-    }
-}
-
-fn conflict_mode_to_pb(mode: ConflictMode) -> i32 {
-    match mode {
-        ConflictMode::Siblings => common_pb::ConflictMode::Siblings as i32,
-        ConflictMode::Lww => common_pb::ConflictMode::Lww as i32,
-    }
+    convert::conflict_mode_from_wire(value).map_err(|e| MetaError::InvalidArgument(e.to_string()))
 }
 
 fn tenant_to_pb(view: &TenantView) -> admin_pb::Tenant {
@@ -603,8 +578,8 @@ fn tenant_to_pb(view: &TenantView) -> admin_pb::Tenant {
         }),
         tenant_id: tenant.tenant_id.clone(),
         replication_factor: tenant.replication_factor,
-        default_consistency: consistency_to_pb(tenant.default_consistency),
-        conflict_mode: conflict_mode_to_pb(tenant.conflict_mode),
+        default_consistency: convert::consistency_to_wire(Some(tenant.default_consistency)),
+        conflict_mode: convert::conflict_mode_to_wire(Some(tenant.conflict_mode)),
         rate_limit_ops_per_sec: tenant.rate_limit_ops_per_sec,
         rate_limit_burst: tenant.rate_limit_burst,
         max_value_bytes: tenant.max_value_bytes,
@@ -619,14 +594,14 @@ fn tenant_config_to_pb(tenant: &Tenant) -> cluster_pb::TenantConfig {
     cluster_pb::TenantConfig {
         tenant_id: tenant.tenant_id.clone(),
         replication_factor: tenant.replication_factor,
-        default_consistency: consistency_to_pb(tenant.default_consistency),
-        conflict_mode: conflict_mode_to_pb(tenant.conflict_mode),
+        default_consistency: convert::consistency_to_wire(Some(tenant.default_consistency)),
+        conflict_mode: convert::conflict_mode_to_wire(Some(tenant.conflict_mode)),
         rate_limit_ops_per_sec: tenant.rate_limit_ops_per_sec,
         rate_limit_burst: tenant.rate_limit_burst,
         max_value_bytes: tenant.max_value_bytes,
         max_siblings: tenant.max_siblings,
         strict_quorum: tenant.strict_quorum,
-        previous_replication_factor: tenant.previous_replication_factor,
+        previous_replication_factor: tenant.previous_replication_factor.unwrap_or(0),
         deleting: tenant.state == TenantState::Deleting,
         purge_seq: tenant.purge_seq,
         generation: tenant.generation,

@@ -201,7 +201,7 @@ fn tenant_json(tenant: &Tenant) -> Value {
         "state": tenant.state.as_str(),
         "tenant_id": tenant.tenant_id,
         "replication_factor": tenant.replication_factor,
-        "previous_replication_factor": tenant.previous_replication_factor,
+        "previous_replication_factor": tenant.previous_replication_factor.unwrap_or(0),
         "default_consistency": tenant.default_consistency.as_str(),
         "conflict_mode": tenant.conflict_mode.as_str(),
         "rate_limit_ops_per_sec": tenant.rate_limit_ops_per_sec,

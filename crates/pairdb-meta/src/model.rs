@@ -6,31 +6,7 @@ use std::sync::Arc;
 
 use pairdb_core::quorum::Consistency;
 use pairdb_core::ring::{Assignment, NodeId, NodeSpec};
-
-/// How concurrent writes to one key are presented (DESIGN §3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ConflictMode {
-    #[default]
-    Siblings,
-    Lww,
-}
-
-impl ConflictMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConflictMode::Siblings => "siblings",
-            ConflictMode::Lww => "lww",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        match text {
-            "siblings" => Some(ConflictMode::Siblings),
-            "lww" => Some(ConflictMode::Lww),
-            _ => None,
-        }
-    }
-}
+pub use pairdb_core::tenant::ConflictMode;
 
 /// Where a tenant is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -64,8 +40,8 @@ impl TenantState {
 pub struct Tenant {
     pub tenant_id: String,
     pub replication_factor: u32,
-    /// While a replication_factor migration runs: the factor reads still use. 0 = none.
-    pub previous_replication_factor: u32,
+    /// While a replication_factor migration runs: the factor reads still use.
+    pub previous_replication_factor: Option<u32>,
     pub default_consistency: Consistency,
     pub conflict_mode: ConflictMode,
     /// Sustained operations per second; 0 = unlimited.

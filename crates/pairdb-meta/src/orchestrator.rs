@@ -435,9 +435,9 @@ async fn complete(meta: &Meta, fence: LeaderFence, migration: Migration) -> Resu
         }
         MigrationKind::ReplicationFactor => {
             if let Some(mut tenant) = tx.get_tenant(&stored.tenant_id).await?
-                && tenant.previous_replication_factor != 0
+                && tenant.previous_replication_factor.is_some()
             {
-                tenant.previous_replication_factor = 0;
+                tenant.previous_replication_factor = None;
                 tenant.updated_at_ms = now;
                 tx.update_tenant(&tenant).await?;
                 tx.record_change(ChangeKind::Tenant, &tenant.tenant_id).await?;

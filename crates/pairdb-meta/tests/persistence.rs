@@ -95,7 +95,7 @@ fn tenant(id: &str) -> Tenant {
     Tenant {
         tenant_id: id.to_owned(),
         replication_factor: 3,
-        previous_replication_factor: 0,
+        previous_replication_factor: None,
         default_consistency: Consistency::Quorum,
         conflict_mode: ConflictMode::Siblings,
         rate_limit_ops_per_sec: 100,
@@ -175,7 +175,7 @@ async fn tenants_round_trip(store: Store) {
     let mut tx = store.write().await.unwrap();
     let mut updated = tenant("alpha");
     updated.replication_factor = 5;
-    updated.previous_replication_factor = 3;
+    updated.previous_replication_factor = Some(3);
     updated.default_consistency = Consistency::All;
     updated.conflict_mode = ConflictMode::Lww;
     updated.max_value_bytes = 4 << 20;

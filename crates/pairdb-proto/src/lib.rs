@@ -3,9 +3,11 @@
 //! These are wire types: the services convert them to domain types (`pairdb-core`) at their edge and
 //! never pass them deeper. Every service uses [`codec::StrictCodec`]: a message that does not decode is
 //! the caller's INVALID_ARGUMENT (reason MALFORMED_REQUEST), not the server's INTERNAL. [`status`]
-//! holds the one reason → gRPC code table and the `ErrorDetail` every error status carries.
+//! holds the one reason → gRPC code table and the `ErrorDetail` every error status carries;
+//! [`convert`] the wire enum ↔ domain conversions.
 
 pub mod codec;
+pub mod convert;
 pub mod status;
 
 #[allow(missing_debug_implementations, unused_qualifications, clippy::all, clippy::pedantic)]

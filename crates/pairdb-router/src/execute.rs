@@ -17,6 +17,7 @@ use pairdb_core::coordination::{
 };
 use pairdb_core::dvv::VersionSet;
 use pairdb_core::encoding::{decode_version_set, encode_version_set};
+use pairdb_core::gc::TombstonePlacement;
 use pairdb_core::reason::Reason;
 use pairdb_core::ring::NodeId;
 use pairdb_proto::storage::v1 as pb;
@@ -76,14 +77,7 @@ pub struct WriteInput {
     /// For a delete placed with no migration or N change under way: where it was placed, reported
     /// to the owners with `ConfirmTombstone` if every one of them acknowledges the tombstone itself
     /// (they may then purge it after the grace period without waiting for anti-entropy).
-    pub confirm_tombstone: Option<DeletePlacement>,
-}
-
-/// The topology epoch and tenant N a delete was placed with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DeletePlacement {
-    pub topology_epoch: u64,
-    pub replication_factor: u32,
+    pub confirm_tombstone: Option<TombstonePlacement>,
 }
 
 #[derive(Debug)]
@@ -524,7 +518,7 @@ async fn confirm_tombstone(
     owners: &[NodeId],
     key: &pb::KeyRef,
     encoded: &[u8],
-    placement: DeletePlacement,
+    placement: TombstonePlacement,
 ) {
     let calls = owners.iter().map(|&node| {
         let request = pb::ConfirmTombstoneRequest {

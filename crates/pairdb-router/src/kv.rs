@@ -15,16 +15,16 @@ use pairdb_core::coordination::{ReadPlan, WritePlan};
 use pairdb_core::dvv::VersionVector;
 use pairdb_core::dvv::{Sibling, VersionSet};
 use pairdb_core::encoding::encode_vector;
-use pairdb_core::quorum::{Consistency, Requirement, required_replicas};
+use pairdb_core::quorum::{Requirement, required_replicas};
 use pairdb_core::reason::{HasReason, Reason};
 use pairdb_core::ring::NodeId;
 use pairdb_core::token::token_for;
 use pairdb_core::validation::{validate_key, validate_tenant_id, validate_value};
-use pairdb_proto::common::v1::Consistency as PbConsistency;
+use pairdb_proto::convert;
 use pairdb_proto::storage::v1 as pb;
 
 use crate::error::RouterError;
-use crate::execute::{self, Clock, DeletePlacement, ReadResult, WriteInput, WriteResult, wall_clock_ms};
+use crate::execute::{self, Clock, ReadResult, WriteInput, WriteResult, wall_clock_ms};
 use crate::pool::StoragePool;
 use crate::view::{ClusterView, ConflictMode, SharedView, TenantSettings};
 
@@ -114,18 +114,9 @@ impl KvRouter {
         if options.explicit > 0 {
             return Ok(Requirement::Explicit(options.explicit));
         }
-        let level = match PbConsistency::try_from(options.consistency) {
-            Ok(PbConsistency::Unspecified) => tenant.default_consistency,
-            Ok(PbConsistency::One) => Consistency::One,
-            Ok(PbConsistency::Quorum) => Consistency::Quorum,
-            Ok(PbConsistency::All) => Consistency::All,
-            Err(_) => {
-                return Err(RouterError::invalid(
-                    Reason::InvalidConsistency,
-                    format!("unknown consistency level {}", options.consistency),
-                ));
-            }
-        };
+        let level = convert::consistency_from_wire(options.consistency)
+            .map_err(|unknown| RouterError::invalid(Reason::InvalidConsistency, unknown.to_string()))?
+            .unwrap_or(tenant.default_consistency);
         Ok(Requirement::Level(level))
     }
 
@@ -275,13 +266,11 @@ impl KvRouter {
             encode_vector(&vector)
         };
         let placement = Self::placement(&view, &tenant, key)?;
-        let confirm_tombstone = (value.is_none()
-            && view.pending.is_none()
-            && tenant.previous_replication_factor.is_none())
-        .then(|| DeletePlacement {
-            topology_epoch: view.epoch,
-            replication_factor: u32::try_from(tenant.replication_factor).unwrap_or(u32::MAX),
-        });
+        let confirm_tombstone = if value.is_none() {
+            pairdb_core::gc::stable_placement(&view.placement_view(&tenant.tenant_id))
+        } else {
+            None
+        };
         let plan = WritePlan {
             preference: placement.preference,
             fallbacks: placement.fallbacks,

@@ -19,19 +19,15 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use pairdb_core::context::{ContextKey, ContextKeyRing};
+use pairdb_core::gc::{PlacementView, TenantReplication};
 use pairdb_core::quorum::Consistency;
 use pairdb_core::ring::{Assignment, NodeId, RingError};
 use pairdb_core::token::{InvalidPartitionCount, PartitionCount};
 use pairdb_proto::admin::v1::NodeStatus;
 use pairdb_proto::cluster::v1 as pb;
-use pairdb_proto::common::v1::{ConflictMode as PbConflictMode, Consistency as PbConsistency};
+use pairdb_proto::convert;
 
-/// How a tenant resolves concurrent writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConflictMode {
-    Siblings,
-    Lww,
-}
+pub use pairdb_core::tenant::ConflictMode;
 
 /// A tenant's settings as pushed by meta.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +84,18 @@ impl ClusterView {
     pub fn partitions(&self) -> Option<PartitionCount> {
         self.current.as_ref().map(|a| a.partition_count())
     }
+
+    /// What the placement rules of [`pairdb_core::gc`] read of this view, for `tenant`.
+    pub fn placement_view(&self, tenant: &str) -> PlacementView {
+        PlacementView {
+            topology_epoch: self.current.is_some().then_some(self.epoch),
+            migration_pending: self.pending.is_some(),
+            tenant: self.tenants.get(tenant).map(|t| TenantReplication {
+                replication_factor: t.replication_factor,
+                changing: t.previous_replication_factor.is_some(),
+            }),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,12 +117,9 @@ fn topology(topology: &pb::Topology) -> Result<Arc<Assignment>, ViewError> {
     Ok(Arc::new(Assignment::from_lists(partitions, lists)?))
 }
 
+/// Meta always names the tenant's level; a missing or unknown one is served as QUORUM.
 fn consistency(value: i32) -> Consistency {
-    match PbConsistency::try_from(value) {
-        Ok(PbConsistency::One) => Consistency::One,
-        Ok(PbConsistency::All) => Consistency::All,
-        _ => Consistency::Quorum,
-    }
+    convert::consistency_from_wire(value).ok().flatten().unwrap_or(Consistency::Quorum)
 }
 
 fn tenant(config: &pb::TenantConfig) -> TenantSettings {
@@ -125,10 +130,10 @@ fn tenant(config: &pb::TenantConfig) -> TenantSettings {
             && config.previous_replication_factor != config.replication_factor)
             .then_some(config.previous_replication_factor as usize),
         default_consistency: consistency(config.default_consistency),
-        conflict_mode: match PbConflictMode::try_from(config.conflict_mode) {
-            Ok(PbConflictMode::Lww) => ConflictMode::Lww,
-            _ => ConflictMode::Siblings,
-        },
+        conflict_mode: convert::conflict_mode_from_wire(config.conflict_mode)
+            .ok()
+            .flatten()
+            .unwrap_or_default(),
         rate_limit_ops_per_sec: config.rate_limit_ops_per_sec,
         rate_limit_burst: config.rate_limit_burst,
         max_value_bytes: if config.max_value_bytes == 0 {

@@ -845,17 +845,10 @@ impl Repair {
     }
 }
 
-/// Whether a full-ack confirmation made under `placement` still names the key's owners: the view's
-/// current epoch is the one the delete was placed in, no migration is pending, and the tenant's N is
-/// unchanged and not changing.
+/// Whether a full-ack confirmation made under `placement` still names the key's owners (the rule is
+/// [`pairdb_core::gc::placement_holds`]).
 pub(crate) fn placement_holds(view: &ClusterView, tenant: &str, placement: TombstonePlacement) -> bool {
-    view.current.is_some()
-        && view.epoch == placement.topology_epoch
-        && view.pending.is_none()
-        && view.tenants.get(tenant).is_some_and(|t| {
-            t.previous_replication_factor.is_none()
-                && t.replication_factor == placement.replication_factor as usize
-        })
+    pairdb_core::gc::placement_holds(&view.placement_view(tenant), placement)
 }
 
 /// How often expired hints are dropped: a quarter of the retention, between 1 s and 60 s.

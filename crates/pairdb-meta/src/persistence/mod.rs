@@ -644,10 +644,12 @@ impl TryFrom<TenantRow> for Tenant {
             generation: to_u64(row.generation),
             purge_seq: to_u64(row.purge_seq),
             replication_factor: to_u32(row.replication_factor, "tenants.replication_factor")?,
-            previous_replication_factor: to_u32(
+            // Stored as 0 for "none" (the column predates NULL-able settings).
+            previous_replication_factor: Some(to_u32(
                 row.previous_replication_factor,
                 "tenants.previous_replication_factor",
-            )?,
+            )?)
+            .filter(|&n| n != 0),
             default_consistency,
             conflict_mode,
             rate_limit_ops_per_sec: to_u32(row.rate_limit_ops_per_sec, "tenants.rate_limit_ops_per_sec")?,
@@ -1010,7 +1012,7 @@ impl Tx {
             )
             .bind(&tenant.tenant_id)
             .bind(i64::from(tenant.replication_factor))
-            .bind(i64::from(tenant.previous_replication_factor))
+            .bind(i64::from(tenant.previous_replication_factor.unwrap_or(0)))
             .bind(tenant.default_consistency.as_str())
             .bind(tenant.conflict_mode.as_str())
             .bind(i64::from(tenant.rate_limit_ops_per_sec))
@@ -1041,7 +1043,7 @@ impl Tx {
             )
             .bind(&tenant.tenant_id)
             .bind(i64::from(tenant.replication_factor))
-            .bind(i64::from(tenant.previous_replication_factor))
+            .bind(i64::from(tenant.previous_replication_factor.unwrap_or(0)))
             .bind(tenant.default_consistency.as_str())
             .bind(tenant.conflict_mode.as_str())
             .bind(i64::from(tenant.rate_limit_ops_per_sec))

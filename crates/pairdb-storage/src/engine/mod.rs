@@ -226,13 +226,7 @@ impl RecordDigest {
     }
 }
 
-/// Where a delete was placed when every owner acknowledged it: the topology epoch and the tenant's N.
-/// A purge needs both unchanged (same owners, no migration since).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TombstonePlacement {
-    pub topology_epoch: u64,
-    pub replication_factor: u32,
-}
+pub use pairdb_core::gc::TombstonePlacement;
 
 /// A stored full-ack confirmation.
 #[derive(Debug, Clone, Copy)]

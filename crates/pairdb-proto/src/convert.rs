@@ -1,0 +1,78 @@
+//! Wire enums ↔ domain types, written once for every service and the client. `UNSPECIFIED` decodes
+//! to `None` (the caller applies its default); a number this release does not know is an error, so
+//! the caller decides whether that is the client's mistake or a newer peer's.
+
+use pairdb_core::quorum::Consistency;
+use pairdb_core::tenant::ConflictMode;
+
+use crate::common::v1 as common;
+
+/// An enum value this release does not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnknownEnumValue {
+    pub kind: &'static str,
+    pub value: i32,
+}
+
+impl std::fmt::Display for UnknownEnumValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "unknown {} {}", self.kind, self.value)
+    }
+}
+
+impl std::error::Error for UnknownEnumValue {}
+
+pub fn consistency_from_wire(value: i32) -> Result<Option<Consistency>, UnknownEnumValue> {
+    match common::Consistency::try_from(value) {
+        Ok(common::Consistency::Unspecified) => Ok(None),
+        Ok(common::Consistency::One) => Ok(Some(Consistency::One)),
+        Ok(common::Consistency::Quorum) => Ok(Some(Consistency::Quorum)),
+        Ok(common::Consistency::All) => Ok(Some(Consistency::All)),
+        Err(_) => Err(UnknownEnumValue { kind: "consistency level", value }),
+    }
+}
+
+pub fn consistency_to_wire(consistency: Option<Consistency>) -> i32 {
+    let wire = match consistency {
+        None => common::Consistency::Unspecified,
+        Some(Consistency::One) => common::Consistency::One,
+        Some(Consistency::Quorum) => common::Consistency::Quorum,
+        Some(Consistency::All) => common::Consistency::All,
+    };
+    wire as i32
+}
+
+pub fn conflict_mode_from_wire(value: i32) -> Result<Option<ConflictMode>, UnknownEnumValue> {
+    match common::ConflictMode::try_from(value) {
+        Ok(common::ConflictMode::Unspecified) => Ok(None),
+        Ok(common::ConflictMode::Siblings) => Ok(Some(ConflictMode::Siblings)),
+        Ok(common::ConflictMode::Lww) => Ok(Some(ConflictMode::Lww)),
+        Err(_) => Err(UnknownEnumValue { kind: "conflict mode", value }),
+    }
+}
+
+pub fn conflict_mode_to_wire(mode: Option<ConflictMode>) -> i32 {
+    let wire = match mode {
+        None => common::ConflictMode::Unspecified,
+        Some(ConflictMode::Siblings) => common::ConflictMode::Siblings,
+        Some(ConflictMode::Lww) => common::ConflictMode::Lww,
+    };
+    wire as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_value_round_trips_and_unknown_numbers_are_refused() {
+        for level in [None, Some(Consistency::One), Some(Consistency::Quorum), Some(Consistency::All)] {
+            assert_eq!(consistency_from_wire(consistency_to_wire(level)), Ok(level));
+        }
+        for mode in [None, Some(ConflictMode::Siblings), Some(ConflictMode::Lww)] {
+            assert_eq!(conflict_mode_from_wire(conflict_mode_to_wire(mode)), Ok(mode));
+        }
+        assert_eq!(consistency_from_wire(99).unwrap_err().to_string(), "unknown consistency level 99");
+        assert!(conflict_mode_from_wire(-1).is_err());
+    }
+}
