@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
+use pairdb_client::AdminClient;
 use pairdb_client::proto::admin::v1 as pb;
 use pairdb_client::proto::convert;
 use serde_json::{Value, json};
@@ -196,64 +197,12 @@ pub async fn node(globals: &Globals, command: NodeCommand) -> anyhow::Result<()>
     let admin = globals.admin().await?;
     match command {
         NodeCommand::Add { address, node_id, zone, weight } => {
-            let reply = admin
-                .add_storage_node(pb::AddStorageNodeRequest {
-                    node_id: node_id.unwrap_or(0),
-                    address,
-                    zone,
-                    weight,
-                })
-                .await?;
-            let node = reply.node.as_ref().map(output::node_json).unwrap_or(Value::Null);
-            let mut value = change_json("node", node, &reply.migration_id);
-            if !reply.cluster_credential.is_empty() {
-                value["cluster_credential"] = Value::String(reply.cluster_credential.clone());
-            }
-            show(globals.output, &value);
-            if globals.output == Output::Table && !reply.cluster_credential.is_empty() {
-                println!(
-                    "start the node with this credential in --cluster-credential-file (or PAIRDB_CLUSTER_CREDENTIAL); \
-                     `pairdb cluster credential node-<id>` prints it again"
-                );
-            }
+            let request = pb::AddStorageNodeRequest { node_id: node_id.unwrap_or(0), address, zone, weight };
+            add_node(globals, &admin, request).await?;
         }
         NodeCommand::List => {
             let nodes = admin.list_storage_nodes(pb::ListStorageNodesRequest {}).await?.nodes;
-            match globals.output {
-                Output::Json => output::print_json(&json!({
-                    "nodes": nodes.iter().map(output::node_json).collect::<Vec<_>>()
-                })),
-                Output::Table => output::print_table(
-                    &[
-                        "NODE",
-                        "ADDRESS",
-                        "ZONE",
-                        "WEIGHT",
-                        "STATUS",
-                        "IN RING",
-                        "KEYS",
-                        "HINTS",
-                        "QUARANTINED",
-                    ],
-                    &nodes
-                        .iter()
-                        .map(|node| {
-                            let stats = node.stats.unwrap_or_default();
-                            vec![
-                                node.node_id.to_string(),
-                                node.address.clone(),
-                                node.zone.clone(),
-                                node.weight.to_string(),
-                                output::node_status_name(node.status).to_owned(),
-                                node.in_ring.to_string(),
-                                stats.keys.to_string(),
-                                stats.hints_pending.to_string(),
-                                stats.quarantined_records.to_string(),
-                            ]
-                        })
-                        .collect::<Vec<_>>(),
-                ),
-            }
+            show_nodes(globals.output, &nodes);
         }
         NodeCommand::Get { node_id } => {
             let node = admin.get_storage_node(pb::GetStorageNodeRequest { node_id }).await?;
@@ -271,40 +220,106 @@ pub async fn node(globals: &Globals, command: NodeCommand) -> anyhow::Result<()>
                 return Ok(());
             }
             let interval = Duration::from_millis(interval_ms.max(50));
-            let bar = partitions_bar(globals.output);
-            let rebuild = loop {
-                let rebuild = admin.get_node_rebuild(pb::GetNodeRebuildRequest { node_id }).await?;
-                bar.set_length(rebuild.partitions_total);
-                bar.set_position(rebuild.partitions_done);
-                bar.set_message(format!(
-                    "node {node_id} rebuild {} | {} keys compared, {} repaired",
-                    rebuild.state, rebuild.keys_compared, rebuild.keys_repaired
-                ));
-                // A node that restarted meanwhile reports "idle": its rebuild is gone with it.
-                if rebuild.state != "running" {
-                    break rebuild;
-                }
-                tokio::time::sleep(interval).await;
-            };
-            bar.finish();
+            let rebuild = wait_for_rebuild(globals.output, &admin, node_id, interval).await?;
             show(globals.output, &output::rebuild_json(&rebuild));
-            if rebuild.state != "done" || rebuild.started_at_ms < started.started_at_ms {
-                anyhow::bail!(
-                    "REBUILD_INTERRUPTED: node {node_id} no longer reports the rebuild (it restarted?); run it again"
-                );
-            }
-            if rebuild.failed_exchanges > 0 {
-                anyhow::bail!(
-                    "REBUILD_INCOMPLETE: node {node_id} could not exchange with a peer {} time(s) (down or failing); \
-                     run it again once every replica is up",
-                    rebuild.failed_exchanges
-                );
-            }
+            check_rebuild(node_id, &started, &rebuild)?;
         }
         NodeCommand::RebuildStatus { node_id } => {
             let rebuild = admin.get_node_rebuild(pb::GetNodeRebuildRequest { node_id }).await?;
             show(globals.output, &output::rebuild_json(&rebuild));
         }
+    }
+    Ok(())
+}
+
+async fn add_node(
+    globals: &Globals,
+    admin: &AdminClient,
+    request: pb::AddStorageNodeRequest,
+) -> anyhow::Result<()> {
+    let reply = admin.add_storage_node(request).await?;
+    let node = reply.node.as_ref().map(output::node_json).unwrap_or(Value::Null);
+    let mut value = change_json("node", node, &reply.migration_id);
+    if !reply.cluster_credential.is_empty() {
+        value["cluster_credential"] = Value::String(reply.cluster_credential.clone());
+    }
+    show(globals.output, &value);
+    if globals.output == Output::Table && !reply.cluster_credential.is_empty() {
+        println!(
+            "start the node with this credential in --cluster-credential-file (or PAIRDB_CLUSTER_CREDENTIAL); \
+             `pairdb cluster credential node-<id>` prints it again"
+        );
+    }
+    Ok(())
+}
+
+fn show_nodes(format: Output, nodes: &[pb::StorageNode]) {
+    match format {
+        Output::Json => output::print_json(&json!({
+            "nodes": nodes.iter().map(output::node_json).collect::<Vec<_>>()
+        })),
+        Output::Table => output::print_table(
+            &["NODE", "ADDRESS", "ZONE", "WEIGHT", "STATUS", "IN RING", "KEYS", "HINTS", "QUARANTINED"],
+            &nodes
+                .iter()
+                .map(|node| {
+                    let stats = node.stats.unwrap_or_default();
+                    vec![
+                        node.node_id.to_string(),
+                        node.address.clone(),
+                        node.zone.clone(),
+                        node.weight.to_string(),
+                        output::node_status_name(node.status).to_owned(),
+                        node.in_ring.to_string(),
+                        stats.keys.to_string(),
+                        stats.hints_pending.to_string(),
+                        stats.quarantined_records.to_string(),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        ),
+    }
+}
+
+/// Polls a node's rebuild until it is no longer running, showing progress.
+async fn wait_for_rebuild(
+    format: Output,
+    admin: &AdminClient,
+    node_id: u32,
+    interval: Duration,
+) -> anyhow::Result<pb::NodeRebuild> {
+    let bar = partitions_bar(format);
+    let rebuild = loop {
+        let rebuild = admin.get_node_rebuild(pb::GetNodeRebuildRequest { node_id }).await?;
+        bar.set_length(rebuild.partitions_total);
+        bar.set_position(rebuild.partitions_done);
+        bar.set_message(format!(
+            "node {node_id} rebuild {} | {} keys compared, {} repaired",
+            rebuild.state, rebuild.keys_compared, rebuild.keys_repaired
+        ));
+        // A node that restarted meanwhile reports "idle": its rebuild is gone with it.
+        if rebuild.state != "running" {
+            break rebuild;
+        }
+        tokio::time::sleep(interval).await;
+    };
+    bar.finish();
+    Ok(rebuild)
+}
+
+/// Fails unless the rebuild `started` finished and exchanged with every peer.
+fn check_rebuild(node_id: u32, started: &pb::NodeRebuild, rebuild: &pb::NodeRebuild) -> anyhow::Result<()> {
+    if rebuild.state != "done" || rebuild.started_at_ms < started.started_at_ms {
+        anyhow::bail!(
+            "REBUILD_INTERRUPTED: node {node_id} no longer reports the rebuild (it restarted?); run it again"
+        );
+    }
+    if rebuild.failed_exchanges > 0 {
+        anyhow::bail!(
+            "REBUILD_INCOMPLETE: node {node_id} could not exchange with a peer {} time(s) (down or failing); \
+             run it again once every replica is up",
+            rebuild.failed_exchanges
+        );
     }
     Ok(())
 }

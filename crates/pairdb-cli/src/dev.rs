@@ -47,38 +47,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let signer = Signer::read(&secret_file)?;
 
     let meta_listener = bind(args.meta_addr, "meta").await?;
-    let mut meta_config = pairdb_meta::Config::for_tests(args.data_dir.join("meta"), None);
-    meta_config.listen_addr = args.meta_addr;
-    meta_config.auto_add_nodes = true;
-    meta_config.insecure_cluster = args.insecure_cluster;
-    meta_config.cluster_secret_file = (!args.insecure_cluster).then(|| secret_file.clone());
+    let meta_config = meta_config(&args, &secret_file);
     let stop = stopped(stop_rx.clone());
     services.spawn(async move {
         ("meta", pairdb_meta::run(meta_config, meta_listener, stop).await.map_err(anyhow::Error::from))
     });
-
-    let mut storage_addrs = Vec::new();
-    for node_id in 1..=args.storage_nodes {
-        let port = u16::try_from(u32::from(args.storage_base_port) + node_id - 1)
-            .map_err(|_| anyhow::anyhow!("INVALID_ARGUMENT: --storage-base-port too high"))?;
-        let addr = SocketAddr::new(args.meta_addr.ip(), port);
-        let listener = bind(addr, "storage").await?;
-        let mut config =
-            pairdb_storage::Config::for_node(node_id, args.data_dir.join(format!("storage-{node_id}")));
-        config.listen_addr = addr;
-        config.meta_addr = Some(args.meta_addr.to_string());
-        config.cluster_auth = credential(&signer, Principal::Node(node_id), args.insecure_cluster);
-        config.anti_entropy_period_secs = args.anti_entropy_period_secs;
-        config.sync = match args.sync {
-            SyncArg::Always => pairdb_storage::config::SyncSetting::Always,
-            SyncArg::Periodic => pairdb_storage::config::SyncSetting::Periodic,
-        };
-        let stop = stopped(stop_rx.clone());
-        services.spawn(async move {
-            ("storage", pairdb_storage::run(config, listener, stop).await.map_err(anyhow::Error::from))
-        });
-        storage_addrs.push((node_id, addr));
-    }
+    let storage_addrs = start_storage_nodes(&args, &signer, &stop_rx, &mut services).await?;
 
     let router_listener = bind(args.router_addr, "router").await?;
     let replication_factor = args.storage_nodes.min(3);
@@ -93,19 +67,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     .await;
     let outcome = match prepared {
         Ok(()) => {
-            let mut router_config = pairdb_router::Config::with_meta(args.meta_addr.to_string());
-            router_config.listen_addr = args.router_addr;
-            // Dev mode: no API keys; requests name their tenant (the CLI sends `demo`).
-            router_config.no_auth = true;
-            router_config.cluster_auth = credential(&signer, Principal::Router, args.insecure_cluster);
+            let router_config = router_config(&args, &signer);
             let stop = stopped(stop_rx.clone());
             services.spawn(async move {
-                (
-                    "router",
-                    pairdb_router::run(router_config, router_listener, stop)
-                        .await
-                        .map_err(anyhow::Error::from),
-                )
+                let served = pairdb_router::run(router_config, router_listener, stop).await;
+                ("router", served.map_err(anyhow::Error::from))
             });
             let router_addr = args.router_addr.to_string();
             while_running(&mut services, deadline, wait_for_router(&router_addr)).await
@@ -137,6 +103,56 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn meta_config(args: &DevArgs, secret_file: &Path) -> pairdb_meta::Config {
+    let mut config = pairdb_meta::Config::embedded(args.data_dir.join("meta"), None);
+    config.listen_addr = args.meta_addr;
+    config.auto_add_nodes = true;
+    config.insecure_cluster = args.insecure_cluster;
+    config.cluster_secret_file = (!args.insecure_cluster).then(|| secret_file.to_path_buf());
+    config
+}
+
+/// Binds and starts storage nodes 1..=N on consecutive ports; returns their addresses.
+async fn start_storage_nodes(
+    args: &DevArgs,
+    signer: &Signer,
+    stop_rx: &watch::Receiver<bool>,
+    services: &mut JoinSet<(&'static str, anyhow::Result<()>)>,
+) -> anyhow::Result<Vec<(u32, SocketAddr)>> {
+    let mut storage_addrs = Vec::new();
+    for node_id in 1..=args.storage_nodes {
+        let port = u16::try_from(u32::from(args.storage_base_port) + node_id - 1)
+            .map_err(|_| anyhow::anyhow!("INVALID_ARGUMENT: --storage-base-port too high"))?;
+        let addr = SocketAddr::new(args.meta_addr.ip(), port);
+        let listener = bind(addr, "storage").await?;
+        let mut config =
+            pairdb_storage::Config::for_node(node_id, args.data_dir.join(format!("storage-{node_id}")));
+        config.listen_addr = addr;
+        config.meta_addr = Some(args.meta_addr.to_string());
+        config.cluster_auth = credential(signer, Principal::Node(node_id), args.insecure_cluster);
+        config.anti_entropy_period_secs = args.anti_entropy_period_secs;
+        config.sync = match args.sync {
+            SyncArg::Always => pairdb_storage::config::SyncSetting::Always,
+            SyncArg::Periodic => pairdb_storage::config::SyncSetting::Periodic,
+        };
+        let stop = stopped(stop_rx.clone());
+        services.spawn(async move {
+            ("storage", pairdb_storage::run(config, listener, stop).await.map_err(anyhow::Error::from))
+        });
+        storage_addrs.push((node_id, addr));
+    }
+    Ok(storage_addrs)
+}
+
+fn router_config(args: &DevArgs, signer: &Signer) -> pairdb_router::Config {
+    let mut config = pairdb_router::Config::with_meta(args.meta_addr.to_string());
+    config.listen_addr = args.router_addr;
+    // Dev mode: no API keys; requests name their tenant (the CLI sends `demo`).
+    config.no_auth = true;
+    config.cluster_auth = credential(signer, Principal::Router, args.insecure_cluster);
+    config
 }
 
 /// The dev cluster's secret file, created (owner-only) on the first run.

@@ -508,6 +508,86 @@ fn shift(list: &mut [u32], mv: &Move) {
     list[mv.level] = mv.incoming;
 }
 
+/// Each node's zone index, and how many leading list positions must hold distinct zones (0 unless
+/// every node names a zone and there are at least two).
+fn zone_indexes(nodes: &[&NodeSpec], list_len: usize) -> (Vec<u32>, usize) {
+    let node_count = nodes.len();
+    let mut zone_names: BTreeMap<&str, u32> = BTreeMap::new();
+    let mut zone_of = Vec::with_capacity(node_count);
+    for node in nodes {
+        if let Some(zone) = &node.zone {
+            let next = u32::try_from(zone_names.len()).unwrap_or(u32::MAX);
+            zone_of.push(*zone_names.entry(zone.as_str()).or_insert(next));
+        }
+    }
+    if zone_of.len() == node_count && zone_names.len() >= 2 {
+        (zone_of, zone_names.len().min(list_len))
+    } else {
+        (vec![0; node_count], 0)
+    }
+}
+
+/// The starting slots: each partition's previous list (node indexes, `HOLE` for departed nodes)
+/// widened to `width`, with nodes that now break the zone rule evicted.
+fn inherit_slots(
+    previous: &[u32],
+    previous_width: usize,
+    partitions: usize,
+    width: usize,
+    zone_of: &[u32],
+    zone_prefix: usize,
+) -> Vec<u32> {
+    let mut slots = vec![HOLE; partitions * width];
+    if previous_width == 0 {
+        return slots;
+    }
+    for (list, old) in slots.chunks_exact_mut(width).zip(previous.chunks_exact(previous_width)) {
+        list[..previous_width].copy_from_slice(old);
+        // An inherited list may break the zone rule (zones changed): evict the later of two
+        // clashing nodes; its slot is refilled like any hole.
+        for i in 0..zone_prefix.min(width) {
+            let node = list[i];
+            let clashes = |&other: &u32| other != HOLE && zone_of[other as usize] == zone_of[node as usize];
+            if node != HOLE && list[..i].iter().any(clashes) {
+                list[i] = HOLE;
+            }
+        }
+    }
+    slots
+}
+
+/// `counts[level * node_count + node]`: how many lists hold `node` at or above `level`.
+fn level_counts(slots: &[u32], width: usize, list_len: usize, node_count: usize) -> Vec<i64> {
+    let mut counts = vec![0i64; list_len * node_count];
+    for list in slots.chunks_exact(width) {
+        for (position, &node) in list.iter().enumerate().take(list_len) {
+            if node != HOLE {
+                for level in position..list_len {
+                    counts[level * node_count + node as usize] += 1;
+                }
+            }
+        }
+    }
+    counts
+}
+
+/// Each level's per-node target count, laid out like [`level_counts`].
+fn all_level_targets(weights: &[u64], partitions: usize, list_len: usize, counts: &[i64]) -> Vec<i64> {
+    let node_count = weights.len();
+    let mut targets = Vec::with_capacity(list_len * node_count);
+    let mut lower = vec![0u64; node_count];
+    for level in 0..list_len {
+        let current: Vec<u64> = counts[level * node_count..(level + 1) * node_count]
+            .iter()
+            .map(|&c| u64::try_from(c).unwrap_or(0))
+            .collect();
+        let level_target = level_targets(weights, partitions as u64, level, &lower, &current);
+        targets.extend(level_target.iter().map(|&t| i64::try_from(t).unwrap_or(i64::MAX)));
+        lower = level_target;
+    }
+    targets
+}
+
 impl Planner {
     fn new(previous: Option<&Assignment>, nodes: &[&NodeSpec], partitions: PartitionCount) -> Self {
         let node_count = nodes.len();
@@ -515,22 +595,7 @@ impl Planner {
         let list_len = node_count.min(MAX_LIST_LEN);
         let index: BTreeMap<NodeId, u32> = nodes.iter().zip(0u32..).map(|(node, i)| (node.id, i)).collect();
 
-        // Zones count only when every node has one.
-        let mut zone_names: BTreeMap<&str, u32> = BTreeMap::new();
-        let mut zone_of = Vec::with_capacity(node_count);
-        for node in nodes {
-            if let Some(zone) = &node.zone {
-                let next = u32::try_from(zone_names.len()).unwrap_or(u32::MAX);
-                zone_of.push(*zone_names.entry(zone.as_str()).or_insert(next));
-            }
-        }
-        let zone_prefix = if zone_of.len() == node_count && zone_names.len() >= 2 {
-            zone_names.len().min(list_len)
-        } else {
-            zone_of = vec![0; node_count];
-            0
-        };
-
+        let (zone_of, zone_prefix) = zone_indexes(nodes, list_len);
         let previous_width = previous.map_or(0, |p| p.list_len);
         let width = list_len.max(previous_width);
         let mut was_member = vec![false; node_count];
@@ -548,62 +613,17 @@ impl Planner {
                     .collect()
             })
             .unwrap_or_default();
+        let slots = inherit_slots(&previous, previous_width, partitions, width, &zone_of, zone_prefix);
 
-        let mut slots = vec![HOLE; partitions * width];
-        if previous_width > 0 {
-            for (list, old) in slots.chunks_exact_mut(width).zip(previous.chunks_exact(previous_width)) {
-                list[..previous_width].copy_from_slice(old);
-                // An inherited list may break the zone rule (zones changed): evict the later of two
-                // clashing nodes; its slot is refilled like any hole.
-                for i in 0..zone_prefix.min(width) {
-                    let node = list[i];
-                    let clashes =
-                        |&other: &u32| other != HOLE && zone_of[other as usize] == zone_of[node as usize];
-                    if node != HOLE && list[..i].iter().any(clashes) {
-                        list[i] = HOLE;
-                    }
-                }
-            }
-        }
-
-        let mut counts = vec![0i64; list_len * node_count];
-        for list in slots.chunks_exact(width) {
-            for (position, &node) in list[..list_len].iter().enumerate() {
-                if node != HOLE {
-                    for level in position..list_len {
-                        counts[level * node_count + node as usize] += 1;
-                    }
-                }
-            }
-        }
-
+        let counts = level_counts(&slots, width, list_len, node_count);
         let weights: Vec<u64> = nodes.iter().map(|node| u64::from(node.weight)).collect();
-        let mut targets = Vec::with_capacity(list_len * node_count);
-        let mut lower = vec![0u64; node_count];
-        for level in 0..list_len {
-            let current: Vec<u64> = counts[level * node_count..(level + 1) * node_count]
-                .iter()
-                .map(|&c| u64::try_from(c).unwrap_or(0))
-                .collect();
-            let level_target = level_targets(&weights, partitions as u64, level, &lower, &current);
-            targets.extend(level_target.iter().map(|&t| i64::try_from(t).unwrap_or(i64::MAX)));
-            lower = level_target;
-        }
-
-        let mut previous_counts = vec![0i64; list_len * node_count];
-        if previous_width > 0 {
-            for list in previous.chunks_exact(previous_width) {
-                for (position, &node) in list.iter().enumerate().take(list_len) {
-                    if node != HOLE {
-                        for level in position..list_len {
-                            previous_counts[level * node_count + node as usize] += 1;
-                        }
-                    }
-                }
-            }
-        }
+        let targets = all_level_targets(&weights, partitions, list_len, &counts);
+        let previous_counts = if previous_width > 0 {
+            level_counts(&previous, previous_width, list_len, node_count)
+        } else {
+            vec![0i64; list_len * node_count]
+        };
         let entitled = targets.iter().zip(&previous_counts).map(|(&t, &c)| t >= c + 2).collect();
-
         let capped = (0..list_len)
             .map(|level| {
                 let capped: Vec<u32> = (0..node_count as u32)

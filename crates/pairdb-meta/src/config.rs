@@ -303,9 +303,10 @@ impl Config {
         Duration::from_millis(self.database_timeout_ms)
     }
 
-    /// A configuration for tests and embedding: SQLite in `data_dir`, the given auth, short timers
-    /// left at their defaults.
-    pub fn for_tests(data_dir: PathBuf, admin_token: Option<String>) -> Self {
+    /// An embedded replica (`pairdb dev`, tests): SQLite in `data_dir`, admin auth by `admin_token`
+    /// (none: disabled), cluster authentication off unless the embedder turns it on, every other
+    /// setting at its default.
+    pub fn embedded(data_dir: PathBuf, admin_token: Option<String>) -> Self {
         Self {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             database_url: None,
@@ -341,29 +342,29 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let dir = PathBuf::from("/tmp/none");
-        let mut config = Config::for_tests(dir.clone(), Some("a-long-token".into()));
+        let mut config = Config::embedded(dir.clone(), Some("a-long-token".into()));
         assert!(config.validate().is_ok());
         config.database_url = Some("mysql://x".into());
         assert!(config.validate().unwrap_err().to_string().starts_with("database_url"));
 
-        let mut config = Config::for_tests(dir.clone(), None);
+        let mut config = Config::embedded(dir.clone(), None);
         config.no_auth = false;
         assert!(config.validate().unwrap_err().to_string().starts_with("admin_token"));
         config.admin_token = Some("short".into());
         assert!(config.validate().unwrap_err().to_string().starts_with("admin_token"));
 
-        let mut config = Config::for_tests(dir.clone(), None);
+        let mut config = Config::embedded(dir.clone(), None);
         config.partition_count = 1000;
         assert!(config.validate().unwrap_err().to_string().starts_with("partition_count"));
 
-        let mut config = Config::for_tests(dir, None);
+        let mut config = Config::embedded(dir, None);
         config.node_down_after_ms = 500;
         assert!(config.validate().unwrap_err().to_string().starts_with("node_down_after_ms"));
     }
 
     #[test]
     fn secrets_are_redacted() {
-        let mut config = Config::for_tests(PathBuf::from("/tmp"), Some("super-secret-token".into()));
+        let mut config = Config::embedded(PathBuf::from("/tmp"), Some("super-secret-token".into()));
         config.database_url = Some("postgres://user:hunter2@db:5432/meta".into());
         let printed = format!("{config:?}");
         assert!(!printed.contains("super-secret-token"), "{printed}");

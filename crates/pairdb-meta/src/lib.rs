@@ -144,35 +144,12 @@ pub async fn run_with_mover(
     pairdb_service::metrics::install();
     let (readiness, health_service) = pairdb_service::health("connecting to the metadata database").await;
 
-    if config.database_url.is_none() {
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|source| Error::DataDir { path: config.data_dir.clone(), source })?;
-    }
-    let store = Store::open(&StoreOptions {
-        url: config.effective_database_url(),
-        timeout: config.database_timeout(),
-        max_connections: config.database_max_connections,
-    })
-    .await?;
-    let view = Arc::new(ClusterView::new(config.watch_buffer));
-    let meta = Meta::new(
-        store.clone(),
-        view.clone(),
-        Settings {
-            auto_add_nodes: config.auto_add_nodes,
-            heartbeat_interval_ms: config.heartbeat_interval_ms,
-            node_down_after_ms: config.node_down_after_ms,
-            migration_parallelism: config.migration_parallelism.max(1),
-            storage_clients,
-            signer,
-        },
-    );
+    let (store, view, meta) = open_meta(&config, storage_clients, signer).await?;
     metrics::gauge!("pairdb_meta_watch_subscribers").increment(0.0);
 
     let (stop_sender, stop) = watch::channel(false);
     let stop_sender = Arc::new(stop_sender);
     let (initialized_sender, initialized) = watch::channel(false);
-    let wake = Arc::new(Notify::new());
     let partitions = config.partitions()?;
     // Initialize before serving when the database answers (always, for SQLite: a local file that
     // cannot be initialized is a fatal error), so the replica is ready as soon as it is live. A
@@ -189,20 +166,7 @@ pub async fn run_with_mover(
             Some(tokio::spawn(initialize(meta.clone(), partitions, initialized_sender, stop.clone())))
         }
     };
-    let mut tasks = vec![
-        tokio::spawn(after_initialization(
-            initialized.clone(),
-            stop.clone(),
-            follower::run(store.clone(), view.clone(), wake.clone(), stop.clone()),
-        )),
-        tokio::spawn(after_initialization(
-            initialized.clone(),
-            stop.clone(),
-            follower::listen(store.clone(), wake, stop.clone()),
-        )),
-        tokio::spawn(leader::run(meta.clone(), mover, stop.clone())),
-        tokio::spawn(watch_readiness(meta.clone(), readiness.clone(), initialized.clone(), stop.clone())),
-    ];
+    let mut tasks = spawn_background(&meta, &store, &view, mover, &readiness, &initialized, &stop);
     tasks.extend(initialize_task);
 
     let admin = AdminServiceServer::new(grpc::AdminGrpc::new(meta.clone()));
@@ -246,16 +210,78 @@ pub async fn run_with_mover(
     .await;
 
     let _ = stop_sender.send(true);
-    for task in tasks {
-        let abort = task.abort_handle();
-        if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
-            abort.abort();
-        }
-    }
+    join_within(tasks, Duration::from_secs(5)).await;
     store.close().await;
     tracing::info!("metadata service stopped");
     served?;
     Ok(())
+}
+
+/// Opens the metadata database (creating the SQLite directory when embedded) and the replica's state.
+async fn open_meta(
+    config: &Config,
+    storage_clients: pairdb_service::clients::InternalClients,
+    signer: Option<Arc<pairdb_service::cluster_auth::Signer>>,
+) -> Result<(Store, Arc<ClusterView>, Meta), Error> {
+    if config.database_url.is_none() {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|source| Error::DataDir { path: config.data_dir.clone(), source })?;
+    }
+    let store = Store::open(&StoreOptions {
+        url: config.effective_database_url(),
+        timeout: config.database_timeout(),
+        max_connections: config.database_max_connections,
+    })
+    .await?;
+    let view = Arc::new(ClusterView::new(config.watch_buffer));
+    let settings = Settings {
+        auto_add_nodes: config.auto_add_nodes,
+        heartbeat_interval_ms: config.heartbeat_interval_ms,
+        node_down_after_ms: config.node_down_after_ms,
+        migration_parallelism: config.migration_parallelism.max(1),
+        storage_clients,
+        signer,
+    };
+    let meta = Meta::new(store.clone(), view.clone(), settings);
+    Ok((store, view, meta))
+}
+
+/// The replica's background work: following the change log (once initialized), leader election
+/// and the leader's work, and readiness.
+fn spawn_background(
+    meta: &Meta,
+    store: &Store,
+    view: &Arc<ClusterView>,
+    mover: Arc<dyn DataMover>,
+    readiness: &pairdb_service::Readiness,
+    initialized: &watch::Receiver<bool>,
+    stop: &watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let wake = Arc::new(Notify::new());
+    vec![
+        tokio::spawn(after_initialization(
+            initialized.clone(),
+            stop.clone(),
+            follower::run(store.clone(), view.clone(), wake.clone(), stop.clone()),
+        )),
+        tokio::spawn(after_initialization(
+            initialized.clone(),
+            stop.clone(),
+            follower::listen(store.clone(), wake, stop.clone()),
+        )),
+        tokio::spawn(leader::run(meta.clone(), mover, stop.clone())),
+        tokio::spawn(watch_readiness(meta.clone(), readiness.clone(), initialized.clone(), stop.clone())),
+    ]
+}
+
+/// Waits for each task up to `limit`, then aborts it.
+async fn join_within(tasks: Vec<tokio::task::JoinHandle<()>>, limit: Duration) {
+    for task in tasks {
+        let abort = task.abort_handle();
+        if tokio::time::timeout(limit, task).await.is_err() {
+            abort.abort();
+        }
+    }
 }
 
 /// Migrates the schema and creates the cluster, retrying until the database answers.

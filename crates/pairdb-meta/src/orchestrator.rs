@@ -27,13 +27,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use pairdb_core::ring::{NodeId, NodeSpec, diff};
+use pairdb_core::ring::{Assignment, NodeId, NodeSpec, diff};
 use pairdb_core::token::PartitionId;
 use tokio::sync::watch;
 
 use crate::admin::{Meta, abandon, compute_assignment, now_ms};
 use crate::error::MetaError;
-use crate::model::{Membership, Migration, MigrationKind, MigrationState, StorageNode, Topology};
+use crate::model::{Membership, Migration, MigrationKind, MigrationState, StorageNode, Tenant, Topology};
 use crate::persistence::{ChangeKind, LeaderFence};
 
 /// How often the orchestrator looks for work without being woken.
@@ -258,51 +258,12 @@ async fn drive(
         tx.commit().await?;
         (current, pending, tenants, nodes)
     };
-    let nodes: Arc<BTreeMap<NodeId, NodeEndpoint>> = Arc::new(
-        nodes
-            .iter()
-            .map(|node| {
-                let endpoint = NodeEndpoint { address: node.address.clone(), down: !node.alive };
-                (NodeId(node.node_id), endpoint)
-            })
-            .collect(),
-    );
+    let nodes = Arc::new(node_endpoints(&nodes));
     let (Some(current), Some(pending)) = (current, pending) else {
         return fail(meta, fence, &migration.migration_id, "its topology versions are missing").await;
     };
-    // A tenant being deleted is purged, not moved.
-    let tenants: Arc<Vec<TenantReplication>> = Arc::new(
-        tenants
-            .iter()
-            .filter(|tenant| tenant.state == crate::model::TenantState::Active)
-            .map(|tenant| {
-                let n = tenant.replication_factor as usize;
-                let old = if migration.kind == MigrationKind::ReplicationFactor
-                    && tenant.tenant_id == migration.tenant_id
-                {
-                    migration.old_value as usize
-                } else {
-                    n
-                };
-                TenantReplication {
-                    tenant_id: tenant.tenant_id.clone(),
-                    old_replication_factor: old,
-                    new_replication_factor: n,
-                }
-            })
-            .collect(),
-    );
-    let moves: Vec<PartitionId> = match migration.kind {
-        MigrationKind::ReplicationFactor if migration.new_value > migration.old_value => {
-            current.assignment.partition_count().partitions().collect()
-        }
-        MigrationKind::ReplicationFactor => Vec::new(),
-        _ => {
-            let changed: BTreeSet<u32> =
-                diff(&current.assignment, &pending.assignment).iter().map(|t| t.partition.0).collect();
-            changed.into_iter().map(PartitionId).collect()
-        }
-    };
+    let tenants = Arc::new(tenant_replications(&tenants, &migration));
+    let moves = partitions_to_move(&migration, &current.assignment, &pending.assignment);
     let todo: Vec<PartitionId> = moves.into_iter().filter(|p| !migration.partition_done(p.0)).collect();
     let migration_id = migration.migration_id.clone();
     let plans = todo.into_iter().map(|partition| PartitionMove {
@@ -351,6 +312,56 @@ async fn drive(
         }
     }
     complete(meta, fence, migration).await
+}
+
+/// Where the mover finds each node (a down node is skipped as a source).
+fn node_endpoints(nodes: &[StorageNode]) -> BTreeMap<NodeId, NodeEndpoint> {
+    nodes
+        .iter()
+        .map(|node| {
+            let endpoint = NodeEndpoint { address: node.address.clone(), down: !node.alive };
+            (NodeId(node.node_id), endpoint)
+        })
+        .collect()
+}
+
+/// Each active tenant's N before and after `migration` (a tenant being deleted is purged, not
+/// moved).
+fn tenant_replications(tenants: &[Tenant], migration: &Migration) -> Vec<TenantReplication> {
+    tenants
+        .iter()
+        .filter(|tenant| tenant.state == crate::model::TenantState::Active)
+        .map(|tenant| {
+            let n = tenant.replication_factor as usize;
+            let old = if migration.kind == MigrationKind::ReplicationFactor
+                && tenant.tenant_id == migration.tenant_id
+            {
+                migration.old_value as usize
+            } else {
+                n
+            };
+            TenantReplication {
+                tenant_id: tenant.tenant_id.clone(),
+                old_replication_factor: old,
+                new_replication_factor: n,
+            }
+        })
+        .collect()
+}
+
+/// The partitions whose data `migration` moves: every partition when N grows, none when it
+/// shrinks (owners only drop data), otherwise those whose list changes.
+fn partitions_to_move(migration: &Migration, current: &Assignment, pending: &Assignment) -> Vec<PartitionId> {
+    match migration.kind {
+        MigrationKind::ReplicationFactor if migration.new_value > migration.old_value => {
+            current.partition_count().partitions().collect()
+        }
+        MigrationKind::ReplicationFactor => Vec::new(),
+        _ => {
+            let changed: BTreeSet<u32> = diff(current, pending).iter().map(|t| t.partition.0).collect();
+            changed.into_iter().map(PartitionId).collect()
+        }
+    }
 }
 
 /// Resolves once the migration is no longer running (cancelled by an operator on any replica).

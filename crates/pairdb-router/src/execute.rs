@@ -313,6 +313,19 @@ pub async fn write(
     })
 }
 
+/// One write in flight: the machine's effects become storage calls, their answers become inputs.
+struct WriteRun {
+    pool: Arc<StoragePool>,
+    view: Arc<ClusterView>,
+    clock: Clock,
+    input: WriteInput,
+    deadline_ms: u64,
+    /// The coordinator's set, decoded and as encoded for replication.
+    result_set: Option<(VersionSet, Arc<Vec<u8>>)>,
+    reply_tx: Option<oneshot::Sender<WriteResult>>,
+    calls: FuturesUnordered<WriteCallFuture>,
+}
+
 async fn run_write(
     pool: Arc<StoragePool>,
     view: Arc<ClusterView>,
@@ -321,190 +334,214 @@ async fn run_write(
     input: WriteInput,
     reply_tx: oneshot::Sender<WriteResult>,
 ) {
-    let mut reply_tx = Some(reply_tx);
-    let machine_deadline_ms = plan.deadline_ms;
+    let deadline_ms = plan.deadline_ms;
     let mut machine = WriteCoordinator::new(plan);
-    let mut calls = FuturesUnordered::new();
-    let mut result_set: Option<(VersionSet, Arc<Vec<u8>>)> = None;
+    let mut run = WriteRun {
+        pool,
+        view,
+        clock,
+        input,
+        deadline_ms,
+        result_set: None,
+        reply_tx: Some(reply_tx),
+        calls: FuturesUnordered::new(),
+    };
     let mut effects = machine.start(clock.now_ms());
     loop {
         for effect in effects.drain(..) {
-            match effect {
-                WriteEffect::Coordinate { node } => {
-                    let (pool, view, input) = (pool.clone(), view.clone(), input.clone());
-                    // A coordinate call that may have been applied is never retried elsewhere, so
-                    // giving up on it early gains nothing: it waits until the request's deadline
-                    // (the node is suspect after the storage timeout, so new writes avoid it), and
-                    // the node stops applying it when the router stops waiting.
-                    let budget = CallBudget {
-                        wait: clock.until(machine_deadline_ms),
-                        suspect_after: pool.storage_timeout(),
-                    };
-                    calls.push(Box::pin(async move {
-                        let mut request = pb::CoordinateWriteRequest {
-                            key: Some(input.key),
-                            context: input.context,
-                            value: input.value,
-                            timestamp_ms: input.timestamp_ms,
-                            max_siblings: input.max_siblings,
-                            supersede_local: input.supersede_local,
-                            apply_within_ms: 0,
-                            apply_before_unix_ms: 0,
-                        };
-                        let partition = partition_of(&request.key);
-                        let response = call_within(
-                            &pool,
-                            &view,
-                            node,
-                            "storage.coordinate_write",
-                            partition,
-                            budget,
-                            |mut c, left| async move {
-                                let left_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
-                                request.apply_within_ms = u32::try_from(left_ms).unwrap_or(u32::MAX);
-                                request.apply_before_unix_ms = wall_clock_ms().saturating_add(left_ms);
-                                c.coordinate_write(request).await
-                            },
-                        )
-                        .await;
-                        WriteCall::Coordinated(node, response)
-                    }) as WriteCallFuture);
-                }
-                WriteEffect::Replicate { node, hint_for } => {
-                    let Some((_, encoded)) = &result_set else { continue };
-                    let (pool, view, key, encoded) =
-                        (pool.clone(), view.clone(), input.key.clone(), encoded.clone());
-                    calls.push(Box::pin(async move {
-                        let request = pb::ReplicateRequest {
-                            key: Some(key),
-                            version_set: encoded.as_ref().clone(),
-                            hint_for_node_id: hint_for.map_or(0, |n| n.0),
-                        };
-                        let response = call(
-                            &pool,
-                            &view,
-                            node,
-                            "storage.replicate",
-                            partition_of(&request.key),
-                            |mut c, _| async move { c.replicate(request).await },
-                        )
-                        .await;
-                        WriteCall::Replicated(node, hint_for.is_some(), response)
-                    }));
-                }
-                WriteEffect::StoreHint { node, hint_for } => {
-                    let Some((_, encoded)) = &result_set else { continue };
-                    let (pool, view, key, encoded) =
-                        (pool.clone(), view.clone(), input.key.clone(), encoded.clone());
-                    tokio::spawn(
-                        async move {
-                            let request = pb::ReplicateRequest {
-                                key: Some(key),
-                                version_set: encoded.as_ref().clone(),
-                                hint_for_node_id: hint_for.0,
-                            };
-                            match call(
-                                &pool,
-                                &view,
-                                node,
-                                "storage.replicate",
-                                partition_of(&request.key),
-                                |mut c, _| async move { c.replicate(request).await },
-                            )
-                            .await
-                            {
-                                Ok(_) => metrics::counter!("pairdb_router_hints_written_total").increment(1),
-                                Err(_) => {
-                                    tracing::debug!(
-                                        node_id = node.0,
-                                        "could not store a hint on the coordinator"
-                                    )
-                                }
-                            }
-                        }
-                        .instrument(tracing::Span::current()),
-                    );
-                }
-                WriteEffect::Reply(reply) => {
-                    let result = match reply {
-                        WriteReply::Acked { acks, hinted_acks, required } => match &result_set {
-                            Some((set, _)) => {
-                                WriteResult::Acked { set: set.clone(), acks, hinted_acks, required }
-                            }
-                            None => WriteResult::QuorumNotReached {
-                                acks,
-                                hinted_acks,
-                                required,
-                                failures: vec![],
-                            },
-                        },
-                        WriteReply::QuorumNotReached { acks, hinted_acks, required, failures } => {
-                            metrics::counter!("pairdb_router_quorum_failures_total", "op" => "write")
-                                .increment(1);
-                            WriteResult::QuorumNotReached { acks, hinted_acks, required, failures }
-                        }
-                    };
-                    if let Some(tx) = reply_tx.take() {
-                        let _ = tx.send(result);
-                    }
-                }
-            }
+            run.start(effect);
         }
         if machine.is_finished() {
-            if let Some(placement) = input.confirm_tombstone
-                && machine.every_owner_acked()
-                && let Some((set, encoded)) = &result_set
-                && set.is_deleted()
-            {
-                confirm_tombstone(&pool, &view, machine.owners(), &input.key, encoded, placement).await;
-            }
+            run.confirm_if_every_owner_acked(&machine).await;
             return;
         }
         let deadline = machine.next_timeout_ms().unwrap_or_else(|| clock.now_ms());
         tokio::select! {
-            next = calls.next(), if !calls.is_empty() => {
+            next = run.calls.next(), if !run.calls.is_empty() => {
                 let Some(outcome) = next else { continue };
-                let now = clock.now_ms();
-                effects = match outcome {
-                    WriteCall::Coordinated(node, Ok(response)) => match decode_version_set(&response.version_set) {
-                        Ok(set) => {
-                            result_set = Some((set, Arc::new(response.version_set)));
-                            machine.on_coordinated(node, now)
-                        }
-                        Err(error) => {
-                            tracing::error!(node_id = node.0, %error, "coordinator returned an undecodable set");
-                            machine.on_coordinate_failed(node, FailureCause::Error, now)
-                        }
-                    },
-                    WriteCall::Coordinated(_, Err(CallError::Rejected(status))) => {
-                        if let Some(tx) = reply_tx.take() {
-                            let _ = tx.send(WriteResult::Rejected(status));
-                        }
-                        return;
-                    }
-                    WriteCall::Coordinated(node, Err(CallError::Failed(cause))) => {
-                        machine.on_coordinate_failed(node, cause, now)
-                    }
-                    WriteCall::Replicated(node, hinted, Ok(_)) => {
-                        if hinted {
-                            metrics::counter!("pairdb_router_hints_written_total").increment(1);
-                        }
-                        machine.on_replicated(node, now)
-                    }
-                    WriteCall::Replicated(node, _, Err(CallError::Failed(cause))) => {
-                        machine.on_replicate_failed(node, cause, now)
-                    }
-                    WriteCall::Replicated(node, _, Err(CallError::Rejected(status))) => {
-                        tracing::warn!(node_id = node.0, %status, "replica refused a replicated set");
-                        machine.on_replicate_failed(node, FailureCause::Error, now)
-                    }
-                };
+                match run.on_call(&mut machine, outcome) {
+                    Some(next_effects) => effects = next_effects,
+                    None => return,
+                }
             }
             () = tokio::time::sleep_until(clock.instant(deadline)) => {
                 effects = machine.on_tick(clock.now_ms());
             }
         }
     }
+}
+
+impl WriteRun {
+    fn start(&mut self, effect: WriteEffect) {
+        match effect {
+            WriteEffect::Coordinate { node } => {
+                let call = self.coordinate(node);
+                self.calls.push(call);
+            }
+            WriteEffect::Replicate { node, hint_for } => {
+                if let Some(call) = self.replicate(node, hint_for) {
+                    self.calls.push(call);
+                }
+            }
+            WriteEffect::StoreHint { node, hint_for } => self.store_hint(node, hint_for),
+            WriteEffect::Reply(reply) => self.reply(reply),
+        }
+    }
+
+    /// The coordinate call to `node`. A coordinate call that may have been applied is never retried
+    /// elsewhere, so giving up on it early gains nothing: it waits until the request's deadline (the
+    /// node is suspect after the storage timeout, so new writes avoid it), and the node stops applying
+    /// it when the router stops waiting.
+    fn coordinate(&self, node: NodeId) -> WriteCallFuture {
+        let (pool, view, input) = (self.pool.clone(), self.view.clone(), self.input.clone());
+        let budget =
+            CallBudget { wait: self.clock.until(self.deadline_ms), suspect_after: pool.storage_timeout() };
+        Box::pin(async move {
+            let mut request = pb::CoordinateWriteRequest {
+                key: Some(input.key),
+                context: input.context,
+                value: input.value,
+                timestamp_ms: input.timestamp_ms,
+                max_siblings: input.max_siblings,
+                supersede_local: input.supersede_local,
+                apply_within_ms: 0,
+                apply_before_unix_ms: 0,
+            };
+            let partition = partition_of(&request.key);
+            let rpc = |mut c: StorageClient, left: Duration| async move {
+                let left_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
+                request.apply_within_ms = u32::try_from(left_ms).unwrap_or(u32::MAX);
+                request.apply_before_unix_ms = wall_clock_ms().saturating_add(left_ms);
+                c.coordinate_write(request).await
+            };
+            let response =
+                call_within(&pool, &view, node, "storage.coordinate_write", partition, budget, rpc).await;
+            WriteCall::Coordinated(node, response)
+        })
+    }
+
+    /// The replicate call of the coordinator's set to `node` (`None` before the set exists).
+    fn replicate(&self, node: NodeId, hint_for: Option<NodeId>) -> Option<WriteCallFuture> {
+        let request = self.replicate_request(hint_for)?;
+        let (pool, view) = (self.pool.clone(), self.view.clone());
+        Some(Box::pin(async move {
+            let response = replicate_on(&pool, &view, node, request).await;
+            WriteCall::Replicated(node, hint_for.is_some(), response)
+        }))
+    }
+
+    /// Stores the set on `node` as a hint for `hint_for`, in the background: the reply does not
+    /// wait for it and a lost hint is left to anti-entropy.
+    fn store_hint(&self, node: NodeId, hint_for: NodeId) {
+        let Some(request) = self.replicate_request(Some(hint_for)) else { return };
+        let (pool, view) = (self.pool.clone(), self.view.clone());
+        let store = async move {
+            match replicate_on(&pool, &view, node, request).await {
+                Ok(_) => metrics::counter!("pairdb_router_hints_written_total").increment(1),
+                Err(_) => tracing::debug!(node_id = node.0, "could not store a hint on the coordinator"),
+            }
+        };
+        tokio::spawn(store.instrument(tracing::Span::current()));
+    }
+
+    fn replicate_request(&self, hint_for: Option<NodeId>) -> Option<pb::ReplicateRequest> {
+        let (_, encoded) = self.result_set.as_ref()?;
+        Some(pb::ReplicateRequest {
+            key: Some(self.input.key.clone()),
+            version_set: encoded.as_ref().clone(),
+            hint_for_node_id: hint_for.map_or(0, |n| n.0),
+        })
+    }
+
+    fn reply(&mut self, reply: WriteReply) {
+        let result = match reply {
+            WriteReply::Acked { acks, hinted_acks, required } => match &self.result_set {
+                Some((set, _)) => WriteResult::Acked { set: set.clone(), acks, hinted_acks, required },
+                None => WriteResult::QuorumNotReached { acks, hinted_acks, required, failures: vec![] },
+            },
+            WriteReply::QuorumNotReached { acks, hinted_acks, required, failures } => {
+                metrics::counter!("pairdb_router_quorum_failures_total", "op" => "write").increment(1);
+                WriteResult::QuorumNotReached { acks, hinted_acks, required, failures }
+            }
+        };
+        self.send(result);
+    }
+
+    fn send(&mut self, result: WriteResult) {
+        if let Some(tx) = self.reply_tx.take() {
+            let _ = tx.send(result);
+        }
+    }
+
+    /// Feeds a finished call to the machine; `None` when the write ends here (the coordinator
+    /// refused it definitively and the client has its answer).
+    fn on_call(&mut self, machine: &mut WriteCoordinator, outcome: WriteCall) -> Option<Vec<WriteEffect>> {
+        let now = self.clock.now_ms();
+        let effects = match outcome {
+            WriteCall::Coordinated(node, Ok(response)) => match decode_version_set(&response.version_set) {
+                Ok(set) => {
+                    self.result_set = Some((set, Arc::new(response.version_set)));
+                    machine.on_coordinated(node, now)
+                }
+                Err(error) => {
+                    tracing::error!(node_id = node.0, %error, "coordinator returned an undecodable set");
+                    machine.on_coordinate_failed(node, FailureCause::Error, now)
+                }
+            },
+            WriteCall::Coordinated(_, Err(CallError::Rejected(status))) => {
+                self.send(WriteResult::Rejected(status));
+                return None;
+            }
+            WriteCall::Coordinated(node, Err(CallError::Failed(cause))) => {
+                machine.on_coordinate_failed(node, cause, now)
+            }
+            WriteCall::Replicated(node, hinted, Ok(_)) => {
+                if hinted {
+                    metrics::counter!("pairdb_router_hints_written_total").increment(1);
+                }
+                machine.on_replicated(node, now)
+            }
+            WriteCall::Replicated(node, _, Err(CallError::Failed(cause))) => {
+                machine.on_replicate_failed(node, cause, now)
+            }
+            WriteCall::Replicated(node, _, Err(CallError::Rejected(status))) => {
+                tracing::warn!(node_id = node.0, %status, "replica refused a replicated set");
+                machine.on_replicate_failed(node, FailureCause::Error, now)
+            }
+        };
+        Some(effects)
+    }
+
+    /// After a delete every owner acknowledged itself: tells the owners (see [`confirm_tombstone`]).
+    async fn confirm_if_every_owner_acked(self, machine: &WriteCoordinator) {
+        if let Some(placement) = self.input.confirm_tombstone
+            && machine.every_owner_acked()
+            && let Some((set, encoded)) = &self.result_set
+            && set.is_deleted()
+        {
+            confirm_tombstone(&self.pool, &self.view, machine.owners(), &self.input.key, encoded, placement)
+                .await;
+        }
+    }
+}
+
+/// Replicates (or, with `hint_for_node_id`, hints) a set on `node`.
+async fn replicate_on(
+    pool: &StoragePool,
+    view: &ClusterView,
+    node: NodeId,
+    request: pb::ReplicateRequest,
+) -> Result<pb::ReplicateResponse, CallError> {
+    let partition = partition_of(&request.key);
+    call(
+        pool,
+        view,
+        node,
+        "storage.replicate",
+        partition,
+        |mut c, _| async move { c.replicate(request).await },
+    )
+    .await
 }
 
 /// Tries per owner for a tombstone confirmation (a lost one only leaves the purge to anti-entropy).
@@ -569,6 +606,22 @@ pub async fn read(
     reply_rx.await.unwrap_or(ReadResult::QuorumNotReached { answered: 0, required: 0, failures: vec![] })
 }
 
+type ReadCallFuture =
+    std::pin::Pin<Box<dyn Future<Output = (NodeId, Result<pb::GetResponse, CallError>)> + Send>>;
+
+/// One read in flight: fetches go out as the machine asks, answers come back as its inputs.
+struct ReadRun {
+    pool: Arc<StoragePool>,
+    view: Arc<ClusterView>,
+    key: pb::KeyRef,
+    reply_tx: Option<oneshot::Sender<ReadResult>>,
+    /// The first definitive refusal: the answer if too few replicas answer because of it.
+    rejected: Option<tonic::Status>,
+    /// What each replica answered, for the request's span and metrics.
+    outcomes: BTreeMap<NodeId, &'static str>,
+    calls: FuturesUnordered<ReadCallFuture>,
+}
+
 async fn run_read(
     pool: Arc<StoragePool>,
     view: Arc<ClusterView>,
@@ -577,118 +630,128 @@ async fn run_read(
     key: pb::KeyRef,
     reply_tx: oneshot::Sender<ReadResult>,
 ) {
-    let mut reply_tx = Some(reply_tx);
-    let mut rejected: Option<tonic::Status> = None;
     let mut machine = ReadCoordinator::new(plan);
-    let mut outcomes: BTreeMap<NodeId, &'static str> = BTreeMap::new();
-    let mut calls = FuturesUnordered::new();
+    let mut run = ReadRun {
+        pool,
+        view,
+        key,
+        reply_tx: Some(reply_tx),
+        rejected: None,
+        outcomes: BTreeMap::new(),
+        calls: FuturesUnordered::new(),
+    };
     let mut effects = machine.start(clock.now_ms());
     loop {
         for effect in effects.drain(..) {
-            match effect {
-                ReadEffect::Fetch { node } => {
-                    let (pool, view, key) = (pool.clone(), view.clone(), key.clone());
-                    calls.push(async move {
-                        let request = pb::GetRequest { key: Some(key) };
-                        let response = call(
-                            &pool,
-                            &view,
-                            node,
-                            "storage.get",
-                            partition_of(&request.key),
-                            |mut c, _| async move { c.get(request).await },
-                        )
-                        .await;
-                        (node, response)
-                    });
-                }
-                ReadEffect::Reply(reply) => {
-                    let result = match reply {
-                        ReadReply::Answered { merged, .. } => ReadResult::Answered {
-                            merged,
-                            replicas: outcomes.iter().map(|(n, o)| (*n, *o)).collect(),
-                        },
-                        ReadReply::QuorumNotReached { .. } if rejected.is_some() => {
-                            ReadResult::Rejected(rejected.take().expect("checked by the guard"))
-                        }
-                        ReadReply::QuorumNotReached { answered, required, failures } => {
-                            metrics::counter!("pairdb_router_quorum_failures_total", "op" => "read")
-                                .increment(1);
-                            ReadResult::QuorumNotReached { answered, required, failures }
-                        }
-                    };
-                    if let Some(tx) = reply_tx.take() {
-                        let _ = tx.send(result);
-                    }
-                }
-                ReadEffect::Repair { node } => {
-                    let Some(merged) = machine.merged() else { continue };
-                    let (pool, view, key) = (pool.clone(), view.clone(), key.clone());
-                    let version_set = encode_version_set(merged);
-                    metrics::counter!("pairdb_router_read_repairs_total").increment(1);
-                    tokio::spawn(
-                        async move {
-                            let request =
-                                pb::ReplicateRequest { key: Some(key), version_set, hint_for_node_id: 0 };
-                            let repaired = call(
-                                &pool,
-                                &view,
-                                node,
-                                "storage.replicate",
-                                partition_of(&request.key),
-                                |mut c, _| async move { c.replicate(request).await },
-                            )
-                            .await;
-                            if repaired.is_err() {
-                                tracing::debug!(
-                                    node_id = node.0,
-                                    "read repair failed; anti-entropy will catch up"
-                                );
-                            }
-                        }
-                        .instrument(tracing::Span::current()),
-                    );
-                }
-            }
+            run.start(effect, &machine);
         }
         if machine.is_finished() {
             return;
         }
         let timeout = machine.next_timeout_ms().unwrap_or_else(|| clock.now_ms());
         tokio::select! {
-            next = calls.next(), if !calls.is_empty() => {
+            next = run.calls.next(), if !run.calls.is_empty() => {
                 let Some((node, response)) = next else { continue };
-                let answer = match response {
-                    Ok(pb::GetResponse { found: true, version_set }) => match decode_version_set(&version_set) {
-                        Ok(set) => {
-                            outcomes.insert(node, "found");
-                            ReadAnswer::Found(set)
-                        }
-                        Err(error) => {
-                            tracing::error!(node_id = node.0, %error, "replica returned an undecodable set");
-                            outcomes.insert(node, "error");
-                            ReadAnswer::Failed(FailureCause::Error)
-                        }
-                    },
-                    Ok(_) => {
-                        outcomes.insert(node, "not_found");
-                        ReadAnswer::NotFound
-                    }
-                    Err(CallError::Failed(cause)) => {
-                        outcomes.insert(node, cause.as_str());
-                        ReadAnswer::Failed(cause)
-                    }
-                    Err(CallError::Rejected(status)) => {
-                        outcomes.insert(node, "rejected");
-                        rejected.get_or_insert(status);
-                        ReadAnswer::Failed(FailureCause::Error)
-                    }
-                };
+                let answer = run.answer(node, response);
                 effects = machine.on_answer(node, answer, clock.now_ms());
             }
             () = tokio::time::sleep_until(clock.instant(timeout)) => {
                 effects = machine.on_tick(clock.now_ms());
             }
         }
+    }
+}
+
+impl ReadRun {
+    fn start(&mut self, effect: ReadEffect, machine: &ReadCoordinator) {
+        match effect {
+            ReadEffect::Fetch { node } => {
+                let call = self.fetch(node);
+                self.calls.push(call);
+            }
+            ReadEffect::Reply(reply) => self.reply(reply),
+            ReadEffect::Repair { node } => {
+                if let Some(merged) = machine.merged() {
+                    self.repair(node, merged);
+                }
+            }
+        }
+    }
+
+    fn fetch(&self, node: NodeId) -> ReadCallFuture {
+        let (pool, view, key) = (self.pool.clone(), self.view.clone(), self.key.clone());
+        Box::pin(async move {
+            let request = pb::GetRequest { key: Some(key) };
+            let partition = partition_of(&request.key);
+            let response =
+                call(
+                    &pool,
+                    &view,
+                    node,
+                    "storage.get",
+                    partition,
+                    |mut c, _| async move { c.get(request).await },
+                )
+                .await;
+            (node, response)
+        })
+    }
+
+    fn reply(&mut self, reply: ReadReply) {
+        let result = match reply {
+            ReadReply::Answered { merged, .. } => ReadResult::Answered {
+                merged,
+                replicas: self.outcomes.iter().map(|(n, o)| (*n, *o)).collect(),
+            },
+            ReadReply::QuorumNotReached { .. } if self.rejected.is_some() => {
+                ReadResult::Rejected(self.rejected.take().expect("checked by the guard"))
+            }
+            ReadReply::QuorumNotReached { answered, required, failures } => {
+                metrics::counter!("pairdb_router_quorum_failures_total", "op" => "read").increment(1);
+                ReadResult::QuorumNotReached { answered, required, failures }
+            }
+        };
+        if let Some(tx) = self.reply_tx.take() {
+            let _ = tx.send(result);
+        }
+    }
+
+    /// Sends the merged set to a replica that answered with less, in the background (a failed
+    /// repair is left to anti-entropy).
+    fn repair(&self, node: NodeId, merged: &VersionSet) {
+        let request = pb::ReplicateRequest {
+            key: Some(self.key.clone()),
+            version_set: encode_version_set(merged),
+            hint_for_node_id: 0,
+        };
+        let (pool, view) = (self.pool.clone(), self.view.clone());
+        metrics::counter!("pairdb_router_read_repairs_total").increment(1);
+        let repair = async move {
+            if replicate_on(&pool, &view, node, request).await.is_err() {
+                tracing::debug!(node_id = node.0, "read repair failed; anti-entropy will catch up");
+            }
+        };
+        tokio::spawn(repair.instrument(tracing::Span::current()));
+    }
+
+    /// The machine's input for a replica's answer, noting the outcome.
+    fn answer(&mut self, node: NodeId, response: Result<pb::GetResponse, CallError>) -> ReadAnswer {
+        let (outcome, answer) = match response {
+            Ok(pb::GetResponse { found: true, version_set }) => match decode_version_set(&version_set) {
+                Ok(set) => ("found", ReadAnswer::Found(set)),
+                Err(error) => {
+                    tracing::error!(node_id = node.0, %error, "replica returned an undecodable set");
+                    ("error", ReadAnswer::Failed(FailureCause::Error))
+                }
+            },
+            Ok(_) => ("not_found", ReadAnswer::NotFound),
+            Err(CallError::Failed(cause)) => (cause.as_str(), ReadAnswer::Failed(cause)),
+            Err(CallError::Rejected(status)) => {
+                self.rejected.get_or_insert(status);
+                ("rejected", ReadAnswer::Failed(FailureCause::Error))
+            }
+        };
+        self.outcomes.insert(node, outcome);
+        answer
     }
 }

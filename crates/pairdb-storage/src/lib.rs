@@ -115,53 +115,18 @@ pub async fn run_with_engine(
     let http = pairdb_service::health_routes(readiness.clone()).merge(pairdb_service::metrics::routes());
 
     let (stop_sender, stop_receiver) = tokio::sync::watch::channel(false);
-    let watchdog = tokio::spawn(watch_health(engine.clone(), readiness.clone(), stop_receiver.clone()));
-    let mut background = Vec::new();
-    let membership_task = match &config.meta_addr {
-        Some(meta_addr) => {
-            let view = view.unwrap_or_default();
-            let subscriber = pairdb_service::cluster_view::Subscriber {
-                kind: "storage",
-                id: format!("node-{}", identity.node_id),
-                include_api_keys: false,
-            };
-            background.push(tokio::spawn(pairdb_service::cluster_view::follow(
-                meta_addr.clone(),
-                subscriber,
-                view.clone(),
-                None,
-                clients.clone(),
-                stop_receiver.clone(),
-            )));
-            background.push(tokio::spawn(repair::run(
-                engine.clone(),
-                view.clone(),
-                config.repair_settings(),
-                rebuild,
-                clients.clone(),
-                stop_receiver.clone(),
-            )));
-            background.push(tokio::spawn(hints::run(
-                engine.clone(),
-                view.clone(),
-                clients.clone(),
-                Duration::from_millis(config.hint_delivery_interval_ms),
-                stop_receiver.clone(),
-            )));
-            background.push(tokio::spawn(tenant_purge::run(engine.clone(), view, stop_receiver.clone())));
-            let membership: Arc<dyn membership::Membership> =
-                Arc::new(membership::MetaMembership::new(meta_addr, &clients)?);
-            let node = membership::NodeAnnouncement {
-                node_id: identity.node_id,
-                address: address.clone(),
-                zone: config.zone.clone(),
-                weight: config.weight,
-                actor: identity.actor.0,
-            };
-            Some(tokio::spawn(membership::run(membership, node, engine.clone(), stop_receiver)))
-        }
-        None => None,
-    };
+    let mut background =
+        vec![tokio::spawn(watch_health(engine.clone(), readiness.clone(), stop_receiver.clone()))];
+    if let Some(meta_addr) = &config.meta_addr {
+        let cluster = ClusterMember {
+            meta_addr,
+            view: view.unwrap_or_default(),
+            address: address.clone(),
+            clients: clients.clone(),
+            rebuild,
+        };
+        background.extend(cluster.spawn_tasks(&config, &engine, stop_receiver)?);
+    }
 
     readiness.set_ready().await;
     tracing::info!(
@@ -191,15 +156,81 @@ pub async fn run_with_engine(
 
     // In-flight requests have finished; stop background work and make everything durable.
     let _ = stop_sender.send(true);
-    let _ = watchdog.await;
-    if let Some(task) = membership_task {
-        let _ = task.await;
-    }
     for task in background {
         let _ = task.await;
     }
-    let final_engine = engine.clone();
-    match tokio::task::spawn_blocking(move || final_engine.sync_now()).await {
+    sync_before_exit(engine).await;
+    served?;
+    Ok(())
+}
+
+/// What a node that follows a meta service runs beside its API.
+struct ClusterMember<'a> {
+    meta_addr: &'a str,
+    view: pairdb_service::cluster_view::SharedView,
+    address: String,
+    clients: pairdb_service::clients::InternalClients,
+    rebuild: Arc<repair::Rebuild>,
+}
+
+impl ClusterMember<'_> {
+    /// Follows the topology and runs what it drives: anti-entropy, tombstone GC and dropping unowned
+    /// data (`repair`), hint delivery, tenant purges, and registration with heartbeats.
+    fn spawn_tasks(
+        self,
+        config: &Config,
+        engine: &Arc<Engine>,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Vec<tokio::task::JoinHandle<()>>, Error> {
+        let identity = engine.identity();
+        let subscriber = pairdb_service::cluster_view::Subscriber {
+            kind: "storage",
+            id: format!("node-{}", identity.node_id),
+            include_api_keys: false,
+        };
+        let membership: Arc<dyn membership::Membership> =
+            Arc::new(membership::MetaMembership::new(self.meta_addr, &self.clients)?);
+        let node = membership::NodeAnnouncement {
+            node_id: identity.node_id,
+            address: self.address,
+            zone: config.zone.clone(),
+            weight: config.weight,
+            actor: identity.actor.0,
+        };
+        let (view, clients) = (self.view, self.clients);
+        Ok(vec![
+            tokio::spawn(pairdb_service::cluster_view::follow(
+                self.meta_addr.to_owned(),
+                subscriber,
+                view.clone(),
+                None,
+                clients.clone(),
+                stop.clone(),
+            )),
+            tokio::spawn(repair::run(
+                engine.clone(),
+                view.clone(),
+                config.repair_settings(),
+                self.rebuild,
+                clients.clone(),
+                stop.clone(),
+            )),
+            tokio::spawn(hints::run(
+                engine.clone(),
+                view.clone(),
+                clients,
+                Duration::from_millis(config.hint_delivery_interval_ms),
+                stop.clone(),
+            )),
+            tokio::spawn(tenant_purge::run(engine.clone(), view, stop.clone())),
+            tokio::spawn(membership::run(membership, node, engine.clone(), stop)),
+        ])
+    }
+}
+
+/// The last fsync after everything else stopped.
+async fn sync_before_exit(engine: Arc<Engine>) {
+    match tokio::task::spawn_blocking(move || engine.sync_now()).await {
         Ok(Ok(())) => tracing::info!("storage node stopped cleanly"),
         // Already logged when it happened; a poisoned write path is not fsynced again.
         Ok(Err(EngineError::Poisoned(reason))) => {
@@ -208,8 +239,6 @@ pub async fn run_with_engine(
         Ok(Err(error)) => tracing::error!(%error, "final fsync failed"),
         Err(error) => tracing::error!(%error, "final fsync task failed"),
     }
-    served?;
-    Ok(())
 }
 
 /// Keeps readiness honest (not ready once the write path is poisoned) and publishes engine gauges.

@@ -116,7 +116,7 @@ pub fn with_search_path(url: &str, schema: &str) -> String {
 
 /// A config for an in-process server: SQLite in `dir`, the test token, small Q.
 pub fn test_config(dir: &Path) -> Config {
-    let mut config = Config::for_tests(dir.to_path_buf(), Some(ADMIN_TOKEN.to_owned()));
+    let mut config = Config::embedded(dir.to_path_buf(), Some(ADMIN_TOKEN.to_owned()));
     config.partition_count = TEST_PARTITIONS;
     config.heartbeat_interval_ms = 100;
     // Admin tests register no storage processes; keep their nodes from being marked down mid-test.
