@@ -549,7 +549,7 @@ impl Meta {
         }
         let status = crate::mover::node_rebuild(&node.address, &self.inner.settings.storage_clients, start)
             .await
-            .map_err(|message| MetaError::NodeUnavailable { node_id, message })?;
+            .map_err(|error| MetaError::NodeUnavailable { node_id, message: error.to_string() })?;
         let state = match status.state() {
             storage_pb::RebuildState::Running => "running",
             storage_pb::RebuildState::Done => "done",

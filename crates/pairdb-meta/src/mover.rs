@@ -11,7 +11,8 @@
 
 use std::time::Duration;
 
-use pairdb_core::repair::{TenantSpan, partition_transfers};
+use pairdb_core::reason::Reason;
+use pairdb_core::repair::partition_transfers;
 use pairdb_proto::storage::v1 as pb;
 use pairdb_service::clients::{ChannelSettings, InternalClients, StorageClient};
 
@@ -38,9 +39,28 @@ impl StreamingDataMover {
         &self,
         address: &str,
         request: pb::SyncPartitionRequest,
-    ) -> Result<pb::SyncPartitionResponse, String> {
+    ) -> Result<pb::SyncPartitionResponse, StorageCallError> {
         let mut client = storage_client(address, &self.clients, TRANSFER_TIMEOUT).await?;
-        client.sync_partition(request).await.map(tonic::Response::into_inner).map_err(status_text)
+        Ok(client.sync_partition(request).await?.into_inner())
+    }
+}
+
+/// Why a call meta made to a storage node failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageCallError {
+    #[error("invalid address {address}: {source}")]
+    Address { address: String, source: tonic::transport::Error },
+    #[error("cannot reach {address}: {source}")]
+    Unreachable { address: String, source: tonic::transport::Error },
+    /// The node answered with an error (`reason` when it named one this release knows).
+    #[error("{} {message}", reason.map_or("", Reason::as_str))]
+    Failed { reason: Option<Reason>, message: String },
+}
+
+impl From<tonic::Status> for StorageCallError {
+    fn from(status: tonic::Status) -> Self {
+        let reason = pairdb_service::errors::known_reason_of(&status);
+        StorageCallError::Failed { reason, message: status.message().to_owned() }
     }
 }
 
@@ -48,23 +68,17 @@ async fn storage_client(
     address: &str,
     clients: &InternalClients,
     timeout: Duration,
-) -> Result<StorageClient, String> {
+) -> Result<StorageClient, StorageCallError> {
     let settings =
         ChannelSettings { request_timeout: Some(timeout), keepalive: None, ..ChannelSettings::default() };
-    let channel = clients
+    let endpoint = clients
         .endpoint(address, settings)
-        .map_err(|e| e.to_string())?
+        .map_err(|source| StorageCallError::Address { address: address.to_owned(), source })?;
+    let channel = endpoint
         .connect()
         .await
-        .map_err(|e| format!("cannot reach {address}: {e}"))?;
+        .map_err(|source| StorageCallError::Unreachable { address: address.to_owned(), source })?;
     Ok(clients.storage_over(channel))
-}
-
-fn status_text(status: tonic::Status) -> String {
-    match pairdb_service::errors::known_reason_of(&status) {
-        Some(reason) => format!("{reason} {}", status.message()),
-        None => format!(" {}", status.message()),
-    }
 }
 
 /// Starts (`start`) or reads the rebuild of the storage node at `address`.
@@ -72,34 +86,22 @@ pub async fn node_rebuild(
     address: &str,
     clients: &InternalClients,
     start: bool,
-) -> Result<pb::RebuildStatus, String> {
+) -> Result<pb::RebuildStatus, StorageCallError> {
     let mut client = storage_client(address, clients, Duration::from_secs(10)).await?;
     let reply = if start {
-        client.start_rebuild(pb::StartRebuildRequest {}).await
+        client.start_rebuild(pb::StartRebuildRequest {}).await?
     } else {
-        client.get_rebuild_status(pb::GetRebuildStatusRequest {}).await
+        client.get_rebuild_status(pb::GetRebuildStatusRequest {}).await?
     };
-    reply.map(tonic::Response::into_inner).map_err(status_text)
+    Ok(reply.into_inner())
 }
 
 #[tonic::async_trait]
 impl DataMover for StreamingDataMover {
     async fn move_partition(&self, plan: &PartitionMove) -> Result<MoveStats, MoveError> {
-        let spans: Vec<TenantSpan> = plan
-            .tenants
-            .iter()
-            .map(|t| TenantSpan {
-                tenant_id: t.tenant_id.clone(),
-                old_n: t.old_replication_factor,
-                new_n: t.new_replication_factor,
-            })
-            .collect();
         let mut stats = MoveStats::default();
-        for transfer in partition_transfers(&plan.old_list, &plan.new_list, &spans) {
-            let target = plan
-                .nodes
-                .get(&transfer.target)
-                .ok_or_else(|| MoveError(format!("target node {} has no address", transfer.target)))?;
+        for transfer in partition_transfers(&plan.old_list, &plan.new_list, &plan.tenants) {
+            let target = plan.nodes.get(&transfer.target).ok_or(MoveError::NoAddress(transfer.target))?;
             // Live sources first (in list order), nodes meta believes down last. The target looks their
             // addresses up in the topology it follows.
             let mut sources: Vec<pb::SyncSource> = Vec::new();
@@ -113,10 +115,7 @@ impl DataMover for StreamingDataMover {
                 }
             }
             if sources.is_empty() {
-                return Err(MoveError(format!(
-                    "partition {}: no replica holds the data node {} must receive",
-                    plan.partition, transfer.target
-                )));
+                return Err(MoveError::NoSource { partition: plan.partition, target: transfer.target });
             }
             let request = pb::SyncPartitionRequest {
                 partition: plan.partition.0,
@@ -135,11 +134,12 @@ impl DataMover for StreamingDataMover {
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                         attempt += 1;
                     }
-                    Err(error) => {
-                        return Err(MoveError(format!(
-                            "partition {} to node {}: {error}",
-                            plan.partition, transfer.target
-                        )));
+                    Err(source) => {
+                        return Err(MoveError::Transfer {
+                            partition: plan.partition,
+                            target: transfer.target,
+                            source,
+                        });
                     }
                 }
             };

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use pairdb_core::repair::TenantSpan;
 use pairdb_core::ring::{Assignment, NodeId, NodeSpec, diff};
 use pairdb_core::token::PartitionId;
 use tokio::sync::watch;
@@ -43,15 +44,6 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a partition move in flight checks whether its migration was cancelled.
 const CANCEL_POLL: Duration = Duration::from_millis(250);
 
-/// A tenant's replication factor before and after the migration (equal unless the migration
-/// changes it).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TenantReplication {
-    pub tenant_id: String,
-    pub old_replication_factor: usize,
-    pub new_replication_factor: usize,
-}
-
 /// One partition whose replicas change.
 #[derive(Debug, Clone)]
 pub struct PartitionMove {
@@ -64,7 +56,7 @@ pub struct PartitionMove {
     /// Every tenant, with its replication factor before and after: a node must receive tenant T's
     /// data of this partition when it is in the first `new` positions of `new_list` but not in the
     /// first `old` positions of `old_list` (`pairdb_core::ring::gained_memberships`).
-    pub tenants: Arc<Vec<TenantReplication>>,
+    pub tenants: Arc<Vec<TenantSpan>>,
     /// Every storage node meta knows, with its address (sources and targets are looked up here).
     pub nodes: Arc<BTreeMap<NodeId, NodeEndpoint>>,
 }
@@ -83,9 +75,18 @@ pub struct MoveStats {
     pub bytes: u64,
 }
 
+/// Why a partition could not be moved (the migration then fails and is rolled back).
 #[derive(Debug, thiserror::Error)]
-#[error("data movement failed: {0}")]
-pub struct MoveError(pub String);
+pub enum MoveError {
+    #[error("data movement failed: target node {0} has no address")]
+    NoAddress(NodeId),
+    #[error(
+        "data movement failed: partition {partition}: no replica holds the data node {target} must receive"
+    )]
+    NoSource { partition: PartitionId, target: NodeId },
+    #[error("data movement failed: partition {partition} to node {target}: {source}")]
+    Transfer { partition: PartitionId, target: NodeId, source: crate::mover::StorageCallError },
+}
 
 /// Moves the data of one partition to the nodes that gain it. Must be idempotent (after a leader
 /// change the same partition may be moved again if its completion was not yet persisted) and
@@ -327,7 +328,7 @@ fn node_endpoints(nodes: &[StorageNode]) -> BTreeMap<NodeId, NodeEndpoint> {
 
 /// Each active tenant's N before and after `migration` (a tenant being deleted is purged, not
 /// moved).
-fn tenant_replications(tenants: &[Tenant], migration: &Migration) -> Vec<TenantReplication> {
+fn tenant_replications(tenants: &[Tenant], migration: &Migration) -> Vec<TenantSpan> {
     tenants
         .iter()
         .filter(|tenant| tenant.state == crate::model::TenantState::Active)
@@ -340,11 +341,7 @@ fn tenant_replications(tenants: &[Tenant], migration: &Migration) -> Vec<TenantR
             } else {
                 n
             };
-            TenantReplication {
-                tenant_id: tenant.tenant_id.clone(),
-                old_replication_factor: old,
-                new_replication_factor: n,
-            }
+            TenantSpan { tenant_id: tenant.tenant_id.clone(), old_n: old, new_n: n }
         })
         .collect()
 }

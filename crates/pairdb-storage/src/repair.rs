@@ -82,12 +82,23 @@ type Client = StorageClient;
 
 #[derive(Debug, thiserror::Error)]
 enum RepairError {
-    #[error("peer {node}: {message}")]
-    Peer { node: NodeId, message: String },
+    #[error("peer {node}: {failure}")]
+    Peer { node: NodeId, failure: PeerFailure },
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error("repair task failed: {0}")]
     Task(String),
+}
+
+/// Why a peer could not take part in a repair round.
+#[derive(Debug, thiserror::Error)]
+enum PeerFailure {
+    #[error("down; tombstones wait")]
+    Down,
+    #[error("no client: {0}")]
+    Client(#[from] tonic::transport::Error),
+    #[error("{}", .0.message())]
+    Call(#[from] tonic::Status),
 }
 
 /// Where a rebuild is.
@@ -180,13 +191,13 @@ struct Peers {
 }
 
 impl Peers {
-    async fn client(&self, address: &str) -> Result<Client, String> {
+    async fn client(&self, address: &str) -> Result<Client, tonic::transport::Error> {
         let mut clients = self.clients.lock().await;
         if let Some(client) = clients.get(address) {
             return Ok(client.clone());
         }
         let settings = ChannelSettings { request_timeout: Some(RPC_TIMEOUT), ..ChannelSettings::default() };
-        let client = self.builder.storage(address, settings).map_err(|e| e.to_string())?;
+        let client = self.builder.storage(address, settings)?;
         // Bounded by the cluster's node count; an address that changed leaves one idle entry.
         clients.insert(address.to_owned(), client.clone());
         Ok(client)
@@ -461,8 +472,8 @@ impl Repair {
         address: &str,
         shared: &BTreeSet<String>,
     ) -> Result<Exchange, RepairError> {
-        let peer_error = |message: String| RepairError::Peer { node: peer, message };
-        let mut client = self.peers.client(address).await.map_err(peer_error)?;
+        let peer_error = |failure: PeerFailure| RepairError::Peer { node: peer, failure };
+        let mut client = self.peers.client(address).await.map_err(|e| peer_error(e.into()))?;
         let mut exchange = Exchange::default();
         let remote_level = |client: &mut Client, level: u32, indexes: Vec<u32>| {
             let mut client = client.clone();
@@ -475,7 +486,7 @@ impl Repair {
                     })
                     .await
                     .map(|r| r.into_inner().nodes)
-                    .map_err(|s| s.message().to_owned())
+                    .map_err(PeerFailure::Call)
             }
         };
         let hash_of = |node: &pb::MerkleNode| {
@@ -521,7 +532,7 @@ impl Repair {
             let remote: Vec<pb::KeyDigest> = client
                 .leaf_digests(pb::LeafDigestsRequest { partition: partition.0, leaves: leaves.to_vec() })
                 .await
-                .map_err(|s| peer_error(s.message().to_owned()))?
+                .map_err(|s| peer_error(s.into()))?
                 .into_inner()
                 .digests;
             let wanted = leaves.to_vec();
@@ -643,18 +654,18 @@ impl Repair {
                 .nodes
                 .get(peer)
                 .filter(|e| !e.down)
-                .ok_or(RepairError::Peer { node: *peer, message: "down; tombstones wait".into() })?;
+                .ok_or(RepairError::Peer { node: *peer, failure: PeerFailure::Down })?;
             let mut client = self
                 .peers
                 .client(&entry.address)
                 .await
-                .map_err(|message| RepairError::Peer { node: *peer, message })?;
+                .map_err(|e| RepairError::Peer { node: *peer, failure: e.into() })?;
             let mut remote: HashMap<(String, String), (u64, bool)> = HashMap::new();
             for chunk in leaves.chunks(LEAVES_PER_REQUEST) {
                 let digests = client
                     .leaf_digests(pb::LeafDigestsRequest { partition: partition.0, leaves: chunk.to_vec() })
                     .await
-                    .map_err(|s| RepairError::Peer { node: *peer, message: s.message().to_owned() })?
+                    .map_err(|s| RepairError::Peer { node: *peer, failure: s.into() })?
                     .into_inner()
                     .digests;
                 remote.extend(
