@@ -982,51 +982,7 @@ pub(crate) async fn abandon(
             tx.record_change(ChangeKind::TopologyPendingCleared, &migration.to_epoch.to_string()).await?;
         }
     }
-    match migration.kind {
-        MigrationKind::AddNode => {
-            if let Some(mut node) = tx.get_node(migration.node_id).await?
-                && node.membership == Membership::Joining
-            {
-                node.membership = Membership::Removed;
-                node.updated_at_ms = now;
-                tx.update_node(&node).await?;
-                tx.record_change(ChangeKind::Node, &node.node_id.to_string()).await?;
-            }
-        }
-        MigrationKind::DrainNode | MigrationKind::RemoveNode => {
-            if let Some(mut node) = tx.get_node(migration.node_id).await?
-                && node.membership == Membership::Leaving
-            {
-                node.membership = Membership::Active;
-                node.updated_at_ms = now;
-                tx.update_node(&node).await?;
-                tx.record_change(ChangeKind::Node, &node.node_id.to_string()).await?;
-            }
-        }
-        MigrationKind::ReplicationFactor => {
-            if let Some(mut tenant) = tx.get_tenant(&migration.tenant_id).await?
-                && let Some(previous) = tenant.previous_replication_factor
-                && u64::from(tenant.replication_factor) == migration.new_value
-            {
-                tenant.replication_factor = previous;
-                tenant.previous_replication_factor = None;
-                tenant.updated_at_ms = now;
-                tx.update_tenant(&tenant).await?;
-                tx.record_change(ChangeKind::Tenant, &tenant.tenant_id).await?;
-            }
-        }
-        MigrationKind::NodeWeight => {
-            if let Some(mut node) = tx.get_node(migration.node_id).await?
-                && u64::from(node.weight) == migration.new_value
-                && node.membership != Membership::Removed
-            {
-                node.weight = u32::try_from(migration.old_value).unwrap_or(1).max(1);
-                node.updated_at_ms = now;
-                tx.update_node(&node).await?;
-                tx.record_change(ChangeKind::Node, &node.node_id.to_string()).await?;
-            }
-        }
-    }
+    crate::lifecycle::settle(tx, migration, crate::lifecycle::Ending::Abandoned, now).await?;
     migration.state = state;
     migration.error = reason.to_owned();
     migration.finished_at_ms = now;

@@ -15,6 +15,7 @@
 //! - [`leader`]: leader election (a PostgreSQL session advisory lock on a dedicated connection) and
 //!   the leader-only work: the failure detector, the [`orchestrator`] of migrations and completing
 //!   tenant deletions.
+//! - [`lifecycle`]: what completing and what abandoning each kind of migration does (one table).
 //! - [`deletion`]: deleting a tenant so that every storage node purged it before its id is reused.
 //! - [`credentials`]: cluster credentials and the context keys routers seal client contexts with.
 //! - [`config`]: flags, environment fallbacks, validation.
@@ -46,6 +47,7 @@ pub mod follower;
 pub mod grpc;
 pub mod http;
 pub mod leader;
+pub mod lifecycle;
 pub mod model;
 pub mod mover;
 pub mod orchestrator;

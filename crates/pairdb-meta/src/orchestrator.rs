@@ -420,39 +420,7 @@ async fn complete(meta: &Meta, fence: LeaderFence, migration: Migration) -> Resu
         tx.record_change(ChangeKind::TopologyCurrent, &stored.to_epoch.to_string()).await?;
         tx.record_change(ChangeKind::TopologyPendingCleared, &stored.to_epoch.to_string()).await?;
     }
-    match stored.kind {
-        MigrationKind::AddNode => {
-            if let Some(mut node) = tx.get_node(stored.node_id).await?
-                && node.membership == Membership::Joining
-            {
-                node.membership = Membership::Active;
-                node.updated_at_ms = now;
-                tx.update_node(&node).await?;
-                tx.record_change(ChangeKind::Node, &node.node_id.to_string()).await?;
-            }
-        }
-        MigrationKind::DrainNode | MigrationKind::RemoveNode => {
-            if let Some(mut node) = tx.get_node(stored.node_id).await?
-                && node.membership == Membership::Leaving
-            {
-                node.membership = Membership::Removed;
-                node.updated_at_ms = now;
-                tx.update_node(&node).await?;
-                tx.record_change(ChangeKind::Node, &node.node_id.to_string()).await?;
-            }
-        }
-        MigrationKind::ReplicationFactor => {
-            if let Some(mut tenant) = tx.get_tenant(&stored.tenant_id).await?
-                && tenant.previous_replication_factor.is_some()
-            {
-                tenant.previous_replication_factor = None;
-                tenant.updated_at_ms = now;
-                tx.update_tenant(&tenant).await?;
-                tx.record_change(ChangeKind::Tenant, &tenant.tenant_id).await?;
-            }
-        }
-        MigrationKind::NodeWeight => {}
-    }
+    crate::lifecycle::settle(&mut tx, &stored, crate::lifecycle::Ending::Completed, now).await?;
     stored.progress = migration.progress;
     stored.progress.partitions_done = stored.progress.partitions_total;
     stored.done_bitmap = migration.done_bitmap;
