@@ -1,0 +1,193 @@
+//! SQL of storage nodes: registration, lifecycle and the failure detector's verdict.
+
+use super::*;
+
+impl Store {
+    /// Records a heartbeat (liveness and stats) outside the write lock: heartbeats are frequent and
+    /// produce no change. Returns the node's `alive` flag, or `None` for an unknown or removed node.
+    pub async fn record_heartbeat(
+        &self,
+        node_id: u32,
+        stats: &NodeStats,
+        now_ms: u64,
+    ) -> Result<Option<bool>, PersistenceError> {
+        let sql = "UPDATE storage_nodes SET last_heartbeat_ms = $2, stats_keys = $3, stats_live_bytes = $4, \
+                   stats_disk_free_bytes = $5, stats_hints_pending = $6, stats_write_path_poisoned = $7, \
+                   stats_quarantined_records = $8 WHERE node_id = $1 AND membership <> 'removed' RETURNING alive";
+        let alive: Option<bool> = match &self.inner.pool {
+            Pool::Postgres(pool) => {
+                sqlx::query_scalar(sql)
+                    .bind(i64::from(node_id))
+                    .bind(to_i64(now_ms))
+                    .bind(to_i64(stats.keys))
+                    .bind(to_i64(stats.live_bytes))
+                    .bind(to_i64(stats.disk_free_bytes))
+                    .bind(to_i64(stats.hints_pending))
+                    .bind(stats.write_path_poisoned)
+                    .bind(to_i64(stats.quarantined_records))
+                    .fetch_optional(pool)
+                    .await?
+            }
+            Pool::Sqlite(pool) => {
+                sqlx::query_scalar(sql)
+                    .bind(i64::from(node_id))
+                    .bind(to_i64(now_ms))
+                    .bind(to_i64(stats.keys))
+                    .bind(to_i64(stats.live_bytes))
+                    .bind(to_i64(stats.disk_free_bytes))
+                    .bind(to_i64(stats.hints_pending))
+                    .bind(stats.write_path_poisoned)
+                    .bind(to_i64(stats.quarantined_records))
+                    .fetch_optional(pool)
+                    .await?
+            }
+        };
+        Ok(alive)
+    }
+}
+
+impl Tx {
+    pub async fn get_node(&mut self, node_id: u32) -> Result<Option<StorageNode>, PersistenceError> {
+        let row: Option<NodeRow> = on_conn!(self, c => {
+            sqlx::query_as("SELECT * FROM storage_nodes WHERE node_id = $1")
+                .bind(i64::from(node_id))
+                .fetch_optional(&mut *c)
+                .await?
+        });
+        row.map(StorageNode::try_from).transpose()
+    }
+
+    /// Every node, removed ones included, by id.
+    pub async fn list_nodes(&mut self) -> Result<Vec<StorageNode>, PersistenceError> {
+        let rows: Vec<NodeRow> = on_conn!(self, c => {
+            sqlx::query_as("SELECT * FROM storage_nodes ORDER BY node_id").fetch_all(&mut *c).await?
+        });
+        rows.into_iter().map(StorageNode::try_from).collect()
+    }
+
+    /// The highest node id ever used (0 if none).
+    pub async fn max_node_id(&mut self) -> Result<u32, PersistenceError> {
+        let max: Option<i64> = on_conn!(self, c => {
+            sqlx::query_scalar("SELECT MAX(node_id) FROM storage_nodes").fetch_one(&mut *c).await?
+        });
+        to_u32(max.unwrap_or(0), "storage_nodes.node_id")
+    }
+
+    /// Inserts `node`, or replaces a row with the same id (used to re-add a removed node).
+    pub async fn upsert_node(&mut self, node: &StorageNode) -> Result<(), PersistenceError> {
+        on_conn!(self, c => {
+            sqlx::query(
+                "INSERT INTO storage_nodes (node_id, address, zone, weight, membership, alive, last_heartbeat_ms, actor_id, \
+                 data_format_version, stats_keys, stats_live_bytes, stats_disk_free_bytes, stats_hints_pending, \
+                 stats_write_path_poisoned, created_at_ms, updated_at_ms, stats_quarantined_records, retired_actor_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+                 ON CONFLICT (node_id) DO UPDATE SET address = excluded.address, zone = excluded.zone, \
+                 weight = excluded.weight, membership = excluded.membership, alive = excluded.alive, \
+                 last_heartbeat_ms = excluded.last_heartbeat_ms, actor_id = excluded.actor_id, \
+                 data_format_version = excluded.data_format_version, stats_keys = excluded.stats_keys, \
+                 stats_live_bytes = excluded.stats_live_bytes, stats_disk_free_bytes = excluded.stats_disk_free_bytes, \
+                 stats_hints_pending = excluded.stats_hints_pending, \
+                 stats_write_path_poisoned = excluded.stats_write_path_poisoned, created_at_ms = excluded.created_at_ms, \
+                 updated_at_ms = excluded.updated_at_ms, stats_quarantined_records = excluded.stats_quarantined_records, \
+                 retired_actor_id = excluded.retired_actor_id",
+            )
+            .bind(i64::from(node.node_id))
+            .bind(&node.address)
+            .bind(&node.zone)
+            .bind(i64::from(node.weight))
+            .bind(node.membership.as_str())
+            .bind(node.alive)
+            .bind(to_i64(node.last_heartbeat_ms))
+            .bind(i64::from_be_bytes(node.actor_id.to_be_bytes()))
+            .bind(i64::from(node.data_format_version))
+            .bind(to_i64(node.stats.keys))
+            .bind(to_i64(node.stats.live_bytes))
+            .bind(to_i64(node.stats.disk_free_bytes))
+            .bind(to_i64(node.stats.hints_pending))
+            .bind(node.stats.write_path_poisoned)
+            .bind(to_i64(node.created_at_ms))
+            .bind(to_i64(node.updated_at_ms))
+            .bind(to_i64(node.stats.quarantined_records))
+            .bind(i64::from_be_bytes(node.retired_actor_id.to_be_bytes()))
+            .execute(&mut *c)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// Writes the configuration and lifecycle columns of an existing node. Heartbeat time and stats
+    /// are left alone: they are written concurrently by [`Store::record_heartbeat`].
+    pub async fn update_node(&mut self, node: &StorageNode) -> Result<bool, PersistenceError> {
+        let affected = on_conn!(self, c => {
+            sqlx::query(
+                "UPDATE storage_nodes SET address = $2, zone = $3, weight = $4, membership = $5, alive = $6, \
+                 actor_id = $7, data_format_version = $8, updated_at_ms = $9, retired_actor_id = $10 WHERE node_id = $1",
+            )
+            .bind(i64::from(node.node_id))
+            .bind(&node.address)
+            .bind(&node.zone)
+            .bind(i64::from(node.weight))
+            .bind(node.membership.as_str())
+            .bind(node.alive)
+            .bind(i64::from_be_bytes(node.actor_id.to_be_bytes()))
+            .bind(i64::from(node.data_format_version))
+            .bind(to_i64(node.updated_at_ms))
+            .bind(i64::from_be_bytes(node.retired_actor_id.to_be_bytes()))
+            .execute(&mut *c)
+            .await?
+            .rows_affected()
+        });
+        Ok(affected == 1)
+    }
+
+    /// Marks the node dead if it is alive and its last heartbeat is older than `cutoff_ms` (checked
+    /// in the statement itself, so a heartbeat that lands concurrently wins). `true` if marked.
+    pub async fn mark_node_dead(
+        &mut self,
+        node_id: u32,
+        cutoff_ms: u64,
+        now_ms: u64,
+    ) -> Result<bool, PersistenceError> {
+        let affected = on_conn!(self, c => {
+            sqlx::query(
+                "UPDATE storage_nodes SET alive = FALSE, updated_at_ms = $3 \
+                 WHERE node_id = $1 AND alive AND membership <> 'removed' AND last_heartbeat_ms < $2",
+            )
+            .bind(i64::from(node_id))
+            .bind(to_i64(cutoff_ms))
+            .bind(to_i64(now_ms))
+            .execute(&mut *c)
+            .await?
+            .rows_affected()
+        });
+        Ok(affected == 1)
+    }
+
+    /// Marks the node alive; `true` if it was dead.
+    pub async fn mark_node_alive(&mut self, node_id: u32, now_ms: u64) -> Result<bool, PersistenceError> {
+        let affected = on_conn!(self, c => {
+            sqlx::query(
+                "UPDATE storage_nodes SET alive = TRUE, updated_at_ms = $2 \
+                 WHERE node_id = $1 AND NOT alive AND membership <> 'removed'",
+            )
+            .bind(i64::from(node_id))
+            .bind(to_i64(now_ms))
+            .execute(&mut *c)
+            .await?
+            .rows_affected()
+        });
+        Ok(affected == 1)
+    }
+
+    /// Records that the node was heard from (registration).
+    pub async fn set_last_heartbeat(&mut self, node_id: u32, now_ms: u64) -> Result<(), PersistenceError> {
+        on_conn!(self, c => {
+            sqlx::query("UPDATE storage_nodes SET last_heartbeat_ms = $2 WHERE node_id = $1")
+                .bind(i64::from(node_id))
+                .bind(to_i64(now_ms))
+                .execute(&mut *c)
+                .await?;
+        });
+        Ok(())
+    }
+}
