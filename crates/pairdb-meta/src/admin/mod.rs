@@ -1,0 +1,419 @@
+//! The metadata service's operations: tenants, API keys, storage nodes, migrations, and the storage
+//! nodes' registration and heartbeats. Both API edges (gRPC and HTTP/JSON) call these.
+//!
+//! Every mutation is one write transaction ([`Store::write`]), which holds the cluster-wide metadata
+//! lock: the checks (does the tenant exist, would N exceed the active nodes, would removing this node
+//! leave fewer nodes than the highest N) and the writes they guard are atomic across replicas. Each
+//! mutation records its changes in the change log in the same transaction, so the watch stream
+//! publishes exactly what was committed.
+//!
+//! The operations on tenants and API keys are in `tenants`, on storage nodes (with registration and
+//! heartbeats) in `nodes`; this file holds the shared state, migrations and the checks both use.
+//!
+//! # How storage nodes join
+//!
+//! An operator adds a node with `AddStorageNode` (id, address, zone, weight): the record is created
+//! `joining` and an `add_node` migration queued; the node enters the ring when the migration
+//! completes. The storage process then calls `RegisterNode` with its id: meta records its address,
+//! actor id and liveness. A registration for an unknown id fails with NODE_NOT_FOUND unless meta runs
+//! with `--auto-add-nodes` (dev mode), in which case it is treated like an `AddStorageNode` with the
+//! registration's address, zone and weight. Zone and weight of a known node change only through the
+//! admin API (they move data); a registration updates address, actor id and liveness only.
+//!
+//! **Bootstrap**: while the cluster has no topology at all, adding a node computes the first topology
+//! version directly (no migration: there is no data to move) and the node becomes `active` at once.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use pairdb_core::quorum::Consistency;
+use pairdb_core::ring::{Assignment, NodeSpec};
+use pairdb_core::token::PartitionCount;
+use pairdb_core::validation::{
+    self, DEFAULT_MAX_SIBLINGS, DEFAULT_MAX_VALUE_BYTES, DEFAULT_REPLICATION_FACTOR, MAX_REPLICATION_FACTOR,
+};
+use pairdb_proto::storage::v1 as storage_pb;
+use rand::Rng;
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+
+use crate::error::MetaError;
+use crate::model::{
+    ApiKey, ConflictMode, Membership, Migration, MigrationKind, MigrationProgress, MigrationState,
+    NodeRebuild, NodeStats, StorageNode, Tenant, TenantState, Topology,
+};
+use crate::persistence::{ChangeKind, MetaState, Store, Tx, hex};
+use crate::view::ClusterView;
+
+mod nodes;
+mod tenants;
+
+/// Largest node weight.
+pub const MAX_NODE_WEIGHT: u32 = 1000;
+const MAX_DESCRIPTION_CHARS: usize = 256;
+const MAX_ZONE_CHARS: usize = 64;
+const MAX_ADDRESS_CHARS: usize = 255;
+
+/// Settings of the operations (from the configuration).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub auto_add_nodes: bool,
+    pub heartbeat_interval_ms: u32,
+    pub node_down_after_ms: u64,
+    /// Partitions a migration moves concurrently (at least 1).
+    pub migration_parallelism: usize,
+    /// How meta reaches storage nodes (migrations, rebuilds): TLS and meta's cluster credential.
+    pub storage_clients: pairdb_service::clients::InternalClients,
+    /// Signs cluster credentials; `None` when the cluster runs with `--insecure-cluster`.
+    pub signer: Option<Arc<pairdb_service::cluster_auth::Signer>>,
+}
+
+/// A tenant to create. Zero / `None` fields take the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct NewTenant {
+    pub tenant_id: String,
+    pub replication_factor: u32,
+    pub default_consistency: Option<Consistency>,
+    pub conflict_mode: Option<ConflictMode>,
+    pub rate_limit_ops_per_sec: u32,
+    pub rate_limit_burst: u32,
+    pub max_value_bytes: u64,
+    pub max_siblings: u32,
+    pub strict_quorum: bool,
+}
+
+/// Changes to a tenant; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct TenantPatch {
+    pub replication_factor: Option<u32>,
+    pub default_consistency: Option<Consistency>,
+    pub conflict_mode: Option<ConflictMode>,
+    pub rate_limit_ops_per_sec: Option<u32>,
+    pub rate_limit_burst: Option<u32>,
+    pub max_value_bytes: Option<u64>,
+    pub max_siblings: Option<u32>,
+    pub strict_quorum: Option<bool>,
+}
+
+/// A node to add. `node_id` 0 picks the next free id; `weight` 0 means 1.
+#[derive(Debug, Clone, Default)]
+pub struct NewNode {
+    pub node_id: u32,
+    pub address: String,
+    pub zone: String,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct NodePatch {
+    pub weight: Option<u32>,
+    pub zone: Option<String>,
+}
+
+/// A node with whether the current topology places data on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    pub node: StorageNode,
+    pub in_ring: bool,
+}
+
+/// A storage process announcing itself.
+#[derive(Debug, Clone, Default)]
+pub struct Registration {
+    pub node_id: u32,
+    pub address: String,
+    pub zone: String,
+    pub weight: u32,
+    pub actor_id: u64,
+    pub data_format_version: u32,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Store,
+    view: Arc<ClusterView>,
+    settings: Settings,
+    partitions: OnceLock<PartitionCount>,
+    initialized: AtomicBool,
+    orchestrator_wake: Notify,
+}
+
+/// The metadata service's operations (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct Meta {
+    inner: Arc<Inner>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl Meta {
+    pub fn new(store: Store, view: Arc<ClusterView>, settings: Settings) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                view,
+                settings,
+                partitions: OnceLock::new(),
+                initialized: AtomicBool::new(false),
+                orchestrator_wake: Notify::new(),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn view(&self) -> &Arc<ClusterView> {
+        &self.inner.view
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    /// Records that the database is migrated and the cluster exists.
+    pub fn mark_initialized(&self, state: &MetaState) {
+        let _ = self.inner.partitions.set(state.partition_count);
+        self.inner.initialized.store(true, Ordering::Release);
+    }
+
+    pub fn is_initialized(&self) -> bool {
+        self.inner.initialized.load(Ordering::Acquire)
+    }
+
+    /// Wakes the migration orchestrator (after queueing or cancelling a migration).
+    pub fn orchestrator_wake(&self) -> &Notify {
+        &self.inner.orchestrator_wake
+    }
+
+    fn partitions(&self) -> Result<PartitionCount, MetaError> {
+        match (self.is_initialized(), self.inner.partitions.get()) {
+            (true, Some(partitions)) => Ok(*partitions),
+            _ => {
+                Err(MetaError::DatabaseUnavailable("the metadata database is not initialized yet".to_owned()))
+            }
+        }
+    }
+
+    pub(crate) async fn write(&self) -> Result<(Tx, u64), MetaError> {
+        self.partitions()?;
+        let now = now_ms();
+        let mut tx = self.inner.store.write().await?;
+        tx.set_now(now);
+        Ok((tx, now))
+    }
+
+    pub(crate) async fn read(&self) -> Result<Tx, MetaError> {
+        self.partitions()?;
+        Ok(self.inner.store.read().await?)
+    }
+
+    // ---- tenants ----------------------------------------------------------------------------
+
+    // ---- api keys ---------------------------------------------------------------------------
+
+    // ---- storage nodes ----------------------------------------------------------------------
+
+    // ---- migrations -------------------------------------------------------------------------
+
+    pub async fn get_migration(&self, migration_id: &str) -> Result<Migration, MetaError> {
+        let mut tx = self.read().await?;
+        let migration = tx.get_migration(migration_id).await?;
+        tx.commit().await?;
+        migration.ok_or_else(|| MetaError::MigrationNotFound(migration_id.to_owned()))
+    }
+
+    /// Every migration, newest first.
+    pub async fn list_migrations(&self) -> Result<Vec<Migration>, MetaError> {
+        let mut tx = self.read().await?;
+        let migrations = tx.list_migrations().await?;
+        tx.commit().await?;
+        Ok(migrations)
+    }
+
+    /// Cancels a pending or running migration: its pending topology is discarded and what it changed
+    /// (node lifecycle, replication factor, weight) is restored. Cancelling a cancelled migration
+    /// returns it unchanged; a completed or failed one is MIGRATION_FINISHED.
+    pub async fn cancel_migration(&self, migration_id: &str) -> Result<Migration, MetaError> {
+        let (mut tx, now) = self.write().await?;
+        let mut migration = tx
+            .get_migration(migration_id)
+            .await?
+            .ok_or_else(|| MetaError::MigrationNotFound(migration_id.to_owned()))?;
+        match migration.state {
+            MigrationState::Cancelled => {
+                tx.commit().await?;
+                return Ok(migration);
+            }
+            MigrationState::Completed | MigrationState::Failed => {
+                return Err(MetaError::MigrationFinished {
+                    migration_id: migration_id.to_owned(),
+                    state: migration.state.as_str(),
+                });
+            }
+            MigrationState::Pending | MigrationState::Running => {}
+        }
+        abandon(&mut tx, &mut migration, MigrationState::Cancelled, "cancelled by an operator", now).await?;
+        tx.commit().await?;
+        tracing::info!(migration = migration_id, kind = migration.kind.as_str(), "migration cancelled");
+        self.inner.orchestrator_wake.notify_one();
+        Ok(migration)
+    }
+
+    // ---- cluster API ------------------------------------------------------------------------
+}
+
+/// Rejects N outside 1..=7.
+pub(crate) fn check_replication_factor_range(n: u32) -> Result<(), MetaError> {
+    validation::validate_replication_factor(n as usize).map_err(|_| MetaError::InvalidReplicationFactor {
+        requested: n,
+        active_nodes: None,
+        why: format!("must be between 1 and {MAX_REPLICATION_FACTOR}"),
+    })
+}
+
+/// Rejects N above the number of active nodes in the ring (N distinct replicas need N nodes).
+async fn check_replication_factor_fits(tx: &mut Tx, n: u32) -> Result<(), MetaError> {
+    let active = tx.list_nodes().await?.iter().filter(|node| node.membership == Membership::Active).count();
+    if n as usize > active {
+        return Err(MetaError::InvalidReplicationFactor {
+            requested: n,
+            active_nodes: Some(active),
+            why: format!("the ring has only {active} active storage node(s)"),
+        });
+    }
+    Ok(())
+}
+
+/// Validates a tenant's limits and fills the burst default (= the rate).
+fn normalize_limits(tenant: &mut Tenant) -> Result<(), MetaError> {
+    validation::validate_max_value_bytes(tenant.max_value_bytes)
+        .map_err(|e| MetaError::InvalidArgument(format!("max_value_bytes: {e}")))?;
+    validation::validate_max_siblings(tenant.max_siblings as usize)
+        .map_err(|e| MetaError::InvalidArgument(format!("max_siblings: {e}")))?;
+    if tenant.rate_limit_ops_per_sec == 0 {
+        tenant.rate_limit_burst = 0;
+    } else if tenant.rate_limit_burst == 0 {
+        tenant.rate_limit_burst = tenant.rate_limit_ops_per_sec;
+    }
+    Ok(())
+}
+
+fn check_node_fields(address: &str, zone: &str, weight: u32) -> Result<(), MetaError> {
+    if !(1..=MAX_NODE_WEIGHT).contains(&weight) {
+        return Err(MetaError::InvalidNode(format!("weight must be between 1 and {MAX_NODE_WEIGHT}")));
+    }
+    if zone.chars().count() > MAX_ZONE_CHARS || zone.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(MetaError::InvalidNode(format!(
+            "zone must be at most {MAX_ZONE_CHARS} characters without whitespace"
+        )));
+    }
+    if !address.is_empty() {
+        let valid = address.len() <= MAX_ADDRESS_CHARS
+            && address
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+            && !address.chars().any(|c| c.is_whitespace() || c.is_control());
+        if !valid {
+            return Err(MetaError::InvalidNode(format!("address {address:?} is not host:port")));
+        }
+    }
+    Ok(())
+}
+
+/// A new pending migration of `kind` at the end of the queue.
+async fn new_migration(tx: &mut Tx, kind: MigrationKind, now: u64) -> Result<Migration, MetaError> {
+    let seq = tx.next_migration_seq().await?;
+    let suffix: u32 = rand::rng().random();
+    Ok(Migration {
+        migration_id: format!("mig-{seq:06}-{suffix:08x}"),
+        seq,
+        kind,
+        state: MigrationState::Pending,
+        node_id: 0,
+        tenant_id: String::new(),
+        old_value: 0,
+        new_value: 0,
+        from_epoch: 0,
+        to_epoch: 0,
+        progress: MigrationProgress::default(),
+        done_bitmap: Vec::new(),
+        error: String::new(),
+        created_at_ms: now,
+        updated_at_ms: now,
+        started_at_ms: 0,
+        finished_at_ms: 0,
+    })
+}
+
+/// Ends an unfinished migration as `state` (cancelled or failed): discards its pending topology and
+/// restores what it changed. The caller commits.
+pub(crate) async fn abandon(
+    tx: &mut Tx,
+    migration: &mut Migration,
+    state: MigrationState,
+    reason: &str,
+    now: u64,
+) -> Result<(), MetaError> {
+    if migration.state == MigrationState::Running && migration.kind.changes_ring() {
+        let meta_state = tx.meta_state().await?;
+        if meta_state.pending_epoch != 0 && meta_state.pending_epoch == migration.to_epoch {
+            tx.set_epochs(meta_state.current_epoch, 0).await?;
+            tx.record_change(ChangeKind::TopologyPendingCleared, &migration.to_epoch.to_string()).await?;
+        }
+    }
+    crate::lifecycle::settle(tx, migration, crate::lifecycle::Ending::Abandoned, now).await?;
+    migration.state = state;
+    migration.error = reason.to_owned();
+    migration.finished_at_ms = now;
+    migration.updated_at_ms = now;
+    tx.update_migration(migration).await?;
+    Ok(())
+}
+
+/// The ids of the nodes the current topology places data on.
+async fn ring_nodes(tx: &mut Tx) -> Result<std::collections::BTreeSet<u32>, MetaError> {
+    let state = tx.meta_state().await?;
+    if state.current_epoch == 0 {
+        return Ok(Default::default());
+    }
+    let topology = tx.require_topology(state.current_epoch).await?;
+    Ok(topology.assignment.nodes().into_iter().map(|id| id.0).collect())
+}
+
+async fn node_view(tx: &mut Tx, node: StorageNode) -> Result<NodeView, MetaError> {
+    let in_ring = ring_nodes(tx).await?.contains(&node.node_id);
+    Ok(NodeView { node, in_ring })
+}
+
+/// Runs the (CPU-bound) assignment computation off the async runtime.
+pub(crate) async fn compute_assignment(
+    previous: Option<Arc<Assignment>>,
+    specs: Vec<NodeSpec>,
+    partitions: PartitionCount,
+) -> Result<Assignment, MetaError> {
+    tokio::task::spawn_blocking(move || Assignment::compute(previous.as_deref(), &specs, partitions))
+        .await
+        .map_err(|e| MetaError::Internal(format!("assignment task failed: {e}")))?
+        .map_err(|e| MetaError::InvalidNode(format!("cannot place partitions: {e}")))
+}
+
+/// A new key id and secret: `pdb_<key_id>_<48 hex chars of randomness>` (192 random bits).
+fn generate_secret() -> (String, String) {
+    let mut rng = rand::rng();
+    let id_bytes: [u8; 8] = rng.random();
+    let secret_bytes: [u8; 24] = rng.random();
+    let key_id = hex(&id_bytes);
+    let secret = format!("pdb_{key_id}_{}", hex(&secret_bytes));
+    (key_id, secret)
+}
+
+/// What is stored for a secret (and what routers compare against): lowercase hex SHA-256.
+pub fn secret_sha256(secret: &str) -> String {
+    hex(&Sha256::digest(secret.as_bytes()))
+}
