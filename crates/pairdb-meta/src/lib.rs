@@ -8,7 +8,8 @@
 //! - [`model`]: domain types (tenants, keys, nodes, topology versions, migrations).
 //! - [`admin`]: the operations behind the admin and cluster APIs (one write transaction each, under
 //!   the cluster-wide metadata lock), and how storage nodes join.
-//! - [`grpc`], [`http`]: the two edges (`AdminService` + `ClusterService` over gRPC; the admin API as
+//! - [`grpc`] (admin service in `mod.rs`, cluster service in `cluster`, message conversions in
+//!   `messages`), [`http`]: the two edges (`AdminService` + `ClusterService` over gRPC; the admin API as
 //!   HTTP/JSON with the seed's REST paths), on one port.
 //! - [`view`], [`follower`]: the replica's in-memory view, kept in step with the change log (local
 //!   notification, PostgreSQL LISTEN/NOTIFY, a 1 s safety poll), and the fan-out to watch streams.
