@@ -1,4 +1,4 @@
-//! The HTTP/JSON edge of the client KV API, mirroring the gRPC API through [`Front`]:
+//! The HTTP/JSON edge of the client KV API, mirroring the gRPC API through [`KvApi`]:
 //!
 //! - `POST /v1/key-value` (JSON body: `key`, `value` or `value_base64`, optional `consistency`, `w`,
 //!   `context`, `overwrite`, `timeout_ms`, `tenant_id`), `GET /v1/key-value?key=&consistency=&r=`,
@@ -29,19 +29,19 @@ use pairdb_proto::kv::v1 as pb;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::edge::Client;
+use crate::admission::Client;
 use crate::error::RouterError;
-use crate::front::Front;
+use crate::kv_api::KvApi;
 
 /// Largest request body (a 1 MiB value is ~1.4 MiB as base64, plus the envelope).
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 
 /// The router's HTTP KV routes.
-pub fn routes(front: Front) -> Router {
+pub fn routes(api: KvApi) -> Router {
     Router::new()
         .route("/v1/key-value", post(post_key_value).get(get_key_value).delete(delete_key_value))
         .route("/v1/kv/{key}", axum::routing::put(put_resource).get(get_resource).delete(delete_resource))
-        .with_state(front)
+        .with_state(api)
 }
 
 /// An HTTP failure: reason, message and details for the JSON error body.
@@ -80,13 +80,13 @@ pub fn error_response(error: RouterError) -> Response {
 /// The client the admission middleware admitted (before the body was read), or, without the
 /// middleware, the headers' identity.
 fn client(
-    front: &Front,
+    api: &KvApi,
     headers: &HeaderMap,
     admitted: Option<Extension<Client>>,
 ) -> Result<Client, HttpError> {
     match admitted {
         Some(Extension(client)) => Ok(client),
-        None => Ok(front.identify(headers.get("authorization").and_then(|v| v.to_str().ok()))?),
+        None => Ok(api.identify(headers.get("authorization").and_then(|v| v.to_str().ok()))?),
     }
 }
 
@@ -300,7 +300,7 @@ fn ok(body: Value) -> Response {
 }
 
 async fn put(
-    front: &Front,
+    api: &KvApi,
     client: &Client,
     headers: &HeaderMap,
     path_key: Option<String>,
@@ -330,16 +330,11 @@ async fn put(
             idempotency_key: idempotency_key(headers)?,
         }),
     };
-    let ack = front.put(client, request).await?;
+    let ack = api.put(client, request).await?;
     Ok(ok(ack_json(&key, &ack)))
 }
 
-async fn get(
-    front: &Front,
-    client: &Client,
-    path_key: Option<String>,
-    raw_query: Option<&str>,
-) -> HttpResult {
+async fn get(api: &KvApi, client: &Client, path_key: Option<String>, raw_query: Option<&str>) -> HttpResult {
     let query = parse_query(raw_query)?;
     let key =
         path_key.or(query.key).ok_or_else(|| HttpError::invalid(Reason::InvalidKey, "key is required"))?;
@@ -352,12 +347,12 @@ async fn get(
             timeout_ms: query.timeout_ms.unwrap_or(0),
         }),
     };
-    let response = front.get(client, request).await?;
+    let response = api.get(client, request).await?;
     Ok(ok(read_json(&key, &response)))
 }
 
 async fn delete(
-    front: &Front,
+    api: &KvApi,
     client: &Client,
     headers: &HeaderMap,
     path_key: Option<String>,
@@ -378,73 +373,73 @@ async fn delete(
             idempotency_key: idempotency_key(headers)?,
         }),
     };
-    let ack = front.delete(client, request).await?;
+    let ack = api.delete(client, request).await?;
     Ok(ok(ack_json(&key, &ack)))
 }
 
 type Admitted = Option<Extension<Client>>;
 
 async fn post_key_value(
-    State(front): State<Front>,
+    State(api): State<KvApi>,
     admitted: Admitted,
     headers: HeaderMap,
     body: Body,
 ) -> HttpResult {
-    let client = client(&front, &headers, admitted)?;
-    put(&front, &client, &headers, None, body).await
+    let client = client(&api, &headers, admitted)?;
+    put(&api, &client, &headers, None, body).await
 }
 
 async fn get_key_value(
-    State(front): State<Front>,
+    State(api): State<KvApi>,
     admitted: Admitted,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> HttpResult {
-    let client = client(&front, &headers, admitted)?;
-    get(&front, &client, None, query.as_deref()).await
+    let client = client(&api, &headers, admitted)?;
+    get(&api, &client, None, query.as_deref()).await
 }
 
 async fn delete_key_value(
-    State(front): State<Front>,
+    State(api): State<KvApi>,
     admitted: Admitted,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> HttpResult {
-    let client = client(&front, &headers, admitted)?;
-    delete(&front, &client, &headers, None, query.as_deref()).await
+    let client = client(&api, &headers, admitted)?;
+    delete(&api, &client, &headers, None, query.as_deref()).await
 }
 
 async fn put_resource(
-    State(front): State<Front>,
+    State(api): State<KvApi>,
     admitted: Admitted,
     Path(key): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> HttpResult {
-    let client = client(&front, &headers, admitted)?;
-    put(&front, &client, &headers, Some(key), body).await
+    let client = client(&api, &headers, admitted)?;
+    put(&api, &client, &headers, Some(key), body).await
 }
 
 async fn get_resource(
-    State(front): State<Front>,
+    State(api): State<KvApi>,
     admitted: Admitted,
     Path(key): Path<String>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> HttpResult {
-    let client = client(&front, &headers, admitted)?;
-    get(&front, &client, Some(key), query.as_deref()).await
+    let client = client(&api, &headers, admitted)?;
+    get(&api, &client, Some(key), query.as_deref()).await
 }
 
 async fn delete_resource(
-    State(front): State<Front>,
+    State(api): State<KvApi>,
     admitted: Admitted,
     Path(key): Path<String>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> HttpResult {
-    let client = client(&front, &headers, admitted)?;
-    delete(&front, &client, &headers, Some(key), query.as_deref()).await
+    let client = client(&api, &headers, admitted)?;
+    delete(&api, &client, &headers, Some(key), query.as_deref()).await
 }
 
 #[cfg(test)]

@@ -6,20 +6,20 @@
 //! - [`pool`]: one lazily connected channel per storage node, in-flight bounds, the local failure view.
 //! - [`execute`]: drives `pairdb-core`'s write/read state machines over storage RPCs.
 //! - [`kv`]: put/get/delete semantics (validation, consistency, placement, read-before-write).
-//! - [`edge`]: API key → tenant, per-tenant rate limits; [`idempotency`]: keyed-write records (Redis
-//!   or in-process); [`front`]: the KV API with those policies, shared by both edges.
+//! - [`admission`]: API key → tenant, per-tenant rate limits; [`idempotency`]: keyed-write records
+//!   (Redis or in-process); [`kv_api`]: the KV API with those policies, shared by both edges.
 //! - [`grpc`] and [`http`]: the `pairdb.kv.v1` gRPC edge and the HTTP/JSON edge; [`error`]: reasons.
 //! - [`probe`]: probing suspect storage nodes until they answer again.
 
+pub mod admission;
 pub mod config;
-pub mod edge;
 pub mod error;
 pub mod execute;
-pub mod front;
 pub mod grpc;
 pub mod http;
 pub mod idempotency;
 pub mod kv;
+pub mod kv_api;
 pub mod pool;
 pub mod probe;
 /// The cluster view and its watch follower live in `pairdb-service` (storage nodes follow it too).
@@ -83,9 +83,9 @@ pub async fn run(
         tracing::warn!(
             "API-key authentication is DISABLED (--no-auth): requests choose their tenant with tenant_id"
         );
-        edge::AuthMode::Disabled
+        admission::AuthMode::Disabled
     } else {
-        edge::AuthMode::Required
+        admission::AuthMode::Required
     };
     let idempotency_settings = idempotency::IdempotencySettings {
         retention: Duration::from_secs(config.idempotency_retention_secs),
@@ -99,20 +99,20 @@ pub async fn run(
             .map_err(|error| Error::Redis(error.to_string()))?,
         None => idempotency::IdempotencyStore::memory(idempotency_settings),
     };
-    let edge = Arc::new(edge::Edge::new(view.clone(), auth));
-    let front = front::Front::new(router, edge.clone(), idempotency, config.get_many_concurrency);
-    let api = grpc::KvApi::new(front.clone());
+    let admission = Arc::new(admission::Admission::new(view.clone(), auth));
+    let api = kv_api::KvApi::new(router, admission.clone(), idempotency, config.get_many_concurrency);
+    let grpc_api = grpc::GrpcKvApi::new(api.clone());
     // The admission middleware caps each request at its tenant's needs; this is the ceiling.
     let max_request_bytes =
-        (pairdb_core::validation::ABSOLUTE_MAX_VALUE_BYTES + edge::MESSAGE_OVERHEAD_BYTES) as usize;
-    let grpc_service = KvServiceServer::new(api)
+        (pairdb_core::validation::ABSOLUTE_MAX_VALUE_BYTES + admission::MESSAGE_OVERHEAD_BYTES) as usize;
+    let grpc_service = KvServiceServer::new(grpc_api)
         .max_decoding_message_size(max_request_bytes)
         .max_encoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES);
     let routes = tonic::service::Routes::new(health_service).add_service(grpc_service);
-    let admission = axum::middleware::from_fn_with_state(edge, edge::admit_client);
+    let admit = axum::middleware::from_fn_with_state(admission, admission::admit_client);
     let http = pairdb_service::health_routes(readiness.clone())
         .merge(pairdb_service::metrics::routes())
-        .merge(http::routes(front).layer(admission.clone()));
+        .merge(http::routes(api).layer(admit.clone()));
 
     let (stop_sender, stop_receiver) = tokio::sync::watch::channel(false);
     let subscriber_id = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -131,7 +131,7 @@ pub async fn run(
         listener,
         pairdb_service::Served {
             service: "router",
-            grpc: routes.into_axum_router().layer(admission),
+            grpc: routes.into_axum_router().layer(admit),
             http,
             guard: None,
             tls: tls.map(|tls| tls.server_config(pairdb_service::tls::ClientCerts::Optional)),

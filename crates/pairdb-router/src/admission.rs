@@ -1,5 +1,5 @@
-//! The client edge shared by the gRPC and HTTP APIs: who is calling (API key → tenant) and whether
-//! the tenant may send another request now (token bucket per tenant).
+//! Admission of client requests, shared by the gRPC and HTTP edges: who is calling (API key →
+//! tenant) and whether the tenant may send another request now (token bucket per tenant).
 //!
 //! [`admit_client`] runs both checks as HTTP middleware in front of the KV API, on the request's
 //! headers only: a request without a valid key, or over its tenant's rate, is refused before its
@@ -55,14 +55,14 @@ pub enum Client {
 
 /// Authentication and per-tenant admission.
 #[derive(Debug)]
-pub struct Edge {
+pub struct Admission {
     view: SharedView,
     auth: AuthMode,
     buckets: Vec<Mutex<HashMap<String, TokenBucket>>>,
     epoch: Instant,
 }
 
-impl Edge {
+impl Admission {
     pub fn new(view: SharedView, auth: AuthMode) -> Self {
         Self {
             view,
@@ -194,13 +194,17 @@ fn is_grpc(request: &Request) -> bool {
 }
 
 /// Middleware: authenticate and rate-limit KV requests before their body is read (module docs).
-pub async fn admit_client(State(edge): State<Arc<Edge>>, mut request: Request, next: Next) -> Response {
+pub async fn admit_client(
+    State(admission): State<Arc<Admission>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     if !is_kv_path(request.uri().path()) {
         return next.run(request).await;
     }
     let grpc = is_grpc(&request);
     let authorization = request.headers().get("authorization").and_then(|v| v.to_str().ok());
-    let (client, settings) = match edge.admit_headers(authorization) {
+    let (client, settings) = match admission.admit_headers(authorization) {
         Ok(admitted) => admitted,
         Err(error) if grpc => return error.into_status().into_http::<Body>(),
         Err(error) => return crate::http::error_response(error),

@@ -21,7 +21,7 @@ use pairdb_proto::kv::v1 as pb;
 use prost::Message;
 use tracing::Instrument;
 
-use crate::edge::{Client, Edge};
+use crate::admission::{Admission, Client};
 use crate::error::RouterError;
 use crate::idempotency::{Begin, Fingerprint, IdempotencyStore};
 use crate::kv::{KvRouter, ReadOutcome, RequestOptions, WriteOutcome};
@@ -33,33 +33,33 @@ pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
 
 /// The KV API with its edge policies. Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Front {
+pub struct KvApi {
     router: KvRouter,
-    edge: Arc<Edge>,
+    admission: Arc<Admission>,
     idempotency: IdempotencyStore,
     get_many_concurrency: usize,
 }
 
-impl Front {
+impl KvApi {
     pub fn new(
         router: KvRouter,
-        edge: Arc<Edge>,
+        admission: Arc<Admission>,
         idempotency: IdempotencyStore,
         get_many_concurrency: usize,
     ) -> Self {
-        Self { router, edge, idempotency, get_many_concurrency }
+        Self { router, admission, idempotency, get_many_concurrency }
     }
 
     /// Who calls, from the `authorization` header: for callers that did not pass the edge's
-    /// admission middleware ([`crate::edge::admit_client`]), which normally admits before the body
+    /// admission middleware ([`crate::admission::admit_client`]), which normally admits before the body
     /// is read.
     pub fn identify(&self, authorization: Option<&str>) -> Result<Client, RouterError> {
-        Ok(self.edge.admit_headers(authorization)?.0)
+        Ok(self.admission.admit_headers(authorization)?.0)
     }
 
     /// The tenant of an admitted request.
     fn admit(&self, client: &Client, requested_tenant: &str) -> Result<String, RouterError> {
-        let tenant = self.edge.tenant_of(client, requested_tenant)?;
+        let tenant = self.admission.tenant_of(client, requested_tenant)?;
         tracing::Span::current().record("tenant", tenant.as_str());
         Ok(tenant)
     }
