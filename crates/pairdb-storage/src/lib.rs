@@ -22,8 +22,8 @@ pub mod membership;
 pub mod merkle;
 pub mod repair;
 pub mod service;
-pub mod sync;
 pub mod tenant_purge;
+pub mod transfer;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -188,8 +188,8 @@ impl ClusterMember<'_> {
             id: format!("node-{}", identity.node_id),
             include_api_keys: false,
         };
-        let membership: Arc<dyn membership::Membership> =
-            Arc::new(membership::MetaMembership::new(self.meta_addr, &self.clients)?);
+        let membership: Arc<dyn membership::NodeRegistry> =
+            Arc::new(membership::MetaRegistry::new(self.meta_addr, &self.clients)?);
         let node = membership::NodeAnnouncement {
             node_id: identity.node_id,
             address: self.address,

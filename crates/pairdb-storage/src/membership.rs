@@ -1,5 +1,5 @@
 //! Membership: a node runs standalone (static configuration, as tests do) or registers with the
-//! metadata service and heartbeats to it, behind the [`Membership`] trait. Heartbeats carry the
+//! metadata service and heartbeats to it, behind the [`NodeRegistry`] trait. Heartbeats carry the
 //! node's stats and the deleted tenants it has purged (meta completes a deletion once every node
 //! reported it).
 
@@ -25,7 +25,7 @@ pub struct NodeAnnouncement {
 
 /// How a node joins the cluster.
 #[tonic::async_trait]
-pub trait Membership: Send + Sync + 'static {
+pub trait NodeRegistry: Send + Sync + 'static {
     /// Announces the node; returns the heartbeat interval.
     async fn register(&self, node: &NodeAnnouncement) -> Result<Duration, tonic::Status>;
     /// Reports liveness, stats and purged tenants; `Ok(false)` means "unknown node, register again".
@@ -40,13 +40,13 @@ pub struct HeartbeatReport {
     pub purged_tenants: Vec<(String, u64)>,
 }
 
-/// Membership through the metadata service's cluster API.
+/// NodeRegistry through the metadata service's cluster API.
 #[derive(Debug, Clone)]
-pub struct MetaMembership {
+pub struct MetaRegistry {
     client: ClusterClient,
 }
 
-impl MetaMembership {
+impl MetaRegistry {
     /// A lazily connecting client for `meta_addr`.
     pub fn new(meta_addr: &str, clients: &InternalClients) -> Result<Self, tonic::transport::Error> {
         let settings = ChannelSettings {
@@ -59,7 +59,7 @@ impl MetaMembership {
 }
 
 #[tonic::async_trait]
-impl Membership for MetaMembership {
+impl NodeRegistry for MetaRegistry {
     async fn register(&self, node: &NodeAnnouncement) -> Result<Duration, tonic::Status> {
         let response = self
             .client
@@ -91,7 +91,7 @@ impl Membership for MetaMembership {
 
 /// Registers (retrying with capped backoff) and heartbeats until `shutdown` fires.
 pub async fn run(
-    membership: Arc<dyn Membership>,
+    membership: Arc<dyn NodeRegistry>,
     node: NodeAnnouncement,
     engine: Arc<Engine>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,

@@ -23,7 +23,7 @@ use crate::engine::{ApplyDeadline, CoordinatedWrite, Engine, EngineError, Record
 use crate::keys::RecordKey;
 use crate::merkle::MERKLE_DEPTH;
 use crate::repair::{Rebuild, RebuildProgress, RebuildState, placement_holds};
-use crate::sync;
+use crate::transfer;
 
 /// The gRPC service over one engine.
 #[derive(Debug, Clone)]
@@ -169,7 +169,7 @@ impl StorageApi {
 impl StorageApi {
     /// The addresses of migration sources, from the topology this node follows: a peer is only ever
     /// contacted at the address meta lists for it, never at one a caller supplies.
-    fn sync_sources(&self, sources: &[pb::SyncSource]) -> Result<Vec<sync::Source>, Status> {
+    fn sync_sources(&self, sources: &[pb::SyncSource]) -> Result<Vec<transfer::Source>, Status> {
         let view = self.view.as_ref().ok_or_else(|| {
             status(
                 Reason::NotInCluster,
@@ -182,9 +182,8 @@ impl StorageApi {
         for source in sources {
             let node = pairdb_core::ring::NodeId(source.node_id);
             match view.nodes.get(&node) {
-                Some(entry) if !entry.address.is_empty() => {
-                    resolved.push(sync::Source { node_id: source.node_id, address: entry.address.clone() })
-                }
+                Some(entry) if !entry.address.is_empty() => resolved
+                    .push(transfer::Source { node_id: source.node_id, address: entry.address.clone() }),
                 _ => {
                     return Err(status(
                         Reason::NodeNotFound,
@@ -565,7 +564,7 @@ impl StorageService for StorageApi {
             0 => 512,
             n => n.min(self.stream_batch_max),
         };
-        let report = sync::pull_partition(
+        let report = transfer::pull_partition(
             &self.engine,
             partition,
             request.tenant_ids,
