@@ -114,11 +114,12 @@ pub enum ReadResult {
     Rejected(tonic::Status),
 }
 
-/// Reasons a storage node gives that another replica would give too: the request itself is wrong.
+/// The partition a storage request names (for its span).
 fn partition_of(key: &Option<pb::KeyRef>) -> u32 {
     key.as_ref().map_or(0, |key| key.partition)
 }
 
+/// Reasons a storage node gives that another replica would give too: the request itself is wrong.
 fn is_definitive(status: &tonic::Status) -> bool {
     matches!(
         pairdb_service::errors::known_reason_of(status),

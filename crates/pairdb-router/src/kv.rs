@@ -266,11 +266,10 @@ impl KvRouter {
             encode_vector(&vector)
         };
         let placement = Self::placement(&view, &tenant, key)?;
-        let confirm_tombstone = if value.is_none() {
-            pairdb_core::gc::stable_placement(&view.placement_view(&tenant.tenant_id))
-        } else {
-            None
-        };
+        let confirm_tombstone = value
+            .is_none()
+            .then(|| pairdb_core::gc::stable_placement(&view.placement_view(&tenant.tenant_id)))
+            .flatten();
         let plan = WritePlan {
             preference: placement.preference,
             fallbacks: placement.fallbacks,
