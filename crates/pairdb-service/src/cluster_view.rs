@@ -19,7 +19,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use pairdb_core::context::{ContextKey, ContextKeyRing};
-use pairdb_core::gc::{PlacementView, TenantReplication};
+use pairdb_core::gc::{ClusterPlacement, PlacementView, TenantPlacement, TenantReplication};
 use pairdb_core::quorum::Consistency;
 use pairdb_core::ring::{Assignment, NodeId, RingError};
 use pairdb_core::token::{InvalidPartitionCount, PartitionCount};
@@ -95,6 +95,21 @@ impl ClusterView {
                 changing: t.previous_replication_factor.is_some(),
             }),
         }
+    }
+
+    /// What the deletion decisions of [`pairdb_core::gc::settle`] read of this view.
+    pub fn cluster_placement(&self) -> ClusterPlacement {
+        let tenants = self
+            .tenants
+            .values()
+            .map(|t| TenantPlacement {
+                tenant_id: t.tenant_id.clone(),
+                replication_factor: t.replication_factor,
+                previous_replication_factor: t.previous_replication_factor,
+                deleting: t.deleting,
+            })
+            .collect();
+        ClusterPlacement::new(self.current.is_some().then_some(self.epoch), self.pending.is_some(), tenants)
     }
 }
 

@@ -194,15 +194,16 @@ impl Config {
         }
     }
 
-    pub fn repair_settings(&self) -> crate::repair::RepairSettings {
+    pub fn worker_settings(&self) -> crate::workers::WorkerSettings {
         use std::time::Duration;
-        crate::repair::RepairSettings {
+        crate::workers::WorkerSettings {
             anti_entropy_period: Duration::from_secs(self.anti_entropy_period_secs),
             keys_per_sec: self.anti_entropy_keys_per_sec,
             bytes_per_sec: self.anti_entropy_bytes_per_sec,
             unowned_grace: Duration::from_secs(self.unowned_grace_secs),
             tombstone_grace: Duration::from_secs(self.tombstone_grace_secs),
             hint_retention: Duration::from_secs(self.hint_retention_secs),
+            hint_delivery_interval: Duration::from_millis(self.hint_delivery_interval_ms),
         }
     }
 

@@ -3,9 +3,10 @@
 //! - [`engine`]: fjall behind one small module; atomic per-key read-merge-write, group commit,
 //!   poisoning, hints, partition scans, Merkle summaries.
 //! - [`service`]: the internal gRPC API; engine calls run on the blocking pool.
-//! - [`hints`]: pushing hints to their owner when it is live in the topology.
+//! - [`workers`]: the background jobs (anti-entropy, rebuild, tombstone GC, unowned-data cleanup,
+//!   hint delivery and expiry, tenant purges), one worker each under one runner.
+//! - [`transfer`]: pulling partitions from their sources during a migration.
 //! - [`membership`]: standalone, or register and heartbeat with the metadata service.
-//! - [`tenant_purge`]: purging deleted tenants' data and reporting it.
 //! - [`identity`], [`keys`]: the data directory's identity and on-disk key layouts.
 //!
 //! [`run`] serves the API on an injected listener until the shutdown future resolves, then finishes
@@ -15,15 +16,13 @@
 
 pub mod config;
 pub mod engine;
-pub mod hints;
 pub mod identity;
 pub mod keys;
 pub mod membership;
 pub mod merkle;
-pub mod repair;
 pub mod service;
-pub mod tenant_purge;
 pub mod transfer;
+pub mod workers;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -97,7 +96,7 @@ pub async fn run_with_engine(
     auth.log_mode("storage");
     let clients =
         pairdb_service::clients::InternalClients::new(tls.clone(), &auth, config.max_message_bytes());
-    let rebuild = Arc::new(repair::Rebuild::default());
+    let rebuild = Arc::new(workers::Rebuild::default());
     let mut api =
         service::StorageApi::new(engine.clone(), config.max_inflight_requests, config.stream_batch_max)
             .with_clients(clients.clone())
@@ -170,12 +169,12 @@ struct ClusterMember<'a> {
     view: pairdb_service::cluster_view::SharedView,
     address: String,
     clients: pairdb_service::clients::InternalClients,
-    rebuild: Arc<repair::Rebuild>,
+    rebuild: Arc<workers::Rebuild>,
 }
 
 impl ClusterMember<'_> {
-    /// Follows the topology and runs what it drives: anti-entropy, tombstone GC and dropping unowned
-    /// data (`repair`), hint delivery, tenant purges, and registration with heartbeats.
+    /// Follows the topology and runs what it drives (the [`workers`]), and registration with
+    /// heartbeats.
     fn spawn_tasks(
         self,
         config: &Config,
@@ -197,34 +196,25 @@ impl ClusterMember<'_> {
             weight: config.weight,
             actor: identity.actor.0,
         };
-        let (view, clients) = (self.view, self.clients);
-        Ok(vec![
+        let context = workers::Context {
+            engine: engine.clone(),
+            view: self.view.clone(),
+            clients: self.clients.clone(),
+            settings: Arc::new(config.worker_settings()),
+        };
+        let mut tasks = vec![
             tokio::spawn(pairdb_service::cluster_view::follow(
                 self.meta_addr.to_owned(),
                 subscriber,
-                view.clone(),
+                self.view,
                 None,
-                clients.clone(),
+                self.clients,
                 stop.clone(),
             )),
-            tokio::spawn(repair::run(
-                engine.clone(),
-                view.clone(),
-                config.repair_settings(),
-                self.rebuild,
-                clients.clone(),
-                stop.clone(),
-            )),
-            tokio::spawn(hints::run(
-                engine.clone(),
-                view.clone(),
-                clients,
-                Duration::from_millis(config.hint_delivery_interval_ms),
-                stop.clone(),
-            )),
-            tokio::spawn(tenant_purge::run(engine.clone(), view, stop.clone())),
-            tokio::spawn(membership::run(membership, node, engine.clone(), stop)),
-        ])
+            tokio::spawn(membership::run(membership, node, engine.clone(), stop.clone())),
+        ];
+        tasks.extend(workers::spawn_all(&context, self.rebuild, &stop));
+        Ok(tasks)
     }
 }
 

@@ -22,8 +22,9 @@ use tonic::{Request, Response, Status};
 use crate::engine::{ApplyDeadline, CoordinatedWrite, Engine, EngineError, RecordDigest, TombstonePlacement};
 use crate::keys::RecordKey;
 use crate::merkle::MERKLE_DEPTH;
-use crate::repair::{Rebuild, RebuildProgress, RebuildState, placement_holds};
 use crate::transfer;
+use crate::workers::tombstone_gc::placement_holds;
+use crate::workers::{Rebuild, RebuildProgress, RebuildState};
 
 /// The gRPC service over one engine.
 #[derive(Debug, Clone)]

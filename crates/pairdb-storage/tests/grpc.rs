@@ -385,8 +385,11 @@ async fn hints_are_kept_for_the_owner_and_delivered_to_it() {
 
     // The holder's delivery (which its hint worker runs when the owner is live in the topology).
     let clients = pairdb_service::clients::InternalClients::insecure();
+    let owner_id = pairdb_core::ring::NodeId(2);
     let report =
-        pairdb_storage::hints::deliver(&holder.engine, 2, &owner.addr.to_string(), &clients).await.unwrap();
+        pairdb_storage::workers::hints::deliver(&holder.engine, &clients, owner_id, &owner.addr.to_string())
+            .await
+            .unwrap();
     assert_eq!(report.delivered, 40);
     assert_eq!(holder.engine.count_hints(2), 0);
     for i in 0..40 {

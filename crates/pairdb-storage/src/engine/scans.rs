@@ -1,6 +1,8 @@
 //! Reads across many keys: partition scans for migration streams, Merkle levels and leaf digests for
 //! anti-entropy, batched gets, and rebuilding the Merkle trees when the node opens.
 
+use pairdb_core::gc::RecordState;
+
 use super::*;
 
 /// One batch of a partition scan.
@@ -30,6 +32,15 @@ impl RecordDigest {
             digest: version_digest(set),
             tombstone_only: set.is_deleted(),
             newest_timestamp_ms: set.siblings().iter().map(|s| s.timestamp_ms).max().unwrap_or(0),
+        }
+    }
+
+    /// What the GC decisions of `pairdb_core::gc::tombstones` read of the record.
+    pub fn state(&self) -> RecordState {
+        RecordState {
+            digest: self.digest,
+            tombstone_only: self.tombstone_only,
+            newest_timestamp_ms: self.newest_timestamp_ms,
         }
     }
 }

@@ -3,22 +3,24 @@
 //! `confirmed_tombstones`), and deleting records of partitions this node no longer owns. Every
 //! removal re-checks the record under its stripe lock, so a key written meanwhile is kept.
 
+use pairdb_core::gc::{self, Confirmation, ConfirmedVerdict};
+
 use super::*;
 
-/// A stored full-ack confirmation.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Confirmation {
-    digest: u64,
-    placement: TombstonePlacement,
+/// A full-ack confirmation as stored: digest, topology epoch (u64 BE) then N (u32 BE).
+fn decode_confirmation(raw: &[u8]) -> Option<Confirmation> {
+    let digest = u64::from_be_bytes(raw.get(..8)?.try_into().ok()?);
+    let topology_epoch = u64::from_be_bytes(raw.get(8..16)?.try_into().ok()?);
+    let replication_factor = u32::from_be_bytes(raw.get(16..20)?.try_into().ok()?);
+    Some(Confirmation { digest, placement: TombstonePlacement { topology_epoch, replication_factor } })
 }
 
-impl Confirmation {
-    pub(super) fn decode(raw: &[u8]) -> Option<Self> {
-        let digest = u64::from_be_bytes(raw.get(..8)?.try_into().ok()?);
-        let topology_epoch = u64::from_be_bytes(raw.get(8..16)?.try_into().ok()?);
-        let replication_factor = u32::from_be_bytes(raw.get(16..20)?.try_into().ok()?);
-        Some(Self { digest, placement: TombstonePlacement { topology_epoch, replication_factor } })
-    }
+fn encode_confirmation(confirmation: &Confirmation) -> Vec<u8> {
+    let mut value = Vec::with_capacity(20);
+    value.extend_from_slice(&confirmation.digest.to_be_bytes());
+    value.extend_from_slice(&confirmation.placement.topology_epoch.to_be_bytes());
+    value.extend_from_slice(&confirmation.placement.replication_factor.to_be_bytes());
+    value
 }
 
 impl Engine {
@@ -42,7 +44,7 @@ impl Engine {
             let set = decode_version_set(&raw_value).map_err(EngineError::Corrupt)?;
             if set.is_deleted() {
                 let digest = RecordDigest::of(key, &set);
-                if digest.newest_timestamp_ms < written_before_ms {
+                if gc::tombstones::is_candidate(&digest.state(), written_before_ms) {
                     out.push(digest);
                     if out.len() >= limit {
                         break;
@@ -67,11 +69,8 @@ impl Engine {
             let encoded_key = key.encode();
             let _guard = self.lock(&encoded_key);
             let Some(set) = self.read_set(&encoded_key)? else { continue };
-            let current = RecordDigest::of(key.clone(), &set);
-            if current.digest != *digest
-                || !current.tombstone_only
-                || current.newest_timestamp_ms >= written_before_ms
-            {
+            let current = RecordDigest::of(key.clone(), &set).state();
+            if !gc::tombstones::purge_allowed(Some(&current), *digest, written_before_ms) {
                 continue;
             }
             self.write(|| self.records.remove(encoded_key.clone()))?;
@@ -101,10 +100,7 @@ impl Engine {
         if !current.is_deleted() || version_digest(&current) != digest {
             return Ok(false);
         }
-        let mut value = Vec::with_capacity(20);
-        value.extend_from_slice(&digest.to_be_bytes());
-        value.extend_from_slice(&placement.topology_epoch.to_be_bytes());
-        value.extend_from_slice(&placement.replication_factor.to_be_bytes());
+        let value = encode_confirmation(&Confirmation { digest, placement });
         self.write(|| self.confirmed.insert(encoded_key.clone(), value))?;
         Ok(true)
     }
@@ -138,29 +134,32 @@ impl Engine {
         let mut wrote = false;
         for (encoded_key, raw_value) in batch {
             let (Some(key), Some(confirmation)) =
-                (RecordKey::decode(&encoded_key), Confirmation::decode(&raw_value))
+                (RecordKey::decode(&encoded_key), decode_confirmation(&raw_value))
             else {
                 self.write(|| self.confirmed.remove(encoded_key.clone()))?;
                 wrote = true;
                 continue;
             };
             let _guard = self.lock(&encoded_key);
-            let current = self.read_set(&encoded_key)?.map(|set| RecordDigest::of(key.clone(), &set));
-            let unchanged =
-                current.as_ref().is_some_and(|c| c.tombstone_only && c.digest == confirmation.digest);
-            if !unchanged || !placement_holds(&key, confirmation.placement) {
-                self.write(|| self.confirmed.remove(encoded_key.clone()))?;
-                wrote = true;
-                continue;
+            let set = self.read_set(&encoded_key)?;
+            let current = set.as_ref().map(|set| RecordDigest::of(key.clone(), set).state());
+            let holds = placement_holds(&key, confirmation.placement);
+            match gc::tombstones::confirmed_verdict(current.as_ref(), &confirmation, holds, written_before_ms)
+            {
+                ConfirmedVerdict::Wait => continue,
+                ConfirmedVerdict::Forget => {}
+                ConfirmedVerdict::Purge => {
+                    debug_assert!(
+                        set.as_ref().is_some_and(VersionSet::is_deleted),
+                        "only tombstones are purged"
+                    );
+                    self.write(|| self.records.remove(encoded_key.clone()))?;
+                    self.merkle.update(&encoded_key, set.as_ref().map(Entry::of), None);
+                    purged += 1;
+                }
             }
-            if current.is_some_and(|c| c.newest_timestamp_ms < written_before_ms) {
-                let Some(set) = self.read_set(&encoded_key)? else { continue };
-                self.write(|| self.records.remove(encoded_key.clone()))?;
-                self.write(|| self.confirmed.remove(encoded_key.clone()))?;
-                self.merkle.update(&encoded_key, Some(Entry::of(&set)), None);
-                purged += 1;
-                wrote = true;
-            }
+            self.write(|| self.confirmed.remove(encoded_key.clone()))?;
+            wrote = true;
         }
         if wrote {
             self.make_durable()?;

@@ -5,9 +5,18 @@
 //! the delete with the placement it was written under ([`stable_placement`]); a storage node purges
 //! only while [`placement_holds`]. Both read the same [`PlacementView`], so the rule is written once.
 //!
+//! [`tombstones`] decides when a tombstone-only record may be removed, [`settle`] when data a node
+//! no longer owns may be deleted and when GC may run at all.
+//!
 //! Invariant: a placement holds only in a view where [`stable_placement`] would stamp exactly it, so
 //! any topology change, pending migration or replication-factor change since the delete blocks the
 //! purge (the tombstone then waits for anti-entropy, which is always safe).
+
+pub mod settle;
+pub mod tombstones;
+
+pub use settle::{ClusterPlacement, SettleTracker, SettledPlacement, TenantPlacement, UnownedTenants};
+pub use tombstones::{Confirmation, ConfirmedVerdict, RecordState};
 
 /// Where a delete was placed when every owner acknowledged it: the topology epoch and the tenant's N.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -8,59 +8,59 @@
 //! Acts only on a live view (a watch session that delivered its snapshot): dropping a purge record
 //! on a stale picture could accept a deleted tenant's writes again.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use pairdb_service::cluster_view::{ClusterView, SharedView};
-use tokio::sync::watch;
+use pairdb_service::cluster_view::ClusterView;
 
-use crate::engine::{Engine, EngineError, PurgeSpace, TenantPurge};
+use super::{Context, Worker, WorkerError};
+use crate::engine::{PurgeSpace, TenantPurge};
 
 /// How often the view is checked for deletions.
 const CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// Keys scanned per engine call (each call is short; the node's other work interleaves).
 const SCAN_STEP: usize = 10_000;
 
-async fn blocking<T: Send + 'static>(
-    engine: &Arc<Engine>,
-    op: impl FnOnce(&Engine) -> Result<T, EngineError> + Send + 'static,
-) -> Result<T, EngineError> {
-    let engine = engine.clone();
-    tokio::task::spawn_blocking(move || op(&engine))
-        .await
-        .unwrap_or_else(|error| Err(EngineError::Poisoned(format!("purge task failed: {error}"))))
+/// Purges deleted tenants (see the module docs).
+#[derive(Debug)]
+pub struct TenantPurgeWorker {
+    context: Context,
 }
 
-/// Purges deleted tenants until `shutdown` fires.
-pub async fn run(engine: Arc<Engine>, view: SharedView, mut shutdown: watch::Receiver<bool>) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(CHECK_INTERVAL) => {}
-            _ = shutdown.changed() => return,
+impl TenantPurgeWorker {
+    pub fn new(context: Context) -> Self {
+        Self { context }
+    }
+}
+
+impl Worker for TenantPurgeWorker {
+    const NAME: &'static str = "tenant_purge";
+
+    async fn step(&mut self) -> Result<Duration, WorkerError> {
+        if self.context.view.session().is_some() {
+            reconcile(&self.context, &self.context.view.load()).await?;
         }
-        if view.session().is_none() {
-            continue;
-        }
-        if let Err(error) = reconcile(&engine, &view.load()).await {
-            tracing::warn!(%error, "tenant purge failed; retrying");
-        }
+        Ok(CHECK_INTERVAL)
+    }
+
+    fn retry_after(&self) -> Duration {
+        CHECK_INTERVAL
     }
 }
 
 /// Starts or finishes the purges the view asks for and forgets the ones meta completed.
-async fn reconcile(engine: &Arc<Engine>, view: &ClusterView) -> Result<(), EngineError> {
-    let recorded = blocking(engine, Engine::tenant_purges).await?;
+async fn reconcile(context: &Context, view: &ClusterView) -> Result<(), WorkerError> {
+    let recorded = context.blocking(|e| e.tenant_purges()).await?;
     for tenant in view.tenants.values().filter(|t| t.deleting) {
         let done = recorded
             .iter()
             .any(|p| p.tenant == tenant.tenant_id && p.purge_seq == tenant.purge_seq && p.done);
         if !done {
-            purge(engine, &tenant.tenant_id, tenant.purge_seq, tenant.generation).await?;
+            purge(context, &tenant.tenant_id, tenant.purge_seq, tenant.generation).await?;
         }
     }
     for purge in recorded.iter().filter(|p| completed(view, p)) {
         let tenant = purge.tenant.clone();
-        blocking(engine, move |e| e.forget_tenant_purge(&tenant)).await?;
+        context.blocking(move |e| e.forget_tenant_purge(&tenant)).await?;
         tracing::info!(tenant = %purge.tenant, "tenant deletion complete; the id may be used again");
     }
     Ok(())
@@ -77,23 +77,18 @@ fn completed(view: &ClusterView, purge: &TenantPurge) -> bool {
     }
 }
 
-async fn purge(
-    engine: &Arc<Engine>,
-    tenant: &str,
-    purge_seq: u64,
-    generation: u64,
-) -> Result<(), EngineError> {
+async fn purge(context: &Context, tenant: &str, purge_seq: u64, generation: u64) -> Result<(), WorkerError> {
     tracing::info!(tenant, purge_seq, "purging a deleted tenant's data");
     let owned = tenant.to_owned();
-    blocking(engine, move |e| e.begin_tenant_purge(&owned, purge_seq, generation)).await?;
+    context.blocking(move |e| e.begin_tenant_purge(&owned, purge_seq, generation)).await?;
     let mut removed = 0u64;
     for space in PurgeSpace::ALL {
         let mut after: Option<Vec<u8>> = None;
         loop {
             let (owned, cursor) = (tenant.to_owned(), after.take());
-            let step =
-                blocking(engine, move |e| e.purge_tenant_step(&owned, space, cursor.as_deref(), SCAN_STEP))
-                    .await?;
+            let step = context
+                .blocking(move |e| e.purge_tenant_step(&owned, space, cursor.as_deref(), SCAN_STEP))
+                .await?;
             removed += step.removed;
             match step.next {
                 Some(next) => after = Some(next),
@@ -102,7 +97,7 @@ async fn purge(
         }
     }
     let owned = tenant.to_owned();
-    blocking(engine, move |e| e.finish_tenant_purge(&owned, purge_seq, generation)).await?;
+    context.blocking(move |e| e.finish_tenant_purge(&owned, purge_seq, generation)).await?;
     metrics::counter!("pairdb_storage_tenant_purges_total").increment(1);
     tracing::info!(tenant, purge_seq, removed, "deleted tenant purged");
     Ok(())
