@@ -33,6 +33,8 @@ pub(super) const MAX_GATHER: Duration = Duration::from_micros(250);
 #[derive(Debug)]
 pub(super) struct CommitQueue {
     state: Mutex<QueueState>,
+    /// The engine's poison signal: once set, every commit fails with its cause (never retried).
+    poison: Arc<PoisonSignal>,
     /// Signalled when the last preparing writer queued (or gave up) while a leader waits for it.
     gathered: Condvar,
     /// Writers holding their stripe lock that will queue a write soon (`gather` only).
@@ -46,8 +48,6 @@ pub(super) struct QueueState {
     /// A leader is committing (or gathering); new writers queue behind it.
     leading: bool,
     leader_gathering: bool,
-    /// Set by the first failed commit; every later commit fails with it (never retried).
-    failed: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -62,7 +62,7 @@ pub(super) enum WaiterState {
     Waiting,
     /// The previous leader handed over: commit the queue.
     Lead,
-    Done(Result<(), String>),
+    Done(Result<(), PoisonCause>),
 }
 
 impl Waiter {
@@ -97,8 +97,14 @@ impl Drop for Preparing<'_> {
 }
 
 impl CommitQueue {
-    pub(super) fn new(gather: bool) -> Self {
-        Self { state: Mutex::default(), gathered: Condvar::new(), preparing: AtomicUsize::new(0), gather }
+    pub(super) fn new(gather: bool, poison: Arc<PoisonSignal>) -> Self {
+        Self {
+            state: Mutex::default(),
+            poison,
+            gathered: Condvar::new(),
+            preparing: AtomicUsize::new(0),
+            gather,
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, QueueState> {
@@ -127,16 +133,16 @@ impl CommitQueue {
         &self,
         op: Option<WriteOp>,
         preparing: Option<Preparing<'_>>,
-        commit: impl FnOnce(Vec<WriteOp>) -> Result<(), String>,
-    ) -> Result<(), String> {
+        commit: impl FnOnce(Vec<WriteOp>) -> Result<(), PoisonCause>,
+    ) -> Result<(), PoisonCause> {
         let me = Arc::new(Waiter::default());
         let mut state = self.lock();
         // Queued now: no longer preparing (taken out of the guard so its drop does not count again).
         if preparing.and_then(|mut preparing| preparing.queue.take()).is_some() {
             self.done_preparing(&state);
         }
-        if let Some(reason) = &state.failed {
-            return Err(reason.clone());
+        if let Some(cause) = self.poison.get() {
+            return Err(cause.clone());
         }
         state.queue.push((op, me.clone()));
         if state.leading {
@@ -155,11 +161,11 @@ impl CommitQueue {
         &self,
         mut state: MutexGuard<'_, QueueState>,
         me: &Arc<Waiter>,
-        commit: impl FnOnce(Vec<WriteOp>) -> Result<(), String>,
-    ) -> Result<(), String> {
+        commit: impl FnOnce(Vec<WriteOp>) -> Result<(), PoisonCause>,
+    ) -> Result<(), PoisonCause> {
         if self.gather {
             let deadline = Instant::now() + MAX_GATHER;
-            while self.preparing.load(Ordering::Acquire) > 0 && state.failed.is_none() {
+            while self.preparing.load(Ordering::Acquire) > 0 && !self.poison.is_set() {
                 let Some(left) = deadline.checked_duration_since(Instant::now()) else { break };
                 state.leader_gathering = true;
                 state = self.gathered.wait_timeout(state, left).unwrap_or_else(PoisonError::into_inner).0;
@@ -167,7 +173,7 @@ impl CommitQueue {
             state.leader_gathering = false;
         }
         let group = std::mem::take(&mut state.queue);
-        let failed = state.failed.clone();
+        let failed = self.poison.get().cloned();
         drop(state);
 
         let mut ops = Vec::with_capacity(group.len());
@@ -177,14 +183,12 @@ impl CommitQueue {
             waiters.push(waiter);
         }
         let result = match failed {
-            Some(reason) => Err(reason),
+            Some(cause) => Err(cause),
             None => commit(ops),
         };
+        debug_assert!(result.is_ok() || self.poison.is_set(), "a failed commit poisons the write path");
 
         let mut state = self.lock();
-        if let Err(reason) = &result {
-            state.failed.get_or_insert_with(|| reason.clone());
-        }
         let next = state.queue.first().map(|(_, waiter)| waiter.clone());
         state.leading = next.is_some();
         drop(state);
@@ -205,9 +209,7 @@ impl Engine {
     /// Runs one engine write; an error poisons the write path.
     pub(super) fn write(&self, op: impl FnOnce() -> fjall::Result<()>) -> Result<(), EngineError> {
         op().map_err(|error| {
-            let reason = format!("engine write failed: {error:?}");
-            self.poison_with(reason.clone());
-            EngineError::Poisoned(reason)
+            EngineError::Poisoned(self.poison.set(PoisonCause::new(PoisonedBy::EngineWrite, &error)))
         })
     }
 
@@ -234,11 +236,11 @@ impl Engine {
     /// The leader's work: one fjall batch holding every queued write, flushed (`periodic`) or fsynced
     /// (`always`) before fjall applies it to the memtables; just a flush / fsync when the group only
     /// waits for earlier writes. An error poisons the write path.
-    pub(super) fn commit_group(&self, ops: Vec<WriteOp>) -> Result<(), String> {
+    pub(super) fn commit_group(&self, ops: Vec<WriteOp>) -> Result<(), PoisonCause> {
         let mode = self.persist_mode();
         // Poisoned meanwhile (say by the periodic fsync): fjall may not know, so nothing more is written.
-        if let Some(reason) = self.poisoned_reason() {
-            return Err(reason);
+        if let Some(cause) = self.poison.get() {
+            return Err(cause.clone());
         }
         let group_size = ops.len();
         let started = Instant::now();
@@ -263,9 +265,12 @@ impl Engine {
             .record(started.elapsed().as_secs_f64());
         metrics::histogram!("pairdb_storage_commit_group_writes").record(group_size as f64);
         result.map_err(|error| {
-            let reason = format!("journal {mode:?} failed: {error:?}");
-            self.poison_with(reason.clone());
-            reason
+            let by = if matches!(mode, PersistMode::Buffer) {
+                PoisonedBy::JournalFlush
+            } else {
+                PoisonedBy::JournalFsync
+            };
+            self.poison.set(PoisonCause::new(by, &error))
         })
     }
 
@@ -276,28 +281,17 @@ impl Engine {
         }
     }
 
-    pub(super) fn poison_with(&self, reason: String) {
-        let mut slot = self.poison.lock().unwrap_or_else(PoisonError::into_inner);
-        if slot.is_none() {
-            tracing::error!(%reason, "write path poisoned: refusing writes until restart");
-            *slot = Some(reason);
-        }
-        self.poisoned.store(true, Ordering::Release);
-    }
-
     /// fsyncs everything written so far (periodic fsync, shutdown, tests). Once the write path is
     /// poisoned it fails without trying: a failed fsync is not retried.
     pub fn sync_now(&self) -> Result<(), EngineError> {
-        if let Some(reason) = self.poisoned_reason() {
-            return Err(EngineError::Poisoned(reason));
+        if let Some(cause) = self.poison.get() {
+            return Err(EngineError::Poisoned(cause.clone()));
         }
         let started = Instant::now();
         let synced = self.persist(PersistMode::SyncData);
         metrics::histogram!("pairdb_storage_fsync_duration_seconds").record(started.elapsed().as_secs_f64());
         synced.map_err(|error| {
-            let reason = format!("fsync failed: {error:?}");
-            self.poison_with(reason.clone());
-            EngineError::Poisoned(reason)
+            EngineError::Poisoned(self.poison.set(PoisonCause::new(PoisonedBy::Fsync, &error)))
         })
     }
 

@@ -42,6 +42,8 @@
 
 mod commit;
 mod hints;
+mod mutate;
+mod poison;
 mod scans;
 mod tenant_purge;
 mod tombstones;
@@ -63,10 +65,12 @@ use crate::keys::{RecordKey, hint_prefix, partition_prefix};
 use crate::merkle::{Entry, MerkleIndex, MerkleNode, version_digest};
 
 pub use hints::StoredHint;
+pub use poison::{PoisonCause, PoisonedBy};
 pub use scans::{RecordDigest, ScanBatch};
 pub use tenant_purge::{PurgeSpace, PurgeStep, TenantPurge};
 
 use commit::{CommitQueue, Space, WriteOp};
+use poison::PoisonSignal;
 
 /// When writes are fsynced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,7 +100,7 @@ pub enum EngineError {
     #[error("cannot open the storage engine in {dir}: {source}")]
     Open { dir: PathBuf, source: fjall::Error },
     #[error("write path is poisoned and refuses writes: {0}")]
-    Poisoned(String),
+    Poisoned(PoisonCause),
     #[error("disk almost full: {free_bytes} bytes free, reserve is {reserve_bytes}")]
     DiskFull { free_bytes: u64, reserve_bytes: u64 },
     #[error("storage engine read failed: {0}")]
@@ -220,8 +224,7 @@ pub struct Engine {
     /// Armed by [`Engine::inject_persist_failure_for_tests`]: the next journal persist fails.
     persist_fault: AtomicBool,
     sync: SyncMode,
-    poison: Mutex<Option<String>>,
-    poisoned: AtomicBool,
+    poison: Arc<PoisonSignal>,
     disk_free_bytes: AtomicU64,
     disk_reserve_bytes: u64,
     stop: AtomicBool,
@@ -250,6 +253,7 @@ impl Engine {
         let quarantine = db.keyspace("quarantine", KeyspaceCreateOptions::default).map_err(open_err)?;
         let purges = db.keyspace("tenant_purges", KeyspaceCreateOptions::default).map_err(open_err)?;
         let stripes = (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect();
+        let poison = Arc::new(PoisonSignal::default());
         let engine = Arc::new(Engine {
             db,
             records,
@@ -265,11 +269,10 @@ impl Engine {
             merkle: MerkleIndex::new(config.partitions),
             // With `always` an fsync costs far more than the read-merge of a writer that already holds
             // its stripe lock, so a leader waits for those writers to join its group.
-            commit: CommitQueue::new(matches!(config.sync, SyncMode::Always)),
+            commit: CommitQueue::new(matches!(config.sync, SyncMode::Always), poison.clone()),
             persist_fault: AtomicBool::new(false),
             sync: config.sync,
-            poison: Mutex::new(None),
-            poisoned: AtomicBool::new(false),
+            poison,
             disk_free_bytes: AtomicU64::new(u64::MAX),
             disk_reserve_bytes: config.disk_reserve_bytes,
             stop: AtomicBool::new(false),
@@ -289,12 +292,14 @@ impl Engine {
         self.partitions
     }
 
-    /// `Some(reason)` once the write path is poisoned.
+    /// `Some(cause)` once the write path is poisoned.
+    pub fn poison_cause(&self) -> Option<PoisonCause> {
+        self.poison.get().cloned()
+    }
+
+    /// The poison cause as text, for logs and status.
     pub fn poisoned_reason(&self) -> Option<String> {
-        if !self.poisoned.load(Ordering::Acquire) {
-            return None;
-        }
-        self.poison.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.poison.get().map(ToString::to_string)
     }
 
     /// The key's version set, if any.
@@ -305,111 +310,6 @@ impl Engine {
     /// The raw encoded set (for streaming without a decode/encode round trip).
     pub fn get_encoded(&self, key: &RecordKey) -> Result<Option<Vec<u8>>, EngineError> {
         Ok(self.records.get(key.encode()).map_err(EngineError::Read)?.map(|v| v.to_vec()))
-    }
-
-    /// Applies a client write as this node's actor and returns the resulting set, durably.
-    /// `supersede_local` (LWW tenants) extends the context with everything this replica holds.
-    pub fn coordinate_write(
-        &self,
-        key: &RecordKey,
-        context: &VersionVector,
-        value: Option<Vec<u8>>,
-        timestamp_ms: u64,
-        max_siblings: Option<usize>,
-        supersede_local: bool,
-    ) -> Result<VersionSet, EngineError> {
-        let write = CoordinatedWrite { context, value, timestamp_ms, max_siblings, supersede_local };
-        self.coordinate_write_before(key, write, ApplyDeadline::NONE)
-    }
-
-    /// [`Self::coordinate_write`], refused with [`EngineError::DeadlinePassed`] (nothing applied)
-    /// when `deadline` has passed once the key's lock is held: the last point before the write
-    /// becomes visible, so a call the router gave up on is not applied later.
-    pub fn coordinate_write_before(
-        &self,
-        key: &RecordKey,
-        write: CoordinatedWrite<'_>,
-        deadline: ApplyDeadline,
-    ) -> Result<VersionSet, EngineError> {
-        let CoordinatedWrite { context, value, timestamp_ms, max_siblings, supersede_local } = write;
-        self.check_writable()?;
-        let encoded_key = key.encode();
-        let _guard = self.lock(&encoded_key);
-        self.check_tenant(&key.tenant)?;
-        if deadline.passed() {
-            metrics::counter!("pairdb_storage_coordinate_deadline_refusals_total").increment(1);
-            return Err(EngineError::DeadlinePassed);
-        }
-        let preparing = self.commit.preparing();
-        let existing = self.read_set(&encoded_key)?;
-        let old_digest = existing.as_ref().map(Entry::of);
-        let mut set = existing.unwrap_or_default();
-        let mut context = context.clone();
-        if supersede_local {
-            context.merge(set.vector());
-        }
-        set.update(&context, self.identity.actor, value, timestamp_ms, max_siblings)?;
-        let value = encode_version_set(&set);
-        self.commit_write(WriteOp::Insert(Space::Records, encoded_key.clone(), value), preparing)?;
-        self.merkle.update(&encoded_key, old_digest, Some(Entry::of(&set)));
-        Ok(set)
-    }
-
-    /// Merges `incoming` into the local replica; returns whether the local set changed.
-    pub fn merge(&self, key: &RecordKey, incoming: &VersionSet) -> Result<bool, EngineError> {
-        self.check_writable()?;
-        let encoded_key = key.encode();
-        let _guard = self.lock(&encoded_key);
-        self.check_tenant(&key.tenant)?;
-        let preparing = self.commit.preparing();
-        let existing = self.read_set(&encoded_key)?;
-        let old_digest = existing.as_ref().map(Entry::of);
-        let mut set = existing.unwrap_or_default();
-        if !set.merge_from(incoming) {
-            return Ok(false);
-        }
-        storable(&set)?;
-        let value = encode_version_set(&set);
-        self.commit_write(WriteOp::Insert(Space::Records, encoded_key.clone(), value), preparing)?;
-        self.merkle.update(&encoded_key, old_digest, Some(Entry::of(&set)));
-        Ok(true)
-    }
-
-    /// Merges many records with one durability wait; returns how many changed. Each record is written
-    /// straight to the journal under its stripe lock (holding one lock at a time); the batch then waits
-    /// for one group commit, whose flush or fsync covers everything written before it.
-    pub fn merge_batch(&self, records: &[(RecordKey, VersionSet)]) -> Result<usize, EngineError> {
-        self.check_writable()?;
-        let mut changed = 0;
-        for (key, incoming) in records {
-            let encoded_key = key.encode();
-            let _guard = self.lock(&encoded_key);
-            // A deleted tenant's record (a late hint, a peer that has not purged yet) is dropped.
-            if self.is_refused(&key.tenant) {
-                metrics::counter!("pairdb_storage_deleted_tenant_writes_refused_total").increment(1);
-                continue;
-            }
-            let existing = self.read_set(&encoded_key)?;
-            let old_digest = existing.as_ref().map(Entry::of);
-            let mut set = existing.unwrap_or_default();
-            if set.merge_from(incoming) {
-                // One record that cannot be stored must not hold back the batch (hint delivery,
-                // anti-entropy and migrations all come this way).
-                if let Err(error) = storable(&set) {
-                    tracing::warn!(partition = key.partition.0, %error, "merged set refused; record skipped");
-                    metrics::counter!("pairdb_storage_invalid_sets_refused_total", "rpc" => "merge_batch")
-                        .increment(1);
-                    continue;
-                }
-                self.write(|| self.records.insert(encoded_key.clone(), encode_version_set(&set)))?;
-                self.merkle.update(&encoded_key, old_digest, Some(Entry::of(&set)));
-                changed += 1;
-            }
-        }
-        if changed > 0 {
-            self.make_durable()?;
-        }
-        Ok(changed)
     }
 
     /// Moves undecodable records from `records` to `quarantine` (durably, before the node serves).
@@ -447,7 +347,7 @@ impl Engine {
             disk_bytes: self.db.disk_space().unwrap_or(0),
             disk_free_bytes: self.disk_free_bytes.load(Ordering::Relaxed),
             hints_pending: self.hints.approximate_len() as u64,
-            poisoned: self.poisoned.load(Ordering::Acquire),
+            poisoned: self.poison.is_set(),
             quarantined_records: self.quarantine.approximate_len() as u64,
         }
     }
@@ -475,8 +375,8 @@ impl Engine {
     }
 
     fn check_writable(&self) -> Result<(), EngineError> {
-        if let Some(reason) = self.poisoned_reason() {
-            return Err(EngineError::Poisoned(reason));
+        if let Some(cause) = self.poison.get() {
+            return Err(EngineError::Poisoned(cause.clone()));
         }
         let free_bytes = self.disk_free_bytes.load(Ordering::Relaxed);
         if free_bytes < self.disk_reserve_bytes {
@@ -509,7 +409,7 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        if self.poisoned.load(Ordering::Acquire) {
+        if self.poison.is_set() {
             return;
         }
         if let Err(error) = self.db.persist(PersistMode::SyncAll) {
@@ -566,7 +466,7 @@ fn spawn_maintenance(engine: Weak<Engine>) {
             }
             if let SyncMode::Periodic { interval_ms } = engine.sync
                 && last_sync.elapsed() >= Duration::from_millis(interval_ms)
-                && !engine.poisoned.load(Ordering::Acquire)
+                && !engine.poison.is_set()
             {
                 last_sync = Instant::now();
                 let _ = engine.sync_now();

@@ -5,6 +5,8 @@
 
 use pairdb_core::gc::{self, Confirmation, ConfirmedVerdict};
 
+use super::mutate::{Apply, Change};
+
 use super::*;
 
 /// A full-ack confirmation as stored: digest, topology epoch (u64 BE) then N (u32 BE).
@@ -66,16 +68,14 @@ impl Engine {
         self.check_writable()?;
         let mut purged = 0;
         for (key, digest) in candidates {
-            let encoded_key = key.encode();
-            let _guard = self.lock(&encoded_key);
-            let Some(set) = self.read_set(&encoded_key)? else { continue };
-            let current = RecordDigest::of(key.clone(), &set).state();
-            if !gc::tombstones::purge_allowed(Some(&current), *digest, written_before_ms) {
-                continue;
-            }
-            self.write(|| self.records.remove(encoded_key.clone()))?;
-            self.merkle.update(&encoded_key, Some(Entry::of(&set)), None);
-            purged += 1;
+            let removed = self.mutate(&key.encode(), Apply::Journal, |existing| {
+                let current = existing.map(|set| RecordDigest::of(key.clone(), set).state());
+                Ok(match gc::tombstones::purge_allowed(current.as_ref(), *digest, written_before_ms) {
+                    true => (Change::Remove, 1),
+                    false => (Change::Keep, 0),
+                })
+            })?;
+            purged += removed;
         }
         if purged > 0 {
             self.make_durable()?;
@@ -140,26 +140,24 @@ impl Engine {
                 wrote = true;
                 continue;
             };
-            let _guard = self.lock(&encoded_key);
-            let set = self.read_set(&encoded_key)?;
-            let current = set.as_ref().map(|set| RecordDigest::of(key.clone(), set).state());
             let holds = placement_holds(&key, confirmation.placement);
-            match gc::tombstones::confirmed_verdict(current.as_ref(), &confirmation, holds, written_before_ms)
-            {
-                ConfirmedVerdict::Wait => continue,
-                ConfirmedVerdict::Forget => {}
-                ConfirmedVerdict::Purge => {
-                    debug_assert!(
-                        set.as_ref().is_some_and(VersionSet::is_deleted),
-                        "only tombstones are purged"
-                    );
-                    self.write(|| self.records.remove(encoded_key.clone()))?;
-                    self.merkle.update(&encoded_key, set.as_ref().map(Entry::of), None);
-                    purged += 1;
+            let verdict = self.mutate(&encoded_key, Apply::Journal, |existing| {
+                let current = existing.map(|set| RecordDigest::of(key.clone(), set).state());
+                let verdict = gc::tombstones::confirmed_verdict(
+                    current.as_ref(),
+                    &confirmation,
+                    holds,
+                    written_before_ms,
+                );
+                if verdict != ConfirmedVerdict::Wait {
+                    // Under the key's lock, so a confirmation recorded meanwhile is not the one removed.
+                    self.write(|| self.confirmed.remove(encoded_key.clone()))?;
                 }
-            }
-            self.write(|| self.confirmed.remove(encoded_key.clone()))?;
-            wrote = true;
+                let change = if verdict == ConfirmedVerdict::Purge { Change::Remove } else { Change::Keep };
+                Ok((change, verdict))
+            })?;
+            purged += u64::from(verdict == ConfirmedVerdict::Purge);
+            wrote |= verdict != ConfirmedVerdict::Wait;
         }
         if wrote {
             self.make_durable()?;
@@ -196,11 +194,10 @@ impl Engine {
         }
         let mut deleted = 0;
         for encoded_key in doomed {
-            let _guard = self.lock(&encoded_key);
-            let Some(set) = self.read_set(&encoded_key)? else { continue };
-            self.write(|| self.records.remove(encoded_key.clone()))?;
-            self.merkle.update(&encoded_key, Some(Entry::of(&set)), None);
-            deleted += 1;
+            let removed = self.mutate(&encoded_key, Apply::Journal, |existing| {
+                Ok(if existing.is_some() { (Change::Remove, 1) } else { (Change::Keep, 0) })
+            })?;
+            deleted += removed;
         }
         if deleted > 0 {
             self.make_durable()?;

@@ -1,0 +1,158 @@
+//! The one path every record mutation takes: [`Engine::mutate`] holds the key's stripe lock, reads
+//! the record, lets the caller decide ([`Change`]), writes the decision through the chosen durability
+//! ([`Apply`]) and keeps the partition's Merkle tree in step. Coordinated writes, merges, merge
+//! batches, tombstone purges (both GC paths) and unowned-data deletion all come this way, so the
+//! invariants hold for each: a record and its Merkle leaf never disagree, a decision is made on the
+//! record as it is under the lock (nothing written meanwhile is lost), and a failed write poisons the
+//! write path.
+
+use super::*;
+
+/// What a mutation decided for one record.
+#[derive(Debug)]
+pub(super) enum Change {
+    /// Leave the record as it is.
+    Keep,
+    /// Store this set (an insert or an update).
+    Put(VersionSet),
+    /// Remove the record.
+    Remove,
+}
+
+/// How a mutation becomes durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Apply {
+    /// Through the group commit: durable when `mutate` returns.
+    Commit,
+    /// Straight to the journal: the caller calls `make_durable` once after a batch of these.
+    Journal,
+}
+
+impl Engine {
+    /// Reads the record at `encoded_key` under its stripe lock, applies `decide`'s [`Change`], and
+    /// returns `decide`'s result. `decide` runs with the lock held, so checks made in it (the
+    /// tenant, a deadline, a digest) hold for the write.
+    pub(super) fn mutate<T>(
+        &self,
+        encoded_key: &[u8],
+        apply: Apply,
+        decide: impl FnOnce(Option<&VersionSet>) -> Result<(Change, T), EngineError>,
+    ) -> Result<T, EngineError> {
+        let _guard = self.lock(encoded_key);
+        let preparing = (apply == Apply::Commit).then(|| self.commit.preparing());
+        let existing = self.read_set(encoded_key)?;
+        let (change, out) = decide(existing.as_ref())?;
+        let old_entry = existing.as_ref().map(Entry::of);
+        let (op, new_entry) = match change {
+            Change::Keep => return Ok(out),
+            Change::Put(set) => {
+                let entry = Entry::of(&set);
+                (WriteOp::Insert(Space::Records, encoded_key.to_vec(), encode_version_set(&set)), Some(entry))
+            }
+            Change::Remove => {
+                debug_assert!(existing.is_some(), "only a record that exists is removed");
+                (WriteOp::Remove(Space::Records, encoded_key.to_vec()), None)
+            }
+        };
+        match (apply, preparing) {
+            (Apply::Commit, Some(preparing)) => self.commit_write(op, preparing)?,
+            _ => self.write(|| match op {
+                WriteOp::Insert(_, key, value) => self.records.insert(key, value),
+                WriteOp::Remove(_, key) => self.records.remove(key),
+            })?,
+        }
+        self.merkle.update(encoded_key, old_entry, new_entry);
+        Ok(out)
+    }
+
+    /// Applies a client write as this node's actor and returns the resulting set, durably.
+    /// `supersede_local` (LWW tenants) extends the context with everything this replica holds.
+    pub fn coordinate_write(
+        &self,
+        key: &RecordKey,
+        context: &VersionVector,
+        value: Option<Vec<u8>>,
+        timestamp_ms: u64,
+        max_siblings: Option<usize>,
+        supersede_local: bool,
+    ) -> Result<VersionSet, EngineError> {
+        let write = CoordinatedWrite { context, value, timestamp_ms, max_siblings, supersede_local };
+        self.coordinate_write_before(key, write, ApplyDeadline::NONE)
+    }
+
+    /// [`Self::coordinate_write`], refused with [`EngineError::DeadlinePassed`] (nothing applied)
+    /// when `deadline` has passed once the key's lock is held: the last point before the write
+    /// becomes visible, so a call the router gave up on is not applied later.
+    pub fn coordinate_write_before(
+        &self,
+        key: &RecordKey,
+        write: CoordinatedWrite<'_>,
+        deadline: ApplyDeadline,
+    ) -> Result<VersionSet, EngineError> {
+        let CoordinatedWrite { context, value, timestamp_ms, max_siblings, supersede_local } = write;
+        self.check_writable()?;
+        self.mutate(&key.encode(), Apply::Commit, |existing| {
+            self.check_tenant(&key.tenant)?;
+            if deadline.passed() {
+                metrics::counter!("pairdb_storage_coordinate_deadline_refusals_total").increment(1);
+                return Err(EngineError::DeadlinePassed);
+            }
+            let mut set = existing.cloned().unwrap_or_default();
+            let mut context = context.clone();
+            if supersede_local {
+                context.merge(set.vector());
+            }
+            set.update(&context, self.identity.actor, value, timestamp_ms, max_siblings)?;
+            Ok((Change::Put(set.clone()), set))
+        })
+    }
+
+    /// Merges `incoming` into the local replica; returns whether the local set changed.
+    pub fn merge(&self, key: &RecordKey, incoming: &VersionSet) -> Result<bool, EngineError> {
+        self.check_writable()?;
+        self.mutate(&key.encode(), Apply::Commit, |existing| {
+            self.check_tenant(&key.tenant)?;
+            let mut set = existing.cloned().unwrap_or_default();
+            if !set.merge_from(incoming) {
+                return Ok((Change::Keep, false));
+            }
+            storable(&set)?;
+            Ok((Change::Put(set), true))
+        })
+    }
+
+    /// Merges many records with one durability wait; returns how many changed. Each record is written
+    /// straight to the journal under its stripe lock (holding one lock at a time); the batch then waits
+    /// for one group commit, whose flush or fsync covers everything written before it.
+    pub fn merge_batch(&self, records: &[(RecordKey, VersionSet)]) -> Result<usize, EngineError> {
+        self.check_writable()?;
+        let mut changed = 0;
+        for (key, incoming) in records {
+            let merged = self.mutate(&key.encode(), Apply::Journal, |existing| {
+                // A deleted tenant's record (a late hint, a peer that has not purged yet) is dropped.
+                if self.is_refused(&key.tenant) {
+                    metrics::counter!("pairdb_storage_deleted_tenant_writes_refused_total").increment(1);
+                    return Ok((Change::Keep, false));
+                }
+                let mut set = existing.cloned().unwrap_or_default();
+                if !set.merge_from(incoming) {
+                    return Ok((Change::Keep, false));
+                }
+                // One record that cannot be stored must not hold back the batch (hint delivery,
+                // anti-entropy and migrations all come this way).
+                if let Err(error) = storable(&set) {
+                    tracing::warn!(partition = key.partition.0, %error, "merged set refused; record skipped");
+                    metrics::counter!("pairdb_storage_invalid_sets_refused_total", "rpc" => "merge_batch")
+                        .increment(1);
+                    return Ok((Change::Keep, false));
+                }
+                Ok((Change::Put(set), true))
+            })?;
+            changed += usize::from(merged);
+        }
+        if changed > 0 {
+            self.make_durable()?;
+        }
+        Ok(changed)
+    }
+}
