@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use pairdb_client::proto::admin::v1 as admin;
 use pairdb_client::{AdminClient, ClientOptions, KvClient, ReadOptions, RetryPolicy};
 use pairdb_service::cluster_auth::{ClusterAuthArgs, Principal, Signer};
-use tokio::sync::watch;
+use pairdb_service::shutdown::{Shutdown, ShutdownTrigger};
 use tokio::task::JoinSet;
 
 use crate::cli::{DEV_TENANT, DevArgs, SyncArg};
@@ -41,7 +41,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|error| anyhow::anyhow!("cannot create {}: {error}", args.data_dir.display()))?;
 
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = pairdb_service::shutdown::channel();
     let mut services = JoinSet::new();
     let secret_file = cluster_secret(&args.data_dir)?;
     let signer = Signer::read(&secret_file)?;
@@ -118,7 +118,7 @@ fn meta_config(args: &DevArgs, secret_file: &Path) -> pairdb_meta::Config {
 async fn start_storage_nodes(
     args: &DevArgs,
     signer: &Signer,
-    stop_rx: &watch::Receiver<bool>,
+    stop_rx: &Shutdown,
     services: &mut JoinSet<(&'static str, anyhow::Result<()>)>,
 ) -> anyhow::Result<Vec<(u32, SocketAddr)>> {
     let mut storage_addrs = Vec::new();
@@ -203,13 +203,13 @@ async fn while_running<T>(
 }
 
 /// A future that resolves when the stop flag is raised.
-async fn stopped(mut stop: watch::Receiver<bool>) {
-    let _ = stop.wait_for(|stopped| *stopped).await;
+async fn stopped(mut stop: Shutdown) {
+    stop.wait().await;
 }
 
 /// Raises the stop flag for every service and waits (bounded) for them to finish.
-async fn stop_all(stop_tx: watch::Sender<bool>, services: &mut Services) {
-    let _ = stop_tx.send(true);
+async fn stop_all(stop_tx: ShutdownTrigger, services: &mut Services) {
+    stop_tx.trigger();
     let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
     while let Ok(Some(joined)) = tokio::time::timeout_at(deadline, services.join_next()).await {
         if let Ok((name, Err(error))) = joined {

@@ -19,7 +19,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, watch};
+use pairdb_service::shutdown::Shutdown;
+use tokio::sync::Notify;
 
 use crate::model::ApiKeyHash;
 use crate::persistence::{Change, ChangeKind, PersistenceError, Store, Tx};
@@ -33,7 +34,7 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(1000);
 const BATCH: u32 = 256;
 
 /// Follows the change log until `stop` is set. `wake` is notified by the PostgreSQL listener.
-pub async fn run(store: Store, view: Arc<ClusterView>, wake: Arc<Notify>, mut stop: watch::Receiver<bool>) {
+pub async fn run(store: Store, view: Arc<ClusterView>, wake: Arc<Notify>, mut stop: Shutdown) {
     let local = store.local_changes();
     let mut failing = false;
     loop {
@@ -55,9 +56,9 @@ pub async fn run(store: Store, view: Arc<ClusterView>, wake: Arc<Notify>, mut st
             () = local.notified() => {}
             () = wake.notified() => {}
             () = tokio::time::sleep(POLL_INTERVAL) => {}
-            _ = stop.changed() => return,
+            _ = stop.wait() => return,
         }
-        if *stop.borrow() {
+        if stop.is_triggered() {
             return;
         }
     }
@@ -127,7 +128,7 @@ async fn load_event(tx: &mut Tx, change: &Change) -> Result<Option<Event>, Persi
 
 /// Listens for other replicas' change notifications (PostgreSQL only) and wakes the follower. The
 /// listener reconnects by itself; notifications lost meanwhile are caught by the safety poll.
-pub async fn listen(store: Store, wake: Arc<Notify>, mut stop: watch::Receiver<bool>) {
+pub async fn listen(store: Store, wake: Arc<Notify>, mut stop: Shutdown) {
     let Some(pool) = store.pg_pool().cloned() else { return };
     let Some(channel) = store.notify_channel() else { return };
     loop {
@@ -145,14 +146,14 @@ pub async fn listen(store: Store, wake: Arc<Notify>, mut stop: watch::Receiver<b
         };
         let result: Result<(), sqlx::Error> = tokio::select! {
             result = listener => result,
-            _ = stop.changed() => return,
+            _ = stop.wait() => return,
         };
         if let Err(error) = result {
             tracing::debug!(%error, "change listener lost its connection; reconnecting");
         }
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = stop.changed() => return,
+            _ = stop.wait() => return,
         }
     }
 }

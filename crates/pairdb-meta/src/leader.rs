@@ -19,8 +19,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use pairdb_service::shutdown::{Shutdown, ShutdownTrigger};
 use sqlx::Connection;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin::{Meta, now_ms};
@@ -38,20 +38,20 @@ const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 const DELETION_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Campaigns for leadership until `stop` is set; runs the leader work while elected.
-pub async fn run(meta: Meta, mover: Arc<dyn DataMover>, mut stop: watch::Receiver<bool>) {
+pub async fn run(meta: Meta, mover: Arc<dyn DataMover>, mut stop: Shutdown) {
     metrics::gauge!("pairdb_meta_is_leader").set(0.0);
     // Wait until the database is initialized (the lock key depends on it).
     while !meta.is_initialized() {
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(100)) => {}
-            _ = stop.changed() => return,
+            _ = stop.wait() => return,
         }
     }
     if meta.store().backend() == Backend::Sqlite {
         let work = spawn_leader_work(&meta, &mover, LeaderFence { backend_pid: None }, &stop);
         metrics::gauge!("pairdb_meta_is_leader").set(1.0);
         tracing::info!("leader (single SQLite replica)");
-        let _ = stop.changed().await;
+        let _ = stop.wait().await;
         work.stop().await;
         metrics::gauge!("pairdb_meta_is_leader").set(0.0);
         return;
@@ -111,7 +111,7 @@ pub async fn run(meta: Meta, mover: Arc<dyn DataMover>, mut stop: watch::Receive
         }
         tokio::select! {
             () = tokio::time::sleep(RETRY_INTERVAL) => {}
-            _ = stop.changed() => break,
+            _ = stop.wait() => break,
         }
     }
     if let Some(work) = work.take() {
@@ -126,7 +126,7 @@ pub async fn run(meta: Meta, mover: Arc<dyn DataMover>, mut stop: watch::Receive
 
 /// The leader's background tasks.
 struct LeaderWork {
-    stop: watch::Sender<bool>,
+    stop: Arc<ShutdownTrigger>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -134,7 +134,7 @@ impl LeaderWork {
     /// Stops the tasks: asks them to return, and aborts whatever does not within a moment (a task
     /// blocked on a dead connection), which rolls back its open transaction.
     async fn stop(self) {
-        let _ = self.stop.send(true);
+        self.stop.trigger();
         for task in self.tasks {
             let abort = task.abort_handle();
             if tokio::time::timeout(Duration::from_millis(500), task).await.is_err() {
@@ -148,15 +148,16 @@ fn spawn_leader_work(
     meta: &Meta,
     mover: &Arc<dyn DataMover>,
     fence: LeaderFence,
-    outer_stop: &watch::Receiver<bool>,
+    outer_stop: &Shutdown,
 ) -> LeaderWork {
-    let (stop, receiver) = watch::channel(false);
+    let (stop, receiver) = pairdb_service::shutdown::channel();
+    let stop = Arc::new(stop);
     // Stop when either leadership or the process ends.
     let mut outer = outer_stop.clone();
     let forward = stop.clone();
     let forwarder = tokio::spawn(async move {
-        let _ = outer.changed().await;
-        let _ = forward.send(true);
+        outer.wait().await;
+        forward.trigger();
     });
     let tasks = vec![
         forwarder,
@@ -173,14 +174,14 @@ fn spawn_leader_work(
 /// (or one back from a database outage, during which heartbeats could not be recorded) first gives
 /// every node a full period to be heard from. Nodes are marked alive again by their next heartbeat
 /// (`Meta::heartbeat`), not here.
-async fn failure_detector(meta: Meta, fence: LeaderFence, mut stop: watch::Receiver<bool>) {
+async fn failure_detector(meta: Meta, fence: LeaderFence, mut stop: Shutdown) {
     let down_after = meta.settings().node_down_after_ms;
     let tick = Duration::from_millis((down_after / 10).clamp(20, 500));
     let leader_since = now_ms();
     loop {
         tokio::select! {
             () = tokio::time::sleep(tick) => {}
-            _ = stop.changed() => return,
+            _ = stop.wait() => return,
         }
         if let Err(error) = detect_once(&meta, fence, down_after, leader_since).await {
             tracing::debug!(%error, "failure detector pass failed");
@@ -223,11 +224,11 @@ async fn detect_once(
 }
 
 /// Completes tenant deletions every storage node has purged ([`crate::deletion`]).
-async fn finish_tenant_deletions(meta: Meta, fence: LeaderFence, mut stop: watch::Receiver<bool>) {
+async fn finish_tenant_deletions(meta: Meta, fence: LeaderFence, mut stop: Shutdown) {
     loop {
         tokio::select! {
             () = tokio::time::sleep(DELETION_CHECK_INTERVAL) => {}
-            _ = stop.changed() => return,
+            _ = stop.wait() => return,
         }
         if let Err(error) = meta.finish_tenant_deletions(fence).await {
             tracing::debug!(%error, "tenant deletion pass failed");
@@ -236,11 +237,11 @@ async fn finish_tenant_deletions(meta: Meta, fence: LeaderFence, mut stop: watch
 }
 
 /// Keeps the change log bounded.
-async fn prune_changes(meta: Meta, fence: LeaderFence, mut stop: watch::Receiver<bool>) {
+async fn prune_changes(meta: Meta, fence: LeaderFence, mut stop: Shutdown) {
     loop {
         tokio::select! {
             () = tokio::time::sleep(PRUNE_INTERVAL) => {}
-            _ = stop.changed() => return,
+            _ = stop.wait() => return,
         }
         let pruned: Result<u64, MetaError> = async {
             let mut tx = meta.store().write().await?;

@@ -61,6 +61,7 @@ use std::time::Duration;
 
 use pairdb_proto::admin::v1::admin_service_server::AdminServiceServer;
 use pairdb_proto::cluster::v1::cluster_service_server::ClusterServiceServer;
+use pairdb_service::shutdown::Shutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 
@@ -150,7 +151,7 @@ pub async fn run_with_mover(
     let (store, view, meta) = open_meta(&config, storage_clients, signer).await?;
     metrics::gauge!("pairdb_meta_watch_subscribers").increment(0.0);
 
-    let (stop_sender, stop) = watch::channel(false);
+    let (stop_sender, stop) = pairdb_service::shutdown::channel();
     let stop_sender = Arc::new(stop_sender);
     let (initialized_sender, initialized) = watch::channel(false);
     let partitions = config.partitions()?;
@@ -207,12 +208,12 @@ pub async fn run_with_mover(
         async move {
             shutdown.await;
             // End watch streams and background work so the server can drain.
-            let _ = stop_on_shutdown.send(true);
+            stop_on_shutdown.trigger();
         },
     )
     .await;
 
-    let _ = stop_sender.send(true);
+    stop_sender.trigger();
     join_within(tasks, Duration::from_secs(5)).await;
     store.close().await;
     tracing::info!("metadata service stopped");
@@ -258,7 +259,7 @@ fn spawn_background(
     mover: Arc<dyn DataMover>,
     readiness: &pairdb_service::Readiness,
     initialized: &watch::Receiver<bool>,
-    stop: &watch::Receiver<bool>,
+    stop: &Shutdown,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let wake = Arc::new(Notify::new());
     vec![
@@ -292,7 +293,7 @@ async fn initialize(
     meta: Meta,
     partitions: pairdb_core::token::PartitionCount,
     initialized: watch::Sender<bool>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
 ) {
     let mut reported = false;
     loop {
@@ -310,7 +311,7 @@ async fn initialize(
         }
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = stop.changed() => return,
+            _ = stop.wait() => return,
         }
     }
 }
@@ -346,12 +347,12 @@ async fn try_initialize(
 /// Runs `task` once the database is initialized (or never, if `stop` comes first).
 async fn after_initialization(
     mut initialized: watch::Receiver<bool>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
     task: impl Future<Output = ()>,
 ) {
     tokio::select! {
         waited = initialized.wait_for(|done| *done) => if waited.is_err() { return },
-        _ = stop.changed() => return,
+        _ = stop.wait() => return,
     }
     task.await;
 }
@@ -361,7 +362,7 @@ async fn watch_readiness(
     meta: Meta,
     readiness: pairdb_service::Readiness,
     mut initialized: watch::Receiver<bool>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
 ) {
     let mut ready = readiness.check().is_ok();
     loop {
@@ -388,7 +389,7 @@ async fn watch_readiness(
             () = tokio::time::sleep(HEALTH_INTERVAL) => {}
             // Re-check at once when background initialization completes.
             Ok(()) = initialized.changed() => {}
-            _ = stop.changed() => return,
+            _ = stop.wait() => return,
         }
     }
 }

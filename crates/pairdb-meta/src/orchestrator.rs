@@ -30,7 +30,7 @@ use futures::StreamExt;
 use pairdb_core::repair::TenantSpan;
 use pairdb_core::ring::{Assignment, NodeId, NodeSpec, diff};
 use pairdb_core::token::PartitionId;
-use tokio::sync::watch;
+use pairdb_service::shutdown::Shutdown;
 
 use crate::admin::{Meta, abandon, compute_assignment, now_ms};
 use crate::error::MetaError;
@@ -109,7 +109,7 @@ impl DataMover for NoDataMovement {
 }
 
 /// Runs migrations until `stop` is set (or leadership is lost).
-pub async fn run(meta: Meta, mover: Arc<dyn DataMover>, fence: LeaderFence, mut stop: watch::Receiver<bool>) {
+pub async fn run(meta: Meta, mover: Arc<dyn DataMover>, fence: LeaderFence, mut stop: Shutdown) {
     loop {
         match step(&meta, mover.as_ref(), fence).await {
             Ok(true) => continue,
@@ -122,7 +122,7 @@ pub async fn run(meta: Meta, mover: Arc<dyn DataMover>, fence: LeaderFence, mut 
         tokio::select! {
             () = meta.orchestrator_wake().notified() => {}
             () = tokio::time::sleep(IDLE_POLL) => {}
-            _ = stop.changed() => return,
+            _ = stop.wait() => return,
         }
     }
 }

@@ -114,7 +114,7 @@ pub async fn run(
         .merge(pairdb_service::metrics::routes())
         .merge(http::routes(api).layer(admit.clone()));
 
-    let (stop_sender, stop_receiver) = tokio::sync::watch::channel(false);
+    let (stop_sender, stop_receiver) = pairdb_service::shutdown::channel();
     let subscriber_id = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let watcher = tokio::spawn(view::follow(
         config.meta_addr.clone(),
@@ -140,7 +140,7 @@ pub async fn run(
         shutdown,
     )
     .await;
-    let _ = stop_sender.send(true);
+    stop_sender.trigger();
     let _ = watcher.await;
     let _ = prober.await;
     served?;

@@ -6,19 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pairdb_proto::storage::v1 as pb;
+use pairdb_service::shutdown::Shutdown;
 
 use crate::pool::StoragePool;
 
 /// Probes suspect nodes every `probe_interval`; a success clears the suspicion.
-pub async fn run(
-    pool: Arc<StoragePool>,
-    probe_interval: Duration,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
+pub async fn run(pool: Arc<StoragePool>, probe_interval: Duration, mut shutdown: Shutdown) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(probe_interval) => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.wait() => return,
         }
         for client in pool.all().into_iter().filter(|c| c.is_suspect()) {
             let Some((mut grpc, permit)) = client.acquire().await else { return };

@@ -13,6 +13,7 @@
 //! node deleting data it no longer owns) requires one unbroken session. HTTP/2 keepalive pings
 //! detect a silently dead connection to meta within about 20 s.
 
+use crate::shutdown::Shutdown;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -300,7 +301,7 @@ pub async fn follow(
     view: SharedView,
     readiness: Option<crate::Readiness>,
     clients: crate::clients::InternalClients,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    mut shutdown: Shutdown,
 ) {
     let settings = crate::clients::ChannelSettings {
         connect_timeout: Duration::from_secs(2),
@@ -356,7 +357,7 @@ pub async fn follow(
         };
         let ended = tokio::select! {
             result = session => result,
-            _ = shutdown.changed() => return,
+            _ = shutdown.wait() => return,
         };
         if view.session() == Some(number) {
             // The session worked: reconnect quickly, as after the first failure.
@@ -369,7 +370,7 @@ pub async fn follow(
         let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
         tokio::select! {
             _ = tokio::time::sleep(backoff + jitter) => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.wait() => return,
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }

@@ -13,6 +13,7 @@
 //! - [`cluster_auth`]: cluster credentials, and the guard that checks them before a body is read.
 //! - [`clients`]: the one constructor of internal clients (storage API, meta's cluster API).
 //! - [`listener`]: connection and stream caps, HTTP body deadlines.
+//! - [`shutdown`]: the one signal a service's background tasks stop on ([`shutdown::Shutdown`]).
 
 pub mod clients;
 pub mod cluster_auth;
@@ -20,6 +21,7 @@ pub mod cluster_view;
 pub mod errors;
 pub mod listener;
 pub mod metrics;
+pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
 

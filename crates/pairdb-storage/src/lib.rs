@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pairdb_proto::storage::v1::storage_service_server::StorageServiceServer;
+use pairdb_service::shutdown::Shutdown;
 use tokio::net::TcpListener;
 
 pub use config::{Config, ConfigError};
@@ -113,7 +114,7 @@ pub async fn run_with_engine(
     let routes = tonic::service::Routes::new(health_service).add_service(grpc);
     let http = pairdb_service::health_routes(readiness.clone()).merge(pairdb_service::metrics::routes());
 
-    let (stop_sender, stop_receiver) = tokio::sync::watch::channel(false);
+    let (stop_sender, stop_receiver) = pairdb_service::shutdown::channel();
     let mut background =
         vec![tokio::spawn(watch_health(engine.clone(), readiness.clone(), stop_receiver.clone()))];
     if let Some(meta_addr) = &config.meta_addr {
@@ -154,7 +155,7 @@ pub async fn run_with_engine(
     .await;
 
     // In-flight requests have finished; stop background work and make everything durable.
-    let _ = stop_sender.send(true);
+    stop_sender.trigger();
     for task in background {
         let _ = task.await;
     }
@@ -179,7 +180,7 @@ impl ClusterMember<'_> {
         self,
         config: &Config,
         engine: &Arc<Engine>,
-        stop: tokio::sync::watch::Receiver<bool>,
+        stop: Shutdown,
     ) -> Result<Vec<tokio::task::JoinHandle<()>>, Error> {
         let identity = engine.identity();
         let subscriber = pairdb_service::cluster_view::Subscriber {
@@ -232,16 +233,12 @@ async fn sync_before_exit(engine: Arc<Engine>) {
 }
 
 /// Keeps readiness honest (not ready once the write path is poisoned) and publishes engine gauges.
-async fn watch_health(
-    engine: Arc<Engine>,
-    readiness: pairdb_service::Readiness,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
+async fn watch_health(engine: Arc<Engine>, readiness: pairdb_service::Readiness, mut stop: Shutdown) {
     let mut poisoned_reported = false;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = stop.changed() => return,
+            _ = stop.wait() => return,
         }
         let stats_engine = engine.clone();
         let Ok(stats) = tokio::task::spawn_blocking(move || stats_engine.stats()).await else { continue };

@@ -9,6 +9,7 @@ use std::time::Duration;
 use pairdb_proto::admin::v1::NodeStats;
 use pairdb_proto::cluster::v1 as pb;
 use pairdb_service::clients::{ChannelSettings, ClusterClient, InternalClients};
+use pairdb_service::shutdown::Shutdown;
 
 use crate::engine::Engine;
 use crate::identity::DATA_FORMAT_VERSION;
@@ -94,7 +95,7 @@ pub async fn run(
     membership: Arc<dyn NodeRegistry>,
     node: NodeAnnouncement,
     engine: Arc<Engine>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    mut shutdown: Shutdown,
 ) {
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -109,7 +110,7 @@ pub async fn run(
                     tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "registration failed");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.changed() => return,
+                        _ = shutdown.wait() => return,
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
@@ -119,7 +120,7 @@ pub async fn run(
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
-                _ = shutdown.changed() => return,
+                _ = shutdown.wait() => return,
             }
             let report = heartbeat_report(&engine).await;
             match membership.heartbeat(node.node_id, report).await {

@@ -1,6 +1,8 @@
 //! `ClusterService`: storage nodes' registration and heartbeats, and the watch stream routers and
 //! storage nodes follow. Every call is authenticated by the cluster guard before it gets here.
 
+use pairdb_service::shutdown::Shutdown;
+
 use super::*;
 
 /// The verified caller of a cluster-API request (the guard put it there), or UNAUTHENTICATED.
@@ -27,11 +29,11 @@ pub(super) fn require_node(rpc: &'static str, caller: Caller, node_id: u32) -> R
 pub struct ClusterGrpc {
     meta: Meta,
     /// Set at shutdown: every watch stream ends so the server can drain.
-    stop: watch::Receiver<bool>,
+    stop: Shutdown,
 }
 
 impl ClusterGrpc {
-    pub fn new(meta: Meta, stop: watch::Receiver<bool>) -> Self {
+    pub fn new(meta: Meta, stop: Shutdown) -> Self {
         Self { meta, stop }
     }
 }
@@ -144,7 +146,7 @@ async fn pump(
     snapshot: ViewSnapshot,
     mut events: broadcast::Receiver<Arc<RevisionedEvent>>,
     sender: mpsc::Sender<Result<cluster_pb::WatchEvent, Status>>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
 ) {
     let _gauge = SubscriberGauge::new();
     tracing::debug!(kind = %subscriber.kind, id = %subscriber.id, revision = snapshot.revision, "watch subscriber connected");
@@ -155,7 +157,7 @@ async fn pump(
     loop {
         let received = tokio::select! {
             received = events.recv() => received,
-            _ = stop.changed() => return,
+            _ = stop.wait() => return,
             () = sender.closed() => return,
         };
         let event = match received {
@@ -176,7 +178,7 @@ async fn pump(
         let Some(message) = event_to_pb(&event, subscriber.include_api_keys) else { continue };
         tokio::select! {
             sent = sender.send(Ok(message)) => if sent.is_err() { return },
-            _ = stop.changed() => return,
+            _ = stop.wait() => return,
         }
     }
 }

@@ -12,7 +12,7 @@ use pairdb_proto::cluster::v1 as cluster_pb;
 use pairdb_proto::cluster::v1::cluster_service_server::ClusterService;
 use pairdb_proto::convert;
 use sha2::{Digest, Sha256};
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 

@@ -22,7 +22,7 @@ use std::time::Duration;
 use pairdb_core::ring::NodeId;
 use pairdb_service::clients::InternalClients;
 use pairdb_service::cluster_view::SharedView;
-use tokio::sync::watch;
+use pairdb_service::shutdown::Shutdown;
 
 use crate::engine::{Engine, EngineError};
 
@@ -85,11 +85,11 @@ pub trait Worker: Send + 'static {
 }
 
 /// Runs `worker` until `shutdown` is set (see the module docs).
-pub async fn run<W: Worker>(mut worker: W, mut shutdown: watch::Receiver<bool>) {
+pub async fn run<W: Worker>(mut worker: W, mut shutdown: Shutdown) {
     loop {
         let step = tokio::select! {
             result = worker.step() => result,
-            _ = shutdown.changed() => return,
+            _ = shutdown.wait() => return,
         };
         metrics::counter!("pairdb_storage_worker_steps_total", "worker" => W::NAME).increment(1);
         let wait = match step {
@@ -102,7 +102,7 @@ pub async fn run<W: Worker>(mut worker: W, mut shutdown: watch::Receiver<bool>) 
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.wait() => return,
         }
     }
 }
@@ -143,7 +143,7 @@ pub async fn blocking<T: Send + 'static>(
 pub fn spawn_all(
     context: &Context,
     rebuild: Arc<Rebuild>,
-    shutdown: &watch::Receiver<bool>,
+    shutdown: &Shutdown,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let peers = Arc::new(peers::Peers::new(context.clients.clone()));
     let pacing = Arc::new(anti_entropy::Pacing::new(&context.settings));
