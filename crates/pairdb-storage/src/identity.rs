@@ -2,8 +2,10 @@
 //! incarnation, and the on-disk format version.
 //!
 //! Invariant: the actor id is created together with the directory and never changes; a wiped directory
-//! gets a new actor, so its counters can never repeat ones the old incarnation used (Riak's "key
-//! amnesia"). A node refuses to start on a directory of another node id or an unknown format version.
+//! gets a new one, so operators (and `Stats`) can tell incarnations apart. Dots are not minted under
+//! it: each record has its own minting actor (`engine::mutate`), which is what keeps a wiped or purged
+//! key from repeating a counter (Riak's "key amnesia", KV679). A node refuses to start on a directory
+//! of another node id or an unknown format version.
 
 use std::fs;
 use std::io::Write;

@@ -6,7 +6,8 @@
 //! - unowned data is deleted only after the placement it was judged under has been unchanged, in one
 //!   unbroken live watch session, for the whole grace period; any change (another session, topology
 //!   epoch, tenant N or N change, a migration) starts the grace over. Placements are compared by value.
-//! - nothing is deleted while a migration is pending or without a topology;
+//! - nothing is deleted while a migration is pending or without a topology, and no tombstone is
+//!   collected from a view that is not live;
 //! - a tenant the view does not know is never judged unowned.
 
 use std::collections::BTreeSet;
@@ -59,6 +60,13 @@ impl ClusterPlacement {
         self.topology_epoch.is_some()
             && !self.migration_pending
             && self.tenants.iter().all(|t| t.previous_replication_factor.is_none())
+    }
+
+    /// Whether tombstone GC (either path) may run from a view of watch session `session` (`None`
+    /// while the view is not live): only from a live, quiet view. A node cut off from meta may be
+    /// looking at owners that have changed, and would purge a tombstone a new owner never received.
+    pub fn tombstone_gc_allowed(&self, session: Option<u64>) -> bool {
+        session.is_some() && self.quiet()
     }
 
     /// Each tenant that is not being deleted with its [`TenantPlacement::depth`] (the shape
@@ -217,6 +225,15 @@ mod tests {
         assert_eq!(tracker.observe(base.clone(), 99), None);
         assert_eq!(tracker.observe(base.clone(), 100), base.as_ref());
         assert_eq!(tracker.observe(base.clone(), 5000), base.as_ref(), "stays settled");
+    }
+
+    #[test]
+    fn tombstone_gc_needs_a_live_quiet_view() {
+        assert!(placement(1).tombstone_gc_allowed(Some(1)));
+        assert!(!placement(1).tombstone_gc_allowed(None), "a stale view may name old owners");
+        let mut migrating = placement(1);
+        migrating.migration_pending = true;
+        assert!(!migrating.tombstone_gc_allowed(Some(1)));
     }
 
     #[test]

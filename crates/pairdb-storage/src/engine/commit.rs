@@ -8,6 +8,7 @@ use super::*;
 pub(super) enum Space {
     Records,
     Hints,
+    MintingActors,
 }
 
 /// One single-key write waiting for a group commit.
@@ -44,7 +45,7 @@ pub(super) struct CommitQueue {
 
 #[derive(Debug, Default)]
 pub(super) struct QueueState {
-    queue: Vec<(Option<WriteOp>, Arc<Waiter>)>,
+    queue: Vec<(Vec<WriteOp>, Arc<Waiter>)>,
     /// A leader is committing (or gathering); new writers queue behind it.
     leading: bool,
     leader_gathering: bool,
@@ -127,11 +128,11 @@ impl CommitQueue {
         }
     }
 
-    /// Queues `op` (or a wait for earlier journal writes) and returns once a group commit covering it
-    /// succeeded or failed. `commit` is the leader's work for one group.
+    /// Queues `ops` (written in one batch; none: a wait for earlier journal writes) and returns once a
+    /// group commit covering them succeeded or failed. `commit` is the leader's work for one group.
     fn submit(
         &self,
-        op: Option<WriteOp>,
+        ops: Vec<WriteOp>,
         preparing: Option<Preparing<'_>>,
         commit: impl FnOnce(Vec<WriteOp>) -> Result<(), PoisonCause>,
     ) -> Result<(), PoisonCause> {
@@ -144,7 +145,7 @@ impl CommitQueue {
         if let Some(cause) = self.poison.get() {
             return Err(cause.clone());
         }
-        state.queue.push((op, me.clone()));
+        state.queue.push((ops, me.clone()));
         if state.leading {
             drop(state);
             match me.wait() {
@@ -178,8 +179,8 @@ impl CommitQueue {
 
         let mut ops = Vec::with_capacity(group.len());
         let mut waiters = Vec::with_capacity(group.len());
-        for (op, waiter) in group {
-            ops.extend(op);
+        for (writer_ops, waiter) in group {
+            ops.extend(writer_ops);
             waiters.push(waiter);
         }
         let result = match failed {
@@ -220,17 +221,20 @@ impl Engine {
         }
     }
 
-    /// Commits one single-key write through the group commit; the caller holds the key's stripe lock.
-    pub(super) fn commit_write(&self, op: WriteOp, preparing: Preparing<'_>) -> Result<(), EngineError> {
-        self.commit
-            .submit(Some(op), Some(preparing), |ops| self.commit_group(ops))
-            .map_err(EngineError::Poisoned)
+    /// Commits one key's writes (applied atomically, in one batch) through the group commit; the caller
+    /// holds the key's stripe lock.
+    pub(super) fn commit_write(
+        &self,
+        ops: Vec<WriteOp>,
+        preparing: Preparing<'_>,
+    ) -> Result<(), EngineError> {
+        self.commit.submit(ops, Some(preparing), |ops| self.commit_group(ops)).map_err(EngineError::Poisoned)
     }
 
     /// Waits until everything this thread wrote straight to the journal reached the OS (`periodic`)
     /// or the disk (`always`): one group commit covers it, since the journal is sequential.
     pub(super) fn make_durable(&self) -> Result<(), EngineError> {
-        self.commit.submit(None, None, |ops| self.commit_group(ops)).map_err(EngineError::Poisoned)
+        self.commit.submit(Vec::new(), None, |ops| self.commit_group(ops)).map_err(EngineError::Poisoned)
     }
 
     /// The leader's work: one fjall batch holding every queued write, flushed (`periodic`) or fsynced
@@ -278,6 +282,7 @@ impl Engine {
         match space {
             Space::Records => &self.records,
             Space::Hints => &self.hints,
+            Space::MintingActors => &self.minting,
         }
     }
 

@@ -34,7 +34,7 @@ impl Engine {
         storable(&merged)?;
         let mut value = now_ms().to_be_bytes().to_vec();
         value.extend_from_slice(&encode_version_set(&merged));
-        self.commit_write(WriteOp::Insert(Space::Hints, hint_key, value), preparing)
+        self.commit_write(vec![WriteOp::Insert(Space::Hints, hint_key, value)], preparing)
     }
 
     /// Up to `limit` hints for `target_node` (optionally one partition), in key order.
@@ -91,7 +91,7 @@ impl Engine {
         let preparing = self.commit.preparing();
         match self.hints.get(&hint_key).map_err(EngineError::Read)? {
             Some(raw) if &decode_hint_value(&raw)?.1 == delivered => {
-                self.commit_write(WriteOp::Remove(Space::Hints, hint_key), preparing)?;
+                self.commit_write(vec![WriteOp::Remove(Space::Hints, hint_key)], preparing)?;
                 Ok(true)
             }
             _ => Ok(false),

@@ -10,6 +10,10 @@
 //!   inspection only; anti-entropy and rebuilds restore the key from the other replicas;
 //! - keyspace `tenant_purges`: tenants being deleted (or purged) here, whose writes are refused
 //!   ([`tenant_purge`]);
+//! - keyspace `minting_actors`: record key → `actor u64be`, the actor this node mints the record's
+//!   dots under; exists only beside its record (written with it, removed before it). Added without a
+//!   format change: a record without one (written by the previous release) gets a fresh one at its
+//!   next coordinated write ([`mutate`]);
 //! - `IDENTITY` file: node id, actor id, format version ([`crate::identity`]).
 //!
 //! Invariants:
@@ -212,6 +216,8 @@ pub struct Engine {
     confirmed: Keyspace,
     quarantine: Keyspace,
     purges: Keyspace,
+    /// Record key → the actor this node mints the record's dots under ([`mutate`]).
+    minting: Keyspace,
     /// Tenants whose writes are refused → their deletion's purge sequence ([`tenant_purge`]).
     refused: RwLock<HashMap<String, u64>>,
     identity: Identity,
@@ -252,6 +258,7 @@ impl Engine {
             db.keyspace("confirmed_tombstones", KeyspaceCreateOptions::default).map_err(open_err)?;
         let quarantine = db.keyspace("quarantine", KeyspaceCreateOptions::default).map_err(open_err)?;
         let purges = db.keyspace("tenant_purges", KeyspaceCreateOptions::default).map_err(open_err)?;
+        let minting = db.keyspace("minting_actors", KeyspaceCreateOptions::default).map_err(open_err)?;
         let stripes = (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect();
         let poison = Arc::new(PoisonSignal::default());
         let engine = Arc::new(Engine {
@@ -261,6 +268,7 @@ impl Engine {
             confirmed,
             quarantine,
             purges,
+            minting,
             refused: RwLock::new(HashMap::new()),
             identity,
             partitions: config.partitions,
@@ -324,6 +332,7 @@ impl Engine {
             let partition = RecordKey::decode(raw_key).map(|key| key.partition.0);
             tracing::warn!(?partition, %error, "stored record does not decode; moved to quarantine");
             self.write(|| self.quarantine.insert(raw_key.clone(), raw_value.clone()))?;
+            self.write(|| self.minting.remove(raw_key.clone()))?;
             self.write(|| self.records.remove(raw_key.clone()))?;
         }
         self.make_durable()?;

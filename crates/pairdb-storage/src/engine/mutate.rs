@@ -5,6 +5,17 @@
 //! invariants hold for each: a record and its Merkle leaf never disagree, a decision is made on the
 //! record as it is under the lock (nothing written meanwhile is lost), and a failed write poisons the
 //! write path.
+//!
+//! **Minting actors.** A node mints the dots of the writes it coordinates for a record under that
+//! record's own minting actor (keyspace `minting_actors`, key → actor), drawn fresh (random) the
+//! first time the node coordinates the key while it holds the record, and removed *before* the
+//! record whenever the record is removed (purge, unowned deletion, tenant purge, quarantine). A
+//! minting actor therefore only ever exists beside its record, and while a record lives its vector
+//! only grows: the next counter under the actor is always one no dot ever had. Without this, a key
+//! purged here and written again would restart its counter, and a tombstone still held elsewhere (or
+//! a client's old context) would cover, and silently drop, the new acknowledged write (Riak's KV679).
+
+use pairdb_core::dvv::Actor;
 
 use super::*;
 
@@ -15,6 +26,8 @@ pub(super) enum Change {
     Keep,
     /// Store this set (an insert or an update).
     Put(VersionSet),
+    /// Store this set, minted under `Actor`, a fresh minting actor the record keeps from now on.
+    Mint(VersionSet, Actor),
     /// Remove the record.
     Remove,
 }
@@ -29,6 +42,14 @@ pub(super) enum Apply {
 }
 
 impl Engine {
+    /// The record's minting actor, if it has one (call with the key's stripe lock held).
+    fn minting_actor(&self, encoded_key: &[u8]) -> Result<Option<Actor>, EngineError> {
+        let raw = self.minting.get(encoded_key).map_err(EngineError::Read)?;
+        Ok(raw
+            .and_then(|raw| <[u8; 8]>::try_from(raw.as_ref()).ok())
+            .map(|bytes| Actor(u64::from_be_bytes(bytes))))
+    }
+
     /// Reads the record at `encoded_key` under its stripe lock, applies `decide`'s [`Change`], and
     /// returns `decide`'s result. `decide` runs with the lock held, so checks made in it (the
     /// tenant, a deadline, a digest) hold for the write.
@@ -43,23 +64,41 @@ impl Engine {
         let existing = self.read_set(encoded_key)?;
         let (change, out) = decide(existing.as_ref())?;
         let old_entry = existing.as_ref().map(Entry::of);
-        let (op, new_entry) = match change {
+        let key = || encoded_key.to_vec();
+        let (ops, new_entry) = match change {
             Change::Keep => return Ok(out),
             Change::Put(set) => {
                 let entry = Entry::of(&set);
-                (WriteOp::Insert(Space::Records, encoded_key.to_vec(), encode_version_set(&set)), Some(entry))
+                (vec![WriteOp::Insert(Space::Records, key(), encode_version_set(&set))], Some(entry))
+            }
+            Change::Mint(set, actor) => {
+                let entry = Entry::of(&set);
+                let record = WriteOp::Insert(Space::Records, key(), encode_version_set(&set));
+                let minting = WriteOp::Insert(Space::MintingActors, key(), actor.0.to_be_bytes().to_vec());
+                (vec![record, minting], Some(entry))
             }
             Change::Remove => {
                 debug_assert!(existing.is_some(), "only a record that exists is removed");
-                (WriteOp::Remove(Space::Records, encoded_key.to_vec()), None)
+                // The minting actor first: a crash in between leaves a record without one (safe).
+                (
+                    vec![
+                        WriteOp::Remove(Space::MintingActors, key()),
+                        WriteOp::Remove(Space::Records, key()),
+                    ],
+                    None,
+                )
             }
         };
         match (apply, preparing) {
-            (Apply::Commit, Some(preparing)) => self.commit_write(op, preparing)?,
-            _ => self.write(|| match op {
-                WriteOp::Insert(_, key, value) => self.records.insert(key, value),
-                WriteOp::Remove(_, key) => self.records.remove(key),
-            })?,
+            (Apply::Commit, Some(preparing)) => self.commit_write(ops, preparing)?,
+            _ => {
+                for op in ops {
+                    self.write(|| match op {
+                        WriteOp::Insert(space, key, value) => self.keyspace(space).insert(key, value),
+                        WriteOp::Remove(space, key) => self.keyspace(space).remove(key),
+                    })?;
+                }
+            }
         }
         self.merkle.update(encoded_key, old_entry, new_entry);
         Ok(out)
@@ -91,7 +130,8 @@ impl Engine {
     ) -> Result<VersionSet, EngineError> {
         let CoordinatedWrite { context, value, timestamp_ms, max_siblings, supersede_local } = write;
         self.check_writable()?;
-        self.mutate(&key.encode(), Apply::Commit, |existing| {
+        let encoded_key = key.encode();
+        self.mutate(&encoded_key, Apply::Commit, |existing| {
             self.check_tenant(&key.tenant)?;
             if deadline.passed() {
                 metrics::counter!("pairdb_storage_coordinate_deadline_refusals_total").increment(1);
@@ -102,8 +142,16 @@ impl Engine {
             if supersede_local {
                 context.merge(set.vector());
             }
-            set.update(&context, self.identity.actor, value, timestamp_ms, max_siblings)?;
-            Ok((Change::Put(set.clone()), set))
+            // A minting actor exists only beside its record (see the module docs).
+            let minting = match existing {
+                Some(_) => self.minting_actor(&encoded_key)?,
+                None => None,
+            };
+            let actor = minting.unwrap_or_else(|| Actor(rand::random::<u64>()));
+            set.update(&context, actor, value, timestamp_ms, max_siblings)?;
+            let change =
+                if minting.is_some() { Change::Put(set.clone()) } else { Change::Mint(set.clone(), actor) };
+            Ok((change, set))
         })
     }
 

@@ -26,6 +26,8 @@ const PURGED: u8 = 2;
 /// Which keyspace a purge step scans.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PurgeSpace {
+    /// Purged first: a minting actor never outlives its record.
+    MintingActors,
     Records,
     Hints,
     Confirmed,
@@ -33,8 +35,13 @@ pub enum PurgeSpace {
 }
 
 impl PurgeSpace {
-    pub const ALL: [PurgeSpace; 4] =
-        [PurgeSpace::Records, PurgeSpace::Hints, PurgeSpace::Confirmed, PurgeSpace::Quarantine];
+    pub const ALL: [PurgeSpace; 5] = [
+        PurgeSpace::MintingActors,
+        PurgeSpace::Records,
+        PurgeSpace::Hints,
+        PurgeSpace::Confirmed,
+        PurgeSpace::Quarantine,
+    ];
 }
 
 /// A purge recorded on this node.
@@ -200,6 +207,7 @@ impl Engine {
 
     fn purge_keyspace(&self, space: PurgeSpace) -> &Keyspace {
         match space {
+            PurgeSpace::MintingActors => &self.minting,
             PurgeSpace::Records => &self.records,
             PurgeSpace::Hints => &self.hints,
             PurgeSpace::Confirmed => &self.confirmed,
@@ -212,7 +220,7 @@ impl Engine {
 fn key_tenant(space: PurgeSpace, raw_key: &[u8]) -> Option<String> {
     match space {
         PurgeSpace::Hints => RecordKey::decode_hint(raw_key).map(|(_, key)| key.tenant),
-        PurgeSpace::Records | PurgeSpace::Confirmed | PurgeSpace::Quarantine => {
+        PurgeSpace::MintingActors | PurgeSpace::Records | PurgeSpace::Confirmed | PurgeSpace::Quarantine => {
             RecordKey::decode(raw_key).map(|key| key.tenant)
         }
     }

@@ -1,5 +1,6 @@
-//! Tombstone GC, both paths. Either runs only while the node's view is quiet (a topology, no
-//! migration, no N change: `ClusterPlacement::quiet`), and each removal is decided by
+//! Tombstone GC, both paths. Either runs only while the node's view is live and quiet (one unbroken
+//! watch session; a topology, no migration, no N change: `ClusterPlacement::tombstone_gc_allowed`),
+//! and each removal is decided by
 //! `pairdb_core::gc::tombstones` and re-checked under the key's stripe lock by the engine.
 //!
 //! - **Anti-entropy path** ([`collect_agreed`], after the periodic exchanges): the first replica of a
@@ -45,7 +46,8 @@ pub async fn collect_agreed(
     let Some(current) = &view.current else { return Ok(()) };
     let placement = view.cluster_placement();
     let leads = current.list(partition).first() == Some(&context.me());
-    if !leads || !placement.quiet() || context.engine.partition_tombstones(partition) == 0 {
+    let allowed = placement.tombstone_gc_allowed(context.view.session());
+    if !leads || !allowed || context.engine.partition_tombstones(partition) == 0 {
         return Ok(());
     }
     let cutoff = gc_cutoff_ms(now_ms(), context.settings.gc_grace().as_millis() as u64);
@@ -147,7 +149,7 @@ impl Worker for ConfirmedGc {
         loop {
             let view = self.context.view.load();
             // A stale view could say "same epoch, same N" about owners that changed.
-            if self.context.view.session().is_none() || !view.cluster_placement().quiet() {
+            if !view.cluster_placement().tombstone_gc_allowed(self.context.view.session()) {
                 break;
             }
             let cutoff = gc_cutoff_ms(now_ms(), self.context.settings.gc_grace().as_millis() as u64);
