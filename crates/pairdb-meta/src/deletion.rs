@@ -19,7 +19,7 @@
 
 use crate::admin::{Meta, now_ms};
 use crate::error::MetaError;
-use crate::model::{Membership, MigrationKind, MigrationState, PurgeProgress, Tenant, TenantState};
+use crate::model::{Membership, MigrationState, PurgeProgress, Tenant, TenantState};
 use crate::persistence::{ChangeKind, Tx};
 
 /// A tenant and, while it is being deleted, how far its purge got.
@@ -82,7 +82,7 @@ impl Meta {
         tenant.updated_at_ms = now;
         tx.update_tenant(&tenant).await?;
         for mut migration in tx.unfinished_migrations().await? {
-            if migration.kind == MigrationKind::ReplicationFactor && migration.tenant_id == tenant_id {
+            if migration.change.tenant_id() == Some(tenant_id) {
                 crate::admin::abandon(
                     &mut tx,
                     &mut migration,

@@ -262,9 +262,10 @@ fn rebuild_json(rebuild: &NodeRebuild) -> Value {
 
 fn migration_json(migration: &Migration) -> Value {
     let (keys_per_sec, eta_secs) = migration_rates(migration, now_ms());
+    let row = migration.change.to_row();
     json!({
         "migration_id": migration.migration_id,
-        "kind": migration.kind.as_str(),
+        "kind": row.kind.as_str(),
         "state": migration.state.as_str(),
         "from_epoch": migration.from_epoch,
         "to_epoch": migration.to_epoch,
@@ -280,8 +281,8 @@ fn migration_json(migration: &Migration) -> Value {
         "error": migration.error,
         "created_at_ms": migration.created_at_ms,
         "updated_at_ms": migration.updated_at_ms,
-        "tenant_id": migration.tenant_id,
-        "node_id": migration.node_id,
+        "tenant_id": row.tenant_id,
+        "node_id": row.node_id,
     })
 }
 

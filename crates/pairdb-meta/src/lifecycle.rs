@@ -14,7 +14,7 @@
 //! applying an ending twice, or after an operator's own change, does nothing.
 
 use crate::error::MetaError;
-use crate::model::{Membership, Migration, MigrationKind};
+use crate::model::{Membership, Migration, MigrationChange};
 use crate::persistence::{ChangeKind, Tx};
 
 /// How a migration ends.
@@ -52,28 +52,35 @@ pub enum Settlement {
 }
 
 /// The table (see the module docs).
-pub fn settlement(migration: &Migration, ending: Ending) -> Settlement {
-    let node_id = migration.node_id;
-    let membership = |from, to| Settlement::Membership { node_id, from, to };
-    match (migration.kind, ending) {
-        (MigrationKind::AddNode, Ending::Completed) => membership(Membership::Joining, Membership::Active),
-        (MigrationKind::AddNode, Ending::Abandoned) => membership(Membership::Joining, Membership::Removed),
-        (MigrationKind::DrainNode | MigrationKind::RemoveNode, Ending::Completed) => {
-            membership(Membership::Leaving, Membership::Removed)
+pub fn settlement(change: &MigrationChange, ending: Ending) -> Settlement {
+    let membership = |node_id, from, to| Settlement::Membership { node_id, from, to };
+    match (change, ending) {
+        (MigrationChange::AddNode { node_id, .. }, Ending::Completed) => {
+            membership(*node_id, Membership::Joining, Membership::Active)
         }
-        (MigrationKind::DrainNode | MigrationKind::RemoveNode, Ending::Abandoned) => {
-            membership(Membership::Leaving, Membership::Active)
+        (MigrationChange::AddNode { node_id, .. }, Ending::Abandoned) => {
+            membership(*node_id, Membership::Joining, Membership::Removed)
         }
-        (MigrationKind::ReplicationFactor, ending) => Settlement::EndReplicationChange {
-            tenant_id: migration.tenant_id.clone(),
-            revert: ending == Ending::Abandoned,
-            migrated_to: migration.new_value,
-        },
-        (MigrationKind::NodeWeight, Ending::Completed) => Settlement::Nothing,
-        (MigrationKind::NodeWeight, Ending::Abandoned) => Settlement::RestoreWeight {
-            node_id,
-            migrated_to: migration.new_value,
-            restore: u32::try_from(migration.old_value).unwrap_or(1).max(1),
+        (
+            MigrationChange::DrainNode { node_id } | MigrationChange::RemoveNode { node_id },
+            Ending::Completed,
+        ) => membership(*node_id, Membership::Leaving, Membership::Removed),
+        (
+            MigrationChange::DrainNode { node_id } | MigrationChange::RemoveNode { node_id },
+            Ending::Abandoned,
+        ) => membership(*node_id, Membership::Leaving, Membership::Active),
+        (MigrationChange::ReplicationFactor { tenant_id, to, .. }, ending) => {
+            Settlement::EndReplicationChange {
+                tenant_id: tenant_id.clone(),
+                revert: ending == Ending::Abandoned,
+                migrated_to: u64::from(*to),
+            }
+        }
+        (MigrationChange::NodeWeight { .. }, Ending::Completed) => Settlement::Nothing,
+        (MigrationChange::NodeWeight { node_id, from, to }, Ending::Abandoned) => Settlement::RestoreWeight {
+            node_id: *node_id,
+            migrated_to: u64::from(*to),
+            restore: (*from).max(1),
         },
     }
 }
@@ -86,7 +93,7 @@ pub(crate) async fn settle(
     ending: Ending,
     now: u64,
 ) -> Result<(), MetaError> {
-    match settlement(migration, ending) {
+    match settlement(&migration.change, ending) {
         Settlement::Membership { node_id, from, to } => {
             if let Some(mut node) = tx.get_node(node_id).await?
                 && node.membership == from
@@ -132,28 +139,11 @@ pub(crate) async fn settle(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::MigrationState;
+    use crate::model::{MigrationKind, MigrationRow};
 
-    fn migration(kind: MigrationKind) -> Migration {
-        Migration {
-            migration_id: "m".into(),
-            seq: 0,
-            kind,
-            state: MigrationState::Running,
-            node_id: 7,
-            tenant_id: "t".into(),
-            old_value: 3,
-            new_value: 5,
-            from_epoch: 1,
-            to_epoch: 2,
-            progress: Default::default(),
-            done_bitmap: Vec::new(),
-            error: String::new(),
-            created_at_ms: 0,
-            updated_at_ms: 0,
-            started_at_ms: 0,
-            finished_at_ms: 0,
-        }
+    fn migration(kind: MigrationKind) -> MigrationChange {
+        let row = MigrationRow { kind, node_id: 7, tenant_id: "t", old_value: 3, new_value: 5 };
+        MigrationChange::from_row(row)
     }
 
     #[test]

@@ -323,21 +323,105 @@ pub struct MigrationProgress {
     pub bytes_done: u64,
 }
 
+/// What a migration changes; each kind carries exactly its own fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrationChange {
+    /// A node joins the ring with `weight`.
+    AddNode { node_id: u32, weight: u32 },
+    /// A node leaves the ring after its data moved to the remaining nodes.
+    DrainNode { node_id: u32 },
+    /// A node leaves at once (it may be dead); survivors re-replicate.
+    RemoveNode { node_id: u32 },
+    /// A node's weight changes; `from` is restored if the migration is abandoned.
+    NodeWeight { node_id: u32, from: u32, to: u32 },
+    /// A tenant's replication factor changes; `from` is served until it completes.
+    ReplicationFactor { tenant_id: String, from: u32, to: u32 },
+}
+
+impl MigrationChange {
+    pub fn kind(&self) -> MigrationKind {
+        match self {
+            MigrationChange::AddNode { .. } => MigrationKind::AddNode,
+            MigrationChange::DrainNode { .. } => MigrationKind::DrainNode,
+            MigrationChange::RemoveNode { .. } => MigrationKind::RemoveNode,
+            MigrationChange::NodeWeight { .. } => MigrationKind::NodeWeight,
+            MigrationChange::ReplicationFactor { .. } => MigrationKind::ReplicationFactor,
+        }
+    }
+
+    /// The node the change is about, if any.
+    pub fn node_id(&self) -> Option<u32> {
+        match self {
+            MigrationChange::AddNode { node_id, .. }
+            | MigrationChange::DrainNode { node_id }
+            | MigrationChange::RemoveNode { node_id }
+            | MigrationChange::NodeWeight { node_id, .. } => Some(*node_id),
+            MigrationChange::ReplicationFactor { .. } => None,
+        }
+    }
+
+    /// The tenant whose replication factor changes, if that is the change.
+    pub fn tenant_id(&self) -> Option<&str> {
+        match self {
+            MigrationChange::ReplicationFactor { tenant_id, .. } => Some(tenant_id),
+            _ => None,
+        }
+    }
+
+    /// The flat shape stored in the `migrations` table and sent on the wire: (node id or 0, tenant id
+    /// or "", value before, value after).
+    pub fn to_row(&self) -> MigrationRow<'_> {
+        let (node_id, tenant_id, old_value, new_value) = match self {
+            MigrationChange::AddNode { node_id, weight } => (*node_id, "", 0, *weight),
+            MigrationChange::DrainNode { node_id } | MigrationChange::RemoveNode { node_id } => {
+                (*node_id, "", 0, 0)
+            }
+            MigrationChange::NodeWeight { node_id, from, to } => (*node_id, "", *from, *to),
+            MigrationChange::ReplicationFactor { tenant_id, from, to } => (0, tenant_id.as_str(), *from, *to),
+        };
+        MigrationRow {
+            kind: self.kind(),
+            node_id,
+            tenant_id,
+            old_value: u64::from(old_value),
+            new_value: u64::from(new_value),
+        }
+    }
+
+    /// The change a stored row describes (the inverse of [`Self::to_row`]).
+    pub fn from_row(row: MigrationRow<'_>) -> Self {
+        let value = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+        let (node_id, from, to) = (row.node_id, value(row.old_value), value(row.new_value));
+        match row.kind {
+            MigrationKind::AddNode => MigrationChange::AddNode { node_id, weight: to },
+            MigrationKind::DrainNode => MigrationChange::DrainNode { node_id },
+            MigrationKind::RemoveNode => MigrationChange::RemoveNode { node_id },
+            MigrationKind::NodeWeight => MigrationChange::NodeWeight { node_id, from, to },
+            MigrationKind::ReplicationFactor => {
+                MigrationChange::ReplicationFactor { tenant_id: row.tenant_id.to_owned(), from, to }
+            }
+        }
+    }
+}
+
+/// A migration's change in the flat shape of its table row and wire message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MigrationRow<'a> {
+    pub kind: MigrationKind,
+    pub node_id: u32,
+    pub tenant_id: &'a str,
+    pub old_value: u64,
+    pub new_value: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Migration {
     pub migration_id: String,
     /// Queue position: migrations start in `seq` order, one at a time.
     pub seq: u64,
-    pub kind: MigrationKind,
+    /// What the migration changes (what completing and abandoning it does: [`crate::lifecycle`]).
+    pub change: MigrationChange,
     pub state: MigrationState,
-    /// The node added, drained, removed or re-weighted; 0 for replication_factor.
-    pub node_id: u32,
-    /// The tenant whose replication factor changes; empty otherwise.
-    pub tenant_id: String,
-    /// Replication factor or weight before the change (restored on cancel or failure).
-    pub old_value: u64,
-    /// Replication factor or weight after the change.
-    pub new_value: u64,
     pub from_epoch: u64,
     pub to_epoch: u64,
     pub progress: MigrationProgress,

@@ -34,7 +34,7 @@ use pairdb_service::shutdown::Shutdown;
 
 use crate::admin::{Meta, abandon, compute_assignment, now_ms};
 use crate::error::MetaError;
-use crate::model::{Membership, Migration, MigrationKind, MigrationState, StorageNode, Tenant, Topology};
+use crate::model::{Membership, Migration, MigrationChange, MigrationState, StorageNode, Tenant, Topology};
 use crate::persistence::{ChangeKind, LeaderFence};
 
 /// How often the orchestrator looks for work without being woken.
@@ -172,7 +172,7 @@ async fn start(meta: &Meta, fence: LeaderFence, migration_id: &str) -> Result<Op
     migration.from_epoch = state.current_epoch;
     migration.to_epoch = state.current_epoch;
     migration.done_bitmap = vec![0; partitions.get().div_ceil(8) as usize];
-    if migration.kind.changes_ring() {
+    if migration.change.kind().changes_ring() {
         if state.current_epoch == 0 || state.pending_epoch != 0 {
             let why = if state.current_epoch == 0 {
                 "there is no current topology"
@@ -203,7 +203,7 @@ async fn start(meta: &Meta, fence: LeaderFence, migration_id: &str) -> Result<Op
         tx.record_change(ChangeKind::TopologyPending, &epoch.to_string()).await?;
         migration.to_epoch = epoch;
         migration.progress.partitions_total = changed.len() as u64;
-    } else if migration.new_value > migration.old_value {
+    } else if grows_replication(&migration.change) {
         migration.progress.partitions_total = u64::from(partitions.get());
     }
     migration.state = MigrationState::Running;
@@ -213,13 +213,18 @@ async fn start(meta: &Meta, fence: LeaderFence, migration_id: &str) -> Result<Op
     tx.commit().await?;
     tracing::info!(
         migration = migration_id,
-        kind = migration.kind.as_str(),
+        kind = migration.change.kind().as_str(),
         from_epoch = migration.from_epoch,
         to_epoch = migration.to_epoch,
         partitions = migration.progress.partitions_total,
         "migration started"
     );
     Ok(Some(migration))
+}
+
+/// Whether `change` raises a tenant's replication factor (every partition then gains an owner).
+fn grows_replication(change: &MigrationChange) -> bool {
+    matches!(change, MigrationChange::ReplicationFactor { from, to, .. } if to > from)
 }
 
 /// The ring a migration produces: the nodes in the ring now (active and leaving), plus the node an
@@ -229,11 +234,13 @@ fn ring_after(migration: &Migration, nodes: &[StorageNode]) -> Vec<NodeSpec> {
         .iter()
         .filter(|node| {
             let in_ring_now = matches!(node.membership, Membership::Active | Membership::Leaving);
-            let target = node.node_id == migration.node_id;
-            match migration.kind {
-                MigrationKind::AddNode => in_ring_now || target,
-                MigrationKind::DrainNode | MigrationKind::RemoveNode => in_ring_now && !target,
-                MigrationKind::NodeWeight | MigrationKind::ReplicationFactor => in_ring_now,
+            let target = migration.change.node_id() == Some(node.node_id);
+            match migration.change {
+                MigrationChange::AddNode { .. } => in_ring_now || target,
+                MigrationChange::DrainNode { .. } | MigrationChange::RemoveNode { .. } => {
+                    in_ring_now && !target
+                }
+                MigrationChange::NodeWeight { .. } | MigrationChange::ReplicationFactor { .. } => in_ring_now,
             }
         })
         .map(StorageNode::spec)
@@ -250,7 +257,7 @@ async fn drive(
     let (current, pending, tenants, nodes) = {
         let mut tx = meta.store().read().await?;
         let current = tx.get_topology(migration.from_epoch).await?;
-        let pending = match migration.kind.changes_ring() {
+        let pending = match migration.change.kind().changes_ring() {
             true => tx.get_topology(migration.to_epoch).await?,
             false => current.clone(),
         };
@@ -334,12 +341,13 @@ fn tenant_replications(tenants: &[Tenant], migration: &Migration) -> Vec<TenantS
         .filter(|tenant| tenant.state == crate::model::TenantState::Active)
         .map(|tenant| {
             let n = tenant.replication_factor as usize;
-            let old = if migration.kind == MigrationKind::ReplicationFactor
-                && tenant.tenant_id == migration.tenant_id
-            {
-                migration.old_value as usize
-            } else {
-                n
+            let old = match &migration.change {
+                MigrationChange::ReplicationFactor { tenant_id, from, .. }
+                    if *tenant_id == tenant.tenant_id =>
+                {
+                    *from as usize
+                }
+                _ => n,
             };
             TenantSpan { tenant_id: tenant.tenant_id.clone(), old_n: old, new_n: n }
         })
@@ -349,11 +357,11 @@ fn tenant_replications(tenants: &[Tenant], migration: &Migration) -> Vec<TenantS
 /// The partitions whose data `migration` moves: every partition when N grows, none when it
 /// shrinks (owners only drop data), otherwise those whose list changes.
 fn partitions_to_move(migration: &Migration, current: &Assignment, pending: &Assignment) -> Vec<PartitionId> {
-    match migration.kind {
-        MigrationKind::ReplicationFactor if migration.new_value > migration.old_value => {
+    match migration.change {
+        MigrationChange::ReplicationFactor { .. } if grows_replication(&migration.change) => {
             current.partition_count().partitions().collect()
         }
-        MigrationKind::ReplicationFactor => Vec::new(),
+        MigrationChange::ReplicationFactor { .. } => Vec::new(),
         _ => {
             let changed: BTreeSet<u32> = diff(current, pending).iter().map(|t| t.partition.0).collect();
             changed.into_iter().map(PartitionId).collect()
@@ -415,7 +423,7 @@ async fn complete(meta: &Meta, fence: LeaderFence, migration: Migration) -> Resu
     if stored.state != MigrationState::Running {
         return Ok(());
     }
-    if stored.kind.changes_ring() {
+    if stored.change.kind().changes_ring() {
         tx.set_epochs(stored.to_epoch, 0).await?;
         tx.record_change(ChangeKind::TopologyCurrent, &stored.to_epoch.to_string()).await?;
         tx.record_change(ChangeKind::TopologyPendingCleared, &stored.to_epoch.to_string()).await?;
@@ -430,10 +438,11 @@ async fn complete(meta: &Meta, fence: LeaderFence, migration: Migration) -> Resu
     tx.update_migration(&stored).await?;
     tx.commit().await?;
     publish_progress(&stored, 0.0);
-    metrics::counter!("pairdb_meta_migrations_completed_total", "kind" => stored.kind.as_str()).increment(1);
+    metrics::counter!("pairdb_meta_migrations_completed_total", "kind" => stored.change.kind().as_str())
+        .increment(1);
     tracing::info!(
         migration = %stored.migration_id,
-        kind = stored.kind.as_str(),
+        kind = stored.change.kind().as_str(),
         epoch = stored.to_epoch,
         "migration completed"
     );

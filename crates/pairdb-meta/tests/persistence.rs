@@ -12,8 +12,8 @@ use pairdb_core::quorum::Consistency;
 use pairdb_core::ring::{Assignment, NodeId, NodeSpec};
 use pairdb_core::token::PartitionCount;
 use pairdb_meta::model::{
-    ApiKey, ConflictMode, Membership, Migration, MigrationKind, MigrationProgress, MigrationState, NodeStats,
-    StorageNode, Tenant, TenantState, Topology,
+    ApiKey, ConflictMode, Membership, Migration, MigrationChange, MigrationKind, MigrationProgress,
+    MigrationRow, MigrationState, NodeStats, StorageNode, Tenant, TenantState, Topology,
 };
 use pairdb_meta::persistence::{Backend, ChangeKind, PersistenceError, Store, StoreOptions};
 
@@ -133,12 +133,14 @@ fn migration(id: &str, seq: u64, kind: MigrationKind) -> Migration {
     Migration {
         migration_id: id.to_owned(),
         seq,
-        kind,
+        change: MigrationChange::from_row(MigrationRow {
+            kind,
+            node_id: 4,
+            tenant_id: "",
+            old_value: 0,
+            new_value: 1,
+        }),
         state: MigrationState::Pending,
-        node_id: 4,
-        tenant_id: String::new(),
-        old_value: 0,
-        new_value: 1,
         from_epoch: 0,
         to_epoch: 0,
         progress: MigrationProgress::default(),
@@ -365,9 +367,7 @@ async fn migrations_round_trip(store: Store) {
     assert_eq!(tx.next_migration_seq().await.unwrap(), 1);
     tx.insert_migration(&migration("m1", 1, MigrationKind::AddNode)).await.unwrap();
     let mut rf = migration("m2", 2, MigrationKind::ReplicationFactor);
-    rf.tenant_id = "acme".into();
-    rf.old_value = 3;
-    rf.new_value = 5;
+    rf.change = MigrationChange::ReplicationFactor { tenant_id: "acme".into(), from: 3, to: 5 };
     tx.insert_migration(&rf).await.unwrap();
     tx.insert_migration(&migration("m3", 3, MigrationKind::DrainNode)).await.unwrap();
     assert_eq!(tx.next_migration_seq().await.unwrap(), 4);

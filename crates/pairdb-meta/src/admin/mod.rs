@@ -40,8 +40,8 @@ use tokio::sync::Notify;
 
 use crate::error::MetaError;
 use crate::model::{
-    ApiKey, ConflictMode, Membership, Migration, MigrationKind, MigrationProgress, MigrationState,
-    NodeRebuild, NodeStats, StorageNode, Tenant, TenantState, Topology,
+    ApiKey, ConflictMode, Membership, Migration, MigrationChange, MigrationKind, MigrationProgress,
+    MigrationState, NodeRebuild, NodeStats, StorageNode, Tenant, TenantState, Topology,
 };
 use crate::persistence::{ChangeKind, MetaState, Store, Tx, hex};
 use crate::view::ClusterView;
@@ -260,7 +260,11 @@ impl Meta {
         }
         abandon(&mut tx, &mut migration, MigrationState::Cancelled, "cancelled by an operator", now).await?;
         tx.commit().await?;
-        tracing::info!(migration = migration_id, kind = migration.kind.as_str(), "migration cancelled");
+        tracing::info!(
+            migration = migration_id,
+            kind = migration.change.kind().as_str(),
+            "migration cancelled"
+        );
         self.inner.orchestrator_wake.notify_one();
         Ok(migration)
     }
@@ -327,18 +331,14 @@ fn check_node_fields(address: &str, zone: &str, weight: u32) -> Result<(), MetaE
 }
 
 /// A new pending migration of `kind` at the end of the queue.
-async fn new_migration(tx: &mut Tx, kind: MigrationKind, now: u64) -> Result<Migration, MetaError> {
+async fn new_migration(tx: &mut Tx, change: MigrationChange, now: u64) -> Result<Migration, MetaError> {
     let seq = tx.next_migration_seq().await?;
     let suffix: u32 = rand::rng().random();
     Ok(Migration {
         migration_id: format!("mig-{seq:06}-{suffix:08x}"),
         seq,
-        kind,
+        change,
         state: MigrationState::Pending,
-        node_id: 0,
-        tenant_id: String::new(),
-        old_value: 0,
-        new_value: 0,
         from_epoch: 0,
         to_epoch: 0,
         progress: MigrationProgress::default(),
@@ -360,7 +360,7 @@ pub(crate) async fn abandon(
     reason: &str,
     now: u64,
 ) -> Result<(), MetaError> {
-    if migration.state == MigrationState::Running && migration.kind.changes_ring() {
+    if migration.state == MigrationState::Running && migration.change.kind().changes_ring() {
         let meta_state = tx.meta_state().await?;
         if meta_state.pending_epoch != 0 && meta_state.pending_epoch == migration.to_epoch {
             tx.set_epochs(meta_state.current_epoch, 0).await?;

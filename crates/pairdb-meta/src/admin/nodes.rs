@@ -92,9 +92,7 @@ impl Meta {
         }
         tx.upsert_node(&node).await?;
         tx.record_change(ChangeKind::Node, &node_id.to_string()).await?;
-        let mut migration = new_migration(tx, MigrationKind::AddNode, now).await?;
-        migration.node_id = node_id;
-        migration.new_value = u64::from(weight);
+        let migration = new_migration(tx, MigrationChange::AddNode { node_id, weight }, now).await?;
         tx.insert_migration(&migration).await?;
         tracing::info!(node_id, migration = %migration.migration_id, "storage node added; add_node migration queued");
         Ok((node, Some(migration.migration_id)))
@@ -191,10 +189,8 @@ impl Meta {
         tx.record_change(ChangeKind::Node, &node_id.to_string()).await?;
         let mut migration_id = None;
         if node.membership == Membership::Active {
-            let mut migration = new_migration(&mut tx, MigrationKind::NodeWeight, now).await?;
-            migration.node_id = node_id;
-            migration.old_value = u64::from(old_weight);
-            migration.new_value = u64::from(weight);
+            let change = MigrationChange::NodeWeight { node_id, from: old_weight, to: weight };
+            let migration = new_migration(&mut tx, change, now).await?;
             tx.insert_migration(&migration).await?;
             migration_id = Some(migration.migration_id);
         }
@@ -223,7 +219,10 @@ impl Meta {
             .ok_or(MetaError::NodeNotFound(node_id))?;
         let unfinished = tx.unfinished_migrations().await?;
         let involving = |kinds: &[MigrationKind]| {
-            unfinished.iter().find(|m| m.node_id == node_id && kinds.contains(&m.kind)).cloned()
+            unfinished
+                .iter()
+                .find(|m| m.change.node_id() == Some(node_id) && kinds.contains(&m.change.kind()))
+                .cloned()
         };
         let migration_id = match node.membership {
             Membership::Removed => return Err(MetaError::NodeNotFound(node_id)),
@@ -243,7 +242,8 @@ impl Meta {
                         what: format!("node {node_id} is joining; cancel its migration first"),
                     });
                 }
-                for mut pending in unfinished.iter().filter(|m| m.node_id == node_id).cloned() {
+                for mut pending in unfinished.iter().filter(|m| m.change.node_id() == Some(node_id)).cloned()
+                {
                     pending.state = MigrationState::Cancelled;
                     pending.error = "node removed before it joined".to_owned();
                     pending.finished_at_ms = now;
@@ -272,10 +272,12 @@ impl Meta {
                     return Err(MetaError::NodeInUse { node_id, remaining, required });
                 }
                 node.membership = Membership::Leaving;
-                let kind = if force { MigrationKind::RemoveNode } else { MigrationKind::DrainNode };
-                let mut migration = new_migration(&mut tx, kind, now).await?;
-                migration.node_id = node_id;
-                Some(migration)
+                let change = if force {
+                    MigrationChange::RemoveNode { node_id }
+                } else {
+                    MigrationChange::DrainNode { node_id }
+                };
+                Some(new_migration(&mut tx, change, now).await?)
             }
         };
         node.updated_at_ms = now;
@@ -287,7 +289,7 @@ impl Meta {
         let view = node_view(&mut tx, node).await?;
         tx.commit().await?;
         let migration_id = migration_id.map(|m| {
-            tracing::info!(node_id, force, migration = %m.migration_id, kind = m.kind.as_str(), "node removal queued");
+            tracing::info!(node_id, force, migration = %m.migration_id, kind = m.change.kind().as_str(), "node removal queued");
             self.inner.orchestrator_wake.notify_one();
             m.migration_id
         });

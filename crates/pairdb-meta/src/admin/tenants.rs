@@ -96,17 +96,19 @@ impl Meta {
                     .unfinished_migrations()
                     .await?
                     .into_iter()
-                    .find(|m| m.kind == MigrationKind::ReplicationFactor && m.tenant_id == tenant_id);
+                    .find(|m| m.change.tenant_id() == Some(tenant_id));
                 return Err(MetaError::MigrationInProgress {
                     migration_id: running.map(|m| m.migration_id).unwrap_or_default(),
                     what: format!("tenant {tenant_id:?} is already changing its replication factor"),
                 });
             }
             check_replication_factor_fits(&mut tx, n).await?;
-            let mut queued = new_migration(&mut tx, MigrationKind::ReplicationFactor, now).await?;
-            queued.tenant_id = tenant_id.to_owned();
-            queued.old_value = u64::from(tenant.replication_factor);
-            queued.new_value = u64::from(n);
+            let change = MigrationChange::ReplicationFactor {
+                tenant_id: tenant_id.to_owned(),
+                from: tenant.replication_factor,
+                to: n,
+            };
+            let queued = new_migration(&mut tx, change, now).await?;
             tenant.previous_replication_factor = Some(tenant.replication_factor);
             tenant.replication_factor = n;
             migration = Some(queued);

@@ -188,9 +188,10 @@ pub fn migration_rates(migration: &Migration, now_ms: u64) -> (f64, u64) {
 
 pub(super) fn migration_to_pb(migration: &Migration) -> admin_pb::Migration {
     let (keys_per_sec, eta_secs) = migration_rates(migration, now_ms());
+    let row = migration.change.to_row();
     admin_pb::Migration {
         migration_id: migration.migration_id.clone(),
-        kind: migration.kind.as_str().to_owned(),
+        kind: row.kind.as_str().to_owned(),
         state: migration_state_to_pb(migration.state),
         from_epoch: migration.from_epoch,
         to_epoch: migration.to_epoch,
@@ -206,8 +207,8 @@ pub(super) fn migration_to_pb(migration: &Migration) -> admin_pb::Migration {
         error: migration.error.clone(),
         created_at_ms: migration.created_at_ms,
         updated_at_ms: migration.updated_at_ms,
-        tenant_id: migration.tenant_id.clone(),
-        node_id: migration.node_id,
+        tenant_id: row.tenant_id.to_owned(),
+        node_id: row.node_id,
     }
 }
 

@@ -67,8 +67,8 @@ use sqlx::{Connection, PgPool, SqlitePool};
 use tokio::sync::Notify;
 
 use crate::model::{
-    ApiKey, ConflictMode, ContextKeySet, Membership, Migration, MigrationKind, MigrationProgress,
-    MigrationState, NodeStats, StorageNode, Tenant, TenantState, Topology,
+    ApiKey, ConflictMode, ContextKeySet, Membership, Migration, MigrationChange, MigrationKind,
+    MigrationProgress, MigrationState, NodeStats, StorageNode, Tenant, TenantState, Topology,
 };
 
 pub use codec::{decode_assignment, encode_assignment};

@@ -187,17 +187,20 @@ impl TryFrom<MigrationRow> for Migration {
 
     fn try_from(row: MigrationRow) -> Result<Self, Self::Error> {
         let kind = MigrationKind::parse(&row.kind).ok_or_else(|| corrupt("migrations.kind", &row.kind))?;
+        let change = MigrationChange::from_row(crate::model::MigrationRow {
+            kind,
+            node_id: to_u32(row.node_id, "migrations.node_id")?,
+            tenant_id: &row.tenant_id,
+            old_value: to_u64(row.old_value),
+            new_value: to_u64(row.new_value),
+        });
         let state =
             MigrationState::parse(&row.state).ok_or_else(|| corrupt("migrations.state", &row.state))?;
         Ok(Migration {
             migration_id: row.migration_id,
             seq: to_u64(row.seq),
-            kind,
+            change,
             state,
-            node_id: to_u32(row.node_id, "migrations.node_id")?,
-            tenant_id: row.tenant_id,
-            old_value: to_u64(row.old_value),
-            new_value: to_u64(row.new_value),
             from_epoch: to_u64(row.from_epoch),
             to_epoch: to_u64(row.to_epoch),
             progress: MigrationProgress {

@@ -51,6 +51,7 @@ impl Tx {
     }
 
     pub async fn insert_migration(&mut self, migration: &Migration) -> Result<(), PersistenceError> {
+        let row = migration.change.to_row();
         on_conn!(self, c => {
             sqlx::query(
                 "INSERT INTO migrations (migration_id, seq, kind, state, node_id, tenant_id, old_value, new_value, \
@@ -60,12 +61,12 @@ impl Tx {
             )
             .bind(&migration.migration_id)
             .bind(to_i64(migration.seq))
-            .bind(migration.kind.as_str())
+            .bind(row.kind.as_str())
             .bind(migration.state.as_str())
-            .bind(i64::from(migration.node_id))
-            .bind(&migration.tenant_id)
-            .bind(to_i64(migration.old_value))
-            .bind(to_i64(migration.new_value))
+            .bind(i64::from(row.node_id))
+            .bind(row.tenant_id)
+            .bind(to_i64(row.old_value))
+            .bind(to_i64(row.new_value))
             .bind(to_i64(migration.from_epoch))
             .bind(to_i64(migration.to_epoch))
             .bind(to_i64(migration.progress.partitions_total))
@@ -87,6 +88,7 @@ impl Tx {
 
     /// Writes every mutable column of an existing migration; `false` if it does not exist.
     pub async fn update_migration(&mut self, migration: &Migration) -> Result<bool, PersistenceError> {
+        let row = migration.change.to_row();
         let affected = on_conn!(self, c => {
             sqlx::query(
                 "UPDATE migrations SET state = $2, old_value = $3, new_value = $4, from_epoch = $5, to_epoch = $6, \
@@ -96,8 +98,8 @@ impl Tx {
             )
             .bind(&migration.migration_id)
             .bind(migration.state.as_str())
-            .bind(to_i64(migration.old_value))
-            .bind(to_i64(migration.new_value))
+            .bind(to_i64(row.old_value))
+            .bind(to_i64(row.new_value))
             .bind(to_i64(migration.from_epoch))
             .bind(to_i64(migration.to_epoch))
             .bind(to_i64(migration.progress.partitions_total))
