@@ -18,7 +18,7 @@ use pairdb_storage::keys::RecordKey;
 fn open(dir: &std::path::Path, sync: SyncMode) -> Arc<Engine> {
     Engine::open(&EngineConfig {
         data_dir: dir.to_path_buf(),
-        node_id: 1,
+        node_id: pairdb_core::ring::NodeId(1),
         partitions: PartitionCount::default(),
         sync,
         cache_bytes: 256 * 1024 * 1024,

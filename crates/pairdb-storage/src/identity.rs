@@ -12,6 +12,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use pairdb_core::dvv::Actor;
+use pairdb_core::ring::NodeId;
 
 /// Version of everything under the data directory (key layout, value encoding, hint layout).
 pub const DATA_FORMAT_VERSION: u32 = 1;
@@ -19,7 +20,7 @@ const FILE_NAME: &str = "IDENTITY";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Identity {
-    pub node_id: u32,
+    pub node_id: NodeId,
     pub actor: Actor,
     pub format_version: u32,
 }
@@ -29,7 +30,7 @@ pub enum IdentityError {
     #[error(
         "data directory {dir} belongs to node {found}, not node {expected}; point --data-dir at this node's own directory"
     )]
-    WrongNode { dir: PathBuf, found: u32, expected: u32 },
+    WrongNode { dir: PathBuf, found: NodeId, expected: NodeId },
     #[error(
         "data directory {dir} has data format version {found}; this build supports version {DATA_FORMAT_VERSION}"
     )]
@@ -48,7 +49,7 @@ fn io_error(dir: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
 
 /// Loads the identity of `dir`, creating the directory and a fresh identity (new random actor) when
 /// the directory is new or empty.
-pub fn load_or_create(dir: &Path, node_id: u32) -> Result<(Identity, bool), IdentityError> {
+pub fn load_or_create(dir: &Path, node_id: NodeId) -> Result<(Identity, bool), IdentityError> {
     fs::create_dir_all(dir).map_err(io_error(dir))?;
     let path = dir.join(FILE_NAME);
     if path.exists() {
@@ -87,7 +88,7 @@ fn read(path: &Path) -> Result<Identity, IdentityError> {
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
         let (name, value) = line.split_once('=').ok_or_else(|| malformed("line without '='"))?;
         match name.trim() {
-            "node_id" => node_id = value.trim().parse::<u32>().ok(),
+            "node_id" => node_id = value.trim().parse::<u32>().ok().map(NodeId),
             "actor_id" => actor = u64::from_str_radix(value.trim(), 16).ok().map(Actor),
             "format_version" => format_version = value.trim().parse::<u32>().ok(),
             _ => return Err(malformed("unknown field")),
@@ -122,9 +123,9 @@ mod tests {
     #[test]
     fn new_directory_gets_an_identity_that_is_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let (first, created) = load_or_create(dir.path(), 3).unwrap();
+        let (first, created) = load_or_create(dir.path(), NodeId(3)).unwrap();
         assert!(created);
-        let (again, created) = load_or_create(dir.path(), 3).unwrap();
+        let (again, created) = load_or_create(dir.path(), NodeId(3)).unwrap();
         assert!(!created);
         assert_eq!(first, again);
     }
@@ -132,20 +133,20 @@ mod tests {
     #[test]
     fn wrong_node_and_unknown_format_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let (identity, _) = load_or_create(dir.path(), 3).unwrap();
-        let err = load_or_create(dir.path(), 4).unwrap_err();
+        let (identity, _) = load_or_create(dir.path(), NodeId(3)).unwrap();
+        let err = load_or_create(dir.path(), NodeId(4)).unwrap_err();
         assert!(err.to_string().contains("belongs to node 3, not node 4"), "{err}");
         write(dir.path(), &Identity { format_version: 99, ..identity }).unwrap();
-        let err = load_or_create(dir.path(), 3).unwrap_err();
+        let err = load_or_create(dir.path(), NodeId(3)).unwrap_err();
         assert!(err.to_string().contains("format version 99"), "{err}");
     }
 
     #[test]
     fn wiped_directory_gets_a_new_actor() {
         let dir = tempfile::tempdir().unwrap();
-        let (first, _) = load_or_create(dir.path(), 1).unwrap();
+        let (first, _) = load_or_create(dir.path(), NodeId(1)).unwrap();
         fs::remove_dir_all(dir.path()).unwrap();
-        let (second, created) = load_or_create(dir.path(), 1).unwrap();
+        let (second, created) = load_or_create(dir.path(), NodeId(1)).unwrap();
         assert!(created);
         assert_ne!(first.actor, second.actor);
     }

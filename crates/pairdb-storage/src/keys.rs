@@ -7,6 +7,7 @@
 //! Hint key: `target_node u32be | partition u32be | <record key without its partition>`: hints for one
 //! node are one range, and within it one partition is one range.
 
+use pairdb_core::ring::NodeId;
 use pairdb_core::token::{PartitionCount, PartitionId, token_for};
 
 /// A key's identity on this node.
@@ -41,9 +42,9 @@ impl RecordKey {
     }
 
     /// Encoded hint key for `target_node`.
-    pub fn encode_hint(&self, target_node: u32) -> Vec<u8> {
+    pub fn encode_hint(&self, target_node: NodeId) -> Vec<u8> {
         let mut out = Vec::with_capacity(8 + 8 + 1 + self.tenant.len() + self.key.len());
-        out.extend_from_slice(&target_node.to_be_bytes());
+        out.extend_from_slice(&target_node.0.to_be_bytes());
         out.extend_from_slice(&self.partition.0.to_be_bytes());
         self.encode_suffix(&mut out);
         out
@@ -56,8 +57,8 @@ impl RecordKey {
     }
 
     /// Decodes a hint key into (target node, record key).
-    pub fn decode_hint(bytes: &[u8]) -> Option<(u32, Self)> {
-        let target = u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?);
+    pub fn decode_hint(bytes: &[u8]) -> Option<(NodeId, Self)> {
+        let target = NodeId(u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?));
         let partition = u32::from_be_bytes(bytes.get(4..8)?.try_into().ok()?);
         Some((target, Self::decode_suffix(PartitionId(partition), bytes.get(8..)?)?))
     }
@@ -76,8 +77,8 @@ pub fn partition_prefix(partition: PartitionId) -> [u8; 4] {
 }
 
 /// The prefix of every hint for `target_node`, optionally narrowed to one partition.
-pub fn hint_prefix(target_node: u32, partition: Option<PartitionId>) -> Vec<u8> {
-    let mut out = target_node.to_be_bytes().to_vec();
+pub fn hint_prefix(target_node: NodeId, partition: Option<PartitionId>) -> Vec<u8> {
+    let mut out = target_node.0.to_be_bytes().to_vec();
     if let Some(partition) = partition {
         out.extend_from_slice(&partition.0.to_be_bytes());
     }
@@ -93,7 +94,7 @@ mod tests {
         let q = PartitionCount::default();
         let a = RecordKey::new(q, "tenant", "alpha");
         assert_eq!(RecordKey::decode(&a.encode()), Some(a.clone()));
-        assert_eq!(RecordKey::decode_hint(&a.encode_hint(7)), Some((7, a.clone())));
+        assert_eq!(RecordKey::decode_hint(&a.encode_hint(NodeId(7))), Some((NodeId(7), a.clone())));
         let mut keys: Vec<RecordKey> = (0..500).map(|i| RecordKey::new(q, "t", &format!("k{i}"))).collect();
         keys.sort_by_key(RecordKey::encode);
         for pair in keys.windows(2) {

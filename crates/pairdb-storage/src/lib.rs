@@ -28,6 +28,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use pairdb_core::ring::NodeId;
 use pairdb_proto::storage::v1::storage_service_server::StorageServiceServer;
 use pairdb_service::shutdown::Shutdown;
 use tokio::net::TcpListener;
@@ -54,7 +55,7 @@ pub enum Error {
 pub fn open_engine(config: &Config) -> Result<Arc<Engine>, Error> {
     let engine_config = EngineConfig {
         data_dir: config.data_dir.clone(),
-        node_id: config.node_id,
+        node_id: NodeId(config.node_id),
         partitions: config.partitions()?,
         sync: config.sync_mode(),
         cache_bytes: config.cache_mb * 1024 * 1024,
@@ -130,7 +131,7 @@ pub async fn run_with_engine(
 
     readiness.set_ready().await;
     tracing::info!(
-        node_id = identity.node_id,
+        node_id = %identity.node_id,
         actor = %identity.actor,
         %address,
         sync = ?config.sync,

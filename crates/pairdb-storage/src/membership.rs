@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use pairdb_core::ring::NodeId;
 use pairdb_proto::admin::v1::NodeStats;
 use pairdb_proto::cluster::v1 as pb;
 use pairdb_service::clients::{ChannelSettings, ClusterClient, InternalClients};
@@ -17,7 +18,7 @@ use crate::identity::DATA_FORMAT_VERSION;
 /// What a node tells the cluster about itself.
 #[derive(Debug, Clone)]
 pub struct NodeAnnouncement {
-    pub node_id: u32,
+    pub node_id: NodeId,
     pub address: String,
     pub zone: Option<String>,
     pub weight: u32,
@@ -30,7 +31,7 @@ pub trait NodeRegistry: Send + Sync + 'static {
     /// Announces the node; returns the heartbeat interval.
     async fn register(&self, node: &NodeAnnouncement) -> Result<Duration, tonic::Status>;
     /// Reports liveness, stats and purged tenants; `Ok(false)` means "unknown node, register again".
-    async fn heartbeat(&self, node_id: u32, report: HeartbeatReport) -> Result<bool, tonic::Status>;
+    async fn heartbeat(&self, node_id: NodeId, report: HeartbeatReport) -> Result<bool, tonic::Status>;
 }
 
 /// What a heartbeat carries.
@@ -66,7 +67,7 @@ impl NodeRegistry for MetaRegistry {
             .client
             .clone()
             .register_node(pb::RegisterNodeRequest {
-                node_id: node.node_id,
+                node_id: node.node_id.0,
                 address: node.address.clone(),
                 zone: node.zone.clone().unwrap_or_default(),
                 weight: node.weight,
@@ -78,13 +79,13 @@ impl NodeRegistry for MetaRegistry {
         Ok(Duration::from_millis(u64::from(response.heartbeat_interval_ms.max(100))))
     }
 
-    async fn heartbeat(&self, node_id: u32, report: HeartbeatReport) -> Result<bool, tonic::Status> {
+    async fn heartbeat(&self, node_id: NodeId, report: HeartbeatReport) -> Result<bool, tonic::Status> {
         let purged_tenants = report
             .purged_tenants
             .into_iter()
             .map(|(tenant_id, purge_seq)| pb::TenantPurged { tenant_id, purge_seq })
             .collect();
-        let request = pb::HeartbeatRequest { node_id, stats: Some(report.stats), purged_tenants };
+        let request = pb::HeartbeatRequest { node_id: node_id.0, stats: Some(report.stats), purged_tenants };
         let response = self.client.clone().heartbeat(request).await?.into_inner();
         Ok(!response.unknown_node)
     }
@@ -102,7 +103,7 @@ pub async fn run(
         let interval = loop {
             match membership.register(&node).await {
                 Ok(interval) => {
-                    tracing::info!(node_id = node.node_id, "registered with the metadata service");
+                    tracing::info!(node_id = node.node_id.0, "registered with the metadata service");
                     backoff = Duration::from_millis(200);
                     break interval;
                 }

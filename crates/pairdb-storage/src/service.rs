@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use pairdb_core::dvv::VersionSet;
 use pairdb_core::encoding::{decode_vector, decode_version_set, encode_version_set};
+use pairdb_core::ring::NodeId;
 use pairdb_core::token::PartitionId;
 use pairdb_core::validation::{
     ABSOLUTE_MAX_SIBLINGS, ABSOLUTE_MAX_VALUE_BYTES, validate_key, validate_tenant_id,
@@ -181,10 +182,11 @@ impl StorageApi {
         let view = view.load();
         let mut resolved = Vec::with_capacity(sources.len());
         for source in sources {
-            let node = pairdb_core::ring::NodeId(source.node_id);
+            let node = NodeId(source.node_id);
             match view.nodes.get(&node) {
-                Some(entry) if !entry.address.is_empty() => resolved
-                    .push(transfer::Source { node_id: source.node_id, address: entry.address.clone() }),
+                Some(entry) if !entry.address.is_empty() => {
+                    resolved.push(transfer::Source { node_id: node, address: entry.address.clone() })
+                }
                 _ => {
                     return Err(status(
                         Reason::NodeNotFound,
@@ -316,8 +318,9 @@ impl StorageService for StorageApi {
         let key = self.client_key(request.key)?;
         let set = decode_set("replicate", &request.version_set)?;
         let own_node = self.engine.identity().node_id;
-        let hint_for = request.hint_for_node_id;
-        let hinted = hint_for != 0 && hint_for != own_node;
+        // 0 on the wire: no hint.
+        let hint_for = NodeId(request.hint_for_node_id);
+        let hinted = hint_for.0 != 0 && hint_for != own_node;
         self.blocking("replicate", move |engine| {
             if hinted { engine.put_hint(hint_for, &key, &set) } else { engine.merge(&key, &set).map(|_| ()) }
         })
@@ -581,7 +584,7 @@ impl StorageService for StorageApi {
         Ok(Response::new(pb::SyncPartitionResponse {
             keys: report.keys,
             bytes: report.bytes,
-            source_node_id: report.source_node_id,
+            source_node_id: report.source_node_id.map_or(0, |node| node.0),
         }))
     }
 
@@ -595,7 +598,7 @@ impl StorageService for StorageApi {
             0 => 1000,
             n => n.min(10_000),
         };
-        let target = request.target_node_id;
+        let target = NodeId(request.target_node_id);
         let (hints, total_pending) = self
             .blocking("list_hints", move |engine| {
                 Ok((engine.list_hints(target, partition, limit)?, engine.count_hints(target)))
@@ -605,7 +608,7 @@ impl StorageService for StorageApi {
             hints: hints
                 .into_iter()
                 .map(|hint| pb::Hint {
-                    target_node_id: hint.target_node,
+                    target_node_id: hint.target_node.0,
                     partition: hint.key.partition.0,
                     tenant_id: hint.key.tenant,
                     key: hint.key.key,
@@ -624,7 +627,7 @@ impl StorageService for StorageApi {
         let stats = self.blocking("stats", |engine| Ok(engine.stats())).await?;
         let identity = self.engine.identity();
         Ok(Response::new(pb::StatsResponse {
-            node_id: identity.node_id,
+            node_id: identity.node_id.0,
             actor: identity.actor.0,
             keys: stats.keys,
             live_bytes: stats.disk_bytes,

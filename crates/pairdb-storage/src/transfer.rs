@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use pairdb_core::encoding::decode_version_set;
 use pairdb_core::reason::{HasReason, Reason};
+use pairdb_core::ring::NodeId;
 use pairdb_core::token::PartitionId;
 use pairdb_proto::storage::v1 as pb;
 use pairdb_service::clients::{ChannelSettings, InternalClients};
@@ -44,13 +45,14 @@ impl HasReason for SyncError {
 pub struct SyncReport {
     pub keys: u64,
     pub bytes: u64,
-    pub source_node_id: u32,
+    /// The source the data came from (`None` until one answered).
+    pub source_node_id: Option<NodeId>,
 }
 
 /// A node to pull from, at the address the topology gives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Source {
-    pub node_id: u32,
+    pub node_id: NodeId,
     pub address: String,
 }
 
@@ -75,14 +77,14 @@ pub async fn pull_partition(
             .await
         {
             Ok(()) => {
-                report.source_node_id = source.node_id;
+                report.source_node_id = Some(source.node_id);
                 metrics::counter!("pairdb_storage_sync_keys_total").increment(report.keys);
                 metrics::counter!("pairdb_storage_sync_bytes_total").increment(report.bytes);
                 return Ok(report);
             }
             Err(SourceFailure::Local(error)) => return Err(error),
             Err(SourceFailure::Remote(message)) => {
-                tracing::info!(%partition, source = source.node_id, %message, "sync source failed; trying the next");
+                tracing::info!(%partition, source = %source.node_id, %message, "sync source failed; trying the next");
                 failures.push(format!("node {}: {message}", source.node_id));
             }
         }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use pairdb_core::dvv::{Actor, VersionSet, VersionVector};
 use pairdb_core::reason::HasReason;
+use pairdb_core::ring::NodeId;
 use pairdb_core::token::{PartitionCount, PartitionId};
 use pairdb_storage::engine::{Engine, EngineConfig, EngineError, SyncMode, TombstonePlacement};
 use pairdb_storage::keys::RecordKey;
@@ -15,7 +16,7 @@ use pairdb_storage::keys::RecordKey;
 fn config(dir: &std::path::Path, node_id: u32) -> EngineConfig {
     EngineConfig {
         data_dir: dir.to_path_buf(),
-        node_id,
+        node_id: NodeId(node_id),
         partitions: PartitionCount::default(),
         sync: SyncMode::Always,
         cache_bytes: 16 * 1024 * 1024,
@@ -152,29 +153,29 @@ fn hints_survive_restart_and_are_delivered_one_by_one() {
     {
         let engine = Engine::open(&config(dir.path(), 1)).unwrap();
         for k in &keys {
-            engine.put_hint(9, k, &blind(3, b"hinted")).unwrap();
+            engine.put_hint(NodeId(9), k, &blind(3, b"hinted")).unwrap();
         }
-        engine.put_hint(8, &keys[0], &blind(3, b"for another node")).unwrap();
+        engine.put_hint(NodeId(8), &keys[0], &blind(3, b"for another node")).unwrap();
     }
     let engine = Engine::open(&config(dir.path(), 1)).unwrap();
-    let hints = engine.list_hints(9, None, 1000).unwrap();
+    let hints = engine.list_hints(NodeId(9), None, 1000).unwrap();
     assert_eq!(hints.len(), 50);
-    assert_eq!(engine.count_hints(9), 50);
-    assert!(hints.iter().all(|h| h.target_node == 9 && h.set == blind(3, b"hinted")));
+    assert_eq!(engine.count_hints(NodeId(9)), 50);
+    assert!(hints.iter().all(|h| h.target_node == NodeId(9) && h.set == blind(3, b"hinted")));
     let partition = keys[0].partition;
-    let in_partition = engine.list_hints(9, Some(partition), 1000).unwrap();
+    let in_partition = engine.list_hints(NodeId(9), Some(partition), 1000).unwrap();
     assert!(!in_partition.is_empty());
     assert!(in_partition.iter().all(|h| h.key.partition == partition));
     assert_eq!(engine.hint_targets().unwrap(), vec![8, 9]);
     // A delivered hint goes only if it did not grow meanwhile.
     let first = &in_partition[0];
-    engine.put_hint(9, &first.key, &blind(4, b"grew")).unwrap();
-    assert!(!engine.delete_hint_if_unchanged(9, &first.key, &first.set).unwrap());
-    let grown = engine.list_hints(9, Some(partition), 1000).unwrap();
+    engine.put_hint(NodeId(9), &first.key, &blind(4, b"grew")).unwrap();
+    assert!(!engine.delete_hint_if_unchanged(NodeId(9), &first.key, &first.set).unwrap());
+    let grown = engine.list_hints(NodeId(9), Some(partition), 1000).unwrap();
     let grown = grown.iter().find(|h| h.key == first.key).unwrap();
-    assert!(engine.delete_hint_if_unchanged(9, &grown.key, &grown.set).unwrap());
-    assert_eq!(engine.count_hints(9), 49);
-    assert_eq!(engine.count_hints(8), 1);
+    assert!(engine.delete_hint_if_unchanged(NodeId(9), &grown.key, &grown.set).unwrap());
+    assert_eq!(engine.count_hints(NodeId(9)), 49);
+    assert_eq!(engine.count_hints(NodeId(8)), 1);
 }
 
 /// The full-ack GC path: a confirmation is recorded only for the exact tombstone-only set the node

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use pairdb_core::dvv::{Actor, VersionSet, VersionVector};
 use pairdb_core::encoding::{decode_version_set, encode_vector, encode_version_set};
+use pairdb_core::ring::NodeId;
 use pairdb_core::token::{PartitionCount, token_for};
 use pairdb_proto::storage::v1 as pb;
 use pairdb_proto::storage::v1::storage_service_client::StorageServiceClient;
@@ -385,13 +386,13 @@ async fn hints_are_kept_for_the_owner_and_delivered_to_it() {
 
     // The holder's delivery (which its hint worker runs when the owner is live in the topology).
     let clients = pairdb_service::clients::InternalClients::insecure();
-    let owner_id = pairdb_core::ring::NodeId(2);
+    let owner_id = NodeId(2);
     let report =
         pairdb_storage::workers::hints::deliver(&holder.engine, &clients, owner_id, &owner.addr.to_string())
             .await
             .unwrap();
     assert_eq!(report.delivered, 40);
-    assert_eq!(holder.engine.count_hints(2), 0);
+    assert_eq!(holder.engine.count_hints(NodeId(2)), 0);
     for i in 0..40 {
         assert_eq!(
             get(&mut owner_client, "t", &format!("h{i}")).await.unwrap(),

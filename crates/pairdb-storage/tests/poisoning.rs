@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use pairdb_core::dvv::{Actor, VersionSet, VersionVector};
 use pairdb_core::reason::HasReason;
+use pairdb_core::ring::NodeId;
 use pairdb_core::token::PartitionCount;
 use pairdb_storage::engine::{Engine, EngineConfig, EngineError, SyncMode};
 use pairdb_storage::keys::RecordKey;
@@ -19,7 +20,7 @@ const PERIODIC: SyncMode = SyncMode::Periodic { interval_ms: 3_600_000 };
 fn open(dir: &Path, sync: SyncMode) -> Arc<Engine> {
     Engine::open(&EngineConfig {
         data_dir: dir.to_path_buf(),
-        node_id: 1,
+        node_id: NodeId(1),
         partitions: PartitionCount::default(),
         sync,
         cache_bytes: 16 * 1024 * 1024,
@@ -54,8 +55,8 @@ fn assert_refuses_writes_and_serves_reads(engine: &Engine) {
     assert_poisoned(write(engine, "after"));
     assert_poisoned(engine.merge(&key("merged"), &blind(9, b"m")));
     assert_poisoned(engine.merge_batch(&[(key("batched"), blind(9, b"b"))]));
-    assert_poisoned(engine.put_hint(2, &key("hinted"), &blind(9, b"h")));
-    assert_poisoned(engine.delete_hint_if_unchanged(2, &key("hinted"), &blind(9, b"h")));
+    assert_poisoned(engine.put_hint(NodeId(2), &key("hinted"), &blind(9, b"h")));
+    assert_poisoned(engine.delete_hint_if_unchanged(NodeId(2), &key("hinted"), &blind(9, b"h")));
     // A failed fsync is never retried, not even by an explicit sync.
     assert_poisoned(engine.sync_now());
 
@@ -63,7 +64,7 @@ fn assert_refuses_writes_and_serves_reads(engine: &Engine) {
     for name in ["doomed", "after", "merged", "batched"] {
         assert!(engine.get(&key(name)).unwrap().is_none(), "{name} was written");
     }
-    assert!(engine.list_hints(2, None, 10).unwrap().is_empty());
+    assert!(engine.list_hints(NodeId(2), None, 10).unwrap().is_empty());
     assert!(engine.stats().poisoned);
     let reason = engine.poisoned_reason().expect("a poisoned engine says why");
     assert!(reason.contains("injected fault"), "{reason}");

@@ -7,7 +7,7 @@ use super::*;
 /// A hint kept for another node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredHint {
-    pub target_node: u32,
+    pub target_node: NodeId,
     pub key: RecordKey,
     pub set: VersionSet,
     pub stored_at_ms: u64,
@@ -21,7 +21,12 @@ pub(super) fn decode_hint_value(raw: &[u8]) -> Result<(u64, VersionSet), EngineE
 
 impl Engine {
     /// Keeps `set` as a hint for `target_node` (merged with an earlier hint for the same key).
-    pub fn put_hint(&self, target_node: u32, key: &RecordKey, set: &VersionSet) -> Result<(), EngineError> {
+    pub fn put_hint(
+        &self,
+        target_node: NodeId,
+        key: &RecordKey,
+        set: &VersionSet,
+    ) -> Result<(), EngineError> {
         self.check_writable()?;
         let hint_key = key.encode_hint(target_node);
         let _guard = self.lock(&hint_key);
@@ -40,7 +45,7 @@ impl Engine {
     /// Up to `limit` hints for `target_node` (optionally one partition), in key order.
     pub fn list_hints(
         &self,
-        target_node: u32,
+        target_node: NodeId,
         partition: Option<PartitionId>,
         limit: usize,
     ) -> Result<Vec<StoredHint>, EngineError> {
@@ -55,7 +60,7 @@ impl Engine {
     }
 
     /// Number of hints held for `target_node` (a scan of that node's hint range).
-    pub fn count_hints(&self, target_node: u32) -> u64 {
+    pub fn count_hints(&self, target_node: NodeId) -> u64 {
         self.hints.prefix(hint_prefix(target_node, None)).count() as u64
     }
 
@@ -81,7 +86,7 @@ impl Engine {
     /// being delivered is kept for the next round).
     pub fn delete_hint_if_unchanged(
         &self,
-        target_node: u32,
+        target_node: NodeId,
         key: &RecordKey,
         delivered: &VersionSet,
     ) -> Result<bool, EngineError> {

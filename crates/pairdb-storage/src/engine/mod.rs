@@ -62,6 +62,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use pairdb_core::dvv::{UpdateError, VersionSet, VersionVector};
 use pairdb_core::encoding::{DecodeError, MAX_DECODED_ACTORS, decode_version_set, encode_version_set};
 use pairdb_core::reason::{HasReason, Reason};
+use pairdb_core::ring::NodeId;
 use pairdb_core::token::{PartitionCount, PartitionId};
 
 use crate::identity::{self, Identity, IdentityError};
@@ -88,7 +89,7 @@ pub enum SyncMode {
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub data_dir: PathBuf,
-    pub node_id: u32,
+    pub node_id: NodeId,
     pub partitions: PartitionCount,
     pub sync: SyncMode,
     /// Block cache size.

@@ -147,7 +147,7 @@ pub async fn deliver(
     let mut client = clients
         .storage(address, settings)
         .map_err(|e| WorkerError::Peer { node: target, failure: PeerFailure::Client(e) })?;
-    let target_node = target.0;
+    let target_node = target;
     let mut delivered = 0;
     for _ in 0..MAX_ROUNDS {
         let hints = blocking(engine, move |e| e.list_hints(target_node, None, DELIVERY_BATCH)).await?;

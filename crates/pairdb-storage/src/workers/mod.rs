@@ -118,7 +118,7 @@ pub struct Context {
 
 impl Context {
     pub fn me(&self) -> NodeId {
-        NodeId(self.engine.identity().node_id)
+        self.engine.identity().node_id
     }
 
     /// Runs `op` on the blocking pool (the engine reads and writes disk).
