@@ -17,6 +17,8 @@
 //! Invariant: a tenant row leaves the database only after every non-removed node purged its data,
 //! so no node that can serve data still holds the deleted tenant's records or hints.
 
+use pairdb_core::ring::NodeId;
+
 use crate::admin::{Meta, now_ms};
 use crate::error::MetaError;
 use crate::model::{Membership, MigrationState, PurgeProgress, Tenant, TenantState};
@@ -32,14 +34,15 @@ pub struct TenantView {
 /// Which nodes must confirm `tenant`'s purge and which have.
 pub(crate) async fn purge_progress(tx: &mut Tx, tenant: &Tenant) -> Result<PurgeProgress, MetaError> {
     let confirmed = tx.purge_confirmations(&tenant.tenant_id, tenant.purge_seq).await?;
-    let required: Vec<u32> = tx
+    let required: Vec<NodeId> = tx
         .list_nodes()
         .await?
         .into_iter()
         .filter(|node| node.membership != Membership::Removed)
         .map(|node| node.node_id)
         .collect();
-    let waiting_node_ids: Vec<u32> = required.iter().copied().filter(|id| !confirmed.contains(id)).collect();
+    let waiting_node_ids: Vec<NodeId> =
+        required.iter().copied().filter(|id| !confirmed.contains(id)).collect();
     let nodes_total = u32::try_from(required.len()).unwrap_or(u32::MAX);
     let nodes_done = nodes_total - u32::try_from(waiting_node_ids.len()).unwrap_or(nodes_total);
     Ok(PurgeProgress { nodes_done, nodes_total, waiting_node_ids })

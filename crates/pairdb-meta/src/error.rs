@@ -3,6 +3,7 @@
 //! `pairdb_service::errors`, the one reason → code → HTTP status table.
 
 use pairdb_core::reason::{HasReason, Reason};
+use pairdb_core::ring::NodeId;
 use pairdb_core::validation::MAX_REPLICATION_FACTOR;
 
 use crate::persistence::PersistenceError;
@@ -22,21 +23,21 @@ pub enum MetaError {
     #[error("api key {0:?} not found")]
     ApiKeyNotFound(String),
     #[error("storage node {0} not found")]
-    NodeNotFound(u32),
+    NodeNotFound(NodeId),
     #[error("storage node {0} already exists")]
-    NodeExists(u32),
+    NodeExists(NodeId),
     #[error(
         "storage node {0} was removed from the cluster; an operator must add it again (AddStorageNode), preferably with a fresh data directory"
     )]
-    NodeRemoved(u32),
+    NodeRemoved(NodeId),
     #[error("invalid storage node: {0}")]
     InvalidNode(String),
     #[error("storage node {node_id} did not answer: {message}")]
-    NodeUnavailable { node_id: u32, message: String },
+    NodeUnavailable { node_id: NodeId, message: String },
     #[error(
         "storage node {node_id} is in use: removing it would leave {remaining} ring node(s) but tenants need {required}"
     )]
-    NodeInUse { node_id: u32, remaining: usize, required: usize },
+    NodeInUse { node_id: NodeId, remaining: usize, required: usize },
     #[error("migration {0:?} not found")]
     MigrationNotFound(String),
     #[error("{what} (migration {migration_id} in progress)")]
@@ -52,7 +53,7 @@ pub enum MetaError {
         "storage node {0} registered with the data directory it had before it was removed; start it with an \
          empty --data-dir (its data is stale: the cluster moved on without it)"
     )]
-    StaleDataDirectory(u32),
+    StaleDataDirectory(NodeId),
     #[error("{0}")]
     Unauthenticated(String),
     #[error("{0}")]

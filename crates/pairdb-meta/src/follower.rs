@@ -19,6 +19,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use pairdb_core::ring::NodeId;
 use pairdb_service::shutdown::Shutdown;
 use tokio::sync::Notify;
 
@@ -110,6 +111,7 @@ async fn load_event(tx: &mut Tx, change: &Change) -> Result<Option<Event>, Persi
             let node_id = change
                 .entity
                 .parse::<u32>()
+                .map(NodeId)
                 .map_err(|_| PersistenceError::Corrupt(format!("change {change:?}: bad node id")))?;
             tx.get_node(node_id).await?.map(Event::NodeChanged)
         }

@@ -35,6 +35,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use pairdb_core::quorum::Consistency;
 use pairdb_core::reason::{HasReason, Reason};
+use pairdb_core::ring::NodeId;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -154,8 +155,10 @@ fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, MetaError> {
     serde_json::from_slice(body).map_err(|e| MetaError::InvalidArgument(format!("invalid JSON body: {e}")))
 }
 
-fn parse_node_id(text: &str) -> Result<u32, MetaError> {
-    text.parse().map_err(|_| MetaError::InvalidArgument(format!("node id {text:?} is not a number")))
+fn parse_node_id(text: &str) -> Result<NodeId, MetaError> {
+    text.parse()
+        .map(NodeId)
+        .map_err(|_| MetaError::InvalidArgument(format!("node id {text:?} is not a number")))
 }
 
 /// `key=value` pairs of a query string (values used here never need percent-decoding, and one that
@@ -190,7 +193,7 @@ fn tenant_view_json(view: &TenantView) -> Value {
         json["purge"] = json!({
             "nodes_done": purge.nodes_done,
             "nodes_total": purge.nodes_total,
-            "waiting_node_ids": purge.waiting_node_ids,
+            "waiting_node_ids": purge.waiting_node_ids.iter().map(|node| node.0).collect::<Vec<_>>(),
         });
     }
     json
@@ -227,7 +230,7 @@ fn api_key_json(key: &ApiKey) -> Value {
 fn node_json(view: &NodeView) -> Value {
     let node = &view.node;
     json!({
-        "node_id": node.node_id,
+        "node_id": node.node_id.0,
         "address": node.address,
         "zone": node.zone,
         "weight": node.weight,
@@ -247,7 +250,7 @@ fn node_json(view: &NodeView) -> Value {
 
 fn rebuild_json(rebuild: &NodeRebuild) -> Value {
     json!({
-        "node_id": rebuild.node_id,
+        "node_id": rebuild.node_id.0,
         "state": rebuild.state,
         "partitions_total": rebuild.partitions_total,
         "partitions_done": rebuild.partitions_done,
@@ -538,14 +541,14 @@ async fn add_node(State(meta): State<Meta>, JsonBody(body): JsonBody) -> Respons
         async {
             let body: AddNodeBody = parse(&body)?;
             let new = NewNode {
-                node_id: body.node_id,
+                node_id: (body.node_id != 0).then_some(NodeId(body.node_id)),
                 address: body.address,
                 zone: body.zone,
                 weight: body.weight,
             };
             let (node, migration_id) = meta.add_node(new).await?;
             let mut body = change_json("node", node_json(&node), migration_id);
-            let principal = pairdb_service::cluster_auth::Principal::Node(node.node.node_id);
+            let principal = pairdb_service::cluster_auth::Principal::Node(node.node.node_id.0);
             if let Ok(credential) = meta.issue_credential(principal) {
                 body["cluster_credential"] = Value::String(credential.as_str().to_owned());
             }

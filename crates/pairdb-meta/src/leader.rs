@@ -214,7 +214,7 @@ async fn detect_once(
             tx.record_change(ChangeKind::Node, &node.node_id.to_string()).await?;
             tx.commit().await?;
             tracing::warn!(
-                node_id = node.node_id,
+                node_id = %node.node_id,
                 silent_ms = now.saturating_sub(heard),
                 "storage node marked down"
             );

@@ -13,6 +13,8 @@
 //! left it in (a node removed meanwhile, or a tenant whose N was changed again, is left alone), so
 //! applying an ending twice, or after an operator's own change, does nothing.
 
+use pairdb_core::ring::NodeId;
+
 use crate::error::MetaError;
 use crate::model::{Membership, Migration, MigrationChange};
 use crate::persistence::{ChangeKind, Tx};
@@ -30,14 +32,14 @@ pub enum Ending {
 pub enum Settlement {
     /// The node moves from `from` to `to` (only if it is still `from`).
     Membership {
-        node_id: u32,
+        node_id: NodeId,
         from: Membership,
         to: Membership,
     },
     /// The node's weight goes back to `restore` (only if it still has `migrated_to` and was not
     /// removed).
     RestoreWeight {
-        node_id: u32,
+        node_id: NodeId,
         migrated_to: u64,
         restore: u32,
     },
@@ -149,7 +151,7 @@ mod tests {
     #[test]
     fn completing_and_abandoning_each_kind() {
         use Membership::{Active, Joining, Leaving, Removed};
-        let node = |from, to| Settlement::Membership { node_id: 7, from, to };
+        let node = |from, to| Settlement::Membership { node_id: NodeId(7), from, to };
         let cases = [
             (MigrationKind::AddNode, Ending::Completed, node(Joining, Active)),
             (MigrationKind::AddNode, Ending::Abandoned, node(Joining, Removed)),
@@ -171,7 +173,7 @@ mod tests {
             (
                 MigrationKind::NodeWeight,
                 Ending::Abandoned,
-                Settlement::RestoreWeight { node_id: 7, migrated_to: 5, restore: 3 },
+                Settlement::RestoreWeight { node_id: NodeId(7), migrated_to: 5, restore: 3 },
             ),
         ];
         for (kind, ending, expected) in cases {

@@ -65,7 +65,7 @@ pub struct PurgeProgress {
     pub nodes_done: u32,
     pub nodes_total: u32,
     /// Nodes still to confirm (a down node confirms when it is back).
-    pub waiting_node_ids: Vec<u32>,
+    pub waiting_node_ids: Vec<NodeId>,
 }
 
 /// A key routers seal client contexts with.
@@ -180,7 +180,7 @@ pub struct NodeStats {
 /// A storage node's rebuild as the node reports it (relayed, never stored: the node owns it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeRebuild {
-    pub node_id: u32,
+    pub node_id: NodeId,
     /// "idle" (none since the node started), "running" or "done".
     pub state: &'static str,
     pub partitions_total: u64,
@@ -196,7 +196,7 @@ pub struct NodeRebuild {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StorageNode {
-    pub node_id: u32,
+    pub node_id: NodeId,
     /// `host:port` the node serves on; empty until the node registers when added without one.
     pub address: String,
     /// Empty = no zone.
@@ -228,7 +228,7 @@ impl StorageNode {
 
     /// The node as placement sees it.
     pub fn spec(&self) -> NodeSpec {
-        let spec = NodeSpec::new(NodeId(self.node_id), self.weight.max(1));
+        let spec = NodeSpec::new(self.node_id, self.weight.max(1));
         if self.zone.is_empty() { spec } else { spec.with_zone(self.zone.clone()) }
     }
 }
@@ -327,13 +327,13 @@ pub struct MigrationProgress {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MigrationChange {
     /// A node joins the ring with `weight`.
-    AddNode { node_id: u32, weight: u32 },
+    AddNode { node_id: NodeId, weight: u32 },
     /// A node leaves the ring after its data moved to the remaining nodes.
-    DrainNode { node_id: u32 },
+    DrainNode { node_id: NodeId },
     /// A node leaves at once (it may be dead); survivors re-replicate.
-    RemoveNode { node_id: u32 },
+    RemoveNode { node_id: NodeId },
     /// A node's weight changes; `from` is restored if the migration is abandoned.
-    NodeWeight { node_id: u32, from: u32, to: u32 },
+    NodeWeight { node_id: NodeId, from: u32, to: u32 },
     /// A tenant's replication factor changes; `from` is served until it completes.
     ReplicationFactor { tenant_id: String, from: u32, to: u32 },
 }
@@ -350,7 +350,7 @@ impl MigrationChange {
     }
 
     /// The node the change is about, if any.
-    pub fn node_id(&self) -> Option<u32> {
+    pub fn node_id(&self) -> Option<NodeId> {
         match self {
             MigrationChange::AddNode { node_id, .. }
             | MigrationChange::DrainNode { node_id }
@@ -372,11 +372,11 @@ impl MigrationChange {
     /// or "", value before, value after).
     pub fn to_row(&self) -> MigrationRow<'_> {
         let (node_id, tenant_id, old_value, new_value) = match self {
-            MigrationChange::AddNode { node_id, weight } => (*node_id, "", 0, *weight),
+            MigrationChange::AddNode { node_id, weight } => (node_id.0, "", 0, *weight),
             MigrationChange::DrainNode { node_id } | MigrationChange::RemoveNode { node_id } => {
-                (*node_id, "", 0, 0)
+                (node_id.0, "", 0, 0)
             }
-            MigrationChange::NodeWeight { node_id, from, to } => (*node_id, "", *from, *to),
+            MigrationChange::NodeWeight { node_id, from, to } => (node_id.0, "", *from, *to),
             MigrationChange::ReplicationFactor { tenant_id, from, to } => (0, tenant_id.as_str(), *from, *to),
         };
         MigrationRow {
@@ -391,7 +391,7 @@ impl MigrationChange {
     /// The change a stored row describes (the inverse of [`Self::to_row`]).
     pub fn from_row(row: MigrationRow<'_>) -> Self {
         let value = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
-        let (node_id, from, to) = (row.node_id, value(row.old_value), value(row.new_value));
+        let (node_id, from, to) = (NodeId(row.node_id), value(row.old_value), value(row.new_value));
         match row.kind {
             MigrationKind::AddNode => MigrationChange::AddNode { node_id, weight: to },
             MigrationKind::DrainNode => MigrationChange::DrainNode { node_id },
@@ -408,6 +408,7 @@ impl MigrationChange {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MigrationRow<'a> {
     pub kind: MigrationKind,
+    /// 0 when the change names no node.
     pub node_id: u32,
     pub tenant_id: &'a str,
     pub old_value: u64,

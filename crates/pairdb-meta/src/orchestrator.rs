@@ -328,7 +328,7 @@ fn node_endpoints(nodes: &[StorageNode]) -> BTreeMap<NodeId, NodeEndpoint> {
         .iter()
         .map(|node| {
             let endpoint = NodeEndpoint { address: node.address.clone(), down: !node.alive };
-            (NodeId(node.node_id), endpoint)
+            (node.node_id, endpoint)
         })
         .collect()
 }

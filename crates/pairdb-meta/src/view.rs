@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use pairdb_core::ring::NodeId;
 use tokio::sync::broadcast;
 
 use crate::model::{ApiKeyHash, ContextKeySet, StorageNode, Tenant, Topology};
@@ -58,7 +59,7 @@ struct State {
     revision: u64,
     current: Option<Topology>,
     pending: Option<Topology>,
-    nodes: BTreeMap<u32, StorageNode>,
+    nodes: BTreeMap<NodeId, StorageNode>,
     tenants: BTreeMap<String, Tenant>,
     api_keys: BTreeMap<String, ApiKeyHash>,
     context_keys: ContextKeySet,

@@ -113,7 +113,7 @@ fn tenant(id: &str) -> Tenant {
 
 fn node(id: u32) -> StorageNode {
     StorageNode {
-        node_id: id,
+        node_id: NodeId(id),
         address: format!("10.0.0.{id}:7200"),
         zone: format!("z{}", id % 3),
         weight: 1,
@@ -262,14 +262,14 @@ async fn storage_nodes_round_trip(store: Store) {
     tx.commit().await.unwrap();
 
     let mut tx = store.read().await.unwrap();
-    assert_eq!(tx.get_node(2).await.unwrap().unwrap(), changed);
+    assert_eq!(tx.get_node(NodeId(2)).await.unwrap().unwrap(), changed);
     assert_eq!(
-        tx.get_node(9).await.unwrap().unwrap().actor_id,
+        tx.get_node(NodeId(9)).await.unwrap().unwrap().actor_id,
         u64::MAX - 9,
         "u64 actor ids survive i64 storage"
     );
-    assert_eq!(tx.get_node(5).await.unwrap(), None);
-    let ids: Vec<u32> = tx.list_nodes().await.unwrap().into_iter().map(|n| n.node_id).collect();
+    assert_eq!(tx.get_node(NodeId(5)).await.unwrap(), None);
+    let ids: Vec<u32> = tx.list_nodes().await.unwrap().into_iter().map(|n| n.node_id.0).collect();
     assert_eq!(ids, [2, 9]);
     tx.commit().await.unwrap();
 
@@ -283,7 +283,7 @@ async fn storage_nodes_round_trip(store: Store) {
     tx.upsert_node(&again).await.unwrap();
     tx.commit().await.unwrap();
     let mut tx = store.read().await.unwrap();
-    assert_eq!(tx.get_node(2).await.unwrap().unwrap(), again);
+    assert_eq!(tx.get_node(NodeId(2)).await.unwrap().unwrap(), again);
 }
 
 async fn heartbeats_and_liveness(store: Store) {
@@ -302,32 +302,36 @@ async fn heartbeats_and_liveness(store: Store) {
         write_path_poisoned: true,
         quarantined_records: 3,
     };
-    assert_eq!(store.record_heartbeat(1, &stats, 1_000).await.unwrap(), Some(true));
-    assert_eq!(store.record_heartbeat(2, &stats, 1_000).await.unwrap(), None, "removed nodes are unknown");
-    assert_eq!(store.record_heartbeat(3, &stats, 1_000).await.unwrap(), None);
+    assert_eq!(store.record_heartbeat(NodeId(1), &stats, 1_000).await.unwrap(), Some(true));
+    assert_eq!(
+        store.record_heartbeat(NodeId(2), &stats, 1_000).await.unwrap(),
+        None,
+        "removed nodes are unknown"
+    );
+    assert_eq!(store.record_heartbeat(NodeId(3), &stats, 1_000).await.unwrap(), None);
 
     // A heartbeat newer than the cutoff keeps the node alive; an older one does not.
     let mut tx = store.write().await.unwrap();
-    assert!(!tx.mark_node_dead(1, 1_000, 2_000).await.unwrap());
-    assert!(tx.mark_node_dead(1, 1_001, 2_000).await.unwrap());
-    assert!(!tx.mark_node_dead(1, 5_000, 2_000).await.unwrap(), "already dead");
+    assert!(!tx.mark_node_dead(NodeId(1), 1_000, 2_000).await.unwrap());
+    assert!(tx.mark_node_dead(NodeId(1), 1_001, 2_000).await.unwrap());
+    assert!(!tx.mark_node_dead(NodeId(1), 5_000, 2_000).await.unwrap(), "already dead");
     tx.commit().await.unwrap();
-    assert_eq!(store.record_heartbeat(1, &stats, 3_000).await.unwrap(), Some(false));
+    assert_eq!(store.record_heartbeat(NodeId(1), &stats, 3_000).await.unwrap(), Some(false));
 
     let mut tx = store.write().await.unwrap();
     // Configuration updates leave the heartbeat and stats alone.
-    let mut loaded = tx.get_node(1).await.unwrap().unwrap();
+    let mut loaded = tx.get_node(NodeId(1)).await.unwrap().unwrap();
     assert_eq!(loaded.stats, stats);
     assert_eq!(loaded.last_heartbeat_ms, 3_000);
     loaded.weight = 2;
     loaded.last_heartbeat_ms = 0;
     tx.update_node(&loaded).await.unwrap();
-    assert!(tx.mark_node_alive(1, 3_001).await.unwrap());
-    assert!(!tx.mark_node_alive(1, 3_002).await.unwrap());
-    tx.set_last_heartbeat(1, 4_000).await.unwrap();
+    assert!(tx.mark_node_alive(NodeId(1), 3_001).await.unwrap());
+    assert!(!tx.mark_node_alive(NodeId(1), 3_002).await.unwrap());
+    tx.set_last_heartbeat(NodeId(1), 4_000).await.unwrap();
     tx.commit().await.unwrap();
     let mut tx = store.read().await.unwrap();
-    let loaded = tx.get_node(1).await.unwrap().unwrap();
+    let loaded = tx.get_node(NodeId(1)).await.unwrap().unwrap();
     assert!(loaded.alive);
     assert_eq!((loaded.weight, loaded.last_heartbeat_ms), (2, 4_000));
 }

@@ -28,7 +28,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use pairdb_core::quorum::Consistency;
-use pairdb_core::ring::{Assignment, NodeSpec};
+use pairdb_core::ring::{Assignment, NodeId, NodeSpec};
 use pairdb_core::token::PartitionCount;
 use pairdb_core::validation::{
     self, DEFAULT_MAX_SIBLINGS, DEFAULT_MAX_VALUE_BYTES, DEFAULT_REPLICATION_FACTOR, MAX_REPLICATION_FACTOR,
@@ -96,10 +96,11 @@ pub struct TenantPatch {
     pub strict_quorum: Option<bool>,
 }
 
-/// A node to add. `node_id` 0 picks the next free id; `weight` 0 means 1.
+/// A node to add. `weight` 0 means 1.
 #[derive(Debug, Clone, Default)]
 pub struct NewNode {
-    pub node_id: u32,
+    /// `None` picks the next free id.
+    pub node_id: Option<NodeId>,
     pub address: String,
     pub zone: String,
     pub weight: u32,
@@ -121,7 +122,8 @@ pub struct NodeView {
 /// A storage process announcing itself.
 #[derive(Debug, Clone, Default)]
 pub struct Registration {
-    pub node_id: u32,
+    /// `None`: the process does not know its id yet (auto-add picks one).
+    pub node_id: Option<NodeId>,
     pub address: String,
     pub zone: String,
     pub weight: u32,
@@ -377,13 +379,13 @@ pub(crate) async fn abandon(
 }
 
 /// The ids of the nodes the current topology places data on.
-async fn ring_nodes(tx: &mut Tx) -> Result<std::collections::BTreeSet<u32>, MetaError> {
+async fn ring_nodes(tx: &mut Tx) -> Result<std::collections::BTreeSet<NodeId>, MetaError> {
     let state = tx.meta_state().await?;
     if state.current_epoch == 0 {
         return Ok(Default::default());
     }
     let topology = tx.require_topology(state.current_epoch).await?;
-    Ok(topology.assignment.nodes().into_iter().map(|id| id.0).collect())
+    Ok(topology.assignment.nodes().into_iter().collect())
 }
 
 async fn node_view(tx: &mut Tx, node: StorageNode) -> Result<NodeView, MetaError> {

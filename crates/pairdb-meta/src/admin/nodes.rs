@@ -34,12 +34,13 @@ impl Meta {
         };
         check_node_fields(&request.address, &request.zone, weight)?;
         let node_id = match request.node_id {
-            0 => tx
+            None => tx
                 .max_node_id()
                 .await?
                 .checked_add(1)
+                .map(NodeId)
                 .ok_or_else(|| MetaError::InvalidNode("node ids exhausted".to_owned()))?,
-            id => id,
+            Some(id) => id,
         };
         // A removed node's data directory is stale (the cluster re-replicated without it, and may
         // have purged tombstones or deleted tenants since): remember its actor id so it cannot rejoin.
@@ -87,18 +88,18 @@ impl Meta {
             tx.upsert_node(&node).await?;
             tx.record_change(ChangeKind::Node, &node_id.to_string()).await?;
             tx.record_change(ChangeKind::TopologyCurrent, &epoch.to_string()).await?;
-            tracing::info!(node_id, epoch, "first topology version created (bootstrap)");
+            tracing::info!(node_id = %node_id, epoch, "first topology version created (bootstrap)");
             return Ok((node, None));
         }
         tx.upsert_node(&node).await?;
         tx.record_change(ChangeKind::Node, &node_id.to_string()).await?;
         let migration = new_migration(tx, MigrationChange::AddNode { node_id, weight }, now).await?;
         tx.insert_migration(&migration).await?;
-        tracing::info!(node_id, migration = %migration.migration_id, "storage node added; add_node migration queued");
+        tracing::info!(node_id = %node_id, migration = %migration.migration_id, "storage node added; add_node migration queued");
         Ok((node, Some(migration.migration_id)))
     }
 
-    pub async fn get_node(&self, node_id: u32) -> Result<NodeView, MetaError> {
+    pub async fn get_node(&self, node_id: NodeId) -> Result<NodeView, MetaError> {
         let mut tx = self.read().await?;
         let node = tx.get_node(node_id).await?.ok_or(MetaError::NodeNotFound(node_id))?;
         let view = node_view(&mut tx, node).await?;
@@ -108,7 +109,7 @@ impl Meta {
 
     /// Starts (`start`) or reports a storage node's rebuild, which the node runs itself: meta only
     /// relays, so nothing about it is stored here.
-    pub async fn node_rebuild(&self, node_id: u32, start: bool) -> Result<NodeRebuild, MetaError> {
+    pub async fn node_rebuild(&self, node_id: NodeId, start: bool) -> Result<NodeRebuild, MetaError> {
         let node = self.get_node(node_id).await?.node;
         if node.membership == Membership::Removed {
             return Err(MetaError::NodeRemoved(node_id));
@@ -157,7 +158,7 @@ impl Meta {
     /// (placement is recomputed); for a joining node the change is simply recorded.
     pub async fn update_node(
         &self,
-        node_id: u32,
+        node_id: NodeId,
         patch: NodePatch,
     ) -> Result<(NodeView, Option<String>), MetaError> {
         let (mut tx, now) = self.write().await?;
@@ -208,7 +209,7 @@ impl Meta {
     /// highest replication factor of any tenant (or none at all).
     pub async fn remove_node(
         &self,
-        node_id: u32,
+        node_id: NodeId,
         force: bool,
     ) -> Result<(NodeView, Option<String>), MetaError> {
         let (mut tx, now) = self.write().await?;
@@ -289,7 +290,7 @@ impl Meta {
         let view = node_view(&mut tx, node).await?;
         tx.commit().await?;
         let migration_id = migration_id.map(|m| {
-            tracing::info!(node_id, force, migration = %m.migration_id, kind = m.change.kind().as_str(), "node removal queued");
+            tracing::info!(node_id = %node_id, force, migration = %m.migration_id, kind = m.change.kind().as_str(), "node removal queued");
             self.inner.orchestrator_wake.notify_one();
             m.migration_id
         });
@@ -297,12 +298,12 @@ impl Meta {
     }
 
     /// A storage process announces itself (see the module documentation). Returns its node id.
-    pub async fn register_node(&self, registration: Registration) -> Result<u32, MetaError> {
+    pub async fn register_node(&self, registration: Registration) -> Result<NodeId, MetaError> {
         let (mut tx, now) = self.write().await?;
         let mut queued_migration = false;
         let existing = match registration.node_id {
-            0 => None,
-            id => tx.get_node(id).await?,
+            None => None,
+            Some(id) => tx.get_node(id).await?,
         };
         // A drained or force-removed node that is still running keeps registering: it must not
         // rejoin by itself (not even with auto-add), or a drain would undo itself.
@@ -328,7 +329,7 @@ impl Meta {
                 }
                 if node.actor_id != registration.actor_id && node.actor_id != 0 {
                     tracing::warn!(
-                        node_id = node.node_id,
+                        node_id = %node.node_id,
                         old_actor = node.actor_id,
                         new_actor = registration.actor_id,
                         "storage node registered with a new actor id (new data directory)"
@@ -358,13 +359,13 @@ impl Meta {
                 tx.set_last_heartbeat(node.node_id, now).await?;
                 queued_migration = migration.is_some();
                 tracing::info!(
-                    node_id = node.node_id,
+                    node_id = %node.node_id,
                     "unknown storage node added on registration (auto-add)"
                 );
                 node.node_id
             }
             None => {
-                return Err(MetaError::NodeNotFound(registration.node_id));
+                return Err(MetaError::NodeNotFound(registration.node_id.unwrap_or(NodeId(0))));
             }
         };
         tx.commit().await?;
@@ -373,7 +374,7 @@ impl Meta {
         if queued_migration {
             self.inner.orchestrator_wake.notify_one();
         }
-        tracing::debug!(node_id, address = %registration.address, "storage node registered");
+        tracing::debug!(node_id = %node_id, address = %registration.address, "storage node registered");
         Ok(node_id)
     }
 
@@ -381,7 +382,7 @@ impl Meta {
     /// should register again). A node that was marked down is marked alive again at once.
     pub async fn heartbeat(
         &self,
-        node_id: u32,
+        node_id: NodeId,
         stats: NodeStats,
         purged_tenants: &[(String, u64)],
     ) -> Result<bool, MetaError> {
@@ -389,7 +390,7 @@ impl Meta {
         let now = now_ms();
         for (tenant, purge_seq) in purged_tenants {
             if self.inner.store.confirm_tenant_purge(tenant, *purge_seq, node_id, now).await? {
-                tracing::info!(node_id, tenant, purge_seq, "storage node purged a deleted tenant");
+                tracing::info!(node_id = %node_id, tenant, purge_seq, "storage node purged a deleted tenant");
             }
         }
         match self.inner.store.record_heartbeat(node_id, &stats, now).await? {
@@ -399,7 +400,7 @@ impl Meta {
                 let (mut tx, now) = self.write().await?;
                 if tx.mark_node_alive(node_id, now).await? {
                     tx.record_change(ChangeKind::Node, &node_id.to_string()).await?;
-                    tracing::info!(node_id, "storage node is alive again");
+                    tracing::info!(node_id = %node_id, "storage node is alive again");
                 }
                 tx.commit().await?;
                 Ok(true)

@@ -16,7 +16,7 @@ pub(super) fn require_node(rpc: &'static str, caller: Caller, node_id: u32) -> R
     if caller.is(Principal::Node(node_id)) {
         return Ok(());
     }
-    tracing::warn!(rpc, node_id, ?caller, "a cluster member tried to act as another node");
+    tracing::warn!(rpc, node_id = %node_id, ?caller, "a cluster member tried to act as another node");
     metrics::counter!("pairdb_cluster_auth_refused_total", "api" => "cluster_identity").increment(1);
     Err(error_status(
         rpc,
@@ -50,7 +50,7 @@ impl ClusterService for ClusterGrpc {
         let r = request.into_inner();
         require_node("RegisterNode", caller, r.node_id)?;
         let registration = Registration {
-            node_id: r.node_id,
+            node_id: (r.node_id != 0).then_some(NodeId(r.node_id)),
             address: r.address,
             zone: r.zone,
             weight: r.weight,
@@ -60,7 +60,7 @@ impl ClusterService for ClusterGrpc {
         let node_id =
             self.meta.register_node(registration).await.map_err(|e| error_status("RegisterNode", e))?;
         Ok(Response::new(cluster_pb::RegisterNodeResponse {
-            node_id,
+            node_id: node_id.0,
             heartbeat_interval_ms: self.meta.settings().heartbeat_interval_ms,
         }))
     }
@@ -75,8 +75,11 @@ impl ClusterService for ClusterGrpc {
         let stats = r.stats.map(stats_from_pb).unwrap_or_default();
         let purged: Vec<(String, u64)> =
             r.purged_tenants.into_iter().map(|p| (p.tenant_id, p.purge_seq)).collect();
-        let known =
-            self.meta.heartbeat(r.node_id, stats, &purged).await.map_err(|e| error_status("Heartbeat", e))?;
+        let known = self
+            .meta
+            .heartbeat(NodeId(r.node_id), stats, &purged)
+            .await
+            .map_err(|e| error_status("Heartbeat", e))?;
         Ok(Response::new(cluster_pb::HeartbeatResponse { unknown_node: !known }))
     }
 

@@ -17,7 +17,7 @@ pub(super) fn tenant_to_pb(view: &TenantView) -> admin_pb::Tenant {
         purge: view.purge.as_ref().map(|p| admin_pb::TenantPurgeProgress {
             nodes_done: p.nodes_done,
             nodes_total: p.nodes_total,
-            waiting_node_ids: p.waiting_node_ids.clone(),
+            waiting_node_ids: p.waiting_node_ids.iter().map(|node| node.0).collect(),
         }),
         tenant_id: tenant.tenant_id.clone(),
         replication_factor: tenant.replication_factor,
@@ -104,7 +104,7 @@ pub(super) fn stats_from_pb(stats: admin_pb::NodeStats) -> NodeStats {
 pub(super) fn node_to_pb(view: &NodeView) -> admin_pb::StorageNode {
     let node = &view.node;
     admin_pb::StorageNode {
-        node_id: node.node_id,
+        node_id: node.node_id.0,
         address: node.address.clone(),
         zone: node.zone.clone(),
         weight: node.weight,
@@ -124,7 +124,7 @@ pub(super) fn node_to_pb(view: &NodeView) -> admin_pb::StorageNode {
 
 pub(super) fn node_rebuild_message(rebuild: &NodeRebuild) -> admin_pb::NodeRebuild {
     admin_pb::NodeRebuild {
-        node_id: rebuild.node_id,
+        node_id: rebuild.node_id.0,
         state: rebuild.state.to_owned(),
         partitions_total: rebuild.partitions_total,
         partitions_done: rebuild.partitions_done,
@@ -150,7 +150,7 @@ pub(super) fn node_change(
 
 pub(super) fn node_info_to_pb(node: &StorageNode) -> cluster_pb::NodeInfo {
     cluster_pb::NodeInfo {
-        node_id: node.node_id,
+        node_id: node.node_id.0,
         address: node.address.clone(),
         zone: node.zone.clone(),
         weight: node.weight,

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use pairdb_core::quorum::Consistency;
+use pairdb_core::ring::NodeId;
 use pairdb_core::tenant::ConflictMode;
 use pairdb_proto::admin::v1 as admin_pb;
 use pairdb_proto::admin::v1::admin_service_server::AdminService;
@@ -233,12 +234,13 @@ impl AdminService for AdminGrpc {
         request: Request<admin_pb::AddStorageNodeRequest>,
     ) -> Result<Response<admin_pb::StorageNodeChangeResponse>, Status> {
         let r = request.into_inner();
-        let new = NewNode { node_id: r.node_id, address: r.address, zone: r.zone, weight: r.weight };
+        let node_id = (r.node_id != 0).then_some(NodeId(r.node_id));
+        let new = NewNode { node_id, address: r.address, zone: r.zone, weight: r.weight };
         let (node, migration_id) =
             self.meta.add_node(new).await.map_err(|e| error_status("AddStorageNode", e))?;
         let mut response = node_change(&node, migration_id);
         // An insecure cluster has no credentials to hand out.
-        if let Ok(credential) = self.meta.issue_credential(Principal::Node(node.node.node_id)) {
+        if let Ok(credential) = self.meta.issue_credential(Principal::Node(node.node.node_id.0)) {
             response.cluster_credential = credential.as_str().to_owned();
         }
         Ok(Response::new(response))
@@ -260,7 +262,7 @@ impl AdminService for AdminGrpc {
     ) -> Result<Response<admin_pb::StorageNode>, Status> {
         let node = self
             .meta
-            .get_node(request.into_inner().node_id)
+            .get_node(NodeId(request.into_inner().node_id))
             .await
             .map_err(|e| error_status("GetStorageNode", e))?;
         Ok(Response::new(node_to_pb(&node)))
@@ -274,7 +276,7 @@ impl AdminService for AdminGrpc {
         let patch = NodePatch { weight: r.weight, zone: r.zone };
         let (node, migration_id) = self
             .meta
-            .update_node(r.node_id, patch)
+            .update_node(NodeId(r.node_id), patch)
             .await
             .map_err(|e| error_status("UpdateStorageNode", e))?;
         Ok(Response::new(node_change(&node, migration_id)))
@@ -287,7 +289,7 @@ impl AdminService for AdminGrpc {
         let r = request.into_inner();
         let (node, migration_id) = self
             .meta
-            .remove_node(r.node_id, r.force)
+            .remove_node(NodeId(r.node_id), r.force)
             .await
             .map_err(|e| error_status("RemoveStorageNode", e))?;
         Ok(Response::new(node_change(&node, migration_id)))
@@ -299,7 +301,7 @@ impl AdminService for AdminGrpc {
     ) -> Result<Response<admin_pb::NodeRebuild>, Status> {
         let rebuild = self
             .meta
-            .node_rebuild(request.into_inner().node_id, true)
+            .node_rebuild(NodeId(request.into_inner().node_id), true)
             .await
             .map_err(|e| error_status("RebuildStorageNode", e))?;
         Ok(Response::new(node_rebuild_message(&rebuild)))
@@ -311,7 +313,7 @@ impl AdminService for AdminGrpc {
     ) -> Result<Response<admin_pb::NodeRebuild>, Status> {
         let rebuild = self
             .meta
-            .node_rebuild(request.into_inner().node_id, false)
+            .node_rebuild(NodeId(request.into_inner().node_id), false)
             .await
             .map_err(|e| error_status("GetNodeRebuild", e))?;
         Ok(Response::new(node_rebuild_message(&rebuild)))

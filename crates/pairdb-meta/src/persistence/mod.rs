@@ -59,6 +59,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use pairdb_core::quorum::Consistency;
+use pairdb_core::ring::NodeId;
 use pairdb_core::token::{PartitionCount, TOKEN_FORMAT_VERSION};
 use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};

@@ -7,7 +7,7 @@ impl Store {
     /// produce no change. Returns the node's `alive` flag, or `None` for an unknown or removed node.
     pub async fn record_heartbeat(
         &self,
-        node_id: u32,
+        node_id: NodeId,
         stats: &NodeStats,
         now_ms: u64,
     ) -> Result<Option<bool>, PersistenceError> {
@@ -17,7 +17,7 @@ impl Store {
         let alive: Option<bool> = match &self.inner.pool {
             Pool::Postgres(pool) => {
                 sqlx::query_scalar(sql)
-                    .bind(i64::from(node_id))
+                    .bind(i64::from(node_id.0))
                     .bind(to_i64(now_ms))
                     .bind(to_i64(stats.keys))
                     .bind(to_i64(stats.live_bytes))
@@ -30,7 +30,7 @@ impl Store {
             }
             Pool::Sqlite(pool) => {
                 sqlx::query_scalar(sql)
-                    .bind(i64::from(node_id))
+                    .bind(i64::from(node_id.0))
                     .bind(to_i64(now_ms))
                     .bind(to_i64(stats.keys))
                     .bind(to_i64(stats.live_bytes))
@@ -47,10 +47,10 @@ impl Store {
 }
 
 impl Tx {
-    pub async fn get_node(&mut self, node_id: u32) -> Result<Option<StorageNode>, PersistenceError> {
+    pub async fn get_node(&mut self, node_id: NodeId) -> Result<Option<StorageNode>, PersistenceError> {
         let row: Option<NodeRow> = on_conn!(self, c => {
             sqlx::query_as("SELECT * FROM storage_nodes WHERE node_id = $1")
-                .bind(i64::from(node_id))
+                .bind(i64::from(node_id.0))
                 .fetch_optional(&mut *c)
                 .await?
         });
@@ -91,7 +91,7 @@ impl Tx {
                  updated_at_ms = excluded.updated_at_ms, stats_quarantined_records = excluded.stats_quarantined_records, \
                  retired_actor_id = excluded.retired_actor_id",
             )
-            .bind(i64::from(node.node_id))
+            .bind(i64::from(node.node_id.0))
             .bind(&node.address)
             .bind(&node.zone)
             .bind(i64::from(node.weight))
@@ -123,7 +123,7 @@ impl Tx {
                 "UPDATE storage_nodes SET address = $2, zone = $3, weight = $4, membership = $5, alive = $6, \
                  actor_id = $7, data_format_version = $8, updated_at_ms = $9, retired_actor_id = $10 WHERE node_id = $1",
             )
-            .bind(i64::from(node.node_id))
+            .bind(i64::from(node.node_id.0))
             .bind(&node.address)
             .bind(&node.zone)
             .bind(i64::from(node.weight))
@@ -144,7 +144,7 @@ impl Tx {
     /// in the statement itself, so a heartbeat that lands concurrently wins). `true` if marked.
     pub async fn mark_node_dead(
         &mut self,
-        node_id: u32,
+        node_id: NodeId,
         cutoff_ms: u64,
         now_ms: u64,
     ) -> Result<bool, PersistenceError> {
@@ -153,7 +153,7 @@ impl Tx {
                 "UPDATE storage_nodes SET alive = FALSE, updated_at_ms = $3 \
                  WHERE node_id = $1 AND alive AND membership <> 'removed' AND last_heartbeat_ms < $2",
             )
-            .bind(i64::from(node_id))
+            .bind(i64::from(node_id.0))
             .bind(to_i64(cutoff_ms))
             .bind(to_i64(now_ms))
             .execute(&mut *c)
@@ -164,13 +164,13 @@ impl Tx {
     }
 
     /// Marks the node alive; `true` if it was dead.
-    pub async fn mark_node_alive(&mut self, node_id: u32, now_ms: u64) -> Result<bool, PersistenceError> {
+    pub async fn mark_node_alive(&mut self, node_id: NodeId, now_ms: u64) -> Result<bool, PersistenceError> {
         let affected = on_conn!(self, c => {
             sqlx::query(
                 "UPDATE storage_nodes SET alive = TRUE, updated_at_ms = $2 \
                  WHERE node_id = $1 AND NOT alive AND membership <> 'removed'",
             )
-            .bind(i64::from(node_id))
+            .bind(i64::from(node_id.0))
             .bind(to_i64(now_ms))
             .execute(&mut *c)
             .await?
@@ -180,10 +180,10 @@ impl Tx {
     }
 
     /// Records that the node was heard from (registration).
-    pub async fn set_last_heartbeat(&mut self, node_id: u32, now_ms: u64) -> Result<(), PersistenceError> {
+    pub async fn set_last_heartbeat(&mut self, node_id: NodeId, now_ms: u64) -> Result<(), PersistenceError> {
         on_conn!(self, c => {
             sqlx::query("UPDATE storage_nodes SET last_heartbeat_ms = $2 WHERE node_id = $1")
-                .bind(i64::from(node_id))
+                .bind(i64::from(node_id.0))
                 .bind(to_i64(now_ms))
                 .execute(&mut *c)
                 .await?;

@@ -107,7 +107,7 @@ impl TryFrom<NodeRow> for StorageNode {
         let membership = Membership::parse(&row.membership)
             .ok_or_else(|| corrupt("storage_nodes.membership", &row.membership))?;
         Ok(StorageNode {
-            node_id: to_u32(row.node_id, "storage_nodes.node_id")?,
+            node_id: NodeId(to_u32(row.node_id, "storage_nodes.node_id")?),
             address: row.address,
             zone: row.zone,
             weight: to_u32(row.weight, "storage_nodes.weight")?,

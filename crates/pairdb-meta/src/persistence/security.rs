@@ -1,6 +1,8 @@
 //! SQL of context keys, tenant generations and tenant purges (schema version 2; tables documented
 //! in the parent module).
 
+use pairdb_core::ring::NodeId;
+
 use super::{PersistenceError, Store, Tx, TxConn, corrupt, to_i64, to_u32, to_u64};
 
 use crate::model::{ContextKeyRecord, ContextKeySet};
@@ -94,7 +96,7 @@ impl Tx {
         &mut self,
         tenant_id: &str,
         purge_seq: u64,
-    ) -> Result<Vec<u32>, PersistenceError> {
+    ) -> Result<Vec<NodeId>, PersistenceError> {
         let ids: Vec<i64> = on_conn!(self, c => {
             sqlx::query_scalar(
                 "SELECT node_id FROM tenant_purges WHERE tenant_id = $1 AND purge_seq = $2 ORDER BY node_id",
@@ -104,7 +106,7 @@ impl Tx {
             .fetch_all(&mut *c)
             .await?
         });
-        ids.into_iter().map(|id| to_u32(id, "tenant_purges.node_id")).collect()
+        ids.into_iter().map(|id| to_u32(id, "tenant_purges.node_id").map(NodeId)).collect()
     }
 
     /// Forgets every purge confirmation of `tenant_id` (its deletion completed).
@@ -137,7 +139,7 @@ impl Store {
         &self,
         tenant_id: &str,
         purge_seq: u64,
-        node_id: u32,
+        node_id: NodeId,
         now_ms: u64,
     ) -> Result<bool, PersistenceError> {
         let sql = "INSERT INTO tenant_purges (tenant_id, purge_seq, node_id, confirmed_at_ms) \
@@ -148,7 +150,7 @@ impl Store {
             sqlx::query(sql)
                 .bind(tenant_id)
                 .bind(to_i64(purge_seq))
-                .bind(i64::from(node_id))
+                .bind(i64::from(node_id.0))
                 .bind(to_i64(now_ms))
                 .execute(&mut *c)
                 .await?
