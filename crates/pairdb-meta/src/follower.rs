@@ -1,4 +1,4 @@
-//! Keeps the replica's [`ClusterView`] in step with the database's change log.
+//! Keeps the replica's [`WatchSource`] in step with the database's change log.
 //!
 //! Every committed change has a revision (see [`crate::persistence`]). The follower wakes when
 //!
@@ -25,7 +25,7 @@ use tokio::sync::Notify;
 
 use crate::model::ApiKeyHash;
 use crate::persistence::{Change, ChangeKind, PersistenceError, Store, Tx};
-use crate::view::{ClusterView, Event};
+use crate::view::{Event, WatchSource};
 
 /// The safety poll: the longest a change can take to reach this replica's subscribers when its
 /// notification was lost.
@@ -35,11 +35,11 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(1000);
 const BATCH: u32 = 256;
 
 /// Follows the change log until `stop` is set. `wake` is notified by the PostgreSQL listener.
-pub async fn run(store: Store, view: Arc<ClusterView>, wake: Arc<Notify>, mut stop: Shutdown) {
+pub async fn run(store: Store, view: Arc<WatchSource>, wake: Arc<Notify>, mut stop: Shutdown) {
     let local = store.local_changes();
     let mut failing = false;
     loop {
-        match sync(&store, &view).await {
+        match catch_up(&store, &view).await {
             Ok(()) => {
                 if failing {
                     tracing::info!("change log reachable again");
@@ -66,7 +66,7 @@ pub async fn run(store: Store, view: Arc<ClusterView>, wake: Arc<Notify>, mut st
 }
 
 /// Brings the view up to the database's latest revision.
-pub async fn sync(store: &Store, view: &ClusterView) -> Result<(), PersistenceError> {
+pub async fn catch_up(store: &Store, view: &WatchSource) -> Result<(), PersistenceError> {
     loop {
         let Some(cursor) = view.revision() else {
             view.replace(store.load_snapshot().await?);

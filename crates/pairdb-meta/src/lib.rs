@@ -72,7 +72,7 @@ pub use orchestrator::{DataMover, NoDataMovement};
 
 use crate::admin::{Meta, Settings, now_ms};
 use crate::persistence::{PersistenceError, Store, StoreOptions};
-use crate::view::ClusterView;
+use crate::view::WatchSource;
 
 /// Errors that stop the metadata service.
 #[derive(Debug, thiserror::Error)]
@@ -226,7 +226,7 @@ async fn open_meta(
     config: &Config,
     storage_clients: pairdb_service::clients::InternalClients,
     signer: Option<Arc<pairdb_service::cluster_auth::Signer>>,
-) -> Result<(Store, Arc<ClusterView>, Meta), Error> {
+) -> Result<(Store, Arc<WatchSource>, Meta), Error> {
     if config.database_url.is_none() {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|source| Error::DataDir { path: config.data_dir.clone(), source })?;
@@ -237,7 +237,7 @@ async fn open_meta(
         max_connections: config.database_max_connections,
     })
     .await?;
-    let view = Arc::new(ClusterView::new(config.watch_buffer));
+    let view = Arc::new(WatchSource::new(config.watch_buffer));
     let settings = Settings {
         auto_add_nodes: config.auto_add_nodes,
         heartbeat_interval_ms: config.heartbeat_interval_ms,
@@ -255,7 +255,7 @@ async fn open_meta(
 fn spawn_background(
     meta: &Meta,
     store: &Store,
-    view: &Arc<ClusterView>,
+    view: &Arc<WatchSource>,
     mover: Arc<dyn DataMover>,
     readiness: &pairdb_service::Readiness,
     initialized: &watch::Receiver<bool>,

@@ -35,7 +35,8 @@ impl StreamingDataMover {
         Self { clients }
     }
 
-    async fn sync(
+    /// Asks the target at `address` to pull one partition (the `SyncPartition` RPC).
+    async fn transfer(
         &self,
         address: &str,
         request: pb::SyncPartitionRequest,
@@ -126,7 +127,7 @@ impl DataMover for StreamingDataMover {
             let mut backoff = Duration::from_millis(200);
             let mut attempt = 1;
             let response = loop {
-                match self.sync(&target.address, request.clone()).await {
+                match self.transfer(&target.address, request.clone()).await {
                     Ok(response) => break response,
                     Err(error) if attempt < TRANSFER_ATTEMPTS => {
                         tracing::info!(partition = %plan.partition, target = %transfer.target, attempt, %error, "transfer failed; retrying");

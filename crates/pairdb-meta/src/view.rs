@@ -2,7 +2,7 @@
 //!
 //! The view is derived, never authoritative: it is loaded from a [`Snapshot`] of the database and then
 //! advanced by the change log ([`crate::follower`]). Every applied change is broadcast to the
-//! subscribers under the same lock that [`ClusterView::subscribe`] takes, so a new subscriber gets a
+//! subscribers under the same lock that [`WatchSource::subscribe`] takes, so a new subscriber gets a
 //! snapshot at revision R and then exactly the events after R — none missed, none twice.
 //!
 //! The broadcast channel is bounded (`--watch-buffer`): a subscriber that falls that far behind is
@@ -68,12 +68,12 @@ struct State {
 
 /// The in-memory view (see the module documentation).
 #[derive(Debug)]
-pub struct ClusterView {
+pub struct WatchSource {
     state: Mutex<State>,
     buffer: usize,
 }
 
-impl ClusterView {
+impl WatchSource {
     /// An empty, not yet loaded view whose subscribers may fall `buffer` events behind.
     pub fn new(buffer: usize) -> Self {
         let (sender, _) = broadcast::channel(buffer.max(1));

@@ -44,7 +44,7 @@ use crate::model::{
     MigrationState, NodeRebuild, NodeStats, StorageNode, Tenant, TenantState, Topology,
 };
 use crate::persistence::{ChangeKind, MetaState, Store, Tx, hex};
-use crate::view::ClusterView;
+use crate::view::WatchSource;
 
 mod nodes;
 mod tenants;
@@ -134,7 +134,7 @@ pub struct Registration {
 #[derive(Debug)]
 struct Inner {
     store: Store,
-    view: Arc<ClusterView>,
+    view: Arc<WatchSource>,
     settings: Settings,
     partitions: OnceLock<PartitionCount>,
     initialized: AtomicBool,
@@ -153,7 +153,7 @@ pub fn now_ms() -> u64 {
 }
 
 impl Meta {
-    pub fn new(store: Store, view: Arc<ClusterView>, settings: Settings) -> Self {
+    pub fn new(store: Store, view: Arc<WatchSource>, settings: Settings) -> Self {
         Self {
             inner: Arc::new(Inner {
                 store,
@@ -170,7 +170,7 @@ impl Meta {
         &self.inner.store
     }
 
-    pub fn view(&self) -> &Arc<ClusterView> {
+    pub fn view(&self) -> &Arc<WatchSource> {
         &self.inner.view
     }
 

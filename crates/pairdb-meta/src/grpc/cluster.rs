@@ -96,7 +96,7 @@ impl ClusterService for ClusterGrpc {
         // (read-your-writes for a client that changed something and then watches). If the database
         // is unreachable, the view is served as it is.
         if self.meta.is_initialized() {
-            let catch_up = crate::follower::sync(self.meta.store(), self.meta.view());
+            let catch_up = crate::follower::catch_up(self.meta.store(), self.meta.view());
             if let Ok(Err(error)) = tokio::time::timeout(self.meta.store().timeout(), catch_up).await {
                 tracing::debug!(%error, "watch: serving the view without catching up");
             }

@@ -38,7 +38,7 @@
 //! # What is derived in memory at start
 //!
 //! Each replica loads a [`Snapshot`] (tenants, active key hashes, context keys in use, nodes, current
-//! and pending topology, at one revision) into its [`crate::view::ClusterView`] and then follows the change log.
+//! and pending topology, at one revision) into its [`crate::view::WatchSource`] and then follows the change log.
 //! Leadership, the subscribers of the watch stream, the failure detector's timers and readiness are
 //! process state only. Nothing in memory is authoritative: a replica can be killed at any time and
 //! another one (or the restarted one) rebuilds the same view from the database.
