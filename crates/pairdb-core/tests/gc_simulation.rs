@@ -68,6 +68,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use pairdb_core::dvv::{Actor, Dot, VersionSet, VersionVector};
@@ -80,6 +82,8 @@ use pairdb_core::gc::{
 };
 use pairdb_core::repair::replica_peers;
 use pairdb_core::ring::NodeId;
+
+use support::Rng;
 
 const NODES: [NodeId; 5] = [NodeId(1), NodeId(2), NodeId(3), NodeId(4), NodeId(5)];
 const KEYS: usize = 6;
@@ -99,33 +103,6 @@ fn replication_factor(tenant: &str) -> usize {
 
 fn owners(list: &[NodeId], tenant: &str) -> Vec<NodeId> {
     list.iter().take(replication_factor(tenant)).copied().collect()
-}
-
-/// splitmix64: tiny, and good enough to drive a simulation deterministically.
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `low..=high`.
-    fn between(&mut self, low: u64, high: u64) -> u64 {
-        low + self.next_u64() % (high - low + 1)
-    }
-
-    fn percent(&mut self, percent: u64) -> bool {
-        self.next_u64() % 100 < percent
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[(self.next_u64() % items.len() as u64) as usize]
-    }
 }
 
 /// Deterministic digest of a set, equal iff the sets are equal (FNV-1a over its `Debug` text).

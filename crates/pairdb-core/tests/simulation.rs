@@ -49,6 +49,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use pairdb_core::coordination::{
@@ -57,6 +59,8 @@ use pairdb_core::coordination::{
 };
 use pairdb_core::dvv::{Actor, Dot, VersionSet, VersionVector};
 use pairdb_core::ring::NodeId;
+
+use support::Rng;
 
 const PREFERENCE: [NodeId; 3] = [NodeId(1), NodeId(2), NodeId(3)];
 const FALLBACKS: [NodeId; 2] = [NodeId(4), NodeId(5)];
@@ -70,33 +74,6 @@ const TIME_LIMIT_MS: u64 = 3_600_000;
 const DEFAULT_SEED: u64 = 0x5EED_0001;
 
 type Key = usize;
-
-/// splitmix64: tiny, and good enough to drive a simulation deterministically.
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `low..=high`.
-    fn between(&mut self, low: u64, high: u64) -> u64 {
-        low + self.next_u64() % (high - low + 1)
-    }
-
-    fn percent(&mut self, percent: u64) -> bool {
-        self.next_u64() % 100 < percent
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[(self.next_u64() % items.len() as u64) as usize]
-    }
-}
 
 #[derive(Debug, Clone)]
 struct Network {

@@ -306,6 +306,17 @@ macro_rules! on_conn {
     };
 }
 
+/// Runs `$body` with `$pool` bound to the store's pool, whichever the backend: for statements that
+/// run outside a transaction (as `on_conn!` does for transactions).
+macro_rules! on_pool {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match &$store.inner.pool {
+            Pool::Postgres($pool) => $body,
+            Pool::Sqlite($pool) => $body,
+        }
+    };
+}
+
 mod security;
 
 impl Store {

@@ -14,34 +14,19 @@ impl Store {
         let sql = "UPDATE storage_nodes SET last_heartbeat_ms = $2, stats_keys = $3, stats_live_bytes = $4, \
                    stats_disk_free_bytes = $5, stats_hints_pending = $6, stats_write_path_poisoned = $7, \
                    stats_quarantined_records = $8 WHERE node_id = $1 AND membership <> 'removed' RETURNING alive";
-        let alive: Option<bool> = match &self.inner.pool {
-            Pool::Postgres(pool) => {
-                sqlx::query_scalar(sql)
-                    .bind(i64::from(node_id.0))
-                    .bind(to_i64(now_ms))
-                    .bind(to_i64(stats.keys))
-                    .bind(to_i64(stats.live_bytes))
-                    .bind(to_i64(stats.disk_free_bytes))
-                    .bind(to_i64(stats.hints_pending))
-                    .bind(stats.write_path_poisoned)
-                    .bind(to_i64(stats.quarantined_records))
-                    .fetch_optional(pool)
-                    .await?
-            }
-            Pool::Sqlite(pool) => {
-                sqlx::query_scalar(sql)
-                    .bind(i64::from(node_id.0))
-                    .bind(to_i64(now_ms))
-                    .bind(to_i64(stats.keys))
-                    .bind(to_i64(stats.live_bytes))
-                    .bind(to_i64(stats.disk_free_bytes))
-                    .bind(to_i64(stats.hints_pending))
-                    .bind(stats.write_path_poisoned)
-                    .bind(to_i64(stats.quarantined_records))
-                    .fetch_optional(pool)
-                    .await?
-            }
-        };
+        let alive: Option<bool> = on_pool!(self, pool => {
+            sqlx::query_scalar(sql)
+                .bind(i64::from(node_id.0))
+                .bind(to_i64(now_ms))
+                .bind(to_i64(stats.keys))
+                .bind(to_i64(stats.live_bytes))
+                .bind(to_i64(stats.disk_free_bytes))
+                .bind(to_i64(stats.hints_pending))
+                .bind(stats.write_path_poisoned)
+                .bind(to_i64(stats.quarantined_records))
+                .fetch_optional(pool)
+                .await?
+        });
         Ok(alive)
     }
 }

@@ -2,6 +2,23 @@
 
 use super::*;
 
+/// Binds a tenant's settings, `replication_factor` through `strict_quorum`, in that order (both
+/// statements that write a tenant name them so).
+macro_rules! bind_settings {
+    ($query:expr, $tenant:expr) => {
+        $query
+            .bind(i64::from($tenant.replication_factor))
+            .bind(i64::from($tenant.previous_replication_factor.unwrap_or(0)))
+            .bind($tenant.default_consistency.as_str())
+            .bind($tenant.conflict_mode.as_str())
+            .bind(i64::from($tenant.rate_limit_ops_per_sec))
+            .bind(i64::from($tenant.rate_limit_burst))
+            .bind(to_i64($tenant.max_value_bytes))
+            .bind(i64::from($tenant.max_siblings))
+            .bind($tenant.strict_quorum)
+    };
+}
+
 impl Tx {
     pub async fn get_tenant(&mut self, tenant_id: &str) -> Result<Option<Tenant>, PersistenceError> {
         let row: Option<TenantRow> = on_conn!(self, c => {
@@ -20,23 +37,15 @@ impl Tx {
     /// Inserts `tenant`; `false` if the id is taken.
     pub async fn insert_tenant(&mut self, tenant: &Tenant) -> Result<bool, PersistenceError> {
         let affected = on_conn!(self, c => {
-            sqlx::query(
+            let query = sqlx::query(
                 "INSERT INTO tenants (tenant_id, replication_factor, previous_replication_factor, default_consistency, \
                  conflict_mode, rate_limit_ops_per_sec, rate_limit_burst, max_value_bytes, max_siblings, strict_quorum, \
                  created_at_ms, updated_at_ms, state, generation, purge_seq) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
                  ON CONFLICT (tenant_id) DO NOTHING",
             )
-            .bind(&tenant.tenant_id)
-            .bind(i64::from(tenant.replication_factor))
-            .bind(i64::from(tenant.previous_replication_factor.unwrap_or(0)))
-            .bind(tenant.default_consistency.as_str())
-            .bind(tenant.conflict_mode.as_str())
-            .bind(i64::from(tenant.rate_limit_ops_per_sec))
-            .bind(i64::from(tenant.rate_limit_burst))
-            .bind(to_i64(tenant.max_value_bytes))
-            .bind(i64::from(tenant.max_siblings))
-            .bind(tenant.strict_quorum)
+            .bind(&tenant.tenant_id);
+            bind_settings!(query, tenant)
             .bind(to_i64(tenant.created_at_ms))
             .bind(to_i64(tenant.updated_at_ms))
             .bind(tenant.state.as_str())
@@ -52,22 +61,14 @@ impl Tx {
     /// Overwrites the settings of an existing tenant; `false` if it does not exist.
     pub async fn update_tenant(&mut self, tenant: &Tenant) -> Result<bool, PersistenceError> {
         let affected = on_conn!(self, c => {
-            sqlx::query(
+            let query = sqlx::query(
                 "UPDATE tenants SET replication_factor = $2, previous_replication_factor = $3, default_consistency = $4, \
                  conflict_mode = $5, rate_limit_ops_per_sec = $6, rate_limit_burst = $7, max_value_bytes = $8, \
                  max_siblings = $9, strict_quorum = $10, updated_at_ms = $11, state = $12, purge_seq = $13 \
                  WHERE tenant_id = $1",
             )
-            .bind(&tenant.tenant_id)
-            .bind(i64::from(tenant.replication_factor))
-            .bind(i64::from(tenant.previous_replication_factor.unwrap_or(0)))
-            .bind(tenant.default_consistency.as_str())
-            .bind(tenant.conflict_mode.as_str())
-            .bind(i64::from(tenant.rate_limit_ops_per_sec))
-            .bind(i64::from(tenant.rate_limit_burst))
-            .bind(to_i64(tenant.max_value_bytes))
-            .bind(i64::from(tenant.max_siblings))
-            .bind(tenant.strict_quorum)
+            .bind(&tenant.tenant_id);
+            bind_settings!(query, tenant)
             .bind(to_i64(tenant.updated_at_ms))
             .bind(tenant.state.as_str())
             .bind(to_i64(tenant.purge_seq))

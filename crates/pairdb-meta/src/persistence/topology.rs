@@ -2,6 +2,23 @@
 
 use super::*;
 
+/// Binds a migration's progress columns, `from_epoch` through `error`, in that order (both statements
+/// that write a migration name them so).
+macro_rules! bind_progress {
+    ($query:expr, $migration:expr) => {
+        $query
+            .bind(to_i64($migration.from_epoch))
+            .bind(to_i64($migration.to_epoch))
+            .bind(to_i64($migration.progress.partitions_total))
+            .bind(to_i64($migration.progress.partitions_done))
+            .bind(to_i64($migration.progress.keys_total))
+            .bind(to_i64($migration.progress.keys_done))
+            .bind(to_i64($migration.progress.bytes_done))
+            .bind(&$migration.done_bitmap)
+            .bind(&$migration.error)
+    };
+}
+
 impl Tx {
     pub async fn insert_topology(&mut self, topology: &Topology) -> Result<(), PersistenceError> {
         let now_ms = to_i64(self.now_ms);
@@ -53,7 +70,7 @@ impl Tx {
     pub async fn insert_migration(&mut self, migration: &Migration) -> Result<(), PersistenceError> {
         let row = migration.change.to_row();
         on_conn!(self, c => {
-            sqlx::query(
+            let query = sqlx::query(
                 "INSERT INTO migrations (migration_id, seq, kind, state, node_id, tenant_id, old_value, new_value, \
                  from_epoch, to_epoch, partitions_total, partitions_done, keys_total, keys_done, bytes_done, done_bitmap, \
                  error, created_at_ms, updated_at_ms, started_at_ms, finished_at_ms) \
@@ -66,16 +83,8 @@ impl Tx {
             .bind(i64::from(row.node_id))
             .bind(row.tenant_id)
             .bind(to_i64(row.old_value))
-            .bind(to_i64(row.new_value))
-            .bind(to_i64(migration.from_epoch))
-            .bind(to_i64(migration.to_epoch))
-            .bind(to_i64(migration.progress.partitions_total))
-            .bind(to_i64(migration.progress.partitions_done))
-            .bind(to_i64(migration.progress.keys_total))
-            .bind(to_i64(migration.progress.keys_done))
-            .bind(to_i64(migration.progress.bytes_done))
-            .bind(&migration.done_bitmap)
-            .bind(&migration.error)
+            .bind(to_i64(row.new_value));
+            bind_progress!(query, migration)
             .bind(to_i64(migration.created_at_ms))
             .bind(to_i64(migration.updated_at_ms))
             .bind(to_i64(migration.started_at_ms))
@@ -90,7 +99,7 @@ impl Tx {
     pub async fn update_migration(&mut self, migration: &Migration) -> Result<bool, PersistenceError> {
         let row = migration.change.to_row();
         let affected = on_conn!(self, c => {
-            sqlx::query(
+            let query = sqlx::query(
                 "UPDATE migrations SET state = $2, old_value = $3, new_value = $4, from_epoch = $5, to_epoch = $6, \
                  partitions_total = $7, partitions_done = $8, keys_total = $9, keys_done = $10, bytes_done = $11, \
                  done_bitmap = $12, error = $13, updated_at_ms = $14, started_at_ms = $15, finished_at_ms = $16 \
@@ -99,16 +108,8 @@ impl Tx {
             .bind(&migration.migration_id)
             .bind(migration.state.as_str())
             .bind(to_i64(row.old_value))
-            .bind(to_i64(row.new_value))
-            .bind(to_i64(migration.from_epoch))
-            .bind(to_i64(migration.to_epoch))
-            .bind(to_i64(migration.progress.partitions_total))
-            .bind(to_i64(migration.progress.partitions_done))
-            .bind(to_i64(migration.progress.keys_total))
-            .bind(to_i64(migration.progress.keys_done))
-            .bind(to_i64(migration.progress.bytes_done))
-            .bind(&migration.done_bitmap)
-            .bind(&migration.error)
+            .bind(to_i64(row.new_value));
+            bind_progress!(query, migration)
             .bind(to_i64(migration.updated_at_ms))
             .bind(to_i64(migration.started_at_ms))
             .bind(to_i64(migration.finished_at_ms))
