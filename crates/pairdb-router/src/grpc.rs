@@ -1,13 +1,18 @@
 //! The gRPC edge of the client KV API (`pairdb.kv.v1.KvService`): takes the `authorization` metadata,
-//! hands the message to [`KvApi`] and turns its error into a status (the one place for gRPC).
+//! converts each message to the router's request types ([`crate::request`]) once, hands it to
+//! [`KvApi`], and renders the reply or turns the error into a status (the one place for gRPC).
 
+use pairdb_core::dvv::VersionVector;
+use pairdb_proto::common::v1::{Dot, VersionEntry};
 use pairdb_proto::kv::v1 as pb;
 use pairdb_proto::kv::v1::kv_service_server::KvService;
 use tonic::{Request, Response, Status};
 
 use crate::admission::Client;
 use crate::error::RouterError;
+use crate::kv::ReadOutcome;
 use crate::kv_api::KvApi;
+use crate::request::{KeyRead, ReadRequest, RequestOptions, WriteAck, WriteRequest, consistency_from_wire};
 
 #[derive(Debug, Clone)]
 pub struct GrpcKvApi {
@@ -18,9 +23,7 @@ impl GrpcKvApi {
     pub fn new(api: KvApi) -> Self {
         Self { api }
     }
-}
 
-impl GrpcKvApi {
     /// The client the admission middleware let through (or, without it, the headers' identity).
     fn client<T>(&self, request: &Request<T>) -> Result<Client, Status> {
         if let Some(client) = request.extensions().get::<Client>() {
@@ -35,14 +38,18 @@ impl GrpcKvApi {
 impl KvService for GrpcKvApi {
     async fn put(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
         let client = self.client(&request)?;
-        let ack = self.api.put(&client, request.into_inner()).await.map_err(RouterError::into_status)?;
-        Ok(Response::new(pb::PutResponse { ack: Some(ack) }))
+        let request = put_request(request.into_inner()).map_err(RouterError::into_status)?;
+        let ack = self.api.write(&client, request).await.map_err(RouterError::into_status)?;
+        Ok(Response::new(pb::PutResponse { ack: Some(write_ack(ack)) }))
     }
 
     async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
         let client = self.client(&request)?;
-        let response = self.api.get(&client, request.into_inner()).await.map_err(RouterError::into_status)?;
-        Ok(Response::new(response))
+        let pb::GetRequest { tenant_id, key, options } = request.into_inner();
+        let options = read_options(options).map_err(RouterError::into_status)?;
+        let request = ReadRequest { tenant_id, keys: vec![key], options };
+        let outcome = self.api.get(&client, request).await.map_err(RouterError::into_status)?;
+        Ok(Response::new(get_response(&outcome)))
     }
 
     async fn delete(
@@ -50,8 +57,9 @@ impl KvService for GrpcKvApi {
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         let client = self.client(&request)?;
-        let ack = self.api.delete(&client, request.into_inner()).await.map_err(RouterError::into_status)?;
-        Ok(Response::new(pb::DeleteResponse { ack: Some(ack) }))
+        let request = delete_request(request.into_inner()).map_err(RouterError::into_status)?;
+        let ack = self.api.write(&client, request).await.map_err(RouterError::into_status)?;
+        Ok(Response::new(pb::DeleteResponse { ack: Some(write_ack(ack)) }))
     }
 
     async fn get_many(
@@ -59,8 +67,98 @@ impl KvService for GrpcKvApi {
         request: Request<pb::GetManyRequest>,
     ) -> Result<Response<pb::GetManyResponse>, Status> {
         let client = self.client(&request)?;
-        let response =
-            self.api.get_many(&client, request.into_inner()).await.map_err(RouterError::into_status)?;
-        Ok(Response::new(response))
+        let pb::GetManyRequest { tenant_id, keys, options } = request.into_inner();
+        let options = read_options(options).map_err(RouterError::into_status)?;
+        let request = ReadRequest { tenant_id, keys, options };
+        let reads = self.api.get_many(&client, request).await.map_err(RouterError::into_status)?;
+        Ok(Response::new(pb::GetManyResponse { results: reads.into_iter().map(key_result).collect() }))
+    }
+}
+
+/// A level and an explicit count; with an explicit count the level is not read (it does not apply).
+fn options(
+    consistency: i32,
+    explicit: u32,
+    strict_quorum: bool,
+    timeout_ms: u32,
+) -> Result<RequestOptions, RouterError> {
+    let consistency = if explicit > 0 { None } else { consistency_from_wire(consistency)? };
+    Ok(RequestOptions { consistency, explicit, strict_quorum, timeout_ms })
+}
+
+fn read_options(options: Option<pb::ReadOptions>) -> Result<RequestOptions, RouterError> {
+    let options = options.unwrap_or_default();
+    self::options(options.consistency, options.r, false, options.timeout_ms)
+}
+
+fn write_options(options: Option<pb::WriteOptions>) -> Result<(RequestOptions, String), RouterError> {
+    let options = options.unwrap_or_default();
+    let request = self::options(options.consistency, options.w, options.strict_quorum, options.timeout_ms)?;
+    Ok((request, options.idempotency_key))
+}
+
+fn put_request(request: pb::PutRequest) -> Result<WriteRequest, RouterError> {
+    let pb::PutRequest { tenant_id, key, value, context, overwrite, options } = request;
+    let (options, idempotency_key) = write_options(options)?;
+    Ok(WriteRequest { tenant_id, key, value: Some(value), context, overwrite, options, idempotency_key })
+}
+
+fn delete_request(request: pb::DeleteRequest) -> Result<WriteRequest, RouterError> {
+    let pb::DeleteRequest { tenant_id, key, context, options } = request;
+    let (options, idempotency_key) = write_options(options)?;
+    Ok(WriteRequest { tenant_id, key, value: None, context, overwrite: true, options, idempotency_key })
+}
+
+pub fn vector_entries(vector: &VersionVector) -> Vec<VersionEntry> {
+    vector.entries().map(|(actor, counter)| VersionEntry { actor: actor.0, counter }).collect()
+}
+
+pub fn write_ack(ack: WriteAck) -> pb::WriteAck {
+    pb::WriteAck {
+        version_vector: vector_entries(&ack.vector),
+        context: ack.context,
+        acks: ack.acks,
+        required: ack.required,
+        hinted_acks: ack.hinted_acks,
+        duplicate: ack.duplicate,
+        idempotency_key: ack.idempotency_key,
+    }
+}
+
+pub fn get_response(outcome: &ReadOutcome) -> pb::GetResponse {
+    pb::GetResponse {
+        found: true,
+        siblings: outcome
+            .siblings
+            .iter()
+            .map(|s| pb::Sibling {
+                value: s.value.clone().unwrap_or_default(),
+                dot: Some(Dot { actor: s.dot.actor.0, counter: s.dot.counter }),
+                timestamp_ms: s.timestamp_ms,
+            })
+            .collect(),
+        context: outcome.context.clone(),
+        version_vector: vector_entries(outcome.set.vector()),
+        replicas: outcome
+            .replicas
+            .iter()
+            .map(|(node, outcome)| pb::ReplicaAnswer { node_id: node.0, outcome: (*outcome).to_owned() })
+            .collect(),
+    }
+}
+
+fn key_result(read: KeyRead) -> pb::KeyResult {
+    let KeyRead { key, result } = read;
+    match result {
+        Ok(Some(outcome)) => pb::KeyResult { key, result: Some(get_response(&outcome)), error: None },
+        Ok(None) => pb::KeyResult {
+            key,
+            result: Some(pb::GetResponse { found: false, ..Default::default() }),
+            error: None,
+        },
+        Err(error) => {
+            let status = error.into_status();
+            pb::KeyResult { key, result: None, error: pairdb_service::errors::detail_of(&status) }
+        }
     }
 }

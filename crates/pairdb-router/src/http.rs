@@ -23,15 +23,17 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use pairdb_core::dvv::VersionVector;
+use pairdb_core::quorum::Consistency;
 use pairdb_core::reason::{HasReason, Reason};
-use pairdb_proto::common::v1::{Consistency, VersionEntry};
-use pairdb_proto::kv::v1 as pb;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::admission::Client;
 use crate::error::RouterError;
+use crate::kv::ReadOutcome;
 use crate::kv_api::KvApi;
+use crate::request::{ReadRequest, RequestOptions, WriteAck, WriteRequest};
 
 /// Largest request body (a 1 MiB value is ~1.4 MiB as base64, plus the envelope).
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
@@ -99,12 +101,12 @@ fn idempotency_key(headers: &HeaderMap) -> Result<String, HttpError> {
     }
 }
 
-fn consistency(text: Option<&str>) -> Result<i32, HttpError> {
+fn consistency(text: Option<&str>) -> Result<Option<Consistency>, HttpError> {
     match text.map(str::to_ascii_lowercase).as_deref() {
-        None | Some("") => Ok(Consistency::Unspecified as i32),
-        Some("one") => Ok(Consistency::One as i32),
-        Some("quorum") => Ok(Consistency::Quorum as i32),
-        Some("all") => Ok(Consistency::All as i32),
+        None | Some("") => Ok(None),
+        Some("one") => Ok(Some(Consistency::One)),
+        Some("quorum") => Ok(Some(Consistency::Quorum)),
+        Some("all") => Ok(Some(Consistency::All)),
         Some(other) => Err(HttpError::invalid(
             Reason::InvalidConsistency,
             format!("consistency {other:?}: use one, quorum or all"),
@@ -252,17 +254,17 @@ fn value_bytes(body: &PutBody) -> Result<Vec<u8>, HttpError> {
     }
 }
 
-fn vector_clock(entries: &[VersionEntry]) -> Value {
+fn vector_clock(vector: &VersionVector) -> Value {
     let clock: BTreeMap<String, u64> =
-        entries.iter().map(|e| (format!("{:016x}", e.actor), e.counter)).collect();
+        vector.entries().map(|(actor, counter)| (format!("{:016x}", actor.0), counter)).collect();
     json!(clock)
 }
 
-fn ack_json(key: &str, ack: &pb::WriteAck) -> Value {
+fn ack_json(key: &str, ack: &WriteAck) -> Value {
     json!({
         "key": key,
         "context": BASE64.encode(&ack.context),
-        "vector_clock": vector_clock(&ack.version_vector),
+        "vector_clock": vector_clock(&ack.vector),
         "acks": ack.acks,
         "required": ack.required,
         "hinted_acks": ack.hinted_acks,
@@ -271,25 +273,27 @@ fn ack_json(key: &str, ack: &pb::WriteAck) -> Value {
     })
 }
 
-fn read_json(key: &str, response: &pb::GetResponse) -> Value {
+fn read_json(key: &str, outcome: &ReadOutcome) -> Value {
+    let values: Vec<&[u8]> =
+        outcome.siblings.iter().map(|s| s.value.as_deref().unwrap_or_default()).collect();
     let decoded: Vec<Option<Value>> =
-        response.siblings.iter().map(|s| serde_json::from_slice::<Value>(&s.value).ok()).collect();
+        values.iter().map(|v| serde_json::from_slice::<Value>(v).ok()).collect();
     let mut body = json!({
         "key": key,
-        "found": response.found,
+        "found": true,
         "values": decoded.iter().map(|v| v.clone().unwrap_or(Value::Null)).collect::<Vec<_>>(),
-        "values_base64": response.siblings.iter().map(|s| BASE64.encode(&s.value)).collect::<Vec<_>>(),
-        "siblings": response.siblings.iter().map(|s| json!({
-            "value_base64": BASE64.encode(&s.value),
+        "values_base64": values.iter().map(|v| BASE64.encode(v)).collect::<Vec<_>>(),
+        "siblings": values.iter().zip(&outcome.siblings).map(|(v, s)| json!({
+            "value_base64": BASE64.encode(v),
             "timestamp_ms": s.timestamp_ms,
         })).collect::<Vec<_>>(),
-        "context": BASE64.encode(&response.context),
-        "vector_clock": vector_clock(&response.version_vector),
+        "context": BASE64.encode(&outcome.context),
+        "vector_clock": vector_clock(outcome.set.vector()),
     });
-    if let [only] = response.siblings.as_slice() {
+    if let [only] = values.as_slice() {
         match &decoded[0] {
             Some(value) => body["value"] = value.clone(),
-            None => body["value_base64"] = Value::String(BASE64.encode(&only.value)),
+            None => body["value_base64"] = Value::String(BASE64.encode(only)),
         }
     }
     body
@@ -316,21 +320,21 @@ async fn put(
         (None, Some(named)) => named.clone(),
         (None, None) => return Err(HttpError::invalid(Reason::InvalidKey, "key is required")),
     };
-    let request = pb::PutRequest {
+    let request = WriteRequest {
         tenant_id: body.tenant_id.clone().unwrap_or_default(),
         key: key.clone(),
-        value: value_bytes(&body)?,
+        value: Some(value_bytes(&body)?),
         context: context(body.context.as_deref())?,
         overwrite: body.overwrite.unwrap_or(false),
-        options: Some(pb::WriteOptions {
+        options: RequestOptions {
             consistency: consistency(body.consistency.as_deref())?,
-            w: body.w.unwrap_or(0),
+            explicit: body.w.unwrap_or(0),
             strict_quorum: false,
             timeout_ms: body.timeout_ms.unwrap_or(0),
-            idempotency_key: idempotency_key(headers)?,
-        }),
+        },
+        idempotency_key: idempotency_key(headers)?,
     };
-    let ack = api.put(client, request).await?;
+    let ack = api.write(client, request).await?;
     Ok(ok(ack_json(&key, &ack)))
 }
 
@@ -338,17 +342,18 @@ async fn get(api: &KvApi, client: &Client, path_key: Option<String>, raw_query: 
     let query = parse_query(raw_query)?;
     let key =
         path_key.or(query.key).ok_or_else(|| HttpError::invalid(Reason::InvalidKey, "key is required"))?;
-    let request = pb::GetRequest {
+    let request = ReadRequest {
         tenant_id: query.tenant_id.unwrap_or_default(),
-        key: key.clone(),
-        options: Some(pb::ReadOptions {
+        keys: vec![key.clone()],
+        options: RequestOptions {
             consistency: consistency(query.consistency.as_deref())?,
-            r: query.r.unwrap_or(0),
+            explicit: query.r.unwrap_or(0),
+            strict_quorum: false,
             timeout_ms: query.timeout_ms.unwrap_or(0),
-        }),
+        },
     };
-    let response = api.get(client, request).await?;
-    Ok(ok(read_json(&key, &response)))
+    let outcome = api.get(client, request).await?;
+    Ok(ok(read_json(&key, &outcome)))
 }
 
 async fn delete(
@@ -361,19 +366,21 @@ async fn delete(
     let query = parse_query(raw_query)?;
     let key =
         path_key.or(query.key).ok_or_else(|| HttpError::invalid(Reason::InvalidKey, "key is required"))?;
-    let request = pb::DeleteRequest {
+    let request = WriteRequest {
         tenant_id: query.tenant_id.unwrap_or_default(),
         key: key.clone(),
+        value: None,
         context: context(query.context.as_deref())?,
-        options: Some(pb::WriteOptions {
+        overwrite: true,
+        options: RequestOptions {
             consistency: consistency(query.consistency.as_deref())?,
-            w: query.w.unwrap_or(0),
+            explicit: query.w.unwrap_or(0),
             strict_quorum: false,
             timeout_ms: query.timeout_ms.unwrap_or(0),
-            idempotency_key: idempotency_key(headers)?,
-        }),
+        },
+        idempotency_key: idempotency_key(headers)?,
     };
-    let ack = api.delete(client, request).await?;
+    let ack = api.write(client, request).await?;
     Ok(ok(ack_json(&key, &ack)))
 }
 
@@ -450,7 +457,7 @@ mod tests {
     fn queries_decode_strictly() {
         let query = parse_query(Some("key=a%20b+c&consistency=ALL&r=2")).unwrap();
         assert_eq!(query.key.as_deref(), Some("a b c"));
-        assert_eq!(consistency(query.consistency.as_deref()).unwrap(), Consistency::All as i32);
+        assert_eq!(consistency(query.consistency.as_deref()).unwrap(), Some(Consistency::All));
         assert_eq!(query.r, Some(2));
         assert_eq!(parse_query(Some("key=%ff")).unwrap_err().reason, "INVALID_KEY");
         assert_eq!(parse_query(Some("key=a&key=b")).unwrap_err().reason, "INVALID_ARGUMENT");
@@ -462,18 +469,15 @@ mod tests {
 
     #[test]
     fn json_values_round_trip_and_bytes_stay_lossless() {
+        let outcome_of = |value: Vec<u8>| {
+            let mut set = pairdb_core::dvv::VersionSet::new();
+            set.update(&VersionVector::new(), pairdb_core::dvv::Actor(1), Some(value), 1, None).unwrap();
+            ReadOutcome { siblings: set.siblings().to_vec(), set, context: Vec::new(), replicas: Vec::new() }
+        };
         let stored = serde_json::to_vec(&json!({"a": [1, 2]})).unwrap();
-        let response = pb::GetResponse {
-            found: true,
-            siblings: vec![pb::Sibling { value: stored, dot: None, timestamp_ms: 1 }],
-            ..Default::default()
-        };
+        let response = outcome_of(stored);
         assert_eq!(read_json("k", &response)["value"], json!({"a": [1, 2]}));
-        let raw = pb::GetResponse {
-            found: true,
-            siblings: vec![pb::Sibling { value: vec![0xff], dot: None, timestamp_ms: 1 }],
-            ..Default::default()
-        };
+        let raw = outcome_of(vec![0xff]);
         let body = read_json("k", &raw);
         assert_eq!(body["value_base64"], "/w==");
         assert_eq!(body["values"], json!([null]));

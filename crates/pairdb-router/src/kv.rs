@@ -16,16 +16,16 @@ use pairdb_core::dvv::VersionVector;
 use pairdb_core::dvv::{Sibling, VersionSet};
 use pairdb_core::encoding::encode_vector;
 use pairdb_core::quorum::{Requirement, required_replicas};
-use pairdb_core::reason::{HasReason, Reason};
+use pairdb_core::reason::HasReason;
 use pairdb_core::ring::NodeId;
 use pairdb_core::token::token_for;
 use pairdb_core::validation::{validate_key, validate_tenant_id, validate_value};
-use pairdb_proto::convert;
 use pairdb_proto::storage::v1 as pb;
 
 use crate::error::RouterError;
 use crate::execute::{self, Clock, ReadResult, WriteInput, WriteResult, wall_clock_ms};
 use crate::pool::StoragePool;
+use crate::request::RequestOptions;
 use crate::view::{ClusterView, ConflictMode, SharedView, TenantSettings};
 
 /// Timing knobs of request coordination.
@@ -34,17 +34,6 @@ pub struct Timing {
     pub request_timeout_ms: u64,
     pub max_request_timeout_ms: u64,
     pub read_speculative_after_ms: u64,
-}
-
-/// What a request asks for: a level or an explicit count, and a deadline.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RequestOptions {
-    /// Raw `pairdb.common.v1.Consistency` value (0 = the tenant's default).
-    pub consistency: i32,
-    /// Explicit R or W (0 = use `consistency`).
-    pub explicit: u32,
-    pub strict_quorum: bool,
-    pub timeout_ms: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -110,18 +99,15 @@ impl KvRouter {
         seal_context(vector, ContextBinding { tenant, key: user_key }, key)
     }
 
-    fn requirement(options: &RequestOptions, tenant: &TenantSettings) -> Result<Requirement, RouterError> {
-        if options.explicit > 0 {
-            return Ok(Requirement::Explicit(options.explicit));
+    fn requirement(options: &RequestOptions, tenant: &TenantSettings) -> Requirement {
+        match options.explicit {
+            0 => Requirement::Level(options.consistency.unwrap_or(tenant.default_consistency)),
+            explicit => Requirement::Explicit(explicit),
         }
-        let level = convert::consistency_from_wire(options.consistency)
-            .map_err(|unknown| RouterError::invalid(Reason::InvalidConsistency, unknown.to_string()))?
-            .unwrap_or(tenant.default_consistency);
-        Ok(Requirement::Level(level))
     }
 
     fn required(options: &RequestOptions, tenant: &TenantSettings) -> Result<usize, RouterError> {
-        let requirement = Self::requirement(options, tenant)?;
+        let requirement = Self::requirement(options, tenant);
         required_replicas(requirement, tenant.serving_replication_factor())
             .map_err(|e| RouterError::from_reasoned(&e))
     }

@@ -1,6 +1,6 @@
 //! The KV API behind both edges (gRPC in [`crate::grpc`], HTTP/JSON in [`crate::http`]): authenticate,
 //! admit (rate limit), apply idempotency to keyed writes, call [`KvRouter`], record metrics. Requests and
-//! replies are the `pairdb.kv.v1` messages, so the two edges differ only in their wire format.
+//! replies are the router's own types ([`crate::request`]); each edge converts its wire format once.
 //!
 //! Idempotency (DynamoDB's contract): a put or delete with an idempotency key first reserves
 //! (tenant, key) with the request's fingerprint; a retry after completion gets the stored reply marked
@@ -14,17 +14,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::StreamExt;
-use pairdb_core::dvv::VersionSet;
 use pairdb_core::reason::{HasReason, Reason};
-use pairdb_proto::common::v1::{Dot, VersionEntry};
-use pairdb_proto::kv::v1 as pb;
-use prost::Message;
 use tracing::Instrument;
 
 use crate::admission::{Admission, Client};
 use crate::error::RouterError;
 use crate::idempotency::{Begin, Fingerprint, IdempotencyStore};
-use crate::kv::{KvRouter, ReadOutcome, RequestOptions, WriteOutcome};
+use crate::kv::{KvRouter, ReadOutcome, WriteOutcome};
+use crate::request::{KeyRead, ReadRequest, RequestOptions, WriteAck, WriteRequest};
 
 /// Largest GetMany.
 pub const MAX_GET_MANY_KEYS: usize = 100;
@@ -64,50 +61,17 @@ impl KvApi {
         Ok(tenant)
     }
 
-    pub async fn put(&self, client: &Client, request: pb::PutRequest) -> Result<pb::WriteAck, RouterError> {
-        let options = write_options(&request.options);
-        traced("put", options, async {
+    /// A put (`request.value` set) or a delete, under the idempotency contract when keyed.
+    pub async fn write(&self, client: &Client, request: WriteRequest) -> Result<WriteAck, RouterError> {
+        let options = request.options;
+        traced(request.operation(), options, async {
             let tenant = self.admit(client, &request.tenant_id)?;
-            let idempotency_key = idempotency_key(&request.options);
-            // Only keyed writes need a fingerprint; the value then moves into the write uncopied.
-            let fingerprint = (!idempotency_key.is_empty()).then(|| {
-                Fingerprint::of(&[
-                    b"put",
-                    request.key.as_bytes(),
-                    &request.value,
-                    &request.context,
-                    &[u8::from(request.overwrite)],
-                    &options_bytes(&options),
-                ])
-            });
-            let pb::PutRequest { key, value, context, overwrite, .. } = request;
+            let fingerprint = (!request.idempotency_key.is_empty()).then(|| fingerprint(&request));
+            let WriteRequest { key, value, context, overwrite, idempotency_key, .. } = request;
+            // A delete always supersedes what the key holds.
+            let overwrite = overwrite || value.is_none();
             self.keyed(&tenant, &idempotency_key, fingerprint, || {
-                self.router.write(&tenant, &key, Some(value), &context, overwrite, options)
-            })
-            .await
-        })
-        .await
-    }
-
-    pub async fn delete(
-        &self,
-        client: &Client,
-        request: pb::DeleteRequest,
-    ) -> Result<pb::WriteAck, RouterError> {
-        let options = write_options(&request.options);
-        traced("delete", options, async {
-            let tenant = self.admit(client, &request.tenant_id)?;
-            let idempotency_key = idempotency_key(&request.options);
-            let fingerprint = (!idempotency_key.is_empty()).then(|| {
-                Fingerprint::of(&[
-                    b"delete",
-                    request.key.as_bytes(),
-                    &request.context,
-                    &options_bytes(&options),
-                ])
-            });
-            self.keyed(&tenant, &idempotency_key, fingerprint, || {
-                self.router.write(&tenant, &request.key, None, &request.context, true, options)
+                self.router.write(&tenant, &key, value, &context, overwrite, options)
             })
             .await
         })
@@ -121,7 +85,7 @@ impl KvApi {
         idempotency_key: &str,
         fingerprint: Option<Fingerprint>,
         write: F,
-    ) -> Result<pb::WriteAck, RouterError>
+    ) -> Result<WriteAck, RouterError>
     where
         F: FnOnce() -> W,
         W: Future<Output = Result<WriteOutcome, RouterError>>,
@@ -141,11 +105,7 @@ impl KvApi {
         }
         match self.idempotency.begin(tenant, idempotency_key, &fingerprint).await? {
             Begin::Completed(stored) => {
-                let mut ack = pb::WriteAck::decode(stored.as_slice()).map_err(|error| {
-                    RouterError::Idempotency(crate::idempotency::IdempotencyError::Unavailable(format!(
-                        "stored reply unreadable: {error}"
-                    )))
-                })?;
+                let mut ack = crate::idempotency::decode_ack(&stored).map_err(RouterError::Idempotency)?;
                 ack.duplicate = true;
                 metrics::counter!("pairdb_router_idempotent_replays_total").increment(1);
                 Ok(ack)
@@ -153,7 +113,9 @@ impl KvApi {
             Begin::Reserved(reservation) => match write().await {
                 Ok(outcome) => {
                     let ack = write_ack(&outcome, idempotency_key.to_owned());
-                    if let Err(error) = self.idempotency.complete(reservation, &ack.encode_to_vec()).await {
+                    if let Err(error) =
+                        self.idempotency.complete(reservation, &crate::idempotency::encode_ack(&ack)).await
+                    {
                         // The write is acknowledged; only its replay record is missing (a retry would
                         // add one more version, never lose one).
                         tracing::warn!(%error, "could not store the reply of an idempotent write");
@@ -170,28 +132,23 @@ impl KvApi {
         }
     }
 
-    pub async fn get(
-        &self,
-        client: &Client,
-        request: pb::GetRequest,
-    ) -> Result<pb::GetResponse, RouterError> {
-        let options = read_options(request.options);
+    /// A get of `request.keys[0]`.
+    pub async fn get(&self, client: &Client, request: ReadRequest) -> Result<ReadOutcome, RouterError> {
+        let options = request.options;
         traced("get", options, async {
             let tenant = self.admit(client, &request.tenant_id)?;
-            let outcome = self.router.get(&tenant, &request.key, options).await?;
+            let key = request.keys.first().map(String::as_str).unwrap_or_default();
+            let outcome = self.router.get(&tenant, key, options).await?;
             metrics::histogram!("pairdb_router_read_siblings").record(outcome.siblings.len() as f64);
-            Ok(get_response(&outcome))
+            Ok(outcome)
         })
         .await
     }
 
-    pub async fn get_many(
-        &self,
-        client: &Client,
-        request: pb::GetManyRequest,
-    ) -> Result<pb::GetManyResponse, RouterError> {
+    /// Reads every key of `request` (at most [`MAX_GET_MANY_KEYS`]); each key succeeds or fails alone.
+    pub async fn get_many(&self, client: &Client, request: ReadRequest) -> Result<Vec<KeyRead>, RouterError> {
         let started = Instant::now();
-        let options = read_options(request.options);
+        let options = request.options;
         let tenant = match self.admit(client, &request.tenant_id) {
             Ok(tenant) => tenant,
             Err(error) => {
@@ -206,35 +163,23 @@ impl KvApi {
                 format!("at most {MAX_GET_MANY_KEYS} keys per GetMany, got {}", request.keys.len()),
             ));
         }
-        let results: Vec<pb::KeyResult> = futures::stream::iter(request.keys)
+        let results: Vec<KeyRead> = futures::stream::iter(request.keys)
             .map(|key| {
                 let (router, tenant) = (self.router.clone(), tenant.clone());
                 async move {
-                    match router.get(&tenant, &key, options).await {
-                        Ok(outcome) => {
-                            pb::KeyResult { key, result: Some(get_response(&outcome)), error: None }
-                        }
-                        Err(RouterError::KeyNotFound) => pb::KeyResult {
-                            key,
-                            result: Some(pb::GetResponse { found: false, ..Default::default() }),
-                            error: None,
-                        },
-                        Err(error) => {
-                            let status = error.into_status();
-                            pb::KeyResult {
-                                key,
-                                result: None,
-                                error: pairdb_service::errors::detail_of(&status),
-                            }
-                        }
-                    }
+                    let result = match router.get(&tenant, &key, options).await {
+                        Ok(outcome) => Ok(Some(outcome)),
+                        Err(RouterError::KeyNotFound) => Ok(None),
+                        Err(error) => Err(error),
+                    };
+                    KeyRead { key, result }
                 }
             })
             .buffered(self.get_many_concurrency)
             .collect()
             .await;
         observe::<()>("get_many", &options, started, &Ok(()));
-        Ok(pb::GetManyResponse { results })
+        Ok(results)
     }
 }
 
@@ -250,10 +195,6 @@ async fn traced<T>(
     finish(&span, &result);
     observe(op, &options, started, &result);
     result
-}
-
-fn idempotency_key(options: &Option<pb::WriteOptions>) -> String {
-    options.as_ref().map(|o| o.idempotency_key.clone()).unwrap_or_default()
 }
 
 /// The span of one client request: the parent of one span per replica call. Tenant, partition and
@@ -281,9 +222,26 @@ fn generated_key() -> String {
     format!("gen-{:032x}", rand::random::<u128>())
 }
 
+/// What makes two keyed writes the same request (the stored fingerprint's layout is kept across
+/// releases: levels are hashed as their wire values).
+fn fingerprint(request: &WriteRequest) -> Fingerprint {
+    let options = options_bytes(&request.options);
+    match &request.value {
+        Some(value) => Fingerprint::of(&[
+            b"put",
+            request.key.as_bytes(),
+            value,
+            &request.context,
+            &[u8::from(request.overwrite)],
+            &options,
+        ]),
+        None => Fingerprint::of(&[b"delete", request.key.as_bytes(), &request.context, &options]),
+    }
+}
+
 fn options_bytes(options: &RequestOptions) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(12);
-    bytes.extend_from_slice(&options.consistency.to_le_bytes());
+    bytes.extend_from_slice(&pairdb_proto::convert::consistency_to_wire(options.consistency).to_le_bytes());
     bytes.extend_from_slice(&options.explicit.to_le_bytes());
     bytes.push(u8::from(options.strict_quorum));
     bytes
@@ -293,9 +251,9 @@ fn consistency_label(options: &RequestOptions) -> String {
     if options.explicit > 0 {
         return format!("n{}", options.explicit);
     }
-    match pairdb_proto::common::v1::Consistency::try_from(options.consistency) {
-        Ok(c) => c.as_str_name().trim_start_matches("CONSISTENCY_").to_ascii_lowercase(),
-        Err(_) => "invalid".into(),
+    match options.consistency {
+        None => "unspecified".into(),
+        Some(level) => level.as_str().into(),
     }
 }
 
@@ -311,60 +269,14 @@ fn observe<T>(op: &'static str, options: &RequestOptions, started: Instant, resu
         .record(started.elapsed().as_secs_f64());
 }
 
-pub fn vector_entries(set: &VersionSet) -> Vec<VersionEntry> {
-    set.vector().entries().map(|(actor, counter)| VersionEntry { actor: actor.0, counter }).collect()
-}
-
-fn write_ack(outcome: &WriteOutcome, idempotency_key: String) -> pb::WriteAck {
-    pb::WriteAck {
+fn write_ack(outcome: &WriteOutcome, idempotency_key: String) -> WriteAck {
+    WriteAck {
         context: outcome.context.clone(),
-        version_vector: vector_entries(&outcome.set),
+        vector: outcome.set.vector().clone(),
         acks: outcome.acks as u32,
         required: outcome.required as u32,
         hinted_acks: outcome.hinted_acks as u32,
         duplicate: false,
         idempotency_key,
-    }
-}
-
-pub fn get_response(outcome: &ReadOutcome) -> pb::GetResponse {
-    pb::GetResponse {
-        found: true,
-        siblings: outcome
-            .siblings
-            .iter()
-            .map(|s| pb::Sibling {
-                value: s.value.clone().unwrap_or_default(),
-                dot: Some(Dot { actor: s.dot.actor.0, counter: s.dot.counter }),
-                timestamp_ms: s.timestamp_ms,
-            })
-            .collect(),
-        context: outcome.context.clone(),
-        version_vector: vector_entries(&outcome.set),
-        replicas: outcome
-            .replicas
-            .iter()
-            .map(|(node, outcome)| pb::ReplicaAnswer { node_id: node.0, outcome: (*outcome).to_owned() })
-            .collect(),
-    }
-}
-
-fn read_options(options: Option<pb::ReadOptions>) -> RequestOptions {
-    let options = options.unwrap_or_default();
-    RequestOptions {
-        consistency: options.consistency,
-        explicit: options.r,
-        strict_quorum: false,
-        timeout_ms: options.timeout_ms,
-    }
-}
-
-fn write_options(options: &Option<pb::WriteOptions>) -> RequestOptions {
-    let options = options.clone().unwrap_or_default();
-    RequestOptions {
-        consistency: options.consistency,
-        explicit: options.w,
-        strict_quorum: options.strict_quorum,
-        timeout_ms: options.timeout_ms,
     }
 }

@@ -7,8 +7,10 @@
 //! - [`execute`]: drives `pairdb-core`'s write/read state machines over storage RPCs.
 //! - [`kv`]: put/get/delete semantics (validation, consistency, placement, read-before-write).
 //! - [`admission`]: API key → tenant, per-tenant rate limits; [`idempotency`]: keyed-write records
-//!   (Redis or in-process); [`kv_api`]: the KV API with those policies, shared by both edges.
-//! - [`grpc`] and [`http`]: the `pairdb.kv.v1` gRPC edge and the HTTP/JSON edge; [`error`]: reasons.
+//!   (Redis or in-process); [`kv_api`]: the KV API with those policies, shared by both edges, on the
+//!   router's own request and reply types ([`request`]).
+//! - [`grpc`] and [`http`]: the `pairdb.kv.v1` gRPC edge and the HTTP/JSON edge, each converting its
+//!   wire format to [`request`] once; [`error`]: reasons.
 //! - [`probe`]: probing suspect storage nodes until they answer again.
 
 pub mod admission;
@@ -22,6 +24,7 @@ pub mod kv;
 pub mod kv_api;
 pub mod pool;
 pub mod probe;
+pub mod request;
 /// The cluster view and its watch follower live in `pairdb-service` (storage nodes follow it too).
 pub use pairdb_service::cluster_view as view;
 

@@ -10,20 +10,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pairdb_core::encoding::decode_version_set;
+use pairdb_core::quorum::Consistency;
 use pairdb_core::reason::HasReason;
 use pairdb_core::ring::{Assignment, NodeId, NodeSpec};
 use pairdb_core::token::{PartitionCount, token_for};
 use pairdb_proto::cluster::v1 as cpb;
 use pairdb_proto::storage::v1 as spb;
 use pairdb_proto::storage::v1::storage_service_client::StorageServiceClient;
-use pairdb_router::kv::{KvRouter, RequestOptions, Timing};
+use pairdb_router::kv::{KvRouter, Timing};
 use pairdb_router::pool::StoragePool;
+use pairdb_router::request::RequestOptions;
 use pairdb_router::view::SharedView;
 use tokio::sync::oneshot;
 
-const QUORUM: i32 = 2;
-const ONE: i32 = 1;
-const ALL: i32 = 3;
+const QUORUM: Consistency = Consistency::Quorum;
+const ONE: Consistency = Consistency::One;
+const ALL: Consistency = Consistency::All;
 
 struct StorageNode {
     id: u32,
@@ -107,7 +109,7 @@ fn tenant(id: &str, n: u32, lww: bool) -> cpb::TenantConfig {
     cpb::TenantConfig {
         tenant_id: id.into(),
         replication_factor: n,
-        default_consistency: QUORUM,
+        default_consistency: pairdb_proto::convert::consistency_to_wire(Some(QUORUM)),
         conflict_mode: if lww { 2 } else { 1 },
         max_value_bytes: 1024 * 1024,
         max_siblings: 64,
@@ -177,8 +179,8 @@ impl Cluster {
     }
 }
 
-fn opts(consistency: i32) -> RequestOptions {
-    RequestOptions { consistency, ..Default::default() }
+fn opts(consistency: Consistency) -> RequestOptions {
+    RequestOptions { consistency: Some(consistency), ..Default::default() }
 }
 
 fn values(outcome: &pairdb_router::kv::ReadOutcome) -> Vec<Vec<u8>> {
@@ -280,7 +282,7 @@ async fn a_stopped_replica_is_covered_by_a_hint_on_a_fallback() {
     if all_owners.contains(&down) {
         let ack = all.unwrap();
         assert_eq!(ack.hinted_acks, 1);
-        let strict = RequestOptions { consistency: ALL, strict_quorum: true, ..Default::default() };
+        let strict = RequestOptions { consistency: Some(ALL), strict_quorum: true, ..Default::default() };
         let err = r.write("t", "k-all", Some(b"y".to_vec()), &[], false, strict).await.unwrap_err();
         assert_eq!(err.reason(), "QUORUM_NOT_REACHED");
     }

@@ -41,6 +41,10 @@
 //! 50      ..    response bytes (completed records only; empty for in-flight records)
 //! ```
 //!
+//! The response bytes are the write's acknowledgement as a `pairdb.kv.v1.WriteAck` protobuf message
+//! ([`encode_ack`] / [`decode_ack`]): a stable, versioned encoding the router already speaks, so a
+//! record stored by one release replays under the next.
+//!
 //! The compare-and-set scripts compare the first 18 bytes (version, in-flight state and token), so a
 //! record of another format version is never taken for one of ours. A record that does not decode yields
 //! `Unavailable` (it may come from a newer router; treating it as absent could apply a write twice).
@@ -50,11 +54,50 @@ mod redis;
 
 use std::time::Duration;
 
+use pairdb_core::dvv::{Actor, VersionVector};
 use pairdb_core::reason::{HasReason, Reason};
+use pairdb_proto::common::v1::VersionEntry;
+use pairdb_proto::kv::v1 as pb;
+use prost::Message;
 use sha2::{Digest, Sha256};
+
+use crate::request::WriteAck;
 
 pub use self::memory::MemoryStore;
 pub use self::redis::{InvalidRedisUrl, RedisStore};
+
+/// The stored form of a write's acknowledgement (see the module docs).
+pub fn encode_ack(ack: &WriteAck) -> Vec<u8> {
+    pb::WriteAck {
+        context: ack.context.clone(),
+        version_vector: ack
+            .vector
+            .entries()
+            .map(|(actor, counter)| VersionEntry { actor: actor.0, counter })
+            .collect(),
+        acks: ack.acks,
+        required: ack.required,
+        hinted_acks: ack.hinted_acks,
+        duplicate: ack.duplicate,
+        idempotency_key: ack.idempotency_key.clone(),
+    }
+    .encode_to_vec()
+}
+
+/// The acknowledgement a completed record stores.
+pub fn decode_ack(stored: &[u8]) -> Result<WriteAck, IdempotencyError> {
+    let ack = pb::WriteAck::decode(stored)
+        .map_err(|error| IdempotencyError::Unavailable(format!("stored reply unreadable: {error}")))?;
+    Ok(WriteAck {
+        context: ack.context,
+        vector: VersionVector::from_entries(ack.version_vector.iter().map(|e| (Actor(e.actor), e.counter))),
+        acks: ack.acks,
+        required: ack.required,
+        hinted_acks: ack.hinted_acks,
+        duplicate: ack.duplicate,
+        idempotency_key: ack.idempotency_key,
+    })
+}
 
 /// SHA-256 of the canonical request: the router hashes every field that decides the write's outcome
 /// (operation, key, value, context, consistency, ...), so "same key, different request" is detected.

@@ -1,0 +1,83 @@
+//! The KV API's requests and replies in the router's own terms. The gRPC edge ([`crate::grpc`]) and
+//! the HTTP edge ([`crate::http`]) each convert their wire format to these once and render the
+//! replies from them; nothing behind the edges sees a `pairdb.kv.v1` message.
+//!
+//! A consistency level the edge cannot read is refused there (INVALID_CONSISTENCY), on both edges,
+//! before any tenant lookup.
+
+use pairdb_core::dvv::VersionVector;
+use pairdb_core::quorum::Consistency;
+
+use crate::error::RouterError;
+use crate::kv::ReadOutcome;
+
+/// What a request asks for: a level or an explicit count, and a deadline.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestOptions {
+    /// `None`: the tenant's default level.
+    pub consistency: Option<Consistency>,
+    /// Explicit R or W (0: use the level).
+    pub explicit: u32,
+    pub strict_quorum: bool,
+    /// 0: the router's default timeout.
+    pub timeout_ms: u32,
+}
+
+/// A put (`value` set) or a delete (`value` `None`).
+#[derive(Debug, Clone)]
+pub struct WriteRequest {
+    /// Empty: the caller's own tenant (API-key callers).
+    pub tenant_id: String,
+    pub key: String,
+    pub value: Option<Vec<u8>>,
+    /// The sealed context of an earlier read or write; empty for a blind write.
+    pub context: Vec<u8>,
+    /// Supersede whatever the key holds (a put read first); deletes always do.
+    pub overwrite: bool,
+    pub options: RequestOptions,
+    /// Empty: the write is not deduplicated (see [`crate::kv_api`]).
+    pub idempotency_key: String,
+}
+
+impl WriteRequest {
+    pub fn operation(&self) -> &'static str {
+        if self.value.is_some() { "put" } else { "delete" }
+    }
+}
+
+/// A get of one key, or (with several keys) a GetMany.
+#[derive(Debug, Clone)]
+pub struct ReadRequest {
+    pub tenant_id: String,
+    pub keys: Vec<String>,
+    pub options: RequestOptions,
+}
+
+/// The acknowledgement of a write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteAck {
+    /// The sealed context of the written set.
+    pub context: Vec<u8>,
+    pub vector: VersionVector,
+    pub acks: u32,
+    pub required: u32,
+    pub hinted_acks: u32,
+    /// A replay of an earlier identical request with the same idempotency key.
+    pub duplicate: bool,
+    pub idempotency_key: String,
+}
+
+/// One key of a GetMany.
+#[derive(Debug)]
+pub struct KeyRead {
+    pub key: String,
+    /// `Ok(None)`: not found.
+    pub result: Result<Option<ReadOutcome>, RouterError>,
+}
+
+/// The level named by the wire value `consistency` (0: none, the tenant's default).
+pub fn consistency_from_wire(consistency: i32) -> Result<Option<Consistency>, RouterError> {
+    pairdb_proto::convert::consistency_from_wire(consistency).map_err(|unknown| {
+        RouterError::invalid(pairdb_core::reason::Reason::InvalidConsistency, unknown.to_string())
+    })
+}
