@@ -446,6 +446,7 @@ impl WriteRun {
     }
 
     fn replicate_request(&self, hint_for: Option<NodeId>) -> Option<pb::ReplicateRequest> {
+        debug_assert!(self.result_set.is_some(), "replicate and hint effects follow a coordinated set");
         let (_, encoded) = self.result_set.as_ref()?;
         Some(pb::ReplicateRequest {
             key: Some(self.input.key.clone()),
@@ -455,6 +456,10 @@ impl WriteRun {
     }
 
     fn reply(&mut self, reply: WriteReply) {
+        debug_assert!(
+            !matches!(reply, WriteReply::Acked { .. }) || self.result_set.is_some(),
+            "an acknowledged write always has the coordinated set"
+        );
         let result = match reply {
             WriteReply::Acked { acks, hinted_acks, required } => match &self.result_set {
                 Some((set, _)) => WriteResult::Acked { set: set.clone(), acks, hinted_acks, required },

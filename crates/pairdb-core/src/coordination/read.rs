@@ -223,6 +223,7 @@ impl ReadCoordinator {
             return;
         };
         for (&node, answer) in &self.answers {
+            debug_assert!(self.order.contains(&node), "only replicas that were asked are repaired");
             let behind = match answer {
                 Some(set) => !set.descends(merged),
                 None => true,

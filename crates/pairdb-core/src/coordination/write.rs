@@ -303,6 +303,8 @@ impl WriteCoordinator {
         counted: bool,
         effects: &mut Vec<WriteEffect>,
     ) {
+        debug_assert!(hinted || node == owner, "a fallback is only ever sent the set as a hint");
+        debug_assert!(!self.is_finished(), "a finished coordinator sends nothing");
         self.used.insert(node);
         self.outstanding.insert(node, Outstanding { owner, hinted, counted });
         effects.push(WriteEffect::Replicate { node, hint_for: hinted.then_some(owner) });
@@ -330,6 +332,7 @@ impl WriteCoordinator {
 
     fn check_progress(&mut self, _now_ms: u64, effects: &mut Vec<WriteEffect>) {
         if !self.replied && self.counted_acks() >= self.plan.required {
+            debug_assert!(self.coordinator.is_some(), "nothing is acknowledged before a replica coordinated");
             self.replied = true;
             effects.push(WriteEffect::Reply(WriteReply::Acked {
                 acks: self.acks,
