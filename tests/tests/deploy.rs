@@ -67,7 +67,7 @@ impl Workspace {
         let root = repo_root();
         let bin_dir = pairdb_tests::binaries_dir()?;
         // Flags every service flattens in from pairdb-service.
-        let shared: String = ["tls.rs", "cluster_auth.rs", "listener.rs"]
+        let shared: String = ["args.rs", "tls.rs", "cluster_auth.rs", "listener.rs"]
             .iter()
             .map(|file| read(&root.join("crates/pairdb-service/src").join(file)))
             .collect::<Result<Vec<_>>>()?

@@ -73,14 +73,7 @@ pub struct Config {
     #[arg(long, env = "PAIRDB_MAX_MESSAGE_MB", default_value_t = 64)]
     pub max_message_mb: usize,
     #[command(flatten)]
-    pub listener: pairdb_service::listener::ListenerArgs,
-    #[command(flatten)]
-    pub tls: pairdb_service::tls::TlsArgs,
-    #[arg(long, env = "PAIRDB_LOG_FORMAT", value_enum, default_value_t)]
-    pub log_format: pairdb_service::telemetry::LogFormat,
-    /// Validate the configuration, print it and exit.
-    #[arg(long)]
-    pub check_config: bool,
+    pub service: pairdb_service::args::ServiceArgs,
 }
 
 impl std::fmt::Debug for Config {
@@ -105,9 +98,7 @@ impl std::fmt::Debug for Config {
             .field("cluster_secret_file", &self.cluster_secret_file)
             .field("insecure_cluster", &self.insecure_cluster)
             .field("max_message_mb", &self.max_message_mb)
-            .field("listener", &self.listener)
-            .field("tls", &self.tls)
-            .field("log_format", &self.log_format)
+            .field("service", &self.service)
             .finish()
     }
 }
@@ -231,7 +222,7 @@ impl Config {
         if !(1..=1024).contains(&self.max_message_mb) {
             return Err(ConfigError::MaxMessage);
         }
-        self.listener.validate()?;
+        self.service.listener.validate()?;
         self.signer()?;
         Ok(())
     }
@@ -247,7 +238,7 @@ impl Config {
             (None, Some(path)) => Some(Signer::read(path).map_err(ConfigError::ClusterSecretFile)?),
             (None, None) => None,
         };
-        let certificates = self.tls.tls_cert.is_some();
+        let certificates = self.service.tls.tls_cert.is_some();
         match (signer, self.insecure_cluster) {
             (Some(_), true) => Err(ConfigError::InsecureWithSecret),
             (None, false) if !certificates => Err(ConfigError::ClusterSecretMissing),
@@ -327,10 +318,7 @@ impl Config {
             // Tests and embedders opt into cluster authentication explicitly.
             insecure_cluster: true,
             max_message_mb: 64,
-            listener: pairdb_service::listener::ListenerArgs::default(),
-            tls: pairdb_service::tls::TlsArgs::default(),
-            log_format: pairdb_service::telemetry::LogFormat::Text,
-            check_config: false,
+            service: pairdb_service::args::ServiceArgs::default(),
         }
     }
 }

@@ -99,7 +99,7 @@ struct ClusterSecurity {
 
 impl ClusterSecurity {
     fn from_config(config: &Config) -> Result<Self, Error> {
-        let tls = config.tls.load()?;
+        let tls = config.service.tls.load()?;
         let signer = config.signer()?.map(Arc::new);
         let auth = Arc::new(match &signer {
             Some(signer) => pairdb_service::cluster_auth::ClusterAuth::for_meta(signer, tls.is_some()),
@@ -190,7 +190,8 @@ pub async fn run_with_mover(
         "metadata service serving"
     );
     let stop_on_shutdown = stop_sender.clone();
-    let tls = config.tls.load()?.map(|tls| tls.server_config(pairdb_service::tls::ClientCerts::Required));
+    let tls =
+        config.service.tls.load()?.map(|tls| tls.server_config(pairdb_service::tls::ClientCerts::Required));
     let served = pairdb_service::serve(
         listener,
         pairdb_service::Served {
@@ -203,7 +204,7 @@ pub async fn run_with_mover(
                 label: "cluster",
             }),
             tls,
-            limits: config.listener.clone(),
+            limits: config.service.listener.clone(),
         },
         async move {
             shutdown.await;

@@ -434,7 +434,7 @@ async fn authentication_and_unknown_paths() -> anyhow::Result<()> {
 async fn a_body_that_does_not_arrive_in_time_is_refused() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut config = test_config(dir.path());
-    config.listener.http_body_timeout_ms = 300;
+    config.service.listener.http_body_timeout_ms = 300;
     let server = Server::start(config).await?;
     let request = format!(
         "POST /v1/tenants HTTP/1.1\r\nHost: x\r\nauthorization: Bearer {ADMIN_TOKEN}\r\n\

@@ -51,14 +51,7 @@ pub struct Config {
     #[command(flatten)]
     pub cluster_auth: pairdb_service::cluster_auth::ClusterAuthArgs,
     #[command(flatten)]
-    pub listener: pairdb_service::listener::ListenerArgs,
-    #[command(flatten)]
-    pub tls: pairdb_service::tls::TlsArgs,
-    #[arg(long, env = "PAIRDB_LOG_FORMAT", value_enum, default_value_t)]
-    pub log_format: pairdb_service::telemetry::LogFormat,
-    /// Validate the configuration, print it and exit.
-    #[arg(long)]
-    pub check_config: bool,
+    pub service: pairdb_service::args::ServiceArgs,
 }
 
 /// A configuration value that cannot work; the message names the field.
@@ -121,7 +114,7 @@ impl Config {
         if !(10..=3_600_000).contains(&self.probe_interval_ms) {
             return Err(ConfigError::Interval);
         }
-        self.listener.validate()?;
+        self.service.listener.validate()?;
         self.cluster_auth()?;
         Ok(())
     }
@@ -130,7 +123,7 @@ impl Config {
     /// TLS on, its certificate alone).
     pub fn cluster_auth(&self) -> Result<pairdb_service::cluster_auth::ClusterAuth, ConfigError> {
         use pairdb_service::cluster_auth::Principal;
-        let certificates = self.tls.load()?.is_some();
+        let certificates = self.service.tls.load()?.is_some();
         Ok(self.cluster_auth.load(|p| p == Principal::Router, "router", certificates)?)
     }
 
@@ -155,10 +148,7 @@ impl Config {
                 insecure_cluster: true,
                 ..Default::default()
             },
-            listener: pairdb_service::listener::ListenerArgs::default(),
-            tls: pairdb_service::tls::TlsArgs::default(),
-            log_format: pairdb_service::telemetry::LogFormat::Text,
-            check_config: false,
+            service: pairdb_service::args::ServiceArgs::default(),
         }
     }
 }

@@ -56,7 +56,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     config.validate()?;
-    let tls = config.tls.load().map_err(ConfigError::from)?;
+    let tls = config.service.tls.load().map_err(ConfigError::from)?;
     let cluster_auth = config.cluster_auth()?;
     cluster_auth.log_mode("router");
     let clients = pairdb_service::clients::InternalClients::new(
@@ -138,7 +138,7 @@ pub async fn run(
             http,
             guard: None,
             tls: tls.map(|tls| tls.server_config(pairdb_service::tls::ClientCerts::Optional)),
-            limits: config.listener.clone(),
+            limits: config.service.listener.clone(),
         },
         shutdown,
     )

@@ -10,11 +10,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> anyhow::Result<()> {
     let config = pairdb_router::Config::parse();
     config.validate()?;
-    if config.check_config {
+    if config.service.check_config {
         println!("{config:#?}");
         return Ok(());
     }
-    let telemetry = pairdb_service::telemetry::init(config.log_format, "info", "pairdb-router");
+    let telemetry = pairdb_service::telemetry::init(config.service.log_format, "info", "pairdb-router");
     let listener = pairdb_service::bind(config.listen_addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "pairdb-router listening");
     let served = pairdb_router::run(config, listener, pairdb_service::shutdown_signal()).await;

@@ -11,10 +11,12 @@
 //!   configured, trace propagation.
 //! - [`tls`]: the TLS flags, server and client configurations (mutual TLS between services).
 //! - [`cluster_auth`]: cluster credentials, and the guard that checks them before a body is read.
+//! - [`args`]: the flags every service takes (listener limits, TLS, log format, `--check-config`).
 //! - [`clients`]: the one constructor of internal clients (storage API, meta's cluster API).
 //! - [`listener`]: connection and stream caps, HTTP body deadlines.
 //! - [`shutdown`]: the one signal a service's background tasks stop on ([`shutdown::Shutdown`]).
 
+pub mod args;
 pub mod clients;
 pub mod cluster_auth;
 pub mod cluster_view;

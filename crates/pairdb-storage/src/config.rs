@@ -95,14 +95,7 @@ pub struct Config {
     #[command(flatten)]
     pub cluster_auth: pairdb_service::cluster_auth::ClusterAuthArgs,
     #[command(flatten)]
-    pub listener: pairdb_service::listener::ListenerArgs,
-    #[command(flatten)]
-    pub tls: pairdb_service::tls::TlsArgs,
-    #[arg(long, env = "PAIRDB_LOG_FORMAT", value_enum, default_value_t)]
-    pub log_format: pairdb_service::telemetry::LogFormat,
-    /// Validate the configuration, print it and exit.
-    #[arg(long)]
-    pub check_config: bool,
+    pub service: pairdb_service::args::ServiceArgs,
 }
 
 /// A configuration value that cannot work; the message names the field.
@@ -168,7 +161,7 @@ impl Config {
         if !(1..=1024).contains(&self.max_message_mb) {
             return Err(ConfigError::MaxMessage);
         }
-        self.listener.validate()?;
+        self.service.listener.validate()?;
         self.cluster_auth()?;
         Ok(())
     }
@@ -183,7 +176,7 @@ impl Config {
     pub fn cluster_auth(&self) -> Result<pairdb_service::cluster_auth::ClusterAuth, ConfigError> {
         use pairdb_service::cluster_auth::Principal;
         let node = Principal::Node(self.node_id);
-        let certificates = self.tls.load()?.is_some();
+        let certificates = self.service.tls.load()?.is_some();
         Ok(self.cluster_auth.load(|p| p == node, &node.to_string(), certificates)?)
     }
 
@@ -241,10 +234,7 @@ impl Config {
                 insecure_cluster: true,
                 ..Default::default()
             },
-            listener: pairdb_service::listener::ListenerArgs::default(),
-            tls: pairdb_service::tls::TlsArgs::default(),
-            log_format: pairdb_service::telemetry::LogFormat::Text,
-            check_config: false,
+            service: pairdb_service::args::ServiceArgs::default(),
         }
     }
 }

@@ -93,7 +93,7 @@ pub async fn run_with_engine(
         listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| config.listen_addr.to_string())
     });
 
-    let tls = config.tls.load().map_err(ConfigError::from)?;
+    let tls = config.service.tls.load().map_err(ConfigError::from)?;
     let auth = Arc::new(config.cluster_auth()?);
     auth.log_mode("storage");
     let clients =
@@ -149,7 +149,7 @@ pub async fn run_with_engine(
                 label: "storage",
             }),
             tls: tls.map(|tls| tls.server_config(pairdb_service::tls::ClientCerts::Required)),
-            limits: config.listener.clone(),
+            limits: config.service.listener.clone(),
         },
         shutdown,
     )

@@ -10,11 +10,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> anyhow::Result<()> {
     let config = pairdb_storage::Config::parse();
     config.validate()?;
-    if config.check_config {
+    if config.service.check_config {
         println!("{config:#?}");
         return Ok(());
     }
-    let telemetry = pairdb_service::telemetry::init(config.log_format, "info", "pairdb-storage");
+    let telemetry = pairdb_service::telemetry::init(config.service.log_format, "info", "pairdb-storage");
     let listener = pairdb_service::bind(config.listen_addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "pairdb-storage listening");
     let served = pairdb_storage::run(config, listener, pairdb_service::shutdown_signal()).await;
