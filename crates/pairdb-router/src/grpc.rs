@@ -3,6 +3,7 @@
 //! [`KvApi`], and renders the reply or turns the error into a status (the one place for gRPC).
 
 use pairdb_core::dvv::VersionVector;
+use pairdb_core::reason::Reason;
 use pairdb_proto::common::v1::{Dot, VersionEntry};
 use pairdb_proto::kv::v1 as pb;
 use pairdb_proto::kv::v1::kv_service_server::KvService;
@@ -12,7 +13,7 @@ use crate::admission::Client;
 use crate::error::RouterError;
 use crate::kv::ReadOutcome;
 use crate::kv_api::KvApi;
-use crate::request::{KeyRead, ReadRequest, RequestOptions, WriteAck, WriteRequest, consistency_from_wire};
+use crate::request::{KeyRead, ReadManyRequest, ReadRequest, RequestOptions, WriteAck, WriteRequest};
 
 #[derive(Debug, Clone)]
 pub struct GrpcKvApi {
@@ -47,7 +48,7 @@ impl KvService for GrpcKvApi {
         let client = self.client(&request)?;
         let pb::GetRequest { tenant_id, key, options } = request.into_inner();
         let options = read_options(options).map_err(RouterError::into_status)?;
-        let request = ReadRequest { tenant_id, keys: vec![key], options };
+        let request = ReadRequest { tenant_id, key, options };
         let outcome = self.api.get(&client, request).await.map_err(RouterError::into_status)?;
         Ok(Response::new(get_response(&outcome)))
     }
@@ -69,31 +70,36 @@ impl KvService for GrpcKvApi {
         let client = self.client(&request)?;
         let pb::GetManyRequest { tenant_id, keys, options } = request.into_inner();
         let options = read_options(options).map_err(RouterError::into_status)?;
-        let request = ReadRequest { tenant_id, keys, options };
+        let request = ReadManyRequest { tenant_id, keys, options };
         let reads = self.api.get_many(&client, request).await.map_err(RouterError::into_status)?;
         Ok(Response::new(pb::GetManyResponse { results: reads.into_iter().map(key_result).collect() }))
     }
 }
 
-/// A level and an explicit count; with an explicit count the level is not read (it does not apply).
-fn options(
+/// A level and an explicit count; with an explicit count the level is not read (it does not apply),
+/// otherwise an unknown level is refused here (INVALID_CONSISTENCY).
+fn request_options(
     consistency: i32,
     explicit: u32,
     strict_quorum: bool,
     timeout_ms: u32,
 ) -> Result<RequestOptions, RouterError> {
-    let consistency = if explicit > 0 { None } else { consistency_from_wire(consistency)? };
+    let consistency = match explicit {
+        0 => pairdb_proto::convert::consistency_from_wire(consistency)
+            .map_err(|unknown| RouterError::invalid(Reason::InvalidConsistency, unknown.to_string()))?,
+        _ => None,
+    };
     Ok(RequestOptions { consistency, explicit, strict_quorum, timeout_ms })
 }
 
 fn read_options(options: Option<pb::ReadOptions>) -> Result<RequestOptions, RouterError> {
     let options = options.unwrap_or_default();
-    self::options(options.consistency, options.r, false, options.timeout_ms)
+    request_options(options.consistency, options.r, false, options.timeout_ms)
 }
 
 fn write_options(options: Option<pb::WriteOptions>) -> Result<(RequestOptions, String), RouterError> {
     let options = options.unwrap_or_default();
-    let request = self::options(options.consistency, options.w, options.strict_quorum, options.timeout_ms)?;
+    let request = request_options(options.consistency, options.w, options.strict_quorum, options.timeout_ms)?;
     Ok((request, options.idempotency_key))
 }
 

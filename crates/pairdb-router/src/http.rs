@@ -344,7 +344,7 @@ async fn get(api: &KvApi, client: &Client, path_key: Option<String>, raw_query: 
         path_key.or(query.key).ok_or_else(|| HttpError::invalid(Reason::InvalidKey, "key is required"))?;
     let request = ReadRequest {
         tenant_id: query.tenant_id.unwrap_or_default(),
-        keys: vec![key.clone()],
+        key: key.clone(),
         options: RequestOptions {
             consistency: consistency(query.consistency.as_deref())?,
             explicit: query.r.unwrap_or(0),

@@ -21,7 +21,7 @@ use crate::admission::{Admission, Client};
 use crate::error::RouterError;
 use crate::idempotency::{Begin, Fingerprint, IdempotencyStore};
 use crate::kv::{KvRouter, ReadOutcome, WriteOutcome};
-use crate::request::{KeyRead, ReadRequest, RequestOptions, WriteAck, WriteRequest};
+use crate::request::{KeyRead, ReadManyRequest, ReadRequest, RequestOptions, WriteAck, WriteRequest};
 
 /// Largest GetMany.
 pub const MAX_GET_MANY_KEYS: usize = 100;
@@ -132,13 +132,12 @@ impl KvApi {
         }
     }
 
-    /// A get of `request.keys[0]`.
+    /// A get of one key.
     pub async fn get(&self, client: &Client, request: ReadRequest) -> Result<ReadOutcome, RouterError> {
         let options = request.options;
         traced("get", options, async {
             let tenant = self.admit(client, &request.tenant_id)?;
-            let key = request.keys.first().map(String::as_str).unwrap_or_default();
-            let outcome = self.router.get(&tenant, key, options).await?;
+            let outcome = self.router.get(&tenant, &request.key, options).await?;
             metrics::histogram!("pairdb_router_read_siblings").record(outcome.siblings.len() as f64);
             Ok(outcome)
         })
@@ -146,7 +145,11 @@ impl KvApi {
     }
 
     /// Reads every key of `request` (at most [`MAX_GET_MANY_KEYS`]); each key succeeds or fails alone.
-    pub async fn get_many(&self, client: &Client, request: ReadRequest) -> Result<Vec<KeyRead>, RouterError> {
+    pub async fn get_many(
+        &self,
+        client: &Client,
+        request: ReadManyRequest,
+    ) -> Result<Vec<KeyRead>, RouterError> {
         let started = Instant::now();
         let options = request.options;
         let tenant = match self.admit(client, &request.tenant_id) {

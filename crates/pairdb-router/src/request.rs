@@ -45,9 +45,17 @@ impl WriteRequest {
     }
 }
 
-/// A get of one key, or (with several keys) a GetMany.
+/// A get of one key.
 #[derive(Debug, Clone)]
 pub struct ReadRequest {
+    pub tenant_id: String,
+    pub key: String,
+    pub options: RequestOptions,
+}
+
+/// A GetMany: each key is read on its own, with the same options.
+#[derive(Debug, Clone)]
+pub struct ReadManyRequest {
     pub tenant_id: String,
     pub keys: Vec<String>,
     pub options: RequestOptions,
@@ -73,11 +81,4 @@ pub struct KeyRead {
     pub key: String,
     /// `Ok(None)`: not found.
     pub result: Result<Option<ReadOutcome>, RouterError>,
-}
-
-/// The level named by the wire value `consistency` (0: none, the tenant's default).
-pub fn consistency_from_wire(consistency: i32) -> Result<Option<Consistency>, RouterError> {
-    pairdb_proto::convert::consistency_from_wire(consistency).map_err(|unknown| {
-        RouterError::invalid(pairdb_core::reason::Reason::InvalidConsistency, unknown.to_string())
-    })
 }
