@@ -54,8 +54,8 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 
 use pairdb_core::coordination::{
-    FailureCause, ReadAnswer, ReadCoordinator, ReadEffect, ReadPlan, ReadReply, WriteCoordinator,
-    WriteEffect, WritePlan, WriteReply,
+    FailureCause, ReadAnswer, ReadCoordinator, ReadInput, ReadPlan, ReadReply, ReadTransport,
+    WriteCoordinator, WriteInput, WritePlan, WriteReply, WriteTransport,
 };
 use pairdb_core::dvv::{Actor, Dot, VersionSet, VersionVector};
 use pairdb_core::ring::NodeId;
@@ -315,40 +315,28 @@ enum RequestKind {
     Read(Box<ReadRequest>),
 }
 
+/// What a coordinator replica returns: the new dot and the set to replicate.
+type Coordinated = (Dot, VersionSet);
+
 #[derive(Debug)]
 struct WriteRequest {
-    coordinator: WriteCoordinator,
+    /// `None` only while [`Sim::drive_write`] drives it.
+    coordinator: Option<WriteCoordinator<Coordinated>>,
     context: VersionVector,
     value: Option<Vec<u8>>,
     strict: bool,
     required: usize,
-    /// What the accepted coordinator returned: the new dot and the set to replicate.
-    coordinated: Option<(Dot, VersionSet)>,
 }
 
 #[derive(Debug)]
 struct ReadRequest {
-    coordinator: ReadCoordinator,
+    /// `None` only while [`Sim::drive_read`] drives it.
+    coordinator: Option<ReadCoordinator>,
     required: usize,
     /// The client's last acknowledged write to this key when the read started.
     expected: Option<Dot>,
     /// Answers the coordinator accepted ("not found" = `None`), to check read-repair targeting.
     answers: BTreeMap<NodeId, Option<VersionSet>>,
-}
-
-enum WriteInput {
-    Start,
-    Coordinated(NodeId, Dot, VersionSet),
-    CoordinateFailed(NodeId, FailureCause),
-    Replicated(NodeId),
-    ReplicateFailed(NodeId, FailureCause),
-    Tick,
-}
-
-enum ReadInput {
-    Start,
-    Answer(NodeId, ReadAnswer),
-    Tick,
 }
 
 #[derive(Debug, Clone)]
@@ -595,8 +583,8 @@ impl Sim {
         for id in 0..self.requests.len() {
             let request = &self.requests[id];
             let finished = match &request.kind {
-                RequestKind::Write(write) => write.coordinator.is_finished(),
-                RequestKind::Read(read) => read.coordinator.is_finished(),
+                RequestKind::Write(write) => write.coordinator.as_ref().is_some_and(|c| c.is_finished()),
+                RequestKind::Read(read) => read.coordinator.as_ref().is_some_and(|c| c.is_finished()),
             };
             let replies = request.replies;
             if replies != 1 {
@@ -875,9 +863,11 @@ impl Sim {
         }
         self.suspected_until.insert(call.node, self.now_ms + SUSPICION_MS);
         let input = match call.kind {
-            CallKind::Coordinate => Input::Write(WriteInput::CoordinateFailed(call.node, cause)),
-            CallKind::Replicate => Input::Write(WriteInput::ReplicateFailed(call.node, cause)),
-            CallKind::Fetch => Input::Read(ReadInput::Answer(call.node, ReadAnswer::Failed(cause))),
+            CallKind::Coordinate => Input::Write(WriteInput::CoordinateFailed { node: call.node, cause }),
+            CallKind::Replicate => Input::Write(WriteInput::ReplicateFailed { node: call.node, cause }),
+            CallKind::Fetch => {
+                Input::Read(ReadInput::Answer { node: call.node, answer: ReadAnswer::Failed(cause) })
+            }
         };
         self.drive(call.request, input);
     }
@@ -897,14 +887,16 @@ impl Sim {
         assert_eq!(call.node, node, "reply to call {rpc} from the wrong node");
         self.suspected_until.remove(&node);
         let input = match body {
-            Body::Coordinated { dot, set, .. } => Input::Write(WriteInput::Coordinated(node, dot, set)),
-            Body::Refused { .. } => {
-                Input::Write(WriteInput::CoordinateFailed(node, FailureCause::NotApplied))
+            Body::Coordinated { dot, set, .. } => {
+                Input::Write(WriteInput::Coordinated { node, set: (dot, set) })
             }
-            Body::Replicated { .. } => Input::Write(WriteInput::Replicated(node)),
+            Body::Refused { .. } => {
+                Input::Write(WriteInput::CoordinateFailed { node, cause: FailureCause::NotApplied })
+            }
+            Body::Replicated { .. } => Input::Write(WriteInput::Replicated { node }),
             Body::Fetched { set, .. } => {
                 let answer = set.map_or(ReadAnswer::NotFound, ReadAnswer::Found);
-                Input::Read(ReadInput::Answer(node, answer))
+                Input::Read(ReadInput::Answer { node, answer })
             }
             _ => unreachable!(),
         };
@@ -914,168 +906,78 @@ impl Sim {
     /// Feeds one input to a request's coordinator and carries out the effects.
     fn drive(&mut self, id: usize, input: Input) {
         match input {
-            Input::Write(input) => self.drive_write(id, input),
-            Input::Read(input) => self.drive_read(id, input),
+            Input::Start => match self.requests[id].kind {
+                RequestKind::Write(_) => self.drive_write(id, None),
+                RequestKind::Read(_) => self.drive_read(id, None),
+            },
+            Input::Write(input) => self.drive_write(id, Some(input)),
+            Input::Read(input) => self.drive_read(id, Some(input)),
             Input::Tick => match self.requests[id].kind {
-                RequestKind::Write(_) => self.drive_write(id, WriteInput::Tick),
-                RequestKind::Read(_) => self.drive_read(id, ReadInput::Tick),
+                RequestKind::Write(_) => self.drive_write(id, Some(WriteInput::Tick)),
+                RequestKind::Read(_) => self.drive_read(id, Some(ReadInput::Tick)),
             },
         }
     }
 
-    fn drive_write(&mut self, id: usize, input: WriteInput) {
+    /// Drives the write through the core's own loop ([`WriteCoordinator::drive`]) with the
+    /// simulated transport ([`SimWrite`]); `None` starts it.
+    fn drive_write(&mut self, id: usize, input: Option<WriteInput<Coordinated>>) {
         let now_ms = self.now_ms;
         let RequestKind::Write(write) = &mut self.requests[id].kind else {
             unreachable!("write input for read request {id}")
         };
-        let was_finished = write.coordinator.is_finished();
-        let is_tick = matches!(input, WriteInput::Tick);
-        let effects = match input {
-            WriteInput::Start => write.coordinator.start(now_ms),
-            WriteInput::Coordinated(node, dot, set) => {
-                let effects = write.coordinator.on_coordinated(node, now_ms);
-                if write.coordinator.coordinator() == Some(node) && write.coordinated.is_none() {
-                    write.coordinated = Some((dot, set));
-                }
-                effects
-            }
-            WriteInput::CoordinateFailed(node, cause) => {
-                let effects = write.coordinator.on_coordinate_failed(node, cause, now_ms);
-                if write.coordinator.ambiguous_coordinator() == Some(node) {
-                    self.outcome.stats.ambiguous_coordinations += 1;
-                }
-                effects
-            }
-            WriteInput::Replicated(node) => write.coordinator.on_replicated(node, now_ms),
-            WriteInput::ReplicateFailed(node, cause) => {
-                write.coordinator.on_replicate_failed(node, cause, now_ms)
-            }
-            WriteInput::Tick => write.coordinator.on_tick(now_ms),
+        let mut machine = write.coordinator.take().expect("a write is not driven re-entrantly");
+        let is_tick = matches!(input, Some(WriteInput::Tick));
+        let failed_coordinator = match &input {
+            Some(WriteInput::CoordinateFailed { node, .. }) => Some(*node),
+            _ => None,
         };
-        if was_finished && !effects.is_empty() {
-            self.violation(format!("write {id} emitted {effects:?} after it finished"));
+        let mut transport = SimWrite { sim: self, id, was_finished: machine.is_finished() };
+        match input {
+            None => machine.drive_start(now_ms, &mut transport),
+            Some(input) => machine.drive(input, now_ms, &mut transport),
         }
-        for effect in effects {
-            self.apply_write_effect(id, effect);
+        if failed_coordinator.is_some() && machine.ambiguous_coordinator() == failed_coordinator {
+            self.outcome.stats.ambiguous_coordinations += 1;
         }
+        let RequestKind::Write(write) = &mut self.requests[id].kind else { unreachable!() };
+        write.coordinator = Some(machine);
         self.schedule_tick(id, is_tick);
     }
 
-    fn apply_write_effect(&mut self, id: usize, effect: WriteEffect) {
-        let request = &self.requests[id];
-        let (key, client) = (request.key, request.client);
-        let RequestKind::Write(write) = &request.kind else { unreachable!() };
-        let (strict, required, coordinated) = (write.strict, write.required, write.coordinated.clone());
-        let (context, value) = (write.context.clone(), write.value.clone());
-        match effect {
-            WriteEffect::Coordinate { node } => {
-                if !PREFERENCE.contains(&node) {
-                    self.violation(format!("write {id} asked non-owner {node:?} to coordinate"));
-                }
-                let deadline_ms = (self.now_ms + self.config.rpc_timeout_ms)
-                    .min(self.requests[id].started_ms + self.config.deadline_ms);
-                self.call(id, node, CallKind::Coordinate, move |rpc| Body::Coordinate {
-                    rpc,
-                    request: id,
-                    key,
-                    context,
-                    value,
-                    deadline_ms,
-                });
-            }
-            WriteEffect::Replicate { node, hint_for } => {
-                let Some((_, set)) = coordinated else {
-                    self.violation(format!("write {id} replicates to {node:?} before it was coordinated"));
-                    return;
-                };
-                if hint_for.is_none() && !PREFERENCE.contains(&node) {
-                    self.violation(format!("write {id} sends a replica (not a hint) to {node:?}"));
-                }
-                self.call(id, node, CallKind::Replicate, move |rpc| Body::Replicate {
-                    rpc,
-                    key,
-                    set,
-                    hint_for,
-                });
-            }
-            WriteEffect::StoreHint { node, hint_for } => {
-                let Some((_, set)) = coordinated else {
-                    self.violation(format!("write {id} stores a hint on {node:?} before it was coordinated"));
-                    return;
-                };
-                self.send(Place::Router, Place::Node(node), Body::StoreHint { key, set, owner: hint_for });
-            }
-            WriteEffect::Reply(reply) => {
-                self.requests[id].replies += 1;
-                if self.requests[id].replies > 1 {
-                    self.violation(format!("write {id} replied again: {reply:?}"));
-                    return;
-                }
-                let acked = matches!(reply, WriteReply::Acked { .. });
-                match reply {
-                    WriteReply::Acked { acks, hinted_acks, required: replied_required } => {
-                        let counted = if strict { acks } else { acks + hinted_acks };
-                        if counted < required || replied_required != required {
-                            self.violation(format!(
-                                "write {id} acked with acks={acks} hinted={hinted_acks} \
-                                 required={replied_required} (W={required}, strict={strict})"
-                            ));
-                        }
-                        match coordinated {
-                            Some((dot, _)) => {
-                                self.outcome.stats.hinted_acks += hinted_acks as u64;
-                                self.outcome.acked.push(AckedWrite {
-                                    request: id,
-                                    key,
-                                    dot,
-                                    acks,
-                                    hinted_acks,
-                                    at_ms: self.now_ms,
-                                });
-                                self.clients[client].last_acked.insert(key, dot);
-                                if let Some((_, set)) = &coordinated {
-                                    self.clients[client].ack_context.insert(key, set.vector().clone());
-                                }
-                            }
-                            None => self.violation(format!("write {id} acked but never coordinated")),
-                        }
-                    }
-                    WriteReply::QuorumNotReached { .. } => self.outcome.stats.write_failures += 1,
-                }
-                self.client_wrote(client, acked);
-            }
-        }
-    }
-
-    fn drive_read(&mut self, id: usize, input: ReadInput) {
+    /// Drives the read through [`ReadCoordinator::drive`] with [`SimRead`]; `None` starts it. Checks
+    /// that read repair targets exactly the answered replicas behind the merged set.
+    fn drive_read(&mut self, id: usize, input: Option<ReadInput>) {
         let now_ms = self.now_ms;
         let RequestKind::Read(read) = &mut self.requests[id].kind else {
             unreachable!("read input for write request {id}")
         };
-        let was_finished = read.coordinator.is_finished();
-        let is_tick = matches!(input, ReadInput::Tick);
-        let effects = match input {
-            ReadInput::Start => read.coordinator.start(now_ms),
-            ReadInput::Answer(node, answer) => {
-                if !was_finished {
-                    match &answer {
-                        ReadAnswer::Found(set) => {
-                            read.answers.insert(node, Some(set.clone()));
-                        }
-                        ReadAnswer::NotFound => {
-                            read.answers.insert(node, None);
-                        }
-                        ReadAnswer::Failed(_) => {}
-                    }
+        let mut machine = read.coordinator.take().expect("a read is not driven re-entrantly");
+        let was_finished = machine.is_finished();
+        if let Some(ReadInput::Answer { node, answer }) = &input
+            && !was_finished
+        {
+            match answer {
+                ReadAnswer::Found(set) => {
+                    read.answers.insert(*node, Some(set.clone()));
                 }
-                read.coordinator.on_answer(node, answer, now_ms)
+                ReadAnswer::NotFound => {
+                    read.answers.insert(*node, None);
+                }
+                ReadAnswer::Failed(_) | ReadAnswer::Refused(_) => {}
             }
-            ReadInput::Tick => read.coordinator.on_tick(now_ms),
-        };
-        let mut repair_mismatch = None;
-        if !was_finished && read.coordinator.is_finished() {
+        }
+        let is_tick = matches!(input, Some(ReadInput::Tick));
+        let mut transport = SimRead { sim: self, id, was_finished, repaired: BTreeSet::new() };
+        match input {
+            None => machine.drive_start(now_ms, &mut transport),
+            Some(input) => machine.drive(input, now_ms, &mut transport),
+        }
+        let repaired = std::mem::take(&mut transport.repaired);
+        if !was_finished && machine.is_finished() {
+            let RequestKind::Read(read) = &self.requests[id].kind else { unreachable!() };
             // Read repair must target exactly the answered replicas that are behind the merged set.
-            let expected: BTreeSet<NodeId> = match read.coordinator.merged() {
+            let expected: BTreeSet<NodeId> = match machine.merged() {
                 Some(merged) => read
                     .answers
                     .iter()
@@ -1084,87 +986,21 @@ impl Sim {
                     .collect(),
                 None => BTreeSet::new(),
             };
-            let repaired: BTreeSet<NodeId> = effects
-                .iter()
-                .filter_map(|effect| match effect {
-                    ReadEffect::Repair { node } => Some(*node),
-                    _ => None,
-                })
-                .collect();
             if expected != repaired {
-                repair_mismatch = Some(format!("read {id} repairs {repaired:?}, expected {expected:?}"));
+                self.violation(format!("read {id} repairs {repaired:?}, expected {expected:?}"));
             }
         }
-        if was_finished && !effects.is_empty() {
-            self.violation(format!("read {id} emitted {effects:?} after it finished"));
-        }
-        if let Some(msg) = repair_mismatch {
-            self.violation(msg);
-        }
-        for effect in effects {
-            self.apply_read_effect(id, effect);
-        }
+        let RequestKind::Read(read) = &mut self.requests[id].kind else { unreachable!() };
+        read.coordinator = Some(machine);
         self.schedule_tick(id, is_tick);
-    }
-
-    fn apply_read_effect(&mut self, id: usize, effect: ReadEffect) {
-        let request = &self.requests[id];
-        let (key, client) = (request.key, request.client);
-        let RequestKind::Read(read) = &request.kind else { unreachable!() };
-        let (required, expected, started_ms) = (read.required, read.expected, request.started_ms);
-        let merged = read.coordinator.merged().cloned();
-        match effect {
-            ReadEffect::Fetch { node } => {
-                if !PREFERENCE.contains(&node) {
-                    self.violation(format!("read {id} fetches from non-owner {node:?}"));
-                }
-                self.call(id, node, CallKind::Fetch, move |rpc| Body::Fetch { rpc, key });
-            }
-            ReadEffect::Repair { node } => {
-                let Some(set) = merged else {
-                    self.violation(format!("read {id} repairs {node:?} with nothing merged"));
-                    return;
-                };
-                self.outcome.stats.repairs += 1;
-                self.send(Place::Router, Place::Node(node), Body::Repair { key, set });
-            }
-            ReadEffect::Reply(reply) => {
-                self.requests[id].replies += 1;
-                if self.requests[id].replies > 1 {
-                    self.violation(format!("read {id} replied again: {reply:?}"));
-                    return;
-                }
-                let merged = match reply {
-                    ReadReply::Answered { merged, answered } => {
-                        if answered < required {
-                            self.violation(format!("read {id} answered with {answered} < R={required}"));
-                        }
-                        Some(merged)
-                    }
-                    ReadReply::QuorumNotReached { .. } => {
-                        self.outcome.stats.read_failures += 1;
-                        None
-                    }
-                };
-                self.outcome.reads.push(ReadRecord {
-                    request: id,
-                    key,
-                    required,
-                    started_ms,
-                    expected,
-                    merged: merged.clone(),
-                });
-                self.client_read(client, merged.flatten());
-            }
-        }
     }
 
     /// Asks for `on_tick` when the coordinator wants it. Right after a tick, asking for one at or before
     /// now would loop forever.
     fn schedule_tick(&mut self, id: usize, after_tick: bool) {
         let next = match &self.requests[id].kind {
-            RequestKind::Write(write) => write.coordinator.next_timeout_ms(),
-            RequestKind::Read(read) => read.coordinator.next_timeout_ms(),
+            RequestKind::Write(write) => write.coordinator.as_ref().and_then(|c| c.next_timeout_ms()),
+            RequestKind::Read(read) => read.coordinator.as_ref().and_then(|c| c.next_timeout_ms()),
         };
         let Some(at_ms) = next else {
             return;
@@ -1214,7 +1050,7 @@ impl Sim {
             deadline_ms: self.now_ms + self.config.deadline_ms,
         };
         let read = ReadRequest {
-            coordinator: ReadCoordinator::new(plan),
+            coordinator: Some(ReadCoordinator::new(plan)),
             required,
             expected: self.clients[client].last_acked.get(&key).copied(),
             answers: BTreeMap::new(),
@@ -1240,23 +1076,13 @@ impl Sim {
             suspects: self.suspects(),
             deadline_ms: self.now_ms + self.config.deadline_ms,
         };
-        let write = WriteRequest {
-            coordinator: WriteCoordinator::new(plan),
-            context,
-            value,
-            strict,
-            required,
-            coordinated: None,
-        };
+        let write =
+            WriteRequest { coordinator: Some(WriteCoordinator::new(plan)), context, value, strict, required };
         self.start_request(client, key, RequestKind::Write(Box::new(write)));
     }
 
     fn start_request(&mut self, client: usize, key: Key, kind: RequestKind) {
         let id = self.requests.len();
-        let start = match kind {
-            RequestKind::Write(_) => Input::Write(WriteInput::Start),
-            RequestKind::Read(_) => Input::Read(ReadInput::Start),
-        };
         self.requests.push(Request {
             client,
             key,
@@ -1267,7 +1093,7 @@ impl Sim {
         });
         self.clients[client].next = ClientStep::Waiting;
         self.clients[client].current_key = Some(key);
-        self.drive(id, start);
+        self.drive(id, Input::Start);
     }
 
     /// The read replied: write next, with its context (blind when the read failed, or sometimes anyway).
@@ -1301,8 +1127,191 @@ impl Sim {
     }
 }
 
+/// The simulated transport of one write: effects become messages, the reply goes to the client.
+struct SimWrite<'a> {
+    sim: &'a mut Sim,
+    id: usize,
+    /// The machine had finished before this input: any effect now is a violation.
+    was_finished: bool,
+}
+
+impl SimWrite<'_> {
+    fn check_not_finished(&mut self, what: &str) {
+        if self.was_finished {
+            let id = self.id;
+            self.sim.violation(format!("write {id} emitted {what} after it finished"));
+        }
+    }
+
+    fn request(&self) -> (&Request, &WriteRequest) {
+        let request = &self.sim.requests[self.id];
+        let RequestKind::Write(write) = &request.kind else { unreachable!() };
+        (request, write)
+    }
+}
+
+impl WriteTransport for SimWrite<'_> {
+    type Set = Coordinated;
+
+    fn coordinate(&mut self, node: NodeId) {
+        self.check_not_finished("a coordinate call");
+        let id = self.id;
+        let (request, write) = self.request();
+        let (key, context, value, started_ms) =
+            (request.key, write.context.clone(), write.value.clone(), request.started_ms);
+        let sim = &mut *self.sim;
+        if !PREFERENCE.contains(&node) {
+            sim.violation(format!("write {id} asked non-owner {node:?} to coordinate"));
+        }
+        let deadline_ms = (sim.now_ms + sim.config.rpc_timeout_ms).min(started_ms + sim.config.deadline_ms);
+        sim.call(id, node, CallKind::Coordinate, move |rpc| Body::Coordinate {
+            rpc,
+            request: id,
+            key,
+            context,
+            value,
+            deadline_ms,
+        });
+    }
+
+    fn replicate(&mut self, node: NodeId, hint_for: Option<NodeId>, (_, set): Coordinated) {
+        self.check_not_finished("a replicate call");
+        let (id, key) = (self.id, self.request().0.key);
+        if hint_for.is_none() && !PREFERENCE.contains(&node) {
+            self.sim.violation(format!("write {id} sends a replica (not a hint) to {node:?}"));
+        }
+        self.sim.call(id, node, CallKind::Replicate, move |rpc| Body::Replicate { rpc, key, set, hint_for });
+    }
+
+    fn store_hint(&mut self, node: NodeId, hint_for: NodeId, (_, set): Coordinated) {
+        self.check_not_finished("a hint");
+        let key = self.request().0.key;
+        self.sim.send(Place::Router, Place::Node(node), Body::StoreHint { key, set, owner: hint_for });
+    }
+
+    fn reply(&mut self, reply: WriteReply<Coordinated>) {
+        self.check_not_finished("a reply");
+        let id = self.id;
+        let (request, write) = self.request();
+        let (key, client, strict, required) = (request.key, request.client, write.strict, write.required);
+        let sim = &mut *self.sim;
+        sim.requests[id].replies += 1;
+        if sim.requests[id].replies > 1 {
+            sim.violation(format!("write {id} replied again: {reply:?}"));
+            return;
+        }
+        let acked = matches!(reply, WriteReply::Acked { .. });
+        match reply {
+            WriteReply::Acked { set: (dot, set), acks, hinted_acks, required: replied_required } => {
+                let counted = if strict { acks } else { acks + hinted_acks };
+                if counted < required || replied_required != required {
+                    sim.violation(format!(
+                        "write {id} acked with acks={acks} hinted={hinted_acks} \
+                         required={replied_required} (W={required}, strict={strict})"
+                    ));
+                }
+                sim.outcome.stats.hinted_acks += hinted_acks as u64;
+                sim.outcome.acked.push(AckedWrite {
+                    request: id,
+                    key,
+                    dot,
+                    acks,
+                    hinted_acks,
+                    at_ms: sim.now_ms,
+                });
+                sim.clients[client].last_acked.insert(key, dot);
+                sim.clients[client].ack_context.insert(key, set.vector().clone());
+            }
+            WriteReply::QuorumNotReached { .. } => sim.outcome.stats.write_failures += 1,
+            WriteReply::Rejected(refusal) => sim
+                .violation(format!("write {id} rejected although no node refuses definitively: {refusal:?}")),
+        }
+        sim.client_wrote(client, acked);
+    }
+}
+
+/// The simulated transport of one read.
+struct SimRead<'a> {
+    sim: &'a mut Sim,
+    id: usize,
+    was_finished: bool,
+    /// The replicas this input's effects repaired.
+    repaired: BTreeSet<NodeId>,
+}
+
+impl SimRead<'_> {
+    fn check_not_finished(&mut self, what: &str) {
+        if self.was_finished {
+            let id = self.id;
+            self.sim.violation(format!("read {id} emitted {what} after it finished"));
+        }
+    }
+}
+
+impl ReadTransport for SimRead<'_> {
+    fn fetch(&mut self, node: NodeId) {
+        self.check_not_finished("a fetch");
+        let (id, key) = (self.id, self.sim.requests[self.id].key);
+        if !PREFERENCE.contains(&node) {
+            self.sim.violation(format!("read {id} fetches from non-owner {node:?}"));
+        }
+        self.sim.call(id, node, CallKind::Fetch, move |rpc| Body::Fetch { rpc, key });
+    }
+
+    fn repair(&mut self, node: NodeId, set: VersionSet) {
+        self.check_not_finished("a repair");
+        self.repaired.insert(node);
+        let key = self.sim.requests[self.id].key;
+        self.sim.outcome.stats.repairs += 1;
+        self.sim.send(Place::Router, Place::Node(node), Body::Repair { key, set });
+    }
+
+    fn reply(&mut self, reply: ReadReply) {
+        self.check_not_finished("a reply");
+        let id = self.id;
+        let sim = &mut *self.sim;
+        let request = &sim.requests[id];
+        let RequestKind::Read(read) = &request.kind else { unreachable!() };
+        let (key, client, started_ms) = (request.key, request.client, request.started_ms);
+        let (required, expected) = (read.required, read.expected);
+        sim.requests[id].replies += 1;
+        if sim.requests[id].replies > 1 {
+            sim.violation(format!("read {id} replied again: {reply:?}"));
+            return;
+        }
+        let merged = match reply {
+            ReadReply::Answered { merged, answered } => {
+                if answered < required {
+                    sim.violation(format!("read {id} answered with {answered} < R={required}"));
+                }
+                Some(merged)
+            }
+            ReadReply::QuorumNotReached { .. } => {
+                sim.outcome.stats.read_failures += 1;
+                None
+            }
+            ReadReply::Rejected(refusal) => {
+                sim.violation(format!(
+                    "read {id} rejected although no node refuses definitively: {refusal:?}"
+                ));
+                None
+            }
+        };
+        sim.outcome.reads.push(ReadRecord {
+            request: id,
+            key,
+            required,
+            started_ms,
+            expected,
+            merged: merged.clone(),
+        });
+        sim.client_read(client, merged.flatten());
+    }
+}
+
 enum Input {
-    Write(WriteInput),
+    Start,
+    Write(WriteInput<Coordinated>),
     Read(ReadInput),
     Tick,
 }

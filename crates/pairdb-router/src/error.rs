@@ -1,7 +1,7 @@
 //! The router's errors. Each names its stable [`Reason`]; [`RouterError::into_status`] (gRPC) and the
 //! HTTP edge's error response turn it into a reply through the one table in `pairdb_service::errors`.
 
-use pairdb_core::coordination::ReplicaFailure;
+use pairdb_core::coordination::{Refusal, ReplicaFailure};
 use pairdb_core::reason::{HasReason, Reason};
 
 #[derive(Debug, thiserror::Error)]
@@ -18,8 +18,9 @@ pub enum RouterError {
     QuorumNotReached { acks: usize, hinted_acks: usize, required: usize, failures: Vec<ReplicaFailure> },
     #[error("no storage node holds partition {0} in the current topology")]
     NoReplicas(u32),
-    #[error(transparent)]
-    Storage(tonic::Status),
+    /// A storage node refused the request for a reason every replica would give.
+    #[error("{}", .0.message)]
+    Refused(Refusal),
     #[error("{0}")]
     Unauthenticated(String),
     #[error("{0}")]
@@ -38,17 +39,6 @@ impl RouterError {
     /// The error of a core or validation failure that names its reason.
     pub fn from_reasoned<E: HasReason + std::fmt::Display>(error: &E) -> Self {
         RouterError::invalid(error.reason(), error.to_string())
-    }
-
-    /// The message a client sees (a storage node's own message for a storage refusal).
-    pub fn message(&self) -> String {
-        match self {
-            RouterError::Storage(status) => match pairdb_service::errors::detail_of(status) {
-                Some(detail) => detail.message,
-                None => status.message().to_owned(),
-            },
-            _ => self.to_string(),
-        }
     }
 
     /// Structured details of the error (metadata of the gRPC detail, `details` of the JSON body).
@@ -70,7 +60,7 @@ impl RouterError {
     }
 
     pub fn into_status(self) -> tonic::Status {
-        pairdb_service::errors::status(self.reason(), self.message(), &self.metadata())
+        pairdb_service::errors::status(self.reason(), self.to_string(), &self.metadata())
     }
 }
 
@@ -82,9 +72,7 @@ impl HasReason for RouterError {
             RouterError::KeyNotFound => Reason::KeyNotFound,
             RouterError::NotReady => Reason::NotReady,
             RouterError::QuorumNotReached { .. } | RouterError::NoReplicas(_) => Reason::QuorumNotReached,
-            RouterError::Storage(status) => {
-                pairdb_service::errors::known_reason_of(status).unwrap_or(Reason::Internal)
-            }
+            RouterError::Refused(refusal) => refusal.reason,
             RouterError::Unauthenticated(_) => Reason::Unauthenticated,
             RouterError::PermissionDenied(_) => Reason::PermissionDenied,
             RouterError::RateLimited { .. } => Reason::RateLimited,

@@ -1,9 +1,9 @@
 //! Drives the core's coordination state machines ([`WriteCoordinator`], [`ReadCoordinator`]) over real
-//! storage RPCs. Each request runs in its own task: the client gets its answer through a oneshot as
-//! soon as the machine says `Reply`, while the task finishes the remaining replication or read repair
-//! in the background, bounded by the request's deadline.
-//!
-//! Every storage call is bounded twice: by the per-node in-flight semaphore and by the storage timeout.
+//! storage RPCs: each request's run is the machine's [`WriteTransport`] / [`ReadTransport`] (the
+//! seeded simulation is the other transport of the same `drive` loop). Each request runs in its own
+//! task: the client gets its answer through a oneshot as soon as the machine replies, while the task
+//! finishes the remaining replication or read repair in the background, bounded by the request's
+//! deadline. The calls themselves, and everything of the storage protocol, live in [`crate::storage`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,20 +12,17 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use pairdb_core::coordination::{
-    FailureCause, ReadAnswer, ReadCoordinator, ReadEffect, ReadPlan, ReadReply, ReplicaFailure,
-    WriteCoordinator, WriteEffect, WritePlan, WriteReply,
+    FailureCause, ReadAnswer, ReadCoordinator, ReadInput, ReadPlan, ReadReply, ReadTransport, Refusal,
+    ReplicaFailure, WriteCoordinator, WriteInput, WritePlan, WriteReply, WriteTransport,
 };
 use pairdb_core::dvv::VersionSet;
-use pairdb_core::encoding::{decode_version_set, encode_version_set};
+use pairdb_core::encoding::encode_version_set;
 use pairdb_core::gc::TombstonePlacement;
-use pairdb_core::reason::Reason;
 use pairdb_core::ring::NodeId;
-use pairdb_proto::storage::v1 as pb;
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
-use crate::pool::{StorageClient, StoragePool};
-use crate::view::ClusterView;
+use crate::storage::{CallBudget, CallError, CoordinateCall, StorageCalls, StorageKey, StoredSet};
 
 /// Milliseconds on the router's monotonic clock (the core's `now_ms`).
 #[derive(Debug, Clone, Copy)]
@@ -54,26 +51,10 @@ impl Clock {
     }
 }
 
-/// Wall-clock milliseconds since the Unix epoch: the LWW timestamp of a sibling and the wall-clock
-/// form of a coordinate call's deadline; never an input to causality.
-pub fn wall_clock_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// What the coordinator replica is asked to apply.
+/// A write: what the coordinator replica is asked to apply, and what follows the acknowledgement.
 #[derive(Debug, Clone)]
-pub struct WriteInput {
-    pub key: pb::KeyRef,
-    /// The write's verified context vector in the internal encoding (empty for a blind write).
-    pub context: Vec<u8>,
-    /// `None` writes a tombstone.
-    pub value: Option<Vec<u8>>,
-    pub timestamp_ms: u64,
-    pub max_siblings: u32,
-    pub supersede_local: bool,
+pub struct WriteTask {
+    pub call: CoordinateCall,
     /// For a delete placed with no migration or N change under way: where it was placed, reported
     /// to the owners with `ConfirmTombstone` if every one of them acknowledges the tombstone itself
     /// (they may then purge it after the grace period without waiting for anti-entropy).
@@ -95,7 +76,7 @@ pub enum WriteResult {
         failures: Vec<ReplicaFailure>,
     },
     /// The coordinator refused the write for a reason retrying elsewhere would not fix.
-    Rejected(tonic::Status),
+    Rejected(Refusal),
 }
 
 #[derive(Debug)]
@@ -111,443 +92,164 @@ pub enum ReadResult {
     },
     /// Too few replicas answered because some refused the request for a reason every replica would
     /// give (e.g. the tenant is being deleted): that refusal is the answer, not a quorum failure.
-    Rejected(tonic::Status),
+    Rejected(Refusal),
 }
 
-/// The partition a storage request names (for its span).
-fn partition_of(key: &Option<pb::KeyRef>) -> u32 {
-    key.as_ref().map_or(0, |key| key.partition)
-}
-
-/// Reasons a storage node gives that another replica would give too: the request itself is wrong.
-fn is_definitive(status: &tonic::Status) -> bool {
-    matches!(
-        pairdb_service::errors::known_reason_of(status),
-        Some(
-            Reason::TooManySiblings
-                | Reason::ValueTooLarge
-                | Reason::MalformedVersion
-                | Reason::InvalidTenantId
-                | Reason::InvalidKey
-                | Reason::InvalidPartition
-                | Reason::PartitionMismatch
-                | Reason::TenantNotFound
-        )
-    )
-}
-
-enum CallError {
-    Failed(FailureCause),
-    Rejected(tonic::Status),
-}
-
-/// Reasons a storage node gives only before it applied anything, so another replica may be asked.
-/// (WRITE_PATH_POISONED is not one: the failed fsync may have left the write on disk.)
-fn refused_before_applying(status: &tonic::Status) -> bool {
-    matches!(
-        pairdb_service::errors::known_reason_of(status),
-        Some(Reason::NotReady | Reason::DiskFull | Reason::CoordinateDeadlinePassed)
-    )
-}
-
-/// The call failed because no connection could be opened: the request never left the router.
-fn never_connected(status: &tonic::Status) -> bool {
-    let mut source = std::error::Error::source(status);
-    while let Some(error) = source {
-        if error
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
-        {
-            return true;
-        }
-        source = error.source();
-    }
-    false
-}
-
-/// How long a storage call may take.
-#[derive(Debug, Clone, Copy)]
-struct CallBudget {
-    /// How long the router waits for the answer once the request was sent.
-    wait: Duration,
-    /// When a call still unanswered makes the node suspect (the storage timeout): new requests then
-    /// avoid it, while this call may go on waiting up to `wait`.
-    suspect_after: Duration,
-}
-
-impl CallBudget {
-    fn storage_timeout(pool: &StoragePool) -> Self {
-        Self { wait: pool.storage_timeout(), suspect_after: pool.storage_timeout() }
-    }
-}
-
-/// Runs one RPC against `node` with the pool's bounds, updating the failure view. The call gets
-/// `budget.suspect_after` for a free in-flight slot (nothing is sent before, so a call refused here
-/// is `NotApplied`) and then `budget.wait` for the answer; `rpc` is told that wait when it is sent (a
-/// coordinate call passes it on, so the node stops applying when the router stops waiting).
-///
-/// Each call is a client span (`rpc`, node id, partition, outcome) whose trace context the storage
-/// node continues, so a client request is one trace with one child per replica call.
-async fn call<T, F, Fut>(
-    pool: &StoragePool,
-    view: &ClusterView,
-    node: NodeId,
-    rpc_name: &'static str,
-    partition: u32,
-    rpc: F,
-) -> Result<T, CallError>
-where
-    F: FnOnce(StorageClient, Duration) -> Fut,
-    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-{
-    call_within(pool, view, node, rpc_name, partition, CallBudget::storage_timeout(pool), rpc).await
-}
-
-async fn call_within<T, F, Fut>(
-    pool: &StoragePool,
-    view: &ClusterView,
-    node: NodeId,
-    rpc_name: &'static str,
-    partition: u32,
-    budget: CallBudget,
-    rpc: F,
-) -> Result<T, CallError>
-where
-    F: FnOnce(StorageClient, Duration) -> Fut,
-    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-{
-    let span = tracing::info_span!(
-        "storage.call",
-        otel.name = rpc_name,
-        otel.kind = "client",
-        node_id = node.0,
-        partition,
-        outcome = tracing::field::Empty,
-    );
-    let result = call_inner(pool, view, node, budget, rpc).instrument(span.clone()).await;
-    span.record(
-        "outcome",
-        match &result {
-            Ok(_) => "ok",
-            Err(CallError::Rejected(_)) => "rejected",
-            Err(CallError::Failed(FailureCause::Timeout)) => "timeout",
-            Err(CallError::Failed(FailureCause::NotApplied)) => "not_applied",
-            Err(CallError::Failed(_)) => "error",
-        },
-    );
-    result
-}
-
-async fn call_inner<T, F, Fut>(
-    pool: &StoragePool,
-    view: &ClusterView,
-    node: NodeId,
-    budget: CallBudget,
-    rpc: F,
-) -> Result<T, CallError>
-where
-    F: FnOnce(StorageClient, Duration) -> Fut,
-    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-{
-    // Until the request is handed to the channel nothing has left the router: every failure before
-    // that point is `NotApplied`.
-    let Some(address) = view.nodes.get(&node).map(|n| n.address.clone()) else {
-        return Err(CallError::Failed(FailureCause::NotApplied));
-    };
-    let Some(client) = pool.client(node, &address) else {
-        return Err(CallError::Failed(FailureCause::NotApplied));
-    };
-    let acquired = match tokio::time::timeout(budget.suspect_after, client.acquire()).await {
-        Ok(Some(acquired)) => acquired,
-        Ok(None) => return Err(CallError::Failed(FailureCause::NotApplied)),
-        Err(_elapsed) => {
-            client.record_failure();
-            return Err(CallError::Failed(FailureCause::NotApplied));
-        }
-    };
-    let (grpc, _permit) = acquired;
-    let call = rpc(grpc, budget.wait);
-    tokio::pin!(call);
-    let suspect_after = budget.suspect_after.min(budget.wait);
-    let outcome = match tokio::time::timeout(suspect_after, &mut call).await {
-        Ok(answer) => Ok(answer),
-        Err(_slow) => {
-            client.record_failure();
-            tokio::time::timeout(budget.wait - suspect_after, call).await
-        }
-    };
-    match outcome {
-        Ok(Ok(response)) => {
-            client.record_success();
-            Ok(response.into_inner())
-        }
-        Ok(Err(status)) if is_definitive(&status) => Err(CallError::Rejected(status)),
-        Ok(Err(status)) => {
-            client.record_failure();
-            let definite = refused_before_applying(&status) || never_connected(&status);
-            Err(CallError::Failed(if definite { FailureCause::NotApplied } else { FailureCause::Error }))
-        }
-        // Already suspect since `suspect_after`.
-        Err(_elapsed) => Err(CallError::Failed(FailureCause::Timeout)),
-    }
-}
+/// The coordinator's set, shared by every replicate call of the write.
+type Coordinated = Arc<StoredSet>;
 
 type WriteCallFuture = std::pin::Pin<Box<dyn Future<Output = WriteCall> + Send>>;
 
 enum WriteCall {
-    Coordinated(NodeId, Result<pb::CoordinateWriteResponse, CallError>),
-    Replicated(NodeId, bool, Result<pb::ReplicateResponse, CallError>),
+    Coordinated(NodeId, Result<StoredSet, CallError>),
+    Replicated(NodeId, bool, Result<(), CallError>),
 }
 
 /// Runs a write; resolves when the client can be answered (replication may go on afterwards).
-pub async fn write(
-    pool: Arc<StoragePool>,
-    view: Arc<ClusterView>,
-    clock: Clock,
-    plan: WritePlan,
-    input: WriteInput,
-) -> WriteResult {
+pub async fn write(calls: StorageCalls, clock: Clock, plan: WritePlan, task: WriteTask) -> WriteResult {
     let (reply_tx, reply_rx) = oneshot::channel();
-    tokio::spawn(run_write(pool, view, clock, plan, input, reply_tx).instrument(tracing::Span::current()));
+    tokio::spawn(run_write(calls, clock, plan, task, reply_tx).instrument(tracing::Span::current()));
     reply_rx.await.unwrap_or_else(|_| {
-        WriteResult::Rejected(tonic::Status::internal("write task ended without a reply"))
+        let message = "write task ended without a reply".to_owned();
+        WriteResult::Rejected(Refusal { reason: pairdb_core::reason::Reason::Internal, message })
     })
 }
 
-/// One write in flight: the machine's effects become storage calls, their answers become inputs.
+/// One write in flight: the machine's transport. Effects become storage calls; their answers
+/// become the machine's inputs.
 struct WriteRun {
-    pool: Arc<StoragePool>,
-    view: Arc<ClusterView>,
+    calls: StorageCalls,
     clock: Clock,
-    input: WriteInput,
+    task: WriteTask,
     deadline_ms: u64,
-    /// The coordinator's set, decoded and as encoded for replication.
-    result_set: Option<(VersionSet, Arc<Vec<u8>>)>,
     reply_tx: Option<oneshot::Sender<WriteResult>>,
-    calls: FuturesUnordered<WriteCallFuture>,
+    in_flight: FuturesUnordered<WriteCallFuture>,
 }
 
 async fn run_write(
-    pool: Arc<StoragePool>,
-    view: Arc<ClusterView>,
+    calls: StorageCalls,
     clock: Clock,
     plan: WritePlan,
-    input: WriteInput,
+    task: WriteTask,
     reply_tx: oneshot::Sender<WriteResult>,
 ) {
     let deadline_ms = plan.deadline_ms;
     let mut machine = WriteCoordinator::new(plan);
     let mut run = WriteRun {
-        pool,
-        view,
+        calls,
         clock,
-        input,
+        task,
         deadline_ms,
-        result_set: None,
         reply_tx: Some(reply_tx),
-        calls: FuturesUnordered::new(),
+        in_flight: FuturesUnordered::new(),
     };
-    let mut effects = machine.start(clock.now_ms());
-    loop {
-        for effect in effects.drain(..) {
-            run.start(effect);
-        }
-        if machine.is_finished() {
-            run.confirm_if_every_owner_acked(&machine).await;
-            return;
-        }
-        let deadline = machine.next_timeout_ms().unwrap_or_else(|| clock.now_ms());
-        tokio::select! {
-            next = run.calls.next(), if !run.calls.is_empty() => {
-                let Some(outcome) = next else { continue };
-                match run.on_call(&mut machine, outcome) {
-                    Some(next_effects) => effects = next_effects,
-                    None => return,
-                }
-            }
-            () = tokio::time::sleep_until(clock.instant(deadline)) => {
-                effects = machine.on_tick(clock.now_ms());
-            }
-        }
+    machine.drive_start(clock.now_ms(), &mut run);
+    while !machine.is_finished() {
+        let wake_ms = machine.next_timeout_ms().unwrap_or_else(|| clock.now_ms());
+        let input = tokio::select! {
+            Some(outcome) = run.in_flight.next(), if !run.in_flight.is_empty() => run.input_of(outcome),
+            () = tokio::time::sleep_until(clock.instant(wake_ms)) => WriteInput::Tick,
+        };
+        machine.drive(input, clock.now_ms(), &mut run);
     }
+    run.confirm_if_every_owner_acked(&machine).await;
 }
 
-impl WriteRun {
-    fn start(&mut self, effect: WriteEffect) {
-        match effect {
-            WriteEffect::Coordinate { node } => {
-                let call = self.coordinate(node);
-                self.calls.push(call);
-            }
-            WriteEffect::Replicate { node, hint_for } => {
-                if let Some(call) = self.replicate(node, hint_for) {
-                    self.calls.push(call);
-                }
-            }
-            WriteEffect::StoreHint { node, hint_for } => self.store_hint(node, hint_for),
-            WriteEffect::Reply(reply) => self.reply(reply),
-        }
+impl WriteTransport for WriteRun {
+    type Set = Coordinated;
+
+    /// A coordinate call that may have been applied is never retried elsewhere, so giving up on it
+    /// early gains nothing: it waits until the request's deadline (the node is suspect after the
+    /// storage timeout, so new writes avoid it), and the node stops applying it when the router
+    /// stops waiting.
+    fn coordinate(&mut self, node: NodeId) {
+        let (calls, call) = (self.calls.clone(), self.task.call.clone());
+        let budget = CallBudget {
+            wait: self.clock.until(self.deadline_ms),
+            suspect_after: calls.pool.storage_timeout(),
+        };
+        self.in_flight.push(Box::pin(async move {
+            WriteCall::Coordinated(node, calls.coordinate(node, &call, budget).await)
+        }));
     }
 
-    /// The coordinate call to `node`. A coordinate call that may have been applied is never retried
-    /// elsewhere, so giving up on it early gains nothing: it waits until the request's deadline (the
-    /// node is suspect after the storage timeout, so new writes avoid it), and the node stops applying
-    /// it when the router stops waiting.
-    fn coordinate(&self, node: NodeId) -> WriteCallFuture {
-        let (pool, view, input) = (self.pool.clone(), self.view.clone(), self.input.clone());
-        let budget =
-            CallBudget { wait: self.clock.until(self.deadline_ms), suspect_after: pool.storage_timeout() };
-        Box::pin(async move {
-            let mut request = pb::CoordinateWriteRequest {
-                key: Some(input.key),
-                context: input.context,
-                value: input.value,
-                timestamp_ms: input.timestamp_ms,
-                max_siblings: input.max_siblings,
-                supersede_local: input.supersede_local,
-                apply_within_ms: 0,
-                apply_before_unix_ms: 0,
-            };
-            let partition = partition_of(&request.key);
-            let rpc = |mut c: StorageClient, left: Duration| async move {
-                let left_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
-                request.apply_within_ms = u32::try_from(left_ms).unwrap_or(u32::MAX);
-                request.apply_before_unix_ms = wall_clock_ms().saturating_add(left_ms);
-                c.coordinate_write(request).await
-            };
-            let response =
-                call_within(&pool, &view, node, "storage.coordinate_write", partition, budget, rpc).await;
-            WriteCall::Coordinated(node, response)
-        })
-    }
-
-    /// The replicate call of the coordinator's set to `node` (`None` before the set exists).
-    fn replicate(&self, node: NodeId, hint_for: Option<NodeId>) -> Option<WriteCallFuture> {
-        let request = self.replicate_request(hint_for)?;
-        let (pool, view) = (self.pool.clone(), self.view.clone());
-        Some(Box::pin(async move {
-            let response = replicate_on(&pool, &view, node, request).await;
+    fn replicate(&mut self, node: NodeId, hint_for: Option<NodeId>, set: Coordinated) {
+        let (calls, key) = (self.calls.clone(), self.task.call.key.clone());
+        self.in_flight.push(Box::pin(async move {
+            let response = calls.replicate(node, &key, set.encoded.clone(), hint_for).await;
             WriteCall::Replicated(node, hint_for.is_some(), response)
-        }))
+        }));
     }
 
     /// Stores the set on `node` as a hint for `hint_for`, in the background: the reply does not
     /// wait for it and a lost hint is left to anti-entropy.
-    fn store_hint(&self, node: NodeId, hint_for: NodeId) {
-        let Some(request) = self.replicate_request(Some(hint_for)) else { return };
-        let (pool, view) = (self.pool.clone(), self.view.clone());
+    fn store_hint(&mut self, node: NodeId, hint_for: NodeId, set: Coordinated) {
+        let (calls, key) = (self.calls.clone(), self.task.call.key.clone());
         let store = async move {
-            match replicate_on(&pool, &view, node, request).await {
-                Ok(_) => metrics::counter!("pairdb_router_hints_written_total").increment(1),
+            match calls.replicate(node, &key, set.encoded.clone(), Some(hint_for)).await {
+                Ok(()) => metrics::counter!("pairdb_router_hints_written_total").increment(1),
                 Err(_) => tracing::debug!(node_id = node.0, "could not store a hint on the coordinator"),
             }
         };
         tokio::spawn(store.instrument(tracing::Span::current()));
     }
 
-    fn replicate_request(&self, hint_for: Option<NodeId>) -> Option<pb::ReplicateRequest> {
-        debug_assert!(self.result_set.is_some(), "replicate and hint effects follow a coordinated set");
-        let (_, encoded) = self.result_set.as_ref()?;
-        Some(pb::ReplicateRequest {
-            key: Some(self.input.key.clone()),
-            version_set: encoded.as_ref().clone(),
-            hint_for_node_id: hint_for.map_or(0, |n| n.0),
-        })
-    }
-
-    fn reply(&mut self, reply: WriteReply) {
-        debug_assert!(
-            !matches!(reply, WriteReply::Acked { .. }) || self.result_set.is_some(),
-            "an acknowledged write always has the coordinated set"
-        );
+    fn reply(&mut self, reply: WriteReply<Coordinated>) {
         let result = match reply {
-            WriteReply::Acked { acks, hinted_acks, required } => match &self.result_set {
-                Some((set, _)) => WriteResult::Acked { set: set.clone(), acks, hinted_acks, required },
-                None => WriteResult::QuorumNotReached { acks, hinted_acks, required, failures: vec![] },
-            },
+            WriteReply::Acked { set, acks, hinted_acks, required } => {
+                WriteResult::Acked { set: set.set.clone(), acks, hinted_acks, required }
+            }
             WriteReply::QuorumNotReached { acks, hinted_acks, required, failures } => {
                 metrics::counter!("pairdb_router_quorum_failures_total", "op" => "write").increment(1);
                 WriteResult::QuorumNotReached { acks, hinted_acks, required, failures }
             }
+            WriteReply::Rejected(refusal) => WriteResult::Rejected(refusal),
         };
-        self.send(result);
-    }
-
-    fn send(&mut self, result: WriteResult) {
         if let Some(tx) = self.reply_tx.take() {
             let _ = tx.send(result);
         }
     }
+}
 
-    /// Feeds a finished call to the machine; `None` when the write ends here (the coordinator
-    /// refused it definitively and the client has its answer).
-    fn on_call(&mut self, machine: &mut WriteCoordinator, outcome: WriteCall) -> Option<Vec<WriteEffect>> {
-        let now = self.clock.now_ms();
-        let effects = match outcome {
-            WriteCall::Coordinated(node, Ok(response)) => match decode_version_set(&response.version_set) {
-                Ok(set) => {
-                    self.result_set = Some((set, Arc::new(response.version_set)));
-                    machine.on_coordinated(node, now)
-                }
-                Err(error) => {
-                    tracing::error!(node_id = node.0, %error, "coordinator returned an undecodable set");
-                    machine.on_coordinate_failed(node, FailureCause::Error, now)
-                }
-            },
-            WriteCall::Coordinated(_, Err(CallError::Rejected(status))) => {
-                self.send(WriteResult::Rejected(status));
-                return None;
-            }
+impl WriteRun {
+    /// The machine's input for a finished call.
+    fn input_of(&self, outcome: WriteCall) -> WriteInput<Coordinated> {
+        match outcome {
+            WriteCall::Coordinated(node, Ok(set)) => WriteInput::Coordinated { node, set: Arc::new(set) },
             WriteCall::Coordinated(node, Err(CallError::Failed(cause))) => {
-                machine.on_coordinate_failed(node, cause, now)
+                WriteInput::CoordinateFailed { node, cause }
             }
-            WriteCall::Replicated(node, hinted, Ok(_)) => {
+            WriteCall::Coordinated(node, Err(CallError::Refused(refusal))) => {
+                WriteInput::Rejected { node, refusal }
+            }
+            WriteCall::Replicated(node, hinted, Ok(())) => {
                 if hinted {
                     metrics::counter!("pairdb_router_hints_written_total").increment(1);
                 }
-                machine.on_replicated(node, now)
+                WriteInput::Replicated { node }
             }
             WriteCall::Replicated(node, _, Err(CallError::Failed(cause))) => {
-                machine.on_replicate_failed(node, cause, now)
+                WriteInput::ReplicateFailed { node, cause }
             }
-            WriteCall::Replicated(node, _, Err(CallError::Rejected(status))) => {
-                tracing::warn!(node_id = node.0, %status, "replica refused a replicated set");
-                machine.on_replicate_failed(node, FailureCause::Error, now)
+            WriteCall::Replicated(node, _, Err(CallError::Refused(refusal))) => {
+                tracing::warn!(node_id = node.0, reason = %refusal.reason, message = %refusal.message,
+                    "replica refused a replicated set");
+                WriteInput::ReplicateFailed { node, cause: FailureCause::Error }
             }
-        };
-        Some(effects)
+        }
     }
 
     /// After a delete every owner acknowledged itself: tells the owners (see [`confirm_tombstone`]).
-    async fn confirm_if_every_owner_acked(self, machine: &WriteCoordinator) {
-        if let Some(placement) = self.input.confirm_tombstone
+    async fn confirm_if_every_owner_acked(self, machine: &WriteCoordinator<Coordinated>) {
+        if let Some(placement) = self.task.confirm_tombstone
             && machine.every_owner_acked()
-            && let Some((set, encoded)) = &self.result_set
-            && set.is_deleted()
+            && let Some(stored) = machine.coordinated_set()
+            && stored.set.is_deleted()
         {
-            confirm_tombstone(&self.pool, &self.view, machine.owners(), &self.input.key, encoded, placement)
+            confirm_tombstone(&self.calls, machine.owners(), &self.task.call.key, &stored.encoded, placement)
                 .await;
         }
     }
-}
-
-/// Replicates (or, with `hint_for_node_id`, hints) a set on `node`.
-async fn replicate_on(
-    pool: &StoragePool,
-    view: &ClusterView,
-    node: NodeId,
-    request: pb::ReplicateRequest,
-) -> Result<pb::ReplicateResponse, CallError> {
-    let partition = partition_of(&request.key);
-    call(
-        pool,
-        view,
-        node,
-        "storage.replicate",
-        partition,
-        |mut c, _| async move { c.replicate(request).await },
-    )
-    .await
 }
 
 /// Tries per owner for a tombstone confirmation (a lost one only leaves the purge to anti-entropy).
@@ -556,151 +258,97 @@ const CONFIRM_ATTEMPTS: u32 = 3;
 /// Tells every owner that all of them hold the tombstone-only set `encoded` (after the client was
 /// answered; best effort: an owner that does not hear it keeps the tombstone for anti-entropy).
 async fn confirm_tombstone(
-    pool: &StoragePool,
-    view: &ClusterView,
+    calls: &StorageCalls,
     owners: &[NodeId],
-    key: &pb::KeyRef,
+    key: &StorageKey,
     encoded: &[u8],
     placement: TombstonePlacement,
 ) {
-    let calls = owners.iter().map(|&node| {
-        let request = pb::ConfirmTombstoneRequest {
-            key: Some(key.clone()),
-            version_set: encoded.to_vec(),
-            topology_epoch: placement.topology_epoch,
-            replication_factor: placement.replication_factor,
-        };
-        async move {
-            let partition = partition_of(&request.key);
-            for attempt in 1..=CONFIRM_ATTEMPTS {
-                let request = request.clone();
-                let outcome =
-                    call(pool, view, node, "storage.confirm_tombstone", partition, |mut c, _| async move {
-                        c.confirm_tombstone(request).await
-                    })
-                    .await;
-                match outcome {
-                    Ok(response) if response.recorded => {
-                        metrics::counter!("pairdb_router_tombstones_confirmed_total").increment(1);
-                    }
-                    Ok(_) => {
-                        tracing::debug!(node_id = node.0, "owner did not record the tombstone confirmation")
-                    }
-                    Err(CallError::Failed(_)) if attempt < CONFIRM_ATTEMPTS => {
-                        tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
-                        continue;
-                    }
-                    Err(_) => tracing::debug!(node_id = node.0, "tombstone confirmation failed"),
+    let confirmations = owners.iter().map(|&node| async move {
+        for attempt in 1..=CONFIRM_ATTEMPTS {
+            match calls.confirm_tombstone(node, key, encoded, placement).await {
+                Ok(true) => metrics::counter!("pairdb_router_tombstones_confirmed_total").increment(1),
+                Ok(false) => {
+                    tracing::debug!(node_id = node.0, "owner did not record the tombstone confirmation")
                 }
-                break;
+                Err(CallError::Failed(_)) if attempt < CONFIRM_ATTEMPTS => {
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                    continue;
+                }
+                Err(_) => tracing::debug!(node_id = node.0, "tombstone confirmation failed"),
             }
+            break;
         }
     });
-    futures::future::join_all(calls).await;
+    futures::future::join_all(confirmations).await;
 }
 
 /// Runs a read; resolves when R replicas answered (read repair may go on afterwards).
-pub async fn read(
-    pool: Arc<StoragePool>,
-    view: Arc<ClusterView>,
-    clock: Clock,
-    plan: ReadPlan,
-    key: pb::KeyRef,
-) -> ReadResult {
+pub async fn read(calls: StorageCalls, clock: Clock, plan: ReadPlan, key: StorageKey) -> ReadResult {
     let (reply_tx, reply_rx) = oneshot::channel();
-    tokio::spawn(run_read(pool, view, clock, plan, key, reply_tx).instrument(tracing::Span::current()));
+    tokio::spawn(run_read(calls, clock, plan, key, reply_tx).instrument(tracing::Span::current()));
     reply_rx.await.unwrap_or(ReadResult::QuorumNotReached { answered: 0, required: 0, failures: vec![] })
 }
 
 type ReadCallFuture =
-    std::pin::Pin<Box<dyn Future<Output = (NodeId, Result<pb::GetResponse, CallError>)> + Send>>;
+    std::pin::Pin<Box<dyn Future<Output = (NodeId, Result<Option<VersionSet>, CallError>)> + Send>>;
 
-/// One read in flight: fetches go out as the machine asks, answers come back as its inputs.
+/// One read in flight: the machine's transport. Fetches go out as it asks, answers come back as
+/// its inputs.
 struct ReadRun {
-    pool: Arc<StoragePool>,
-    view: Arc<ClusterView>,
-    key: pb::KeyRef,
+    calls: StorageCalls,
+    key: StorageKey,
     reply_tx: Option<oneshot::Sender<ReadResult>>,
-    /// The first definitive refusal: the answer if too few replicas answer because of it.
-    rejected: Option<tonic::Status>,
     /// What each replica answered, for the request's span and metrics.
     outcomes: BTreeMap<NodeId, &'static str>,
-    calls: FuturesUnordered<ReadCallFuture>,
+    in_flight: FuturesUnordered<ReadCallFuture>,
 }
 
 async fn run_read(
-    pool: Arc<StoragePool>,
-    view: Arc<ClusterView>,
+    calls: StorageCalls,
     clock: Clock,
     plan: ReadPlan,
-    key: pb::KeyRef,
+    key: StorageKey,
     reply_tx: oneshot::Sender<ReadResult>,
 ) {
     let mut machine = ReadCoordinator::new(plan);
     let mut run = ReadRun {
-        pool,
-        view,
+        calls,
         key,
         reply_tx: Some(reply_tx),
-        rejected: None,
         outcomes: BTreeMap::new(),
-        calls: FuturesUnordered::new(),
+        in_flight: FuturesUnordered::new(),
     };
-    let mut effects = machine.start(clock.now_ms());
-    loop {
-        for effect in effects.drain(..) {
-            run.start(effect, &machine);
-        }
-        if machine.is_finished() {
-            return;
-        }
-        let timeout = machine.next_timeout_ms().unwrap_or_else(|| clock.now_ms());
-        tokio::select! {
-            next = run.calls.next(), if !run.calls.is_empty() => {
-                let Some((node, response)) = next else { continue };
-                let answer = run.answer(node, response);
-                effects = machine.on_answer(node, answer, clock.now_ms());
+    machine.drive_start(clock.now_ms(), &mut run);
+    while !machine.is_finished() {
+        let wake_ms = machine.next_timeout_ms().unwrap_or_else(|| clock.now_ms());
+        let input = tokio::select! {
+            Some((node, response)) = run.in_flight.next(), if !run.in_flight.is_empty() => {
+                ReadInput::Answer { node, answer: run.answer(node, response) }
             }
-            () = tokio::time::sleep_until(clock.instant(timeout)) => {
-                effects = machine.on_tick(clock.now_ms());
-            }
-        }
+            () = tokio::time::sleep_until(clock.instant(wake_ms)) => ReadInput::Tick,
+        };
+        machine.drive(input, clock.now_ms(), &mut run);
     }
 }
 
-impl ReadRun {
-    fn start(&mut self, effect: ReadEffect, machine: &ReadCoordinator) {
-        match effect {
-            ReadEffect::Fetch { node } => {
-                let call = self.fetch(node);
-                self.calls.push(call);
-            }
-            ReadEffect::Reply(reply) => self.reply(reply),
-            ReadEffect::Repair { node } => {
-                if let Some(merged) = machine.merged() {
-                    self.repair(node, merged);
-                }
-            }
-        }
+impl ReadTransport for ReadRun {
+    fn fetch(&mut self, node: NodeId) {
+        let (calls, key) = (self.calls.clone(), self.key.clone());
+        self.in_flight.push(Box::pin(async move { (node, calls.get(node, &key).await) }));
     }
 
-    fn fetch(&self, node: NodeId) -> ReadCallFuture {
-        let (pool, view, key) = (self.pool.clone(), self.view.clone(), self.key.clone());
-        Box::pin(async move {
-            let request = pb::GetRequest { key: Some(key) };
-            let partition = partition_of(&request.key);
-            let response =
-                call(
-                    &pool,
-                    &view,
-                    node,
-                    "storage.get",
-                    partition,
-                    |mut c, _| async move { c.get(request).await },
-                )
-                .await;
-            (node, response)
-        })
+    /// Sends the merged set to a replica that answered with less, in the background (a failed
+    /// repair is left to anti-entropy).
+    fn repair(&mut self, node: NodeId, set: VersionSet) {
+        let (calls, key) = (self.calls.clone(), self.key.clone());
+        metrics::counter!("pairdb_router_read_repairs_total").increment(1);
+        let repair = async move {
+            if calls.replicate(node, &key, encode_version_set(&set), None).await.is_err() {
+                tracing::debug!(node_id = node.0, "read repair failed; anti-entropy will catch up");
+            }
+        };
+        tokio::spawn(repair.instrument(tracing::Span::current()));
     }
 
     fn reply(&mut self, reply: ReadReply) {
@@ -709,53 +357,26 @@ impl ReadRun {
                 merged,
                 replicas: self.outcomes.iter().map(|(n, o)| (*n, *o)).collect(),
             },
-            ReadReply::QuorumNotReached { .. } if self.rejected.is_some() => {
-                ReadResult::Rejected(self.rejected.take().expect("checked by the guard"))
-            }
             ReadReply::QuorumNotReached { answered, required, failures } => {
                 metrics::counter!("pairdb_router_quorum_failures_total", "op" => "read").increment(1);
                 ReadResult::QuorumNotReached { answered, required, failures }
             }
+            ReadReply::Rejected(refusal) => ReadResult::Rejected(refusal),
         };
         if let Some(tx) = self.reply_tx.take() {
             let _ = tx.send(result);
         }
     }
+}
 
-    /// Sends the merged set to a replica that answered with less, in the background (a failed
-    /// repair is left to anti-entropy).
-    fn repair(&self, node: NodeId, merged: &VersionSet) {
-        let request = pb::ReplicateRequest {
-            key: Some(self.key.clone()),
-            version_set: encode_version_set(merged),
-            hint_for_node_id: 0,
-        };
-        let (pool, view) = (self.pool.clone(), self.view.clone());
-        metrics::counter!("pairdb_router_read_repairs_total").increment(1);
-        let repair = async move {
-            if replicate_on(&pool, &view, node, request).await.is_err() {
-                tracing::debug!(node_id = node.0, "read repair failed; anti-entropy will catch up");
-            }
-        };
-        tokio::spawn(repair.instrument(tracing::Span::current()));
-    }
-
+impl ReadRun {
     /// The machine's input for a replica's answer, noting the outcome.
-    fn answer(&mut self, node: NodeId, response: Result<pb::GetResponse, CallError>) -> ReadAnswer {
+    fn answer(&mut self, node: NodeId, response: Result<Option<VersionSet>, CallError>) -> ReadAnswer {
         let (outcome, answer) = match response {
-            Ok(pb::GetResponse { found: true, version_set }) => match decode_version_set(&version_set) {
-                Ok(set) => ("found", ReadAnswer::Found(set)),
-                Err(error) => {
-                    tracing::error!(node_id = node.0, %error, "replica returned an undecodable set");
-                    ("error", ReadAnswer::Failed(FailureCause::Error))
-                }
-            },
-            Ok(_) => ("not_found", ReadAnswer::NotFound),
+            Ok(Some(set)) => ("found", ReadAnswer::Found(set)),
+            Ok(None) => ("not_found", ReadAnswer::NotFound),
             Err(CallError::Failed(cause)) => (cause.as_str(), ReadAnswer::Failed(cause)),
-            Err(CallError::Rejected(status)) => {
-                self.rejected.get_or_insert(status);
-                ("rejected", ReadAnswer::Failed(FailureCause::Error))
-            }
+            Err(CallError::Refused(refusal)) => ("rejected", ReadAnswer::Refused(refusal)),
         };
         self.outcomes.insert(node, outcome);
         answer

@@ -62,7 +62,7 @@ impl HttpError {
 
 impl From<RouterError> for HttpError {
     fn from(error: RouterError) -> Self {
-        Self { reason: error.reason(), message: error.message(), details: error.metadata() }
+        Self { reason: error.reason(), message: error.to_string(), details: error.metadata() }
     }
 }
 

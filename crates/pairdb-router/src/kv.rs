@@ -20,12 +20,12 @@ use pairdb_core::reason::HasReason;
 use pairdb_core::ring::NodeId;
 use pairdb_core::token::token_for;
 use pairdb_core::validation::{validate_key, validate_tenant_id, validate_value};
-use pairdb_proto::storage::v1 as pb;
 
 use crate::error::RouterError;
-use crate::execute::{self, Clock, ReadResult, WriteInput, WriteResult, wall_clock_ms};
+use crate::execute::{self, Clock, ReadResult, WriteResult, WriteTask};
 use crate::pool::StoragePool;
 use crate::request::RequestOptions;
+use crate::storage::{CoordinateCall, StorageCalls, StorageKey, wall_clock_ms};
 use crate::view::{ClusterView, ConflictMode, SharedView, TenantSettings};
 
 /// Timing knobs of request coordination.
@@ -66,7 +66,7 @@ pub struct KvRouter {
 }
 
 struct Placement {
-    key: pb::KeyRef,
+    key: StorageKey,
     preference: Vec<NodeId>,
     fallbacks: Vec<NodeId>,
     pending_owners: Vec<NodeId>,
@@ -144,10 +144,10 @@ impl KvRouter {
         let mut seen: BTreeSet<NodeId> = preference.iter().copied().collect();
         pending_owners.retain(|node| seen.insert(*node));
         Ok(Placement {
-            key: pb::KeyRef {
+            key: StorageKey {
                 tenant_id: tenant.tenant_id.clone(),
                 key: key.to_owned(),
-                partition: partition.0,
+                partition,
                 tenant_generation: tenant.generation,
             },
             preference,
@@ -160,6 +160,11 @@ impl KvRouter {
         let mut suspects = self.pool.suspects();
         suspects.extend(view.nodes.iter().filter(|(_, n)| n.down).map(|(id, _)| *id));
         suspects
+    }
+
+    /// The storage calls of a request planned on `view`.
+    fn calls(&self, view: &Arc<ClusterView>) -> StorageCalls {
+        StorageCalls { pool: self.pool.clone(), view: view.clone() }
     }
 
     fn validate_key(key: &str) -> Result<(), RouterError> {
@@ -185,12 +190,12 @@ impl KvRouter {
             speculative_after_ms: (now + self.timing.read_speculative_after_ms).min(deadline_ms),
             deadline_ms,
         };
-        match execute::read(self.pool.clone(), view.clone(), self.clock, plan, placement.key).await {
+        match execute::read(self.calls(view), self.clock, plan, placement.key).await {
             ReadResult::Answered { merged, replicas } => Ok((merged, replicas)),
             ReadResult::QuorumNotReached { answered, required, failures } => {
                 Err(RouterError::QuorumNotReached { acks: answered, hinted_acks: 0, required, failures })
             }
-            ReadResult::Rejected(status) => Err(RouterError::Storage(status)),
+            ReadResult::Rejected(refusal) => Err(RouterError::Refused(refusal)),
         }
     }
 
@@ -265,16 +270,16 @@ impl KvRouter {
             suspects: self.suspects(&view),
             deadline_ms: self.deadline_ms(&options),
         };
-        let input = WriteInput {
+        let call = CoordinateCall {
             key: placement.key,
             context,
             value,
             timestamp_ms: wall_clock_ms(),
             max_siblings: u32::try_from(tenant.max_siblings).unwrap_or(u32::MAX),
             supersede_local: tenant.conflict_mode == ConflictMode::Lww,
-            confirm_tombstone,
         };
-        match execute::write(self.pool.clone(), view.clone(), self.clock, plan, input).await {
+        let task = WriteTask { call, confirm_tombstone };
+        match execute::write(self.calls(&view), self.clock, plan, task).await {
             WriteResult::Acked { set, acks, hinted_acks, required } => {
                 let context = Self::seal(sealing, tenant_id, key, set.vector());
                 Ok(WriteOutcome { set, context, acks, hinted_acks, required })
@@ -282,7 +287,7 @@ impl KvRouter {
             WriteResult::QuorumNotReached { acks, hinted_acks, required, failures } => {
                 Err(RouterError::QuorumNotReached { acks, hinted_acks, required, failures })
             }
-            WriteResult::Rejected(status) => Err(RouterError::Storage(status)),
+            WriteResult::Rejected(refusal) => Err(RouterError::Refused(refusal)),
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod kv_api;
 pub mod pool;
 pub mod probe;
 pub mod request;
+pub mod storage;
 /// The cluster view and its watch follower live in `pairdb-service` (storage nodes follow it too).
 pub use pairdb_service::cluster_view as view;
 

@@ -16,14 +16,31 @@
 //! - A read replies when R replicas answered; "not found" is an answer. It replies `QuorumNotReached`
 //!   only when fewer than R answered by the deadline or every replica failed.
 //! - Read repair targets exactly the contacted replicas whose answer does not descend the merged set.
+//!
+//! Driving: effects carry their payloads (the coordinated set to replicate, the merged set to
+//! repair, the acknowledged set in the reply), so a driver never keeps its own copy of the machine's
+//! state. [`WriteCoordinator::drive`] / [`ReadCoordinator::drive`] feed one input and carry the effects
+//! out through a [`WriteTransport`] / [`ReadTransport`]; the router (real storage RPCs) and the seeded
+//! simulation (simulated messages) are two transports of this one loop.
 
 mod read;
 mod write;
 
-pub use read::{ReadAnswer, ReadCoordinator, ReadEffect, ReadPlan, ReadReply};
-pub use write::{WriteCoordinator, WriteEffect, WritePlan, WriteReply};
+pub use read::{ReadAnswer, ReadCoordinator, ReadEffect, ReadInput, ReadPlan, ReadReply, ReadTransport};
+pub use write::{WriteCoordinator, WriteEffect, WriteInput, WritePlan, WriteReply, WriteTransport};
 
+use crate::reason::Reason;
 use crate::ring::NodeId;
+
+/// A replica's refusal of a request for a reason every replica would give (the request itself is
+/// wrong: too many siblings, a value too large, a tenant being deleted...). It is the request's
+/// answer: asking another replica would change nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: Reason,
+    /// The replica's own explanation, passed on to the client.
+    pub message: String,
+}
 
 /// Why a replica did not contribute to a request.
 ///

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{FailureCause, ReplicaFailure};
+use super::{FailureCause, Refusal, ReplicaFailure};
 use crate::dvv::VersionSet;
 use crate::ring::NodeId;
 
@@ -30,6 +30,27 @@ pub enum ReadAnswer {
     Found(VersionSet),
     NotFound,
     Failed(FailureCause),
+    /// The replica refused the request for a reason every replica would give: a failure that, if
+    /// too few replicas answer, is the read's answer ([`ReadReply::Rejected`]).
+    Refused(Refusal),
+}
+
+/// What happened since the last input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadInput {
+    Answer {
+        node: NodeId,
+        answer: ReadAnswer,
+    },
+    /// Time passed (the driver calls it at [`ReadCoordinator::next_timeout_ms`]).
+    Tick,
+}
+
+/// The side of a read that reaches replicas and the client (see [`super::WriteTransport`]).
+pub trait ReadTransport {
+    fn fetch(&mut self, node: NodeId);
+    fn repair(&mut self, node: NodeId, set: VersionSet);
+    fn reply(&mut self, reply: ReadReply);
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,7 +61,7 @@ pub enum ReadEffect {
     Reply(ReadReply),
     /// Send the merged set to `node`, which is behind it. Emitted after the reply, once all contacted
     /// replicas answered (or the deadline passed).
-    Repair { node: NodeId },
+    Repair { node: NodeId, set: VersionSet },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +77,9 @@ pub enum ReadReply {
         required: usize,
         failures: Vec<ReplicaFailure>,
     },
+    /// Too few replicas answered because some refused the request for a reason every replica would
+    /// give (e.g. the tenant is being deleted): that refusal (the first) is the answer.
+    Rejected(Refusal),
 }
 
 /// State machine of one read.
@@ -67,6 +91,8 @@ pub struct ReadCoordinator {
     sent: usize,
     answers: BTreeMap<NodeId, Option<VersionSet>>,
     failures: Vec<ReplicaFailure>,
+    /// The first definitive refusal.
+    refusal: Option<Refusal>,
     merged: Option<VersionSet>,
     escalated: bool,
     replied: bool,
@@ -84,10 +110,44 @@ impl ReadCoordinator {
             sent: 0,
             answers: BTreeMap::new(),
             failures: Vec::new(),
+            refusal: None,
             merged: None,
             escalated: false,
             replied: false,
             finished: false,
+        }
+    }
+
+    /// Starts the read and carries out its first effects.
+    pub fn drive_start<T: ReadTransport>(&mut self, now_ms: u64, transport: &mut T) {
+        let effects = self.start(now_ms);
+        Self::carry_out(effects, transport);
+    }
+
+    /// Feeds one input and carries out the effects through `transport`: the one loop the router and
+    /// the simulation share.
+    pub fn drive<T: ReadTransport>(&mut self, input: ReadInput, now_ms: u64, transport: &mut T) {
+        let was_finished = self.is_finished();
+        let effects = self.handle(input, now_ms);
+        debug_assert!(!was_finished || effects.is_empty(), "a finished read emits nothing");
+        Self::carry_out(effects, transport);
+    }
+
+    fn carry_out<T: ReadTransport>(effects: Vec<ReadEffect>, transport: &mut T) {
+        for effect in effects {
+            match effect {
+                ReadEffect::Fetch { node } => transport.fetch(node),
+                ReadEffect::Repair { node, set } => transport.repair(node, set),
+                ReadEffect::Reply(reply) => transport.reply(reply),
+            }
+        }
+    }
+
+    /// The effects of one input.
+    pub fn handle(&mut self, input: ReadInput, now_ms: u64) -> Vec<ReadEffect> {
+        match input {
+            ReadInput::Answer { node, answer } => self.on_answer(node, answer, now_ms),
+            ReadInput::Tick => self.on_tick(now_ms),
         }
     }
 
@@ -124,6 +184,11 @@ impl ReadCoordinator {
             }
             ReadAnswer::Failed(cause) => {
                 self.failures.push(ReplicaFailure { node, cause });
+                true
+            }
+            ReadAnswer::Refused(refusal) => {
+                self.failures.push(ReplicaFailure { node, cause: FailureCause::Error });
+                self.refusal.get_or_insert(refusal);
                 true
             }
         };
@@ -213,10 +278,13 @@ impl ReadCoordinator {
         self.finished = true;
         if !self.replied {
             self.replied = true;
-            effects.push(ReadEffect::Reply(ReadReply::QuorumNotReached {
-                answered: self.answers.len(),
-                required: self.plan.required,
-                failures: self.failures.clone(),
+            effects.push(ReadEffect::Reply(match self.refusal.take() {
+                Some(refusal) => ReadReply::Rejected(refusal),
+                None => ReadReply::QuorumNotReached {
+                    answered: self.answers.len(),
+                    required: self.plan.required,
+                    failures: self.failures.clone(),
+                },
             }));
         }
         let Some(merged) = &self.merged else {
@@ -229,7 +297,7 @@ impl ReadCoordinator {
                 None => true,
             };
             if behind {
-                effects.push(ReadEffect::Repair { node });
+                effects.push(ReadEffect::Repair { node, set: merged.clone() });
             }
         }
     }

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{FailureCause, ReplicaFailure};
+use super::{FailureCause, Refusal, ReplicaFailure};
 use crate::ring::NodeId;
 
 /// Everything the write needs to know up front.
@@ -31,35 +31,69 @@ pub struct WritePlan {
     pub deadline_ms: u64,
 }
 
-/// What the router must do next.
+/// What the driver must do next. `S` is the set the coordinator replica returned, opaque to the
+/// machine (the router keeps it decoded and encoded; tests use `()`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WriteEffect {
+pub enum WriteEffect<S> {
     /// Ask `node` to apply the client's update as its actor and return the resulting set.
     Coordinate { node: NodeId },
     /// Send the resulting set to `node`; with `hint_for`, `node` keeps it as a hint for that owner.
-    Replicate { node: NodeId, hint_for: Option<NodeId> },
+    Replicate { node: NodeId, hint_for: Option<NodeId>, set: S },
     /// No distinct fallback is left to stand in for `hint_for` (small clusters: every node is already a
     /// replica), so the coordinator keeps a hint for it. Fire and forget: it counts toward nothing, it
     /// only makes sure the owner receives the write when it is back.
-    StoreHint { node: NodeId, hint_for: NodeId },
+    StoreHint { node: NodeId, hint_for: NodeId, set: S },
     /// Answer the client. Emitted once.
-    Reply(WriteReply),
+    Reply(WriteReply<S>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WriteReply {
-    Acked {
-        acks: usize,
-        hinted_acks: usize,
-        required: usize,
-    },
+pub enum WriteReply<S> {
+    /// W replicas hold `set`, the coordinator's result.
+    Acked { set: S, acks: usize, hinted_acks: usize, required: usize },
     /// Fewer than W acknowledgements: the outcome is unknown (some replicas may hold the value).
-    QuorumNotReached {
-        acks: usize,
-        hinted_acks: usize,
-        required: usize,
-        failures: Vec<ReplicaFailure>,
+    QuorumNotReached { acks: usize, hinted_acks: usize, required: usize, failures: Vec<ReplicaFailure> },
+    /// The coordinator refused the write for a reason any replica would give; nothing was applied.
+    Rejected(Refusal),
+}
+
+/// What happened since the last input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteInput<S> {
+    /// The coordinator applied the update and returned `set`.
+    Coordinated {
+        node: NodeId,
+        set: S,
     },
+    /// The coordinate call failed (see [`WriteCoordinator::on_coordinate_failed`]).
+    CoordinateFailed {
+        node: NodeId,
+        cause: FailureCause,
+    },
+    /// The coordinator refused the write definitively ([`Refusal`]): that is the answer.
+    Rejected {
+        node: NodeId,
+        refusal: Refusal,
+    },
+    Replicated {
+        node: NodeId,
+    },
+    ReplicateFailed {
+        node: NodeId,
+        cause: FailureCause,
+    },
+    /// Time passed (the driver calls it at [`WriteCoordinator::next_timeout_ms`]).
+    Tick,
+}
+
+/// The side of a write that reaches replicas and the client: the router's storage RPCs or the
+/// simulation's messages. Calls must not block; their outcomes come back as [`WriteInput`]s.
+pub trait WriteTransport {
+    type Set: Clone;
+    fn coordinate(&mut self, node: NodeId);
+    fn replicate(&mut self, node: NodeId, hint_for: Option<NodeId>, set: Self::Set);
+    fn store_hint(&mut self, node: NodeId, hint_for: NodeId, set: Self::Set);
+    fn reply(&mut self, reply: WriteReply<Self::Set>);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,8 +114,10 @@ struct Outstanding {
 
 /// State machine of one write. See the module docs of [`crate::coordination`] for its laws.
 #[derive(Debug, Clone)]
-pub struct WriteCoordinator {
+pub struct WriteCoordinator<S> {
     plan: WritePlan,
+    /// The coordinator's set, once a coordinate call returned it.
+    set: Option<S>,
     candidates: Vec<NodeId>,
     next_candidate: usize,
     phase: Phase,
@@ -98,7 +134,7 @@ pub struct WriteCoordinator {
     ambiguous_coordinator: Option<NodeId>,
 }
 
-impl WriteCoordinator {
+impl<S: Clone> WriteCoordinator<S> {
     pub fn new(plan: WritePlan) -> Self {
         // Live preference-list replicas first, in list order; suspects only as a last resort.
         let (live, suspect): (Vec<NodeId>, Vec<NodeId>) =
@@ -106,6 +142,7 @@ impl WriteCoordinator {
         let candidates = live.into_iter().chain(suspect).collect();
         Self {
             plan,
+            set: None,
             candidates,
             next_candidate: 0,
             phase: Phase::Replicating,
@@ -120,20 +157,64 @@ impl WriteCoordinator {
         }
     }
 
+    /// Starts the write and carries out its first effects.
+    pub fn drive_start<T: WriteTransport<Set = S>>(&mut self, now_ms: u64, transport: &mut T) {
+        let effects = self.start(now_ms);
+        Self::carry_out(effects, transport);
+    }
+
+    /// Feeds one input and carries out the effects through `transport`: the one loop the router and
+    /// the simulation share.
+    pub fn drive<T: WriteTransport<Set = S>>(
+        &mut self,
+        input: WriteInput<S>,
+        now_ms: u64,
+        transport: &mut T,
+    ) {
+        let was_finished = self.is_finished();
+        let effects = self.handle(input, now_ms);
+        debug_assert!(!was_finished || effects.is_empty(), "a finished write emits nothing");
+        Self::carry_out(effects, transport);
+    }
+
+    fn carry_out<T: WriteTransport<Set = S>>(effects: Vec<WriteEffect<S>>, transport: &mut T) {
+        for effect in effects {
+            match effect {
+                WriteEffect::Coordinate { node } => transport.coordinate(node),
+                WriteEffect::Replicate { node, hint_for, set } => transport.replicate(node, hint_for, set),
+                WriteEffect::StoreHint { node, hint_for, set } => transport.store_hint(node, hint_for, set),
+                WriteEffect::Reply(reply) => transport.reply(reply),
+            }
+        }
+    }
+
+    /// The effects of one input.
+    pub fn handle(&mut self, input: WriteInput<S>, now_ms: u64) -> Vec<WriteEffect<S>> {
+        match input {
+            WriteInput::Coordinated { node, set } => self.on_coordinated(node, set, now_ms),
+            WriteInput::CoordinateFailed { node, cause } => self.on_coordinate_failed(node, cause, now_ms),
+            WriteInput::Rejected { node, refusal } => self.on_rejected(node, refusal),
+            WriteInput::Replicated { node } => self.on_replicated(node, now_ms),
+            WriteInput::ReplicateFailed { node, cause } => self.on_replicate_failed(node, cause, now_ms),
+            WriteInput::Tick => self.on_tick(now_ms),
+        }
+    }
+
     /// The first effects: contact a coordinator.
-    pub fn start(&mut self, now_ms: u64) -> Vec<WriteEffect> {
+    pub fn start(&mut self, now_ms: u64) -> Vec<WriteEffect<S>> {
         let mut effects = Vec::new();
         self.try_next_coordinator(now_ms, &mut effects);
         effects
     }
 
-    /// The coordinator applied the update and returned the set.
-    pub fn on_coordinated(&mut self, node: NodeId, now_ms: u64) -> Vec<WriteEffect> {
+    /// The coordinator applied the update and returned `set`.
+    pub fn on_coordinated(&mut self, node: NodeId, set: S, now_ms: u64) -> Vec<WriteEffect<S>> {
         let mut effects = Vec::new();
         if self.phase != Phase::Coordinating(node) {
             return effects;
         }
         self.coordinator = Some(node);
+        self.set = Some(set);
         self.phase = Phase::Replicating;
         self.acks += 1;
         let replicas: Vec<NodeId> = self.plan.preference.iter().copied().filter(|&n| n != node).collect();
@@ -173,7 +254,7 @@ impl WriteCoordinator {
         node: NodeId,
         cause: FailureCause,
         now_ms: u64,
-    ) -> Vec<WriteEffect> {
+    ) -> Vec<WriteEffect<S>> {
         let mut effects = Vec::new();
         if self.phase != Phase::Coordinating(node) {
             return effects;
@@ -189,6 +270,21 @@ impl WriteCoordinator {
         effects
     }
 
+    /// The coordinator refused the write for a reason every replica would give: the write ends with
+    /// that refusal as its answer (nothing was applied, so no other coordinator is asked).
+    pub fn on_rejected(&mut self, node: NodeId, refusal: Refusal) -> Vec<WriteEffect<S>> {
+        let mut effects = Vec::new();
+        if self.phase != Phase::Coordinating(node) {
+            return effects;
+        }
+        self.phase = Phase::Finished;
+        if !self.replied {
+            self.replied = true;
+            effects.push(WriteEffect::Reply(WriteReply::Rejected(refusal)));
+        }
+        effects
+    }
+
     /// The node whose coordinate call may have been applied although it failed (the write's outcome
     /// is unknown), if any.
     pub fn ambiguous_coordinator(&self) -> Option<NodeId> {
@@ -196,7 +292,7 @@ impl WriteCoordinator {
     }
 
     /// A replicate call succeeded.
-    pub fn on_replicated(&mut self, node: NodeId, now_ms: u64) -> Vec<WriteEffect> {
+    pub fn on_replicated(&mut self, node: NodeId, now_ms: u64) -> Vec<WriteEffect<S>> {
         let mut effects = Vec::new();
         if let Some(call) = self.outstanding.remove(&node) {
             if call.counted {
@@ -217,7 +313,7 @@ impl WriteCoordinator {
         node: NodeId,
         cause: FailureCause,
         now_ms: u64,
-    ) -> Vec<WriteEffect> {
+    ) -> Vec<WriteEffect<S>> {
         let mut effects = Vec::new();
         if let Some(call) = self.outstanding.remove(&node) {
             self.failures.push(ReplicaFailure { node, cause });
@@ -230,7 +326,7 @@ impl WriteCoordinator {
     }
 
     /// Time passed: replies QuorumNotReached once the deadline is reached without W acks.
-    pub fn on_tick(&mut self, now_ms: u64) -> Vec<WriteEffect> {
+    pub fn on_tick(&mut self, now_ms: u64) -> Vec<WriteEffect<S>> {
         let mut effects = Vec::new();
         if now_ms >= self.plan.deadline_ms && self.phase != Phase::Finished {
             self.phase = Phase::Finished;
@@ -254,6 +350,11 @@ impl WriteCoordinator {
         self.coordinator
     }
 
+    /// The set the coordinator returned, once it did.
+    pub fn coordinated_set(&self) -> Option<&S> {
+        self.set.as_ref()
+    }
+
     /// The write is over and every preference-list owner acknowledged the set itself (no hint stood
     /// in, none failed) while no migration was adding owners: all N replicas hold it. A tombstone
     /// written so may be collected after its grace period without waiting for anti-entropy.
@@ -270,7 +371,7 @@ impl WriteCoordinator {
         if self.plan.strict_quorum { self.acks } else { self.acks + self.hinted_acks }
     }
 
-    fn try_next_coordinator(&mut self, now_ms: u64, effects: &mut Vec<WriteEffect>) {
+    fn try_next_coordinator(&mut self, now_ms: u64, effects: &mut Vec<WriteEffect<S>>) {
         debug_assert!(
             self.ambiguous_coordinator.is_none(),
             "a write whose coordinate call may have been applied must not be coordinated again"
@@ -301,16 +402,20 @@ impl WriteCoordinator {
         owner: NodeId,
         hinted: bool,
         counted: bool,
-        effects: &mut Vec<WriteEffect>,
+        effects: &mut Vec<WriteEffect<S>>,
     ) {
         debug_assert!(hinted || node == owner, "a fallback is only ever sent the set as a hint");
         debug_assert!(!self.is_finished(), "a finished coordinator sends nothing");
+        let Some(set) = self.set.clone() else {
+            debug_assert!(false, "replication follows a coordinated set");
+            return;
+        };
         self.used.insert(node);
         self.outstanding.insert(node, Outstanding { owner, hinted, counted });
-        effects.push(WriteEffect::Replicate { node, hint_for: hinted.then_some(owner) });
+        effects.push(WriteEffect::Replicate { node, hint_for: hinted.then_some(owner), set });
     }
 
-    fn replace_with_fallback(&mut self, owner: NodeId, counted: bool, effects: &mut Vec<WriteEffect>) {
+    fn replace_with_fallback(&mut self, owner: NodeId, counted: bool, effects: &mut Vec<WriteEffect<S>>) {
         let fallback = self
             .plan
             .fallbacks
@@ -323,18 +428,23 @@ impl WriteCoordinator {
                 self.failures.push(ReplicaFailure { node: owner, cause: FailureCause::NoFallback });
                 if let Some(coordinator) = self.coordinator
                     && coordinator != owner
+                    && let Some(set) = self.set.clone()
                 {
-                    effects.push(WriteEffect::StoreHint { node: coordinator, hint_for: owner });
+                    effects.push(WriteEffect::StoreHint { node: coordinator, hint_for: owner, set });
                 }
             }
         }
     }
 
-    fn check_progress(&mut self, _now_ms: u64, effects: &mut Vec<WriteEffect>) {
-        if !self.replied && self.counted_acks() >= self.plan.required {
+    fn check_progress(&mut self, _now_ms: u64, effects: &mut Vec<WriteEffect<S>>) {
+        if !self.replied
+            && self.counted_acks() >= self.plan.required
+            && let Some(set) = self.set.clone()
+        {
             debug_assert!(self.coordinator.is_some(), "nothing is acknowledged before a replica coordinated");
             self.replied = true;
             effects.push(WriteEffect::Reply(WriteReply::Acked {
+                set,
                 acks: self.acks,
                 hinted_acks: self.hinted_acks,
                 required: self.plan.required,
@@ -346,7 +456,7 @@ impl WriteCoordinator {
         }
     }
 
-    fn reply_failure(&mut self, effects: &mut Vec<WriteEffect>) {
+    fn reply_failure(&mut self, effects: &mut Vec<WriteEffect<S>>) {
         if self.replied {
             return;
         }

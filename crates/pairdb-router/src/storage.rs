@@ -1,0 +1,332 @@
+//! The router's edge toward storage nodes: the one module of the request path that speaks the
+//! storage protocol. Request logic ([`crate::kv`], [`crate::execute`]) calls these functions with
+//! domain types and gets domain answers: a set, "not found", or a [`CallError`] that says whether the
+//! call may have had an effect ([`FailureCause`]) or was refused for a reason every replica would
+//! give ([`Refusal`]).
+//!
+//! Every call is bounded twice: by the per-node in-flight semaphore and by the storage timeout, and
+//! each is a client span (`rpc`, node id, partition, outcome) whose trace context the storage node
+//! continues, so a client request is one trace with one child per replica call.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pairdb_core::coordination::{FailureCause, Refusal};
+use pairdb_core::dvv::VersionSet;
+use pairdb_core::encoding::decode_version_set;
+use pairdb_core::gc::TombstonePlacement;
+use pairdb_core::reason::Reason;
+use pairdb_core::ring::NodeId;
+use pairdb_core::token::PartitionId;
+use pairdb_proto::storage::v1 as pb;
+use tracing::Instrument;
+
+use crate::pool::{StorageClient, StoragePool};
+use crate::view::ClusterView;
+
+/// The record a storage call is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageKey {
+    pub tenant_id: String,
+    pub key: String,
+    pub partition: PartitionId,
+    /// The tenant's generation in the router's view: a node refuses a request for another
+    /// generation than its own view's, or for a tenant being deleted.
+    pub tenant_generation: u64,
+}
+
+impl StorageKey {
+    fn to_wire(&self) -> pb::KeyRef {
+        pb::KeyRef {
+            tenant_id: self.tenant_id.clone(),
+            key: self.key.clone(),
+            partition: self.partition.0,
+            tenant_generation: self.tenant_generation,
+        }
+    }
+}
+
+/// What the coordinator replica of a write is asked to apply.
+#[derive(Debug, Clone)]
+pub struct CoordinateCall {
+    pub key: StorageKey,
+    /// The write's verified context vector in the internal encoding (empty for a blind write).
+    pub context: Vec<u8>,
+    /// `None` writes a tombstone.
+    pub value: Option<Vec<u8>>,
+    pub timestamp_ms: u64,
+    pub max_siblings: u32,
+    pub supersede_local: bool,
+}
+
+/// A set a coordinator stored, decoded and as encoded (replicated as is, never re-encoded).
+#[derive(Debug, PartialEq, Eq)]
+pub struct StoredSet {
+    pub set: VersionSet,
+    pub encoded: Vec<u8>,
+}
+
+/// Why a storage call gave no answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallError {
+    /// The call failed; the cause says whether it may have been applied.
+    Failed(FailureCause),
+    /// The node refused the request for a reason every replica would give.
+    Refused(Refusal),
+}
+
+/// How long a storage call may take.
+#[derive(Debug, Clone, Copy)]
+pub struct CallBudget {
+    /// How long the router waits for the answer once the request was sent.
+    pub wait: Duration,
+    /// When a call still unanswered makes the node suspect (the storage timeout): new requests then
+    /// avoid it, while this call may go on waiting up to `wait`.
+    pub suspect_after: Duration,
+}
+
+impl CallBudget {
+    pub fn storage_timeout(pool: &StoragePool) -> Self {
+        Self { wait: pool.storage_timeout(), suspect_after: pool.storage_timeout() }
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch: the LWW timestamp of a sibling and the wall-clock
+/// form of a coordinate call's deadline; never an input to causality.
+pub fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The storage calls of one request, bound to the pool and the view it was planned with.
+#[derive(Debug, Clone)]
+pub struct StorageCalls {
+    pub pool: Arc<StoragePool>,
+    pub view: Arc<ClusterView>,
+}
+
+impl StorageCalls {
+    /// Asks `node` to apply `call` as the write's coordinator and return the set it stored. The
+    /// node is told how long the router waits (`budget.wait`) and stops applying after that.
+    pub async fn coordinate(
+        &self,
+        node: NodeId,
+        call: &CoordinateCall,
+        budget: CallBudget,
+    ) -> Result<StoredSet, CallError> {
+        let mut request = pb::CoordinateWriteRequest {
+            key: Some(call.key.to_wire()),
+            context: call.context.clone(),
+            value: call.value.clone(),
+            timestamp_ms: call.timestamp_ms,
+            max_siblings: call.max_siblings,
+            supersede_local: call.supersede_local,
+            apply_within_ms: 0,
+            apply_before_unix_ms: 0,
+        };
+        let rpc = |mut c: StorageClient, left: Duration| async move {
+            let left_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
+            request.apply_within_ms = u32::try_from(left_ms).unwrap_or(u32::MAX);
+            request.apply_before_unix_ms = wall_clock_ms().saturating_add(left_ms);
+            c.coordinate_write(request).await
+        };
+        let partition = call.key.partition;
+        let response = self.call(node, "storage.coordinate_write", partition, budget, rpc).await?;
+        match decode_version_set(&response.version_set) {
+            Ok(set) => Ok(StoredSet { set, encoded: response.version_set }),
+            Err(error) => {
+                tracing::error!(node_id = node.0, %error, "coordinator returned an undecodable set");
+                Err(CallError::Failed(FailureCause::Error))
+            }
+        }
+    }
+
+    /// Stores the encoded set on `node`: as its replica, or (with `hint_for`) as a hint for that owner.
+    pub async fn replicate(
+        &self,
+        node: NodeId,
+        key: &StorageKey,
+        encoded: Vec<u8>,
+        hint_for: Option<NodeId>,
+    ) -> Result<(), CallError> {
+        let request = pb::ReplicateRequest {
+            key: Some(key.to_wire()),
+            version_set: encoded,
+            hint_for_node_id: hint_for.map_or(0, |n| n.0),
+        };
+        let budget = CallBudget::storage_timeout(&self.pool);
+        let rpc = |mut c: StorageClient, _| async move { c.replicate(request).await };
+        self.call(node, "storage.replicate", key.partition, budget, rpc).await.map(|_| ())
+    }
+
+    /// `node`'s set of the key (`None`: it has none).
+    pub async fn get(&self, node: NodeId, key: &StorageKey) -> Result<Option<VersionSet>, CallError> {
+        let request = pb::GetRequest { key: Some(key.to_wire()) };
+        let budget = CallBudget::storage_timeout(&self.pool);
+        let rpc = |mut c: StorageClient, _| async move { c.get(request).await };
+        let response = self.call(node, "storage.get", key.partition, budget, rpc).await?;
+        if !response.found {
+            return Ok(None);
+        }
+        decode_version_set(&response.version_set).map(Some).map_err(|error| {
+            tracing::error!(node_id = node.0, %error, "replica returned an undecodable set");
+            CallError::Failed(FailureCause::Error)
+        })
+    }
+
+    /// Tells `node` that every owner holds the tombstone-only set `encoded`; true when it recorded it.
+    pub async fn confirm_tombstone(
+        &self,
+        node: NodeId,
+        key: &StorageKey,
+        encoded: &[u8],
+        placement: TombstonePlacement,
+    ) -> Result<bool, CallError> {
+        let request = pb::ConfirmTombstoneRequest {
+            key: Some(key.to_wire()),
+            version_set: encoded.to_vec(),
+            topology_epoch: placement.topology_epoch,
+            replication_factor: placement.replication_factor,
+        };
+        let budget = CallBudget::storage_timeout(&self.pool);
+        let rpc = |mut c: StorageClient, _| async move { c.confirm_tombstone(request).await };
+        let response = self.call(node, "storage.confirm_tombstone", key.partition, budget, rpc).await?;
+        Ok(response.recorded)
+    }
+
+    /// Runs one RPC against `node` in a client span, updating the failure view. The call gets
+    /// `budget.suspect_after` for a free in-flight slot (nothing is sent before, so a call refused
+    /// here is `NotApplied`) and then `budget.wait` for the answer; `rpc` is told that wait.
+    async fn call<T, F, Fut>(
+        &self,
+        node: NodeId,
+        rpc_name: &'static str,
+        partition: PartitionId,
+        budget: CallBudget,
+        rpc: F,
+    ) -> Result<T, CallError>
+    where
+        F: FnOnce(StorageClient, Duration) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let span = tracing::info_span!(
+            "storage.call",
+            otel.name = rpc_name,
+            otel.kind = "client",
+            node_id = node.0,
+            partition = partition.0,
+            outcome = tracing::field::Empty,
+        );
+        let result = self.call_inner(node, budget, rpc).instrument(span.clone()).await;
+        span.record(
+            "outcome",
+            match &result {
+                Ok(_) => "ok",
+                Err(CallError::Refused(_)) => "rejected",
+                Err(CallError::Failed(cause)) => cause.as_str(),
+            },
+        );
+        result
+    }
+
+    async fn call_inner<T, F, Fut>(&self, node: NodeId, budget: CallBudget, rpc: F) -> Result<T, CallError>
+    where
+        F: FnOnce(StorageClient, Duration) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        // Until the request is handed to the channel nothing has left the router: every failure
+        // before that point is `NotApplied`.
+        let not_applied = CallError::Failed(FailureCause::NotApplied);
+        let Some(address) = self.view.nodes.get(&node).map(|n| n.address.clone()) else {
+            return Err(not_applied);
+        };
+        let Some(client) = self.pool.client(node, &address) else { return Err(not_applied) };
+        let acquired = match tokio::time::timeout(budget.suspect_after, client.acquire()).await {
+            Ok(Some(acquired)) => acquired,
+            Ok(None) => return Err(not_applied),
+            Err(_elapsed) => {
+                client.record_failure();
+                return Err(not_applied);
+            }
+        };
+        let (grpc, _permit) = acquired;
+        let call = rpc(grpc, budget.wait);
+        tokio::pin!(call);
+        let suspect_after = budget.suspect_after.min(budget.wait);
+        let outcome = match tokio::time::timeout(suspect_after, &mut call).await {
+            Ok(answer) => Ok(answer),
+            Err(_slow) => {
+                client.record_failure();
+                tokio::time::timeout(budget.wait - suspect_after, call).await
+            }
+        };
+        match outcome {
+            Ok(Ok(response)) => {
+                client.record_success();
+                Ok(response.into_inner())
+            }
+            Ok(Err(status)) => match refusal_of(&status) {
+                Some(refusal) => Err(CallError::Refused(refusal)),
+                None => {
+                    client.record_failure();
+                    let definite = refused_before_applying(&status) || never_connected(&status);
+                    Err(CallError::Failed(if definite {
+                        FailureCause::NotApplied
+                    } else {
+                        FailureCause::Error
+                    }))
+                }
+            },
+            // Already suspect since `suspect_after`.
+            Err(_elapsed) => Err(CallError::Failed(FailureCause::Timeout)),
+        }
+    }
+}
+
+/// The refusal in `status` when its reason is one another replica would give too: the request
+/// itself is wrong.
+fn refusal_of(status: &tonic::Status) -> Option<Refusal> {
+    let reason = pairdb_service::errors::known_reason_of(status)?;
+    let definitive = matches!(
+        reason,
+        Reason::TooManySiblings
+            | Reason::ValueTooLarge
+            | Reason::MalformedVersion
+            | Reason::InvalidTenantId
+            | Reason::InvalidKey
+            | Reason::InvalidPartition
+            | Reason::PartitionMismatch
+            | Reason::TenantNotFound
+    );
+    let message = match pairdb_service::errors::detail_of(status) {
+        Some(detail) => detail.message,
+        None => status.message().to_owned(),
+    };
+    definitive.then_some(Refusal { reason, message })
+}
+
+/// Reasons a storage node gives only before it applied anything, so another replica may be asked.
+/// (WRITE_PATH_POISONED is not one: the failed fsync may have left the write on disk.)
+fn refused_before_applying(status: &tonic::Status) -> bool {
+    matches!(
+        pairdb_service::errors::known_reason_of(status),
+        Some(Reason::NotReady | Reason::DiskFull | Reason::CoordinateDeadlinePassed)
+    )
+}
+
+/// The call failed because no connection could be opened: the request never left the router.
+fn never_connected(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if error
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
