@@ -19,14 +19,12 @@ use pairdb_core::rate_limit::Budget;
 use pairdb_core::repair::{KeyDigest, compare_digests, replica_peers};
 use pairdb_core::ring::NodeId;
 use pairdb_core::token::PartitionId;
-use pairdb_proto::storage::v1 as pb;
-use pairdb_service::clients::StorageClient;
 use pairdb_service::cluster_view::ClusterView;
 use tokio::time::Instant;
 
-use super::peers::{Peers, call_failed};
+use super::peers::{Peer, Peers};
 use super::{Context, Worker, WorkerError, WorkerSettings, tombstone_gc};
-use crate::engine::now_ms;
+use crate::engine::{RecordDigest, now_ms};
 use crate::keys::RecordKey;
 use crate::merkle::{MERKLE_DEPTH, version_digest};
 
@@ -162,23 +160,17 @@ impl Exchanger {
     async fn exchange(
         &self,
         partition: PartitionId,
-        peer: NodeId,
+        node: NodeId,
         view: &ClusterView,
         shared: &BTreeSet<String>,
     ) -> Result<Exchange, WorkerError> {
-        let mut client = self.peers.live(view, peer).await?;
+        let mut peer = self.peers.live(view, node).await?;
         let mut exchange = Exchange::default();
-        let Some(differing_leaves) = self.differing_leaves(partition, peer, &client, &mut exchange).await?
-        else {
+        let Some(differing_leaves) = self.differing_leaves(partition, &mut peer, &mut exchange).await? else {
             return Ok(exchange);
         };
         for leaves in differing_leaves.chunks(LEAVES_PER_REQUEST) {
-            let remote: Vec<pb::KeyDigest> = client
-                .leaf_digests(pb::LeafDigestsRequest { partition: partition.0, leaves: leaves.to_vec() })
-                .await
-                .map_err(call_failed(peer))?
-                .into_inner()
-                .digests;
+            let remote = peer.leaf_digests(partition, leaves).await?;
             let wanted = leaves.to_vec();
             let local = self
                 .context
@@ -186,22 +178,20 @@ impl Exchanger {
                     engine.leaf_digests(partition, &wanted, crate::service::MAX_DIGESTS_PER_RESPONSE)
                 })
                 .await?;
-            let to_core = |tenant_id: &str, key: &str, digest: u64| KeyDigest {
-                tenant_id: tenant_id.to_owned(),
-                key: key.to_owned(),
-                digest,
+            let to_core = |d: &RecordDigest| KeyDigest {
+                tenant_id: d.key.tenant.clone(),
+                key: d.key.key.clone(),
+                digest: d.digest,
             };
-            let local_digests: Vec<KeyDigest> =
-                local.iter().map(|d| to_core(&d.key.tenant, &d.key.key, d.digest)).collect();
-            let remote_digests: Vec<KeyDigest> =
-                remote.iter().map(|d| to_core(&d.tenant_id, &d.key, d.digest)).collect();
+            let local_digests: Vec<KeyDigest> = local.iter().map(to_core).collect();
+            let remote_digests: Vec<KeyDigest> = remote.iter().map(to_core).collect();
             let diff = compare_digests(&local_digests, &remote_digests, shared);
             exchange.compared += diff.compared as u64;
             self.pacing.keys(diff.compared as u64).await;
             let remote_digest: HashMap<(&str, &str), u64> =
-                remote.iter().map(|d| ((d.tenant_id.as_str(), d.key.as_str()), d.digest)).collect();
+                remote.iter().map(|d| ((d.key.tenant.as_str(), d.key.key.as_str()), d.digest)).collect();
             for keys in diff.differing.chunks(KEYS_PER_BATCH) {
-                let moved = self.repair_keys(partition, peer, &mut client, keys, &remote_digest).await?;
+                let moved = self.repair_keys(partition, &mut peer, keys, &remote_digest).await?;
                 exchange.repaired += moved.repaired;
                 exchange.bytes += moved.bytes;
                 self.pacing.bytes(moved.bytes).await;
@@ -215,40 +205,29 @@ impl Exchanger {
     async fn differing_leaves(
         &self,
         partition: PartitionId,
-        peer: NodeId,
-        client: &StorageClient,
+        peer: &mut Peer,
         exchange: &mut Exchange,
     ) -> Result<Option<Vec<u32>>, WorkerError> {
-        let remote_level = |level: u32, node_indexes: Vec<u32>| {
-            let mut client = client.clone();
-            async move {
-                client
-                    .merkle_summary(pb::MerkleSummaryRequest { partition: partition.0, level, node_indexes })
-                    .await
-                    .map(|r| r.into_inner().nodes)
-                    .map_err(call_failed(peer))
-            }
-        };
         let engine = &self.context.engine;
         let local_root = engine.merkle_level(partition, 0);
-        let remote_root = remote_level(0, Vec::new()).await?;
-        if local_root.first().map_or(0, |n| n.hash) == remote_root.first().map_or(0, wire_hash) {
+        let remote_root = peer.merkle_summary(partition, 0, Vec::new()).await?;
+        if local_root.first().map_or(0, |n| n.hash) == remote_root.first().map_or(0, |n| n.hash) {
             exchange.compared = local_root.first().map_or(0, |n| n.keys);
             return Ok(None);
         }
         let local_mid = engine.merkle_level(partition, MID_LEVEL);
-        let remote_mid = remote_level(MID_LEVEL, Vec::new()).await?;
+        let remote_mid = peer.merkle_summary(partition, MID_LEVEL, Vec::new()).await?;
         let differing_mid = local_mid.iter().filter(|local| {
-            remote_mid.iter().find(|r| r.index == local.index).map_or(0, wire_hash) != local.hash
+            remote_mid.iter().find(|r| r.index == local.index).map_or(0, |r| r.hash) != local.hash
         });
         let per_mid = 1u32 << (MERKLE_DEPTH - MID_LEVEL);
         let candidate_leaves: Vec<u32> =
             differing_mid.flat_map(|mid| mid.index * per_mid..(mid.index + 1) * per_mid).collect();
         let local_leaves = engine.merkle_level(partition, MERKLE_DEPTH);
-        let remote_leaves = remote_level(MERKLE_DEPTH, candidate_leaves.clone()).await?;
+        let remote_leaves = peer.merkle_summary(partition, MERKLE_DEPTH, candidate_leaves.clone()).await?;
         let differing = candidate_leaves.into_iter().filter(|&leaf| {
             let local = local_leaves.get(leaf as usize).map_or(0, |n| n.hash);
-            local != remote_leaves.iter().find(|r| r.index == leaf).map_or(0, wire_hash)
+            local != remote_leaves.iter().find(|r| r.index == leaf).map_or(0, |r| r.hash)
         });
         Ok(Some(differing.collect()))
     }
@@ -257,40 +236,25 @@ impl Exchanger {
     async fn repair_keys(
         &self,
         partition: PartitionId,
-        peer: NodeId,
-        client: &mut StorageClient,
+        peer: &mut Peer,
         keys: &[(String, String)],
         remote_digest: &HashMap<(&str, &str), u64>,
     ) -> Result<Exchange, WorkerError> {
         let mut exchange = Exchange::default();
-        let refs = keys
-            .iter()
-            .map(|(tenant, key)| pb::KeyRef {
-                tenant_id: tenant.clone(),
-                key: key.clone(),
-                partition: partition.0,
-                tenant_generation: 0,
-            })
-            .collect();
-        let remote = client
-            .get_batch(pb::GetBatchRequest { partition: partition.0, keys: refs })
-            .await
-            .map_err(call_failed(peer))?
-            .into_inner()
-            .records;
         let partitions = self.context.engine.partitions();
+        let record_keys: Vec<RecordKey> =
+            keys.iter().map(|(tenant, key)| RecordKey::new(partitions, tenant, key)).collect();
+        let remote = peer.get_batch(partition, &record_keys).await?;
         let mut incoming = Vec::with_capacity(remote.len());
-        for record in &remote {
-            exchange.bytes += record.version_set.len() as u64;
-            let Ok(set) = decode_version_set(&record.version_set) else {
+        for (key, raw) in remote {
+            exchange.bytes += raw.len() as u64;
+            let Ok(set) = decode_version_set(&raw) else {
                 metrics::counter!("pairdb_storage_invalid_sets_refused_total", "rpc" => "get_batch")
                     .increment(1);
                 continue;
             };
-            incoming.push((RecordKey::new(partitions, &record.tenant_id, &record.key), set));
+            incoming.push((key, set));
         }
-        let record_keys: Vec<RecordKey> =
-            keys.iter().map(|(tenant, key)| RecordKey::new(partitions, tenant, key)).collect();
         let (changed_here, local) = self
             .context
             .blocking(move |engine| {
@@ -304,24 +268,14 @@ impl Exchanger {
             let Ok(set) = decode_version_set(&raw) else { continue };
             if remote_digest.get(&(key.tenant.as_str(), key.key.as_str())) != Some(&version_digest(&set)) {
                 exchange.bytes += raw.len() as u64;
-                push.push(pb::Record { tenant_id: key.tenant, key: key.key, version_set: raw });
+                push.push((key, raw));
             }
         }
         if !push.is_empty() {
-            let response = client
-                .merge_batch(pb::MergeBatchRequest { partition: partition.0, records: push })
-                .await
-                .map_err(call_failed(peer))?
-                .into_inner();
-            exchange.repaired += u64::from(response.changed);
+            exchange.repaired += peer.merge_batch(partition, push).await?;
         }
         Ok(exchange)
     }
-}
-
-/// A Merkle node's hash as sent (8 bytes, big endian; anything else reads as 0 and so differs).
-fn wire_hash(node: &pb::MerkleNode) -> u64 {
-    node.hash.as_slice().try_into().map_or(0, u64::from_be_bytes)
 }
 
 /// The periodic pass (see the module docs): one partition per step, spread over the period.

@@ -16,10 +16,10 @@ use std::time::Duration;
 
 use pairdb_core::encoding::encode_version_set;
 use pairdb_core::ring::NodeId;
-use pairdb_proto::storage::v1 as pb;
-use pairdb_service::clients::{ChannelSettings, InternalClients};
+use pairdb_core::token::PartitionId;
+use pairdb_service::clients::InternalClients;
 
-use super::peers::{PeerFailure, call_failed};
+use super::peers::Peer;
 use super::{Context, Worker, WorkerError, blocking};
 use crate::engine::{Engine, StoredHint, now_ms};
 
@@ -139,14 +139,7 @@ pub async fn deliver(
     target: NodeId,
     address: &str,
 ) -> Result<DeliveryReport, WorkerError> {
-    let settings = ChannelSettings {
-        request_timeout: Some(Duration::from_secs(30)),
-        keepalive: None,
-        ..ChannelSettings::default()
-    };
-    let mut client = clients
-        .storage(address, settings)
-        .map_err(|e| WorkerError::Peer { node: target, failure: PeerFailure::Client(e) })?;
+    let mut peer = Peer::dedicated(clients, target, address, engine.partitions())?;
     let target_node = target;
     let mut delivered = 0;
     for _ in 0..MAX_ROUNDS {
@@ -154,24 +147,14 @@ pub async fn deliver(
         if hints.is_empty() {
             break;
         }
-        let mut by_partition: BTreeMap<u32, Vec<StoredHint>> = BTreeMap::new();
+        let mut by_partition: BTreeMap<PartitionId, Vec<StoredHint>> = BTreeMap::new();
         for hint in hints {
-            by_partition.entry(hint.key.partition.0).or_default().push(hint);
+            by_partition.entry(hint.key.partition).or_default().push(hint);
         }
         let mut progressed = false;
         for (partition, hints) in by_partition {
-            let records = hints
-                .iter()
-                .map(|h| pb::Record {
-                    tenant_id: h.key.tenant.clone(),
-                    key: h.key.key.clone(),
-                    version_set: encode_version_set(&h.set),
-                })
-                .collect();
-            client
-                .merge_batch(pb::MergeBatchRequest { partition, records })
-                .await
-                .map_err(call_failed(target))?;
+            let records = hints.iter().map(|h| (h.key.clone(), encode_version_set(&h.set))).collect();
+            peer.merge_batch(partition, records).await?;
             let deleted = blocking(engine, move |e| {
                 let mut deleted = 0u64;
                 for hint in &hints {

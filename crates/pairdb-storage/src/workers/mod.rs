@@ -12,9 +12,10 @@
 //!
 //! Every decision that deletes data is a pure function in `pairdb_core::gc`; the workers gather its
 //! inputs (the view, records read under their stripe lock, peers' answers, a clock) and carry out
-//! the verdict. Every engine call runs on the blocking pool ([`blocking`]); every RPC is bounded.
-//! Failures are counted (`pairdb_storage_worker_errors_total{worker}`), logged, and retried after
-//! the worker's retry delay.
+//! the verdict. Every engine call runs on the blocking pool ([`blocking`]); every RPC is bounded and
+//! goes through the `peers` module, where wire messages stop (workers see only the node's own
+//! types). Failures are counted (`pairdb_storage_worker_errors_total{worker}`), logged, and retried
+//! after the worker's retry delay.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -145,7 +146,7 @@ pub fn spawn_all(
     rebuild: Arc<Rebuild>,
     shutdown: &Shutdown,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let peers = Arc::new(peers::Peers::new(context.clients.clone()));
+    let peers = Arc::new(peers::Peers::new(context.clients.clone(), context.engine.partitions()));
     let pacing = Arc::new(anti_entropy::Pacing::new(&context.settings));
     let mut tasks = vec![
         tokio::spawn(run(

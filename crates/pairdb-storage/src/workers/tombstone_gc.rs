@@ -20,12 +20,10 @@ use pairdb_core::gc::tombstones::{gc_cutoff_ms, replicas_agree};
 use pairdb_core::gc::{RecordState, TombstonePlacement};
 use pairdb_core::repair::replica_peers;
 use pairdb_core::token::PartitionId;
-use pairdb_proto::storage::v1 as pb;
-use pairdb_service::clients::StorageClient;
 use pairdb_service::cluster_view::ClusterView;
 
 use super::anti_entropy::{Exchanger, LEAVES_PER_REQUEST};
-use super::peers::call_failed;
+use super::peers::Peer;
 use super::{Context, Worker, WorkerError};
 use crate::engine::{RecordDigest, now_ms};
 use crate::keys::RecordKey;
@@ -59,17 +57,17 @@ pub async fn collect_agreed(
     leaves.sort_unstable();
     leaves.dedup();
     let mut agreed = vec![true; candidates.len()];
-    let mut clients = Vec::new();
-    for (peer, shared) in replica_peers(current.list(partition), context.me(), &placement.replica_depths()) {
-        let mut client = exchanger.peers.live(view, peer).await?;
-        let theirs = peer_states(&mut client, partition, &leaves).await.map_err(call_failed(peer))?;
+    let mut peers = Vec::new();
+    for (node, shared) in replica_peers(current.list(partition), context.me(), &placement.replica_depths()) {
+        let mut peer = exchanger.peers.live(view, node).await?;
+        let theirs = peer_states(&mut peer, partition, &leaves).await?;
         for (candidate, agreed) in candidates.iter().zip(agreed.iter_mut()) {
             if shared.contains(&candidate.key.tenant) {
                 let answer = theirs.get(&(candidate.key.tenant.clone(), candidate.key.key.clone()));
                 *agreed &= replicas_agree(&candidate.state(), [answer]);
             }
         }
-        clients.push((peer, client, shared));
+        peers.push((peer, shared));
     }
     let purge: Vec<&RecordDigest> =
         candidates.iter().zip(&agreed).filter(|(_, ok)| **ok).map(|(c, _)| c).collect();
@@ -78,16 +76,10 @@ pub async fn collect_agreed(
     }
     // Peers first: if this node stops halfway, its own tombstone stays and anti-entropy pushes it
     // back to peers that purged (harmless; collected again next period).
-    for (peer, mut client, shared) in clients {
-        let keys = purge
-            .iter()
-            .filter(|c| shared.contains(&c.key.tenant))
-            .map(|c| crate::service::key_digest((*c).clone()))
-            .collect();
-        client
-            .purge_tombstones(pb::PurgeTombstonesRequest { partition: partition.0, keys })
-            .await
-            .map_err(call_failed(peer))?;
+    for (mut peer, shared) in peers {
+        let tombstones =
+            purge.iter().filter(|c| shared.contains(&c.key.tenant)).map(|c| (*c).clone()).collect();
+        peer.purge_tombstones(partition, tombstones).await?;
     }
     let local: Vec<(RecordKey, u64)> = purge.iter().map(|c| (c.key.clone(), c.digest)).collect();
     let purged = context.blocking(move |e| e.purge_tombstones(&local, cutoff)).await?;
@@ -98,14 +90,13 @@ pub async fn collect_agreed(
 
 /// A peer's records under `leaves`: (tenant, key) → what the GC decisions read of it.
 async fn peer_states(
-    client: &mut StorageClient,
+    peer: &mut Peer,
     partition: PartitionId,
     leaves: &[u32],
-) -> Result<HashMap<(String, String), RecordState>, tonic::Status> {
+) -> Result<HashMap<(String, String), RecordState>, WorkerError> {
     let mut states = HashMap::new();
     for chunk in leaves.chunks(LEAVES_PER_REQUEST) {
-        let request = pb::LeafDigestsRequest { partition: partition.0, leaves: chunk.to_vec() };
-        let digests = client.leaf_digests(request).await?.into_inner().digests;
+        let digests = peer.leaf_digests(partition, chunk).await?;
         states.extend(digests.into_iter().map(|d| {
             let state = RecordState {
                 digest: d.digest,
@@ -113,7 +104,7 @@ async fn peer_states(
                 // The peer re-checks its own grace before it purges.
                 newest_timestamp_ms: 0,
             };
-            ((d.tenant_id, d.key), state)
+            ((d.key.tenant, d.key.key), state)
         }));
     }
     Ok(states)
