@@ -521,7 +521,11 @@ pub mod cluster {
         }
 
         pub fn spawn_storage(&self, id: u32, addr: std::net::SocketAddr) -> anyhow::Result<Process> {
-            let credential = credential_args(self.dir.path(), self.signer.as_deref(), Principal::Node(id))?;
+            let credential = credential_args(
+                self.dir.path(),
+                self.signer.as_deref(),
+                Principal::Node(pairdb_core::ring::NodeId(id)),
+            )?;
             Process::spawn_with_env(
                 "pairdb-storage",
                 addr,

@@ -5,6 +5,7 @@
 //! down during the deletion) before its id can be used again.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use pairdb_core::ring::NodeId;
 use std::time::{Duration, Instant};
 
 use pairdb_client::{Consistency, ReadOptions, WriteOptions};
@@ -229,7 +230,8 @@ async fn internal_rpcs_refuse_callers_without_a_valid_credential() {
         }
     }
     // A real credential with its principal edited, and garbage.
-    let edited = cluster.credential(Principal::Node(2)).unwrap().as_str().replacen("node-2", "router", 1);
+    let edited =
+        cluster.credential(Principal::Node(NodeId(2))).unwrap().as_str().replacen("node-2", "router", 1);
     for bad in [edited.as_str(), "pdbc1.router.AAAA.BBBB", "Bearer letmein", "pdbc1.node-3.x.y"] {
         let mut storage = raw_credential(cluster.storage[0].addr, bad);
         unauthenticated("Stats", bad, storage.stats(spb::StatsRequest {}).await);
@@ -280,7 +282,7 @@ async fn a_node_acts_only_as_itself_and_only_routers_get_secrets() {
         .unwrap();
     let before = cluster.topology().await.unwrap().nodes;
 
-    let node2 = cluster.clients_as(Principal::Node(2));
+    let node2 = cluster.clients_as(Principal::Node(NodeId(2)));
     let mut meta = cluster_of(&node2, cluster.meta.addr);
     let register = meta
         .register_node(cpb::RegisterNodeRequest {
@@ -315,7 +317,7 @@ async fn a_node_acts_only_as_itself_and_only_routers_get_secrets() {
             other => panic!("first watch event is not a snapshot: {other:?}"),
         }
     };
-    let as_node = snapshot(cluster.clients_as(Principal::Node(2))).await;
+    let as_node = snapshot(cluster.clients_as(Principal::Node(NodeId(2)))).await;
     assert!(as_node.api_keys.is_empty() && as_node.context_keys.is_none(), "{:?}", as_node.api_keys);
     let as_router = snapshot(cluster.clients_as(Principal::Router)).await;
     assert_eq!(as_router.api_keys.len(), 1);

@@ -3,6 +3,7 @@
 //! credential (from the secret file, or from meta's admin API); `rotate-context-key` replaces the key
 //! routers seal client contexts with.
 
+use pairdb_core::ring::NodeId;
 use std::path::{Path, PathBuf};
 
 use pairdb_client::proto::admin::v1 as pb;
@@ -76,7 +77,7 @@ fn init(globals: &Globals, out: &Path, storage_nodes: u32) -> anyhow::Result<()>
     write_secret(&secret_path, &secret)?;
     let mut files: Vec<(String, PathBuf)> = vec![("cluster secret (meta only)".into(), secret_path)];
     let principals = std::iter::once(Principal::Router)
-        .chain((1..=storage_nodes).map(Principal::Node))
+        .chain((1..=storage_nodes).map(|id| Principal::Node(NodeId(id))))
         .collect::<Vec<_>>();
     for principal in principals {
         let path = out.join(format!("{principal}.credential"));

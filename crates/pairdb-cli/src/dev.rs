@@ -13,6 +13,7 @@
 //! ring, tenant `demo`, then the router, so the router's first view is the whole cluster. Data lives
 //! under `--data-dir` and is reused by the next run.
 
+use pairdb_core::ring::NodeId;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -131,7 +132,7 @@ async fn start_storage_nodes(
             pairdb_storage::Config::for_node(node_id, args.data_dir.join(format!("storage-{node_id}")));
         config.listen_addr = addr;
         config.meta_addr = Some(args.meta_addr.to_string());
-        config.cluster_auth = credential(signer, Principal::Node(node_id), args.insecure_cluster);
+        config.cluster_auth = credential(signer, Principal::Node(NodeId(node_id)), args.insecure_cluster);
         config.anti_entropy_period_secs = args.anti_entropy_period_secs;
         config.sync = match args.sync {
             SyncArg::Always => pairdb_storage::config::SyncSetting::Always,

@@ -548,7 +548,7 @@ async fn add_node(State(meta): State<Meta>, JsonBody(body): JsonBody) -> Respons
             };
             let (node, migration_id) = meta.add_node(new).await?;
             let mut body = change_json("node", node_json(&node), migration_id);
-            let principal = pairdb_service::cluster_auth::Principal::Node(node.node.node_id.0);
+            let principal = pairdb_service::cluster_auth::Principal::Node(node.node.node_id);
             if let Ok(credential) = meta.issue_credential(principal) {
                 body["cluster_credential"] = Value::String(credential.as_str().to_owned());
             }

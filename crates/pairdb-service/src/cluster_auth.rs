@@ -34,6 +34,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use pairdb_core::ring::NodeId;
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair as _, UnparsedPublicKey};
 
 /// The gRPC metadata header carrying a cluster credential.
@@ -51,7 +52,7 @@ const VERIFIED_CACHE_ENTRIES: usize = 1024;
 pub enum Principal {
     Meta,
     Router,
-    Node(u32),
+    Node(NodeId),
 }
 
 impl std::fmt::Display for Principal {
@@ -75,7 +76,7 @@ impl std::str::FromStr for Principal {
                 .strip_prefix("node-")
                 .filter(|id| !id.starts_with('0') && id.bytes().all(|b| b.is_ascii_digit()))
                 .and_then(|id| id.parse::<u32>().ok())
-                .map(Principal::Node)
+                .map(|id| Principal::Node(NodeId(id)))
                 .ok_or_else(|| CredentialError::UnknownPrincipal(text.to_owned())),
         }
     }
@@ -501,7 +502,12 @@ mod tests {
 
     #[test]
     fn principals_round_trip_and_reject_lookalikes() {
-        for principal in [Principal::Meta, Principal::Router, Principal::Node(1), Principal::Node(u32::MAX)] {
+        for principal in [
+            Principal::Meta,
+            Principal::Router,
+            Principal::Node(NodeId(1)),
+            Principal::Node(NodeId(u32::MAX)),
+        ] {
             assert_eq!(principal.to_string().parse::<Principal>().unwrap(), principal);
         }
         for bad in ["node-", "node-0", "node-03", "node-x", "node-99999999999", "admin", "Router", ""] {
@@ -512,33 +518,33 @@ mod tests {
     #[test]
     fn issued_credentials_verify_and_name_their_principal() {
         let signer = Signer::from_secret(SECRET).unwrap();
-        let node = signer.issue(Principal::Node(2));
+        let node = signer.issue(Principal::Node(NodeId(2)));
         let verifier = Verifier::new(node.cluster_key);
-        assert_eq!(verifier.verify(node.as_str()), Ok(Principal::Node(2)));
+        assert_eq!(verifier.verify(node.as_str()), Ok(Principal::Node(NodeId(2))));
         // Twice: the second answer comes from the cache.
         assert_eq!(verifier.verify(signer.issue(Principal::Router).as_str()), Ok(Principal::Router));
         assert_eq!(verifier.verify(signer.issue(Principal::Router).as_str()), Ok(Principal::Router));
         // Deterministic: the same secret issues the same credential.
-        assert_eq!(Signer::from_secret(SECRET).unwrap().issue(Principal::Node(2)), node);
+        assert_eq!(Signer::from_secret(SECRET).unwrap().issue(Principal::Node(NodeId(2))), node);
     }
 
     #[test]
     fn forged_and_foreign_credentials_are_refused() {
         let signer = Signer::from_secret(SECRET).unwrap();
         let verifier = Verifier::new(signer.issue(Principal::Meta).cluster_key);
-        let node2 = signer.issue(Principal::Node(2));
+        let node2 = signer.issue(Principal::Node(NodeId(2)));
         // Renaming the principal breaks the signature.
         let renamed = node2.as_str().replacen("node-2", "node-3", 1);
         assert_eq!(verifier.verify(&renamed), Err(CredentialError::BadSignature));
         // Another cluster's credential (its own key and a valid signature) is not ours.
         let other = Signer::from_secret("another-cluster-secret-of-enough-length").unwrap();
         assert_eq!(
-            verifier.verify(other.issue(Principal::Node(3)).as_str()),
+            verifier.verify(other.issue(Principal::Node(NodeId(3))).as_str()),
             Err(CredentialError::OtherCluster)
         );
         // Another cluster's signature over our key.
         let mut parts: Vec<&str> = node2.as_str().split('.').collect();
-        let foreign = other.issue(Principal::Node(2));
+        let foreign = other.issue(Principal::Node(NodeId(2)));
         let foreign_signature = foreign.as_str().rsplit('.').next().unwrap().to_owned();
         parts[3] = &foreign_signature;
         assert_eq!(verifier.verify(&parts.join(".")), Err(CredentialError::BadSignature));
@@ -555,7 +561,7 @@ mod tests {
             cluster_credential: Some(signer.issue(Principal::Router).as_str().to_owned()),
             ..ClusterAuthArgs::default()
         };
-        let error = args.load(|p| p == Principal::Node(3), "node-3", false).unwrap_err();
+        let error = args.load(|p| p == Principal::Node(NodeId(3)), "node-3", false).unwrap_err();
         assert!(error.to_string().starts_with("cluster_credential: names router"), "{error}");
         assert!(args.load(|p| p == Principal::Router, "router", false).is_ok());
         let none = ClusterAuthArgs::default();
@@ -577,7 +583,7 @@ mod tests {
     #[test]
     fn authenticate_needs_a_valid_credential_unless_insecure() {
         let signer = Signer::from_secret(SECRET).unwrap();
-        let auth = ClusterAuth::with_credential(signer.issue(Principal::Node(1)), false);
+        let auth = ClusterAuth::with_credential(signer.issue(Principal::Node(NodeId(1))), false);
         let router = signer.issue(Principal::Router);
         assert_eq!(
             auth.authenticate(&request(Some(router.as_str()))),
@@ -589,7 +595,7 @@ mod tests {
             Err(AuthFailure::Invalid(_))
         ));
         assert_eq!(ClusterAuth::insecure().authenticate(&request(None)), Ok(Caller::Unverified));
-        assert!(Caller::Unverified.is(Principal::Node(9)));
-        assert!(!Caller::Verified(Principal::Node(2)).is(Principal::Node(3)));
+        assert!(Caller::Unverified.is(Principal::Node(NodeId(9))));
+        assert!(!Caller::Verified(Principal::Node(NodeId(2))).is(Principal::Node(NodeId(3))));
     }
 }

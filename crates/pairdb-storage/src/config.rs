@@ -1,6 +1,7 @@
 //! Configuration of a storage node: flags with `PAIRDB_*` environment fallbacks, validated at start
 //! with messages that name the field.
 
+use pairdb_core::ring::NodeId;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -175,7 +176,7 @@ impl Config {
     /// rely on its certificate alone).
     pub fn cluster_auth(&self) -> Result<pairdb_service::cluster_auth::ClusterAuth, ConfigError> {
         use pairdb_service::cluster_auth::Principal;
-        let node = Principal::Node(self.node_id);
+        let node = Principal::Node(NodeId(self.node_id));
         let certificates = self.service.tls.load()?.is_some();
         Ok(self.cluster_auth.load(|p| p == node, &node.to_string(), certificates)?)
     }

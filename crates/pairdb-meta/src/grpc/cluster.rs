@@ -1,6 +1,7 @@
 //! `ClusterService`: storage nodes' registration and heartbeats, and the watch stream routers and
 //! storage nodes follow. Every call is authenticated by the cluster guard before it gets here.
 
+use pairdb_core::ring::NodeId;
 use pairdb_service::shutdown::Shutdown;
 
 use super::*;
@@ -13,7 +14,7 @@ pub(super) fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
 
 /// A storage node may register and heartbeat only as the node its credential names.
 pub(super) fn require_node(rpc: &'static str, caller: Caller, node_id: u32) -> Result<(), Status> {
-    if caller.is(Principal::Node(node_id)) {
+    if caller.is(Principal::Node(NodeId(node_id))) {
         return Ok(());
     }
     tracing::warn!(rpc, node_id = %node_id, ?caller, "a cluster member tried to act as another node");

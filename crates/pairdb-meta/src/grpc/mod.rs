@@ -240,7 +240,7 @@ impl AdminService for AdminGrpc {
             self.meta.add_node(new).await.map_err(|e| error_status("AddStorageNode", e))?;
         let mut response = node_change(&node, migration_id);
         // An insecure cluster has no credentials to hand out.
-        if let Ok(credential) = self.meta.issue_credential(Principal::Node(node.node.node_id.0)) {
+        if let Ok(credential) = self.meta.issue_credential(Principal::Node(node.node.node_id)) {
             response.cluster_credential = credential.as_str().to_owned();
         }
         Ok(Response::new(response))
