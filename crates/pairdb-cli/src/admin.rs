@@ -1,5 +1,6 @@
 //! Admin commands against the metadata service: tenants, API keys, storage nodes and migrations.
 
+use pairdb_core::ring::NodeId;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -220,9 +221,9 @@ pub async fn node(globals: &Globals, command: NodeCommand) -> anyhow::Result<()>
                 return Ok(());
             }
             let interval = Duration::from_millis(interval_ms.max(50));
-            let rebuild = wait_for_rebuild(globals.output, &admin, node_id, interval).await?;
+            let rebuild = wait_for_rebuild(globals.output, &admin, NodeId(node_id), interval).await?;
             show(globals.output, &output::rebuild_json(&rebuild));
-            check_rebuild(node_id, &started, &rebuild)?;
+            check_rebuild(NodeId(node_id), &started, &rebuild)?;
         }
         NodeCommand::RebuildStatus { node_id } => {
             let rebuild = admin.get_node_rebuild(pb::GetNodeRebuildRequest { node_id }).await?;
@@ -285,12 +286,12 @@ fn show_nodes(format: Output, nodes: &[pb::StorageNode]) {
 async fn wait_for_rebuild(
     format: Output,
     admin: &AdminClient,
-    node_id: u32,
+    node_id: NodeId,
     interval: Duration,
 ) -> anyhow::Result<pb::NodeRebuild> {
     let bar = partitions_bar(format);
     let rebuild = loop {
-        let rebuild = admin.get_node_rebuild(pb::GetNodeRebuildRequest { node_id }).await?;
+        let rebuild = admin.get_node_rebuild(pb::GetNodeRebuildRequest { node_id: node_id.0 }).await?;
         bar.set_length(rebuild.partitions_total);
         bar.set_position(rebuild.partitions_done);
         bar.set_message(format!(
@@ -307,19 +308,29 @@ async fn wait_for_rebuild(
     Ok(rebuild)
 }
 
+/// How a waited-for rebuild ended badly; the CLI prints the code first (docs/cli.md lists them).
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error("REBUILD_INTERRUPTED: node {node} no longer reports the rebuild (it restarted?); run it again")]
+    Interrupted { node: NodeId },
+    #[error(
+        "REBUILD_INCOMPLETE: node {node} could not exchange with a peer {failed_exchanges} time(s) (down or \
+         failing); run it again once every replica is up"
+    )]
+    Incomplete { node: NodeId, failed_exchanges: u64 },
+}
+
 /// Fails unless the rebuild `started` finished and exchanged with every peer.
-fn check_rebuild(node_id: u32, started: &pb::NodeRebuild, rebuild: &pb::NodeRebuild) -> anyhow::Result<()> {
+fn check_rebuild(
+    node: NodeId,
+    started: &pb::NodeRebuild,
+    rebuild: &pb::NodeRebuild,
+) -> Result<(), RebuildError> {
     if rebuild.state != "done" || rebuild.started_at_ms < started.started_at_ms {
-        anyhow::bail!(
-            "REBUILD_INTERRUPTED: node {node_id} no longer reports the rebuild (it restarted?); run it again"
-        );
+        return Err(RebuildError::Interrupted { node });
     }
     if rebuild.failed_exchanges > 0 {
-        anyhow::bail!(
-            "REBUILD_INCOMPLETE: node {node_id} could not exchange with a peer {} time(s) (down or failing); \
-             run it again once every replica is up",
-            rebuild.failed_exchanges
-        );
+        return Err(RebuildError::Incomplete { node, failed_exchanges: rebuild.failed_exchanges });
     }
     Ok(())
 }
@@ -411,4 +422,30 @@ pub async fn migration(globals: &Globals, command: MigrationCommand) -> anyhow::
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rebuild(state: &str, started_at_ms: u64, failed_exchanges: u64) -> pb::NodeRebuild {
+        pb::NodeRebuild { state: state.into(), started_at_ms, failed_exchanges, ..Default::default() }
+    }
+
+    #[test]
+    fn a_rebuild_is_checked_against_the_one_that_was_started() {
+        let started = rebuild("running", 100, 0);
+        let node = NodeId(2);
+        assert!(check_rebuild(node, &started, &rebuild("done", 100, 0)).is_ok());
+        // The node restarted: it reports no rebuild, or an older one.
+        let idle = check_rebuild(node, &started, &rebuild("idle", 0, 0)).unwrap_err();
+        assert!(matches!(idle, RebuildError::Interrupted { .. }));
+        assert!(idle.to_string().starts_with("REBUILD_INTERRUPTED: node 2 "), "{idle}");
+        let partial = check_rebuild(node, &started, &rebuild("done", 100, 3)).unwrap_err();
+        assert!(
+            partial
+                .to_string()
+                .starts_with("REBUILD_INCOMPLETE: node 2 could not exchange with a peer 3 time(s)")
+        );
+    }
 }
