@@ -5,10 +5,10 @@
 //! down during the deletion) before its id can be used again.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use pairdb_core::ring::NodeId;
 use std::time::{Duration, Instant};
 
 use pairdb_client::{Consistency, ReadOptions, WriteOptions};
+use pairdb_core::ring::NodeId;
 use pairdb_proto::admin::v1 as admin;
 use pairdb_proto::cluster::v1 as cpb;
 use pairdb_proto::storage::v1 as spb;

@@ -1,12 +1,12 @@
 //! Admin commands against the metadata service: tenants, API keys, storage nodes and migrations.
 
-use pairdb_core::ring::NodeId;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use pairdb_client::AdminClient;
 use pairdb_client::proto::admin::v1 as pb;
 use pairdb_client::proto::convert;
+use pairdb_core::ring::NodeId;
 use serde_json::{Value, json};
 
 use crate::cli::{

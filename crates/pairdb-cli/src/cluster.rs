@@ -3,10 +3,10 @@
 //! credential (from the secret file, or from meta's admin API); `rotate-context-key` replaces the key
 //! routers seal client contexts with.
 
-use pairdb_core::ring::NodeId;
 use std::path::{Path, PathBuf};
 
 use pairdb_client::proto::admin::v1 as pb;
+use pairdb_core::ring::NodeId;
 use pairdb_service::cluster_auth::{Principal, Signer};
 use serde_json::json;
 

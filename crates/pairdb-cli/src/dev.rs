@@ -13,13 +13,13 @@
 //! ring, tenant `demo`, then the router, so the router's first view is the whole cluster. Data lives
 //! under `--data-dir` and is reused by the next run.
 
-use pairdb_core::ring::NodeId;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use pairdb_client::proto::admin::v1 as admin;
 use pairdb_client::{AdminClient, ClientOptions, KvClient, ReadOptions, RetryPolicy};
+use pairdb_core::ring::NodeId;
 use pairdb_service::cluster_auth::{ClusterAuthArgs, Principal, Signer};
 use pairdb_service::shutdown::{Shutdown, ShutdownTrigger};
 use tokio::task::JoinSet;

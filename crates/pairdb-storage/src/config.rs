@@ -1,10 +1,10 @@
 //! Configuration of a storage node: flags with `PAIRDB_*` environment fallbacks, validated at start
 //! with messages that name the field.
 
-use pairdb_core::ring::NodeId;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use pairdb_core::ring::NodeId;
 use pairdb_core::token::{DEFAULT_PARTITION_COUNT, PartitionCount};
 
 use crate::engine::SyncMode;
