@@ -4,8 +4,8 @@
 //!   poisoning, hints, partition scans, Merkle summaries.
 //! - [`service`]: the internal gRPC API; engine calls run on the blocking pool.
 //! - [`workers`]: the background jobs (anti-entropy, rebuild, tombstone GC, unowned-data cleanup,
-//!   hint delivery and expiry, tenant purges), one worker each under one runner.
-//! - [`transfer`]: pulling partitions from their sources during a migration.
+//!   hint delivery and expiry, tenant purges, migration transfers), one worker each under one runner.
+//! - [`transfer`]: pulling a partition from its sources during a migration (run by the transfer workers).
 //! - [`membership`]: standalone, or register and heartbeat with the metadata service.
 //! - [`identity`], [`keys`]: the data directory's identity and on-disk key layouts.
 //!
@@ -99,6 +99,7 @@ pub async fn run_with_engine(
     let clients =
         pairdb_service::clients::InternalClients::new(tls.clone(), &auth, config.max_message_bytes());
     let rebuild = Arc::new(workers::Rebuild::default());
+    let transfers = Arc::new(workers::Transfers::default());
     let mut api =
         service::StorageApi::new(engine.clone(), config.max_inflight_requests, config.stream_batch_max)
             .with_clients(clients.clone())
@@ -107,7 +108,7 @@ pub async fn run_with_engine(
     // unowned data.
     let view = config.meta_addr.as_ref().map(|_| pairdb_service::cluster_view::SharedView::default());
     if let Some(view) = &view {
-        api = api.with_rebuild(rebuild.clone()).with_view(view.clone());
+        api = api.with_rebuild(rebuild.clone()).with_transfers(transfers.clone()).with_view(view.clone());
     }
     let grpc = StorageServiceServer::new(api)
         .max_decoding_message_size(config.max_message_bytes())
@@ -125,6 +126,7 @@ pub async fn run_with_engine(
             address: address.clone(),
             clients: clients.clone(),
             rebuild,
+            transfers,
         };
         background.extend(cluster.spawn_tasks(&config, &engine, stop_receiver)?);
     }
@@ -172,6 +174,7 @@ struct ClusterMember<'a> {
     address: String,
     clients: pairdb_service::clients::InternalClients,
     rebuild: Arc<workers::Rebuild>,
+    transfers: Arc<workers::Transfers>,
 }
 
 impl ClusterMember<'_> {
@@ -215,7 +218,7 @@ impl ClusterMember<'_> {
             )),
             tokio::spawn(membership::run(membership, node, engine.clone(), stop.clone())),
         ];
-        tasks.extend(workers::spawn_all(&context, self.rebuild, &stop));
+        tasks.extend(workers::spawn_all(&context, self.rebuild, &self.transfers, &stop));
         Ok(tasks)
     }
 }

@@ -25,7 +25,7 @@ use crate::keys::RecordKey;
 use crate::merkle::MERKLE_DEPTH;
 use crate::transfer;
 use crate::workers::tombstone_gc::placement_holds;
-use crate::workers::{Rebuild, RebuildProgress, RebuildState};
+use crate::workers::{Rebuild, RebuildProgress, RebuildState, Transfers};
 
 /// The gRPC service over one engine.
 #[derive(Debug, Clone)]
@@ -39,6 +39,8 @@ pub struct StorageApi {
     tombstone_grace_ms: u64,
     /// Present when the node follows a cluster (a standalone node has nobody to rebuild from).
     rebuild: Option<Arc<Rebuild>>,
+    /// Present when the node follows a cluster: where `SyncPartition` queues migration transfers.
+    transfers: Option<Arc<Transfers>>,
     /// The cluster view the node follows (absent when standalone): full-ack tombstone confirmations
     /// are recorded only if they were placed in the topology and N this node sees; requests for a
     /// tenant being deleted, or of another generation of it, are refused; migration sources are
@@ -55,6 +57,7 @@ impl StorageApi {
             clients: pairdb_service::clients::InternalClients::insecure(),
             tombstone_grace_ms: u64::MAX,
             rebuild: None,
+            transfers: None,
             view: None,
         }
     }
@@ -69,6 +72,22 @@ impl StorageApi {
     pub fn with_rebuild(mut self, rebuild: Arc<Rebuild>) -> Self {
         self.rebuild = Some(rebuild);
         self
+    }
+
+    /// Serves `SyncPartition` through the transfer workers' queue.
+    pub fn with_transfers(mut self, transfers: Arc<Transfers>) -> Self {
+        self.transfers = Some(transfers);
+        self
+    }
+
+    fn transfers(&self) -> Result<&Transfers, Status> {
+        self.transfers.as_deref().ok_or_else(|| {
+            status(
+                Reason::NotInCluster,
+                "this storage node runs standalone (no --meta-addr): it takes part in no migration",
+                &[],
+            )
+        })
     }
 
     fn rebuild(&self) -> Result<&Rebuild, Status> {
@@ -568,19 +587,13 @@ impl StorageService for StorageApi {
             0 => 512,
             n => n.min(self.stream_batch_max),
         };
-        let report = transfer::pull_partition(
-            &self.engine,
-            partition,
-            request.tenant_ids,
-            &sources,
-            batch_size,
-            &self.clients,
-        )
-        .await
-        .map_err(|error| {
-            tracing::warn!(%partition, %error, "partition sync failed");
-            status(error.reason(), error.to_string(), &[])
-        })?;
+        let report =
+            self.transfers()?.run(partition, request.tenant_ids, sources, batch_size).await.map_err(
+                |error| {
+                    tracing::warn!(%partition, %error, "partition sync failed");
+                    status(error.reason(), error.to_string(), &[])
+                },
+            )?;
         Ok(Response::new(pb::SyncPartitionResponse {
             keys: report.keys,
             bytes: report.bytes,

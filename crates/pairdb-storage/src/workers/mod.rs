@@ -8,7 +8,8 @@
 //! - [`unowned::UnownedCleanup`]: deleting data this node no longer owns;
 //! - [`hints::HintDelivery`] and [`hints::HintExpiry`]: handing hints to their owners, dropping
 //!   those past retention;
-//! - [`tenant_purge::TenantPurgeWorker`]: purging deleted tenants' data.
+//! - [`tenant_purge::TenantPurgeWorker`]: purging deleted tenants' data;
+//! - [`transfer::TransferWorker`] (a pool): migration transfers meta's mover asks for.
 //!
 //! Every decision that deletes data is a pure function in `pairdb_core::gc`; the workers gather its
 //! inputs (the view, records read under their stripe lock, peers' answers, a clock) and carry out
@@ -33,10 +34,12 @@ mod peers;
 pub mod rebuild;
 mod tenant_purge;
 pub mod tombstone_gc;
+pub mod transfer;
 mod unowned;
 
 pub use peers::PeerFailure;
 pub use rebuild::{Rebuild, RebuildProgress, RebuildState};
+pub use transfer::Transfers;
 
 /// Settings of the background jobs (from the configuration).
 #[derive(Debug, Clone)]
@@ -68,6 +71,9 @@ pub enum WorkerError {
     Engine(#[from] EngineError),
     #[error("engine task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// Its caller got the details.
+    #[error("transfer of partition {partition} failed")]
+    Transfer { partition: pairdb_core::token::PartitionId },
 }
 
 /// One background job: a step of work at a time, each saying when the next should start.
@@ -144,6 +150,7 @@ pub async fn blocking<T: Send + 'static>(
 pub fn spawn_all(
     context: &Context,
     rebuild: Arc<Rebuild>,
+    transfers: &Transfers,
     shutdown: &Shutdown,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let peers = Arc::new(peers::Peers::new(context.clients.clone(), context.engine.partitions()));
@@ -159,6 +166,9 @@ pub fn spawn_all(
         tokio::spawn(run(hints::HintExpiry::new(context.clone()), shutdown.clone())),
         tokio::spawn(run(tenant_purge::TenantPurgeWorker::new(context.clone()), shutdown.clone())),
     ];
+    for worker in transfer::TransferWorker::pool(context, transfers) {
+        tasks.push(tokio::spawn(run(worker, shutdown.clone())));
+    }
     if context.settings.anti_entropy_period.is_zero() {
         tracing::info!("anti-entropy is off");
     } else {
