@@ -95,6 +95,10 @@ impl Worker for TransferWorker {
             return Ok(Duration::from_secs(3600));
         };
         let TransferJob { partition, tenants, sources, batch_size, reply } = job;
+        if reply.is_closed() {
+            // The caller gave up while the job waited (meta retries the partition): skip it.
+            return Ok(Duration::ZERO);
+        }
         let context = &self.context;
         let result = transfer::pull_partition(
             &context.engine,
