@@ -590,7 +590,7 @@ impl StorageService for StorageApi {
         let report =
             self.transfers()?.run(partition, request.tenant_ids, sources, batch_size).await.map_err(
                 |error| {
-                    tracing::warn!(%partition, %error, "partition sync failed");
+                    tracing::warn!(%partition, %error, "partition transfer failed");
                     status(error.reason(), error.to_string(), &[])
                 },
             )?;

@@ -21,28 +21,28 @@ use crate::engine::{Engine, EngineError};
 use crate::keys::RecordKey;
 
 #[derive(Debug, thiserror::Error)]
-pub enum SyncError {
+pub enum TransferError {
     #[error("no source could stream partition {partition}: {failures}")]
     NoSource { partition: PartitionId, failures: String },
     #[error(transparent)]
     Engine(#[from] EngineError),
-    #[error("sync task failed: {0}")]
+    #[error("transfer task failed: {0}")]
     Task(String),
 }
 
-impl HasReason for SyncError {
+impl HasReason for TransferError {
     fn reason(&self) -> Reason {
         match self {
-            SyncError::NoSource { .. } => Reason::SourceUnavailable,
-            SyncError::Engine(e) => e.reason(),
-            SyncError::Task(_) => Reason::Internal,
+            TransferError::NoSource { .. } => Reason::SourceUnavailable,
+            TransferError::Engine(e) => e.reason(),
+            TransferError::Task(_) => Reason::Internal,
         }
     }
 }
 
 /// What one pull did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SyncReport {
+pub struct TransferReport {
     pub keys: u64,
     pub bytes: u64,
     /// The source the data came from (`None` until one answered).
@@ -67,9 +67,9 @@ pub async fn pull_partition(
     sources: &[Source],
     batch_size: usize,
     clients: &InternalClients,
-) -> Result<SyncReport, SyncError> {
+) -> Result<TransferReport, TransferError> {
     let own_node = engine.identity().node_id;
-    let mut report = SyncReport::default();
+    let mut report = TransferReport::default();
     let mut cursor: Vec<u8> = Vec::new();
     let mut failures = Vec::new();
     for source in sources.iter().filter(|s| s.node_id != own_node) {
@@ -84,17 +84,17 @@ pub async fn pull_partition(
             }
             Err(SourceFailure::Local(error)) => return Err(error),
             Err(SourceFailure::Remote(message)) => {
-                tracing::info!(%partition, source = %source.node_id, %message, "sync source failed; trying the next");
+                tracing::info!(%partition, source = %source.node_id, %message, "transfer source failed; trying the next");
                 failures.push(format!("node {}: {message}", source.node_id));
             }
         }
     }
-    Err(SyncError::NoSource { partition, failures: failures.join("; ") })
+    Err(TransferError::NoSource { partition, failures: failures.join("; ") })
 }
 
 enum SourceFailure {
     /// This node cannot take the data: no point trying another source.
-    Local(SyncError),
+    Local(TransferError),
     Remote(String),
 }
 
@@ -107,7 +107,7 @@ async fn pull_from(
     batch_size: usize,
     clients: &InternalClients,
     cursor: &mut Vec<u8>,
-    report: &mut SyncReport,
+    report: &mut TransferReport,
 ) -> Result<(), SourceFailure> {
     let remote = |e: &dyn std::fmt::Display| SourceFailure::Remote(e.to_string());
     let settings = ChannelSettings { keepalive: None, ..ChannelSettings::default() };
@@ -161,7 +161,7 @@ async fn pull_from(
             let merge_engine = engine.clone();
             tokio::task::spawn_blocking(move || merge_engine.merge_batch(&records))
                 .await
-                .map_err(|e| SourceFailure::Local(SyncError::Task(e.to_string())))?
+                .map_err(|e| SourceFailure::Local(TransferError::Task(e.to_string())))?
                 .map_err(|e| SourceFailure::Local(e.into()))?;
         }
         // Only advanced once merged: a fallback source resumes after what is durable here.

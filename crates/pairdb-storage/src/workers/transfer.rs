@@ -6,7 +6,7 @@
 //! wait in a bounded queue (within their RPC's deadline).
 //!
 //! Invariant: a job's caller always gets an answer: its report, the pull's error, or (the worker
-//! stopped with the node) `SyncError::Task`, which meta retries like any failed transfer.
+//! stopped with the node) `TransferError::Task`, which meta retries like any failed transfer.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use pairdb_core::token::PartitionId;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::{Context, Worker, WorkerError};
-use crate::transfer::{self, Source, SyncError, SyncReport};
+use crate::transfer::{self, Source, TransferError, TransferReport};
 
 /// Transfers this node runs at once.
 pub const TRANSFER_WORKERS: usize = 4;
@@ -29,7 +29,7 @@ pub struct TransferJob {
     pub tenants: Vec<String>,
     pub sources: Vec<Source>,
     pub batch_size: usize,
-    reply: oneshot::Sender<Result<SyncReport, SyncError>>,
+    reply: oneshot::Sender<Result<TransferReport, TransferError>>,
 }
 
 /// The queue the `SyncPartition` RPC hands transfers to.
@@ -54,10 +54,10 @@ impl Transfers {
         tenants: Vec<String>,
         sources: Vec<Source>,
         batch_size: usize,
-    ) -> Result<SyncReport, SyncError> {
+    ) -> Result<TransferReport, TransferError> {
         let (reply, report) = oneshot::channel();
         let job = TransferJob { partition, tenants, sources, batch_size, reply };
-        let stopped = || SyncError::Task("the node's transfer workers stopped".to_owned());
+        let stopped = || TransferError::Task("the node's transfer workers stopped".to_owned());
         self.jobs.send(job).await.map_err(|_| stopped())?;
         report.await.map_err(|_| stopped())?
     }
@@ -157,7 +157,7 @@ mod tests {
             .run(PartitionId(0), vec!["t".to_owned()], vec![source], 16)
             .await
             .expect_err("no source can answer");
-        assert!(matches!(error, SyncError::NoSource { .. }), "{error}");
+        assert!(matches!(error, TransferError::NoSource { .. }), "{error}");
 
         // Once the workers stopped, a queued transfer is answered too (not left hanging).
         stop.trigger();
@@ -166,6 +166,6 @@ mod tests {
         }
         let error = transfers.run(PartitionId(0), vec!["t".to_owned()], Vec::new(), 16);
         let error = tokio::time::timeout(Duration::from_secs(5), error).await;
-        assert!(matches!(error, Ok(Err(SyncError::Task(_)))), "{error:?}");
+        assert!(matches!(error, Ok(Err(TransferError::Task(_)))), "{error:?}");
     }
 }
