@@ -169,14 +169,14 @@ impl WriteTransport for WriteRun {
             suspect_after: calls.pool.storage_timeout(),
         };
         self.in_flight.push(Box::pin(async move {
-            WriteCall::Coordinated(node, calls.coordinate(node, &call, budget).await)
+            WriteCall::Coordinated(node, calls.coordinate(node, call, budget).await)
         }));
     }
 
     fn replicate(&mut self, node: NodeId, hint_for: Option<NodeId>, set: Coordinated) {
         let (calls, key) = (self.calls.clone(), self.task.call.key.clone());
         self.in_flight.push(Box::pin(async move {
-            let response = calls.replicate(node, &key, set.encoded.clone(), hint_for).await;
+            let response = calls.replicate(node, key, set.encoded.clone(), hint_for).await;
             WriteCall::Replicated(node, hint_for.is_some(), response)
         }));
     }
@@ -186,7 +186,7 @@ impl WriteTransport for WriteRun {
     fn store_hint(&mut self, node: NodeId, hint_for: NodeId, set: Coordinated) {
         let (calls, key) = (self.calls.clone(), self.task.call.key.clone());
         let store = async move {
-            match calls.replicate(node, &key, set.encoded.clone(), Some(hint_for)).await {
+            match calls.replicate(node, key, set.encoded.clone(), Some(hint_for)).await {
                 Ok(()) => metrics::counter!("pairdb_router_hints_written_total").increment(1),
                 Err(_) => tracing::debug!(node_id = node.0, "could not store a hint on the coordinator"),
             }
@@ -335,7 +335,7 @@ async fn run_read(
 impl ReadTransport for ReadRun {
     fn fetch(&mut self, node: NodeId) {
         let (calls, key) = (self.calls.clone(), self.key.clone());
-        self.in_flight.push(Box::pin(async move { (node, calls.get(node, &key).await) }));
+        self.in_flight.push(Box::pin(async move { (node, calls.get(node, key).await) }));
     }
 
     /// Sends the merged set to a replica that answered with less, in the background (a failed
@@ -344,7 +344,7 @@ impl ReadTransport for ReadRun {
         let (calls, key) = (self.calls.clone(), self.key.clone());
         metrics::counter!("pairdb_router_read_repairs_total").increment(1);
         let repair = async move {
-            if calls.replicate(node, &key, encode_version_set(&set), None).await.is_err() {
+            if calls.replicate(node, key, encode_version_set(&set), None).await.is_err() {
                 tracing::debug!(node_id = node.0, "read repair failed; anti-entropy will catch up");
             }
         };

@@ -36,10 +36,10 @@ pub struct StorageKey {
 }
 
 impl StorageKey {
-    fn to_wire(&self) -> pb::KeyRef {
+    fn into_wire(self) -> pb::KeyRef {
         pb::KeyRef {
-            tenant_id: self.tenant_id.clone(),
-            key: self.key.clone(),
+            tenant_id: self.tenant_id,
+            key: self.key,
             partition: self.partition.0,
             tenant_generation: self.tenant_generation,
         }
@@ -113,13 +113,14 @@ impl StorageCalls {
     pub async fn coordinate(
         &self,
         node: NodeId,
-        call: &CoordinateCall,
+        call: CoordinateCall,
         budget: CallBudget,
     ) -> Result<StoredSet, CallError> {
+        let partition = call.key.partition;
         let mut request = pb::CoordinateWriteRequest {
-            key: Some(call.key.to_wire()),
-            context: call.context.clone(),
-            value: call.value.clone(),
+            key: Some(call.key.into_wire()),
+            context: call.context,
+            value: call.value,
             timestamp_ms: call.timestamp_ms,
             max_siblings: call.max_siblings,
             supersede_local: call.supersede_local,
@@ -132,7 +133,6 @@ impl StorageCalls {
             request.apply_before_unix_ms = wall_clock_ms().saturating_add(left_ms);
             c.coordinate_write(request).await
         };
-        let partition = call.key.partition;
         let response = self.call(node, "storage.coordinate_write", partition, budget, rpc).await?;
         match decode_version_set(&response.version_set) {
             Ok(set) => Ok(StoredSet { set, encoded: response.version_set }),
@@ -147,26 +147,28 @@ impl StorageCalls {
     pub async fn replicate(
         &self,
         node: NodeId,
-        key: &StorageKey,
+        key: StorageKey,
         encoded: Vec<u8>,
         hint_for: Option<NodeId>,
     ) -> Result<(), CallError> {
+        let partition = key.partition;
         let request = pb::ReplicateRequest {
-            key: Some(key.to_wire()),
+            key: Some(key.into_wire()),
             version_set: encoded,
             hint_for_node_id: hint_for.map_or(0, |n| n.0),
         };
         let budget = CallBudget::storage_timeout(&self.pool);
         let rpc = |mut c: StorageClient, _| async move { c.replicate(request).await };
-        self.call(node, "storage.replicate", key.partition, budget, rpc).await.map(|_| ())
+        self.call(node, "storage.replicate", partition, budget, rpc).await.map(|_| ())
     }
 
     /// `node`'s set of the key (`None`: it has none).
-    pub async fn get(&self, node: NodeId, key: &StorageKey) -> Result<Option<VersionSet>, CallError> {
-        let request = pb::GetRequest { key: Some(key.to_wire()) };
+    pub async fn get(&self, node: NodeId, key: StorageKey) -> Result<Option<VersionSet>, CallError> {
+        let partition = key.partition;
+        let request = pb::GetRequest { key: Some(key.into_wire()) };
         let budget = CallBudget::storage_timeout(&self.pool);
         let rpc = |mut c: StorageClient, _| async move { c.get(request).await };
-        let response = self.call(node, "storage.get", key.partition, budget, rpc).await?;
+        let response = self.call(node, "storage.get", partition, budget, rpc).await?;
         if !response.found {
             return Ok(None);
         }
@@ -185,7 +187,7 @@ impl StorageCalls {
         placement: TombstonePlacement,
     ) -> Result<bool, CallError> {
         let request = pb::ConfirmTombstoneRequest {
-            key: Some(key.to_wire()),
+            key: Some(key.clone().into_wire()),
             version_set: encoded.to_vec(),
             topology_epoch: placement.topology_epoch,
             replication_factor: placement.replication_factor,

@@ -13,8 +13,8 @@ pub(super) fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
 }
 
 /// A storage node may register and heartbeat only as the node its credential names.
-pub(super) fn require_node(rpc: &'static str, caller: Caller, node_id: u32) -> Result<(), Status> {
-    if caller.is(Principal::Node(NodeId(node_id))) {
+pub(super) fn require_node(rpc: &'static str, caller: Caller, node_id: NodeId) -> Result<(), Status> {
+    if caller.is(Principal::Node(node_id)) {
         return Ok(());
     }
     tracing::warn!(rpc, node_id = %node_id, ?caller, "a cluster member tried to act as another node");
@@ -49,7 +49,7 @@ impl ClusterService for ClusterGrpc {
     ) -> Result<Response<cluster_pb::RegisterNodeResponse>, Status> {
         let caller = caller(&request)?;
         let r = request.into_inner();
-        require_node("RegisterNode", caller, r.node_id)?;
+        require_node("RegisterNode", caller, NodeId(r.node_id))?;
         let registration = Registration {
             node_id: (r.node_id != 0).then_some(NodeId(r.node_id)),
             address: r.address,
@@ -72,7 +72,7 @@ impl ClusterService for ClusterGrpc {
     ) -> Result<Response<cluster_pb::HeartbeatResponse>, Status> {
         let caller = caller(&request)?;
         let r = request.into_inner();
-        require_node("Heartbeat", caller, r.node_id)?;
+        require_node("Heartbeat", caller, NodeId(r.node_id))?;
         let stats = r.stats.map(stats_from_pb).unwrap_or_default();
         let purged: Vec<(String, u64)> =
             r.purged_tenants.into_iter().map(|p| (p.tenant_id, p.purge_seq)).collect();
