@@ -302,11 +302,14 @@ fn refusal_of(status: &tonic::Status) -> Option<Refusal> {
             | Reason::PartitionMismatch
             | Reason::TenantNotFound
     );
+    if !definitive {
+        return None;
+    }
     let message = match pairdb_service::errors::detail_of(status) {
         Some(detail) => detail.message,
         None => status.message().to_owned(),
     };
-    definitive.then_some(Refusal { reason, message })
+    Some(Refusal { reason, message })
 }
 
 /// Reasons a storage node gives only before it applied anything, so another replica may be asked.

@@ -81,23 +81,11 @@ impl StorageApi {
     }
 
     fn transfers(&self) -> Result<&Transfers, Status> {
-        self.transfers.as_deref().ok_or_else(|| {
-            status(
-                Reason::NotInCluster,
-                "this storage node runs standalone (no --meta-addr): it takes part in no migration",
-                &[],
-            )
-        })
+        self.transfers.as_deref().ok_or_else(|| standalone("it takes part in no migration"))
     }
 
     fn rebuild(&self) -> Result<&Rebuild, Status> {
-        self.rebuild.as_deref().ok_or_else(|| {
-            status(
-                Reason::NotInCluster,
-                "this storage node runs standalone (no --meta-addr): there are no replicas to rebuild from",
-                &[],
-            )
-        })
+        self.rebuild.as_deref().ok_or_else(|| standalone("there are no replicas to rebuild from"))
     }
 
     /// Enables tombstone purges requested by anti-entropy peers, for tombstones older than `grace`.
@@ -239,6 +227,12 @@ pub fn key_digest(digest: RecordDigest) -> pb::KeyDigest {
         tombstone_only: digest.tombstone_only,
         newest_timestamp_ms: digest.newest_timestamp_ms,
     }
+}
+
+/// The refusal of a request only a cluster member can serve.
+fn standalone(consequence: &str) -> Status {
+    let message = format!("this storage node runs standalone (no --meta-addr): {consequence}");
+    status(Reason::NotInCluster, message, &[])
 }
 
 fn rebuild_status(progress: RebuildProgress) -> pb::RebuildStatus {

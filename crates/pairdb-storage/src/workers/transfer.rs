@@ -25,10 +25,10 @@ const QUEUED_TRANSFERS: usize = 64;
 /// One partition's transfer, as `SyncPartition` asked for it.
 #[derive(Debug)]
 pub struct TransferJob {
-    pub partition: PartitionId,
-    pub tenants: Vec<String>,
-    pub sources: Vec<Source>,
-    pub batch_size: usize,
+    partition: PartitionId,
+    tenants: Vec<String>,
+    sources: Vec<Source>,
+    batch_size: usize,
     reply: oneshot::Sender<Result<TransferReport, TransferError>>,
 }
 
