@@ -827,6 +827,7 @@ pub async fn scan_replicas(
                     key: key.clone(),
                     partition: topology.partition_of(tenant, key)?,
                     tenant_generation: 0,
+                    token: None,
                 });
             }
             tasks.spawn(async move {

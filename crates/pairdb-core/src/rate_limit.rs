@@ -3,19 +3,29 @@
 //! tenant; a rejection never waits, so one tenant over its limit cannot slow another.
 
 /// A bucket refilled at `ops_per_sec` up to `burst` tokens; one operation takes one token.
+///
+/// A tenant's limit is cluster-wide while each router keeps its own bucket: a router's bucket holds
+/// its [`share`](TokenBucket::set_share) of the limit (refill rate and burst scaled by it), and the
+/// shares of all routers add up to one ([`router_share`]). The bucket counts the tokens asked of it
+/// (admitted or not, plus charged work) as the router's demand, from which shares are computed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenBucket {
     ops_per_sec: u32,
     burst: u32,
+    /// This router's share of the limit, in (0, 1].
+    share: f64,
     tokens: f64,
     last_refill_ms: u64,
+    /// Tokens asked for since the last [`TokenBucket::take_demand`].
+    demand: f64,
 }
 
 impl TokenBucket {
-    /// A full bucket. `burst` 0 means "one second's worth" (at least 1).
+    /// A full bucket holding the whole limit (share 1). `burst` 0 means "one second's worth" (at
+    /// least 1).
     pub fn new(ops_per_sec: u32, burst: u32, now_ms: u64) -> Self {
         let burst = if burst == 0 { ops_per_sec.max(1) } else { burst };
-        Self { ops_per_sec, burst, tokens: f64::from(burst), last_refill_ms: now_ms }
+        Self { ops_per_sec, burst, share: 1.0, tokens: f64::from(burst), last_refill_ms: now_ms, demand: 0.0 }
     }
 
     /// Whether this bucket was made for these settings (a settings change replaces the bucket).
@@ -24,13 +34,50 @@ impl TokenBucket {
         self.ops_per_sec == ops_per_sec && self.burst == burst
     }
 
+    /// Scales the bucket to this router's `share` of the limit from now on (tokens already earned are
+    /// kept, capped by the new burst).
+    pub fn set_share(&mut self, share: f64, now_ms: u64) {
+        self.refill(now_ms);
+        self.share = if share.is_finite() { share.clamp(f64::MIN_POSITIVE, 1.0) } else { 1.0 };
+        self.tokens = self.tokens.min(self.burst_tokens());
+    }
+
+    pub fn share(&self) -> f64 {
+        self.share
+    }
+
+    /// Tokens asked of this bucket since the last call (the router's demand for the tenant).
+    pub fn take_demand(&mut self) -> f64 {
+        std::mem::take(&mut self.demand)
+    }
+
+    fn rate_per_ms(&self) -> f64 {
+        f64::from(self.ops_per_sec) * self.share / 1000.0
+    }
+
+    fn burst_tokens(&self) -> f64 {
+        (f64::from(self.burst) * self.share).max(1.0)
+    }
+
+    /// Charges `units` of work already done (a listing page's examined keys): taken even if the bucket
+    /// runs into debt, down to one burst below empty, so the tenant's next operations wait it out.
+    pub fn charge(&mut self, units: u32, now_ms: u64) {
+        self.refill(now_ms);
+        self.demand += f64::from(units);
+        self.tokens = (self.tokens - f64::from(units)).max(-self.burst_tokens());
+    }
+
+    fn refill(&mut self, now_ms: u64) {
+        let elapsed_ms = now_ms.saturating_sub(self.last_refill_ms);
+        self.last_refill_ms = self.last_refill_ms.max(now_ms);
+        self.tokens = (self.tokens + elapsed_ms as f64 * self.rate_per_ms()).min(self.burst_tokens());
+    }
+
     /// Takes a token, or says how many milliseconds until one is available. Time going backwards is
     /// treated as no time passing.
     pub fn try_take(&mut self, now_ms: u64) -> Result<(), u64> {
-        let elapsed_ms = now_ms.saturating_sub(self.last_refill_ms);
-        self.last_refill_ms = self.last_refill_ms.max(now_ms);
-        self.tokens = (self.tokens + elapsed_ms as f64 * f64::from(self.ops_per_sec) / 1000.0)
-            .min(f64::from(self.burst));
+        self.refill(now_ms);
+        self.demand += 1.0;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             return Ok(());
@@ -39,8 +86,25 @@ impl TokenBucket {
             return Err(1000);
         }
         let missing = 1.0 - self.tokens;
-        Err(((missing * 1000.0 / f64::from(self.ops_per_sec)).ceil() as u64).max(1))
+        Err(((missing / self.rate_per_ms()).ceil() as u64).max(1))
     }
+}
+
+/// The smallest share a router gets, as a fraction of an even split: a router that saw no demand
+/// lately still admits some requests until the next exchange raises its share. The shares then add
+/// up to at most `1 + MIN_SHARE_OF_EVEN_SPLIT` (the bound's only slack besides one exchange period).
+pub const MIN_SHARE_OF_EVEN_SPLIT: f64 = 0.05;
+
+/// A router's share of a cluster-wide limit: its part of the tenant's recent demand over all
+/// routers (`demands`, its own included), or an even split over `routers` when nobody asked lately.
+pub fn router_share(mine: f64, demands: &[f64], routers: usize) -> f64 {
+    let routers = routers.max(demands.len()).max(1) as f64;
+    let floor = MIN_SHARE_OF_EVEN_SPLIT / routers;
+    let total: f64 = demands.iter().filter(|d| d.is_finite() && **d > 0.0).sum();
+    if total <= 0.0 || !mine.is_finite() {
+        return 1.0 / routers;
+    }
+    (mine.max(0.0) / total).clamp(floor, 1.0)
 }
 
 /// A budget of units per second (keys, bytes) for background work that cannot be split into single
@@ -90,6 +154,45 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn charged_work_is_paid_for_by_waiting() {
+        let mut bucket = TokenBucket::new(100, 100, 0);
+        bucket.charge(150, 0);
+        // 50 below empty: the next token comes after 51 tokens' refill (510 ms).
+        assert_eq!(bucket.try_take(0), Err(510));
+        assert!(bucket.try_take(509).is_err());
+        assert_eq!(bucket.try_take(510), Ok(()));
+        // Debt is capped at one burst.
+        let mut bucket = TokenBucket::new(10, 10, 0);
+        bucket.charge(1_000_000, 0);
+        assert_eq!(bucket.try_take(0), Err(1100));
+    }
+
+    #[test]
+    fn shares_split_a_limit_by_demand_and_add_up_to_about_one() {
+        assert_eq!(router_share(0.0, &[], 3), 1.0 / 3.0, "no demand: an even split");
+        assert_eq!(router_share(300.0, &[300.0, 100.0], 2), 0.75);
+        let shares: Vec<f64> =
+            [500.0, 0.0, 0.0].iter().map(|d| router_share(*d, &[500.0, 0.0, 0.0], 3)).collect();
+        let total: f64 = shares.iter().sum();
+        assert!(total <= 1.0 + MIN_SHARE_OF_EVEN_SPLIT + 1e-9, "{shares:?}");
+        assert!(shares[1] > 0.0, "an idle router still admits a little");
+    }
+
+    #[test]
+    fn a_shared_bucket_refills_at_its_share_and_counts_demand() {
+        let mut bucket = TokenBucket::new(1000, 1000, 0);
+        bucket.set_share(0.25, 0);
+        assert_eq!(bucket.tokens, 250.0, "burst scaled to the share");
+        let admitted = (0..1000).filter(|_| bucket.try_take(0).is_ok()).count();
+        assert_eq!(admitted, 250);
+        // One second at a quarter of 1,000/s.
+        let admitted = (0..1000).filter(|_| bucket.try_take(1000).is_ok()).count();
+        assert_eq!(admitted, 250);
+        assert_eq!(bucket.take_demand(), 2000.0);
+        assert_eq!(bucket.take_demand(), 0.0);
+    }
 
     #[test]
     fn burst_then_steady_rate() {

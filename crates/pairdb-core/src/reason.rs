@@ -67,6 +67,10 @@ reasons! {
     InvalidNode => "INVALID_NODE",
     InvalidConfig => "INVALID_CONFIG",
     InvalidJson => "INVALID_JSON",
+    /// A listing's bounds, partitions or page size cannot be served.
+    InvalidListing => "INVALID_LISTING",
+    /// A page token this router did not issue (or from an incompatible release).
+    InvalidPageToken => "INVALID_PAGE_TOKEN",
     InvalidContentType => "INVALID_CONTENT_TYPE",
     BodyTooLarge => "BODY_TOO_LARGE",
     /// A ring assignment with no nodes.
@@ -106,6 +110,8 @@ reasons! {
     ValueTooLarge => "VALUE_TOO_LARGE",
     TooManySiblings => "TOO_MANY_SIBLINGS",
     DiskFull => "DISK_FULL",
+    /// The write would grow a tenant that is at its key or byte quota.
+    QuotaExceeded => "QUOTA_EXCEEDED",
 
     // Try again.
     IdempotencyInFlight => "IDEMPOTENCY_IN_FLIGHT",
@@ -114,6 +120,8 @@ reasons! {
     NotReady => "NOT_READY",
     SourceUnavailable => "SOURCE_UNAVAILABLE",
     NodeUnavailable => "NODE_UNAVAILABLE",
+    /// No replica of some partitions a listing page needs answered (named in the details).
+    PartitionsUnavailable => "PARTITIONS_UNAVAILABLE",
     Overloaded => "OVERLOADED",
     MetaUnavailable => "META_UNAVAILABLE",
     IdempotencyStoreUnavailable => "IDEMPOTENCY_STORE_UNAVAILABLE",

@@ -4,8 +4,17 @@
 //! big-endian, of `SHA-256(u32_be(len(tenant)) || tenant || key)`. The length prefix keeps
 //! ("ab", "c") and ("a", "bc") apart. The partition of a token is its top `log2(Q)` bits, so the Q
 //! partitions are Q equal, contiguous token ranges and a partition scan is a token-range scan.
+//!
+//! Token rule (version 2, [`placement_token`]): a tenant created with [`KeyGroups::HashTag`] places a
+//! key holding a hash tag by `token_for(tenant, tag)` instead of the whole key. The tag is the text
+//! between the first `{` and the first `}` after it, when that text is non-empty (the Redis Cluster
+//! rule); any other key, and every key of other tenants, keeps its version-1 token, so version 2 moves
+//! no existing data. Keys of one group therefore share one token: one partition, one replica set, and
+//! (records sorting by partition, token, tenant, key) one contiguous range in key order.
 
 use sha2::{Digest, Sha256};
+
+use crate::tenant::KeyGroups;
 
 /// Version of the token function; stored with topologies so a change can never go unnoticed.
 pub const TOKEN_FORMAT_VERSION: u32 = 1;
@@ -41,6 +50,32 @@ pub fn token_for(tenant: &str, key: &[u8]) -> Token {
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
     Token(u64::from_be_bytes(first))
+}
+
+/// Version of the rule choosing which bytes of a key are hashed ([`placement_token`]).
+pub const TOKEN_RULE_VERSION: u32 = 2;
+
+/// The hash tag of `key`: the non-empty text between its first `{` and the first `}` after it.
+pub fn hash_tag(key: &str) -> Option<&str> {
+    let open = key.find('{')?;
+    let rest = &key[open + 1..];
+    let close = rest.find('}')?;
+    (close > 0).then(|| &rest[..close])
+}
+
+/// The token `key` is placed by within `tenant`, whose keys group by `groups` (token rule v2).
+pub fn placement_token(tenant: &str, key: &str, groups: KeyGroups) -> Token {
+    match (groups, hash_tag(key)) {
+        (KeyGroups::HashTag, Some(tag)) => token_for(tenant, tag.as_bytes()),
+        _ => token_for(tenant, key.as_bytes()),
+    }
+}
+
+/// Whether `token` is one a placement rule gives `key` (under either [`KeyGroups`]): what a storage
+/// node accepts from a caller that names a key's token.
+pub fn is_placement_token(tenant: &str, key: &str, token: Token) -> bool {
+    token == placement_token(tenant, key, KeyGroups::None)
+        || token == placement_token(tenant, key, KeyGroups::HashTag)
 }
 
 /// Error for an invalid partition count.
@@ -102,6 +137,30 @@ impl Default for PartitionCount {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hash_tags_follow_the_redis_cluster_rule() {
+        assert_eq!(hash_tag("orders:{cust-42}:2026-11-30:0007"), Some("cust-42"));
+        assert_eq!(hash_tag("{a}{b}"), Some("a"));
+        assert_eq!(hash_tag("x{}{b}"), None, "empty first braces: the whole key is hashed");
+        assert_eq!(hash_tag("x{b"), None);
+        assert_eq!(hash_tag("x}{b}"), Some("b"));
+        assert_eq!(hash_tag("plain"), None);
+        assert_eq!(hash_tag("{ü}"), Some("ü"));
+    }
+
+    #[test]
+    fn only_hash_tag_tenants_place_grouped_keys_by_their_tag() {
+        let grouped = placement_token("t", "orders:{c1}:1", KeyGroups::HashTag);
+        assert_eq!(grouped, placement_token("t", "x{c1}y", KeyGroups::HashTag));
+        assert_eq!(grouped, token_for("t", b"c1"));
+        // Token rule v1 is unchanged for other tenants and for keys without a tag.
+        assert_eq!(placement_token("t", "orders:{c1}:1", KeyGroups::None), token_for("t", b"orders:{c1}:1"));
+        assert_eq!(placement_token("t", "plain", KeyGroups::HashTag), token_for("t", b"plain"));
+        assert!(is_placement_token("t", "orders:{c1}:1", grouped));
+        assert!(is_placement_token("t", "orders:{c1}:1", token_for("t", b"orders:{c1}:1")));
+        assert!(!is_placement_token("t", "orders:{c1}:1", token_for("u", b"c1")));
+    }
 
     #[test]
     fn token_is_stable_across_releases() {

@@ -3,7 +3,7 @@
 //! the caller decides whether that is the client's mistake or a newer peer's.
 
 use pairdb_core::quorum::Consistency;
-use pairdb_core::tenant::ConflictMode;
+use pairdb_core::tenant::{ConflictMode, KeyGroups};
 
 use crate::common::v1 as common;
 
@@ -60,6 +60,24 @@ pub fn conflict_mode_to_wire(mode: Option<ConflictMode>) -> i32 {
     wire as i32
 }
 
+pub fn key_groups_from_wire(value: i32) -> Result<Option<KeyGroups>, UnknownEnumValue> {
+    match common::KeyGroups::try_from(value) {
+        Ok(common::KeyGroups::Unspecified) => Ok(None),
+        Ok(common::KeyGroups::None) => Ok(Some(KeyGroups::None)),
+        Ok(common::KeyGroups::HashTag) => Ok(Some(KeyGroups::HashTag)),
+        Err(_) => Err(UnknownEnumValue { kind: "key groups mode", value }),
+    }
+}
+
+pub fn key_groups_to_wire(groups: Option<KeyGroups>) -> i32 {
+    let wire = match groups {
+        None => common::KeyGroups::Unspecified,
+        Some(KeyGroups::None) => common::KeyGroups::None,
+        Some(KeyGroups::HashTag) => common::KeyGroups::HashTag,
+    };
+    wire as i32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,5 +92,9 @@ mod tests {
         }
         assert_eq!(consistency_from_wire(99).unwrap_err().to_string(), "unknown consistency level 99");
         assert!(conflict_mode_from_wire(-1).is_err());
+        for groups in [None, Some(KeyGroups::None), Some(KeyGroups::HashTag)] {
+            assert_eq!(key_groups_from_wire(key_groups_to_wire(groups)), Ok(groups));
+        }
+        assert!(key_groups_from_wire(7).is_err());
     }
 }

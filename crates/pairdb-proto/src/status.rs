@@ -26,6 +26,8 @@ pub const fn grpc_code(reason: Reason) -> Code {
         | R::InvalidNode
         | R::InvalidConfig
         | R::InvalidJson
+        | R::InvalidListing
+        | R::InvalidPageToken
         | R::InvalidContentType
         | R::BodyTooLarge
         | R::InvalidEndpoint
@@ -48,9 +50,12 @@ pub const fn grpc_code(reason: Reason) -> Code {
         | R::WrongNode
         | R::TenantBeingDeleted
         | R::StaleDataDirectory => Code::FailedPrecondition,
-        R::ResourceExhausted | R::RateLimited | R::ValueTooLarge | R::TooManySiblings | R::DiskFull => {
-            Code::ResourceExhausted
-        }
+        R::ResourceExhausted
+        | R::RateLimited
+        | R::ValueTooLarge
+        | R::TooManySiblings
+        | R::DiskFull
+        | R::QuotaExceeded => Code::ResourceExhausted,
         R::Aborted | R::IdempotencyInFlight => Code::Aborted,
         R::Unavailable
         | R::QuorumNotReached
@@ -58,6 +63,7 @@ pub const fn grpc_code(reason: Reason) -> Code {
         | R::NotReady
         | R::SourceUnavailable
         | R::NodeUnavailable
+        | R::PartitionsUnavailable
         | R::Overloaded
         | R::MetaUnavailable
         | R::IdempotencyStoreUnavailable

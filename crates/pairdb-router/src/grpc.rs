@@ -37,6 +37,17 @@ impl GrpcKvApi {
 
 #[tonic::async_trait]
 impl KvService for GrpcKvApi {
+    async fn list_keys(
+        &self,
+        _request: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        Err(Status::unimplemented("list_keys"))
+    }
+
+    async fn scan(&self, _request: Request<pb::ScanRequest>) -> Result<Response<pb::ScanResponse>, Status> {
+        Err(Status::unimplemented("scan"))
+    }
+
     async fn put(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
         let client = self.client(&request)?;
         let request = put_request(request.into_inner()).map_err(RouterError::into_status)?;

@@ -18,7 +18,7 @@ use pairdb_core::encoding::encode_vector;
 use pairdb_core::quorum::{Requirement, required_replicas};
 use pairdb_core::reason::HasReason;
 use pairdb_core::ring::NodeId;
-use pairdb_core::token::token_for;
+use pairdb_core::token::placement_token;
 use pairdb_core::validation::{validate_key, validate_tenant_id, validate_value};
 
 use crate::error::RouterError;
@@ -122,7 +122,8 @@ impl KvRouter {
 
     fn placement(view: &ClusterView, tenant: &TenantSettings, key: &str) -> Result<Placement, RouterError> {
         let current = view.current.as_ref().ok_or(RouterError::NotReady)?;
-        let partition = current.partition_count().partition_of(token_for(&tenant.tenant_id, key.as_bytes()));
+        let token = placement_token(&tenant.tenant_id, key, tenant.key_groups);
+        let partition = current.partition_count().partition_of(token);
         // The request span (see `front`) carries the partition, never the key.
         tracing::Span::current().record("partition", partition.0);
         let n = tenant.serving_replication_factor();
@@ -148,6 +149,7 @@ impl KvRouter {
                 tenant_id: tenant.tenant_id.clone(),
                 key: key.to_owned(),
                 partition,
+                token,
                 tenant_generation: tenant.generation,
             },
             preference,

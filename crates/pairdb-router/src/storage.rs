@@ -17,7 +17,7 @@ use pairdb_core::encoding::decode_version_set;
 use pairdb_core::gc::TombstonePlacement;
 use pairdb_core::reason::Reason;
 use pairdb_core::ring::NodeId;
-use pairdb_core::token::PartitionId;
+use pairdb_core::token::{PartitionId, Token};
 use pairdb_proto::storage::v1 as pb;
 use tracing::Instrument;
 
@@ -30,6 +30,8 @@ pub struct StorageKey {
     pub tenant_id: String,
     pub key: String,
     pub partition: PartitionId,
+    /// The key's placement token (token rule v2), so nodes file it where the tenant's rule puts it.
+    pub token: Token,
     /// The tenant's generation in the router's view: a node refuses a request for another
     /// generation than its own view's, or for a tenant being deleted.
     pub tenant_generation: u64,
@@ -42,6 +44,7 @@ impl StorageKey {
             key: self.key,
             partition: self.partition.0,
             tenant_generation: self.tenant_generation,
+            token: Some(self.token.0),
         }
     }
 }

@@ -28,7 +28,7 @@ use pairdb_proto::admin::v1::NodeStatus;
 use pairdb_proto::cluster::v1 as pb;
 use pairdb_proto::convert;
 
-pub use pairdb_core::tenant::ConflictMode;
+pub use pairdb_core::tenant::{ConflictMode, KeyGroups};
 
 /// A tenant's settings as pushed by meta.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +39,8 @@ pub struct TenantSettings {
     pub previous_replication_factor: Option<usize>,
     pub default_consistency: Consistency,
     pub conflict_mode: ConflictMode,
+    /// How the tenant's keys are placed (fixed at creation).
+    pub key_groups: KeyGroups,
     pub rate_limit_ops_per_sec: u32,
     pub rate_limit_burst: u32,
     pub max_value_bytes: u64,
@@ -150,6 +152,9 @@ fn tenant(config: &pb::TenantConfig) -> TenantSettings {
             .ok()
             .flatten()
             .unwrap_or_default(),
+        // A mode this release does not know cannot be sent by a meta of its own release: key-group
+        // modes are created only after every router and storage node runs a release that knows them.
+        key_groups: convert::key_groups_from_wire(config.key_groups).ok().flatten().unwrap_or_default(),
         rate_limit_ops_per_sec: config.rate_limit_ops_per_sec,
         rate_limit_burst: config.rate_limit_burst,
         max_value_bytes: if config.max_value_bytes == 0 {

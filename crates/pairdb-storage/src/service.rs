@@ -125,7 +125,8 @@ impl StorageApi {
         let key = key.ok_or_else(|| status(Reason::InvalidArgument, "key is required", &[]))?;
         validate_tenant_id(&key.tenant_id).map_err(|e| status(e.reason(), e.to_string(), &[]))?;
         validate_key(key.key.as_bytes()).map_err(|e| status(e.reason(), e.to_string(), &[]))?;
-        let record = RecordKey::new(self.engine.partitions(), &key.tenant_id, &key.key);
+        let record = RecordKey::from_wire(self.engine.partitions(), &key.tenant_id, &key.key, key.token)
+            .map_err(|e| status(Reason::PartitionMismatch, e.to_string(), &[]))?;
         self.check_partition(key.partition)?;
         if record.partition.0 != key.partition {
             return Err(status(
@@ -221,12 +222,19 @@ pub const MAX_DIGESTS_PER_RESPONSE: usize = 50_000;
 
 pub fn key_digest(digest: RecordDigest) -> pb::KeyDigest {
     pb::KeyDigest {
+        token: digest.key.wire_token(),
         tenant_id: digest.key.tenant,
         key: digest.key.key,
         digest: digest.digest,
         tombstone_only: digest.tombstone_only,
         newest_timestamp_ms: digest.newest_timestamp_ms,
     }
+}
+
+/// A stored record as a wire message (its token included, so the receiver places it the same way).
+pub fn wire_record(key: RecordKey, version_set: Vec<u8>) -> pb::Record {
+    let token = key.wire_token();
+    pb::Record { tenant_id: key.tenant, key: key.key, version_set, token }
 }
 
 /// The refusal of a request only a cluster member can serve.
@@ -279,6 +287,13 @@ fn record<T>(rpc: &'static str, started: Instant, result: &Result<T, Status>) {
 
 #[tonic::async_trait]
 impl StorageService for StorageApi {
+    async fn list_records(
+        &self,
+        _request: Request<pb::ListRecordsRequest>,
+    ) -> Result<Response<pb::ListRecordsResponse>, Status> {
+        Err(Status::unimplemented("list_records"))
+    }
+
     async fn coordinate_write(
         &self,
         request: Request<pb::CoordinateWriteRequest>,
@@ -354,6 +369,7 @@ impl StorageService for StorageApi {
                 key: record.key,
                 partition: partition.0,
                 tenant_generation: 0,
+                token: record.token,
             }))?;
             records.push((key, decode_set("merge_batch", &record.version_set)?));
         }
@@ -402,11 +418,7 @@ impl StorageService for StorageApi {
                         records: batch
                             .records
                             .into_iter()
-                            .map(|(key, version_set)| pb::Record {
-                                tenant_id: key.tenant,
-                                key: key.key,
-                                version_set,
-                            })
+                            .map(|(key, version_set)| wire_record(key, version_set))
                             .collect(),
                         next_cursor: batch.next_cursor,
                         done: batch.done,
@@ -505,7 +517,7 @@ impl StorageService for StorageApi {
         Ok(Response::new(pb::GetBatchResponse {
             records: records
                 .into_iter()
-                .map(|(key, version_set)| pb::Record { tenant_id: key.tenant, key: key.key, version_set })
+                .map(|(key, version_set)| wire_record(key, version_set))
                 .collect(),
         }))
     }
@@ -523,6 +535,7 @@ impl StorageService for StorageApi {
                 key: entry.key,
                 partition: partition.0,
                 tenant_generation: 0,
+                token: entry.token,
             }))?;
             candidates.push((key, entry.digest));
         }
@@ -615,6 +628,7 @@ impl StorageService for StorageApi {
             hints: hints
                 .into_iter()
                 .map(|hint| pb::Hint {
+                    token: hint.key.wire_token(),
                     target_node_id: hint.target_node.0,
                     partition: hint.key.partition.0,
                     tenant_id: hint.key.tenant,

@@ -137,7 +137,8 @@ async fn pull_from(
         };
         let mut records = Vec::with_capacity(batch.records.len());
         for record in &batch.records {
-            let key = RecordKey::new(engine.partitions(), &record.tenant_id, &record.key);
+            let key = RecordKey::from_wire(engine.partitions(), &record.tenant_id, &record.key, record.token)
+                .map_err(|e| SourceFailure::Remote(format!("sent key {:?}: {e}", record.key)))?;
             if key.partition != partition {
                 return Err(SourceFailure::Remote(format!("sent a key of partition {}", key.partition)));
             }

@@ -190,7 +190,14 @@ impl Exchanger {
             self.pacing.keys(diff.compared as u64).await;
             let remote_digest: HashMap<(&str, &str), u64> =
                 remote.iter().map(|d| ((d.key.tenant.as_str(), d.key.key.as_str()), d.digest)).collect();
+            // The differing keys as either side files them (their placement tokens included).
+            let placed: HashMap<(&str, &str), &RecordKey> =
+                local.iter().chain(&remote).map(|d| ((d.key.tenant.as_str(), d.key.key.as_str()), &d.key)).collect();
             for keys in diff.differing.chunks(KEYS_PER_BATCH) {
+                let keys: Vec<RecordKey> = keys
+                    .iter()
+                    .filter_map(|(tenant, key)| placed.get(&(tenant.as_str(), key.as_str())).map(|k| (*k).clone()))
+                    .collect();
                 let moved = self.repair_keys(partition, &mut peer, keys, &remote_digest).await?;
                 exchange.repaired += moved.repaired;
                 exchange.bytes += moved.bytes;
@@ -237,13 +244,10 @@ impl Exchanger {
         &self,
         partition: PartitionId,
         peer: &mut Peer,
-        keys: &[(String, String)],
+        record_keys: Vec<RecordKey>,
         remote_digest: &HashMap<(&str, &str), u64>,
     ) -> Result<Exchange, WorkerError> {
         let mut exchange = Exchange::default();
-        let partitions = self.context.engine.partitions();
-        let record_keys: Vec<RecordKey> =
-            keys.iter().map(|(tenant, key)| RecordKey::new(partitions, tenant, key)).collect();
         let remote = peer.get_batch(partition, &record_keys).await?;
         let mut incoming = Vec::with_capacity(remote.len());
         for (key, raw) in remote {

@@ -117,7 +117,11 @@ impl Peer {
     ) -> Result<Vec<RecordDigest>, WorkerError> {
         let request = pb::LeafDigestsRequest { partition: partition.0, leaves: leaves.to_vec() };
         let response = self.client.leaf_digests(request).await.map_err(call_failed(self.node))?;
-        Ok(response.into_inner().digests.into_iter().map(|d| record_digest(partition, d)).collect())
+        Ok(response.into_inner().digests
+            .into_iter()
+            .filter_map(|d| record_digest(self.partitions, d))
+            .filter(|d| d.key.partition == partition)
+            .collect())
     }
 
     /// The peer's encoded sets of `keys` in `partition` (keys it lacks are left out), each under
@@ -135,12 +139,19 @@ impl Peer {
                 partition: partition.0,
                 // 0: no generation check (peers, unlike routers, send what they hold).
                 tenant_generation: 0,
+                token: key.wire_token(),
             })
             .collect();
         let request = pb::GetBatchRequest { partition: partition.0, keys };
         let response = self.client.get_batch(request).await.map_err(call_failed(self.node))?;
         let records = response.into_inner().records.into_iter();
-        Ok(records.map(|r| (RecordKey::new(self.partitions, &r.tenant_id, &r.key), r.version_set)).collect())
+        // A record under a token no placement rule gives its key is left out (as a missing key).
+        Ok(records
+            .filter_map(|r| {
+                let key = RecordKey::from_wire(self.partitions, &r.tenant_id, &r.key, r.token).ok()?;
+                (key.partition == partition).then_some((key, r.version_set))
+            })
+            .collect())
     }
 
     /// Merges `records` (key, encoded set) of `partition` on the peer; returns how many it changed.
@@ -151,7 +162,7 @@ impl Peer {
     ) -> Result<u64, WorkerError> {
         let records = records
             .into_iter()
-            .map(|(key, version_set)| pb::Record { tenant_id: key.tenant, key: key.key, version_set })
+            .map(|(key, version_set)| crate::service::wire_record(key, version_set))
             .collect();
         let request = pb::MergeBatchRequest { partition: partition.0, records };
         let response = self.client.merge_batch(request).await.map_err(call_failed(self.node))?;
@@ -190,13 +201,14 @@ fn merkle_node(node: &pb::MerkleNode) -> MerkleNode {
 
 /// A digest as sent, filed under the partition it was asked for (a peer answers for that one only;
 /// the key's token is not recomputed, as comparisons read only tenant, key and digest).
-fn record_digest(partition: PartitionId, digest: pb::KeyDigest) -> RecordDigest {
-    RecordDigest {
-        key: RecordKey { partition, tenant: digest.tenant_id, key: digest.key },
+fn record_digest(partitions: PartitionCount, digest: pb::KeyDigest) -> Option<RecordDigest> {
+    let key = RecordKey::from_wire(partitions, &digest.tenant_id, &digest.key, digest.token).ok()?;
+    Some(RecordDigest {
+        key,
         digest: digest.digest,
         tombstone_only: digest.tombstone_only,
         newest_timestamp_ms: digest.newest_timestamp_ms,
-    }
+    })
 }
 
 #[cfg(test)]
