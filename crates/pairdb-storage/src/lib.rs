@@ -18,6 +18,7 @@ pub mod config;
 pub mod engine;
 pub mod identity;
 pub mod keys;
+pub mod listing;
 pub mod membership;
 pub mod merkle;
 pub mod service;
@@ -211,12 +212,12 @@ impl ClusterMember<'_> {
             tokio::spawn(pairdb_service::cluster_view::follow(
                 self.meta_addr.to_owned(),
                 subscriber,
-                self.view,
+                self.view.clone(),
                 None,
                 self.clients,
                 stop.clone(),
             )),
-            tokio::spawn(membership::run(membership, node, engine.clone(), stop.clone())),
+            tokio::spawn(membership::run(membership, node, engine.clone(), self.view.clone(), stop.clone())),
         ];
         tasks.extend(workers::spawn_all(&context, self.rebuild, &self.transfers, &stop));
         Ok(tasks)

@@ -20,7 +20,9 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::engine::{ApplyDeadline, CoordinatedWrite, Engine, EngineError, RecordDigest, TombstonePlacement};
+use crate::engine::{
+    ApplyDeadline, CoordinatedWrite, Engine, EngineError, QuotaGuard, RecordDigest, TombstonePlacement,
+};
 use crate::keys::RecordKey;
 use crate::merkle::MERKLE_DEPTH;
 use crate::transfer;
@@ -32,6 +34,8 @@ use crate::workers::{Rebuild, RebuildProgress, RebuildState, Transfers};
 pub struct StorageApi {
     engine: Arc<Engine>,
     inflight: Arc<Semaphore>,
+    /// Listing calls running at once (their own work class, apart from `inflight`).
+    listing: Arc<Semaphore>,
     stream_batch_max: usize,
     /// How this node calls its peers (migration pulls).
     clients: pairdb_service::clients::InternalClients,
@@ -53,6 +57,7 @@ impl StorageApi {
         Self {
             engine,
             inflight: Arc::new(Semaphore::new(max_inflight_requests)),
+            listing: Arc::new(Semaphore::new(crate::listing::CONCURRENT_LISTINGS)),
             stream_batch_max,
             clients: pairdb_service::clients::InternalClients::insecure(),
             tombstone_grace_ms: u64::MAX,
@@ -145,13 +150,19 @@ impl StorageApi {
     fn client_key(&self, key: Option<pb::KeyRef>) -> Result<RecordKey, Status> {
         let generation = key.as_ref().map_or(0, |k| k.tenant_generation);
         let record = self.record_key(key)?;
-        let gone =
-            |why: &str| status(Reason::TenantNotFound, format!("tenant {:?} {why}", record.tenant), &[]);
-        if self.engine.is_refused(&record.tenant) {
+        self.check_client_tenant(&record.tenant, generation)?;
+        Ok(record)
+    }
+
+    /// Refuses a router's request for a tenant being deleted here or in the view, or naming another
+    /// generation of it than this node's view.
+    fn check_client_tenant(&self, tenant_id: &str, generation: u64) -> Result<(), Status> {
+        let gone = |why: &str| status(Reason::TenantNotFound, format!("tenant {tenant_id:?} {why}"), &[]);
+        if self.engine.is_refused(tenant_id) {
             return Err(gone("is being deleted"));
         }
         if let Some(view) = &self.view
-            && let Some(tenant) = view.load().tenants.get(&record.tenant)
+            && let Some(tenant) = view.load().tenants.get(tenant_id)
         {
             if tenant.deleting {
                 return Err(gone("is being deleted"));
@@ -160,7 +171,18 @@ impl StorageApi {
                 return Err(gone("was deleted and created again (the request names an older generation)"));
             }
         }
-        Ok(record)
+        Ok(())
+    }
+
+    /// The tenant's reached quotas, as meta last flagged them in the view (none when standalone).
+    fn quota_guard(&self, tenant_id: &str) -> QuotaGuard {
+        let Some(view) = &self.view else { return QuotaGuard::default() };
+        match view.load().tenants.get(tenant_id) {
+            Some(tenant) => {
+                QuotaGuard { keys_reached: tenant.over_key_quota, bytes_reached: tenant.over_byte_quota }
+            }
+            None => QuotaGuard::default(),
+        }
     }
 
     fn check_partition(&self, partition: u32) -> Result<PartitionId, Status> {
@@ -289,9 +311,26 @@ fn record<T>(rpc: &'static str, started: Instant, result: &Result<T, Status>) {
 impl StorageService for StorageApi {
     async fn list_records(
         &self,
-        _request: Request<pb::ListRecordsRequest>,
+        request: Request<pb::ListRecordsRequest>,
     ) -> Result<Response<pb::ListRecordsResponse>, Status> {
-        Err(Status::unimplemented("list_records"))
+        let request = request.into_inner();
+        validate_tenant_id(&request.tenant_id).map_err(|e| status(e.reason(), e.to_string(), &[]))?;
+        self.check_client_tenant(&request.tenant_id, request.tenant_generation)?;
+        let query = crate::listing::query(request, self.engine.partitions(), Instant::now())?;
+        let started = Instant::now();
+        // Listings have their own work class: a long scan never takes the point requests' slots.
+        let _permit = self
+            .listing
+            .acquire()
+            .await
+            .map_err(|_| status(Reason::NotReady, "storage node is shutting down", &[]))?;
+        let engine = self.engine.clone();
+        let result = tokio::task::spawn_blocking(move || engine.list_records(&query))
+            .await
+            .map_err(|error| status(Reason::Internal, format!("engine task failed: {error}"), &[]))?
+            .map_err(engine_status);
+        record("list_records", started, &result);
+        Ok(Response::new(crate::listing::response(result?)))
     }
 
     async fn coordinate_write(
@@ -323,6 +362,7 @@ impl StorageService for StorageApi {
             0 => None,
             n => Some(n.min(ABSOLUTE_MAX_SIBLINGS)),
         };
+        let quota = self.quota_guard(&key.tenant);
         let set = self
             .blocking("coordinate_write", move |engine| {
                 let write = CoordinatedWrite {
@@ -331,6 +371,7 @@ impl StorageService for StorageApi {
                     timestamp_ms: request.timestamp_ms,
                     max_siblings,
                     supersede_local: request.supersede_local,
+                    quota,
                 };
                 engine.coordinate_write_before(&key, write, deadline)
             })
@@ -515,10 +556,7 @@ impl StorageService for StorageApi {
         }
         let records = self.blocking("get_batch", move |engine| engine.get_batch(&keys)).await?;
         Ok(Response::new(pb::GetBatchResponse {
-            records: records
-                .into_iter()
-                .map(|(key, version_set)| wire_record(key, version_set))
-                .collect(),
+            records: records.into_iter().map(|(key, version_set)| wire_record(key, version_set)).collect(),
         }))
     }
 

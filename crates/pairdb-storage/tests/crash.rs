@@ -48,7 +48,7 @@ async fn connect(port: u16) -> StorageServiceClient<Channel> {
 
 fn key_ref(key: &str) -> pb::KeyRef {
     let partition = PartitionCount::default().partition_of(token_for("crash", key.as_bytes())).0;
-    pb::KeyRef { tenant_id: "crash".into(), key: key.into(), partition, tenant_generation: 0 }
+    pb::KeyRef { tenant_id: "crash".into(), key: key.into(), partition, tenant_generation: 0, token: None }
 }
 
 async fn crash_and_recover(sync: &'static str) {

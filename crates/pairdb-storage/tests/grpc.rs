@@ -79,7 +79,7 @@ impl Node {
 
 fn key_ref(tenant: &str, key: &str) -> pb::KeyRef {
     let partition = PartitionCount::default().partition_of(token_for(tenant, key.as_bytes())).0;
-    pb::KeyRef { tenant_id: tenant.into(), key: key.into(), partition, tenant_generation: 0 }
+    pb::KeyRef { tenant_id: tenant.into(), key: key.into(), partition, tenant_generation: 0, token: None }
 }
 
 fn blind(actor: u64, value: &[u8]) -> VersionSet {

@@ -9,6 +9,7 @@ pub(super) enum Space {
     Records,
     Hints,
     MintingActors,
+    KeyIndex,
 }
 
 /// One single-key write waiting for a group commit.
@@ -214,6 +215,19 @@ impl Engine {
         })
     }
 
+    /// Writes `ops` as one batch straight to the journal (atomic across a crash, not yet durable):
+    /// the caller calls `make_durable` once after a run of these.
+    pub(super) fn write_unsynced(&self, ops: Vec<WriteOp>) -> Result<(), EngineError> {
+        let mut batch = self.db.batch().durability(None);
+        for op in ops {
+            match op {
+                WriteOp::Insert(space, key, value) => batch.insert(self.keyspace(space), key, value),
+                WriteOp::Remove(space, key) => batch.remove(self.keyspace(space), key),
+            }
+        }
+        self.write(|| batch.commit())
+    }
+
     pub(super) fn persist_mode(&self) -> PersistMode {
         match self.sync {
             SyncMode::Periodic { .. } => PersistMode::Buffer,
@@ -283,6 +297,7 @@ impl Engine {
             Space::Records => &self.records,
             Space::Hints => &self.hints,
             Space::MintingActors => &self.minting,
+            Space::KeyIndex => &self.key_index,
         }
     }
 

@@ -10,6 +10,9 @@
 //!   inspection only; anti-entropy and rebuilds restore the key from the other replicas;
 //! - keyspace `tenant_purges`: tenants being deleted (or purged) here, whose writes are refused
 //!   ([`tenant_purge`]);
+//! - keyspace `key_index`: (tenant, key) → placement token, one entry per record, changed in the
+//!   same batch as the record; built from the records when a directory without it opens
+//!   ([`listing`]);
 //! - keyspace `minting_actors`: record key → `actor u64be`, the actor this node mints the record's
 //!   dots under; exists only beside its record (written with it, removed before it). Added without a
 //!   format change: a record without one (written by the previous release) gets a fresh one at its
@@ -46,6 +49,7 @@
 
 mod commit;
 mod hints;
+mod listing;
 mod mutate;
 mod poison;
 mod scans;
@@ -63,13 +67,15 @@ use pairdb_core::dvv::{UpdateError, VersionSet, VersionVector};
 use pairdb_core::encoding::{DecodeError, MAX_DECODED_ACTORS, decode_version_set, encode_version_set};
 use pairdb_core::reason::{HasReason, Reason};
 use pairdb_core::ring::NodeId;
-use pairdb_core::token::{PartitionCount, PartitionId};
+use pairdb_core::token::{PartitionCount, PartitionId, Token};
+use pairdb_core::usage::Usage;
 
 use crate::identity::{self, Identity, IdentityError};
 use crate::keys::{RecordKey, hint_prefix, partition_prefix};
 use crate::merkle::{Entry, MerkleIndex, MerkleNode, version_digest};
 
 pub use hints::StoredHint;
+pub use listing::{IndexCheck, ListQuery, ListedRecords, MAX_LIST_BYTES, MAX_LIST_LIMIT, TenantUsage};
 pub use poison::{PoisonCause, PoisonedBy};
 pub use scans::{RecordDigest, ScanBatch};
 pub use tenant_purge::{PurgeSpace, PurgeStep, TenantPurge};
@@ -121,6 +127,9 @@ pub enum EngineError {
     /// The tenant is being deleted (or was): nothing of it is stored any more.
     #[error("tenant {0:?} is being deleted")]
     TenantDeleted(String),
+    /// The write would add to what a reached quota of the tenant counts.
+    #[error("the tenant is at its quota of {0}: only writes that do not add to it are accepted")]
+    QuotaExceeded(&'static str),
 }
 
 impl HasReason for EngineError {
@@ -133,6 +142,7 @@ impl HasReason for EngineError {
             EngineError::Update(e) => e.reason(),
             EngineError::DeadlinePassed => Reason::CoordinateDeadlinePassed,
             EngineError::TenantDeleted(_) => Reason::TenantNotFound,
+            EngineError::QuotaExceeded(_) => Reason::QuotaExceeded,
         }
     }
 }
@@ -183,6 +193,29 @@ pub struct CoordinatedWrite<'a> {
     pub max_siblings: Option<usize>,
     /// LWW tenants: also supersede everything this replica holds.
     pub supersede_local: bool,
+    /// The tenant's quotas this write must not grow past.
+    pub quota: QuotaGuard,
+}
+
+/// Which of a tenant's quotas are reached (meta's flags, from the view): a coordinated write that
+/// would add a key, or value bytes, is then refused with [`EngineError::QuotaExceeded`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QuotaGuard {
+    pub keys_reached: bool,
+    pub bytes_reached: bool,
+}
+
+impl QuotaGuard {
+    /// Refuses a change from `old` to `new` that grows what a reached quota counts.
+    pub fn check(&self, old: Usage, new: Usage) -> Result<(), EngineError> {
+        if self.keys_reached && new.keys > old.keys {
+            return Err(EngineError::QuotaExceeded("keys"));
+        }
+        if self.bytes_reached && new.value_bytes > old.value_bytes {
+            return Err(EngineError::QuotaExceeded("value bytes"));
+        }
+        Ok(())
+    }
 }
 
 /// Counters of the LSM engine itself.
@@ -219,6 +252,10 @@ pub struct Engine {
     purges: Keyspace,
     /// Record key → the actor this node mints the record's dots under ([`mutate`]).
     minting: Keyspace,
+    /// Tenant key index: (tenant, key) → placement token ([`listing`]).
+    key_index: Keyspace,
+    /// Each tenant's usage per partition, following every record write ([`listing`]).
+    usage: TenantUsage,
     /// Tenants whose writes are refused → their deletion's purge sequence ([`tenant_purge`]).
     refused: RwLock<HashMap<String, u64>>,
     identity: Identity,
@@ -260,6 +297,7 @@ impl Engine {
         let quarantine = db.keyspace("quarantine", KeyspaceCreateOptions::default).map_err(open_err)?;
         let purges = db.keyspace("tenant_purges", KeyspaceCreateOptions::default).map_err(open_err)?;
         let minting = db.keyspace("minting_actors", KeyspaceCreateOptions::default).map_err(open_err)?;
+        let key_index = db.keyspace("key_index", KeyspaceCreateOptions::default).map_err(open_err)?;
         let stripes = (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect();
         let poison = Arc::new(PoisonSignal::default());
         let engine = Arc::new(Engine {
@@ -270,6 +308,8 @@ impl Engine {
             quarantine,
             purges,
             minting,
+            key_index,
+            usage: TenantUsage::default(),
             refused: RwLock::new(HashMap::new()),
             identity,
             partitions: config.partitions,
@@ -288,7 +328,7 @@ impl Engine {
         });
         engine.refresh_disk_free();
         engine.load_tenant_purges()?;
-        engine.rebuild_merkle()?;
+        engine.load_records()?;
         spawn_maintenance(Arc::downgrade(&engine));
         Ok(engine)
     }
@@ -334,6 +374,9 @@ impl Engine {
             tracing::warn!(?partition, %error, "stored record does not decode; moved to quarantine");
             self.write(|| self.quarantine.insert(raw_key.clone(), raw_value.clone()))?;
             self.write(|| self.minting.remove(raw_key.clone()))?;
+            if let Some(key) = RecordKey::decode(raw_key) {
+                self.write(|| self.key_index.remove(key.encode_index()))?;
+            }
             self.write(|| self.records.remove(raw_key.clone()))?;
         }
         self.make_durable()?;

@@ -4,7 +4,8 @@
 //! batches, tombstone purges (both GC paths) and unowned-data deletion all come this way, so the
 //! invariants hold for each: a record and its Merkle leaf never disagree, a decision is made on the
 //! record as it is under the lock (nothing written meanwhile is lost), and a failed write poisons the
-//! write path.
+//! write path. The tenant key index (keyspace `key_index`) changes in the same batch as the record,
+//! so it can never disagree with the records, on any path and across a crash.
 //!
 //! **Minting actors.** A node mints the dots of the writes it coordinates for a record under that
 //! record's own minting actor (keyspace `minting_actors`, key → actor), drawn fresh (random) the
@@ -15,9 +16,8 @@
 //! purged here and written again would restart its counter, and a tombstone still held elsewhere (or
 //! a client's old context) would cover, and silently drop, the new acknowledged write (Riak's KV679).
 
-use pairdb_core::dvv::Actor;
-
 use super::*;
+use pairdb_core::dvv::Actor;
 
 /// What a mutation decided for one record.
 #[derive(Debug)]
@@ -41,6 +41,38 @@ pub(super) enum Apply {
     Journal,
 }
 
+/// The writes of one record change: the record, its minting actor, and its index entry (written when
+/// the record is created, removed with it), applied together in one batch.
+fn record_ops(key: &RecordKey, encoded_key: &[u8], existed: bool, change: Change) -> Vec<WriteOp> {
+    let record = || encoded_key.to_vec();
+    let index_entry = |ops: &mut Vec<WriteOp>| {
+        if !existed {
+            ops.push(WriteOp::Insert(Space::KeyIndex, key.encode_index(), key.index_value().to_vec()));
+        }
+    };
+    let mut ops = Vec::with_capacity(3);
+    match change {
+        Change::Keep => {}
+        Change::Put(set) => {
+            ops.push(WriteOp::Insert(Space::Records, record(), encode_version_set(&set)));
+            index_entry(&mut ops);
+        }
+        Change::Mint(set, actor) => {
+            ops.push(WriteOp::Insert(Space::Records, record(), encode_version_set(&set)));
+            ops.push(WriteOp::Insert(Space::MintingActors, record(), actor.0.to_be_bytes().to_vec()));
+            index_entry(&mut ops);
+        }
+        Change::Remove => {
+            debug_assert!(existed, "only a record that exists is removed");
+            // One batch: the minting actor, the index entry and the record go together.
+            ops.push(WriteOp::Remove(Space::MintingActors, record()));
+            ops.push(WriteOp::Remove(Space::KeyIndex, key.encode_index()));
+            ops.push(WriteOp::Remove(Space::Records, record()));
+        }
+    }
+    ops
+}
+
 impl Engine {
     /// The record's minting actor, if it has one (call with the key's stripe lock held).
     fn minting_actor(&self, encoded_key: &[u8]) -> Result<Option<Actor>, EngineError> {
@@ -50,57 +82,34 @@ impl Engine {
             .map(|bytes| Actor(u64::from_be_bytes(bytes))))
     }
 
-    /// Reads the record at `encoded_key` under its stripe lock, applies `decide`'s [`Change`], and
-    /// returns `decide`'s result. `decide` runs with the lock held, so checks made in it (the
-    /// tenant, a deadline, a digest) hold for the write.
+    /// Reads `key`'s record under its stripe lock, applies `decide`'s [`Change`], and returns
+    /// `decide`'s result. `decide` runs with the lock held, so checks made in it (the tenant, a
+    /// deadline, a digest) hold for the write. The record, its minting actor and its entry in the
+    /// tenant key index change in one batch; the Merkle tree and the tenant's usage follow under the
+    /// same lock.
     pub(super) fn mutate<T>(
         &self,
-        encoded_key: &[u8],
+        key: &RecordKey,
         apply: Apply,
         decide: impl FnOnce(Option<&VersionSet>) -> Result<(Change, T), EngineError>,
     ) -> Result<T, EngineError> {
-        let _guard = self.lock(encoded_key);
+        let encoded_key = key.encode();
+        let _guard = self.lock(&encoded_key);
         let preparing = (apply == Apply::Commit).then(|| self.commit.preparing());
-        let existing = self.read_set(encoded_key)?;
+        let existing = self.read_set(&encoded_key)?;
         let (change, out) = decide(existing.as_ref())?;
-        let old_entry = existing.as_ref().map(Entry::of);
-        let key = || encoded_key.to_vec();
-        let (ops, new_entry) = match change {
+        let (new_entry, new_usage) = match &change {
             Change::Keep => return Ok(out),
-            Change::Put(set) => {
-                let entry = Entry::of(&set);
-                (vec![WriteOp::Insert(Space::Records, key(), encode_version_set(&set))], Some(entry))
-            }
-            Change::Mint(set, actor) => {
-                let entry = Entry::of(&set);
-                let record = WriteOp::Insert(Space::Records, key(), encode_version_set(&set));
-                let minting = WriteOp::Insert(Space::MintingActors, key(), actor.0.to_be_bytes().to_vec());
-                (vec![record, minting], Some(entry))
-            }
-            Change::Remove => {
-                debug_assert!(existing.is_some(), "only a record that exists is removed");
-                // The minting actor first: a crash in between leaves a record without one (safe).
-                (
-                    vec![
-                        WriteOp::Remove(Space::MintingActors, key()),
-                        WriteOp::Remove(Space::Records, key()),
-                    ],
-                    None,
-                )
-            }
+            Change::Put(set) | Change::Mint(set, _) => (Some(Entry::of(set)), Usage::of(set)),
+            Change::Remove => (None, Usage::default()),
         };
+        let ops = record_ops(key, &encoded_key, existing.is_some(), change);
         match (apply, preparing) {
             (Apply::Commit, Some(preparing)) => self.commit_write(ops, preparing)?,
-            _ => {
-                for op in ops {
-                    self.write(|| match op {
-                        WriteOp::Insert(space, key, value) => self.keyspace(space).insert(key, value),
-                        WriteOp::Remove(space, key) => self.keyspace(space).remove(key),
-                    })?;
-                }
-            }
+            _ => self.write_unsynced(ops)?,
         }
-        self.merkle.update(encoded_key, old_entry, new_entry);
+        self.merkle.update(&encoded_key, existing.as_ref().map(Entry::of), new_entry);
+        self.usage.replace(key, existing.as_ref().map(Usage::of).unwrap_or_default(), new_usage);
         Ok(out)
     }
 
@@ -115,7 +124,8 @@ impl Engine {
         max_siblings: Option<usize>,
         supersede_local: bool,
     ) -> Result<VersionSet, EngineError> {
-        let write = CoordinatedWrite { context, value, timestamp_ms, max_siblings, supersede_local };
+        let quota = QuotaGuard::default();
+        let write = CoordinatedWrite { context, value, timestamp_ms, max_siblings, supersede_local, quota };
         self.coordinate_write_before(key, write, ApplyDeadline::NONE)
     }
 
@@ -128,10 +138,10 @@ impl Engine {
         write: CoordinatedWrite<'_>,
         deadline: ApplyDeadline,
     ) -> Result<VersionSet, EngineError> {
-        let CoordinatedWrite { context, value, timestamp_ms, max_siblings, supersede_local } = write;
+        let CoordinatedWrite { context, value, timestamp_ms, max_siblings, supersede_local, quota } = write;
         self.check_writable()?;
         let encoded_key = key.encode();
-        self.mutate(&encoded_key, Apply::Commit, |existing| {
+        self.mutate(key, Apply::Commit, |existing| {
             self.check_tenant(&key.tenant)?;
             if deadline.passed() {
                 metrics::counter!("pairdb_storage_coordinate_deadline_refusals_total").increment(1);
@@ -149,6 +159,7 @@ impl Engine {
             };
             let actor = minting.unwrap_or_else(|| Actor(rand::random::<u64>()));
             set.update(&context, actor, value, timestamp_ms, max_siblings)?;
+            quota.check(existing.map(Usage::of).unwrap_or_default(), Usage::of(&set))?;
             let change =
                 if minting.is_some() { Change::Put(set.clone()) } else { Change::Mint(set.clone(), actor) };
             Ok((change, set))
@@ -158,7 +169,7 @@ impl Engine {
     /// Merges `incoming` into the local replica; returns whether the local set changed.
     pub fn merge(&self, key: &RecordKey, incoming: &VersionSet) -> Result<bool, EngineError> {
         self.check_writable()?;
-        self.mutate(&key.encode(), Apply::Commit, |existing| {
+        self.mutate(key, Apply::Commit, |existing| {
             self.check_tenant(&key.tenant)?;
             let mut set = existing.cloned().unwrap_or_default();
             if !set.merge_from(incoming) {
@@ -176,7 +187,7 @@ impl Engine {
         self.check_writable()?;
         let mut changed = 0;
         for (key, incoming) in records {
-            let merged = self.mutate(&key.encode(), Apply::Journal, |existing| {
+            let merged = self.mutate(key, Apply::Journal, |existing| {
                 // A deleted tenant's record (a late hint, a peer that has not purged yet) is dropped.
                 if self.is_refused(&key.tenant) {
                     metrics::counter!("pairdb_storage_deleted_tenant_writes_refused_total").increment(1);

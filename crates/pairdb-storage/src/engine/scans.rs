@@ -148,25 +148,4 @@ impl Engine {
         }
         Ok(out)
     }
-
-    /// Builds the Merkle trees from disk (at open, before anything is written). A record that does
-    /// not decode is quarantined, not fatal: one bad record must not keep a node (or, after a rolling
-    /// restart, every replica of it) down.
-    pub(super) fn rebuild_merkle(&self) -> Result<(), EngineError> {
-        let started = Instant::now();
-        let mut records = 0u64;
-        let mut undecodable = Vec::new();
-        for item in self.records.iter() {
-            let (raw_key, raw_value) = item.into_inner().map_err(EngineError::Read)?;
-            match decode_version_set(&raw_value) {
-                Ok(set) => {
-                    self.merkle.update(&raw_key, None, Some(Entry::of(&set)));
-                    records += 1;
-                }
-                Err(error) => undecodable.push((raw_key, raw_value, error)),
-            }
-        }
-        tracing::info!(records, elapsed_ms = started.elapsed().as_millis() as u64, "merkle trees built");
-        self.quarantine_records(undecodable)
-    }
 }

@@ -16,6 +16,9 @@ use std::ops::Bound;
 use fjall::Keyspace;
 use pairdb_core::encoding::decode_version_set;
 
+use pairdb_core::usage::Usage;
+
+use super::commit::{Space, WriteOp};
 use super::{Engine, EngineError};
 use crate::keys::RecordKey;
 use crate::merkle::Entry;
@@ -162,25 +165,39 @@ impl Engine {
         let removed = doomed.len() as u64;
         for raw_key in doomed {
             let _guard = self.lock(&raw_key);
-            // Records are in the Merkle trees (all of them decode: the others were quarantined).
-            let tree_entry = match space {
-                PurgeSpace::Records => self
-                    .records
-                    .get(&raw_key)
-                    .map_err(EngineError::Read)?
-                    .and_then(|raw| decode_version_set(&raw).ok())
-                    .map(|set| Entry::of(&set)),
-                _ => None,
-            };
-            self.write(|| keyspace.remove(raw_key.clone()))?;
-            if let Some(entry) = tree_entry {
-                self.merkle.update(&raw_key, Some(entry), None);
+            match space {
+                PurgeSpace::Records => self.purge_record(&raw_key)?,
+                _ => self.write(|| keyspace.remove(raw_key.clone()))?,
             }
         }
         if removed > 0 {
             self.make_durable()?;
         }
         Ok(PurgeStep { removed, next: if scanned < max_scan { None } else { last } })
+    }
+
+    /// Removes one record of a purged tenant with its index entry (one batch), keeping its Merkle
+    /// tree and the tenant's usage in step (call with the key's stripe lock held).
+    fn purge_record(&self, raw_key: &[u8]) -> Result<(), EngineError> {
+        // Every stored record decodes (the others were quarantined at open).
+        let set = self
+            .records
+            .get(raw_key)
+            .map_err(EngineError::Read)?
+            .and_then(|raw| decode_version_set(&raw).ok());
+        let mut ops = vec![WriteOp::Remove(Space::Records, raw_key.to_vec())];
+        let key = RecordKey::decode(raw_key);
+        if let Some(key) = &key {
+            ops.push(WriteOp::Remove(Space::KeyIndex, key.encode_index()));
+        }
+        self.write_unsynced(ops)?;
+        if let Some(set) = set {
+            self.merkle.update(raw_key, Some(Entry::of(&set)), None);
+            if let Some(key) = &key {
+                self.usage.replace(key, Usage::of(&set), Usage::default());
+            }
+        }
+        Ok(())
     }
 
     /// Records that `tenant` was purged here (reported to meta).

@@ -68,7 +68,7 @@ impl Engine {
         self.check_writable()?;
         let mut purged = 0;
         for (key, digest) in candidates {
-            let removed = self.mutate(&key.encode(), Apply::Journal, |existing| {
+            let removed = self.mutate(key, Apply::Journal, |existing| {
                 let current = existing.map(|set| RecordDigest::of(key.clone(), set).state());
                 Ok(match gc::tombstones::purge_allowed(current.as_ref(), *digest, written_before_ms) {
                     true => (Change::Remove, 1),
@@ -141,7 +141,7 @@ impl Engine {
                 continue;
             };
             let holds = placement_holds(&key, confirmation.placement);
-            let verdict = self.mutate(&encoded_key, Apply::Journal, |existing| {
+            let verdict = self.mutate(&key, Apply::Journal, |existing| {
                 let current = existing.map(|set| RecordDigest::of(key.clone(), set).state());
                 let verdict = gc::tombstones::confirmed_verdict(
                     current.as_ref(),
@@ -189,12 +189,12 @@ impl Engine {
                     complete = false;
                     break;
                 }
-                doomed.push(raw_key.to_vec());
+                doomed.push(key);
             }
         }
         let mut deleted = 0;
-        for encoded_key in doomed {
-            let removed = self.mutate(&encoded_key, Apply::Journal, |existing| {
+        for key in doomed {
+            let removed = self.mutate(&key, Apply::Journal, |existing| {
                 Ok(if existing.is_some() { (Change::Remove, 1) } else { (Change::Keep, 0) })
             })?;
             deleted += removed;

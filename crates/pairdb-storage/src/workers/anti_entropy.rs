@@ -191,12 +191,17 @@ impl Exchanger {
             let remote_digest: HashMap<(&str, &str), u64> =
                 remote.iter().map(|d| ((d.key.tenant.as_str(), d.key.key.as_str()), d.digest)).collect();
             // The differing keys as either side files them (their placement tokens included).
-            let placed: HashMap<(&str, &str), &RecordKey> =
-                local.iter().chain(&remote).map(|d| ((d.key.tenant.as_str(), d.key.key.as_str()), &d.key)).collect();
+            let placed: HashMap<(&str, &str), &RecordKey> = local
+                .iter()
+                .chain(&remote)
+                .map(|d| ((d.key.tenant.as_str(), d.key.key.as_str()), &d.key))
+                .collect();
             for keys in diff.differing.chunks(KEYS_PER_BATCH) {
                 let keys: Vec<RecordKey> = keys
                     .iter()
-                    .filter_map(|(tenant, key)| placed.get(&(tenant.as_str(), key.as_str())).map(|k| (*k).clone()))
+                    .filter_map(|(tenant, key)| {
+                        placed.get(&(tenant.as_str(), key.as_str())).map(|k| (*k).clone())
+                    })
                     .collect();
                 let moved = self.repair_keys(partition, &mut peer, keys, &remote_digest).await?;
                 exchange.repaired += moved.repaired;

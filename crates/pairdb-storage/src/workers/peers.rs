@@ -117,7 +117,9 @@ impl Peer {
     ) -> Result<Vec<RecordDigest>, WorkerError> {
         let request = pb::LeafDigestsRequest { partition: partition.0, leaves: leaves.to_vec() };
         let response = self.client.leaf_digests(request).await.map_err(call_failed(self.node))?;
-        Ok(response.into_inner().digests
+        Ok(response
+            .into_inner()
+            .digests
             .into_iter()
             .filter_map(|d| record_digest(self.partitions, d))
             .filter(|d| d.key.partition == partition)
@@ -226,13 +228,16 @@ mod tests {
 
     #[test]
     fn digests_round_trip_through_the_wire() {
-        let digest = RecordDigest {
-            key: RecordKey::new(PartitionCount::default(), "tenant", "key"),
-            digest: 42,
-            tombstone_only: true,
-            newest_timestamp_ms: 1_700_000_000_000,
-        };
-        let partition = digest.key.partition;
-        assert_eq!(record_digest(partition, crate::service::key_digest(digest.clone())), digest);
+        let q = PartitionCount::default();
+        let grouped = RecordKey::placed(q, "tenant", "a{g}", pairdb_core::tenant::KeyGroups::HashTag);
+        for key in [RecordKey::new(q, "tenant", "key"), grouped] {
+            let digest = RecordDigest {
+                key,
+                digest: 42,
+                tombstone_only: true,
+                newest_timestamp_ms: 1_700_000_000_000,
+            };
+            assert_eq!(record_digest(q, crate::service::key_digest(digest.clone())), Some(digest));
+        }
     }
 }
