@@ -138,6 +138,7 @@ impl Meta {
             if purge_progress(&mut tx, &tenant).await?.waiting_node_ids.is_empty() {
                 tx.delete_tenant(&tenant.tenant_id).await?;
                 tx.delete_purge_confirmations(&tenant.tenant_id).await?;
+                tx.delete_usage_of_tenant(&tenant.tenant_id).await?;
                 tx.record_change(ChangeKind::TenantDeleted, &tenant.tenant_id).await?;
                 finished.push(tenant.tenant_id);
             }

@@ -125,6 +125,12 @@ async fn load_event(tx: &mut Tx, change: &Change) -> Result<Option<Event>, Persi
         ChangeKind::TopologyPending => tx.get_topology(epoch()?).await?.map(Event::TopologyPending),
         ChangeKind::TopologyPendingCleared => Some(Event::TopologyPendingCleared),
         ChangeKind::ContextKeys => Some(Event::ContextKeysChanged(tx.context_keys().await?)),
+        // The count itself is the entity: each change publishes the count it recorded.
+        ChangeKind::LiveRouters => {
+            Some(Event::LiveRoutersChanged(change.entity.parse::<u32>().map_err(|_| {
+                PersistenceError::Corrupt(format!("change {change:?}: bad live-router count"))
+            })?))
+        }
     })
 }
 

@@ -5,6 +5,7 @@
 //! | `POST /v1/tenants`, `GET /v1/tenants` | create (201), list |
 //! | `GET`, `PATCH`, `DELETE /v1/tenants/{id}` | get, update (N change → `migration_id`), delete |
 //! | `PUT /v1/tenants/{id}/replication-factor` | the seed's UpdateReplicationFactor |
+//! | `GET /v1/tenants/{id}/usage` | the tenant's usage, quotas and over-quota flags (GetTenantUsage) |
 //! | `POST`, `GET /v1/tenants/{id}/api-keys` | create a key (201, the secret is in this response only), list |
 //! | `POST /v1/api-keys` (`tenant_id` in the body), `GET /v1/api-keys?tenant_id=` | the same, flat |
 //! | `DELETE /v1/api-keys/{key_id}` | revoke |
@@ -45,7 +46,7 @@ use crate::config::AdminAuth;
 use crate::deletion::TenantView;
 use crate::error::MetaError;
 use crate::grpc::{authorized, migration_rates};
-use crate::model::{ApiKey, ConflictMode, Migration, NodeRebuild, Tenant};
+use crate::model::{ApiKey, ConflictMode, KeyGroups, Migration, NodeRebuild, Tenant, UsageTotal};
 
 /// The admin routes, behind the admin-token check.
 pub fn routes(meta: Meta, auth: Arc<AdminAuth>) -> Router {
@@ -53,6 +54,7 @@ pub fn routes(meta: Meta, auth: Arc<AdminAuth>) -> Router {
         .route("/v1/tenants", post(create_tenant).get(list_tenants))
         .route("/v1/tenants/{tenant_id}", get(get_tenant).patch(update_tenant).delete(delete_tenant))
         .route("/v1/tenants/{tenant_id}/replication-factor", put(update_replication_factor))
+        .route("/v1/tenants/{tenant_id}/usage", get(get_tenant_usage))
         .route("/v1/tenants/{tenant_id}/api-keys", post(create_tenant_api_key).get(list_tenant_api_keys))
         .route("/v1/api-keys", post(create_api_key).get(list_api_keys))
         .route("/v1/api-keys/{key_id}", delete(revoke_api_key))
@@ -187,6 +189,14 @@ fn parse_conflict_mode(text: Option<String>) -> Result<Option<ConflictMode>, Met
     .transpose()
 }
 
+fn parse_key_groups(text: Option<String>) -> Result<Option<KeyGroups>, MetaError> {
+    text.map(|t| {
+        KeyGroups::parse(&t.to_ascii_lowercase())
+            .ok_or_else(|| MetaError::InvalidArgument(format!("key_groups {t:?}: use none or hash_tag")))
+    })
+    .transpose()
+}
+
 fn tenant_view_json(view: &TenantView) -> Value {
     let mut json = tenant_json(&view.tenant);
     if let Some(purge) = &view.purge {
@@ -207,13 +217,37 @@ fn tenant_json(tenant: &Tenant) -> Value {
         "previous_replication_factor": tenant.previous_replication_factor.unwrap_or(0),
         "default_consistency": tenant.default_consistency.as_str(),
         "conflict_mode": tenant.conflict_mode.as_str(),
+        "key_groups": tenant.key_groups.as_str(),
         "rate_limit_ops_per_sec": tenant.rate_limit_ops_per_sec,
         "rate_limit_burst": tenant.rate_limit_burst,
         "max_value_bytes": tenant.max_value_bytes,
         "max_siblings": tenant.max_siblings,
         "strict_quorum": tenant.strict_quorum,
+        "max_keys": tenant.max_keys,
+        "max_bytes": tenant.max_bytes,
         "created_at_ms": tenant.created_at_ms,
         "updated_at_ms": tenant.updated_at_ms,
+    })
+}
+
+/// The fields of `TenantUsageReport`.
+fn usage_report_json(tenant: &Tenant, total: &UsageTotal, now_ms: u64) -> Value {
+    json!({
+        "usage": {
+            "tenant_id": tenant.tenant_id,
+            "keys": total.usage.keys,
+            "value_bytes": total.usage.value_bytes,
+            "siblings": total.usage.siblings,
+            "tombstones": total.usage.tombstones,
+        },
+        "reported_at_ms": total.reported_at_ms,
+        "age_ms": total.age_ms(now_ms),
+        "nodes_reporting": total.nodes_reporting,
+        "nodes_total": total.nodes_total,
+        "max_keys": tenant.max_keys,
+        "max_bytes": tenant.max_bytes,
+        "over_key_quota": tenant.over_key_quota,
+        "over_byte_quota": tenant.over_byte_quota,
     })
 }
 
@@ -303,6 +337,8 @@ struct CreateTenantBody {
     replication_factor: Option<u32>,
     default_consistency: Option<String>,
     conflict_mode: Option<String>,
+    /// `none` (default) or `hash_tag`; fixed for the tenant's life.
+    key_groups: Option<String>,
     #[serde(default)]
     rate_limit_ops_per_sec: u32,
     #[serde(default)]
@@ -313,6 +349,11 @@ struct CreateTenantBody {
     max_siblings: u32,
     #[serde(default)]
     strict_quorum: bool,
+    /// Quotas; absent or 0 = none.
+    #[serde(default)]
+    max_keys: u64,
+    #[serde(default)]
+    max_bytes: u64,
 }
 
 async fn create_tenant(State(meta): State<Meta>, JsonBody(body): JsonBody) -> Response {
@@ -331,11 +372,14 @@ async fn create_tenant(State(meta): State<Meta>, JsonBody(body): JsonBody) -> Re
                 replication_factor,
                 default_consistency: parse_consistency(body.default_consistency)?,
                 conflict_mode: parse_conflict_mode(body.conflict_mode)?,
+                key_groups: parse_key_groups(body.key_groups)?,
                 rate_limit_ops_per_sec: body.rate_limit_ops_per_sec,
                 rate_limit_burst: body.rate_limit_burst,
                 max_value_bytes: body.max_value_bytes,
                 max_siblings: body.max_siblings,
                 strict_quorum: body.strict_quorum,
+                max_keys: body.max_keys,
+                max_bytes: body.max_bytes,
             };
             let tenant = meta.create_tenant(new).await?;
             Ok((StatusCode::CREATED, tenant_json(&tenant)))
@@ -365,6 +409,12 @@ struct PatchTenantBody {
     max_value_bytes: Option<u64>,
     max_siblings: Option<u32>,
     strict_quorum: Option<bool>,
+    /// 0 removes the quota.
+    max_keys: Option<u64>,
+    max_bytes: Option<u64>,
+    /// Accepted only to be refused with a reason better than "unknown field": key groups are fixed
+    /// when the tenant is created.
+    key_groups: Option<serde::de::IgnoredAny>,
 }
 
 async fn update_tenant(
@@ -375,6 +425,13 @@ async fn update_tenant(
     reply(
         async {
             let body: PatchTenantBody = parse(&body)?;
+            if body.key_groups.is_some() {
+                return Err(MetaError::InvalidArgument(
+                    "key_groups is fixed when a tenant is created and cannot be updated (it decides where \
+                     every key is placed); delete the tenant and create it again to choose another mode"
+                        .to_owned(),
+                ));
+            }
             let patch = TenantPatch {
                 replication_factor: body.replication_factor,
                 default_consistency: parse_consistency(body.default_consistency)?,
@@ -384,6 +441,8 @@ async fn update_tenant(
                 max_value_bytes: body.max_value_bytes,
                 max_siblings: body.max_siblings,
                 strict_quorum: body.strict_quorum,
+                max_keys: body.max_keys,
+                max_bytes: body.max_bytes,
             };
             let (tenant, migration_id) = meta.update_tenant(&tenant_id, patch).await?;
             Ok((StatusCode::OK, change_json("tenant", tenant_json(&tenant), migration_id)))
@@ -412,6 +471,14 @@ async fn update_replication_factor(
             Ok((StatusCode::OK, change_json("tenant", tenant_json(&tenant), migration_id)))
         }
         .await,
+    )
+}
+
+async fn get_tenant_usage(State(meta): State<Meta>, Path(tenant_id): Path<String>) -> Response {
+    reply(
+        meta.tenant_usage(&tenant_id)
+            .await
+            .map(|(tenant, total)| (StatusCode::OK, usage_report_json(&tenant, &total, now_ms()))),
     )
 }
 

@@ -1,5 +1,5 @@
 //! Leader election and the leader-only background work (failure detector, migration orchestrator,
-//! change-log pruning).
+//! tenant deletions, quota evaluation, the live-router count, change-log pruning).
 //!
 //! On PostgreSQL every replica tries `pg_try_advisory_lock(key)` once per [`RETRY_INTERVAL`] on a
 //! dedicated connection (never a pooled one: a session lock belongs to its session, and a pooled
@@ -164,6 +164,8 @@ fn spawn_leader_work(
         tokio::spawn(orchestrator::run(meta.clone(), mover.clone(), fence, receiver.clone())),
         tokio::spawn(failure_detector(meta.clone(), fence, receiver.clone())),
         tokio::spawn(finish_tenant_deletions(meta.clone(), fence, receiver.clone())),
+        tokio::spawn(crate::usage::run(meta.clone(), fence, receiver.clone())),
+        tokio::spawn(crate::routers::run(meta.clone(), fence, receiver.clone())),
         tokio::spawn(prune_changes(meta.clone(), fence, receiver)),
     ];
     LeaderWork { stop, tasks }

@@ -14,10 +14,14 @@
 //! - [`view`], [`follower`]: the replica's in-memory view, kept in step with the change log (local
 //!   notification, PostgreSQL LISTEN/NOTIFY, a 1 s safety poll), and the fan-out to watch streams.
 //! - [`leader`]: leader election (a PostgreSQL session advisory lock on a dedicated connection) and
-//!   the leader-only work: the failure detector, the [`orchestrator`] of migrations and completing
-//!   tenant deletions.
+//!   the leader-only work: the failure detector, the [`orchestrator`] of migrations, completing
+//!   tenant deletions, evaluating quotas and counting the live routers.
 //! - [`lifecycle`]: what completing and what abandoning each kind of migration does (one table).
 //! - [`deletion`]: deleting a tenant so that every storage node purged it before its id is reused.
+//! - [`usage`]: tenants' usage summed from the storage nodes' reports, and the leader's evaluation of
+//!   quotas into the over-quota flags the watch stream pushes to write coordinators.
+//! - [`routers`]: routers' heartbeats, and the leader's count of the live routers, which the watch
+//!   stream pushes so routers without a shared rate-limit store split tenants' limits evenly.
 //! - [`credentials`]: cluster credentials and the context keys routers seal client contexts with.
 //! - [`config`]: flags, environment fallbacks, validation.
 //!
@@ -35,7 +39,8 @@
 //!   when the database answers again, without a restart.
 //! - The cluster API (registration, heartbeats, the watch stream) needs a cluster credential,
 //!   checked before a request body is read: a storage node registers and heartbeats only as the
-//!   node its credential names, and only routers get API-key hashes and context keys.
+//!   node its credential names, only routers get API-key hashes and context keys, and only routers
+//!   send router heartbeats.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
@@ -53,6 +58,8 @@ pub mod model;
 pub mod mover;
 pub mod orchestrator;
 pub mod persistence;
+pub mod routers;
+pub mod usage;
 pub mod view;
 
 use std::future::Future;

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use pairdb_core::quorum::Consistency;
 use pairdb_core::ring::{Assignment, NodeId, NodeSpec};
-pub use pairdb_core::tenant::ConflictMode;
+pub use pairdb_core::tenant::{ConflictMode, KeyGroups};
+pub use pairdb_core::usage::Usage;
 
 /// Where a tenant is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -44,12 +45,23 @@ pub struct Tenant {
     pub previous_replication_factor: Option<u32>,
     pub default_consistency: Consistency,
     pub conflict_mode: ConflictMode,
+    /// How keys are placed on the ring: chosen at creation and never changed (changing it would move
+    /// every grouped key); a tenant deleted and created again may choose again.
+    pub key_groups: KeyGroups,
     /// Sustained operations per second; 0 = unlimited.
     pub rate_limit_ops_per_sec: u32,
     pub rate_limit_burst: u32,
     pub max_value_bytes: u64,
     pub max_siblings: u32,
     pub strict_quorum: bool,
+    /// Quotas on the tenant's live keys and value bytes (0 = none).
+    pub max_keys: u64,
+    pub max_bytes: u64,
+    /// The leader's last evaluation of the tenant's usage against `max_keys` / `max_bytes`
+    /// ([`crate::usage`]): while set, coordinators refuse writes that would grow the tenant. Written
+    /// only by that evaluation, never by a settings update.
+    pub over_key_quota: bool,
+    pub over_byte_quota: bool,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
     pub state: TenantState,
@@ -57,6 +69,45 @@ pub struct Tenant {
     pub generation: u64,
     /// While deleting: the deletion storage nodes confirm (0 otherwise).
     pub purge_seq: u64,
+}
+
+/// One storage node's latest share of one tenant's usage (the records of the partitions it is first
+/// in the topology's list of), as its last report said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageShare {
+    pub node_id: NodeId,
+    pub tenant_id: String,
+    pub usage: Usage,
+    pub reported_at_ms: u64,
+}
+
+/// A tenant's usage: the shares of the current topology's nodes, summed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UsageTotal {
+    pub usage: Usage,
+    /// When the oldest report summed was made (0: no node of the current topology reported yet).
+    pub reported_at_ms: u64,
+    /// Nodes of the current topology that reported, of how many.
+    pub nodes_reporting: u32,
+    pub nodes_total: u32,
+}
+
+impl UsageTotal {
+    /// How old the oldest report summed is at `now_ms` (0 when there is none).
+    pub fn age_ms(&self, now_ms: u64) -> u64 {
+        if self.reported_at_ms == 0 { 0 } else { now_ms.saturating_sub(self.reported_at_ms) }
+    }
+}
+
+/// A router as its last heartbeat left it (`RouterHeartbeat`; see [`crate::routers`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouterPresence {
+    /// Random per router process: a restarted router is a new one, and the old row ages out.
+    pub router_id: String,
+    /// Where clients reach it (for operators; may be empty).
+    pub address: String,
+    /// When a meta replica last recorded a heartbeat from it (that replica's clock).
+    pub last_seen_ms: u64,
 }
 
 /// How far a deleting tenant's purge got.

@@ -32,6 +32,8 @@ pub enum Event {
     ApiKeyRevoked(String),
     /// The context keys in use changed (a rotation); routers only.
     ContextKeysChanged(ContextKeySet),
+    /// The leader's count of live routers changed ([`crate::routers`]).
+    LiveRoutersChanged(u32),
 }
 
 /// An event with the revision of the change that produced it.
@@ -51,6 +53,8 @@ pub struct ViewSnapshot {
     pub tenants: Vec<Tenant>,
     pub api_keys: Vec<ApiKeyHash>,
     pub context_keys: ContextKeySet,
+    /// 0 = not known.
+    pub live_routers: u32,
 }
 
 #[derive(Debug)]
@@ -63,6 +67,7 @@ struct State {
     tenants: BTreeMap<String, Tenant>,
     api_keys: BTreeMap<String, ApiKeyHash>,
     context_keys: ContextKeySet,
+    live_routers: u32,
     sender: broadcast::Sender<Arc<RevisionedEvent>>,
 }
 
@@ -87,6 +92,7 @@ impl WatchSource {
                 tenants: BTreeMap::new(),
                 api_keys: BTreeMap::new(),
                 context_keys: ContextKeySet::default(),
+                live_routers: 0,
                 sender,
             }),
             buffer: buffer.max(1),
@@ -122,6 +128,7 @@ impl WatchSource {
         state.api_keys =
             snapshot.api_keys.iter().map(|key| (key.key_id.clone(), ApiKeyHash::from(key))).collect();
         state.context_keys = snapshot.context_keys;
+        state.live_routers = snapshot.state.live_routers;
     }
 
     /// Applies the change with `revision` (which must follow the view's) and broadcasts its event.
@@ -154,6 +161,7 @@ impl WatchSource {
                 state.api_keys.remove(key_id);
             }
             Event::ContextKeysChanged(keys) => state.context_keys = keys.clone(),
+            Event::LiveRoutersChanged(count) => state.live_routers = *count,
         }
         // No receivers is fine: nobody is watching.
         let _ = state.sender.send(Arc::new(RevisionedEvent { revision, event }));
@@ -173,6 +181,7 @@ impl WatchSource {
             tenants: state.tenants.values().cloned().collect(),
             api_keys: state.api_keys.values().cloned().collect(),
             context_keys: state.context_keys.clone(),
+            live_routers: state.live_routers,
         };
         Some((snapshot, state.sender.subscribe()))
     }

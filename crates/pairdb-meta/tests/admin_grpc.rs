@@ -7,12 +7,14 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use common::{ADMIN_TOKEN, Server, add_nodes, reason, test_config, wait_migration};
 use pairdb_proto::admin::v1 as pb;
 use pairdb_proto::admin::v1::admin_service_client::AdminServiceClient;
 use pairdb_proto::cluster::v1 as cluster_pb;
-use pairdb_proto::common::v1::{ConflictMode, Consistency};
+use pairdb_proto::cluster::v1::cluster_service_client::ClusterServiceClient;
+use pairdb_proto::common::v1::{ConflictMode, Consistency, KeyGroups};
 use tonic::Code;
 
 fn create(tenant_id: &str, replication_factor: u32) -> pb::CreateTenantRequest {
@@ -42,6 +44,7 @@ async fn tenants_every_operation_and_error() -> anyhow::Result<()> {
     assert_eq!(tenant.max_siblings, 64);
     assert_eq!((tenant.rate_limit_ops_per_sec, tenant.rate_limit_burst), (0, 0), "unlimited");
     assert!(!tenant.strict_quorum);
+    assert_eq!(tenant.key_groups, KeyGroups::None as i32, "default key groups");
 
     let error = admin.create_tenant(create("acme", 1)).await.unwrap_err();
     assert_eq!((error.code(), reason(&error).as_str()), (Code::AlreadyExists, "TENANT_EXISTS"));
@@ -70,6 +73,9 @@ async fn tenants_every_operation_and_error() -> anyhow::Result<()> {
             max_value_bytes: 1000,
             max_siblings: 2,
             strict_quorum: true,
+            key_groups: KeyGroups::Unspecified as i32,
+            max_keys: 0,
+            max_bytes: 0,
         })
         .await?
         .into_inner();
@@ -190,7 +196,7 @@ async fn tenants_every_operation_and_error() -> anyhow::Result<()> {
     let progress = view.purge.unwrap();
     assert_eq!((progress.nodes_done, progress.waiting_node_ids), (2, vec![3]));
     cluster.heartbeat(beat(3, seq)).await?;
-    common::eventually(std::time::Duration::from_secs(10), "the deletion completes", || {
+    common::eventually(Duration::from_secs(10), "the deletion completes", || {
         let mut admin = admin.clone();
         async move {
             let gone = admin.get_tenant(pb::GetTenantRequest { tenant_id: "acme".into() }).await;
@@ -204,6 +210,127 @@ async fn tenants_every_operation_and_error() -> anyhow::Result<()> {
     let recreated = admin.create_tenant(create("acme", 1)).await?.into_inner();
     assert_eq!(recreated.state, "active");
     server.shutdown().await
+}
+
+/// The tenant's `TenantConfig` (while active) in the snapshot a new watch stream starts with, once
+/// this replica's view has caught up with the commit.
+async fn watched_config(server: &Server, tenant_id: &str) -> anyhow::Result<cluster_pb::TenantConfig> {
+    common::eventually(Duration::from_secs(10), "the tenant in a watch snapshot", || async {
+        let mut stream =
+            server.cluster().await.ok()?.watch(cluster_pb::WatchRequest::default()).await.ok()?;
+        let first = stream.get_mut().message().await.ok()??;
+        let Some(cluster_pb::watch_event::Event::Snapshot(snapshot)) = first.event else {
+            panic!("the watch stream did not start with a snapshot: {first:?}")
+        };
+        snapshot.tenants.into_iter().find(|t| t.tenant_id == tenant_id && !t.deleting)
+    })
+    .await
+}
+
+/// Key groups are chosen at creation (default none), shown by get and list, published on the watch
+/// stream, and kept by every update; a tenant deleted and created again chooses again.
+async fn key_groups_are_chosen_once_per_creation(config: pairdb_meta::Config) -> anyhow::Result<()> {
+    let server = Server::start(config).await?;
+    let mut admin = server.admin().await?;
+    add_nodes(&mut admin, 1).await?;
+
+    let plain = admin.create_tenant(create("plain", 1)).await?.into_inner();
+    assert_eq!(plain.key_groups, KeyGroups::None as i32, "unspecified creates none");
+    let grouped = admin
+        .create_tenant(pb::CreateTenantRequest {
+            key_groups: KeyGroups::HashTag as i32,
+            ..create("grouped", 1)
+        })
+        .await?
+        .into_inner();
+    assert_eq!(grouped.key_groups, KeyGroups::HashTag as i32);
+    let error = admin
+        .create_tenant(pb::CreateTenantRequest { key_groups: 7, ..create("future", 1) })
+        .await
+        .unwrap_err();
+    assert_eq!((error.code(), reason(&error).as_str()), (Code::InvalidArgument, "INVALID_ARGUMENT"));
+    assert!(error.message().contains("key groups"), "{error:?}");
+
+    let got = admin.get_tenant(pb::GetTenantRequest { tenant_id: "grouped".into() }).await?.into_inner();
+    assert_eq!(got.key_groups, KeyGroups::HashTag as i32);
+    let listed = admin.list_tenants(pb::ListTenantsRequest {}).await?.into_inner().tenants;
+    let listed: Vec<(&str, i32)> = listed.iter().map(|t| (t.tenant_id.as_str(), t.key_groups)).collect();
+    assert_eq!(listed, [("grouped", KeyGroups::HashTag as i32), ("plain", KeyGroups::None as i32)]);
+    assert_eq!(watched_config(&server, "grouped").await?.key_groups, KeyGroups::HashTag as i32);
+    assert_eq!(watched_config(&server, "plain").await?.key_groups, KeyGroups::None as i32);
+
+    // Every other setting changes; key groups do not (UpdateTenantRequest has no field for them).
+    let mut watch = ClusterServiceClient::new(common::stream_channel(server.addr).await?)
+        .watch(cluster_pb::WatchRequest::default())
+        .await?
+        .into_inner();
+    let updated = admin
+        .update_tenant(pb::UpdateTenantRequest {
+            tenant_id: "grouped".into(),
+            conflict_mode: Some(ConflictMode::Lww as i32),
+            rate_limit_ops_per_sec: Some(7),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(updated.tenant.unwrap().key_groups, KeyGroups::HashTag as i32);
+    let changed = loop {
+        let event =
+            tokio::time::timeout(Duration::from_secs(5), watch.message()).await??.expect("watch stream open");
+        if let Some(cluster_pb::watch_event::Event::TenantChanged(config)) = event.event
+            && config.tenant_id == "grouped"
+            && config.rate_limit_ops_per_sec == 7
+        {
+            break config;
+        }
+    };
+    assert_eq!(changed.key_groups, KeyGroups::HashTag as i32);
+    let got = admin.get_tenant(pb::GetTenantRequest { tenant_id: "grouped".into() }).await?.into_inner();
+    assert_eq!((got.key_groups, got.conflict_mode), (KeyGroups::HashTag as i32, ConflictMode::Lww as i32));
+
+    // Deleted (node 1 confirms the purge) and created again: the new tenant chooses again.
+    admin.delete_tenant(pb::DeleteTenantRequest { tenant_id: "grouped".into() }).await?;
+    let purge_seq = server.purge_seq("grouped").await?;
+    server
+        .cluster()
+        .await?
+        .heartbeat(cluster_pb::HeartbeatRequest {
+            node_id: 1,
+            purged_tenants: vec![cluster_pb::TenantPurged { tenant_id: "grouped".into(), purge_seq }],
+            ..Default::default()
+        })
+        .await?;
+    common::eventually(Duration::from_secs(10), "the deletion completes", || {
+        let mut admin = admin.clone();
+        async move {
+            let gone = admin.get_tenant(pb::GetTenantRequest { tenant_id: "grouped".into() }).await;
+            gone.err().filter(|e| reason(e) == "TENANT_NOT_FOUND").map(|_| ())
+        }
+    })
+    .await?;
+    let recreated = admin
+        .create_tenant(pb::CreateTenantRequest { key_groups: KeyGroups::None as i32, ..create("grouped", 1) })
+        .await?
+        .into_inner();
+    assert_eq!(recreated.key_groups, KeyGroups::None as i32);
+    assert_eq!(watched_config(&server, "grouped").await?.key_groups, KeyGroups::None as i32);
+    server.shutdown().await
+}
+
+#[tokio::test]
+async fn key_groups_are_chosen_once_per_creation_sqlite() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    key_groups_are_chosen_once_per_creation(test_config(dir.path())).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_groups_are_chosen_once_per_creation_postgres() -> anyhow::Result<()> {
+    let Some(base) = common::postgres_url() else { return Ok(()) };
+    let schema = common::PgSchema::create(&base).await?;
+    let dir = tempfile::tempdir()?;
+    let mut config = test_config(dir.path());
+    config.database_url = Some(schema.url());
+    key_groups_are_chosen_once_per_creation(config).await
 }
 
 #[tokio::test]
@@ -269,7 +396,7 @@ async fn api_keys_are_shown_once_and_stored_hashed() -> anyhow::Result<()> {
     let hash = pairdb_meta::admin::secret_sha256(&secret);
     let store = pairdb_meta::persistence::Store::open(&pairdb_meta::persistence::StoreOptions {
         url: format!("sqlite://{}", dir.path().join("meta.db").display()),
-        timeout: std::time::Duration::from_secs(5),
+        timeout: Duration::from_secs(5),
         max_connections: 2,
     })
     .await?;

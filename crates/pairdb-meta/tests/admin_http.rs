@@ -68,6 +68,7 @@ async fn tenants_and_api_keys_over_http() -> anyhow::Result<()> {
     assert_eq!(tenant["max_value_bytes"], 1024 * 1024);
     assert_eq!(tenant["max_siblings"], 64);
     assert_eq!(tenant["rate_limit_ops_per_sec"], 0);
+    assert_eq!(tenant["key_groups"], "none");
 
     assert_error(
         &call(addr, "POST", "/v1/tenants", Some(r#"{"tenant_id": "acme"}"#)).await,
@@ -98,6 +99,8 @@ async fn tenants_and_api_keys_over_http() -> anyhow::Result<()> {
         r#"{"tenant_id": "x", "replication_factor": -1}"#,
         r#"{"tenant_id": "x", "colour": "blue"}"#,
         r#"{"tenant_id": "x", "default_consistency": "most"}"#,
+        r#"{"tenant_id": "x", "key_groups": "hash-tags"}"#,
+        r#"{"tenant_id": "x", "key_groups": 2}"#,
         "",
     ] {
         assert_error(
@@ -117,12 +120,43 @@ async fn tenants_and_api_keys_over_http() -> anyhow::Result<()> {
     assert_eq!(created.status, 201, "{created:?}");
     assert_eq!(created.json()["conflict_mode"], "lww");
     assert_eq!(created.json()["rate_limit_burst"], 30);
+    let unknown =
+        call(addr, "POST", "/v1/tenants", Some(r#"{"tenant_id": "x", "key_groups": "tags"}"#)).await.json();
+    assert_eq!(unknown["error"]["message"], r#"key_groups "tags": use none or hash_tag"#);
+    let grouped = call(
+        addr,
+        "POST",
+        "/v1/tenants",
+        Some(r#"{"tenant_id": "grouped", "replication_factor": 1, "key_groups": "hash_tag"}"#),
+    )
+    .await;
+    assert_eq!(grouped.status, 201, "{grouped:?}");
+    assert_eq!(grouped.json()["key_groups"], "hash_tag");
 
     let got = call(addr, "GET", "/v1/tenants/acme", None).await;
     assert_eq!((got.status, got.json()["tenant_id"].as_str()), (200, Some("acme")));
     assert_error(&call(addr, "GET", "/v1/tenants/ghost", None).await, 404, "NOT_FOUND", "TENANT_NOT_FOUND");
     let list = call(addr, "GET", "/v1/tenants", None).await.json();
-    assert_eq!(list["tenants"].as_array().unwrap().len(), 2);
+    let listed: Vec<(&str, &str)> = list["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["tenant_id"].as_str().unwrap(), t["key_groups"].as_str().unwrap()))
+        .collect();
+    assert_eq!(listed, [("acme", "none"), ("fast", "none"), ("grouped", "hash_tag")]);
+
+    // Key groups are fixed at creation: an update naming them is refused and changes nothing.
+    for body in [r#"{"key_groups": "none"}"#, r#"{"key_groups": "hash_tag", "max_siblings": 8}"#] {
+        let refused = call(addr, "PATCH", "/v1/tenants/grouped", Some(body)).await;
+        assert_error(&refused, 400, "INVALID_ARGUMENT", "INVALID_ARGUMENT");
+        let message = refused.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(message.contains("key_groups is fixed when a tenant is created"), "{message}");
+    }
+    let patched = call(addr, "PATCH", "/v1/tenants/grouped", Some(r#"{"conflict_mode": "lww"}"#)).await;
+    assert_eq!(patched.status, 200, "{patched:?}");
+    assert_eq!(patched.json()["tenant"]["key_groups"], "hash_tag");
+    let got = call(addr, "GET", "/v1/tenants/grouped", None).await.json();
+    assert_eq!((got["key_groups"].as_str(), got["max_siblings"].as_u64()), (Some("hash_tag"), Some(64)));
 
     let patched =
         call(addr, "PATCH", "/v1/tenants/acme", Some(r#"{"default_consistency": "all", "max_siblings": 8}"#))

@@ -12,10 +12,12 @@ use pairdb_core::quorum::Consistency;
 use pairdb_core::ring::{Assignment, NodeId, NodeSpec};
 use pairdb_core::token::PartitionCount;
 use pairdb_meta::model::{
-    ApiKey, ConflictMode, Membership, Migration, MigrationChange, MigrationKind, MigrationProgress,
-    MigrationRow, MigrationState, NodeStats, StorageNode, Tenant, TenantState, Topology,
+    ApiKey, ConflictMode, KeyGroups, Membership, Migration, MigrationChange, MigrationKind,
+    MigrationProgress, MigrationRow, MigrationState, NodeStats, RouterPresence, StorageNode, Tenant,
+    TenantState, Topology, Usage, UsageShare,
 };
 use pairdb_meta::persistence::{Backend, ChangeKind, PersistenceError, Store, StoreOptions};
+use sqlx::Connection as _;
 
 /// Keeps the backing database alive for the test's duration.
 #[allow(dead_code)]
@@ -89,6 +91,8 @@ conformance!(
     change_log_is_contiguous_and_transactional,
     concurrent_writers_get_distinct_contiguous_revisions,
     snapshot_reflects_committed_state,
+    usage_reports_replace_the_nodes_shares,
+    routers_round_trip,
 );
 
 fn tenant(id: &str) -> Tenant {
@@ -98,11 +102,16 @@ fn tenant(id: &str) -> Tenant {
         previous_replication_factor: None,
         default_consistency: Consistency::Quorum,
         conflict_mode: ConflictMode::Siblings,
+        key_groups: KeyGroups::None,
         rate_limit_ops_per_sec: 100,
         rate_limit_burst: 200,
         max_value_bytes: 1 << 20,
         max_siblings: 64,
         strict_quorum: false,
+        max_keys: 0,
+        max_bytes: 0,
+        over_key_quota: false,
+        over_byte_quota: false,
         created_at_ms: 10,
         updated_at_ms: 10,
         state: TenantState::Active,
@@ -168,8 +177,15 @@ async fn initialization_is_idempotent_and_fixes_the_partition_count(store: Store
 }
 
 async fn tenants_round_trip(store: Store) {
+    let grouped = Tenant {
+        key_groups: KeyGroups::HashTag,
+        max_keys: 1_000,
+        max_bytes: i64::MAX as u64,
+        over_byte_quota: true,
+        ..tenant("beta")
+    };
     let mut tx = store.write().await.unwrap();
-    assert!(tx.insert_tenant(&tenant("beta")).await.unwrap());
+    assert!(tx.insert_tenant(&grouped).await.unwrap());
     assert!(tx.insert_tenant(&tenant("alpha")).await.unwrap());
     assert!(!tx.insert_tenant(&tenant("alpha")).await.unwrap(), "duplicate id must not insert");
     tx.commit().await.unwrap();
@@ -182,16 +198,41 @@ async fn tenants_round_trip(store: Store) {
     updated.conflict_mode = ConflictMode::Lww;
     updated.max_value_bytes = 4 << 20;
     updated.strict_quorum = true;
+    updated.max_keys = 50;
+    updated.max_bytes = 1 << 30;
     updated.updated_at_ms = 99;
+    // Not a setting an update writes: it is fixed when the row is inserted.
+    updated.key_groups = KeyGroups::HashTag;
+    // Nor are the over-quota flags: only the leader's evaluation sets them.
+    updated.over_key_quota = true;
     assert!(tx.update_tenant(&updated).await.unwrap());
     assert!(!tx.update_tenant(&tenant("missing")).await.unwrap());
+    let regrouped = Tenant { key_groups: KeyGroups::None, over_byte_quota: false, ..grouped.clone() };
+    assert!(tx.update_tenant(&regrouped).await.unwrap());
     tx.commit().await.unwrap();
 
     let mut tx = store.read().await.unwrap();
     let loaded = tx.get_tenant("alpha").await.unwrap().unwrap();
-    assert_eq!(loaded, Tenant { created_at_ms: 10, ..updated });
-    let ids: Vec<String> = tx.list_tenants().await.unwrap().into_iter().map(|t| t.tenant_id).collect();
-    assert_eq!(ids, ["alpha", "beta"]);
+    let expected =
+        Tenant { created_at_ms: 10, key_groups: KeyGroups::None, over_key_quota: false, ..updated.clone() };
+    assert_eq!(loaded, expected);
+    assert_eq!(tx.get_tenant("beta").await.unwrap(), Some(grouped.clone()));
+    tx.commit().await.unwrap();
+
+    let mut tx = store.write().await.unwrap();
+    assert!(tx.set_quota_flags("alpha", true, false).await.unwrap());
+    assert!(tx.set_quota_flags("beta", false, false).await.unwrap());
+    assert!(!tx.set_quota_flags("missing", true, true).await.unwrap());
+    tx.commit().await.unwrap();
+    let mut tx = store.read().await.unwrap();
+    let flagged = tx.get_tenant("alpha").await.unwrap().unwrap();
+    assert_eq!(flagged, Tenant { over_key_quota: true, ..expected }, "only the flags changed");
+    let cleared = tx.get_tenant("beta").await.unwrap().unwrap();
+    assert_eq!(cleared, Tenant { over_byte_quota: false, ..grouped.clone() });
+    let listed = tx.list_tenants().await.unwrap();
+    let ids: Vec<(&str, KeyGroups, u64)> =
+        listed.iter().map(|t| (t.tenant_id.as_str(), t.key_groups, t.max_keys)).collect();
+    assert_eq!(ids, [("alpha", KeyGroups::None, 50), ("beta", KeyGroups::HashTag, 1_000)]);
     assert_eq!(tx.get_tenant("missing").await.unwrap(), None);
     tx.commit().await.unwrap();
 
@@ -493,7 +534,7 @@ async fn concurrent_writers_get_distinct_contiguous_revisions(store: Store) {
 
 async fn snapshot_reflects_committed_state(store: Store) {
     let mut tx = store.write().await.unwrap();
-    tx.insert_tenant(&tenant("acme")).await.unwrap();
+    tx.insert_tenant(&Tenant { key_groups: KeyGroups::HashTag, ..tenant("acme") }).await.unwrap();
     tx.upsert_node(&node(1)).await.unwrap();
     let active = ApiKey {
         key_id: "k1".into(),
@@ -513,8 +554,260 @@ async fn snapshot_reflects_committed_state(store: Store) {
     let snapshot = store.load_snapshot().await.unwrap();
     assert_eq!(snapshot.state.revision, 1);
     assert_eq!(snapshot.tenants.len(), 1);
+    assert_eq!(snapshot.tenants[0].key_groups, KeyGroups::HashTag);
     assert_eq!(snapshot.nodes.len(), 1);
     assert_eq!(snapshot.api_keys, [active], "revoked keys are not in the snapshot");
     assert_eq!(snapshot.current.as_ref().map(|t| t.epoch), Some(1));
     assert!(snapshot.pending.is_none());
+}
+
+async fn usage_reports_replace_the_nodes_shares(store: Store) {
+    let mut tx = store.write().await.unwrap();
+    tx.upsert_node(&node(1)).await.unwrap();
+    tx.upsert_node(&node(2)).await.unwrap();
+    tx.upsert_node(&StorageNode { membership: Membership::Removed, ..node(3) }).await.unwrap();
+    tx.commit().await.unwrap();
+    let usage = |keys: u64| Usage { keys, value_bytes: keys * 100, siblings: keys * 2, tombstones: keys % 3 };
+    let share = |node_id: u32, tenant: &str, keys: u64, at: u64| UsageShare {
+        node_id: NodeId(node_id),
+        tenant_id: tenant.to_owned(),
+        usage: usage(keys),
+        reported_at_ms: at,
+    };
+    let report = |shares: &[(&str, u64)]| -> Vec<(String, Usage)> {
+        shares.iter().map(|(tenant, keys)| (tenant.to_string(), usage(*keys))).collect()
+    };
+    let shares = |tenant: Option<&'static str>| {
+        let store = store.clone();
+        async move {
+            let mut tx = store.read().await.unwrap();
+            let shares = tx.usage_shares(tenant).await.unwrap();
+            let reports = tx.usage_reports().await.unwrap();
+            tx.commit().await.unwrap();
+            (shares, reports)
+        }
+    };
+
+    // A zero share is not stored (no row is a zero share).
+    assert!(store.record_usage(NodeId(1), &report(&[("a", 10), ("b", 2), ("c", 0)]), 1_000).await.unwrap());
+    assert!(store.record_usage(NodeId(2), &report(&[("a", 5)]), 1_100).await.unwrap());
+    assert!(!store.record_usage(NodeId(3), &report(&[("a", 1)]), 1_100).await.unwrap(), "removed node");
+    assert!(!store.record_usage(NodeId(9), &report(&[("a", 1)]), 1_100).await.unwrap(), "unknown node");
+    let (all, reports) = shares(None).await;
+    assert_eq!(all, [share(1, "a", 10, 1_000), share(2, "a", 5, 1_100), share(1, "b", 2, 1_000)]);
+    assert_eq!(reports, [(NodeId(1), 1_000), (NodeId(2), 1_100)]);
+    assert_eq!(shares(Some("a")).await.0, [share(1, "a", 10, 1_000), share(2, "a", 5, 1_100)]);
+
+    // A report replaces every share of its node: tenants missing from it have none left there. A
+    // tenant named twice keeps its last share; huge counters survive.
+    let huge = Usage { keys: i64::MAX as u64, value_bytes: i64::MAX as u64, siblings: 1, tombstones: 0 };
+    let mut next = report(&[("b", 3), ("d", 1), ("d", 4)]);
+    next.push(("e".to_owned(), huge));
+    assert!(store.record_usage(NodeId(1), &next, 2_000).await.unwrap());
+    assert!(store.record_usage(NodeId(2), &[], 2_100).await.unwrap(), "an empty report is a report");
+    let (all, reports) = shares(None).await;
+    let expected_e = UsageShare { usage: huge, ..share(1, "e", 0, 2_000) };
+    assert_eq!(all, [share(1, "b", 3, 2_000), share(1, "d", 4, 2_000), expected_e]);
+    assert_eq!(reports, [(NodeId(1), 2_000), (NodeId(2), 2_100)]);
+    assert!(shares(Some("a")).await.0.is_empty());
+
+    // A completed tenant deletion forgets the tenant's shares, in its transaction.
+    let mut tx = store.write().await.unwrap();
+    tx.delete_usage_of_tenant("d").await.unwrap();
+    drop(tx);
+    assert_eq!(shares(Some("d")).await.0.len(), 1, "rolled back");
+    let mut tx = store.write().await.unwrap();
+    tx.delete_usage_of_tenant("d").await.unwrap();
+    tx.commit().await.unwrap();
+    let (all, _) = shares(None).await;
+    assert_eq!(all.iter().map(|s| s.tenant_id.as_str()).collect::<Vec<_>>(), ["b", "e"]);
+}
+
+async fn routers_round_trip(store: Store) {
+    let router = |id: &str, address: &str, last_seen_ms: u64| RouterPresence {
+        router_id: id.to_owned(),
+        address: address.to_owned(),
+        last_seen_ms,
+    };
+    let routers = || {
+        let store = store.clone();
+        async move {
+            let mut tx = store.read().await.unwrap();
+            let routers = tx.list_routers().await.unwrap();
+            let counts = [
+                tx.count_routers_seen_since(2_000).await.unwrap(),
+                tx.count_routers_seen_since(2_001).await.unwrap(),
+                tx.count_routers_seen_since(3_001).await.unwrap(),
+            ];
+            tx.commit().await.unwrap();
+            (routers, counts)
+        }
+    };
+    assert_eq!(routers().await, (vec![], [0, 0, 0]));
+
+    // A heartbeat inserts the router or updates its address and last-seen time (ids are opaque).
+    let longest = "r".repeat(64);
+    store.record_router("r-b", "10.0.0.2:7000", 1_000).await.unwrap();
+    store.record_router(&longest, "", 2_000).await.unwrap();
+    store.record_router("r-b", "10.0.0.3:7000", 3_000).await.unwrap();
+    let (all, counts) = routers().await;
+    assert_eq!(all, [router("r-b", "10.0.0.3:7000", 3_000), router(&longest, "", 2_000)]);
+    assert_eq!(counts, [2, 1, 0], "seen at or after the instant");
+
+    // The published count: in meta_state, changed with a change-log row, in snapshots.
+    let revision = store.read().await.unwrap().meta_state().await.unwrap().revision;
+    assert_eq!(store.load_snapshot().await.unwrap().state.live_routers, 0, "not known yet");
+    let mut tx = store.write().await.unwrap();
+    tx.set_live_routers(7).await.unwrap();
+    drop(tx);
+    assert_eq!(store.read().await.unwrap().meta_state().await.unwrap().live_routers, 0, "rolled back");
+    let mut tx = store.write().await.unwrap();
+    tx.set_live_routers(2).await.unwrap();
+    tx.record_change(ChangeKind::LiveRouters, "2").await.unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = store.read().await.unwrap();
+    let state = tx.meta_state().await.unwrap();
+    assert_eq!((state.live_routers, state.revision), (2, revision + 1));
+    let changes = tx.changes_after(revision, 10).await.unwrap();
+    assert_eq!(
+        changes.iter().map(|c| (c.kind, c.entity.as_str())).collect::<Vec<_>>(),
+        [(ChangeKind::LiveRouters, "2")]
+    );
+    tx.commit().await.unwrap();
+    assert_eq!(ChangeKind::parse(ChangeKind::LiveRouters.as_str()), Some(ChangeKind::LiveRouters));
+    assert_eq!(store.load_snapshot().await.unwrap().state.live_routers, 2);
+
+    // Routers not seen since an instant are forgotten.
+    assert_eq!(store.prune_routers(2_500).await.unwrap(), 1);
+    assert_eq!(store.prune_routers(2_500).await.unwrap(), 0);
+    assert_eq!(routers().await.0, [router("r-b", "10.0.0.3:7000", 3_000)]);
+}
+
+/// The last schema version of the release before key groups.
+const SCHEMA_BEFORE_KEY_GROUPS: i64 = 20261206000001;
+/// The last schema version before usage and quotas (key groups).
+const SCHEMA_BEFORE_QUOTAS: i64 = 20261206000002;
+/// The last schema version before routers' presence (usage and quotas).
+const SCHEMA_BEFORE_ROUTERS: i64 = 20261206000003;
+
+/// A tenant row as a previous release wrote it (no `key_groups`, no quotas).
+const TENANT_BEFORE_KEY_GROUPS: &str = "INSERT INTO tenants (tenant_id, replication_factor, default_consistency, \
+     conflict_mode, rate_limit_ops_per_sec, rate_limit_burst, max_value_bytes, max_siblings, strict_quorum, \
+     created_at_ms, updated_at_ms, state, generation, purge_seq) \
+     VALUES ('old', 3, 'quorum', 'lww', 0, 0, 1048576, 64, FALSE, 5, 5, 'active', 2, 0)";
+
+/// A storage node row as a previous release wrote it (no usage report time).
+const NODE_BEFORE_QUOTAS: &str = "INSERT INTO storage_nodes (node_id, address, zone, weight, membership, alive, \
+     created_at_ms, updated_at_ms) VALUES (1, '10.0.0.1:7200', '', 1, 'active', TRUE, 5, 5)";
+
+/// A database a previous release wrote (its migrations up to `version` applied, a tenant and a node
+/// in it) opens with this release's migrations: its tenant reads back with key groups `none`, no
+/// quotas and no over-quota flags, its node can report usage, no router is known and the live-router
+/// count is 0 (not known) until routers heartbeat.
+async fn a_database_of_a_previous_release_opens(backend: Backend, url: String, version: i64) {
+    let dir = match backend {
+        Backend::Sqlite => "sqlite",
+        Backend::Postgres => "postgres",
+    };
+    let path = format!("{}/../../migrations/{dir}", env!("CARGO_MANIFEST_DIR"));
+    let mut migrator = sqlx::migrate::Migrator::new(std::path::Path::new(&path)).await.unwrap();
+    migrator.set_locking(false);
+    assert!(
+        migrator.iter().any(|m| m.version == version),
+        "no migration {version}: the test would not build that release's schema"
+    );
+    assert!(
+        migrator.iter().any(|m| m.version > version),
+        "no migration after the previous release's schema: the test would prove nothing"
+    );
+    match backend {
+        Backend::Sqlite => {
+            let mut connection = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            migrator.run_direct(Some(version), &mut connection, false).await.unwrap();
+            sqlx::query(TENANT_BEFORE_KEY_GROUPS).execute(&mut connection).await.unwrap();
+            sqlx::query(NODE_BEFORE_QUOTAS).execute(&mut connection).await.unwrap();
+            connection.close().await.unwrap();
+        }
+        Backend::Postgres => {
+            let mut connection = sqlx::PgConnection::connect(&url).await.unwrap();
+            migrator.run_direct(Some(version), &mut connection, false).await.unwrap();
+            sqlx::query(TENANT_BEFORE_KEY_GROUPS).execute(&mut connection).await.unwrap();
+            sqlx::query(NODE_BEFORE_QUOTAS).execute(&mut connection).await.unwrap();
+            connection.close().await.unwrap();
+        }
+    }
+
+    let store = open(url).await;
+    let mut tx = store.read().await.unwrap();
+    let old = tx.get_tenant("old").await.unwrap().unwrap();
+    assert_eq!(old.key_groups, KeyGroups::None);
+    assert_eq!((old.conflict_mode, old.generation, old.max_value_bytes), (ConflictMode::Lww, 2, 1 << 20));
+    assert_eq!((old.max_keys, old.max_bytes, old.over_key_quota, old.over_byte_quota), (0, 0, false, false));
+    assert!(tx.usage_reports().await.unwrap().is_empty(), "the node never reported usage");
+    tx.commit().await.unwrap();
+    let snapshot = store.load_snapshot().await.unwrap();
+    assert_eq!(snapshot.tenants.iter().map(|t| t.key_groups).collect::<Vec<_>>(), [KeyGroups::None]);
+    assert_eq!(snapshot.nodes.iter().map(|n| n.node_id).collect::<Vec<_>>(), [NodeId(1)]);
+    let share = Usage { keys: 1, value_bytes: 2, siblings: 1, tombstones: 0 };
+    assert!(store.record_usage(NodeId(1), &[("old".to_owned(), share)], 9_000).await.unwrap());
+    let mut tx = store.read().await.unwrap();
+    assert_eq!(tx.usage_reports().await.unwrap(), [(NodeId(1), 9_000)]);
+    assert_eq!(tx.usage_shares(Some("old")).await.unwrap().len(), 1);
+    assert!(tx.list_routers().await.unwrap().is_empty());
+    assert_eq!(tx.meta_state().await.unwrap().live_routers, 0);
+    tx.commit().await.unwrap();
+    assert_eq!(snapshot.state.live_routers, 0);
+    store.record_router("r-1", "10.0.0.9:7000", 9_500).await.unwrap();
+    let mut tx = store.read().await.unwrap();
+    assert_eq!(tx.count_routers_seen_since(9_000).await.unwrap(), 1);
+}
+
+mod previous_release {
+    use super::*;
+
+    fn sqlite_url(dir: &tempfile::TempDir) -> String {
+        format!("sqlite://{}?mode=rwc", dir.path().join("meta.db").display())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_database_from_before_key_groups_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        a_database_of_a_previous_release_opens(Backend::Sqlite, sqlite_url(&dir), SCHEMA_BEFORE_KEY_GROUPS)
+            .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_database_from_before_key_groups_opens() {
+        let Some(base) = common::postgres_url() else { return };
+        let schema = common::PgSchema::create(&base).await.unwrap();
+        a_database_of_a_previous_release_opens(Backend::Postgres, schema.url(), SCHEMA_BEFORE_KEY_GROUPS)
+            .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_database_from_before_quotas_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        a_database_of_a_previous_release_opens(Backend::Sqlite, sqlite_url(&dir), SCHEMA_BEFORE_QUOTAS).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_database_from_before_quotas_opens() {
+        let Some(base) = common::postgres_url() else { return };
+        let schema = common::PgSchema::create(&base).await.unwrap();
+        a_database_of_a_previous_release_opens(Backend::Postgres, schema.url(), SCHEMA_BEFORE_QUOTAS).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_database_from_before_router_presence_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        a_database_of_a_previous_release_opens(Backend::Sqlite, sqlite_url(&dir), SCHEMA_BEFORE_ROUTERS)
+            .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_database_from_before_router_presence_opens() {
+        let Some(base) = common::postgres_url() else { return };
+        let schema = common::PgSchema::create(&base).await.unwrap();
+        a_database_of_a_previous_release_opens(Backend::Postgres, schema.url(), SCHEMA_BEFORE_ROUTERS).await;
+    }
 }

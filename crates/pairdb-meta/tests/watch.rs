@@ -12,6 +12,7 @@ use pairdb_proto::admin::v1 as admin_pb;
 use pairdb_proto::cluster::v1 as pb;
 use pairdb_proto::cluster::v1::cluster_service_client::ClusterServiceClient;
 use pairdb_proto::cluster::v1::watch_event::Event;
+use pairdb_proto::common::v1::KeyGroups;
 use tonic::Streaming;
 
 /// The deadline DESIGN §5 / the issue set for a change to reach a watcher.
@@ -98,6 +99,7 @@ async fn watchers_see_changes_within_a_second() -> anyhow::Result<()> {
     assert_eq!(snapshot.nodes[0].address, "127.0.0.1:7301", "registration updated the address");
     assert_eq!(snapshot.nodes[0].status, admin_pb::NodeStatus::Active as i32);
     assert_eq!(snapshot.tenants.iter().map(|t| t.tenant_id.as_str()).collect::<Vec<_>>(), ["acme"]);
+    assert_eq!(snapshot.tenants[0].key_groups, KeyGroups::None as i32, "created without key groups");
     let mut revision = first.revision;
 
     // A tenant update reaches the watcher within a second.
@@ -153,7 +155,7 @@ async fn watchers_see_changes_within_a_second() -> anyhow::Result<()> {
         .heartbeat(pb::HeartbeatRequest {
             node_id: 1,
             stats: Some(admin_pb::NodeStats { keys: 5, ..Default::default() }),
-            purged_tenants: Vec::new(),
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -52,6 +52,11 @@ pub struct TenantSettings {
     pub purge_seq: u64,
     /// Changes each time a tenant with this id is created (0: meta did not say).
     pub generation: u64,
+    /// Meta's last evaluation found the tenant at or past its key quota: a coordinator refuses writes
+    /// that would add keys (QUOTA_EXCEEDED). False from a meta older than quotas.
+    pub over_key_quota: bool,
+    /// The same for its byte quota: writes that would add value bytes are refused.
+    pub over_byte_quota: bool,
 }
 
 impl TenantSettings {
@@ -81,6 +86,8 @@ pub struct ClusterView {
     pub api_keys: HashMap<String, (String, String)>,
     /// The keys client contexts are sealed with (routers only; empty elsewhere).
     pub context_keys: ContextKeyRing,
+    /// Routers meta saw alive lately (0: not known).
+    pub live_routers: u32,
 }
 
 impl ClusterView {
@@ -171,6 +178,8 @@ fn tenant(config: &pb::TenantConfig) -> TenantSettings {
         deleting: config.deleting,
         purge_seq: config.purge_seq,
         generation: config.generation,
+        over_key_quota: config.over_key_quota,
+        over_byte_quota: config.over_byte_quota,
     }
 }
 
@@ -209,6 +218,7 @@ impl ClusterView {
                     .map(|k| (k.secret_sha256.clone(), (k.key_id.clone(), k.tenant_id.clone())))
                     .collect(),
                 context_keys: context_keys(snapshot.context_keys.as_ref())?,
+                live_routers: snapshot.live_routers,
             },
             other => {
                 let mut view = self.clone();
@@ -236,6 +246,7 @@ impl ClusterView {
                     }
                     Event::ApiKeyRevoked(key_id) => view.api_keys.retain(|_, (id, _)| id != key_id),
                     Event::ContextKeysChanged(keys) => view.context_keys = context_keys(Some(keys))?,
+                    Event::LiveRoutersChanged(count) => view.live_routers = *count,
                 }
                 view
             }

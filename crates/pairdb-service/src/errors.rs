@@ -32,6 +32,8 @@ pub fn http_status(code: Code) -> u16 {
 pub fn http_status_of(reason: Reason) -> u16 {
     match reason {
         Reason::RequestTimeout => 408,
+        // Retrying does not help until the tenant shrinks or its quota grows (unlike a 429).
+        Reason::QuotaExceeded => 507,
         _ => http_status(grpc_code(reason)),
     }
 }

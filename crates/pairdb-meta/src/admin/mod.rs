@@ -40,8 +40,9 @@ use tokio::sync::Notify;
 
 use crate::error::MetaError;
 use crate::model::{
-    ApiKey, ConflictMode, Membership, Migration, MigrationChange, MigrationKind, MigrationProgress,
-    MigrationState, NodeRebuild, NodeStats, StorageNode, Tenant, TenantState, Topology,
+    ApiKey, ConflictMode, KeyGroups, Membership, Migration, MigrationChange, MigrationKind,
+    MigrationProgress, MigrationState, NodeRebuild, NodeStats, StorageNode, Tenant, TenantState, Topology,
+    Usage,
 };
 use crate::persistence::{ChangeKind, MetaState, Store, Tx, hex};
 use crate::view::WatchSource;
@@ -76,14 +77,20 @@ pub struct NewTenant {
     pub replication_factor: u32,
     pub default_consistency: Option<Consistency>,
     pub conflict_mode: Option<ConflictMode>,
+    /// Fixed for the tenant's life (there is no patch for it); `None` = [`KeyGroups::None`].
+    pub key_groups: Option<KeyGroups>,
     pub rate_limit_ops_per_sec: u32,
     pub rate_limit_burst: u32,
     pub max_value_bytes: u64,
     pub max_siblings: u32,
     pub strict_quorum: bool,
+    /// Quotas; 0 = none.
+    pub max_keys: u64,
+    pub max_bytes: u64,
 }
 
-/// Changes to a tenant; `None` leaves a field as it is.
+/// Changes to a tenant; `None` leaves a field as it is. `key_groups` cannot change (it decides where
+/// every key lives), so it has no field here.
 #[derive(Debug, Clone, Default)]
 pub struct TenantPatch {
     pub replication_factor: Option<u32>,
@@ -94,6 +101,9 @@ pub struct TenantPatch {
     pub max_value_bytes: Option<u64>,
     pub max_siblings: Option<u32>,
     pub strict_quorum: Option<bool>,
+    /// `Some(0)` removes the quota.
+    pub max_keys: Option<u64>,
+    pub max_bytes: Option<u64>,
 }
 
 /// A node to add. `weight` 0 means 1.
@@ -139,6 +149,7 @@ struct Inner {
     partitions: OnceLock<PartitionCount>,
     initialized: AtomicBool,
     orchestrator_wake: Notify,
+    quota_wake: Notify,
 }
 
 /// The metadata service's operations (cheap to clone).
@@ -162,6 +173,7 @@ impl Meta {
                 partitions: OnceLock::new(),
                 initialized: AtomicBool::new(false),
                 orchestrator_wake: Notify::new(),
+                quota_wake: Notify::new(),
             }),
         }
     }
@@ -191,6 +203,11 @@ impl Meta {
     /// Wakes the migration orchestrator (after queueing or cancelling a migration).
     pub fn orchestrator_wake(&self) -> &Notify {
         &self.inner.orchestrator_wake
+    }
+
+    /// Wakes the leader's quota evaluation (after a tenant's quotas changed).
+    pub fn quota_wake(&self) -> &Notify {
+        &self.inner.quota_wake
     }
 
     fn partitions(&self) -> Result<PartitionCount, MetaError> {
@@ -302,6 +319,12 @@ fn normalize_limits(tenant: &mut Tenant) -> Result<(), MetaError> {
         .map_err(|e| MetaError::InvalidArgument(format!("max_value_bytes: {e}")))?;
     validation::validate_max_siblings(tenant.max_siblings as usize)
         .map_err(|e| MetaError::InvalidArgument(format!("max_siblings: {e}")))?;
+    // Stored as BIGINT: a larger quota could not be read back as it was set.
+    for (name, quota) in [("max_keys", tenant.max_keys), ("max_bytes", tenant.max_bytes)] {
+        if i64::try_from(quota).is_err() {
+            return Err(MetaError::InvalidArgument(format!("{name}: at most {} (0 = no quota)", i64::MAX)));
+        }
+    }
     if tenant.rate_limit_ops_per_sec == 0 {
         tenant.rate_limit_burst = 0;
     } else if tenant.rate_limit_burst == 0 {
@@ -379,7 +402,7 @@ pub(crate) async fn abandon(
 }
 
 /// The ids of the nodes the current topology places data on.
-async fn ring_nodes(tx: &mut Tx) -> Result<std::collections::BTreeSet<NodeId>, MetaError> {
+pub(crate) async fn ring_nodes(tx: &mut Tx) -> Result<std::collections::BTreeSet<NodeId>, MetaError> {
     let state = tx.meta_state().await?;
     if state.current_epoch == 0 {
         return Ok(Default::default());

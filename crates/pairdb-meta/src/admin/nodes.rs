@@ -378,13 +378,16 @@ impl Meta {
         Ok(node_id)
     }
 
-    /// Records a heartbeat and the tenant purges it reports; `false` if the node is unknown (it
-    /// should register again). A node that was marked down is marked alive again at once.
+    /// Records a heartbeat, the tenant purges it reports and, when it carries a usage report
+    /// (`usage`: the node's share of every tenant it holds any of), that report, replacing the
+    /// node's previous one; `false` if the node is unknown (it should register again). A node that
+    /// was marked down is marked alive again at once.
     pub async fn heartbeat(
         &self,
         node_id: NodeId,
         stats: NodeStats,
         purged_tenants: &[(String, u64)],
+        usage: Option<&[(String, Usage)]>,
     ) -> Result<bool, MetaError> {
         self.partitions()?;
         let now = now_ms();
@@ -393,7 +396,13 @@ impl Meta {
                 tracing::info!(node_id = %node_id, tenant, purge_seq, "storage node purged a deleted tenant");
             }
         }
-        match self.inner.store.record_heartbeat(node_id, &stats, now).await? {
+        let alive = self.inner.store.record_heartbeat(node_id, &stats, now).await?;
+        if alive.is_some()
+            && let Some(shares) = usage
+        {
+            self.inner.store.record_usage(node_id, shares, now).await?;
+        }
+        match alive {
             None => Ok(false),
             Some(true) => Ok(true),
             Some(false) => {

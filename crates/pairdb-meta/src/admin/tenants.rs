@@ -36,11 +36,16 @@ impl Meta {
             previous_replication_factor: None,
             default_consistency: request.default_consistency.unwrap_or(Consistency::Quorum),
             conflict_mode: request.conflict_mode.unwrap_or_default(),
+            key_groups: request.key_groups.unwrap_or_default(),
             rate_limit_ops_per_sec: request.rate_limit_ops_per_sec,
             rate_limit_burst: request.rate_limit_burst,
             max_value_bytes,
             max_siblings,
             strict_quorum: request.strict_quorum,
+            max_keys: request.max_keys,
+            max_bytes: request.max_bytes,
+            over_key_quota: false,
+            over_byte_quota: false,
             created_at_ms: now,
             updated_at_ms: now,
         };
@@ -51,7 +56,17 @@ impl Meta {
         }
         tx.record_change(ChangeKind::Tenant, &tenant.tenant_id).await?;
         tx.commit().await?;
-        tracing::info!(tenant = %tenant.tenant_id, n = tenant.replication_factor, "tenant created");
+        tracing::info!(
+            tenant = %tenant.tenant_id,
+            n = tenant.replication_factor,
+            key_groups = tenant.key_groups.as_str(),
+            max_keys = tenant.max_keys,
+            max_bytes = tenant.max_bytes,
+            "tenant created"
+        );
+        if tenant.max_keys != 0 || tenant.max_bytes != 0 {
+            self.inner.quota_wake.notify_one();
+        }
         Ok(tenant)
     }
 
@@ -138,6 +153,14 @@ impl Meta {
         if let Some(strict) = patch.strict_quorum {
             tenant.strict_quorum = strict;
         }
+        let quotas_before = (tenant.max_keys, tenant.max_bytes);
+        if let Some(keys) = patch.max_keys {
+            tenant.max_keys = keys;
+        }
+        if let Some(bytes) = patch.max_bytes {
+            tenant.max_bytes = bytes;
+        }
+        let quotas_changed = (tenant.max_keys, tenant.max_bytes) != quotas_before;
         normalize_limits(&mut tenant)?;
         tenant.updated_at_ms = now;
         tx.update_tenant(&tenant).await?;
@@ -146,6 +169,16 @@ impl Meta {
             tx.insert_migration(migration).await?;
         }
         tx.commit().await?;
+        if quotas_changed {
+            tracing::info!(
+                tenant = tenant_id,
+                max_keys = tenant.max_keys,
+                max_bytes = tenant.max_bytes,
+                "tenant quotas changed"
+            );
+            // The flags follow at the leader's next evaluation, which this brings forward.
+            self.inner.quota_wake.notify_one();
+        }
         let migration_id = migration.map(|m| {
             tracing::info!(
                 tenant = tenant_id,

@@ -1,5 +1,6 @@
-//! `ClusterService`: storage nodes' registration and heartbeats, and the watch stream routers and
-//! storage nodes follow. Every call is authenticated by the cluster guard before it gets here.
+//! `ClusterService`: storage nodes' registration and heartbeats, routers' heartbeats, and the watch
+//! stream routers and storage nodes follow. Every call is authenticated by the cluster guard before it
+//! gets here.
 
 use pairdb_core::ring::NodeId;
 use pairdb_service::shutdown::Shutdown;
@@ -25,6 +26,17 @@ pub(super) fn require_node(rpc: &'static str, caller: Caller, node_id: NodeId) -
     ))
 }
 
+/// Only routers send router heartbeats (any caller when the cluster runs insecure): a storage node's
+/// credential must not be able to inflate the live-router count, which divides tenants' limits.
+pub(super) fn require_router(rpc: &'static str, caller: Caller) -> Result<(), Status> {
+    if caller.is(Principal::Router) {
+        return Ok(());
+    }
+    tracing::warn!(rpc, ?caller, "a cluster member that is not a router sent a router heartbeat");
+    metrics::counter!("pairdb_cluster_auth_refused_total", "api" => "cluster_identity").increment(1);
+    Err(error_status(rpc, MetaError::PermissionDenied("only routers send router heartbeats".to_owned())))
+}
+
 /// `pairdb.cluster.v1.ClusterService`.
 #[derive(Debug, Clone)]
 pub struct ClusterGrpc {
@@ -42,6 +54,20 @@ impl ClusterGrpc {
 #[tonic::async_trait]
 impl ClusterService for ClusterGrpc {
     type WatchStream = ReceiverStream<Result<cluster_pb::WatchEvent, Status>>;
+
+    async fn router_heartbeat(
+        &self,
+        request: Request<cluster_pb::RouterHeartbeatRequest>,
+    ) -> Result<Response<cluster_pb::RouterHeartbeatResponse>, Status> {
+        let caller = caller(&request)?;
+        require_router("RouterHeartbeat", caller)?;
+        let r = request.into_inner();
+        self.meta
+            .router_heartbeat(&r.router_id, &r.address)
+            .await
+            .map_err(|e| error_status("RouterHeartbeat", e))?;
+        Ok(Response::new(cluster_pb::RouterHeartbeatResponse {}))
+    }
 
     async fn register_node(
         &self,
@@ -76,9 +102,12 @@ impl ClusterService for ClusterGrpc {
         let stats = r.stats.map(stats_from_pb).unwrap_or_default();
         let purged: Vec<(String, u64)> =
             r.purged_tenants.into_iter().map(|p| (p.tenant_id, p.purge_seq)).collect();
+        // Only the heartbeats that carry a report touch the node's usage (an empty report says the
+        // node holds nothing).
+        let usage = r.usage_reported.then(|| usage_from_pb(r.tenant_usage));
         let known = self
             .meta
-            .heartbeat(NodeId(r.node_id), stats, &purged)
+            .heartbeat(NodeId(r.node_id), stats, &purged, usage.as_deref())
             .await
             .map_err(|e| error_status("Heartbeat", e))?;
         Ok(Response::new(cluster_pb::HeartbeatResponse { unknown_node: !known }))

@@ -10,6 +10,10 @@ pub(super) fn conflict_mode_from_pb(value: i32) -> Result<Option<ConflictMode>, 
     convert::conflict_mode_from_wire(value).map_err(|e| MetaError::InvalidArgument(e.to_string()))
 }
 
+pub(super) fn key_groups_from_pb(value: i32) -> Result<Option<KeyGroups>, MetaError> {
+    convert::key_groups_from_wire(value).map_err(|e| MetaError::InvalidArgument(e.to_string()))
+}
+
 pub(super) fn tenant_to_pb(view: &TenantView) -> admin_pb::Tenant {
     let tenant = &view.tenant;
     admin_pb::Tenant {
@@ -23,14 +27,61 @@ pub(super) fn tenant_to_pb(view: &TenantView) -> admin_pb::Tenant {
         replication_factor: tenant.replication_factor,
         default_consistency: convert::consistency_to_wire(Some(tenant.default_consistency)),
         conflict_mode: convert::conflict_mode_to_wire(Some(tenant.conflict_mode)),
+        key_groups: convert::key_groups_to_wire(Some(tenant.key_groups)),
         rate_limit_ops_per_sec: tenant.rate_limit_ops_per_sec,
         rate_limit_burst: tenant.rate_limit_burst,
         max_value_bytes: tenant.max_value_bytes,
         max_siblings: tenant.max_siblings,
         strict_quorum: tenant.strict_quorum,
+        max_keys: tenant.max_keys,
+        max_bytes: tenant.max_bytes,
         created_at_ms: tenant.created_at_ms,
         updated_at_ms: tenant.updated_at_ms,
     }
+}
+
+pub(super) fn usage_report_to_pb(
+    tenant: &Tenant,
+    total: &UsageTotal,
+    now_ms: u64,
+) -> admin_pb::TenantUsageReport {
+    admin_pb::TenantUsageReport {
+        usage: Some(usage_to_pb(&tenant.tenant_id, &total.usage)),
+        reported_at_ms: total.reported_at_ms,
+        age_ms: total.age_ms(now_ms),
+        nodes_reporting: total.nodes_reporting,
+        nodes_total: total.nodes_total,
+        max_keys: tenant.max_keys,
+        max_bytes: tenant.max_bytes,
+        over_key_quota: tenant.over_key_quota,
+        over_byte_quota: tenant.over_byte_quota,
+    }
+}
+
+fn usage_to_pb(tenant_id: &str, usage: &Usage) -> admin_pb::TenantUsage {
+    admin_pb::TenantUsage {
+        tenant_id: tenant_id.to_owned(),
+        keys: usage.keys,
+        value_bytes: usage.value_bytes,
+        siblings: usage.siblings,
+        tombstones: usage.tombstones,
+    }
+}
+
+/// A heartbeat's usage report: each tenant's share on the node.
+pub(super) fn usage_from_pb(usage: Vec<admin_pb::TenantUsage>) -> Vec<(String, Usage)> {
+    usage
+        .into_iter()
+        .map(|u| {
+            let share = Usage {
+                keys: u.keys,
+                value_bytes: u.value_bytes,
+                siblings: u.siblings,
+                tombstones: u.tombstones,
+            };
+            (u.tenant_id, share)
+        })
+        .collect()
 }
 
 pub(super) fn tenant_config_to_pb(tenant: &Tenant) -> cluster_pb::TenantConfig {
@@ -39,6 +90,7 @@ pub(super) fn tenant_config_to_pb(tenant: &Tenant) -> cluster_pb::TenantConfig {
         replication_factor: tenant.replication_factor,
         default_consistency: convert::consistency_to_wire(Some(tenant.default_consistency)),
         conflict_mode: convert::conflict_mode_to_wire(Some(tenant.conflict_mode)),
+        key_groups: convert::key_groups_to_wire(Some(tenant.key_groups)),
         rate_limit_ops_per_sec: tenant.rate_limit_ops_per_sec,
         rate_limit_burst: tenant.rate_limit_burst,
         max_value_bytes: tenant.max_value_bytes,
@@ -48,6 +100,8 @@ pub(super) fn tenant_config_to_pb(tenant: &Tenant) -> cluster_pb::TenantConfig {
         deleting: tenant.state == TenantState::Deleting,
         purge_seq: tenant.purge_seq,
         generation: tenant.generation,
+        over_key_quota: tenant.over_key_quota,
+        over_byte_quota: tenant.over_byte_quota,
     }
 }
 
@@ -236,6 +290,7 @@ pub(super) fn snapshot_to_pb(snapshot: &ViewSnapshot, include_api_keys: bool) ->
             Vec::new()
         },
         context_keys: include_api_keys.then(|| context_keys_to_pb(&snapshot.context_keys)),
+        live_routers: snapshot.live_routers,
     };
     cluster_pb::WatchEvent {
         revision: snapshot.revision,
@@ -258,6 +313,7 @@ pub(super) fn event_to_pb(event: &RevisionedEvent, include_api_keys: bool) -> Op
             E::ContextKeysChanged(context_keys_to_pb(keys))
         }
         Event::ApiKeyAdded(_) | Event::ApiKeyRevoked(_) | Event::ContextKeysChanged(_) => return None,
+        Event::LiveRoutersChanged(count) => E::LiveRoutersChanged(*count),
     };
     Some(cluster_pb::WatchEvent { revision: event.revision, event: Some(converted) })
 }

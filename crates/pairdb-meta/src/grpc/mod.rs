@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use pairdb_core::quorum::Consistency;
 use pairdb_core::ring::NodeId;
-use pairdb_core::tenant::ConflictMode;
+use pairdb_core::tenant::{ConflictMode, KeyGroups};
 use pairdb_proto::admin::v1 as admin_pb;
 use pairdb_proto::admin::v1::admin_service_server::AdminService;
 use pairdb_proto::cluster::v1 as cluster_pb;
@@ -25,7 +25,7 @@ use crate::deletion::TenantView;
 use crate::error::MetaError;
 use crate::model::{
     ApiKey, ApiKeyHash, ContextKeyRecord, ContextKeySet, Migration, MigrationState, NodeRebuild, NodeStats,
-    NodeStatus, StorageNode, Tenant, TenantState, Topology,
+    NodeStatus, StorageNode, Tenant, TenantState, Topology, Usage, UsageTotal,
 };
 use crate::view::{Event, RevisionedEvent, ViewSnapshot};
 
@@ -97,6 +97,7 @@ impl AdminService for AdminGrpc {
                 .map_err(|e| error_status("CreateTenant", e))?,
             conflict_mode: conflict_mode_from_pb(r.conflict_mode)
                 .map_err(|e| error_status("CreateTenant", e))?,
+            key_groups: key_groups_from_pb(r.key_groups).map_err(|e| error_status("CreateTenant", e))?,
             tenant_id: r.tenant_id,
             replication_factor: r.replication_factor,
             rate_limit_ops_per_sec: r.rate_limit_ops_per_sec,
@@ -104,6 +105,8 @@ impl AdminService for AdminGrpc {
             max_value_bytes: r.max_value_bytes,
             max_siblings: r.max_siblings,
             strict_quorum: r.strict_quorum,
+            max_keys: r.max_keys,
+            max_bytes: r.max_bytes,
         };
         let tenant = self.meta.create_tenant(new).await.map_err(|e| error_status("CreateTenant", e))?;
         Ok(Response::new(tenant_to_pb(&TenantView { tenant, purge: None })))
@@ -151,6 +154,8 @@ impl AdminService for AdminGrpc {
             max_value_bytes: r.max_value_bytes,
             max_siblings: r.max_siblings,
             strict_quorum: r.strict_quorum,
+            max_keys: r.max_keys,
+            max_bytes: r.max_bytes,
         };
         let (tenant, migration_id) = self
             .meta
@@ -190,6 +195,18 @@ impl AdminService for AdminGrpc {
             .await
             .map_err(|e| error_status("DeleteTenant", e))?;
         Ok(Response::new(admin_pb::DeleteTenantResponse { tenant: Some(tenant_to_pb(&view)) }))
+    }
+
+    async fn get_tenant_usage(
+        &self,
+        request: Request<admin_pb::GetTenantUsageRequest>,
+    ) -> Result<Response<admin_pb::TenantUsageReport>, Status> {
+        let (tenant, total) = self
+            .meta
+            .tenant_usage(&request.into_inner().tenant_id)
+            .await
+            .map_err(|e| error_status("GetTenantUsage", e))?;
+        Ok(Response::new(usage_report_to_pb(&tenant, &total, now_ms())))
     }
 
     async fn create_api_key(

@@ -9,11 +9,18 @@
 //!   the current and pending topology versions, and the revision of the last change. Every mutating
 //!   transaction updates this row first ([`Store::write`]); the row lock serialises metadata writes
 //!   across replicas, which makes check-then-act rules (N ≤ active nodes, one running migration, ...)
-//!   safe and assigns change revisions in commit order.
+//!   safe and assigns change revisions in commit order. Also the live-router count the watch stream
+//!   last published (`live_routers`, 0 = not known), written only by the leader's count, with a
+//!   change-log row, so a new leader and every replica's view start from the count in force.
 //! - `tenants`: replication factor, default consistency, conflict mode and limits of each tenant; its
-//!   `state` (`active`, or `deleting` while storage nodes purge its data), its `generation` (which
-//!   creation of the id it is) and, while deleting, the `purge_seq` nodes confirm. Generations and
-//!   purge sequences come from `meta_state.last_tenant_seq`, so neither is ever reused.
+//!   `key_groups` (how its keys are placed: written when the row is inserted and never updated, since
+//!   a change would move every grouped key); its `state` (`active`, or `deleting` while storage nodes
+//!   purge its data), its `generation` (which creation of the id it is) and, while deleting, the
+//!   `purge_seq` nodes confirm. Generations and purge sequences come from
+//!   `meta_state.last_tenant_seq`, so neither is ever reused. Its quotas (`max_keys`, `max_bytes`;
+//!   0 = none) and the leader's last verdict on them (`over_key_quota`, `over_byte_quota`), which
+//!   the watch stream pushes to the coordinators that enforce it: stored so that a new leader and
+//!   every replica's view start from the verdict in force, and changed only with a change-log row.
 //! - `tenant_purges`: which storage nodes confirmed (in a heartbeat) that they purged a deleting
 //!   tenant's records and hints. When every node that is not removed has, the tenant row and its
 //!   confirmations go and the id may be created again.
@@ -24,9 +31,20 @@
 //!   never stored: it is shown once, at creation, and routers authenticate by hashing what they are
 //!   presented.
 //! - `storage_nodes`: id, address, zone, weight, lifecycle (`membership`) and the failure detector's
-//!   verdict (`alive`), the last heartbeat and the stats it carried. Removed nodes keep their row; a
-//!   re-added node keeps the removed data directory's actor id in `retired_actor_id` so that stale
-//!   directory cannot rejoin.
+//!   verdict (`alive`), the last heartbeat and the stats it carried, and when it last reported its
+//!   usage (`usage_reported_at_ms`). Removed nodes keep their row; a re-added node keeps the removed
+//!   data directory's actor id in `retired_actor_id` so that stale directory cannot rejoin.
+//! - `tenant_usage`: each node's latest share of each tenant's usage (keys, value bytes, siblings,
+//!   tombstones of the partitions it is first in the topology's list of), replaced as a whole by
+//!   each report the node sends in a heartbeat ([`Store::record_usage`], outside the metadata lock:
+//!   no watch event). A missing row is a zero share. Stored rather than kept in memory so every
+//!   replica answers `GetTenantUsage` alike and a new leader evaluates quotas at once; the shares of
+//!   the current topology's nodes add up to each tenant's usage ([`crate::usage`]).
+//! - `routers`: each router process that sent a `RouterHeartbeat` (its random id, its address, when
+//!   last seen), upserted by every heartbeat outside the metadata lock ([`Store::record_router`]: no
+//!   watch event). The leader counts the rows seen within [`crate::routers::ROUTER_ALIVE_WINDOW_MS`]
+//!   into `meta_state.live_routers` and deletes rows not seen for an hour. Stored rather than kept
+//!   in memory because heartbeats reach any replica and the leader counts them all.
 //! - `topology_versions`: every topology version ever made current or pending, immutable once written
 //!   (a cancelled pending epoch is never reused), with the assignment encoded compactly
 //!   ([`encode_assignment`]).
@@ -38,7 +56,7 @@
 //! # What is derived in memory at start
 //!
 //! Each replica loads a [`Snapshot`] (tenants, active key hashes, context keys in use, nodes, current
-//! and pending topology, at one revision) into its [`crate::view::WatchSource`] and then follows the change log.
+//! and pending topology, the live-router count, at one revision) into its [`crate::view::WatchSource`] and then follows the change log.
 //! Leadership, the subscribers of the watch stream, the failure detector's timers and readiness are
 //! process state only. Nothing in memory is authoritative: a replica can be killed at any time and
 //! another one (or the restarted one) rebuilds the same view from the database.
@@ -68,8 +86,9 @@ use sqlx::{Connection, PgPool, SqlitePool};
 use tokio::sync::Notify;
 
 use crate::model::{
-    ApiKey, ConflictMode, ContextKeySet, Membership, Migration, MigrationChange, MigrationKind,
-    MigrationProgress, MigrationState, NodeStats, StorageNode, Tenant, TenantState, Topology,
+    ApiKey, ConflictMode, ContextKeySet, KeyGroups, Membership, Migration, MigrationChange, MigrationKind,
+    MigrationProgress, MigrationState, NodeStats, StorageNode, Tenant, TenantState, Topology, Usage,
+    UsageShare,
 };
 
 pub use codec::{decode_assignment, encode_assignment};
@@ -164,6 +183,8 @@ pub struct MetaState {
     /// 0 = none.
     pub pending_epoch: u64,
     pub created_at_ms: u64,
+    /// The live-router count last published (0 = not known).
+    pub live_routers: u32,
 }
 
 /// What a change-log row is about; each row becomes exactly one watch event.
@@ -183,6 +204,8 @@ pub enum ChangeKind {
     TopologyPendingCleared,
     /// `entity` = the current context key's id; the keys in use are published.
     ContextKeys,
+    /// `entity` = the new live-router count, which is published.
+    LiveRouters,
 }
 
 impl ChangeKind {
@@ -197,6 +220,7 @@ impl ChangeKind {
             ChangeKind::TopologyPending => "topology_pending",
             ChangeKind::TopologyPendingCleared => "topology_pending_cleared",
             ChangeKind::ContextKeys => "context_keys",
+            ChangeKind::LiveRouters => "live_routers",
         }
     }
 
@@ -211,6 +235,7 @@ impl ChangeKind {
             "topology_pending" => ChangeKind::TopologyPending,
             "topology_pending_cleared" => ChangeKind::TopologyPendingCleared,
             "context_keys" => ChangeKind::ContextKeys,
+            "live_routers" => ChangeKind::LiveRouters,
             _ => return None,
         })
     }
@@ -579,6 +604,7 @@ struct MetaStateRow {
     current_epoch: i64,
     pending_epoch: i64,
     created_at_ms: i64,
+    live_routers: i64,
 }
 
 #[derive(sqlx::FromRow)]
@@ -720,6 +746,7 @@ impl Tx {
             current_epoch: to_u64(row.current_epoch),
             pending_epoch: to_u64(row.pending_epoch),
             created_at_ms: to_u64(row.created_at_ms),
+            live_routers: u32::try_from(row.live_routers).unwrap_or(0),
         })
     }
 
@@ -779,8 +806,10 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 mod nodes;
+mod routers;
 mod rows;
 mod tenants;
 mod topology;
+mod usage;
 
-use rows::{ApiKeyRow, MigrationRow, NodeRow, TenantRow, TopologyRow};
+use rows::{ApiKeyRow, MigrationRow, NodeRow, TenantRow, TopologyRow, UsageShareRow};

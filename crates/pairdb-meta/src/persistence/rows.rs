@@ -9,11 +9,16 @@ pub(super) struct TenantRow {
     previous_replication_factor: i64,
     default_consistency: String,
     conflict_mode: String,
+    key_groups: String,
     rate_limit_ops_per_sec: i64,
     rate_limit_burst: i64,
     max_value_bytes: i64,
     max_siblings: i64,
     strict_quorum: bool,
+    max_keys: i64,
+    max_bytes: i64,
+    over_key_quota: bool,
+    over_byte_quota: bool,
     created_at_ms: i64,
     updated_at_ms: i64,
     state: String,
@@ -29,6 +34,8 @@ impl TryFrom<TenantRow> for Tenant {
             .ok_or_else(|| corrupt("tenants.default_consistency", &row.default_consistency))?;
         let conflict_mode = ConflictMode::parse(&row.conflict_mode)
             .ok_or_else(|| corrupt("tenants.conflict_mode", &row.conflict_mode))?;
+        let key_groups = KeyGroups::parse(&row.key_groups)
+            .ok_or_else(|| corrupt("tenants.key_groups", &row.key_groups))?;
         let state = TenantState::parse(&row.state).ok_or_else(|| corrupt("tenants.state", &row.state))?;
         Ok(Tenant {
             state,
@@ -43,13 +50,47 @@ impl TryFrom<TenantRow> for Tenant {
             .filter(|&n| n != 0),
             default_consistency,
             conflict_mode,
+            key_groups,
             rate_limit_ops_per_sec: to_u32(row.rate_limit_ops_per_sec, "tenants.rate_limit_ops_per_sec")?,
             rate_limit_burst: to_u32(row.rate_limit_burst, "tenants.rate_limit_burst")?,
             max_value_bytes: to_u64(row.max_value_bytes),
             max_siblings: to_u32(row.max_siblings, "tenants.max_siblings")?,
             strict_quorum: row.strict_quorum,
+            max_keys: to_u64(row.max_keys),
+            max_bytes: to_u64(row.max_bytes),
+            over_key_quota: row.over_key_quota,
+            over_byte_quota: row.over_byte_quota,
             created_at_ms: to_u64(row.created_at_ms),
             updated_at_ms: to_u64(row.updated_at_ms),
+            tenant_id: row.tenant_id,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct UsageShareRow {
+    node_id: i64,
+    tenant_id: String,
+    keys: i64,
+    value_bytes: i64,
+    siblings: i64,
+    tombstones: i64,
+    reported_at_ms: i64,
+}
+
+impl TryFrom<UsageShareRow> for UsageShare {
+    type Error = PersistenceError;
+
+    fn try_from(row: UsageShareRow) -> Result<Self, Self::Error> {
+        Ok(UsageShare {
+            node_id: NodeId(to_u32(row.node_id, "tenant_usage.node_id")?),
+            usage: Usage {
+                keys: to_u64(row.keys),
+                value_bytes: to_u64(row.value_bytes),
+                siblings: to_u64(row.siblings),
+                tombstones: to_u64(row.tombstones),
+            },
+            reported_at_ms: to_u64(row.reported_at_ms),
             tenant_id: row.tenant_id,
         })
     }

@@ -40,8 +40,9 @@ impl Tx {
             let query = sqlx::query(
                 "INSERT INTO tenants (tenant_id, replication_factor, previous_replication_factor, default_consistency, \
                  conflict_mode, rate_limit_ops_per_sec, rate_limit_burst, max_value_bytes, max_siblings, strict_quorum, \
-                 created_at_ms, updated_at_ms, state, generation, purge_seq) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+                 created_at_ms, updated_at_ms, state, generation, purge_seq, key_groups, max_keys, max_bytes, \
+                 over_key_quota, over_byte_quota) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20) \
                  ON CONFLICT (tenant_id) DO NOTHING",
             )
             .bind(&tenant.tenant_id);
@@ -51,6 +52,11 @@ impl Tx {
             .bind(tenant.state.as_str())
             .bind(to_i64(tenant.generation))
             .bind(to_i64(tenant.purge_seq))
+            .bind(tenant.key_groups.as_str())
+            .bind(to_i64(tenant.max_keys))
+            .bind(to_i64(tenant.max_bytes))
+            .bind(tenant.over_key_quota)
+            .bind(tenant.over_byte_quota)
             .execute(&mut *c)
             .await?
             .rows_affected()
@@ -58,23 +64,46 @@ impl Tx {
         Ok(affected == 1)
     }
 
-    /// Overwrites the settings of an existing tenant; `false` if it does not exist.
+    /// Overwrites the settings of an existing tenant; `false` if it does not exist. `key_groups` is
+    /// not among them (it is fixed when the row is inserted), nor are the over-quota flags (only the
+    /// leader's evaluation writes them: [`Tx::set_quota_flags`]).
     pub async fn update_tenant(&mut self, tenant: &Tenant) -> Result<bool, PersistenceError> {
         let affected = on_conn!(self, c => {
             let query = sqlx::query(
                 "UPDATE tenants SET replication_factor = $2, previous_replication_factor = $3, default_consistency = $4, \
                  conflict_mode = $5, rate_limit_ops_per_sec = $6, rate_limit_burst = $7, max_value_bytes = $8, \
-                 max_siblings = $9, strict_quorum = $10, updated_at_ms = $11, state = $12, purge_seq = $13 \
-                 WHERE tenant_id = $1",
+                 max_siblings = $9, strict_quorum = $10, updated_at_ms = $11, state = $12, purge_seq = $13, \
+                 max_keys = $14, max_bytes = $15 WHERE tenant_id = $1",
             )
             .bind(&tenant.tenant_id);
             bind_settings!(query, tenant)
             .bind(to_i64(tenant.updated_at_ms))
             .bind(tenant.state.as_str())
             .bind(to_i64(tenant.purge_seq))
+            .bind(to_i64(tenant.max_keys))
+            .bind(to_i64(tenant.max_bytes))
             .execute(&mut *c)
             .await?
             .rows_affected()
+        });
+        Ok(affected == 1)
+    }
+
+    /// Sets the tenant's over-quota flags (the leader's evaluation); `false` if it does not exist.
+    pub async fn set_quota_flags(
+        &mut self,
+        tenant_id: &str,
+        over_key_quota: bool,
+        over_byte_quota: bool,
+    ) -> Result<bool, PersistenceError> {
+        let affected = on_conn!(self, c => {
+            sqlx::query("UPDATE tenants SET over_key_quota = $2, over_byte_quota = $3 WHERE tenant_id = $1")
+                .bind(tenant_id)
+                .bind(over_key_quota)
+                .bind(over_byte_quota)
+                .execute(&mut *c)
+                .await?
+                .rows_affected()
         });
         Ok(affected == 1)
     }
