@@ -7,11 +7,12 @@ use pairdb_client::AdminClient;
 use pairdb_client::proto::admin::v1 as pb;
 use pairdb_client::proto::convert;
 use pairdb_core::ring::NodeId;
+use pairdb_core::tenant::KeyGroups;
 use serde_json::{Value, json};
 
 use crate::cli::{
-    ApiKeyCommand, ConflictModeArg, ConsistencyArg, Globals, MigrationCommand, NodeCommand, TenantCommand,
-    TenantSettings,
+    ApiKeyCommand, ConflictModeArg, ConsistencyArg, Globals, KeyGroupsArg, MigrationCommand, NodeCommand,
+    TenantCommand, TenantSettings,
 };
 use crate::output::{self, Output};
 
@@ -44,6 +45,96 @@ fn conflict_mode(value: Option<ConflictModeArg>) -> Option<i32> {
     })
 }
 
+fn key_groups(value: Option<KeyGroupsArg>) -> Option<KeyGroups> {
+    value.map(|value| match value {
+        KeyGroupsArg::None => KeyGroups::None,
+        KeyGroupsArg::HashTag => KeyGroups::HashTag,
+    })
+}
+
+/// A meta older than key groups ignores the field and creates the tenant without them: say so
+/// rather than print a tenant that silently lacks what was asked for.
+fn check_key_groups(asked: Option<KeyGroups>, tenant: &pb::Tenant) -> anyhow::Result<()> {
+    let Some(asked) = asked else { return Ok(()) };
+    // UNSPECIFIED (an older meta) means none.
+    let got = convert::key_groups_from_wire(tenant.key_groups).ok().map(Option::unwrap_or_default);
+    if got != Some(asked) {
+        anyhow::bail!(
+            "tenant {} was created, but without --key-groups {} (meta reports {}); it cannot be changed: \
+             upgrade meta, delete the tenant and create it again",
+            tenant.tenant_id,
+            asked.as_str(),
+            output::key_groups_name(tenant.key_groups),
+        );
+    }
+    Ok(())
+}
+
+/// A meta older than quotas ignores them: say so rather than print a tenant that silently lacks
+/// what was asked for (`asked`: the quotas the command set, `None` where it set none).
+fn check_quotas(asked: (Option<u64>, Option<u64>), tenant: &pb::Tenant) -> anyhow::Result<()> {
+    for (flag, asked, got) in
+        [("--max-keys", asked.0, tenant.max_keys), ("--max-bytes", asked.1, tenant.max_bytes)]
+    {
+        if let Some(asked) = asked
+            && asked != got
+        {
+            anyhow::bail!(
+                "tenant {}: meta did not apply {flag} {asked} (it reports {got}); meta may predate quotas: \
+                 upgrade it and set the quota again",
+                tenant.tenant_id
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `ms` for humans: "850 ms", "3 s", "4 min".
+fn age_text(ms: u64) -> String {
+    match ms {
+        0..1_000 => format!("{ms} ms"),
+        1_000..120_000 => format!("{} s", ms / 1_000),
+        _ => format!("{} min", ms / 60_000),
+    }
+}
+
+/// `tenant usage` as `field  value` lines.
+fn usage_lines(report: &pb::TenantUsageReport) -> Vec<(&'static str, String)> {
+    let usage = report.usage.clone().unwrap_or_default();
+    let quota = |value: u64| if value == 0 { "none".to_owned() } else { value.to_string() };
+    let over = match (report.over_key_quota, report.over_byte_quota) {
+        (false, false) => "no",
+        (true, false) => "yes: keys (writes that add keys are refused)",
+        (false, true) => "yes: bytes (writes that add value bytes are refused)",
+        (true, true) => "yes: keys and bytes (writes that grow the tenant are refused)",
+    };
+    let as_of = if report.reported_at_ms == 0 {
+        format!("no report yet, 0 of {} nodes", report.nodes_total)
+    } else {
+        let mut text = format!(
+            "as of {} ago, {} of {} nodes",
+            age_text(report.age_ms),
+            report.nodes_reporting,
+            report.nodes_total
+        );
+        if report.nodes_reporting < report.nodes_total {
+            text.push_str(" (partial: the others have not reported)");
+        }
+        text
+    };
+    vec![
+        ("tenant", usage.tenant_id),
+        ("keys", usage.keys.to_string()),
+        ("value bytes", usage.value_bytes.to_string()),
+        ("siblings", usage.siblings.to_string()),
+        ("tombstones", usage.tombstones.to_string()),
+        ("max keys", quota(report.max_keys)),
+        ("max bytes", quota(report.max_bytes)),
+        ("over quota", over.to_owned()),
+        ("reported", as_of),
+    ]
+}
+
 fn change_json(name: &str, value: Value, migration_id: &str) -> Value {
     let migration_id =
         if migration_id.is_empty() { Value::Null } else { Value::String(migration_id.to_owned()) };
@@ -53,7 +144,7 @@ fn change_json(name: &str, value: Value, migration_id: &str) -> Value {
 pub async fn tenant(globals: &Globals, command: TenantCommand) -> anyhow::Result<()> {
     let admin = globals.admin().await?;
     match command {
-        TenantCommand::Create { tenant_id, settings } => {
+        TenantCommand::Create { tenant_id, settings, key_groups: groups } => {
             let TenantSettings {
                 replication_factor,
                 default_consistency,
@@ -63,6 +154,8 @@ pub async fn tenant(globals: &Globals, command: TenantCommand) -> anyhow::Result
                 max_value_bytes,
                 max_siblings,
                 strict_quorum,
+                max_keys,
+                max_bytes,
             } = settings;
             let tenant = admin
                 .create_tenant(pb::CreateTenantRequest {
@@ -70,13 +163,18 @@ pub async fn tenant(globals: &Globals, command: TenantCommand) -> anyhow::Result
                     replication_factor: replication_factor.unwrap_or(0),
                     default_consistency: consistency(default_consistency).unwrap_or(0),
                     conflict_mode: conflict_mode(mode).unwrap_or(0),
+                    key_groups: convert::key_groups_to_wire(key_groups(groups)),
                     rate_limit_ops_per_sec: rate_limit_ops_per_sec.unwrap_or(0),
                     rate_limit_burst: rate_limit_burst.unwrap_or(0),
                     max_value_bytes: max_value_bytes.unwrap_or(0),
                     max_siblings: max_siblings.unwrap_or(0),
                     strict_quorum: strict_quorum.unwrap_or(false),
+                    max_keys: max_keys.unwrap_or(0),
+                    max_bytes: max_bytes.unwrap_or(0),
                 })
                 .await?;
+            check_key_groups(key_groups(groups), &tenant)?;
+            check_quotas((max_keys, max_bytes), &tenant)?;
             show(globals.output, &output::tenant_json(&tenant));
         }
         TenantCommand::Get { tenant_id } => {
@@ -90,7 +188,18 @@ pub async fn tenant(globals: &Globals, command: TenantCommand) -> anyhow::Result
                     "tenants": tenants.iter().map(output::tenant_json).collect::<Vec<_>>()
                 })),
                 Output::Table => output::print_table(
-                    &["TENANT", "STATE", "RF", "CONSISTENCY", "CONFLICTS", "OPS/S", "MAX VALUE"],
+                    &[
+                        "TENANT",
+                        "STATE",
+                        "RF",
+                        "CONSISTENCY",
+                        "CONFLICTS",
+                        "KEY GROUPS",
+                        "OPS/S",
+                        "MAX VALUE",
+                        "MAX KEYS",
+                        "MAX BYTES",
+                    ],
                     &tenants
                         .iter()
                         .map(|tenant| {
@@ -101,8 +210,11 @@ pub async fn tenant(globals: &Globals, command: TenantCommand) -> anyhow::Result
                                 tenant.replication_factor.to_string(),
                                 body["default_consistency"].as_str().unwrap_or_default().to_owned(),
                                 body["conflict_mode"].as_str().unwrap_or_default().to_owned(),
+                                body["key_groups"].as_str().unwrap_or_default().to_owned(),
                                 tenant.rate_limit_ops_per_sec.to_string(),
                                 tenant.max_value_bytes.to_string(),
+                                quota_cell(tenant.max_keys),
+                                quota_cell(tenant.max_bytes),
                             ]
                         })
                         .collect::<Vec<_>>(),
@@ -121,10 +233,28 @@ pub async fn tenant(globals: &Globals, command: TenantCommand) -> anyhow::Result
                     max_value_bytes: settings.max_value_bytes,
                     max_siblings: settings.max_siblings,
                     strict_quorum: settings.strict_quorum,
+                    max_keys: settings.max_keys,
+                    max_bytes: settings.max_bytes,
                 })
                 .await?;
+            if let Some(tenant) = &reply.tenant {
+                check_quotas((settings.max_keys, settings.max_bytes), tenant)?;
+            }
             let tenant = reply.tenant.as_ref().map(output::tenant_json).unwrap_or(Value::Null);
             show(globals.output, &change_json("tenant", tenant, &reply.migration_id));
+        }
+        TenantCommand::Usage { tenant_id } => {
+            let report = admin.get_tenant_usage(pb::GetTenantUsageRequest { tenant_id }).await?;
+            match globals.output {
+                Output::Json => output::print_json(&output::usage_report_json(&report)),
+                Output::Table => {
+                    let lines = usage_lines(&report);
+                    let width = lines.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
+                    for (name, value) in lines {
+                        println!("{name:<width$}  {value}");
+                    }
+                }
+            }
         }
         TenantCommand::Delete { tenant_id } => {
             let reply = admin.delete_tenant(pb::DeleteTenantRequest { tenant_id: tenant_id.clone() }).await?;
@@ -143,6 +273,11 @@ pub async fn tenant(globals: &Globals, command: TenantCommand) -> anyhow::Result
         }
     }
     Ok(())
+}
+
+/// A quota in the tenant table: `-` for none.
+fn quota_cell(value: u64) -> String {
+    if value == 0 { "-".to_owned() } else { value.to_string() }
 }
 
 pub async fn api_key(globals: &Globals, command: ApiKeyCommand) -> anyhow::Result<()> {
@@ -430,6 +565,139 @@ mod tests {
 
     fn rebuild(state: &str, started_at_ms: u64, failed_exchanges: u64) -> pb::NodeRebuild {
         pb::NodeRebuild { state: state.into(), started_at_ms, failed_exchanges, ..Default::default() }
+    }
+
+    fn create_key_groups(args: &[&str]) -> Result<Option<KeyGroupsArg>, clap::Error> {
+        use clap::Parser as _;
+        let cli = crate::cli::Cli::try_parse_from(["pairdb", "tenant", "create", "acme"].iter().chain(args))?;
+        match cli.command {
+            crate::cli::Command::Tenant(TenantCommand::Create { key_groups, .. }) => Ok(key_groups),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn key_groups_are_a_create_flag_with_two_values() {
+        assert_eq!(create_key_groups(&[]).unwrap(), None);
+        assert_eq!(create_key_groups(&["--key-groups", "none"]).unwrap(), Some(KeyGroupsArg::None));
+        assert_eq!(create_key_groups(&["--key-groups", "hash_tag"]).unwrap(), Some(KeyGroupsArg::HashTag));
+        let unknown = create_key_groups(&["--key-groups", "hash-tags"]).unwrap_err();
+        assert_eq!(unknown.kind(), clap::error::ErrorKind::InvalidValue);
+        assert!(unknown.to_string().contains("hash_tag"), "{unknown}");
+        use clap::Parser as _;
+        let update =
+            crate::cli::Cli::try_parse_from(["pairdb", "tenant", "update", "acme", "--key-groups", "none"])
+                .unwrap_err();
+        assert_eq!(update.kind(), clap::error::ErrorKind::UnknownArgument, "key groups never change");
+    }
+
+    #[test]
+    fn a_create_that_meta_did_not_apply_key_groups_to_fails() {
+        let reply = |groups: Option<KeyGroups>| pb::Tenant {
+            tenant_id: "acme".into(),
+            key_groups: convert::key_groups_to_wire(groups),
+            ..Default::default()
+        };
+        assert!(check_key_groups(None, &reply(None)).is_ok());
+        assert!(check_key_groups(Some(KeyGroups::HashTag), &reply(Some(KeyGroups::HashTag))).is_ok());
+        // A meta older than key groups answers UNSPECIFIED, which is none.
+        assert!(check_key_groups(Some(KeyGroups::None), &reply(None)).is_ok());
+        let ignored = check_key_groups(Some(KeyGroups::HashTag), &reply(None)).unwrap_err().to_string();
+        assert!(ignored.contains("without --key-groups hash_tag (meta reports none)"), "{ignored}");
+        assert_eq!(output::tenant_json(&reply(Some(KeyGroups::HashTag)))["key_groups"], "hash_tag");
+        assert_eq!(output::tenant_json(&reply(None))["key_groups"], "none");
+        assert_eq!(output::key_groups_name(9), "unknown");
+    }
+
+    #[test]
+    fn quota_flags_parse_on_create_and_update() {
+        use clap::Parser as _;
+        let parse = |args: &[&str]| {
+            crate::cli::Cli::try_parse_from(["pairdb", "tenant"].iter().chain(args)).map(|cli| cli.command)
+        };
+        let created = parse(&["create", "acme", "--max-keys", "10", "--max-bytes", "0"]).unwrap();
+        assert!(
+            matches!(
+                created,
+                crate::cli::Command::Tenant(TenantCommand::Create {
+                    settings: TenantSettings { max_keys: Some(10), max_bytes: Some(0), .. },
+                    ..
+                })
+            ),
+            "{created:?}"
+        );
+        let updated = parse(&["update", "acme", "--max-bytes", "4096"]).unwrap();
+        assert!(
+            matches!(
+                updated,
+                crate::cli::Command::Tenant(TenantCommand::Update {
+                    settings: TenantSettings { max_keys: None, max_bytes: Some(4096), .. },
+                    ..
+                })
+            ),
+            "{updated:?}"
+        );
+        assert!(parse(&["update", "acme", "--max-keys", "-1"]).is_err());
+        let usage = parse(&["usage", "acme"]).unwrap();
+        assert!(
+            matches!(&usage, crate::cli::Command::Tenant(TenantCommand::Usage { tenant_id }) if tenant_id == "acme"),
+            "{usage:?}"
+        );
+    }
+
+    #[test]
+    fn a_quota_meta_did_not_apply_fails() {
+        let reply = pb::Tenant { tenant_id: "acme".into(), max_keys: 10, ..Default::default() };
+        assert!(check_quotas((None, None), &reply).is_ok());
+        assert!(check_quotas((Some(10), Some(0)), &reply).is_ok());
+        let ignored = check_quotas((Some(10), Some(5)), &reply).unwrap_err().to_string();
+        assert!(ignored.contains("did not apply --max-bytes 5 (it reports 0)"), "{ignored}");
+        assert_eq!(output::tenant_json(&reply)["max_keys"], 10);
+        assert_eq!(quota_cell(0), "-");
+    }
+
+    #[test]
+    fn usage_shows_counters_quotas_flags_and_age() {
+        let report = pb::TenantUsageReport {
+            usage: Some(pb::TenantUsage {
+                tenant_id: "acme".into(),
+                keys: 1_200,
+                value_bytes: 52_000,
+                siblings: 1_300,
+                tombstones: 12,
+            }),
+            reported_at_ms: 1_795_708_400_000,
+            age_ms: 3_400,
+            nodes_reporting: 3,
+            nodes_total: 3,
+            max_keys: 1_000,
+            max_bytes: 0,
+            over_key_quota: true,
+            over_byte_quota: false,
+        };
+        let lines = usage_lines(&report);
+        let field = |name: &str| lines.iter().find(|(n, _)| *n == name).map(|(_, v)| v.clone()).unwrap();
+        assert_eq!(field("keys"), "1200");
+        assert_eq!(field("value bytes"), "52000");
+        assert_eq!((field("max keys"), field("max bytes")), ("1000".to_owned(), "none".to_owned()));
+        assert!(field("over quota").starts_with("yes: keys"));
+        assert_eq!(field("reported"), "as of 3 s ago, 3 of 3 nodes");
+        let partial =
+            usage_lines(&pb::TenantUsageReport { nodes_reporting: 2, age_ms: 850, ..report.clone() });
+        assert!(
+            partial
+                .iter()
+                .any(|(_, v)| v == "as of 850 ms ago, 2 of 3 nodes (partial: the others have not reported)")
+        );
+        let none = usage_lines(&pb::TenantUsageReport { reported_at_ms: 0, ..report.clone() });
+        assert!(none.iter().any(|(_, v)| v == "no report yet, 0 of 3 nodes"));
+        assert_eq!(age_text(130_000), "2 min");
+        let json = output::usage_report_json(&report);
+        assert_eq!(
+            (&json["usage"]["keys"], &json["over_key_quota"], &json["age_ms"]),
+            (&1_200.into(), &true.into(), &3_400.into())
+        );
+        assert_eq!(json["usage"]["tenant_id"], "acme");
     }
 
     #[test]

@@ -198,12 +198,69 @@ pub enum KvCommand {
         #[arg(long)]
         idempotency_key: Option<String>,
     },
+    /// List the tenant's keys in order, one page (or, with --all, every page in turn). A listing is
+    /// not a snapshot: keys written or deleted meanwhile may or may not appear.
+    List(ListArgs),
+}
+
+/// What `pairdb kv list` lists.
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    /// Only keys starting with this text.
+    #[arg(long, default_value = "")]
+    pub prefix: String,
+    /// Only the keys of one key group (the text inside the braces of a key-group tenant's keys).
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Print every key's values and context too (a scan).
+    #[arg(long)]
+    pub values: bool,
+    /// Fetch and print every page, not just the first.
+    #[arg(long)]
+    pub all: bool,
+    /// Keys per page (at most 1000).
+    #[arg(long)]
+    pub limit: Option<u32>,
+    /// Start strictly after this key.
+    #[arg(long)]
+    pub start_after: Option<String>,
+    /// Stop before this key.
+    #[arg(long)]
+    pub end_before: Option<String>,
+    /// Continue a listing from the token an earlier page printed.
+    #[arg(long)]
+    pub page_token: Option<String>,
+    /// Descending key order.
+    #[arg(long)]
+    pub reverse: bool,
+    /// Also list deleted keys.
+    #[arg(long)]
+    pub include_tombstones: bool,
+    /// Only keys with more than one live value.
+    #[arg(long)]
+    pub conflicts_only: bool,
+    /// Replicas per partition to read (ONE by default for listings).
+    #[arg(long, value_enum)]
+    pub consistency: Option<ConsistencyArg>,
+    /// List what the answering replicas hold when some partitions have none.
+    #[arg(long)]
+    pub allow_partial: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ConflictModeArg {
     Siblings,
     Lww,
+}
+
+/// How a tenant's keys are placed (`--key-groups`, create only: it can never change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KeyGroupsArg {
+    /// Every key is placed by its whole text.
+    None,
+    /// A key holding `{tag}` is placed by the tag alone, so a group's keys share one partition.
+    #[value(name = "hash_tag")]
+    HashTag,
 }
 
 /// Tenant settings shared by create and update (unset = default on create, unchanged on update).
@@ -226,6 +283,13 @@ pub struct TenantSettings {
     pub max_siblings: Option<u32>,
     #[arg(long)]
     pub strict_quorum: Option<bool>,
+    /// Quota on live keys: writes that would add keys fail once it is reached (0 = none; on update,
+    /// 0 removes it).
+    #[arg(long)]
+    pub max_keys: Option<u64>,
+    /// Quota on the bytes of live values, counted once per key (0 = none; on update, 0 removes it).
+    #[arg(long)]
+    pub max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -234,6 +298,9 @@ pub enum TenantCommand {
         tenant_id: String,
         #[command(flatten)]
         settings: TenantSettings,
+        /// How keys are placed (default none); fixed for the tenant's life.
+        #[arg(long, value_enum)]
+        key_groups: Option<KeyGroupsArg>,
     },
     Get {
         tenant_id: String,
@@ -246,6 +313,11 @@ pub enum TenantCommand {
         settings: TenantSettings,
     },
     Delete {
+        tenant_id: String,
+    },
+    /// Show what the tenant's data amounts to (summed from the storage nodes' reports, with their
+    /// age), its quotas and whether it is over them.
+    Usage {
         tenant_id: String,
     },
 }

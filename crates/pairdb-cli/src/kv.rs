@@ -1,10 +1,12 @@
 //! `pairdb kv`: put, get and delete through a router. Siblings are listed oldest first, and the context
 //! is printed so it can be passed back with `--context` to replace what was read.
 
-use pairdb_client::{ReadOptions, ReadResult, WriteOptions, WriteResult};
+use pairdb_client::{
+    KvClient, ListOptions, ListedKey, ReadOptions, ReadResult, ScannedKey, WriteOptions, WriteResult,
+};
 use serde_json::{Value, json};
 
-use crate::cli::{Globals, KvCommand};
+use crate::cli::{Globals, KvCommand, ListArgs};
 use crate::output::{self, Output};
 
 pub async fn run(globals: &Globals, command: KvCommand) -> anyhow::Result<()> {
@@ -43,8 +45,102 @@ pub async fn run(globals: &Globals, command: KvCommand) -> anyhow::Result<()> {
             let result = client.delete(&key, options).await?;
             print_write(globals.output, "deleted", &key, &result);
         }
+        KvCommand::List(args) => list(globals.output, &client, args).await?,
     }
     Ok(())
+}
+
+/// `pairdb kv list`: prints each page as it arrives (JSON: one line per key, then one with the next
+/// page token when there is one and `--all` was not given).
+async fn list(format: Output, client: &KvClient, args: ListArgs) -> anyhow::Result<()> {
+    let options = ListOptions {
+        prefix: args.prefix,
+        start_after: args.start_after,
+        end_before: args.end_before,
+        limit: args.limit,
+        group: args.group,
+        reverse: args.reverse,
+        include_tombstones: args.include_tombstones,
+        conflicts_only: args.conflicts_only,
+        consistency: crate::cli::consistency(args.consistency),
+        allow_partial: args.allow_partial,
+        ..ListOptions::default()
+    };
+    let mut token = args.page_token;
+    loop {
+        let next = if args.values {
+            let page = client.scan(&options, token.as_deref()).await?;
+            warn_partial(&page.unavailable_partitions);
+            page.keys.iter().for_each(|key| print_scanned(format, key));
+            page.next_page_token
+        } else {
+            let page = client.list_keys(&options, token.as_deref()).await?;
+            warn_partial(&page.unavailable_partitions);
+            page.keys.iter().for_each(|key| print_listed(format, key));
+            page.next_page_token
+        };
+        match (next, args.all) {
+            (Some(next), true) => token = Some(next),
+            (Some(next), false) => {
+                match format {
+                    Output::Json => println!("{}", json!({ "next_page_token": next })),
+                    Output::Table => println!("(more: --page-token {next})"),
+                }
+                return Ok(());
+            }
+            (None, _) => return Ok(()),
+        }
+    }
+}
+
+fn warn_partial(partitions: &[u32]) {
+    if !partitions.is_empty() {
+        eprintln!("warning: {} partitions had no answering replica and were left out", partitions.len());
+    }
+}
+
+fn listed_json(key: &ListedKey) -> Value {
+    json!({
+        "key": key.key,
+        "sibling_count": key.sibling_count,
+        "value_bytes": key.value_bytes,
+        "tombstone": key.tombstone,
+        "context": output::encode_context(&key.context),
+    })
+}
+
+fn print_listed(format: Output, key: &ListedKey) {
+    match format {
+        Output::Json => println!("{}", listed_json(key)),
+        Output::Table if key.tombstone => println!("{}\t(deleted)", key.key),
+        Output::Table => println!("{}\t{} value(s)\t{} bytes", key.key, key.sibling_count, key.value_bytes),
+    }
+}
+
+fn print_scanned(format: Output, key: &ScannedKey) {
+    match format {
+        Output::Json => {
+            let siblings: Vec<Value> = key
+                .siblings
+                .iter()
+                .map(|s| {
+                    let (field, value) = output::value_json(&s.value);
+                    json!({ field: value, "timestamp_ms": s.timestamp_ms })
+                })
+                .collect();
+            let line = json!({
+                "key": key.key,
+                "siblings": siblings,
+                "tombstone": key.tombstone,
+                "context": output::encode_context(&key.context),
+            });
+            println!("{line}");
+        }
+        Output::Table => {
+            let shown: Vec<String> = key.siblings.iter().map(|s| output::display_value(&s.value)).collect();
+            println!("{}\t{}", key.key, shown.join(" | "));
+        }
+    }
 }
 
 fn write_json(key: &str, result: &WriteResult) -> Value {

@@ -76,6 +76,12 @@ fn conflict_mode_name(value: i32) -> &'static str {
     convert::conflict_mode_from_wire(value).ok().flatten().map_or("unspecified", |mode| mode.as_str())
 }
 
+/// UNSPECIFIED (a meta older than key groups) is `none`, the only placement such a meta knows; a
+/// value this CLI does not know (a newer meta) is `unknown`.
+pub fn key_groups_name(value: i32) -> &'static str {
+    convert::key_groups_from_wire(value).map_or("unknown", |groups| groups.unwrap_or_default().as_str())
+}
+
 pub fn tenant_json(tenant: &admin::Tenant) -> Value {
     let mut value = json!({
         "tenant_id": tenant.tenant_id,
@@ -83,11 +89,14 @@ pub fn tenant_json(tenant: &admin::Tenant) -> Value {
         "replication_factor": tenant.replication_factor,
         "default_consistency": consistency_name(tenant.default_consistency),
         "conflict_mode": conflict_mode_name(tenant.conflict_mode),
+        "key_groups": key_groups_name(tenant.key_groups),
         "rate_limit_ops_per_sec": tenant.rate_limit_ops_per_sec,
         "rate_limit_burst": tenant.rate_limit_burst,
         "max_value_bytes": tenant.max_value_bytes,
         "max_siblings": tenant.max_siblings,
         "strict_quorum": tenant.strict_quorum,
+        "max_keys": tenant.max_keys,
+        "max_bytes": tenant.max_bytes,
         "created_at_ms": tenant.created_at_ms,
         "updated_at_ms": tenant.updated_at_ms,
     });
@@ -99,6 +108,28 @@ pub fn tenant_json(tenant: &admin::Tenant) -> Value {
         });
     }
     value
+}
+
+/// The fields of `TenantUsageReport` (as meta's `GET /v1/tenants/{id}/usage` answers).
+pub fn usage_report_json(report: &admin::TenantUsageReport) -> Value {
+    let usage = report.usage.clone().unwrap_or_default();
+    json!({
+        "usage": {
+            "tenant_id": usage.tenant_id,
+            "keys": usage.keys,
+            "value_bytes": usage.value_bytes,
+            "siblings": usage.siblings,
+            "tombstones": usage.tombstones,
+        },
+        "reported_at_ms": report.reported_at_ms,
+        "age_ms": report.age_ms,
+        "nodes_reporting": report.nodes_reporting,
+        "nodes_total": report.nodes_total,
+        "max_keys": report.max_keys,
+        "max_bytes": report.max_bytes,
+        "over_key_quota": report.over_key_quota,
+        "over_byte_quota": report.over_byte_quota,
+    })
 }
 
 pub fn api_key_json(key: &admin::ApiKey) -> Value {

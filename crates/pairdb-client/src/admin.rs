@@ -75,6 +75,15 @@ impl AdminClient {
     );
     admin_call!(delete_tenant, delete_tenant, pb::DeleteTenantRequest, pb::DeleteTenantResponse, false);
     admin_call!(
+        /// The tenant's usage summed from the storage nodes' reports (with their age), its quotas
+        /// and over-quota flags.
+        get_tenant_usage,
+        get_tenant_usage,
+        pb::GetTenantUsageRequest,
+        pb::TenantUsageReport,
+        true
+    );
+    admin_call!(
         /// The reply holds the secret; it is shown only once.
         create_api_key, create_api_key, pb::CreateApiKeyRequest, pb::CreateApiKeyResponse, false
     );

@@ -25,7 +25,7 @@ pub enum Consistency {
 }
 
 impl Consistency {
-    fn to_proto(self) -> i32 {
+    pub(crate) fn to_proto(self) -> i32 {
         use pairdb_core::quorum::Consistency as Level;
         pairdb_proto::convert::consistency_to_wire(match self {
             Consistency::TenantDefault => None,
@@ -108,10 +108,10 @@ type Inner = KvServiceClient<InterceptedService<Channel, BearerToken>>;
 /// Client of a router's KV API. Cheap to clone; clones share the connection.
 #[derive(Debug, Clone)]
 pub struct KvClient {
-    inner: Inner,
-    tenant_id: String,
-    request_timeout: Duration,
-    retry: RetryPolicy,
+    pub(crate) inner: Inner,
+    pub(crate) tenant_id: String,
+    pub(crate) request_timeout: Duration,
+    pub(crate) retry: RetryPolicy,
 }
 
 impl KvClient {
@@ -249,14 +249,14 @@ impl KvClient {
     }
 }
 
-fn with_deadline<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+pub(crate) fn with_deadline<T>(message: T, timeout: Duration) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     // A little slack so the router's own deadline answer (with its reason) arrives first.
     request.set_timeout(timeout + Duration::from_millis(250));
     request
 }
 
-fn timeout_ms(timeout: Duration) -> u32 {
+pub(crate) fn timeout_ms(timeout: Duration) -> u32 {
     u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX)
 }
 
@@ -278,7 +278,7 @@ fn read_options(options: &ReadOptions, timeout: Duration) -> pb::ReadOptions {
     }
 }
 
-fn vector(entries: Vec<common::VersionEntry>) -> Vec<(u64, u64)> {
+pub(crate) fn vector(entries: Vec<common::VersionEntry>) -> Vec<(u64, u64)> {
     entries.into_iter().map(|entry| (entry.actor, entry.counter)).collect()
 }
 
@@ -294,20 +294,20 @@ fn write_result(ack: pb::WriteAck) -> WriteResult {
     }
 }
 
+pub(crate) fn sibling(sibling: pb::Sibling) -> Sibling {
+    Sibling {
+        value: sibling.value,
+        timestamp_ms: sibling.timestamp_ms,
+        dot: sibling.dot.map(|dot| (dot.actor, dot.counter)),
+    }
+}
+
 fn read_result(response: pb::GetResponse) -> Option<ReadResult> {
     if !response.found {
         return None;
     }
     Some(ReadResult {
-        siblings: response
-            .siblings
-            .into_iter()
-            .map(|sibling| Sibling {
-                value: sibling.value,
-                timestamp_ms: sibling.timestamp_ms,
-                dot: sibling.dot.map(|dot| (dot.actor, dot.counter)),
-            })
-            .collect(),
+        siblings: response.siblings.into_iter().map(sibling).collect(),
         context: response.context,
         version_vector: vector(response.version_vector),
     })

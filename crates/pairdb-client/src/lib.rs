@@ -8,6 +8,7 @@
 mod admin;
 mod error;
 mod kv;
+mod listing;
 pub mod retry;
 
 use std::str::FromStr;
@@ -22,6 +23,7 @@ use tonic_health::pb::health_client::HealthClient;
 pub use admin::AdminClient;
 pub use error::ClientError;
 pub use kv::{Consistency, KvClient, ReadOptions, ReadResult, Sibling, WriteOptions, WriteResult};
+pub use listing::{KeyPage, KeyPages, ListOptions, ListedKey, ScannedKey};
 pub use pairdb_proto as proto;
 pub use pairdb_proto::status::Reason;
 pub use retry::RetryPolicy;

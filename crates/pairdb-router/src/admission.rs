@@ -7,6 +7,9 @@
 //! requests can need (its value cap plus [`MESSAGE_OVERHEAD_BYTES`]). The admitted [`Client`] goes
 //! to the handlers in the request's extensions.
 //!
+//! A tenant's limit is cluster-wide: each bucket holds this router's share of it, which
+//! [`crate::rate_shares`] recomputes every 250 ms from the routers' demands.
+//!
 //! Invariants: authentication reads only the watch-fed view (key hashes, never secrets; no database on
 //! the request path); a request naming a tenant other than its key's is PERMISSION_DENIED; a rate-limit
 //! rejection is answered at once with a retry-after hint and never delays other tenants (buckets are
@@ -60,6 +63,9 @@ pub struct Admission {
     auth: AuthMode,
     buckets: Vec<Mutex<HashMap<String, TokenBucket>>>,
     epoch: Instant,
+    /// The share of a limit a new bucket starts with (an even split over the live routers; see
+    /// [`crate::rate_shares`]), as f64 bits.
+    default_share: std::sync::atomic::AtomicU64,
 }
 
 impl Admission {
@@ -69,6 +75,56 @@ impl Admission {
             auth,
             buckets: (0..RATE_LIMIT_SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             epoch: Instant::now(),
+            default_share: std::sync::atomic::AtomicU64::new(1.0f64.to_bits()),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The tenant's bucket in `buckets` (its shard, locked), made for its current settings.
+    fn bucket<'a>(
+        &self,
+        buckets: &'a mut HashMap<String, TokenBucket>,
+        tenant: &TenantSettings,
+        now_ms: u64,
+    ) -> &'a mut TokenBucket {
+        let (rate, burst) = (tenant.rate_limit_ops_per_sec, tenant.rate_limit_burst);
+        let bucket =
+            buckets.entry(tenant.tenant_id.clone()).or_insert_with(|| TokenBucket::new(rate, burst, now_ms));
+        if !bucket.has_settings(rate, burst) {
+            *bucket = TokenBucket::new(rate, burst, now_ms);
+        }
+        if bucket.share() == 1.0 {
+            let share = f64::from_bits(self.default_share.load(std::sync::atomic::Ordering::Relaxed));
+            if share < 1.0 {
+                bucket.set_share(share, now_ms);
+            }
+        }
+        bucket
+    }
+
+    /// Every bucket's demand since the last call (see [`crate::rate_shares`]).
+    pub fn take_demands(&self) -> Vec<(String, f64)> {
+        let mut demands = Vec::new();
+        for shard in &self.buckets {
+            let mut buckets = shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            demands.extend(buckets.iter_mut().map(|(tenant, bucket)| (tenant.clone(), bucket.take_demand())));
+        }
+        demands
+    }
+
+    /// Sets each bucket's share of its tenant's limit: `shares` where it names the tenant, else
+    /// `even` (also what new buckets start with).
+    pub fn set_shares(&self, shares: &HashMap<String, f64>, even: f64) {
+        self.default_share.store(even.to_bits(), std::sync::atomic::Ordering::Relaxed);
+        let now_ms = self.now_ms();
+        for shard in &self.buckets {
+            let mut buckets = shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (tenant, bucket) in buckets.iter_mut() {
+                bucket.set_share(shares.get(tenant).copied().unwrap_or(even), now_ms);
+            }
         }
     }
 
@@ -153,20 +209,26 @@ impl Admission {
         if tenant.rate_limit_ops_per_sec == 0 {
             return Ok(());
         }
-        let now_ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let now_ms = self.now_ms();
         let shard = &self.buckets[shard_of(&tenant.tenant_id)];
         let mut buckets = shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let bucket = buckets.entry(tenant.tenant_id.clone()).or_insert_with(|| {
-            TokenBucket::new(tenant.rate_limit_ops_per_sec, tenant.rate_limit_burst, now_ms)
-        });
-        if !bucket.has_settings(tenant.rate_limit_ops_per_sec, tenant.rate_limit_burst) {
-            *bucket = TokenBucket::new(tenant.rate_limit_ops_per_sec, tenant.rate_limit_burst, now_ms);
-        }
-        bucket.try_take(now_ms).map_err(|retry_after_ms| {
+        self.bucket(&mut buckets, tenant, now_ms).try_take(now_ms).map_err(|retry_after_ms| {
             metrics::counter!("pairdb_router_rate_limited_total", "tenant" => tenant.tenant_id.clone())
                 .increment(1);
             RouterError::RateLimited { tenant: tenant.tenant_id.clone(), retry_after_ms }
         })
+    }
+
+    /// Charges work already done to the tenant's bucket (a listing page: one operation per
+    /// [`LISTING_KEYS_PER_OPERATION`] keys examined beyond the first operation admission took).
+    pub fn charge(&self, tenant: &TenantSettings, units: u32) {
+        if tenant.rate_limit_ops_per_sec == 0 || units == 0 {
+            return;
+        }
+        let now_ms = self.now_ms();
+        let shard = &self.buckets[shard_of(&tenant.tenant_id)];
+        let mut buckets = shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.bucket(&mut buckets, tenant, now_ms).charge(units, now_ms);
     }
 
     /// The tenant's settings from the view (a tenant being deleted does not exist any more).
@@ -181,9 +243,16 @@ impl Admission {
     }
 }
 
+/// Keys a listing examines per operation charged to its tenant's rate limit.
+pub const LISTING_KEYS_PER_OPERATION: u64 = 100;
+
 /// The paths of the KV API (gRPC service and HTTP routes).
 fn is_kv_path(path: &str) -> bool {
-    path.starts_with("/pairdb.kv.v1.KvService/") || path == "/v1/key-value" || path.starts_with("/v1/kv/")
+    path.starts_with("/pairdb.kv.v1.KvService/")
+        || path == "/v1/key-value"
+        || path == "/v1/kv"
+        || path.starts_with("/v1/kv/")
+        || path.starts_with("/v1/groups/")
 }
 
 fn is_grpc(request: &Request) -> bool {

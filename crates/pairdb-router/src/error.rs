@@ -27,6 +27,9 @@ pub enum RouterError {
     PermissionDenied(String),
     #[error("tenant {tenant} is over its rate limit; retry in {retry_after_ms} ms")]
     RateLimited { tenant: String, retry_after_ms: u64 },
+    /// A listing page needs partitions no replica answered for.
+    #[error("{message}")]
+    PartitionsUnavailable { partitions: Vec<u32>, message: String },
     #[error(transparent)]
     Idempotency(#[from] crate::idempotency::IdempotencyError),
 }
@@ -53,6 +56,10 @@ impl RouterError {
                 failures.iter().map(|f| format!("{}:{}", f.node.0, f.cause.as_str())).collect();
             metadata.push(("replica_failures", causes.join(",")));
         }
+        if let RouterError::PartitionsUnavailable { partitions, .. } = self {
+            let named: Vec<String> = partitions.iter().map(u32::to_string).collect();
+            metadata.push(("partitions", named.join(",")));
+        }
         if let RouterError::RateLimited { retry_after_ms, .. } = self {
             metadata.push(("retry_after_ms", retry_after_ms.to_string()));
         }
@@ -76,6 +83,7 @@ impl HasReason for RouterError {
             RouterError::Unauthenticated(_) => Reason::Unauthenticated,
             RouterError::PermissionDenied(_) => Reason::PermissionDenied,
             RouterError::RateLimited { .. } => Reason::RateLimited,
+            RouterError::PartitionsUnavailable { .. } => Reason::PartitionsUnavailable,
             RouterError::Idempotency(error) => error.reason(),
         }
     }

@@ -13,6 +13,7 @@ use crate::admission::Client;
 use crate::error::RouterError;
 use crate::kv::ReadOutcome;
 use crate::kv_api::KvApi;
+use crate::listing::ListRequest;
 use crate::request::{KeyRead, ReadManyRequest, ReadRequest, RequestOptions, WriteAck, WriteRequest};
 
 #[derive(Debug, Clone)]
@@ -39,13 +40,49 @@ impl GrpcKvApi {
 impl KvService for GrpcKvApi {
     async fn list_keys(
         &self,
-        _request: Request<pb::ListKeysRequest>,
+        request: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        Err(Status::unimplemented("list_keys"))
+        let client = self.client(&request)?;
+        let pb::ListKeysRequest { tenant_id, list } = request.into_inner();
+        let request = list_request(tenant_id, list, 0).map_err(RouterError::into_status)?;
+        let page = self.api.list(&client, request, false).await.map_err(RouterError::into_status)?;
+        Ok(Response::new(pb::ListKeysResponse {
+            keys: page
+                .entries
+                .iter()
+                .map(|entry| pb::ListedKey {
+                    key: entry.key.clone(),
+                    sibling_count: entry.siblings.len() as u32,
+                    value_bytes: entry.value_bytes(),
+                    tombstone: entry.is_tombstone(),
+                    context: entry.context.clone(),
+                })
+                .collect(),
+            next_page_token: page.next_page_token,
+            unavailable_partitions: page.unavailable_partitions,
+        }))
     }
 
-    async fn scan(&self, _request: Request<pb::ScanRequest>) -> Result<Response<pb::ScanResponse>, Status> {
-        Err(Status::unimplemented("scan"))
+    async fn scan(&self, request: Request<pb::ScanRequest>) -> Result<Response<pb::ScanResponse>, Status> {
+        let client = self.client(&request)?;
+        let pb::ScanRequest { tenant_id, list, max_bytes } = request.into_inner();
+        let request = list_request(tenant_id, list, max_bytes).map_err(RouterError::into_status)?;
+        let page = self.api.list(&client, request, true).await.map_err(RouterError::into_status)?;
+        Ok(Response::new(pb::ScanResponse {
+            keys: page
+                .entries
+                .into_iter()
+                .map(|entry| pb::ScannedKey {
+                    tombstone: entry.is_tombstone(),
+                    siblings: entry.siblings.iter().map(sibling).collect(),
+                    version_vector: vector_entries(entry.set.vector()),
+                    context: entry.context,
+                    key: entry.key,
+                })
+                .collect(),
+            next_page_token: page.next_page_token,
+            unavailable_partitions: page.unavailable_partitions,
+        }))
     }
 
     async fn put(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
@@ -126,6 +163,37 @@ fn delete_request(request: pb::DeleteRequest) -> Result<WriteRequest, RouterErro
     Ok(WriteRequest { tenant_id, key, value: None, context, overwrite: true, options, idempotency_key })
 }
 
+fn list_request(
+    tenant_id: String,
+    list: Option<pb::ListOptions>,
+    max_bytes: u32,
+) -> Result<ListRequest, RouterError> {
+    let list = list.unwrap_or_default();
+    Ok(ListRequest {
+        tenant_id,
+        options: read_options(list.read)?,
+        prefix: list.prefix,
+        start_after: list.start_after,
+        end_before: list.end_before,
+        limit: list.limit,
+        page_token: list.page_token,
+        group: list.group,
+        reverse: list.reverse,
+        include_tombstones: list.include_tombstones,
+        conflicts_only: list.conflicts_only,
+        allow_partial: list.allow_partial,
+        max_bytes,
+    })
+}
+
+fn sibling(s: &pairdb_core::dvv::Sibling) -> pb::Sibling {
+    pb::Sibling {
+        value: s.value.clone().unwrap_or_default(),
+        dot: Some(Dot { actor: s.dot.actor.0, counter: s.dot.counter }),
+        timestamp_ms: s.timestamp_ms,
+    }
+}
+
 pub fn vector_entries(vector: &VersionVector) -> Vec<VersionEntry> {
     vector.entries().map(|(actor, counter)| VersionEntry { actor: actor.0, counter }).collect()
 }
@@ -145,15 +213,7 @@ pub fn write_ack(ack: WriteAck) -> pb::WriteAck {
 pub fn get_response(outcome: &ReadOutcome) -> pb::GetResponse {
     pb::GetResponse {
         found: true,
-        siblings: outcome
-            .siblings
-            .iter()
-            .map(|s| pb::Sibling {
-                value: s.value.clone().unwrap_or_default(),
-                dot: Some(Dot { actor: s.dot.actor.0, counter: s.dot.counter }),
-                timestamp_ms: s.timestamp_ms,
-            })
-            .collect(),
+        siblings: outcome.siblings.iter().map(sibling).collect(),
         context: outcome.context.clone(),
         version_vector: vector_entries(outcome.set.vector()),
         replicas: outcome

@@ -33,6 +33,7 @@ use crate::admission::Client;
 use crate::error::RouterError;
 use crate::kv::ReadOutcome;
 use crate::kv_api::KvApi;
+use crate::listing::{ListRequest, ListedEntry};
 use crate::request::{ReadRequest, RequestOptions, WriteAck, WriteRequest};
 
 /// Largest request body (a 1 MiB value is ~1.4 MiB as base64, plus the envelope).
@@ -43,6 +44,8 @@ pub fn routes(api: KvApi) -> Router {
     Router::new()
         .route("/v1/key-value", post(post_key_value).get(get_key_value).delete(delete_key_value))
         .route("/v1/kv/{key}", axum::routing::put(put_resource).get(get_resource).delete(delete_resource))
+        .route("/v1/kv", axum::routing::get(list_resource))
+        .route("/v1/groups/{group}/kv", axum::routing::get(list_group))
         .with_state(api)
 }
 
@@ -136,7 +139,7 @@ struct KeyQuery {
     tenant_id: Option<String>,
 }
 
-fn parse_query(raw: Option<&str>) -> Result<KeyQuery, HttpError> {
+fn parse_query<T: serde::de::DeserializeOwned>(raw: Option<&str>) -> Result<T, HttpError> {
     let raw = raw.unwrap_or_default();
     // Decode by hand so invalid UTF-8 or a bad number is our 400, not a framework rejection.
     let mut map = serde_json::Map::new();
@@ -144,13 +147,26 @@ fn parse_query(raw: Option<&str>) -> Result<KeyQuery, HttpError> {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         let name = percent_decode(name)?;
         let value = percent_decode(value)?;
-        let value =
-            match name.as_str() {
-                "r" | "w" | "timeout_ms" => Value::from(value.parse::<u32>().map_err(|_| {
+        let value = match name.as_str() {
+            "r" | "w" | "timeout_ms" | "limit" | "max_bytes" => {
+                Value::from(value.parse::<u32>().map_err(|_| {
                     HttpError::invalid(Reason::InvalidArgument, format!("{name}: not a number"))
-                })?),
-                _ => Value::String(value),
-            };
+                })?)
+            }
+            "reverse" | "include_tombstones" | "conflicts_only" | "allow_partial" | "values" => {
+                Value::from(match value.as_str() {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => {
+                        return Err(HttpError::invalid(
+                            Reason::InvalidArgument,
+                            format!("{name}: true or false"),
+                        ));
+                    }
+                })
+            }
+            _ => Value::String(value),
+        };
         if map.insert(name.clone(), value).is_some() {
             return Err(HttpError::invalid(
                 Reason::InvalidArgument,
@@ -339,7 +355,7 @@ async fn put(
 }
 
 async fn get(api: &KvApi, client: &Client, path_key: Option<String>, raw_query: Option<&str>) -> HttpResult {
-    let query = parse_query(raw_query)?;
+    let query: KeyQuery = parse_query(raw_query)?;
     let key =
         path_key.or(query.key).ok_or_else(|| HttpError::invalid(Reason::InvalidKey, "key is required"))?;
     let request = ReadRequest {
@@ -363,7 +379,7 @@ async fn delete(
     path_key: Option<String>,
     raw_query: Option<&str>,
 ) -> HttpResult {
-    let query = parse_query(raw_query)?;
+    let query: KeyQuery = parse_query(raw_query)?;
     let key =
         path_key.or(query.key).ok_or_else(|| HttpError::invalid(Reason::InvalidKey, "key is required"))?;
     let request = WriteRequest {
@@ -416,6 +432,107 @@ async fn delete_key_value(
     delete(&api, &client, &headers, None, query.as_deref()).await
 }
 
+/// Query parameters of a listing (`GET /v1/kv`, `GET /v1/groups/{group}/kv`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    prefix: Option<String>,
+    start_after: Option<String>,
+    end_before: Option<String>,
+    limit: Option<u32>,
+    page_token: Option<String>,
+    reverse: Option<bool>,
+    include_tombstones: Option<bool>,
+    conflicts_only: Option<bool>,
+    allow_partial: Option<bool>,
+    /// A scan: every key with its values.
+    values: Option<bool>,
+    max_bytes: Option<u32>,
+    consistency: Option<String>,
+    r: Option<u32>,
+    timeout_ms: Option<u32>,
+    tenant_id: Option<String>,
+}
+
+async fn list(api: &KvApi, client: &Client, group: String, raw_query: Option<&str>) -> HttpResult {
+    let query: ListQuery = parse_query(raw_query)?;
+    let with_values = query.values.unwrap_or(false);
+    let request = ListRequest {
+        tenant_id: query.tenant_id.unwrap_or_default(),
+        prefix: query.prefix.unwrap_or_default(),
+        start_after: query.start_after.unwrap_or_default(),
+        end_before: query.end_before.unwrap_or_default(),
+        limit: query.limit.unwrap_or(0),
+        page_token: query.page_token.unwrap_or_default(),
+        group,
+        reverse: query.reverse.unwrap_or(false),
+        include_tombstones: query.include_tombstones.unwrap_or(false),
+        conflicts_only: query.conflicts_only.unwrap_or(false),
+        options: RequestOptions {
+            consistency: consistency(query.consistency.as_deref())?,
+            explicit: query.r.unwrap_or(0),
+            strict_quorum: false,
+            timeout_ms: query.timeout_ms.unwrap_or(0),
+        },
+        allow_partial: query.allow_partial.unwrap_or(false),
+        max_bytes: query.max_bytes.unwrap_or(0),
+    };
+    let page = api.list(client, request, with_values).await?;
+    let keys: Vec<Value> = page.entries.iter().map(|entry| listed_json(entry, with_values)).collect();
+    Ok(ok(json!({
+        "keys": keys,
+        "next_page_token": page.next_page_token,
+        "unavailable_partitions": page.unavailable_partitions,
+    })))
+}
+
+fn listed_json(entry: &ListedEntry, with_values: bool) -> Value {
+    let mut body = json!({
+        "key": entry.key,
+        "sibling_count": entry.siblings.len(),
+        "value_bytes": entry.value_bytes(),
+        "tombstone": entry.is_tombstone(),
+        "context": BASE64.encode(&entry.context),
+    });
+    if with_values {
+        let values: Vec<&[u8]> =
+            entry.siblings.iter().map(|s| s.value.as_deref().unwrap_or_default()).collect();
+        body["values"] = Value::from(
+            values
+                .iter()
+                .map(|v| serde_json::from_slice::<Value>(v).unwrap_or(Value::Null))
+                .collect::<Vec<_>>(),
+        );
+        body["values_base64"] = Value::from(values.iter().map(|v| BASE64.encode(v)).collect::<Vec<_>>());
+        body["vector_clock"] = vector_clock(entry.set.vector());
+    }
+    body
+}
+
+async fn list_resource(
+    State(api): State<KvApi>,
+    admitted: Admitted,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> HttpResult {
+    let client = client(&api, &headers, admitted)?;
+    list(&api, &client, String::new(), query.as_deref()).await
+}
+
+async fn list_group(
+    State(api): State<KvApi>,
+    admitted: Admitted,
+    Path(group): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> HttpResult {
+    let client = client(&api, &headers, admitted)?;
+    if group.is_empty() {
+        return Err(HttpError::invalid(Reason::InvalidListing, "the group is empty"));
+    }
+    list(&api, &client, group, query.as_deref()).await
+}
+
 async fn put_resource(
     State(api): State<KvApi>,
     admitted: Admitted,
@@ -455,15 +572,15 @@ mod tests {
 
     #[test]
     fn queries_decode_strictly() {
-        let query = parse_query(Some("key=a%20b+c&consistency=ALL&r=2")).unwrap();
+        let query: KeyQuery = parse_query(Some("key=a%20b+c&consistency=ALL&r=2")).unwrap();
         assert_eq!(query.key.as_deref(), Some("a b c"));
         assert_eq!(consistency(query.consistency.as_deref()).unwrap(), Some(Consistency::All));
         assert_eq!(query.r, Some(2));
-        assert_eq!(parse_query(Some("key=%ff")).unwrap_err().reason, "INVALID_KEY");
-        assert_eq!(parse_query(Some("key=a&key=b")).unwrap_err().reason, "INVALID_ARGUMENT");
-        assert_eq!(parse_query(Some("r=two")).unwrap_err().reason, "INVALID_ARGUMENT");
-        assert_eq!(parse_query(Some("bogus=1")).unwrap_err().reason, "INVALID_ARGUMENT");
-        assert_eq!(parse_query(Some("key=%4")).unwrap_err().reason, "INVALID_ARGUMENT");
+        assert_eq!(parse_query::<KeyQuery>(Some("key=%ff")).unwrap_err().reason, "INVALID_KEY");
+        assert_eq!(parse_query::<KeyQuery>(Some("key=a&key=b")).unwrap_err().reason, "INVALID_ARGUMENT");
+        assert_eq!(parse_query::<KeyQuery>(Some("r=two")).unwrap_err().reason, "INVALID_ARGUMENT");
+        assert_eq!(parse_query::<KeyQuery>(Some("bogus=1")).unwrap_err().reason, "INVALID_ARGUMENT");
+        assert_eq!(parse_query::<KeyQuery>(Some("key=%4")).unwrap_err().reason, "INVALID_ARGUMENT");
         assert_eq!(consistency(Some("most")).unwrap_err().reason, "INVALID_CONSISTENCY");
     }
 

@@ -59,10 +59,12 @@ pub struct ReadOutcome {
 /// The router's request logic, shared by the gRPC and HTTP edges.
 #[derive(Debug, Clone)]
 pub struct KvRouter {
-    view: SharedView,
-    pool: Arc<StoragePool>,
-    clock: Clock,
+    pub(crate) view: SharedView,
+    pub(crate) pool: Arc<StoragePool>,
+    pub(crate) clock: Clock,
     timing: Timing,
+    /// Listing pages running at once (their own work class; see [`crate::listing`]).
+    pub(crate) listing: Arc<tokio::sync::Semaphore>,
 }
 
 struct Placement {
@@ -74,14 +76,15 @@ struct Placement {
 
 impl KvRouter {
     pub fn new(view: SharedView, pool: Arc<StoragePool>, timing: Timing) -> Self {
-        Self { view, pool, clock: Clock::default(), timing }
+        let listing = Arc::new(tokio::sync::Semaphore::new(crate::listing::CONCURRENT_PAGES));
+        Self { view, pool, clock: Clock::default(), timing, listing }
     }
 
     pub fn view(&self) -> &SharedView {
         &self.view
     }
 
-    fn tenant(view: &ClusterView, tenant_id: &str) -> Result<Arc<TenantSettings>, RouterError> {
+    pub(crate) fn tenant(view: &ClusterView, tenant_id: &str) -> Result<Arc<TenantSettings>, RouterError> {
         validate_tenant_id(tenant_id).map_err(|e| RouterError::from_reasoned(&e))?;
         view.tenants
             .get(tenant_id)
@@ -91,15 +94,15 @@ impl KvRouter {
     }
 
     /// The key replies' contexts are sealed with (a router without one has not had a snapshot).
-    fn sealing_key(view: &ClusterView) -> Result<&ContextKey, RouterError> {
+    pub(crate) fn sealing_key(view: &ClusterView) -> Result<&ContextKey, RouterError> {
         view.context_keys.current().ok_or(RouterError::NotReady)
     }
 
-    fn seal(key: &ContextKey, tenant: &str, user_key: &str, vector: &VersionVector) -> Vec<u8> {
+    pub(crate) fn seal(key: &ContextKey, tenant: &str, user_key: &str, vector: &VersionVector) -> Vec<u8> {
         seal_context(vector, ContextBinding { tenant, key: user_key }, key)
     }
 
-    fn requirement(options: &RequestOptions, tenant: &TenantSettings) -> Requirement {
+    pub(crate) fn requirement(options: &RequestOptions, tenant: &TenantSettings) -> Requirement {
         match options.explicit {
             0 => Requirement::Level(options.consistency.unwrap_or(tenant.default_consistency)),
             explicit => Requirement::Explicit(explicit),
@@ -112,7 +115,7 @@ impl KvRouter {
             .map_err(|e| RouterError::from_reasoned(&e))
     }
 
-    fn deadline_ms(&self, options: &RequestOptions) -> u64 {
+    pub(crate) fn deadline_ms(&self, options: &RequestOptions) -> u64 {
         let timeout = match u64::from(options.timeout_ms) {
             0 => self.timing.request_timeout_ms,
             requested => requested.min(self.timing.max_request_timeout_ms),
@@ -158,14 +161,14 @@ impl KvRouter {
         })
     }
 
-    fn suspects(&self, view: &ClusterView) -> BTreeSet<NodeId> {
+    pub(crate) fn suspects(&self, view: &ClusterView) -> BTreeSet<NodeId> {
         let mut suspects = self.pool.suspects();
         suspects.extend(view.nodes.iter().filter(|(_, n)| n.down).map(|(id, _)| *id));
         suspects
     }
 
     /// The storage calls of a request planned on `view`.
-    fn calls(&self, view: &Arc<ClusterView>) -> StorageCalls {
+    pub(crate) fn calls(&self, view: &Arc<ClusterView>) -> StorageCalls {
         StorageCalls { pool: self.pool.clone(), view: view.clone() }
     }
 

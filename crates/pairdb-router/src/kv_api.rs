@@ -21,6 +21,7 @@ use crate::admission::{Admission, Client};
 use crate::error::RouterError;
 use crate::idempotency::{Begin, Fingerprint, IdempotencyStore};
 use crate::kv::{KvRouter, ReadOutcome, WriteOutcome};
+use crate::listing::{ListPage, ListRequest};
 use crate::request::{KeyRead, ReadManyRequest, ReadRequest, RequestOptions, WriteAck, WriteRequest};
 
 /// Largest GetMany.
@@ -140,6 +141,30 @@ impl KvApi {
             let outcome = self.router.get(&tenant, &request.key, options).await?;
             metrics::histogram!("pairdb_router_read_siblings").record(outcome.siblings.len() as f64);
             Ok(outcome)
+        })
+        .await
+    }
+
+    /// One listing page (`with_values`: a Scan page), charged to the tenant's rate limit by the keys
+    /// the storage nodes examined for it.
+    pub async fn list(
+        &self,
+        client: &Client,
+        request: ListRequest,
+        with_values: bool,
+    ) -> Result<ListPage, RouterError> {
+        let options = request.options;
+        let op = if with_values { "scan" } else { "list_keys" };
+        traced(op, options, async {
+            let tenant = self.admit(client, &request.tenant_id)?;
+            let page = self.router.list(&tenant, request, with_values).await?;
+            if let Ok(settings) = self.admission.settings(&tenant) {
+                let units = page.examined / crate::admission::LISTING_KEYS_PER_OPERATION;
+                self.admission.charge(&settings, u32::try_from(units).unwrap_or(u32::MAX));
+            }
+            metrics::counter!("pairdb_router_listed_keys_total", "op" => op)
+                .increment(page.entries.len() as u64);
+            Ok(page)
         })
         .await
     }

@@ -22,8 +22,11 @@ pub mod http;
 pub mod idempotency;
 pub mod kv;
 pub mod kv_api;
+pub mod listing;
 pub mod pool;
+pub mod presence;
 pub mod probe;
+pub mod rate_shares;
 pub mod request;
 pub mod storage;
 /// The cluster view and its watch follower live in `pairdb-service` (storage nodes follow it too).
@@ -104,6 +107,10 @@ pub async fn run(
         None => idempotency::IdempotencyStore::memory(idempotency_settings),
     };
     let admission = Arc::new(admission::Admission::new(view.clone(), auth));
+    let share_source = match &config.redis_url {
+        Some(url) => rate_shares::ShareSource::redis(url).map_err(Error::Redis)?,
+        None => rate_shares::ShareSource::Even,
+    };
     let api = kv_api::KvApi::new(router, admission.clone(), idempotency, config.get_many_concurrency);
     let grpc_api = grpc::GrpcKvApi::new(api.clone());
     // The admission middleware caps each request at its tenant's needs; this is the ceiling.
@@ -113,13 +120,20 @@ pub async fn run(
         .max_decoding_message_size(max_request_bytes)
         .max_encoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES);
     let routes = tonic::service::Routes::new(health_service).add_service(grpc_service);
-    let admit = axum::middleware::from_fn_with_state(admission, admission::admit_client);
+    let admit = axum::middleware::from_fn_with_state(admission.clone(), admission::admit_client);
     let http = pairdb_service::health_routes(readiness.clone())
         .merge(pairdb_service::metrics::routes())
         .merge(http::routes(api).layer(admit.clone()));
 
     let (stop_sender, stop_receiver) = pairdb_service::shutdown::channel();
     let subscriber_id = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let present = tokio::spawn(presence::run(
+        config.meta_addr.clone(),
+        clients.clone(),
+        presence::new_router_id(),
+        subscriber_id.clone(),
+        stop_receiver.clone(),
+    ));
     let watcher = tokio::spawn(view::follow(
         config.meta_addr.clone(),
         view::Subscriber { kind: "router", id: subscriber_id, include_api_keys: true },
@@ -128,6 +142,8 @@ pub async fn run(
         clients,
         stop_receiver.clone(),
     ));
+    let sharer =
+        tokio::spawn(rate_shares::run(admission.clone(), share_source, view.clone(), stop_receiver.clone()));
     let prober =
         tokio::spawn(probe::run(pool, Duration::from_millis(config.probe_interval_ms), stop_receiver));
     tracing::info!(meta_addr = %config.meta_addr, "router serving (ready once it has a topology)");
@@ -147,6 +163,8 @@ pub async fn run(
     stop_sender.trigger();
     let _ = watcher.await;
     let _ = prober.await;
+    let _ = sharer.await;
+    let _ = present.await;
     served?;
     Ok(())
 }

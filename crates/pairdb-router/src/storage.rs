@@ -15,6 +15,7 @@ use pairdb_core::coordination::{FailureCause, Refusal};
 use pairdb_core::dvv::VersionSet;
 use pairdb_core::encoding::decode_version_set;
 use pairdb_core::gc::TombstonePlacement;
+use pairdb_core::listing::NodeAnswer;
 use pairdb_core::reason::Reason;
 use pairdb_core::ring::NodeId;
 use pairdb_core::token::{PartitionId, Token};
@@ -60,6 +61,23 @@ pub struct CoordinateCall {
     pub timestamp_ms: u64,
     pub max_siblings: u32,
     pub supersede_local: bool,
+}
+
+/// One node's share of a listing page: the tenant's records of `partitions` in range.
+#[derive(Debug, Clone)]
+pub struct ListCall {
+    pub tenant_id: String,
+    pub tenant_generation: u64,
+    pub partitions: Vec<PartitionId>,
+    pub prefix: String,
+    pub start_after: Option<String>,
+    pub end_before: Option<String>,
+    /// A key group's placement token: only its records.
+    pub group_token: Option<Token>,
+    pub reverse: bool,
+    pub limit: u32,
+    pub max_bytes: u64,
+    pub skip_tombstones: bool,
 }
 
 /// A set a coordinator stored, decoded and as encoded (replicated as is, never re-encoded).
@@ -201,6 +219,46 @@ impl StorageCalls {
         Ok(response.recorded)
     }
 
+    /// `node`'s share of a listing page (see [`ListCall`]), waiting at most `wait`, and how many index
+    /// entries the node examined for it.
+    pub async fn list_records(
+        &self,
+        node: NodeId,
+        call: ListCall,
+        wait: Duration,
+    ) -> Result<(NodeAnswer, u64), CallError> {
+        let partition = call.partitions.first().copied().unwrap_or(PartitionId(0));
+        let request = pb::ListRecordsRequest {
+            tenant_id: call.tenant_id,
+            tenant_generation: call.tenant_generation,
+            partitions: call.partitions.iter().map(|p| p.0).collect(),
+            prefix: call.prefix,
+            start_after: call.start_after.unwrap_or_default(),
+            end_before: call.end_before.unwrap_or_default(),
+            group_token: call.group_token.map(|t| t.0),
+            reverse: call.reverse,
+            limit: call.limit,
+            max_bytes: call.max_bytes,
+            skip_tombstones: call.skip_tombstones,
+            // The node answers what it found a little before the router stops waiting.
+            budget_ms: u32::try_from(wait.as_millis() * 3 / 4).unwrap_or(u32::MAX).max(1),
+            max_examined: 0,
+        };
+        let budget = CallBudget { wait, suspect_after: wait.max(self.pool.storage_timeout()) };
+        let rpc = |mut c: StorageClient, _| async move { c.list_records(request).await };
+        let response = self.call(node, "storage.list_records", partition, budget, rpc).await?;
+        let mut records = Vec::with_capacity(response.records.len());
+        for record in response.records {
+            let set = decode_version_set(&record.version_set).map_err(|error| {
+                tracing::error!(node_id = node.0, %error, "replica listed an undecodable set");
+                CallError::Failed(FailureCause::Error)
+            })?;
+            records.push((record.key, set));
+        }
+        let resume_after = (!response.complete).then_some(response.resume_after);
+        Ok((NodeAnswer { records, complete: response.complete, resume_after }, response.examined))
+    }
+
     /// Runs one RPC against `node` in a client span, updating the failure view. The call gets
     /// `budget.suspect_after` for a free in-flight slot (nothing is sent before, so a call refused
     /// here is `NotApplied`) and then `budget.wait` for the answer; `rpc` is told that wait.
@@ -304,6 +362,8 @@ fn refusal_of(status: &tonic::Status) -> Option<Refusal> {
             | Reason::InvalidPartition
             | Reason::PartitionMismatch
             | Reason::TenantNotFound
+            | Reason::InvalidListing
+            | Reason::QuotaExceeded
     );
     if !definitive {
         return None;

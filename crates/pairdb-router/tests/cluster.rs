@@ -90,6 +90,7 @@ impl StorageNode {
                     key: key.into(),
                     partition,
                     tenant_generation: 0,
+                    token: None,
                 }),
             })
             .await
@@ -157,6 +158,7 @@ impl Cluster {
                     current: Some(cpb::ContextKey { key_id: 1, secret: vec![7; 32] }),
                     previous: None,
                 }),
+                live_routers: 1,
             })),
         };
         let view = SharedView::default();

@@ -43,6 +43,10 @@ pub enum Workload {
     F,
     /// Updates only.
     W,
+    /// Listing pages (ListKeys, 1,000 keys each) walking the whole tenant over and over.
+    L,
+    /// Scan pages (keys with values) walking the whole tenant over and over.
+    S,
 }
 
 impl Workload {
@@ -53,6 +57,8 @@ impl Workload {
             Workload::C => "C",
             Workload::F => "F",
             Workload::W => "W",
+            Workload::L => "L",
+            Workload::S => "S",
         }
     }
 
@@ -61,7 +67,7 @@ impl Workload {
         match self {
             Workload::A | Workload::F => 50,
             Workload::B => 95,
-            Workload::C => 100,
+            Workload::C | Workload::L | Workload::S => 100,
             Workload::W => 0,
         }
     }
@@ -312,6 +318,8 @@ async fn run_phase(
         workers.spawn(async move {
             let mut recorder = Recorder::default();
             let mut rng = StdRng::seed_from_u64(seed.wrapping_add(1) ^ u64::from(worker).rotate_left(17));
+            // Listing workloads: where this worker's walk over the tenant is (`None`: start over).
+            let mut page_token: Option<String> = None;
             loop {
                 let operation = phase.next_operation.fetch_add(1, Ordering::Relaxed);
                 let due = match target_rate {
@@ -325,7 +333,10 @@ async fn run_phase(
                 }
                 tokio::time::sleep_until(due).await;
                 let record = chooser.next(&mut rng);
-                if rng.random_range(0..100) < workload.read_percent() {
+                if matches!(workload, Workload::L | Workload::S) {
+                    page_token =
+                        list_page(&phase, workload == Workload::S, page_token, due, &mut recorder).await;
+                } else if rng.random_range(0..100) < workload.read_percent() {
                     read(&phase, record, Op::Read, due, &mut recorder).await;
                 } else if workload == Workload::F {
                     let context = read(&phase, record, Op::ReadModifyWrite, due, &mut recorder).await;
@@ -347,6 +358,36 @@ async fn run_phase(
     ticker.abort();
     bar.finish_and_clear();
     (recorder, started.elapsed())
+}
+
+/// One listing page of the walk at `page_token`; returns where the walk goes on (`None`: start
+/// over, after the last page or a failure).
+async fn list_page(
+    phase: &Phase,
+    with_values: bool,
+    page_token: Option<String>,
+    due: Instant,
+    recorder: &mut Recorder,
+) -> Option<String> {
+    let options = pairdb_client::ListOptions { consistency: phase.consistency, ..Default::default() };
+    let (op, page) = if with_values {
+        let page = phase.client.scan(&options, page_token.as_deref()).await;
+        (Op::ScanPage, page.map(|p| (p.keys.len(), p.next_page_token)))
+    } else {
+        let page = phase.client.list_keys(&options, page_token.as_deref()).await;
+        (Op::ListPage, page.map(|p| (p.keys.len(), p.next_page_token)))
+    };
+    match page {
+        Ok((keys, next)) => {
+            recorder.record(op, due.elapsed());
+            recorder.listed_keys += keys as u64;
+            next
+        }
+        Err(error) => {
+            recorder.error(error.reason());
+            None
+        }
+    }
 }
 
 async fn collect(mut workers: tokio::task::JoinSet<Recorder>) -> Recorder {

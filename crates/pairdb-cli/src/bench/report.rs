@@ -14,6 +14,10 @@ pub enum Op {
     Read,
     Update,
     ReadModifyWrite,
+    /// One listing page (ListKeys).
+    ListPage,
+    /// One listing page with values (Scan).
+    ScanPage,
 }
 
 impl Op {
@@ -23,6 +27,8 @@ impl Op {
             Op::Read => "read",
             Op::Update => "update",
             Op::ReadModifyWrite => "read_modify_write",
+            Op::ListPage => "list_page",
+            Op::ScanPage => "scan_page",
         }
     }
 }
@@ -36,6 +42,8 @@ pub struct Recorder {
     errors: BTreeMap<String, u64>,
     /// Reads that found no value (not errors, but unexpected after a load phase).
     pub not_found: u64,
+    /// Keys returned by listing pages.
+    pub listed_keys: u64,
 }
 
 impl Recorder {
@@ -67,6 +75,7 @@ impl Recorder {
             *self.errors.entry(reason).or_default() += count;
         }
         self.not_found += other.not_found;
+        self.listed_keys += other.listed_keys;
     }
 
     pub fn operations(&self) -> u64 {
@@ -107,6 +116,8 @@ impl Recorder {
             "throughput_ops_per_sec": round(self.operations() as f64 / seconds),
             "errors": self.errors,
             "not_found": self.not_found,
+            "listed_keys": self.listed_keys,
+            "listed_keys_per_sec": round(self.listed_keys as f64 / seconds),
             "per_operation": per_operation,
         })
     }
@@ -118,6 +129,9 @@ fn round(value: f64) -> f64 {
 
 /// Prints a phase as a table.
 pub fn print_table(phase: &str, report: &Value) {
+    if report["listed_keys"].as_u64().unwrap_or(0) > 0 {
+        println!("{phase}: {} keys listed = {} keys/s", report["listed_keys"], report["listed_keys_per_sec"]);
+    }
     println!(
         "{phase}: {} ops in {:.1} s = {} ops/s, {} errors",
         report["operations"],
