@@ -204,6 +204,11 @@ fn dev_cluster_survives_bench_and_every_command_prints_json() {
         }
     }
 
+    // The listing workload walks the records the load phase wrote.
+    let listing = json(&["bench", "--workload", "L", "--duration", "2s", "--records", "2000", "--skip-load"]);
+    assert_eq!(listing["run"]["errors"], serde_json::json!({}), "{listing:#}");
+    assert!(listing["run"]["listed_keys"].as_u64().unwrap() >= 2000, "{listing:#}");
+
     // kv
     let put = json(&["kv", "put", "k1", "v1"]);
     assert_eq!(put["key"], "k1");
@@ -233,6 +238,28 @@ fn dev_cluster_survives_bench_and_every_command_prints_json() {
     assert!(unknown.stderr.contains("TENANT_NOT_FOUND"), "{}", unknown.stderr);
     let bad_context = fails(&["kv", "put", "k1", "v", "--context", "%%%"]);
     assert!(bad_context.stderr.contains("INVALID_ARGUMENT"), "{}", bad_context.stderr);
+
+    // kv list: JSON lines, one per key; without --all one page and then its token.
+    for i in 0..5 {
+        json(&["kv", "put", &format!("list-{i}"), &format!("x{i}")]);
+    }
+    let lines = |args: &[&str]| -> Vec<Value> {
+        let mut all = vec!["--router", router.as_str(), "--meta", meta.as_str(), "--output", "json"];
+        all.extend_from_slice(args);
+        let finished = pairdb(dir.path(), &all);
+        finished.stdout.lines().map(|line| serde_json::from_str(line).unwrap()).collect()
+    };
+    let every = lines(&["kv", "list", "--prefix", "list-", "--all", "--limit", "2"]);
+    let keys: Vec<&str> = every.iter().map(|line| line["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["list-0", "list-1", "list-2", "list-3", "list-4"]);
+    assert_eq!(every[0]["sibling_count"], 1);
+    let first = lines(&["kv", "list", "--prefix", "list-", "--limit", "2"]);
+    assert_eq!(first.len(), 3, "{first:?}");
+    let token = first[2]["next_page_token"].as_str().unwrap();
+    let second = lines(&["kv", "list", "--prefix", "list-", "--limit", "2", "--page-token", token]);
+    assert_eq!(second[0]["key"], "list-2");
+    let scanned = lines(&["kv", "list", "--prefix", "list-4", "--values"]);
+    assert_eq!(scanned[0]["siblings"][0]["value"], "x4", "{scanned:?}");
 
     // tenants
     let created =

@@ -69,6 +69,7 @@ fn key_ref(cluster_topology: &pairdb_tests::cluster::ClusterTopology, key: &str)
         key: key.into(),
         partition: cluster_topology.partition_of("t", key).unwrap(),
         tenant_generation: 0,
+        token: None,
     }
 }
 
@@ -111,7 +112,8 @@ async fn call_every_internal_rpc(
             })
             .await,
     );
-    let record = spb::Record { tenant_id: "t".into(), key: "injected".into(), version_set: set.clone() };
+    let record =
+        spb::Record { tenant_id: "t".into(), key: "injected".into(), version_set: set.clone(), token: None };
     unauthenticated(
         "MergeBatch",
         who,

@@ -162,6 +162,7 @@ async fn verify(
                 key: key.clone(),
                 partition: topology.partition_of("t", key).unwrap(),
                 tenant_generation: 0,
+                token: None,
             };
             let response = storage.get(spb::GetRequest { key: Some(key_ref) }).await.unwrap().into_inner();
             if response.found {

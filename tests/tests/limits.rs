@@ -140,6 +140,7 @@ async fn unauthenticated_and_oversized_messages_are_refused_unread() {
             key: format!("huge-{round}"),
             partition: topology.partition_of("t", &format!("huge-{round}")).unwrap(),
             tenant_generation: 0,
+            token: None,
         };
         let replicate =
             spb::ReplicateRequest { key: Some(key), version_set: huge.clone(), hint_for_node_id: 0 };

@@ -43,6 +43,7 @@ async fn stored(cluster: &Cluster, index: usize, key: &str) -> Option<pairdb_cor
         key: key.into(),
         partition: topology.partition_of("t", key).unwrap(),
         tenant_generation: 0,
+        token: None,
     };
     let mut client = cluster.storage_client(index).await.unwrap();
     let response = client.get(spb::GetRequest { key: Some(key_ref) }).await.unwrap().into_inner();

@@ -98,6 +98,7 @@ fn key_ref(topology: &pairdb_tests::cluster::ClusterTopology, key: &str) -> spb:
         key: key.into(),
         partition: topology.partition_of(TENANT, key).unwrap(),
         tenant_generation: 0,
+        token: None,
     }
 }
 

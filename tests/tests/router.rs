@@ -76,6 +76,7 @@ async fn local(cluster: &Cluster, index: usize, key: &str) -> Option<pairdb_core
                 key: key.into(),
                 partition,
                 tenant_generation: 0,
+                token: None,
             }),
         })
         .await
