@@ -610,11 +610,17 @@ impl LoadReport {
             failed_reads: self.failed_reads,
             ..Verification::default()
         };
+        let mut live_at_all = BTreeSet::new();
         while let Some(reads) = tasks.join_next().await {
             for (key, read) in reads? {
                 let history = self.histories.get(&key).context("history of a read key")?;
                 match read {
-                    Ok(read) => check_key(&key, history, read.as_ref(), &mut verification),
+                    Ok(read) => {
+                        if read.is_some() {
+                            live_at_all.insert(key.clone());
+                        }
+                        check_key(&key, history, read.as_ref(), &mut verification)
+                    }
                     Err(error) => {
                         verification.unreadable += 1;
                         verification.problem(format!("{key}: unreadable at ALL: {error}"));
@@ -622,6 +628,7 @@ impl LoadReport {
                 }
             }
         }
+        self.check_listing(&kv, &live_at_all, &mut verification).await?;
         eprintln!("checker: {}", verification.summary());
         Ok(verification)
     }
@@ -638,6 +645,35 @@ async fn read_all(kv: &KvClient, key: &str) -> Result<Option<ReadResult>, pairdb
             }
             other => return other,
         }
+    }
+}
+
+impl LoadReport {
+    /// Lists the load's keys at ALL (every page) and compares them with the keys that read as live
+    /// at ALL: each storage node's key index must equal its records, whatever the scenario did.
+    async fn check_listing(
+        &self,
+        kv: &KvClient,
+        live_at_all: &BTreeSet<String>,
+        out: &mut Verification,
+    ) -> anyhow::Result<()> {
+        let options = pairdb_client::ListOptions {
+            prefix: self.config.key_prefix.clone(),
+            consistency: Consistency::All,
+            ..Default::default()
+        };
+        let mut pages = kv.pages(options);
+        let mut listed = BTreeSet::new();
+        while let Some(page) = pages.next_keys().await {
+            let page = page.context("listing the load's keys at ALL")?;
+            listed.extend(page.keys.into_iter().map(|k| k.key).filter(|k| self.histories.contains_key(k)));
+        }
+        for key in listed.symmetric_difference(live_at_all) {
+            out.listing_mismatches += 1;
+            let how = if listed.contains(key) { "listed but not live" } else { "live but not listed" };
+            out.problem(format!("{key}: {how} at ALL"));
+        }
+        Ok(())
     }
 }
 
@@ -734,6 +770,8 @@ pub struct Verification {
     pub unreadable: usize,
     /// Reader reads that failed during the load.
     pub failed_reads: u64,
+    /// Keys a listing at ALL and the reads at ALL disagree on.
+    pub listing_mismatches: usize,
     /// The first problems found.
     pub problems: Vec<String>,
 }
@@ -748,7 +786,7 @@ impl Verification {
     pub fn summary(&self) -> String {
         format!(
             "verified {} keys ({} acknowledged writes): {} lost, {} resurrected, {} unexpected, {} unreadable, \
-             {} stale siblings, {} failed reads during the load",
+             {} stale siblings, {} failed reads during the load, {} listing mismatches",
             self.keys,
             self.acked_writes,
             self.lost,
@@ -757,13 +795,14 @@ impl Verification {
             self.unreadable,
             self.stale_siblings,
             self.failed_reads,
+            self.listing_mismatches,
         )
     }
 
     /// Fails unless no acknowledged write was lost, nothing superseded came back, nothing foreign
     /// appeared and every key was readable.
     pub fn ensure_ok(&self) -> anyhow::Result<()> {
-        if self.lost + self.resurrected + self.unexpected + self.unreadable > 0 {
+        if self.lost + self.resurrected + self.unexpected + self.unreadable + self.listing_mismatches > 0 {
             bail!("{}; first problems: {:#?}", self.summary(), self.problems);
         }
         Ok(())

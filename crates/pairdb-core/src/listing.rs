@@ -13,7 +13,7 @@
 //! incomplete answer might still hold). It is not a snapshot: a key written or deleted between pages
 //! may or may not appear.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::dvv::VersionSet;
 use crate::ring::NodeId;
@@ -45,14 +45,21 @@ impl PageToken {
     }
 
     pub fn decode(text: &str) -> Result<PageToken, InvalidPageToken> {
-        let hex = text.strip_prefix(PAGE_TOKEN_VERSION).ok_or(InvalidPageToken)?;
-        if hex.is_empty() || hex.len() % 2 != 0 || hex.len() > 2 * crate::validation::MAX_KEY_BYTES {
+        let hex = text.strip_prefix(PAGE_TOKEN_VERSION).ok_or(InvalidPageToken)?.as_bytes();
+        let well_formed = !hex.is_empty()
+            && hex.len() % 2 == 0
+            && hex.len() <= 2 * crate::validation::MAX_KEY_BYTES
+            && hex.iter().all(u8::is_ascii_hexdigit);
+        if !well_formed {
             return Err(InvalidPageToken);
         }
-        let bytes: Result<Vec<u8>, _> =
-            (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16)).collect();
-        let last_key =
-            String::from_utf8(bytes.map_err(|_| InvalidPageToken)?).map_err(|_| InvalidPageToken)?;
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            _ => c - b'A' + 10,
+        };
+        let bytes: Vec<u8> = hex.chunks(2).map(|pair| (digit(pair[0]) << 4) | digit(pair[1])).collect();
+        let last_key = String::from_utf8(bytes).map_err(|_| InvalidPageToken)?;
         Ok(PageToken { last_key })
     }
 }
@@ -61,6 +68,8 @@ impl PageToken {
 #[derive(Debug, Clone)]
 pub struct Coverage {
     partitions: BTreeMap<PartitionId, PartitionCover>,
+    /// Replicas asked only when no live one is left to ask for a partition.
+    suspects: BTreeSet<NodeId>,
 }
 
 #[derive(Debug, Clone)]
@@ -75,7 +84,12 @@ struct PartitionCover {
 
 impl Coverage {
     /// `needed` answers per partition (1 at ONE, R at a quorum), from `candidates` in order.
-    pub fn new(partitions: impl IntoIterator<Item = (PartitionId, Vec<NodeId>)>, needed: usize) -> Self {
+    /// The `suspects` (failing or down) are asked last.
+    pub fn new(
+        partitions: impl IntoIterator<Item = (PartitionId, Vec<NodeId>)>,
+        needed: usize,
+        suspects: BTreeSet<NodeId>,
+    ) -> Self {
         let partitions = partitions
             .into_iter()
             .map(|(partition, candidates)| {
@@ -83,7 +97,7 @@ impl Coverage {
                 (partition, PartitionCover { candidates, asked: 0, answered: 0, needed })
             })
             .collect();
-        Self { partitions }
+        Self { partitions, suspects }
     }
 
     /// The next round of calls: for each partition still short of answers, as many untried candidates
@@ -98,7 +112,9 @@ impl Coverage {
                 let Some(choice) = untried
                     .iter()
                     .enumerate()
-                    .min_by_key(|(position, node)| (round.get(node).map_or(0, Vec::len), *position))
+                    .min_by_key(|(position, node)| {
+                        (self.suspects.contains(node), round.get(node).map_or(0, Vec::len), *position)
+                    })
                     .map(|(position, _)| position)
                 else {
                     break;
@@ -216,7 +232,8 @@ mod tests {
             let token = PageToken { last_key: key.into() };
             assert_eq!(PageToken::decode(&token.encode()), Ok(token));
         }
-        for bad in ["", "k1", "k1zz", "k1abc", "x1ab", "k1ff", &format!("k1{}", "61".repeat(1025))] {
+        let too_long = format!("k1{}", "61".repeat(1025));
+        for bad in ["", "k1", "k1zz", "k1abc", "x1ab", "k1ff", "k1aéb", "k1+f", "k1é", &too_long] {
             assert_eq!(PageToken::decode(bad), Err(InvalidPageToken), "{bad}");
         }
     }
@@ -225,7 +242,7 @@ mod tests {
     fn coverage_spreads_partitions_and_falls_back_to_the_next_replica() {
         let (a, b, c) = (NodeId(1), NodeId(2), NodeId(3));
         let partitions = (0..6).map(|p| (PartitionId(p), vec![a, b, c]));
-        let mut one = Coverage::new(partitions.clone(), 1);
+        let mut one = Coverage::new(partitions.clone(), 1, BTreeSet::new());
         let round = one.next_round();
         assert_eq!(round.values().map(Vec::len).collect::<Vec<_>>(), vec![2, 2, 2], "spread over the nodes");
         // Node a fails: its partitions go to the next candidates; the rest answered.
@@ -242,7 +259,7 @@ mod tests {
         }
         assert!(one.complete() && one.unavailable().is_empty());
 
-        let mut quorum = Coverage::new(partitions, 2);
+        let mut quorum = Coverage::new(partitions.clone(), 2, BTreeSet::new());
         let round = quorum.next_round();
         assert_eq!(round.values().map(Vec::len).sum::<usize>(), 12);
         // Only one node answers: every partition is one short, and one candidate is left each.
@@ -253,6 +270,12 @@ mod tests {
         let _ = quorum.next_round();
         assert!(quorum.next_round().is_empty());
         assert_eq!(quorum.unavailable().len(), 6, "nobody else answered");
+
+        // A suspect replica is asked only for partitions no live replica can answer.
+        let mut avoiding = Coverage::new(partitions, 1, BTreeSet::from([c]));
+        let round = avoiding.next_round();
+        assert!(!round.contains_key(&c), "{round:?}");
+        assert_eq!(round.values().map(Vec::len).sum::<usize>(), 6);
     }
 
     #[test]

@@ -91,16 +91,19 @@ impl Admission {
         now_ms: u64,
     ) -> &'a mut TokenBucket {
         let (rate, burst) = (tenant.rate_limit_ops_per_sec, tenant.rate_limit_burst);
-        let bucket =
-            buckets.entry(tenant.tenant_id.clone()).or_insert_with(|| TokenBucket::new(rate, burst, now_ms));
+        // A new bucket (or one for new settings) starts at the even split, never at the whole limit:
+        // every router making one would otherwise admit a whole burst each.
+        let fresh = || {
+            let mut bucket = TokenBucket::new(rate, burst, now_ms);
+            bucket.set_share(
+                f64::from_bits(self.default_share.load(std::sync::atomic::Ordering::Relaxed)),
+                now_ms,
+            );
+            bucket
+        };
+        let bucket = buckets.entry(tenant.tenant_id.clone()).or_insert_with(fresh);
         if !bucket.has_settings(rate, burst) {
-            *bucket = TokenBucket::new(rate, burst, now_ms);
-        }
-        if bucket.share() == 1.0 {
-            let share = f64::from_bits(self.default_share.load(std::sync::atomic::Ordering::Relaxed));
-            if share < 1.0 {
-                bucket.set_share(share, now_ms);
-            }
+            *bucket = fresh();
         }
         bucket
     }
@@ -116,14 +119,14 @@ impl Admission {
     }
 
     /// Sets each bucket's share of its tenant's limit: `shares` where it names the tenant, else
-    /// `even` (also what new buckets start with).
-    pub fn set_shares(&self, shares: &HashMap<String, f64>, even: f64) {
-        self.default_share.store(even.to_bits(), std::sync::atomic::Ordering::Relaxed);
+    /// `absent` (also what new buckets start with).
+    pub fn set_shares(&self, shares: &HashMap<String, f64>, absent: f64) {
+        self.default_share.store(absent.to_bits(), std::sync::atomic::Ordering::Relaxed);
         let now_ms = self.now_ms();
         for shard in &self.buckets {
             let mut buckets = shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             for (tenant, bucket) in buckets.iter_mut() {
-                bucket.set_share(shares.get(tenant).copied().unwrap_or(even), now_ms);
+                bucket.set_share(shares.get(tenant).copied().unwrap_or(absent), now_ms);
             }
         }
     }

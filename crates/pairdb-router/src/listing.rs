@@ -118,8 +118,8 @@ impl KvRouter {
         let range = page_range(&request)?;
         let group_token = group_token(&tenant, &request.group)?;
         let needed = listing_replicas(&request.options, &tenant)?;
-        let mut coverage =
-            Coverage::new(self.candidates(&view, &tenant, group_token.map(|t| (t, &request.group)))?, needed);
+        let candidates = self.candidates(&view, &tenant, group_token)?;
+        let mut coverage = Coverage::new(candidates, needed, self.suspects(&view));
         let call = ListCall {
             tenant_id: tenant.tenant_id.clone(),
             tenant_generation: tenant.generation,
@@ -152,7 +152,12 @@ impl KvRouter {
                 listed.then(|| (key.clone(), ListedEntry { key, set, siblings, context }))
             })
             .collect();
-        let (kept, token) = cut_page(kept, limit as usize, merged.complete_through);
+        // A Scan page also ends once its values reach `max_bytes` (the key that crosses it included).
+        let page_keys = match with_values {
+            true => keys_within_bytes(&kept, max_bytes).min(limit as usize),
+            false => limit as usize,
+        };
+        let (kept, token) = cut_page(kept, page_keys, merged.complete_through);
         Ok(ListPage {
             entries: kept.into_iter().map(|(_, entry)| entry).collect(),
             next_page_token: token.map(|t| t.encode()).unwrap_or_default(),
@@ -161,29 +166,20 @@ impl KvRouter {
         })
     }
 
-    /// Each partition to list with its replicas, those not suspected first.
+    /// Each partition to list (all, or the group's one) with its replicas in preference order.
     fn candidates(
         &self,
         view: &ClusterView,
         tenant: &TenantSettings,
-        group: Option<(pairdb_core::token::Token, &String)>,
+        group: Option<pairdb_core::token::Token>,
     ) -> Result<Vec<(PartitionId, Vec<NodeId>)>, RouterError> {
         let current = view.current.as_ref().ok_or(RouterError::NotReady)?;
         let n = tenant.serving_replication_factor();
-        let suspects = self.suspects(view);
         let partitions: Vec<PartitionId> = match group {
-            Some((token, _)) => vec![current.partition_count().partition_of(token)],
+            Some(token) => vec![current.partition_count().partition_of(token)],
             None => (0..current.partition_count().get()).map(PartitionId).collect(),
         };
-        Ok(partitions
-            .into_iter()
-            .map(|partition| {
-                let mut replicas = current.preference_list(partition, n).to_vec();
-                // Stable: preference order within the live and within the suspect.
-                replicas.sort_by_key(|node| suspects.contains(node));
-                (partition, replicas)
-            })
-            .collect())
+        Ok(partitions.into_iter().map(|p| (p, current.preference_list(p, n).to_vec())).collect())
     }
 
     /// Sends rounds of calls until every partition has its answers or no replica is left to ask.
@@ -203,7 +199,10 @@ impl KvRouter {
             if round.is_empty() || left_ms == 0 {
                 return Ok((answers, examined));
             }
-            let wait = Duration::from_millis(left_ms);
+            // A round waits at most a few storage timeouts, so a hung replica leaves time for the
+            // next round to ask another.
+            let round_wait = (self.pool.storage_timeout() * 4).max(Duration::from_secs(1));
+            let wait = Duration::from_millis(left_ms).min(round_wait);
             let sent = round.into_iter().map(|(node, partitions)| {
                 let call = ListCall { partitions: partitions.clone(), ..call.clone() };
                 let calls = calls.clone();
@@ -222,6 +221,19 @@ impl KvRouter {
             }
         }
     }
+}
+
+/// How many of `entries` a Scan page holds: up to and including the one whose values reach
+/// `max_bytes` (at least one).
+fn keys_within_bytes(entries: &[(String, ListedEntry)], max_bytes: u64) -> usize {
+    let mut total = 0u64;
+    for (position, (_, entry)) in entries.iter().enumerate() {
+        total = total.saturating_add(entry.value_bytes());
+        if total >= max_bytes {
+            return position + 1;
+        }
+    }
+    entries.len()
 }
 
 /// The siblings a listing shows of `set` (as a Get would).

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use pairdb_core::rate_limit::router_share;
+use pairdb_core::rate_limit::{MIN_SHARE_OF_EVEN_SPLIT, router_share};
 use pairdb_service::shutdown::Shutdown;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
@@ -108,7 +108,13 @@ pub async fn run(admission: Arc<Admission>, source: ShareSource, view: SharedVie
                 }
             }
         };
-        admission.set_shares(&shares, 1.0 / routers as f64);
+        // With the exchange working, a tenant this router saw no demand for gets only the floor
+        // (the routers that do see demand hold the rest); otherwise an even split.
+        let absent = match (&source, redis_failing) {
+            (ShareSource::Redis(_), false) => MIN_SHARE_OF_EVEN_SPLIT / routers as f64,
+            _ => 1.0 / routers as f64,
+        };
+        admission.set_shares(&shares, absent);
     }
 }
 
@@ -142,9 +148,26 @@ async fn exchange(
             .map_err(|_| format!("timed out after {} ms", REDIS_TIMEOUT.as_millis()))?
             .map_err(|e| e.to_string())?;
     let mut shares = HashMap::with_capacity(tenants.len());
+    let mut stale = redis::pipe();
+    let mut any_stale = false;
     for ((tenant, mine), entries) in tenants.into_iter().zip(published) {
         let fresh: Vec<f64> = entries.values().filter_map(|entry| fresh_demand(entry, now_ms)).collect();
         shares.insert(tenant.clone(), router_share(mine, &fresh, routers));
+        // Routers that stopped publishing (restarted ones get new ids): their fields go, so a hash
+        // holds only the routers of the last few seconds.
+        for (field, entry) in &entries {
+            if fresh_demand(entry, now_ms).is_none() {
+                stale.hdel(demand_key(tenant), field).ignore();
+                any_stale = true;
+            }
+        }
+    }
+    if any_stale {
+        let removed: Result<Result<(), _>, _> =
+            tokio::time::timeout(REDIS_TIMEOUT, stale.query_async::<()>(&mut connection)).await;
+        if let Ok(Err(error)) = removed {
+            tracing::debug!(%error, "could not remove stale rate-limit demands");
+        }
     }
     Ok(shares)
 }

@@ -255,6 +255,14 @@ impl StorageCalls {
             })?;
             records.push((record.key, set));
         }
+        if !response.complete && response.resume_after.is_empty() {
+            // Not how far the answer is complete: unusable (the partitions go to another replica).
+            tracing::error!(
+                node_id = node.0,
+                "replica answered an incomplete listing without a resume point"
+            );
+            return Err(CallError::Failed(FailureCause::Error));
+        }
         let resume_after = (!response.complete).then_some(response.resume_after);
         Ok((NodeAnswer { records, complete: response.complete, resume_after }, response.examined))
     }

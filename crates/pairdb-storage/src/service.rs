@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use pairdb_core::dvv::VersionSet;
 use pairdb_core::encoding::{decode_vector, decode_version_set, encode_version_set};
 use pairdb_core::ring::NodeId;
-use pairdb_core::token::PartitionId;
+use pairdb_core::token::{PartitionId, placement_token};
 use pairdb_core::validation::{
     ABSOLUTE_MAX_SIBLINGS, ABSOLUTE_MAX_VALUE_BYTES, validate_key, validate_tenant_id,
 };
@@ -132,6 +132,7 @@ impl StorageApi {
         validate_key(key.key.as_bytes()).map_err(|e| status(e.reason(), e.to_string(), &[]))?;
         let record = RecordKey::from_wire(self.engine.partitions(), &key.tenant_id, &key.key, key.token)
             .map_err(|e| status(Reason::PartitionMismatch, e.to_string(), &[]))?;
+        self.check_placement(&record)?;
         self.check_partition(key.partition)?;
         if record.partition.0 != key.partition {
             return Err(status(
@@ -170,6 +171,22 @@ impl StorageApi {
             if generation != 0 && tenant.generation != 0 && generation != tenant.generation {
                 return Err(gone("was deleted and created again (the request names an older generation)"));
             }
+        }
+        Ok(())
+    }
+
+    /// Refuses a key placed by another rule than its tenant's (when the view knows the tenant): one
+    /// (tenant, key) is only ever filed under one token here, so its index entry is unambiguous.
+    fn check_placement(&self, record: &RecordKey) -> Result<(), Status> {
+        let Some(view) = &self.view else { return Ok(()) };
+        let Some(tenant) = view.load().tenants.get(&record.tenant).cloned() else { return Ok(()) };
+        let expected = placement_token(&record.tenant, &record.key, tenant.key_groups);
+        if expected != record.token {
+            let message = format!(
+                "token {:#018x} is not how tenant {:?} places this key",
+                record.token.0, record.tenant
+            );
+            return Err(status(Reason::PartitionMismatch, message, &[]));
         }
         Ok(())
     }
@@ -316,14 +333,17 @@ impl StorageService for StorageApi {
         let request = request.into_inner();
         validate_tenant_id(&request.tenant_id).map_err(|e| status(e.reason(), e.to_string(), &[]))?;
         self.check_client_tenant(&request.tenant_id, request.tenant_generation)?;
-        let query = crate::listing::query(request, self.engine.partitions(), Instant::now())?;
         let started = Instant::now();
+        let mut query = crate::listing::query(request, self.engine.partitions(), started)?;
+        let budget = query.deadline.saturating_duration_since(started);
         // Listings have their own work class: a long scan never takes the point requests' slots.
-        let _permit = self
-            .listing
-            .acquire()
-            .await
-            .map_err(|_| status(Reason::NotReady, "storage node is shutting down", &[]))?;
+        let _permit = match tokio::time::timeout(budget, self.listing.acquire()).await {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_closed)) => return Err(status(Reason::NotReady, "storage node is shutting down", &[])),
+            Err(_waited) => return Err(status(Reason::Overloaded, "every listing slot stayed busy", &[])),
+        };
+        // The budget counts from when the listing may run, not from when it queued.
+        query.deadline = Instant::now() + budget;
         let engine = self.engine.clone();
         let result = tokio::task::spawn_blocking(move || engine.list_records(&query))
             .await
