@@ -37,9 +37,14 @@ fn build_binaries() -> anyhow::Result<PathBuf> {
     if !cfg!(debug_assertions) {
         command.arg("--release");
     }
-    let status = command.status().context("running cargo build for the e2e binaries")?;
-    if !status.success() {
-        bail!("cargo build of the service binaries failed: {status}");
+    // Cargo's output is kept and its end quoted on failure: the test's panic message is what a CI
+    // summary shows, and a compiler failure must be readable there.
+    let output = command.output().context("running cargo build for the e2e binaries")?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let lines: Vec<&str> = stderr.lines().collect();
+        let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+        bail!("cargo build of the service binaries failed: {}\n{tail}", output.status);
     }
     // The test executable lives in <target>/<profile>/deps/; binaries in <target>/<profile>/.
     let exe = std::env::current_exe()?;
