@@ -148,7 +148,8 @@ impl KvRouter {
                 let siblings = shown_siblings(&set, tenant.conflict_mode);
                 let listed = (request.include_tombstones || !siblings.is_empty())
                     && (!request.conflicts_only || siblings.len() > 1);
-                let context = Self::seal(sealing, &tenant.tenant_id, &key, set.vector());
+                // Sealed once the page is cut: only the keys it returns get a context.
+                let context = Vec::new();
                 listed.then(|| (key.clone(), ListedEntry { key, set, siblings, context }))
             })
             .collect();
@@ -158,8 +159,15 @@ impl KvRouter {
             false => limit as usize,
         };
         let (kept, token) = cut_page(kept, page_keys, merged.complete_through);
+        let entries = kept
+            .into_iter()
+            .map(|(_, mut entry)| {
+                entry.context = Self::seal(sealing, &tenant.tenant_id, &entry.key, entry.set.vector());
+                entry
+            })
+            .collect();
         Ok(ListPage {
-            entries: kept.into_iter().map(|(_, entry)| entry).collect(),
+            entries,
             next_page_token: token.map(|t| t.encode()).unwrap_or_default(),
             unavailable_partitions: unavailable,
             examined,
