@@ -140,8 +140,101 @@ impl Budget {
     }
 }
 
+/// Paces background work (listings) to a `share` of wall time while foreground work (point reads
+/// and writes) is present, and lets it run freely otherwise: the work runs in short slices, reports
+/// each slice's busy time with [`BusyShare::charge`], and asks [`BusyShare::wait_us`] before the
+/// next one. One pacer per node, shared by every worker of the class, so the share is the node's,
+/// not each worker's.
+///
+/// It is a virtual clock: each contended slice of `busy` µs pushes the moment the class may work
+/// again by `busy × (1 − share) / share`, from now or from where the clock already stood. One
+/// worker then works exactly `share` of the time; `k` workers charging concurrently work a little
+/// more than `share` together (their slices overlap the pause they repay), never `k × share`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BusyShare {
+    /// In (0, 1]; 1 never pauses.
+    share: f64,
+    /// The background class may start its next slice at this moment (µs on the caller's clock).
+    next_free_us: u64,
+}
+
+impl BusyShare {
+    /// `share` is clamped to [0.01, 1].
+    pub fn new(share: f64) -> Self {
+        Self { share: share.clamp(0.01, 1.0), next_free_us: 0 }
+    }
+
+    pub fn share(&self) -> f64 {
+        self.share
+    }
+
+    /// A slice of `busy_us` ended at `now_us`; `contended`: foreground work ran meanwhile.
+    pub fn charge(&mut self, busy_us: u64, contended: bool, now_us: u64) {
+        if !contended {
+            return;
+        }
+        let pause_us = (busy_us as f64 * (1.0 - self.share) / self.share).ceil() as u64;
+        self.next_free_us = self.next_free_us.max(now_us).saturating_add(pause_us);
+    }
+
+    /// How long to wait before the next slice (0 when foreground work is absent: the class may then
+    /// use the whole machine, and its debt is forgiven).
+    pub fn wait_us(&mut self, contended: bool, now_us: u64) -> u64 {
+        if !contended {
+            self.next_free_us = self.next_free_us.min(now_us);
+            return 0;
+        }
+        self.next_free_us.saturating_sub(now_us)
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn one_busy_worker_gets_its_share_of_the_time() {
+        let mut pacer = BusyShare::new(0.2);
+        let (mut now, mut busy) = (0u64, 0u64);
+        for _ in 0..1000 {
+            now += pacer.wait_us(true, now);
+            now += 500;
+            busy += 500;
+            pacer.charge(500, true, now);
+        }
+        let share = busy as f64 / now as f64;
+        assert!((share - 0.2).abs() < 0.001, "{share}");
+    }
+
+    #[test]
+    fn concurrent_workers_share_the_node_share_not_each() {
+        // Two workers whose slices overlap: each waits out the pause both caused.
+        let mut pacer = BusyShare::new(0.1);
+        let (mut now, mut busy) = (0u64, 0u64);
+        for _ in 0..1000 {
+            now += pacer.wait_us(true, now);
+            now += 1000;
+            busy += 2000;
+            pacer.charge(1000, true, now);
+            pacer.charge(1000, true, now);
+        }
+        let share = busy as f64 / (2.0 * now as f64);
+        assert!(share <= 0.11, "per-worker share {share}");
+        assert!(busy as f64 / now as f64 <= 0.22, "node share {}", busy as f64 / now as f64);
+    }
+
+    #[test]
+    fn without_foreground_work_there_is_no_pause_and_no_debt() {
+        let mut pacer = BusyShare::new(0.1);
+        pacer.charge(10_000, false, 10_000);
+        assert_eq!(pacer.wait_us(true, 10_000), 0, "uncontended work is not charged");
+        pacer.charge(10_000, true, 20_000);
+        assert_eq!(pacer.wait_us(true, 20_000), 90_000);
+        assert_eq!(pacer.wait_us(false, 21_000), 0, "foreground gone: go at once");
+        assert_eq!(pacer.wait_us(true, 21_000), 0, "and the debt is forgiven");
+        let mut whole = BusyShare::new(1.0);
+        whole.charge(5_000, true, 5_000);
+        assert_eq!(whole.wait_us(true, 5_000), 0);
+    }
+
     #[test]
     fn budget_paces_large_charges_to_the_rate() {
         let mut budget = Budget::new(1000, 0);

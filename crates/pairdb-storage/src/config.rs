@@ -49,6 +49,10 @@ pub struct Config {
     /// Largest batch a partition stream sends.
     #[arg(long, env = "PAIRDB_STREAM_BATCH_MAX", default_value_t = 1024)]
     pub stream_batch_max: usize,
+    /// Most of this node's time listings take while point reads and writes are being served, in
+    /// percent (1-100; 100 = listings are not paced). Alone, listings use the whole node.
+    #[arg(long, env = "PAIRDB_LISTING_SHARE_PERCENT", default_value_t = 10)]
+    pub listing_share_percent: u8,
     /// Block cache size in MiB.
     #[arg(long, env = "PAIRDB_CACHE_MB", default_value_t = 64)]
     pub cache_mb: u64,
@@ -112,6 +116,8 @@ pub enum ConfigError {
     MaxInflight,
     #[error("stream_batch_max: must be between 1 and 65536")]
     StreamBatch,
+    #[error("listing_share_percent: must be between 1 and 100")]
+    ListingShare,
     #[error("weight: must be between 1 and 1000")]
     Weight,
     #[error("hint_retention_secs: must be at least 1")]
@@ -146,6 +152,9 @@ impl Config {
         }
         if !(1..=65_536).contains(&self.stream_batch_max) {
             return Err(ConfigError::StreamBatch);
+        }
+        if !(1..=100).contains(&self.listing_share_percent) {
+            return Err(ConfigError::ListingShare);
         }
         if !(1..=1000).contains(&self.weight) {
             return Err(ConfigError::Weight);
@@ -217,6 +226,7 @@ impl Config {
             partition_count: DEFAULT_PARTITION_COUNT,
             max_inflight_requests: 1024,
             stream_batch_max: 1024,
+            listing_share_percent: 10,
             cache_mb: 64,
             disk_reserve_mb: 64,
             meta_addr: None,

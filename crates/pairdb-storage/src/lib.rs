@@ -104,7 +104,8 @@ pub async fn run_with_engine(
     let mut api =
         service::StorageApi::new(engine.clone(), config.max_inflight_requests, config.stream_batch_max)
             .with_clients(clients.clone())
-            .with_tombstone_grace(Duration::from_secs(config.tombstone_grace_secs));
+            .with_tombstone_grace(Duration::from_secs(config.tombstone_grace_secs))
+            .with_listing_share(config.listing_share_percent);
     // The topology drives anti-entropy, tombstone GC, hint delivery, tenant purges and dropping
     // unowned data.
     let view = config.meta_addr.as_ref().map(|_| pairdb_service::cluster_view::SharedView::default());

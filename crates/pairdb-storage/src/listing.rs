@@ -3,17 +3,23 @@
 //!
 //! Listings are a work class of their own: at most [`CONCURRENT_LISTINGS`] run at once on a node,
 //! each bounded in records, bytes, entries examined and time, so a large scan shares the node with
-//! point reads and writes instead of queueing them.
+//! point reads and writes instead of queueing them. A listing runs in slices of
+//! [`LISTING_SLICE_MS`]; while point requests are being served, the node's [`ListingPacer`] pauses
+//! it between slices so that listings take at most their configured share of the node's time
+//! (and all of it when nothing else runs).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use pairdb_core::rate_limit::BusyShare;
 use pairdb_core::token::{PartitionCount, Token};
 use pairdb_core::validation::validate_key;
 use pairdb_proto::storage::v1 as pb;
 use pairdb_service::errors::{HasReason, Reason, status};
 use tonic::Status;
 
-use crate::engine::{ListQuery, ListedRecords, MAX_LIST_BYTES, MAX_LIST_LIMIT};
+use crate::engine::{Engine, ListQuery, ListedRecords, MAX_LIST_BYTES, MAX_LIST_LIMIT};
 
 /// Listing calls a node runs at once (on the blocking pool; further calls wait their turn).
 pub const CONCURRENT_LISTINGS: usize = 2;
@@ -23,6 +29,162 @@ pub const MAX_EXAMINED: usize = 20_000;
 
 /// Longest one call examines entries before answering what it found.
 pub const MAX_LIST_BUDGET_MS: u32 = 2_000;
+
+/// Work a listing does between two looks at the pacer.
+pub const LISTING_SLICE_MS: u64 = 2;
+
+/// Point requests begun and finished on this node (counted by the service around each one): a
+/// listing slice is contended when one was in flight or began while it ran.
+#[derive(Debug, Default)]
+pub struct Foreground {
+    started: AtomicU64,
+    finished: AtomicU64,
+}
+
+/// Counts one point request as finished when dropped.
+#[derive(Debug)]
+pub struct ForegroundRequest<'a>(&'a Foreground);
+
+impl Drop for ForegroundRequest<'_> {
+    fn drop(&mut self) {
+        self.0.finished.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Foreground {
+    pub fn begin(&self) -> ForegroundRequest<'_> {
+        self.started.fetch_add(1, Ordering::Relaxed);
+        ForegroundRequest(self)
+    }
+
+    /// Where the count stands (to ask [`Foreground::contended_since`] later).
+    fn mark(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
+    }
+
+    /// A point request began after `mark`, or one is in flight now.
+    fn contended_since(&self, mark: u64) -> bool {
+        let started = self.started.load(Ordering::Relaxed);
+        started != mark || started != self.finished.load(Ordering::Relaxed)
+    }
+}
+
+/// The node's pacing of listings against point requests (one per node, shared by every listing).
+#[derive(Debug)]
+pub struct ListingPacer {
+    share: Mutex<BusyShare>,
+    slice: Duration,
+    origin: Instant,
+    pub foreground: Foreground,
+    busy_us: AtomicU64,
+    paused_us: AtomicU64,
+}
+
+/// Time listings worked and waited on a node since it started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PacerTotals {
+    pub busy_us: u64,
+    pub paused_us: u64,
+}
+
+impl ListingPacer {
+    /// Listings take at most `share_percent` of the node's time while point requests run, looking
+    /// at the pacer after each `slice` of work.
+    pub fn new(share_percent: u8, slice: Duration) -> Self {
+        Self {
+            share: Mutex::new(BusyShare::new(f64::from(share_percent) / 100.0)),
+            slice,
+            origin: Instant::now(),
+            foreground: Foreground::default(),
+            busy_us: AtomicU64::new(0),
+            paused_us: AtomicU64::new(0),
+        }
+    }
+
+    pub fn totals(&self) -> PacerTotals {
+        PacerTotals {
+            busy_us: self.busy_us.load(Ordering::Relaxed),
+            paused_us: self.paused_us.load(Ordering::Relaxed),
+        }
+    }
+
+    fn now_us(&self) -> u64 {
+        self.origin.elapsed().as_micros() as u64
+    }
+
+    fn pace(&self) -> std::sync::MutexGuard<'_, BusyShare> {
+        self.share.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until listings may work again (at most until `deadline`).
+    async fn wait_turn(&self, contended: bool, deadline: Instant) {
+        let wait_us = self.pace().wait_us(contended, self.now_us());
+        if wait_us > 0 {
+            let started = Instant::now();
+            tokio::time::sleep_until((started + Duration::from_micros(wait_us)).min(deadline).into()).await;
+            let paused = started.elapsed();
+            metrics::histogram!("pairdb_storage_listing_pause_seconds").record(paused.as_secs_f64());
+            self.paused_us.fetch_add(paused.as_micros() as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn charge(&self, busy: Duration, contended: bool) {
+        self.busy_us.fetch_add(busy.as_micros() as u64, Ordering::Relaxed);
+        self.pace().charge(busy.as_micros() as u64, contended, self.now_us());
+    }
+}
+
+/// Runs `query` on the blocking pool in slices (of [`LISTING_SLICE_MS`] on a node), each resuming
+/// where the last stopped, pausing between them as the pacer says; answers as one engine call would.
+pub async fn run(
+    engine: Arc<Engine>,
+    query: ListQuery,
+    pacer: &ListingPacer,
+) -> Result<ListedRecords, Status> {
+    let mut answer = ListedRecords::default();
+    let mut bytes = 0usize;
+    let mut next = query.clone();
+    let mut mark = pacer.foreground.mark();
+    loop {
+        pacer.wait_turn(pacer.foreground.contended_since(mark), query.deadline).await;
+        mark = pacer.foreground.mark();
+        let mut slice = next.clone();
+        slice.limit = query.limit - answer.records.len();
+        slice.max_bytes = query.max_bytes - bytes;
+        slice.max_examined = query.max_examined - answer.examined as usize;
+        slice.deadline = query.deadline.min(Instant::now() + pacer.slice);
+        let engine = engine.clone();
+        let (part, busy) = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            engine.list_records(&slice).map(|part| (part, started.elapsed()))
+        })
+        .await
+        .map_err(|error| status(Reason::Internal, format!("engine task failed: {error}"), &[]))?
+        .map_err(crate::service::engine_status)?;
+        pacer.charge(busy, pacer.foreground.contended_since(mark));
+        answer.examined += part.examined;
+        bytes += part.records.iter().map(|(_, set)| set.len()).sum::<usize>();
+        answer.records.extend(part.records);
+        let Some(resume) = part.resume_after.filter(|_| !part.complete) else {
+            answer.complete = true;
+            answer.resume_after = None;
+            return Ok(answer);
+        };
+        let spent = answer.records.len() >= query.limit
+            || bytes >= query.max_bytes
+            || answer.examined >= query.max_examined as u64
+            || Instant::now() >= query.deadline;
+        if spent {
+            answer.resume_after = Some(resume);
+            return Ok(answer);
+        }
+        if query.reverse {
+            next.end_before = Some(resume);
+        } else {
+            next.start_after = Some(resume);
+        }
+    }
+}
 
 fn invalid(message: String) -> Status {
     status(Reason::InvalidListing, message, &[])

@@ -24,10 +24,14 @@ use crate::engine::{
     ApplyDeadline, CoordinatedWrite, Engine, EngineError, QuotaGuard, RecordDigest, TombstonePlacement,
 };
 use crate::keys::RecordKey;
+use crate::listing::ListingPacer;
 use crate::merkle::MERKLE_DEPTH;
 use crate::transfer;
 use crate::workers::tombstone_gc::placement_holds;
 use crate::workers::{Rebuild, RebuildProgress, RebuildState, Transfers};
+
+/// Work a listing does between two looks at the node's pacer.
+const LISTING_SLICE: Duration = Duration::from_millis(crate::listing::LISTING_SLICE_MS);
 
 /// The gRPC service over one engine.
 #[derive(Debug, Clone)]
@@ -36,6 +40,8 @@ pub struct StorageApi {
     inflight: Arc<Semaphore>,
     /// Listing calls running at once (their own work class, apart from `inflight`).
     listing: Arc<Semaphore>,
+    /// Paces listings against point requests (those of [`StorageApi::blocking`]).
+    pacer: Arc<ListingPacer>,
     stream_batch_max: usize,
     /// How this node calls its peers (migration pulls).
     clients: pairdb_service::clients::InternalClients,
@@ -58,6 +64,7 @@ impl StorageApi {
             engine,
             inflight: Arc::new(Semaphore::new(max_inflight_requests)),
             listing: Arc::new(Semaphore::new(crate::listing::CONCURRENT_LISTINGS)),
+            pacer: Arc::new(ListingPacer::new(100, LISTING_SLICE)),
             stream_batch_max,
             clients: pairdb_service::clients::InternalClients::insecure(),
             tombstone_grace_ms: u64::MAX,
@@ -65,6 +72,12 @@ impl StorageApi {
             transfers: None,
             view: None,
         }
+    }
+
+    /// Listings take at most `share_percent` of the node's time while point requests run.
+    pub fn with_listing_share(mut self, share_percent: u8) -> Self {
+        self.pacer = Arc::new(ListingPacer::new(share_percent, LISTING_SLICE));
+        self
     }
 
     /// Checks `ConfirmTombstone` placements against the view the node follows.
@@ -117,6 +130,7 @@ impl StorageApi {
             .acquire()
             .await
             .map_err(|_| status(Reason::NotReady, "storage node is shutting down", &[]))?;
+        let _foreground = self.pacer.foreground.begin();
         let engine = self.engine.clone();
         let result = tokio::task::spawn_blocking(move || op(&engine))
             .await
@@ -179,8 +193,10 @@ impl StorageApi {
     /// (tenant, key) is only ever filed under one token here, so its index entry is unambiguous.
     fn check_placement(&self, record: &RecordKey) -> Result<(), Status> {
         let Some(view) = &self.view else { return Ok(()) };
-        let Some(tenant) = view.load().tenants.get(&record.tenant).cloned() else { return Ok(()) };
-        let expected = placement_token(&record.tenant, &record.key, tenant.key_groups);
+        let Some(key_groups) = view.load().tenants.get(&record.tenant).map(|t| t.key_groups) else {
+            return Ok(());
+        };
+        let expected = placement_token(&record.tenant, &record.key, key_groups);
         if expected != record.token {
             let message = format!(
                 "token {:#018x} is not how tenant {:?} places this key",
@@ -247,7 +263,7 @@ impl StorageApi {
     }
 }
 
-fn engine_status(error: EngineError) -> Status {
+pub(crate) fn engine_status(error: EngineError) -> Status {
     match &error {
         EngineError::Read(_) | EngineError::Corrupt(_) => tracing::error!(%error, "storage engine error"),
         _ => {}
@@ -344,11 +360,7 @@ impl StorageService for StorageApi {
         };
         // The budget counts from when the listing may run, not from when it queued.
         query.deadline = Instant::now() + budget;
-        let engine = self.engine.clone();
-        let result = tokio::task::spawn_blocking(move || engine.list_records(&query))
-            .await
-            .map_err(|error| status(Reason::Internal, format!("engine task failed: {error}"), &[]))?
-            .map_err(engine_status);
+        let result = crate::listing::run(self.engine.clone(), query, &self.pacer).await;
         record("list_records", started, &result);
         Ok(Response::new(crate::listing::response(result?)))
     }

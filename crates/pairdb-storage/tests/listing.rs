@@ -284,3 +284,73 @@ fn a_reached_quota_refuses_only_writes_that_grow_what_it_counts() {
     // The deleted key coming back adds a key again.
     assert!(matches!(write("a", Some(b"1"), both), Err(EngineError::QuotaExceeded("keys"))));
 }
+
+/// Tenant `t` with 600 keys (1 in 3 deleted, 4 key groups) and `u` with the same names.
+fn sliced_fixture(engine: &Engine) {
+    for i in 0..600 {
+        let key = format!("k:{{g{}}}:{i:04}", i % 4);
+        for tenant in ["t", "u"] {
+            let record = RecordKey::placed(q(), tenant, &key, KeyGroups::HashTag);
+            put(engine, &record, &[b'v'; 100]);
+            if i % 3 == 0 {
+                delete(engine, &record);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_run_in_slices_answers_what_one_call_would() {
+    use pairdb_storage::listing::{ListingPacer, run};
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path());
+    sliced_fixture(&engine);
+    // A zero slice stops after every entry: the most resumptions a listing can go through.
+    let pacer = ListingPacer::new(100, Duration::ZERO);
+    let group = placement_token("t", "{g2}", KeyGroups::HashTag);
+    let queries = [
+        all("t"),
+        ListQuery { reverse: true, ..all("t") },
+        ListQuery { limit: 77, skip_tombstones: true, ..all("t") },
+        ListQuery { max_bytes: 1_000, reverse: true, ..all("t") },
+        ListQuery { max_examined: 150, ..all("t") },
+        ListQuery { prefix: "k:{g1}:00".into(), start_after: Some("k:{g1}:0005".into()), ..all("t") },
+        ListQuery { end_before: Some("k:{g3}:0400".into()), reverse: true, limit: 50, ..all("t") },
+        ListQuery { group: Some(group), ..all("t") },
+        ListQuery { group: Some(group), reverse: true, limit: 20, ..all("t") },
+        ListQuery { partitions: (0..q().get()).map(|p| p % 3 == 0).collect(), ..all("t") },
+    ];
+    for query in queries {
+        let whole = engine.list_records(&query).unwrap();
+        let sliced = run(engine.clone(), query.clone(), &pacer).await.unwrap();
+        assert!(!whole.records.is_empty(), "{query:?}");
+        assert_eq!(sliced, whole, "{query:?}");
+    }
+    assert_eq!(pacer.totals().paused_us, 0, "nothing else ran: no pause");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_pause_for_point_requests_in_flight_and_only_then() {
+    use pairdb_storage::listing::{ListingPacer, run};
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path());
+    sliced_fixture(&engine);
+    let pacer = ListingPacer::new(10, Duration::from_micros(200));
+    let query = all("t");
+    let alone = run(engine.clone(), query.clone(), &pacer).await.unwrap();
+    assert_eq!(pacer.totals().paused_us, 0);
+    let before = pacer.totals();
+    let in_flight = pacer.foreground.begin();
+    let contended = run(engine.clone(), query.clone(), &pacer).await.unwrap();
+    drop(in_flight);
+    assert_eq!(contended, alone, "pauses change when, not what");
+    let busy = pacer.totals().busy_us - before.busy_us;
+    let paused = pacer.totals().paused_us - before.paused_us;
+    // Every slice but the last is followed by a pause of 9x its work (10 % share); slices of 200 us
+    // over 400 live keys are several, so the pauses add up to well over 4x the work.
+    assert!(paused >= 4 * busy, "busy {busy} us, paused {paused} us");
+    // The point request finished: the next listing runs unpaced, its debt forgiven.
+    let after = pacer.totals();
+    run(engine.clone(), query, &pacer).await.unwrap();
+    assert_eq!(pacer.totals().paused_us, after.paused_us);
+}
