@@ -46,6 +46,14 @@ fn build_binaries() -> anyhow::Result<PathBuf> {
         let tail = lines[lines.len().saturating_sub(60)..].join("\n");
         bail!("cargo build of the service binaries failed: {}\n{tail}", output.status);
     }
+    // The build just wrote hundreds of MB of binaries. Left as dirty pages, they are written out
+    // during the first tests, and an fsync of a storage node's journal (ext4 commits the file
+    // system's journal, data of other files included) then waits for them: one such wait of over
+    // a second failed a `pairdb dev` bench with QUORUM_NOT_REACHED. Write them out now.
+    let synced = Command::new("sync").status().context("running sync after the build")?;
+    if !synced.success() {
+        bail!("sync after the build failed: {synced}");
+    }
     // The test executable lives in <target>/<profile>/deps/; binaries in <target>/<profile>/.
     let exe = std::env::current_exe()?;
     let profile_dir = exe
