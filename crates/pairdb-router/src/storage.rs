@@ -340,6 +340,9 @@ impl StorageCalls {
             }
             Ok(Err(status)) => match refusal_of(&status) {
                 Some(refusal) => Err(CallError::Refused(refusal)),
+                // The node answered, only too busy to take the call (its listing slots stayed
+                // full): nothing was done, and it is no reason to route point requests elsewhere.
+                None if busy(&status) => Err(not_applied),
                 None => {
                     client.record_failure();
                     let definite = refused_before_applying(&status) || never_connected(&status);
@@ -390,6 +393,11 @@ fn refused_before_applying(status: &tonic::Status) -> bool {
         pairdb_service::errors::known_reason_of(status),
         Some(Reason::NotReady | Reason::DiskFull | Reason::CoordinateDeadlinePassed)
     )
+}
+
+/// The node refused the call for lack of capacity before doing anything.
+fn busy(status: &tonic::Status) -> bool {
+    pairdb_service::errors::known_reason_of(status) == Some(Reason::Overloaded)
 }
 
 /// The call failed because no connection could be opened: the request never left the router.
