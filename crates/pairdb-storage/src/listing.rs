@@ -153,14 +153,11 @@ pub async fn run(
         slice.max_bytes = query.max_bytes - bytes;
         slice.max_examined = query.max_examined - answer.examined as usize;
         slice.deadline = query.deadline.min(Instant::now() + pacer.slice);
-        let engine = engine.clone();
-        let (part, busy) = tokio::task::spawn_blocking(move || {
+        let (part, busy) = crate::service::on_engine(engine.clone(), move |engine| {
             let started = Instant::now();
             engine.list_records(&slice).map(|part| (part, started.elapsed()))
         })
-        .await
-        .map_err(|error| status(Reason::Internal, format!("engine task failed: {error}"), &[]))?
-        .map_err(crate::service::engine_status)?;
+        .await?;
         pacer.charge(busy, pacer.foreground.contended_since(mark));
         answer.examined += part.examined;
         bytes += part.records.iter().map(|(_, set)| set.len()).sum::<usize>();

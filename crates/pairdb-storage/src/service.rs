@@ -131,11 +131,7 @@ impl StorageApi {
             .await
             .map_err(|_| status(Reason::NotReady, "storage node is shutting down", &[]))?;
         let _foreground = self.pacer.foreground.begin();
-        let engine = self.engine.clone();
-        let result = tokio::task::spawn_blocking(move || op(&engine))
-            .await
-            .map_err(|error| status(Reason::Internal, format!("engine task failed: {error}"), &[]))?
-            .map_err(engine_status);
+        let result = on_engine(self.engine.clone(), op).await;
         record(rpc, started, &result);
         result
     }
@@ -263,7 +259,18 @@ impl StorageApi {
     }
 }
 
-pub(crate) fn engine_status(error: EngineError) -> Status {
+/// Runs `op` on the blocking pool (runtime threads never wait on disk); its error as a status.
+pub(crate) async fn on_engine<T: Send + 'static>(
+    engine: Arc<Engine>,
+    op: impl FnOnce(&Engine) -> Result<T, EngineError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(move || op(&engine))
+        .await
+        .map_err(|error| status(Reason::Internal, format!("engine task failed: {error}"), &[]))?
+        .map_err(engine_status)
+}
+
+fn engine_status(error: EngineError) -> Status {
     match &error {
         EngineError::Read(_) | EngineError::Corrupt(_) => tracing::error!(%error, "storage engine error"),
         _ => {}
