@@ -159,6 +159,35 @@ pub fn consistency(value: Option<ConsistencyArg>) -> Consistency {
     }
 }
 
+/// A write's condition (at most one). When it does not hold the command fails with
+/// PRECONDITION_FAILED and prints the key's current context (docs/api.md, "Conditional writes").
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+#[group(multiple = false)]
+pub struct ConditionArgs {
+    /// Write only if the key has no live value (never written, or deleted).
+    #[arg(long)]
+    pub if_absent: bool,
+    /// Write only if the key has a live value.
+    #[arg(long)]
+    pub if_present: bool,
+    /// Write only if the key is still exactly as --context saw it (nothing newer, nothing concurrent).
+    #[arg(long, requires = "context")]
+    pub if_match: bool,
+}
+
+impl ConditionArgs {
+    pub fn condition(self) -> Option<pairdb_client::WriteCondition> {
+        use pairdb_client::WriteCondition;
+        [
+            (self.if_absent, WriteCondition::IfAbsent),
+            (self.if_present, WriteCondition::IfPresent),
+            (self.if_match, WriteCondition::IfContextMatches),
+        ]
+        .into_iter()
+        .find_map(|(set, condition)| set.then_some(condition))
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum KvCommand {
     /// Store a value. Without --context it is added next to what is there (a sibling if the key has a
@@ -181,6 +210,8 @@ pub enum KvCommand {
         overwrite: bool,
         #[arg(long)]
         idempotency_key: Option<String>,
+        #[command(flatten)]
+        condition: ConditionArgs,
     },
     /// Read every live value (sibling) of a key and its context.
     Get {
@@ -197,6 +228,8 @@ pub enum KvCommand {
         context: Option<String>,
         #[arg(long)]
         idempotency_key: Option<String>,
+        #[command(flatten)]
+        condition: ConditionArgs,
     },
     /// List the tenant's keys in order, one page (or, with --all, every page in turn). A listing is
     /// not a snapshot: keys written or deleted meanwhile may or may not appear.

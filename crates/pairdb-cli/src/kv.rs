@@ -12,7 +12,7 @@ use crate::output::{self, Output};
 pub async fn run(globals: &Globals, command: KvCommand) -> anyhow::Result<()> {
     let client = globals.kv().await?;
     match command {
-        KvCommand::Put { key, value, file, consistency, context, overwrite, idempotency_key } => {
+        KvCommand::Put { key, value, file, consistency, context, overwrite, idempotency_key, condition } => {
             let value = match (value, file) {
                 (Some(value), _) => value.into_bytes(),
                 (None, Some(path)) => std::fs::read(&path)
@@ -24,6 +24,7 @@ pub async fn run(globals: &Globals, command: KvCommand) -> anyhow::Result<()> {
                 context: context.as_deref().map(output::decode_context).transpose()?.unwrap_or_default(),
                 overwrite,
                 idempotency_key,
+                condition: condition.condition(),
                 ..WriteOptions::default()
             };
             let result = client.put(&key, value, options).await?;
@@ -35,11 +36,12 @@ pub async fn run(globals: &Globals, command: KvCommand) -> anyhow::Result<()> {
             let result = client.get(&key, options).await?;
             print_read(globals.output, &key, result.as_ref());
         }
-        KvCommand::Delete { key, consistency, context, idempotency_key } => {
+        KvCommand::Delete { key, consistency, context, idempotency_key, condition } => {
             let options = WriteOptions {
                 consistency: crate::cli::consistency(consistency),
                 context: context.as_deref().map(output::decode_context).transpose()?.unwrap_or_default(),
                 idempotency_key,
+                condition: condition.condition(),
                 ..WriteOptions::default()
             };
             let result = client.delete(&key, options).await?;

@@ -27,7 +27,16 @@ pub fn describe_error(error: &anyhow::Error) -> String {
             client_error.reason(),
             client_error
         ),
-        Some(ClientError::Server { reason, message, .. }) => format!("{reason}: {message}"),
+        Some(client_error @ ClientError::Server { reason, message, .. }) => {
+            match client_error.current_state() {
+                Some(current) => format!(
+                    "{reason}: {message}; the key {} (current context: {})",
+                    if current.found { "has a value" } else { "has no value" },
+                    encode_context(&current.context)
+                ),
+                None => format!("{reason}: {message}"),
+            }
+        }
         _ => format!("{error:#}"),
     }
 }

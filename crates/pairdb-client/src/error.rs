@@ -54,6 +54,43 @@ impl ClientError {
     }
 }
 
+/// The key as a failed conditional write found it (the details of PRECONDITION_FAILED): retry with
+/// `context` without reading again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CurrentState {
+    /// The key has a live value.
+    pub found: bool,
+    /// The context to write the key with (covers every version the router saw).
+    pub context: Vec<u8>,
+    /// The values a read returns, when they were small enough to travel in the error (`None`: read
+    /// the key).
+    pub values: Option<Vec<Vec<u8>>>,
+}
+
+impl ClientError {
+    /// For PRECONDITION_FAILED: the key's current state from the error details (`None` for any
+    /// other error, or when the router could not read the key again to fill them in).
+    pub fn current_state(&self) -> Option<CurrentState> {
+        use base64::Engine as _;
+        let base64 = &base64::engine::general_purpose::STANDARD;
+        if self.known_reason() != Some(Reason::PreconditionFailed) {
+            return None;
+        }
+        let found = self.metadata("found")? == "true";
+        let context = base64.decode(self.metadata("context")?).ok()?;
+        let siblings: usize = self.metadata("siblings")?.parse().ok()?;
+        let values = match (self.metadata("values_included"), self.metadata("values_base64")) {
+            // Split would read "" as one empty value.
+            (Some("true"), Some(_)) if siblings == 0 => Some(Vec::new()),
+            (Some("true"), Some(encoded)) => {
+                Some(encoded.split(',').map(|v| base64.decode(v)).collect::<Result<Vec<_>, _>>().ok()?)
+            }
+            _ => None,
+        };
+        Some(CurrentState { found, context, values })
+    }
+}
+
 impl From<tonic::Status> for ClientError {
     fn from(status: tonic::Status) -> Self {
         let (reason, metadata) = match detail_of(&status) {

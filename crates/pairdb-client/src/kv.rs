@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+pub use pairdb_core::condition::WriteCondition;
 use pairdb_proto::common::v1 as common;
 use pairdb_proto::kv::v1 as pb;
 use pairdb_proto::kv::v1::kv_service_client::KvServiceClient;
@@ -50,6 +51,9 @@ pub struct WriteOptions {
     pub idempotency_key: Option<String>,
     /// Deadline of this request (the client's default otherwise).
     pub timeout: Option<Duration>,
+    /// Write only if this holds; otherwise the error's reason is PRECONDITION_FAILED and
+    /// [`ClientError::current_state`] gives the key as the router found it.
+    pub condition: Option<WriteCondition>,
 }
 
 /// Options of a get.
@@ -267,6 +271,7 @@ fn write_options(options: &WriteOptions, timeout: Duration) -> pb::WriteOptions 
         strict_quorum: false,
         timeout_ms: timeout_ms(timeout),
         idempotency_key: options.idempotency_key.clone().unwrap_or_default(),
+        condition: pairdb_proto::convert::write_condition_to_wire(options.condition),
     }
 }
 

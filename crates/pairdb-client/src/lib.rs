@@ -21,8 +21,10 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 pub use admin::AdminClient;
-pub use error::ClientError;
-pub use kv::{Consistency, KvClient, ReadOptions, ReadResult, Sibling, WriteOptions, WriteResult};
+pub use error::{ClientError, CurrentState};
+pub use kv::{
+    Consistency, KvClient, ReadOptions, ReadResult, Sibling, WriteCondition, WriteOptions, WriteResult,
+};
 pub use listing::{KeyPage, KeyPages, ListOptions, ListedKey, ScannedKey};
 pub use pairdb_proto as proto;
 pub use pairdb_proto::status::Reason;

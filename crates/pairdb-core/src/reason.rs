@@ -104,6 +104,8 @@ reasons! {
     WrongNode => "WRONG_NODE",
     TenantBeingDeleted => "TENANT_BEING_DELETED",
     StaleDataDirectory => "STALE_DATA_DIRECTORY",
+    /// A conditional write's condition did not hold (details: the key's current state).
+    PreconditionFailed => "PRECONDITION_FAILED",
 
     // A limit was hit.
     RateLimited => "RATE_LIMITED",

@@ -2,6 +2,7 @@
 //! to `None` (the caller applies its default); a number this release does not know is an error, so
 //! the caller decides whether that is the client's mistake or a newer peer's.
 
+use pairdb_core::condition::WriteCondition;
 use pairdb_core::quorum::Consistency;
 use pairdb_core::tenant::{ConflictMode, KeyGroups};
 
@@ -38,6 +39,26 @@ pub fn consistency_to_wire(consistency: Option<Consistency>) -> i32 {
         Some(Consistency::One) => common::Consistency::One,
         Some(Consistency::Quorum) => common::Consistency::Quorum,
         Some(Consistency::All) => common::Consistency::All,
+    };
+    wire as i32
+}
+
+pub fn write_condition_from_wire(value: i32) -> Result<Option<WriteCondition>, UnknownEnumValue> {
+    match common::WriteCondition::try_from(value) {
+        Ok(common::WriteCondition::Unspecified) => Ok(None),
+        Ok(common::WriteCondition::IfAbsent) => Ok(Some(WriteCondition::IfAbsent)),
+        Ok(common::WriteCondition::IfPresent) => Ok(Some(WriteCondition::IfPresent)),
+        Ok(common::WriteCondition::IfContextMatches) => Ok(Some(WriteCondition::IfContextMatches)),
+        Err(_) => Err(UnknownEnumValue { kind: "write condition", value }),
+    }
+}
+
+pub fn write_condition_to_wire(condition: Option<WriteCondition>) -> i32 {
+    let wire = match condition {
+        None => common::WriteCondition::Unspecified,
+        Some(WriteCondition::IfAbsent) => common::WriteCondition::IfAbsent,
+        Some(WriteCondition::IfPresent) => common::WriteCondition::IfPresent,
+        Some(WriteCondition::IfContextMatches) => common::WriteCondition::IfContextMatches,
     };
     wire as i32
 }

@@ -49,7 +49,8 @@ pub const fn grpc_code(reason: Reason) -> Code {
         | R::MigrationFinished
         | R::WrongNode
         | R::TenantBeingDeleted
-        | R::StaleDataDirectory => Code::FailedPrecondition,
+        | R::StaleDataDirectory
+        | R::PreconditionFailed => Code::FailedPrecondition,
         R::ResourceExhausted
         | R::RateLimited
         | R::ValueTooLarge

@@ -1,8 +1,11 @@
 //! The router's errors. Each names its stable [`Reason`]; [`RouterError::into_status`] (gRPC) and the
 //! HTTP edge's error response turn it into a reply through the one table in `pairdb_service::errors`.
 
+use pairdb_core::condition::WriteCondition;
 use pairdb_core::coordination::{Refusal, ReplicaFailure};
 use pairdb_core::reason::{HasReason, Reason};
+
+use crate::kv::CurrentState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
@@ -32,7 +35,17 @@ pub enum RouterError {
     PartitionsUnavailable { partitions: Vec<u32>, message: String },
     #[error(transparent)]
     Idempotency(#[from] crate::idempotency::IdempotencyError),
+    /// A conditional write's condition did not hold; nothing was applied. `current` is the key as
+    /// the last read found it (absent when that read failed).
+    #[error("condition {} does not hold", condition.as_str())]
+    PreconditionFailed { condition: WriteCondition, current: Option<Box<CurrentState>> },
 }
+
+/// Values up to this size travel in PRECONDITION_FAILED details (larger ones are left out, with
+/// `values_included` false: read the key), as long as they add up to at most
+/// [`MAX_DETAIL_VALUES_BYTES`].
+pub const MAX_DETAIL_VALUE_BYTES: usize = 1024;
+pub const MAX_DETAIL_VALUES_BYTES: usize = 16 * 1024;
 
 impl RouterError {
     pub fn invalid(reason: Reason, message: impl Into<String>) -> Self {
@@ -63,11 +76,38 @@ impl RouterError {
         if let RouterError::RateLimited { retry_after_ms, .. } = self {
             metadata.push(("retry_after_ms", retry_after_ms.to_string()));
         }
+        if let RouterError::PreconditionFailed { condition, current } = self {
+            metadata.push(("condition", condition.as_str().to_owned()));
+            if let Some(current) = current {
+                precondition_metadata(current, &mut metadata);
+            }
+        }
         metadata
     }
 
     pub fn into_status(self) -> tonic::Status {
         pairdb_service::errors::status(self.reason(), self.to_string(), &self.metadata())
+    }
+}
+
+/// The key's state in PRECONDITION_FAILED details: `found`, `context` (base64, to write with),
+/// `siblings` (how many values a read returns), and when they are small (each at most
+/// [`MAX_DETAIL_VALUE_BYTES`], together at most [`MAX_DETAIL_VALUES_BYTES`]) the values themselves
+/// as `values_base64`, comma-separated base64 in read order (`values_included` says which).
+fn precondition_metadata(current: &CurrentState, metadata: &mut Vec<(&'static str, String)>) {
+    use base64::Engine as _;
+    let base64 = &base64::engine::general_purpose::STANDARD;
+    let values: Vec<&[u8]> =
+        current.siblings.iter().map(|s| s.value.as_deref().unwrap_or_default()).collect();
+    metadata.push(("found", (!values.is_empty()).to_string()));
+    metadata.push(("context", base64.encode(&current.context)));
+    metadata.push(("siblings", values.len().to_string()));
+    let small = values.iter().all(|v| v.len() <= MAX_DETAIL_VALUE_BYTES)
+        && values.iter().map(|v| v.len()).sum::<usize>() <= MAX_DETAIL_VALUES_BYTES;
+    metadata.push(("values_included", small.to_string()));
+    if small {
+        let encoded: Vec<String> = values.iter().map(|v| base64.encode(v)).collect();
+        metadata.push(("values_base64", encoded.join(",")));
     }
 }
 
@@ -85,6 +125,7 @@ impl HasReason for RouterError {
             RouterError::RateLimited { .. } => Reason::RateLimited,
             RouterError::PartitionsUnavailable { .. } => Reason::PartitionsUnavailable,
             RouterError::Idempotency(error) => error.reason(),
+            RouterError::PreconditionFailed { .. } => Reason::PreconditionFailed,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! converts each message to the router's request types ([`crate::request`]) once, hands it to
 //! [`KvApi`], and renders the reply or turns the error into a status (the one place for gRPC).
 
+use pairdb_core::condition::WriteCondition;
 use pairdb_core::dvv::VersionVector;
 use pairdb_core::reason::Reason;
 use pairdb_proto::common::v1::{Dot, VersionEntry};
@@ -145,22 +146,30 @@ fn read_options(options: Option<pb::ReadOptions>) -> Result<RequestOptions, Rout
     request_options(options.consistency, options.r, false, options.timeout_ms)
 }
 
-fn write_options(options: Option<pb::WriteOptions>) -> Result<(RequestOptions, String), RouterError> {
+/// A write's options: the request options, its idempotency key and its condition (an unknown
+/// condition is refused, never ignored).
+fn write_options(
+    options: Option<pb::WriteOptions>,
+) -> Result<(RequestOptions, String, Option<WriteCondition>), RouterError> {
     let options = options.unwrap_or_default();
     let request = request_options(options.consistency, options.w, options.strict_quorum, options.timeout_ms)?;
-    Ok((request, options.idempotency_key))
+    let condition = pairdb_proto::convert::write_condition_from_wire(options.condition)
+        .map_err(|unknown| RouterError::invalid(Reason::InvalidArgument, unknown.to_string()))?;
+    Ok((request, options.idempotency_key, condition))
 }
 
 fn put_request(request: pb::PutRequest) -> Result<WriteRequest, RouterError> {
     let pb::PutRequest { tenant_id, key, value, context, overwrite, options } = request;
-    let (options, idempotency_key) = write_options(options)?;
-    Ok(WriteRequest { tenant_id, key, value: Some(value), context, overwrite, options, idempotency_key })
+    let (options, idempotency_key, condition) = write_options(options)?;
+    let value = Some(value);
+    Ok(WriteRequest { tenant_id, key, value, context, overwrite, options, idempotency_key, condition })
 }
 
 fn delete_request(request: pb::DeleteRequest) -> Result<WriteRequest, RouterError> {
     let pb::DeleteRequest { tenant_id, key, context, options } = request;
-    let (options, idempotency_key) = write_options(options)?;
-    Ok(WriteRequest { tenant_id, key, value: None, context, overwrite: true, options, idempotency_key })
+    let (options, idempotency_key, condition) = write_options(options)?;
+    let overwrite = true;
+    Ok(WriteRequest { tenant_id, key, value: None, context, overwrite, options, idempotency_key, condition })
 }
 
 fn list_request(

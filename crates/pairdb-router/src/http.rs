@@ -23,6 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use pairdb_core::condition::WriteCondition;
 use pairdb_core::dvv::VersionVector;
 use pairdb_core::quorum::Consistency;
 use pairdb_core::reason::{HasReason, Reason};
@@ -126,6 +127,40 @@ fn context(text: Option<&str>) -> Result<Vec<u8>, HttpError> {
     }
 }
 
+/// A write's condition: the `condition` field or query parameter (`if_absent`, `if_present`,
+/// `if_context_matches`), or the HTTP preconditions `If-None-Match: *` (absent) and `If-Match: *`
+/// (present). Giving both forms is refused unless they agree.
+fn condition(text: Option<&str>, headers: &HeaderMap) -> Result<Option<WriteCondition>, HttpError> {
+    let named = match text.map(str::to_ascii_lowercase).as_deref() {
+        None | Some("") => None,
+        Some(text) => Some(WriteCondition::parse(text).ok_or_else(|| {
+            HttpError::invalid(
+                Reason::InvalidArgument,
+                format!("condition {text:?}: use if_absent, if_present or if_context_matches"),
+            )
+        })?),
+    };
+    let header = |name: &str| headers.get(name).map(|v| v.as_bytes().trim_ascii().to_vec());
+    let from_header = match (header("if-none-match"), header("if-match")) {
+        (None, None) => None,
+        (Some(star), None) if star == b"*" => Some(WriteCondition::IfAbsent),
+        (None, Some(star)) if star == b"*" => Some(WriteCondition::IfPresent),
+        _ => {
+            return Err(HttpError::invalid(
+                Reason::InvalidArgument,
+                "If-None-Match and If-Match take only `*`; to match a context use condition=if_context_matches",
+            ));
+        }
+    };
+    match (named, from_header) {
+        (Some(named), Some(header)) if named != header => Err(HttpError::invalid(
+            Reason::InvalidArgument,
+            "the condition field and the If-* header disagree",
+        )),
+        (named, header) => Ok(named.or(header)),
+    }
+}
+
 /// Query parameters of GET and DELETE.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -137,6 +172,7 @@ struct KeyQuery {
     context: Option<String>,
     timeout_ms: Option<u32>,
     tenant_id: Option<String>,
+    condition: Option<String>,
 }
 
 fn parse_query<T: serde::de::DeserializeOwned>(raw: Option<&str>) -> Result<T, HttpError> {
@@ -216,6 +252,7 @@ struct PutBody {
     overwrite: Option<bool>,
     timeout_ms: Option<u32>,
     tenant_id: Option<String>,
+    condition: Option<String>,
 }
 
 async fn read_json_body(headers: &HeaderMap, body: Body) -> Result<PutBody, HttpError> {
@@ -349,6 +386,7 @@ async fn put(
             timeout_ms: body.timeout_ms.unwrap_or(0),
         },
         idempotency_key: idempotency_key(headers)?,
+        condition: condition(body.condition.as_deref(), headers)?,
     };
     let ack = api.write(client, request).await?;
     Ok(ok(ack_json(&key, &ack)))
@@ -395,6 +433,7 @@ async fn delete(
             timeout_ms: query.timeout_ms.unwrap_or(0),
         },
         idempotency_key: idempotency_key(headers)?,
+        condition: condition(query.condition.as_deref(), headers)?,
     };
     let ack = api.write(client, request).await?;
     Ok(ok(ack_json(&key, &ack)))

@@ -10,13 +10,14 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use pairdb_core::condition::{WriteCondition, holds_on_read, observed, write_context};
 use pairdb_core::context::{ContextBinding, ContextKey, open_context, seal_context};
 use pairdb_core::coordination::{ReadPlan, WritePlan};
 use pairdb_core::dvv::VersionVector;
 use pairdb_core::dvv::{Sibling, VersionSet};
 use pairdb_core::encoding::encode_vector;
 use pairdb_core::quorum::{Requirement, required_replicas};
-use pairdb_core::reason::HasReason;
+use pairdb_core::reason::{HasReason, Reason};
 use pairdb_core::ring::NodeId;
 use pairdb_core::token::placement_token;
 use pairdb_core::validation::{validate_key, validate_tenant_id, validate_value};
@@ -217,12 +218,7 @@ impl KvRouter {
         let sealing = Self::sealing_key(&view)?;
         let (merged, replicas) = self.read_set(&view, &tenant, key, &options).await?;
         let set = merged.ok_or(RouterError::KeyNotFound)?;
-        let siblings: Vec<Sibling> = match tenant.conflict_mode {
-            ConflictMode::Siblings => set.live_values().into_iter().cloned().collect(),
-            ConflictMode::Lww => {
-                set.lww_winner().filter(|s| !s.is_tombstone()).cloned().into_iter().collect()
-            }
-        };
+        let siblings = Self::visible(&set, tenant.conflict_mode);
         if siblings.is_empty() {
             return Err(RouterError::KeyNotFound);
         }
@@ -230,16 +226,15 @@ impl KvRouter {
         Ok(ReadOutcome { set, context, siblings, replicas })
     }
 
-    /// Writes a value (`Some`) or a tombstone (`None`).
+    /// Writes a value or a tombstone (see [`WriteSpec`]).
     pub async fn write(
         &self,
         tenant_id: &str,
         key: &str,
-        value: Option<Vec<u8>>,
-        context: &[u8],
-        read_first: bool,
+        spec: WriteSpec<'_>,
         options: RequestOptions,
     ) -> Result<WriteOutcome, RouterError> {
+        let WriteSpec { value, context, read_first, condition } = spec;
         let view = self.view.load();
         let tenant = Self::tenant(&view, tenant_id)?;
         Self::validate_key(key)?;
@@ -251,16 +246,28 @@ impl KvRouter {
         let binding = ContextBinding { tenant: tenant_id, key };
         let vector = open_context(context, binding, &view.context_keys)
             .map_err(|e| RouterError::invalid(e.reason(), format!("context: {e}")))?;
-        let context = if read_first && context.is_empty() {
-            // Supersede every version a read at the request's consistency sees; versions written
-            // concurrently and not seen survive as siblings on the replicas.
-            let (merged, _) = self.read_set(&view, &tenant, key, &options).await?;
-            merged.map(|set| encode_vector(set.vector())).unwrap_or_default()
-        } else if vector.is_empty() {
-            Vec::new()
+        // A condition is checked on a read at the request's consistency; a context-less overwrite
+        // supersedes every version such a read sees (versions written concurrently and not seen
+        // survive as siblings on the replicas).
+        let merged = if condition.is_some() || (read_first && vector.is_empty()) {
+            self.read_set(&view, &tenant, key, &options).await?.0
         } else {
-            encode_vector(&vector)
+            None
         };
+        let checked = match condition {
+            Some(condition) => {
+                if !holds_on_read(condition, merged.as_ref(), &vector, tenant.conflict_mode) {
+                    metrics::counter!("pairdb_router_precondition_failures_total", "at" => "router")
+                        .increment(1);
+                    let current = Self::current_state(sealing, &tenant, key, merged);
+                    return Err(RouterError::PreconditionFailed { condition, current });
+                }
+                Some((condition, encode_vector(&observed(condition, merged.as_ref(), &vector))))
+            }
+            None => None,
+        };
+        let write_vector = write_context(condition, merged.as_ref(), &vector, read_first);
+        let context = if write_vector.is_empty() { Vec::new() } else { encode_vector(&write_vector) };
         let placement = Self::placement(&view, &tenant, key)?;
         let confirm_tombstone = value
             .is_none()
@@ -282,6 +289,7 @@ impl KvRouter {
             timestamp_ms: wall_clock_ms(),
             max_siblings: u32::try_from(tenant.max_siblings).unwrap_or(u32::MAX),
             supersede_local: tenant.conflict_mode == ConflictMode::Lww,
+            condition: checked,
         };
         let task = WriteTask { call, confirm_tombstone };
         match execute::write(self.calls(&view), self.clock, plan, task).await {
@@ -292,7 +300,64 @@ impl KvRouter {
             WriteResult::QuorumNotReached { acks, hinted_acks, required, failures } => {
                 Err(RouterError::QuorumNotReached { acks, hinted_acks, required, failures })
             }
-            WriteResult::Rejected(refusal) => Err(RouterError::Refused(refusal)),
+            WriteResult::Rejected(refusal) => match condition {
+                Some(condition) if refusal.reason == Reason::PreconditionFailed => {
+                    metrics::counter!("pairdb_router_precondition_failures_total", "at" => "coordinator")
+                        .increment(1);
+                    // The coordinator held a version the read missed: read again for the details (a
+                    // failed read leaves them out; the refusal stands either way).
+                    let current = match self.read_set(&view, &tenant, key, &options).await {
+                        Ok((merged, _)) => Self::current_state(sealing, &tenant, key, merged),
+                        Err(_) => None,
+                    };
+                    Err(RouterError::PreconditionFailed { condition, current })
+                }
+                _ => Err(RouterError::Refused(refusal)),
+            },
         }
     }
+
+    /// The details of a failed condition: the key as the read found it.
+    fn current_state(
+        sealing: &ContextKey,
+        tenant: &TenantSettings,
+        key: &str,
+        merged: Option<VersionSet>,
+    ) -> Option<Box<CurrentState>> {
+        let set = merged.unwrap_or_default();
+        let siblings = Self::visible(&set, tenant.conflict_mode);
+        let context = Self::seal(sealing, &tenant.tenant_id, key, set.vector());
+        Some(Box::new(CurrentState { context, siblings }))
+    }
+
+    /// The values a read returns: every live sibling, or the LWW winner unless it is a tombstone.
+    fn visible(set: &VersionSet, mode: ConflictMode) -> Vec<Sibling> {
+        match mode {
+            ConflictMode::Siblings => set.live_values().into_iter().cloned().collect(),
+            ConflictMode::Lww => {
+                set.lww_winner().filter(|s| !s.is_tombstone()).cloned().into_iter().collect()
+            }
+        }
+    }
+}
+
+/// What a write stores, over what, and on which condition.
+#[derive(Debug, Clone, Default)]
+pub struct WriteSpec<'a> {
+    /// `None` writes a tombstone.
+    pub value: Option<Vec<u8>>,
+    /// The client's sealed context (empty for a blind write).
+    pub context: &'a [u8],
+    /// Without a context, supersede what a read at the request's consistency sees (overwrite puts
+    /// and deletes).
+    pub read_first: bool,
+    pub condition: Option<WriteCondition>,
+}
+
+/// The key as a failed condition found it (the details of PRECONDITION_FAILED): the sealed context
+/// to write with and the values a read returns, so a client can retry without reading again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CurrentState {
+    pub context: Vec<u8>,
+    pub siblings: Vec<Sibling>,
 }

@@ -20,7 +20,7 @@ use tracing::Instrument;
 use crate::admission::{Admission, Client};
 use crate::error::RouterError;
 use crate::idempotency::{Begin, Fingerprint, IdempotencyStore};
-use crate::kv::{KvRouter, ReadOutcome, WriteOutcome};
+use crate::kv::{KvRouter, ReadOutcome, WriteOutcome, WriteSpec};
 use crate::listing::{ListPage, ListRequest};
 use crate::request::{KeyRead, ReadManyRequest, ReadRequest, RequestOptions, WriteAck, WriteRequest};
 
@@ -68,11 +68,12 @@ impl KvApi {
         traced(request.operation(), options, async {
             let tenant = self.admit(client, &request.tenant_id)?;
             let fingerprint = (!request.idempotency_key.is_empty()).then(|| fingerprint(&request));
-            let WriteRequest { key, value, context, overwrite, idempotency_key, .. } = request;
+            let WriteRequest { key, value, context, overwrite, idempotency_key, condition, .. } = request;
             // A delete always supersedes what the key holds.
-            let overwrite = overwrite || value.is_none();
+            let read_first = overwrite || value.is_none();
             self.keyed(&tenant, &idempotency_key, fingerprint, || {
-                self.router.write(&tenant, &key, value, &context, overwrite, options)
+                let spec = WriteSpec { value, context: &context, read_first, condition };
+                self.router.write(&tenant, &key, spec, options)
             })
             .await
         })
@@ -253,7 +254,13 @@ fn generated_key() -> String {
 /// What makes two keyed writes the same request (the stored fingerprint's layout is kept across
 /// releases: levels are hashed as their wire values).
 fn fingerprint(request: &WriteRequest) -> Fingerprint {
-    let options = options_bytes(&request.options);
+    let mut options = options_bytes(&request.options);
+    // Appended only when set, so an unconditional write's fingerprint is the one earlier releases
+    // stored.
+    if let Some(condition) = request.condition {
+        options.extend_from_slice(b"condition:");
+        options.extend_from_slice(condition.as_str().as_bytes());
+    }
     match &request.value {
         Some(value) => Fingerprint::of(&[
             b"put",

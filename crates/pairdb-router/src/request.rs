@@ -5,6 +5,7 @@
 //! A consistency level the edge cannot read is refused there (INVALID_CONSISTENCY), on both edges,
 //! before any tenant lookup.
 
+use pairdb_core::condition::WriteCondition;
 use pairdb_core::dvv::VersionVector;
 use pairdb_core::quorum::Consistency;
 
@@ -37,6 +38,8 @@ pub struct WriteRequest {
     pub options: RequestOptions,
     /// Empty: the write is not deduplicated (see [`crate::kv_api`]).
     pub idempotency_key: String,
+    /// Apply the write only if this holds (PRECONDITION_FAILED otherwise).
+    pub condition: Option<WriteCondition>,
 }
 
 impl WriteRequest {

@@ -11,6 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use pairdb_core::condition::WriteCondition;
 use pairdb_core::coordination::{FailureCause, Refusal};
 use pairdb_core::dvv::VersionSet;
 use pairdb_core::encoding::decode_version_set;
@@ -61,6 +62,9 @@ pub struct CoordinateCall {
     pub timestamp_ms: u64,
     pub max_siblings: u32,
     pub supersede_local: bool,
+    /// A conditional write: the condition and the observed vector (internal encoding) the
+    /// coordinator re-checks against.
+    pub condition: Option<(WriteCondition, Vec<u8>)>,
 }
 
 /// One node's share of a listing page: the tenant's records of `partitions` in range.
@@ -147,6 +151,8 @@ impl StorageCalls {
             supersede_local: call.supersede_local,
             apply_within_ms: 0,
             apply_before_unix_ms: 0,
+            condition: pairdb_proto::convert::write_condition_to_wire(call.condition.as_ref().map(|c| c.0)),
+            observed: call.condition.map(|c| c.1).unwrap_or_default(),
         };
         let rpc = |mut c: StorageClient, left: Duration| async move {
             let left_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
@@ -375,6 +381,7 @@ fn refusal_of(status: &tonic::Status) -> Option<Refusal> {
             | Reason::TenantNotFound
             | Reason::InvalidListing
             | Reason::QuotaExceeded
+            | Reason::PreconditionFailed
     );
     if !definitive {
         return None;

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use pairdb_core::condition::WriteCondition;
 use pairdb_core::encoding::decode_version_set;
 use pairdb_core::quorum::Consistency;
 use pairdb_core::reason::HasReason;
@@ -17,7 +18,8 @@ use pairdb_core::token::{PartitionCount, token_for};
 use pairdb_proto::cluster::v1 as cpb;
 use pairdb_proto::storage::v1 as spb;
 use pairdb_proto::storage::v1::storage_service_client::StorageServiceClient;
-use pairdb_router::kv::{KvRouter, Timing};
+use pairdb_router::error::RouterError;
+use pairdb_router::kv::{CurrentState, KvRouter, Timing, WriteOutcome, WriteSpec};
 use pairdb_router::pool::StoragePool;
 use pairdb_router::request::RequestOptions;
 use pairdb_router::view::SharedView;
@@ -181,6 +183,19 @@ impl Cluster {
     }
 }
 
+/// An unconditional write through `router`.
+async fn write(
+    router: &KvRouter,
+    tenant: &str,
+    key: &str,
+    value: Option<Vec<u8>>,
+    context: &[u8],
+    read_first: bool,
+    options: RequestOptions,
+) -> Result<WriteOutcome, RouterError> {
+    router.write(tenant, key, WriteSpec { value, context, read_first, condition: None }, options).await
+}
+
 fn opts(consistency: Consistency) -> RequestOptions {
     RequestOptions { consistency: Some(consistency), ..Default::default() }
 }
@@ -195,15 +210,15 @@ fn values(outcome: &pairdb_router::kv::ReadOutcome) -> Vec<Vec<u8>> {
 async fn quorum_writes_are_read_back_and_concurrent_writes_become_siblings() {
     let cluster = Cluster::start(3).await;
     let r = &cluster.router;
-    let ack = r.write("t", "k", Some(b"v1".to_vec()), &[], false, opts(QUORUM)).await.unwrap();
+    let ack = write(r, "t", "k", Some(b"v1".to_vec()), &[], false, opts(QUORUM)).await.unwrap();
     assert!(ack.acks >= 2 && ack.required == 2);
     assert_eq!(values(&r.get("t", "k", opts(QUORUM)).await.unwrap()), vec![b"v1".to_vec()]);
 
     // Two blind writes: both survive as siblings; a write with the read's context resolves them.
-    r.write("t", "k", Some(b"a".to_vec()), &[], false, opts(QUORUM)).await.unwrap();
+    write(r, "t", "k", Some(b"a".to_vec()), &[], false, opts(QUORUM)).await.unwrap();
     let read = r.get("t", "k", opts(ALL)).await.unwrap();
     assert_eq!(values(&read), vec![b"a".to_vec(), b"v1".to_vec()]);
-    r.write("t", "k", Some(b"resolved".to_vec()), &read.context, false, opts(QUORUM)).await.unwrap();
+    write(r, "t", "k", Some(b"resolved".to_vec()), &read.context, false, opts(QUORUM)).await.unwrap();
     assert_eq!(values(&r.get("t", "k", opts(QUORUM)).await.unwrap()), vec![b"resolved".to_vec()]);
 
     // 20 concurrent writers without context: 20 siblings, none lost.
@@ -211,7 +226,7 @@ async fn quorum_writes_are_read_back_and_concurrent_writes_become_siblings() {
         .map(|i| {
             let r = r.clone();
             tokio::spawn(async move {
-                r.write("t", "busy", Some(vec![i]), &[], false, opts(QUORUM)).await.unwrap()
+                write(&r, "t", "busy", Some(vec![i]), &[], false, opts(QUORUM)).await.unwrap()
             })
         })
         .collect();
@@ -227,8 +242,8 @@ async fn quorum_writes_are_read_back_and_concurrent_writes_become_siblings() {
     assert_eq!(r.get("t", "k", too_many).await.unwrap_err().reason(), "INVALID_CONSISTENCY");
     assert_eq!(r.get("nobody", "k", opts(QUORUM)).await.unwrap_err().reason(), "TENANT_NOT_FOUND");
     // LWW tenants return one winner.
-    r.write("lww", "k", Some(b"first".to_vec()), &[], false, opts(QUORUM)).await.unwrap();
-    r.write("lww", "k", Some(b"second".to_vec()), &[], false, opts(QUORUM)).await.unwrap();
+    write(r, "lww", "k", Some(b"first".to_vec()), &[], false, opts(QUORUM)).await.unwrap();
+    write(r, "lww", "k", Some(b"second".to_vec()), &[], false, opts(QUORUM)).await.unwrap();
     assert_eq!(values(&r.get("lww", "k", opts(QUORUM)).await.unwrap()), vec![b"second".to_vec()]);
 }
 
@@ -236,34 +251,37 @@ async fn quorum_writes_are_read_back_and_concurrent_writes_become_siblings() {
 async fn deletes_and_overwrites_supersede_what_the_read_saw() {
     let cluster = Cluster::start(3).await;
     let r = &cluster.router;
-    r.write("t", "gone", Some(b"x".to_vec()), &[], false, opts(QUORUM)).await.unwrap();
-    r.write("t", "gone", Some(b"y".to_vec()), &[], false, opts(QUORUM)).await.unwrap();
+    write(r, "t", "gone", Some(b"x".to_vec()), &[], false, opts(QUORUM)).await.unwrap();
+    write(r, "t", "gone", Some(b"y".to_vec()), &[], false, opts(QUORUM)).await.unwrap();
     // Delete without context reads first and removes both siblings.
-    r.write("t", "gone", None, &[], true, opts(QUORUM)).await.unwrap();
+    write(r, "t", "gone", None, &[], true, opts(QUORUM)).await.unwrap();
     assert_eq!(r.get("t", "gone", opts(ALL)).await.unwrap_err().reason(), "KEY_NOT_FOUND");
     // Delete with context.
-    let ack = r.write("t", "ctx", Some(b"x".to_vec()), &[], false, opts(ALL)).await.unwrap();
-    r.write("t", "ctx", None, &ack.context, false, opts(QUORUM)).await.unwrap();
+    let ack = write(r, "t", "ctx", Some(b"x".to_vec()), &[], false, opts(ALL)).await.unwrap();
+    write(r, "t", "ctx", None, &ack.context, false, opts(QUORUM)).await.unwrap();
     // A context is bound to its key: the same context for another key is refused.
-    let elsewhere = r.write("t", "ctx2", None, &ack.context, false, opts(QUORUM)).await.unwrap_err();
+    let elsewhere = write(r, "t", "ctx2", None, &ack.context, false, opts(QUORUM)).await.unwrap_err();
     assert_eq!(elsewhere.reason(), "INVALID_CONTEXT");
     assert_eq!(r.get("t", "ctx", opts(QUORUM)).await.unwrap_err().reason(), "KEY_NOT_FOUND");
     // Overwrite replaces what a read saw.
-    r.write("t", "ow", Some(b"a".to_vec()), &[], false, opts(ALL)).await.unwrap();
-    r.write("t", "ow", Some(b"b".to_vec()), &[], false, opts(ALL)).await.unwrap();
-    r.write("t", "ow", Some(b"final".to_vec()), &[], true, opts(QUORUM)).await.unwrap();
+    write(r, "t", "ow", Some(b"a".to_vec()), &[], false, opts(ALL)).await.unwrap();
+    write(r, "t", "ow", Some(b"b".to_vec()), &[], false, opts(ALL)).await.unwrap();
+    write(r, "t", "ow", Some(b"final".to_vec()), &[], true, opts(QUORUM)).await.unwrap();
     assert_eq!(values(&r.get("t", "ow", opts(ALL)).await.unwrap()), vec![b"final".to_vec()]);
     // Bad input.
     assert_eq!(
-        r.write("t", "", Some(vec![1]), &[], false, opts(ONE)).await.unwrap_err().reason(),
+        write(r, "t", "", Some(vec![1]), &[], false, opts(ONE)).await.unwrap_err().reason(),
         "INVALID_KEY"
     );
     assert_eq!(
-        r.write("t", "k", Some(vec![1]), &[9, 9, 9, 9, 9, 9], false, opts(ONE)).await.unwrap_err().reason(),
+        write(r, "t", "k", Some(vec![1]), &[9, 9, 9, 9, 9, 9], false, opts(ONE)).await.unwrap_err().reason(),
         "INVALID_CONTEXT"
     );
     assert_eq!(
-        r.write("t", "k", Some(vec![0; 1024 * 1024 + 1]), &[], false, opts(ONE)).await.unwrap_err().reason(),
+        write(r, "t", "k", Some(vec![0; 1024 * 1024 + 1]), &[], false, opts(ONE))
+            .await
+            .unwrap_err()
+            .reason(),
         "VALUE_TOO_LARGE"
     );
 }
@@ -278,14 +296,14 @@ async fn a_stopped_replica_is_covered_by_a_hint_on_a_fallback() {
 
     // QUORUM and non-strict ALL succeed (a fallback holds a hint); strict ALL fails.
     let r = cluster.router.clone();
-    r.write("t", key, Some(b"while-down".to_vec()), &[], false, opts(QUORUM)).await.unwrap();
-    let all = r.write("t", "k-all", Some(b"x".to_vec()), &[], false, opts(ALL)).await;
+    write(&r, "t", key, Some(b"while-down".to_vec()), &[], false, opts(QUORUM)).await.unwrap();
+    let all = write(&r, "t", "k-all", Some(b"x".to_vec()), &[], false, opts(ALL)).await;
     let all_owners = cluster.owners("t", "k-all");
     if all_owners.contains(&down) {
         let ack = all.unwrap();
         assert_eq!(ack.hinted_acks, 1);
         let strict = RequestOptions { consistency: Some(ALL), strict_quorum: true, ..Default::default() };
-        let err = r.write("t", "k-all", Some(b"y".to_vec()), &[], false, strict).await.unwrap_err();
+        let err = write(&r, "t", "k-all", Some(b"y".to_vec()), &[], false, strict).await.unwrap_err();
         assert_eq!(err.reason(), "QUORUM_NOT_REACHED");
     }
     let read = r.get("t", key, opts(QUORUM)).await.unwrap();
@@ -312,7 +330,7 @@ async fn read_repair_brings_stale_replicas_up_to_date() {
     // Stop two replicas, write at ONE, bring them back.
     cluster.nodes[1].stop().await;
     cluster.nodes[2].stop().await;
-    cluster.router.write("t", key, Some(b"lonely".to_vec()), &[], false, opts(ONE)).await.unwrap();
+    write(&cluster.router, "t", key, Some(b"lonely".to_vec()), &[], false, opts(ONE)).await.unwrap();
     // Let the write's background replication to the stopped nodes time out (300 ms) first, or the
     // lazily reconnecting channel would deliver it to the restarted nodes.
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -348,7 +366,7 @@ async fn overwrite_supersedes_what_its_read_saw_and_keeps_an_unseen_write() {
     // A write the overwrite's read will not see: only the last preference replica takes it.
     cluster.nodes[owners[0]].stop().await;
     cluster.nodes[owners[1]].stop().await;
-    cluster.router.write("t", key, Some(b"unseen".to_vec()), &[], false, opts(ONE)).await.unwrap();
+    write(&cluster.router, "t", key, Some(b"unseen".to_vec()), &[], false, opts(ONE)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
     cluster.nodes[owners[0]].restart().await;
     cluster.nodes[owners[1]].restart().await;
@@ -360,11 +378,117 @@ async fn overwrite_supersedes_what_its_read_saw_and_keeps_an_unseen_write() {
         Arc::new(StoragePool::new(64, Duration::from_millis(300))),
         Timing { request_timeout_ms: 1500, max_request_timeout_ms: 5000, read_speculative_after_ms: 1000 },
     );
-    fresh.write("t", key, Some(b"overwrite".to_vec()), &[], true, opts(ONE)).await.unwrap();
+    write(&fresh, "t", key, Some(b"overwrite".to_vec()), &[], true, opts(ONE)).await.unwrap();
     let read = fresh.get("t", key, opts(ALL)).await.unwrap();
     assert_eq!(values(&read), vec![b"overwrite".to_vec(), b"unseen".to_vec()]);
 
     // An overwrite whose read sees both supersedes both.
-    fresh.write("t", key, Some(b"final".to_vec()), &[], true, opts(ALL)).await.unwrap();
+    write(&fresh, "t", key, Some(b"final".to_vec()), &[], true, opts(ALL)).await.unwrap();
     assert_eq!(values(&fresh.get("t", key, opts(ALL)).await.unwrap()), vec![b"final".to_vec()]);
+}
+
+/// A conditional write through `router`.
+async fn write_if(
+    router: &KvRouter,
+    key: &str,
+    value: Option<&[u8]>,
+    context: &[u8],
+    condition: WriteCondition,
+) -> Result<WriteOutcome, RouterError> {
+    let spec = WriteSpec {
+        value: value.map(<[u8]>::to_vec),
+        context,
+        read_first: value.is_none(),
+        condition: Some(condition),
+    };
+    router.write("t", key, spec, opts(QUORUM)).await
+}
+
+/// The details a failed condition carries.
+fn current_of(error: RouterError) -> Box<CurrentState> {
+    match error {
+        RouterError::PreconditionFailed { current: Some(current), .. } => current,
+        other => panic!("expected PRECONDITION_FAILED with details, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conditions_hold_or_refuse_with_the_current_state() {
+    let cluster = Cluster::start(3).await;
+    let r = &cluster.router;
+    use WriteCondition::{IfAbsent, IfContextMatches, IfPresent};
+    // IF_PRESENT on a key never written; IF_ABSENT creates it once.
+    let error = write_if(r, "k", Some(b"x"), &[], IfPresent).await.unwrap_err();
+    assert_eq!(error.reason(), "PRECONDITION_FAILED");
+    let current = current_of(error);
+    assert!(current.siblings.is_empty());
+    let created = write_if(r, "k", Some(b"first"), &[], IfAbsent).await.unwrap();
+    let current = current_of(write_if(r, "k", Some(b"second"), &[], IfAbsent).await.unwrap_err());
+    assert_eq!(current.siblings.iter().map(|s| s.value.clone().unwrap()).collect::<Vec<_>>(), vec![b"first"]);
+    assert_eq!(current.context, created.context, "the details carry the context to retry with");
+    // IF_CONTEXT_MATCHES: the current context passes, the stale one (and a blind write) do not.
+    let updated = write_if(r, "k", Some(b"2"), &created.context, IfContextMatches).await.unwrap();
+    let stale = write_if(r, "k", Some(b"3"), &created.context, IfContextMatches).await.unwrap_err();
+    assert_eq!(current_of(stale).context, updated.context);
+    assert!(write_if(r, "k", Some(b"3"), &[], IfContextMatches).await.is_err());
+    // A conditional delete, then IF_ABSENT over the tombstone: one sibling, no resurrected value.
+    write_if(r, "k", None, &[], IfPresent).await.unwrap();
+    assert!(write_if(r, "k", None, &[], IfPresent).await.is_err(), "deleted: nothing present");
+    write_if(r, "k", Some(b"again"), &[], IfAbsent).await.unwrap();
+    let read = r.get("t", "k", opts(ALL)).await.unwrap();
+    assert_eq!(values(&read), vec![b"again".to_vec()]);
+    for node in &cluster.nodes {
+        let mut local = None;
+        for _ in 0..50 {
+            local = node.local("t", "k").await;
+            if local.as_ref().is_some_and(|s| s.siblings().len() == 1) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(local.unwrap().siblings().len(), 1, "the tombstone was superseded on node {}", node.id);
+    }
+}
+
+/// Two routers (their own pools and failure views) race 16 IF_ABSENT writers each on the same keys:
+/// every key has a winner, every winner's value is stored, every loser was refused with details.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_if_absent_writers_never_lose_an_acknowledged_value() {
+    let cluster = Cluster::start(3).await;
+    let second = KvRouter::new(
+        cluster.router.view().clone(),
+        Arc::new(StoragePool::new(256, Duration::from_millis(300))),
+        Timing { request_timeout_ms: 1500, max_request_timeout_ms: 5000, read_speculative_after_ms: 30 },
+    );
+    let routers = [cluster.router.clone(), second];
+    let keys: Vec<String> = (0..20).map(|i| format!("race-{i}")).collect();
+    let mut writers = Vec::new();
+    for writer in 0..32usize {
+        let (router, keys) = (routers[writer % 2].clone(), keys.clone());
+        writers.push(tokio::spawn(async move {
+            let mut won = Vec::new();
+            for key in &keys {
+                let value = format!("writer-{writer}");
+                match write_if(&router, key, Some(value.as_bytes()), &[], WriteCondition::IfAbsent).await {
+                    Ok(_) => won.push((key.clone(), value)),
+                    Err(error) => assert!(!current_of(error).siblings.is_empty(), "a loser sees a value"),
+                }
+            }
+            won
+        }));
+    }
+    let mut winners: Vec<(String, String)> = Vec::new();
+    for writer in writers {
+        winners.extend(writer.await.unwrap());
+    }
+    for key in &keys {
+        let stored = values(&cluster.router.get("t", key, opts(ALL)).await.unwrap());
+        let won: Vec<Vec<u8>> =
+            winners.iter().filter(|(k, _)| k == key).map(|(_, v)| v.as_bytes().to_vec()).collect();
+        assert!(!won.is_empty(), "{key} has a winner");
+        for value in &won {
+            assert!(stored.contains(value), "{key}: acknowledged {value:?} is stored ({stored:?})");
+        }
+        assert_eq!(stored.len(), won.len(), "{key}: only winners' values are stored");
+    }
 }

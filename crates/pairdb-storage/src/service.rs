@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pairdb_core::dvv::VersionSet;
+use pairdb_core::condition::WriteCondition;
+use pairdb_core::dvv::{VersionSet, VersionVector};
 use pairdb_core::encoding::{decode_vector, decode_version_set, encode_version_set};
 use pairdb_core::ring::NodeId;
 use pairdb_core::token::{PartitionId, placement_token};
@@ -327,6 +328,15 @@ fn rebuild_status(progress: RebuildProgress) -> pb::RebuildStatus {
 /// Decodes a version set sent by a peer or a router. The decoder validates every invariant and bound
 /// (sorted unique dots covered by the vector, counters at most `MAX_COUNTER`, at most
 /// `MAX_DECODED_ACTORS` actors), so what fails here is refused with a reason and never stored.
+/// A coordinate call's condition and the vector the router's read observed (`None`: unconditional).
+fn write_condition(wire: i32, observed: &[u8]) -> Result<Option<(WriteCondition, VersionVector)>, Status> {
+    let condition = pairdb_proto::convert::write_condition_from_wire(wire)
+        .map_err(|e| status(Reason::InvalidArgument, e.to_string(), &[]))?;
+    let Some(condition) = condition else { return Ok(None) };
+    let observed = decode_vector(observed).map_err(|e| status(e.reason(), format!("observed: {e}"), &[]))?;
+    Ok(Some((condition, observed)))
+}
+
 fn decode_set(rpc: &'static str, bytes: &[u8]) -> Result<VersionSet, Status> {
     decode_version_set(bytes).map_err(|e| {
         metrics::counter!("pairdb_storage_invalid_sets_refused_total", "rpc" => rpc).increment(1);
@@ -402,6 +412,7 @@ impl StorageService for StorageApi {
             n => Some(n.min(ABSOLUTE_MAX_SIBLINGS)),
         };
         let quota = self.quota_guard(&key.tenant);
+        let condition = write_condition(request.condition, &request.observed)?;
         let set = self
             .blocking("coordinate_write", move |engine| {
                 let write = CoordinatedWrite {
@@ -411,6 +422,7 @@ impl StorageService for StorageApi {
                     max_siblings,
                     supersede_local: request.supersede_local,
                     quota,
+                    condition,
                 };
                 engine.coordinate_write_before(&key, write, deadline)
             })

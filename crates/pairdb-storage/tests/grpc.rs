@@ -185,6 +185,57 @@ async fn coordinated_write_with_context_supersedes_and_returns_the_set() {
     node.stop().await;
 }
 
+/// A conditional write re-checked by the coordinator: a version the router's read did not see
+/// (not covered by `observed`) makes IF_ABSENT, IF_PRESENT and IF_CONTEXT_MATCHES refuse with
+/// PRECONDITION_FAILED and apply nothing; once `observed` covers it they pass as the set allows.
+#[tokio::test]
+async fn coordinator_refuses_a_condition_broken_by_a_version_the_read_missed() {
+    use pairdb_proto::common::v1::WriteCondition as Wire;
+    let node = Node::start(1).await;
+    let mut client = node.client().await;
+    let conditional = |key: &str, condition: Wire, observed: &VersionVector| pb::CoordinateWriteRequest {
+        key: Some(key_ref("t", key)),
+        value: Some(b"conditional".to_vec()),
+        timestamp_ms: 5,
+        condition: condition as i32,
+        observed: if observed.is_empty() { Vec::new() } else { encode_vector(observed) },
+        ..Default::default()
+    };
+    let plain = |key: &str, value: Option<&[u8]>, context: &VersionVector| pb::CoordinateWriteRequest {
+        key: Some(key_ref("t", key)),
+        value: value.map(<[u8]>::to_vec),
+        context: if context.is_empty() { Vec::new() } else { encode_vector(context) },
+        timestamp_ms: 1,
+        ..Default::default()
+    };
+    let empty = VersionVector::new();
+    // "taken" holds a value the read (observed = nothing) did not see.
+    let stored = client.coordinate_write(plain("taken", Some(b"first"), &empty)).await.unwrap().into_inner();
+    let stored = decode_version_set(&stored.version_set).unwrap();
+    for condition in [Wire::IfAbsent, Wire::IfContextMatches] {
+        let status = client.coordinate_write(conditional("taken", condition, &empty)).await.unwrap_err();
+        assert_eq!(reason(&status), "PRECONDITION_FAILED", "{condition:?}: {status:?}");
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    }
+    assert_eq!(get(&mut client, "t", "taken").await.unwrap(), stored, "refusals applied nothing");
+    // Seen by the read: IF_CONTEXT_MATCHES passes (the context covers the set).
+    client.coordinate_write(conditional("taken", Wire::IfContextMatches, stored.vector())).await.unwrap();
+
+    // "gone" was deleted after the read that saw its value: IF_PRESENT refuses.
+    let first = client.coordinate_write(plain("gone", Some(b"v"), &empty)).await.unwrap().into_inner();
+    let first = decode_version_set(&first.version_set).unwrap();
+    client.coordinate_write(plain("gone", None, first.vector())).await.unwrap();
+    let status =
+        client.coordinate_write(conditional("gone", Wire::IfPresent, first.vector())).await.unwrap_err();
+    assert_eq!(reason(&status), "PRECONDITION_FAILED", "{status:?}");
+    // A read that saw the value and a replica that is behind (nothing unseen): IF_PRESENT passes.
+    client.coordinate_write(conditional("fresh", Wire::IfPresent, first.vector())).await.unwrap();
+    // An unknown condition is refused, never ignored.
+    let unknown = pb::CoordinateWriteRequest { condition: 99, ..conditional("x", Wire::IfAbsent, &empty) };
+    assert_eq!(reason(&client.coordinate_write(unknown).await.unwrap_err()), "INVALID_ARGUMENT");
+    node.stop().await;
+}
+
 /// A coordinate call the router has given up on is refused, not applied late: its wall-clock deadline
 /// (which also covers time the request waited before the node read it, e.g. while the process was
 /// stopped) has passed. Nothing is stored, the reason says so (the router may then ask another

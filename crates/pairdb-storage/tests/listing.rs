@@ -265,6 +265,7 @@ fn a_reached_quota_refuses_only_writes_that_grow_what_it_counts() {
             max_siblings: None,
             supersede_local: false,
             quota,
+            condition: None,
         };
         engine.coordinate_write_before(&key(name), write, ApplyDeadline::NONE)
     };

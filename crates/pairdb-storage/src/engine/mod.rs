@@ -63,6 +63,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use pairdb_core::condition::WriteCondition;
 use pairdb_core::dvv::{UpdateError, VersionSet, VersionVector};
 use pairdb_core::encoding::{DecodeError, MAX_DECODED_ACTORS, decode_version_set, encode_version_set};
 use pairdb_core::reason::{HasReason, Reason};
@@ -130,6 +131,9 @@ pub enum EngineError {
     /// The write would add to what a reached quota of the tenant counts.
     #[error("the tenant is at its quota of {0}: only writes that do not add to it are accepted")]
     QuotaExceeded(&'static str),
+    /// A conditional write's condition does not hold on this replica: nothing was applied.
+    #[error("condition {} does not hold: this replica holds a version the read did not see", .0.as_str())]
+    PreconditionFailed(WriteCondition),
 }
 
 impl HasReason for EngineError {
@@ -143,6 +147,7 @@ impl HasReason for EngineError {
             EngineError::DeadlinePassed => Reason::CoordinateDeadlinePassed,
             EngineError::TenantDeleted(_) => Reason::TenantNotFound,
             EngineError::QuotaExceeded(_) => Reason::QuotaExceeded,
+            EngineError::PreconditionFailed(_) => Reason::PreconditionFailed,
         }
     }
 }
@@ -195,6 +200,9 @@ pub struct CoordinatedWrite<'a> {
     pub supersede_local: bool,
     /// The tenant's quotas this write must not grow past.
     pub quota: QuotaGuard,
+    /// A conditional write: the condition and what the router's read saw, re-checked against this
+    /// replica's set under the key's lock ([`pairdb_core::condition::holds_at_coordinator`]).
+    pub condition: Option<(WriteCondition, VersionVector)>,
 }
 
 /// Which of a tenant's quotas are reached (meta's flags, from the view): a coordinated write that

@@ -124,7 +124,15 @@ impl Engine {
         supersede_local: bool,
     ) -> Result<VersionSet, EngineError> {
         let quota = QuotaGuard::default();
-        let write = CoordinatedWrite { context, value, timestamp_ms, max_siblings, supersede_local, quota };
+        let write = CoordinatedWrite {
+            context,
+            value,
+            timestamp_ms,
+            max_siblings,
+            supersede_local,
+            quota,
+            condition: None,
+        };
         self.coordinate_write_before(key, write, ApplyDeadline::NONE)
     }
 
@@ -137,7 +145,15 @@ impl Engine {
         write: CoordinatedWrite<'_>,
         deadline: ApplyDeadline,
     ) -> Result<VersionSet, EngineError> {
-        let CoordinatedWrite { context, value, timestamp_ms, max_siblings, supersede_local, quota } = write;
+        let CoordinatedWrite {
+            context,
+            value,
+            timestamp_ms,
+            max_siblings,
+            supersede_local,
+            quota,
+            condition,
+        } = write;
         self.check_writable()?;
         let encoded_key = key.encode();
         self.mutate(key, Apply::Commit, |existing| {
@@ -145,6 +161,12 @@ impl Engine {
             if deadline.passed() {
                 metrics::counter!("pairdb_storage_coordinate_deadline_refusals_total").increment(1);
                 return Err(EngineError::DeadlinePassed);
+            }
+            if let Some((condition, observed)) = &condition
+                && !pairdb_core::condition::holds_at_coordinator(*condition, existing, observed)
+            {
+                metrics::counter!("pairdb_storage_precondition_refusals_total").increment(1);
+                return Err(EngineError::PreconditionFailed(*condition));
             }
             let mut set = existing.cloned().unwrap_or_default();
             let mut context = context.clone();
