@@ -299,6 +299,20 @@ fn dev_cluster_survives_bench_and_every_command_prints_json() {
     assert!(unknown.stderr.contains("TENANT_NOT_FOUND"), "{}", unknown.stderr);
     let bad_context = fails(&["kv", "put", "k1", "v", "--context", "%%%"]);
     assert!(bad_context.stderr.contains("INVALID_ARGUMENT"), "{}", bad_context.stderr);
+    // Conditions: a second --if-absent is refused with the key's current context; --if-match passes
+    // once with a context and is refused once that context is stale.
+    let mine = json(&["kv", "put", "lock", "mine", "--if-absent"]);
+    let taken = fails(&["kv", "put", "lock", "yours", "--if-absent"]);
+    assert!(taken.stderr.contains("PRECONDITION_FAILED"), "{}", taken.stderr);
+    assert!(taken.stderr.contains("current context: "), "{}", taken.stderr);
+    let context = mine["context"].as_str().unwrap();
+    json(&["kv", "put", "lock", "renewed", "--if-match", "--context", context]);
+    let stale = fails(&["kv", "put", "lock", "x", "--if-match", "--context", context]);
+    assert!(stale.stderr.contains("PRECONDITION_FAILED"), "{}", stale.stderr);
+    assert_eq!(json(&["kv", "get", "lock"])["value"], "renewed");
+    assert!(
+        fails(&["kv", "put", "lock", "x", "--if-absent", "--if-present"]).stderr.contains("cannot be used")
+    );
 
     // kv list: JSON lines, one per key; without --all one page and then its token.
     for i in 0..5 {

@@ -424,7 +424,7 @@ fn every_owner_acked_only_when_all_n_owners_hold_the_set_themselves() {
 }
 
 fn refusal() -> Refusal {
-    Refusal { reason: Reason::TooManySiblings, message: "too many siblings".to_owned() }
+    Refusal { reason: Reason::TooManySiblings, message: "too many siblings".to_owned(), current: None }
 }
 
 #[test]

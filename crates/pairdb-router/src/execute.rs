@@ -111,7 +111,11 @@ pub async fn write(calls: StorageCalls, clock: Clock, plan: WritePlan, task: Wri
     tokio::spawn(run_write(calls, clock, plan, task, reply_tx).instrument(tracing::Span::current()));
     reply_rx.await.unwrap_or_else(|_| {
         let message = "write task ended without a reply".to_owned();
-        WriteResult::Rejected(Refusal { reason: pairdb_core::reason::Reason::Internal, message })
+        WriteResult::Rejected(Refusal {
+            reason: pairdb_core::reason::Reason::Internal,
+            message,
+            current: None,
+        })
     })
 }
 

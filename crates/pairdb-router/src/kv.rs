@@ -304,12 +304,13 @@ impl KvRouter {
                 Some(condition) if refusal.reason == Reason::PreconditionFailed => {
                     metrics::counter!("pairdb_router_precondition_failures_total", "at" => "coordinator")
                         .increment(1);
-                    // The coordinator held a version the read missed: read again for the details (a
-                    // failed read leaves them out; the refusal stands either way).
-                    let current = match self.read_set(&view, &tenant, key, &options).await {
-                        Ok((merged, _)) => Self::current_state(sealing, &tenant, key, merged),
-                        Err(_) => None,
+                    // The coordinator held a version the read missed and sent its set: the details
+                    // are the newest state either knew.
+                    let newest = match (merged, refusal.current) {
+                        (Some(read), Some(coordinator)) => Some(read.merge(&coordinator)),
+                        (read, coordinator) => read.or(coordinator),
                     };
+                    let current = Self::current_state(sealing, &tenant, key, newest);
                     Err(RouterError::PreconditionFailed { condition, current })
                 }
                 _ => Err(RouterError::Refused(refusal)),

@@ -11,6 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine as _;
 use pairdb_core::condition::WriteCondition;
 use pairdb_core::coordination::{FailureCause, Refusal};
 use pairdb_core::dvv::VersionSet;
@@ -386,11 +387,18 @@ fn refusal_of(status: &tonic::Status) -> Option<Refusal> {
     if !definitive {
         return None;
     }
-    let message = match pairdb_service::errors::detail_of(status) {
+    let detail = pairdb_service::errors::detail_of(status);
+    // A refused condition carries the replica's set (base64 of the set encoding).
+    let current = detail
+        .as_ref()
+        .and_then(|d| d.metadata.get("version_set"))
+        .and_then(|encoded| base64::engine::general_purpose::STANDARD.decode(encoded).ok())
+        .and_then(|bytes| decode_version_set(&bytes).ok());
+    let message = match detail {
         Some(detail) => detail.message,
         None => status.message().to_owned(),
     };
-    Some(Refusal { reason, message })
+    Some(Refusal { reason, message, current })
 }
 
 /// Reasons a storage node gives only before it applied anything, so another replica may be asked.

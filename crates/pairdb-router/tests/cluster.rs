@@ -278,10 +278,7 @@ async fn deletes_and_overwrites_supersede_what_the_read_saw() {
         "INVALID_CONTEXT"
     );
     assert_eq!(
-        write(r, "t", "k", Some(vec![0; 1024 * 1024 + 1]), &[], false, opts(ONE))
-            .await
-            .unwrap_err()
-            .reason(),
+        write(r, "t", "k", Some(vec![0; 1024 * 1024 + 1]), &[], false, opts(ONE)).await.unwrap_err().reason(),
         "VALUE_TOO_LARGE"
     );
 }

@@ -274,6 +274,11 @@ pub(crate) async fn on_engine<T: Send + 'static>(
 fn engine_status(error: EngineError) -> Status {
     match &error {
         EngineError::Read(_) | EngineError::Corrupt(_) => tracing::error!(%error, "storage engine error"),
+        EngineError::PreconditionFailed { current, .. } => {
+            use base64::Engine as _;
+            let encoded = base64::engine::general_purpose::STANDARD.encode(encode_version_set(current));
+            return status(error.reason(), error.to_string(), &[("version_set", encoded)]);
+        }
         _ => {}
     }
     status(error.reason(), error.to_string(), &[])

@@ -29,6 +29,7 @@ mod write;
 pub use read::{ReadAnswer, ReadCoordinator, ReadEffect, ReadInput, ReadPlan, ReadReply, ReadTransport};
 pub use write::{WriteCoordinator, WriteEffect, WriteInput, WritePlan, WriteReply, WriteTransport};
 
+use crate::dvv::VersionSet;
 use crate::reason::Reason;
 use crate::ring::NodeId;
 
@@ -40,6 +41,9 @@ pub struct Refusal {
     pub reason: Reason,
     /// The replica's own explanation, passed on to the client.
     pub message: String,
+    /// PRECONDITION_FAILED: the refusing replica's set of the key (what broke the condition), so the
+    /// client learns the newest state without another read.
+    pub current: Option<VersionSet>,
 }
 
 /// Why a replica did not contribute to a request.

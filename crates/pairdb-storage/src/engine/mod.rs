@@ -132,8 +132,8 @@ pub enum EngineError {
     #[error("the tenant is at its quota of {0}: only writes that do not add to it are accepted")]
     QuotaExceeded(&'static str),
     /// A conditional write's condition does not hold on this replica: nothing was applied.
-    #[error("condition {} does not hold: this replica holds a version the read did not see", .0.as_str())]
-    PreconditionFailed(WriteCondition),
+    #[error("condition {} does not hold: this replica holds a version the read did not see", condition.as_str())]
+    PreconditionFailed { condition: WriteCondition, current: Box<VersionSet> },
 }
 
 impl HasReason for EngineError {
@@ -147,7 +147,7 @@ impl HasReason for EngineError {
             EngineError::DeadlinePassed => Reason::CoordinateDeadlinePassed,
             EngineError::TenantDeleted(_) => Reason::TenantNotFound,
             EngineError::QuotaExceeded(_) => Reason::QuotaExceeded,
-            EngineError::PreconditionFailed(_) => Reason::PreconditionFailed,
+            EngineError::PreconditionFailed { .. } => Reason::PreconditionFailed,
         }
     }
 }

@@ -166,7 +166,8 @@ impl Engine {
                 && !pairdb_core::condition::holds_at_coordinator(*condition, existing, observed)
             {
                 metrics::counter!("pairdb_storage_precondition_refusals_total").increment(1);
-                return Err(EngineError::PreconditionFailed(*condition));
+                let current = Box::new(existing.cloned().unwrap_or_default());
+                return Err(EngineError::PreconditionFailed { condition: *condition, current });
             }
             let mut set = existing.cloned().unwrap_or_default();
             let mut context = context.clone();
