@@ -1117,6 +1117,7 @@ mod tests {
                     value: value_of(key, *seq, 10),
                     timestamp_ms: 0,
                     dot: Some(*dot),
+                    expires_at_ms: None,
                 })
                 .collect(),
             context: Vec::new(),

@@ -310,6 +310,13 @@ fn dev_cluster_survives_bench_and_every_command_prints_json() {
     let stale = fails(&["kv", "put", "lock", "x", "--if-match", "--context", context]);
     assert!(stale.stderr.contains("PRECONDITION_FAILED"), "{}", stale.stderr);
     assert_eq!(json(&["kv", "get", "lock"])["value"], "renewed");
+    // Expiry: --ttl stamps it, touch moves it.
+    json(&["kv", "put", "ttl-key", "v", "--ttl", "60s"]);
+    let got = json(&["kv", "get", "ttl-key"]);
+    let first = got["siblings"][0]["expires_at_ms"].as_u64().expect("the value expires");
+    json(&["kv", "touch", "ttl-key", "--context", got["context"].as_str().unwrap(), "--ttl", "2h"]);
+    let touched = json(&["kv", "get", "ttl-key"])["siblings"][0]["expires_at_ms"].as_u64().unwrap();
+    assert!(touched > first + 3_600_000, "{first} -> {touched}");
     assert!(
         fails(&["kv", "put", "lock", "x", "--if-absent", "--if-present"]).stderr.contains("cannot be used")
     );
@@ -342,6 +349,16 @@ fn dev_cluster_survives_bench_and_every_command_prints_json() {
     assert_eq!(created["tenant_id"], "acme");
     assert_eq!(created["replication_factor"], 2);
     assert_eq!(created["max_value_bytes"], 4096);
+    let expiring = json(&["tenant", "create", "sessions", "--default-ttl", "1h", "--max-ttl", "1d"]);
+    assert_eq!(
+        (expiring["default_ttl_ms"].as_u64(), expiring["max_ttl_ms"].as_u64()),
+        (Some(3_600_000), Some(86_400_000))
+    );
+    assert!(
+        fails(&["tenant", "create", "bad-ttl", "--default-ttl", "2d", "--max-ttl", "1d"])
+            .stderr
+            .contains("INVALID_ARGUMENT")
+    );
     let exists = fails(&["tenant", "create", "acme"]);
     assert!(exists.stderr.contains("TENANT_EXISTS"), "{}", exists.stderr);
     assert_eq!(json(&["tenant", "get", "acme"])["conflict_mode"], "siblings");

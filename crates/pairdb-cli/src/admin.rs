@@ -14,6 +14,7 @@ use crate::cli::{
     ApiKeyCommand, ConflictModeArg, ConsistencyArg, Globals, KeyGroupsArg, MigrationCommand, NodeCommand,
     TenantCommand, TenantSettings,
 };
+use crate::duration;
 use crate::output::{self, Output};
 
 /// Prints one object: all its fields as a table, or the JSON document.
@@ -70,23 +71,39 @@ fn check_key_groups(asked: Option<KeyGroups>, tenant: &pb::Tenant) -> anyhow::Re
     Ok(())
 }
 
-/// A meta older than quotas ignores them: say so rather than print a tenant that silently lacks
-/// what was asked for (`asked`: the quotas the command set, `None` where it set none).
-fn check_quotas(asked: (Option<u64>, Option<u64>), tenant: &pb::Tenant) -> anyhow::Result<()> {
-    for (flag, asked, got) in
-        [("--max-keys", asked.0, tenant.max_keys), ("--max-bytes", asked.1, tenant.max_bytes)]
-    {
+/// Settings a `tenant create/update` set that a meta older than them would ignore (`None`: not set
+/// by the command).
+#[derive(Debug, Clone, Copy, Default)]
+struct Asked {
+    max_keys: Option<u64>,
+    max_bytes: Option<u64>,
+    default_ttl_ms: Option<u64>,
+    max_ttl_ms: Option<u64>,
+}
+
+/// A meta older than quotas or expiry settings ignores them: say so rather than print a tenant that
+/// silently lacks what was asked for.
+fn check_applied(asked: Asked, tenant: &pb::Tenant) -> anyhow::Result<()> {
+    let check = |flag: &str, asked: Option<u64>, got: u64, show: fn(u64) -> String, feature: &str| {
         if let Some(asked) = asked
             && asked != got
         {
             anyhow::bail!(
-                "tenant {}: meta did not apply {flag} {asked} (it reports {got}); meta may predate quotas: \
-                 upgrade it and set the quota again",
-                tenant.tenant_id
+                "tenant {}: meta did not apply {flag} {} (it reports {}); meta may predate {feature}: \
+                 upgrade it and set {flag} again",
+                tenant.tenant_id,
+                show(asked),
+                show(got),
             );
         }
-    }
-    Ok(())
+        Ok(())
+    };
+    let count = |value: u64| value.to_string();
+    check("--max-keys", asked.max_keys, tenant.max_keys, count, "quotas")?;
+    check("--max-bytes", asked.max_bytes, tenant.max_bytes, count, "quotas")?;
+    let ttl = duration::format_ms;
+    check("--default-ttl", asked.default_ttl_ms, tenant.default_ttl_ms, ttl, "expiry settings")?;
+    check("--max-ttl", asked.max_ttl_ms, tenant.max_ttl_ms, ttl, "expiry settings")
 }
 
 /// `ms` for humans: "850 ms", "3 s", "4 min".
@@ -156,6 +173,8 @@ pub async fn tenant(globals: &Globals, command: TenantCommand) -> anyhow::Result
                 strict_quorum,
                 max_keys,
                 max_bytes,
+                default_ttl_ms,
+                max_ttl_ms,
             } = settings;
             let tenant = admin
                 .create_tenant(pb::CreateTenantRequest {
@@ -171,10 +190,12 @@ pub async fn tenant(globals: &Globals, command: TenantCommand) -> anyhow::Result
                     strict_quorum: strict_quorum.unwrap_or(false),
                     max_keys: max_keys.unwrap_or(0),
                     max_bytes: max_bytes.unwrap_or(0),
+                    default_ttl_ms: default_ttl_ms.unwrap_or(0),
+                    max_ttl_ms: max_ttl_ms.unwrap_or(0),
                 })
                 .await?;
             check_key_groups(key_groups(groups), &tenant)?;
-            check_quotas((max_keys, max_bytes), &tenant)?;
+            check_applied(Asked { max_keys, max_bytes, default_ttl_ms, max_ttl_ms }, &tenant)?;
             show(globals.output, &output::tenant_json(&tenant));
         }
         TenantCommand::Get { tenant_id } => {
@@ -199,6 +220,8 @@ pub async fn tenant(globals: &Globals, command: TenantCommand) -> anyhow::Result
                         "MAX VALUE",
                         "MAX KEYS",
                         "MAX BYTES",
+                        "DEFAULT TTL",
+                        "MAX TTL",
                     ],
                     &tenants
                         .iter()
@@ -215,6 +238,8 @@ pub async fn tenant(globals: &Globals, command: TenantCommand) -> anyhow::Result
                                 tenant.max_value_bytes.to_string(),
                                 quota_cell(tenant.max_keys),
                                 quota_cell(tenant.max_bytes),
+                                ttl_cell(tenant.default_ttl_ms),
+                                ttl_cell(tenant.max_ttl_ms),
                             ]
                         })
                         .collect::<Vec<_>>(),
@@ -235,10 +260,18 @@ pub async fn tenant(globals: &Globals, command: TenantCommand) -> anyhow::Result
                     strict_quorum: settings.strict_quorum,
                     max_keys: settings.max_keys,
                     max_bytes: settings.max_bytes,
+                    default_ttl_ms: settings.default_ttl_ms,
+                    max_ttl_ms: settings.max_ttl_ms,
                 })
                 .await?;
             if let Some(tenant) = &reply.tenant {
-                check_quotas((settings.max_keys, settings.max_bytes), tenant)?;
+                let asked = Asked {
+                    max_keys: settings.max_keys,
+                    max_bytes: settings.max_bytes,
+                    default_ttl_ms: settings.default_ttl_ms,
+                    max_ttl_ms: settings.max_ttl_ms,
+                };
+                check_applied(asked, tenant)?;
             }
             let tenant = reply.tenant.as_ref().map(output::tenant_json).unwrap_or(Value::Null);
             show(globals.output, &change_json("tenant", tenant, &reply.migration_id));
@@ -278,6 +311,11 @@ pub async fn tenant(globals: &Globals, command: TenantCommand) -> anyhow::Result
 /// A quota in the tenant table: `-` for none.
 fn quota_cell(value: u64) -> String {
     if value == 0 { "-".to_owned() } else { value.to_string() }
+}
+
+/// An expiry setting in the tenant table, in the largest exact unit (`7d`, `1500ms`): `-` for none.
+fn ttl_cell(ms: u64) -> String {
+    if ms == 0 { "-".to_owned() } else { duration::format_ms(ms) }
 }
 
 pub async fn api_key(globals: &Globals, command: ApiKeyCommand) -> anyhow::Result<()> {
@@ -648,12 +686,94 @@ mod tests {
     #[test]
     fn a_quota_meta_did_not_apply_fails() {
         let reply = pb::Tenant { tenant_id: "acme".into(), max_keys: 10, ..Default::default() };
-        assert!(check_quotas((None, None), &reply).is_ok());
-        assert!(check_quotas((Some(10), Some(0)), &reply).is_ok());
-        let ignored = check_quotas((Some(10), Some(5)), &reply).unwrap_err().to_string();
+        assert!(check_applied(Asked::default(), &reply).is_ok());
+        assert!(
+            check_applied(Asked { max_keys: Some(10), max_bytes: Some(0), ..Asked::default() }, &reply)
+                .is_ok()
+        );
+        let ignored =
+            check_applied(Asked { max_keys: Some(10), max_bytes: Some(5), ..Asked::default() }, &reply)
+                .unwrap_err()
+                .to_string();
         assert!(ignored.contains("did not apply --max-bytes 5 (it reports 0)"), "{ignored}");
         assert_eq!(output::tenant_json(&reply)["max_keys"], 10);
         assert_eq!(quota_cell(0), "-");
+    }
+
+    #[test]
+    fn ttl_flags_parse_on_create_and_update() {
+        use clap::Parser as _;
+        let parse = |args: &[&str]| {
+            crate::cli::Cli::try_parse_from(["pairdb", "tenant"].iter().chain(args)).map(|cli| cli.command)
+        };
+        let created = parse(&["create", "acme", "--default-ttl", "30s", "--max-ttl", "7d"]).unwrap();
+        assert!(
+            matches!(
+                created,
+                crate::cli::Command::Tenant(TenantCommand::Create {
+                    settings: TenantSettings {
+                        default_ttl_ms: Some(30_000),
+                        max_ttl_ms: Some(604_800_000),
+                        ..
+                    },
+                    ..
+                })
+            ),
+            "{created:?}"
+        );
+        for (flag, value, ms) in [
+            ("--max-ttl", "1500ms", 1_500),
+            ("--max-ttl", "15m", 900_000),
+            ("--default-ttl", "2h", 7_200_000),
+        ] {
+            let updated = parse(&["update", "acme", flag, value]).unwrap();
+            let crate::cli::Command::Tenant(TenantCommand::Update { settings, .. }) = updated else {
+                panic!("parsed as {updated:?}")
+            };
+            let got = if flag == "--max-ttl" {
+                (settings.default_ttl_ms, settings.max_ttl_ms)
+            } else {
+                (settings.max_ttl_ms, settings.default_ttl_ms)
+            };
+            assert_eq!(got, (None, Some(ms)), "{flag} {value}: the other one is left unchanged");
+        }
+        let removed = parse(&["update", "acme", "--default-ttl", "0"]).unwrap();
+        assert!(
+            matches!(
+                removed,
+                crate::cli::Command::Tenant(TenantCommand::Update {
+                    settings: TenantSettings { default_ttl_ms: Some(0), max_ttl_ms: None, .. },
+                    ..
+                })
+            ),
+            "{removed:?}"
+        );
+        let bare = parse(&["update", "acme", "--max-ttl", "1500"]).unwrap_err();
+        assert_eq!(bare.kind(), clap::error::ErrorKind::ValueValidation);
+        assert!(bare.to_string().contains("give a unit"), "{bare}");
+        assert!(parse(&["create", "acme", "--default-ttl", "soon"]).is_err());
+    }
+
+    #[test]
+    fn ttls_meta_did_not_apply_fail_and_show_in_the_table_and_json() {
+        let reply = pb::Tenant {
+            tenant_id: "acme".into(),
+            default_ttl_ms: 30_000,
+            max_ttl_ms: 604_800_000,
+            ..Default::default()
+        };
+        let asked = Asked { default_ttl_ms: Some(30_000), max_ttl_ms: Some(604_800_000), ..Asked::default() };
+        assert!(check_applied(asked, &reply).is_ok());
+        let older = pb::Tenant { tenant_id: "acme".into(), ..Default::default() };
+        let ignored = check_applied(asked, &older).unwrap_err().to_string();
+        assert!(ignored.contains("did not apply --default-ttl 30s (it reports 0ms)"), "{ignored}");
+        assert!(ignored.contains("meta may predate expiry settings"), "{ignored}");
+        let json = output::tenant_json(&reply);
+        assert_eq!((&json["default_ttl_ms"], &json["max_ttl_ms"]), (&30_000.into(), &604_800_000.into()));
+        assert_eq!(
+            (ttl_cell(0), ttl_cell(30_000), ttl_cell(604_800_000)),
+            ("-".into(), "30s".into(), "7d".into())
+        );
     }
 
     #[test]

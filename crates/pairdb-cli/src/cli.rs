@@ -212,6 +212,22 @@ pub enum KvCommand {
         idempotency_key: Option<String>,
         #[command(flatten)]
         condition: ConditionArgs,
+        /// Expire the value this long after it is written (`30s`, `15m`, `2h`, `7d`); default:
+        /// the tenant's default TTL, which may be never.
+        #[arg(long, value_parser = crate::duration::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Give the values a context names a new expiry without sending them again (sliding sessions).
+    Touch {
+        key: String,
+        /// Context printed by a get or put of this key: the values it names get the new expiry.
+        #[arg(long)]
+        context: String,
+        /// The new expiry, from now (`30s`, `15m`, `2h`, `7d`).
+        #[arg(long, value_parser = crate::duration::parse_duration)]
+        ttl: Duration,
+        #[arg(long, value_enum)]
+        consistency: Option<ConsistencyArg>,
     },
     /// Read every live value (sibling) of a key and its context.
     Get {
@@ -323,6 +339,14 @@ pub struct TenantSettings {
     /// Quota on the bytes of live values, counted once per key (0 = none; on update, 0 removes it).
     #[arg(long)]
     pub max_bytes: Option<u64>,
+    /// Expiry of a value written without one, e.g. 1500ms, 30s, 15m, 2h, 7d (0 = such values never
+    /// expire; on update, 0 removes it). At most --max-ttl when both are set.
+    #[arg(long = "default-ttl", value_name = "DURATION", value_parser = crate::duration::parse_ttl_ms)]
+    pub default_ttl_ms: Option<u64>,
+    /// Longest expiry any write gets, including one that asks for none (0 = no cap; on update, 0
+    /// removes it). At most 100 years.
+    #[arg(long = "max-ttl", value_name = "DURATION", value_parser = crate::duration::parse_ttl_ms)]
+    pub max_ttl_ms: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -12,7 +12,17 @@ use crate::output::{self, Output};
 pub async fn run(globals: &Globals, command: KvCommand) -> anyhow::Result<()> {
     let client = globals.kv().await?;
     match command {
-        KvCommand::Put { key, value, file, consistency, context, overwrite, idempotency_key, condition } => {
+        KvCommand::Put {
+            key,
+            value,
+            file,
+            consistency,
+            context,
+            overwrite,
+            idempotency_key,
+            condition,
+            ttl,
+        } => {
             let value = match (value, file) {
                 (Some(value), _) => value.into_bytes(),
                 (None, Some(path)) => std::fs::read(&path)
@@ -25,10 +35,20 @@ pub async fn run(globals: &Globals, command: KvCommand) -> anyhow::Result<()> {
                 overwrite,
                 idempotency_key,
                 condition: condition.condition(),
+                ttl,
                 ..WriteOptions::default()
             };
             let result = client.put(&key, value, options).await?;
             print_write(globals.output, "stored", &key, &result);
+        }
+        KvCommand::Touch { key, context, ttl, consistency } => {
+            let options = WriteOptions {
+                consistency: crate::cli::consistency(consistency),
+                ttl: Some(ttl),
+                ..WriteOptions::default()
+            };
+            let result = client.touch(&key, output::decode_context(&context)?, options).await?;
+            print_write(globals.output, "touched", &key, &result);
         }
         KvCommand::Get { key, consistency } => {
             let options =
@@ -127,7 +147,7 @@ fn print_scanned(format: Output, key: &ScannedKey) {
                 .iter()
                 .map(|s| {
                     let (field, value) = output::value_json(&s.value);
-                    json!({ field: value, "timestamp_ms": s.timestamp_ms })
+                    json!({ field: value, "timestamp_ms": s.timestamp_ms, "expires_at_ms": s.expires_at_ms })
                 })
                 .collect();
             let line = json!({
@@ -184,7 +204,7 @@ fn read_json(key: &str, result: Option<&ReadResult>) -> Value {
         .into_iter()
         .map(|sibling| {
             let (field, value) = output::value_json(&sibling.value);
-            json!({ field: value, "timestamp_ms": sibling.timestamp_ms })
+            json!({ field: value, "timestamp_ms": sibling.timestamp_ms, "expires_at_ms": sibling.expires_at_ms })
         })
         .collect();
     let mut body = json!({
@@ -233,7 +253,12 @@ mod tests {
 
     #[test]
     fn read_json_lists_siblings_oldest_first_and_value_only_when_single() {
-        let sibling = |value: &[u8], timestamp_ms| Sibling { value: value.to_vec(), timestamp_ms, dot: None };
+        let sibling = |value: &[u8], timestamp_ms| Sibling {
+            value: value.to_vec(),
+            timestamp_ms,
+            dot: None,
+            expires_at_ms: None,
+        };
         let two = ReadResult {
             siblings: vec![sibling(b"later", 20), sibling(b"earlier", 10)],
             context: vec![1, 2],

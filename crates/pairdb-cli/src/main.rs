@@ -7,6 +7,7 @@ mod cert;
 mod cli;
 mod cluster;
 mod dev;
+mod duration;
 mod kv;
 mod output;
 

@@ -106,6 +106,8 @@ pub fn tenant_json(tenant: &admin::Tenant) -> Value {
         "strict_quorum": tenant.strict_quorum,
         "max_keys": tenant.max_keys,
         "max_bytes": tenant.max_bytes,
+        "default_ttl_ms": tenant.default_ttl_ms,
+        "max_ttl_ms": tenant.max_ttl_ms,
         "created_at_ms": tenant.created_at_ms,
         "updated_at_ms": tenant.updated_at_ms,
     });

@@ -54,6 +54,11 @@ pub struct WriteOptions {
     /// Write only if this holds; otherwise the error's reason is PRECONDITION_FAILED and
     /// [`ClientError::current_state`] gives the key as the router found it.
     pub condition: Option<WriteCondition>,
+    /// The value expires this long after the router receives the put (`None`: the tenant's
+    /// default, which may be never). A touch's new expiry.
+    pub ttl: Option<Duration>,
+    /// The value expires at this wall-clock time (ms since the Unix epoch); instead of `ttl`.
+    pub expires_at_ms: Option<u64>,
 }
 
 /// Options of a get.
@@ -87,6 +92,8 @@ pub struct Sibling {
     pub timestamp_ms: u64,
     /// The (actor, counter) dot that wrote it.
     pub dot: Option<(u64, u64)>,
+    /// When it expires (ms since the Unix epoch); `None`: never.
+    pub expires_at_ms: Option<u64>,
 }
 
 /// A found key: every live sibling and the context to write back with.
@@ -159,6 +166,8 @@ impl KvClient {
             context: options.context.clone(),
             overwrite: options.overwrite,
             options: Some(write_options(&options, timeout)),
+            ttl_ms: ttl_ms(&options),
+            expires_at_ms: options.expires_at_ms.unwrap_or(0),
         };
         let safe = options.idempotency_key.is_some();
         with_retries(self.retry, safe, || {
@@ -184,6 +193,34 @@ impl KvClient {
             let mut client = self.inner.clone();
             let request = with_deadline(request.clone(), timeout);
             async move { Ok(client.delete(request).await?.into_inner().ack.unwrap_or_default()) }
+        })
+        .await
+        .map(write_result)
+    }
+
+    /// Gives the values `context` names (a read's or write's context) the expiry of `options.ttl`
+    /// or `options.expires_at_ms` (neither: the tenant's default) without sending them again.
+    /// KEY_NOT_FOUND when none of them is live any more.
+    pub async fn touch(
+        &self,
+        key: &str,
+        context: Vec<u8>,
+        options: WriteOptions,
+    ) -> Result<WriteResult, ClientError> {
+        let timeout = options.timeout.unwrap_or(self.request_timeout);
+        let request = pb::TouchRequest {
+            tenant_id: self.tenant_id.clone(),
+            key: key.to_owned(),
+            context,
+            ttl_ms: ttl_ms(&options),
+            expires_at_ms: options.expires_at_ms.unwrap_or(0),
+            options: Some(write_options(&options, timeout)),
+        };
+        let safe = options.idempotency_key.is_some();
+        with_retries(self.retry, safe, || {
+            let mut client = self.inner.clone();
+            let request = with_deadline(request.clone(), timeout);
+            async move { Ok(client.touch(request).await?.into_inner().ack.unwrap_or_default()) }
         })
         .await
         .map(write_result)
@@ -275,6 +312,11 @@ fn write_options(options: &WriteOptions, timeout: Duration) -> pb::WriteOptions 
     }
 }
 
+/// `ttl` in whole ms on the wire (0 = unset; a sub-millisecond TTL rounds up to 1 ms).
+fn ttl_ms(options: &WriteOptions) -> u64 {
+    options.ttl.map_or(0, |ttl| u64::try_from(ttl.as_micros().div_ceil(1000)).unwrap_or(u64::MAX))
+}
+
 fn read_options(options: &ReadOptions, timeout: Duration) -> pb::ReadOptions {
     pb::ReadOptions {
         consistency: options.consistency.to_proto(),
@@ -304,6 +346,7 @@ pub(crate) fn sibling(sibling: pb::Sibling) -> Sibling {
         value: sibling.value,
         timestamp_ms: sibling.timestamp_ms,
         dot: sibling.dot.map(|dot| (dot.actor, dot.counter)),
+        expires_at_ms: (sibling.expires_at_ms > 0).then_some(sibling.expires_at_ms),
     }
 }
 

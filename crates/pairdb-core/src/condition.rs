@@ -52,13 +52,13 @@ impl WriteCondition {
     }
 }
 
-/// True when `set` has a value a read returns: any live sibling, or (LWW tenants) a winner that is
-/// not a tombstone.
-pub fn is_present(set: Option<&VersionSet>, mode: ConflictMode) -> bool {
+/// True when `set` has a value a read at `now_ms` returns: any live sibling, or (LWW tenants) a
+/// winner that is live (not a tombstone, not expired).
+pub fn is_present(set: Option<&VersionSet>, mode: ConflictMode, now_ms: u64) -> bool {
     let Some(set) = set else { return false };
     match mode {
-        ConflictMode::Siblings => !set.is_deleted(),
-        ConflictMode::Lww => set.lww_winner().is_some_and(|s| !s.is_tombstone()),
+        ConflictMode::Siblings => !set.is_dead_at(now_ms),
+        ConflictMode::Lww => set.lww_winner().is_some_and(|s| s.is_live_at(now_ms)),
     }
 }
 
@@ -69,10 +69,11 @@ pub fn holds_on_read(
     merged: Option<&VersionSet>,
     context: &VersionVector,
     mode: ConflictMode,
+    now_ms: u64,
 ) -> bool {
     match condition {
-        WriteCondition::IfAbsent => !is_present(merged, mode),
-        WriteCondition::IfPresent => is_present(merged, mode),
+        WriteCondition::IfAbsent => !is_present(merged, mode, now_ms),
+        WriteCondition::IfPresent => is_present(merged, mode, now_ms),
         WriteCondition::IfContextMatches => merged.is_none_or(|set| context.descends(set.vector())),
     }
 }
@@ -114,15 +115,16 @@ pub fn write_context(
     }
 }
 
-/// The coordinator's re-check, on its own set under the key's lock. A sibling `observed` does not
-/// cover is one the router's read did not see.
+/// The coordinator's re-check at `now_ms`, on its own set under the key's lock. A sibling `observed`
+/// does not cover is one the router's read did not see.
 pub fn holds_at_coordinator(
     condition: WriteCondition,
     local: Option<&VersionSet>,
     observed: &VersionVector,
+    now_ms: u64,
 ) -> bool {
     let Some(local) = local else { return true };
-    let unseen_live = || local.siblings().iter().any(|s| !s.is_tombstone() && !observed.covers(s.dot));
+    let unseen_live = || local.siblings().iter().any(|s| s.is_live_at(now_ms) && !observed.covers(s.dot));
     match condition {
         WriteCondition::IfAbsent => !unseen_live(),
         WriteCondition::IfPresent => unseen_live() || observed.descends(local.vector()),
@@ -191,15 +193,15 @@ mod tests {
                         // Contexts a client could hold: nothing, or what this read saw.
                         for context in [VersionVector::new(), merged.vector().clone()] {
                             let mode = ConflictMode::Siblings;
-                            if !holds_on_read(condition, Some(&merged), &context, mode) {
+                            if !holds_on_read(condition, Some(&merged), &context, mode, 0) {
                                 continue;
                             }
                             let observed = observed(condition, Some(&merged), &context);
-                            let passes = holds_at_coordinator(condition, Some(local), &observed);
+                            let passes = holds_at_coordinator(condition, Some(local), &observed, 0);
                             let newest = merged.merge(local);
                             if passes {
                                 assert!(
-                                    holds_on_read(condition, Some(&newest), &context, mode),
+                                    holds_on_read(condition, Some(&newest), &context, mode, 0),
                                     "{condition:?} passed but fails on the newest state\nM={merged:?}\nL={local:?}"
                                 );
                             }
@@ -223,29 +225,47 @@ mod tests {
         let mut set = VersionSet::new();
         let none = VersionVector::new();
         for mode in [ConflictMode::Siblings, ConflictMode::Lww] {
-            assert!(holds_on_read(WriteCondition::IfAbsent, None, &none, mode));
-            assert!(!holds_on_read(WriteCondition::IfPresent, None, &none, mode));
+            assert!(holds_on_read(WriteCondition::IfAbsent, None, &none, mode, 0));
+            assert!(!holds_on_read(WriteCondition::IfPresent, None, &none, mode, 0));
         }
         set.update(&none, Actor(1), Some(b"x".to_vec()), 5, None).unwrap();
-        assert!(holds_on_read(WriteCondition::IfPresent, Some(&set), &none, ConflictMode::Siblings));
+        assert!(holds_on_read(WriteCondition::IfPresent, Some(&set), &none, ConflictMode::Siblings, 0));
         // A concurrent tombstone with a later timestamp: siblings still show "x", LWW shows nothing.
         set.update(&none, Actor(2), None, 9, None).unwrap();
-        assert!(holds_on_read(WriteCondition::IfPresent, Some(&set), &none, ConflictMode::Siblings));
-        assert!(holds_on_read(WriteCondition::IfAbsent, Some(&set), &none, ConflictMode::Lww));
+        assert!(holds_on_read(WriteCondition::IfPresent, Some(&set), &none, ConflictMode::Siblings, 0));
+        assert!(holds_on_read(WriteCondition::IfAbsent, Some(&set), &none, ConflictMode::Lww, 0));
     }
 
     #[test]
     fn context_matches_only_when_nothing_unseen_exists() {
         let none = VersionVector::new();
-        assert!(holds_on_read(WriteCondition::IfContextMatches, None, &none, ConflictMode::Siblings));
+        assert!(holds_on_read(WriteCondition::IfContextMatches, None, &none, ConflictMode::Siblings, 0));
         let mut set = VersionSet::new();
         set.update(&none, Actor(1), Some(b"1".to_vec()), 1, None).unwrap();
         let seen = set.vector().clone();
-        assert!(holds_on_read(WriteCondition::IfContextMatches, Some(&set), &seen, ConflictMode::Siblings));
-        assert!(!holds_on_read(WriteCondition::IfContextMatches, Some(&set), &none, ConflictMode::Siblings));
+        assert!(holds_on_read(
+            WriteCondition::IfContextMatches,
+            Some(&set),
+            &seen,
+            ConflictMode::Siblings,
+            0
+        ));
+        assert!(!holds_on_read(
+            WriteCondition::IfContextMatches,
+            Some(&set),
+            &none,
+            ConflictMode::Siblings,
+            0
+        ));
         set.update(&seen, Actor(1), Some(b"2".to_vec()), 2, None).unwrap();
-        assert!(!holds_on_read(WriteCondition::IfContextMatches, Some(&set), &seen, ConflictMode::Siblings));
-        assert!(!holds_at_coordinator(WriteCondition::IfContextMatches, Some(&set), &seen));
+        assert!(!holds_on_read(
+            WriteCondition::IfContextMatches,
+            Some(&set),
+            &seen,
+            ConflictMode::Siblings,
+            0
+        ));
+        assert!(!holds_at_coordinator(WriteCondition::IfContextMatches, Some(&set), &seen, 0));
     }
 
     #[test]
@@ -255,11 +275,30 @@ mod tests {
         set.update(&none, Actor(1), Some(b"x".to_vec()), 1, None).unwrap();
         let seen = set.vector().clone();
         set.update(&seen, Actor(1), None, 2, None).unwrap();
-        assert!(holds_on_read(WriteCondition::IfAbsent, Some(&set), &none, ConflictMode::Siblings));
+        assert!(holds_on_read(WriteCondition::IfAbsent, Some(&set), &none, ConflictMode::Siblings, 0));
         let context = write_context(Some(WriteCondition::IfAbsent), Some(&set), &none, false);
         assert_eq!(&context, set.vector());
         set.update(&context, Actor(2), Some(b"new".to_vec()), 3, None).unwrap();
         assert_eq!(set.siblings().len(), 1, "the tombstone is superseded, not a sibling");
+    }
+
+    #[test]
+    fn an_expired_value_is_absent_on_both_checks() {
+        let none = VersionVector::new();
+        let mut set = VersionSet::new();
+        let expiring =
+            crate::dvv::NewVersion { value: Some(b"v".to_vec()), timestamp_ms: 1, expires_at_ms: Some(100) };
+        set.update_with(&none, Actor(1), expiring, None).unwrap();
+        for mode in [ConflictMode::Siblings, ConflictMode::Lww] {
+            assert!(holds_on_read(WriteCondition::IfPresent, Some(&set), &none, mode, 99));
+            assert!(holds_on_read(WriteCondition::IfAbsent, Some(&set), &none, mode, 100));
+        }
+        assert!(!holds_at_coordinator(WriteCondition::IfAbsent, Some(&set), &none, 99));
+        assert!(holds_at_coordinator(WriteCondition::IfAbsent, Some(&set), &none, 100));
+        // IF_ABSENT over an expired value supersedes it: the key's history is kept, not doubled.
+        let context = write_context(Some(WriteCondition::IfAbsent), Some(&set), &none, false);
+        set.update(&context, Actor(1), Some(b"new".to_vec()), 200, None).unwrap();
+        assert_eq!(set.siblings().len(), 1);
     }
 
     #[test]

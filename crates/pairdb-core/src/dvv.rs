@@ -120,12 +120,41 @@ pub struct Sibling {
     /// Write time at the coordinator, milliseconds since the Unix epoch. Only LWW resolution and
     /// tombstone GC look at it; causality never does.
     pub timestamp_ms: u64,
+    /// When the value expires (ms since the Unix epoch; `None`: never). Stamped once by the write's
+    /// router and replicated with the sibling, so every replica holds the same expiry; reads hide a
+    /// sibling from then on, and for causality it is a tombstone: a write with a context that saw
+    /// it supersedes it. Expiry never changes a replica's set, and never decides causality.
+    pub expires_at_ms: Option<u64>,
 }
 
 impl Sibling {
     pub fn is_tombstone(&self) -> bool {
         self.value.is_none()
     }
+
+    /// A value a read at `now_ms` returns: not a tombstone, not expired.
+    pub fn is_live_at(&self, now_ms: u64) -> bool {
+        self.value.is_some() && self.expires_at_ms.is_none_or(|at| now_ms < at)
+    }
+
+    /// When this sibling stops holding data: its write time for a tombstone, its expiry for an
+    /// expiring value, never (`None`) for any other value. Tombstone GC counts from here.
+    pub fn dead_since_ms(&self) -> Option<u64> {
+        match (&self.value, self.expires_at_ms) {
+            (None, _) => Some(self.timestamp_ms),
+            (Some(_), Some(at)) => Some(at.max(self.timestamp_ms)),
+            (Some(_), None) => None,
+        }
+    }
+}
+
+/// The sibling a write adds.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NewVersion {
+    /// `None` writes a tombstone.
+    pub value: Option<Vec<u8>>,
+    pub timestamp_ms: u64,
+    pub expires_at_ms: Option<u64>,
 }
 
 /// Why an update was refused.
@@ -192,17 +221,36 @@ impl VersionSet {
         self.vector.is_empty() && self.siblings.is_empty()
     }
 
-    /// True when no sibling holds a value (never written, or deleted).
+    /// True when no sibling holds a value (never written, or deleted); expiry is not considered.
     pub fn is_deleted(&self) -> bool {
         self.siblings.iter().all(Sibling::is_tombstone)
     }
 
-    /// Live siblings with identical values returned once (the one with the highest dot), in dot order.
+    /// True when no sibling is live at `now_ms`: deleted, expired, or both.
+    pub fn is_dead_at(&self, now_ms: u64) -> bool {
+        !self.siblings.iter().any(|s| s.is_live_at(now_ms))
+    }
+
+    /// When the whole record stopped holding data (the newest [`Sibling::dead_since_ms`]); `None`
+    /// while any sibling is a value that never expires. A record that has one is a GC candidate
+    /// from then on (plus the grace period, and only once every replica holds it).
+    pub fn dead_since_ms(&self) -> Option<u64> {
+        self.siblings.iter().try_fold(0u64, |newest, s| s.dead_since_ms().map(|at| newest.max(at)))
+    }
+
+    /// Value siblings with identical values returned once (the one with the highest dot), in dot
+    /// order, **ignoring expiry** (tests and tools; reads use [`Self::live_values_at`]).
     pub fn live_values(&self) -> Vec<&Sibling> {
+        self.live_values_at(0)
+    }
+
+    /// Siblings live at `now_ms` (not tombstones, not expired) with identical values returned once
+    /// (the one with the highest dot), in dot order.
+    pub fn live_values_at(&self, now_ms: u64) -> Vec<&Sibling> {
         let mut live: Vec<&Sibling> = Vec::with_capacity(self.siblings.len());
         // Walk from the highest dot so the survivor of a duplicate group is the newest write.
         for sibling in self.siblings.iter().rev() {
-            if sibling.is_tombstone() {
+            if !sibling.is_live_at(now_ms) {
                 continue;
             }
             if live.iter().any(|kept| kept.value == sibling.value) {
@@ -231,6 +279,21 @@ impl VersionSet {
         timestamp_ms: u64,
         max_siblings: Option<usize>,
     ) -> Result<Dot, UpdateError> {
+        let new = NewVersion { value, timestamp_ms, expires_at_ms: None };
+        self.update_with(context, actor, new, max_siblings)
+    }
+
+    /// [`Self::update`] with every property of the new sibling (its expiry too).
+    pub fn update_with(
+        &mut self,
+        context: &VersionVector,
+        actor: Actor,
+        new: NewVersion,
+        max_siblings: Option<usize>,
+    ) -> Result<Dot, UpdateError> {
+        let NewVersion { value, timestamp_ms, expires_at_ms } = new;
+        // A tombstone has nothing to expire (and the encoding keeps no expiry for it).
+        let expires_at_ms = expires_at_ms.filter(|_| value.is_some());
         let seen = self.vector.get(actor).max(context.get(actor));
         let counter = seen.checked_add(1).filter(|c| *c <= MAX_COUNTER);
         let counter = counter.ok_or(UpdateError::CounterExhausted { actor })?;
@@ -257,8 +320,39 @@ impl VersionSet {
         self.vector.raise(actor, dot.counter);
         // The new dot is above every dot of `actor` in the set, but other actors may sort after it.
         let at = self.siblings.partition_point(|s| s.dot < dot);
-        self.siblings.insert(at, Sibling { dot, value, timestamp_ms });
+        self.siblings.insert(at, Sibling { dot, value, timestamp_ms, expires_at_ms });
         Ok(dot)
+    }
+
+    /// `Touch`: gives every sibling `context` covers that is live at `now_ms` the expiry
+    /// `expires_at_ms` (`None`: never), without resending values. Each is re-written as a new sibling
+    /// with a new dot (same value and write time) coordinated by `actor`, so replicas converge by the
+    /// ordinary merge and two sets holding one dot still hold the same sibling; the covered
+    /// originals, and covered tombstones and expired siblings, are superseded as by any write with
+    /// that context. Siblings the context does not cover are untouched. Returns the new dots (none:
+    /// nothing was live under the context, and the set is unchanged).
+    pub fn touch(
+        &mut self,
+        context: &VersionVector,
+        actor: Actor,
+        expires_at_ms: Option<u64>,
+        now_ms: u64,
+    ) -> Result<Vec<Dot>, UpdateError> {
+        let touched: Vec<Sibling> =
+            self.siblings.iter().filter(|s| context.covers(s.dot) && s.is_live_at(now_ms)).cloned().collect();
+        if touched.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut next = self.clone();
+        let mut dots = Vec::with_capacity(touched.len());
+        for sibling in touched {
+            let new = NewVersion { value: sibling.value, timestamp_ms: sibling.timestamp_ms, expires_at_ms };
+            // Every re-write carries the client's context, which covers none of the new dots, so they
+            // survive each other.
+            dots.push(next.update_with(context, actor, new, None)?);
+        }
+        *self = next;
+        Ok(dots)
     }
 
     /// The merge of two replicas' sets: the pointwise-max vector, and every sibling that the other side
@@ -453,6 +547,69 @@ mod tests {
         set.update(&VersionVector::new(), B, Some(b"tie".to_vec()), 20, None).unwrap();
         // Tie on timestamp: (B, 2) has the higher counter.
         assert_eq!(set.lww_winner().unwrap().value.as_deref(), Some(&b"tie"[..]));
+    }
+
+    fn expiring(value: &[u8], timestamp_ms: u64, expires_at_ms: u64) -> NewVersion {
+        NewVersion { value: Some(value.to_vec()), timestamp_ms, expires_at_ms: Some(expires_at_ms) }
+    }
+
+    #[test]
+    fn expired_siblings_are_hidden_and_superseded_like_tombstones() {
+        let mut set = VersionSet::new();
+        set.update_with(&VersionVector::new(), A, expiring(b"session", 10, 100), None).unwrap();
+        set.update(&VersionVector::new(), B, Some(b"forever".to_vec()), 20, None).unwrap();
+        let live = |set: &VersionSet, now| -> Vec<Vec<u8>> {
+            set.live_values_at(now).iter().filter_map(|s| s.value.clone()).collect()
+        };
+        assert_eq!(live(&set, 99), vec![b"session".to_vec(), b"forever".to_vec()]);
+        assert_eq!(live(&set, 100), vec![b"forever".to_vec()], "expired at exactly expires_at");
+        assert_eq!(set.dead_since_ms(), None, "a value that never expires keeps the record alive");
+        // Expiry changes nothing in the set: a read at 150 and one at 50 see the same vector and a
+        // write with that context supersedes the expired sibling (and the other one it saw).
+        let context = set.vector().clone();
+        set.update(&context, A, Some(b"new".to_vec()), 150, None).unwrap();
+        assert_eq!(set.siblings().len(), 1);
+        assert!(!set.is_dead_at(150));
+    }
+
+    #[test]
+    fn a_record_is_dead_from_its_newest_expiry_or_tombstone() {
+        let mut set = VersionSet::new();
+        set.update_with(&VersionVector::new(), A, expiring(b"a", 10, 100), None).unwrap();
+        set.update_with(&VersionVector::new(), B, expiring(b"b", 20, 300), None).unwrap();
+        set.update(&VersionVector::new(), B, None, 400, None).unwrap();
+        assert_eq!(set.dead_since_ms(), Some(400));
+        assert!(!set.is_dead_at(299));
+        assert!(set.is_dead_at(300));
+        assert!(!set.is_deleted(), "structurally it still holds values");
+    }
+
+    #[test]
+    fn touch_re_stamps_exactly_the_live_siblings_the_context_names() {
+        let mut set = VersionSet::new();
+        set.update_with(&VersionVector::new(), A, expiring(b"one", 10, 100), None).unwrap();
+        set.update_with(&VersionVector::new(), A, expiring(b"two", 11, 100), None).unwrap();
+        let named = set.vector().clone();
+        // A concurrent write the toucher never saw keeps its own expiry.
+        set.update_with(&VersionVector::new(), B, expiring(b"unseen", 12, 90), None).unwrap();
+        let before = set.clone();
+        let dots = set.touch(&named, A, Some(1_000), 50).unwrap();
+        assert_eq!(dots.len(), 2);
+        let expiries: Vec<(Vec<u8>, Option<u64>)> =
+            set.siblings().iter().map(|s| (s.value.clone().unwrap(), s.expires_at_ms)).collect();
+        assert_eq!(expiries.len(), 3, "{expiries:?}");
+        assert!(expiries.contains(&(b"one".to_vec(), Some(1_000))));
+        assert!(expiries.contains(&(b"two".to_vec(), Some(1_000))));
+        assert!(expiries.contains(&(b"unseen".to_vec(), Some(90))));
+        // Replicas that missed the touch converge to it by the ordinary merge.
+        assert_eq!(before.merge(&set), set);
+        assert_eq!(set.merge(&before), set);
+        // Nothing live under the context (expired by now): nothing is touched, nothing changes.
+        let mut expired = VersionSet::new();
+        expired.update_with(&VersionVector::new(), A, expiring(b"gone", 1, 5), None).unwrap();
+        let unchanged = expired.clone();
+        assert!(expired.touch(&expired.vector().clone(), A, None, 10).unwrap().is_empty());
+        assert_eq!(expired, unchanged);
     }
 
     #[test]

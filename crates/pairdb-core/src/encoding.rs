@@ -14,6 +14,13 @@
 //! ```
 //! Siblings are in strictly increasing dot order and each dot is covered by the vector.
 //!
+//! Version set, format 2 (written only when a sibling expires, so a set without expiry keeps its
+//! format 1 bytes and a previous release reads every set that does not use expiry):
+//! ```text
+//! as format 1, with u8 2 first and sibling kinds 0 tombstone, 1 value,
+//!                  2 value with expiry: varint expires_at_ms, then varint len, len bytes
+//! ```
+//!
 //! Version vector, format 1 (between cluster members only; clients get sealed contexts):
 //! ```text
 //! u8 1 | varint n | n × (actor u64le, counter varint) | 4-byte checksum (first bytes of SHA-256)
@@ -31,7 +38,10 @@ use crate::dvv::{Actor, Dot, MAX_ACTORS, MAX_COUNTER, Sibling, VersionSet, Versi
 /// refused before it is allocated or stored.
 pub const MAX_DECODED_ACTORS: usize = 4 * MAX_ACTORS;
 
+/// The set format without expiry (every release reads it).
 pub const VERSION_SET_FORMAT: u8 = 1;
+/// The set format with expiring siblings.
+pub const VERSION_SET_FORMAT_EXPIRY: u8 = 2;
 pub const VECTOR_FORMAT: u8 = 1;
 const CONTEXT_CHECKSUM_LEN: usize = 4;
 
@@ -176,21 +186,29 @@ pub(crate) fn read_vector(reader: &mut Reader<'_>) -> Result<VersionVector, Deco
     Ok(VersionVector::from_entries(entries))
 }
 
-/// Encodes a version set (format 1).
+/// Encodes a version set: format 1, or format 2 when a sibling expires.
 pub fn encode_version_set(set: &VersionSet) -> Vec<u8> {
     let payload: usize = set.siblings().iter().map(|s| s.value.as_ref().map_or(0, Vec::len) + 24).sum();
     let mut out = Vec::with_capacity(16 + set.vector().len() * 12 + payload);
-    out.push(VERSION_SET_FORMAT);
+    let expiring = set.siblings().iter().any(|s| s.expires_at_ms.is_some() && !s.is_tombstone());
+    out.push(if expiring { VERSION_SET_FORMAT_EXPIRY } else { VERSION_SET_FORMAT });
     put_vector(&mut out, set.vector());
     put_varint(&mut out, set.siblings().len() as u64);
     for sibling in set.siblings() {
         out.extend_from_slice(&sibling.dot.actor.0.to_le_bytes());
         put_varint(&mut out, sibling.dot.counter);
         put_varint(&mut out, sibling.timestamp_ms);
-        match &sibling.value {
-            None => out.push(0),
-            Some(value) => {
-                out.push(1);
+        match (&sibling.value, sibling.expires_at_ms) {
+            // A tombstone has no expiry to keep.
+            (None, _) => out.push(0),
+            (Some(value), expiry) => {
+                match expiry {
+                    None => out.push(1),
+                    Some(at) => {
+                        out.push(2);
+                        put_varint(&mut out, at);
+                    }
+                }
                 put_varint(&mut out, value.len() as u64);
                 out.extend_from_slice(value);
             }
@@ -203,7 +221,7 @@ pub fn encode_version_set(set: &VersionSet) -> Vec<u8> {
 pub fn decode_version_set(bytes: &[u8]) -> Result<VersionSet, DecodeError> {
     let mut reader = Reader { bytes };
     let format = reader.u8().map_err(|_| DecodeError::Empty)?;
-    if format != VERSION_SET_FORMAT {
+    if format != VERSION_SET_FORMAT && format != VERSION_SET_FORMAT_EXPIRY {
         return Err(DecodeError::UnknownFormat(format));
     }
     let vector = read_vector(&mut reader)?;
@@ -226,18 +244,24 @@ pub fn decode_version_set(bytes: &[u8]) -> Result<VersionSet, DecodeError> {
         }
         previous = Some(dot);
         let timestamp_ms = reader.varint()?;
-        let value = match reader.u8()? {
-            0 => None,
-            1 => {
-                let len = usize::try_from(reader.varint()?).map_err(|_| DecodeError::Truncated)?;
-                Some(reader.take(len)?.to_vec())
+        let (value, expires_at_ms) = match reader.u8()? {
+            0 => (None, None),
+            1 => (Some(read_bytes(&mut reader)?), None),
+            2 if format == VERSION_SET_FORMAT_EXPIRY => {
+                let at = reader.varint()?;
+                (Some(read_bytes(&mut reader)?), Some(at))
             }
             other => return Err(DecodeError::UnknownKind(other)),
         };
-        siblings.push(Sibling { dot, value, timestamp_ms });
+        siblings.push(Sibling { dot, value, timestamp_ms, expires_at_ms });
     }
     reader.finish()?;
     Ok(VersionSet::from_parts(vector, siblings))
+}
+
+fn read_bytes(reader: &mut Reader<'_>) -> Result<Vec<u8>, DecodeError> {
+    let len = usize::try_from(reader.varint()?).map_err(|_| DecodeError::Truncated)?;
+    Ok(reader.take(len)?.to_vec())
 }
 
 fn context_checksum(body: &[u8]) -> [u8; CONTEXT_CHECKSUM_LEN] {
@@ -321,6 +345,31 @@ mod tests {
         assert_eq!(set.siblings()[0].value.as_deref(), Some(&b"hi"[..]));
         assert!(set.siblings()[1].is_tombstone());
         assert_eq!(encode_version_set(&set), fixture);
+    }
+
+    /// Format 2: an expiring sibling. A set without expiry still encodes as format 1 (the previous
+    /// release reads it, and its bytes are what they were).
+    #[test]
+    fn format_2_fixture_decodes_and_sets_without_expiry_stay_format_1() {
+        let fixture: &[u8] = &[
+            2, // format
+            1, // one vector entry
+            1, 0, 0, 0, 0, 0, 0, 0, 2, // actor 1 -> 2
+            2, // two siblings
+            1, 0, 0, 0, 0, 0, 0, 0, 1, 10, 1, 1, b'a', // (1,1) t=10 "a", no expiry
+            1, 0, 0, 0, 0, 0, 0, 0, 2, 11, 2, 0xe8, 0x07, 1, b'b', // (1,2) t=11 expires 1000 "b"
+        ];
+        let set = decode_version_set(fixture).unwrap();
+        assert_eq!(set.siblings()[0].expires_at_ms, None);
+        assert_eq!(set.siblings()[1].expires_at_ms, Some(1000));
+        assert_eq!(encode_version_set(&set), fixture);
+        let mut plain = set.clone();
+        plain.touch(&set.vector().clone(), Actor(1), None, 0).unwrap();
+        assert_eq!(encode_version_set(&plain)[0], VERSION_SET_FORMAT);
+        // Kind 2 is not a format 1 kind.
+        let mut mislabelled = fixture.to_vec();
+        mislabelled[0] = 1;
+        assert_eq!(decode_version_set(&mislabelled), Err(DecodeError::UnknownKind(2)));
     }
 
     #[test]

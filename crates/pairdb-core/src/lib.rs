@@ -23,6 +23,7 @@ pub mod context;
 pub mod coordination;
 pub mod dvv;
 pub mod encoding;
+pub mod expiry;
 pub mod gc;
 pub mod listing;
 pub mod quorum;

@@ -1,5 +1,6 @@
 //! Input limits of DESIGN §3, checked at every edge before anything is stored.
 
+use crate::expiry::MAX_TTL_MS;
 use crate::reason::{HasReason, Reason};
 /// Highest replication factor (and the length of a partition's node list).
 pub const MAX_REPLICATION_FACTOR: usize = 7;
@@ -35,6 +36,13 @@ pub enum ValidationError {
     InvalidMaxValueBytes(u64),
     #[error("max siblings {0} is outside 1..={ABSOLUTE_MAX_SIBLINGS}")]
     InvalidMaxSiblings(usize),
+    #[error("{setting} {value_ms} is above the maximum of {MAX_TTL_MS} ms (100 years; 0 = none)")]
+    TtlTooLong { setting: &'static str, value_ms: u64 },
+    #[error(
+        "default_ttl_ms {default_ttl_ms} is above max_ttl_ms {max_ttl_ms}: the default expiry cannot \
+         exceed the cap (raise max_ttl_ms, lower default_ttl_ms, or set either to 0 for none)"
+    )]
+    DefaultTtlAboveMax { default_ttl_ms: u64, max_ttl_ms: u64 },
 }
 
 impl HasReason for ValidationError {
@@ -46,9 +54,10 @@ impl HasReason for ValidationError {
             }
             ValidationError::ValueTooLarge { .. } => Reason::ValueTooLarge,
             ValidationError::InvalidReplicationFactor(_) => Reason::InvalidReplicationFactor,
-            ValidationError::InvalidMaxValueBytes(_) | ValidationError::InvalidMaxSiblings(_) => {
-                Reason::InvalidArgument
-            }
+            ValidationError::InvalidMaxValueBytes(_)
+            | ValidationError::InvalidMaxSiblings(_)
+            | ValidationError::TtlTooLong { .. }
+            | ValidationError::DefaultTtlAboveMax { .. } => Reason::InvalidArgument,
         }
     }
 }
@@ -114,6 +123,20 @@ pub fn validate_max_siblings(max_siblings: usize) -> Result<(), ValidationError>
     }
 }
 
+/// A tenant's expiry settings (ms; 0 = none): each at most [`MAX_TTL_MS`], and a default no later
+/// than the cap when both are set (a default above it could never take effect as configured).
+pub fn validate_ttl_settings(default_ttl_ms: u64, max_ttl_ms: u64) -> Result<(), ValidationError> {
+    for (setting, value_ms) in [("default_ttl_ms", default_ttl_ms), ("max_ttl_ms", max_ttl_ms)] {
+        if value_ms > MAX_TTL_MS {
+            return Err(ValidationError::TtlTooLong { setting, value_ms });
+        }
+    }
+    if default_ttl_ms != 0 && max_ttl_ms != 0 && default_ttl_ms > max_ttl_ms {
+        return Err(ValidationError::DefaultTtlAboveMax { default_ttl_ms, max_ttl_ms });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,5 +171,32 @@ mod tests {
         assert_eq!(validate_replication_factor(7), Ok(()));
         assert!(validate_max_value_bytes(ABSOLUTE_MAX_VALUE_BYTES + 1).is_err());
         assert!(validate_max_siblings(0).is_err());
+    }
+
+    #[test]
+    fn ttl_settings() {
+        for (default_ttl_ms, max_ttl_ms) in
+            [(0, 0), (1_000, 0), (0, 1_000), (1_000, 1_000), (1_000, 2_000), (MAX_TTL_MS, MAX_TTL_MS)]
+        {
+            assert_eq!(
+                validate_ttl_settings(default_ttl_ms, max_ttl_ms),
+                Ok(()),
+                "{default_ttl_ms} {max_ttl_ms}"
+            );
+        }
+        assert_eq!(MAX_TTL_MS, 3_153_600_000_000);
+        let above = validate_ttl_settings(2_000, 1_000).unwrap_err();
+        assert_eq!(above, ValidationError::DefaultTtlAboveMax { default_ttl_ms: 2_000, max_ttl_ms: 1_000 });
+        assert_eq!(above.reason(), "INVALID_ARGUMENT");
+        assert!(above.to_string().starts_with("default_ttl_ms 2000 is above max_ttl_ms 1000"), "{above}");
+        assert_eq!(
+            validate_ttl_settings(MAX_TTL_MS + 1, 0),
+            Err(ValidationError::TtlTooLong { setting: "default_ttl_ms", value_ms: MAX_TTL_MS + 1 })
+        );
+        let long = validate_ttl_settings(0, u64::MAX).unwrap_err();
+        assert!(
+            long.to_string().starts_with("max_ttl_ms 18446744073709551615 is above the maximum"),
+            "{long}"
+        );
     }
 }

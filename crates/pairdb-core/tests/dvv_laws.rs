@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use pairdb_core::context::{ContextBinding, ContextKey, ContextKeyRing, open_context, seal_context};
-use pairdb_core::dvv::{Actor, MAX_COUNTER, VersionSet, VersionVector};
+use pairdb_core::dvv::{Actor, MAX_COUNTER, NewVersion, VersionSet, VersionVector};
 use pairdb_core::encoding::{decode_vector, decode_version_set, encode_vector, encode_version_set};
 use proptest::prelude::*;
 
@@ -20,6 +20,8 @@ enum Op {
     Update { replica: usize, context_from: Option<usize>, value: u8, tombstone: bool },
     /// Replica `to` merges the current state of replica `from`.
     Merge { from: usize, to: usize },
+    /// `Touch` coordinated by `replica` with the context of pool state `context_from`.
+    Touch { replica: usize, context_from: usize },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -32,6 +34,7 @@ fn op() -> impl Strategy<Value = Op> {
                 tombstone
             }),
         (0..REPLICAS, 0..REPLICAS).prop_map(|(from, to)| Op::Merge { from, to }),
+        (0..REPLICAS, 0usize..64).prop_map(|(replica, context_from)| Op::Touch { replica, context_from }),
     ]
 }
 
@@ -43,9 +46,18 @@ fn run_history(ops: &[Op]) -> Vec<VersionSet> {
         match op {
             Op::Update { replica, context_from, value, tombstone } => {
                 let context = context_from.map(|i| pool[i % pool.len()].vector().clone()).unwrap_or_default();
+                // A third of the values expire a few steps later.
+                let expires_at_ms = (value % 3 == 0).then_some(step as u64 + 5);
                 let value = (!tombstone).then(|| vec![*value]);
+                let new = NewVersion { value, timestamp_ms: step as u64, expires_at_ms };
+                replicas[*replica].update_with(&context, Actor(*replica as u64 + 1), new, None).unwrap();
+                pool.push(replicas[*replica].clone());
+            }
+            Op::Touch { replica, context_from } => {
+                let context = pool[context_from % pool.len()].vector().clone();
+                let expires_at_ms = Some(step as u64 + 10);
                 replicas[*replica]
-                    .update(&context, Actor(*replica as u64 + 1), value, step as u64, None)
+                    .touch(&context, Actor(*replica as u64 + 1), expires_at_ms, step as u64)
                     .unwrap();
                 pool.push(replicas[*replica].clone());
             }

@@ -225,6 +225,8 @@ fn tenant_json(tenant: &Tenant) -> Value {
         "strict_quorum": tenant.strict_quorum,
         "max_keys": tenant.max_keys,
         "max_bytes": tenant.max_bytes,
+        "default_ttl_ms": tenant.default_ttl_ms,
+        "max_ttl_ms": tenant.max_ttl_ms,
         "created_at_ms": tenant.created_at_ms,
         "updated_at_ms": tenant.updated_at_ms,
     })
@@ -354,6 +356,11 @@ struct CreateTenantBody {
     max_keys: u64,
     #[serde(default)]
     max_bytes: u64,
+    /// Value expiry in ms; absent or 0 = none (never expires, no cap).
+    #[serde(default)]
+    default_ttl_ms: u64,
+    #[serde(default)]
+    max_ttl_ms: u64,
 }
 
 async fn create_tenant(State(meta): State<Meta>, JsonBody(body): JsonBody) -> Response {
@@ -380,6 +387,8 @@ async fn create_tenant(State(meta): State<Meta>, JsonBody(body): JsonBody) -> Re
                 strict_quorum: body.strict_quorum,
                 max_keys: body.max_keys,
                 max_bytes: body.max_bytes,
+                default_ttl_ms: body.default_ttl_ms,
+                max_ttl_ms: body.max_ttl_ms,
             };
             let tenant = meta.create_tenant(new).await?;
             Ok((StatusCode::CREATED, tenant_json(&tenant)))
@@ -412,6 +421,9 @@ struct PatchTenantBody {
     /// 0 removes the quota.
     max_keys: Option<u64>,
     max_bytes: Option<u64>,
+    /// 0 removes the default expiry (or the cap).
+    default_ttl_ms: Option<u64>,
+    max_ttl_ms: Option<u64>,
     /// Accepted only to be refused with a reason better than "unknown field": key groups are fixed
     /// when the tenant is created.
     key_groups: Option<serde::de::IgnoredAny>,
@@ -443,6 +455,8 @@ async fn update_tenant(
                 strict_quorum: body.strict_quorum,
                 max_keys: body.max_keys,
                 max_bytes: body.max_bytes,
+                default_ttl_ms: body.default_ttl_ms,
+                max_ttl_ms: body.max_ttl_ms,
             };
             let (tenant, migration_id) = meta.update_tenant(&tenant_id, patch).await?;
             Ok((StatusCode::OK, change_json("tenant", tenant_json(&tenant), migration_id)))

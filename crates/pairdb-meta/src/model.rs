@@ -62,6 +62,11 @@ pub struct Tenant {
     /// only by that evaluation, never by a settings update.
     pub over_key_quota: bool,
     pub over_byte_quota: bool,
+    /// Value expiry (ms): what a write that asks for none gets (0 = never expires) and the longest
+    /// expiry any write gets (0 = no cap). Routers stamp each write's expiry from these
+    /// (`pairdb_core::expiry`); values already written keep theirs when they change.
+    pub default_ttl_ms: u64,
+    pub max_ttl_ms: u64,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
     pub state: TenantState,

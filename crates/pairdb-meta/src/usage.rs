@@ -286,6 +286,8 @@ mod tests {
             max_bytes,
             over_key_quota: false,
             over_byte_quota: false,
+            default_ttl_ms: 0,
+            max_ttl_ms: 0,
             created_at_ms: 0,
             updated_at_ms: 0,
             state: TenantState::Active,

@@ -76,10 +76,13 @@ async fn tenants_every_operation_and_error() -> anyhow::Result<()> {
             key_groups: KeyGroups::Unspecified as i32,
             max_keys: 0,
             max_bytes: 0,
+            default_ttl_ms: 60_000,
+            max_ttl_ms: 3_600_000,
         })
         .await?
         .into_inner();
     assert_eq!(custom.rate_limit_burst, 50, "burst defaults to the rate");
+    assert_eq!((custom.default_ttl_ms, custom.max_ttl_ms), (60_000, 3_600_000));
     assert_eq!(custom.conflict_mode, ConflictMode::Lww as i32);
     let error = admin
         .create_tenant(pb::CreateTenantRequest { max_value_bytes: 1 << 40, ..create("huge", 1) })
@@ -331,6 +334,155 @@ async fn key_groups_are_chosen_once_per_creation_postgres() -> anyhow::Result<()
     let mut config = test_config(dir.path());
     config.database_url = Some(schema.url());
     key_groups_are_chosen_once_per_creation(config).await
+}
+
+const DAY_MS: u64 = 86_400_000;
+/// The longest expiry a tenant setting may name: 100 years.
+const CENTURY_MS: u64 = 3_153_600_000_000;
+
+fn ttls(tenant: &pb::Tenant) -> (u64, u64) {
+    (tenant.default_ttl_ms, tenant.max_ttl_ms)
+}
+
+/// Reads `watch` until the tenant's change event matches `wanted`.
+async fn tenant_change(
+    watch: &mut tonic::Streaming<cluster_pb::WatchEvent>,
+    tenant_id: &str,
+    mut wanted: impl FnMut(&cluster_pb::TenantConfig) -> bool,
+) -> anyhow::Result<cluster_pb::TenantConfig> {
+    loop {
+        let event =
+            tokio::time::timeout(Duration::from_secs(5), watch.message()).await??.expect("watch stream open");
+        if let Some(cluster_pb::watch_event::Event::TenantChanged(config)) = event.event
+            && config.tenant_id == tenant_id
+            && wanted(&config)
+        {
+            return Ok(config);
+        }
+    }
+}
+
+/// Expiry settings: none by default; set on create, shown by get and list and pushed to routers
+/// (watch snapshot and change events); an update changes the one it names and keeps the other, 0
+/// removes one. A default above the cap (on create, or by an update of either one) and a setting
+/// above 100 years are INVALID_ARGUMENT with the reason in the message, and change nothing.
+async fn ttl_settings_round_trip(config: pairdb_meta::Config) -> anyhow::Result<()> {
+    let server = Server::start(config).await?;
+    let mut admin = server.admin().await?;
+    add_nodes(&mut admin, 1).await?;
+
+    let plain = admin.create_tenant(create("plain", 1)).await?.into_inner();
+    assert_eq!(ttls(&plain), (0, 0), "values never expire by default");
+    let created = admin
+        .create_tenant(pb::CreateTenantRequest {
+            default_ttl_ms: DAY_MS,
+            max_ttl_ms: 7 * DAY_MS,
+            ..create("sessions", 1)
+        })
+        .await?
+        .into_inner();
+    assert_eq!(ttls(&created), (DAY_MS, 7 * DAY_MS));
+    let got = admin.get_tenant(pb::GetTenantRequest { tenant_id: "sessions".into() }).await?.into_inner();
+    assert_eq!(got, created);
+    let listed = admin.list_tenants(pb::ListTenantsRequest {}).await?.into_inner().tenants;
+    let listed: Vec<(&str, (u64, u64))> = listed.iter().map(|t| (t.tenant_id.as_str(), ttls(t))).collect();
+    assert_eq!(listed, [("plain", (0, 0)), ("sessions", (DAY_MS, 7 * DAY_MS))]);
+    let pushed = watched_config(&server, "sessions").await?;
+    assert_eq!((pushed.default_ttl_ms, pushed.max_ttl_ms), (DAY_MS, 7 * DAY_MS));
+    let pushed = watched_config(&server, "plain").await?;
+    assert_eq!((pushed.default_ttl_ms, pushed.max_ttl_ms), (0, 0));
+    // 100 years is the longest either may be.
+    let century = admin
+        .create_tenant(pb::CreateTenantRequest {
+            default_ttl_ms: CENTURY_MS,
+            max_ttl_ms: CENTURY_MS,
+            ..create("archive", 1)
+        })
+        .await?
+        .into_inner();
+    assert_eq!(ttls(&century), (CENTURY_MS, CENTURY_MS));
+
+    for (default_ttl_ms, max_ttl_ms, why) in [
+        (2 * DAY_MS, DAY_MS, "default_ttl_ms 172800000 is above max_ttl_ms 86400000"),
+        (CENTURY_MS + 1, 0, "default_ttl_ms 3153600000001 is above the maximum of 3153600000000 ms"),
+        (0, u64::MAX, "max_ttl_ms 18446744073709551615 is above the maximum of 3153600000000 ms"),
+    ] {
+        let error = admin
+            .create_tenant(pb::CreateTenantRequest { default_ttl_ms, max_ttl_ms, ..create("bad", 1) })
+            .await
+            .unwrap_err();
+        assert_eq!((error.code(), reason(&error).as_str()), (Code::InvalidArgument, "INVALID_ARGUMENT"));
+        assert!(error.message().contains(why), "{error:?}");
+    }
+    let error = admin.get_tenant(pb::GetTenantRequest { tenant_id: "bad".into() }).await.unwrap_err();
+    assert_eq!(reason(&error), "TENANT_NOT_FOUND", "a refused create creates nothing");
+
+    let mut watch = ClusterServiceClient::new(common::stream_channel(server.addr).await?)
+        .watch(cluster_pb::WatchRequest::default())
+        .await?
+        .into_inner();
+    let update = |default_ttl_ms: Option<u64>, max_ttl_ms: Option<u64>| pb::UpdateTenantRequest {
+        tenant_id: "sessions".into(),
+        default_ttl_ms,
+        max_ttl_ms,
+        ..Default::default()
+    };
+    // The cap alone: the default is kept.
+    let updated = admin.update_tenant(update(None, Some(2 * DAY_MS))).await?.into_inner();
+    assert!(updated.migration_id.is_empty());
+    assert_eq!(ttls(&updated.tenant.unwrap()), (DAY_MS, 2 * DAY_MS));
+    let changed = tenant_change(&mut watch, "sessions", |c| c.max_ttl_ms == 2 * DAY_MS).await?;
+    assert_eq!(changed.default_ttl_ms, DAY_MS);
+
+    // Checked against the setting kept: a cap below the default, or a default above the cap.
+    for (request, why) in [
+        (update(None, Some(DAY_MS / 2)), "default_ttl_ms 86400000 is above max_ttl_ms 43200000"),
+        (update(Some(3 * DAY_MS), None), "default_ttl_ms 259200000 is above max_ttl_ms 172800000"),
+        (update(Some(CENTURY_MS + 1), Some(0)), "default_ttl_ms 3153600000001 is above the maximum"),
+    ] {
+        let error = admin.update_tenant(request).await.unwrap_err();
+        assert_eq!((error.code(), reason(&error).as_str()), (Code::InvalidArgument, "INVALID_ARGUMENT"));
+        assert!(error.message().contains(why), "{error:?}");
+    }
+    let got = admin.get_tenant(pb::GetTenantRequest { tenant_id: "sessions".into() }).await?.into_inner();
+    assert_eq!(ttls(&got), (DAY_MS, 2 * DAY_MS), "refused updates change nothing");
+
+    // 0 removes: the cap, then the default (with a new cap in the same update).
+    let uncapped = admin.update_tenant(update(None, Some(0))).await?.into_inner();
+    assert_eq!(ttls(&uncapped.tenant.unwrap()), (DAY_MS, 0));
+    let replaced = admin.update_tenant(update(Some(0), Some(3_600_000))).await?.into_inner();
+    assert_eq!(ttls(&replaced.tenant.unwrap()), (0, 3_600_000));
+    // Another setting leaves both alone.
+    let other = admin
+        .update_tenant(pb::UpdateTenantRequest {
+            tenant_id: "sessions".into(),
+            rate_limit_ops_per_sec: Some(5),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(ttls(&other.tenant.unwrap()), (0, 3_600_000));
+    let changed = tenant_change(&mut watch, "sessions", |c| c.rate_limit_ops_per_sec == 5).await?;
+    assert_eq!((changed.default_ttl_ms, changed.max_ttl_ms), (0, 3_600_000));
+    let pushed = watched_config(&server, "sessions").await?;
+    assert_eq!((pushed.default_ttl_ms, pushed.max_ttl_ms), (0, 3_600_000));
+    server.shutdown().await
+}
+
+#[tokio::test]
+async fn ttl_settings_round_trip_sqlite() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    ttl_settings_round_trip(test_config(dir.path())).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_settings_round_trip_postgres() -> anyhow::Result<()> {
+    let Some(base) = common::postgres_url() else { return Ok(()) };
+    let schema = common::PgSchema::create(&base).await?;
+    let dir = tempfile::tempdir()?;
+    let mut config = test_config(dir.path());
+    config.database_url = Some(schema.url());
+    ttl_settings_round_trip(config).await
 }
 
 #[tokio::test]

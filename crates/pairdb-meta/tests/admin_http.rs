@@ -264,6 +264,83 @@ async fn tenants_and_api_keys_over_http() -> anyhow::Result<()> {
     server.shutdown().await
 }
 
+/// Expiry settings over HTTP: set by POST, shown by GET (one tenant and the list), changed one at a
+/// time by PATCH (the other kept, 0 removes); a default above the cap or a setting above 100 years
+/// is a 400 whose message says why.
+#[tokio::test]
+async fn ttl_settings_over_http() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(test_config(dir.path())).await?;
+    let addr = server.addr;
+    assert_eq!(add_node(addr, 1).await.status, 201);
+
+    let plain =
+        call(addr, "POST", "/v1/tenants", Some(r#"{"tenant_id": "plain", "replication_factor": 1}"#)).await;
+    assert_eq!(plain.status, 201, "{plain:?}");
+    assert_eq!((&plain.json()["default_ttl_ms"], &plain.json()["max_ttl_ms"]), (&0.into(), &0.into()));
+    let created = call(
+        addr,
+        "POST",
+        "/v1/tenants",
+        Some(r#"{"tenant_id": "web", "replication_factor": 1, "default_ttl_ms": 60000, "max_ttl_ms": 3600000}"#),
+    )
+    .await;
+    assert_eq!(created.status, 201, "{created:?}");
+    let ttls = |tenant: &Value| (tenant["default_ttl_ms"].as_u64(), tenant["max_ttl_ms"].as_u64());
+    assert_eq!(ttls(&created.json()), (Some(60_000), Some(3_600_000)));
+    assert_eq!(
+        ttls(&call(addr, "GET", "/v1/tenants/web", None).await.json()),
+        (Some(60_000), Some(3_600_000))
+    );
+    let list = call(addr, "GET", "/v1/tenants", None).await.json();
+    let listed: Vec<(Option<u64>, Option<u64>)> =
+        list["tenants"].as_array().unwrap().iter().map(ttls).collect();
+    assert_eq!(listed, [(Some(0), Some(0)), (Some(60_000), Some(3_600_000))]);
+
+    let patched = call(addr, "PATCH", "/v1/tenants/web", Some(r#"{"max_ttl_ms": 120000}"#)).await;
+    assert_eq!(patched.status, 200, "{patched:?}");
+    assert_eq!(ttls(&patched.json()["tenant"]), (Some(60_000), Some(120_000)), "the default is kept");
+    let patched = call(addr, "PATCH", "/v1/tenants/web", Some(r#"{"default_ttl_ms": 0}"#)).await;
+    assert_eq!(ttls(&patched.json()["tenant"]), (Some(0), Some(120_000)), "0 removes the default");
+
+    for (method, path, body, why) in [
+        (
+            "POST",
+            "/v1/tenants",
+            r#"{"tenant_id": "bad", "replication_factor": 1, "default_ttl_ms": 2000, "max_ttl_ms": 1000}"#,
+            "default_ttl_ms 2000 is above max_ttl_ms 1000",
+        ),
+        (
+            "POST",
+            "/v1/tenants",
+            r#"{"tenant_id": "bad", "replication_factor": 1, "max_ttl_ms": 3153600000001}"#,
+            "max_ttl_ms 3153600000001 is above the maximum of 3153600000000 ms (100 years",
+        ),
+        (
+            "PATCH",
+            "/v1/tenants/web",
+            r#"{"default_ttl_ms": 120001}"#,
+            "default_ttl_ms 120001 is above max_ttl_ms 120000",
+        ),
+    ] {
+        let refused = call(addr, method, path, Some(body)).await;
+        assert_error(&refused, 400, "INVALID_ARGUMENT", "INVALID_ARGUMENT");
+        let message = refused.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(message.contains(why), "{body}: {message}");
+    }
+    for body in [r#"{"max_ttl_ms": -1}"#, r#"{"default_ttl_ms": "1h"}"#] {
+        assert_error(
+            &call(addr, "PATCH", "/v1/tenants/web", Some(body)).await,
+            400,
+            "INVALID_ARGUMENT",
+            "INVALID_ARGUMENT",
+        );
+    }
+    assert_error(&call(addr, "GET", "/v1/tenants/bad", None).await, 404, "NOT_FOUND", "TENANT_NOT_FOUND");
+    assert_eq!(ttls(&call(addr, "GET", "/v1/tenants/web", None).await.json()), (Some(0), Some(120_000)));
+    server.shutdown().await
+}
+
 #[tokio::test]
 async fn storage_nodes_and_migrations_over_http() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

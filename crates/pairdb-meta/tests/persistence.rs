@@ -112,6 +112,8 @@ fn tenant(id: &str) -> Tenant {
         max_bytes: 0,
         over_key_quota: false,
         over_byte_quota: false,
+        default_ttl_ms: 0,
+        max_ttl_ms: 0,
         created_at_ms: 10,
         updated_at_ms: 10,
         state: TenantState::Active,
@@ -182,6 +184,8 @@ async fn tenants_round_trip(store: Store) {
         max_keys: 1_000,
         max_bytes: i64::MAX as u64,
         over_byte_quota: true,
+        default_ttl_ms: 86_400_000,
+        max_ttl_ms: 3_153_600_000_000,
         ..tenant("beta")
     };
     let mut tx = store.write().await.unwrap();
@@ -200,6 +204,8 @@ async fn tenants_round_trip(store: Store) {
     updated.strict_quorum = true;
     updated.max_keys = 50;
     updated.max_bytes = 1 << 30;
+    updated.default_ttl_ms = 30_000;
+    updated.max_ttl_ms = 7 * 86_400_000;
     updated.updated_at_ms = 99;
     // Not a setting an update writes: it is fixed when the row is inserted.
     updated.key_groups = KeyGroups::HashTag;
@@ -233,6 +239,8 @@ async fn tenants_round_trip(store: Store) {
     let ids: Vec<(&str, KeyGroups, u64)> =
         listed.iter().map(|t| (t.tenant_id.as_str(), t.key_groups, t.max_keys)).collect();
     assert_eq!(ids, [("alpha", KeyGroups::None, 50), ("beta", KeyGroups::HashTag, 1_000)]);
+    let ttls: Vec<(u64, u64)> = listed.iter().map(|t| (t.default_ttl_ms, t.max_ttl_ms)).collect();
+    assert_eq!(ttls, [(30_000, 7 * 86_400_000), (86_400_000, 3_153_600_000_000)]);
     assert_eq!(tx.get_tenant("missing").await.unwrap(), None);
     tx.commit().await.unwrap();
 
@@ -534,7 +542,13 @@ async fn concurrent_writers_get_distinct_contiguous_revisions(store: Store) {
 
 async fn snapshot_reflects_committed_state(store: Store) {
     let mut tx = store.write().await.unwrap();
-    tx.insert_tenant(&Tenant { key_groups: KeyGroups::HashTag, ..tenant("acme") }).await.unwrap();
+    let expiring = Tenant {
+        key_groups: KeyGroups::HashTag,
+        default_ttl_ms: 5_000,
+        max_ttl_ms: 60_000,
+        ..tenant("acme")
+    };
+    tx.insert_tenant(&expiring).await.unwrap();
     tx.upsert_node(&node(1)).await.unwrap();
     let active = ApiKey {
         key_id: "k1".into(),
@@ -555,6 +569,7 @@ async fn snapshot_reflects_committed_state(store: Store) {
     assert_eq!(snapshot.state.revision, 1);
     assert_eq!(snapshot.tenants.len(), 1);
     assert_eq!(snapshot.tenants[0].key_groups, KeyGroups::HashTag);
+    assert_eq!((snapshot.tenants[0].default_ttl_ms, snapshot.tenants[0].max_ttl_ms), (5_000, 60_000));
     assert_eq!(snapshot.nodes.len(), 1);
     assert_eq!(snapshot.api_keys, [active], "revoked keys are not in the snapshot");
     assert_eq!(snapshot.current.as_ref().map(|t| t.epoch), Some(1));
@@ -689,6 +704,8 @@ const SCHEMA_BEFORE_KEY_GROUPS: i64 = 20261206000001;
 const SCHEMA_BEFORE_QUOTAS: i64 = 20261206000002;
 /// The last schema version before routers' presence (usage and quotas).
 const SCHEMA_BEFORE_ROUTERS: i64 = 20261206000003;
+/// The last schema version before tenants' expiry settings (routers' presence).
+const SCHEMA_BEFORE_TTL: i64 = 20261206000004;
 
 /// A tenant row as a previous release wrote it (no `key_groups`, no quotas).
 const TENANT_BEFORE_KEY_GROUPS: &str = "INSERT INTO tenants (tenant_id, replication_factor, default_consistency, \
@@ -702,7 +719,7 @@ const NODE_BEFORE_QUOTAS: &str = "INSERT INTO storage_nodes (node_id, address, z
 
 /// A database a previous release wrote (its migrations up to `version` applied, a tenant and a node
 /// in it) opens with this release's migrations: its tenant reads back with key groups `none`, no
-/// quotas and no over-quota flags, its node can report usage, no router is known and the live-router
+/// quotas, no over-quota flags and no expiry settings, its node can report usage, no router is known and the live-router
 /// count is 0 (not known) until routers heartbeat.
 async fn a_database_of_a_previous_release_opens(backend: Backend, url: String, version: i64) {
     let dir = match backend {
@@ -743,10 +760,15 @@ async fn a_database_of_a_previous_release_opens(backend: Backend, url: String, v
     assert_eq!(old.key_groups, KeyGroups::None);
     assert_eq!((old.conflict_mode, old.generation, old.max_value_bytes), (ConflictMode::Lww, 2, 1 << 20));
     assert_eq!((old.max_keys, old.max_bytes, old.over_key_quota, old.over_byte_quota), (0, 0, false, false));
+    assert_eq!((old.default_ttl_ms, old.max_ttl_ms), (0, 0), "its values never expire");
     assert!(tx.usage_reports().await.unwrap().is_empty(), "the node never reported usage");
     tx.commit().await.unwrap();
     let snapshot = store.load_snapshot().await.unwrap();
     assert_eq!(snapshot.tenants.iter().map(|t| t.key_groups).collect::<Vec<_>>(), [KeyGroups::None]);
+    assert_eq!(
+        snapshot.tenants.iter().map(|t| (t.default_ttl_ms, t.max_ttl_ms)).collect::<Vec<_>>(),
+        [(0, 0)]
+    );
     assert_eq!(snapshot.nodes.iter().map(|n| n.node_id).collect::<Vec<_>>(), [NodeId(1)]);
     let share = Usage { keys: 1, value_bytes: 2, siblings: 1, tombstones: 0 };
     assert!(store.record_usage(NodeId(1), &[("old".to_owned(), share)], 9_000).await.unwrap());
@@ -760,6 +782,16 @@ async fn a_database_of_a_previous_release_opens(backend: Backend, url: String, v
     store.record_router("r-1", "10.0.0.9:7000", 9_500).await.unwrap();
     let mut tx = store.read().await.unwrap();
     assert_eq!(tx.count_routers_seen_since(9_000).await.unwrap(), 1);
+    tx.commit().await.unwrap();
+    // The old tenant takes expiry settings like a new one.
+    let mut tx = store.write().await.unwrap();
+    assert!(
+        tx.update_tenant(&Tenant { default_ttl_ms: 60_000, max_ttl_ms: 3_600_000, ..old }).await.unwrap()
+    );
+    tx.commit().await.unwrap();
+    let mut tx = store.read().await.unwrap();
+    let expiring = tx.get_tenant("old").await.unwrap().unwrap();
+    assert_eq!((expiring.default_ttl_ms, expiring.max_ttl_ms), (60_000, 3_600_000));
 }
 
 mod previous_release {
@@ -809,5 +841,18 @@ mod previous_release {
         let Some(base) = common::postgres_url() else { return };
         let schema = common::PgSchema::create(&base).await.unwrap();
         a_database_of_a_previous_release_opens(Backend::Postgres, schema.url(), SCHEMA_BEFORE_ROUTERS).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_database_from_before_ttl_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        a_database_of_a_previous_release_opens(Backend::Sqlite, sqlite_url(&dir), SCHEMA_BEFORE_TTL).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_database_from_before_ttl_opens() {
+        let Some(base) = common::postgres_url() else { return };
+        let schema = common::PgSchema::create(&base).await.unwrap();
+        a_database_of_a_previous_release_opens(Backend::Postgres, schema.url(), SCHEMA_BEFORE_TTL).await;
     }
 }

@@ -15,6 +15,10 @@ pub enum RouterError {
     TenantNotFound(String),
     #[error("key not found")]
     KeyNotFound,
+    /// The key has history but no live value (deleted, or every value expired): not found, with
+    /// the context to write over that history.
+    #[error("key not found (deleted or expired)")]
+    NoLiveValue { context: Vec<u8> },
     #[error("router has no topology yet (metadata service not reached)")]
     NotReady,
     #[error("quorum not reached: {acks} of {required} replicas answered; the outcome is unknown")]
@@ -76,6 +80,10 @@ impl RouterError {
         if let RouterError::RateLimited { retry_after_ms, .. } = self {
             metadata.push(("retry_after_ms", retry_after_ms.to_string()));
         }
+        if let RouterError::NoLiveValue { context } = self {
+            use base64::Engine as _;
+            metadata.push(("context", base64::engine::general_purpose::STANDARD.encode(context)));
+        }
         if let RouterError::PreconditionFailed { condition, current } = self {
             metadata.push(("condition", condition.as_str().to_owned()));
             if let Some(current) = current {
@@ -116,7 +124,7 @@ impl HasReason for RouterError {
         match self {
             RouterError::Invalid { reason, .. } => *reason,
             RouterError::TenantNotFound(_) => Reason::TenantNotFound,
-            RouterError::KeyNotFound => Reason::KeyNotFound,
+            RouterError::KeyNotFound | RouterError::NoLiveValue { .. } => Reason::KeyNotFound,
             RouterError::NotReady => Reason::NotReady,
             RouterError::QuorumNotReached { .. } | RouterError::NoReplicas(_) => Reason::QuorumNotReached,
             RouterError::Refused(refusal) => refusal.reason,

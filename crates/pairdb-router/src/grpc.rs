@@ -4,6 +4,7 @@
 
 use pairdb_core::condition::WriteCondition;
 use pairdb_core::dvv::VersionVector;
+use pairdb_core::expiry::Requested;
 use pairdb_core::reason::Reason;
 use pairdb_proto::common::v1::{Dot, VersionEntry};
 use pairdb_proto::kv::v1 as pb;
@@ -112,6 +113,13 @@ impl KvService for GrpcKvApi {
         Ok(Response::new(pb::DeleteResponse { ack: Some(write_ack(ack)) }))
     }
 
+    async fn touch(&self, request: Request<pb::TouchRequest>) -> Result<Response<pb::TouchResponse>, Status> {
+        let client = self.client(&request)?;
+        let request = touch_request(request.into_inner()).map_err(RouterError::into_status)?;
+        let ack = self.api.write(&client, request).await.map_err(RouterError::into_status)?;
+        Ok(Response::new(pb::TouchResponse { ack: Some(write_ack(ack)) }))
+    }
+
     async fn get_many(
         &self,
         request: Request<pb::GetManyRequest>,
@@ -159,17 +167,61 @@ fn write_options(
 }
 
 fn put_request(request: pb::PutRequest) -> Result<WriteRequest, RouterError> {
-    let pb::PutRequest { tenant_id, key, value, context, overwrite, options } = request;
+    let pb::PutRequest { tenant_id, key, value, context, overwrite, options, ttl_ms, expires_at_ms } =
+        request;
     let (options, idempotency_key, condition) = write_options(options)?;
+    let expiry = Requested::from_wire(ttl_ms, expires_at_ms).map_err(|e| RouterError::from_reasoned(&e))?;
     let value = Some(value);
-    Ok(WriteRequest { tenant_id, key, value, context, overwrite, options, idempotency_key, condition })
+    let touch = false;
+    Ok(WriteRequest {
+        tenant_id,
+        key,
+        value,
+        context,
+        overwrite,
+        options,
+        idempotency_key,
+        condition,
+        expiry,
+        touch,
+    })
 }
 
 fn delete_request(request: pb::DeleteRequest) -> Result<WriteRequest, RouterError> {
     let pb::DeleteRequest { tenant_id, key, context, options } = request;
     let (options, idempotency_key, condition) = write_options(options)?;
-    let overwrite = true;
-    Ok(WriteRequest { tenant_id, key, value: None, context, overwrite, options, idempotency_key, condition })
+    let (overwrite, expiry, touch) = (true, Requested::TenantDefault, false);
+    Ok(WriteRequest {
+        tenant_id,
+        key,
+        value: None,
+        context,
+        overwrite,
+        options,
+        idempotency_key,
+        condition,
+        expiry,
+        touch,
+    })
+}
+
+fn touch_request(request: pb::TouchRequest) -> Result<WriteRequest, RouterError> {
+    let pb::TouchRequest { tenant_id, key, context, ttl_ms, expires_at_ms, options } = request;
+    let (options, idempotency_key, condition) = write_options(options)?;
+    let expiry = Requested::from_wire(ttl_ms, expires_at_ms).map_err(|e| RouterError::from_reasoned(&e))?;
+    let (value, overwrite, touch) = (None, false, true);
+    Ok(WriteRequest {
+        tenant_id,
+        key,
+        value,
+        context,
+        overwrite,
+        options,
+        idempotency_key,
+        condition,
+        expiry,
+        touch,
+    })
 }
 
 fn list_request(
@@ -200,6 +252,7 @@ fn sibling(s: &pairdb_core::dvv::Sibling) -> pb::Sibling {
         value: s.value.clone().unwrap_or_default(),
         dot: Some(Dot { actor: s.dot.actor.0, counter: s.dot.counter }),
         timestamp_ms: s.timestamp_ms,
+        expires_at_ms: s.expires_at_ms.unwrap_or(0),
     }
 }
 

@@ -25,6 +25,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use pairdb_core::condition::WriteCondition;
 use pairdb_core::dvv::VersionVector;
+use pairdb_core::expiry::Requested;
 use pairdb_core::quorum::Consistency;
 use pairdb_core::reason::{HasReason, Reason};
 use serde::Deserialize;
@@ -46,6 +47,7 @@ pub fn routes(api: KvApi) -> Router {
         .route("/v1/key-value", post(post_key_value).get(get_key_value).delete(delete_key_value))
         .route("/v1/kv/{key}", axum::routing::put(put_resource).get(get_resource).delete(delete_resource))
         .route("/v1/kv", axum::routing::get(list_resource))
+        .route("/v1/kv:touch", post(touch))
         .route("/v1/groups/{group}/kv", axum::routing::get(list_group))
         .with_state(api)
 }
@@ -253,6 +255,8 @@ struct PutBody {
     timeout_ms: Option<u32>,
     tenant_id: Option<String>,
     condition: Option<String>,
+    ttl_ms: Option<u64>,
+    expires_at_ms: Option<u64>,
 }
 
 async fn read_json_body(headers: &HeaderMap, body: Body) -> Result<PutBody, HttpError> {
@@ -339,6 +343,7 @@ fn read_json(key: &str, outcome: &ReadOutcome) -> Value {
         "siblings": values.iter().zip(&outcome.siblings).map(|(v, s)| json!({
             "value_base64": BASE64.encode(v),
             "timestamp_ms": s.timestamp_ms,
+            "expires_at_ms": s.expires_at_ms,
         })).collect::<Vec<_>>(),
         "context": BASE64.encode(&outcome.context),
         "vector_clock": vector_clock(outcome.set.vector()),
@@ -387,8 +392,53 @@ async fn put(
         },
         idempotency_key: idempotency_key(headers)?,
         condition: condition(body.condition.as_deref(), headers)?,
+        expiry: expiry(&body)?,
+        touch: false,
     };
     let ack = api.write(client, request).await?;
+    Ok(ok(ack_json(&key, &ack)))
+}
+
+/// A put's or touch's expiry: `ttl_ms` or `expires_at_ms` (at most one).
+fn expiry(body: &PutBody) -> Result<Requested, HttpError> {
+    Requested::from_wire(body.ttl_ms.unwrap_or(0), body.expires_at_ms.unwrap_or(0))
+        .map_err(|e| HttpError::invalid(Reason::InvalidArgument, e.to_string()))
+}
+
+/// `POST /v1/kv:touch` (`{"key", "context", "ttl_ms" | "expires_at_ms", ...}`): the values the
+/// context names get the new expiry.
+async fn touch(State(api): State<KvApi>, admitted: Admitted, headers: HeaderMap, body: Body) -> HttpResult {
+    let client = client(&api, &headers, admitted)?;
+    let body = read_json_body(&headers, body).await?;
+    if body.value.is_some()
+        || body.value_base64.is_some()
+        || body.overwrite.is_some()
+        || body.condition.is_some()
+    {
+        return Err(HttpError::invalid(
+            Reason::InvalidArgument,
+            "a touch takes no value, overwrite or condition",
+        ));
+    }
+    let key = body.key.clone().ok_or_else(|| HttpError::invalid(Reason::InvalidKey, "key is required"))?;
+    let request = WriteRequest {
+        tenant_id: body.tenant_id.clone().unwrap_or_default(),
+        key: key.clone(),
+        value: None,
+        context: context(body.context.as_deref())?,
+        overwrite: false,
+        options: RequestOptions {
+            consistency: consistency(body.consistency.as_deref())?,
+            explicit: body.w.unwrap_or(0),
+            strict_quorum: false,
+            timeout_ms: body.timeout_ms.unwrap_or(0),
+        },
+        idempotency_key: idempotency_key(&headers)?,
+        condition: None,
+        expiry: expiry(&body)?,
+        touch: true,
+    };
+    let ack = api.write(&client, request).await?;
     Ok(ok(ack_json(&key, &ack)))
 }
 
@@ -434,6 +484,8 @@ async fn delete(
         },
         idempotency_key: idempotency_key(headers)?,
         condition: condition(query.condition.as_deref(), headers)?,
+        expiry: Requested::TenantDefault,
+        touch: false,
     };
     let ack = api.write(client, request).await?;
     Ok(ok(ack_json(&key, &ack)))

@@ -15,7 +15,8 @@ use pairdb_core::context::{ContextBinding, ContextKey, open_context, seal_contex
 use pairdb_core::coordination::{ReadPlan, WritePlan};
 use pairdb_core::dvv::VersionVector;
 use pairdb_core::dvv::{Sibling, VersionSet};
-use pairdb_core::encoding::encode_vector;
+use pairdb_core::encoding::{encode_vector, encode_version_set};
+use pairdb_core::expiry::{Requested, resolve as resolve_expiry};
 use pairdb_core::quorum::{Requirement, required_replicas};
 use pairdb_core::reason::{HasReason, Reason};
 use pairdb_core::ring::NodeId;
@@ -218,11 +219,13 @@ impl KvRouter {
         let sealing = Self::sealing_key(&view)?;
         let (merged, replicas) = self.read_set(&view, &tenant, key, &options).await?;
         let set = merged.ok_or(RouterError::KeyNotFound)?;
-        let siblings = Self::visible(&set, tenant.conflict_mode);
-        if siblings.is_empty() {
-            return Err(RouterError::KeyNotFound);
-        }
+        let siblings = Self::visible(&set, tenant.conflict_mode, wall_clock_ms());
         let context = Self::seal(sealing, tenant_id, key, set.vector());
+        if siblings.is_empty() {
+            // Deleted or expired: not found, but the key's history is kept and its context lets a
+            // write supersede it.
+            return Err(RouterError::NoLiveValue { context });
+        }
         Ok(ReadOutcome { set, context, siblings, replicas })
     }
 
@@ -234,7 +237,7 @@ impl KvRouter {
         spec: WriteSpec<'_>,
         options: RequestOptions,
     ) -> Result<WriteOutcome, RouterError> {
-        let WriteSpec { value, context, read_first, condition } = spec;
+        let WriteSpec { value, context, read_first, condition, expiry, touch } = spec;
         let view = self.view.load();
         let tenant = Self::tenant(&view, tenant_id)?;
         Self::validate_key(key)?;
@@ -246,20 +249,35 @@ impl KvRouter {
         let binding = ContextBinding { tenant: tenant_id, key };
         let vector = open_context(context, binding, &view.context_keys)
             .map_err(|e| RouterError::invalid(e.reason(), format!("context: {e}")))?;
+        let now = wall_clock_ms();
+        let expires_at_ms = match (&value, touch) {
+            (Some(_), _) | (None, true) => {
+                resolve_expiry(expiry, tenant.default_ttl_ms, tenant.max_ttl_ms, now)
+                    .map_err(|e| RouterError::from_reasoned(&e))?
+            }
+            (None, false) => None,
+        };
+        if touch && vector.is_empty() {
+            return Err(RouterError::invalid(Reason::InvalidContext, "a touch needs the context of a read"));
+        }
         // A condition is checked on a read at the request's consistency; a context-less overwrite
         // supersedes every version such a read sees (versions written concurrently and not seen
-        // survive as siblings on the replicas).
-        let merged = if condition.is_some() || (read_first && vector.is_empty()) {
+        // survive as siblings on the replicas); a touch sends the coordinator what the read saw.
+        let merged = if condition.is_some() || touch || (read_first && vector.is_empty()) {
             self.read_set(&view, &tenant, key, &options).await?.0
         } else {
             None
         };
+        let touch_over = match touch {
+            true => Some(Self::touch_over(merged.as_ref(), &vector, now)?),
+            false => None,
+        };
         let checked = match condition {
             Some(condition) => {
-                if !holds_on_read(condition, merged.as_ref(), &vector, tenant.conflict_mode) {
+                if !holds_on_read(condition, merged.as_ref(), &vector, tenant.conflict_mode, now) {
                     metrics::counter!("pairdb_router_precondition_failures_total", "at" => "router")
                         .increment(1);
-                    let current = Self::current_state(sealing, &tenant, key, merged);
+                    let current = Self::current_state(sealing, &tenant, key, merged, now);
                     return Err(RouterError::PreconditionFailed { condition, current });
                 }
                 Some((condition, encode_vector(&observed(condition, merged.as_ref(), &vector))))
@@ -269,8 +287,7 @@ impl KvRouter {
         let write_vector = write_context(condition, merged.as_ref(), &vector, read_first);
         let context = if write_vector.is_empty() { Vec::new() } else { encode_vector(&write_vector) };
         let placement = Self::placement(&view, &tenant, key)?;
-        let confirm_tombstone = value
-            .is_none()
+        let confirm_tombstone = (value.is_none() && !touch)
             .then(|| pairdb_core::gc::stable_placement(&view.placement_view(&tenant.tenant_id)))
             .flatten();
         let plan = WritePlan {
@@ -290,6 +307,8 @@ impl KvRouter {
             max_siblings: u32::try_from(tenant.max_siblings).unwrap_or(u32::MAX),
             supersede_local: tenant.conflict_mode == ConflictMode::Lww,
             condition: checked,
+            expires_at_ms,
+            touch_over,
         };
         let task = WriteTask { call, confirm_tombstone };
         match execute::write(self.calls(&view), self.clock, plan, task).await {
@@ -310,12 +329,26 @@ impl KvRouter {
                         (Some(read), Some(coordinator)) => Some(read.merge(&coordinator)),
                         (read, coordinator) => read.or(coordinator),
                     };
-                    let current = Self::current_state(sealing, &tenant, key, newest);
+                    let current = Self::current_state(sealing, &tenant, key, newest, now);
                     Err(RouterError::PreconditionFailed { condition, current })
                 }
                 _ => Err(RouterError::Refused(refusal)),
             },
         }
+    }
+
+    /// What a touch sends its coordinator: the read's set, encoded. KEY_NOT_FOUND when the read
+    /// found no live value under the context (nothing to touch).
+    fn touch_over(
+        merged: Option<&VersionSet>,
+        context: &VersionVector,
+        now_ms: u64,
+    ) -> Result<Vec<u8>, RouterError> {
+        let set = merged.ok_or(RouterError::KeyNotFound)?;
+        if !set.siblings().iter().any(|s| context.covers(s.dot) && s.is_live_at(now_ms)) {
+            return Err(RouterError::KeyNotFound);
+        }
+        Ok(encode_version_set(set))
     }
 
     /// The details of a failed condition: the key as the read found it.
@@ -324,19 +357,21 @@ impl KvRouter {
         tenant: &TenantSettings,
         key: &str,
         merged: Option<VersionSet>,
+        now_ms: u64,
     ) -> Option<Box<CurrentState>> {
         let set = merged.unwrap_or_default();
-        let siblings = Self::visible(&set, tenant.conflict_mode);
+        let siblings = Self::visible(&set, tenant.conflict_mode, now_ms);
         let context = Self::seal(sealing, &tenant.tenant_id, key, set.vector());
         Some(Box::new(CurrentState { context, siblings }))
     }
 
-    /// The values a read returns: every live sibling, or the LWW winner unless it is a tombstone.
-    fn visible(set: &VersionSet, mode: ConflictMode) -> Vec<Sibling> {
+    /// The values a read at `now_ms` returns: every live sibling (not deleted, not expired), or the
+    /// LWW winner if it is live.
+    pub(crate) fn visible(set: &VersionSet, mode: ConflictMode, now_ms: u64) -> Vec<Sibling> {
         match mode {
-            ConflictMode::Siblings => set.live_values().into_iter().cloned().collect(),
+            ConflictMode::Siblings => set.live_values_at(now_ms).into_iter().cloned().collect(),
             ConflictMode::Lww => {
-                set.lww_winner().filter(|s| !s.is_tombstone()).cloned().into_iter().collect()
+                set.lww_winner().filter(|s| s.is_live_at(now_ms)).cloned().into_iter().collect()
             }
         }
     }
@@ -353,6 +388,10 @@ pub struct WriteSpec<'a> {
     /// and deletes).
     pub read_first: bool,
     pub condition: Option<WriteCondition>,
+    /// When the new value expires, as asked (resolved with the tenant's settings).
+    pub expiry: Requested,
+    /// A Touch: no new value; the live values `context` names get the new expiry.
+    pub touch: bool,
 }
 
 /// The key as a failed condition found it (the details of PRECONDITION_FAILED): the sealed context

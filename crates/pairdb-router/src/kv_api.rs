@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::StreamExt;
+use pairdb_core::expiry::Requested;
 use pairdb_core::reason::{HasReason, Reason};
 use tracing::Instrument;
 
@@ -68,11 +69,21 @@ impl KvApi {
         traced(request.operation(), options, async {
             let tenant = self.admit(client, &request.tenant_id)?;
             let fingerprint = (!request.idempotency_key.is_empty()).then(|| fingerprint(&request));
-            let WriteRequest { key, value, context, overwrite, idempotency_key, condition, .. } = request;
+            let WriteRequest {
+                key,
+                value,
+                context,
+                overwrite,
+                idempotency_key,
+                condition,
+                expiry,
+                touch,
+                ..
+            } = request;
             // A delete always supersedes what the key holds.
-            let read_first = overwrite || value.is_none();
+            let read_first = overwrite || (value.is_none() && !touch);
             self.keyed(&tenant, &idempotency_key, fingerprint, || {
-                let spec = WriteSpec { value, context: &context, read_first, condition };
+                let spec = WriteSpec { value, context: &context, read_first, condition, expiry, touch };
                 self.router.write(&tenant, &key, spec, options)
             })
             .await
@@ -198,7 +209,7 @@ impl KvApi {
                 async move {
                     let result = match router.get(&tenant, &key, options).await {
                         Ok(outcome) => Ok(Some(outcome)),
-                        Err(RouterError::KeyNotFound) => Ok(None),
+                        Err(RouterError::KeyNotFound | RouterError::NoLiveValue { .. }) => Ok(None),
                         Err(error) => Err(error),
                     };
                     KeyRead { key, result }
@@ -260,6 +271,14 @@ fn fingerprint(request: &WriteRequest) -> Fingerprint {
     if let Some(condition) = request.condition {
         options.extend_from_slice(b"condition:");
         options.extend_from_slice(condition.as_str().as_bytes());
+    }
+    match request.expiry {
+        Requested::TenantDefault => {}
+        Requested::AfterMs(ttl_ms) => options.extend_from_slice(format!("ttl_ms:{ttl_ms}").as_bytes()),
+        Requested::AtMs(at_ms) => options.extend_from_slice(format!("expires_at_ms:{at_ms}").as_bytes()),
+    }
+    if request.touch {
+        return Fingerprint::of(&[b"touch", request.key.as_bytes(), &request.context, &options]);
     }
     match &request.value {
         Some(value) => Fingerprint::of(&[

@@ -24,7 +24,7 @@ use crate::error::RouterError;
 use crate::kv::KvRouter;
 use crate::request::RequestOptions;
 use crate::storage::{CallError, ListCall};
-use crate::view::{ClusterView, ConflictMode, TenantSettings};
+use crate::view::{ClusterView, TenantSettings};
 
 /// Listing pages a router runs at once.
 pub const CONCURRENT_PAGES: usize = 16;
@@ -140,12 +140,14 @@ impl KvRouter {
         }
         let merged = merge_answers(answers, request.reverse);
         let sealing = Self::sealing_key(&view)?;
+        // Expired values are hidden as a Get hides them (the router's clock).
+        let now = crate::storage::wall_clock_ms();
         let kept: Vec<(String, ListedEntry)> = merged
             .records
             .into_iter()
             .filter(|(key, _)| request.group.is_empty() || hash_tag(key) == Some(request.group.as_str()))
             .filter_map(|(key, set)| {
-                let siblings = shown_siblings(&set, tenant.conflict_mode);
+                let siblings = KvRouter::visible(&set, tenant.conflict_mode, now);
                 let listed = (request.include_tombstones || !siblings.is_empty())
                     && (!request.conflicts_only || siblings.len() > 1);
                 // Sealed once the page is cut: only the keys it returns get a context.
@@ -242,14 +244,6 @@ fn keys_within_bytes(entries: &[(String, ListedEntry)], max_bytes: u64) -> usize
         }
     }
     entries.len()
-}
-
-/// The siblings a listing shows of `set` (as a Get would).
-fn shown_siblings(set: &VersionSet, mode: ConflictMode) -> Vec<Sibling> {
-    match mode {
-        ConflictMode::Siblings => set.live_values().into_iter().cloned().collect(),
-        ConflictMode::Lww => set.lww_winner().filter(|s| !s.is_tombstone()).cloned().into_iter().collect(),
-    }
 }
 
 fn invalid(message: impl Into<String>) -> RouterError {

@@ -7,6 +7,7 @@
 
 use pairdb_core::condition::WriteCondition;
 use pairdb_core::dvv::VersionVector;
+use pairdb_core::expiry::Requested;
 use pairdb_core::quorum::Consistency;
 
 use crate::error::RouterError;
@@ -40,11 +41,19 @@ pub struct WriteRequest {
     pub idempotency_key: String,
     /// Apply the write only if this holds (PRECONDITION_FAILED otherwise).
     pub condition: Option<WriteCondition>,
+    /// When a put's value expires (a touch's new expiry).
+    pub expiry: Requested,
+    /// A Touch (`value` is `None`): the live values `context` names get `expiry`.
+    pub touch: bool,
 }
 
 impl WriteRequest {
     pub fn operation(&self) -> &'static str {
-        if self.value.is_some() { "put" } else { "delete" }
+        match (&self.value, self.touch) {
+            (Some(_), _) => "put",
+            (None, true) => "touch",
+            (None, false) => "delete",
+        }
     }
 }
 

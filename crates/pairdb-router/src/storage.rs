@@ -66,6 +66,10 @@ pub struct CoordinateCall {
     /// A conditional write: the condition and the observed vector (internal encoding) the
     /// coordinator re-checks against.
     pub condition: Option<(WriteCondition, Vec<u8>)>,
+    /// When the new value expires (ms since the Unix epoch).
+    pub expires_at_ms: Option<u64>,
+    /// A touch: the router's read of the key (encoded set) the coordinator merges first.
+    pub touch_over: Option<Vec<u8>>,
 }
 
 /// One node's share of a listing page: the tenant's records of `partitions` in range.
@@ -154,6 +158,9 @@ impl StorageCalls {
             apply_before_unix_ms: 0,
             condition: pairdb_proto::convert::write_condition_to_wire(call.condition.as_ref().map(|c| c.0)),
             observed: call.condition.map(|c| c.1).unwrap_or_default(),
+            expires_at_ms: call.expires_at_ms,
+            touch: call.touch_over.is_some(),
+            touch_over: call.touch_over.unwrap_or_default(),
         };
         let rpc = |mut c: StorageClient, left: Duration| async move {
             let left_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
@@ -383,6 +390,8 @@ fn refusal_of(status: &tonic::Status) -> Option<Refusal> {
             | Reason::InvalidListing
             | Reason::QuotaExceeded
             | Reason::PreconditionFailed
+            // A touch whose context covers no live value on the coordinator: nothing applied.
+            | Reason::KeyNotFound
     );
     if !definitive {
         return None;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use pairdb_core::condition::WriteCondition;
 use pairdb_core::encoding::decode_version_set;
+use pairdb_core::expiry::Requested;
 use pairdb_core::quorum::Consistency;
 use pairdb_core::reason::HasReason;
 use pairdb_core::ring::{Assignment, NodeId, NodeSpec};
@@ -20,6 +21,7 @@ use pairdb_proto::storage::v1 as spb;
 use pairdb_proto::storage::v1::storage_service_client::StorageServiceClient;
 use pairdb_router::error::RouterError;
 use pairdb_router::kv::{CurrentState, KvRouter, Timing, WriteOutcome, WriteSpec};
+use pairdb_router::listing::ListRequest;
 use pairdb_router::pool::StoragePool;
 use pairdb_router::request::RequestOptions;
 use pairdb_router::view::SharedView;
@@ -193,7 +195,7 @@ async fn write(
     read_first: bool,
     options: RequestOptions,
 ) -> Result<WriteOutcome, RouterError> {
-    router.write(tenant, key, WriteSpec { value, context, read_first, condition: None }, options).await
+    router.write(tenant, key, WriteSpec { value, context, read_first, ..WriteSpec::default() }, options).await
 }
 
 fn opts(consistency: Consistency) -> RequestOptions {
@@ -397,6 +399,7 @@ async fn write_if(
         context,
         read_first: value.is_none(),
         condition: Some(condition),
+        ..WriteSpec::default()
     };
     router.write("t", key, spec, opts(QUORUM)).await
 }
@@ -488,4 +491,82 @@ async fn racing_if_absent_writers_never_lose_an_acknowledged_value() {
         }
         assert_eq!(stored.len(), won.len(), "{key}: only winners' values are stored");
     }
+}
+
+/// A put with a TTL.
+async fn put_ttl(router: &KvRouter, key: &str, value: &[u8], context: &[u8], ttl_ms: u64) -> WriteOutcome {
+    let spec = WriteSpec {
+        value: Some(value.to_vec()),
+        context,
+        expiry: Requested::AfterMs(ttl_ms),
+        ..WriteSpec::default()
+    };
+    router.write("t", key, spec, opts(QUORUM)).await.unwrap()
+}
+
+/// Expiry on every read path, replicated identically; a write with the context of the expired
+/// read supersedes it; Touch extends exactly the siblings its context names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn expired_values_disappear_from_reads_and_touch_extends_only_what_it_names() {
+    let cluster = Cluster::start(3).await;
+    let r = &cluster.router;
+    let written = put_ttl(r, "session", b"s1", &[], 400).await;
+    let expires = written.set.siblings()[0].expires_at_ms.expect("stamped by the router");
+    let read = r.get("t", "session", opts(ALL)).await.unwrap();
+    assert_eq!(values(&read), vec![b"s1".to_vec()]);
+    for node in &cluster.nodes {
+        let local = node.local("t", "session").await.unwrap();
+        assert_eq!(
+            local.siblings()[0].expires_at_ms,
+            Some(expires),
+            "node {} holds the same expiry",
+            node.id
+        );
+    }
+    // A sibling without expiry beside it, then touch with the first read's context only.
+    let other = write(r, "t", "session", Some(b"keep".to_vec()), &[], false, opts(ALL)).await.unwrap();
+    let touch = WriteSpec {
+        context: &read.context,
+        expiry: Requested::AfterMs(60_000),
+        touch: true,
+        ..WriteSpec::default()
+    };
+    let touched = r.write("t", "session", touch, opts(QUORUM)).await.unwrap();
+    let expiries: Vec<(Vec<u8>, Option<u64>)> =
+        touched.set.siblings().iter().map(|s| (s.value.clone().unwrap(), s.expires_at_ms)).collect();
+    assert_eq!(expiries.len(), 2, "{expiries:?}");
+    assert!(expiries.iter().any(|(v, at)| v == b"s1" && at.is_some_and(|at| at > expires + 30_000)));
+    assert!(
+        expiries.contains(&(b"keep".to_vec(), None)),
+        "the sibling the context did not name is untouched"
+    );
+    drop(other);
+
+    // Expiry: gone from get, get-many's path and listings; the key's history stays.
+    put_ttl(r, "short", b"x", &[], 300).await;
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(r.get("t", "short", opts(ALL)).await.unwrap_err().reason(), "KEY_NOT_FOUND");
+    let listed =
+        r.list("t", ListRequest { prefix: "short".into(), ..ListRequest::default() }, false).await.unwrap();
+    assert!(listed.entries.is_empty(), "an expired key is not listed");
+    let touch = WriteSpec {
+        context: &read.context,
+        expiry: Requested::AfterMs(1),
+        touch: true,
+        ..WriteSpec::default()
+    };
+    assert!(r.write("t", "short", touch, opts(QUORUM)).await.is_err(), "nothing live to touch");
+    // A write with the context of a read that saw the expired value supersedes it.
+    let history = cluster.nodes[0].local("t", "short").await.unwrap();
+    assert_eq!(history.siblings().len(), 1, "the expired sibling is still stored");
+    let context = pairdb_core::context::seal_context(
+        history.vector(),
+        pairdb_core::context::ContextBinding { tenant: "t", key: "short" },
+        r.view().load().context_keys.current().unwrap(),
+    );
+    let rewritten = write(r, "t", "short", Some(b"y".to_vec()), &context, false, opts(ALL)).await.unwrap();
+    assert_eq!(rewritten.set.siblings().len(), 1, "the expired sibling was superseded");
+    // A TTL in the past or two expiries at once is refused.
+    let both = WriteSpec { value: Some(b"z".to_vec()), expiry: Requested::AtMs(1), ..WriteSpec::default() };
+    assert_eq!(r.write("t", "k", both, opts(ONE)).await.unwrap_err().reason(), "INVALID_ARGUMENT");
 }

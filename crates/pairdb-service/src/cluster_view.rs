@@ -57,6 +57,11 @@ pub struct TenantSettings {
     pub over_key_quota: bool,
     /// The same for its byte quota: writes that would add value bytes are refused.
     pub over_byte_quota: bool,
+    /// The expiry (ms after the write) a write that asks for none gets; 0 = none: such values never
+    /// expire. 0 from a meta older than expiry.
+    pub default_ttl_ms: u64,
+    /// The longest expiry (ms after the write) any write gets; 0 = none: no cap.
+    pub max_ttl_ms: u64,
 }
 
 impl TenantSettings {
@@ -180,6 +185,8 @@ fn tenant(config: &pb::TenantConfig) -> TenantSettings {
         generation: config.generation,
         over_key_quota: config.over_key_quota,
         over_byte_quota: config.over_byte_quota,
+        default_ttl_ms: config.default_ttl_ms,
+        max_ttl_ms: config.max_ttl_ms,
     }
 }
 

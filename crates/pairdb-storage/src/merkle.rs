@@ -33,6 +33,11 @@ pub fn version_digest(set: &VersionSet) -> u64 {
         hasher.update(sibling.dot.actor.0.to_be_bytes());
         hasher.update(sibling.dot.counter.to_be_bytes());
         hasher.update([u8::from(sibling.is_tombstone())]);
+        // Only when set, so a record without expiry keeps the digest earlier releases computed.
+        if let Some(at) = sibling.expires_at_ms.filter(|_| !sibling.is_tombstone()) {
+            hasher.update([0xfe]);
+            hasher.update(at.to_be_bytes());
+        }
     }
     first_u64(&hasher.finalize())
 }
@@ -41,13 +46,14 @@ pub fn version_digest(set: &VersionSet) -> u64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Entry {
     pub digest: u64,
-    /// Every sibling is a tombstone (counted per partition, so tombstone GC skips partitions without).
+    /// Every sibling is a tombstone or an expiring value: a GC candidate now or later (counted per
+    /// partition, so tombstone GC skips partitions without).
     pub tombstone_only: bool,
 }
 
 impl Entry {
     pub fn of(set: &VersionSet) -> Self {
-        Self { digest: version_digest(set), tombstone_only: set.is_deleted() }
+        Self { digest: version_digest(set), tombstone_only: set.dead_since_ms().is_some() }
     }
 }
 

@@ -418,6 +418,10 @@ impl StorageService for StorageApi {
         };
         let quota = self.quota_guard(&key.tenant);
         let condition = write_condition(request.condition, &request.observed)?;
+        let touch_over = match request.touch {
+            true => Some(decode_set("coordinate_write", &request.touch_over)?),
+            false => None,
+        };
         let set = self
             .blocking("coordinate_write", move |engine| {
                 let write = CoordinatedWrite {
@@ -428,6 +432,8 @@ impl StorageService for StorageApi {
                     supersede_local: request.supersede_local,
                     quota,
                     condition,
+                    expires_at_ms: request.expires_at_ms,
+                    touch_over,
                 };
                 engine.coordinate_write_before(&key, write, deadline)
             })

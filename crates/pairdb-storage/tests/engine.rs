@@ -434,3 +434,54 @@ fn undecodable_records_are_quarantined_at_open() {
     assert_eq!(engine.stats().quarantined_records, 2, "nothing new to quarantine, nothing forgotten");
     assert_eq!(engine.get(&key("garbage")).unwrap(), Some(blind(2, b"restored")));
 }
+
+/// An expiring value is stored with its expiry (digest included), is a GC candidate only once every
+/// value of the record expired and the grace passed, and is purged like a tombstone; a record that
+/// also holds a value without expiry never is.
+#[test]
+fn expired_records_are_gc_candidates_after_expiry_and_grace_only() {
+    use pairdb_core::dvv::NewVersion;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(&config(dir.path(), 1)).unwrap();
+    let expiring = |name: &str, expires_at_ms: u64| {
+        let mut set = VersionSet::new();
+        let new =
+            NewVersion { value: Some(b"v".to_vec()), timestamp_ms: 10, expires_at_ms: Some(expires_at_ms) };
+        set.update_with(&VersionVector::new(), Actor(7), new, None).unwrap();
+        assert!(engine.merge(&key(name), &set).unwrap());
+        set
+    };
+    let session = expiring("session", 1_000);
+    let mut mixed = expiring("mixed", 1_000);
+    mixed.update(&VersionVector::new(), Actor(8), Some(b"forever".to_vec()), 11, None).unwrap();
+    assert!(engine.merge(&key("mixed"), &mixed).unwrap());
+    assert_eq!(engine.get(&key("session")).unwrap().unwrap(), session, "the expiry is stored");
+    let same_value_no_expiry = blind(7, b"v");
+    assert_ne!(
+        pairdb_storage::merkle::version_digest(&session),
+        pairdb_storage::merkle::version_digest(&same_value_no_expiry),
+        "replicas that disagree on an expiry have different digests"
+    );
+
+    let partition = key("session").partition;
+    let candidates = |written_before_ms| -> Vec<String> {
+        let mut names: Vec<String> = [key("session").partition, key("mixed").partition]
+            .into_iter()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .flat_map(|p| engine.old_tombstones(p, written_before_ms, 100).unwrap())
+            .map(|d| d.key.key)
+            .collect();
+        names.sort();
+        names
+    };
+    assert!(engine.partition_tombstones(partition) >= 1, "the expiring record is counted for GC");
+    // GC cutoffs (now - grace) at or before the expiry: nothing; after it: only the all-expiring one.
+    assert!(candidates(1_000).is_empty());
+    assert_eq!(candidates(1_001), vec!["session".to_owned()]);
+    let digest = pairdb_storage::merkle::version_digest(&session);
+    assert_eq!(engine.purge_tombstones(&[(key("session"), digest)], 1_000).unwrap(), 0, "not before expiry");
+    assert_eq!(engine.purge_tombstones(&[(key("session"), digest)], 1_001).unwrap(), 1);
+    assert_eq!(engine.get(&key("session")).unwrap(), None);
+    assert!(engine.get(&key("mixed")).unwrap().is_some());
+}

@@ -266,6 +266,8 @@ fn a_reached_quota_refuses_only_writes_that_grow_what_it_counts() {
             supersede_local: false,
             quota,
             condition: None,
+            expires_at_ms: None,
+            touch_over: None,
         };
         engine.coordinate_write_before(&key(name), write, ApplyDeadline::NONE)
     };

@@ -90,7 +90,7 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with = "duration")]
     pub operations: Option<u64>,
     /// Run-phase duration, e.g. `20s`, `2m`, `500ms` (default 10s).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = crate::duration::parse_duration)]
     pub duration: Option<Duration>,
     /// Concurrent requests (workers).
     #[arg(long, default_value_t = 64)]
@@ -112,23 +112,6 @@ pub struct BenchArgs {
     /// Seed of the key and operation choice.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-}
-
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, unit) = text.split_at(text.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(text.len()));
-    let value: f64 = number.trim().parse().map_err(|_| format!("{text:?}: expected e.g. 20s, 2m, 500ms"))?;
-    let seconds = match unit {
-        "" | "s" => value,
-        "ms" => value / 1000.0,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => return Err(format!("{text:?}: unit must be ms, s, m or h")),
-    };
-    if !seconds.is_finite() || seconds <= 0.0 {
-        return Err(format!("{text:?}: must be positive"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
 }
 
 /// When the run phase stops.
@@ -461,17 +444,6 @@ async fn read(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("20s").unwrap(), Duration::from_secs(20));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("fast").is_err());
-        assert!(parse_duration("5d").is_err());
-    }
 
     #[test]
     fn workload_mixes() {

@@ -15,9 +15,9 @@ use super::TombstonePlacement;
 pub struct RecordState {
     /// Digest of the whole version set (siblings and vector).
     pub digest: u64,
-    /// Every sibling is a tombstone.
+    /// Every sibling is a tombstone or an expiring value (an expired value is a tombstone for GC).
     pub tombstone_only: bool,
-    /// Wall-clock time of the newest sibling, ms.
+    /// Wall-clock time the record stopped holding data (newest tombstone write or expiry), ms.
     pub newest_timestamp_ms: u64,
 }
 

@@ -87,6 +87,9 @@ pub struct NewTenant {
     /// Quotas; 0 = none.
     pub max_keys: u64,
     pub max_bytes: u64,
+    /// Value expiry in ms; 0 = none (never expires, no cap).
+    pub default_ttl_ms: u64,
+    pub max_ttl_ms: u64,
 }
 
 /// Changes to a tenant; `None` leaves a field as it is. `key_groups` cannot change (it decides where
@@ -104,6 +107,9 @@ pub struct TenantPatch {
     /// `Some(0)` removes the quota.
     pub max_keys: Option<u64>,
     pub max_bytes: Option<u64>,
+    /// `Some(0)` removes the default expiry (or the cap).
+    pub default_ttl_ms: Option<u64>,
+    pub max_ttl_ms: Option<u64>,
 }
 
 /// A node to add. `weight` 0 means 1.
@@ -319,6 +325,10 @@ fn normalize_limits(tenant: &mut Tenant) -> Result<(), MetaError> {
         .map_err(|e| MetaError::InvalidArgument(format!("max_value_bytes: {e}")))?;
     validation::validate_max_siblings(tenant.max_siblings as usize)
         .map_err(|e| MetaError::InvalidArgument(format!("max_siblings: {e}")))?;
+    // Checked on the settings as they will be stored, so an update of one of the two is checked
+    // against the other's current value.
+    validation::validate_ttl_settings(tenant.default_ttl_ms, tenant.max_ttl_ms)
+        .map_err(|e| MetaError::InvalidArgument(e.to_string()))?;
     // Stored as BIGINT: a larger quota could not be read back as it was set.
     for (name, quota) in [("max_keys", tenant.max_keys), ("max_bytes", tenant.max_bytes)] {
         if i64::try_from(quota).is_err() {

@@ -46,6 +46,8 @@ impl Meta {
             max_bytes: request.max_bytes,
             over_key_quota: false,
             over_byte_quota: false,
+            default_ttl_ms: request.default_ttl_ms,
+            max_ttl_ms: request.max_ttl_ms,
             created_at_ms: now,
             updated_at_ms: now,
         };
@@ -62,6 +64,8 @@ impl Meta {
             key_groups = tenant.key_groups.as_str(),
             max_keys = tenant.max_keys,
             max_bytes = tenant.max_bytes,
+            default_ttl_ms = tenant.default_ttl_ms,
+            max_ttl_ms = tenant.max_ttl_ms,
             "tenant created"
         );
         if tenant.max_keys != 0 || tenant.max_bytes != 0 {
@@ -161,6 +165,14 @@ impl Meta {
             tenant.max_bytes = bytes;
         }
         let quotas_changed = (tenant.max_keys, tenant.max_bytes) != quotas_before;
+        let ttls_before = (tenant.default_ttl_ms, tenant.max_ttl_ms);
+        if let Some(ttl) = patch.default_ttl_ms {
+            tenant.default_ttl_ms = ttl;
+        }
+        if let Some(ttl) = patch.max_ttl_ms {
+            tenant.max_ttl_ms = ttl;
+        }
+        let ttls_changed = (tenant.default_ttl_ms, tenant.max_ttl_ms) != ttls_before;
         normalize_limits(&mut tenant)?;
         tenant.updated_at_ms = now;
         tx.update_tenant(&tenant).await?;
@@ -178,6 +190,14 @@ impl Meta {
             );
             // The flags follow at the leader's next evaluation, which this brings forward.
             self.inner.quota_wake.notify_one();
+        }
+        if ttls_changed {
+            tracing::info!(
+                tenant = tenant_id,
+                default_ttl_ms = tenant.default_ttl_ms,
+                max_ttl_ms = tenant.max_ttl_ms,
+                "tenant expiry settings changed"
+            );
         }
         let migration_id = migration.map(|m| {
             tracing::info!(

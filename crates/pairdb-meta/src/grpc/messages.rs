@@ -35,6 +35,8 @@ pub(super) fn tenant_to_pb(view: &TenantView) -> admin_pb::Tenant {
         strict_quorum: tenant.strict_quorum,
         max_keys: tenant.max_keys,
         max_bytes: tenant.max_bytes,
+        default_ttl_ms: tenant.default_ttl_ms,
+        max_ttl_ms: tenant.max_ttl_ms,
         created_at_ms: tenant.created_at_ms,
         updated_at_ms: tenant.updated_at_ms,
     }
@@ -102,6 +104,8 @@ pub(super) fn tenant_config_to_pb(tenant: &Tenant) -> cluster_pb::TenantConfig {
         generation: tenant.generation,
         over_key_quota: tenant.over_key_quota,
         over_byte_quota: tenant.over_byte_quota,
+        default_ttl_ms: tenant.default_ttl_ms,
+        max_ttl_ms: tenant.max_ttl_ms,
     }
 }
 

@@ -107,6 +107,8 @@ impl AdminService for AdminGrpc {
             strict_quorum: r.strict_quorum,
             max_keys: r.max_keys,
             max_bytes: r.max_bytes,
+            default_ttl_ms: r.default_ttl_ms,
+            max_ttl_ms: r.max_ttl_ms,
         };
         let tenant = self.meta.create_tenant(new).await.map_err(|e| error_status("CreateTenant", e))?;
         Ok(Response::new(tenant_to_pb(&TenantView { tenant, purge: None })))
@@ -156,6 +158,8 @@ impl AdminService for AdminGrpc {
             strict_quorum: r.strict_quorum,
             max_keys: r.max_keys,
             max_bytes: r.max_bytes,
+            default_ttl_ms: r.default_ttl_ms,
+            max_ttl_ms: r.max_ttl_ms,
         };
         let (tenant, migration_id) = self
             .meta

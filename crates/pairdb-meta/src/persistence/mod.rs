@@ -21,6 +21,8 @@
 //!   0 = none) and the leader's last verdict on them (`over_key_quota`, `over_byte_quota`), which
 //!   the watch stream pushes to the coordinators that enforce it: stored so that a new leader and
 //!   every replica's view start from the verdict in force, and changed only with a change-log row.
+//!   Its value expiry settings (`default_ttl_ms`, `max_ttl_ms`; 0 = none), which routers apply
+//!   when they stamp a write's expiry.
 //! - `tenant_purges`: which storage nodes confirmed (in a heartbeat) that they purged a deleting
 //!   tenant's records and hints. When every node that is not removed has, the tenant row and its
 //!   confirmations go and the id may be created again.

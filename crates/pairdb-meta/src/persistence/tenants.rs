@@ -41,8 +41,9 @@ impl Tx {
                 "INSERT INTO tenants (tenant_id, replication_factor, previous_replication_factor, default_consistency, \
                  conflict_mode, rate_limit_ops_per_sec, rate_limit_burst, max_value_bytes, max_siblings, strict_quorum, \
                  created_at_ms, updated_at_ms, state, generation, purge_seq, key_groups, max_keys, max_bytes, \
-                 over_key_quota, over_byte_quota) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20) \
+                 over_key_quota, over_byte_quota, default_ttl_ms, max_ttl_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, \
+                 $21, $22) \
                  ON CONFLICT (tenant_id) DO NOTHING",
             )
             .bind(&tenant.tenant_id);
@@ -57,6 +58,8 @@ impl Tx {
             .bind(to_i64(tenant.max_bytes))
             .bind(tenant.over_key_quota)
             .bind(tenant.over_byte_quota)
+            .bind(to_i64(tenant.default_ttl_ms))
+            .bind(to_i64(tenant.max_ttl_ms))
             .execute(&mut *c)
             .await?
             .rows_affected()
@@ -73,7 +76,7 @@ impl Tx {
                 "UPDATE tenants SET replication_factor = $2, previous_replication_factor = $3, default_consistency = $4, \
                  conflict_mode = $5, rate_limit_ops_per_sec = $6, rate_limit_burst = $7, max_value_bytes = $8, \
                  max_siblings = $9, strict_quorum = $10, updated_at_ms = $11, state = $12, purge_seq = $13, \
-                 max_keys = $14, max_bytes = $15 WHERE tenant_id = $1",
+                 max_keys = $14, max_bytes = $15, default_ttl_ms = $16, max_ttl_ms = $17 WHERE tenant_id = $1",
             )
             .bind(&tenant.tenant_id);
             bind_settings!(query, tenant)
@@ -82,6 +85,8 @@ impl Tx {
             .bind(to_i64(tenant.purge_seq))
             .bind(to_i64(tenant.max_keys))
             .bind(to_i64(tenant.max_bytes))
+            .bind(to_i64(tenant.default_ttl_ms))
+            .bind(to_i64(tenant.max_ttl_ms))
             .execute(&mut *c)
             .await?
             .rows_affected()

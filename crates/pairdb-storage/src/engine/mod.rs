@@ -131,6 +131,9 @@ pub enum EngineError {
     /// The write would add to what a reached quota of the tenant counts.
     #[error("the tenant is at its quota of {0}: only writes that do not add to it are accepted")]
     QuotaExceeded(&'static str),
+    /// A touch whose context covers no live sibling here (nor in the router's read).
+    #[error("no live value under the context to touch")]
+    NothingToTouch,
     /// A conditional write's condition does not hold on this replica: nothing was applied.
     #[error("condition {} does not hold: this replica holds a version the read did not see", condition.as_str())]
     PreconditionFailed { condition: WriteCondition, current: Box<VersionSet> },
@@ -148,6 +151,7 @@ impl HasReason for EngineError {
             EngineError::TenantDeleted(_) => Reason::TenantNotFound,
             EngineError::QuotaExceeded(_) => Reason::QuotaExceeded,
             EngineError::PreconditionFailed { .. } => Reason::PreconditionFailed,
+            EngineError::NothingToTouch => Reason::KeyNotFound,
         }
     }
 }
@@ -203,6 +207,11 @@ pub struct CoordinatedWrite<'a> {
     /// A conditional write: the condition and what the router's read saw, re-checked against this
     /// replica's set under the key's lock ([`pairdb_core::condition::holds_at_coordinator`]).
     pub condition: Option<(WriteCondition, VersionVector)>,
+    /// When the new value expires (ms since the Unix epoch), stamped by the router.
+    pub expires_at_ms: Option<u64>,
+    /// A touch instead of a write: the router's read of the key, merged in first; then every live
+    /// sibling the context covers gets `expires_at_ms` (`VersionSet::touch`) and `value` is ignored.
+    pub touch_over: Option<VersionSet>,
 }
 
 /// Which of a tenant's quotas are reached (meta's flags, from the view): a coordinated write that

@@ -17,7 +17,7 @@
 //! a client's old context) would cover, and silently drop, the new acknowledged write (Riak's KV679).
 
 use super::*;
-use pairdb_core::dvv::Actor;
+use pairdb_core::dvv::{Actor, NewVersion};
 
 /// What a mutation decided for one record.
 #[derive(Debug)]
@@ -70,6 +70,37 @@ fn record_ops(key: &RecordKey, encoded_key: &[u8], existed: bool, change: Change
         }
     }
     ops
+}
+
+/// The set a coordinated write leaves: `existing` updated with the new sibling as `actor`, or for a
+/// touch, `existing` merged with the router's read and its live siblings under the context
+/// re-stamped (nothing live under the context: KEY_NOT_FOUND, nothing applied).
+fn apply_coordinated(
+    existing: Option<&VersionSet>,
+    write: &CoordinatedWrite<'_>,
+    actor: Actor,
+    now_ms: u64,
+) -> Result<VersionSet, EngineError> {
+    let mut set = existing.cloned().unwrap_or_default();
+    if let Some(seen) = &write.touch_over {
+        set.merge_from(seen);
+        storable(&set)?;
+        if set.touch(write.context, actor, write.expires_at_ms, now_ms)?.is_empty() {
+            return Err(EngineError::NothingToTouch);
+        }
+        return Ok(set);
+    }
+    let mut context = write.context.clone();
+    if write.supersede_local {
+        context.merge(set.vector());
+    }
+    let new = NewVersion {
+        value: write.value.clone(),
+        timestamp_ms: write.timestamp_ms,
+        expires_at_ms: write.expires_at_ms,
+    };
+    set.update_with(&context, actor, new, write.max_siblings)?;
+    Ok(set)
 }
 
 impl Engine {
@@ -132,6 +163,8 @@ impl Engine {
             supersede_local,
             quota,
             condition: None,
+            expires_at_ms: None,
+            touch_over: None,
         };
         self.coordinate_write_before(key, write, ApplyDeadline::NONE)
     }
@@ -145,15 +178,6 @@ impl Engine {
         write: CoordinatedWrite<'_>,
         deadline: ApplyDeadline,
     ) -> Result<VersionSet, EngineError> {
-        let CoordinatedWrite {
-            context,
-            value,
-            timestamp_ms,
-            max_siblings,
-            supersede_local,
-            quota,
-            condition,
-        } = write;
         self.check_writable()?;
         let encoded_key = key.encode();
         self.mutate(key, Apply::Commit, |existing| {
@@ -162,17 +186,13 @@ impl Engine {
                 metrics::counter!("pairdb_storage_coordinate_deadline_refusals_total").increment(1);
                 return Err(EngineError::DeadlinePassed);
             }
-            if let Some((condition, observed)) = &condition
-                && !pairdb_core::condition::holds_at_coordinator(*condition, existing, observed)
+            let now = now_ms();
+            if let Some((condition, observed)) = &write.condition
+                && !pairdb_core::condition::holds_at_coordinator(*condition, existing, observed, now)
             {
                 metrics::counter!("pairdb_storage_precondition_refusals_total").increment(1);
                 let current = Box::new(existing.cloned().unwrap_or_default());
                 return Err(EngineError::PreconditionFailed { condition: *condition, current });
-            }
-            let mut set = existing.cloned().unwrap_or_default();
-            let mut context = context.clone();
-            if supersede_local {
-                context.merge(set.vector());
             }
             // A minting actor exists only beside its record (see the module docs).
             let minting = match existing {
@@ -180,8 +200,8 @@ impl Engine {
                 None => None,
             };
             let actor = minting.unwrap_or_else(|| Actor(rand::random::<u64>()));
-            set.update(&context, actor, value, timestamp_ms, max_siblings)?;
-            quota.check(existing.map(Usage::of).unwrap_or_default(), Usage::of(&set))?;
+            let set = apply_coordinated(existing, &write, actor, now)?;
+            write.quota.check(existing.map(Usage::of).unwrap_or_default(), Usage::of(&set))?;
             let change =
                 if minting.is_some() { Change::Put(set.clone()) } else { Change::Mint(set.clone(), actor) };
             Ok((change, set))

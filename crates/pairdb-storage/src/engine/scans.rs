@@ -19,19 +19,23 @@ pub struct ScanBatch {
 pub struct RecordDigest {
     pub key: RecordKey,
     pub digest: u64,
-    /// Every sibling is a tombstone.
+    /// Every sibling is a tombstone or an expiring value: the record stops holding data by itself,
+    /// and for GC it is a tombstone (`pairdb_core::dvv::VersionSet::dead_since_ms`).
     pub tombstone_only: bool,
-    /// Write time of the newest sibling (ms since the Unix epoch).
+    /// For such a record, when it stops holding data (its newest tombstone's write time or
+    /// expiry); for any other, the newest sibling's write time (ms since the Unix epoch).
     pub newest_timestamp_ms: u64,
 }
 
 impl RecordDigest {
     pub(super) fn of(key: RecordKey, set: &VersionSet) -> Self {
+        let dead_since = set.dead_since_ms();
         Self {
             key,
             digest: version_digest(set),
-            tombstone_only: set.is_deleted(),
-            newest_timestamp_ms: set.siblings().iter().map(|s| s.timestamp_ms).max().unwrap_or(0),
+            tombstone_only: dead_since.is_some(),
+            newest_timestamp_ms: dead_since
+                .unwrap_or_else(|| set.siblings().iter().map(|s| s.timestamp_ms).max().unwrap_or(0)),
         }
     }
 

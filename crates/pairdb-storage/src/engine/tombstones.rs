@@ -44,7 +44,8 @@ impl Engine {
             let (raw_key, raw_value) = item.into_inner().map_err(EngineError::Read)?;
             let Some(key) = RecordKey::decode(&raw_key) else { continue };
             let set = decode_version_set(&raw_value).map_err(EngineError::Corrupt)?;
-            if set.is_deleted() {
+            // Tombstone-only, or every value expiring: `is_candidate` checks when it died.
+            if set.dead_since_ms().is_some() {
                 let digest = RecordDigest::of(key, &set);
                 if gc::tombstones::is_candidate(&digest.state(), written_before_ms) {
                     out.push(digest);
