@@ -317,6 +317,21 @@ fn dev_cluster_survives_bench_and_every_command_prints_json() {
     json(&["kv", "touch", "ttl-key", "--context", got["context"].as_str().unwrap(), "--ttl", "2h"]);
     let touched = json(&["kv", "get", "ttl-key"])["siblings"][0]["expires_at_ms"].as_u64().unwrap();
     assert!(touched > first + 3_600_000, "{first} -> {touched}");
+    // put-many: a JSON-lines file in batches; bad lines are reported by number, the rest stored.
+    let mut lines: Vec<String> =
+        (0..1200).map(|i| format!(r#"{{"key": "pm-{i}", "value": "v{i}"}}"#)).collect();
+    lines[7] = "not json".to_owned();
+    lines[900] = r#"{"key": "", "value": "empty key"}"#.to_owned();
+    let file = dir.path().join("many.jsonl");
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let partial = fails(&["kv", "put-many", file.to_str().unwrap()]);
+    let summary: Value = serde_json::from_str(&partial.stdout).unwrap();
+    assert_eq!((summary["stored"].as_u64(), summary["failed"].as_u64()), (Some(1198), Some(2)), "{summary}");
+    let failed_lines: Vec<u64> =
+        summary["failures"].as_array().unwrap().iter().map(|f| f["line"].as_u64().unwrap()).collect();
+    assert_eq!(failed_lines, [8, 901]);
+    assert!(partial.stderr.contains("PUT_MANY_INCOMPLETE"), "{}", partial.stderr);
+    assert_eq!(json(&["kv", "get", "pm-1199"])["value"], "v1199");
     assert!(
         fails(&["kv", "put", "lock", "x", "--if-absent", "--if-present"]).stderr.contains("cannot be used")
     );

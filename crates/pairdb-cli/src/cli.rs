@@ -250,6 +250,14 @@ pub enum KvCommand {
     /// List the tenant's keys in order, one page (or, with --all, every page in turn). A listing is
     /// not a snapshot: keys written or deleted meanwhile may or may not appear.
     List(ListArgs),
+    /// Store many keys from a JSON-lines file (`-`: stdin) with PutMany, in batches: one line per
+    /// key, `{"key": "k", "value": "text" | "value_base64": "..", "context"?, "ttl"?: "30s",
+    /// "condition"?: "if_absent"}`. Prints a summary of the lines that failed, and fails if any did.
+    PutMany {
+        file: PathBuf,
+        #[arg(long, value_enum)]
+        consistency: Option<ConsistencyArg>,
+    },
 }
 
 /// What `pairdb kv list` lists.

@@ -68,6 +68,11 @@ pub async fn run(globals: &Globals, command: KvCommand) -> anyhow::Result<()> {
             print_write(globals.output, "deleted", &key, &result);
         }
         KvCommand::List(args) => list(globals.output, &client, args).await?,
+        KvCommand::PutMany { file, consistency } => {
+            let options =
+                WriteOptions { consistency: crate::cli::consistency(consistency), ..WriteOptions::default() };
+            crate::put_many::run(globals.output, &client, &file, options).await?;
+        }
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ mod dev;
 mod duration;
 mod kv;
 mod output;
+mod put_many;
 
 use clap::Parser;
 

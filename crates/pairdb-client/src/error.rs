@@ -91,6 +91,16 @@ impl ClientError {
     }
 }
 
+impl ClientError {
+    /// An item's error inside a batched answer (its gRPC code from the reason's table).
+    pub(crate) fn from_detail(detail: pairdb_proto::common::v1::ErrorDetail) -> Self {
+        let code = Reason::parse(&detail.reason).map_or(Code::Unknown, pairdb_proto::status::grpc_code);
+        let mut metadata: Vec<(String, String)> = detail.metadata.into_iter().collect();
+        metadata.sort();
+        ClientError::Server { code, reason: detail.reason, message: detail.message, metadata }
+    }
+}
+
 impl From<tonic::Status> for ClientError {
     fn from(status: tonic::Status) -> Self {
         let (reason, metadata) = match detail_of(&status) {

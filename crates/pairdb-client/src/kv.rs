@@ -61,6 +61,37 @@ pub struct WriteOptions {
     pub expires_at_ms: Option<u64>,
 }
 
+/// One put of a [`KvClient::put_many`].
+#[derive(Debug, Clone, Default)]
+pub struct PutManyItem {
+    pub key: String,
+    pub value: Vec<u8>,
+    /// Context of an earlier read or write of this key; empty for a blind write.
+    pub context: Vec<u8>,
+    pub overwrite: bool,
+    pub condition: Option<WriteCondition>,
+    pub ttl: Option<Duration>,
+    pub expires_at_ms: Option<u64>,
+}
+
+/// One delete of a [`KvClient::delete_many`].
+#[derive(Debug, Clone, Default)]
+pub struct DeleteManyItem {
+    pub key: String,
+    /// Empty: delete what a read at the batch's consistency sees.
+    pub context: Vec<u8>,
+    pub condition: Option<WriteCondition>,
+}
+
+/// A batch's answer: one result per item, in order (an item's error is the one a single write
+/// would give), and whether it was replayed for the batch's idempotency key.
+#[derive(Debug)]
+pub struct WriteManyResult {
+    pub results: Vec<Result<WriteResult, ClientError>>,
+    pub duplicate: bool,
+    pub idempotency_key: String,
+}
+
 /// Options of a get.
 #[derive(Debug, Clone, Default)]
 pub struct ReadOptions {
@@ -226,6 +257,75 @@ impl KvClient {
         .map(write_result)
     }
 
+    /// Up to 1,000 puts (4 MiB of values) in one call; `options` gives the batch's consistency, W,
+    /// timeout and idempotency key (its `condition`, `ttl` and `context` are per item here).
+    pub async fn put_many(
+        &self,
+        items: Vec<PutManyItem>,
+        options: WriteOptions,
+    ) -> Result<WriteManyResult, ClientError> {
+        let timeout = options.timeout.unwrap_or(self.request_timeout);
+        let items = items
+            .into_iter()
+            .map(|item| pb::PutItem {
+                ttl_ms: item
+                    .ttl
+                    .map_or(0, |ttl| u64::try_from(ttl.as_micros().div_ceil(1000)).unwrap_or(u64::MAX)),
+                expires_at_ms: item.expires_at_ms.unwrap_or(0),
+                condition: pairdb_proto::convert::write_condition_to_wire(item.condition),
+                key: item.key,
+                value: item.value,
+                context: item.context,
+                overwrite: item.overwrite,
+            })
+            .collect();
+        let batch_options = WriteOptions { condition: None, ..options.clone() };
+        let request = pb::PutManyRequest {
+            tenant_id: self.tenant_id.clone(),
+            items,
+            options: Some(write_options(&batch_options, timeout)),
+        };
+        let safe = options.idempotency_key.is_some();
+        with_retries(self.retry, safe, || {
+            let mut client = self.inner.clone();
+            let request = with_deadline(request.clone(), timeout);
+            async move { Ok(client.put_many(request).await?.into_inner()) }
+        })
+        .await
+        .map(write_many_result)
+    }
+
+    /// Up to 1,000 deletes in one call, as [`Self::put_many`].
+    pub async fn delete_many(
+        &self,
+        items: Vec<DeleteManyItem>,
+        options: WriteOptions,
+    ) -> Result<WriteManyResult, ClientError> {
+        let timeout = options.timeout.unwrap_or(self.request_timeout);
+        let items = items
+            .into_iter()
+            .map(|item| pb::DeleteItem {
+                condition: pairdb_proto::convert::write_condition_to_wire(item.condition),
+                key: item.key,
+                context: item.context,
+            })
+            .collect();
+        let batch_options = WriteOptions { condition: None, ..options.clone() };
+        let request = pb::DeleteManyRequest {
+            tenant_id: self.tenant_id.clone(),
+            items,
+            options: Some(write_options(&batch_options, timeout)),
+        };
+        let safe = options.idempotency_key.is_some();
+        with_retries(self.retry, safe, || {
+            let mut client = self.inner.clone();
+            let request = with_deadline(request.clone(), timeout);
+            async move { Ok(client.delete_many(request).await?.into_inner()) }
+        })
+        .await
+        .map(write_many_result)
+    }
+
     /// Reads `key`: `None` when it has no live value.
     pub async fn get(&self, key: &str, options: ReadOptions) -> Result<Option<ReadResult>, ClientError> {
         let timeout = options.timeout.unwrap_or(self.request_timeout);
@@ -339,6 +439,23 @@ fn write_result(ack: pb::WriteAck) -> WriteResult {
         duplicate: ack.duplicate,
         idempotency_key: ack.idempotency_key,
     }
+}
+
+fn write_many_result(response: pb::WriteManyResponse) -> WriteManyResult {
+    let results = response
+        .results
+        .into_iter()
+        .map(|item| match (item.ack, item.error) {
+            (Some(ack), _) => Ok(write_result(ack)),
+            (None, Some(detail)) => Err(ClientError::from_detail(detail)),
+            (None, None) => Err(ClientError::from_detail(common::ErrorDetail {
+                reason: Reason::Internal.as_str().to_owned(),
+                message: "the router answered an item with neither an ack nor an error".to_owned(),
+                metadata: Default::default(),
+            })),
+        })
+        .collect();
+    WriteManyResult { results, duplicate: response.duplicate, idempotency_key: response.idempotency_key }
 }
 
 pub(crate) fn sibling(sibling: pb::Sibling) -> Sibling {

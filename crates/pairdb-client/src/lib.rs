@@ -23,7 +23,8 @@ use tonic_health::pb::health_client::HealthClient;
 pub use admin::AdminClient;
 pub use error::{ClientError, CurrentState};
 pub use kv::{
-    Consistency, KvClient, ReadOptions, ReadResult, Sibling, WriteCondition, WriteOptions, WriteResult,
+    Consistency, DeleteManyItem, KvClient, PutManyItem, ReadOptions, ReadResult, Sibling, WriteCondition,
+    WriteManyResult, WriteOptions, WriteResult,
 };
 pub use listing::{KeyPage, KeyPages, ListOptions, ListedKey, ScannedKey};
 pub use pairdb_proto as proto;

@@ -73,6 +73,8 @@ reasons! {
     InvalidPageToken => "INVALID_PAGE_TOKEN",
     InvalidContentType => "INVALID_CONTENT_TYPE",
     BodyTooLarge => "BODY_TOO_LARGE",
+    /// A PutMany / DeleteMany with more items or value bytes than one batch may carry.
+    BatchTooLarge => "BATCH_TOO_LARGE",
     /// A ring assignment with no nodes.
     NoNodes => "NO_NODES",
     /// A ring assignment naming one node twice.

@@ -30,6 +30,7 @@ pub const fn grpc_code(reason: Reason) -> Code {
         | R::InvalidPageToken
         | R::InvalidContentType
         | R::BodyTooLarge
+        | R::BatchTooLarge
         | R::InvalidEndpoint
         | R::InvalidToken => Code::InvalidArgument,
         R::Unauthenticated => Code::Unauthenticated,

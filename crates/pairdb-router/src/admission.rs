@@ -255,7 +255,18 @@ fn is_kv_path(path: &str) -> bool {
         || path == "/v1/key-value"
         || path == "/v1/kv"
         || path.starts_with("/v1/kv/")
+        || path.starts_with("/v1/kv:")
         || path.starts_with("/v1/groups/")
+}
+
+/// The largest PutMany / DeleteMany message: the batch's values plus up to 4 KiB of key, context
+/// and framing per item, plus the usual overhead.
+pub const MAX_BATCH_MESSAGE_BYTES: u64 = crate::batch::MAX_BATCH_VALUE_BYTES as u64
+    + crate::batch::MAX_BATCH_ITEMS as u64 * 4096
+    + MESSAGE_OVERHEAD_BYTES;
+
+fn is_batch_path(path: &str) -> bool {
+    path == "/pairdb.kv.v1.KvService/PutMany" || path == "/pairdb.kv.v1.KvService/DeleteMany"
 }
 
 fn is_grpc(request: &Request) -> bool {
@@ -284,8 +295,11 @@ pub async fn admit_client(
     if grpc {
         let value_cap =
             settings.map_or(pairdb_core::validation::ABSOLUTE_MAX_VALUE_BYTES, |s| s.max_value_bytes);
-        let limit = value_cap.saturating_add(MESSAGE_OVERHEAD_BYTES);
-        request = request.map(|body| Body::new(CappedBody::new(body, limit)));
+        let (limit, reason) = match is_batch_path(request.uri().path()) {
+            true => (MAX_BATCH_MESSAGE_BYTES, Reason::BatchTooLarge),
+            false => (value_cap.saturating_add(MESSAGE_OVERHEAD_BYTES), Reason::ValueTooLarge),
+        };
+        request = request.map(|body| Body::new(CappedBody::new(body, limit, reason)));
     }
     request.extensions_mut().insert(client);
     next.run(request).await
@@ -298,19 +312,21 @@ struct CappedBody {
     inner: Body,
     remaining: u64,
     limit: u64,
+    /// What an oversized message is refused with.
+    reason: Reason,
     /// The gRPC message header (compression flag, u32be length) as far as it has arrived.
     header: [u8; 5],
     header_len: usize,
 }
 
 impl CappedBody {
-    fn new(inner: Body, limit: u64) -> Self {
-        Self { inner, remaining: limit, limit, header: [0; 5], header_len: 0 }
+    fn new(inner: Body, limit: u64, reason: Reason) -> Self {
+        Self { inner, remaining: limit, limit, reason, header: [0; 5], header_len: 0 }
     }
 
     fn too_large(&self) -> axum::BoxError {
         Box::new(pairdb_service::errors::status(
-            Reason::ValueTooLarge,
+            self.reason,
             format!(
                 "the request message is larger than this tenant's requests can be ({} bytes)",
                 self.limit
@@ -389,10 +405,10 @@ mod tests {
 
     #[test]
     fn a_message_over_the_cap_is_refused_from_its_header() {
-        let mut body = CappedBody::new(Body::empty(), 100);
+        let mut body = CappedBody::new(Body::empty(), 100, Reason::ValueTooLarge);
         // Declares 60 MiB: refused on the header, before any payload.
         assert!(body.admit(&[0, 3, 192, 0, 0]).is_err());
-        let mut body = CappedBody::new(Body::empty(), 100);
+        let mut body = CappedBody::new(Body::empty(), 100, Reason::ValueTooLarge);
         assert!(body.admit(&[0, 0, 0]).is_ok());
         assert!(body.admit(&[0, 90]).is_ok(), "90 bytes declared");
         assert!(body.admit(&[1; 90]).is_ok());

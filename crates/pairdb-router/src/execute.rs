@@ -41,12 +41,12 @@ impl Clock {
         self.origin.elapsed().as_millis() as u64
     }
 
-    fn instant(&self, ms: u64) -> tokio::time::Instant {
+    pub(crate) fn instant(&self, ms: u64) -> tokio::time::Instant {
         tokio::time::Instant::from_std(self.origin + Duration::from_millis(ms))
     }
 
     /// Time left until `ms` (zero once it has passed).
-    fn until(&self, ms: u64) -> Duration {
+    pub(crate) fn until(&self, ms: u64) -> Duration {
         Duration::from_millis(ms.saturating_sub(self.now_ms()))
     }
 }

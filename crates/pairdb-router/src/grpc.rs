@@ -5,7 +5,7 @@
 use pairdb_core::condition::WriteCondition;
 use pairdb_core::dvv::VersionVector;
 use pairdb_core::expiry::Requested;
-use pairdb_core::reason::Reason;
+use pairdb_core::reason::{HasReason, Reason};
 use pairdb_proto::common::v1::{Dot, VersionEntry};
 use pairdb_proto::kv::v1 as pb;
 use pairdb_proto::kv::v1::kv_service_server::KvService;
@@ -16,7 +16,10 @@ use crate::error::RouterError;
 use crate::kv::ReadOutcome;
 use crate::kv_api::KvApi;
 use crate::listing::ListRequest;
-use crate::request::{KeyRead, ReadManyRequest, ReadRequest, RequestOptions, WriteAck, WriteRequest};
+use crate::request::{
+    BatchItem, KeyRead, ReadManyRequest, ReadRequest, RequestOptions, WriteAck, WriteManyRequest,
+    WriteRequest,
+};
 
 #[derive(Debug, Clone)]
 pub struct GrpcKvApi {
@@ -120,6 +123,53 @@ impl KvService for GrpcKvApi {
         Ok(Response::new(pb::TouchResponse { ack: Some(write_ack(ack)) }))
     }
 
+    async fn put_many(
+        &self,
+        request: Request<pb::PutManyRequest>,
+    ) -> Result<Response<pb::WriteManyResponse>, Status> {
+        let client = self.client(&request)?;
+        let pb::PutManyRequest { tenant_id, items, options } = request.into_inner();
+        let items = items
+            .into_iter()
+            .map(|item| {
+                Ok(BatchItem {
+                    condition: condition_of(item.condition)?,
+                    expiry: Requested::from_wire(item.ttl_ms, item.expires_at_ms)
+                        .map_err(|e| RouterError::from_reasoned(&e))?,
+                    key: item.key,
+                    value: Some(item.value),
+                    context: item.context,
+                    overwrite: item.overwrite,
+                })
+            })
+            .collect::<Result<Vec<_>, RouterError>>()
+            .map_err(RouterError::into_status)?;
+        self.write_many(&client, tenant_id, items, options).await
+    }
+
+    async fn delete_many(
+        &self,
+        request: Request<pb::DeleteManyRequest>,
+    ) -> Result<Response<pb::WriteManyResponse>, Status> {
+        let client = self.client(&request)?;
+        let pb::DeleteManyRequest { tenant_id, items, options } = request.into_inner();
+        let items = items
+            .into_iter()
+            .map(|item| {
+                Ok(BatchItem {
+                    condition: condition_of(item.condition)?,
+                    expiry: Requested::TenantDefault,
+                    key: item.key,
+                    value: None,
+                    context: item.context,
+                    overwrite: true,
+                })
+            })
+            .collect::<Result<Vec<_>, RouterError>>()
+            .map_err(RouterError::into_status)?;
+        self.write_many(&client, tenant_id, items, options).await
+    }
+
     async fn get_many(
         &self,
         request: Request<pb::GetManyRequest>,
@@ -131,6 +181,44 @@ impl KvService for GrpcKvApi {
         let reads = self.api.get_many(&client, request).await.map_err(RouterError::into_status)?;
         Ok(Response::new(pb::GetManyResponse { results: reads.into_iter().map(key_result).collect() }))
     }
+}
+
+impl GrpcKvApi {
+    async fn write_many(
+        &self,
+        client: &Client,
+        tenant_id: String,
+        items: Vec<BatchItem>,
+        options: Option<pb::WriteOptions>,
+    ) -> Result<Response<pb::WriteManyResponse>, Status> {
+        let (options, idempotency_key, condition) =
+            write_options(options).map_err(RouterError::into_status)?;
+        if condition.is_some() {
+            let error = RouterError::invalid(Reason::InvalidArgument, "a batch's conditions are per item");
+            return Err(error.into_status());
+        }
+        let keys: Vec<String> = items.iter().map(|i| i.key.clone()).collect();
+        let request = WriteManyRequest { tenant_id, items, options, idempotency_key };
+        let reply = self.api.write_many(client, request).await.map_err(RouterError::into_status)?;
+        let results = keys
+            .into_iter()
+            .zip(reply.results)
+            .map(|(key, result)| match result {
+                Ok(ack) => pb::ItemResult { key, ack: Some(write_ack(ack)), error: None },
+                Err(error) => pb::ItemResult { key, ack: None, error: Some(error_detail(&error)) },
+            })
+            .collect();
+        Ok(Response::new(pb::WriteManyResponse {
+            results,
+            duplicate: reply.duplicate,
+            idempotency_key: reply.idempotency_key,
+        }))
+    }
+}
+
+fn condition_of(wire: i32) -> Result<Option<WriteCondition>, RouterError> {
+    pairdb_proto::convert::write_condition_from_wire(wire)
+        .map_err(|unknown| RouterError::invalid(Reason::InvalidArgument, unknown.to_string()))
 }
 
 /// A level and an explicit count; with an explicit count the level is not read (it does not apply),
@@ -295,9 +383,15 @@ fn key_result(read: KeyRead) -> pb::KeyResult {
             result: Some(pb::GetResponse { found: false, ..Default::default() }),
             error: None,
         },
-        Err(error) => {
-            let status = error.into_status();
-            pb::KeyResult { key, result: None, error: pairdb_service::errors::detail_of(&status) }
-        }
+        Err(error) => pb::KeyResult { key, result: None, error: Some(error_detail(&error)) },
+    }
+}
+
+/// An error as the detail a batch or GetMany item carries (reason, message, metadata).
+fn error_detail(error: &RouterError) -> pairdb_proto::common::v1::ErrorDetail {
+    pairdb_proto::common::v1::ErrorDetail {
+        reason: error.reason().as_str().to_owned(),
+        message: error.to_string(),
+        metadata: error.metadata().into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
     }
 }

@@ -36,10 +36,12 @@ use crate::error::RouterError;
 use crate::kv::ReadOutcome;
 use crate::kv_api::KvApi;
 use crate::listing::{ListRequest, ListedEntry};
-use crate::request::{ReadRequest, RequestOptions, WriteAck, WriteRequest};
+use crate::request::{BatchItem, ReadRequest, RequestOptions, WriteAck, WriteManyRequest, WriteRequest};
 
 /// Largest request body (a 1 MiB value is ~1.4 MiB as base64, plus the envelope).
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// Largest `POST /v1/kv:batch` body (4 MiB of values, as base64 or JSON text, plus the items).
+pub const MAX_BATCH_BODY_BYTES: usize = 12 * 1024 * 1024;
 
 /// The router's HTTP KV routes.
 pub fn routes(api: KvApi) -> Router {
@@ -48,6 +50,7 @@ pub fn routes(api: KvApi) -> Router {
         .route("/v1/kv/{key}", axum::routing::put(put_resource).get(get_resource).delete(delete_resource))
         .route("/v1/kv", axum::routing::get(list_resource))
         .route("/v1/kv:touch", post(touch))
+        .route("/v1/kv:batch", post(batch))
         .route("/v1/groups/{group}/kv", axum::routing::get(list_group))
         .with_state(api)
 }
@@ -259,7 +262,8 @@ struct PutBody {
     expires_at_ms: Option<u64>,
 }
 
-async fn read_json_body(headers: &HeaderMap, body: Body) -> Result<PutBody, HttpError> {
+/// The raw JSON body of a request (content type checked, at most `limit` bytes).
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, HttpError> {
     let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
     let media_type = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
     if media_type != "application/json" {
@@ -268,16 +272,20 @@ async fn read_json_body(headers: &HeaderMap, body: Body) -> Result<PutBody, Http
             format!("content-type must be application/json, got {content_type:?}"),
         ));
     }
-    let bytes: Bytes = axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|error| {
+    axum::body::to_bytes(body, limit).await.map_err(|error| {
         if is_length_limit(&error) {
-            HttpError::invalid(Reason::BodyTooLarge, format!("request body over {MAX_BODY_BYTES} bytes"))
+            HttpError::invalid(Reason::BodyTooLarge, format!("request body over {limit} bytes"))
         } else if pairdb_service::listener::is_body_timeout(&error) {
             HttpError::invalid(Reason::RequestTimeout, format!("request body: {error}"))
         } else {
             // A broken chunked encoding or a connection cut mid-body: the request is malformed.
             HttpError::invalid(Reason::InvalidArgument, format!("request body could not be read: {error}"))
         }
-    })?;
+    })
+}
+
+async fn read_json_body(headers: &HeaderMap, body: Body) -> Result<PutBody, HttpError> {
+    let bytes = read_body(headers, body, MAX_BODY_BYTES).await?;
     serde_json::from_slice(&bytes)
         .map_err(|error| HttpError::invalid(Reason::InvalidJson, format!("request body: {error}")))
 }
@@ -295,7 +303,12 @@ fn is_length_limit(error: &axum::Error) -> bool {
 }
 
 fn value_bytes(body: &PutBody) -> Result<Vec<u8>, HttpError> {
-    match (&body.value, &body.value_base64) {
+    item_value(body.value.as_ref(), body.value_base64.as_deref())
+}
+
+/// A value given as any JSON (stored as its compact text) or as base64 bytes, exactly one of them.
+fn item_value(value: Option<&Value>, value_base64: Option<&str>) -> Result<Vec<u8>, HttpError> {
+    match (value, value_base64) {
         (Some(value), None) => {
             serde_json::to_vec(value).map_err(|e| HttpError::invalid(Reason::InvalidArgument, e.to_string()))
         }
@@ -397,6 +410,102 @@ async fn put(
     };
     let ack = api.write(client, request).await?;
     Ok(ok(ack_json(&key, &ack)))
+}
+
+/// Body of `POST /v1/kv:batch`: one JSON object with the batch's options and an `items` array.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchBody {
+    tenant_id: Option<String>,
+    consistency: Option<String>,
+    w: Option<u32>,
+    timeout_ms: Option<u32>,
+    items: Vec<BatchItemBody>,
+}
+
+/// One item: `op` is `put` (the default) or `delete`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchItemBody {
+    op: Option<String>,
+    key: String,
+    value: Option<Value>,
+    value_base64: Option<String>,
+    context: Option<String>,
+    overwrite: Option<bool>,
+    condition: Option<String>,
+    ttl_ms: Option<u64>,
+    expires_at_ms: Option<u64>,
+}
+
+impl BatchItemBody {
+    fn item(self) -> Result<BatchItem, HttpError> {
+        let delete = match self.op.as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None | Some("put") => false,
+            Some("delete") => true,
+            Some(other) => {
+                return Err(HttpError::invalid(
+                    Reason::InvalidArgument,
+                    format!("op {other:?}: put or delete"),
+                ));
+            }
+        };
+        let value = match delete {
+            true if self.value.is_some() || self.value_base64.is_some() => {
+                return Err(HttpError::invalid(Reason::InvalidArgument, "a delete item takes no value"));
+            }
+            true => None,
+            false => Some(item_value(self.value.as_ref(), self.value_base64.as_deref())?),
+        };
+        Ok(BatchItem {
+            key: self.key,
+            value,
+            context: context(self.context.as_deref())?,
+            overwrite: self.overwrite.unwrap_or(delete),
+            condition: condition(self.condition.as_deref(), &HeaderMap::new())?,
+            expiry: Requested::from_wire(self.ttl_ms.unwrap_or(0), self.expires_at_ms.unwrap_or(0))
+                .map_err(|e| HttpError::invalid(Reason::InvalidArgument, e.to_string()))?,
+        })
+    }
+}
+
+/// `POST /v1/kv:batch`: puts and deletes of one tenant, one result per item (HTTP 200 even when
+/// some items failed: each result says).
+async fn batch(State(api): State<KvApi>, admitted: Admitted, headers: HeaderMap, body: Body) -> HttpResult {
+    let client = client(&api, &headers, admitted)?;
+    let bytes = read_body(&headers, body, MAX_BATCH_BODY_BYTES).await?;
+    let body: BatchBody = serde_json::from_slice(&bytes)
+        .map_err(|error| HttpError::invalid(Reason::InvalidJson, format!("request body: {error}")))?;
+    let keys: Vec<String> = body.items.iter().map(|i| i.key.clone()).collect();
+    let items = body.items.into_iter().map(BatchItemBody::item).collect::<Result<Vec<_>, _>>()?;
+    let request = WriteManyRequest {
+        tenant_id: body.tenant_id.unwrap_or_default(),
+        items,
+        options: RequestOptions {
+            consistency: consistency(body.consistency.as_deref())?,
+            explicit: body.w.unwrap_or(0),
+            strict_quorum: false,
+            timeout_ms: body.timeout_ms.unwrap_or(0),
+        },
+        idempotency_key: idempotency_key(&headers)?,
+    };
+    let reply = api.write_many(&client, request).await?;
+    let results: Vec<Value> = keys
+        .iter()
+        .zip(&reply.results)
+        .map(|(key, result)| match result {
+            Ok(ack) => ack_json(key, ack),
+            Err(error) => json!({"key": key, "error": {
+                "code": pairdb_service::errors::code_name(pairdb_service::errors::grpc_code(error.reason())),
+                "reason": error.reason().as_str(),
+                "message": error.to_string(),
+                "details": error.metadata().into_iter().map(|(k, v)| (k.to_owned(), Value::String(v))).collect::<serde_json::Map<_, _>>(),
+            }}),
+        })
+        .collect();
+    Ok(ok(
+        json!({"results": results, "duplicate": reply.duplicate, "idempotency_key": reply.idempotency_key}),
+    ))
 }
 
 /// A put's or touch's expiry: `ttl_ms` or `expires_at_ms` (at most one).

@@ -111,7 +111,7 @@ impl KvRouter {
         }
     }
 
-    fn required(options: &RequestOptions, tenant: &TenantSettings) -> Result<usize, RouterError> {
+    pub(crate) fn required(options: &RequestOptions, tenant: &TenantSettings) -> Result<usize, RouterError> {
         let requirement = Self::requirement(options, tenant);
         required_replicas(requirement, tenant.serving_replication_factor())
             .map_err(|e| RouterError::from_reasoned(&e))
@@ -240,23 +240,11 @@ impl KvRouter {
         let WriteSpec { value, context, read_first, condition, expiry, touch } = spec;
         let view = self.view.load();
         let tenant = Self::tenant(&view, tenant_id)?;
-        Self::validate_key(key)?;
-        if let Some(value) = &value {
-            validate_value(value, tenant.max_value_bytes).map_err(|e| RouterError::from_reasoned(&e))?;
-        }
         let required = Self::required(&options, &tenant)?;
         let sealing = Self::sealing_key(&view)?;
-        let binding = ContextBinding { tenant: tenant_id, key };
-        let vector = open_context(context, binding, &view.context_keys)
-            .map_err(|e| RouterError::invalid(e.reason(), format!("context: {e}")))?;
-        let now = wall_clock_ms();
-        let expires_at_ms = match (&value, touch) {
-            (Some(_), _) | (None, true) => {
-                resolve_expiry(expiry, tenant.default_ttl_ms, tenant.max_ttl_ms, now)
-                    .map_err(|e| RouterError::from_reasoned(&e))?
-            }
-            (None, false) => None,
-        };
+        let expiring = value.is_some() || touch;
+        let Checked { vector, now, expires_at_ms, .. } =
+            self.check_write(&view, &tenant, key, value.as_ref(), context, expiring.then_some(expiry))?;
         if touch && vector.is_empty() {
             return Err(RouterError::invalid(Reason::InvalidContext, "a touch needs the context of a read"));
         }
@@ -286,21 +274,10 @@ impl KvRouter {
         };
         let write_vector = write_context(condition, merged.as_ref(), &vector, read_first);
         let context = if write_vector.is_empty() { Vec::new() } else { encode_vector(&write_vector) };
-        let placement = Self::placement(&view, &tenant, key)?;
-        let confirm_tombstone = (value.is_none() && !touch)
-            .then(|| pairdb_core::gc::stable_placement(&view.placement_view(&tenant.tenant_id)))
-            .flatten();
-        let plan = WritePlan {
-            preference: placement.preference,
-            fallbacks: placement.fallbacks,
-            pending_owners: placement.pending_owners,
-            required,
-            strict_quorum: options.strict_quorum || tenant.strict_quorum,
-            suspects: self.suspects(&view),
-            deadline_ms: self.deadline_ms(&options),
-        };
+        let is_delete = value.is_none() && !touch;
+        let (storage_key, plan) = self.write_plan(&view, &tenant, key, required, &options)?;
         let call = CoordinateCall {
-            key: placement.key,
+            key: storage_key,
             context,
             value,
             timestamp_ms: wall_clock_ms(),
@@ -310,16 +287,13 @@ impl KvRouter {
             expires_at_ms,
             touch_over,
         };
+        let confirm_tombstone = is_delete
+            .then(|| pairdb_core::gc::stable_placement(&view.placement_view(&tenant.tenant_id)))
+            .flatten();
         let task = WriteTask { call, confirm_tombstone };
-        match execute::write(self.calls(&view), self.clock, plan, task).await {
-            WriteResult::Acked { set, acks, hinted_acks, required } => {
-                let context = Self::seal(sealing, tenant_id, key, set.vector());
-                Ok(WriteOutcome { set, context, acks, hinted_acks, required })
-            }
-            WriteResult::QuorumNotReached { acks, hinted_acks, required, failures } => {
-                Err(RouterError::QuorumNotReached { acks, hinted_acks, required, failures })
-            }
-            WriteResult::Rejected(refusal) => match condition {
+        let result = execute::write(self.calls(&view), self.clock, plan, task).await;
+        match Self::outcome(sealing, tenant_id, key, result) {
+            Err(RouterError::Refused(refusal)) => match condition {
                 Some(condition) if refusal.reason == Reason::PreconditionFailed => {
                     metrics::counter!("pairdb_router_precondition_failures_total", "at" => "coordinator")
                         .increment(1);
@@ -334,6 +308,78 @@ impl KvRouter {
                 }
                 _ => Err(RouterError::Refused(refusal)),
             },
+            other => other,
+        }
+    }
+
+    /// The checks every write passes before anything is read or sent: the key, the value's size,
+    /// the client's sealed context, and (`expiry`: a put or a touch) the expiry it resolves to.
+    pub(crate) fn check_write(
+        &self,
+        view: &ClusterView,
+        tenant: &TenantSettings,
+        key: &str,
+        value: Option<&Vec<u8>>,
+        context: &[u8],
+        expiry: Option<Requested>,
+    ) -> Result<Checked, RouterError> {
+        Self::validate_key(key)?;
+        if let Some(value) = value {
+            validate_value(value, tenant.max_value_bytes).map_err(|e| RouterError::from_reasoned(&e))?;
+        }
+        let binding = ContextBinding { tenant: &tenant.tenant_id, key };
+        let vector = open_context(context, binding, &view.context_keys)
+            .map_err(|e| RouterError::invalid(e.reason(), format!("context: {e}")))?;
+        let now = wall_clock_ms();
+        let expires_at_ms = match expiry {
+            Some(expiry) => resolve_expiry(expiry, tenant.default_ttl_ms, tenant.max_ttl_ms, now)
+                .map_err(|e| RouterError::from_reasoned(&e))?,
+            None => None,
+        };
+        let encoded = if vector.is_empty() { Vec::new() } else { encode_vector(&vector) };
+        Ok(Checked { vector, context: encoded, now, expires_at_ms })
+    }
+
+    /// Where and how a write to `key` goes: the key as storage nodes name it, and its plan (preference
+    /// list, fallbacks, pending owners, W and deadline).
+    pub(crate) fn write_plan(
+        &self,
+        view: &ClusterView,
+        tenant: &TenantSettings,
+        key: &str,
+        required: usize,
+        options: &RequestOptions,
+    ) -> Result<(StorageKey, WritePlan), RouterError> {
+        let placement = Self::placement(view, tenant, key)?;
+        let plan = WritePlan {
+            preference: placement.preference,
+            fallbacks: placement.fallbacks,
+            pending_owners: placement.pending_owners,
+            required,
+            strict_quorum: options.strict_quorum || tenant.strict_quorum,
+            suspects: self.suspects(view),
+            deadline_ms: self.deadline_ms(options),
+        };
+        Ok((placement.key, plan))
+    }
+
+    /// A driven write's answer for the client: the acknowledged set with its sealed context, or why
+    /// not.
+    pub(crate) fn outcome(
+        sealing: &ContextKey,
+        tenant_id: &str,
+        key: &str,
+        result: WriteResult,
+    ) -> Result<WriteOutcome, RouterError> {
+        match result {
+            WriteResult::Acked { set, acks, hinted_acks, required } => {
+                let context = Self::seal(sealing, tenant_id, key, set.vector());
+                Ok(WriteOutcome { set, context, acks, hinted_acks, required })
+            }
+            WriteResult::QuorumNotReached { acks, hinted_acks, required, failures } => {
+                Err(RouterError::QuorumNotReached { acks, hinted_acks, required, failures })
+            }
+            WriteResult::Rejected(refusal) => Err(RouterError::Refused(refusal)),
         }
     }
 
@@ -375,6 +421,18 @@ impl KvRouter {
             }
         }
     }
+}
+
+/// A write that passed [`KvRouter::check_write`].
+#[derive(Debug, Clone)]
+pub(crate) struct Checked {
+    /// The client's verified context.
+    pub vector: VersionVector,
+    /// The same in the internal encoding (empty for a blind write).
+    pub context: Vec<u8>,
+    /// The router's wall clock when it was checked.
+    pub now: u64,
+    pub expires_at_ms: Option<u64>,
 }
 
 /// What a write stores, over what, and on which condition.

@@ -23,7 +23,10 @@ use crate::error::RouterError;
 use crate::idempotency::{Begin, Fingerprint, IdempotencyStore};
 use crate::kv::{KvRouter, ReadOutcome, WriteOutcome, WriteSpec};
 use crate::listing::{ListPage, ListRequest};
-use crate::request::{KeyRead, ReadManyRequest, ReadRequest, RequestOptions, WriteAck, WriteRequest};
+use crate::request::{
+    BatchItem, KeyRead, ReadManyRequest, ReadRequest, RequestOptions, WriteAck, WriteManyRequest,
+    WriteRequest,
+};
 
 /// Largest GetMany.
 pub const MAX_GET_MANY_KEYS: usize = 100;
@@ -107,15 +110,7 @@ impl KvApi {
             let outcome = write().await?;
             return Ok(write_ack(&outcome, generated_key()));
         };
-        if idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES || idempotency_key.chars().any(char::is_control)
-        {
-            return Err(RouterError::invalid(
-                Reason::InvalidArgument,
-                format!(
-                    "idempotency key: at most {MAX_IDEMPOTENCY_KEY_BYTES} bytes without control characters"
-                ),
-            ));
-        }
+        check_idempotency_key(idempotency_key)?;
         match self.idempotency.begin(tenant, idempotency_key, &fingerprint).await? {
             Begin::Completed(stored) => {
                 let mut ack = crate::idempotency::decode_ack(&stored).map_err(RouterError::Idempotency)?;
@@ -143,6 +138,49 @@ impl KvApi {
                 }
             },
         }
+    }
+
+    /// A PutMany / DeleteMany ([`crate::batch`]): one result per item, in order. With an
+    /// idempotency key the whole batch is applied at most once: a retry gets the stored results
+    /// (`duplicate`), a batch where every item failed releases the key.
+    pub async fn write_many(
+        &self,
+        client: &Client,
+        request: WriteManyRequest,
+    ) -> Result<ManyReply, RouterError> {
+        let options = request.options;
+        let op = if request.items.iter().all(|i| i.value.is_none()) { "delete_many" } else { "put_many" };
+        traced(op, options, async {
+            let tenant = self.admit(client, &request.tenant_id)?;
+            check_batch(&request.items)?;
+            metrics::histogram!("pairdb_router_batch_items").record(request.items.len() as f64);
+            if request.idempotency_key.is_empty() {
+                let results = self.router.write_many(&tenant, request.items, options).await;
+                return Ok(ManyReply::of(results, generated_key()));
+            }
+            check_idempotency_key(&request.idempotency_key)?;
+            let fingerprint = batch_fingerprint(&request);
+            match self.idempotency.begin(&tenant, &request.idempotency_key, &fingerprint).await? {
+                Begin::Completed(stored) => {
+                    let mut reply = ManyReply::decode(&stored)?;
+                    reply.duplicate = true;
+                    Ok(reply)
+                }
+                Begin::Reserved(reservation) => {
+                    let results = self.router.write_many(&tenant, request.items, options).await;
+                    let reply = ManyReply::of(results, request.idempotency_key.clone());
+                    let outcome = match reply.results.iter().any(Result::is_ok) {
+                        true => self.idempotency.complete(reservation, &reply.encode()).await,
+                        false => self.idempotency.release(reservation).await,
+                    };
+                    if let Err(error) = outcome {
+                        tracing::warn!(%error, "could not record the outcome of an idempotent batch");
+                    }
+                    Ok(reply)
+                }
+            }
+        })
+        .await
     }
 
     /// A get of one key.
@@ -255,6 +293,127 @@ fn finish<T>(span: &tracing::Span, result: &Result<T, RouterError>) {
         Ok(_) => span.record("outcome", "ok"),
         Err(error) => span.record("outcome", error.reason().as_str()),
     };
+}
+
+fn check_idempotency_key(idempotency_key: &str) -> Result<(), RouterError> {
+    if idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES || idempotency_key.chars().any(char::is_control) {
+        return Err(RouterError::invalid(
+            Reason::InvalidArgument,
+            format!("idempotency key: at most {MAX_IDEMPOTENCY_KEY_BYTES} bytes without control characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a batch above the limits before anything is written.
+fn check_batch(items: &[BatchItem]) -> Result<(), RouterError> {
+    use crate::batch::{MAX_BATCH_ITEMS, MAX_BATCH_VALUE_BYTES};
+    let bytes: usize = items.iter().filter_map(|i| i.value.as_ref()).map(Vec::len).sum();
+    if items.is_empty() {
+        return Err(RouterError::invalid(Reason::InvalidArgument, "a batch needs at least one item"));
+    }
+    if items.len() > MAX_BATCH_ITEMS || bytes > MAX_BATCH_VALUE_BYTES {
+        return Err(RouterError::invalid(
+            Reason::BatchTooLarge,
+            format!(
+                "{} items with {bytes} value bytes: a batch holds at most {MAX_BATCH_ITEMS} items and \
+                 {MAX_BATCH_VALUE_BYTES} value bytes; split it",
+                items.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// What makes two keyed batches the same request: every item and the options.
+fn batch_fingerprint(request: &WriteManyRequest) -> Fingerprint {
+    let options = options_bytes(&request.options);
+    let mut parts: Vec<Vec<u8>> = vec![b"batch".to_vec(), options];
+    for item in &request.items {
+        parts.push(item.key.as_bytes().to_vec());
+        parts.push(
+            item.value.clone().map_or_else(|| b"delete".to_vec(), |v| [b"put:".as_slice(), &v].concat()),
+        );
+        parts.push(item.context.clone());
+        parts.push(format!("{}|{:?}|{:?}", item.overwrite, item.condition, item.expiry).into_bytes());
+    }
+    let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+    Fingerprint::of(&refs)
+}
+
+/// A batch's answer: one result per item, in request order.
+#[derive(Debug)]
+pub struct ManyReply {
+    pub results: Vec<Result<WriteAck, RouterError>>,
+    pub duplicate: bool,
+    pub idempotency_key: String,
+}
+
+impl ManyReply {
+    fn of(results: Vec<Result<WriteOutcome, RouterError>>, idempotency_key: String) -> Self {
+        let results =
+            results.into_iter().map(|r| r.map(|o| write_ack(&o, idempotency_key.clone()))).collect();
+        Self { results, duplicate: false, idempotency_key }
+    }
+
+    /// The stored form (a `WriteManyResponse`); errors keep their reason and message.
+    fn encode(&self) -> Vec<u8> {
+        use prost::Message;
+        let results = self
+            .results
+            .iter()
+            .map(|result| match result {
+                Ok(ack) => pairdb_proto::kv::v1::ItemResult {
+                    key: String::new(),
+                    ack: Some(
+                        pairdb_proto::kv::v1::WriteAck::decode(
+                            crate::idempotency::encode_ack(ack).as_slice(),
+                        )
+                        .unwrap_or_default(),
+                    ),
+                    error: None,
+                },
+                Err(error) => pairdb_proto::kv::v1::ItemResult {
+                    key: String::new(),
+                    ack: None,
+                    error: Some(pairdb_proto::common::v1::ErrorDetail {
+                        reason: error.reason().as_str().to_owned(),
+                        message: error.to_string(),
+                        metadata: error.metadata().into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+                    }),
+                },
+            })
+            .collect();
+        pairdb_proto::kv::v1::WriteManyResponse {
+            results,
+            duplicate: false,
+            idempotency_key: self.idempotency_key.clone(),
+        }
+        .encode_to_vec()
+    }
+
+    fn decode(stored: &[u8]) -> Result<Self, RouterError> {
+        use prost::Message;
+        let unreadable =
+            |e: String| RouterError::Idempotency(crate::idempotency::IdempotencyError::Unavailable(e));
+        let response =
+            pairdb_proto::kv::v1::WriteManyResponse::decode(stored).map_err(|e| unreadable(e.to_string()))?;
+        let mut results = Vec::with_capacity(response.results.len());
+        for item in response.results {
+            results.push(match (item.ack, item.error) {
+                (Some(ack), _) => {
+                    Ok(crate::idempotency::decode_ack(&ack.encode_to_vec())
+                        .map_err(RouterError::Idempotency)?)
+                }
+                (None, Some(error)) => Err(RouterError::invalid(
+                    Reason::parse(&error.reason).unwrap_or(Reason::Internal),
+                    error.message,
+                )),
+                (None, None) => Err(unreadable("stored batch item without a result".to_owned())),
+            });
+        }
+        Ok(Self { results, duplicate: false, idempotency_key: response.idempotency_key })
+    }
 }
 
 /// A key naming a write sent without one (not recorded; see the module docs).

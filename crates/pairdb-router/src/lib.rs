@@ -14,6 +14,7 @@
 //! - [`probe`]: probing suspect storage nodes until they answer again.
 
 pub mod admission;
+pub mod batch;
 pub mod config;
 pub mod error;
 pub mod execute;
@@ -114,8 +115,9 @@ pub async fn run(
     let api = kv_api::KvApi::new(router, admission.clone(), idempotency, config.get_many_concurrency);
     let grpc_api = grpc::GrpcKvApi::new(api.clone());
     // The admission middleware caps each request at its tenant's needs; this is the ceiling.
-    let max_request_bytes =
-        (pairdb_core::validation::ABSOLUTE_MAX_VALUE_BYTES + admission::MESSAGE_OVERHEAD_BYTES) as usize;
+    let max_request_bytes = (pairdb_core::validation::ABSOLUTE_MAX_VALUE_BYTES
+        + admission::MESSAGE_OVERHEAD_BYTES)
+        .max(admission::MAX_BATCH_MESSAGE_BYTES) as usize;
     let grpc_service = KvServiceServer::new(grpc_api)
         .max_decoding_message_size(max_request_bytes)
         .max_encoding_message_size(pairdb_core::validation::GRPC_MAX_MESSAGE_BYTES);

@@ -57,6 +57,30 @@ impl WriteRequest {
     }
 }
 
+/// One write of a PutMany / DeleteMany ([`crate::batch`]).
+#[derive(Debug, Clone)]
+pub struct BatchItem {
+    pub key: String,
+    /// `None`: a delete.
+    pub value: Option<Vec<u8>>,
+    /// The sealed context of an earlier read or write of this key; empty for a blind write.
+    pub context: Vec<u8>,
+    /// Supersede what a read sees (a put read first).
+    pub overwrite: bool,
+    pub condition: Option<WriteCondition>,
+    pub expiry: Requested,
+}
+
+/// A PutMany / DeleteMany.
+#[derive(Debug, Clone)]
+pub struct WriteManyRequest {
+    pub tenant_id: String,
+    pub items: Vec<BatchItem>,
+    pub options: RequestOptions,
+    /// Applies to the whole batch (empty: not deduplicated).
+    pub idempotency_key: String,
+}
+
 /// A get of one key.
 #[derive(Debug, Clone)]
 pub struct ReadRequest {

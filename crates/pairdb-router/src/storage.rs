@@ -90,7 +90,7 @@ pub struct ListCall {
 }
 
 /// A set a coordinator stored, decoded and as encoded (replicated as is, never re-encoded).
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredSet {
     pub set: VersionSet,
     pub encoded: Vec<u8>,
@@ -147,34 +147,79 @@ impl StorageCalls {
         budget: CallBudget,
     ) -> Result<StoredSet, CallError> {
         let partition = call.key.partition;
-        let mut request = pb::CoordinateWriteRequest {
-            key: Some(call.key.into_wire()),
-            context: call.context,
-            value: call.value,
-            timestamp_ms: call.timestamp_ms,
-            max_siblings: call.max_siblings,
-            supersede_local: call.supersede_local,
-            apply_within_ms: 0,
-            apply_before_unix_ms: 0,
-            condition: pairdb_proto::convert::write_condition_to_wire(call.condition.as_ref().map(|c| c.0)),
-            observed: call.condition.map(|c| c.1).unwrap_or_default(),
-            expires_at_ms: call.expires_at_ms,
-            touch: call.touch_over.is_some(),
-            touch_over: call.touch_over.unwrap_or_default(),
-        };
+        let mut request = coordinate_request(call);
         let rpc = |mut c: StorageClient, left: Duration| async move {
-            let left_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
-            request.apply_within_ms = u32::try_from(left_ms).unwrap_or(u32::MAX);
-            request.apply_before_unix_ms = wall_clock_ms().saturating_add(left_ms);
+            set_apply_deadline(&mut request, left);
             c.coordinate_write(request).await
         };
         let response = self.call(node, "storage.coordinate_write", partition, budget, rpc).await?;
-        match decode_version_set(&response.version_set) {
-            Ok(set) => Ok(StoredSet { set, encoded: response.version_set }),
-            Err(error) => {
-                tracing::error!(node_id = node.0, %error, "coordinator returned an undecodable set");
-                Err(CallError::Failed(FailureCause::Error))
+        stored_set(node, response.version_set)
+    }
+
+    /// [`Self::coordinate`] for many writes in one RPC: one result per call, in order. A failed RPC
+    /// fails every call the same way; otherwise each gets the answer a single call would have.
+    pub async fn coordinate_batch(
+        &self,
+        node: NodeId,
+        calls: Vec<CoordinateCall>,
+        budget: CallBudget,
+    ) -> Vec<Result<StoredSet, CallError>> {
+        let count = calls.len();
+        let partition = calls.first().map_or(PartitionId(0), |c| c.key.partition);
+        let mut writes: Vec<pb::CoordinateWriteRequest> = calls.into_iter().map(coordinate_request).collect();
+        let rpc = |mut c: StorageClient, left: Duration| async move {
+            writes.iter_mut().for_each(|write| set_apply_deadline(write, left));
+            c.coordinate_write_batch(pb::CoordinateWriteBatchRequest { writes }).await
+        };
+        match self.call(node, "storage.coordinate_write_batch", partition, budget, rpc).await {
+            Err(error) => vec![Err(error); count],
+            Ok(response) if response.results.len() != count => {
+                vec![Err(CallError::Failed(FailureCause::Error)); count]
             }
+            Ok(response) => response
+                .results
+                .into_iter()
+                .map(|result| match result.error {
+                    Some(detail) => Err(item_error(detail)),
+                    None => stored_set(node, result.version_set),
+                })
+                .collect(),
+        }
+    }
+
+    /// [`Self::replicate`] for many sets in one RPC: one result per item, in order.
+    pub async fn replicate_batch(
+        &self,
+        node: NodeId,
+        items: Vec<(StorageKey, Vec<u8>, Option<NodeId>)>,
+    ) -> Vec<Result<(), CallError>> {
+        let count = items.len();
+        let partition = items.first().map_or(PartitionId(0), |i| i.0.partition);
+        let items: Vec<pb::ReplicateRequest> = items
+            .into_iter()
+            .map(|(key, version_set, hint_for)| pb::ReplicateRequest {
+                key: Some(key.into_wire()),
+                version_set,
+                hint_for_node_id: hint_for.map_or(0, |n| n.0),
+            })
+            .collect();
+        let budget = CallBudget::storage_timeout(&self.pool);
+        let rpc = |mut c: StorageClient, _| async move {
+            c.replicate_batch(pb::ReplicateBatchRequest { items }).await
+        };
+        match self.call(node, "storage.replicate_batch", partition, budget, rpc).await {
+            Err(error) => vec![Err(error); count],
+            Ok(response) if response.results.len() != count => {
+                vec![Err(CallError::Failed(FailureCause::Error)); count]
+            }
+            Ok(response) => response
+                .results
+                .into_iter()
+                .map(|result| match result.error {
+                    Some(detail) => Err(item_error(detail)),
+                    None => Ok(()),
+                })
+                .collect(),
         }
     }
 
@@ -437,4 +482,56 @@ fn never_connected(status: &tonic::Status) -> bool {
         source = error.source();
     }
     false
+}
+
+/// The wire form of a coordinate call (its apply deadline is set when it is sent).
+fn coordinate_request(call: CoordinateCall) -> pb::CoordinateWriteRequest {
+    pb::CoordinateWriteRequest {
+        key: Some(call.key.into_wire()),
+        context: call.context,
+        value: call.value,
+        timestamp_ms: call.timestamp_ms,
+        max_siblings: call.max_siblings,
+        supersede_local: call.supersede_local,
+        apply_within_ms: 0,
+        apply_before_unix_ms: 0,
+        condition: pairdb_proto::convert::write_condition_to_wire(call.condition.as_ref().map(|c| c.0)),
+        observed: call.condition.map(|c| c.1).unwrap_or_default(),
+        expires_at_ms: call.expires_at_ms,
+        touch: call.touch_over.is_some(),
+        touch_over: call.touch_over.unwrap_or_default(),
+    }
+}
+
+/// Tells the node how long the router waits for this write, on its monotonic clock and the wall
+/// clock (it refuses to apply it afterwards).
+fn set_apply_deadline(request: &mut pb::CoordinateWriteRequest, left: Duration) {
+    let left_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1);
+    request.apply_within_ms = u32::try_from(left_ms).unwrap_or(u32::MAX);
+    request.apply_before_unix_ms = wall_clock_ms().saturating_add(left_ms);
+}
+
+/// A coordinator's answer, decoded (an undecodable set is the node's error, not the write's).
+fn stored_set(node: NodeId, encoded: Vec<u8>) -> Result<StoredSet, CallError> {
+    match decode_version_set(&encoded) {
+        Ok(set) => Ok(StoredSet { set, encoded }),
+        Err(error) => {
+            tracing::error!(node_id = node.0, %error, "coordinator returned an undecodable set");
+            Err(CallError::Failed(FailureCause::Error))
+        }
+    }
+}
+
+/// One item's refusal inside a batched answer, classified as the same refusal of a single call
+/// would be (the node answered, so it is not suspected for it).
+fn item_error(detail: pairdb_proto::common::v1::ErrorDetail) -> CallError {
+    let reason = Reason::parse(&detail.reason).unwrap_or(Reason::Internal);
+    let metadata: Vec<(&str, String)> =
+        detail.metadata.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let status = pairdb_service::errors::status(reason, detail.message, &metadata);
+    if let Some(refusal) = refusal_of(&status) {
+        return CallError::Refused(refusal);
+    }
+    let definite = busy(&status) || refused_before_applying(&status);
+    CallError::Failed(if definite { FailureCause::NotApplied } else { FailureCause::Error })
 }

@@ -23,6 +23,7 @@ use pairdb_router::error::RouterError;
 use pairdb_router::kv::{CurrentState, KvRouter, Timing, WriteOutcome, WriteSpec};
 use pairdb_router::listing::ListRequest;
 use pairdb_router::pool::StoragePool;
+use pairdb_router::request::BatchItem;
 use pairdb_router::request::RequestOptions;
 use pairdb_router::view::SharedView;
 use tokio::sync::oneshot;
@@ -569,4 +570,66 @@ async fn expired_values_disappear_from_reads_and_touch_extends_only_what_it_name
     // A TTL in the past or two expiries at once is refused.
     let both = WriteSpec { value: Some(b"z".to_vec()), expiry: Requested::AtMs(1), ..WriteSpec::default() };
     assert_eq!(r.write("t", "k", both, opts(ONE)).await.unwrap_err().reason(), "INVALID_ARGUMENT");
+}
+
+/// A 1,000-item batch with invalid items answers per item: valid ones are stored (one dot each,
+/// replicated everywhere), invalid ones get the reason a single write would give, conditional and
+/// delete items take their own path, and nothing else is affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_answers_per_item_and_stores_every_valid_one() {
+    let cluster = Cluster::start(3).await;
+    let r = &cluster.router;
+    write(r, "t", "taken", Some(b"old".to_vec()), &[], false, opts(ALL)).await.unwrap();
+    let doomed = write(r, "t", "doomed", Some(b"x".to_vec()), &[], false, opts(ALL)).await.unwrap();
+    let put = |key: String, value: Vec<u8>| BatchItem {
+        key,
+        value: Some(value),
+        context: Vec::new(),
+        overwrite: false,
+        condition: None,
+        expiry: Requested::TenantDefault,
+    };
+    let mut items: Vec<BatchItem> =
+        (0..995).map(|i| put(format!("b-{i}"), format!("v{i}").into_bytes())).collect();
+    items.push(put(String::new(), b"no key".to_vec()));
+    items.push(put("big".into(), vec![0; 1024 * 1024 + 1]));
+    items.push(BatchItem { context: vec![9; 12], ..put("forged".into(), b"x".to_vec()) });
+    items.push(BatchItem {
+        condition: Some(WriteCondition::IfAbsent),
+        ..put("taken".into(), b"new".to_vec())
+    });
+    items.push(BatchItem {
+        value: None,
+        context: doomed.context.clone(),
+        ..put("doomed".into(), Vec::new())
+    });
+    let results = r.write_many("t", items, opts(QUORUM)).await;
+    assert_eq!(results.len(), 1000);
+    for (i, result) in results.iter().enumerate().take(995) {
+        assert!(result.is_ok(), "item {i}: {result:?}");
+    }
+    let reasons: Vec<&str> =
+        results[995..].iter().map(|r| r.as_ref().map_or_else(|e| e.reason().as_str(), |_| "OK")).collect();
+    assert_eq!(reasons, ["INVALID_KEY", "VALUE_TOO_LARGE", "INVALID_CONTEXT", "PRECONDITION_FAILED", "OK"]);
+    for i in [0, 500, 994] {
+        let read = r.get("t", &format!("b-{i}"), opts(ALL)).await.unwrap();
+        assert_eq!(values(&read), vec![format!("v{i}").into_bytes()]);
+        assert_eq!(read.set.siblings().len(), 1, "one dot per item");
+    }
+    assert_eq!(values(&r.get("t", "taken", opts(ALL)).await.unwrap()), vec![b"old".to_vec()]);
+    assert_eq!(r.get("t", "doomed", opts(ALL)).await.unwrap_err().reason(), "KEY_NOT_FOUND");
+    // Every replica got every valid item.
+    for node in &cluster.nodes {
+        for i in [1, 777] {
+            let mut local = None;
+            for _ in 0..50 {
+                local = node.local("t", &format!("b-{i}")).await;
+                if local.is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert!(local.is_some(), "node {} has b-{i}", node.id);
+        }
+    }
 }

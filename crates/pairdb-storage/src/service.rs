@@ -21,9 +21,8 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::engine::{
-    ApplyDeadline, CoordinatedWrite, Engine, EngineError, QuotaGuard, RecordDigest, TombstonePlacement,
-};
+use crate::batch::{PreparedReplica, PreparedWrite};
+use crate::engine::{ApplyDeadline, Engine, EngineError, QuotaGuard, RecordDigest, TombstonePlacement};
 use crate::keys::RecordKey;
 use crate::listing::ListingPacer;
 use crate::merkle::MERKLE_DEPTH;
@@ -135,6 +134,63 @@ impl StorageApi {
         let result = on_engine(self.engine.clone(), op).await;
         record(rpc, started, &result);
         result
+    }
+
+    /// Checks a coordinate call (key, tenant, context, value size, condition) and turns it into
+    /// the write the engine applies. The apply deadline counts from `received`.
+    fn prepare_write(
+        &self,
+        request: pb::CoordinateWriteRequest,
+        received: Instant,
+    ) -> Result<PreparedWrite, Status> {
+        let deadline = ApplyDeadline {
+            monotonic: (request.apply_within_ms > 0)
+                .then(|| received + Duration::from_millis(u64::from(request.apply_within_ms))),
+            unix_ms: (request.apply_before_unix_ms > 0).then_some(request.apply_before_unix_ms),
+        };
+        let key = self.client_key(request.key)?;
+        let context =
+            decode_vector(&request.context).map_err(|e| status(e.reason(), format!("context: {e}"), &[]))?;
+        if let Some(value) = &request.value
+            && value.len() as u64 > ABSOLUTE_MAX_VALUE_BYTES
+        {
+            return Err(status(
+                Reason::ValueTooLarge,
+                format!("value is {} bytes, above {ABSOLUTE_MAX_VALUE_BYTES}", value.len()),
+                &[],
+            ));
+        }
+        let max_siblings = match request.max_siblings as usize {
+            0 => None,
+            n => Some(n.min(ABSOLUTE_MAX_SIBLINGS)),
+        };
+        let touch_over = match request.touch {
+            true => Some(decode_set("coordinate_write", &request.touch_over)?),
+            false => None,
+        };
+        Ok(PreparedWrite {
+            quota: self.quota_guard(&key.tenant),
+            condition: write_condition(request.condition, &request.observed)?,
+            key,
+            context,
+            value: request.value,
+            timestamp_ms: request.timestamp_ms,
+            max_siblings,
+            supersede_local: request.supersede_local,
+            expires_at_ms: request.expires_at_ms,
+            touch_over,
+            deadline,
+        })
+    }
+
+    /// Checks a replicate call: the key and tenant, the set, and whether it is a hint for another
+    /// node (0 on the wire, or this node: no hint).
+    fn prepare_replica(&self, request: pb::ReplicateRequest) -> Result<PreparedReplica, Status> {
+        let key = self.client_key(request.key)?;
+        let set = decode_set("replicate", &request.version_set)?;
+        let hint_for = NodeId(request.hint_for_node_id);
+        let hint_for = (hint_for.0 != 0 && hint_for != self.engine.identity().node_id).then_some(hint_for);
+        Ok(PreparedReplica { key, set, hint_for })
     }
 
     fn record_key(&self, key: Option<pb::KeyRef>) -> Result<RecordKey, Status> {
@@ -271,7 +327,7 @@ pub(crate) async fn on_engine<T: Send + 'static>(
         .map_err(engine_status)
 }
 
-fn engine_status(error: EngineError) -> Status {
+pub(crate) fn engine_status(error: EngineError) -> Status {
     match &error {
         EngineError::Read(_) | EngineError::Corrupt(_) => tracing::error!(%error, "storage engine error"),
         EngineError::PreconditionFailed { current, .. } => {
@@ -393,69 +449,46 @@ impl StorageService for StorageApi {
     ) -> Result<Response<pb::CoordinateWriteResponse>, Status> {
         // The budget counts from here, when the node read the request; the wall-clock deadline also
         // covers the time it waited before (see `ApplyDeadline`).
-        let received = Instant::now();
-        let request = request.into_inner();
-        let deadline = ApplyDeadline {
-            monotonic: (request.apply_within_ms > 0)
-                .then(|| received + Duration::from_millis(u64::from(request.apply_within_ms))),
-            unix_ms: (request.apply_before_unix_ms > 0).then_some(request.apply_before_unix_ms),
-        };
-        let key = self.client_key(request.key)?;
-        let context =
-            decode_vector(&request.context).map_err(|e| status(e.reason(), format!("context: {e}"), &[]))?;
-        if let Some(value) = &request.value
-            && value.len() as u64 > ABSOLUTE_MAX_VALUE_BYTES
-        {
-            return Err(status(
-                Reason::ValueTooLarge,
-                format!("value is {} bytes, above {ABSOLUTE_MAX_VALUE_BYTES}", value.len()),
-                &[],
-            ));
-        }
-        let max_siblings = match request.max_siblings as usize {
-            0 => None,
-            n => Some(n.min(ABSOLUTE_MAX_SIBLINGS)),
-        };
-        let quota = self.quota_guard(&key.tenant);
-        let condition = write_condition(request.condition, &request.observed)?;
-        let touch_over = match request.touch {
-            true => Some(decode_set("coordinate_write", &request.touch_over)?),
-            false => None,
-        };
-        let set = self
-            .blocking("coordinate_write", move |engine| {
-                let write = CoordinatedWrite {
-                    context: &context,
-                    value: request.value,
-                    timestamp_ms: request.timestamp_ms,
-                    max_siblings,
-                    supersede_local: request.supersede_local,
-                    quota,
-                    condition,
-                    expires_at_ms: request.expires_at_ms,
-                    touch_over,
-                };
-                engine.coordinate_write_before(&key, write, deadline)
-            })
-            .await?;
+        let prepared = self.prepare_write(request.into_inner(), Instant::now())?;
+        let set = self.blocking("coordinate_write", move |engine| prepared.apply(engine)).await?;
         Ok(Response::new(pb::CoordinateWriteResponse { version_set: encode_version_set(&set) }))
+    }
+
+    async fn coordinate_write_batch(
+        &self,
+        request: Request<pb::CoordinateWriteBatchRequest>,
+    ) -> Result<Response<pb::CoordinateWriteBatchResponse>, Status> {
+        let received = Instant::now();
+        let writes = request.into_inner().writes;
+        crate::batch::check_len(writes.len())?;
+        let prepared: Vec<Result<PreparedWrite, Status>> =
+            writes.into_iter().map(|write| self.prepare_write(write, received)).collect();
+        let results = self
+            .blocking("coordinate_write_batch", move |engine| crate::batch::coordinate(engine, prepared))
+            .await?;
+        Ok(Response::new(pb::CoordinateWriteBatchResponse { results }))
+    }
+
+    async fn replicate_batch(
+        &self,
+        request: Request<pb::ReplicateBatchRequest>,
+    ) -> Result<Response<pb::ReplicateBatchResponse>, Status> {
+        let items = request.into_inner().items;
+        crate::batch::check_len(items.len())?;
+        let prepared: Vec<Result<PreparedReplica, Status>> =
+            items.into_iter().map(|item| self.prepare_replica(item)).collect();
+        let results =
+            self.blocking("replicate_batch", move |engine| crate::batch::replicate(engine, prepared)).await?;
+        Ok(Response::new(pb::ReplicateBatchResponse { results }))
     }
 
     async fn replicate(
         &self,
         request: Request<pb::ReplicateRequest>,
     ) -> Result<Response<pb::ReplicateResponse>, Status> {
-        let request = request.into_inner();
-        let key = self.client_key(request.key)?;
-        let set = decode_set("replicate", &request.version_set)?;
-        let own_node = self.engine.identity().node_id;
-        // 0 on the wire: no hint.
-        let hint_for = NodeId(request.hint_for_node_id);
-        let hinted = hint_for.0 != 0 && hint_for != own_node;
-        self.blocking("replicate", move |engine| {
-            if hinted { engine.put_hint(hint_for, &key, &set) } else { engine.merge(&key, &set).map(|_| ()) }
-        })
-        .await?;
+        let prepared = self.prepare_replica(request.into_inner())?;
+        let hinted = prepared.hint_for.is_some();
+        self.blocking("replicate", move |engine| prepared.apply(engine)).await?;
         Ok(Response::new(pb::ReplicateResponse { hinted }))
     }
 

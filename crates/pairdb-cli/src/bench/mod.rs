@@ -47,6 +47,9 @@ pub enum Workload {
     L,
     /// Scan pages (keys with values) walking the whole tenant over and over.
     S,
+    /// Updates in PutMany batches of `--batch-size` items (one operation = one batch; the report
+    /// gives items/s too).
+    P,
 }
 
 impl Workload {
@@ -59,6 +62,7 @@ impl Workload {
             Workload::W => "W",
             Workload::L => "L",
             Workload::S => "S",
+            Workload::P => "P",
         }
     }
 
@@ -68,7 +72,7 @@ impl Workload {
             Workload::A | Workload::F => 50,
             Workload::B => 95,
             Workload::C | Workload::L | Workload::S => 100,
-            Workload::W => 0,
+            Workload::W | Workload::P => 0,
         }
     }
 }
@@ -112,6 +116,9 @@ pub struct BenchArgs {
     /// Seed of the key and operation choice.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Items per PutMany (workload P), 1..=1000.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub batch_size: u32,
 }
 
 /// When the run phase stops.
@@ -297,7 +304,8 @@ async fn run_phase(
     let mut workers = tokio::task::JoinSet::new();
     for worker in 0..args.concurrency {
         let (phase, bar, chooser) = (phase.clone(), bar.clone(), chooser.clone());
-        let (workload, seed, target_rate) = (args.workload, args.seed, args.target_rate);
+        let (workload, seed, target_rate, batch_size) =
+            (args.workload, args.seed, args.target_rate, args.batch_size);
         workers.spawn(async move {
             let mut recorder = Recorder::default();
             let mut rng = StdRng::seed_from_u64(seed.wrapping_add(1) ^ u64::from(worker).rotate_left(17));
@@ -316,7 +324,10 @@ async fn run_phase(
                 }
                 tokio::time::sleep_until(due).await;
                 let record = chooser.next(&mut rng);
-                if matches!(workload, Workload::L | Workload::S) {
+                if workload == Workload::P {
+                    let records: Vec<u64> = (0..batch_size).map(|_| chooser.next(&mut rng)).collect();
+                    put_many(&phase, &records, &mut rng, due, &mut recorder).await;
+                } else if matches!(workload, Workload::L | Workload::S) {
                     page_token =
                         list_page(&phase, workload == Workload::S, page_token, due, &mut recorder).await;
                 } else if rng.random_range(0..100) < workload.read_percent() {
@@ -406,6 +417,35 @@ async fn put(
         Ok(result) => {
             recorder.record(op, since.elapsed());
             phase.contexts.set(record, result.context);
+        }
+        Err(error) => recorder.error(error.reason()),
+    }
+}
+
+/// Writes fresh values to `records` in one PutMany (each with its known context).
+async fn put_many(phase: &Phase, records: &[u64], rng: &mut StdRng, since: Instant, recorder: &mut Recorder) {
+    let items = records
+        .iter()
+        .map(|record| pairdb_client::PutManyItem {
+            key: key_of(*record),
+            value: value(rng, phase.value_size),
+            context: phase.contexts.get(*record),
+            ..Default::default()
+        })
+        .collect();
+    let options = WriteOptions { consistency: phase.consistency, ..WriteOptions::default() };
+    match phase.client.put_many(items, options).await {
+        Ok(reply) => {
+            recorder.record(Op::PutMany, since.elapsed());
+            for (record, result) in records.iter().zip(reply.results) {
+                match result {
+                    Ok(ack) => {
+                        recorder.batched_items += 1;
+                        phase.contexts.set(*record, ack.context);
+                    }
+                    Err(error) => recorder.error(error.reason()),
+                }
+            }
         }
         Err(error) => recorder.error(error.reason()),
     }

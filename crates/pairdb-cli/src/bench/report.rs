@@ -18,6 +18,8 @@ pub enum Op {
     ListPage,
     /// One listing page with values (Scan).
     ScanPage,
+    /// One PutMany of `--batch-size` updates.
+    PutMany,
 }
 
 impl Op {
@@ -29,6 +31,7 @@ impl Op {
             Op::ReadModifyWrite => "read_modify_write",
             Op::ListPage => "list_page",
             Op::ScanPage => "scan_page",
+            Op::PutMany => "put_many",
         }
     }
 }
@@ -44,6 +47,8 @@ pub struct Recorder {
     pub not_found: u64,
     /// Keys returned by listing pages.
     pub listed_keys: u64,
+    /// Items PutMany batches stored.
+    pub batched_items: u64,
 }
 
 impl Recorder {
@@ -76,6 +81,7 @@ impl Recorder {
         }
         self.not_found += other.not_found;
         self.listed_keys += other.listed_keys;
+        self.batched_items += other.batched_items;
     }
 
     pub fn operations(&self) -> u64 {
@@ -118,6 +124,8 @@ impl Recorder {
             "not_found": self.not_found,
             "listed_keys": self.listed_keys,
             "listed_keys_per_sec": round(self.listed_keys as f64 / seconds),
+            "batched_items": self.batched_items,
+            "batched_items_per_sec": round(self.batched_items as f64 / seconds),
             "per_operation": per_operation,
         })
     }
@@ -129,6 +137,12 @@ fn round(value: f64) -> f64 {
 
 /// Prints a phase as a table.
 pub fn print_table(phase: &str, report: &Value) {
+    if report["batched_items"].as_u64().unwrap_or(0) > 0 {
+        println!(
+            "{phase}: {} items in batches = {} items/s",
+            report["batched_items"], report["batched_items_per_sec"]
+        );
+    }
     if report["listed_keys"].as_u64().unwrap_or(0) > 0 {
         println!("{phase}: {} keys listed = {} keys/s", report["listed_keys"], report["listed_keys_per_sec"]);
     }

@@ -178,9 +178,36 @@ impl Engine {
         write: CoordinatedWrite<'_>,
         deadline: ApplyDeadline,
     ) -> Result<VersionSet, EngineError> {
+        self.coordinate(key, write, deadline, Apply::Commit)
+    }
+
+    /// [`Self::coordinate_write_before`] written straight to the journal: not durable until the
+    /// caller's [`Self::sync_written`] returns, and not to be acknowledged before (a batch of
+    /// coordinated writes shares that one group commit).
+    pub fn coordinate_write_unsynced(
+        &self,
+        key: &RecordKey,
+        write: CoordinatedWrite<'_>,
+        deadline: ApplyDeadline,
+    ) -> Result<VersionSet, EngineError> {
+        self.coordinate(key, write, deadline, Apply::Journal)
+    }
+
+    /// Makes everything this thread wrote with the `_unsynced` calls durable (one group commit).
+    pub fn sync_written(&self) -> Result<(), EngineError> {
+        self.make_durable()
+    }
+
+    fn coordinate(
+        &self,
+        key: &RecordKey,
+        write: CoordinatedWrite<'_>,
+        deadline: ApplyDeadline,
+        apply: Apply,
+    ) -> Result<VersionSet, EngineError> {
         self.check_writable()?;
         let encoded_key = key.encode();
-        self.mutate(key, Apply::Commit, |existing| {
+        self.mutate(key, apply, |existing| {
             self.check_tenant(&key.tenant)?;
             if deadline.passed() {
                 metrics::counter!("pairdb_storage_coordinate_deadline_refusals_total").increment(1);
@@ -210,8 +237,17 @@ impl Engine {
 
     /// Merges `incoming` into the local replica; returns whether the local set changed.
     pub fn merge(&self, key: &RecordKey, incoming: &VersionSet) -> Result<bool, EngineError> {
+        self.merge_with(key, incoming, Apply::Commit)
+    }
+
+    /// [`Self::merge`] written straight to the journal (durable after [`Self::sync_written`]).
+    pub fn merge_unsynced(&self, key: &RecordKey, incoming: &VersionSet) -> Result<bool, EngineError> {
+        self.merge_with(key, incoming, Apply::Journal)
+    }
+
+    fn merge_with(&self, key: &RecordKey, incoming: &VersionSet, apply: Apply) -> Result<bool, EngineError> {
         self.check_writable()?;
-        self.mutate(key, Apply::Commit, |existing| {
+        self.mutate(key, apply, |existing| {
             self.check_tenant(&key.tenant)?;
             let mut set = existing.cloned().unwrap_or_default();
             if !set.merge_from(incoming) {

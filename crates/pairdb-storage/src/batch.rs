@@ -1,0 +1,162 @@
+//! Batched coordinate and replicate calls (`CoordinateWriteBatch`, `ReplicateBatch`): a router's
+//! many writes to this node in one RPC. Each item is checked and applied on its own — its own
+//! deadline, condition, refusal — and answered with the result a single call would give; the whole
+//! batch shares one group commit, and no item is answered before it (a failed flush or fsync fails
+//! every item that was applied, as the engine's poison signal does for single calls).
+
+use pairdb_core::condition::WriteCondition;
+use pairdb_core::dvv::{VersionSet, VersionVector};
+use pairdb_core::encoding::encode_version_set;
+use pairdb_core::ring::NodeId;
+use pairdb_proto::common::v1::ErrorDetail;
+use pairdb_proto::storage::v1 as pb;
+use pairdb_service::errors::{Reason, detail_of, status};
+use tonic::Status;
+
+use crate::engine::{ApplyDeadline, CoordinatedWrite, Engine, EngineError, QuotaGuard};
+use crate::keys::RecordKey;
+
+/// The most items one batched call may carry.
+pub const MAX_BATCH_ITEMS: usize = 1_000;
+
+/// Refuses an empty or oversized batch.
+pub fn check_len(items: usize) -> Result<(), Status> {
+    match items {
+        1..=MAX_BATCH_ITEMS => Ok(()),
+        n => Err(status(
+            Reason::InvalidArgument,
+            format!("a batch holds 1..={MAX_BATCH_ITEMS} items, not {n}"),
+            &[],
+        )),
+    }
+}
+
+/// A checked coordinate call, owning what the engine's [`CoordinatedWrite`] borrows.
+#[derive(Debug)]
+pub struct PreparedWrite {
+    pub key: RecordKey,
+    pub context: VersionVector,
+    pub value: Option<Vec<u8>>,
+    pub timestamp_ms: u64,
+    pub max_siblings: Option<usize>,
+    pub supersede_local: bool,
+    pub quota: QuotaGuard,
+    pub condition: Option<(WriteCondition, VersionVector)>,
+    pub expires_at_ms: Option<u64>,
+    pub touch_over: Option<VersionSet>,
+    pub deadline: ApplyDeadline,
+}
+
+impl PreparedWrite {
+    fn write(&self) -> CoordinatedWrite<'_> {
+        CoordinatedWrite {
+            context: &self.context,
+            value: self.value.clone(),
+            timestamp_ms: self.timestamp_ms,
+            max_siblings: self.max_siblings,
+            supersede_local: self.supersede_local,
+            quota: self.quota,
+            condition: self.condition.clone(),
+            expires_at_ms: self.expires_at_ms,
+            touch_over: self.touch_over.clone(),
+        }
+    }
+
+    /// Applies it durably (a single call).
+    pub fn apply(self, engine: &Engine) -> Result<VersionSet, EngineError> {
+        engine.coordinate_write_before(&self.key, self.write(), self.deadline)
+    }
+}
+
+/// A checked replicate call.
+#[derive(Debug)]
+pub struct PreparedReplica {
+    pub key: RecordKey,
+    pub set: VersionSet,
+    /// Keep it as a hint for this owner instead of merging it.
+    pub hint_for: Option<NodeId>,
+}
+
+impl PreparedReplica {
+    /// Applies it durably (a single call).
+    pub fn apply(self, engine: &Engine) -> Result<(), EngineError> {
+        match self.hint_for {
+            Some(owner) => engine.put_hint(owner, &self.key, &self.set),
+            None => engine.merge(&self.key, &self.set).map(|_| ()),
+        }
+    }
+}
+
+fn detail(error: EngineError) -> ErrorDetail {
+    let status = crate::service::engine_status(error);
+    detail_of(&status).unwrap_or_else(|| ErrorDetail {
+        reason: Reason::Internal.as_str().to_owned(),
+        message: status.message().to_owned(),
+        metadata: Default::default(),
+    })
+}
+
+fn status_detail(status: &Status) -> ErrorDetail {
+    detail_of(status).unwrap_or_else(|| ErrorDetail {
+        reason: Reason::InvalidArgument.as_str().to_owned(),
+        message: status.message().to_owned(),
+        metadata: Default::default(),
+    })
+}
+
+/// Applies every checked write to the journal, then makes them durable at once; one result per
+/// write, in order.
+pub fn coordinate(
+    engine: &Engine,
+    writes: Vec<Result<PreparedWrite, Status>>,
+) -> Result<Vec<pb::CoordinateWriteResult>, EngineError> {
+    let applied: Vec<Result<VersionSet, ErrorDetail>> = writes
+        .into_iter()
+        .map(|prepared| match prepared {
+            Err(refused) => Err(status_detail(&refused)),
+            Ok(write) => {
+                engine.coordinate_write_unsynced(&write.key, write.write(), write.deadline).map_err(detail)
+            }
+        })
+        .collect();
+    if applied.iter().any(Result::is_ok) {
+        engine.sync_written()?;
+    }
+    Ok(applied
+        .into_iter()
+        .map(|result| match result {
+            Ok(set) => pb::CoordinateWriteResult { version_set: encode_version_set(&set), error: None },
+            Err(error) => pb::CoordinateWriteResult { version_set: Vec::new(), error: Some(error) },
+        })
+        .collect())
+}
+
+/// Merges (or keeps as hints) every checked item, then makes them durable at once.
+pub fn replicate(
+    engine: &Engine,
+    items: Vec<Result<PreparedReplica, Status>>,
+) -> Result<Vec<pb::ReplicateResult>, EngineError> {
+    let applied: Vec<Result<bool, ErrorDetail>> = items
+        .into_iter()
+        .map(|prepared| match prepared {
+            Err(refused) => Err(status_detail(&refused)),
+            // Hints are rare in a batch (an owner is down): each takes its own group commit.
+            Ok(PreparedReplica { key, set, hint_for: Some(owner) }) => {
+                engine.put_hint(owner, &key, &set).map(|()| true).map_err(detail)
+            }
+            Ok(PreparedReplica { key, set, hint_for: None }) => {
+                engine.merge_unsynced(&key, &set).map(|_| false).map_err(detail)
+            }
+        })
+        .collect();
+    if applied.iter().any(|r| r.as_ref().is_ok_and(|hinted| !hinted)) {
+        engine.sync_written()?;
+    }
+    Ok(applied
+        .into_iter()
+        .map(|result| match result {
+            Ok(hinted) => pb::ReplicateResult { hinted, error: None },
+            Err(error) => pb::ReplicateResult { hinted: false, error: Some(error) },
+        })
+        .collect())
+}
