@@ -427,13 +427,17 @@ async fn add_node(
     Ok(())
 }
 
+/// The columns of `node list`'s table.
+const NODE_COLUMNS: &[&str] =
+    &["NODE", "ADDRESS", "ZONE", "WEIGHT", "STATUS", "IN RING", "KEYS", "HINTS", "QUARANTINED", "CLOCK"];
+
 fn show_nodes(format: Output, nodes: &[pb::StorageNode]) {
     match format {
         Output::Json => output::print_json(&json!({
             "nodes": nodes.iter().map(output::node_json).collect::<Vec<_>>()
         })),
         Output::Table => output::print_table(
-            &["NODE", "ADDRESS", "ZONE", "WEIGHT", "STATUS", "IN RING", "KEYS", "HINTS", "QUARANTINED"],
+            NODE_COLUMNS,
             &nodes
                 .iter()
                 .map(|node| {
@@ -448,6 +452,7 @@ fn show_nodes(format: Output, nodes: &[pb::StorageNode]) {
                         stats.keys.to_string(),
                         stats.hints_pending.to_string(),
                         stats.quarantined_records.to_string(),
+                        output::clock_cell(node),
                     ]
                 })
                 .collect::<Vec<_>>(),

@@ -164,6 +164,21 @@ pub fn node_status_name(value: i32) -> &'static str {
     }
 }
 
+/// The node's reported clock offset to meta, if it has measured one.
+fn clock_offset_ms(node: &admin::StorageNode) -> Option<i64> {
+    node.stats.filter(|stats| stats.clock_offset_known).map(|stats| stats.clock_offset_ms)
+}
+
+/// The CLOCK cell of `node list`: `+3ms`, `-1200ms (skewed)` when beyond meta's
+/// `--max-clock-offset-ms`, `-` when the node has not measured its offset.
+pub fn clock_cell(node: &admin::StorageNode) -> String {
+    match clock_offset_ms(node) {
+        None => "-".to_owned(),
+        Some(offset) if node.clock_skewed => format!("{offset:+}ms (skewed)"),
+        Some(offset) => format!("{offset:+}ms"),
+    }
+}
+
 pub fn node_json(node: &admin::StorageNode) -> Value {
     let stats = node.stats.unwrap_or_default();
     json!({
@@ -180,8 +195,10 @@ pub fn node_json(node: &admin::StorageNode) -> Value {
             "hints_pending": stats.hints_pending,
             "write_path_poisoned": stats.write_path_poisoned,
             "quarantined_records": stats.quarantined_records,
+            "clock_offset_ms": clock_offset_ms(node),
         },
         "in_ring": node.in_ring,
+        "clock_skewed": node.clock_skewed,
     })
 }
 
@@ -291,5 +308,33 @@ mod tests {
         let context = vec![1, 2, 3, 250];
         assert_eq!(decode_context(&encode_context(&context)).unwrap(), context);
         assert!(decode_context("not base64!").is_err());
+    }
+
+    fn node(clock_offset_ms: Option<i64>, clock_skewed: bool) -> admin::StorageNode {
+        admin::StorageNode {
+            node_id: 1,
+            stats: Some(admin::NodeStats {
+                clock_offset_ms: clock_offset_ms.unwrap_or(0),
+                clock_offset_known: clock_offset_ms.is_some(),
+                ..Default::default()
+            }),
+            clock_skewed,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn clock_offsets_show_their_sign_and_verdict() {
+        assert_eq!(clock_cell(&node(Some(3), false)), "+3ms");
+        assert_eq!(clock_cell(&node(Some(0), false)), "+0ms");
+        assert_eq!(clock_cell(&node(Some(-1200), true)), "-1200ms (skewed)");
+        assert_eq!(clock_cell(&node(Some(1500), true)), "+1500ms (skewed)");
+        assert_eq!(clock_cell(&node(None, false)), "-");
+        assert_eq!(clock_cell(&admin::StorageNode::default()), "-", "no stats at all");
+
+        let json = node_json(&node(Some(-1200), true));
+        assert_eq!((&json["stats"]["clock_offset_ms"], &json["clock_skewed"]), (&json!(-1200), &json!(true)));
+        let json = node_json(&node(None, false));
+        assert_eq!((&json["stats"]["clock_offset_ms"], &json["clock_skewed"]), (&Value::Null, &json!(false)));
     }
 }

@@ -46,6 +46,11 @@ pub struct Config {
     /// Heartbeat interval storage nodes are told to use.
     #[arg(long, env = "PAIRDB_HEARTBEAT_INTERVAL_MS", default_value_t = 1000)]
     pub heartbeat_interval_ms: u32,
+    /// A storage node whose measured clock offset to meta is larger than this, either way, is
+    /// reported `clock_skewed` and logged: the wall-clock times it takes (last-writer-wins
+    /// timestamps, expiry checks) are off by as much.
+    #[arg(long, env = "PAIRDB_MAX_CLOCK_OFFSET_MS", default_value_t = 1000)]
+    pub max_clock_offset_ms: u64,
     /// Let a storage node that registers with an unknown id join the cluster (dev mode). Without it
     /// such a registration fails with NODE_NOT_FOUND: nodes are added with the admin API.
     #[arg(long, env = "PAIRDB_AUTO_ADD_NODES")]
@@ -91,6 +96,7 @@ impl std::fmt::Debug for Config {
             .field("partition_count", &self.partition_count)
             .field("node_down_after_ms", &self.node_down_after_ms)
             .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
+            .field("max_clock_offset_ms", &self.max_clock_offset_ms)
             .field("auto_add_nodes", &self.auto_add_nodes)
             .field("migration_parallelism", &self.migration_parallelism)
             .field("watch_buffer", &self.watch_buffer)
@@ -145,6 +151,8 @@ pub enum ConfigError {
     NodeDownAfter,
     #[error("heartbeat_interval_ms: must be between 50 and 60000")]
     HeartbeatInterval,
+    #[error("max_clock_offset_ms: must be between 10 and 3600000")]
+    MaxClockOffset,
     #[error("watch_buffer: must be between 16 and 1000000")]
     WatchBuffer,
     #[error("migration_parallelism: must be between 1 and 64")]
@@ -212,6 +220,11 @@ impl Config {
             || self.node_down_after_ms <= u64::from(self.heartbeat_interval_ms)
         {
             return Err(ConfigError::NodeDownAfter);
+        }
+        // Below ~10 ms a measurement's own error (half the round trip's asymmetry) would flag nodes
+        // whose clocks are fine.
+        if !(10..=3_600_000).contains(&self.max_clock_offset_ms) {
+            return Err(ConfigError::MaxClockOffset);
         }
         if !(16..=1_000_000).contains(&self.watch_buffer) {
             return Err(ConfigError::WatchBuffer);
@@ -310,6 +323,7 @@ impl Config {
             partition_count: DEFAULT_PARTITION_COUNT,
             node_down_after_ms: 5000,
             heartbeat_interval_ms: 1000,
+            max_clock_offset_ms: 1000,
             auto_add_nodes: false,
             migration_parallelism: 4,
             watch_buffer: 1024,
@@ -345,9 +359,33 @@ mod tests {
         config.partition_count = 1000;
         assert!(config.validate().unwrap_err().to_string().starts_with("partition_count"));
 
-        let mut config = Config::embedded(dir, None);
+        let mut config = Config::embedded(dir.clone(), None);
         config.node_down_after_ms = 500;
         assert!(config.validate().unwrap_err().to_string().starts_with("node_down_after_ms"));
+
+        for bad in [0, 9, 3_600_001] {
+            let mut config = Config::embedded(dir.clone(), None);
+            config.max_clock_offset_ms = bad;
+            assert!(config.validate().unwrap_err().to_string().starts_with("max_clock_offset_ms"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn max_clock_offset_defaults_to_a_second_and_reads_its_flag_and_env() {
+        use clap::{CommandFactory as _, Parser as _};
+        let parse = |args: &[&str]| Config::try_parse_from([&["pairdb-meta"], args].concat()).unwrap();
+        let command = Config::command();
+        let arg = command.get_arguments().find(|a| a.get_id() == "max_clock_offset_ms").unwrap();
+        assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some("PAIRDB_MAX_CLOCK_OFFSET_MS"));
+        assert_eq!(parse(&[]).max_clock_offset_ms, 1000);
+        assert_eq!(Config::embedded(PathBuf::from("/tmp"), None).max_clock_offset_ms, 1000);
+        assert_eq!(parse(&["--max-clock-offset-ms", "250"]).max_clock_offset_ms, 250);
+        let mut config = parse(&["--max-clock-offset-ms", "250", "--no-auth", "--insecure-cluster"]);
+        assert!(config.validate().is_ok());
+        config.max_clock_offset_ms = 10;
+        assert!(config.validate().is_ok(), "the bounds are inclusive");
+        config.max_clock_offset_ms = 3_600_000;
+        assert!(config.validate().is_ok(), "the bounds are inclusive");
     }
 
     #[test]

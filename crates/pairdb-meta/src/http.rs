@@ -279,8 +279,11 @@ fn node_json(view: &NodeView) -> Value {
             "hints_pending": node.stats.hints_pending,
             "write_path_poisoned": node.stats.write_path_poisoned,
             "quarantined_records": node.stats.quarantined_records,
+            // null until the node has measured it.
+            "clock_offset_ms": node.stats.clock_offset_ms,
         },
         "in_ring": view.in_ring,
+        "clock_skewed": view.clock_skewed,
     })
 }
 

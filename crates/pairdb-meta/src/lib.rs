@@ -250,6 +250,7 @@ async fn open_meta(
         auto_add_nodes: config.auto_add_nodes,
         heartbeat_interval_ms: config.heartbeat_interval_ms,
         node_down_after_ms: config.node_down_after_ms,
+        max_clock_offset_ms: config.max_clock_offset_ms,
         migration_parallelism: config.migration_parallelism.max(1),
         storage_clients,
         signer,

@@ -231,6 +231,17 @@ pub struct NodeStats {
     pub write_path_poisoned: bool,
     /// Records the node quarantined because they did not decode.
     pub quarantined_records: u64,
+    /// How far the node's wall clock is ahead of meta's (negative: behind), in ms, as the node
+    /// measured it over a heartbeat round trip; `None` until it has measured one.
+    pub clock_offset_ms: Option<i64>,
+}
+
+impl NodeStats {
+    /// The node's reported clock offset is beyond `max_offset_ms` either way. An unknown offset is
+    /// not skewed: nothing says it is.
+    pub fn clock_skewed(&self, max_offset_ms: u64) -> bool {
+        self.clock_offset_ms.is_some_and(|offset| pairdb_core::clock::skewed(offset, max_offset_ms))
+    }
 }
 
 /// A storage node's rebuild as the node reports it (relayed, never stored: the node owns it).

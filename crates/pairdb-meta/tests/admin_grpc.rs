@@ -711,6 +711,136 @@ async fn storage_nodes_every_operation_and_error() -> anyhow::Result<()> {
     server.shutdown().await
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// A heartbeat from `node_id` reporting a clock offset (`None`: not measured yet).
+fn clock_beat(node_id: u32, clock_offset_ms: Option<i64>) -> cluster_pb::HeartbeatRequest {
+    cluster_pb::HeartbeatRequest {
+        node_id,
+        stats: Some(pb::NodeStats {
+            keys: u64::from(node_id),
+            clock_offset_ms: clock_offset_ms.unwrap_or(0),
+            clock_offset_known: clock_offset_ms.is_some(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Each node's (reported offset if known, clock_skewed) as ListStorageNodes and GetStorageNode show it.
+async fn clock_verdicts(admin: &mut common::Admin) -> anyhow::Result<Vec<(Option<i64>, bool)>> {
+    let nodes = admin.list_storage_nodes(pb::ListStorageNodesRequest {}).await?.into_inner().nodes;
+    let mut verdicts = Vec::new();
+    for listed in nodes {
+        let got =
+            admin.get_storage_node(pb::GetStorageNodeRequest { node_id: listed.node_id }).await?.into_inner();
+        assert_eq!(got, listed, "get and list agree");
+        let stats = listed.stats.unwrap();
+        verdicts.push((stats.clock_offset_known.then_some(stats.clock_offset_ms), listed.clock_skewed));
+    }
+    Ok(verdicts)
+}
+
+/// A node's reported clock offset is stored with its stats and judged against
+/// `--max-clock-offset-ms` (default 1000) in every StorageNode meta returns; an unknown offset is
+/// never skewed. Every heartbeat answer carries meta's clock.
+async fn clock_offsets_are_reported_and_judged(config: pairdb_meta::Config) -> anyhow::Result<()> {
+    let server = Server::start(config).await?;
+    let mut admin = server.admin().await?;
+    let mut cluster = server.cluster().await?;
+    add_nodes(&mut admin, 4).await?;
+    assert_eq!(clock_verdicts(&mut admin).await?, [(None, false); 4], "nothing reported yet");
+
+    let before = unix_ms();
+    let mut answers = Vec::new();
+    for (node_id, offset) in [(1, Some(1_500)), (2, Some(20)), (3, None), (4, Some(-1_500))] {
+        answers.push(cluster.heartbeat(clock_beat(node_id, offset)).await?.into_inner());
+    }
+    let after = unix_ms();
+    for answer in &answers {
+        assert!(!answer.unknown_node);
+        assert!(
+            (before..=after).contains(&answer.meta_unix_ms),
+            "{before} <= {} <= {after}",
+            answer.meta_unix_ms
+        );
+    }
+    assert_eq!(
+        clock_verdicts(&mut admin).await?,
+        [(Some(1_500), true), (Some(20), false), (None, false), (Some(-1_500), true)]
+    );
+    // A bare offset without `clock_offset_known` is not a measurement.
+    let mut unmeasured = clock_beat(3, Some(5_000));
+    unmeasured.stats.as_mut().unwrap().clock_offset_known = false;
+    cluster.heartbeat(unmeasured).await?;
+    // The bound itself is not skewed; a node whose clock was fixed is no longer.
+    cluster.heartbeat(clock_beat(1, Some(1_000))).await?;
+    cluster.heartbeat(clock_beat(4, Some(-1_001))).await?;
+    assert_eq!(
+        clock_verdicts(&mut admin).await?,
+        [(Some(1_000), false), (Some(20), false), (None, false), (Some(-1_001), true)]
+    );
+    // Unknown nodes get meta's clock too.
+    let before = unix_ms();
+    let answer = cluster.heartbeat(clock_beat(9, Some(1))).await?.into_inner();
+    assert!(answer.unknown_node);
+    assert!((before..=unix_ms()).contains(&answer.meta_unix_ms));
+    server.shutdown().await
+}
+
+#[tokio::test]
+async fn clock_offsets_are_reported_and_judged_sqlite() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    clock_offsets_are_reported_and_judged(test_config(dir.path())).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clock_offsets_are_reported_and_judged_postgres() -> anyhow::Result<()> {
+    let Some(base) = common::postgres_url() else { return Ok(()) };
+    let schema = common::PgSchema::create(&base).await?;
+    let dir = tempfile::tempdir()?;
+    let mut config = test_config(dir.path());
+    config.database_url = Some(schema.url());
+    clock_offsets_are_reported_and_judged(config).await
+}
+
+/// The value of `pairdb_meta_node_clock_offset_ms` for a node on `/metrics`, if exported.
+async fn clock_offset_gauge(addr: std::net::SocketAddr, node_id: u32) -> anyhow::Result<Option<f64>> {
+    let body = common::http(addr, "GET", "/metrics", None, None).await?.body;
+    let prefix = format!("pairdb_meta_node_clock_offset_ms{{node_id=\"{node_id}\"}} ");
+    Ok(body.lines().find_map(|line| line.strip_prefix(&prefix)).and_then(|value| value.trim().parse().ok()))
+}
+
+/// `--max-clock-offset-ms` moves the bound, and the gauge holds each node's last measured offset.
+/// (Nodes 7 and 8: the tests of this binary share one metrics registry, and the others use 1-4.)
+#[tokio::test]
+async fn the_clock_offset_bound_is_configurable() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut config = test_config(dir.path());
+    config.max_clock_offset_ms = 2_000;
+    let server = Server::start(config).await?;
+    let mut admin = server.admin().await?;
+    let mut cluster = server.cluster().await?;
+    add_nodes(&mut admin, 1).await?;
+    add_nodes_from(&mut admin, 7, 8).await?;
+    cluster.heartbeat(clock_beat(7, Some(1_500))).await?;
+    cluster.heartbeat(clock_beat(8, Some(-2_001))).await?;
+    assert_eq!(
+        clock_verdicts(&mut admin).await?,
+        [(None, false), (Some(1_500), false), (Some(-2_001), true)]
+    );
+    assert_eq!(clock_offset_gauge(server.addr, 7).await?, Some(1_500.0));
+    assert_eq!(clock_offset_gauge(server.addr, 8).await?, Some(-2_001.0));
+    // A heartbeat without a measurement leaves the last one.
+    cluster.heartbeat(clock_beat(8, None)).await?;
+    assert_eq!(clock_offset_gauge(server.addr, 8).await?, Some(-2_001.0));
+    cluster.heartbeat(clock_beat(8, Some(3))).await?;
+    assert_eq!(clock_offset_gauge(server.addr, 8).await?, Some(3.0));
+    server.shutdown().await
+}
+
 async fn add_nodes_from(admin: &mut common::Admin, first: u32, last: u32) -> anyhow::Result<()> {
     for id in first..=last {
         let response = admin

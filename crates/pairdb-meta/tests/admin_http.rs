@@ -394,6 +394,40 @@ async fn storage_nodes_and_migrations_over_http() -> anyhow::Result<()> {
     let nodes = call(addr, "GET", "/v1/admin/storage-nodes", None).await.json();
     assert_eq!(nodes["nodes"].as_array().unwrap().len(), 4);
 
+    // Clock offsets the nodes report (node 4 reports none) and meta's verdict on them (bound 1000 ms).
+    let mut cluster = server.cluster().await?;
+    for (node_id, offset) in [(1, Some(20)), (2, Some(1_500)), (3, Some(-1_500)), (4, None)] {
+        let stats = pairdb_proto::admin::v1::NodeStats {
+            clock_offset_ms: offset.unwrap_or(0),
+            clock_offset_known: offset.is_some(),
+            ..Default::default()
+        };
+        let beat =
+            pairdb_proto::cluster::v1::HeartbeatRequest { node_id, stats: Some(stats), ..Default::default() };
+        cluster.heartbeat(beat).await?;
+    }
+    let listed = call(addr, "GET", "/v1/admin/storage-nodes", None).await.json();
+    let clocks: Vec<(Value, Value)> = listed["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|node| (node["stats"]["clock_offset_ms"].clone(), node["clock_skewed"].clone()))
+        .collect();
+    assert_eq!(
+        clocks,
+        [
+            (Value::from(20), Value::from(false)),
+            (Value::from(1_500), Value::from(true)),
+            (Value::from(-1_500), Value::from(true)),
+            (Value::Null, Value::from(false)),
+        ]
+    );
+    let node = call(addr, "GET", "/v1/admin/storage-nodes/2", None).await.json();
+    assert_eq!(
+        (&node["stats"]["clock_offset_ms"], &node["clock_skewed"]),
+        (&Value::from(1_500), &Value::from(true))
+    );
+
     let patched = call(addr, "PATCH", "/v1/admin/storage-nodes/2", Some(r#"{"weight": 2}"#)).await;
     assert_eq!(patched.status, 200, "{patched:?}");
     assert_eq!(patched.json()["node"]["weight"], 2);

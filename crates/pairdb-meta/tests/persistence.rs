@@ -294,7 +294,9 @@ async fn storage_nodes_round_trip(store: Store) {
     let mut tx = store.write().await.unwrap();
     assert_eq!(tx.max_node_id().await.unwrap(), 0);
     tx.upsert_node(&node(2)).await.unwrap();
-    tx.upsert_node(&node(9)).await.unwrap();
+    let mut nine = node(9);
+    nine.stats.clock_offset_ms = Some(-1_500);
+    tx.upsert_node(&nine).await.unwrap();
     tx.commit().await.unwrap();
 
     let mut tx = store.write().await.unwrap();
@@ -317,6 +319,7 @@ async fn storage_nodes_round_trip(store: Store) {
         u64::MAX - 9,
         "u64 actor ids survive i64 storage"
     );
+    assert_eq!(tx.get_node(NodeId(9)).await.unwrap().unwrap(), nine, "stats, clock offset included");
     assert_eq!(tx.get_node(NodeId(5)).await.unwrap(), None);
     let ids: Vec<u32> = tx.list_nodes().await.unwrap().into_iter().map(|n| n.node_id.0).collect();
     assert_eq!(ids, [2, 9]);
@@ -350,6 +353,7 @@ async fn heartbeats_and_liveness(store: Store) {
         hints_pending: 4,
         write_path_poisoned: true,
         quarantined_records: 3,
+        clock_offset_ms: Some(1_500),
     };
     assert_eq!(store.record_heartbeat(NodeId(1), &stats, 1_000).await.unwrap(), Some(true));
     assert_eq!(
@@ -383,6 +387,17 @@ async fn heartbeats_and_liveness(store: Store) {
     let loaded = tx.get_node(NodeId(1)).await.unwrap().unwrap();
     assert!(loaded.alive);
     assert_eq!((loaded.weight, loaded.last_heartbeat_ms), (2, 4_000));
+    tx.commit().await.unwrap();
+
+    // The clock offset keeps its sign and range, and a heartbeat without a measurement (a node that
+    // just started) leaves it unknown rather than 0.
+    for clock_offset_ms in [Some(20), Some(-20), Some(-3_000_000_000_000), None, Some(0)] {
+        let stats = NodeStats { clock_offset_ms, ..stats };
+        assert_eq!(store.record_heartbeat(NodeId(1), &stats, 5_000).await.unwrap(), Some(true));
+        let mut tx = store.read().await.unwrap();
+        assert_eq!(tx.get_node(NodeId(1)).await.unwrap().unwrap().stats, stats, "{clock_offset_ms:?}");
+        tx.commit().await.unwrap();
+    }
 }
 
 async fn topology_versions_round_trip(store: Store) {
@@ -706,6 +721,8 @@ const SCHEMA_BEFORE_QUOTAS: i64 = 20261206000002;
 const SCHEMA_BEFORE_ROUTERS: i64 = 20261206000003;
 /// The last schema version before tenants' expiry settings (routers' presence).
 const SCHEMA_BEFORE_TTL: i64 = 20261206000004;
+/// The last schema version before storage nodes' clock offsets (tenants' expiry settings).
+const SCHEMA_BEFORE_CLOCK_OFFSET: i64 = 20261206000005;
 
 /// A tenant row as a previous release wrote it (no `key_groups`, no quotas).
 const TENANT_BEFORE_KEY_GROUPS: &str = "INSERT INTO tenants (tenant_id, replication_factor, default_consistency, \
@@ -719,8 +736,9 @@ const NODE_BEFORE_QUOTAS: &str = "INSERT INTO storage_nodes (node_id, address, z
 
 /// A database a previous release wrote (its migrations up to `version` applied, a tenant and a node
 /// in it) opens with this release's migrations: its tenant reads back with key groups `none`, no
-/// quotas, no over-quota flags and no expiry settings, its node can report usage, no router is known and the live-router
-/// count is 0 (not known) until routers heartbeat.
+/// quotas, no over-quota flags and no expiry settings, its node with no known clock offset and can
+/// report usage and a clock offset, no router is known and the live-router count is 0 (not known)
+/// until routers heartbeat.
 async fn a_database_of_a_previous_release_opens(backend: Backend, url: String, version: i64) {
     let dir = match backend {
         Backend::Sqlite => "sqlite",
@@ -770,6 +788,12 @@ async fn a_database_of_a_previous_release_opens(backend: Backend, url: String, v
         [(0, 0)]
     );
     assert_eq!(snapshot.nodes.iter().map(|n| n.node_id).collect::<Vec<_>>(), [NodeId(1)]);
+    assert_eq!(snapshot.nodes[0].stats, NodeStats::default(), "no clock offset known");
+    let stats = NodeStats { keys: 3, clock_offset_ms: Some(-2_000), ..NodeStats::default() };
+    assert_eq!(store.record_heartbeat(NodeId(1), &stats, 8_000).await.unwrap(), Some(true));
+    let mut tx = store.read().await.unwrap();
+    assert_eq!(tx.get_node(NodeId(1)).await.unwrap().unwrap().stats, stats);
+    tx.commit().await.unwrap();
     let share = Usage { keys: 1, value_bytes: 2, siblings: 1, tombstones: 0 };
     assert!(store.record_usage(NodeId(1), &[("old".to_owned(), share)], 9_000).await.unwrap());
     let mut tx = store.read().await.unwrap();
@@ -854,5 +878,20 @@ mod previous_release {
         let Some(base) = common::postgres_url() else { return };
         let schema = common::PgSchema::create(&base).await.unwrap();
         a_database_of_a_previous_release_opens(Backend::Postgres, schema.url(), SCHEMA_BEFORE_TTL).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_database_from_before_clock_offsets_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        a_database_of_a_previous_release_opens(Backend::Sqlite, sqlite_url(&dir), SCHEMA_BEFORE_CLOCK_OFFSET)
+            .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_database_from_before_clock_offsets_opens() {
+        let Some(base) = common::postgres_url() else { return };
+        let schema = common::PgSchema::create(&base).await.unwrap();
+        a_database_of_a_previous_release_opens(Backend::Postgres, schema.url(), SCHEMA_BEFORE_CLOCK_OFFSET)
+            .await;
     }
 }

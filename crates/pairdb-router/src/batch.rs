@@ -25,6 +25,8 @@ use pairdb_core::ring::NodeId;
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
+use pairdb_core::reason::Reason;
+
 use crate::error::RouterError;
 use crate::execute::{Clock, WriteResult};
 use crate::kv::{KvRouter, WriteOutcome, WriteSpec};
@@ -37,6 +39,10 @@ pub const MAX_BATCH_ITEMS: usize = 1_000;
 pub const MAX_BATCH_VALUE_BYTES: usize = 4 << 20;
 /// The most items one batched storage call carries (a larger group is split).
 pub const MAX_ITEMS_PER_CALL: usize = 500;
+/// Batches a router drives at once; more wait (at most their deadline, then OVERLOADED). Bounds
+/// the items in flight (and so the storage nodes' queues) so single writes beside batches keep
+/// their latency, and a batch's deadline starts when it runs.
+pub const CONCURRENT_BATCHES: usize = 4;
 /// Items on the single-write path in flight at once.
 const SINGLE_PATH_CONCURRENCY: usize = 16;
 
@@ -59,8 +65,22 @@ impl KvRouter {
         &self,
         tenant_id: &str,
         items: Vec<BatchItem>,
-        options: RequestOptions,
+        mut options: RequestOptions,
     ) -> Vec<Result<WriteOutcome, RouterError>> {
+        let deadline_ms = self.deadline_ms(&options);
+        let wait = std::time::Duration::from_millis(deadline_ms.saturating_sub(self.clock.now_ms()));
+        let _permit = match tokio::time::timeout(wait, self.batches.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_closed)) => return items.iter().map(|_| Err(RouterError::NotReady)).collect(),
+            Err(_waited) => {
+                let busy =
+                    || RouterError::invalid(Reason::Overloaded, "too many batches are running; retry later");
+                return items.iter().map(|_| Err(busy())).collect();
+            }
+        };
+        // What is left of the request's time once it may run.
+        let left_ms = deadline_ms.saturating_sub(self.clock.now_ms()).max(1);
+        options.timeout_ms = u32::try_from(left_ms).unwrap_or(u32::MAX);
         let mut results: Vec<Option<Result<WriteOutcome, RouterError>>> = Vec::with_capacity(items.len());
         results.resize_with(items.len(), || None);
         let mut single = Vec::new();

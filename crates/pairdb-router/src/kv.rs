@@ -67,6 +67,8 @@ pub struct KvRouter {
     timing: Timing,
     /// Listing pages running at once (their own work class; see [`crate::listing`]).
     pub(crate) listing: Arc<tokio::sync::Semaphore>,
+    /// Batches driven at once (a work class of their own, so point requests keep their share).
+    pub(crate) batches: Arc<tokio::sync::Semaphore>,
 }
 
 struct Placement {
@@ -79,7 +81,8 @@ struct Placement {
 impl KvRouter {
     pub fn new(view: SharedView, pool: Arc<StoragePool>, timing: Timing) -> Self {
         let listing = Arc::new(tokio::sync::Semaphore::new(crate::listing::CONCURRENT_PAGES));
-        Self { view, pool, clock: Clock::default(), timing, listing }
+        let batches = Arc::new(tokio::sync::Semaphore::new(crate::batch::CONCURRENT_BATCHES));
+        Self { view, pool, clock: Clock::default(), timing, listing, batches }
     }
 
     pub fn view(&self) -> &SharedView {

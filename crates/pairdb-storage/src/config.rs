@@ -53,6 +53,10 @@ pub struct Config {
     /// percent (1-100; 100 = listings are not paced). Alone, listings use the whole node.
     #[arg(long, env = "PAIRDB_LISTING_SHARE_PERCENT", default_value_t = 10)]
     pub listing_share_percent: u8,
+    /// A wall-clock offset to meta beyond this many ms is reported (readiness detail, warning log,
+    /// metric): expiry and LWW timestamps this node stamps are off by that much.
+    #[arg(long, env = "PAIRDB_MAX_CLOCK_OFFSET_MS", default_value_t = 1000)]
+    pub max_clock_offset_ms: u64,
     /// Block cache size in MiB.
     #[arg(long, env = "PAIRDB_CACHE_MB", default_value_t = 64)]
     pub cache_mb: u64,
@@ -227,6 +231,7 @@ impl Config {
             max_inflight_requests: 1024,
             stream_batch_max: 1024,
             listing_share_percent: 10,
+            max_clock_offset_ms: 1000,
             cache_mb: 64,
             disk_reserve_mb: 64,
             meta_addr: None,

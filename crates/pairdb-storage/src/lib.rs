@@ -120,8 +120,13 @@ pub async fn run_with_engine(
     let http = pairdb_service::health_routes(readiness.clone()).merge(pairdb_service::metrics::routes());
 
     let (stop_sender, stop_receiver) = pairdb_service::shutdown::channel();
-    let mut background =
-        vec![tokio::spawn(watch_health(engine.clone(), readiness.clone(), stop_receiver.clone()))];
+    let clock = Arc::new(membership::ClockOffset::new());
+    let health = Health {
+        readiness: readiness.clone(),
+        clock: clock.clone(),
+        max_clock_offset_ms: config.max_clock_offset_ms,
+    };
+    let mut background = vec![tokio::spawn(watch_health(engine.clone(), health, stop_receiver.clone()))];
     if let Some(meta_addr) = &config.meta_addr {
         let cluster = ClusterMember {
             meta_addr,
@@ -130,6 +135,7 @@ pub async fn run_with_engine(
             clients: clients.clone(),
             rebuild,
             transfers,
+            clock,
         };
         background.extend(cluster.spawn_tasks(&config, &engine, stop_receiver)?);
     }
@@ -178,6 +184,7 @@ struct ClusterMember<'a> {
     clients: pairdb_service::clients::InternalClients,
     rebuild: Arc<workers::Rebuild>,
     transfers: Arc<workers::Transfers>,
+    clock: Arc<membership::ClockOffset>,
 }
 
 impl ClusterMember<'_> {
@@ -219,7 +226,14 @@ impl ClusterMember<'_> {
                 self.clients,
                 stop.clone(),
             )),
-            tokio::spawn(membership::run(membership, node, engine.clone(), self.view.clone(), stop.clone())),
+            tokio::spawn(membership::run(
+                membership,
+                node,
+                engine.clone(),
+                self.view.clone(),
+                self.clock,
+                stop.clone(),
+            )),
         ];
         tasks.extend(workers::spawn_all(&context, self.rebuild, &self.transfers, &stop));
         Ok(tasks)
@@ -239,9 +253,40 @@ async fn sync_before_exit(engine: Arc<Engine>) {
     }
 }
 
+/// What the health watch reports to.
+struct Health {
+    readiness: pairdb_service::Readiness,
+    /// The heartbeat loop's measurement of this node's clock against meta's.
+    clock: Arc<membership::ClockOffset>,
+    max_clock_offset_ms: u64,
+}
+
+impl Health {
+    /// The readiness detail: quarantined records and a skewed clock, when there are.
+    fn detail(&self, quarantined_records: u64) -> Option<String> {
+        let mut notes = Vec::new();
+        if quarantined_records > 0 {
+            notes.push(format!(
+                "{quarantined_records} records quarantined (did not decode; anti-entropy or `pairdb node rebuild` restores them from peers)"
+            ));
+        }
+        if let Some(offset_ms) = self.clock.get()
+            && pairdb_core::clock::skewed(offset_ms, self.max_clock_offset_ms)
+        {
+            notes.push(format!(
+                "clock is {offset_ms:+} ms off meta's (bound {} ms): expiry and LWW timestamps written here are off by that much",
+                self.max_clock_offset_ms
+            ));
+        }
+        (!notes.is_empty()).then(|| notes.join("; "))
+    }
+}
+
 /// Keeps readiness honest (not ready once the write path is poisoned) and publishes engine gauges.
-async fn watch_health(engine: Arc<Engine>, readiness: pairdb_service::Readiness, mut stop: Shutdown) {
+async fn watch_health(engine: Arc<Engine>, health: Health, mut stop: Shutdown) {
+    let readiness = &health.readiness;
     let mut poisoned_reported = false;
+    let mut skew_reported = false;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -251,12 +296,19 @@ async fn watch_health(engine: Arc<Engine>, readiness: pairdb_service::Readiness,
         let Ok(stats) = tokio::task::spawn_blocking(move || stats_engine.stats()).await else { continue };
         metrics::gauge!("pairdb_storage_keys").set(stats.keys as f64);
         metrics::gauge!("pairdb_storage_quarantined_records").set(stats.quarantined_records as f64);
-        readiness.set_detail((stats.quarantined_records > 0).then(|| {
-            format!(
-                "{} records quarantined (did not decode; anti-entropy or `pairdb node rebuild` restores them from peers)",
-                stats.quarantined_records
-            )
-        }));
+        readiness.set_detail(health.detail(stats.quarantined_records));
+        if let Some(offset_ms) = health.clock.get() {
+            metrics::gauge!("pairdb_storage_clock_offset_ms").set(offset_ms as f64);
+            let skewed = pairdb_core::clock::skewed(offset_ms, health.max_clock_offset_ms);
+            if skewed && !skew_reported {
+                tracing::warn!(
+                    offset_ms,
+                    bound_ms = health.max_clock_offset_ms,
+                    "this node's clock is off meta's beyond the bound"
+                );
+            }
+            skew_reported = skewed;
+        }
         metrics::gauge!("pairdb_storage_disk_bytes").set(stats.disk_bytes as f64);
         metrics::gauge!("pairdb_storage_disk_free_bytes").set(stats.disk_free_bytes as f64);
         metrics::gauge!("pairdb_storage_hints_pending").set(stats.hints_pending as f64);

@@ -34,8 +34,43 @@ pub struct NodeAnnouncement {
 pub trait NodeRegistry: Send + Sync + 'static {
     /// Announces the node; returns the heartbeat interval.
     async fn register(&self, node: &NodeAnnouncement) -> Result<Duration, tonic::Status>;
-    /// Reports liveness, stats and purged tenants; `Ok(false)` means "unknown node, register again".
-    async fn heartbeat(&self, node_id: NodeId, report: HeartbeatReport) -> Result<bool, tonic::Status>;
+    /// Reports liveness, stats and purged tenants.
+    async fn heartbeat(
+        &self,
+        node_id: NodeId,
+        report: HeartbeatReport,
+    ) -> Result<HeartbeatAnswer, tonic::Status>;
+}
+
+/// What meta answered a heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatAnswer {
+    /// `false`: meta does not know the node (removed): register again.
+    pub known: bool,
+    /// Meta's wall clock when it handled the heartbeat (`None`: an older meta that does not say).
+    pub meta_unix_ms: Option<u64>,
+}
+
+/// This node's last measured wall-clock offset to meta (ms, positive: ahead), shared by the
+/// heartbeat loop that measures it and the health watch that reports it.
+#[derive(Debug, Default)]
+pub struct ClockOffset {
+    /// `i64::MIN`: not measured yet.
+    offset_ms: std::sync::atomic::AtomicI64,
+}
+
+impl ClockOffset {
+    pub fn new() -> Self {
+        Self { offset_ms: std::sync::atomic::AtomicI64::new(i64::MIN) }
+    }
+
+    pub fn set(&self, offset_ms: i64) {
+        self.offset_ms.store(offset_ms.max(i64::MIN + 1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> Option<i64> {
+        Some(self.offset_ms.load(std::sync::atomic::Ordering::Relaxed)).filter(|ms| *ms != i64::MIN)
+    }
 }
 
 /// How often heartbeats carry the node's usage share.
@@ -95,7 +130,11 @@ impl NodeRegistry for MetaRegistry {
         Ok(Duration::from_millis(u64::from(response.heartbeat_interval_ms.max(100))))
     }
 
-    async fn heartbeat(&self, node_id: NodeId, report: HeartbeatReport) -> Result<bool, tonic::Status> {
+    async fn heartbeat(
+        &self,
+        node_id: NodeId,
+        report: HeartbeatReport,
+    ) -> Result<HeartbeatAnswer, tonic::Status> {
         let purged_tenants = report
             .purged_tenants
             .into_iter()
@@ -122,16 +161,19 @@ impl NodeRegistry for MetaRegistry {
             usage_epoch,
         };
         let response = self.client.clone().heartbeat(request).await?.into_inner();
-        Ok(!response.unknown_node)
+        let meta_unix_ms = (response.meta_unix_ms > 0).then_some(response.meta_unix_ms);
+        Ok(HeartbeatAnswer { known: !response.unknown_node, meta_unix_ms })
     }
 }
 
-/// Registers (retrying with capped backoff) and heartbeats until `shutdown` fires.
+/// Registers (retrying with capped backoff) and heartbeats until `shutdown` fires; each heartbeat's
+/// round trip updates `clock` (reported with the next one).
 pub async fn run(
     membership: Arc<dyn NodeRegistry>,
     node: NodeAnnouncement,
     engine: Arc<Engine>,
     view: SharedView,
+    clock: Arc<ClockOffset>,
     mut shutdown: Shutdown,
 ) {
     let mut backoff = Duration::from_millis(200);
@@ -161,11 +203,24 @@ pub async fn run(
                 _ = shutdown.wait() => return,
             }
             let usage_view = (Instant::now() >= usage_due).then(|| view.load());
-            let report = heartbeat_report(&engine, node.node_id, usage_view).await;
+            let mut report = heartbeat_report(&engine, node.node_id, usage_view).await;
             if report.usage.is_some() {
                 usage_due = Instant::now() + USAGE_REPORT_INTERVAL;
             }
-            match membership.heartbeat(node.node_id, report).await {
+            if let Some(offset_ms) = clock.get() {
+                report.stats.clock_offset_ms = offset_ms;
+                report.stats.clock_offset_known = true;
+            }
+            let sent_ms = crate::engine::now_ms();
+            let answer = membership.heartbeat(node.node_id, report).await;
+            if let Ok(HeartbeatAnswer { meta_unix_ms: Some(meta_ms), .. }) = answer {
+                clock.set(pairdb_core::clock::offset_ms(
+                    sent_ms,
+                    meta_ms,
+                    crate::engine::now_ms().max(sent_ms),
+                ));
+            }
+            match answer.map(|a| a.known) {
                 Ok(true) => {
                     if failing {
                         tracing::info!("heartbeats reach the metadata service again");
@@ -210,6 +265,9 @@ async fn heartbeat_report(
                 hints_pending: stats.hints_pending,
                 write_path_poisoned: stats.poisoned,
                 quarantined_records: stats.quarantined_records,
+                // The heartbeat loop fills in its last measurement.
+                clock_offset_ms: 0,
+                clock_offset_known: false,
             },
             purged_tenants,
             usage,
@@ -224,4 +282,73 @@ fn usage_share(engine: &Engine, node_id: NodeId, view: &ClusterView) -> Option<U
     let current = view.current.as_ref()?;
     let first_here = |partition| current.preference_list(partition, 1).first() == Some(&node_id);
     Some(UsageShare { epoch: view.epoch, tenants: engine.tenant_usage(first_here) })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// A meta whose clock runs `ahead_ms` ahead of this process's and that records what each
+    /// heartbeat reported.
+    #[derive(Default)]
+    struct SkewedMeta {
+        ahead_ms: u64,
+        reported: Mutex<Vec<NodeStats>>,
+    }
+
+    #[tonic::async_trait]
+    impl NodeRegistry for SkewedMeta {
+        async fn register(&self, _node: &NodeAnnouncement) -> Result<Duration, tonic::Status> {
+            Ok(Duration::from_millis(20))
+        }
+
+        async fn heartbeat(
+            &self,
+            _node_id: NodeId,
+            report: HeartbeatReport,
+        ) -> Result<HeartbeatAnswer, tonic::Status> {
+            self.reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(report.stats);
+            Ok(HeartbeatAnswer { known: true, meta_unix_ms: Some(crate::engine::now_ms() + self.ahead_ms) })
+        }
+    }
+
+    /// The heartbeat loop measures the offset on each round trip and reports it with the next
+    /// heartbeat: a meta 5 s ahead means this node is 5 s behind.
+    #[tokio::test]
+    async fn heartbeats_measure_and_report_the_clock_offset() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let config = crate::Config::for_node(1, dir.path().join("data"));
+        let engine = crate::open_engine(&config).unwrap_or_else(|e| panic!("{e}"));
+        let meta = Arc::new(SkewedMeta { ahead_ms: 5_000, ..SkewedMeta::default() });
+        let clock = Arc::new(ClockOffset::new());
+        let (stop, stopped) = pairdb_service::shutdown::channel();
+        let node =
+            NodeAnnouncement { node_id: NodeId(1), address: "x".into(), zone: None, weight: 1, actor: 1 };
+        let task =
+            tokio::spawn(run(meta.clone(), node, engine, SharedView::default(), clock.clone(), stopped));
+        for _ in 0..200 {
+            if meta
+                .reported
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .iter()
+                .any(|s| s.clock_offset_known)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.trigger();
+        let _ = task.await;
+        let offset = clock.get().unwrap_or_else(|| panic!("measured"));
+        assert!((-5_100..=-4_900).contains(&offset), "{offset}");
+        let reported = meta.reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        assert!(!reported[0].clock_offset_known, "nothing measured before the first round trip");
+        let known: Vec<i64> =
+            reported.iter().filter(|s| s.clock_offset_known).map(|s| s.clock_offset_ms).collect();
+        assert!(!known.is_empty() && known.iter().all(|ms| (-5_100..=-4_900).contains(ms)), "{known:?}");
+        assert!(pairdb_core::clock::skewed(offset, 1_000));
+    }
 }

@@ -23,8 +23,9 @@
 //! **Bootstrap**: while the cluster has no topology at all, adding a node computes the first topology
 //! version directly (no migration: there is no data to move) and the node becomes `active` at once.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use pairdb_core::quorum::Consistency;
@@ -62,6 +63,9 @@ pub struct Settings {
     pub auto_add_nodes: bool,
     pub heartbeat_interval_ms: u32,
     pub node_down_after_ms: u64,
+    /// A node whose reported clock offset to meta is beyond this, either way, is reported
+    /// `clock_skewed` (and logged once when it crosses).
+    pub max_clock_offset_ms: u64,
     /// Partitions a migration moves concurrently (at least 1).
     pub migration_parallelism: usize,
     /// How meta reaches storage nodes (migrations, rebuilds): TLS and meta's cluster credential.
@@ -128,11 +132,31 @@ pub struct NodePatch {
     pub zone: Option<String>,
 }
 
-/// A node with whether the current topology places data on it.
+/// A node with whether the current topology places data on it and whether its clock is off.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeView {
     pub node: StorageNode,
     pub in_ring: bool,
+    /// Its last reported clock offset is beyond [`Settings::max_clock_offset_ms`].
+    pub clock_skewed: bool,
+}
+
+impl NodeView {
+    pub fn new(node: StorageNode, in_ring: bool, max_clock_offset_ms: u64) -> Self {
+        let clock_skewed = node.stats.clock_skewed(max_clock_offset_ms);
+        NodeView { node, in_ring, clock_skewed }
+    }
+}
+
+/// What meta answers a storage node's heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatAck {
+    /// `false`: the node is unknown (e.g. removed) and should register again.
+    pub known: bool,
+    /// Meta's wall clock (ms since the Unix epoch) halfway through handling the heartbeat: the node
+    /// estimates its clock offset from it and the round trip it measured, as NTP does from a
+    /// server's receive and transmit times.
+    pub meta_unix_ms: u64,
 }
 
 /// A storage process announcing itself.
@@ -156,6 +180,22 @@ struct Inner {
     initialized: AtomicBool,
     orchestrator_wake: Notify,
     quota_wake: Notify,
+    /// This replica's heartbeats only.
+    skewed_nodes: Mutex<SkewedNodes>,
+}
+
+/// The nodes whose last measured clock offset was beyond the bound, so a crossing is logged once
+/// rather than with every heartbeat.
+#[derive(Debug, Default)]
+struct SkewedNodes(BTreeSet<NodeId>);
+
+impl SkewedNodes {
+    /// Records a node's latest verdict: `Some(skewed)` when it crossed the bound (either way) since
+    /// the last one, `None` when nothing changed. A node first seen within the bound is no crossing.
+    fn crossed(&mut self, node_id: NodeId, skewed: bool) -> Option<bool> {
+        let changed = if skewed { self.0.insert(node_id) } else { self.0.remove(&node_id) };
+        changed.then_some(skewed)
+    }
 }
 
 /// The metadata service's operations (cheap to clone).
@@ -180,6 +220,7 @@ impl Meta {
                 initialized: AtomicBool::new(false),
                 orchestrator_wake: Notify::new(),
                 quota_wake: Notify::new(),
+                skewed_nodes: Mutex::new(SkewedNodes::default()),
             }),
         }
     }
@@ -412,7 +453,7 @@ pub(crate) async fn abandon(
 }
 
 /// The ids of the nodes the current topology places data on.
-pub(crate) async fn ring_nodes(tx: &mut Tx) -> Result<std::collections::BTreeSet<NodeId>, MetaError> {
+pub(crate) async fn ring_nodes(tx: &mut Tx) -> Result<BTreeSet<NodeId>, MetaError> {
     let state = tx.meta_state().await?;
     if state.current_epoch == 0 {
         return Ok(Default::default());
@@ -421,9 +462,11 @@ pub(crate) async fn ring_nodes(tx: &mut Tx) -> Result<std::collections::BTreeSet
     Ok(topology.assignment.nodes().into_iter().collect())
 }
 
-async fn node_view(tx: &mut Tx, node: StorageNode) -> Result<NodeView, MetaError> {
-    let in_ring = ring_nodes(tx).await?.contains(&node.node_id);
-    Ok(NodeView { node, in_ring })
+impl Meta {
+    async fn node_view(&self, tx: &mut Tx, node: StorageNode) -> Result<NodeView, MetaError> {
+        let in_ring = ring_nodes(tx).await?.contains(&node.node_id);
+        Ok(NodeView::new(node, in_ring, self.inner.settings.max_clock_offset_ms))
+    }
 }
 
 /// Runs the (CPU-bound) assignment computation off the async runtime.
@@ -451,4 +494,22 @@ fn generate_secret() -> (String, String) {
 /// What is stored for a secret (and what routers compare against): lowercase hex SHA-256.
 pub fn secret_sha256(secret: &str) -> String {
     hex(&Sha256::digest(secret.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clock_skew_crossing_is_reported_once_each_way() {
+        let mut skewed = SkewedNodes::default();
+        let (one, two) = (NodeId(1), NodeId(2));
+        assert_eq!(skewed.crossed(one, false), None, "first seen within the bound");
+        assert_eq!(skewed.crossed(one, true), Some(true));
+        assert_eq!(skewed.crossed(one, true), None, "still skewed: not again");
+        assert_eq!(skewed.crossed(two, true), Some(true), "per node");
+        assert_eq!(skewed.crossed(one, false), Some(false), "back within the bound");
+        assert_eq!(skewed.crossed(one, false), None);
+        assert_eq!(skewed.crossed(one, true), Some(true), "a new crossing is reported again");
+    }
 }

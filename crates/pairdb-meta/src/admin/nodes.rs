@@ -14,7 +14,7 @@ impl Meta {
         }
         let (mut tx, now) = self.write().await?;
         let (node, migration_id) = self.add_node_in(&mut tx, request, now).await?;
-        let view = node_view(&mut tx, node).await?;
+        let view = self.node_view(&mut tx, node).await?;
         tx.commit().await?;
         if migration_id.is_some() {
             self.inner.orchestrator_wake.notify_one();
@@ -102,7 +102,7 @@ impl Meta {
     pub async fn get_node(&self, node_id: NodeId) -> Result<NodeView, MetaError> {
         let mut tx = self.read().await?;
         let node = tx.get_node(node_id).await?.ok_or(MetaError::NodeNotFound(node_id))?;
-        let view = node_view(&mut tx, node).await?;
+        let view = self.node_view(&mut tx, node).await?;
         tx.commit().await?;
         Ok(view)
     }
@@ -145,11 +145,12 @@ impl Meta {
         let nodes = tx.list_nodes().await?;
         let ring = ring_nodes(&mut tx).await?;
         tx.commit().await?;
+        let max_clock_offset_ms = self.inner.settings.max_clock_offset_ms;
         Ok(nodes
             .into_iter()
             .map(|node| {
                 let in_ring = ring.contains(&node.node_id);
-                NodeView { node, in_ring }
+                NodeView::new(node, in_ring, max_clock_offset_ms)
             })
             .collect())
     }
@@ -176,7 +177,7 @@ impl Meta {
         let zone = patch.zone.unwrap_or_else(|| node.zone.clone());
         check_node_fields("", &zone, weight)?;
         if weight == node.weight && zone == node.zone {
-            let view = node_view(&mut tx, node).await?;
+            let view = self.node_view(&mut tx, node).await?;
             tx.commit().await?;
             return Ok((view, None));
         }
@@ -195,7 +196,7 @@ impl Meta {
             tx.insert_migration(&migration).await?;
             migration_id = Some(migration.migration_id);
         }
-        let view = node_view(&mut tx, node).await?;
+        let view = self.node_view(&mut tx, node).await?;
         tx.commit().await?;
         if migration_id.is_some() {
             self.inner.orchestrator_wake.notify_one();
@@ -287,7 +288,7 @@ impl Meta {
         if let Some(migration) = &migration_id {
             tx.insert_migration(migration).await?;
         }
-        let view = node_view(&mut tx, node).await?;
+        let view = self.node_view(&mut tx, node).await?;
         tx.commit().await?;
         let migration_id = migration_id.map(|m| {
             tracing::info!(node_id = %node_id, force, migration = %m.migration_id, kind = m.change.kind().as_str(), "node removal queued");
@@ -380,23 +381,44 @@ impl Meta {
 
     /// Records a heartbeat, the tenant purges it reports and, when it carries a usage report
     /// (`usage`: the node's share of every tenant it holds any of), that report, replacing the
-    /// node's previous one; `false` if the node is unknown (it should register again). A node that
-    /// was marked down is marked alive again at once.
+    /// node's previous one; the answer says whether the node is known (if not, it should register
+    /// again) and carries meta's clock for the node's offset measurement. A node that was marked
+    /// down is marked alive again at once.
     pub async fn heartbeat(
         &self,
         node_id: NodeId,
         stats: NodeStats,
         purged_tenants: &[(String, u64)],
         usage: Option<&[(String, Usage)]>,
-    ) -> Result<bool, MetaError> {
+    ) -> Result<HeartbeatAck, MetaError> {
         self.partitions()?;
-        let now = now_ms();
+        let received_ms = now_ms();
+        let known = self.record_heartbeat(node_id, stats, purged_tenants, usage, received_ms).await?;
+        // Halfway between receiving and answering: the node's estimate takes the round trip's
+        // midpoint as the instant meta read its clock, so time spent here must not bias it.
+        let answered_ms = now_ms();
+        let meta_unix_ms = received_ms + answered_ms.saturating_sub(received_ms) / 2;
+        Ok(HeartbeatAck { known, meta_unix_ms })
+    }
+
+    /// [`Meta::heartbeat`] at `now`; `false` for an unknown node.
+    async fn record_heartbeat(
+        &self,
+        node_id: NodeId,
+        stats: NodeStats,
+        purged_tenants: &[(String, u64)],
+        usage: Option<&[(String, Usage)]>,
+        now: u64,
+    ) -> Result<bool, MetaError> {
         for (tenant, purge_seq) in purged_tenants {
             if self.inner.store.confirm_tenant_purge(tenant, *purge_seq, node_id, now).await? {
                 tracing::info!(node_id = %node_id, tenant, purge_seq, "storage node purged a deleted tenant");
             }
         }
         let alive = self.inner.store.record_heartbeat(node_id, &stats, now).await?;
+        if alive.is_some() {
+            self.observe_clock_offset(node_id, &stats);
+        }
         if alive.is_some()
             && let Some(shares) = usage
         {
@@ -414,6 +436,35 @@ impl Meta {
                 tx.commit().await?;
                 Ok(true)
             }
+        }
+    }
+
+    /// Exports a node's reported clock offset and logs when it crosses `--max-clock-offset-ms`, once
+    /// per crossing either way. A heartbeat without a measurement (a node that just started) changes
+    /// neither: the last known verdict stands until the node measures again.
+    fn observe_clock_offset(&self, node_id: NodeId, stats: &NodeStats) {
+        let Some(offset_ms) = stats.clock_offset_ms else { return };
+        metrics::gauge!("pairdb_meta_node_clock_offset_ms", "node_id" => node_id.to_string())
+            .set(offset_ms as f64);
+        let max_offset_ms = self.inner.settings.max_clock_offset_ms;
+        let skewed = stats.clock_skewed(max_offset_ms);
+        let crossed =
+            self.inner.skewed_nodes.lock().unwrap_or_else(PoisonError::into_inner).crossed(node_id, skewed);
+        match crossed {
+            Some(true) => tracing::warn!(
+                node_id = %node_id,
+                clock_offset_ms = offset_ms,
+                max_clock_offset_ms = max_offset_ms,
+                "storage node's clock is off from meta's by more than the bound; the wall-clock times \
+                 it takes (last-writer-wins timestamps, expiry checks) are off by as much"
+            ),
+            Some(false) => tracing::info!(
+                node_id = %node_id,
+                clock_offset_ms = offset_ms,
+                max_clock_offset_ms = max_offset_ms,
+                "storage node's clock is back within the bound"
+            ),
+            None => {}
         }
     }
 }

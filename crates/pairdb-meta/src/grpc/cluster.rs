@@ -105,12 +105,15 @@ impl ClusterService for ClusterGrpc {
         // Only the heartbeats that carry a report touch the node's usage (an empty report says the
         // node holds nothing).
         let usage = r.usage_reported.then(|| usage_from_pb(r.tenant_usage));
-        let known = self
+        let ack = self
             .meta
             .heartbeat(NodeId(r.node_id), stats, &purged, usage.as_deref())
             .await
             .map_err(|e| error_status("Heartbeat", e))?;
-        Ok(Response::new(cluster_pb::HeartbeatResponse { unknown_node: !known }))
+        Ok(Response::new(cluster_pb::HeartbeatResponse {
+            unknown_node: !ack.known,
+            meta_unix_ms: ack.meta_unix_ms,
+        }))
     }
 
     async fn watch(

@@ -156,6 +156,7 @@ pub(super) fn stats_from_pb(stats: admin_pb::NodeStats) -> NodeStats {
         hints_pending: stats.hints_pending,
         write_path_poisoned: stats.write_path_poisoned,
         quarantined_records: stats.quarantined_records,
+        clock_offset_ms: stats.clock_offset_known.then_some(stats.clock_offset_ms),
     }
 }
 
@@ -175,8 +176,11 @@ pub(super) fn node_to_pb(view: &NodeView) -> admin_pb::StorageNode {
             hints_pending: node.stats.hints_pending,
             write_path_poisoned: node.stats.write_path_poisoned,
             quarantined_records: node.stats.quarantined_records,
+            clock_offset_ms: node.stats.clock_offset_ms.unwrap_or(0),
+            clock_offset_known: node.stats.clock_offset_ms.is_some(),
         }),
         in_ring: view.in_ring,
+        clock_skewed: view.clock_skewed,
     }
 }
 

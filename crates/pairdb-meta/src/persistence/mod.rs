@@ -33,8 +33,9 @@
 //!   never stored: it is shown once, at creation, and routers authenticate by hashing what they are
 //!   presented.
 //! - `storage_nodes`: id, address, zone, weight, lifecycle (`membership`) and the failure detector's
-//!   verdict (`alive`), the last heartbeat and the stats it carried, and when it last reported its
-//!   usage (`usage_reported_at_ms`). Removed nodes keep their row; a re-added node keeps the removed
+//!   verdict (`alive`), the last heartbeat and the stats it carried (among them the node's measured
+//!   clock offset to meta, `stats_clock_offset_ms`, valid when `stats_clock_offset_known`), and when
+//!   it last reported its usage (`usage_reported_at_ms`). Removed nodes keep their row; a re-added node keeps the removed
 //!   data directory's actor id in `retired_actor_id` so that stale directory cannot rejoin.
 //! - `tenant_usage`: each node's latest share of each tenant's usage (keys, value bytes, siblings,
 //!   tombstones of the partitions it is first in the topology's list of), replaced as a whole by
