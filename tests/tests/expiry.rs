@@ -133,3 +133,45 @@ async fn expired_values_vanish_everywhere_replicas_agree_and_nothing_comes_back(
     }
     assert!(found(&client, "session").await);
 }
+
+/// Records without expiry (set format 1, as the previous release stores them) and records with an
+/// expiring value (format 2) side by side: a replica wiped of both is refilled by anti-entropy
+/// alone, every replica ends with equal records, and expiry keeps working on the refilled one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_with_and_without_expiry_converge_under_anti_entropy() {
+    let storage_args = ["--anti-entropy-period-secs", "2"];
+    let mut cluster = Cluster::start_with(ClusterOptions {
+        storage_args: storage_args.iter().map(|s| (*s).to_owned()).collect(),
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    let client = cluster.client(0).await.unwrap();
+    let plain: Vec<String> = (0..40).map(|i| format!("plain-{i}")).collect();
+    let expiring: Vec<String> = (0..40).map(|i| format!("expiring-{i}")).collect();
+    let all_write = WriteOptions { consistency: Consistency::All, ..WriteOptions::default() };
+    for key in &plain {
+        client.put(key, b"forever".to_vec(), all_write.clone()).await.unwrap();
+    }
+    let ttl = WriteOptions { ttl: Some(Duration::from_secs(600)), ..all_write.clone() };
+    for key in &expiring {
+        client.put(key, b"for a while".to_vec(), ttl.clone()).await.unwrap();
+    }
+    // Only anti-entropy may refill the wiped node: no writes, no reads until it converged.
+    cluster.wipe_storage(1).unwrap();
+    let keys: Vec<String> = plain.iter().chain(&expiring).cloned().collect();
+    wait_for_replicas(&cluster, "t", &keys, 3, &[0, 1, 2], ReplicaCheck::Converged, Duration::from_secs(90))
+        .await
+        .unwrap();
+    let topology = cluster.topology().await.unwrap();
+    let scan = scan_replicas(&cluster, &topology, "t", &keys, &[1]).await.unwrap();
+    for key in &expiring {
+        let set = scan.record(key, 2).expect("refilled");
+        assert!(set.siblings()[0].expires_at_ms.is_some(), "{key} kept its expiry on the refilled node");
+    }
+    for key in &plain {
+        let set = scan.record(key, 2).expect("refilled");
+        assert!(set.siblings()[0].expires_at_ms.is_none(), "{key} gained no expiry");
+        assert_eq!(pairdb_core::encoding::encode_version_set(set)[0], 1, "{key} is stored as format 1");
+    }
+}
