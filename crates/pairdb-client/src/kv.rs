@@ -197,7 +197,7 @@ impl KvClient {
             context: options.context.clone(),
             overwrite: options.overwrite,
             options: Some(write_options(&options, timeout)),
-            ttl_ms: ttl_ms(&options),
+            ttl_ms: wire_ttl_ms(options.ttl),
             expires_at_ms: options.expires_at_ms.unwrap_or(0),
         };
         let safe = options.idempotency_key.is_some();
@@ -243,7 +243,7 @@ impl KvClient {
             tenant_id: self.tenant_id.clone(),
             key: key.to_owned(),
             context,
-            ttl_ms: ttl_ms(&options),
+            ttl_ms: wire_ttl_ms(options.ttl),
             expires_at_ms: options.expires_at_ms.unwrap_or(0),
             options: Some(write_options(&options, timeout)),
         };
@@ -268,9 +268,7 @@ impl KvClient {
         let items = items
             .into_iter()
             .map(|item| pb::PutItem {
-                ttl_ms: item
-                    .ttl
-                    .map_or(0, |ttl| u64::try_from(ttl.as_micros().div_ceil(1000)).unwrap_or(u64::MAX)),
+                ttl_ms: wire_ttl_ms(item.ttl),
                 expires_at_ms: item.expires_at_ms.unwrap_or(0),
                 condition: pairdb_proto::convert::write_condition_to_wire(item.condition),
                 key: item.key,
@@ -412,9 +410,9 @@ fn write_options(options: &WriteOptions, timeout: Duration) -> pb::WriteOptions 
     }
 }
 
-/// `ttl` in whole ms on the wire (0 = unset; a sub-millisecond TTL rounds up to 1 ms).
-fn ttl_ms(options: &WriteOptions) -> u64 {
-    options.ttl.map_or(0, |ttl| u64::try_from(ttl.as_micros().div_ceil(1000)).unwrap_or(u64::MAX))
+/// A TTL in whole ms on the wire (0 = unset; a sub-millisecond TTL rounds up to 1 ms).
+fn wire_ttl_ms(ttl: Option<Duration>) -> u64 {
+    ttl.map_or(0, |ttl| u64::try_from(ttl.as_micros().div_ceil(1000)).unwrap_or(u64::MAX))
 }
 
 fn read_options(options: &ReadOptions, timeout: Duration) -> pb::ReadOptions {

@@ -25,13 +25,15 @@ use pairdb_core::ring::NodeId;
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
-use pairdb_core::reason::Reason;
+use pairdb_core::encoding::encode_vector;
+use pairdb_core::reason::{HasReason, Reason};
 
 use crate::error::RouterError;
 use crate::execute::{Clock, WriteResult};
 use crate::kv::{KvRouter, WriteOutcome, WriteSpec};
 use crate::request::{BatchItem, RequestOptions};
 use crate::storage::{CallBudget, CallError, CoordinateCall, StorageCalls, StoredSet};
+use crate::view::{ClusterView, TenantSettings};
 
 /// The most items one PutMany / DeleteMany may carry.
 pub const MAX_BATCH_ITEMS: usize = 1_000;
@@ -83,8 +85,16 @@ impl KvRouter {
         options.timeout_ms = u32::try_from(left_ms).unwrap_or(u32::MAX);
         let mut results: Vec<Option<Result<WriteOutcome, RouterError>>> = Vec::with_capacity(items.len());
         results.resize_with(items.len(), || None);
-        let mut single = Vec::new();
-        let mut batched = Vec::new();
+        let view = self.view.load();
+        let tenant = match Self::tenant(&view, tenant_id).and_then(|t| Ok((Self::required(&options, &t)?, t)))
+        {
+            Ok(found) => found,
+            Err(error) => {
+                let (reason, message) = (error.reason(), error.to_string());
+                return results.iter().map(|_| Err(RouterError::invalid(reason, message.clone()))).collect();
+            }
+        };
+        let (mut single, mut batched_keys, mut batched) = (Vec::new(), Vec::new(), Vec::new());
         for (index, item) in items.into_iter().enumerate() {
             let needs_read = item.condition.is_some()
                 || (item.context.is_empty() && (item.overwrite || item.value.is_none()));
@@ -92,8 +102,11 @@ impl KvRouter {
                 single.push((index, item));
                 continue;
             }
-            match self.prepare_item(tenant_id, &item, &options) {
-                Ok((plan, call)) => batched.push((index, item.key, plan, call)),
+            match self.prepare_item(&view, &tenant, &item, &options) {
+                Ok(planned) => {
+                    batched_keys.push((index, item.key));
+                    batched.push(planned);
+                }
                 Err(error) => results[index] = Some(Err(error)),
             }
         }
@@ -111,18 +124,13 @@ impl KvRouter {
             })
             .buffer_unordered(SINGLE_PATH_CONCURRENCY)
             .collect::<Vec<_>>();
-        let view = self.view.load();
-        let driven = drive(
-            self.calls(&view),
-            self.clock,
-            batched.iter().map(|(_, _, p, c)| (p.clone(), c.clone())).collect(),
-        );
+        let driven = drive(self.calls(&view), self.clock, batched);
         let (singles, driven) = futures::future::join(singles, driven).await;
         for (index, result) in singles {
             results[index] = Some(result);
         }
         let sealing = Self::sealing_key(&view);
-        for ((index, key, _, _), result) in batched.into_iter().zip(driven) {
+        for ((index, key), result) in batched_keys.into_iter().zip(driven) {
             results[index] = Some(match sealing {
                 Ok(sealing) => Self::outcome(sealing, tenant_id, &key, result),
                 Err(_) => Err(RouterError::NotReady),
@@ -134,20 +142,18 @@ impl KvRouter {
     /// Checks one batched item as a single write would and plans it.
     fn prepare_item(
         &self,
-        tenant_id: &str,
+        view: &ClusterView,
+        (required, tenant): &(usize, Arc<TenantSettings>),
         item: &BatchItem,
         options: &RequestOptions,
     ) -> Result<(WritePlan, CoordinateCall), RouterError> {
-        let view = self.view.load();
-        let tenant = Self::tenant(&view, tenant_id)?;
         let expiry = item.value.is_some().then_some(item.expiry);
         let checked =
-            self.check_write(&view, &tenant, &item.key, item.value.as_ref(), &item.context, expiry)?;
-        let required = Self::required(options, &tenant)?;
-        let (key, plan) = self.write_plan(&view, &tenant, &item.key, required, options)?;
+            self.check_write(view, tenant, &item.key, item.value.as_ref(), &item.context, expiry)?;
+        let (key, plan) = self.write_plan(view, tenant, &item.key, *required, options)?;
         let call = CoordinateCall {
             key,
-            context: checked.context,
+            context: if checked.vector.is_empty() { Vec::new() } else { encode_vector(&checked.vector) },
             value: item.value.clone(),
             timestamp_ms: crate::storage::wall_clock_ms(),
             max_siblings: u32::try_from(tenant.max_siblings).unwrap_or(u32::MAX),

@@ -397,12 +397,7 @@ async fn put(
         value: Some(value_bytes(&body)?),
         context: context(body.context.as_deref())?,
         overwrite: body.overwrite.unwrap_or(false),
-        options: RequestOptions {
-            consistency: consistency(body.consistency.as_deref())?,
-            explicit: body.w.unwrap_or(0),
-            strict_quorum: false,
-            timeout_ms: body.timeout_ms.unwrap_or(0),
-        },
+        options: request_options(body.consistency.as_deref(), body.w, body.timeout_ms)?,
         idempotency_key: idempotency_key(headers)?,
         condition: condition(body.condition.as_deref(), headers)?,
         expiry: expiry(&body)?,
@@ -481,12 +476,7 @@ async fn batch(State(api): State<KvApi>, admitted: Admitted, headers: HeaderMap,
     let request = WriteManyRequest {
         tenant_id: body.tenant_id.unwrap_or_default(),
         items,
-        options: RequestOptions {
-            consistency: consistency(body.consistency.as_deref())?,
-            explicit: body.w.unwrap_or(0),
-            strict_quorum: false,
-            timeout_ms: body.timeout_ms.unwrap_or(0),
-        },
+        options: request_options(body.consistency.as_deref(), body.w, body.timeout_ms)?,
         idempotency_key: idempotency_key(&headers)?,
     };
     let reply = api.write_many(&client, request).await?;
@@ -506,6 +496,20 @@ async fn batch(State(api): State<KvApi>, admitted: Admitted, headers: HeaderMap,
     Ok(ok(
         json!({"results": results, "duplicate": reply.duplicate, "idempotency_key": reply.idempotency_key}),
     ))
+}
+
+/// The options of a request as the HTTP edge reads them: a level, an explicit R or W, a timeout.
+fn request_options(
+    level: Option<&str>,
+    explicit: Option<u32>,
+    timeout_ms: Option<u32>,
+) -> Result<RequestOptions, HttpError> {
+    Ok(RequestOptions {
+        consistency: consistency(level)?,
+        explicit: explicit.unwrap_or(0),
+        strict_quorum: false,
+        timeout_ms: timeout_ms.unwrap_or(0),
+    })
 }
 
 /// A put's or touch's expiry: `ttl_ms` or `expires_at_ms` (at most one).
@@ -536,12 +540,7 @@ async fn touch(State(api): State<KvApi>, admitted: Admitted, headers: HeaderMap,
         value: None,
         context: context(body.context.as_deref())?,
         overwrite: false,
-        options: RequestOptions {
-            consistency: consistency(body.consistency.as_deref())?,
-            explicit: body.w.unwrap_or(0),
-            strict_quorum: false,
-            timeout_ms: body.timeout_ms.unwrap_or(0),
-        },
+        options: request_options(body.consistency.as_deref(), body.w, body.timeout_ms)?,
         idempotency_key: idempotency_key(&headers)?,
         condition: None,
         expiry: expiry(&body)?,
@@ -558,12 +557,7 @@ async fn get(api: &KvApi, client: &Client, path_key: Option<String>, raw_query: 
     let request = ReadRequest {
         tenant_id: query.tenant_id.unwrap_or_default(),
         key: key.clone(),
-        options: RequestOptions {
-            consistency: consistency(query.consistency.as_deref())?,
-            explicit: query.r.unwrap_or(0),
-            strict_quorum: false,
-            timeout_ms: query.timeout_ms.unwrap_or(0),
-        },
+        options: request_options(query.consistency.as_deref(), query.r, query.timeout_ms)?,
     };
     let outcome = api.get(client, request).await?;
     Ok(ok(read_json(&key, &outcome)))
@@ -585,12 +579,7 @@ async fn delete(
         value: None,
         context: context(query.context.as_deref())?,
         overwrite: true,
-        options: RequestOptions {
-            consistency: consistency(query.consistency.as_deref())?,
-            explicit: query.w.unwrap_or(0),
-            strict_quorum: false,
-            timeout_ms: query.timeout_ms.unwrap_or(0),
-        },
+        options: request_options(query.consistency.as_deref(), query.w, query.timeout_ms)?,
         idempotency_key: idempotency_key(headers)?,
         condition: condition(query.condition.as_deref(), headers)?,
         expiry: Requested::TenantDefault,
@@ -668,12 +657,7 @@ async fn list(api: &KvApi, client: &Client, group: String, raw_query: Option<&st
         reverse: query.reverse.unwrap_or(false),
         include_tombstones: query.include_tombstones.unwrap_or(false),
         conflicts_only: query.conflicts_only.unwrap_or(false),
-        options: RequestOptions {
-            consistency: consistency(query.consistency.as_deref())?,
-            explicit: query.r.unwrap_or(0),
-            strict_quorum: false,
-            timeout_ms: query.timeout_ms.unwrap_or(0),
-        },
+        options: request_options(query.consistency.as_deref(), query.r, query.timeout_ms)?,
         allow_partial: query.allow_partial.unwrap_or(false),
         max_bytes: query.max_bytes.unwrap_or(0),
     };

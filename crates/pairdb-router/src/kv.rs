@@ -246,7 +246,7 @@ impl KvRouter {
         let required = Self::required(&options, &tenant)?;
         let sealing = Self::sealing_key(&view)?;
         let expiring = value.is_some() || touch;
-        let Checked { vector, now, expires_at_ms, .. } =
+        let Checked { vector, now, expires_at_ms } =
             self.check_write(&view, &tenant, key, value.as_ref(), context, expiring.then_some(expiry))?;
         if touch && vector.is_empty() {
             return Err(RouterError::invalid(Reason::InvalidContext, "a touch needs the context of a read"));
@@ -339,8 +339,7 @@ impl KvRouter {
                 .map_err(|e| RouterError::from_reasoned(&e))?,
             None => None,
         };
-        let encoded = if vector.is_empty() { Vec::new() } else { encode_vector(&vector) };
-        Ok(Checked { vector, context: encoded, now, expires_at_ms })
+        Ok(Checked { vector, now, expires_at_ms })
     }
 
     /// Where and how a write to `key` goes: the key as storage nodes name it, and its plan (preference
@@ -431,8 +430,6 @@ impl KvRouter {
 pub(crate) struct Checked {
     /// The client's verified context.
     pub vector: VersionVector,
-    /// The same in the internal encoding (empty for a blind write).
-    pub context: Vec<u8>,
     /// The router's wall clock when it was checked.
     pub now: u64,
     pub expires_at_ms: Option<u64>,

@@ -90,7 +90,7 @@ pub struct ListCall {
 }
 
 /// A set a coordinator stored, decoded and as encoded (replicated as is, never re-encoded).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct StoredSet {
     pub set: VersionSet,
     pub encoded: Vec<u8>,
@@ -171,20 +171,11 @@ impl StorageCalls {
             writes.iter_mut().for_each(|write| set_apply_deadline(write, left));
             c.coordinate_write_batch(pb::CoordinateWriteBatchRequest { writes }).await
         };
-        match self.call(node, "storage.coordinate_write_batch", partition, budget, rpc).await {
-            Err(error) => vec![Err(error); count],
-            Ok(response) if response.results.len() != count => {
-                vec![Err(CallError::Failed(FailureCause::Error)); count]
-            }
-            Ok(response) => response
-                .results
-                .into_iter()
-                .map(|result| match result.error {
-                    Some(detail) => Err(item_error(detail)),
-                    None => stored_set(node, result.version_set),
-                })
-                .collect(),
-        }
+        let answer = self.call(node, "storage.coordinate_write_batch", partition, budget, rpc).await;
+        per_item(answer.map(|r| r.results), count, |result| match result.error {
+            Some(detail) => Err(item_error(detail)),
+            None => stored_set(node, result.version_set),
+        })
     }
 
     /// [`Self::replicate`] for many sets in one RPC: one result per item, in order.
@@ -197,30 +188,17 @@ impl StorageCalls {
         let partition = items.first().map_or(PartitionId(0), |i| i.0.partition);
         let items: Vec<pb::ReplicateRequest> = items
             .into_iter()
-            .map(|(key, version_set, hint_for)| pb::ReplicateRequest {
-                key: Some(key.into_wire()),
-                version_set,
-                hint_for_node_id: hint_for.map_or(0, |n| n.0),
-            })
+            .map(|(key, encoded, hint_for)| replicate_request(key, encoded, hint_for))
             .collect();
         let budget = CallBudget::storage_timeout(&self.pool);
         let rpc = |mut c: StorageClient, _| async move {
             c.replicate_batch(pb::ReplicateBatchRequest { items }).await
         };
-        match self.call(node, "storage.replicate_batch", partition, budget, rpc).await {
-            Err(error) => vec![Err(error); count],
-            Ok(response) if response.results.len() != count => {
-                vec![Err(CallError::Failed(FailureCause::Error)); count]
-            }
-            Ok(response) => response
-                .results
-                .into_iter()
-                .map(|result| match result.error {
-                    Some(detail) => Err(item_error(detail)),
-                    None => Ok(()),
-                })
-                .collect(),
-        }
+        let answer = self.call(node, "storage.replicate_batch", partition, budget, rpc).await;
+        per_item(answer.map(|r| r.results), count, |result| match result.error {
+            Some(detail) => Err(item_error(detail)),
+            None => Ok(()),
+        })
     }
 
     /// Stores the encoded set on `node`: as its replica, or (with `hint_for`) as a hint for that owner.
@@ -232,11 +210,7 @@ impl StorageCalls {
         hint_for: Option<NodeId>,
     ) -> Result<(), CallError> {
         let partition = key.partition;
-        let request = pb::ReplicateRequest {
-            key: Some(key.into_wire()),
-            version_set: encoded,
-            hint_for_node_id: hint_for.map_or(0, |n| n.0),
-        };
+        let request = replicate_request(key, encoded, hint_for);
         let budget = CallBudget::storage_timeout(&self.pool);
         let rpc = |mut c: StorageClient, _| async move { c.replicate(request).await };
         self.call(node, "storage.replicate", partition, budget, rpc).await.map(|_| ())
@@ -500,6 +474,29 @@ fn coordinate_request(call: CoordinateCall) -> pb::CoordinateWriteRequest {
         expires_at_ms: call.expires_at_ms,
         touch: call.touch_over.is_some(),
         touch_over: call.touch_over.unwrap_or_default(),
+    }
+}
+
+/// The wire form of a replicate call (0: no hint).
+fn replicate_request(key: StorageKey, encoded: Vec<u8>, hint_for: Option<NodeId>) -> pb::ReplicateRequest {
+    pb::ReplicateRequest {
+        key: Some(key.into_wire()),
+        version_set: encoded,
+        hint_for_node_id: hint_for.map_or(0, |n| n.0),
+    }
+}
+
+/// One result per item of a batched call: a failed call fails every item alike, and an answer
+/// with another number of results than items is the node's error; otherwise `item` reads each.
+fn per_item<R, T>(
+    answer: Result<Vec<R>, CallError>,
+    count: usize,
+    item: impl Fn(R) -> Result<T, CallError>,
+) -> Vec<Result<T, CallError>> {
+    match answer {
+        Ok(results) if results.len() == count => results.into_iter().map(item).collect(),
+        Ok(_) => (0..count).map(|_| Err(CallError::Failed(FailureCause::Error))).collect(),
+        Err(error) => (0..count).map(|_| Err(error.clone())).collect(),
     }
 }
 

@@ -4,8 +4,7 @@
 //! batch shares one group commit, and no item is answered before it (a failed flush or fsync fails
 //! every item that was applied, as the engine's poison signal does for single calls).
 
-use pairdb_core::condition::WriteCondition;
-use pairdb_core::dvv::{VersionSet, VersionVector};
+use pairdb_core::dvv::VersionSet;
 use pairdb_core::encoding::encode_version_set;
 use pairdb_core::ring::NodeId;
 use pairdb_proto::common::v1::ErrorDetail;
@@ -13,7 +12,7 @@ use pairdb_proto::storage::v1 as pb;
 use pairdb_service::errors::{Reason, detail_of, status};
 use tonic::Status;
 
-use crate::engine::{ApplyDeadline, CoordinatedWrite, Engine, EngineError, QuotaGuard};
+use crate::engine::{ApplyDeadline, CoordinatedWrite, Engine, EngineError};
 use crate::keys::RecordKey;
 
 /// The most items one batched call may carry.
@@ -31,40 +30,18 @@ pub fn check_len(items: usize) -> Result<(), Status> {
     }
 }
 
-/// A checked coordinate call, owning what the engine's [`CoordinatedWrite`] borrows.
+/// A checked coordinate call: the write the engine applies, for its key, before its deadline.
 #[derive(Debug)]
 pub struct PreparedWrite {
     pub key: RecordKey,
-    pub context: VersionVector,
-    pub value: Option<Vec<u8>>,
-    pub timestamp_ms: u64,
-    pub max_siblings: Option<usize>,
-    pub supersede_local: bool,
-    pub quota: QuotaGuard,
-    pub condition: Option<(WriteCondition, VersionVector)>,
-    pub expires_at_ms: Option<u64>,
-    pub touch_over: Option<VersionSet>,
+    pub write: CoordinatedWrite,
     pub deadline: ApplyDeadline,
 }
 
 impl PreparedWrite {
-    fn write(&self) -> CoordinatedWrite<'_> {
-        CoordinatedWrite {
-            context: &self.context,
-            value: self.value.clone(),
-            timestamp_ms: self.timestamp_ms,
-            max_siblings: self.max_siblings,
-            supersede_local: self.supersede_local,
-            quota: self.quota,
-            condition: self.condition.clone(),
-            expires_at_ms: self.expires_at_ms,
-            touch_over: self.touch_over.clone(),
-        }
-    }
-
     /// Applies it durably (a single call).
     pub fn apply(self, engine: &Engine) -> Result<VersionSet, EngineError> {
-        engine.coordinate_write_before(&self.key, self.write(), self.deadline)
+        engine.coordinate_write_before(&self.key, self.write, self.deadline)
     }
 }
 
@@ -114,8 +91,8 @@ pub fn coordinate(
         .into_iter()
         .map(|prepared| match prepared {
             Err(refused) => Err(status_detail(&refused)),
-            Ok(write) => {
-                engine.coordinate_write_unsynced(&write.key, write.write(), write.deadline).map_err(detail)
+            Ok(PreparedWrite { key, write, deadline }) => {
+                engine.coordinate_write_unsynced(&key, write, deadline).map_err(detail)
             }
         })
         .collect();

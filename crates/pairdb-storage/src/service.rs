@@ -22,7 +22,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::batch::{PreparedReplica, PreparedWrite};
-use crate::engine::{ApplyDeadline, Engine, EngineError, QuotaGuard, RecordDigest, TombstonePlacement};
+use crate::engine::{
+    ApplyDeadline, CoordinatedWrite, Engine, EngineError, QuotaGuard, RecordDigest, TombstonePlacement,
+};
 use crate::keys::RecordKey;
 use crate::listing::ListingPacer;
 use crate::merkle::MERKLE_DEPTH;
@@ -168,10 +170,9 @@ impl StorageApi {
             true => Some(decode_set("coordinate_write", &request.touch_over)?),
             false => None,
         };
-        Ok(PreparedWrite {
+        let write = CoordinatedWrite {
             quota: self.quota_guard(&key.tenant),
             condition: write_condition(request.condition, &request.observed)?,
-            key,
             context,
             value: request.value,
             timestamp_ms: request.timestamp_ms,
@@ -179,8 +180,8 @@ impl StorageApi {
             supersede_local: request.supersede_local,
             expires_at_ms: request.expires_at_ms,
             touch_over,
-            deadline,
-        })
+        };
+        Ok(PreparedWrite { key, write, deadline })
     }
 
     /// Checks a replicate call: the key and tenant, the set, and whether it is a hint for another

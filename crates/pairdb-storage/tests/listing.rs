@@ -259,7 +259,7 @@ fn a_reached_quota_refuses_only_writes_that_grow_what_it_counts() {
     let write = |name: &str, value: Option<&[u8]>, quota: QuotaGuard| {
         let seen = engine.get(&key(name)).unwrap().map(|s| s.vector().clone()).unwrap_or_default();
         let write = CoordinatedWrite {
-            context: &seen,
+            context: seen,
             value: value.map(<[u8]>::to_vec),
             timestamp_ms: 5,
             max_siblings: None,

@@ -194,8 +194,8 @@ fn storable(set: &VersionSet) -> Result<(), EngineError> {
 
 /// A client write as the coordinator applies it.
 #[derive(Debug, Clone)]
-pub struct CoordinatedWrite<'a> {
-    pub context: &'a VersionVector,
+pub struct CoordinatedWrite {
+    pub context: VersionVector,
     /// `None` writes a tombstone.
     pub value: Option<Vec<u8>>,
     pub timestamp_ms: u64,

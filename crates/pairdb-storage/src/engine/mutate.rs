@@ -77,7 +77,7 @@ fn record_ops(key: &RecordKey, encoded_key: &[u8], existed: bool, change: Change
 /// re-stamped (nothing live under the context: KEY_NOT_FOUND, nothing applied).
 fn apply_coordinated(
     existing: Option<&VersionSet>,
-    write: &CoordinatedWrite<'_>,
+    write: CoordinatedWrite,
     actor: Actor,
     now_ms: u64,
 ) -> Result<VersionSet, EngineError> {
@@ -85,17 +85,17 @@ fn apply_coordinated(
     if let Some(seen) = &write.touch_over {
         set.merge_from(seen);
         storable(&set)?;
-        if set.touch(write.context, actor, write.expires_at_ms, now_ms)?.is_empty() {
+        if set.touch(&write.context, actor, write.expires_at_ms, now_ms)?.is_empty() {
             return Err(EngineError::NothingToTouch);
         }
         return Ok(set);
     }
-    let mut context = write.context.clone();
+    let mut context = write.context;
     if write.supersede_local {
         context.merge(set.vector());
     }
     let new = NewVersion {
-        value: write.value.clone(),
+        value: write.value,
         timestamp_ms: write.timestamp_ms,
         expires_at_ms: write.expires_at_ms,
     };
@@ -156,7 +156,7 @@ impl Engine {
     ) -> Result<VersionSet, EngineError> {
         let quota = QuotaGuard::default();
         let write = CoordinatedWrite {
-            context,
+            context: context.clone(),
             value,
             timestamp_ms,
             max_siblings,
@@ -175,7 +175,7 @@ impl Engine {
     pub fn coordinate_write_before(
         &self,
         key: &RecordKey,
-        write: CoordinatedWrite<'_>,
+        write: CoordinatedWrite,
         deadline: ApplyDeadline,
     ) -> Result<VersionSet, EngineError> {
         self.coordinate(key, write, deadline, Apply::Commit)
@@ -187,7 +187,7 @@ impl Engine {
     pub fn coordinate_write_unsynced(
         &self,
         key: &RecordKey,
-        write: CoordinatedWrite<'_>,
+        write: CoordinatedWrite,
         deadline: ApplyDeadline,
     ) -> Result<VersionSet, EngineError> {
         self.coordinate(key, write, deadline, Apply::Journal)
@@ -201,7 +201,7 @@ impl Engine {
     fn coordinate(
         &self,
         key: &RecordKey,
-        write: CoordinatedWrite<'_>,
+        write: CoordinatedWrite,
         deadline: ApplyDeadline,
         apply: Apply,
     ) -> Result<VersionSet, EngineError> {
@@ -227,8 +227,9 @@ impl Engine {
                 None => None,
             };
             let actor = minting.unwrap_or_else(|| Actor(rand::random::<u64>()));
-            let set = apply_coordinated(existing, &write, actor, now)?;
-            write.quota.check(existing.map(Usage::of).unwrap_or_default(), Usage::of(&set))?;
+            let quota = write.quota;
+            let set = apply_coordinated(existing, write, actor, now)?;
+            quota.check(existing.map(Usage::of).unwrap_or_default(), Usage::of(&set))?;
             let change =
                 if minting.is_some() { Change::Put(set.clone()) } else { Change::Mint(set.clone(), actor) };
             Ok((change, set))
