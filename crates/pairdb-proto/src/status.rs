@@ -1,11 +1,12 @@
 //! The reason → gRPC code table and the error detail every PairDB status carries. A service's error
-//! becomes a `tonic::Status` here (with a `pairdb.common.v1.ErrorDetail`: reason, message, metadata
-//! in the status details), and a client reads the reason back here, so both ends share one table.
+//! becomes a `tonic::Status` here (a `google.rpc.Status` with a `google.rpc.ErrorInfo`: reason,
+//! domain, metadata in the status details), and a client reads the reason back here, so both ends share one table.
 //! The HTTP side of the table is in `pairdb-service`.
 
 pub use pairdb_core::reason::{HasReason, Reason};
 use prost::Message;
 use tonic::Code;
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::common::v1::ErrorDetail;
 
@@ -103,19 +104,32 @@ pub const fn reason_of_code(code: Code) -> Reason {
     }
 }
 
-/// A status for `reason` with a human message and structured metadata in its details.
+/// The `ErrorInfo.domain` of every PairDB error.
+pub const ERROR_DOMAIN: &str = "pairdb.dev";
+
+/// A status for `reason` with a human message and structured metadata in its details: the standard
+/// `google.rpc.Status` carrying a `google.rpc.ErrorInfo` (reason, domain [`ERROR_DOMAIN`], metadata),
+/// which stock gRPC clients read (`grpcio-status`, grpc-go's `status.FromError(..).Details()`).
 pub fn status(reason: Reason, message: impl Into<String>, metadata: &[(&str, String)]) -> tonic::Status {
-    let message = message.into();
-    let detail = ErrorDetail {
-        reason: reason.as_str().to_owned(),
-        message: message.clone(),
-        metadata: metadata.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect(),
-    };
-    tonic::Status::with_details(grpc_code(reason), message, detail.encode_to_vec().into())
+    let metadata: std::collections::HashMap<String, String> =
+        metadata.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+    let details = ErrorDetails::with_error_info(reason.as_str(), ERROR_DOMAIN, metadata);
+    tonic::Status::with_error_details(grpc_code(reason), message, details)
 }
 
-/// The structured detail of a status made by [`status`], if any.
+/// The structured detail of a PairDB status, if any: from its `google.rpc.ErrorInfo`, or — from a
+/// previous release, which sent a bare `pairdb.common.v1.ErrorDetail` — from that. The two encodings
+/// cannot be mistaken for each other (field 1 is an integer in one and a string in the other).
 pub fn detail_of(status: &tonic::Status) -> Option<ErrorDetail> {
+    if let Some(info) =
+        status.get_details_error_info().filter(|i| i.domain == ERROR_DOMAIN && !i.reason.is_empty())
+    {
+        return Some(ErrorDetail {
+            reason: info.reason,
+            message: status.message().to_owned(),
+            metadata: info.metadata.into_iter().collect(),
+        });
+    }
     ErrorDetail::decode(status.details()).ok().filter(|d| !d.reason.is_empty())
 }
 
