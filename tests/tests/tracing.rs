@@ -1,7 +1,10 @@
 //! Traces end to end: a real OTLP/gRPC receiver runs in the test, the cluster's processes export to it
 //! (`OTEL_EXPORTER_OTLP_ENDPOINT`), and one QUORUM put and one get must each be one trace in which
 //! the router's request span is the parent of one span per contacted storage node, the storage nodes'
-//! spans continue those calls, service names are right, and no key or value appears anywhere.
+//! spans continue those calls, service names are right, and no key or value appears anywhere. Every
+//! gRPC span carries the RPC semantic conventions; an HTTP put continues the caller's `traceparent`;
+//! a request that fails with QUORUM_NOT_REACHED has status ERROR on the router's spans and on the
+//! failed replica calls; health probes make no spans.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::{BTreeSet, HashMap};
@@ -44,6 +47,9 @@ struct Span {
     span_id: Vec<u8>,
     parent_span_id: Vec<u8>,
     attributes: HashMap<String, String>,
+    /// OTLP status code: 0 unset, 1 ok, 2 error.
+    status: i32,
+    status_message: String,
 }
 
 fn text(value: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
@@ -77,6 +83,8 @@ fn spans(receiver: &Receiver) -> Vec<Span> {
                         span_id: span.span_id.clone(),
                         parent_span_id: span.parent_span_id.clone(),
                         attributes: attributes(&span.attributes),
+                        status: span.status.as_ref().map_or(0, |s| s.code),
+                        status_message: span.status.as_ref().map(|s| s.message.clone()).unwrap_or_default(),
                     });
                 }
             }
@@ -138,22 +146,30 @@ async fn one_trace_per_request_with_one_child_span_per_storage_node() {
     let (get_root, get_children) = get;
     assert_ne!(put_root.trace_id, get_root.trace_id, "one trace per request");
     for (root, children, rpcs) in [
-        (&put_root, &put_children, &["storage.coordinate_write", "storage.replicate"][..]),
-        (&get_root, &get_children, &["storage.get"][..]),
+        (
+            &put_root,
+            &put_children,
+            &[
+                "pairdb.storage.v1.StorageService/CoordinateWrite",
+                "pairdb.storage.v1.StorageService/Replicate",
+            ][..],
+        ),
+        (&get_root, &get_children, &["pairdb.storage.v1.StorageService/Get"][..]),
     ] {
         assert_eq!(root.service, "pairdb-router");
-        assert_eq!(root.attributes.get("tenant").map(String::as_str), Some("t"));
-        assert_eq!(root.attributes.get("consistency").map(String::as_str), Some("quorum"));
-        assert_eq!(root.attributes.get("outcome").map(String::as_str), Some("ok"));
-        assert!(root.attributes.contains_key("partition"), "{root:?}");
-        let nodes: Vec<&String> = children.iter().map(|c| c.attributes.get("node_id").unwrap()).collect();
+        assert_eq!(root.attributes.get("pairdb.tenant").map(String::as_str), Some("t"));
+        assert_eq!(root.attributes.get("pairdb.consistency").map(String::as_str), Some("quorum"));
+        assert_eq!(root.attributes.get("pairdb.outcome").map(String::as_str), Some("ok"));
+        assert!(root.attributes.contains_key("pairdb.partition"), "{root:?}");
+        let nodes: Vec<&String> =
+            children.iter().map(|c| c.attributes.get("pairdb.node_id").unwrap()).collect();
         let distinct: BTreeSet<&String> = nodes.iter().copied().collect();
         assert_eq!(nodes.len(), distinct.len(), "one span per contacted node: {children:#?}");
         for child in children {
             assert!(rpcs.contains(&child.name.as_str()), "{child:?}");
             assert_eq!(child.trace_id, root.trace_id);
             assert_eq!(child.service, "pairdb-router");
-            assert_eq!(child.attributes.get("partition"), root.attributes.get("partition"));
+            assert_eq!(child.attributes.get("pairdb.partition"), root.attributes.get("pairdb.partition"));
             // The storage node continued this call in the same trace.
             let continued = all
                 .iter()
@@ -166,6 +182,7 @@ async fn one_trace_per_request_with_one_child_span_per_storage_node() {
     let trace_ids: BTreeSet<&Vec<u8>> =
         all.iter().filter(|s| s.name.starts_with("router.")).map(|s| &s.trace_id).collect();
     assert_eq!(trace_ids.len(), 2, "exactly the two client requests started traces");
+    assert_rpc_conventions(&all);
 
     // Never key contents or values, in any attribute of any span or resource.
     for batch in receiver.batches.lock().unwrap().iter() {
@@ -175,6 +192,157 @@ async fn one_trace_per_request_with_one_child_span_per_storage_node() {
             "key or value leaked into a span"
         );
     }
+}
+
+/// Every gRPC span (server or client) names its method without a leading `/` and carries the RPC
+/// semantic conventions.
+fn assert_rpc_conventions(all: &[Span]) {
+    let grpc: Vec<&Span> = all.iter().filter(|s| s.attributes.contains_key("rpc.system")).collect();
+    assert!(grpc.len() >= 10, "gRPC spans: {all:#?}");
+    for span in grpc {
+        assert!(!span.name.starts_with('/'), "{span:?}");
+        assert_eq!(span.attributes.get("rpc.system").map(String::as_str), Some("grpc"), "{span:?}");
+        let service = span.attributes.get("rpc.service").expect("rpc.service");
+        let method = span.attributes.get("rpc.method").expect("rpc.method");
+        assert!(service.starts_with("pairdb.") && !method.is_empty(), "{span:?}");
+        assert!(span.name.starts_with(&format!("{service}/{method}")), "{span:?}");
+        assert!(span.attributes.contains_key("rpc.grpc.status_code"), "{span:?}");
+        assert!(span.attributes.contains_key("server.address"), "{span:?}");
+    }
+    // No un-namespaced custom attributes.
+    for span in all {
+        for key in ["tenant", "partition", "node_id", "outcome", "consistency"] {
+            assert!(!span.attributes.contains_key(key), "{key} without the pairdb. namespace: {span:?}");
+        }
+    }
+}
+
+async fn start_receiver() -> (Receiver, std::net::SocketAddr) {
+    let receiver = Receiver::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let otlp = listener.local_addr().unwrap();
+    let server = receiver.clone();
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(server))
+            .serve_with_incoming(tokio_stream_incoming(listener))
+            .await
+    });
+    (receiver, otlp)
+}
+
+fn exporting_to(otlp: std::net::SocketAddr) -> Vec<(String, String)> {
+    vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(), format!("http://{otlp}")),
+        ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "100".to_owned()),
+    ]
+}
+
+/// Waits until `found` finds what it looks for in the received spans.
+async fn wait_for<T>(receiver: &Receiver, what: &str, found: impl Fn(&[Span]) -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(found) = found(&spans(receiver)) {
+            return found;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{what} never arrived: {:#?}", spans(receiver));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn http_requests_continue_traceparent_and_probes_make_no_spans() {
+    let (receiver, otlp) = start_receiver().await;
+    let options = ClusterOptions { env: exporting_to(otlp), ..ClusterOptions::default() };
+    let cluster = Cluster::start_with(options).await.unwrap();
+    let router = cluster.routers[0].addr;
+    for process in std::iter::once(&cluster.meta).chain(&cluster.storage).chain(&cluster.routers) {
+        for path in ["/health/ready", "/health/live", "/metrics"] {
+            pairdb_tests::http_get(process.addr, path).unwrap();
+        }
+    }
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent_id = "00f067aa0ba902b7";
+    let traceparent = format!("00-{trace_id}-{parent_id}-01");
+    let headers = [("content-type", "application/json"), ("traceparent", traceparent.as_str())];
+    let body = r#"{"tenant_id":"t","value":"v-http","consistency":"quorum"}"#;
+    let (status, answer) =
+        pairdb_tests::http_request(router, "PUT", "/v1/kv/k-http-secret", &headers, Some(body.as_bytes()))
+            .unwrap();
+    assert_eq!(status, 200, "{answer}");
+
+    let server = wait_for(&receiver, "the HTTP server span", |all| {
+        all.iter().find(|s| s.name == "PUT /v1/kv/{key}").cloned()
+    })
+    .await;
+    assert_eq!(hex(&server.trace_id), trace_id, "continues the caller's trace");
+    assert_eq!(hex(&server.parent_span_id), parent_id);
+    assert_eq!(server.service, "pairdb-router");
+    assert_eq!(server.attributes.get("http.route").map(String::as_str), Some("/v1/kv/{key}"));
+    assert_eq!(server.attributes.get("http.response.status_code").map(String::as_str), Some("200"));
+    assert_eq!(server.attributes.get("http.request.method").map(String::as_str), Some("PUT"));
+    let put = wait_for(&receiver, "the router.put span", |all| {
+        all.iter().find(|s| s.name == "router.put" && s.parent_span_id == server.span_id).cloned()
+    })
+    .await;
+    assert_eq!(put.trace_id, server.trace_id);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let all = spans(&receiver);
+    assert!(
+        all.iter()
+            .all(|s| !s.name.contains("health") && !s.name.contains("metrics") && !s.name.contains("Health")),
+        "probes and scrapes made spans: {all:#?}"
+    );
+    assert!(!format!("{all:?}").contains("k-http-secret"), "the key leaked into a span");
+}
+
+#[tokio::test]
+async fn a_quorum_failure_is_an_error_on_the_router_span_and_on_the_failed_replica_calls() {
+    let (receiver, otlp) = start_receiver().await;
+    let options = ClusterOptions { env: exporting_to(otlp), ..ClusterOptions::default() };
+    let mut cluster = Cluster::start_with(options).await.unwrap();
+    let kv = cluster.client(0).await.unwrap();
+    let quorum = WriteOptions { consistency: Consistency::Quorum, ..WriteOptions::default() };
+    kv.put("warm", b"up".to_vec(), quorum.clone()).await.unwrap();
+    cluster.kill_storage(1);
+    cluster.kill_storage(2);
+    let error = kv.put("after-kill", b"v".to_vec(), quorum).await.unwrap_err();
+    assert_eq!(error.reason(), "QUORUM_NOT_REACHED", "{error:?}");
+
+    let (root, failed) = wait_for(&receiver, "the failed put", |all| {
+        let root = all.iter().find(|s| {
+            s.name == "router.put"
+                && s.attributes.get("pairdb.outcome").map(String::as_str) == Some("QUORUM_NOT_REACHED")
+        })?;
+        let failed: Vec<Span> = all
+            .iter()
+            .filter(|s| {
+                s.parent_span_id == root.span_id
+                    && s.attributes.get("pairdb.outcome").is_some_and(|o| o != "ok")
+            })
+            .cloned()
+            .collect();
+        (!failed.is_empty()).then(|| (root.clone(), failed))
+    })
+    .await;
+    assert_eq!(root.status, 2, "router span status ERROR: {root:?}");
+    assert!(root.status_message.contains("QUORUM_NOT_REACHED"), "{root:?}");
+    for span in &failed {
+        assert_eq!(span.status, 2, "failed replica call has status ERROR: {span:?}");
+        assert!(!span.status_message.is_empty(), "{span:?}");
+    }
+    let server = wait_for(&receiver, "the KV server span", |all| {
+        all.iter().find(|s| s.span_id == root.parent_span_id).cloned()
+    })
+    .await;
+    assert_eq!(server.name, "pairdb.kv.v1.KvService/Put");
+    assert_eq!(server.status, 2, "{server:?}");
+    assert_eq!(server.attributes.get("rpc.grpc.status_code").map(String::as_str), Some("14"));
+    assert_eq!(server.attributes.get("pairdb.reason").map(String::as_str), Some("QUORUM_NOT_REACHED"));
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn tokio_stream_incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {

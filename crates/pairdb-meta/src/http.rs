@@ -48,6 +48,27 @@ use crate::error::MetaError;
 use crate::grpc::{authorized, migration_rates};
 use crate::model::{ApiKey, ConflictMode, KeyGroups, Migration, NodeRebuild, Tenant, UsageTotal};
 
+/// The templates of [`routes`], which name the requests' spans (kept in step with `routes`: a debug
+/// build asserts that each request's template is the one axum matched).
+pub const ROUTES: &[&str] = &[
+    "/v1/tenants",
+    "/v1/tenants/{tenant_id}",
+    "/v1/tenants/{tenant_id}/replication-factor",
+    "/v1/tenants/{tenant_id}/usage",
+    "/v1/tenants/{tenant_id}/api-keys",
+    "/v1/api-keys",
+    "/v1/api-keys/{key_id}",
+    "/v1/admin/storage-nodes",
+    "/v1/admin/storage-nodes/{node_id}",
+    "/v1/admin/storage-nodes/{node_id}/rebuild",
+    "/v1/admin/migrations",
+    "/v1/admin/migrations/{migration_id}",
+    "/v1/admin/migrations/{migration_id}/cancel",
+    "/v1/admin/context-keys/rotate",
+    "/v1/admin/cluster-credentials",
+    "/v1/{*rest}",
+];
+
 /// The admin routes, behind the admin-token check.
 pub fn routes(meta: Meta, auth: Arc<AdminAuth>) -> Router {
     Router::new()
@@ -163,13 +184,10 @@ fn parse_node_id(text: &str) -> Result<NodeId, MetaError> {
         .map_err(|_| MetaError::InvalidArgument(format!("node id {text:?} is not a number")))
 }
 
-/// `key=value` pairs of a query string (values used here never need percent-decoding, and one that
-/// would is rejected by the field's own validation).
+/// The value of `name` in a query string, decoded as `application/x-www-form-urlencoded`.
 fn query_param(query: &Option<String>, name: &str) -> Option<String> {
-    query.as_deref()?.split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        (key == name).then(|| value.to_owned())
-    })
+    form_urlencoded::parse(query.as_deref()?.as_bytes())
+        .find_map(|(key, value)| (key == name).then(|| value.into_owned()))
 }
 
 fn parse_consistency(text: Option<String>) -> Result<Option<Consistency>, MetaError> {

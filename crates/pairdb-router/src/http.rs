@@ -43,6 +43,11 @@ pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 /// Largest `POST /v1/kv:batch` body (4 MiB of values, as base64 or JSON text, plus the items).
 pub const MAX_BATCH_BODY_BYTES: usize = 12 * 1024 * 1024;
 
+/// The templates of [`routes`], which name the requests' spans (kept in step with `routes`: a debug
+/// build asserts that each request's template is the one axum matched).
+pub const ROUTES: &[&str] =
+    &["/v1/key-value", "/v1/kv/{key}", "/v1/kv", "/v1/kv:touch", "/v1/kv:batch", "/v1/groups/{group}/kv"];
+
 /// The router's HTTP KV routes.
 pub fn routes(api: KvApi) -> Router {
     Router::new()
@@ -219,29 +224,21 @@ fn parse_query<T: serde::de::DeserializeOwned>(raw: Option<&str>) -> Result<T, H
         .map_err(|error| HttpError::invalid(Reason::InvalidArgument, format!("query: {error}")))
 }
 
+/// A query component as `application/x-www-form-urlencoded` decodes it (`+` is a space, `%XX` a
+/// byte), but strict where WHATWG is lenient: a `%` not followed by two hex digits and bytes that are
+/// not UTF-8 are refused, never passed through or replaced, so a key is never silently changed.
 fn percent_decode(text: &str) -> Result<String, HttpError> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = bytes
-                    .get(i + 1..i + 3)
-                    .and_then(|hex| std::str::from_utf8(hex).ok())
-                    .and_then(|hex| u8::from_str_radix(hex, 16).ok())
-                    .ok_or_else(|| {
-                        HttpError::invalid(Reason::InvalidArgument, "malformed percent-encoding in the query")
-                    })?;
-                out.push(hex);
-                i += 2;
-            }
-            byte => out.push(byte),
-        }
-        i += 1;
+    let malformed = text.match_indices('%').any(|(at, _)| {
+        !text.as_bytes().get(at + 1..at + 3).is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    if malformed {
+        return Err(HttpError::invalid(Reason::InvalidArgument, "malformed percent-encoding in the query"));
     }
-    String::from_utf8(out).map_err(|_| HttpError::invalid(Reason::InvalidKey, "query is not valid UTF-8"))
+    let spaced = text.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8()
+        .map(std::borrow::Cow::into_owned)
+        .map_err(|_| HttpError::invalid(Reason::InvalidKey, "query is not valid UTF-8"))
 }
 
 /// Body of a put.

@@ -133,7 +133,7 @@ impl KvRouter {
         let token = placement_token(&tenant.tenant_id, key, tenant.key_groups);
         let partition = current.partition_count().partition_of(token);
         // The request span (see `front`) carries the partition, never the key.
-        tracing::Span::current().record("partition", partition.0);
+        tracing::Span::current().record("pairdb.partition", i64::from(partition.0));
         let n = tenant.serving_replication_factor();
         let preference = current.preference_list(partition, n).to_vec();
         if preference.is_empty() {

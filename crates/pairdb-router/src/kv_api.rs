@@ -62,7 +62,8 @@ impl KvApi {
     /// The tenant of an admitted request.
     fn admit(&self, client: &Client, requested_tenant: &str) -> Result<String, RouterError> {
         let tenant = self.admission.tenant_of(client, requested_tenant)?;
-        tracing::Span::current().record("tenant", tenant.as_str());
+        tracing::Span::current().record("pairdb.tenant", tenant.as_str());
+        let _ = REQUEST_TENANT.try_with(|slot| slot.replace(Some(tenant.clone())));
         Ok(tenant)
     }
 
@@ -230,9 +231,9 @@ impl KvApi {
         let tenant = match self.admit(client, &request.tenant_id) {
             Ok(tenant) => tenant,
             Err(error) => {
-                metrics::counter!("pairdb_router_requests_total", "op" => "get_many", "consistency" => consistency_label(&options), "status" => error.reason().as_str())
-                    .increment(1);
-                return Err(error);
+                let refused = Err::<(), _>(error);
+                observe("get_many", "", &options, started, &refused);
+                return refused.map(|()| Vec::new());
             }
         };
         if request.keys.len() > MAX_GET_MANY_KEYS {
@@ -256,7 +257,7 @@ impl KvApi {
             .buffered(self.get_many_concurrency)
             .collect()
             .await;
-        observe::<()>("get_many", &options, started, &Ok(()));
+        observe::<()>("get_many", &tenant, &options, started, &Ok(()));
         Ok(results)
     }
 }
@@ -269,10 +270,21 @@ async fn traced<T>(
 ) -> Result<T, RouterError> {
     let started = Instant::now();
     let span = request_span(op, &options);
-    let result = request.instrument(span.clone()).await;
+    let (result, tenant) = REQUEST_TENANT
+        .scope(std::cell::RefCell::new(None), async {
+            let result = request.await;
+            (result, REQUEST_TENANT.with(std::cell::RefCell::take))
+        })
+        .instrument(span.clone())
+        .await;
     finish(&span, &result);
-    observe(op, &options, started, &result);
+    observe(op, tenant.as_deref().unwrap_or_default(), &options, started, &result);
     result
+}
+
+tokio::task_local! {
+    /// The tenant a request was admitted for, once known: its metrics' `tenant` label.
+    static REQUEST_TENANT: std::cell::RefCell<Option<String>>;
 }
 
 /// The span of one client request: the parent of one span per replica call. Tenant, partition and
@@ -281,18 +293,35 @@ fn request_span(op: &'static str, options: &RequestOptions) -> tracing::Span {
     tracing::info_span!(
         "router.request",
         otel.name = format!("router.{op}"),
-        tenant = tracing::field::Empty,
-        partition = tracing::field::Empty,
-        consistency = %consistency_label(options),
-        outcome = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+        pairdb.operation = op,
+        pairdb.tenant = tracing::field::Empty,
+        pairdb.partition = tracing::field::Empty,
+        pairdb.consistency = %consistency_label(options),
+        pairdb.outcome = tracing::field::Empty,
     )
 }
 
+/// Records the outcome; a failure of the cluster (not of the caller's request: the gRPC codes the
+/// semantic conventions count as server errors) sets the span's status to ERROR with its reason.
 fn finish<T>(span: &tracing::Span, result: &Result<T, RouterError>) {
-    match result {
-        Ok(_) => span.record("outcome", "ok"),
-        Err(error) => span.record("outcome", error.reason().as_str()),
+    let Err(error) = result else {
+        span.record("pairdb.outcome", "ok");
+        return;
     };
+    let reason = error.reason();
+    span.record("pairdb.outcome", reason.as_str());
+    if is_server_error(pairdb_service::errors::grpc_code(reason)) {
+        pairdb_service::telemetry::record_error(span, reason.as_str(), &error.to_string());
+    }
+}
+
+fn is_server_error(code: tonic::Code) -> bool {
+    use tonic::Code as C;
+    matches!(
+        code,
+        C::Unknown | C::DeadlineExceeded | C::Unimplemented | C::Internal | C::Unavailable | C::DataLoss
+    )
 }
 
 fn check_idempotency_key(idempotency_key: &str) -> Result<(), RouterError> {
@@ -470,15 +499,23 @@ fn consistency_label(options: &RequestOptions) -> String {
     }
 }
 
-fn observe<T>(op: &'static str, options: &RequestOptions, started: Instant, result: &Result<T, RouterError>) {
+/// Counts a request and its latency under its tenant (empty when it was refused before admission).
+fn observe<T>(
+    op: &'static str,
+    tenant: &str,
+    options: &RequestOptions,
+    started: Instant,
+    result: &Result<T, RouterError>,
+) {
     let status = match result {
         Ok(_) => "ok",
         Err(error) => error.reason().as_str(),
     };
     let consistency = consistency_label(options);
-    metrics::counter!("pairdb_router_requests_total", "op" => op, "consistency" => consistency.clone(), "status" => status)
+    let tenant = tenant.to_owned();
+    metrics::counter!("pairdb_router_requests_total", "op" => op, "consistency" => consistency.clone(), "status" => status, "tenant" => tenant.clone())
         .increment(1);
-    metrics::histogram!("pairdb_router_request_duration_seconds", "op" => op, "consistency" => consistency)
+    metrics::histogram!("pairdb_router_request_duration_seconds", "op" => op, "consistency" => consistency, "tenant" => tenant)
         .record(started.elapsed().as_secs_f64());
 }
 

@@ -5,7 +5,7 @@
 //! give ([`Refusal`]).
 //!
 //! Every call is bounded twice: by the per-node in-flight semaphore and by the storage timeout, and
-//! each is a client span (`rpc`, node id, partition, outcome) whose trace context the storage node
+//! each is a client span (RPC semantic conventions, `pairdb.node_id`, `pairdb.partition`, `pairdb.outcome`; hinted replicates named apart) whose trace context the storage node
 //! continues, so a client request is one trace with one child per replica call.
 
 use std::sync::Arc;
@@ -152,7 +152,7 @@ impl StorageCalls {
             set_apply_deadline(&mut request, left);
             c.coordinate_write(request).await
         };
-        let response = self.call(node, "storage.coordinate_write", partition, budget, rpc).await?;
+        let response = self.call(node, Rpc::COORDINATE_WRITE, partition, budget, rpc).await?;
         stored_set(node, response.version_set)
     }
 
@@ -171,7 +171,7 @@ impl StorageCalls {
             writes.iter_mut().for_each(|write| set_apply_deadline(write, left));
             c.coordinate_write_batch(pb::CoordinateWriteBatchRequest { writes }).await
         };
-        let answer = self.call(node, "storage.coordinate_write_batch", partition, budget, rpc).await;
+        let answer = self.call(node, Rpc::COORDINATE_WRITE_BATCH, partition, budget, rpc).await;
         per_item(answer.map(|r| r.results), count, |result| match result.error {
             Some(detail) => Err(item_error(detail)),
             None => stored_set(node, result.version_set),
@@ -186,6 +186,7 @@ impl StorageCalls {
     ) -> Vec<Result<(), CallError>> {
         let count = items.len();
         let partition = items.first().map_or(PartitionId(0), |i| i.0.partition);
+        let hinted = items.iter().any(|item| item.2.is_some());
         let items: Vec<pb::ReplicateRequest> = items
             .into_iter()
             .map(|(key, encoded, hint_for)| replicate_request(key, encoded, hint_for))
@@ -194,7 +195,7 @@ impl StorageCalls {
         let rpc = |mut c: StorageClient, _| async move {
             c.replicate_batch(pb::ReplicateBatchRequest { items }).await
         };
-        let answer = self.call(node, "storage.replicate_batch", partition, budget, rpc).await;
+        let answer = self.call(node, Rpc::replicate_batch(hinted), partition, budget, rpc).await;
         per_item(answer.map(|r| r.results), count, |result| match result.error {
             Some(detail) => Err(item_error(detail)),
             None => Ok(()),
@@ -210,10 +211,11 @@ impl StorageCalls {
         hint_for: Option<NodeId>,
     ) -> Result<(), CallError> {
         let partition = key.partition;
+        let hinted = hint_for.is_some();
         let request = replicate_request(key, encoded, hint_for);
         let budget = CallBudget::storage_timeout(&self.pool);
         let rpc = |mut c: StorageClient, _| async move { c.replicate(request).await };
-        self.call(node, "storage.replicate", partition, budget, rpc).await.map(|_| ())
+        self.call(node, Rpc::replicate(hinted), partition, budget, rpc).await.map(|_| ())
     }
 
     /// `node`'s set of the key (`None`: it has none).
@@ -222,7 +224,7 @@ impl StorageCalls {
         let request = pb::GetRequest { key: Some(key.into_wire()) };
         let budget = CallBudget::storage_timeout(&self.pool);
         let rpc = |mut c: StorageClient, _| async move { c.get(request).await };
-        let response = self.call(node, "storage.get", partition, budget, rpc).await?;
+        let response = self.call(node, Rpc::GET, partition, budget, rpc).await?;
         if !response.found {
             return Ok(None);
         }
@@ -248,7 +250,7 @@ impl StorageCalls {
         };
         let budget = CallBudget::storage_timeout(&self.pool);
         let rpc = |mut c: StorageClient, _| async move { c.confirm_tombstone(request).await };
-        let response = self.call(node, "storage.confirm_tombstone", key.partition, budget, rpc).await?;
+        let response = self.call(node, Rpc::CONFIRM_TOMBSTONE, key.partition, budget, rpc).await?;
         Ok(response.recorded)
     }
 
@@ -279,7 +281,7 @@ impl StorageCalls {
         };
         let budget = CallBudget { wait, suspect_after: wait.max(self.pool.storage_timeout()) };
         let rpc = |mut c: StorageClient, _| async move { c.list_records(request).await };
-        let response = self.call(node, "storage.list_records", partition, budget, rpc).await?;
+        let response = self.call(node, Rpc::LIST_RECORDS, partition, budget, rpc).await?;
         let mut records = Vec::with_capacity(response.records.len());
         for record in response.records {
             let set = decode_version_set(&record.version_set).map_err(|error| {
@@ -300,13 +302,14 @@ impl StorageCalls {
         Ok((NodeAnswer { records, complete: response.complete, resume_after }, response.examined))
     }
 
-    /// Runs one RPC against `node` in a client span, updating the failure view. The call gets
+    /// Runs one RPC against `node` in a client span (RPC semantic conventions; status ERROR when
+    /// the call fails), updating the failure view and the per-node latency histogram. The call gets
     /// `budget.suspect_after` for a free in-flight slot (nothing is sent before, so a call refused
     /// here is `NotApplied`) and then `budget.wait` for the answer; `rpc` is told that wait.
     async fn call<T, F, Fut>(
         &self,
         node: NodeId,
-        rpc_name: &'static str,
+        rpc_kind: Rpc,
         partition: PartitionId,
         budget: CallBudget,
         rpc: F,
@@ -317,25 +320,53 @@ impl StorageCalls {
     {
         let span = tracing::info_span!(
             "storage.call",
-            otel.name = rpc_name,
+            otel.name = rpc_kind.span_name,
             otel.kind = "client",
-            node_id = node.0,
-            partition = partition.0,
-            outcome = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+            rpc.system = "grpc",
+            rpc.service = STORAGE_SERVICE,
+            rpc.method = rpc_kind.method,
+            rpc.grpc.status_code = tracing::field::Empty,
+            server.address = tracing::field::Empty,
+            server.port = tracing::field::Empty,
+            pairdb.node_id = i64::from(node.0),
+            pairdb.partition = i64::from(partition.0),
+            pairdb.hinted = rpc_kind.hinted,
+            pairdb.outcome = tracing::field::Empty,
         );
-        let result = self.call_inner(node, budget, rpc).instrument(span.clone()).await;
-        span.record(
-            "outcome",
-            match &result {
-                Ok(_) => "ok",
-                Err(CallError::Refused(_)) => "rejected",
-                Err(CallError::Failed(cause)) => cause.as_str(),
-            },
-        );
+        let started = std::time::Instant::now();
+        let (result, code) = self.call_inner(node, budget, rpc).instrument(span.clone()).await;
+        metrics::histogram!("pairdb_router_storage_rpc_seconds", "node_id" => node.0.to_string(), "rpc" => rpc_kind.label)
+            .record(started.elapsed().as_secs_f64());
+        if let Some(code) = code {
+            span.record("rpc.grpc.status_code", i64::from(code as i32));
+        }
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(CallError::Refused(refusal)) => {
+                pairdb_service::telemetry::record_error(&span, refusal.reason.as_str(), &refusal.message);
+                "rejected"
+            }
+            Err(CallError::Failed(cause)) => {
+                let reason = code.map_or("NOT_SENT", |code| match code {
+                    tonic::Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+                    _ => "UNAVAILABLE",
+                });
+                pairdb_service::telemetry::record_error(&span, reason, cause.as_str());
+                cause.as_str()
+            }
+        };
+        span.record("pairdb.outcome", outcome);
         result
     }
 
-    async fn call_inner<T, F, Fut>(&self, node: NodeId, budget: CallBudget, rpc: F) -> Result<T, CallError>
+    /// The call's result and the gRPC code it ended with (`None`: nothing was sent).
+    async fn call_inner<T, F, Fut>(
+        &self,
+        node: NodeId,
+        budget: CallBudget,
+        rpc: F,
+    ) -> (Result<T, CallError>, Option<tonic::Code>)
     where
         F: FnOnce(StorageClient, Duration) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -344,15 +375,15 @@ impl StorageCalls {
         // before that point is `NotApplied`.
         let not_applied = CallError::Failed(FailureCause::NotApplied);
         let Some(address) = self.view.nodes.get(&node).map(|n| n.address.clone()) else {
-            return Err(not_applied);
+            return (Err(not_applied), None);
         };
-        let Some(client) = self.pool.client(node, &address) else { return Err(not_applied) };
+        let Some(client) = self.pool.client(node, &address) else { return (Err(not_applied), None) };
         let acquired = match tokio::time::timeout(budget.suspect_after, client.acquire()).await {
             Ok(Some(acquired)) => acquired,
-            Ok(None) => return Err(not_applied),
+            Ok(None) => return (Err(not_applied), None),
             Err(_elapsed) => {
                 client.record_failure();
-                return Err(not_applied);
+                return (Err(not_applied), None);
             }
         };
         let (grpc, _permit) = acquired;
@@ -366,29 +397,97 @@ impl StorageCalls {
                 tokio::time::timeout(budget.wait - suspect_after, call).await
             }
         };
+        if let Some(address) = address.rsplit_once(':') {
+            let span = tracing::Span::current();
+            span.record("server.address", address.0);
+            if let Ok(port) = address.1.parse::<u16>() {
+                span.record("server.port", i64::from(port));
+            }
+        }
         match outcome {
             Ok(Ok(response)) => {
                 client.record_success();
-                Ok(response.into_inner())
+                (Ok(response.into_inner()), Some(tonic::Code::Ok))
             }
-            Ok(Err(status)) => match refusal_of(&status) {
-                Some(refusal) => Err(CallError::Refused(refusal)),
-                // The node answered, only too busy to take the call (its listing slots stayed
-                // full): nothing was done, and it is no reason to route point requests elsewhere.
-                None if busy(&status) => Err(not_applied),
-                None => {
-                    client.record_failure();
-                    let definite = refused_before_applying(&status) || never_connected(&status);
-                    Err(CallError::Failed(if definite {
-                        FailureCause::NotApplied
-                    } else {
-                        FailureCause::Error
-                    }))
-                }
-            },
+            Ok(Err(status)) => (answered(&client, &status, not_applied), Some(status.code())),
             // Already suspect since `suspect_after`.
-            Err(_elapsed) => Err(CallError::Failed(FailureCause::Timeout)),
+            Err(_elapsed) => {
+                (Err(CallError::Failed(FailureCause::Timeout)), Some(tonic::Code::DeadlineExceeded))
+            }
         }
+    }
+}
+
+/// What an error answer of a storage node means for the call, updating the failure view.
+fn answered<T>(
+    client: &crate::pool::NodeClient,
+    status: &tonic::Status,
+    not_applied: CallError,
+) -> Result<T, CallError> {
+    match refusal_of(status) {
+        Some(refusal) => Err(CallError::Refused(refusal)),
+        // The node answered, only too busy to take the call (its listing slots stayed
+        // full): nothing was done, and it is no reason to route point requests elsewhere.
+        None if busy(status) => Err(not_applied),
+        None => {
+            client.record_failure();
+            let definite = refused_before_applying(status) || never_connected(status);
+            Err(CallError::Failed(if definite { FailureCause::NotApplied } else { FailureCause::Error }))
+        }
+    }
+}
+
+/// The service every storage call addresses (`rpc.service` of its span).
+const STORAGE_SERVICE: &str = "pairdb.storage.v1.StorageService";
+
+/// The storage RPC a call makes: its method, its span name (hinted replicates are named apart from
+/// ordinary replication), and its label in metrics.
+#[derive(Debug, Clone, Copy)]
+struct Rpc {
+    method: &'static str,
+    span_name: &'static str,
+    label: &'static str,
+    hinted: bool,
+}
+
+impl Rpc {
+    const COORDINATE_WRITE: Self = Self::plain(
+        "CoordinateWrite",
+        "pairdb.storage.v1.StorageService/CoordinateWrite",
+        "coordinate_write",
+    );
+    const COORDINATE_WRITE_BATCH: Self = Self::plain(
+        "CoordinateWriteBatch",
+        "pairdb.storage.v1.StorageService/CoordinateWriteBatch",
+        "coordinate_write_batch",
+    );
+    const GET: Self = Self::plain("Get", "pairdb.storage.v1.StorageService/Get", "get");
+    const CONFIRM_TOMBSTONE: Self = Self::plain(
+        "ConfirmTombstone",
+        "pairdb.storage.v1.StorageService/ConfirmTombstone",
+        "confirm_tombstone",
+    );
+    const LIST_RECORDS: Self =
+        Self::plain("ListRecords", "pairdb.storage.v1.StorageService/ListRecords", "list_records");
+
+    const fn plain(method: &'static str, span_name: &'static str, label: &'static str) -> Self {
+        Self { method, span_name, label, hinted: false }
+    }
+
+    const fn replicate(hinted: bool) -> Self {
+        let span_name = match hinted {
+            true => "pairdb.storage.v1.StorageService/Replicate (hint)",
+            false => "pairdb.storage.v1.StorageService/Replicate",
+        };
+        Self { method: "Replicate", span_name, label: "replicate", hinted }
+    }
+
+    const fn replicate_batch(hinted: bool) -> Self {
+        let span_name = match hinted {
+            true => "pairdb.storage.v1.StorageService/ReplicateBatch (hint)",
+            false => "pairdb.storage.v1.StorageService/ReplicateBatch",
+        };
+        Self { method: "ReplicateBatch", span_name, label: "replicate_batch", hinted }
     }
 }
 

@@ -77,6 +77,7 @@ pub fn http_response(reason: Reason, message: &str, details: &[(&str, String)]) 
     let status =
         http::StatusCode::from_u16(http_status_of(reason)).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = (status, axum::Json(body)).into_response();
+    response.extensions_mut().insert(crate::telemetry::ResponseReason(reason));
     let retry_after = details.iter().find(|(k, _)| *k == "retry_after_ms").and_then(|(_, v)| v.parse().ok());
     if let Some(retry_after_ms) = retry_after {
         response.headers_mut().insert(http::header::RETRY_AFTER, retry_after_secs(retry_after_ms).into());

@@ -130,6 +130,9 @@ pub struct Served {
     pub grpc: axum::Router,
     /// The HTTP/1.1 routes (health, metrics, JSON APIs); their request bodies get a read deadline.
     pub http: axum::Router,
+    /// The templates of the HTTP JSON routes (`/v1/kv/{key}`): what server spans are named after,
+    /// since a span is named before routing and must never carry a key.
+    pub http_routes: &'static [&'static str],
     /// Internal gRPC services that need a cluster credential, checked before bodies are read.
     pub guard: Option<cluster_auth::Guarded>,
     pub tls: Option<tonic::transport::ServerTlsConfig>,
@@ -155,12 +158,14 @@ pub async fn serve(
     if let Some(guarded) = served.guard {
         app = app.layer(axum::middleware::from_fn_with_state(guarded, cluster_auth::guard));
     }
+    let http_routes = served.http_routes;
+    let app = app.layer(axum::middleware::from_fn_with_state(http_routes, telemetry::record_outcome));
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = served.tls {
         builder = builder.tls_config(tls)?;
     }
     builder
-        .trace_fn(telemetry::server_span)
+        .trace_fn(move |request| telemetry::server_span(request, http_routes))
         .accept_http1(true)
         .tcp_nodelay(true)
         .max_concurrent_streams(limits.max_concurrent_streams)
