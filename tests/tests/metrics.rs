@@ -1,5 +1,7 @@
 //! `/metrics` of every service after a small workload: the catalogue in docs/metrics.md exists, and
-//! the request counters equal the requests made.
+//! the request counters equal the requests made. On a fresh cluster: every family with a closed label
+//! set already exists at zero, every family has HELP text, count histograms have count buckets, and
+//! `promtool check metrics` finds nothing to complain about.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
@@ -170,4 +172,98 @@ async fn every_service_exports_the_documented_metrics_and_counts_requests_exactl
             }
         }
     }
+}
+
+/// Each service's catalogue (its own families and the common ones) and where it serves.
+fn catalogues(cluster: &Cluster) -> Vec<(&'static str, &Process, Vec<pairdb_service::metrics::Family>)> {
+    let with_common = |own: &[pairdb_service::metrics::Family]| {
+        own.iter().chain(pairdb_service::metrics::COMMON).copied().collect::<Vec<_>>()
+    };
+    vec![
+        ("router", &cluster.routers[0], with_common(pairdb_router::metric_catalogue::FAMILIES)),
+        ("storage", &cluster.storage[0], with_common(pairdb_storage::metric_catalogue::FAMILIES)),
+        ("meta", &cluster.meta, with_common(pairdb_meta::metric_catalogue::FAMILIES)),
+    ]
+}
+
+#[tokio::test]
+async fn a_fresh_cluster_exports_every_closed_family_at_zero_with_help_and_promtool_agrees() {
+    let cluster = Cluster::start(3, 1, 3).await.unwrap();
+    // The storage nodes publish their state gauges on their first health tick (every 500 ms).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for (service, process, catalogue) in catalogues(&cluster) {
+        let (status, body) = http_get(process.addr, "/metrics").unwrap();
+        assert_eq!(status, 200);
+        let samples = scrape(process);
+        for family in &catalogue {
+            let series = match family.kind {
+                pairdb_service::metrics::Kind::Histogram => format!("{}_count", family.name),
+                _ => family.name.to_owned(),
+            };
+            for labels in family.zero {
+                let found = samples.iter().any(|s| {
+                    s.name == series
+                        && labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+                });
+                assert!(found, "{service}: {series}{labels:?} is not exported on a fresh cluster");
+            }
+        }
+        // Every family exported has HELP text, and it is the catalogue's.
+        for line in body.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let name = line.split_whitespace().nth(2).unwrap();
+            let family = catalogue.iter().find(|f| f.name == name);
+            let family =
+                family.unwrap_or_else(|| panic!("{service} exports {name}, which its catalogue lacks"));
+            assert!(
+                body.contains(&format!("# HELP {name} {}", family.help)),
+                "{service}: {name} has no HELP text"
+            );
+        }
+        check_with_promtool(service, &body);
+    }
+    // Count histograms have count buckets, not the seconds ones.
+    let router = scrape(&cluster.routers[0]);
+    for name in ["pairdb_router_read_siblings_bucket", "pairdb_router_batch_items_bucket"] {
+        let bounds: Vec<&str> = router
+            .iter()
+            .filter(|s| s.name == name)
+            .filter_map(|s| s.labels.get("le").map(String::as_str))
+            .collect();
+        assert!(bounds.contains(&"1") && bounds.contains(&"1000"), "{name}: {bounds:?}");
+        assert!(!bounds.contains(&"0.0001"), "{name} has seconds buckets: {bounds:?}");
+    }
+    let storage = scrape(&cluster.storage[0]);
+    assert!(storage.iter().any(|s| s.name == "pairdb_storage_commit_group_writes_bucket"
+        && s.labels.get("le").map(String::as_str) == Some("16")));
+    // Build and process figures.
+    for (service, process, _) in catalogues(&cluster) {
+        let samples = scrape(process);
+        assert!(
+            samples.iter().any(|s| s.name == "pairdb_build_info"
+                && s.labels.get("service").map(String::as_str) == Some(service))
+        );
+        assert!(sum(&samples, "process_resident_memory_bytes", &[]) > 1e6, "{service}");
+        assert!(sum(&samples, "process_open_fds", &[]) >= 3.0, "{service}");
+        assert!(sum(&samples, "process_start_time_seconds", &[]) > 1.7e9, "{service}");
+    }
+}
+
+/// `promtool check metrics` (Debian's `prometheus` package; `.ci/run` installs it) on one scrape.
+fn check_with_promtool(service: &str, body: &str) {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (apt-get install prometheus)");
+    child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool check metrics on {service}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

@@ -54,6 +54,7 @@ pub mod grpc;
 pub mod http;
 pub mod leader;
 pub mod lifecycle;
+pub mod metric_catalogue;
 pub mod model;
 pub mod mover;
 pub mod orchestrator;
@@ -143,6 +144,7 @@ pub async fn run_with_mover(
     mover: Arc<dyn DataMover>,
 ) -> Result<(), Error> {
     config.validate()?;
+    pairdb_service::metrics::register("meta", metric_catalogue::FAMILIES);
     let ClusterSecurity { auth: cluster_auth, signer, storage_clients } =
         ClusterSecurity::from_config(&config)?;
     cluster_auth.log_mode("meta");
@@ -205,6 +207,7 @@ pub async fn run_with_mover(
             service: "meta",
             grpc: routes.into_axum_router(),
             http,
+            http_routes: http::ROUTES,
             guard: Some(pairdb_service::cluster_auth::Guarded {
                 auth: cluster_auth,
                 services: &["/pairdb.cluster.v1.ClusterService/"],

@@ -390,7 +390,7 @@ async fn until_not_running(meta: &Meta, migration_id: &str) {
 /// The leader's gauges of the migration it runs (one at a time per node; `running` 0 when idle).
 fn publish_progress(migration: &Migration, running: f64) {
     metrics::gauge!("pairdb_meta_migration_running").set(running);
-    metrics::gauge!("pairdb_meta_migration_partitions_total").set(migration.progress.partitions_total as f64);
+    metrics::gauge!("pairdb_meta_migration_partitions").set(migration.progress.partitions_total as f64);
     metrics::gauge!("pairdb_meta_migration_partitions_done").set(migration.progress.partitions_done as f64);
     metrics::gauge!("pairdb_meta_migration_keys_done").set(migration.progress.keys_done as f64);
     metrics::gauge!("pairdb_meta_migration_bytes_done").set(migration.progress.bytes_done as f64);

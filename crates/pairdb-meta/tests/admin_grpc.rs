@@ -806,11 +806,13 @@ async fn clock_offsets_are_reported_and_judged_postgres() -> anyhow::Result<()> 
     clock_offsets_are_reported_and_judged(config).await
 }
 
-/// The value of `pairdb_meta_node_clock_offset_ms` for a node on `/metrics`, if exported.
+/// The value of `pairdb_meta_node_clock_offset_seconds` for a node on `/metrics`, in ms, if exported.
 async fn clock_offset_gauge(addr: std::net::SocketAddr, node_id: u32) -> anyhow::Result<Option<f64>> {
     let body = common::http(addr, "GET", "/metrics", None, None).await?.body;
-    let prefix = format!("pairdb_meta_node_clock_offset_ms{{node_id=\"{node_id}\"}} ");
-    Ok(body.lines().find_map(|line| line.strip_prefix(&prefix)).and_then(|value| value.trim().parse().ok()))
+    let prefix = format!("pairdb_meta_node_clock_offset_seconds{{node_id=\"{node_id}\"}} ");
+    let seconds: Option<f64> =
+        body.lines().find_map(|line| line.strip_prefix(&prefix)).and_then(|value| value.trim().parse().ok());
+    Ok(seconds.map(|s| (s * 1000.0).round()))
 }
 
 /// `--max-clock-offset-ms` moves the bound, and the gauge holds each node's last measured offset.

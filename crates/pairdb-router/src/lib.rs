@@ -24,6 +24,7 @@ pub mod idempotency;
 pub mod kv;
 pub mod kv_api;
 pub mod listing;
+pub mod metric_catalogue;
 pub mod pool;
 pub mod presence;
 pub mod probe;
@@ -61,6 +62,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     config.validate()?;
+    pairdb_service::metrics::register("router", metric_catalogue::FAMILIES);
     let tls = config.service.tls.load().map_err(ConfigError::from)?;
     let cluster_auth = config.cluster_auth()?;
     cluster_auth.log_mode("router");
@@ -155,6 +157,7 @@ pub async fn run(
             service: "router",
             grpc: routes.into_axum_router().layer(admit),
             http,
+            http_routes: http::ROUTES,
             guard: None,
             tls: tls.map(|tls| tls.server_config(pairdb_service::tls::ClientCerts::Optional)),
             limits: config.service.listener.clone(),

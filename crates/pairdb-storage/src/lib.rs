@@ -22,6 +22,7 @@ pub mod keys;
 pub mod listing;
 pub mod membership;
 pub mod merkle;
+pub mod metric_catalogue;
 pub mod service;
 pub mod transfer;
 pub mod workers;
@@ -89,6 +90,7 @@ pub async fn run_with_engine(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     config.validate()?;
+    pairdb_service::metrics::register("storage", metric_catalogue::FAMILIES);
     let (readiness, health_service) = pairdb_service::health("starting").await;
     let identity = engine.identity();
     let address = config.advertise_addr.clone().unwrap_or_else(|| {
@@ -122,6 +124,7 @@ pub async fn run_with_engine(
     let (stop_sender, stop_receiver) = pairdb_service::shutdown::channel();
     let clock = Arc::new(membership::ClockOffset::new());
     let health = Health {
+        node_label: identity.node_id.0.to_string(),
         readiness: readiness.clone(),
         clock: clock.clone(),
         max_clock_offset_ms: config.max_clock_offset_ms,
@@ -154,6 +157,7 @@ pub async fn run_with_engine(
             service: "storage",
             grpc: routes.into_axum_router(),
             http,
+            http_routes: &[],
             guard: Some(pairdb_service::cluster_auth::Guarded {
                 auth,
                 services: &["/pairdb.storage.v1.StorageService/"],
@@ -255,6 +259,9 @@ async fn sync_before_exit(engine: Arc<Engine>) {
 
 /// What the health watch reports to.
 struct Health {
+    /// This node's id as the `node_id` label of its state gauges: in `pairdb dev` several nodes
+    /// share one process and one registry.
+    node_label: String,
     readiness: pairdb_service::Readiness,
     /// The heartbeat loop's measurement of this node's clock against meta's.
     clock: Arc<membership::ClockOffset>,
@@ -294,11 +301,14 @@ async fn watch_health(engine: Arc<Engine>, health: Health, mut stop: Shutdown) {
         }
         let stats_engine = engine.clone();
         let Ok(stats) = tokio::task::spawn_blocking(move || stats_engine.stats()).await else { continue };
-        metrics::gauge!("pairdb_storage_keys").set(stats.keys as f64);
-        metrics::gauge!("pairdb_storage_quarantined_records").set(stats.quarantined_records as f64);
+        let node = &health.node_label;
+        metrics::gauge!("pairdb_storage_keys", "node_id" => node.clone()).set(stats.keys as f64);
+        metrics::gauge!("pairdb_storage_quarantined_records", "node_id" => node.clone())
+            .set(stats.quarantined_records as f64);
         readiness.set_detail(health.detail(stats.quarantined_records));
         if let Some(offset_ms) = health.clock.get() {
-            metrics::gauge!("pairdb_storage_clock_offset_ms").set(offset_ms as f64);
+            metrics::gauge!("pairdb_storage_clock_offset_seconds", "node_id" => node.clone())
+                .set(offset_ms as f64 / 1000.0);
             let skewed = pairdb_core::clock::skewed(offset_ms, health.max_clock_offset_ms);
             if skewed && !skew_reported {
                 tracing::warn!(
@@ -309,15 +319,20 @@ async fn watch_health(engine: Arc<Engine>, health: Health, mut stop: Shutdown) {
             }
             skew_reported = skewed;
         }
-        metrics::gauge!("pairdb_storage_disk_bytes").set(stats.disk_bytes as f64);
-        metrics::gauge!("pairdb_storage_disk_free_bytes").set(stats.disk_free_bytes as f64);
-        metrics::gauge!("pairdb_storage_hints_pending").set(stats.hints_pending as f64);
+        metrics::gauge!("pairdb_storage_disk_bytes", "node_id" => node.clone()).set(stats.disk_bytes as f64);
+        metrics::gauge!("pairdb_storage_disk_free_bytes", "node_id" => node.clone())
+            .set(stats.disk_free_bytes as f64);
+        metrics::gauge!("pairdb_storage_hints_pending", "node_id" => node.clone())
+            .set(stats.hints_pending as f64);
         let lsm = engine.lsm_stats();
-        metrics::gauge!("pairdb_storage_lsm_outstanding_flushes").set(lsm.outstanding_flushes as f64);
-        metrics::gauge!("pairdb_storage_lsm_compactions_completed").set(lsm.compactions_completed as f64);
-        metrics::gauge!("pairdb_storage_lsm_journals").set(lsm.journals as f64);
-        metrics::gauge!("pairdb_storage_lsm_tables").set(lsm.tables as f64);
-        metrics::gauge!("pairdb_storage_write_path_poisoned").set(if stats.poisoned { 1.0 } else { 0.0 });
+        metrics::gauge!("pairdb_storage_lsm_outstanding_flushes", "node_id" => node.clone())
+            .set(lsm.outstanding_flushes as f64);
+        metrics::counter!("pairdb_storage_lsm_compactions_total", "node_id" => node.clone())
+            .absolute(lsm.compactions_completed);
+        metrics::gauge!("pairdb_storage_lsm_journals", "node_id" => node.clone()).set(lsm.journals as f64);
+        metrics::gauge!("pairdb_storage_lsm_tables", "node_id" => node.clone()).set(lsm.tables as f64);
+        metrics::gauge!("pairdb_storage_write_path_poisoned", "node_id" => node.clone())
+            .set(if stats.poisoned { 1.0 } else { 0.0 });
         if let Some(reason) = engine.poisoned_reason()
             && !poisoned_reported
         {

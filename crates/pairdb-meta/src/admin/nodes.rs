@@ -444,8 +444,8 @@ impl Meta {
     /// neither: the last known verdict stands until the node measures again.
     fn observe_clock_offset(&self, node_id: NodeId, stats: &NodeStats) {
         let Some(offset_ms) = stats.clock_offset_ms else { return };
-        metrics::gauge!("pairdb_meta_node_clock_offset_ms", "node_id" => node_id.to_string())
-            .set(offset_ms as f64);
+        metrics::gauge!("pairdb_meta_node_clock_offset_seconds", "node_id" => node_id.to_string())
+            .set(offset_ms as f64 / 1000.0);
         let max_offset_ms = self.inner.settings.max_clock_offset_ms;
         let skewed = stats.clock_skewed(max_offset_ms);
         let crossed =
