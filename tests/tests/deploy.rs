@@ -1486,6 +1486,135 @@ fn kubernetes_manifests_match_the_binaries() -> Result<()> {
     let scaled = manifests
         .named(target["kind"].as_str().unwrap_or_default(), target["name"].as_str().unwrap_or_default())?;
     ensure!(scaled["metadata"]["name"].as_str() == Some("pairdb-router"), "the HPA scales the routers");
+    check_pod_placement(&manifests)?;
+    check_service_monitor(&manifests, &Manifests::load(&workspace.root.join("deploy/k8s/monitoring"))?)?;
+    Ok(())
+}
+
+/// Whether a label selector (`matchLabels` and `matchExpressions`) selects `labels`; an empty
+/// selector selects nothing here (Kubernetes would select everything, never what these files mean).
+fn label_selector_matches(selector: &Yaml, labels: &Env) -> bool {
+    let wanted = string_map(&selector["matchLabels"]);
+    let expressions = selector["matchExpressions"].as_vec().cloned().unwrap_or_default();
+    if wanted.is_empty() && expressions.is_empty() {
+        return false;
+    }
+    wanted.iter().all(|(k, v)| labels.get(k) == Some(v))
+        && expressions.iter().all(|expression| {
+            let value = expression["key"].as_str().and_then(|key| labels.get(key));
+            let values = str_list(&expression["values"]);
+            match expression["operator"].as_str() {
+                Some("In") => value.is_some_and(|v| values.contains(v)),
+                Some("NotIn") => value.is_none_or(|v| !values.contains(v)),
+                Some("Exists") => value.is_some(),
+                Some("DoesNotExist") => value.is_none(),
+                _ => false,
+            }
+        })
+}
+
+/// Every pod runs under the runtime's default seccomp profile; storage pods go one per Kubernetes
+/// node (two replicas of a partition on one machine fail together) and spread over zones.
+fn check_pod_placement(manifests: &Manifests) -> Result<()> {
+    for kind in ["Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"] {
+        for workload in manifests.of_kind(kind) {
+            let name = workload["metadata"]["name"].as_str().unwrap_or("?");
+            let pod = match kind {
+                "CronJob" => &workload["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+                _ => &workload["spec"]["template"]["spec"],
+            };
+            ensure!(
+                pod["securityContext"]["seccompProfile"]["type"].as_str() == Some("RuntimeDefault"),
+                "{kind} {name}: the pod's securityContext.seccompProfile is {{type: RuntimeDefault}}"
+            );
+        }
+    }
+    let storage = manifests.named("StatefulSet", "pairdb-storage")?;
+    let labels = string_map(&storage["spec"]["template"]["metadata"]["labels"]);
+    let pod = &storage["spec"]["template"]["spec"];
+    let anti_affinity = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        .as_vec()
+        .into_iter()
+        .flatten()
+        .any(|term| {
+            term["topologyKey"].as_str() == Some("kubernetes.io/hostname")
+                && label_selector_matches(&term["labelSelector"], &labels)
+        });
+    ensure!(
+        anti_affinity,
+        "storage pods have a required anti-affinity on kubernetes.io/hostname against each other"
+    );
+    let spread = pod["topologySpreadConstraints"].as_vec().into_iter().flatten().any(|constraint| {
+        constraint["topologyKey"].as_str() == Some("topology.kubernetes.io/zone")
+            && constraint["maxSkew"].as_i64() == Some(1)
+            && label_selector_matches(&constraint["labelSelector"], &labels)
+    });
+    ensure!(spread, "storage pods spread over topology.kubernetes.io/zone with maxSkew 1");
+    Ok(())
+}
+
+/// The ServiceMonitor scrapes `/metrics` on every PairDB Service, on a port that reaches the pods'
+/// listen port, and a PrometheusRule ships beside it.
+fn check_service_monitor(base: &Manifests, monitoring: &Manifests) -> Result<()> {
+    ensure!(monitoring.of_kind("PrometheusRule").count() == 1, "deploy/k8s/monitoring has a PrometheusRule");
+    let monitors: Vec<&Yaml> = monitoring.of_kind("ServiceMonitor").collect();
+    ensure!(!monitors.is_empty(), "deploy/k8s/monitoring has a ServiceMonitor");
+    ensure!(monitoring.namespace == base.namespace, "the monitoring objects live in namespace {}", base.namespace);
+    for service in base.of_kind("Service") {
+        let name = service["metadata"]["name"].as_str().context("service name")?;
+        let labels = string_map(&service["metadata"]["labels"]);
+        let port_names: BTreeSet<String> =
+            service["spec"]["ports"].as_vec().into_iter().flatten().filter_map(|p| scalar(&p["name"])).collect();
+        let scraped = monitors.iter().any(|monitor| {
+            label_selector_matches(&monitor["spec"]["selector"], &labels)
+                && monitor["spec"]["endpoints"].as_vec().into_iter().flatten().any(|endpoint| {
+                    endpoint["port"].as_str().is_some_and(|port| port_names.contains(port))
+                        && matches!(endpoint["path"].as_str(), None | Some("/metrics"))
+                })
+        });
+        ensure!(scraped, "a ServiceMonitor scrapes Service {name}'s /metrics on one of its ports {port_names:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn pod_placement_and_scraping_checks_reject_what_they_guard() -> Result<()> {
+    let root = repo_root();
+    let base = Manifests::load(&root.join("deploy/k8s"))?;
+    let monitoring = Manifests::load(&root.join("deploy/k8s/monitoring"))?;
+    assert!(check_pod_placement(&base).is_ok());
+    assert!(check_service_monitor(&base, &monitoring).is_ok());
+    // The same manifests, edited as text and loaded from a scratch copy.
+    let variant = |file: &str, from: &str, to: &str| -> Result<Manifests> {
+        let scratch = tempfile::tempdir()?;
+        for entry in std::fs::read_dir(root.join("deploy/k8s"))? {
+            let path = entry?.path();
+            if path.is_file() {
+                let mut text = read(&path)?;
+                if path.file_name().is_some_and(|name| name == file) {
+                    ensure!(text.contains(from), "{file} contains {from:?}");
+                    text = text.replacen(from, to, 1);
+                }
+                std::fs::write(scratch.path().join(path.file_name().context("file name")?), text)?;
+            }
+        }
+        Manifests::load(scratch.path())
+    };
+    let unconfined = variant("router.yaml", "type: RuntimeDefault", "type: Unconfined")?;
+    let error = check_pod_placement(&unconfined).expect_err("a router pod without seccomp");
+    assert!(format!("{error:#}").contains("pairdb-router"), "{error:#}");
+    let shared_hosts = variant("storage.yaml", "topologyKey: kubernetes.io/hostname", "topologyKey: kubernetes.io/os")?;
+    assert!(check_pod_placement(&shared_hosts).is_err(), "storage pods allowed on one host");
+    let other_pods = variant(
+        "storage.yaml",
+        "app.kubernetes.io/name: pairdb-storage\n      # Spread",
+        "app.kubernetes.io/name: pairdb-router\n      # Spread",
+    )?;
+    assert!(check_pod_placement(&other_pods).is_err(), "anti-affinity against the routers instead");
+    let one_zone = variant("storage.yaml", "topologyKey: topology.kubernetes.io/zone", "topologyKey: kubernetes.io/hostname")?;
+    assert!(check_pod_placement(&one_zone).is_err(), "no spread over zones");
+    let unlabelled = variant("meta.yaml", "  labels:\n    app.kubernetes.io/name: pairdb-meta\nspec:\n  selector:", "spec:\n  selector:")?;
+    assert!(check_service_monitor(&unlabelled, &monitoring).is_err(), "a Service the ServiceMonitor does not select");
     Ok(())
 }
 
