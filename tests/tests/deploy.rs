@@ -542,7 +542,12 @@ fn dockerfile_targets_match_the_binaries() -> Result<()> {
         moved.env.insert("PAIRDB_LISTEN_ADDR".into(), "0.0.0.0:17999".into());
         let moved_port = moved.check_config(&workspace, &Env::new())?.listen_port()?;
         ensure!(moved_port == 17999, "{origin}: PAIRDB_LISTEN_ADDR moves the listener to {moved_port}");
-        check_health_command(&format!("{origin} (listening on {moved_port})"), health, &moved.env, moved_port)?;
+        check_health_command(
+            &format!("{origin} (listening on {moved_port})"),
+            health,
+            &moved.env,
+            moved_port,
+        )?;
     }
     let cli = stages.get("cli").context("a `cli` target")?;
     ensure!(cli.entrypoint == [CLI], "the cli target runs pairdb");
@@ -566,7 +571,9 @@ fn release_binaries_are_stripped() -> Result<()> {
     let profiling = cargo_profile(&manifest, "profiling").context("a [profile.profiling] for perf")?;
     ensure!(
         profiling.get("inherits").map(String::as_str) == Some("\"release\"")
-            && profiling.get("debug").is_some_and(|debug| !matches!(debug.as_str(), "false" | "0" | "\"none\""))
+            && profiling
+                .get("debug")
+                .is_some_and(|debug| !matches!(debug.as_str(), "false" | "0" | "\"none\""))
             && profiling.get("strip").map(String::as_str) == Some("\"none\""),
         "[profile.profiling] is release with line tables, unstripped: {profiling:?}"
     );
@@ -920,7 +927,10 @@ fn compose_file_matches_the_binaries() -> Result<()> {
         for volume in str_list(&service["volumes"]) {
             let source = volume.split(':').next().unwrap_or_default();
             if source.starts_with('.') {
-                ensure!(dir.join(source).exists(), "compose service {name} mounts {source}, which does not exist");
+                ensure!(
+                    dir.join(source).exists(),
+                    "compose service {name} mounts {source}, which does not exist"
+                );
             }
         }
     }
@@ -934,7 +944,10 @@ fn compose_file_matches_the_binaries() -> Result<()> {
     );
     let config = str_list(&prometheus["volumes"])
         .into_iter()
-        .find(|v| v.ends_with(":/etc/prometheus/prometheus.yml:ro") || v.ends_with(":/etc/prometheus/prometheus.yml"))
+        .find(|v| {
+            v.ends_with(":/etc/prometheus/prometheus.yml:ro")
+                || v.ends_with(":/etc/prometheus/prometheus.yml")
+        })
         .context("prometheus mounts its configuration")?;
     let config_path = dir.join(config.split(':').next().unwrap_or_default());
     let config_text = read(&config_path)?;
@@ -963,12 +976,14 @@ fn compose_file_matches_the_binaries() -> Result<()> {
     );
     let rules_mounted = str_list(&prometheus["volumes"]).iter().any(|v| {
         v.split(':').next().is_some_and(|source| {
-            dir.join(source).canonicalize().ok() == workspace.root.join("deploy/prometheus/alerts.yml").canonicalize().ok()
+            dir.join(source).canonicalize().ok()
+                == workspace.root.join("deploy/prometheus/alerts.yml").canonicalize().ok()
         }) && str_list(&config["rule_files"]).iter().any(|glob| {
             let target = v.split(':').nth(1).unwrap_or_default();
             let (glob_dir, pattern) = glob.rsplit_once('/').unwrap_or(("", glob));
             target.rsplit_once('/').is_some_and(|(target_dir, file)| {
-                target_dir == glob_dir && (pattern == file || pattern.strip_prefix('*').is_some_and(|ext| file.ends_with(ext)))
+                target_dir == glob_dir
+                    && (pattern == file || pattern.strip_prefix('*').is_some_and(|ext| file.ends_with(ext)))
             })
         })
     });
@@ -1021,7 +1036,11 @@ fn parse_nginx(text: &str) -> Result<Vec<NginxDirective>> {
                 ensure!(words.is_empty(), "nginx.conf: {words:?} lacks a `;`");
                 ensure!(stack.len() > 1, "nginx.conf: an unmatched `}}`");
                 let (block_words, block) = stack.pop().context("nginx.conf nesting")?;
-                stack.last_mut().context("nginx.conf nesting")?.1.push(NginxDirective { words: block_words, block });
+                stack
+                    .last_mut()
+                    .context("nginx.conf nesting")?
+                    .1
+                    .push(NginxDirective { words: block_words, block });
             }
             c if c.is_whitespace() => {}
             c => {
@@ -1559,12 +1578,20 @@ fn check_service_monitor(base: &Manifests, monitoring: &Manifests) -> Result<()>
     ensure!(monitoring.of_kind("PrometheusRule").count() == 1, "deploy/k8s/monitoring has a PrometheusRule");
     let monitors: Vec<&Yaml> = monitoring.of_kind("ServiceMonitor").collect();
     ensure!(!monitors.is_empty(), "deploy/k8s/monitoring has a ServiceMonitor");
-    ensure!(monitoring.namespace == base.namespace, "the monitoring objects live in namespace {}", base.namespace);
+    ensure!(
+        monitoring.namespace == base.namespace,
+        "the monitoring objects live in namespace {}",
+        base.namespace
+    );
     for service in base.of_kind("Service") {
         let name = service["metadata"]["name"].as_str().context("service name")?;
         let labels = string_map(&service["metadata"]["labels"]);
-        let port_names: BTreeSet<String> =
-            service["spec"]["ports"].as_vec().into_iter().flatten().filter_map(|p| scalar(&p["name"])).collect();
+        let port_names: BTreeSet<String> = service["spec"]["ports"]
+            .as_vec()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| scalar(&p["name"]))
+            .collect();
         let scraped = monitors.iter().any(|monitor| {
             label_selector_matches(&monitor["spec"]["selector"], &labels)
                 && monitor["spec"]["endpoints"].as_vec().into_iter().flatten().any(|endpoint| {
@@ -1572,7 +1599,10 @@ fn check_service_monitor(base: &Manifests, monitoring: &Manifests) -> Result<()>
                         && matches!(endpoint["path"].as_str(), None | Some("/metrics"))
                 })
         });
-        ensure!(scraped, "a ServiceMonitor scrapes Service {name}'s /metrics on one of its ports {port_names:?}");
+        ensure!(
+            scraped,
+            "a ServiceMonitor scrapes Service {name}'s /metrics on one of its ports {port_names:?}"
+        );
     }
     Ok(())
 }
@@ -1603,7 +1633,8 @@ fn pod_placement_and_scraping_checks_reject_what_they_guard() -> Result<()> {
     let unconfined = variant("router.yaml", "type: RuntimeDefault", "type: Unconfined")?;
     let error = check_pod_placement(&unconfined).expect_err("a router pod without seccomp");
     assert!(format!("{error:#}").contains("pairdb-router"), "{error:#}");
-    let shared_hosts = variant("storage.yaml", "topologyKey: kubernetes.io/hostname", "topologyKey: kubernetes.io/os")?;
+    let shared_hosts =
+        variant("storage.yaml", "topologyKey: kubernetes.io/hostname", "topologyKey: kubernetes.io/os")?;
     assert!(check_pod_placement(&shared_hosts).is_err(), "storage pods allowed on one host");
     let other_pods = variant(
         "storage.yaml",
@@ -1611,10 +1642,21 @@ fn pod_placement_and_scraping_checks_reject_what_they_guard() -> Result<()> {
         "app.kubernetes.io/name: pairdb-router\n      # Spread",
     )?;
     assert!(check_pod_placement(&other_pods).is_err(), "anti-affinity against the routers instead");
-    let one_zone = variant("storage.yaml", "topologyKey: topology.kubernetes.io/zone", "topologyKey: kubernetes.io/hostname")?;
+    let one_zone = variant(
+        "storage.yaml",
+        "topologyKey: topology.kubernetes.io/zone",
+        "topologyKey: kubernetes.io/hostname",
+    )?;
     assert!(check_pod_placement(&one_zone).is_err(), "no spread over zones");
-    let unlabelled = variant("meta.yaml", "  labels:\n    app.kubernetes.io/name: pairdb-meta\nspec:\n  selector:", "spec:\n  selector:")?;
-    assert!(check_service_monitor(&unlabelled, &monitoring).is_err(), "a Service the ServiceMonitor does not select");
+    let unlabelled = variant(
+        "meta.yaml",
+        "  labels:\n    app.kubernetes.io/name: pairdb-meta\nspec:\n  selector:",
+        "spec:\n  selector:",
+    )?;
+    assert!(
+        check_service_monitor(&unlabelled, &monitoring).is_err(),
+        "a Service the ServiceMonitor does not select"
+    );
     Ok(())
 }
 
@@ -1667,13 +1709,19 @@ fn a_wrong_flag_or_variable_fails_the_check() -> Result<()> {
     assert!(format!("{error:#}").contains("names node-2"), "{error:#}");
 
     let health = vec![CLI.to_owned(), "health".into(), "127.0.0.1:7101".into()];
-    assert!(check_health_command("test", &health, &Env::new(), 7100).is_err(), "a healthcheck on the wrong port");
+    assert!(
+        check_health_command("test", &health, &Env::new(), 7100).is_err(),
+        "a healthcheck on the wrong port"
+    );
     // The old image healthcheck: a hard-coded port that a moved listen address leaves behind.
-    let fixed = vec![CLI.to_owned(), "health".into(), "--timeout-ms".into(), "3000".into(), "127.0.0.1:7100".into()];
+    let fixed =
+        vec![CLI.to_owned(), "health".into(), "--timeout-ms".into(), "3000".into(), "127.0.0.1:7100".into()];
     let moved = Env::from([("PAIRDB_LISTEN_ADDR".to_owned(), "0.0.0.0:17999".to_owned())]);
     assert!(check_health_command("test", &fixed, &moved, 17999).is_err(), "a hard-coded healthcheck port");
     let from_env: Vec<String> =
-        ["/bin/sh", "-c", "exec pairdb health \"127.0.0.1:${PAIRDB_LISTEN_ADDR##*:}\""].map(String::from).into();
+        ["/bin/sh", "-c", "exec pairdb health \"127.0.0.1:${PAIRDB_LISTEN_ADDR##*:}\""]
+            .map(String::from)
+            .into();
     assert!(check_health_command("test", &from_env, &moved, 17999).is_ok(), "a port from the environment");
     assert!(check_health_command("test", &from_env, &moved, 7100).is_err(), "the script's port is checked");
     Ok(())
