@@ -10,6 +10,13 @@
 //! clap ignores unknown environment variables, so `PAIRDB_*` names are also checked against the
 //! `env = "PAIRDB_..."` attributes in each binary's config source. `OTEL_*` and `RUST_LOG` are read by
 //! the tracing setup, not by clap, and are allowed without being passed to the parser.
+//!
+//! Beyond flags and ports: nginx gives gRPC and HTTP separate upstreams over all routers; image
+//! healthchecks follow `PAIRDB_LISTEN_ADDR` and `pairdb health` exports no trace; the release profile
+//! strips debuginfo; the compose monitoring profile scrapes exactly the PairDB services; every pod
+//! runs with the RuntimeDefault seccomp profile, storage pods go one per node and spread over zones,
+//! and the ServiceMonitor scrapes every Service. What linters and schema validators check (hadolint,
+//! compose-spec, kubernetes-validate, promtool, the dashboards) is deploy/check.sh's job.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
