@@ -10,6 +10,13 @@
 //! clap ignores unknown environment variables, so `PAIRDB_*` names are also checked against the
 //! `env = "PAIRDB_..."` attributes in each binary's config source. `OTEL_*` and `RUST_LOG` are read by
 //! the tracing setup, not by clap, and are allowed without being passed to the parser.
+//!
+//! Beyond flags and ports: nginx gives gRPC and HTTP separate upstreams over all routers; image
+//! healthchecks follow `PAIRDB_LISTEN_ADDR` and `pairdb health` exports no trace; the release profile
+//! strips debuginfo; the compose monitoring profile scrapes exactly the PairDB services; every pod
+//! runs with the RuntimeDefault seccomp profile, storage pods go one per node and spread over zones,
+//! and the ServiceMonitor scrapes every Service. What linters and schema validators check (hadolint,
+//! compose-spec, kubernetes-validate, promtool, the dashboards) is deploy/check.sh's job.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -535,16 +542,166 @@ fn dockerfile_targets_match_the_binaries() -> Result<()> {
         );
         ensure!(stage.expose == [port], "{origin}: EXPOSE {:?} is the listen port {port}", stage.expose);
         let health = stage.healthcheck.as_ref().context(format!("{origin}: a HEALTHCHECK"))?;
-        check_health_command(&origin, health, port)?;
+        check_health_command(&origin, health, &launch.env, port)?;
+        // A deployment that moves the listen address keeps a working healthcheck: it probes the port
+        // the binary listens on with the container's environment, not the image's default.
+        let mut moved = launch.clone();
+        moved.env.insert("PAIRDB_LISTEN_ADDR".into(), "0.0.0.0:17999".into());
+        let moved_port = moved.check_config(&workspace, &Env::new())?.listen_port()?;
+        ensure!(moved_port == 17999, "{origin}: PAIRDB_LISTEN_ADDR moves the listener to {moved_port}");
+        check_health_command(
+            &format!("{origin} (listening on {moved_port})"),
+            health,
+            &moved.env,
+            moved_port,
+        )?;
     }
     let cli = stages.get("cli").context("a `cli` target")?;
     ensure!(cli.entrypoint == [CLI], "the cli target runs pairdb");
     Ok(())
 }
 
+/// The images' binaries are built by `cargo build --release`: the release profile must strip
+/// debuginfo (images grew by 200+ MB each with it), and perf work keeps a profile with line tables.
+#[test]
+fn release_binaries_are_stripped() -> Result<()> {
+    let manifest = read(&repo_root().join("Cargo.toml"))?;
+    let release = cargo_profile(&manifest, "release").context("a [profile.release]")?;
+    ensure!(
+        matches!(release.get("strip").map(String::as_str), Some("\"debuginfo\"" | "\"symbols\"")),
+        "[profile.release] strips debuginfo (strip = \"debuginfo\" or \"symbols\"): {release:?}"
+    );
+    ensure!(
+        matches!(release.get("debug").map(String::as_str), None | Some("false" | "0" | "\"none\"")),
+        "[profile.release] builds no debuginfo only to strip it: {release:?}"
+    );
+    let profiling = cargo_profile(&manifest, "profiling").context("a [profile.profiling] for perf")?;
+    ensure!(
+        profiling.get("inherits").map(String::as_str) == Some("\"release\"")
+            && profiling
+                .get("debug")
+                .is_some_and(|debug| !matches!(debug.as_str(), "false" | "0" | "\"none\""))
+            && profiling.get("strip").map(String::as_str) == Some("\"none\""),
+        "[profile.profiling] is release with line tables, unstripped: {profiling:?}"
+    );
+    Ok(())
+}
+
+/// The `key = value` lines of `[profile.<name>]` in a Cargo manifest (values as written).
+fn cargo_profile(manifest: &str, name: &str) -> Option<Env> {
+    let header = format!("[profile.{name}]");
+    let mut lines = manifest.lines().skip_while(|line| line.trim() != header);
+    lines.next()?;
+    Some(
+        lines
+            .take_while(|line| !line.trim_start().starts_with('['))
+            .filter_map(|line| {
+                let (key, value) = line.split('#').next()?.split_once('=')?;
+                Some((key.trim().to_owned(), value.trim().to_owned()))
+            })
+            .collect(),
+    )
+}
+
+/// `pairdb health` is the images' HEALTHCHECK, run every few seconds in containers that have
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` set: it must not export a trace. Another command with the same
+/// environment does, so the listener below would see an export.
+#[test]
+fn pairdb_health_exports_no_traces() -> Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let bin_dir = pairdb_tests::binaries_dir()?;
+    // Stands in for an OTLP collector: counts connections and closes them, so an export fails fast.
+    let collector = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let endpoint = format!("http://{}", collector.local_addr()?);
+    collector.set_nonblocking(true)?;
+    let connections = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let acceptor = {
+        let (connections, stop) = (connections.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match collector.accept() {
+                    Ok(_) => {
+                        connections.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                }
+            }
+        })
+    };
+    let nothing_listens = pairdb_tests::free_addr()?.to_string();
+    let scratch = tempfile::tempdir()?;
+    let run = |args: &[&str]| -> Result<std::process::Output> {
+        Ok(Command::new(bin_dir.join(CLI))
+            .args(args)
+            .env_clear()
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+            .env("OTEL_SERVICE_NAME", "pairdb-health-probe")
+            .current_dir(scratch.path())
+            .output()?)
+    };
+
+    let health = run(&["--timeout-ms", "500", "health", &nothing_listens])?;
+    ensure!(!health.status.success(), "pairdb health of {nothing_listens}, where nothing listens, fails");
+    // The process has exited: an export would have connected by now (a closed connection is still
+    // accepted from the backlog), so give the acceptor a moment to drain it.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let after_health = connections.load(Ordering::SeqCst);
+
+    let other = run(&["cluster", "init", "--storage-nodes", "1", "--out", "cluster"])?;
+    ensure!(other.status.success(), "pairdb cluster init: {}", String::from_utf8_lossy(&other.stderr));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let after_other = connections.load(Ordering::SeqCst);
+    stop.store(true, Ordering::SeqCst);
+    acceptor.join().map_err(|_| anyhow::anyhow!("acceptor thread panicked"))?;
+
+    ensure!(
+        after_other > after_health,
+        "the control command exported no trace: this test cannot see exports (the OTLP setup changed?)"
+    );
+    ensure!(after_health == 0, "pairdb health connected {after_health} time(s) to the OTLP endpoint");
+    Ok(())
+}
+
+/// The argv a healthcheck runs: the exec form as written, or for `sh -c <script>` what the script
+/// runs, found by running it with the real shell in the container's environment `env` against
+/// stand-ins for `pairdb`, `curl` and `wget` that print their arguments.
+fn health_argv(origin: &str, command: &[String], env: &Env) -> Result<Vec<String>> {
+    let shell = command.first().map(|first| first.rsplit('/').next().unwrap_or_default());
+    if !(matches!(shell, Some("sh" | "bash")) && command.get(1).map(String::as_str) == Some("-c")) {
+        return Ok(command.to_vec());
+    }
+    let script = command.get(2).with_context(|| format!("{origin}: `sh -c` without a script"))?;
+    let stubs = tempfile::tempdir()?;
+    for tool in [CLI, "curl", "wget"] {
+        let path = stubs.path().join(tool);
+        std::fs::write(&path, format!("#!/bin/sh\nprintf '%s\\n' {tool} \"$@\"\n"))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let output = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(script)
+        .env_clear()
+        .envs(env)
+        .env("PATH", stubs.path())
+        .output()
+        .with_context(|| format!("{origin}: running the healthcheck script"))?;
+    ensure!(
+        output.status.success(),
+        "{origin}: healthcheck script {script:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).lines().map(str::to_owned).collect())
+}
+
 /// A healthcheck is `pairdb health 127.0.0.1:<port>` (gRPC health, in sync with `/health/ready`) or
-/// fetches `http://127.0.0.1:<port>/health/{ready,live}`.
-fn check_health_command(origin: &str, command: &[String], port: u16) -> Result<()> {
+/// fetches `http://127.0.0.1:<port>/health/{ready,live}`, run directly or through `sh -c` in the
+/// container's environment `env`.
+fn check_health_command(origin: &str, command: &[String], env: &Env, port: u16) -> Result<()> {
+    let command = &health_argv(origin, command, env)?;
     let is_cli = command.first().is_some_and(|first| first.rsplit('/').next() == Some(CLI));
     if is_cli {
         ensure!(command.get(1).map(String::as_str) == Some("health"), "{origin}: healthcheck {command:?}");
@@ -734,14 +891,14 @@ fn compose_file_matches_the_binaries() -> Result<()> {
             }
         }
     }
-    // The load balancer: nginx fronts every router, and publishes the ports it listens on.
-    for router in services.iter().filter(|s| s.launch.binary == "pairdb-router") {
-        ensure!(
-            nginx.contains(&format!("server {}:", router.name)),
-            "nginx.conf balances over {}",
-            router.name
-        );
-    }
+    // The load balancer: nginx fronts every router on both protocols, through separate upstreams,
+    // and publishes the ports it listens on.
+    let routers: BTreeSet<String> = services
+        .iter()
+        .filter(|s| s.launch.binary == "pairdb-router")
+        .map(|s| Ok(format!("{}:{}", s.name, s.launch.check_config(&workspace, &Env::new())?.listen_port()?)))
+        .collect::<Result<_>>()?;
+    check_nginx_upstreams(&nginx, &routers)?;
     let (lb_name, lb) = hash_entries(&doc["services"])
         .into_iter()
         .find(|(_, s)| str_list(&s["volumes"]).iter().any(|v| v.contains("nginx.conf")))
@@ -759,15 +916,10 @@ fn compose_file_matches_the_binaries() -> Result<()> {
         "{lb_name} publishes nginx's listen ports {listens:?}, not {lb_ports:?}"
     );
 
-    // Jaeger all-in-one receives OTLP over gRPC and serves its UI.
+    // Jaeger v2 (v1's all-in-one is end-of-life) receives OTLP over gRPC and serves its UI.
     let jaeger = &doc["services"]["jaeger"];
-    ensure!(
-        jaeger["image"].as_str().is_some_and(|i| i.starts_with("jaegertracing/all-in-one")),
-        "jaeger image"
-    );
-    ensure!(
-        string_map(&jaeger["environment"]).get("COLLECTOR_OTLP_ENABLED").map(String::as_str) == Some("true")
-    );
+    let jaeger_image = jaeger["image"].as_str().unwrap_or_default();
+    ensure!(jaeger_image.starts_with("jaegertracing/jaeger:2."), "jaeger runs Jaeger v2, not {jaeger_image}");
     let jaeger_ports = str_list(&jaeger["ports"]);
     for port in ["16686:16686", "4317:4317"] {
         ensure!(jaeger_ports.iter().any(|p| p == port), "jaeger publishes {port}");
@@ -775,6 +927,224 @@ fn compose_file_matches_the_binaries() -> Result<()> {
     for dependency in ["postgres", "redis"] {
         ensure!(!doc["services"][dependency].is_badvalue(), "compose runs {dependency}");
     }
+
+    // Every file compose mounts from the repository exists (the monitoring profile mounts the alert
+    // rules, Grafana's provisioning and the dashboards from deploy/).
+    for (name, service) in hash_entries(&doc["services"]) {
+        for volume in str_list(&service["volumes"]) {
+            let source = volume.split(':').next().unwrap_or_default();
+            if source.starts_with('.') {
+                ensure!(
+                    dir.join(source).exists(),
+                    "compose service {name} mounts {source}, which does not exist"
+                );
+            }
+        }
+    }
+    // Prometheus (profile `monitoring`) scrapes exactly the PairDB services, each on its listen port,
+    // in jobs named after the binary (the alert rules select those job names).
+    let prometheus = &doc["services"]["prometheus"];
+    ensure!(str_list(&prometheus["profiles"]) == ["monitoring"], "prometheus runs in profile monitoring");
+    ensure!(
+        str_list(&doc["services"]["grafana"]["profiles"]) == ["monitoring"],
+        "grafana runs in profile monitoring"
+    );
+    let config = str_list(&prometheus["volumes"])
+        .into_iter()
+        .find(|v| {
+            v.ends_with(":/etc/prometheus/prometheus.yml:ro")
+                || v.ends_with(":/etc/prometheus/prometheus.yml")
+        })
+        .context("prometheus mounts its configuration")?;
+    let config_path = dir.join(config.split(':').next().unwrap_or_default());
+    let config_text = read(&config_path)?;
+    let config = YamlLoader::load_from_str(&config_text)?.into_iter().next().context("prometheus.yml")?;
+    let mut scraped: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for job in config["scrape_configs"].as_vec().into_iter().flatten() {
+        let name = job["job_name"].as_str().context("a scrape job without job_name")?;
+        ensure!(
+            matches!(job["metrics_path"].as_str(), None | Some("/metrics")),
+            "prometheus.yml job {name} scrapes /metrics"
+        );
+        let targets = scraped.entry(name.to_owned()).or_default();
+        for static_config in job["static_configs"].as_vec().into_iter().flatten() {
+            targets.extend(str_list(&static_config["targets"]));
+        }
+    }
+    let mut expected: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for service in services.iter().filter(|s| s.launch.is_service()) {
+        let port = service.launch.check_config(&workspace, &Env::new())?.listen_port()?;
+        expected.entry(service.launch.binary.clone()).or_default().insert(format!("{}:{port}", service.name));
+    }
+    ensure!(
+        scraped == expected,
+        "{} scrapes {scraped:?}; the PairDB services are {expected:?}",
+        config_path.display()
+    );
+    let rules_mounted = str_list(&prometheus["volumes"]).iter().any(|v| {
+        v.split(':').next().is_some_and(|source| {
+            dir.join(source).canonicalize().ok()
+                == workspace.root.join("deploy/prometheus/alerts.yml").canonicalize().ok()
+        }) && str_list(&config["rule_files"]).iter().any(|glob| {
+            let target = v.split(':').nth(1).unwrap_or_default();
+            let (glob_dir, pattern) = glob.rsplit_once('/').unwrap_or(("", glob));
+            target.rsplit_once('/').is_some_and(|(target_dir, file)| {
+                target_dir == glob_dir
+                    && (pattern == file || pattern.strip_prefix('*').is_some_and(|ext| file.ends_with(ext)))
+            })
+        })
+    });
+    ensure!(rules_mounted, "prometheus mounts deploy/prometheus/alerts.yml where its rule_files look");
+    Ok(())
+}
+
+// ---- nginx -------------------------------------------------------------------------------------------------
+
+/// One nginx directive: its words, and the directives of its block if it has one.
+#[derive(Debug)]
+struct NginxDirective {
+    words: Vec<String>,
+    block: Vec<NginxDirective>,
+}
+
+/// Parses nginx's configuration syntax: words separated by blanks, `;` ending a directive, `{ }`
+/// blocks, `#` comments and quoted strings.
+fn parse_nginx(text: &str) -> Result<Vec<NginxDirective>> {
+    let mut stack: Vec<(Vec<String>, Vec<NginxDirective>)> = vec![(Vec::new(), Vec::new())];
+    let mut words: Vec<String> = Vec::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '#' => {
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        break;
+                    }
+                }
+            }
+            '"' | '\'' => {
+                let mut word = String::new();
+                loop {
+                    match chars.next().context("an unterminated quoted string in nginx.conf")? {
+                        '\\' => word.extend(chars.next()),
+                        q if q == c => break,
+                        other => word.push(other),
+                    }
+                }
+                words.push(word);
+            }
+            ';' => {
+                ensure!(!words.is_empty(), "nginx.conf: an empty directive");
+                let directive = NginxDirective { words: std::mem::take(&mut words), block: Vec::new() };
+                stack.last_mut().context("nginx.conf nesting")?.1.push(directive);
+            }
+            '{' => stack.push((std::mem::take(&mut words), Vec::new())),
+            '}' => {
+                ensure!(words.is_empty(), "nginx.conf: {words:?} lacks a `;`");
+                ensure!(stack.len() > 1, "nginx.conf: an unmatched `}}`");
+                let (block_words, block) = stack.pop().context("nginx.conf nesting")?;
+                stack
+                    .last_mut()
+                    .context("nginx.conf nesting")?
+                    .1
+                    .push(NginxDirective { words: block_words, block });
+            }
+            c if c.is_whitespace() => {}
+            c => {
+                let mut word = String::from(c);
+                while let Some(&next) = chars.peek() {
+                    if next.is_whitespace() || matches!(next, ';' | '{' | '}' | '"' | '\'') {
+                        break;
+                    }
+                    word.push(next);
+                    chars.next();
+                }
+                words.push(word);
+            }
+        }
+    }
+    ensure!(words.is_empty() && stack.len() == 1, "nginx.conf ends inside a directive or block");
+    Ok(stack.pop().map(|(_, top)| top).unwrap_or_default())
+}
+
+fn nginx_directives<'a>(directives: &'a [NginxDirective], out: &mut Vec<&'a NginxDirective>) {
+    for directive in directives {
+        out.push(directive);
+        nginx_directives(&directive.block, out);
+    }
+}
+
+/// gRPC and HTTP reach the routers through different `upstream` blocks that both list exactly
+/// `routers` (`host:port`). nginx caches idle keepalive connections per upstream, in the protocol
+/// they were opened with: a shared upstream hands an HTTP/1.1 request a connection gRPC left open as
+/// h2c (and the reverse), the router sees the wrong protocol, and the client gets a 502.
+fn check_nginx_upstreams(nginx: &str, routers: &BTreeSet<String>) -> Result<()> {
+    let parsed = parse_nginx(nginx)?;
+    let mut all = Vec::new();
+    nginx_directives(&parsed, &mut all);
+    let mut upstreams: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for upstream in all.iter().filter(|d| d.words.first().map(String::as_str) == Some("upstream")) {
+        let name = upstream.words.get(1).context("an upstream without a name")?;
+        let servers = upstream
+            .block
+            .iter()
+            .filter(|d| d.words.first().map(String::as_str) == Some("server"))
+            .filter_map(|d| d.words.get(1).cloned())
+            .collect();
+        ensure!(upstreams.insert(name.clone(), servers).is_none(), "nginx.conf: upstream {name} twice");
+    }
+    // The upstream each `grpc_pass` / `proxy_pass` names (`grpc://name`, `http://name/path`).
+    let passes = |directive: &str| -> Result<BTreeSet<String>> {
+        all.iter()
+            .filter(|d| d.words.first().map(String::as_str) == Some(directive))
+            .map(|d| {
+                let target = d.words.get(1).with_context(|| format!("{directive} without a target"))?;
+                let host = target.split_once("://").map_or(target.as_str(), |(_, rest)| rest);
+                let name = host.split('/').next().unwrap_or_default().to_owned();
+                ensure!(upstreams.contains_key(&name), "nginx.conf: {directive} {target} names no upstream");
+                Ok(name)
+            })
+            .collect()
+    };
+    let grpc = passes("grpc_pass")?;
+    let http = passes("proxy_pass")?;
+    ensure!(!grpc.is_empty() && !http.is_empty(), "nginx.conf proxies both gRPC and HTTP");
+    let shared: Vec<&String> = grpc.intersection(&http).collect();
+    ensure!(
+        shared.is_empty(),
+        "nginx.conf: upstream {shared:?} serves both grpc_pass and proxy_pass; keepalive connections \
+         cached by one protocol are reused by the other (502s): give each its own upstream"
+    );
+    for name in grpc.iter().chain(&http) {
+        ensure!(
+            &upstreams[name] == routers,
+            "nginx.conf: upstream {name} lists {:?}, the routers are {routers:?}",
+            upstreams[name]
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn nginx_upstream_check_rejects_a_shared_or_partial_upstream() -> Result<()> {
+    let nginx = read(&repo_root().join("deploy/compose/nginx.conf"))?;
+    let routers: BTreeSet<String> = ["router-1:7000", "router-2:7000"].map(String::from).into();
+    assert!(check_nginx_upstreams(&nginx, &routers).is_ok());
+
+    // The file before the fix: one upstream behind both protocols.
+    let shared = nginx.replace("proxy_pass http://routers_http", "proxy_pass http://routers_grpc");
+    let error = check_nginx_upstreams(&shared, &routers).expect_err("a shared upstream");
+    assert!(format!("{error:#}").contains("both grpc_pass and proxy_pass"), "{error:#}");
+
+    // One protocol missing a router.
+    let partial = nginx.replacen("server router-2:7000", "server router-1:7000 backup", 1);
+    assert!(check_nginx_upstreams(&partial, &routers).is_err(), "an upstream without router-2");
+    // A pass to something that is not an upstream.
+    let unknown = nginx.replace("http://routers_http", "http://routers");
+    assert!(check_nginx_upstreams(&unknown, &routers).is_err(), "proxy_pass to no upstream");
+    // Syntax the parser must get right: a quoted `;` and `{` inside a value, comments with braces.
+    let parsed = parse_nginx("# {\nhttp { add_header X \"a;b{\"; upstream u { server a:1; } }")?;
+    assert!(matches!(parsed.as_slice(), [NginxDirective { block, .. }] if block.len() == 2));
     Ok(())
 }
 
@@ -1142,6 +1512,158 @@ fn kubernetes_manifests_match_the_binaries() -> Result<()> {
     let scaled = manifests
         .named(target["kind"].as_str().unwrap_or_default(), target["name"].as_str().unwrap_or_default())?;
     ensure!(scaled["metadata"]["name"].as_str() == Some("pairdb-router"), "the HPA scales the routers");
+    check_pod_placement(&manifests)?;
+    check_service_monitor(&manifests, &Manifests::load(&workspace.root.join("deploy/k8s/monitoring"))?)?;
+    Ok(())
+}
+
+/// Whether a label selector (`matchLabels` and `matchExpressions`) selects `labels`; an empty
+/// selector selects nothing here (Kubernetes would select everything, never what these files mean).
+fn label_selector_matches(selector: &Yaml, labels: &Env) -> bool {
+    let wanted = string_map(&selector["matchLabels"]);
+    let expressions = selector["matchExpressions"].as_vec().cloned().unwrap_or_default();
+    if wanted.is_empty() && expressions.is_empty() {
+        return false;
+    }
+    wanted.iter().all(|(k, v)| labels.get(k) == Some(v))
+        && expressions.iter().all(|expression| {
+            let value = expression["key"].as_str().and_then(|key| labels.get(key));
+            let values = str_list(&expression["values"]);
+            match expression["operator"].as_str() {
+                Some("In") => value.is_some_and(|v| values.contains(v)),
+                Some("NotIn") => value.is_none_or(|v| !values.contains(v)),
+                Some("Exists") => value.is_some(),
+                Some("DoesNotExist") => value.is_none(),
+                _ => false,
+            }
+        })
+}
+
+/// Every pod runs under the runtime's default seccomp profile; storage pods go one per Kubernetes
+/// node (two replicas of a partition on one machine fail together) and spread over zones.
+fn check_pod_placement(manifests: &Manifests) -> Result<()> {
+    for kind in ["Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"] {
+        for workload in manifests.of_kind(kind) {
+            let name = workload["metadata"]["name"].as_str().unwrap_or("?");
+            let pod = match kind {
+                "CronJob" => &workload["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+                _ => &workload["spec"]["template"]["spec"],
+            };
+            ensure!(
+                pod["securityContext"]["seccompProfile"]["type"].as_str() == Some("RuntimeDefault"),
+                "{kind} {name}: the pod's securityContext.seccompProfile is {{type: RuntimeDefault}}"
+            );
+        }
+    }
+    let storage = manifests.named("StatefulSet", "pairdb-storage")?;
+    let labels = string_map(&storage["spec"]["template"]["metadata"]["labels"]);
+    let pod = &storage["spec"]["template"]["spec"];
+    let anti_affinity = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        .as_vec()
+        .into_iter()
+        .flatten()
+        .any(|term| {
+            term["topologyKey"].as_str() == Some("kubernetes.io/hostname")
+                && label_selector_matches(&term["labelSelector"], &labels)
+        });
+    ensure!(
+        anti_affinity,
+        "storage pods have a required anti-affinity on kubernetes.io/hostname against each other"
+    );
+    let spread = pod["topologySpreadConstraints"].as_vec().into_iter().flatten().any(|constraint| {
+        constraint["topologyKey"].as_str() == Some("topology.kubernetes.io/zone")
+            && constraint["maxSkew"].as_i64() == Some(1)
+            && label_selector_matches(&constraint["labelSelector"], &labels)
+    });
+    ensure!(spread, "storage pods spread over topology.kubernetes.io/zone with maxSkew 1");
+    Ok(())
+}
+
+/// The ServiceMonitor scrapes `/metrics` on every PairDB Service, on a port that reaches the pods'
+/// listen port, and a PrometheusRule ships beside it.
+fn check_service_monitor(base: &Manifests, monitoring: &Manifests) -> Result<()> {
+    ensure!(monitoring.of_kind("PrometheusRule").count() == 1, "deploy/k8s/monitoring has a PrometheusRule");
+    let monitors: Vec<&Yaml> = monitoring.of_kind("ServiceMonitor").collect();
+    ensure!(!monitors.is_empty(), "deploy/k8s/monitoring has a ServiceMonitor");
+    ensure!(
+        monitoring.namespace == base.namespace,
+        "the monitoring objects live in namespace {}",
+        base.namespace
+    );
+    for service in base.of_kind("Service") {
+        let name = service["metadata"]["name"].as_str().context("service name")?;
+        let labels = string_map(&service["metadata"]["labels"]);
+        let port_names: BTreeSet<String> = service["spec"]["ports"]
+            .as_vec()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| scalar(&p["name"]))
+            .collect();
+        let scraped = monitors.iter().any(|monitor| {
+            label_selector_matches(&monitor["spec"]["selector"], &labels)
+                && monitor["spec"]["endpoints"].as_vec().into_iter().flatten().any(|endpoint| {
+                    endpoint["port"].as_str().is_some_and(|port| port_names.contains(port))
+                        && matches!(endpoint["path"].as_str(), None | Some("/metrics"))
+                })
+        });
+        ensure!(
+            scraped,
+            "a ServiceMonitor scrapes Service {name}'s /metrics on one of its ports {port_names:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn pod_placement_and_scraping_checks_reject_what_they_guard() -> Result<()> {
+    let root = repo_root();
+    let base = Manifests::load(&root.join("deploy/k8s"))?;
+    let monitoring = Manifests::load(&root.join("deploy/k8s/monitoring"))?;
+    assert!(check_pod_placement(&base).is_ok());
+    assert!(check_service_monitor(&base, &monitoring).is_ok());
+    // The same manifests, edited as text and loaded from a scratch copy.
+    let variant = |file: &str, from: &str, to: &str| -> Result<Manifests> {
+        let scratch = tempfile::tempdir()?;
+        for entry in std::fs::read_dir(root.join("deploy/k8s"))? {
+            let path = entry?.path();
+            if path.is_file() {
+                let mut text = read(&path)?;
+                if path.file_name().is_some_and(|name| name == file) {
+                    ensure!(text.contains(from), "{file} contains {from:?}");
+                    text = text.replacen(from, to, 1);
+                }
+                std::fs::write(scratch.path().join(path.file_name().context("file name")?), text)?;
+            }
+        }
+        Manifests::load(scratch.path())
+    };
+    let unconfined = variant("router.yaml", "type: RuntimeDefault", "type: Unconfined")?;
+    let error = check_pod_placement(&unconfined).expect_err("a router pod without seccomp");
+    assert!(format!("{error:#}").contains("pairdb-router"), "{error:#}");
+    let shared_hosts =
+        variant("storage.yaml", "topologyKey: kubernetes.io/hostname", "topologyKey: kubernetes.io/os")?;
+    assert!(check_pod_placement(&shared_hosts).is_err(), "storage pods allowed on one host");
+    let other_pods = variant(
+        "storage.yaml",
+        "app.kubernetes.io/name: pairdb-storage\n      # Spread",
+        "app.kubernetes.io/name: pairdb-router\n      # Spread",
+    )?;
+    assert!(check_pod_placement(&other_pods).is_err(), "anti-affinity against the routers instead");
+    let one_zone = variant(
+        "storage.yaml",
+        "topologyKey: topology.kubernetes.io/zone",
+        "topologyKey: kubernetes.io/hostname",
+    )?;
+    assert!(check_pod_placement(&one_zone).is_err(), "no spread over zones");
+    let unlabelled = variant(
+        "meta.yaml",
+        "  labels:\n    app.kubernetes.io/name: pairdb-meta\nspec:\n  selector:",
+        "spec:\n  selector:",
+    )?;
+    assert!(
+        check_service_monitor(&unlabelled, &monitoring).is_err(),
+        "a Service the ServiceMonitor does not select"
+    );
     Ok(())
 }
 
@@ -1194,6 +1716,20 @@ fn a_wrong_flag_or_variable_fails_the_check() -> Result<()> {
     assert!(format!("{error:#}").contains("names node-2"), "{error:#}");
 
     let health = vec![CLI.to_owned(), "health".into(), "127.0.0.1:7101".into()];
-    assert!(check_health_command("test", &health, 7100).is_err(), "a healthcheck on the wrong port");
+    assert!(
+        check_health_command("test", &health, &Env::new(), 7100).is_err(),
+        "a healthcheck on the wrong port"
+    );
+    // The old image healthcheck: a hard-coded port that a moved listen address leaves behind.
+    let fixed =
+        vec![CLI.to_owned(), "health".into(), "--timeout-ms".into(), "3000".into(), "127.0.0.1:7100".into()];
+    let moved = Env::from([("PAIRDB_LISTEN_ADDR".to_owned(), "0.0.0.0:17999".to_owned())]);
+    assert!(check_health_command("test", &fixed, &moved, 17999).is_err(), "a hard-coded healthcheck port");
+    let from_env: Vec<String> =
+        ["/bin/sh", "-c", "exec pairdb health \"127.0.0.1:${PAIRDB_LISTEN_ADDR##*:}\""]
+            .map(String::from)
+            .into();
+    assert!(check_health_command("test", &from_env, &moved, 17999).is_ok(), "a port from the environment");
+    assert!(check_health_command("test", &from_env, &moved, 7100).is_err(), "the script's port is checked");
     Ok(())
 }
