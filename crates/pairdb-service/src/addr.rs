@@ -19,10 +19,12 @@ pub struct AddrSyntaxError {
 /// A configured address that cannot be used; the message names the field.
 #[derive(Debug, thiserror::Error)]
 pub enum AddrError {
-    #[error("{field}: {source}")]
-    Syntax { field: &'static str, source: AddrSyntaxError },
-    #[error("{field}: cannot resolve {value:?}: {source}")]
-    Resolve { field: &'static str, value: String, source: std::io::Error },
+    // Fields named `error`, not `source`: the message already includes them, and an error chain
+    // would print them twice.
+    #[error("{field}: {error}")]
+    Syntax { field: &'static str, error: AddrSyntaxError },
+    #[error("{field}: cannot resolve {value:?}: {error}")]
+    Resolve { field: &'static str, value: String, error: std::io::Error },
     #[error("{field}: {value:?} resolves to no address")]
     NoAddress { field: &'static str, value: String },
 }
@@ -76,7 +78,7 @@ pub fn check_dial_addr(field: &'static str, value: &str) -> Result<(), AddrError
         "http" | "https" => rest.strip_suffix('/').unwrap_or(rest),
         _ => value,
     });
-    split_host_port(address, false).map(|_| ()).map_err(|source| AddrError::Syntax { field, source })
+    split_host_port(address, false).map(|_| ()).map_err(|error| AddrError::Syntax { field, error })
 }
 
 /// The address a service listens on: `host:port`, where the host is an IP literal or a name resolved
@@ -123,7 +125,7 @@ impl ListenAddr {
         let field = "listen_addr";
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host(self.0.as_str())
             .await
-            .map_err(|source| AddrError::Resolve { field, value: self.0.clone(), source })?
+            .map_err(|error| AddrError::Resolve { field, value: self.0.clone(), error })?
             .collect();
         if addrs.is_empty() {
             return Err(AddrError::NoAddress { field, value: self.0.clone() });
