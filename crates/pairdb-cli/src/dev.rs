@@ -108,7 +108,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 
 fn meta_config(args: &DevArgs, secret_file: &Path) -> pairdb_meta::Config {
     let mut config = pairdb_meta::Config::embedded(args.data_dir.join("meta"), None);
-    config.listen_addr = args.meta_addr;
+    config.listen_addr = args.meta_addr.into();
     config.auto_add_nodes = true;
     config.insecure_cluster = args.insecure_cluster;
     config.cluster_secret_file = (!args.insecure_cluster).then(|| secret_file.to_path_buf());
@@ -130,7 +130,7 @@ async fn start_storage_nodes(
         let listener = bind(addr, "storage").await?;
         let mut config =
             pairdb_storage::Config::for_node(node_id, args.data_dir.join(format!("storage-{node_id}")));
-        config.listen_addr = addr;
+        config.listen_addr = addr.into();
         config.meta_addr = Some(args.meta_addr.to_string());
         config.cluster_auth = credential(signer, Principal::Node(NodeId(node_id)), args.insecure_cluster);
         config.anti_entropy_period_secs = args.anti_entropy_period_secs;
@@ -149,7 +149,7 @@ async fn start_storage_nodes(
 
 fn router_config(args: &DevArgs, signer: &Signer) -> pairdb_router::Config {
     let mut config = pairdb_router::Config::with_meta(args.meta_addr.to_string());
-    config.listen_addr = args.router_addr;
+    config.listen_addr = args.router_addr.into();
     // Dev mode: no API keys; requests name their tenant (the CLI sends `demo`).
     config.no_auth = true;
     config.cluster_auth = credential(signer, Principal::Router, args.insecure_cluster);

@@ -6,14 +6,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use pairdb_core::token::{DEFAULT_PARTITION_COUNT, PartitionCount};
+use pairdb_service::addr::ListenAddr;
 
 /// Configuration of one meta replica.
 #[derive(Clone, clap::Parser)]
 #[command(name = "pairdb-meta", version, about = "PairDB metadata service")]
 pub struct Config {
-    /// Address to serve gRPC and HTTP on.
+    /// Address to serve gRPC and HTTP on (host:port; a host name is resolved at start).
     #[arg(long, env = "PAIRDB_LISTEN_ADDR", default_value = "127.0.0.1:7100")]
-    pub listen_addr: SocketAddr,
+    pub listen_addr: ListenAddr,
     /// PostgreSQL URL (`postgres://...`). Without one, meta uses SQLite in the data directory
     /// (`sqlite:` URLs, including `sqlite::memory:`, are accepted too).
     #[arg(long, env = "PAIRDB_DATABASE_URL", hide_env_values = true)]
@@ -175,6 +176,8 @@ pub enum ConfigError {
     MaxMessage,
     #[error(transparent)]
     Listener(#[from] pairdb_service::listener::ListenerArgsError),
+    #[error(transparent)]
+    Tls(#[from] pairdb_service::tls::TlsError),
 }
 
 /// How admin requests are authenticated.
@@ -236,6 +239,7 @@ impl Config {
             return Err(ConfigError::MaxMessage);
         }
         self.service.listener.validate()?;
+        self.service.tls.load()?;
         self.signer()?;
         Ok(())
     }
@@ -312,7 +316,7 @@ impl Config {
     /// setting at its default.
     pub fn embedded(data_dir: PathBuf, admin_token: Option<String>) -> Self {
         Self {
-            listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)).into(),
             database_url: None,
             data_dir,
             database_timeout_ms: 5000,

@@ -3,13 +3,15 @@
 
 use std::net::SocketAddr;
 
+use pairdb_service::addr::ListenAddr;
+
 /// Configuration of one router.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "pairdb-router", version, about = "PairDB request router")]
 pub struct Config {
-    /// Address to serve gRPC and HTTP on.
+    /// Address to serve gRPC and HTTP on (host:port; a host name is resolved at start).
     #[arg(long, env = "PAIRDB_LISTEN_ADDR", default_value = "127.0.0.1:7000")]
-    pub listen_addr: SocketAddr,
+    pub listen_addr: ListenAddr,
     /// Address of the metadata service (host:port) whose watch stream gives topology and tenants.
     #[arg(long, env = "PAIRDB_META_ADDR", default_value = "127.0.0.1:7100")]
     pub meta_addr: String,
@@ -57,8 +59,8 @@ pub struct Config {
 /// A configuration value that cannot work; the message names the field.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("meta_addr: must not be empty")]
-    EmptyMetaAddr,
+    #[error(transparent)]
+    Addr(#[from] pairdb_service::addr::AddrError),
     #[error("request_timeout_ms: must be between 1 and max_request_timeout_ms")]
     RequestTimeout,
     #[error("storage_timeout_ms: must be between 1 and 60000")]
@@ -71,6 +73,8 @@ pub enum ConfigError {
     Interval,
     #[error("redis_url: must start with redis:// or rediss://")]
     RedisUrl,
+    #[error("redis_url: {0}")]
+    RedisUrlInvalid(String),
     #[error("idempotency_retention_secs: must be between 60 and 2592000 (30 days)")]
     IdempotencyRetention,
     #[error("idempotency_timeout_ms: must be between 10 and 60000")]
@@ -85,9 +89,7 @@ pub enum ConfigError {
 
 impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.meta_addr.trim().is_empty() {
-            return Err(ConfigError::EmptyMetaAddr);
-        }
+        pairdb_service::addr::check_dial_addr("meta_addr", &self.meta_addr)?;
         if self.request_timeout_ms == 0 || self.request_timeout_ms > self.max_request_timeout_ms {
             return Err(ConfigError::RequestTimeout);
         }
@@ -104,6 +106,11 @@ impl Config {
             && !(url.starts_with("redis://") || url.starts_with("rediss://"))
         {
             return Err(ConfigError::RedisUrl);
+        }
+        if let Some(url) = &self.redis_url {
+            // What the router does with it at start (parse, no connection).
+            redis::Client::open(url.as_str())
+                .map_err(|error| ConfigError::RedisUrlInvalid(error.to_string()))?;
         }
         if !(60..=2_592_000).contains(&self.idempotency_retention_secs) {
             return Err(ConfigError::IdempotencyRetention);
@@ -130,7 +137,7 @@ impl Config {
     /// Defaults for tests and embedding, talking to meta at `meta_addr`.
     pub fn with_meta(meta_addr: impl Into<String>) -> Self {
         Self {
-            listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)).into(),
             meta_addr: meta_addr.into(),
             request_timeout_ms: 2000,
             max_request_timeout_ms: 30_000,

@@ -1,12 +1,18 @@
-//! The flags every service takes, flattened into each service's `Config` as `service`: listener
-//! limits, TLS, the log format and `--check-config`.
+//! The flags every service takes, flattened into each service's `Config` as `service`: the config
+//! file, listener limits, TLS, the log format and `--check-config`.
+
+use std::path::PathBuf;
 
 use crate::listener::ListenerArgs;
 use crate::telemetry::LogFormat;
 use crate::tls::TlsArgs;
 
-#[derive(Debug, Clone, Default, clap::Args)]
+#[derive(Clone, Default, clap::Args)]
 pub struct ServiceArgs {
+    /// TOML file setting any of these flags by long name in snake_case (`listen_addr = "..."`).
+    /// Flags and PAIRDB_* variables override it. See docs/configuration.md.
+    #[arg(long, env = "PAIRDB_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub listener: ListenerArgs,
     #[command(flatten)]
@@ -16,4 +22,17 @@ pub struct ServiceArgs {
     /// Validate the configuration, print it and exit.
     #[arg(long)]
     pub check_config: bool,
+}
+
+impl std::fmt::Debug for ServiceArgs {
+    /// The settings, not where they came from: `config` is left out, so `--check-config` prints the
+    /// same for a config file as for the same values given as flags or variables.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceArgs")
+            .field("listener", &self.listener)
+            .field("tls", &self.tls)
+            .field("log_format", &self.log_format)
+            .field("check_config", &self.check_config)
+            .finish()
+    }
 }

@@ -295,6 +295,9 @@ pub enum AuthConfigError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: {error}")]
     Credential { path: PathBuf, error: CredentialError },
+    /// A file flag's problem, prefixed with the flag (`error`, not `source`: it is in the message).
+    #[error("{field}: {error}")]
+    File { field: &'static str, error: Box<AuthConfigError> },
 }
 
 /// The cluster-authentication flags of routers and storage nodes.
@@ -336,7 +339,10 @@ impl ClusterAuthArgs {
         let credential = match (&self.cluster_credential, &self.cluster_credential_file) {
             (Some(_), Some(_)) => return Err(AuthConfigError::Twice),
             (Some(text), None) => Some(Credential::parse(text).map_err(AuthConfigError::Invalid)?),
-            (None, Some(path)) => Some(Credential::read(path)?),
+            (None, Some(path)) => Some(Credential::read(path).map_err(|error| AuthConfigError::File {
+                field: "cluster_credential_file",
+                error: Box::new(error),
+            })?),
             (None, None) => None,
         };
         match (credential, self.insecure_cluster) {

@@ -11,15 +11,21 @@
 //!   configured, trace propagation.
 //! - [`tls`]: the TLS flags, server and client configurations (mutual TLS between services).
 //! - [`cluster_auth`]: cluster credentials, and the guard that checks them before a body is read.
-//! - [`args`]: the flags every service takes (listener limits, TLS, log format, `--check-config`).
+//! - [`args`]: the flags every service takes (config file, listener limits, TLS, log format,
+//!   `--check-config`).
+//! - [`config_file`]: the optional TOML config file (`--config`, `PAIRDB_CONFIG`) under flags and
+//!   environment, for every flag of a binary.
+//! - [`addr`]: listen addresses (host names resolved at start) and `host:port` addresses to dial.
 //! - [`clients`]: the one constructor of internal clients (storage API, meta's cluster API).
 //! - [`listener`]: connection and stream caps, HTTP body deadlines.
 //! - [`shutdown`]: the one signal a service's background tasks stop on ([`shutdown::Shutdown`]).
 
+pub mod addr;
 pub mod args;
 pub mod clients;
 pub mod cluster_auth;
 pub mod cluster_view;
+pub mod config_file;
 pub mod errors;
 pub mod listener;
 pub mod metrics;

@@ -23,14 +23,19 @@ pub struct TlsArgs {
     pub tls_ca: Option<PathBuf>,
 }
 
+/// TLS flags that cannot work; the message names the flag.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("tls: set --tls-cert, --tls-key and --tls-ca together (or none of them)")]
-    Incomplete,
-    #[error("tls: cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("tls: {path} holds no PEM block")]
-    NotPem { path: PathBuf },
+    #[error("{missing}: required with {given} (set tls_cert, tls_key and tls_ca together, or none of them)")]
+    Incomplete { missing: &'static str, given: &'static str },
+    #[error("{field}: cannot read {path}: {source}")]
+    Read { field: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{field}: {path} holds no PEM {expected}")]
+    NotPem { field: &'static str, path: PathBuf, expected: &'static str },
+    #[error("{field}: {path}: {problem}")]
+    Invalid { field: &'static str, path: PathBuf, problem: String },
+    #[error("tls_cert, tls_key: not usable as this process's identity: {0}")]
+    Unusable(String),
 }
 
 /// Whether a server demands client certificates.
@@ -49,29 +54,101 @@ pub struct Tls {
     ca: Certificate,
 }
 
-fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
-    let bytes = std::fs::read(path).map_err(|source| TlsError::Read { path: path.to_owned(), source })?;
-    if !String::from_utf8_lossy(&bytes).contains("-----BEGIN ") {
-        return Err(TlsError::NotPem { path: path.to_owned() });
+/// What a PEM file of each flag must hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PemContent {
+    Certificates,
+    PrivateKey,
+}
+
+/// Reads a PEM file and checks it holds what its flag needs: certificates that parse as X.509, or
+/// one private key. The bytes are what rustls gets; checking here gives messages naming the flag.
+fn read_pem(field: &'static str, path: &Path, content: PemContent) -> Result<Vec<u8>, TlsError> {
+    use x509_parser::pem::Pem;
+    let bytes =
+        std::fs::read(path).map_err(|source| TlsError::Read { field, path: path.to_owned(), source })?;
+    let invalid = |problem: String| TlsError::Invalid { field, path: path.to_owned(), problem };
+    let mut blocks = Vec::new();
+    for block in Pem::iter_from_buffer(&bytes) {
+        let block = block
+            .map_err(|error| invalid(format!("PEM block {} is malformed: {error}", blocks.len() + 1)))?;
+        blocks.push(block);
+    }
+    match content {
+        PemContent::Certificates => {
+            let certificates: Vec<&Pem> = blocks.iter().filter(|b| b.label == "CERTIFICATE").collect();
+            if certificates.is_empty() {
+                return Err(TlsError::NotPem { field, path: path.to_owned(), expected: "CERTIFICATE block" });
+            }
+            for (index, certificate) in certificates.iter().enumerate() {
+                if let Err(error) = certificate.parse_x509() {
+                    return Err(invalid(format!("certificate {} is not valid X.509: {error}", index + 1)));
+                }
+            }
+        }
+        PemContent::PrivateKey => {
+            let keys = blocks.iter().filter(|b| b.label.ends_with("PRIVATE KEY")).count();
+            match keys {
+                0 => {
+                    return Err(TlsError::NotPem {
+                        field,
+                        path: path.to_owned(),
+                        expected: "PRIVATE KEY block",
+                    });
+                }
+                1 => {}
+                _ => return Err(invalid(format!("{keys} private keys; expected one"))),
+            }
+        }
     }
     Ok(bytes)
 }
 
 impl TlsArgs {
-    /// The TLS material, or `None` when TLS is off.
+    /// The TLS material, or `None` when TLS is off. Reads and checks the files; what rustls would
+    /// refuse when the server or a client is built fails here instead.
     pub fn load(&self) -> Result<Option<Tls>, TlsError> {
-        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
-            (None, None, None) => Ok(None),
-            (Some(cert), Some(key), Some(ca)) => Ok(Some(Tls {
-                identity: Identity::from_pem(read_pem(cert)?, read_pem(key)?),
-                ca: Certificate::from_pem(read_pem(ca)?),
-            })),
-            _ => Err(TlsError::Incomplete),
-        }
+        let flags = [("tls_cert", &self.tls_cert), ("tls_key", &self.tls_key), ("tls_ca", &self.tls_ca)];
+        let given = flags.iter().find(|(_, value)| value.is_some()).map(|(name, _)| *name);
+        let missing = flags.iter().find(|(_, value)| value.is_none()).map(|(name, _)| *name);
+        let (Some(cert), Some(key), Some(ca)) = (&self.tls_cert, &self.tls_key, &self.tls_ca) else {
+            return match (given, missing) {
+                (Some(given), Some(missing)) => Err(TlsError::Incomplete { missing, given }),
+                _ => Ok(None),
+            };
+        };
+        let tls = Tls {
+            identity: Identity::from_pem(
+                read_pem("tls_cert", cert, PemContent::Certificates)?,
+                read_pem("tls_key", key, PemContent::PrivateKey)?,
+            ),
+            ca: Certificate::from_pem(read_pem("tls_ca", ca, PemContent::Certificates)?),
+        };
+        tls.check()?;
+        Ok(Some(tls))
     }
 }
 
 impl Tls {
+    /// Builds the server and client TLS configurations once, as serving and dialling will: a key
+    /// rustls cannot use, or one that does not match the certificate, fails here.
+    fn check(&self) -> Result<(), TlsError> {
+        let unusable = |error: tonic::transport::Error| {
+            let mut message = error.to_string();
+            let mut source = std::error::Error::source(&error);
+            while let Some(cause) = source {
+                message = format!("{message}: {cause}");
+                source = cause.source();
+            }
+            TlsError::Unusable(message)
+        };
+        tonic::transport::Server::builder()
+            .tls_config(self.server_config(ClientCerts::Required))
+            .map_err(unusable)?;
+        Endpoint::from_static("https://localhost").tls_config(self.client_config()).map_err(unusable)?;
+        Ok(())
+    }
+
     pub fn server_config(&self, client_certs: ClientCerts) -> ServerTlsConfig {
         ServerTlsConfig::new()
             .identity(self.identity.clone())
@@ -114,12 +191,18 @@ mod tests {
     fn all_or_nothing() {
         assert!(TlsArgs::default().load().unwrap().is_none());
         let partial = TlsArgs { tls_cert: Some("/nope".into()), ..TlsArgs::default() };
-        assert!(matches!(partial.load(), Err(TlsError::Incomplete)));
+        assert!(matches!(
+            partial.load(),
+            Err(TlsError::Incomplete { missing: "tls_key", given: "tls_cert" })
+        ));
+        let ca_only = TlsArgs { tls_ca: Some("/nope".into()), ..TlsArgs::default() };
+        let message = ca_only.load().unwrap_err().to_string();
+        assert!(message.starts_with("tls_cert: required with tls_ca"), "{message}");
         let missing = TlsArgs {
             tls_cert: Some("/nope".into()),
             tls_key: Some("/nope".into()),
             tls_ca: Some("/nope".into()),
         };
-        assert!(matches!(missing.load(), Err(TlsError::Read { .. })));
+        assert!(matches!(missing.load(), Err(TlsError::Read { field: "tls_cert", .. })));
     }
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use pairdb_core::ring::NodeId;
 use pairdb_core::token::{DEFAULT_PARTITION_COUNT, PartitionCount};
+use pairdb_service::addr::ListenAddr;
 
 use crate::engine::SyncMode;
 
@@ -22,9 +23,9 @@ pub enum SyncSetting {
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "pairdb-storage", version, about = "PairDB storage node")]
 pub struct Config {
-    /// Address to serve gRPC and HTTP on.
+    /// Address to serve gRPC and HTTP on (host:port; a host name is resolved at start).
     #[arg(long, env = "PAIRDB_LISTEN_ADDR", default_value = "127.0.0.1:7200")]
-    pub listen_addr: SocketAddr,
+    pub listen_addr: ListenAddr,
     /// Address other processes use to reach this node (defaults to the listen address).
     #[arg(long, env = "PAIRDB_ADVERTISE_ADDR")]
     pub advertise_addr: Option<String>,
@@ -135,6 +136,8 @@ pub enum ConfigError {
     #[error("max_message_mb: must be between 1 and 1024")]
     MaxMessage,
     #[error(transparent)]
+    Addr(#[from] pairdb_service::addr::AddrError),
+    #[error(transparent)]
     ClusterAuth(#[from] pairdb_service::cluster_auth::AuthConfigError),
     #[error(transparent)]
     Listener(#[from] pairdb_service::listener::ListenerArgsError),
@@ -174,6 +177,12 @@ impl Config {
         }
         if !(1..=1024).contains(&self.max_message_mb) {
             return Err(ConfigError::MaxMessage);
+        }
+        if let Some(meta_addr) = &self.meta_addr {
+            pairdb_service::addr::check_dial_addr("meta_addr", meta_addr)?;
+        }
+        if let Some(advertise_addr) = &self.advertise_addr {
+            pairdb_service::addr::check_dial_addr("advertise_addr", advertise_addr)?;
         }
         self.service.listener.validate()?;
         self.cluster_auth()?;
@@ -221,7 +230,7 @@ impl Config {
     /// A configuration for tests and embedding: node `node_id` in `data_dir`, defaults elsewhere.
     pub fn for_node(node_id: u32, data_dir: PathBuf) -> Self {
         Self {
-            listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)).into(),
             advertise_addr: None,
             node_id,
             data_dir,
