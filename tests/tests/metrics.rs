@@ -221,6 +221,7 @@ async fn a_fresh_cluster_exports_every_closed_family_at_zero_with_help_and_promt
         }
         check_with_promtool(service, &body);
     }
+    assert_dashboards_and_alerts_query_exported_names(&cluster);
     // Count histograms have count buckets, not the seconds ones.
     let router = scrape(&cluster.routers[0]);
     for name in ["pairdb_router_read_siblings_bucket", "pairdb_router_batch_items_bucket"] {
@@ -266,4 +267,36 @@ fn check_with_promtool(service: &str, body: &str) {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// Every name the shipped dashboards and alert rules query (`deploy/referenced-metrics.txt`, which
+/// `deploy/check.sh` proves is exactly what they query) is a family some service exports: one with a
+/// closed label set must be in this fresh cluster's scrape; one that appears with its first event
+/// must be in the exporting service's catalogue (which the test above proves complete).
+fn assert_dashboards_and_alerts_query_exported_names(cluster: &Cluster) {
+    let listed = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/referenced-metrics.txt"),
+    )
+    .unwrap();
+    let exported: Vec<(Vec<Sample>, Vec<pairdb_service::metrics::Family>)> =
+        catalogues(cluster).into_iter().map(|(_, process, families)| (scrape(process), families)).collect();
+    for name in listed.split_whitespace() {
+        let found = exported.iter().find_map(|(samples, families)| {
+            let family = families.iter().find(|f| {
+                let base = match f.kind {
+                    pairdb_service::metrics::Kind::Histogram => {
+                        ["_bucket", "_sum", "_count"].iter().find_map(|suffix| name.strip_suffix(suffix))
+                    }
+                    _ => Some(name),
+                };
+                base == Some(f.name)
+            })?;
+            Some((samples, family))
+        });
+        let (samples, family) =
+            found.unwrap_or_else(|| panic!("dashboards or alerts query {name}, which no service exports"));
+        if !family.zero.is_empty() {
+            assert!(samples.iter().any(|s| s.name == name), "{name} is not in a fresh cluster's scrape");
+        }
+    }
 }
