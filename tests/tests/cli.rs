@@ -588,13 +588,21 @@ fn render_man_page(page: &Path) -> String {
         .arg(page)
         .env("MANPAGER", "cat")
         .env("MANWIDTH", "100")
-        .env("MAN_KEEP_FORMATTING", "0")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&rendered.stderr);
     assert!(rendered.status.success(), "{}: {stderr}", page.display());
     assert!(stderr.trim().is_empty(), "{}: man warned: {stderr}", page.display());
-    String::from_utf8_lossy(&rendered.stdout).into_owned()
+    // grotty's bold and underline are overstrikes (`c\bc`, `_\bc`): keep the last character of each.
+    let mut text = String::new();
+    for c in String::from_utf8_lossy(&rendered.stdout).chars() {
+        if c == '\u{8}' {
+            text.pop();
+        } else {
+            text.push(c);
+        }
+    }
+    text
 }
 
 /// `pairdb man` prints the top page, which renders with `man -l` without warnings; `--out-dir`
