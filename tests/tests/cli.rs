@@ -463,6 +463,25 @@ fn dev_cluster_survives_bench_and_every_command_prints_json() {
     assert_eq!(watched["state"], "failed", "{watched:#}");
     assert_eq!(watched["kind"], "add_node");
     assert!(watched["error"].as_str().unwrap().contains("node 9"), "{watched:#}");
+    // On a terminal the table form clears its progress bar before printing the result, so the
+    // summary starts a line of its own instead of being glued onto the bar's last line.
+    let pairdb_binary = binaries_dir().unwrap().join("pairdb");
+    let watch =
+        format!("{} --meta {meta} migration watch {migration_id} --interval-ms 100", pairdb_binary.display());
+    let tty = std::process::Command::new("script")
+        .args(["-qc", watch.as_str(), "/dev/null"])
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let screen = terminal_lines(&String::from_utf8_lossy(&tty.stdout));
+    let summary = format!("migration {migration_id} (add_node) failed: ");
+    assert!(screen.iter().any(|line| line.starts_with(&summary)), "{screen:#?}");
+    assert!(screen.iter().any(|line| line.starts_with("created_at_ms ")), "{screen:#?}");
+    assert!(
+        !screen.iter().any(|line| line.contains("partitions") && line.contains("created_at_ms")),
+        "{screen:#?}"
+    );
     assert_eq!(json(&["migration", "get", &migration_id])["migration_id"], migration_id.as_str());
     let migrations = json(&["migration", "list"]);
     assert!(
@@ -516,6 +535,33 @@ fn help_points_at_the_json_documentation() {
     ] {
         assert!(docs.contains(&format!("`{command}")), "docs/cli.md does not document {command}");
     }
+}
+
+/// What a terminal shows of `raw` (a pty's output), line by line: of each line, what follows its
+/// last erase (`ESC[2K`) or carriage return, without escape sequences.
+fn terminal_lines(raw: &str) -> Vec<String> {
+    raw.split('\n')
+        .map(|line| {
+            let line = line.trim_end_matches('\r');
+            let after_erase = line.rsplit("\u{1b}[2K").next().unwrap_or(line);
+            let visible = after_erase.rsplit('\r').next().unwrap_or(after_erase);
+            let mut text = String::new();
+            let mut chars = visible.chars();
+            while let Some(c) = chars.next() {
+                if c == '\u{1b}' {
+                    // CSI: ESC [ parameters, then a letter.
+                    for c in chars.by_ref() {
+                        if c.is_ascii_alphabetic() {
+                            break;
+                        }
+                    }
+                } else {
+                    text.push(c);
+                }
+            }
+            text
+        })
+        .collect()
 }
 
 /// An address without a port, a host that does not resolve and a port nobody listens on are three
