@@ -11,7 +11,9 @@ const PROTO_FILES: &[&str] = &[
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time, not baked in with env!(): a build script binary reused from another checkout
+    // of the workspace must watch this checkout's files.
+    let proto_root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     for file in PROTO_FILES {
         println!("cargo:rerun-if-changed={}", proto_root.join(file).display());
     }

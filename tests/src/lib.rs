@@ -992,6 +992,8 @@ pub mod cli {
     #[derive(Debug)]
     pub struct Finished {
         pub success: bool,
+        /// The exit code (`None`: killed by a signal).
+        pub code: Option<i32>,
         pub stdout: String,
         pub stderr: String,
     }
@@ -1015,6 +1017,7 @@ pub mod cli {
             .context("running pairdb")?;
         Ok(Finished {
             success: output.status.success(),
+            code: output.status.code(),
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
         })

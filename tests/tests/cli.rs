@@ -1,6 +1,7 @@
-//! End-to-end tests of the `pairdb` CLI against `pairdb dev` (real binaries, real processes): the
-//! README quickstart run literally, a restart that keeps the data, `pairdb bench` without errors, and
-//! the JSON output of every command.
+//! End-to-end tests of the `pairdb` CLI against `pairdb dev` and harness clusters (real binaries,
+//! real processes): the README quickstart run literally, a restart that keeps the data, `pairdb bench`
+//! without errors, the JSON output of every command, `pairdb status`, errors that name the flag to
+//! change, and the completion scripts and man pages the binary prints.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::TcpListener;
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use pairdb_tests::binaries_dir;
 use pairdb_tests::cli::{Dev, Finished, run};
+use pairdb_tests::cluster::Cluster;
 use serde_json::Value;
 
 /// Both tests start a dev cluster; one at a time keeps the bench from measuring its neighbour.
@@ -270,6 +272,22 @@ fn dev_cluster_survives_bench_and_every_command_prints_json() {
     assert_eq!(listing["run"]["errors"], serde_json::json!({}), "{listing:#}");
     assert!(listing["run"]["listed_keys"].as_u64().unwrap() >= 2000, "{listing:#}");
 
+    // Pointed at the wrong service, a command says which service answers and which flag to change.
+    let wrong = run(dir.path(), &["--meta", router.as_str(), "tenant", "list"], &[]).unwrap();
+    assert_eq!(wrong.code, Some(1), "{}", wrong.stderr);
+    assert!(wrong.stderr.starts_with("error: WRONG_SERVICE: the service at "), "{}", wrong.stderr);
+    assert!(wrong.stderr.contains("does not implement pairdb.admin.v1.AdminService"), "{}", wrong.stderr);
+    assert!(wrong.stderr.contains("is --meta (PAIRDB_META) pointing at a router?"), "{}", wrong.stderr);
+    let wrong =
+        run(dir.path(), &["--router", meta.as_str(), "--output", "json", "kv", "get", "k1"], &[]).unwrap();
+    assert_eq!(wrong.code, Some(1), "{}", wrong.stderr);
+    let error: Value = serde_json::from_str(wrong.stderr.trim()).unwrap();
+    assert_eq!(error["error"]["reason"], "WRONG_SERVICE", "{error}");
+    assert_eq!(error["error"]["code"], 12, "UNIMPLEMENTED");
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(message.contains("it is the metadata service (pairdb.admin.v1.AdminService)"), "{message}");
+    assert!(message.contains("--router (PAIRDB_ROUTER)"), "{message}");
+
     // kv
     let put = json(&["kv", "put", "k1", "v1"]);
     assert_eq!(put["key"], "k1");
@@ -297,6 +315,14 @@ fn dev_cluster_survives_bench_and_every_command_prints_json() {
     assert_eq!(gone["siblings"], serde_json::json!([]));
     let unknown = fails(&["--tenant", "nobody", "kv", "get", "k1"]);
     assert!(unknown.stderr.contains("TENANT_NOT_FOUND"), "{}", unknown.stderr);
+    // With --output json the error is one JSON document on stderr; the exit code stays 1.
+    assert_eq!(unknown.code, Some(1));
+    let error: Value = serde_json::from_str(unknown.stderr.trim()).unwrap();
+    assert_eq!(
+        (error["error"]["reason"].as_str(), error["error"]["code"].as_i64()),
+        (Some("TENANT_NOT_FOUND"), Some(5))
+    );
+    assert!(error["error"]["message"].as_str().unwrap().contains("nobody"), "{error}");
     let bad_context = fails(&["kv", "put", "k1", "v", "--context", "%%%"]);
     assert!(bad_context.stderr.contains("INVALID_ARGUMENT"), "{}", bad_context.stderr);
     // Conditions: a second --if-absent is refused with the key's current context; --if-match passes
@@ -305,6 +331,9 @@ fn dev_cluster_survives_bench_and_every_command_prints_json() {
     let taken = fails(&["kv", "put", "lock", "yours", "--if-absent"]);
     assert!(taken.stderr.contains("PRECONDITION_FAILED"), "{}", taken.stderr);
     assert!(taken.stderr.contains("current context: "), "{}", taken.stderr);
+    let error: Value = serde_json::from_str(taken.stderr.trim()).unwrap();
+    assert_eq!(error["error"]["details"]["found"], true, "{error}");
+    assert!(!error["error"]["details"]["context"].as_str().unwrap().is_empty(), "{error}");
     let context = mine["context"].as_str().unwrap();
     json(&["kv", "put", "lock", "renewed", "--if-match", "--context", context]);
     let stale = fails(&["kv", "put", "lock", "x", "--if-match", "--context", context]);
@@ -422,6 +451,9 @@ fn dev_cluster_survives_bench_and_every_command_prints_json() {
     assert_eq!(node["status"], "active");
     assert_eq!(node["in_ring"], true);
     assert!(node["stats"]["disk_free_bytes"].as_u64().is_some());
+    assert!(node["stats"]["disk_bytes"].as_u64().unwrap() > 0, "{node:#}");
+    assert!(node["stats"]["live_value_bytes"].as_u64().is_some(), "{node:#}");
+    assert!(node["stats"].get("live_bytes").is_none(), "the misnamed field is gone: {node:#}");
     let added = json(&["node", "add", "127.0.0.1:1", "--node-id", "9", "--zone", "z9"]);
     assert_eq!(added["node"]["node_id"], 9);
     let migration_id = added["migration_id"].as_str().unwrap().to_owned();
@@ -431,6 +463,25 @@ fn dev_cluster_survives_bench_and_every_command_prints_json() {
     assert_eq!(watched["state"], "failed", "{watched:#}");
     assert_eq!(watched["kind"], "add_node");
     assert!(watched["error"].as_str().unwrap().contains("node 9"), "{watched:#}");
+    // On a terminal the table form clears its progress bar before printing the result, so the
+    // summary starts a line of its own instead of being glued onto the bar's last line.
+    let pairdb_binary = binaries_dir().unwrap().join("pairdb");
+    let watch =
+        format!("{} --meta {meta} migration watch {migration_id} --interval-ms 100", pairdb_binary.display());
+    let tty = std::process::Command::new("script")
+        .args(["-qc", watch.as_str(), "/dev/null"])
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let screen = terminal_lines(&String::from_utf8_lossy(&tty.stdout));
+    let summary = format!("migration {migration_id} (add_node) failed: ");
+    assert!(screen.iter().any(|line| line.starts_with(&summary)), "{screen:#?}");
+    assert!(screen.iter().any(|line| line.starts_with("created_at_ms ")), "{screen:#?}");
+    assert!(
+        !screen.iter().any(|line| line.contains("partitions") && line.contains("created_at_ms")),
+        "{screen:#?}"
+    );
     assert_eq!(json(&["migration", "get", &migration_id])["migration_id"], migration_id.as_str());
     let migrations = json(&["migration", "list"]);
     assert!(
@@ -478,7 +529,236 @@ fn help_points_at_the_json_documentation() {
         "pairdb migration watch",
         "pairdb bench",
         "pairdb health",
+        "pairdb status",
+        "pairdb completions",
+        "pairdb man",
     ] {
         assert!(docs.contains(&format!("`{command}")), "docs/cli.md does not document {command}");
     }
+}
+
+/// What a terminal shows of `raw` (a pty's output), line by line: of each line, what follows its
+/// last erase (`ESC[2K`) or carriage return, without escape sequences.
+fn terminal_lines(raw: &str) -> Vec<String> {
+    raw.split('\n')
+        .map(|line| {
+            let line = line.trim_end_matches('\r');
+            let after_erase = line.rsplit("\u{1b}[2K").next().unwrap_or(line);
+            let visible = after_erase.rsplit('\r').next().unwrap_or(after_erase);
+            let mut text = String::new();
+            let mut chars = visible.chars();
+            while let Some(c) = chars.next() {
+                if c == '\u{1b}' {
+                    // CSI: ESC [ parameters, then a letter.
+                    for c in chars.by_ref() {
+                        if c.is_ascii_alphabetic() {
+                            break;
+                        }
+                    }
+                } else {
+                    text.push(c);
+                }
+            }
+            text
+        })
+        .collect()
+}
+
+/// An address without a port, a host that does not resolve and a port nobody listens on are three
+/// different errors, each naming the flag; with `--output json` each is a JSON document on stderr.
+#[test]
+fn unreachable_addresses_are_told_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let nobody = free_addr();
+    let cases: [(&str, &str, &str); 4] = [
+        ("localhost", "INVALID_ADDRESS", "--meta \"localhost\" has no port"),
+        ("not an address", "INVALID_ADDRESS", "is not host:port"),
+        ("no-such-host.invalid:7100", "HOST_NOT_FOUND", "the host \"no-such-host.invalid\" does not resolve"),
+        (nobody.as_str(), "CONNECTION_REFUSED", "nothing listens at"),
+    ];
+    for (address, reason, text) in cases {
+        let table = run(dir.path(), &["--meta", address, "tenant", "list"], &[]).unwrap();
+        assert_eq!(table.code, Some(1), "{address}: {}", table.stderr);
+        assert!(table.stderr.starts_with(&format!("error: {reason}: ")), "{address}: {}", table.stderr);
+        assert!(table.stderr.contains(text), "{address}: {}", table.stderr);
+        assert!(table.stdout.is_empty());
+        let json = run(dir.path(), &["--output", "json", "--meta", address, "node", "list"], &[]).unwrap();
+        assert_eq!(json.code, Some(1), "{address}: {}", json.stderr);
+        let error: Value = serde_json::from_str(json.stderr.trim()).unwrap();
+        assert_eq!(error["error"]["reason"], reason, "{error}");
+        assert!(error["error"]["message"].as_str().unwrap().contains("--meta"), "{error}");
+    }
+    // The router's flag for data commands.
+    let refused = run(dir.path(), &["--router", nobody.as_str(), "kv", "get", "k"], &[]).unwrap();
+    assert!(
+        refused.stderr.contains("CONNECTION_REFUSED") && refused.stderr.contains("(--router)"),
+        "{}",
+        refused.stderr
+    );
+    // A usage error is still exit code 2.
+    assert_eq!(run(dir.path(), &["tenant", "create"], &[]).unwrap().code, Some(2));
+}
+
+/// `pairdb completions SHELL` prints a script for each shell; bash's sources cleanly and registers a
+/// completion for `pairdb`.
+#[test]
+fn completion_scripts_source_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let script = pairdb(dir.path(), &["completions", shell]);
+        assert!(script.stdout.contains("pairdb"), "{shell}: {}", script.stdout);
+        assert!(script.stdout.contains("rebuild-status"), "{shell} completes subcommands");
+    }
+    let script = pairdb(dir.path(), &["completions", "bash"]);
+    let file = dir.path().join("pairdb.bash");
+    std::fs::write(&file, &script.stdout).unwrap();
+    let sourced = std::process::Command::new("bash")
+        .arg("--norc")
+        .arg("-c")
+        .arg(format!("source {}; complete -p pairdb", file.display()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&sourced.stderr);
+    assert!(sourced.status.success(), "{stderr}");
+    assert!(stderr.is_empty(), "sourcing printed: {stderr}");
+    assert!(String::from_utf8_lossy(&sourced.stdout).contains("pairdb"), "no completion registered");
+    let bad = run(dir.path(), &["completions", "tcsh"], &[]).unwrap();
+    assert_eq!(bad.code, Some(2), "{}", bad.stderr);
+}
+
+/// Renders a man page with `man -l` and returns what it printed; fails on any warning.
+fn render_man_page(page: &Path) -> String {
+    let rendered = std::process::Command::new("man")
+        .arg("-l")
+        .arg("-Tutf8")
+        .arg(page)
+        .env("MANPAGER", "cat")
+        .env("MANWIDTH", "100")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&rendered.stderr);
+    assert!(rendered.status.success(), "{}: {stderr}", page.display());
+    assert!(stderr.trim().is_empty(), "{}: man warned: {stderr}", page.display());
+    // grotty's bold and underline are overstrikes (`c\bc`, `_\bc`): keep the last character of each.
+    let mut text = String::new();
+    for c in String::from_utf8_lossy(&rendered.stdout).chars() {
+        if c == '\u{8}' {
+            text.pop();
+        } else {
+            text.push(c);
+        }
+    }
+    text
+}
+
+/// `pairdb man` prints the top page, which renders with `man -l` without warnings; `--out-dir`
+/// writes one page per command, each rendering cleanly too.
+#[test]
+fn man_pages_render_without_warnings() {
+    let dir = tempfile::tempdir().unwrap();
+    let page = pairdb(dir.path(), &["man"]);
+    assert!(page.stdout.starts_with(".ie") || page.stdout.contains(".TH pairdb"), "{}", &page.stdout[..200]);
+    let file = dir.path().join("pairdb.1");
+    std::fs::write(&file, &page.stdout).unwrap();
+    let text = render_man_page(&file);
+    for expected in ["pairdb", "PAIRDB_META", "status", "completions"] {
+        assert!(text.contains(expected), "the page lacks {expected}:\n{text}");
+    }
+
+    let out = dir.path().join("man");
+    pairdb(dir.path(), &["man", "--out-dir", out.to_str().unwrap()]);
+    let mut pages: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    pages.sort();
+    for expected in ["pairdb.1", "pairdb-kv-put.1", "pairdb-status.1", "pairdb-node-rebuild-status.1"] {
+        assert!(pages.iter().any(|page| page == expected), "no {expected} in {pages:?}");
+    }
+    for page in &pages {
+        render_man_page(&out.join(page));
+    }
+    let put = render_man_page(&out.join("pairdb-kv-put.1"));
+    assert!(put.contains("--if-absent") || put.contains("\u{2010}\u{2010}if\u{2010}absent"), "{put}");
+}
+
+/// `pairdb status` on a harness cluster (separate meta, storage and router processes): every node
+/// with its state, an even ownership share, keys and bytes after writes, a recent heartbeat and no
+/// warning flags; no migration under way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_every_node_its_share_and_health() {
+    let cluster = Cluster::start(3, 1, 3).await.unwrap();
+    let client = cluster.client(0).await.unwrap();
+    for i in 0..20 {
+        client
+            .put(&format!("status-{i}"), vec![b'x'; 100], pairdb_client::WriteOptions::default())
+            .await
+            .unwrap();
+    }
+    let meta = cluster.meta.addr.to_string();
+    let dir = cluster.dir.path().to_path_buf();
+    let status = |output: &'static str| {
+        let (dir, meta) = (dir.clone(), meta.clone());
+        tokio::task::spawn_blocking(move || {
+            let finished = run(&dir, &["--meta", meta.as_str(), "--output", output, "status"], &[]).unwrap();
+            assert!(finished.success, "{}", finished.stderr);
+            finished
+        })
+    };
+
+    // The nodes report their keys and live value bytes with their heartbeats.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let report = loop {
+        let report = status("json").await.unwrap().json().unwrap();
+        let nodes = report["nodes"].as_array().unwrap();
+        let reported = nodes.iter().all(|node| {
+            node["stats"]["keys"].as_u64() == Some(20)
+                && node["stats"]["live_value_bytes"].as_u64() >= Some(2000)
+        });
+        if reported {
+            break report;
+        }
+        assert!(Instant::now() < deadline, "the nodes never reported their data: {report:#}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(report["replication_factors"], serde_json::json!([3]), "{report:#}");
+    let partitions = report["partition_count"].as_u64().unwrap();
+    assert!(partitions > 0 && partitions.is_power_of_two(), "{report:#}");
+    assert_eq!(report["migrations"], serde_json::json!([]), "{report:#}");
+    let nodes = report["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3);
+    for node in nodes {
+        assert_eq!(
+            (node["status"].as_str(), node["in_ring"].as_bool()),
+            (Some("active"), Some(true)),
+            "{node:#}"
+        );
+        // Three nodes, three replicas: each holds every partition, a third of all replicas.
+        let share = node["ownership"][0]["share"].as_f64().unwrap();
+        assert!((share - 1.0 / 3.0).abs() < 1e-9, "{node:#}");
+        assert!(node["heartbeat_age_ms"].as_u64().unwrap() < 10_000, "{node:#}");
+        let stats = &node["stats"];
+        assert!(
+            stats["disk_bytes"].as_u64().unwrap() > stats["live_value_bytes"].as_u64().unwrap(),
+            "{node:#}"
+        );
+        assert_eq!(
+            (stats["write_path_poisoned"].as_bool(), stats["quarantined_records"].as_u64()),
+            (Some(false), Some(0))
+        );
+    }
+
+    let table = status("table").await.unwrap().stdout;
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("storage nodes: 3 (3 active), partitions: "), "{table}");
+    let header = lines[1];
+    for column in ["NODE", "STATE", "OWNS N=3", "KEYS", "LIVE DATA", "DISK", "HINTS", "HEARTBEAT", "FLAGS"] {
+        assert!(header.contains(column), "no {column} column:\n{table}");
+    }
+    for line in &lines[2..5] {
+        assert!(cluster.storage.iter().any(|node| line.contains(&node.addr.to_string())), "{table}");
+        assert!(line.contains("33.3%"), "{table}");
+        assert!(line.contains("active") && line.trim_end().ends_with('-'), "no flags expected:\n{table}");
+    }
+    assert!(table.contains("migrations: none running"), "{table}");
 }

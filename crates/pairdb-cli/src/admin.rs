@@ -482,7 +482,7 @@ async fn wait_for_rebuild(
         }
         tokio::time::sleep(interval).await;
     };
-    bar.finish();
+    bar.finish_and_clear();
     Ok(rebuild)
 }
 
@@ -586,7 +586,20 @@ pub async fn migration(globals: &Globals, command: MigrationCommand) -> anyhow::
                 }
                 tokio::time::sleep(interval).await;
             };
-            bar.finish();
+            // The bar (stderr) goes before the result is printed, so neither lands on the other's line.
+            bar.finish_and_clear();
+            if globals.output == Output::Table {
+                let progress = migration.progress.unwrap_or_default();
+                println!(
+                    "migration {} ({}) {}: {}/{} partitions, {} keys",
+                    migration.migration_id,
+                    migration.kind,
+                    output::migration_state_name(migration.state),
+                    progress.partitions_done,
+                    progress.partitions_total,
+                    progress.keys_done
+                );
+            }
             show(globals.output, &output::migration_json(&migration));
             let state = output::migration_state_name(migration.state);
             if state != "completed" {

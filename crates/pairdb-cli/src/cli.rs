@@ -4,11 +4,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 use pairdb_client::{AdminClient, ClientOptions, Consistency, KvClient};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use tracing::Instrument;
 
+use crate::errors::{ErrorContext, Target, check_address, connect_error};
 use crate::output::Output;
 
 /// Router address `pairdb dev` serves on.
@@ -32,7 +33,9 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Options every command takes (shown under their own heading in each command's help).
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Global options")]
 pub struct Globals {
     /// Router address (host:port) for `kv` and `bench`.
     #[arg(long, global = true, env = "PAIRDB_ROUTER", default_value = DEFAULT_ROUTER)]
@@ -62,12 +65,13 @@ pub struct Globals {
     /// Client certificate (PEM) for services that require one (meta and storage with mutual TLS).
     #[arg(long, global = true, env = "PAIRDB_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
     #[arg(long, global = true, env = "PAIRDB_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 }
 
 impl Globals {
-    fn options(&self, token: Option<&String>) -> anyhow::Result<ClientOptions> {
+    pub fn options(&self, token: Option<&String>) -> anyhow::Result<ClientOptions> {
         let read = |path: &std::path::Path| {
             std::fs::read(path).map_err(|error| anyhow::anyhow!("cannot read {}: {error}", path.display()))
         };
@@ -98,11 +102,35 @@ impl Globals {
     }
 
     pub async fn kv(&self) -> anyhow::Result<KvClient> {
-        Ok(KvClient::connect(&self.router, &self.tenant(), self.options(self.token.as_ref())?).await?)
+        let options = self.options(self.token.as_ref())?;
+        check_address(Target::Router, &self.router).await?;
+        KvClient::connect(&self.router, &self.tenant(), options)
+            .await
+            .map_err(|error| connect_error(Target::Router, &self.router, error))
     }
 
     pub async fn admin(&self) -> anyhow::Result<AdminClient> {
-        Ok(AdminClient::connect(&self.meta, self.options(self.admin_token.as_ref())?).await?)
+        let options = self.options(self.admin_token.as_ref())?;
+        check_address(Target::Meta, &self.meta).await?;
+        AdminClient::connect(&self.meta, options)
+            .await
+            .map_err(|error| connect_error(Target::Meta, &self.meta, error))
+    }
+
+    /// What explaining a failure of `command` needs: the service it talks to and how to reach it.
+    pub fn error_context(&self, command: &Command) -> ErrorContext {
+        let target = command_target(command);
+        let (address, token) = match target {
+            Some(Target::Router) => (self.router.clone(), self.token.as_ref()),
+            Some(Target::Meta) | None => (self.meta.clone(), self.admin_token.as_ref()),
+        };
+        ErrorContext {
+            output: self.output,
+            target,
+            address,
+            token_given: token.is_some(),
+            options: self.options(token).ok(),
+        }
     }
 }
 
@@ -129,21 +157,40 @@ pub enum Command {
     /// Certificates for mutual TLS between the cluster's services.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// The cluster on one screen: every storage node's state, ownership, data and health, and the
+    /// migrations under way (metadata service).
+    Status,
     /// Start a complete local cluster (meta on SQLite, storage nodes, a router) in this process.
     Dev(DevArgs),
     /// YCSB-style load generator against a router.
     Bench(crate::bench::BenchArgs),
     /// Check the gRPC health of services (host:port).
     Health {
+        /// Addresses (host:port) of routers, meta or storage nodes.
         #[arg(required = true)]
         addresses: Vec<String>,
+    },
+    /// Print a shell completion script, e.g. `pairdb completions bash > /etc/bash_completion.d/pairdb`.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page of `pairdb` (roff), or write one page per command to --out-dir.
+    Man {
+        /// Write `pairdb.1` and a `pairdb-<command>.1` for every subcommand into this directory.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
     },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ConsistencyArg {
+    /// One replica answers.
     One,
+    /// A majority of the replicas answers.
     Quorum,
+    /// Every replica answers.
     All,
 }
 
@@ -193,6 +240,7 @@ pub enum KvCommand {
     /// Store a value. Without --context it is added next to what is there (a sibling if the key has a
     /// value); pass the context a get printed to replace what that get saw, or --overwrite.
     Put {
+        /// The key.
         key: String,
         /// The value (UTF-8 text); use --file for binary data.
         #[arg(required_unless_present = "file", conflicts_with = "file")]
@@ -200,6 +248,7 @@ pub enum KvCommand {
         /// Read the value from a file.
         #[arg(long)]
         file: Option<PathBuf>,
+        /// Replicas that must acknowledge (default: the tenant's).
         #[arg(long, value_enum)]
         consistency: Option<ConsistencyArg>,
         /// Context printed by an earlier get or put of this key (base64).
@@ -208,6 +257,7 @@ pub enum KvCommand {
         /// Read first and replace every version that read saw.
         #[arg(long, conflicts_with = "context")]
         overwrite: bool,
+        /// A retry with the same key stores nothing twice and gets the first answer again.
         #[arg(long)]
         idempotency_key: Option<String>,
         #[command(flatten)]
@@ -219,6 +269,7 @@ pub enum KvCommand {
     },
     /// Give the values a context names a new expiry without sending them again (sliding sessions).
     Touch {
+        /// The key.
         key: String,
         /// Context printed by a get or put of this key: the values it names get the new expiry.
         #[arg(long)]
@@ -226,22 +277,29 @@ pub enum KvCommand {
         /// The new expiry, from now (`30s`, `15m`, `2h`, `7d`).
         #[arg(long, value_parser = crate::duration::parse_duration)]
         ttl: Duration,
+        /// Replicas that must acknowledge (default: the tenant's).
         #[arg(long, value_enum)]
         consistency: Option<ConsistencyArg>,
     },
     /// Read every live value (sibling) of a key and its context.
     Get {
+        /// The key.
         key: String,
+        /// Replicas to read (default: the tenant's).
         #[arg(long, value_enum)]
         consistency: Option<ConsistencyArg>,
     },
     /// Delete a key (a tombstone over the given context, or over what a read sees).
     Delete {
+        /// The key.
         key: String,
+        /// Replicas that must acknowledge (default: the tenant's).
         #[arg(long, value_enum)]
         consistency: Option<ConsistencyArg>,
+        /// Context printed by a get of this key: delete exactly what it saw (default: read first).
         #[arg(long)]
         context: Option<String>,
+        /// A retry with the same key deletes nothing twice and gets the first answer again.
         #[arg(long)]
         idempotency_key: Option<String>,
         #[command(flatten)]
@@ -254,7 +312,9 @@ pub enum KvCommand {
     /// key, `{"key": "k", "value": "text" | "value_base64": "..", "context"?, "ttl"?: "30s",
     /// "condition"?: "if_absent"}`. Prints a summary of the lines that failed, and fails if any did.
     PutMany {
+        /// The JSON-lines file (`-`: read stdin).
         file: PathBuf,
+        /// Replicas that must acknowledge each item (default: the tenant's).
         #[arg(long, value_enum)]
         consistency: Option<ConsistencyArg>,
     },
@@ -306,7 +366,9 @@ pub struct ListArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ConflictModeArg {
+    /// Concurrent writes are kept side by side until a write with their context resolves them.
     Siblings,
+    /// The write with the latest timestamp wins (last writer wins).
     Lww,
 }
 
@@ -323,21 +385,28 @@ pub enum KeyGroupsArg {
 /// Tenant settings shared by create and update (unset = default on create, unchanged on update).
 #[derive(Debug, Args)]
 pub struct TenantSettings {
+    /// Replicas of each key (default 3); a change starts a migration.
     #[arg(long)]
     pub replication_factor: Option<u32>,
+    /// Consistency of requests that do not ask for one (default quorum).
     #[arg(long, value_enum)]
     pub default_consistency: Option<ConsistencyArg>,
+    /// What concurrent writes to a key leave (default siblings).
     #[arg(long, value_enum)]
     pub conflict_mode: Option<ConflictModeArg>,
     /// Sustained operations per second (0 = unlimited).
     #[arg(long)]
     pub rate_limit_ops_per_sec: Option<u32>,
+    /// Operations that may arrive at once above the sustained rate (token bucket size).
     #[arg(long)]
     pub rate_limit_burst: Option<u32>,
+    /// Largest value a write may carry, in bytes.
     #[arg(long)]
     pub max_value_bytes: Option<u64>,
+    /// Most live values (siblings) a key may have; writes past it are refused.
     #[arg(long)]
     pub max_siblings: Option<u32>,
+    /// Only the key's own replicas count towards a quorum (no hinted fallbacks).
     #[arg(long)]
     pub strict_quorum: Option<bool>,
     /// Quota on live keys: writes that would add keys fail once it is reached (0 = none; on update,
@@ -359,7 +428,9 @@ pub struct TenantSettings {
 
 #[derive(Debug, Subcommand)]
 pub enum TenantCommand {
+    /// Create a tenant.
     Create {
+        /// The tenant's id.
         tenant_id: String,
         #[command(flatten)]
         settings: TenantSettings,
@@ -367,22 +438,29 @@ pub enum TenantCommand {
         #[arg(long, value_enum)]
         key_groups: Option<KeyGroupsArg>,
     },
+    /// Show a tenant's settings.
     Get {
+        /// The tenant's id.
         tenant_id: String,
     },
+    /// List every tenant.
     List,
     /// Change settings; a new replication factor starts a migration.
     Update {
+        /// The tenant's id.
         tenant_id: String,
         #[command(flatten)]
         settings: TenantSettings,
     },
+    /// Delete a tenant: storage nodes purge its data, then the id may be used again.
     Delete {
+        /// The tenant's id.
         tenant_id: String,
     },
     /// Show what the tenant's data amounts to (summed from the storage nodes' reports, with their
     /// age), its quotas and whether it is over them.
     Usage {
+        /// The tenant's id.
         tenant_id: String,
     },
 }
@@ -391,16 +469,21 @@ pub enum TenantCommand {
 pub enum ApiKeyCommand {
     /// Create a key; its secret is printed once.
     Create {
+        /// The tenant the key acts as.
         tenant_id: String,
+        /// A note on what the key is for.
         #[arg(long, default_value = "")]
         description: String,
     },
     /// List keys (of one tenant with --tenant-id).
     List {
+        /// Only this tenant's keys.
         #[arg(long)]
         tenant_id: Option<String>,
     },
+    /// Revoke a key: requests with it are refused from then on.
     Revoke {
+        /// The key's id (16 hex digits, as `apikey create` and `apikey list` print it).
         key_id: String,
     },
 }
@@ -414,24 +497,32 @@ pub enum NodeCommand {
         /// Node id (default: the next free one).
         #[arg(long)]
         node_id: Option<u32>,
+        /// Failure domain: replicas of a partition go to different zones where possible.
         #[arg(long, default_value = "")]
         zone: String,
+        /// Share of the data relative to the other nodes' weights.
         #[arg(long, default_value_t = 1)]
         weight: u32,
     },
+    /// List every storage node with its state and figures.
     List,
+    /// Show one storage node.
     Get {
+        /// The node's id.
         node_id: u32,
     },
     /// Drain a node out of the ring (a migration); --force removes a dead node.
     Remove {
+        /// The node's id.
         node_id: u32,
+        /// Remove at once and re-replicate from the other replicas (for a node that is gone).
         #[arg(long)]
         force: bool,
     },
     /// Refill a node from the other replicas now (e.g. after its data directory was lost) and wait
     /// until it is done; anti-entropy would do it too, within its period.
     Rebuild {
+        /// The node's id.
         node_id: u32,
         /// Start it and return at once (follow it with `pairdb node rebuild-status`).
         #[arg(long)]
@@ -442,21 +533,28 @@ pub enum NodeCommand {
     },
     /// Show a node's rebuild (the last one since the node started, or the one running).
     RebuildStatus {
+        /// The node's id.
         node_id: u32,
     },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum MigrationCommand {
+    /// Show a migration and its progress.
     Get {
+        /// The migration's id (`mig-...`).
         migration_id: String,
     },
+    /// List migrations, running and finished.
     List,
+    /// Cancel a migration that has not finished (the topology stays as it was).
     Cancel {
+        /// The migration's id (`mig-...`).
         migration_id: String,
     },
     /// Follow a migration with a progress bar until it finishes.
     Watch {
+        /// The migration's id (`mig-...`).
         migration_id: String,
         /// Poll interval.
         #[arg(long, default_value_t = 500)]
@@ -479,7 +577,9 @@ pub enum ClusterCommand {
     /// Print the cluster credential of a principal (`router`, `meta` or `node-<id>`): computed from
     /// the cluster secret file when given, else issued by meta (admin API).
     Credential {
+        /// `router`, `meta` or `node-<id>`.
         principal: String,
+        /// Compute it offline from this cluster secret file instead of asking meta.
         #[arg(long)]
         cluster_secret_file: Option<PathBuf>,
     },
@@ -493,39 +593,48 @@ pub enum CertCommand {
     /// Create the cluster CA (ca.crt, ca.key).
     #[command(name = "create-ca")]
     Ca {
+        /// Directory holding the CA and the certificates written.
         #[arg(long, default_value = "./certs")]
         certs_dir: PathBuf,
     },
     /// Create storage node ID's certificate (common name node-ID) for its hosts.
     #[command(name = "create-node")]
     Node {
+        /// The node's id.
         node_id: u32,
         /// Host names and IP addresses the node serves on (repeat the flag).
         #[arg(long = "host", required = true)]
         hosts: Vec<String>,
+        /// Directory holding the CA and the certificates written.
         #[arg(long, default_value = "./certs")]
         certs_dir: PathBuf,
     },
     /// Create the routers' certificate (common name router).
     #[command(name = "create-router")]
     Router {
+        /// Host names and IP addresses the routers serve on (repeat the flag).
         #[arg(long = "host", required = true)]
         hosts: Vec<String>,
+        /// Directory holding the CA and the certificates written.
         #[arg(long, default_value = "./certs")]
         certs_dir: PathBuf,
     },
     /// Create the metadata service's certificate (common name meta).
     #[command(name = "create-meta")]
     Meta {
+        /// Host names and IP addresses meta serves on (repeat the flag).
         #[arg(long = "host", required = true)]
         hosts: Vec<String>,
+        /// Directory holding the CA and the certificates written.
         #[arg(long, default_value = "./certs")]
         certs_dir: PathBuf,
     },
     /// Create a client certificate for tools (common name client-NAME; not a cluster member).
     #[command(name = "create-client")]
     Client {
+        /// The tool's name (the certificate's common name is client-NAME).
         name: String,
+        /// Directory holding the CA and the certificates written.
         #[arg(long, default_value = "./certs")]
         certs_dir: PathBuf,
     },
@@ -533,7 +642,9 @@ pub enum CertCommand {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum SyncArg {
+    /// fsync before acknowledging each write (group commit).
     Always,
+    /// fsync in the background: faster, loses the last writes on a crash.
     Periodic,
 }
 
@@ -570,8 +681,14 @@ pub struct DevArgs {
 /// whose trace context the client propagates, so with `OTEL_EXPORTER_OTLP_ENDPOINT` set a CLI call
 /// is the root of its request's trace.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Command::Dev(args) = cli.command {
-        return crate::dev::run(args).await;
+    match cli.command {
+        Command::Dev(args) => return crate::dev::run(args).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "pairdb", &mut std::io::stdout());
+            return Ok(());
+        }
+        Command::Man { out_dir } => return man(out_dir.as_deref()),
+        _ => {}
     }
     if let Command::Bench(_) | Command::Health { .. } = cli.command {
         // Bench: each benchmark request is its own trace (if any), not a child of one giant command
@@ -587,6 +704,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     result
 }
 
+/// The service a command talks to (which flag its connection errors name).
+fn command_target(command: &Command) -> Option<Target> {
+    match command {
+        Command::Kv(_) | Command::Bench(_) => Some(Target::Router),
+        Command::Tenant(_)
+        | Command::Apikey(_)
+        | Command::Node(_)
+        | Command::Migration(_)
+        | Command::Cluster(_)
+        | Command::Status => Some(Target::Meta),
+        Command::Cert(_)
+        | Command::Dev(_)
+        | Command::Health { .. }
+        | Command::Completions { .. }
+        | Command::Man { .. } => None,
+    }
+}
+
 fn command_name(command: &Command) -> &'static str {
     match command {
         Command::Kv(_) => "pairdb kv",
@@ -599,6 +734,9 @@ fn command_name(command: &Command) -> &'static str {
         Command::Dev(_) => "pairdb dev",
         Command::Bench(_) => "pairdb bench",
         Command::Health { .. } => "pairdb health",
+        Command::Status => "pairdb status",
+        Command::Completions { .. } => "pairdb completions",
+        Command::Man { .. } => "pairdb man",
     }
 }
 
@@ -615,7 +753,30 @@ async fn run_command(cli: Cli) -> anyhow::Result<()> {
         Command::Dev(args) => crate::dev::run(args).await,
         Command::Bench(args) => crate::bench::run(globals, args).await,
         Command::Health { addresses } => health(globals, addresses).await,
+        Command::Status => crate::status::run(globals).await,
+        Command::Completions { .. } | Command::Man { .. } => Ok(()),
     }
+}
+
+/// `pairdb man`: the top page on stdout, or every command's page in `out_dir`.
+fn man(out_dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let command = Cli::command();
+    match out_dir {
+        None => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(command).render(&mut page)?;
+            use std::io::Write as _;
+            std::io::stdout().write_all(&page)?;
+        }
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .map_err(|error| anyhow::anyhow!("cannot create {}: {error}", dir.display()))?;
+            clap_mangen::generate_to(command, dir).map_err(|error| {
+                anyhow::anyhow!("cannot write the man pages to {}: {error}", dir.display())
+            })?;
+        }
+    }
+    Ok(())
 }
 
 async fn health(globals: &Globals, addresses: Vec<String>) -> anyhow::Result<()> {
@@ -644,4 +805,98 @@ async fn health(globals: &Globals, addresses: Vec<String>) -> anyhow::Result<()>
         anyhow::bail!("some services are not serving");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    /// Global flags: what every usage line must leave to `[OPTIONS]`.
+    const GLOBAL_FLAGS: &[&str] = &[
+        "--router",
+        "--meta",
+        "--token",
+        "--admin-token",
+        "--tenant",
+        "--output",
+        "--timeout-ms",
+        "--tls-ca",
+        "--tls-cert",
+        "--tls-key",
+    ];
+
+    /// Every (sub)command path below `command`, with the command itself.
+    fn walk<'a>(command: &'a clap::Command, path: String, out: &mut Vec<(String, &'a clap::Command)>) {
+        for sub in command.get_subcommands() {
+            walk(sub, format!("{path} {}", sub.get_name()), out);
+        }
+        out.push((path, command));
+    }
+
+    fn commands(root: &clap::Command) -> Vec<(String, &clap::Command)> {
+        let mut out = Vec::new();
+        walk(root, "pairdb".to_owned(), &mut out);
+        out
+    }
+
+    fn built() -> clap::Command {
+        let mut command = Cli::command();
+        command.build();
+        command
+    }
+
+    #[test]
+    fn every_command_and_option_has_help() {
+        Cli::command().debug_assert();
+        let root = built();
+        let mut missing = Vec::new();
+        for (path, command) in commands(&root) {
+            if path != "pairdb" && command.get_about().is_none() {
+                missing.push(format!("`{path}` has no about"));
+            }
+            for arg in command.get_arguments().filter(|arg| !arg.is_hide_set()) {
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("`{path}` argument `{}` has no help", arg.get_id()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "undocumented:\n{}", missing.join("\n"));
+    }
+
+    #[test]
+    fn tenant_create_says_what_it_does() {
+        let root = built();
+        let create = root.find_subcommand("tenant").and_then(|t| t.find_subcommand("create")).unwrap();
+        assert_eq!(create.get_about().map(|about| about.to_string()).as_deref(), Some("Create a tenant"));
+    }
+
+    #[test]
+    fn global_options_have_their_own_heading_and_stay_out_of_usage_lines() {
+        let root = built();
+        for (path, command) in commands(&root) {
+            let mut command = command.clone();
+            let usage = command.render_usage().to_string();
+            for flag in GLOBAL_FLAGS {
+                assert!(!usage.contains(flag), "`{path}` usage shows the global {flag}: {usage}");
+            }
+            for arg in command.get_arguments() {
+                if arg.is_required_set() {
+                    assert!(
+                        arg.get_default_values().is_empty(),
+                        "`{path}` requires {} although it has a default",
+                        arg.get_id()
+                    );
+                }
+            }
+        }
+        let mut put = root.find_subcommand("kv").and_then(|kv| kv.find_subcommand("put")).unwrap().clone();
+        let help = put.render_help().to_string();
+        let globals = help.find("Global options:").unwrap_or_else(|| panic!("no global heading:\n{help}"));
+        let own = help.find("Options:").unwrap();
+        let router = help.find("--router").unwrap();
+        let overwrite = help.find("--idempotency-key <").unwrap();
+        assert!(own < overwrite && overwrite < globals && globals < router, "{help}");
+    }
 }

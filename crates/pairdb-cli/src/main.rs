@@ -8,9 +8,11 @@ mod cli;
 mod cluster;
 mod dev;
 mod duration;
+mod errors;
 mod kv;
 mod output;
 mod put_many;
+mod status;
 
 use clap::Parser;
 
@@ -27,10 +29,11 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let context = args.globals.error_context(&args.command);
     match runtime.block_on(cli::run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {}", output::describe_error(&error));
+            runtime.block_on(context.explain(&error)).print(context.output);
             std::process::ExitCode::FAILURE
         }
     }

@@ -4,41 +4,20 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use pairdb_client::ClientError;
 use pairdb_client::proto::admin::v1 as admin;
 use pairdb_client::proto::convert;
 use serde_json::{Value, json};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Output {
+    /// Aligned columns and progress bars, for people.
     Table,
+    /// One JSON document per command (errors too, on stderr), for scripts.
     Json,
 }
 
 pub fn print_json(value: &Value) {
     println!("{}", serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string()));
-}
-
-/// The message printed for a failed command: the stable reason first, then what to do about it.
-pub fn describe_error(error: &anyhow::Error) -> String {
-    match error.downcast_ref::<ClientError>() {
-        Some(client_error @ ClientError::Connect { endpoint, .. }) => format!(
-            "{} ({}): nothing answers at {endpoint}; is `pairdb dev` running, or are --router/--meta right?",
-            client_error.reason(),
-            client_error
-        ),
-        Some(client_error @ ClientError::Server { reason, message, .. }) => {
-            match client_error.current_state() {
-                Some(current) => format!(
-                    "{reason}: {message}; the key {} (current context: {})",
-                    if current.found { "has a value" } else { "has no value" },
-                    encode_context(&current.context)
-                ),
-                None => format!("{reason}: {message}"),
-            }
-        }
-        _ => format!("{error:#}"),
-    }
 }
 
 pub fn encode_context(context: &[u8]) -> String {
@@ -179,6 +158,23 @@ pub fn clock_cell(node: &admin::StorageNode) -> String {
     }
 }
 
+/// The engine's size on disk; a meta older than `disk_bytes` reports it as `live_bytes` only.
+pub fn disk_bytes(stats: &admin::NodeStats) -> u64 {
+    if stats.disk_bytes != 0 { stats.disk_bytes } else { stats.live_bytes }
+}
+
+/// Bytes for people: `512 B`, `1.5 KiB`, `64.0 MiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
 pub fn node_json(node: &admin::StorageNode) -> Value {
     let stats = node.stats.unwrap_or_default();
     json!({
@@ -190,7 +186,8 @@ pub fn node_json(node: &admin::StorageNode) -> Value {
         "last_heartbeat_ms": node.last_heartbeat_ms,
         "stats": {
             "keys": stats.keys,
-            "live_bytes": stats.live_bytes,
+            "live_value_bytes": stats.live_value_bytes,
+            "disk_bytes": disk_bytes(&stats),
             "disk_free_bytes": stats.disk_free_bytes,
             "hints_pending": stats.hints_pending,
             "write_path_poisoned": stats.write_path_poisoned,
@@ -199,6 +196,8 @@ pub fn node_json(node: &admin::StorageNode) -> Value {
         },
         "in_ring": node.in_ring,
         "clock_skewed": node.clock_skewed,
+        "partitions_at_position": node.partitions_at_position,
+        "heartbeat_age_ms": (node.last_heartbeat_ms != 0).then_some(node.heartbeat_age_ms),
     })
 }
 
@@ -299,6 +298,25 @@ fn flatten(prefix: &str, value: &Value, rows: &mut Vec<(String, String)>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_read_as_people_write_them_and_disk_bytes_fall_back_to_the_old_name() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(64 << 20), "64.0 MiB");
+        let old_meta = admin::NodeStats { live_bytes: 7, ..Default::default() };
+        assert_eq!(disk_bytes(&old_meta), 7);
+        let new_meta =
+            admin::NodeStats { live_bytes: 7, disk_bytes: 7, live_value_bytes: 3, ..Default::default() };
+        let json = node_json(&admin::StorageNode { stats: Some(new_meta), ..Default::default() });
+        assert_eq!(
+            (&json["stats"]["disk_bytes"], &json["stats"]["live_value_bytes"]),
+            (&json!(7), &json!(3))
+        );
+        assert!(json["stats"].get("live_bytes").is_none(), "the misnamed field is not shown");
+        assert_eq!(json["heartbeat_age_ms"], Value::Null, "no heartbeat yet");
+    }
 
     #[test]
     fn values_and_contexts_round_trip() {

@@ -292,7 +292,10 @@ fn node_json(view: &NodeView) -> Value {
         "last_heartbeat_ms": node.last_heartbeat_ms,
         "stats": {
             "keys": node.stats.keys,
-            "live_bytes": node.stats.live_bytes,
+            // The old name of disk_bytes, for clients older than it.
+            "live_bytes": node.stats.disk_bytes,
+            "disk_bytes": node.stats.disk_bytes,
+            "live_value_bytes": node.stats.live_value_bytes,
             "disk_free_bytes": node.stats.disk_free_bytes,
             "hints_pending": node.stats.hints_pending,
             "write_path_poisoned": node.stats.write_path_poisoned,
@@ -302,6 +305,9 @@ fn node_json(view: &NodeView) -> Value {
         },
         "in_ring": view.in_ring,
         "clock_skewed": view.clock_skewed,
+        "partitions_at_position": view.partitions_at_position,
+        // null before the node's first heartbeat.
+        "heartbeat_age_ms": view.heartbeat_age_ms,
     })
 }
 

@@ -225,7 +225,10 @@ impl NodeStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct NodeStats {
     pub keys: u64,
-    pub live_bytes: u64,
+    /// The storage engine's files on disk (reported as `live_bytes` by nodes older than the name).
+    pub disk_bytes: u64,
+    /// Bytes of the live values the node holds (its usage accounting); 0 from older nodes.
+    pub live_value_bytes: u64,
     pub disk_free_bytes: u64,
     pub hints_pending: u64,
     pub write_path_poisoned: bool,

@@ -690,6 +690,20 @@ async fn storage_nodes_every_operation_and_error() -> anyhow::Result<()> {
     let nodes = admin.list_storage_nodes(pb::ListStorageNodesRequest {}).await?.into_inner().nodes;
     assert_eq!(nodes.iter().map(|n| n.node_id).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
     assert_eq!(nodes.iter().filter(|n| n.in_ring).count(), 3);
+    // Where the topology places each node: with three nodes every list holds each of them once, so
+    // each node's counts over the three positions add up to every partition, and each position's
+    // counts over the nodes too.
+    for node in &nodes {
+        let counts = &node.partitions_at_position;
+        match node.in_ring {
+            true => assert_eq!(counts.iter().sum::<u32>(), common::TEST_PARTITIONS, "node {}", node.node_id),
+            false => assert!(counts.is_empty(), "node {} is in no list: {counts:?}", node.node_id),
+        }
+    }
+    for position in 0..3 {
+        let held: u32 = nodes.iter().filter_map(|n| n.partitions_at_position.get(position)).sum();
+        assert_eq!(held, common::TEST_PARTITIONS, "position {position}");
+    }
 
     // Migrations: listed newest first; unknown ids; finished ones cannot be cancelled.
     let migrations = admin.list_migrations(pb::ListMigrationsRequest {}).await?.into_inner().migrations;
@@ -734,8 +748,11 @@ async fn clock_verdicts(admin: &mut common::Admin) -> anyhow::Result<Vec<(Option
     let nodes = admin.list_storage_nodes(pb::ListStorageNodesRequest {}).await?.into_inner().nodes;
     let mut verdicts = Vec::new();
     for listed in nodes {
-        let got =
+        let mut got =
             admin.get_storage_node(pb::GetStorageNodeRequest { node_id: listed.node_id }).await?.into_inner();
+        // The heartbeat's age grew between the two calls.
+        assert!(got.heartbeat_age_ms >= listed.heartbeat_age_ms);
+        got.heartbeat_age_ms = listed.heartbeat_age_ms;
         assert_eq!(got, listed, "get and list agree");
         let stats = listed.stats.unwrap();
         verdicts.push((stats.clock_offset_known.then_some(stats.clock_offset_ms), listed.clock_skewed));

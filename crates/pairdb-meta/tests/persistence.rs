@@ -348,7 +348,8 @@ async fn heartbeats_and_liveness(store: Store) {
 
     let stats = NodeStats {
         keys: 10,
-        live_bytes: 20,
+        disk_bytes: 20,
+        live_value_bytes: 5,
         disk_free_bytes: 30,
         hints_pending: 4,
         write_path_poisoned: true,
@@ -723,6 +724,8 @@ const SCHEMA_BEFORE_ROUTERS: i64 = 20261206000003;
 const SCHEMA_BEFORE_TTL: i64 = 20261206000004;
 /// The last schema version before storage nodes' clock offsets (tenants' expiry settings).
 const SCHEMA_BEFORE_CLOCK_OFFSET: i64 = 20261206000005;
+/// The last schema version before storage nodes' disk and live value bytes (clock offsets).
+const SCHEMA_BEFORE_NODE_SIZES: i64 = 20261206000006;
 
 /// A tenant row as a previous release wrote it (no `key_groups`, no quotas).
 const TENANT_BEFORE_KEY_GROUPS: &str = "INSERT INTO tenants (tenant_id, replication_factor, default_consistency, \
@@ -730,9 +733,10 @@ const TENANT_BEFORE_KEY_GROUPS: &str = "INSERT INTO tenants (tenant_id, replicat
      created_at_ms, updated_at_ms, state, generation, purge_seq) \
      VALUES ('old', 3, 'quorum', 'lww', 0, 0, 1048576, 64, FALSE, 5, 5, 'active', 2, 0)";
 
-/// A storage node row as a previous release wrote it (no usage report time).
+/// A storage node row as a previous release wrote it (no usage report time; its disk size under the
+/// old name `stats_live_bytes`).
 const NODE_BEFORE_QUOTAS: &str = "INSERT INTO storage_nodes (node_id, address, zone, weight, membership, alive, \
-     created_at_ms, updated_at_ms) VALUES (1, '10.0.0.1:7200', '', 1, 'active', TRUE, 5, 5)";
+     created_at_ms, updated_at_ms, stats_live_bytes) VALUES (1, '10.0.0.1:7200', '', 1, 'active', TRUE, 5, 5, 67108864)";
 
 /// A database a previous release wrote (its migrations up to `version` applied, a tenant and a node
 /// in it) opens with this release's migrations: its tenant reads back with key groups `none`, no
@@ -788,7 +792,11 @@ async fn a_database_of_a_previous_release_opens(backend: Backend, url: String, v
         [(0, 0)]
     );
     assert_eq!(snapshot.nodes.iter().map(|n| n.node_id).collect::<Vec<_>>(), [NodeId(1)]);
-    assert_eq!(snapshot.nodes[0].stats, NodeStats::default(), "no clock offset known");
+    assert_eq!(
+        snapshot.nodes[0].stats,
+        NodeStats { disk_bytes: 64 << 20, ..NodeStats::default() },
+        "no clock offset known; the size on disk kept under its new name, no live value bytes yet"
+    );
     let stats = NodeStats { keys: 3, clock_offset_ms: Some(-2_000), ..NodeStats::default() };
     assert_eq!(store.record_heartbeat(NodeId(1), &stats, 8_000).await.unwrap(), Some(true));
     let mut tx = store.read().await.unwrap();
@@ -892,6 +900,21 @@ mod previous_release {
         let Some(base) = common::postgres_url() else { return };
         let schema = common::PgSchema::create(&base).await.unwrap();
         a_database_of_a_previous_release_opens(Backend::Postgres, schema.url(), SCHEMA_BEFORE_CLOCK_OFFSET)
+            .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_database_from_before_node_sizes_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        a_database_of_a_previous_release_opens(Backend::Sqlite, sqlite_url(&dir), SCHEMA_BEFORE_NODE_SIZES)
+            .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_database_from_before_node_sizes_opens() {
+        let Some(base) = common::postgres_url() else { return };
+        let schema = common::PgSchema::create(&base).await.unwrap();
+        a_database_of_a_previous_release_opens(Backend::Postgres, schema.url(), SCHEMA_BEFORE_NODE_SIZES)
             .await;
     }
 }

@@ -260,7 +260,10 @@ async fn heartbeat_report(
         HeartbeatReport {
             stats: NodeStats {
                 keys: stats.keys,
+                // The old name of disk_bytes, for a meta older than it.
                 live_bytes: stats.disk_bytes,
+                disk_bytes: stats.disk_bytes,
+                live_value_bytes: engine.live_value_bytes(),
                 disk_free_bytes: stats.disk_free_bytes,
                 hints_pending: stats.hints_pending,
                 write_path_poisoned: stats.poisoned,

@@ -779,13 +779,17 @@ impl StorageService for StorageApi {
         &self,
         _request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
-        let stats = self.blocking("stats", |engine| Ok(engine.stats())).await?;
+        let (stats, live_value_bytes) =
+            self.blocking("stats", |engine| Ok((engine.stats(), engine.live_value_bytes()))).await?;
         let identity = self.engine.identity();
         Ok(Response::new(pb::StatsResponse {
             node_id: identity.node_id.0,
             actor: identity.actor.0,
             keys: stats.keys,
+            // The old name of disk_bytes, for callers older than it.
             live_bytes: stats.disk_bytes,
+            disk_bytes: stats.disk_bytes,
+            live_value_bytes,
             disk_free_bytes: stats.disk_free_bytes,
             hints_pending: stats.hints_pending,
             write_path_poisoned: stats.poisoned,

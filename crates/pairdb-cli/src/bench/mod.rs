@@ -79,12 +79,15 @@ impl Workload {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Distribution {
+    /// Every record equally often.
     Uniform,
+    /// A few hot records most of the time (YCSB's skew).
     Zipfian,
 }
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
+    /// The operation mix of the run phase.
     #[arg(long, value_enum, default_value_t = Workload::A, ignore_case = true)]
     pub workload: Workload,
     /// Keys inserted by the load phase and drawn by the run phase.
@@ -102,6 +105,7 @@ pub struct BenchArgs {
     /// Value size in bytes.
     #[arg(long, default_value_t = 1024)]
     pub value_size: usize,
+    /// How the run phase picks keys.
     #[arg(long, value_enum, default_value_t = Distribution::Zipfian)]
     pub distribution: Distribution,
     /// Consistency of every request (default: the tenant's).
@@ -162,6 +166,9 @@ struct Phase {
     next_operation: AtomicU64,
     value_size: usize,
     consistency: Consistency,
+    /// Operations finished and failed so far in this phase, for the live progress line.
+    finished_ops: AtomicU64,
+    failed_ops: AtomicU64,
 }
 
 pub async fn run(globals: &Globals, args: BenchArgs) -> anyhow::Result<()> {
@@ -180,6 +187,8 @@ pub async fn run(globals: &Globals, args: BenchArgs) -> anyhow::Result<()> {
         next_operation: AtomicU64::new(0),
         value_size: args.value_size,
         consistency: crate::cli::consistency(args.consistency),
+        finished_ops: AtomicU64::new(0),
+        failed_ops: AtomicU64::new(0),
     });
     let show_progress = globals.output == Output::Table;
 
@@ -191,6 +200,8 @@ pub async fn run(globals: &Globals, args: BenchArgs) -> anyhow::Result<()> {
     };
 
     phase.next_operation.store(0, Ordering::Relaxed);
+    phase.finished_ops.store(0, Ordering::Relaxed);
+    phase.failed_ops.store(0, Ordering::Relaxed);
     let duration = args.duration.unwrap_or(Duration::from_secs(10));
     let (recorder, elapsed) = run_phase(&phase, &args, duration, show_progress).await;
     let run = recorder.to_json(elapsed);
@@ -282,8 +293,8 @@ async fn run_phase(
         None => Limit::Until(started + duration),
     };
     let (length, template) = match limit {
-        Limit::Operations(operations) => (operations, "run [{bar:40}] {pos}/{len} ops {per_sec}"),
-        Limit::Until(_) => (duration.as_secs().max(1), "run [{bar:40}] {pos}/{len} s"),
+        Limit::Operations(operations) => (operations, "run [{bar:40}] {pos}/{len} ops | {msg}"),
+        Limit::Until(_) => (duration.as_secs().max(1), "run [{bar:40}] {pos}/{len} s | {msg}"),
     };
     let bar = progress(show_progress, length, template);
     let chooser = match args.distribution {
@@ -291,13 +302,17 @@ async fn run_phase(
         Distribution::Zipfian => KeyChooser::zipfian(args.records),
     };
     let ticker = {
-        let bar = bar.clone();
+        let (bar, phase) = (bar.clone(), phase.clone());
         tokio::spawn(async move {
-            if let Limit::Until(_) = limit {
-                loop {
-                    tokio::time::sleep(Duration::from_millis(250)).await;
+            let mut rate = LiveRate::new(started);
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                if let Limit::Until(_) = limit {
                     bar.set_position(started.elapsed().as_secs());
                 }
+                let finished = phase.finished_ops.load(Ordering::Relaxed);
+                let failed = phase.failed_ops.load(Ordering::Relaxed);
+                bar.set_message(rate.line(Instant::now(), finished, failed));
             }
         })
     };
@@ -323,6 +338,7 @@ async fn run_phase(
                     _ => {}
                 }
                 tokio::time::sleep_until(due).await;
+                let errors_before = recorder.error_count();
                 let record = chooser.next(&mut rng);
                 if workload == Workload::P {
                     let records: Vec<u64> = (0..batch_size).map(|_| chooser.next(&mut rng)).collect();
@@ -340,6 +356,11 @@ async fn run_phase(
                 } else {
                     let context = phase.contexts.get(record);
                     put(&phase, record, &mut rng, context, Op::Update, due, &mut recorder).await;
+                }
+                phase.finished_ops.fetch_add(1, Ordering::Relaxed);
+                let failed = recorder.error_count() - errors_before;
+                if failed > 0 {
+                    phase.failed_ops.fetch_add(failed, Ordering::Relaxed);
                 }
                 if let Limit::Operations(_) = limit {
                     bar.inc(1);
@@ -381,6 +402,30 @@ async fn list_page(
             recorder.error(error.reason());
             None
         }
+    }
+}
+
+/// The live part of the run bar: operations so far, the rate over the last second or so, errors.
+#[derive(Debug)]
+struct LiveRate {
+    /// (when, operations finished then) of the last few ticks.
+    window: std::collections::VecDeque<(Instant, u64)>,
+}
+
+impl LiveRate {
+    fn new(started: Instant) -> Self {
+        Self { window: std::collections::VecDeque::from([(started, 0)]) }
+    }
+
+    fn line(&mut self, now: Instant, finished: u64, failed: u64) -> String {
+        self.window.push_back((now, finished));
+        while self.window.len() > 5 {
+            self.window.pop_front();
+        }
+        let (since, then) = self.window.front().copied().unwrap_or((now, finished));
+        let secs = now.duration_since(since).as_secs_f64();
+        let rate = if secs > 0.0 { finished.saturating_sub(then) as f64 / secs } else { 0.0 };
+        format!("{finished} ops, {rate:.0} ops/s, {failed} errors")
     }
 }
 
@@ -484,6 +529,19 @@ async fn read(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_live_line_shows_the_recent_rate_and_errors() {
+        let started = Instant::now();
+        let mut rate = LiveRate::new(started);
+        assert_eq!(rate.line(started + Duration::from_millis(500), 500, 0), "500 ops, 1000 ops/s, 0 errors");
+        // The rate follows the last ticks, not the average since the start.
+        let mut line = String::new();
+        for tick in 2..=10u64 {
+            line = rate.line(started + Duration::from_millis(500 * tick), 500 + (tick - 1) * 100, 3);
+        }
+        assert_eq!(line, "1400 ops, 200 ops/s, 3 errors");
+    }
 
     #[test]
     fn workload_mixes() {

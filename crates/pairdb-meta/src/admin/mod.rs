@@ -132,21 +132,40 @@ pub struct NodePatch {
     pub zone: Option<String>,
 }
 
-/// A node with whether the current topology places data on it and whether its clock is off.
+/// A node with whether (and where) the current topology places data on it, how old its last
+/// heartbeat is and whether its clock is off.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeView {
     pub node: StorageNode,
     pub in_ring: bool,
     /// Its last reported clock offset is beyond [`Settings::max_clock_offset_ms`].
     pub clock_skewed: bool,
+    /// How many partitions of the current topology have the node at each list position (index 0 =
+    /// first; empty when it is in no list): a tenant with replication factor N keeps the sum of the
+    /// first N on it, which is how operators read its ownership share.
+    pub partitions_at_position: Vec<u32>,
+    /// Age of its last heartbeat by meta's clock when the view was made; `None` before the first.
+    pub heartbeat_age_ms: Option<u64>,
 }
 
 impl NodeView {
-    pub fn new(node: StorageNode, in_ring: bool, max_clock_offset_ms: u64) -> Self {
+    pub fn new(node: StorageNode, positions: &RingPositions, max_clock_offset_ms: u64, now_ms: u64) -> Self {
         let clock_skewed = node.stats.clock_skewed(max_clock_offset_ms);
-        NodeView { node, in_ring, clock_skewed }
+        let partitions_at_position = positions.get(&node.node_id).cloned().unwrap_or_default();
+        let heartbeat_age_ms =
+            (node.last_heartbeat_ms != 0).then(|| now_ms.saturating_sub(node.last_heartbeat_ms));
+        NodeView {
+            in_ring: partitions_at_position.iter().any(|count| *count > 0),
+            node,
+            clock_skewed,
+            partitions_at_position,
+            heartbeat_age_ms,
+        }
     }
 }
+
+/// Node → partitions of the current topology holding it at each list position.
+pub type RingPositions = std::collections::BTreeMap<NodeId, Vec<u32>>;
 
 /// What meta answers a storage node's heartbeat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -462,10 +481,28 @@ pub(crate) async fn ring_nodes(tx: &mut Tx) -> Result<BTreeSet<NodeId>, MetaErro
     Ok(topology.assignment.nodes().into_iter().collect())
 }
 
+/// For every node of the current topology, how many partition lists hold it at each position.
+pub(crate) async fn ring_positions(tx: &mut Tx) -> Result<RingPositions, MetaError> {
+    let state = tx.meta_state().await?;
+    if state.current_epoch == 0 {
+        return Ok(Default::default());
+    }
+    let topology = tx.require_topology(state.current_epoch).await?;
+    let assignment = &topology.assignment;
+    let mut positions = RingPositions::new();
+    for (_, list) in assignment.lists() {
+        for (position, node) in list.iter().enumerate() {
+            let counts = positions.entry(*node).or_insert_with(|| vec![0; assignment.list_len()]);
+            counts[position] += 1;
+        }
+    }
+    Ok(positions)
+}
+
 impl Meta {
     async fn node_view(&self, tx: &mut Tx, node: StorageNode) -> Result<NodeView, MetaError> {
-        let in_ring = ring_nodes(tx).await?.contains(&node.node_id);
-        Ok(NodeView::new(node, in_ring, self.inner.settings.max_clock_offset_ms))
+        let positions = ring_positions(tx).await?;
+        Ok(NodeView::new(node, &positions, self.inner.settings.max_clock_offset_ms, now_ms()))
     }
 }
 

@@ -143,16 +143,10 @@ impl Meta {
     pub async fn list_nodes(&self) -> Result<Vec<NodeView>, MetaError> {
         let mut tx = self.read().await?;
         let nodes = tx.list_nodes().await?;
-        let ring = ring_nodes(&mut tx).await?;
+        let positions = ring_positions(&mut tx).await?;
         tx.commit().await?;
-        let max_clock_offset_ms = self.inner.settings.max_clock_offset_ms;
-        Ok(nodes
-            .into_iter()
-            .map(|node| {
-                let in_ring = ring.contains(&node.node_id);
-                NodeView::new(node, in_ring, max_clock_offset_ms)
-            })
-            .collect())
+        let (max_clock_offset_ms, now) = (self.inner.settings.max_clock_offset_ms, now_ms());
+        Ok(nodes.into_iter().map(|node| NodeView::new(node, &positions, max_clock_offset_ms, now)).collect())
     }
 
     /// Changes a node's weight or zone. For a node in the ring that queues a `node_weight` migration

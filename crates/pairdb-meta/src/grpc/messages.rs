@@ -151,7 +151,9 @@ pub(super) fn status_to_pb(status: NodeStatus) -> i32 {
 pub(super) fn stats_from_pb(stats: admin_pb::NodeStats) -> NodeStats {
     NodeStats {
         keys: stats.keys,
-        live_bytes: stats.live_bytes,
+        // A node older than `disk_bytes` sends the figure as `live_bytes` only.
+        disk_bytes: if stats.disk_bytes != 0 { stats.disk_bytes } else { stats.live_bytes },
+        live_value_bytes: stats.live_value_bytes,
         disk_free_bytes: stats.disk_free_bytes,
         hints_pending: stats.hints_pending,
         write_path_poisoned: stats.write_path_poisoned,
@@ -171,7 +173,10 @@ pub(super) fn node_to_pb(view: &NodeView) -> admin_pb::StorageNode {
         last_heartbeat_ms: node.last_heartbeat_ms,
         stats: Some(admin_pb::NodeStats {
             keys: node.stats.keys,
-            live_bytes: node.stats.live_bytes,
+            // The old name of disk_bytes, for clients older than it.
+            live_bytes: node.stats.disk_bytes,
+            disk_bytes: node.stats.disk_bytes,
+            live_value_bytes: node.stats.live_value_bytes,
             disk_free_bytes: node.stats.disk_free_bytes,
             hints_pending: node.stats.hints_pending,
             write_path_poisoned: node.stats.write_path_poisoned,
@@ -181,6 +186,8 @@ pub(super) fn node_to_pb(view: &NodeView) -> admin_pb::StorageNode {
         }),
         in_ring: view.in_ring,
         clock_skewed: view.clock_skewed,
+        partitions_at_position: view.partitions_at_position.clone(),
+        heartbeat_age_ms: view.heartbeat_age_ms.unwrap_or(0),
     }
 }
 

@@ -258,6 +258,12 @@ impl Engine {
         self.usage.by_tenant(counted)
     }
 
+    /// Bytes of the live values this node holds, over every tenant and partition (the usage
+    /// counters): what its data amounts to, unlike the engine's size on disk.
+    pub fn live_value_bytes(&self) -> u64 {
+        self.usage.by_tenant(|_| true).iter().map(|(_, usage)| usage.value_bytes).sum()
+    }
+
     /// One node's share of a listing page: the tenant's records in range, in listing order, read
     /// from the key index (or, for a key group, from the group's one record range).
     pub fn list_records(&self, query: &ListQuery) -> Result<ListedRecords, EngineError> {
