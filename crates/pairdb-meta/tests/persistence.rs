@@ -733,8 +733,8 @@ const TENANT_BEFORE_KEY_GROUPS: &str = "INSERT INTO tenants (tenant_id, replicat
      created_at_ms, updated_at_ms, state, generation, purge_seq) \
      VALUES ('old', 3, 'quorum', 'lww', 0, 0, 1048576, 64, FALSE, 5, 5, 'active', 2, 0)";
 
-/// A storage node row as a previous release wrote it (no usage report time; its disk size under the
-/// old name `stats_live_bytes`).
+/// A storage node row as a previous release wrote it (no usage report time; its disk size in
+/// `stats_live_bytes`).
 const NODE_BEFORE_QUOTAS: &str = "INSERT INTO storage_nodes (node_id, address, zone, weight, membership, alive, \
      created_at_ms, updated_at_ms, stats_live_bytes) VALUES (1, '10.0.0.1:7200', '', 1, 'active', TRUE, 5, 5, 67108864)";
 

@@ -35,7 +35,8 @@
 //! - `storage_nodes`: id, address, zone, weight, lifecycle (`membership`) and the failure detector's
 //!   verdict (`alive`), the last heartbeat and the stats it carried (among them the node's measured
 //!   clock offset to meta, `stats_clock_offset_ms`, valid when `stats_clock_offset_known`; the
-//!   engine's size on disk, `stats_disk_bytes`, and the bytes of its live values,
+//!   engine's size on disk, in `stats_live_bytes` — named before it was understood to be the disk
+//!   size, and kept so for rolling upgrades — and the bytes of its live values,
 //!   `stats_live_value_bytes`), and when
 //!   it last reported its usage (`usage_reported_at_ms`). Removed nodes keep their row; a re-added node keeps the removed
 //!   data directory's actor id in `retired_actor_id` so that stale directory cannot rejoin.

@@ -11,7 +11,7 @@ impl Store {
         stats: &NodeStats,
         now_ms: u64,
     ) -> Result<Option<bool>, PersistenceError> {
-        let sql = "UPDATE storage_nodes SET last_heartbeat_ms = $2, stats_keys = $3, stats_disk_bytes = $4, \
+        let sql = "UPDATE storage_nodes SET last_heartbeat_ms = $2, stats_keys = $3, stats_live_bytes = $4, \
                    stats_disk_free_bytes = $5, stats_hints_pending = $6, stats_write_path_poisoned = $7, \
                    stats_quarantined_records = $8, stats_clock_offset_ms = $9, stats_clock_offset_known = $10, \
                    stats_live_value_bytes = $11 \
@@ -68,7 +68,7 @@ impl Tx {
         on_conn!(self, c => {
             sqlx::query(
                 "INSERT INTO storage_nodes (node_id, address, zone, weight, membership, alive, last_heartbeat_ms, actor_id, \
-                 data_format_version, stats_keys, stats_disk_bytes, stats_disk_free_bytes, stats_hints_pending, \
+                 data_format_version, stats_keys, stats_live_bytes, stats_disk_free_bytes, stats_hints_pending, \
                  stats_write_path_poisoned, created_at_ms, updated_at_ms, stats_quarantined_records, retired_actor_id, \
                  stats_clock_offset_ms, stats_clock_offset_known, stats_live_value_bytes) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21) \
@@ -76,7 +76,7 @@ impl Tx {
                  weight = excluded.weight, membership = excluded.membership, alive = excluded.alive, \
                  last_heartbeat_ms = excluded.last_heartbeat_ms, actor_id = excluded.actor_id, \
                  data_format_version = excluded.data_format_version, stats_keys = excluded.stats_keys, \
-                 stats_disk_bytes = excluded.stats_disk_bytes, stats_disk_free_bytes = excluded.stats_disk_free_bytes, \
+                 stats_live_bytes = excluded.stats_live_bytes, stats_disk_free_bytes = excluded.stats_disk_free_bytes, \
                  stats_hints_pending = excluded.stats_hints_pending, \
                  stats_write_path_poisoned = excluded.stats_write_path_poisoned, created_at_ms = excluded.created_at_ms, \
                  updated_at_ms = excluded.updated_at_ms, stats_quarantined_records = excluded.stats_quarantined_records, \

@@ -135,7 +135,9 @@ pub(super) struct NodeRow {
     actor_id: i64,
     data_format_version: i64,
     stats_keys: i64,
-    stats_disk_bytes: i64,
+    /// The engine's size on disk (the column keeps the name it had when it was thought to be live
+    /// bytes: previous-release replicas sharing the database during an upgrade use it).
+    stats_live_bytes: i64,
     stats_live_value_bytes: i64,
     stats_disk_free_bytes: i64,
     stats_hints_pending: i64,
@@ -167,7 +169,7 @@ impl TryFrom<NodeRow> for StorageNode {
             data_format_version: to_u32(row.data_format_version, "storage_nodes.data_format_version")?,
             stats: NodeStats {
                 keys: to_u64(row.stats_keys),
-                disk_bytes: to_u64(row.stats_disk_bytes),
+                disk_bytes: to_u64(row.stats_live_bytes),
                 live_value_bytes: to_u64(row.stats_live_value_bytes),
                 disk_free_bytes: to_u64(row.stats_disk_free_bytes),
                 hints_pending: to_u64(row.stats_hints_pending),
