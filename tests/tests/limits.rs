@@ -14,7 +14,6 @@ use pairdb_proto::kv::v1 as kv;
 use pairdb_proto::storage::v1 as spb;
 use pairdb_tests::cluster::{Cluster, ClusterOptions, wait_ready};
 use pairdb_tests::{Process, checker, http_raw, metric_sum};
-use prost::Message;
 
 /// Each test runs a whole cluster; one at a time keeps two clusters off the same two cores.
 static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -226,6 +225,8 @@ async fn an_http_body_must_arrive_in_time_and_garbage_protobuf_is_invalid_argume
         .map(|(_, value)| value.trim().trim_end_matches('='))
         .expect("the status carries details");
     let bytes = base64::engine::general_purpose::STANDARD_NO_PAD.decode(details).unwrap();
-    let detail = pairdb_proto::common::v1::ErrorDetail::decode(bytes.as_slice()).unwrap();
+    // The details are a standard google.rpc.Status with a google.rpc.ErrorInfo.
+    let status = tonic::Status::with_details(tonic::Code::InvalidArgument, "", bytes.into());
+    let detail = pairdb_proto::status::detail_of(&status).expect("an ErrorInfo in the details");
     assert_eq!(detail.reason, "MALFORMED_REQUEST", "{detail:?}");
 }

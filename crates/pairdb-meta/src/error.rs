@@ -143,6 +143,12 @@ impl MetaError {
     pub fn to_status(&self) -> tonic::Status {
         pairdb_service::errors::status(self.reason(), self.to_string(), &self.metadata())
     }
+
+    /// [`Self::to_status`] for the cluster API, in the encoding previous-release storage nodes and
+    /// routers read (see `pairdb_proto::status::internal_status`).
+    pub fn to_internal_status(&self) -> tonic::Status {
+        pairdb_service::errors::internal_status(self.reason(), self.to_string(), &self.metadata())
+    }
 }
 
 impl From<PersistenceError> for MetaError {

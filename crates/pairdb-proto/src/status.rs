@@ -117,6 +117,26 @@ pub fn status(reason: Reason, message: impl Into<String>, metadata: &[(&str, Str
     tonic::Status::with_error_details(grpc_code(reason), message, details)
 }
 
+/// A status for an internal API (the storage service, meta's cluster service) in the previous
+/// release's encoding: a bare `pairdb.common.v1.ErrorDetail` in the details. During a rolling upgrade
+/// routers and storage nodes of the previous release call these APIs and read only that encoding; a
+/// reason they could not read would turn a refusal every replica gives (VALUE_TOO_LARGE) into a
+/// failed node. This release reads both ([`detail_of`]); the release after it switches these APIs to
+/// [`status`].
+pub fn internal_status(
+    reason: Reason,
+    message: impl Into<String>,
+    metadata: &[(&str, String)],
+) -> tonic::Status {
+    let message = message.into();
+    let detail = ErrorDetail {
+        reason: reason.as_str().to_owned(),
+        message: message.clone(),
+        metadata: metadata.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect(),
+    };
+    tonic::Status::with_details(grpc_code(reason), message, detail.encode_to_vec().into())
+}
+
 /// The structured detail of a PairDB status, if any: from its `google.rpc.ErrorInfo`, or — from a
 /// previous release, which sent a bare `pairdb.common.v1.ErrorDetail` — from that. The two encodings
 /// cannot be mistaken for each other (field 1 is an integer in one and a string in the other).

@@ -1,10 +1,12 @@
 //! The HTTP half of the one error table, and the reason → gRPC code half re-exported from
 //! `pairdb_proto::status`. Every crate's error implements [`HasReason`]; the gRPC edge turns it into a
-//! `tonic::Status` with [`status`] (reason, message and metadata in a `pairdb.common.v1.ErrorDetail`),
+//! `tonic::Status` with [`status`] (a `google.rpc.Status` with an `ErrorInfo`; internal APIs use
+//! [`internal_status`] for one more release),
 //! and every HTTP edge answers with [`http_response`], so both forms come from the same reason.
 
 pub use pairdb_proto::status::{
-    HasReason, Reason, detail_of, grpc_code, known_reason_of, reason_of, reason_of_code, status, status_of,
+    HasReason, Reason, detail_of, grpc_code, internal_status, known_reason_of, reason_of, reason_of_code,
+    status, status_of,
 };
 use tonic::Code;
 

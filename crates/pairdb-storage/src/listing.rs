@@ -16,7 +16,7 @@ use pairdb_core::rate_limit::BusyShare;
 use pairdb_core::token::{PartitionCount, Token};
 use pairdb_core::validation::validate_key;
 use pairdb_proto::storage::v1 as pb;
-use pairdb_service::errors::{HasReason, Reason, status};
+use pairdb_service::errors::{HasReason, Reason, internal_status as status};
 use tonic::Status;
 
 use crate::engine::{Engine, ListQuery, ListedRecords, MAX_LIST_BYTES, MAX_LIST_LIMIT};

@@ -16,7 +16,7 @@ use pairdb_core::validation::{
 use pairdb_proto::storage::v1 as pb;
 use pairdb_proto::storage::v1::storage_service_server::StorageService;
 use pairdb_service::cluster_view::SharedView;
-use pairdb_service::errors::{HasReason, Reason, status};
+use pairdb_service::errors::{HasReason, Reason, internal_status as status};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};

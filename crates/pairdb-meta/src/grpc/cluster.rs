@@ -9,8 +9,9 @@ use super::*;
 
 /// The verified caller of a cluster-API request (the guard put it there), or UNAUTHENTICATED.
 pub(super) fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
-    Caller::of(request)
-        .ok_or_else(|| MetaError::Unauthenticated("cluster credential required".to_owned()).to_status())
+    Caller::of(request).ok_or_else(|| {
+        MetaError::Unauthenticated("cluster credential required".to_owned()).to_internal_status()
+    })
 }
 
 /// A storage node may register and heartbeat only as the node its credential names.
@@ -20,7 +21,7 @@ pub(super) fn require_node(rpc: &'static str, caller: Caller, node_id: NodeId) -
     }
     tracing::warn!(rpc, node_id = %node_id, ?caller, "a cluster member tried to act as another node");
     metrics::counter!("pairdb_cluster_auth_refused_total", "api" => "cluster_identity").increment(1);
-    Err(error_status(
+    Err(internal_error_status(
         rpc,
         MetaError::PermissionDenied(format!("this cluster credential does not name node {node_id}")),
     ))
@@ -34,7 +35,10 @@ pub(super) fn require_router(rpc: &'static str, caller: Caller) -> Result<(), St
     }
     tracing::warn!(rpc, ?caller, "a cluster member that is not a router sent a router heartbeat");
     metrics::counter!("pairdb_cluster_auth_refused_total", "api" => "cluster_identity").increment(1);
-    Err(error_status(rpc, MetaError::PermissionDenied("only routers send router heartbeats".to_owned())))
+    Err(internal_error_status(
+        rpc,
+        MetaError::PermissionDenied("only routers send router heartbeats".to_owned()),
+    ))
 }
 
 /// `pairdb.cluster.v1.ClusterService`.
@@ -65,7 +69,7 @@ impl ClusterService for ClusterGrpc {
         self.meta
             .router_heartbeat(&r.router_id, &r.address)
             .await
-            .map_err(|e| error_status("RouterHeartbeat", e))?;
+            .map_err(|e| internal_error_status("RouterHeartbeat", e))?;
         Ok(Response::new(cluster_pb::RouterHeartbeatResponse {}))
     }
 
@@ -84,8 +88,11 @@ impl ClusterService for ClusterGrpc {
             actor_id: r.actor_id,
             data_format_version: r.data_format_version,
         };
-        let node_id =
-            self.meta.register_node(registration).await.map_err(|e| error_status("RegisterNode", e))?;
+        let node_id = self
+            .meta
+            .register_node(registration)
+            .await
+            .map_err(|e| internal_error_status("RegisterNode", e))?;
         Ok(Response::new(cluster_pb::RegisterNodeResponse {
             node_id: node_id.0,
             heartbeat_interval_ms: self.meta.settings().heartbeat_interval_ms,
@@ -109,7 +116,7 @@ impl ClusterService for ClusterGrpc {
             .meta
             .heartbeat(NodeId(r.node_id), stats, &purged, usage.as_deref())
             .await
-            .map_err(|e| error_status("Heartbeat", e))?;
+            .map_err(|e| internal_error_status("Heartbeat", e))?;
         Ok(Response::new(cluster_pb::HeartbeatResponse {
             unknown_node: !ack.known,
             meta_unix_ms: ack.meta_unix_ms,
@@ -135,7 +142,7 @@ impl ClusterService for ClusterGrpc {
             }
         }
         let Some((snapshot, events)) = self.meta.view().subscribe() else {
-            return Err(error_status(
+            return Err(internal_error_status(
                 "Watch",
                 MetaError::DatabaseUnavailable("the cluster view is not loaded yet".to_owned()),
             ));
@@ -201,7 +208,7 @@ async fn pump(
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 tracing::warn!(kind = %subscriber.kind, id = %subscriber.id, missed, "watch subscriber fell behind; disconnecting it");
                 metrics::counter!("pairdb_meta_watch_lagged_total").increment(1);
-                let status = pairdb_service::errors::status(
+                let status = pairdb_service::errors::internal_status(
                     pairdb_core::reason::Reason::Overloaded,
                     "watch subscriber fell behind; reconnect for a fresh snapshot",
                     &[("missed_events", missed.to_string())],

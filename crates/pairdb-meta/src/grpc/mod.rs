@@ -65,12 +65,22 @@ pub fn admin_interceptor(
 
 /// Logs an error where it is handled (at the edge) and converts it.
 pub fn error_status(rpc: &'static str, error: MetaError) -> Status {
-    match &error {
+    log_error(rpc, &error);
+    error.to_status()
+}
+
+/// [`error_status`] for the cluster API (the encoding previous-release nodes read).
+pub fn internal_error_status(rpc: &'static str, error: MetaError) -> Status {
+    log_error(rpc, &error);
+    error.to_internal_status()
+}
+
+fn log_error(rpc: &'static str, error: &MetaError) {
+    match error {
         MetaError::Internal(_) => tracing::error!(rpc, %error, "request failed"),
         MetaError::DatabaseUnavailable(_) => tracing::warn!(rpc, %error, "request failed"),
         _ => tracing::debug!(rpc, %error, "request rejected"),
     }
-    error.to_status()
 }
 
 /// `pairdb.admin.v1.AdminService`.
