@@ -87,7 +87,7 @@ impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
             .field("listen_addr", &self.listen_addr)
-            .field("database_url", &self.database_url.as_deref().map(redact_url))
+            .field("database_url", &self.database_url.as_deref().map(pairdb_service::args::redact_url))
             .field("data_dir", &self.data_dir)
             .field("database_timeout_ms", &self.database_timeout_ms)
             .field("database_max_connections", &self.database_max_connections)
@@ -107,20 +107,6 @@ impl std::fmt::Debug for Config {
             .field("max_message_mb", &self.max_message_mb)
             .field("service", &self.service)
             .finish()
-    }
-}
-
-/// A URL with its password replaced.
-fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let credentials = &url[scheme_end + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}{user}:<redacted>{}", &url[..scheme_end + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }
 

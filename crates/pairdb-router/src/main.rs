@@ -11,7 +11,10 @@ async fn main() -> anyhow::Result<()> {
     config.validate()?;
     let listen_addrs = config.listen_addr.resolve().await?;
     if config.service.check_config {
-        println!("{config:#?}");
+        // Secrets are never printed: the Redis URL may carry a password.
+        let mut shown = config.clone();
+        shown.redis_url = shown.redis_url.as_deref().map(pairdb_service::args::redact_url);
+        println!("{shown:#?}");
         println!("{}", pairdb_service::addr::resolved_listen_line(&listen_addrs));
         return Ok(());
     }

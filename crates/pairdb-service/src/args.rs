@@ -36,3 +36,33 @@ impl std::fmt::Debug for ServiceArgs {
             .finish()
     }
 }
+
+/// `url` with the secret of its user info replaced (`redis://:secret@host` → `redis://:<redacted>@host`;
+/// user info without a password is taken for a token and replaced whole), for `--check-config` and
+/// logs.
+pub fn redact_url(url: &str) -> String {
+    let (Some(scheme_end), Some(at)) = (url.find("://"), url.rfind('@')) else { return url.to_owned() };
+    if at <= scheme_end {
+        return url.to_owned();
+    }
+    let user_info = &url[scheme_end + 3..at];
+    let shown = match user_info.split_once(':') {
+        Some((user, _)) => format!("{user}:<redacted>"),
+        None => "<redacted>".to_owned(),
+    };
+    format!("{}{shown}{}", &url[..scheme_end + 3], &url[at..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn url_secrets_are_redacted_and_the_rest_kept() {
+        assert_eq!(redact_url("rediss://:pw@redis:6379/0"), "rediss://:<redacted>@redis:6379/0");
+        assert_eq!(redact_url("postgres://app:pw@db/pairdb"), "postgres://app:<redacted>@db/pairdb");
+        assert_eq!(redact_url("redis://token@redis"), "redis://<redacted>@redis");
+        assert_eq!(redact_url("redis://redis:6379"), "redis://redis:6379");
+        assert_eq!(redact_url("sqlite:meta.db"), "sqlite:meta.db");
+    }
+}

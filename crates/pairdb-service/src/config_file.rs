@@ -202,8 +202,11 @@ fn key_of(arg: &Arg) -> Option<String> {
 
 /// Sets the file's values as the defaults of `command`'s arguments.
 fn apply(mut command: Command, path: &Path, text: &str) -> Result<Command, ConfigFileError> {
-    let document = toml_edit::Document::parse(text)
-        .map_err(|error| ConfigFileError::Syntax { path: path.to_owned(), message: error.to_string() })?;
+    // The parser's own Display quotes the offending line, which may hold a secret: say where instead.
+    let document = toml_edit::Document::parse(text).map_err(|error| ConfigFileError::Syntax {
+        path: path.to_owned(),
+        message: format!("line {}: {}", line_at(text, error.span()), error.message().trim_end()),
+    })?;
     let table = document.as_table();
     for (key, item) in table.iter() {
         let line = line_at(text, table.key(key).and_then(toml_edit::Key::span));
@@ -480,6 +483,11 @@ mod tests {
         }
         let broken = file("count = \n");
         assert!(matches!(file_error(broken.parse(&[])), ConfigFileError::Syntax { .. }));
+        // A syntax error names the line but never quotes it: it may hold a secret.
+        let leaky = file("count = 1\nadmin_token = \"s3cret-value\n");
+        let message = file_error(leaky.parse(&[])).to_string();
+        assert!(message.contains("line 2"), "{message}");
+        assert!(!message.contains("s3cret"), "{message}");
         let missing = try_parse_from::<Demo, _, _>(["demo", "--config", "/nonexistent/pairdb.toml"], None);
         assert!(matches!(file_error(missing), ConfigFileError::Read { .. }));
     }
