@@ -190,7 +190,11 @@ fn catalogues(cluster: &Cluster) -> Vec<(&'static str, &Process, Vec<pairdb_serv
 async fn a_fresh_cluster_exports_every_closed_family_at_zero_with_help_and_promtool_agrees() {
     let cluster = Cluster::start(3, 1, 3).await.unwrap();
     // The storage nodes publish their state gauges on their first health tick (every 500 ms).
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let started = Instant::now();
+    while !cluster.storage.iter().all(|node| scrape(node).iter().any(|s| s.name == "pairdb_storage_keys")) {
+        assert!(started.elapsed() < Duration::from_secs(30), "storage state gauges never appeared");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for (service, process, catalogue) in catalogues(&cluster) {
         let (status, body) = http_get(process.addr, "/metrics").unwrap();
         assert_eq!(status, 200);

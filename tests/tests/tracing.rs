@@ -138,9 +138,12 @@ async fn one_trace_per_request_with_one_child_span_per_storage_node() {
         assert!(started.elapsed() < Duration::from_secs(30), "spans never arrived: {:#?}", spans(&receiver));
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    // Let the storage nodes' spans arrive too.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let all = spans(&receiver);
+    // Wait for the storage nodes' spans continuing every replica call.
+    let all = wait_for(&receiver, "the storage nodes' spans", |all| {
+        let continued = |child: &Span| all.iter().any(|s| s.parent_span_id == child.span_id);
+        put.1.iter().chain(&get.1).all(continued).then(|| all.to_vec())
+    })
+    .await;
 
     let (put_root, put_children) = put;
     let (get_root, get_children) = get;
@@ -286,8 +289,32 @@ async fn http_requests_continue_traceparent_and_probes_make_no_spans() {
     })
     .await;
     assert_eq!(put.trace_id, server.trace_id);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let all = spans(&receiver);
+    // Markers made after the probes: each process exports its spans in the order they end, so once
+    // a process's marker arrived, a span of its probes would have too. Router: the put above;
+    // storage nodes: their spans in the put's trace (RF 3: all three); meta: a traced admin call.
+    let meta_trace = "5cf92f3577b34da6a3ce929d0e0e4737";
+    let meta_parent = format!("00-{meta_trace}-00f067aa0ba902b8-01");
+    let (status, _) = pairdb_tests::http_request(
+        cluster.meta.addr,
+        "GET",
+        "/v1/admin/migrations",
+        &[("traceparent", meta_parent.as_str())],
+        None,
+    )
+    .unwrap();
+    assert_eq!(status, 200);
+    let all = wait_for(&receiver, "every process's marker", |all| {
+        let in_trace = |service: &str, trace: &str| {
+            all.iter().filter(|s| s.service == service && hex(&s.trace_id) == trace).count()
+        };
+        let storage_nodes: BTreeSet<&str> = all
+            .iter()
+            .filter(|s| s.service == "pairdb-storage" && hex(&s.trace_id) == trace_id)
+            .filter_map(|s| s.attributes.get("server.port").map(String::as_str))
+            .collect();
+        (in_trace("pairdb-meta", meta_trace) >= 1 && storage_nodes.len() == 3).then(|| all.to_vec())
+    })
+    .await;
     assert!(
         all.iter()
             .all(|s| !s.name.contains("health") && !s.name.contains("metrics") && !s.name.contains("Health")),

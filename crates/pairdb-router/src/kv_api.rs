@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::StreamExt;
+use metrics::SharedString;
 use pairdb_core::expiry::Requested;
 use pairdb_core::reason::{HasReason, Reason};
 use tracing::Instrument;
@@ -63,7 +64,8 @@ impl KvApi {
     fn admit(&self, client: &Client, requested_tenant: &str) -> Result<String, RouterError> {
         let tenant = self.admission.tenant_of(client, requested_tenant)?;
         tracing::Span::current().record("pairdb.tenant", tenant.as_str());
-        let _ = REQUEST_TENANT.try_with(|slot| slot.replace(Some(tenant.clone())));
+        let label = SharedString::from_shared(Arc::from(tenant.as_str()));
+        let _ = REQUEST_TENANT.try_with(|slot| slot.replace(Some(label)));
         Ok(tenant)
     }
 
@@ -232,7 +234,7 @@ impl KvApi {
             Ok(tenant) => tenant,
             Err(error) => {
                 let refused = Err::<(), _>(error);
-                observe("get_many", "", &options, started, &refused);
+                observe("get_many", SharedString::const_str(""), &options, started, &refused);
                 return refused.map(|()| Vec::new());
             }
         };
@@ -257,7 +259,7 @@ impl KvApi {
             .buffered(self.get_many_concurrency)
             .collect()
             .await;
-        observe::<()>("get_many", &tenant, &options, started, &Ok(()));
+        observe::<()>("get_many", SharedString::from_owned(tenant), &options, started, &Ok(()));
         Ok(results)
     }
 }
@@ -278,13 +280,13 @@ async fn traced<T>(
         .instrument(span.clone())
         .await;
     finish(&span, &result);
-    observe(op, tenant.as_deref().unwrap_or_default(), &options, started, &result);
+    observe(op, tenant.unwrap_or_else(|| SharedString::const_str("")), &options, started, &result);
     result
 }
 
 tokio::task_local! {
     /// The tenant a request was admitted for, once known: its metrics' `tenant` label.
-    static REQUEST_TENANT: std::cell::RefCell<Option<String>>;
+    static REQUEST_TENANT: std::cell::RefCell<Option<SharedString>>;
 }
 
 /// The span of one client request: the parent of one span per replica call. Tenant, partition and
@@ -489,20 +491,21 @@ fn options_bytes(options: &RequestOptions) -> Vec<u8> {
     bytes
 }
 
-fn consistency_label(options: &RequestOptions) -> String {
+/// The `consistency` label: a static string but for explicit R/W counts.
+fn consistency_label(options: &RequestOptions) -> SharedString {
     if options.explicit > 0 {
-        return format!("n{}", options.explicit);
+        return SharedString::from_owned(format!("n{}", options.explicit));
     }
     match options.consistency {
-        None => "unspecified".into(),
-        Some(level) => level.as_str().into(),
+        None => SharedString::const_str("unspecified"),
+        Some(level) => SharedString::const_str(level.as_str()),
     }
 }
 
 /// Counts a request and its latency under its tenant (empty when it was refused before admission).
 fn observe<T>(
     op: &'static str,
-    tenant: &str,
+    tenant: SharedString,
     options: &RequestOptions,
     started: Instant,
     result: &Result<T, RouterError>,
@@ -512,7 +515,6 @@ fn observe<T>(
         Err(error) => error.reason().as_str(),
     };
     let consistency = consistency_label(options);
-    let tenant = tenant.to_owned();
     metrics::counter!("pairdb_router_requests_total", "op" => op, "consistency" => consistency.clone(), "status" => status, "tenant" => tenant.clone())
         .increment(1);
     metrics::histogram!("pairdb_router_request_duration_seconds", "op" => op, "consistency" => consistency, "tenant" => tenant)

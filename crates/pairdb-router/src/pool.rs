@@ -18,6 +18,18 @@ use tokio::sync::Semaphore;
 /// A storage client presenting the router's cluster credential and propagating trace context.
 pub type StorageClient = pairdb_service::clients::StorageClient;
 
+/// The storage RPCs the router times per node: the `rpc` label of
+/// `pairdb_router_storage_rpc_seconds`, in the order `storage::Rpc` indexes them.
+pub const TIMED_RPCS: [&str; 7] = [
+    "coordinate_write",
+    "coordinate_write_batch",
+    "replicate",
+    "replicate_batch",
+    "get",
+    "confirm_tombstone",
+    "list_records",
+];
+
 /// One storage node's client and health.
 #[derive(Debug)]
 pub struct NodeClient {
@@ -26,6 +38,9 @@ pub struct NodeClient {
     client: StorageClient,
     inflight: Semaphore,
     suspect: AtomicBool,
+    /// Latency of each of [`TIMED_RPCS`] to this node: registered once, so a call records without
+    /// building labels.
+    rpc_seconds: [metrics::Histogram; TIMED_RPCS.len()],
 }
 
 impl NodeClient {
@@ -46,6 +61,14 @@ impl NodeClient {
         }
         metrics::counter!("pairdb_router_storage_errors_total", "node" => self.node.0.to_string())
             .increment(1);
+    }
+
+    /// Records how long the node took to answer one call of `TIMED_RPCS[rpc]`.
+    pub fn observe_rpc(&self, rpc: usize, elapsed: Duration) {
+        debug_assert!(rpc < TIMED_RPCS.len());
+        if let Some(histogram) = self.rpc_seconds.get(rpc) {
+            histogram.record(elapsed.as_secs_f64());
+        }
     }
 
     /// Records a successful call. Returns true when this cleared a suspicion.
@@ -102,6 +125,9 @@ impl StoragePool {
             client,
             inflight: Semaphore::new(self.max_inflight_per_node),
             suspect: AtomicBool::new(false),
+            rpc_seconds: TIMED_RPCS.map(|rpc| {
+                metrics::histogram!("pairdb_router_storage_rpc_seconds", "node_id" => node.0.to_string(), "rpc" => rpc)
+            }),
         });
         let mut nodes = self.nodes.write().unwrap_or_else(PoisonError::into_inner);
         // Another request may have raced us; keep whichever matches the address.

@@ -334,10 +334,7 @@ impl StorageCalls {
             pairdb.hinted = rpc_kind.hinted,
             pairdb.outcome = tracing::field::Empty,
         );
-        let started = std::time::Instant::now();
-        let (result, code) = self.call_inner(node, budget, rpc).instrument(span.clone()).await;
-        metrics::histogram!("pairdb_router_storage_rpc_seconds", "node_id" => node.0.to_string(), "rpc" => rpc_kind.label)
-            .record(started.elapsed().as_secs_f64());
+        let (result, code) = self.call_inner(node, rpc_kind, budget, rpc).instrument(span.clone()).await;
         if let Some(code) = code {
             span.record("rpc.grpc.status_code", i64::from(code as i32));
         }
@@ -348,10 +345,9 @@ impl StorageCalls {
                 "rejected"
             }
             Err(CallError::Failed(cause)) => {
-                let reason = code.map_or("NOT_SENT", |code| match code {
-                    tonic::Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-                    _ => "UNAVAILABLE",
-                });
+                // The code's reason (a storage node's own reasons are in its server span).
+                let reason =
+                    code.map_or("NOT_SENT", |code| pairdb_service::errors::reason_of_code(code).as_str());
                 pairdb_service::telemetry::record_error(&span, reason, cause.as_str());
                 cause.as_str()
             }
@@ -360,10 +356,12 @@ impl StorageCalls {
         result
     }
 
-    /// The call's result and the gRPC code it ended with (`None`: nothing was sent).
+    /// The call's result and the gRPC code it ended with (`None`: nothing was sent). Times the RPC
+    /// from sending to its answer (or the router giving up) in the node's latency histogram.
     async fn call_inner<T, F, Fut>(
         &self,
         node: NodeId,
+        rpc_kind: Rpc,
         budget: CallBudget,
         rpc: F,
     ) -> (Result<T, CallError>, Option<tonic::Code>)
@@ -387,6 +385,8 @@ impl StorageCalls {
             }
         };
         let (grpc, _permit) = acquired;
+        record_server_address(&address);
+        let sent = std::time::Instant::now();
         let call = rpc(grpc, budget.wait);
         tokio::pin!(call);
         let suspect_after = budget.suspect_after.min(budget.wait);
@@ -397,13 +397,7 @@ impl StorageCalls {
                 tokio::time::timeout(budget.wait - suspect_after, call).await
             }
         };
-        if let Some(address) = address.rsplit_once(':') {
-            let span = tracing::Span::current();
-            span.record("server.address", address.0);
-            if let Ok(port) = address.1.parse::<u16>() {
-                span.record("server.port", i64::from(port));
-            }
-        }
+        client.observe_rpc(rpc_kind.timed, sent.elapsed());
         match outcome {
             Ok(Ok(response)) => {
                 client.record_success();
@@ -414,6 +408,22 @@ impl StorageCalls {
             Err(_elapsed) => {
                 (Err(CallError::Failed(FailureCause::Timeout)), Some(tonic::Code::DeadlineExceeded))
             }
+        }
+    }
+}
+
+/// `server.address` / `server.port` of the current client span from a node's advertised address
+/// (`host:port`, or a URL with a scheme).
+fn record_server_address(address: &str) {
+    let span = tracing::Span::current();
+    if span.is_disabled() {
+        return;
+    }
+    let host_port = address.split_once("://").map_or(address, |(_, rest)| rest);
+    if let Some((host, port)) = host_port.rsplit_once(':') {
+        span.record("server.address", host);
+        if let Ok(port) = port.parse::<u16>() {
+            span.record("server.port", i64::from(port));
         }
     }
 }
@@ -441,37 +451,27 @@ fn answered<T>(
 const STORAGE_SERVICE: &str = "pairdb.storage.v1.StorageService";
 
 /// The storage RPC a call makes: its method, its span name (hinted replicates are named apart from
-/// ordinary replication), and its label in metrics.
+/// ordinary replication), and its index in [`crate::pool::TIMED_RPCS`] (its latency histogram).
 #[derive(Debug, Clone, Copy)]
 struct Rpc {
     method: &'static str,
     span_name: &'static str,
-    label: &'static str,
+    timed: usize,
     hinted: bool,
 }
 
 impl Rpc {
-    const COORDINATE_WRITE: Self = Self::plain(
-        "CoordinateWrite",
-        "pairdb.storage.v1.StorageService/CoordinateWrite",
-        "coordinate_write",
-    );
-    const COORDINATE_WRITE_BATCH: Self = Self::plain(
-        "CoordinateWriteBatch",
-        "pairdb.storage.v1.StorageService/CoordinateWriteBatch",
-        "coordinate_write_batch",
-    );
-    const GET: Self = Self::plain("Get", "pairdb.storage.v1.StorageService/Get", "get");
-    const CONFIRM_TOMBSTONE: Self = Self::plain(
-        "ConfirmTombstone",
-        "pairdb.storage.v1.StorageService/ConfirmTombstone",
-        "confirm_tombstone",
-    );
-    const LIST_RECORDS: Self =
-        Self::plain("ListRecords", "pairdb.storage.v1.StorageService/ListRecords", "list_records");
+    const COORDINATE_WRITE: Self =
+        Self::plain("CoordinateWrite", "pairdb.storage.v1.StorageService/CoordinateWrite", 0);
+    const COORDINATE_WRITE_BATCH: Self =
+        Self::plain("CoordinateWriteBatch", "pairdb.storage.v1.StorageService/CoordinateWriteBatch", 1);
+    const GET: Self = Self::plain("Get", "pairdb.storage.v1.StorageService/Get", 4);
+    const CONFIRM_TOMBSTONE: Self =
+        Self::plain("ConfirmTombstone", "pairdb.storage.v1.StorageService/ConfirmTombstone", 5);
+    const LIST_RECORDS: Self = Self::plain("ListRecords", "pairdb.storage.v1.StorageService/ListRecords", 6);
 
-    const fn plain(method: &'static str, span_name: &'static str, label: &'static str) -> Self {
-        Self { method, span_name, label, hinted: false }
+    const fn plain(method: &'static str, span_name: &'static str, timed: usize) -> Self {
+        Self { method, span_name, timed, hinted: false }
     }
 
     const fn replicate(hinted: bool) -> Self {
@@ -479,7 +479,7 @@ impl Rpc {
             true => "pairdb.storage.v1.StorageService/Replicate (hint)",
             false => "pairdb.storage.v1.StorageService/Replicate",
         };
-        Self { method: "Replicate", span_name, label: "replicate", hinted }
+        Self { method: "Replicate", span_name, timed: 2, hinted }
     }
 
     const fn replicate_batch(hinted: bool) -> Self {
@@ -487,7 +487,7 @@ impl Rpc {
             true => "pairdb.storage.v1.StorageService/ReplicateBatch (hint)",
             false => "pairdb.storage.v1.StorageService/ReplicateBatch",
         };
-        Self { method: "ReplicateBatch", span_name, label: "replicate_batch", hinted }
+        Self { method: "ReplicateBatch", span_name, timed: 3, hinted }
     }
 }
 

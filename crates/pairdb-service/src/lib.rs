@@ -165,7 +165,9 @@ pub async fn serve(
         app = app.layer(axum::middleware::from_fn_with_state(guarded, cluster_auth::guard));
     }
     let http_routes = served.http_routes;
-    let app = app.layer(axum::middleware::from_fn_with_state(http_routes, telemetry::record_outcome));
+    if telemetry::exporting() {
+        app = app.layer(axum::middleware::from_fn_with_state(http_routes, telemetry::record_outcome));
+    }
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = served.tls {
         builder = builder.tls_config(tls)?;

@@ -167,39 +167,57 @@ pub fn routes() -> axum::Router {
             let handle = handle.clone();
             async move {
                 // /proc reads are cheap but still file reads: off the runtime threads.
-                let _ = tokio::task::spawn_blocking(process::publish).await;
-                handle.map(|h| h.render()).unwrap_or_default()
+                let process = tokio::task::spawn_blocking(process::render).await.unwrap_or_default();
+                let mut text = handle.map(|h| h.render()).unwrap_or_default();
+                text.push_str(&process);
+                text
             }
         }),
     )
 }
 
-/// `process_*` of the Prometheus client conventions, from Linux's `/proc` (nothing elsewhere).
+/// `process_*` of the Prometheus client conventions, from Linux's `/proc` (nothing elsewhere),
+/// rendered as text beside the recorder's: CPU seconds are fractional, which the recorder's integer
+/// counters cannot say.
 mod process {
+    use std::fmt::Write as _;
+
+    use super::{COMMON, Kind};
+
     /// Clock ticks per second of `/proc/<pid>/stat` times (USER_HZ: 100 on every Linux ABI in use).
     const TICKS_PER_SECOND: f64 = 100.0;
 
-    pub fn publish() {
+    /// The process families in the text exposition format (empty where `/proc` is not there).
+    pub fn render() -> String {
+        let mut values: Vec<(&str, f64)> = Vec::new();
         if let Some(stat) = std::fs::read_to_string("/proc/self/stat").ok().as_deref().and_then(stat_fields) {
             let cpu_ticks = stat.user_ticks + stat.system_ticks;
-            metrics::counter!("process_cpu_seconds_total")
-                .absolute((cpu_ticks as f64 / TICKS_PER_SECOND) as u64);
-            metrics::gauge!("process_virtual_memory_bytes").set(stat.virtual_bytes as f64);
-            metrics::gauge!("process_threads").set(stat.threads as f64);
+            values.push(("process_cpu_seconds_total", cpu_ticks as f64 / TICKS_PER_SECOND));
+            values.push(("process_virtual_memory_bytes", stat.virtual_bytes as f64));
+            values.push(("process_threads", stat.threads as f64));
             if let Some(boot_secs) = boot_time_secs() {
-                let started = boot_secs as f64 + stat.start_ticks as f64 / TICKS_PER_SECOND;
-                metrics::gauge!("process_start_time_seconds").set(started);
+                values.push((
+                    "process_start_time_seconds",
+                    boot_secs as f64 + stat.start_ticks as f64 / TICKS_PER_SECOND,
+                ));
             }
         }
         if let Some(rss_kib) = status_kib("VmRSS:") {
-            metrics::gauge!("process_resident_memory_bytes").set((rss_kib * 1024) as f64);
+            values.push(("process_resident_memory_bytes", (rss_kib * 1024) as f64));
         }
         if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
-            metrics::gauge!("process_open_fds").set(entries.count() as f64);
+            values.push(("process_open_fds", entries.count() as f64));
         }
         if let Some(limit) = max_fds() {
-            metrics::gauge!("process_max_fds").set(limit as f64);
+            values.push(("process_max_fds", limit as f64));
         }
+        let mut text = String::new();
+        for (name, value) in values {
+            let Some(family) = COMMON.iter().find(|f| f.name == name) else { continue };
+            let kind = if family.kind == Kind::Counter { "counter" } else { "gauge" };
+            let _ = write!(text, "# HELP {name} {}\n# TYPE {name} {kind}\n{name} {value}\n\n", family.help);
+        }
+        text
     }
 
     #[derive(Debug, PartialEq, Eq)]

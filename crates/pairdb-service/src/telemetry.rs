@@ -26,6 +26,15 @@ pub enum LogFormat {
     Json,
 }
 
+/// Whether this process exports traces: without an exporter, server spans would be built and
+/// recorded for nobody on every request.
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// True once [`init`] installed an OTLP exporter in this process.
+pub fn exporting() -> bool {
+    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The installed tracer provider; [`Telemetry::shutdown`] flushes the spans still buffered.
 #[derive(Debug)]
 #[must_use = "call shutdown() before exiting so buffered spans are exported"]
@@ -77,6 +86,7 @@ pub fn init(format: LogFormat, default_filter: &str, service_name: &str) -> Tele
             opentelemetry_sdk::propagation::TraceContextPropagator::new(),
         );
         opentelemetry::global::set_tracer_provider(provider.clone());
+        EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     Telemetry { provider }
 }
@@ -165,7 +175,7 @@ pub struct ResponseReason(pub pairdb_core::reason::Reason);
 /// carries a key: HTTP spans name the matched route (`/v1/kv/{key}`), not the path.
 pub fn server_span(request: &http::Request<()>, http_routes: &'static [&'static str]) -> Span {
     let path = request.uri().path();
-    if UNTRACED.iter().any(|prefix| path.starts_with(prefix)) {
+    if !exporting() || UNTRACED.iter().any(|prefix| path.starts_with(prefix)) {
         return Span::none();
     }
     let has_parent = request.headers().contains_key("traceparent");
