@@ -44,12 +44,13 @@ impl Value {
         }
     }
 
-    /// The command-line form: `--flag` for an on/off flag, else `--flag value`.
+    /// The command-line form: `--flag` for an on/off flag, else `--flag=value` (a generated secret may
+    /// start with `-`, which as a separate argument would read as a flag).
     fn args(&self, flag: &str) -> Vec<String> {
         match self {
             Value::On => vec![format!("--{flag}")],
-            Value::Integer(n) => vec![format!("--{flag}"), n.to_string()],
-            Value::Text(text) => vec![format!("--{flag}"), text.clone()],
+            Value::Integer(n) => vec![format!("--{flag}={n}")],
+            Value::Text(text) => vec![format!("--{flag}={text}")],
         }
     }
 
