@@ -44,10 +44,16 @@ pub struct Globals {
     #[arg(long, global = true, env = "PAIRDB_META", default_value = DEFAULT_META)]
     pub meta: String,
     /// API key sent to the router (`authorization: Bearer`).
-    #[arg(long, global = true, env = "PAIRDB_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "PAIRDB_TOKEN", hide_env_values = true, allow_hyphen_values = true)]
     pub token: Option<String>,
     /// Admin token sent to the metadata service.
-    #[arg(long, global = true, env = "PAIRDB_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "PAIRDB_ADMIN_TOKEN",
+        hide_env_values = true,
+        allow_hyphen_values = true
+    )]
     pub admin_token: Option<String>,
     /// Tenant for `kv` and `bench`. Defaults to `demo` (the dev cluster's tenant) when no API key is
     /// given; with an API key the key names the tenant.

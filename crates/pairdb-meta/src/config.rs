@@ -30,7 +30,7 @@ pub struct Config {
     #[arg(long, env = "PAIRDB_DATABASE_MAX_CONNECTIONS", default_value_t = 10)]
     pub database_max_connections: u32,
     /// Bearer token the admin API requires.
-    #[arg(long, env = "PAIRDB_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "PAIRDB_ADMIN_TOKEN", hide_env_values = true, allow_hyphen_values = true)]
     pub admin_token: Option<String>,
     /// File holding the admin token (surrounding whitespace is ignored).
     #[arg(long, env = "PAIRDB_ADMIN_TOKEN_FILE")]
@@ -66,7 +66,7 @@ pub struct Config {
     /// The cluster secret (at least 32 characters; `pairdb cluster init` makes one). Meta derives the
     /// key that signs cluster credentials from it and verifies every internal caller with it. Every
     /// meta replica of a cluster needs the same secret. Prefer --cluster-secret-file.
-    #[arg(long, env = "PAIRDB_CLUSTER_SECRET", hide_env_values = true)]
+    #[arg(long, env = "PAIRDB_CLUSTER_SECRET", hide_env_values = true, allow_hyphen_values = true)]
     pub cluster_secret: Option<String>,
     /// File holding the cluster secret.
     #[arg(long, env = "PAIRDB_CLUSTER_SECRET_FILE")]

@@ -305,7 +305,7 @@ pub enum AuthConfigError {
 pub struct ClusterAuthArgs {
     /// This process's cluster credential (pdbc1.…), presented on every internal call and used to
     /// verify callers. Prefer --cluster-credential-file.
-    #[arg(long, env = "PAIRDB_CLUSTER_CREDENTIAL", hide_env_values = true)]
+    #[arg(long, env = "PAIRDB_CLUSTER_CREDENTIAL", hide_env_values = true, allow_hyphen_values = true)]
     pub cluster_credential: Option<String>,
     /// File holding this process's cluster credential.
     #[arg(long, env = "PAIRDB_CLUSTER_CREDENTIAL_FILE")]
@@ -505,6 +505,19 @@ mod tests {
     use super::*;
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef-test";
+
+    #[test]
+    fn a_credential_may_start_with_a_hyphen() {
+        // Secrets are URL-safe base64: one in 64 starts with '-', which must not read as a flag.
+        #[derive(clap::Parser)]
+        struct Demo {
+            #[command(flatten)]
+            auth: ClusterAuthArgs,
+        }
+        let demo =
+            <Demo as clap::Parser>::try_parse_from(["demo", "--cluster-credential", "-x.y"]).expect("parses");
+        assert_eq!(demo.auth.cluster_credential.as_deref(), Some("-x.y"));
+    }
 
     #[test]
     fn principals_round_trip_and_reject_lookalikes() {
