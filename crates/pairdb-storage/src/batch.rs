@@ -1,5 +1,5 @@
-//! Batched coordinate and replicate calls (`CoordinateWriteBatch`, `ReplicateBatch`): a router's
-//! many writes to this node in one RPC. Each item is checked and applied on its own — its own
+//! Batched coordinate, replicate and get calls (`CoordinateWriteBatch`, `ReplicateBatch`, `GetMany`):
+//! a router's many writes or reads to this node in one RPC. Each item is checked and applied on its own — its own
 //! deadline, condition, refusal — and answered with the result a single call would give; the whole
 //! batch shares one group commit, and no item is answered before it (a failed flush or fsync fails
 //! every item that was applied, as the engine's poison signal does for single calls).
@@ -79,6 +79,23 @@ fn status_detail(status: &Status) -> ErrorDetail {
         message: status.message().to_owned(),
         metadata: Default::default(),
     })
+}
+
+/// Reads every checked key (a router's coalesced `Get`s); one result per key, in order. A key
+/// whose read fails gets the error a single `Get` would answer; the others are unaffected.
+pub fn get(engine: &Engine, keys: Vec<Result<RecordKey, Status>>) -> Vec<pb::GetResult> {
+    let found = |version_set| pb::GetResult { found: true, version_set, error: None };
+    let failed = |error| pb::GetResult { found: false, version_set: Vec::new(), error: Some(error) };
+    keys.into_iter()
+        .map(|key| match key {
+            Err(refused) => failed(status_detail(&refused)),
+            Ok(key) => match engine.get_encoded(&key) {
+                Ok(Some(version_set)) => found(version_set),
+                Ok(None) => pb::GetResult { found: false, version_set: Vec::new(), error: None },
+                Err(error) => failed(detail(error)),
+            },
+        })
+        .collect()
 }
 
 /// Applies every checked write to the journal, then makes them durable at once; one result per

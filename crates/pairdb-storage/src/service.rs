@@ -524,6 +524,18 @@ impl StorageService for StorageApi {
         }))
     }
 
+    async fn get_many(
+        &self,
+        request: Request<pb::GetManyRequest>,
+    ) -> Result<Response<pb::GetManyResponse>, Status> {
+        let gets = request.into_inner().gets;
+        crate::batch::check_len(gets.len())?;
+        let keys: Vec<Result<RecordKey, Status>> =
+            gets.into_iter().map(|get| self.client_key(get.key)).collect();
+        let results = self.blocking("get_many", move |engine| Ok(crate::batch::get(engine, keys))).await?;
+        Ok(Response::new(pb::GetManyResponse { results }))
+    }
+
     type StreamPartitionStream = ReceiverStream<Result<pb::PartitionBatch, Status>>;
 
     async fn stream_partition(
