@@ -292,16 +292,18 @@ tokio::task_local! {
 /// The span of one client request: the parent of one span per replica call. Tenant, partition and
 /// outcome are recorded as they become known; keys and values never are.
 fn request_span(op: &'static str, options: &RequestOptions) -> tracing::Span {
-    tracing::info_span!(
-        "router.request",
-        otel.name = format!("router.{op}"),
-        otel.status_description = tracing::field::Empty,
-        pairdb.operation = op,
-        pairdb.tenant = tracing::field::Empty,
-        pairdb.partition = tracing::field::Empty,
-        pairdb.consistency = %consistency_label(options),
-        pairdb.outcome = tracing::field::Empty,
-    )
+    pairdb_service::telemetry::span_if_exporting(|| {
+        tracing::info_span!(
+            "router.request",
+            otel.name = format!("router.{op}"),
+            otel.status_description = tracing::field::Empty,
+            pairdb.operation = op,
+            pairdb.tenant = tracing::field::Empty,
+            pairdb.partition = tracing::field::Empty,
+            pairdb.consistency = %consistency_label(options),
+            pairdb.outcome = tracing::field::Empty,
+        )
+    })
 }
 
 /// Records the outcome; a failure of the cluster (not of the caller's request: the gRPC codes the

@@ -35,6 +35,12 @@ pub fn exporting() -> bool {
     EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// `make()`'s span when this process exports traces, else a disabled span: without an exporter
+/// nobody reads per-request spans, and the log layer would format every field of each one.
+pub fn span_if_exporting(make: impl FnOnce() -> Span) -> Span {
+    if exporting() { make() } else { Span::none() }
+}
+
 /// The installed tracer provider; [`Telemetry::shutdown`] flushes the spans still buffered.
 #[derive(Debug)]
 #[must_use = "call shutdown() before exiting so buffered spans are exported"]
