@@ -30,6 +30,11 @@ pub struct Config {
     /// In-flight RPCs per storage node; more wait (bounded by the request deadline).
     #[arg(long, env = "PAIRDB_MAX_INFLIGHT_PER_NODE", default_value_t = 512)]
     pub max_inflight_per_node: usize,
+    /// Point calls (reads, coordinated writes, replications) of one kind in flight to a storage node
+    /// before further ones queue and leave together as one batched RPC when one returns; 0 sends
+    /// every call alone.
+    #[arg(long, env = "PAIRDB_COALESCE_AFTER_IN_FLIGHT", default_value_t = crate::pool::DEFAULT_COALESCE_LEADS)]
+    pub coalesce_after_in_flight: usize,
     /// Concurrent keys of one GetMany.
     #[arg(long, env = "PAIRDB_GET_MANY_CONCURRENCY", default_value_t = 16)]
     pub get_many_concurrency: usize,
@@ -67,6 +72,8 @@ pub enum ConfigError {
     StorageTimeout,
     #[error("max_inflight_per_node: must be between 1 and 100000")]
     MaxInflight,
+    #[error("coalesce_after_in_flight: must be between 0 and 1000")]
+    CoalesceAfterInFlight,
     #[error("get_many_concurrency: must be between 1 and 100")]
     GetManyConcurrency,
     #[error("probe_interval_ms: must be between 10 and 3600000")]
@@ -98,6 +105,9 @@ impl Config {
         }
         if !(1..=100_000).contains(&self.max_inflight_per_node) {
             return Err(ConfigError::MaxInflight);
+        }
+        if self.coalesce_after_in_flight > 1000 {
+            return Err(ConfigError::CoalesceAfterInFlight);
         }
         if !(1..=100).contains(&self.get_many_concurrency) {
             return Err(ConfigError::GetManyConcurrency);
@@ -144,6 +154,7 @@ impl Config {
             storage_timeout_ms: 1000,
             read_speculative_after_ms: 50,
             max_inflight_per_node: 512,
+            coalesce_after_in_flight: crate::pool::DEFAULT_COALESCE_LEADS,
             get_many_concurrency: 16,
             probe_interval_ms: 500,
             no_auth: false,

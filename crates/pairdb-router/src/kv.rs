@@ -89,6 +89,11 @@ impl KvRouter {
         &self.view
     }
 
+    /// The storage nodes' clients (their failure view and coalescing lanes).
+    pub fn pool(&self) -> &Arc<StoragePool> {
+        &self.pool
+    }
+
     pub(crate) fn tenant(view: &ClusterView, tenant_id: &str) -> Result<Arc<TenantSettings>, RouterError> {
         validate_tenant_id(tenant_id).map_err(|e| RouterError::from_reasoned(&e))?;
         view.tenants

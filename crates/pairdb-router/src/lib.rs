@@ -15,6 +15,7 @@
 
 pub mod admission;
 pub mod batch;
+pub mod coalesce;
 pub mod config;
 pub mod error;
 pub mod execute;
@@ -78,7 +79,8 @@ pub async fn run(
             config.max_inflight_per_node,
             Duration::from_millis(config.storage_timeout_ms),
         )
-        .with_clients(clients.clone()),
+        .with_clients(clients.clone())
+        .with_coalescing(config.coalesce_after_in_flight),
     );
     let router = kv::KvRouter::new(
         view.clone(),

@@ -26,6 +26,18 @@ pub const FAMILIES: &[Family] = &[
         zero: &[],
     },
     Family {
+        name: "pairdb_router_coalesced_calls_total",
+        kind: Kind::Counter,
+        help: "point calls to a storage node sent inside a batched RPC because others of their kind were in flight",
+        zero: &[],
+    },
+    Family {
+        name: "pairdb_router_coalesced_batches_total",
+        kind: Kind::Counter,
+        help: "batched RPCs that carried coalesced point calls",
+        zero: &[],
+    },
+    Family {
         name: "pairdb_router_quorum_failures_total",
         kind: Kind::Counter,
         help: "requests answered QUORUM_NOT_REACHED",

@@ -20,7 +20,7 @@ pub type StorageClient = pairdb_service::clients::StorageClient;
 
 /// The storage RPCs the router times per node: the `rpc` label of
 /// `pairdb_router_storage_rpc_seconds`, in the order `storage::Rpc` indexes them.
-pub const TIMED_RPCS: [&str; 7] = [
+pub const TIMED_RPCS: [&str; 8] = [
     "coordinate_write",
     "coordinate_write_batch",
     "replicate",
@@ -28,7 +28,11 @@ pub const TIMED_RPCS: [&str; 7] = [
     "get",
     "confirm_tombstone",
     "list_records",
+    "get_many",
 ];
+
+/// Point calls of one kind in flight to a node before further ones coalesce, by default.
+pub const DEFAULT_COALESCE_LEADS: usize = 1;
 
 /// One storage node's client and health.
 #[derive(Debug)]
@@ -38,6 +42,9 @@ pub struct NodeClient {
     client: StorageClient,
     inflight: Semaphore,
     suspect: AtomicBool,
+    /// Concurrent point calls queue here and leave as batched RPCs ([`crate::coalesce`]).
+    pub lanes: crate::storage::Lanes,
+    storage_timeout: Duration,
     /// Latency of each of [`TIMED_RPCS`] to this node: registered once, so a call records without
     /// building labels.
     rpc_seconds: [metrics::Histogram; TIMED_RPCS.len()],
@@ -48,6 +55,11 @@ impl NodeClient {
     pub async fn acquire(&self) -> Option<(StorageClient, tokio::sync::SemaphorePermit<'_>)> {
         let permit = self.inflight.acquire().await.ok()?;
         Some((self.client.clone(), permit))
+    }
+
+    /// How long a call to this node may go unanswered before the node is suspect.
+    pub fn storage_timeout(&self) -> Duration {
+        self.storage_timeout
     }
 
     pub fn is_suspect(&self) -> bool {
@@ -84,6 +96,8 @@ pub struct StoragePool {
     max_inflight_per_node: usize,
     storage_timeout: Duration,
     clients: InternalClients,
+    /// Point calls of one kind in flight to a node before further ones coalesce (0: never).
+    coalesce_leads: usize,
 }
 
 impl StoragePool {
@@ -93,7 +107,15 @@ impl StoragePool {
             max_inflight_per_node,
             storage_timeout,
             clients: InternalClients::insecure(),
+            coalesce_leads: DEFAULT_COALESCE_LEADS,
         }
+    }
+
+    /// Lets `leads` point calls of one kind out to a node alone before coalescing further ones
+    /// (0: every call alone).
+    pub fn with_coalescing(mut self, leads: usize) -> Self {
+        self.coalesce_leads = leads;
+        self
     }
 
     /// Talks to storage nodes with these clients (TLS, cluster credential, message bounds).
@@ -125,6 +147,8 @@ impl StoragePool {
             client,
             inflight: Semaphore::new(self.max_inflight_per_node),
             suspect: AtomicBool::new(false),
+            lanes: crate::storage::Lanes::new(self.coalesce_leads, node),
+            storage_timeout: self.storage_timeout,
             rpc_seconds: TIMED_RPCS.map(|rpc| {
                 metrics::histogram!("pairdb_router_storage_rpc_seconds", "node_id" => node.0.to_string(), "rpc" => rpc)
             }),

@@ -24,7 +24,8 @@ use pairdb_core::token::{PartitionId, Token};
 use pairdb_proto::storage::v1 as pb;
 use tracing::Instrument;
 
-use crate::pool::{StorageClient, StoragePool};
+use crate::coalesce::{Admission, Coalesced, Lane, Waiter};
+use crate::pool::{NodeClient, StorageClient, StoragePool};
 use crate::view::ClusterView;
 
 /// The record a storage call is about.
@@ -147,13 +148,8 @@ impl StorageCalls {
         budget: CallBudget,
     ) -> Result<StoredSet, CallError> {
         let partition = call.key.partition;
-        let mut request = coordinate_request(call);
-        let rpc = |mut c: StorageClient, left: Duration| async move {
-            set_apply_deadline(&mut request, left);
-            c.coordinate_write(request).await
-        };
-        let response = self.call(node, Rpc::COORDINATE_WRITE, partition, budget, rpc).await?;
-        stored_set(node, response.version_set)
+        self.point::<CoordinateLane>(node, Rpc::COORDINATE_WRITE, partition, budget, coordinate_request(call))
+            .await
     }
 
     /// [`Self::coordinate`] for many writes in one RPC: one result per call, in order. A failed RPC
@@ -211,11 +207,10 @@ impl StorageCalls {
         hint_for: Option<NodeId>,
     ) -> Result<(), CallError> {
         let partition = key.partition;
-        let hinted = hint_for.is_some();
+        let rpc = Rpc::replicate(hint_for.is_some());
         let request = replicate_request(key, encoded, hint_for);
         let budget = CallBudget::storage_timeout(&self.pool);
-        let rpc = |mut c: StorageClient, _| async move { c.replicate(request).await };
-        self.call(node, Rpc::replicate(hinted), partition, budget, rpc).await.map(|_| ())
+        self.point::<ReplicateLane>(node, rpc, partition, budget, request).await
     }
 
     /// `node`'s set of the key (`None`: it has none).
@@ -223,15 +218,7 @@ impl StorageCalls {
         let partition = key.partition;
         let request = pb::GetRequest { key: Some(key.into_wire()) };
         let budget = CallBudget::storage_timeout(&self.pool);
-        let rpc = |mut c: StorageClient, _| async move { c.get(request).await };
-        let response = self.call(node, Rpc::GET, partition, budget, rpc).await?;
-        if !response.found {
-            return Ok(None);
-        }
-        decode_version_set(&response.version_set).map(Some).map_err(|error| {
-            tracing::error!(node_id = node.0, %error, "replica returned an undecodable set");
-            CallError::Failed(FailureCause::Error)
-        })
+        self.point::<GetLane>(node, Rpc::GET, partition, budget, request).await
     }
 
     /// Tells `node` that every owner holds the tombstone-only set `encoded`; true when it recorded it.
@@ -303,9 +290,7 @@ impl StorageCalls {
     }
 
     /// Runs one RPC against `node` in a client span (RPC semantic conventions; status ERROR when
-    /// the call fails), updating the failure view and the per-node latency histogram. The call gets
-    /// `budget.suspect_after` for a free in-flight slot (nothing is sent before, so a call refused
-    /// here is `NotApplied`) and then `budget.wait` for the answer; `rpc` is told that wait.
+    /// the call fails), updating the failure view and the per-node latency histogram (see [`send`]).
     async fn call<T, F, Fut>(
         &self,
         node: NodeId,
@@ -318,7 +303,68 @@ impl StorageCalls {
         F: FnOnce(StorageClient, Duration) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let span = tracing::info_span!(
+        let span = call_span(rpc_kind, node, partition);
+        let sent = async {
+            match self.client_of(node) {
+                Some(client) => send(&client, rpc_kind, budget, rpc).await,
+                None => (Err(CallError::Failed(FailureCause::NotApplied)), None),
+            }
+        };
+        let (result, code) = sent.instrument(span.clone()).await;
+        finish_span(&span, &result, code);
+        result
+    }
+
+    /// A point call (get, coordinate, replicate) through `node`'s lane of its kind: sent alone when
+    /// the node has few of them in flight, otherwise coalesced with others into one batched RPC
+    /// ([`crate::coalesce`]). Either way the call has its own client span, deadline and answer.
+    async fn point<C: PointCall>(
+        &self,
+        node: NodeId,
+        rpc_kind: Rpc,
+        partition: PartitionId,
+        budget: CallBudget,
+        payload: C::Payload,
+    ) -> Result<C::Output, CallError> {
+        let span = call_span(rpc_kind, node, partition);
+        let sent = async {
+            let Some(client) = self.client_of(node) else {
+                return (Err(CallError::Failed(FailureCause::NotApplied)), None);
+            };
+            let deadline = tokio::time::Instant::now() + budget.wait;
+            match Lane::<C>::admit(&client, payload, deadline) {
+                Admission::Lead(waiter, _slot) => alone::<C>(&client, rpc_kind, budget, waiter.payload).await,
+                Admission::Alone(waiter) => alone::<C>(&client, rpc_kind, budget, waiter.payload).await,
+                Admission::Queued(answer) => {
+                    tracing::Span::current().record("pairdb.coalesced", true);
+                    match tokio::time::timeout_at(deadline, answer).await {
+                        Ok(Ok(result)) => (result, None),
+                        // The batch's task ended without answering: it may have been sent.
+                        Ok(Err(_dropped)) => (Err(CallError::Failed(FailureCause::Error)), None),
+                        Err(_elapsed) => (
+                            Err(CallError::Failed(FailureCause::Timeout)),
+                            Some(tonic::Code::DeadlineExceeded),
+                        ),
+                    }
+                }
+            }
+        };
+        let (result, code) = sent.instrument(span.clone()).await;
+        finish_span(&span, &result, code);
+        result
+    }
+
+    /// The client of `node` at the address the view lists for it.
+    fn client_of(&self, node: NodeId) -> Option<Arc<NodeClient>> {
+        let entry = self.view.nodes.get(&node)?;
+        self.pool.client(node, &entry.address)
+    }
+}
+
+/// The client span of one storage call (its outcome is recorded by [`finish_span`]).
+fn call_span(rpc_kind: Rpc, node: NodeId, partition: PartitionId) -> tracing::Span {
+    pairdb_service::telemetry::span_if_exporting(|| {
+        tracing::info_span!(
             "storage.call",
             otel.name = rpc_kind.span_name,
             otel.kind = "client",
@@ -333,85 +379,165 @@ impl StorageCalls {
             pairdb.partition = i64::from(partition.0),
             pairdb.hinted = rpc_kind.hinted,
             pairdb.outcome = tracing::field::Empty,
-        );
-        let (result, code) = self.call_inner(node, rpc_kind, budget, rpc).instrument(span.clone()).await;
-        if let Some(code) = code {
-            span.record("rpc.grpc.status_code", i64::from(code as i32));
-        }
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(CallError::Refused(refusal)) => {
-                pairdb_service::telemetry::record_error(&span, refusal.reason.as_str(), &refusal.message);
-                "rejected"
-            }
-            Err(CallError::Failed(cause)) => {
-                // The code's reason (a storage node's own reasons are in its server span).
-                let reason =
-                    code.map_or("NOT_SENT", |code| pairdb_service::errors::reason_of_code(code).as_str());
-                pairdb_service::telemetry::record_error(&span, reason, cause.as_str());
-                cause.as_str()
-            }
-        };
-        span.record("pairdb.outcome", outcome);
-        result
-    }
+            pairdb.coalesced = tracing::field::Empty,
+            pairdb.batch_items = tracing::field::Empty,
+        )
+    })
+}
 
-    /// The call's result and the gRPC code it ended with (`None`: nothing was sent). Times the RPC
-    /// from sending to its answer (or the router giving up) in the node's latency histogram.
-    async fn call_inner<T, F, Fut>(
-        &self,
-        node: NodeId,
-        rpc_kind: Rpc,
-        budget: CallBudget,
-        rpc: F,
-    ) -> (Result<T, CallError>, Option<tonic::Code>)
-    where
-        F: FnOnce(StorageClient, Duration) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    {
-        // Until the request is handed to the channel nothing has left the router: every failure
-        // before that point is `NotApplied`.
-        let not_applied = CallError::Failed(FailureCause::NotApplied);
-        let Some(address) = self.view.nodes.get(&node).map(|n| n.address.clone()) else {
-            return (Err(not_applied), None);
-        };
-        let Some(client) = self.pool.client(node, &address) else { return (Err(not_applied), None) };
-        let acquired = match tokio::time::timeout(budget.suspect_after, client.acquire()).await {
-            Ok(Some(acquired)) => acquired,
-            Ok(None) => return (Err(not_applied), None),
-            Err(_elapsed) => {
-                client.record_failure();
-                return (Err(not_applied), None);
-            }
-        };
-        let (grpc, _permit) = acquired;
-        record_server_address(&address);
-        let sent = std::time::Instant::now();
-        let call = rpc(grpc, budget.wait);
-        tokio::pin!(call);
-        let suspect_after = budget.suspect_after.min(budget.wait);
-        let outcome = match tokio::time::timeout(suspect_after, &mut call).await {
-            Ok(answer) => Ok(answer),
-            Err(_slow) => {
-                client.record_failure();
-                tokio::time::timeout(budget.wait - suspect_after, call).await
-            }
-        };
-        client.observe_rpc(rpc_kind.timed, sent.elapsed());
-        match outcome {
-            Ok(Ok(response)) => {
-                client.record_success();
-                (Ok(response.into_inner()), Some(tonic::Code::Ok))
-            }
-            Ok(Err(status)) => (answered(&client, &status, not_applied), Some(status.code())),
-            // Already suspect since `suspect_after`.
-            Err(_elapsed) => {
-                (Err(CallError::Failed(FailureCause::Timeout)), Some(tonic::Code::DeadlineExceeded))
-            }
+/// Records a call's gRPC code, outcome and (for a failure) its reason on its span.
+fn finish_span<T>(span: &tracing::Span, result: &Result<T, CallError>, code: Option<tonic::Code>) {
+    if span.is_disabled() {
+        return;
+    }
+    if let Some(code) = code {
+        span.record("rpc.grpc.status_code", i64::from(code as i32));
+    }
+    let outcome = match result {
+        Ok(_) => "ok",
+        Err(CallError::Refused(refusal)) => {
+            pairdb_service::telemetry::record_error(span, refusal.reason.as_str(), &refusal.message);
+            "rejected"
         }
+        Err(CallError::Failed(cause)) => {
+            // The code's reason (a storage node's own reasons are in its server span).
+            let reason =
+                code.map_or("NOT_SENT", |code| pairdb_service::errors::reason_of_code(code).as_str());
+            pairdb_service::telemetry::record_error(span, reason, cause.as_str());
+            cause.as_str()
+        }
+    };
+    span.record("pairdb.outcome", outcome);
+}
+
+/// Sends one RPC to `client`'s node: the call's result and the gRPC code it ended with (`None`:
+/// nothing was sent). The call gets `budget.suspect_after` for a free in-flight slot (nothing is
+/// sent before, so a call refused here is `NotApplied`) and then `budget.wait` for the answer; `rpc`
+/// is told that wait. Times the RPC from sending to its answer (or the router giving up) in the
+/// node's latency histogram and updates the failure view.
+async fn send<T, F, Fut>(
+    client: &NodeClient,
+    rpc_kind: Rpc,
+    budget: CallBudget,
+    rpc: F,
+) -> (Result<T, CallError>, Option<tonic::Code>)
+where
+    F: FnOnce(StorageClient, Duration) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    // Until the request is handed to the channel nothing has left the router: every failure
+    // before that point is `NotApplied`.
+    let not_applied = CallError::Failed(FailureCause::NotApplied);
+    let acquired = match tokio::time::timeout(budget.suspect_after, client.acquire()).await {
+        Ok(Some(acquired)) => acquired,
+        Ok(None) => return (Err(not_applied), None),
+        Err(_elapsed) => {
+            client.record_failure();
+            return (Err(not_applied), None);
+        }
+    };
+    let (grpc, _permit) = acquired;
+    record_server_address(&client.address);
+    let sent = std::time::Instant::now();
+    let call = rpc(grpc, budget.wait);
+    tokio::pin!(call);
+    let suspect_after = budget.suspect_after.min(budget.wait);
+    let outcome = match tokio::time::timeout(suspect_after, &mut call).await {
+        Ok(answer) => Ok(answer),
+        Err(_slow) => {
+            client.record_failure();
+            tokio::time::timeout(budget.wait - suspect_after, call).await
+        }
+    };
+    client.observe_rpc(rpc_kind.timed, sent.elapsed());
+    match outcome {
+        Ok(Ok(response)) => {
+            client.record_success();
+            (Ok(response.into_inner()), Some(tonic::Code::Ok))
+        }
+        Ok(Err(status)) => (answered(client, &status, not_applied), Some(status.code())),
+        // Already suspect since `suspect_after`.
+        Err(_elapsed) => (Err(CallError::Failed(FailureCause::Timeout)), Some(tonic::Code::DeadlineExceeded)),
     }
 }
 
+/// A point call sent alone, its answer read as `C` reads it.
+async fn alone<C: PointCall>(
+    client: &NodeClient,
+    rpc_kind: Rpc,
+    budget: CallBudget,
+    payload: C::Payload,
+) -> (Result<C::Output, CallError>, Option<tonic::Code>) {
+    let (result, code) = send(client, rpc_kind, budget, |c, left| C::call_alone(c, payload, left)).await;
+    (result.and_then(|single| C::answer(client.node, single)), code)
+}
+
+/// A kind of point call and its batched RPC: how one is sent alone, how a batch of them is sent,
+/// and how each answer reads.
+pub trait PointCall: Coalesced {
+    /// The single call's response.
+    type Single: Send;
+    /// The batched call's response.
+    type Batch: Send;
+    /// The batched RPC (plain and hinted forms).
+    fn batch_rpc(payloads: &[(Self::Payload, Duration)]) -> Rpc;
+    fn call_alone(
+        client: StorageClient,
+        payload: Self::Payload,
+        left: Duration,
+    ) -> impl Future<Output = Result<tonic::Response<Self::Single>, tonic::Status>> + Send;
+    /// Sends the payloads, each with how long its caller still waits, as one RPC.
+    fn call_batch(
+        client: StorageClient,
+        payloads: Vec<(Self::Payload, Duration)>,
+    ) -> impl Future<Output = Result<tonic::Response<Self::Batch>, tonic::Status>> + Send;
+    fn answer(node: NodeId, single: Self::Single) -> Result<Self::Output, CallError>;
+    /// One result per item of a batched answer, in order (see [`per_item`]).
+    fn answers(
+        node: NodeId,
+        batch: Result<Self::Batch, CallError>,
+        count: usize,
+    ) -> Vec<Result<Self::Output, CallError>>;
+}
+
+/// Sends a coalesced batch as one RPC in a client span of its own — a child of the first call's
+/// span, linked to the others — and answers every call. A node that does not know the batched RPC
+/// (an older release) gets each call alone instead.
+async fn send_coalesced<C: PointCall>(client: Arc<NodeClient>, batch: Vec<Waiter<C>>) {
+    let now = tokio::time::Instant::now();
+    let latest = batch.iter().map(|w| w.deadline).max().unwrap_or(now);
+    let wait = latest.saturating_duration_since(now).max(Duration::from_millis(1));
+    let budget = CallBudget { wait, suspect_after: client.storage_timeout().min(wait) };
+    let mut payloads = Vec::with_capacity(batch.len());
+    let mut waiters = Vec::with_capacity(batch.len());
+    for waiter in batch {
+        let left = waiter.deadline.saturating_duration_since(now).max(Duration::from_millis(1));
+        payloads.push((waiter.payload, left));
+        waiters.push((waiter.reply, waiter.span, waiter.deadline));
+    }
+    let rpc_kind = C::batch_rpc(&payloads);
+    let span = batch_span(rpc_kind, client.node, &waiters);
+    let count = payloads.len();
+    let (result, code) = {
+        let send = send(&client, rpc_kind, budget, |c, _| C::call_batch(c, payloads));
+        send.instrument(span.clone()).await
+    };
+    finish_span(&span, &result, code);
+    if code == Some(tonic::Code::Unimplemented) {
+        // Nothing ran (every call answers NOT_APPLIED and may go elsewhere); from now on this
+        // node gets such calls alone.
+        tracing::warn!(
+            node_id = client.node.0,
+            rpc = rpc_kind.method,
+            "storage node predates this batched call"
+        );
+        C::lane(&client).stop_coalescing();
+    }
+    let answers = C::answers(client.node, result, count);
+    for ((reply, _, _), answer) in waiters.into_iter().zip(answers) {
+        let _ = reply.send(answer);
+    }
+}
 /// `server.address` / `server.port` of the current client span from a node's advertised address
 /// (`host:port`, or a URL with a scheme).
 fn record_server_address(address: &str) {
@@ -429,11 +555,11 @@ fn record_server_address(address: &str) {
 }
 
 /// What an error answer of a storage node means for the call, updating the failure view.
-fn answered<T>(
-    client: &crate::pool::NodeClient,
-    status: &tonic::Status,
-    not_applied: CallError,
-) -> Result<T, CallError> {
+fn answered<T>(client: &NodeClient, status: &tonic::Status, not_applied: CallError) -> Result<T, CallError> {
+    if status.code() == tonic::Code::Unimplemented {
+        // The node does not know the method (an older release): nothing ran, and it is healthy.
+        return Err(not_applied);
+    }
     match refusal_of(status) {
         Some(refusal) => Err(CallError::Refused(refusal)),
         // The node answered, only too busy to take the call (its listing slots stayed
@@ -453,7 +579,7 @@ const STORAGE_SERVICE: &str = "pairdb.storage.v1.StorageService";
 /// The storage RPC a call makes: its method, its span name (hinted replicates are named apart from
 /// ordinary replication), and its index in [`crate::pool::TIMED_RPCS`] (its latency histogram).
 #[derive(Debug, Clone, Copy)]
-struct Rpc {
+pub struct Rpc {
     method: &'static str,
     span_name: &'static str,
     timed: usize,
@@ -469,6 +595,7 @@ impl Rpc {
     const CONFIRM_TOMBSTONE: Self =
         Self::plain("ConfirmTombstone", "pairdb.storage.v1.StorageService/ConfirmTombstone", 5);
     const LIST_RECORDS: Self = Self::plain("ListRecords", "pairdb.storage.v1.StorageService/ListRecords", 6);
+    const GET_MANY: Self = Self::plain("GetMany", "pairdb.storage.v1.StorageService/GetMany", 7);
 
     const fn plain(method: &'static str, span_name: &'static str, timed: usize) -> Self {
         Self { method, span_name, timed, hinted: false }
@@ -630,4 +757,250 @@ fn item_error(detail: pairdb_proto::common::v1::ErrorDetail) -> CallError {
     }
     let definite = busy(&status) || refused_before_applying(&status);
     CallError::Failed(if definite { FailureCause::NotApplied } else { FailureCause::Error })
+}
+
+/// The client span of a coalesced batch: a child of its first call's span, linked to the others'.
+fn batch_span(
+    rpc_kind: Rpc,
+    node: NodeId,
+    waiters: &[(impl Sized, tracing::Span, tokio::time::Instant)],
+) -> tracing::Span {
+    let parent = waiters.first().map(|w| w.1.clone()).unwrap_or_else(tracing::Span::none);
+    let span = parent.in_scope(|| call_span(rpc_kind, node, PartitionId(0)));
+    if !span.is_disabled() {
+        span.record("pairdb.batch_items", waiters.len() as i64);
+        for waiter in waiters.iter().skip(1) {
+            span.follows_from(&waiter.1);
+        }
+    }
+    span
+}
+
+/// Coalesced `Get`s (`GetMany`).
+#[derive(Debug)]
+pub struct GetLane;
+
+impl Coalesced for GetLane {
+    type Payload = pb::GetRequest;
+    type Output = Option<VersionSet>;
+
+    fn lane(client: &NodeClient) -> &Lane<Self> {
+        &client.lanes.get
+    }
+
+    fn weight(_: &pb::GetRequest) -> usize {
+        0
+    }
+
+    fn send_batch(
+        client: Arc<NodeClient>,
+        batch: Vec<Waiter<Self>>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        send_coalesced::<Self>(client, batch)
+    }
+}
+
+impl PointCall for GetLane {
+    type Single = pb::GetResponse;
+    type Batch = pb::GetManyResponse;
+
+    fn batch_rpc(_: &[(pb::GetRequest, Duration)]) -> Rpc {
+        Rpc::GET_MANY
+    }
+
+    async fn call_alone(
+        mut client: StorageClient,
+        payload: pb::GetRequest,
+        _: Duration,
+    ) -> Result<tonic::Response<pb::GetResponse>, tonic::Status> {
+        client.get(payload).await
+    }
+
+    async fn call_batch(
+        mut client: StorageClient,
+        payloads: Vec<(pb::GetRequest, Duration)>,
+    ) -> Result<tonic::Response<pb::GetManyResponse>, tonic::Status> {
+        client.get_many(pb::GetManyRequest { gets: payloads.into_iter().map(|p| p.0).collect() }).await
+    }
+
+    fn answer(node: NodeId, single: pb::GetResponse) -> Result<Option<VersionSet>, CallError> {
+        found_set(node, single.found, &single.version_set)
+    }
+
+    fn answers(
+        node: NodeId,
+        batch: Result<pb::GetManyResponse, CallError>,
+        count: usize,
+    ) -> Vec<Result<Option<VersionSet>, CallError>> {
+        per_item(batch.map(|b| b.results), count, |result| match result.error {
+            Some(detail) => Err(item_error(detail)),
+            None => found_set(node, result.found, &result.version_set),
+        })
+    }
+}
+
+/// A replica's answer to a read: its set, or `None` when it has none.
+fn found_set(node: NodeId, found: bool, encoded: &[u8]) -> Result<Option<VersionSet>, CallError> {
+    if !found {
+        return Ok(None);
+    }
+    decode_version_set(encoded).map(Some).map_err(|error| {
+        tracing::error!(node_id = node.0, %error, "replica returned an undecodable set");
+        CallError::Failed(FailureCause::Error)
+    })
+}
+
+/// Coalesced `CoordinateWrite`s (`CoordinateWriteBatch`): each write keeps its own apply deadline.
+#[derive(Debug)]
+pub struct CoordinateLane;
+
+impl Coalesced for CoordinateLane {
+    type Payload = pb::CoordinateWriteRequest;
+    type Output = StoredSet;
+
+    fn lane(client: &NodeClient) -> &Lane<Self> {
+        &client.lanes.coordinate
+    }
+
+    fn weight(payload: &pb::CoordinateWriteRequest) -> usize {
+        payload.value.as_ref().map_or(0, Vec::len) + payload.context.len() + payload.touch_over.len()
+    }
+
+    fn send_batch(
+        client: Arc<NodeClient>,
+        batch: Vec<Waiter<Self>>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        send_coalesced::<Self>(client, batch)
+    }
+}
+
+impl PointCall for CoordinateLane {
+    type Single = pb::CoordinateWriteResponse;
+    type Batch = pb::CoordinateWriteBatchResponse;
+
+    fn batch_rpc(_: &[(pb::CoordinateWriteRequest, Duration)]) -> Rpc {
+        Rpc::COORDINATE_WRITE_BATCH
+    }
+
+    async fn call_alone(
+        mut client: StorageClient,
+        mut payload: pb::CoordinateWriteRequest,
+        left: Duration,
+    ) -> Result<tonic::Response<pb::CoordinateWriteResponse>, tonic::Status> {
+        set_apply_deadline(&mut payload, left);
+        client.coordinate_write(payload).await
+    }
+
+    async fn call_batch(
+        mut client: StorageClient,
+        payloads: Vec<(pb::CoordinateWriteRequest, Duration)>,
+    ) -> Result<tonic::Response<pb::CoordinateWriteBatchResponse>, tonic::Status> {
+        let writes = payloads
+            .into_iter()
+            .map(|(mut write, left)| {
+                set_apply_deadline(&mut write, left);
+                write
+            })
+            .collect();
+        client.coordinate_write_batch(pb::CoordinateWriteBatchRequest { writes }).await
+    }
+
+    fn answer(node: NodeId, single: pb::CoordinateWriteResponse) -> Result<StoredSet, CallError> {
+        stored_set(node, single.version_set)
+    }
+
+    fn answers(
+        node: NodeId,
+        batch: Result<pb::CoordinateWriteBatchResponse, CallError>,
+        count: usize,
+    ) -> Vec<Result<StoredSet, CallError>> {
+        per_item(batch.map(|b| b.results), count, |result| match result.error {
+            Some(detail) => Err(item_error(detail)),
+            None => stored_set(node, result.version_set),
+        })
+    }
+}
+
+/// Coalesced `Replicate`s and hints (`ReplicateBatch`).
+#[derive(Debug)]
+pub struct ReplicateLane;
+
+impl Coalesced for ReplicateLane {
+    type Payload = pb::ReplicateRequest;
+    type Output = ();
+
+    fn lane(client: &NodeClient) -> &Lane<Self> {
+        &client.lanes.replicate
+    }
+
+    fn weight(payload: &pb::ReplicateRequest) -> usize {
+        payload.version_set.len()
+    }
+
+    fn send_batch(
+        client: Arc<NodeClient>,
+        batch: Vec<Waiter<Self>>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        send_coalesced::<Self>(client, batch)
+    }
+}
+
+impl PointCall for ReplicateLane {
+    type Single = pb::ReplicateResponse;
+    type Batch = pb::ReplicateBatchResponse;
+
+    fn batch_rpc(payloads: &[(pb::ReplicateRequest, Duration)]) -> Rpc {
+        Rpc::replicate_batch(payloads.iter().any(|p| p.0.hint_for_node_id != 0))
+    }
+
+    async fn call_alone(
+        mut client: StorageClient,
+        payload: pb::ReplicateRequest,
+        _: Duration,
+    ) -> Result<tonic::Response<pb::ReplicateResponse>, tonic::Status> {
+        client.replicate(payload).await
+    }
+
+    async fn call_batch(
+        mut client: StorageClient,
+        payloads: Vec<(pb::ReplicateRequest, Duration)>,
+    ) -> Result<tonic::Response<pb::ReplicateBatchResponse>, tonic::Status> {
+        client
+            .replicate_batch(pb::ReplicateBatchRequest { items: payloads.into_iter().map(|p| p.0).collect() })
+            .await
+    }
+
+    fn answer(_: NodeId, _: pb::ReplicateResponse) -> Result<(), CallError> {
+        Ok(())
+    }
+
+    fn answers(
+        _: NodeId,
+        batch: Result<pb::ReplicateBatchResponse, CallError>,
+        count: usize,
+    ) -> Vec<Result<(), CallError>> {
+        per_item(batch.map(|b| b.results), count, |result| match result.error {
+            Some(detail) => Err(item_error(detail)),
+            None => Ok(()),
+        })
+    }
+}
+
+/// The coalescing lanes of one storage node.
+#[derive(Debug)]
+pub struct Lanes {
+    pub get: Lane<GetLane>,
+    pub coordinate: Lane<CoordinateLane>,
+    pub replicate: Lane<ReplicateLane>,
+}
+
+impl Lanes {
+    /// Lanes that let `leads` calls of each kind out alone before coalescing (0: never coalesce).
+    pub fn new(leads: usize, node: NodeId) -> Self {
+        Self {
+            get: Lane::new(leads, node, "get"),
+            coordinate: Lane::new(leads, node, "coordinate_write"),
+            replicate: Lane::new(leads, node, "replicate"),
+        }
+    }
 }

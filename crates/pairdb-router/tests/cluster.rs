@@ -126,6 +126,11 @@ fn tenant(id: &str, n: u32, lww: bool) -> cpb::TenantConfig {
 impl Cluster {
     /// `nodes` storage nodes, a tenant `t` with N = 3 and a tenant `lww` in LWW mode.
     async fn start(nodes: u32) -> Cluster {
+        Self::start_with(nodes, StoragePool::new(256, Duration::from_millis(300))).await
+    }
+
+    /// [`Cluster::start`] with the router's storage clients configured as `pool`.
+    async fn start_with(nodes: u32, pool: StoragePool) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let mut started = Vec::new();
         for id in 1..=nodes {
@@ -168,7 +173,7 @@ impl Cluster {
         };
         let view = SharedView::default();
         view.apply(&snapshot).unwrap();
-        let pool = Arc::new(StoragePool::new(256, Duration::from_millis(300)));
+        let pool = Arc::new(pool);
         let router = KvRouter::new(
             view,
             pool,
@@ -631,5 +636,92 @@ async fn a_batch_answers_per_item_and_stores_every_valid_one() {
             }
             assert!(local.is_some(), "node {} has b-{i}", node.id);
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_point_calls_coalesce_and_each_keeps_its_own_answer() {
+    // One call of each kind in flight per node, so nearly everything else is coalesced.
+    let pool = StoragePool::new(256, Duration::from_millis(300)).with_coalescing(1);
+    let cluster = Cluster::start_with(3, pool).await;
+    let r = cluster.router.clone();
+    write(&r, "t", "taken", Some(b"first".to_vec()), &[], false, opts(ALL)).await.unwrap();
+    let mut writers = tokio::task::JoinSet::new();
+    for i in 0..300 {
+        let r = r.clone();
+        writers.spawn(async move {
+            let condition = (i % 10 == 0).then_some(WriteCondition::IfAbsent);
+            let key = if condition.is_some() { "taken".to_owned() } else { format!("c-{i}") };
+            let spec =
+                WriteSpec { value: Some(format!("v{i}").into_bytes()), condition, ..WriteSpec::default() };
+            (i, r.write("t", &key, spec, opts(QUORUM)).await)
+        });
+    }
+    while let Some(joined) = writers.join_next().await {
+        let (i, result) = joined.unwrap();
+        match i % 10 {
+            // A refused item fails alone, with its own reason and the current value.
+            0 => assert_eq!(result.unwrap_err().reason(), "PRECONDITION_FAILED", "write {i}"),
+            _ => {
+                let outcome = result.unwrap_or_else(|e| panic!("write {i}: {e:?}"));
+                let values: Vec<&[u8]> =
+                    outcome.set.siblings().iter().filter_map(|s| s.value.as_deref()).collect();
+                assert_eq!(values, [format!("v{i}").as_bytes()], "write {i} got its own set back");
+            }
+        }
+    }
+    let mut readers = tokio::task::JoinSet::new();
+    for i in (0..300).filter(|i| i % 10 != 0) {
+        let r = r.clone();
+        readers.spawn(async move { (i, r.get("t", &format!("c-{i}"), opts(ALL)).await) });
+    }
+    readers.spawn({
+        let r = r.clone();
+        async move { (1000, r.get("t", "never-written", opts(QUORUM)).await) }
+    });
+    while let Some(joined) = readers.join_next().await {
+        let (i, result) = joined.unwrap();
+        match i {
+            1000 => assert_eq!(result.unwrap_err().reason(), "KEY_NOT_FOUND"),
+            _ => assert_eq!(values(&result.unwrap()), vec![format!("v{i}").into_bytes()], "read {i}"),
+        }
+    }
+    let mut coalesced = [0u64; 3];
+    for client in r.pool().all() {
+        coalesced[0] += client.lanes.get.coalesced().0;
+        coalesced[1] += client.lanes.coordinate.coalesced().0;
+        coalesced[2] += client.lanes.replicate.coalesced().0;
+    }
+    assert!(
+        coalesced.iter().all(|&calls| calls > 0),
+        "gets, coordinates, replicates coalesced: {coalesced:?}"
+    );
+    assert_eq!(values(&r.get("t", "taken", opts(ALL)).await.unwrap()), vec![b"first".to_vec()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_coalescing_off_every_call_goes_alone() {
+    let pool = StoragePool::new(256, Duration::from_millis(300)).with_coalescing(0);
+    let cluster = Cluster::start_with(3, pool).await;
+    let r = cluster.router.clone();
+    let mut writers = tokio::task::JoinSet::new();
+    for i in 0..64 {
+        let r = r.clone();
+        writers.spawn(async move {
+            r.write(
+                "t",
+                &format!("a-{i}"),
+                WriteSpec { value: Some(vec![1]), ..WriteSpec::default() },
+                opts(QUORUM),
+            )
+            .await
+        });
+    }
+    while let Some(joined) = writers.join_next().await {
+        joined.unwrap().unwrap();
+    }
+    for client in r.pool().all() {
+        assert_eq!(client.lanes.coordinate.coalesced(), (0, 0));
+        assert_eq!(client.lanes.replicate.coalesced(), (0, 0));
     }
 }
