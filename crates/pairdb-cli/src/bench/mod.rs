@@ -10,6 +10,7 @@
 //! benchmark does not grow siblings the way blind writes would; F reads and writes back with the
 //! read's context.
 
+mod floor;
 mod keys;
 mod report;
 
@@ -120,6 +121,15 @@ pub struct BenchArgs {
     /// Seed of the key and operation choice.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Also measure the gRPC floor (`shared/bench/floor.sh`, a tonic echo) before the load phase
+    /// and after the run phase, and report each phase's ops/s as a ratio to the 4-connection echo
+    /// rate. Takes the script's path; without one, `$PAIRDB_FLOOR_SCRIPT` or `shared/bench/floor.sh`
+    /// above the working directory.
+    #[arg(long, value_name = "FLOOR_SH", num_args = 0..=1, default_missing_value = "")]
+    pub ratio_to_floor: Option<std::path::PathBuf>,
+    /// Seconds each floor case runs (with --ratio-to-floor).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub floor_secs: u64,
     /// Items per PutMany (workload P), 1..=1000.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub batch_size: u32,
@@ -180,6 +190,11 @@ pub async fn run(globals: &Globals, args: BenchArgs) -> anyhow::Result<()> {
     {
         anyhow::bail!("INVALID_ARGUMENT: --target-rate must be a positive number of operations per second");
     }
+    let floor_script = args.ratio_to_floor.as_deref().map(floor::locate).transpose()?;
+    let floor_before = match &floor_script {
+        Some(script) => Some(floor::measure(script, args.floor_secs).await?),
+        None => None,
+    };
     let client = globals.kv().await?;
     let phase = Arc::new(Phase {
         client,
@@ -210,6 +225,16 @@ pub async fn run(globals: &Globals, args: BenchArgs) -> anyhow::Result<()> {
             load["errors"].as_object().map_or(0, |errors| errors.values().filter_map(|v| v.as_u64()).sum())
         });
 
+    let floor = match (&floor_script, floor_before) {
+        (Some(script), Some(before)) => {
+            let after = floor::measure(script, args.floor_secs).await?;
+            let ops = |phase: &serde_json::Value| phase["throughput_ops_per_sec"].as_f64();
+            let items = run["batched_items_per_sec"].as_f64();
+            let phases = [("load", load.as_ref().and_then(ops)), ("run", ops(&run)), ("run_items", items)];
+            Some(floor::report(&before, &after, &phases))
+        }
+        _ => None,
+    };
     let report = json!({
         "workload": args.workload.name(),
         "records": args.records,
@@ -220,6 +245,7 @@ pub async fn run(globals: &Globals, args: BenchArgs) -> anyhow::Result<()> {
         "target_rate": args.target_rate,
         "load": load,
         "run": run,
+        "floor": floor,
     });
     match globals.output {
         Output::Json => output::print_json(&report),
@@ -241,6 +267,9 @@ pub async fn run(globals: &Globals, args: BenchArgs) -> anyhow::Result<()> {
                 report::print_table("load", load);
             }
             report::print_table("run", &report["run"]);
+            if let Some(floor) = report["floor"].as_object() {
+                report::print_floor(floor);
+            }
         }
     }
     if errors > 0 {

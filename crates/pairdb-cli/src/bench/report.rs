@@ -187,6 +187,26 @@ pub fn print_table(phase: &str, report: &Value) {
     }
 }
 
+/// The gRPC floor lines of a `--ratio-to-floor` run.
+pub fn print_floor(floor: &serde_json::Map<String, Value>) {
+    let echo_rate = |run: &Value| {
+        run.as_array()
+            .and_then(|cases| cases.iter().find(|c| c["channels"] == floor["echo_channels"]))
+            .map_or(Value::Null, |case| case["req_per_s"].clone())
+    };
+    println!(
+        "floor: {}-connection gRPC echo {} RPC/s before, {} after (mean {})",
+        floor["echo_channels"],
+        echo_rate(&floor["before"]),
+        echo_rate(&floor["after"]),
+        floor["echo_rpc_per_sec"]
+    );
+    if let Some(ratios) = floor["ratio"].as_object() {
+        let ratios: Vec<String> = ratios.iter().map(|(phase, ratio)| format!("{phase} {ratio}")).collect();
+        println!("ratio to the floor: {}", ratios.join(", "));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
