@@ -7,7 +7,7 @@
 # BIN_DIR holds pairdb, pairdb-meta, pairdb-storage, pairdb-router (e.g. target/release).
 # ROUTER_ARGS adds router flags (e.g. --coalesce-after-in-flight 0); WORKLOADS (default "W C") the
 # run workloads after the load phase; SYNC=always for fsync per group commit; RATE=N runs each
-# workload open loop at N ops/s instead. Uses ports 7000, 7100, 7201-7203.
+# workload open loop at N ops/s instead; CONC (default 64) sets the clients. Uses ports 7000, 7100, 7201-7203.
 set -u
 B=$(cd "$1" && pwd); SECS=${2:-20}; RECORDS=${3:-100000}
 # The bench client (PAIRDB_CLI): another build's `pairdb` may drive an older server build.
@@ -31,7 +31,8 @@ $B/pairdb-router --listen-addr 127.0.0.1:7000 --meta-addr 127.0.0.1:7100 --no-au
 for _ in $(seq 1 100); do
   $B/pairdb health 127.0.0.1:7201 127.0.0.1:7202 127.0.0.1:7203 127.0.0.1:7000 > /dev/null 2>&1 && break; sleep 0.2
 done
-$B/pairdb tenant create demo --replication-factor 3 > /dev/null
+# The nodes answer health before meta has put all three in the ring: retry until RF 3 is allowed.
+for _ in $(seq 1 100); do $B/pairdb tenant create demo --replication-factor 3 > /dev/null 2>&1 && break; sleep 0.2; done
 sleep 2
 summary() {
   python3 -c '
@@ -54,6 +55,6 @@ $CLI --output json bench --workload W --records $RECORDS --operations 1 --consis
 summary $W/load.json load
 for w in $WORKLOADS; do
   $CLI --output json bench --workload $w --records $RECORDS --skip-load --duration ${SECS}s \
-    --consistency quorum --distribution uniform $floor_arg $rate > $W/$w.json
+    --concurrency ${CONC:-64} --consistency quorum --distribution uniform $floor_arg $rate > $W/$w.json
   summary $W/$w.json $w
 done
