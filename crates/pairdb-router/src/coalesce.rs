@@ -197,9 +197,17 @@ impl<C: Coalesced> std::fmt::Debug for LeadSlot<C> {
 
 impl<C: Coalesced> Drop for LeadSlot<C> {
     fn drop(&mut self) {
-        let Some(first) = C::lane(&self.client).next_batch(Instant::now()) else { return };
+        let lane = C::lane(&self.client);
+        let Some(first) = lane.next_batch(Instant::now()) else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // Dropped outside the runtime (the process is ending): the queued calls cannot be
+            // sent; dropping them answers their callers, and the lane is left empty and idle.
+            drop(first);
+            while lane.next_batch(Instant::now()).is_some() {}
+            return;
+        };
         let client = self.client.clone();
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             let mut batch = first;
             loop {
                 C::send_batch(client.clone(), batch).await;
