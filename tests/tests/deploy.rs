@@ -645,17 +645,20 @@ fn pairdb_health_exports_no_traces() -> Result<()> {
 
     // A control command that does export, before and after `pairdb health`: connections are accepted
     // in the order they were made, so once the second control's are counted, any of health's are too.
-    let control = |out: &str| -> Result<()> {
+    // Its stderr says why an export failed ("could not flush the last spans: ..."), should one.
+    let control = |out: &str| -> Result<String> {
         let other = run(&["cluster", "init", "--storage-nodes", "1", "--out", out])?;
-        ensure!(other.status.success(), "pairdb cluster init: {}", String::from_utf8_lossy(&other.stderr));
-        Ok(())
+        let stderr = String::from_utf8_lossy(&other.stderr).into_owned();
+        ensure!(other.status.success(), "pairdb cluster init: {stderr}");
+        Ok(stderr)
     };
-    let counted_at_least = |expected: usize| -> Result<usize> {
+    let counted_at_least = |expected: usize, control_stderr: &str| -> Result<usize> {
         let started = std::time::Instant::now();
         while connections.load(Ordering::SeqCst) < expected {
             ensure!(
                 started.elapsed() < std::time::Duration::from_secs(10),
-                "the control command exported no trace: this test cannot see exports (the OTLP setup changed?)"
+                "the control command exported no trace: this test cannot see exports (the OTLP setup \
+                 changed?); its stderr: {control_stderr:?}"
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
@@ -663,14 +666,14 @@ fn pairdb_health_exports_no_traces() -> Result<()> {
         std::thread::sleep(std::time::Duration::from_millis(300));
         Ok(connections.load(Ordering::SeqCst))
     };
-    control("cluster-1")?;
-    let per_control = counted_at_least(1)?;
+    let stderr = control("cluster-1")?;
+    let per_control = counted_at_least(1, &stderr)?;
 
     let health = run(&["--timeout-ms", "500", "health", &nothing_listens])?;
     ensure!(!health.status.success(), "pairdb health of {nothing_listens}, where nothing listens, fails");
 
-    control("cluster-2")?;
-    let total = counted_at_least(2 * per_control)?;
+    let stderr = control("cluster-2")?;
+    let total = counted_at_least(2 * per_control, &stderr)?;
     stop.store(true, Ordering::SeqCst);
     acceptor.join().map_err(|_| anyhow::anyhow!("acceptor thread panicked"))?;
     let from_health = total - 2 * per_control;
