@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use pairdb_client::{Consistency, ReadOptions, WriteOptions};
-use pairdb_tests::cluster::Cluster;
+use pairdb_tests::cluster::{Cluster, ClusterOptions};
 use pairdb_tests::{Process, http_get};
 
 /// One sample: metric name, labels, value.
@@ -64,7 +64,13 @@ fn names(samples: &[Sample]) -> Vec<&str> {
 
 #[tokio::test]
 async fn every_service_exports_the_documented_metrics_and_counts_requests_exactly() {
-    let cluster = Cluster::start(3, 1, 3).await.unwrap();
+    // Exact per-RPC counts: the router sends every storage call alone (with coalescing on, a
+    // replicate that finds one in flight to its node is counted under `replicate_batch`).
+    let options = ClusterOptions {
+        env: vec![("PAIRDB_COALESCE_AFTER_IN_FLIGHT".to_owned(), "0".to_owned())],
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start_with(options).await.unwrap();
     let kv = cluster.client(0).await.unwrap();
     let quorum_write = WriteOptions { consistency: Consistency::Quorum, ..WriteOptions::default() };
     let quorum_read = ReadOptions { consistency: Consistency::Quorum, ..ReadOptions::default() };
