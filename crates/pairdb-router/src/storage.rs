@@ -168,10 +168,7 @@ impl StorageCalls {
             c.coordinate_write_batch(pb::CoordinateWriteBatchRequest { writes }).await
         };
         let answer = self.call(node, Rpc::COORDINATE_WRITE_BATCH, partition, budget, rpc).await;
-        per_item(answer.map(|r| r.results), count, |result| match result.error {
-            Some(detail) => Err(item_error(detail)),
-            None => stored_set(node, result.version_set),
-        })
+        CoordinateLane::answers(node, answer, count)
     }
 
     /// [`Self::replicate`] for many sets in one RPC: one result per item, in order.
@@ -192,10 +189,7 @@ impl StorageCalls {
             c.replicate_batch(pb::ReplicateBatchRequest { items }).await
         };
         let answer = self.call(node, Rpc::replicate_batch(hinted), partition, budget, rpc).await;
-        per_item(answer.map(|r| r.results), count, |result| match result.error {
-            Some(detail) => Err(item_error(detail)),
-            None => Ok(()),
-        })
+        ReplicateLane::answers(node, answer, count)
     }
 
     /// Stores the encoded set on `node`: as its replica, or (with `hint_for`) as a hint for that owner.
