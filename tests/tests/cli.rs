@@ -180,13 +180,18 @@ fn a_dev_directory_of_the_previous_release_opens_and_lists_every_key() {
 
 /// Three consecutive free loopback ports (for the storage nodes).
 fn free_port_run() -> u16 {
+    free_ports(3)
+}
+
+/// `count` consecutive free loopback ports; returns the first.
+fn free_ports(count: u16) -> u16 {
     for _ in 0..100 {
         let base: u16 = 20_000 + rand_port_offset();
-        if (0..3).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+        if (0..count).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
             return base;
         }
     }
-    panic!("no three consecutive free ports");
+    panic!("no {count} consecutive free ports");
 }
 
 fn rand_port_offset() -> u16 {
@@ -499,6 +504,109 @@ fn dev_cluster_survives_bench_and_every_command_prints_json() {
     assert_eq!(health["services"][0]["serving"], true);
     assert_eq!(health["services"][1]["serving"], true);
     assert!(dev.interrupt(Duration::from_secs(20)).unwrap());
+}
+
+/// The series of a `/metrics` page: (name, labels as written, value).
+fn scrape(addr: &str) -> Vec<(String, String, f64)> {
+    let (status, body) = pairdb_tests::http_get(addr.parse().unwrap(), "/metrics").unwrap();
+    assert_eq!(status, 200, "{addr} /metrics");
+    body.lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            let (name, labels) = series.split_once('{').unwrap_or((series, "}"));
+            (name.to_owned(), labels.trim_end_matches('}').to_owned(), value.parse().unwrap())
+        })
+        .collect()
+}
+
+/// In `pairdb dev` every service's port reports that service alone, as separate processes would:
+/// a storage node's `/metrics` holds its own node's series, not the sum of every node in the process.
+#[test]
+fn dev_ports_report_their_own_service_and_node() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    binaries_dir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (router, meta, base) = (free_addr(), free_addr(), free_ports(4));
+    let mut dev = Dev::spawn(
+        dir.path(),
+        &[
+            "--router-addr",
+            &router,
+            "--meta-addr",
+            &meta,
+            "--storage-base-port",
+            &base.to_string(),
+            "--storage-nodes",
+            "4",
+        ],
+    )
+    .unwrap();
+    dev.wait_for_line("pairdb dev: ready", READY_WITHIN).unwrap();
+    // Replication factor 3 over 4 nodes: each node holds some keys and not others.
+    let bench = ["bench", "--workload", "A", "--duration", "1s", "--records", "400"];
+    pairdb(dir.path(), &[&["--router", router.as_str(), "--meta", meta.as_str()][..], &bench].concat());
+
+    let storage: Vec<String> = (0..4).map(|i| format!("127.0.0.1:{}", base + i)).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut keys_by_node = Vec::new();
+    for (index, addr) in storage.iter().enumerate() {
+        let own = format!("node_id=\"{}\"", index + 1);
+        let series = loop {
+            let series = scrape(addr);
+            if series
+                .iter()
+                .any(|(name, labels, value)| name == "pairdb_storage_keys" && labels == &own && *value > 0.0)
+                || Instant::now() > deadline
+            {
+                break series;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let node_labels: Vec<&String> = series
+            .iter()
+            .filter(|(name, ..)| name == "pairdb_storage_keys")
+            .map(|(_, labels, _)| labels)
+            .collect();
+        assert_eq!(node_labels, vec![&own], "storage node {} on {addr} reports other nodes' keys", index + 1);
+        let services: Vec<&String> = series
+            .iter()
+            .filter(|(name, ..)| name == "pairdb_build_info")
+            .map(|(_, labels, _)| labels)
+            .collect();
+        assert_eq!(services.len(), 1, "{addr}: {services:?}");
+        assert!(services[0].contains("service=\"storage\""), "{addr}: {services:?}");
+        assert!(
+            !series
+                .iter()
+                .any(|(name, ..)| name.starts_with("pairdb_router_") || name.starts_with("pairdb_meta_")),
+            "{addr} reports another service's families"
+        );
+        let served: f64 = series
+            .iter()
+            .filter(|(name, ..)| name == "pairdb_storage_requests_total")
+            .map(|(.., value)| value)
+            .sum();
+        assert!(served > 0.0, "{addr} served no request");
+        keys_by_node.push(series.iter().find(|(name, ..)| name == "pairdb_storage_keys").unwrap().2);
+    }
+    let total: f64 = keys_by_node.iter().sum();
+    assert!(keys_by_node.iter().all(|keys| *keys < total), "one node reports every key: {keys_by_node:?}");
+
+    for (addr, own, others) in [
+        (&router, "pairdb_router_", ["pairdb_storage_", "pairdb_meta_"]),
+        (&meta, "pairdb_meta_", ["pairdb_storage_", "pairdb_router_"]),
+    ] {
+        let series = scrape(addr);
+        assert!(series.iter().any(|(name, ..)| name.starts_with(own)), "{addr} lacks {own}*");
+        let foreign: Vec<&String> = series
+            .iter()
+            .map(|(name, ..)| name)
+            .filter(|name| others.iter().any(|other| name.starts_with(other)))
+            .collect();
+        assert!(foreign.is_empty(), "{addr} reports {foreign:?}");
+    }
+    assert!(dev.interrupt(Duration::from_secs(20)).unwrap(), "pairdb dev stops cleanly");
 }
 
 #[test]

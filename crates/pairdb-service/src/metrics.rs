@@ -1,15 +1,17 @@
-//! The process-wide Prometheus recorder. Installed once per process (several services may share a
-//! process in `pairdb dev` and in tests; they then share one registry, told apart by the `service`
-//! label where it matters) and rendered on `/metrics`.
+//! The process-wide Prometheus recorder. Installed once per process and rendered on `/metrics`.
+//! Services sharing a process in tests share it, told apart by the `service` label where it matters;
+//! `pairdb dev` instead gives each service a [`Registry`] of its own, entered by every thread of that
+//! service's runtime, so each service's port reports that service alone, as separate processes would.
 //!
 //! Each service registers its catalogue ([`register`]): HELP text for every family, and every family
 //! whose labels come from a closed set registered at zero, so a fresh process already exports the
 //! series alerts and `rate()` use. `process_*` are read from `/proc` at scrape time.
 
+use std::cell::RefCell;
 use std::sync::OnceLock;
 
 use axum::routing::get;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -101,22 +103,79 @@ pub const COMMON: &[Family] = &[
     },
 ];
 
+thread_local! {
+    /// The registry this thread records into instead of the process-wide one, if any.
+    static ENTERED: RefCell<Option<Registry>> = const { RefCell::new(None) };
+}
+
+/// A recorder of one service's own, for a process that runs several services (`pairdb dev`).
+/// Lives as long as the process: the threads that entered it keep recording into it until they end.
+#[derive(Clone)]
+pub struct Registry {
+    recorder: &'static PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    /// A new, empty registry with the same buckets as the process-wide one.
+    pub fn new() -> Registry {
+        // A service's registry is made once per service a process starts (at most a few dozen in
+        // `pairdb dev`) and must outlive every thread that records into it.
+        let recorder: &'static PrometheusRecorder = Box::leak(Box::new(builder().build_recorder()));
+        Registry { recorder, handle: recorder.handle() }
+    }
+
+    /// Makes this registry the calling thread's recorder for the rest of the thread's life (a
+    /// runtime's `on_thread_start` calls it on every worker and blocking thread).
+    pub fn enter(&self) {
+        std::mem::forget(metrics::set_default_local_recorder(self.recorder));
+        ENTERED.with(|entered| *entered.borrow_mut() = Some(self.clone()));
+    }
+
+    /// The registry the calling thread entered, to be entered by a thread it starts.
+    pub fn entered() -> Option<Registry> {
+        ENTERED.with(|entered| entered.borrow().clone())
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new()
+    }
+}
+
+fn builder() -> PrometheusBuilder {
+    let builder = PrometheusBuilder::new();
+    let builder = builder.set_buckets(SECONDS_BUCKETS).expect("the seconds buckets are not empty");
+    COUNT_HISTOGRAMS.iter().fold(builder, |builder, name| {
+        builder
+            .set_buckets_for_metric(Matcher::Full((*name).to_owned()), COUNT_BUCKETS)
+            .expect("the count buckets are not empty")
+    })
+}
+
 /// Installs the recorder if none is installed yet and returns its handle (None if another recorder
 /// owns the process, in which case `/metrics` renders nothing).
 pub fn install() -> Option<PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
-            let mut builder = PrometheusBuilder::new().set_buckets(SECONDS_BUCKETS).ok()?;
-            for name in COUNT_HISTOGRAMS {
-                builder =
-                    builder.set_buckets_for_metric(Matcher::Full((*name).to_owned()), COUNT_BUCKETS).ok()?;
-            }
-            let recorder = builder.build_recorder();
+            let recorder = builder().build_recorder();
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).ok()?;
             Some(handle)
         })
         .clone()
+}
+
+/// The handle `/metrics` renders on this thread: its entered registry's, else the process-wide one.
+fn current_handle() -> Option<PrometheusHandle> {
+    Registry::entered().map(|registry| registry.handle).or_else(install)
 }
 
 /// Registers `service`'s catalogue and the common families: HELP text for each, the closed label
@@ -160,7 +219,7 @@ fn touch(kind: Kind, name: &'static str, labels: Vec<metrics::Label>) {
 
 /// `GET /metrics` in the Prometheus text format, with the process figures read just before.
 pub fn routes() -> axum::Router {
-    let handle = install();
+    let handle = current_handle();
     axum::Router::new().route(
         "/metrics",
         get(move || {
@@ -265,7 +324,24 @@ mod process {
 
 #[cfg(test)]
 mod tests {
+    use super::Registry;
     use super::process::{Stat, stat_fields};
+
+    #[test]
+    fn a_thread_that_entered_a_registry_records_there_alone() {
+        let (entered, other) = (Registry::new(), Registry::new());
+        let recording = entered.clone();
+        std::thread::spawn(move || {
+            recording.enter();
+            assert!(Registry::entered().is_some());
+            metrics::counter!("pairdb_test_entered_total").increment(3);
+        })
+        .join()
+        .expect("the recording thread");
+        assert!(entered.handle.render().contains("pairdb_test_entered_total 3"));
+        assert!(!other.handle.render().contains("pairdb_test_entered_total"));
+        assert!(Registry::entered().is_none(), "this thread entered none");
+    }
 
     #[test]
     fn stat_fields_skip_a_command_name_with_spaces_and_parens() {

@@ -525,7 +525,12 @@ fn open_database(engine_dir: &Path, cache_bytes: u64) -> Result<Database, fjall:
 /// Background work: periodic fsync and disk-space refresh. Holds only a weak reference so dropping
 /// the engine stops it.
 fn spawn_maintenance(engine: Weak<Engine>) {
+    // The fsync histogram goes where the rest of this node's metrics go (its own registry in `pairdb dev`).
+    let registry = pairdb_service::metrics::Registry::entered();
     let spawned = std::thread::Builder::new().name("pairdb-storage-maintenance".into()).spawn(move || {
+        if let Some(registry) = registry {
+            registry.enter();
+        }
         let mut last_sync = Instant::now();
         let mut last_disk_check = Instant::now();
         loop {
