@@ -5,9 +5,8 @@
 //! unauthenticated call to a dev storage node's or meta's internal API is refused too. Tenant API
 //! keys and the admin token are off (and the banner says so).
 //!
-//! Each service runs in-process on a tokio runtime of its own (see [`Runtimes`]), calling the same
-//! `run(config, listener, shutdown)` its standalone binary calls, so the dev cluster is the production
-//! code on embedded defaults: meta on
+//! Each service runs as an in-process task calling the same `run(config, listener, shutdown)` its
+//! standalone binary calls, so the dev cluster is the production code on embedded defaults: meta on
 //! SQLite with admin auth off and nodes auto-added, N storage nodes, one router (in-process
 //! idempotency once the edge lands). One process keeps start-up fast and makes Ctrl-C stop everything
 //! together. Start order matches the test harness: meta, storage nodes, wait until all are in the
@@ -45,17 +44,16 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 
     let (stop_tx, stop_rx) = pairdb_service::shutdown::channel();
     let mut services = JoinSet::new();
-    let mut runtimes = Runtimes::default();
     let secret_file = cluster_secret(&args.data_dir)?;
     let signer = Signer::read(&secret_file)?;
 
     let meta_listener = bind(args.meta_addr, "meta").await?;
     let meta_config = meta_config(&args, &secret_file);
     let stop = stopped(stop_rx.clone());
-    runtimes.start(&mut services, "meta", 1, meta_listener, move |listener| async move {
-        pairdb_meta::run(meta_config, listener, stop).await.map_err(anyhow::Error::from)
-    })?;
-    let storage_addrs = start_storage_nodes(&args, &signer, &stop_rx, &mut services, &mut runtimes).await?;
+    services.spawn(async move {
+        ("meta", pairdb_meta::run(meta_config, meta_listener, stop).await.map_err(anyhow::Error::from))
+    });
+    let storage_addrs = start_storage_nodes(&args, &signer, &stop_rx, &mut services).await?;
 
     let router_listener = bind(args.router_addr, "router").await?;
     let replication_factor = args.storage_nodes.min(3);
@@ -72,15 +70,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         Ok(()) => {
             let router_config = router_config(&args, &signer);
             let stop = stopped(stop_rx.clone());
-            let started =
-                runtimes.start(&mut services, "router", 2, router_listener, move |listener| async move {
-                    pairdb_router::run(router_config, listener, stop).await.map_err(anyhow::Error::from)
-                });
+            services.spawn(async move {
+                let served = pairdb_router::run(router_config, router_listener, stop).await;
+                ("router", served.map_err(anyhow::Error::from))
+            });
             let router_addr = args.router_addr.to_string();
-            match started {
-                Ok(()) => while_running(&mut services, deadline, wait_for_router(&router_addr)).await,
-                Err(error) => Err(error),
-            }
+            while_running(&mut services, deadline, wait_for_router(&router_addr)).await
         }
         Err(error) => Err(error),
     };
@@ -125,8 +120,7 @@ async fn start_storage_nodes(
     args: &DevArgs,
     signer: &Signer,
     stop_rx: &Shutdown,
-    services: &mut Services,
-    runtimes: &mut Runtimes,
+    services: &mut JoinSet<(&'static str, anyhow::Result<()>)>,
 ) -> anyhow::Result<Vec<(u32, SocketAddr)>> {
     let mut storage_addrs = Vec::new();
     for node_id in 1..=args.storage_nodes {
@@ -145,9 +139,12 @@ async fn start_storage_nodes(
             SyncArg::Periodic => pairdb_storage::config::SyncSetting::Periodic,
         };
         let stop = stopped(stop_rx.clone());
-        runtimes.start(services, "storage", 1, listener, move |listener| async move {
-            pairdb_storage::run(config, listener, stop).await.map_err(anyhow::Error::from)
-        })?;
+        // Each node records into a registry of its own, so its port reports it alone (not the sum
+        // of every node in this process); meta and the router share the process-wide one.
+        let registry = pairdb_service::metrics::Registry::new();
+        services.spawn(registry.scope(async move {
+            ("storage", pairdb_storage::run(config, listener, stop).await.map_err(anyhow::Error::from))
+        }));
         storage_addrs.push((node_id, addr));
     }
     Ok(storage_addrs)
@@ -190,63 +187,6 @@ async fn bind(addr: SocketAddr, service: &str) -> anyhow::Result<tokio::net::Tcp
 }
 
 type Services = JoinSet<(&'static str, anyhow::Result<()>)>;
-
-/// The runtimes of the dev cluster's services, one per service. Each runtime's threads record into
-/// a metrics registry of that service's own, so a storage node's `/metrics` reports that node alone
-/// (not the sum of every node in the process), and a busy service cannot starve another's timers:
-/// the dev cluster behaves like the separate processes it stands for. Dropped, they stop without
-/// waiting (the services were told to stop first).
-#[derive(Default)]
-struct Runtimes(Vec<tokio::runtime::Runtime>);
-
-impl std::fmt::Debug for Runtimes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Runtimes({})", self.0.len())
-    }
-}
-
-impl Runtimes {
-    /// Starts `serve` on a new runtime of `worker_threads` threads, with `listener` moved onto it,
-    /// and adds it to `services` under `name`.
-    fn start<F>(
-        &mut self,
-        services: &mut Services,
-        name: &'static str,
-        worker_threads: usize,
-        listener: tokio::net::TcpListener,
-        serve: impl FnOnce(tokio::net::TcpListener) -> F + Send + 'static,
-    ) -> anyhow::Result<()>
-    where
-        F: Future<Output = anyhow::Result<()>> + Send + 'static,
-    {
-        let registry = pairdb_service::metrics::Registry::new();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(worker_threads)
-            .thread_name(format!("pairdb-dev-{name}"))
-            .on_thread_start(move || registry.enter())
-            .enable_all()
-            .build()
-            .map_err(|error| anyhow::anyhow!("cannot start a runtime for {name}: {error}"))?;
-        // A listener belongs to the runtime whose reactor registered it: move it across.
-        let listener = listener.into_std()?;
-        let served = runtime.spawn(async move { serve(tokio::net::TcpListener::from_std(listener)?).await });
-        services.spawn(async move {
-            let result =
-                served.await.unwrap_or_else(|error| Err(anyhow::anyhow!("{name} task ended: {error}")));
-            (name, result)
-        });
-        self.0.push(runtime);
-        Ok(())
-    }
-}
-
-impl Drop for Runtimes {
-    fn drop(&mut self) {
-        for runtime in self.0.drain(..) {
-            runtime.shutdown_background();
-        }
-    }
-}
 
 /// Runs a start-up step until it finishes, a service stops, or the start-up deadline passes.
 async fn while_running<T>(

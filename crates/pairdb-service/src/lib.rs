@@ -30,6 +30,7 @@ pub mod errors;
 pub mod listener;
 pub mod metrics;
 pub mod shutdown;
+pub mod task;
 pub mod telemetry;
 pub mod tls;
 
@@ -165,6 +166,13 @@ pub async fn serve(
         app = app.layer(axum::middleware::from_fn_with_state(guarded, cluster_auth::guard));
     }
     let http_routes = served.http_routes;
+    // Several instances of a service in one process (`pairdb dev`): each request's handler records
+    // into the registry its instance runs inside, whichever server task polls it.
+    if let Some(registry) = metrics::Registry::entered() {
+        app = app.layer(axum::middleware::from_fn(move |request, next: axum::middleware::Next| {
+            registry.scope(next.run(request))
+        }));
+    }
     if telemetry::exporting() {
         app = app.layer(axum::middleware::from_fn_with_state(http_routes, telemetry::record_outcome));
     }

@@ -124,6 +124,7 @@ impl Stream for CappedIncoming {
                         _permit: permit,
                         silent_until,
                         service: self.service,
+                        registry: crate::metrics::Registry::entered(),
                     })));
                 }
                 // Dropping the stream closes it: the client sees the connection end at once.
@@ -144,11 +145,16 @@ pub(crate) struct CappedStream {
     /// Until the first byte arrives: when the connection is closed if it stays silent.
     silent_until: Option<Pin<Box<tokio::time::Sleep>>>,
     service: &'static str,
+    /// The registry the listener counted the connection in (the connection ends in a task of the
+    /// server's, outside it).
+    registry: Option<crate::metrics::Registry>,
 }
 
 impl Drop for CappedStream {
     fn drop(&mut self) {
-        metrics::gauge!("pairdb_connections_open", "service" => self.service).decrement(1.0);
+        crate::metrics::within(self.registry, || {
+            metrics::gauge!("pairdb_connections_open", "service" => self.service).decrement(1.0);
+        });
     }
 }
 
@@ -175,8 +181,10 @@ impl AsyncRead for CappedStream {
                 && let Some(deadline) = self.silent_until.as_mut()
                 && deadline.as_mut().poll(cx).is_ready()
             {
-                metrics::counter!("pairdb_connections_silent_closed_total", "service" => self.service)
-                    .increment(1);
+                crate::metrics::within(self.registry, || {
+                    metrics::counter!("pairdb_connections_silent_closed_total", "service" => self.service)
+                        .increment(1);
+                });
                 return Poll::Ready(Err(std::io::Error::new(
                     ErrorKind::TimedOut,
                     "connection sent nothing before the first-byte deadline",

@@ -1,14 +1,18 @@
 //! The process-wide Prometheus recorder. Installed once per process and rendered on `/metrics`.
-//! Services sharing a process in tests share it, told apart by the `service` label where it matters;
-//! `pairdb dev` instead gives each service a [`Registry`] of its own, entered by every thread of that
-//! service's runtime, so each service's port reports that service alone, as separate processes would.
+//! Services sharing a process share it, told apart by the `service` label where it matters; where
+//! that would sum several instances of one service (`pairdb dev`'s storage nodes), each instance runs
+//! inside a [`Registry`] of its own: its run future is scoped to it, and the spawns of the services
+//! that can run more than once per process (storage, and the listener every service shares) carry
+//! the registry on with [`in_current`] / [`in_current_fn`], so the instance's port reports it alone.
 //!
 //! Each service registers its catalogue ([`register`]): HELP text for every family, and every family
 //! whose labels come from a closed set registered at zero, so a fresh process already exports the
 //! series alerts and `rate()` use. `process_*` are read from `/proc` at scrape time.
 
-use std::cell::RefCell;
+use std::cell::Cell;
+use std::pin::Pin;
 use std::sync::OnceLock;
+use std::task::{Context, Poll};
 
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
@@ -104,15 +108,19 @@ pub const COMMON: &[Family] = &[
 ];
 
 thread_local! {
-    /// The registry this thread records into instead of the process-wide one, if any.
-    static ENTERED: RefCell<Option<Registry>> = const { RefCell::new(None) };
+    /// The registry the code running on this thread records into instead of the process-wide one.
+    static ENTERED: Cell<Option<Registry>> = const { Cell::new(None) };
 }
 
-/// A recorder of one service's own, for a process that runs several services (`pairdb dev`).
-/// Lives as long as the process: the threads that entered it keep recording into it until they end.
-#[derive(Clone)]
-pub struct Registry {
-    recorder: &'static PrometheusRecorder,
+/// A recorder of one service's own, for a process that runs several services (`pairdb dev`'s
+/// storage nodes). Code records into it while it runs inside the registry: a future wrapped by
+/// [`Registry::scope`] or [`in_current`] (on every poll), a closure wrapped by [`in_current_fn`],
+/// or a thread that called [`Registry::enter`]. Lives as long as the process.
+#[derive(Clone, Copy)]
+pub struct Registry(&'static RegistryParts);
+
+struct RegistryParts {
+    recorder: PrometheusRecorder,
     handle: PrometheusHandle,
 }
 
@@ -125,28 +133,87 @@ impl std::fmt::Debug for Registry {
 impl Registry {
     /// A new, empty registry with the same buckets as the process-wide one.
     pub fn new() -> Registry {
-        // A service's registry is made once per service a process starts (at most a few dozen in
-        // `pairdb dev`) and must outlive every thread that records into it.
-        let recorder: &'static PrometheusRecorder = Box::leak(Box::new(builder().build_recorder()));
-        Registry { recorder, handle: recorder.handle() }
+        // Made once per service a process starts (a few in `pairdb dev`); it must outlive every
+        // task and thread that records into it, and being `'static` makes entering it free.
+        let recorder = builder().build_recorder();
+        let handle = recorder.handle();
+        Registry(Box::leak(Box::new(RegistryParts { recorder, handle })))
     }
 
-    /// Makes this registry the calling thread's recorder for the rest of the thread's life (a
-    /// runtime's `on_thread_start` calls it on every worker and blocking thread).
-    pub fn enter(&self) {
-        std::mem::forget(metrics::set_default_local_recorder(self.recorder));
-        ENTERED.with(|entered| *entered.borrow_mut() = Some(self.clone()));
+    /// Makes this registry the calling thread's for the rest of the thread's life.
+    pub fn enter(self) {
+        std::mem::forget(metrics::set_default_local_recorder(&self.0.recorder));
+        ENTERED.with(|entered| entered.set(Some(self)));
     }
 
-    /// The registry the calling thread entered, to be entered by a thread it starts.
+    /// The registry the calling code runs inside, if any.
     pub fn entered() -> Option<Registry> {
-        ENTERED.with(|entered| entered.borrow().clone())
+        ENTERED.with(Cell::get)
+    }
+
+    /// `future`, recording into this registry on whichever thread polls it.
+    pub fn scope<F: Future>(self, future: F) -> Scoped<F> {
+        Scoped { registry: Some(self), inner: future }
+    }
+
+    /// Runs `f` inside this registry.
+    fn run<T>(self, f: impl FnOnce() -> T) -> T {
+        /// Restores the caller's registry even if `f` panics.
+        struct Restore(Option<Registry>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                ENTERED.with(|entered| entered.set(self.0));
+            }
+        }
+        let _restore = Restore(ENTERED.with(|entered| entered.replace(Some(self))));
+        metrics::with_local_recorder(&self.0.recorder, f)
     }
 }
 
 impl Default for Registry {
     fn default() -> Self {
         Registry::new()
+    }
+}
+
+/// Runs `f` inside `registry`, or as it is without one.
+pub fn within<T>(registry: Option<Registry>, f: impl FnOnce() -> T) -> T {
+    match registry {
+        Some(registry) => registry.run(f),
+        None => f(),
+    }
+}
+
+/// `future`, recording into the registry the caller runs inside (if any) wherever it is polled: what
+/// a service passes to `tokio::spawn`, so a spawned task records where its spawner does.
+pub fn in_current<F: Future>(future: F) -> Scoped<F> {
+    Scoped { registry: Registry::entered(), inner: future }
+}
+
+/// `f`, run inside the registry the caller runs inside (if any): what a service passes to
+/// `spawn_blocking`.
+pub fn in_current_fn<T>(f: impl FnOnce() -> T) -> impl FnOnce() -> T {
+    let registry = Registry::entered();
+    move || within(registry, f)
+}
+
+pin_project_lite::pin_project! {
+    /// A future that records into a registry (see [`Registry::scope`], [`in_current`]).
+    #[derive(Debug)]
+    pub struct Scoped<F> {
+        registry: Option<Registry>,
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F: Future> Future for Scoped<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let inner = this.inner;
+        within(*this.registry, || inner.poll(cx))
     }
 }
 
@@ -173,9 +240,10 @@ pub fn install() -> Option<PrometheusHandle> {
         .clone()
 }
 
-/// The handle `/metrics` renders on this thread: its entered registry's, else the process-wide one.
+/// The handle `/metrics` renders where it is called: the registry's it runs inside, else the
+/// process-wide one.
 fn current_handle() -> Option<PrometheusHandle> {
-    Registry::entered().map(|registry| registry.handle).or_else(install)
+    Registry::entered().map(|registry| registry.0.handle.clone()).or_else(install)
 }
 
 /// Registers `service`'s catalogue and the common families: HELP text for each, the closed label
@@ -330,17 +398,36 @@ mod tests {
     #[test]
     fn a_thread_that_entered_a_registry_records_there_alone() {
         let (entered, other) = (Registry::new(), Registry::new());
-        let recording = entered.clone();
         std::thread::spawn(move || {
-            recording.enter();
+            entered.enter();
             assert!(Registry::entered().is_some());
             metrics::counter!("pairdb_test_entered_total").increment(3);
         })
         .join()
         .expect("the recording thread");
-        assert!(entered.handle.render().contains("pairdb_test_entered_total 3"));
-        assert!(!other.handle.render().contains("pairdb_test_entered_total"));
+        assert!(entered.0.handle.render().contains("pairdb_test_entered_total 3"));
+        assert!(!other.0.handle.render().contains("pairdb_test_entered_total"));
         assert!(Registry::entered().is_none(), "this thread entered none");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_scoped_future_and_what_it_spawns_record_into_its_registry_on_any_thread() {
+        let (scoped, other) = (Registry::new(), Registry::new());
+        let spawned = scoped.scope(async {
+            assert_eq!(Registry::entered().map(|r| r.0 as *const _), Some(scoped.0 as *const _));
+            let task = tokio::spawn(super::in_current(async {
+                tokio::task::yield_now().await;
+                metrics::counter!("pairdb_test_scoped_total").increment(2);
+            }));
+            let blocking = tokio::task::spawn_blocking(super::in_current_fn(|| {
+                metrics::counter!("pairdb_test_scoped_total").increment(5);
+            }));
+            let _ = (task.await, blocking.await);
+        });
+        tokio::spawn(spawned).await.expect("the scoped task");
+        assert!(scoped.0.handle.render().contains("pairdb_test_scoped_total 7"));
+        assert!(!other.0.handle.render().contains("pairdb_test_scoped_total"));
+        assert!(Registry::entered().is_none(), "the scope ends with the poll");
     }
 
     #[test]

@@ -75,7 +75,7 @@ pub async fn run(
 ) -> Result<(), Error> {
     config.validate()?;
     let open_config = config.clone();
-    let engine = tokio::task::spawn_blocking(move || open_engine(&open_config))
+    let engine = pairdb_service::task::spawn_blocking(move || open_engine(&open_config))
         .await
         .map_err(|e| Error::Task(e.to_string()))??;
     run_with_engine(config, engine, listener, shutdown).await
@@ -129,7 +129,8 @@ pub async fn run_with_engine(
         clock: clock.clone(),
         max_clock_offset_ms: config.max_clock_offset_ms,
     };
-    let mut background = vec![tokio::spawn(watch_health(engine.clone(), health, stop_receiver.clone()))];
+    let mut background =
+        vec![pairdb_service::task::spawn(watch_health(engine.clone(), health, stop_receiver.clone()))];
     if let Some(meta_addr) = &config.meta_addr {
         let cluster = ClusterMember {
             meta_addr,
@@ -222,7 +223,7 @@ impl ClusterMember<'_> {
             settings: Arc::new(config.worker_settings()),
         };
         let mut tasks = vec![
-            tokio::spawn(pairdb_service::cluster_view::follow(
+            pairdb_service::task::spawn(pairdb_service::cluster_view::follow(
                 self.meta_addr.to_owned(),
                 subscriber,
                 self.view.clone(),
@@ -230,7 +231,7 @@ impl ClusterMember<'_> {
                 self.clients,
                 stop.clone(),
             )),
-            tokio::spawn(membership::run(
+            pairdb_service::task::spawn(membership::run(
                 membership,
                 node,
                 engine.clone(),
@@ -246,7 +247,7 @@ impl ClusterMember<'_> {
 
 /// The last fsync after everything else stopped.
 async fn sync_before_exit(engine: Arc<Engine>) {
-    match tokio::task::spawn_blocking(move || engine.sync_now()).await {
+    match pairdb_service::task::spawn_blocking(move || engine.sync_now()).await {
         Ok(Ok(())) => tracing::info!("storage node stopped cleanly"),
         // Already logged when it happened; a poisoned write path is not fsynced again.
         Ok(Err(EngineError::Poisoned(reason))) => {
@@ -300,7 +301,9 @@ async fn watch_health(engine: Arc<Engine>, health: Health, mut stop: Shutdown) {
             _ = stop.wait() => return,
         }
         let stats_engine = engine.clone();
-        let Ok(stats) = tokio::task::spawn_blocking(move || stats_engine.stats()).await else { continue };
+        let Ok(stats) = pairdb_service::task::spawn_blocking(move || stats_engine.stats()).await else {
+            continue;
+        };
         let node = &health.node_label;
         metrics::gauge!("pairdb_storage_keys", "node_id" => node.clone()).set(stats.keys as f64);
         metrics::gauge!("pairdb_storage_quarantined_records", "node_id" => node.clone())

@@ -247,7 +247,7 @@ async fn heartbeat_report(
     usage_view: Option<Arc<ClusterView>>,
 ) -> HeartbeatReport {
     let engine = engine.clone();
-    tokio::task::spawn_blocking(move || {
+    pairdb_service::task::spawn_blocking(move || {
         let usage = usage_view.and_then(|view| usage_share(&engine, node_id, &view));
         let stats = engine.stats();
         let purged_tenants = match engine.tenant_purges() {
@@ -329,8 +329,14 @@ mod tests {
         let (stop, stopped) = pairdb_service::shutdown::channel();
         let node =
             NodeAnnouncement { node_id: NodeId(1), address: "x".into(), zone: None, weight: 1, actor: 1 };
-        let task =
-            tokio::spawn(run(meta.clone(), node, engine, SharedView::default(), clock.clone(), stopped));
+        let task = pairdb_service::task::spawn(run(
+            meta.clone(),
+            node,
+            engine,
+            SharedView::default(),
+            clock.clone(),
+            stopped,
+        ));
         for _ in 0..200 {
             if meta
                 .reported

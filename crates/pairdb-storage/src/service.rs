@@ -322,7 +322,7 @@ pub(crate) async fn on_engine<T: Send + 'static>(
     engine: Arc<Engine>,
     op: impl FnOnce(&Engine) -> Result<T, EngineError> + Send + 'static,
 ) -> Result<T, Status> {
-    tokio::task::spawn_blocking(move || op(&engine))
+    pairdb_service::task::spawn_blocking(move || op(&engine))
         .await
         .map_err(|error| status(Reason::Internal, format!("engine task failed: {error}"), &[]))?
         .map_err(engine_status)
@@ -553,7 +553,7 @@ impl StorageService for StorageApi {
         let api = self.clone();
         let tenants = request.tenant_ids;
         let mut cursor = request.cursor;
-        tokio::spawn(async move {
+        pairdb_service::task::spawn(async move {
             loop {
                 let (scan_cursor, scan_tenants) = (cursor.clone(), tenants.clone());
                 let batch = api

@@ -160,7 +160,7 @@ async fn pull_from(
         report.keys += records.len() as u64;
         if !records.is_empty() {
             let merge_engine = engine.clone();
-            tokio::task::spawn_blocking(move || merge_engine.merge_batch(&records))
+            pairdb_service::task::spawn_blocking(move || merge_engine.merge_batch(&records))
                 .await
                 .map_err(|e| SourceFailure::Local(TransferError::Task(e.to_string())))?
                 .map_err(|e| SourceFailure::Local(e.into()))?;

@@ -143,7 +143,7 @@ pub async fn blocking<T: Send + 'static>(
     op: impl FnOnce(&Engine) -> Result<T, EngineError> + Send + 'static,
 ) -> Result<T, WorkerError> {
     let engine = engine.clone();
-    Ok(tokio::task::spawn_blocking(move || op(&engine)).await??)
+    Ok(pairdb_service::task::spawn_blocking(move || op(&engine)).await??)
 }
 
 /// Starts every worker; each stops when `shutdown` is set.
@@ -156,23 +156,26 @@ pub fn spawn_all(
     let peers = Arc::new(peers::Peers::new(context.clients.clone(), context.engine.partitions()));
     let pacing = Arc::new(anti_entropy::Pacing::new(&context.settings));
     let mut tasks = vec![
-        tokio::spawn(run(
+        pairdb_service::task::spawn(run(
             rebuild::RebuildWorker::new(context.clone(), peers.clone(), pacing.clone(), rebuild),
             shutdown.clone(),
         )),
-        tokio::spawn(run(tombstone_gc::ConfirmedGc::new(context.clone()), shutdown.clone())),
-        tokio::spawn(run(unowned::UnownedCleanup::new(context.clone()), shutdown.clone())),
-        tokio::spawn(run(hints::HintDelivery::new(context.clone()), shutdown.clone())),
-        tokio::spawn(run(hints::HintExpiry::new(context.clone()), shutdown.clone())),
-        tokio::spawn(run(tenant_purge::TenantPurgeWorker::new(context.clone()), shutdown.clone())),
+        pairdb_service::task::spawn(run(tombstone_gc::ConfirmedGc::new(context.clone()), shutdown.clone())),
+        pairdb_service::task::spawn(run(unowned::UnownedCleanup::new(context.clone()), shutdown.clone())),
+        pairdb_service::task::spawn(run(hints::HintDelivery::new(context.clone()), shutdown.clone())),
+        pairdb_service::task::spawn(run(hints::HintExpiry::new(context.clone()), shutdown.clone())),
+        pairdb_service::task::spawn(run(
+            tenant_purge::TenantPurgeWorker::new(context.clone()),
+            shutdown.clone(),
+        )),
     ];
     for worker in transfer::TransferWorker::pool(context, transfers) {
-        tasks.push(tokio::spawn(run(worker, shutdown.clone())));
+        tasks.push(pairdb_service::task::spawn(run(worker, shutdown.clone())));
     }
     if context.settings.anti_entropy_period.is_zero() {
         tracing::info!("anti-entropy is off");
     } else {
-        tasks.push(tokio::spawn(run(
+        tasks.push(pairdb_service::task::spawn(run(
             anti_entropy::AntiEntropy::new(context.clone(), peers, pacing),
             shutdown.clone(),
         )));

@@ -148,8 +148,10 @@ mod tests {
         assert_eq!(workers.len(), TRANSFER_WORKERS);
         assert!(TransferWorker::pool(&context, &transfers).is_empty(), "a second pool would share nothing");
         let (stop, shutdown) = pairdb_service::shutdown::channel();
-        let tasks: Vec<_> =
-            workers.into_iter().map(|w| tokio::spawn(super::super::run(w, shutdown.clone()))).collect();
+        let tasks: Vec<_> = workers
+            .into_iter()
+            .map(|w| pairdb_service::task::spawn(super::super::run(w, shutdown.clone())))
+            .collect();
 
         // Nothing listens on port 1: the pull fails, and the caller hears why.
         let source = Source { node_id: NodeId(2), address: "127.0.0.1:1".to_owned() };
