@@ -10,8 +10,9 @@
 //!   inspection only; anti-entropy and rebuilds restore the key from the other replicas;
 //! - keyspace `tenant_purges`: tenants being deleted (or purged) here, whose writes are refused
 //!   ([`tenant_purge`]);
-//! - keyspace `key_index`: (tenant, key) → placement token, one entry per record, changed in the
-//!   same batch as the record; built from the records when a directory without it opens
+//! - keyspace `key_index`: (tenant, key) → placement token, one entry per record, written in the
+//!   batch that creates the record and removed in the batch that removes it (not rewritten by
+//!   updates); built from the records when a directory without it opens
 //!   ([`listing`]);
 //! - keyspace `minting_actors`: record key → `actor u64be`, the actor this node mints the record's
 //!   dots under; exists only beside its record (written with it, removed before it). Added without a

@@ -41,13 +41,17 @@ pub(super) enum Apply {
     Journal,
 }
 
-/// The writes of one record change: the record, its minting actor, and its index entry (written
-/// with every write of the record, so an entry that went missing heals at the next write; removed
-/// with it), applied together in one batch.
+/// The writes of one record change: the record, its minting actor, and its index entry, applied
+/// together in one batch. The index entry is written when the record is created and removed with
+/// it: a record that exists has its entry (same batch; a directory opened without the index builds
+/// it from the records first), so an update does not write it again — one memtable insert fewer
+/// per replica write.
 fn record_ops(key: &RecordKey, encoded_key: &[u8], existed: bool, change: Change) -> Vec<WriteOp> {
     let record = || encoded_key.to_vec();
     let index_entry = |ops: &mut Vec<WriteOp>| {
-        ops.push(WriteOp::Insert(Space::KeyIndex, key.encode_index(), key.index_value().to_vec()));
+        if !existed {
+            ops.push(WriteOp::Insert(Space::KeyIndex, key.encode_index(), key.index_value().to_vec()));
+        }
     };
     let mut ops = Vec::with_capacity(3);
     match change {
