@@ -98,59 +98,103 @@ pub fn get(engine: &Engine, keys: Vec<Result<RecordKey, Status>>) -> Vec<pb::Get
         .collect()
 }
 
-/// Applies every checked write to the journal, then makes them durable at once; one result per
-/// write, in order.
+/// Applies every checked write, durably at once (one group commit); one result per write, in
+/// order.
 pub fn coordinate(
     engine: &Engine,
     writes: Vec<Result<PreparedWrite, Status>>,
 ) -> Result<Vec<pb::CoordinateWriteResult>, EngineError> {
-    let applied: Vec<Result<VersionSet, ErrorDetail>> = writes
+    let (positions, checked) =
+        split_checked(writes, |PreparedWrite { key, write, deadline }| (key, write, deadline));
+    let mut applied = engine.coordinate_writes(checked)?.into_iter();
+    Ok(positions
         .into_iter()
-        .map(|prepared| match prepared {
-            Err(refused) => Err(status_detail(&refused)),
-            Ok(PreparedWrite { key, write, deadline }) => {
-                engine.coordinate_write_unsynced(&key, write, deadline).map_err(detail)
+        .map(|position| {
+            match position.and_then(|()| applied.next().ok_or(unanswered()).and_then(|r| r.map_err(detail))) {
+                Ok(set) => pb::CoordinateWriteResult { version_set: encode_version_set(&set), error: None },
+                Err(error) => pb::CoordinateWriteResult { version_set: Vec::new(), error: Some(error) },
             }
-        })
-        .collect();
-    if applied.iter().any(Result::is_ok) {
-        engine.sync_written()?;
-    }
-    Ok(applied
-        .into_iter()
-        .map(|result| match result {
-            Ok(set) => pb::CoordinateWriteResult { version_set: encode_version_set(&set), error: None },
-            Err(error) => pb::CoordinateWriteResult { version_set: Vec::new(), error: Some(error) },
         })
         .collect())
 }
 
-/// Merges (or keeps as hints) every checked item, then makes them durable at once.
+/// Merges (or keeps as hints) every checked item, durably; the merges share one group commit.
 pub fn replicate(
     engine: &Engine,
     items: Vec<Result<PreparedReplica, Status>>,
 ) -> Result<Vec<pb::ReplicateResult>, EngineError> {
-    let applied: Vec<Result<bool, ErrorDetail>> = items
+    // Hints are rare in a batch (an owner is down): each takes its own group commit.
+    let items: Vec<Result<Replica, Status>> = items
         .into_iter()
-        .map(|prepared| match prepared {
-            Err(refused) => Err(status_detail(&refused)),
-            // Hints are rare in a batch (an owner is down): each takes its own group commit.
-            Ok(PreparedReplica { key, set, hint_for: Some(owner) }) => {
-                engine.put_hint(owner, &key, &set).map(|()| true).map_err(detail)
-            }
-            Ok(PreparedReplica { key, set, hint_for: None }) => {
-                engine.merge_unsynced(&key, &set).map(|_| false).map_err(detail)
-            }
+        .map(|prepared| {
+            prepared.map(|PreparedReplica { key, set, hint_for }| match hint_for {
+                Some(owner) => Replica::Hinted(engine.put_hint(owner, &key, &set).map_err(detail)),
+                None => Replica::Merge(key, set),
+            })
         })
         .collect();
-    if applied.iter().any(|r| r.as_ref().is_ok_and(|hinted| !hinted)) {
-        engine.sync_written()?;
+    let (positions, merges) = split_checked(items, |replica| replica);
+    let (mut hinted, mut to_merge) = (Vec::new(), Vec::new());
+    for replica in merges {
+        match replica {
+            Replica::Hinted(result) => hinted.push(Some(result)),
+            Replica::Merge(key, set) => {
+                hinted.push(None);
+                to_merge.push((key, set));
+            }
+        }
     }
-    Ok(applied
+    let mut merged = engine.merge_many(to_merge)?.into_iter();
+    let mut hinted = hinted.into_iter();
+    Ok(positions
         .into_iter()
-        .map(|result| match result {
-            Ok(hinted) => pb::ReplicateResult { hinted, error: None },
-            Err(error) => pb::ReplicateResult { hinted: false, error: Some(error) },
+        .map(|position| {
+            let outcome = position.and_then(|()| match hinted.next() {
+                Some(Some(hint)) => hint.map(|()| true),
+                Some(None) => {
+                    merged.next().ok_or(unanswered()).and_then(|r| r.map(|_| false).map_err(detail))
+                }
+                None => Err(unanswered()),
+            });
+            match outcome {
+                Ok(hinted) => pb::ReplicateResult { hinted, error: None },
+                Err(error) => pb::ReplicateResult { hinted: false, error: Some(error) },
+            }
         })
         .collect())
+}
+
+/// A checked replicate item: kept as a hint already, or to merge.
+enum Replica {
+    Hinted(Result<(), ErrorDetail>),
+    Merge(RecordKey, VersionSet),
+}
+
+/// Splits a batch into the refusal (or a placeholder) at each position and the checked items, in
+/// order: the engine answers the checked items, one answer each, in the same order.
+fn split_checked<P, T>(
+    items: Vec<Result<P, Status>>,
+    into: impl Fn(P) -> T,
+) -> (Vec<Result<(), ErrorDetail>>, Vec<T>) {
+    let mut checked = Vec::with_capacity(items.len());
+    let positions = items
+        .into_iter()
+        .map(|item| match item {
+            Ok(prepared) => {
+                checked.push(into(prepared));
+                Ok(())
+            }
+            Err(refused) => Err(status_detail(&refused)),
+        })
+        .collect();
+    (positions, checked)
+}
+
+/// The engine answers every item it is given; this is what an item would get if it did not.
+fn unanswered() -> ErrorDetail {
+    ErrorDetail {
+        reason: Reason::Internal.as_str().to_owned(),
+        message: "the engine gave no answer for this item".to_owned(),
+        metadata: Default::default(),
+    }
 }

@@ -10,7 +10,10 @@ use pairdb_core::dvv::{Actor, VersionSet, VersionVector};
 use pairdb_core::reason::HasReason;
 use pairdb_core::ring::NodeId;
 use pairdb_core::token::{PartitionCount, PartitionId};
-use pairdb_storage::engine::{Engine, EngineConfig, EngineError, SyncMode, TombstonePlacement};
+use pairdb_storage::engine::{
+    ApplyDeadline, CoordinatedWrite, Engine, EngineConfig, EngineError, QuotaGuard, SyncMode,
+    TombstonePlacement,
+};
 use pairdb_storage::keys::RecordKey;
 
 fn config(dir: &std::path::Path, node_id: u32) -> EngineConfig {
@@ -484,4 +487,136 @@ fn expired_records_are_gc_candidates_after_expiry_and_grace_only() {
     assert_eq!(engine.purge_tombstones(&[(key("session"), digest)], 1_001).unwrap(), 1);
     assert_eq!(engine.get(&key("session")).unwrap(), None);
     assert!(engine.get(&key("mixed")).unwrap().is_some());
+}
+
+fn blind_write(value: &[u8]) -> CoordinatedWrite {
+    CoordinatedWrite {
+        context: VersionVector::new(),
+        value: Some(value.to_vec()),
+        timestamp_ms: 1,
+        max_siblings: None,
+        supersede_local: false,
+        quota: QuotaGuard::default(),
+        condition: None,
+        expires_at_ms: None,
+        touch_over: None,
+    }
+}
+
+fn values(set: &VersionSet) -> BTreeSet<Vec<u8>> {
+    set.siblings().iter().filter_map(|s| s.value.clone()).collect()
+}
+
+/// A batch answers each item on its own: a refused item fails alone, and a key that occurs twice
+/// is decided twice (the second decision sees the first), as two single writes would be.
+#[test]
+fn a_coordinated_batch_answers_each_item_and_decides_a_repeated_key_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(&config(dir.path(), 1)).unwrap();
+    let passed = ApplyDeadline {
+        monotonic: Some(std::time::Instant::now() - std::time::Duration::from_millis(1)),
+        unix_ms: None,
+    };
+    let results = engine
+        .coordinate_writes(vec![
+            (key("twice"), blind_write(b"first"), ApplyDeadline::NONE),
+            (key("late"), blind_write(b"late"), passed),
+            (key("once"), blind_write(b"once"), ApplyDeadline::NONE),
+            (key("twice"), blind_write(b"second"), ApplyDeadline::NONE),
+        ])
+        .unwrap();
+    assert_eq!(results.len(), 4);
+    assert!(matches!(results[1], Err(EngineError::DeadlinePassed)), "{:?}", results[1]);
+    assert!(engine.get(&key("late")).unwrap().is_none(), "a refused item is not applied");
+    let first = results[0].as_ref().unwrap();
+    let second = results[3].as_ref().unwrap();
+    assert_eq!(values(first), BTreeSet::from([b"first".to_vec()]));
+    // Decided on the record the first write left: both blind writes are kept, as siblings, under one
+    // minting actor (the second dot follows the first).
+    assert_eq!(values(second), BTreeSet::from([b"first".to_vec(), b"second".to_vec()]));
+    assert_eq!(second.vector().len(), 1, "{:?}", second.vector());
+    assert_eq!(engine.get(&key("twice")).unwrap().as_ref(), Some(second));
+    assert_eq!(values(&engine.get(&key("once")).unwrap().unwrap()), BTreeSet::from([b"once".to_vec()]));
+}
+
+/// A batch of merges leaves what the same merges one by one leave: records, Merkle trees, usage.
+#[test]
+fn a_merged_batch_leaves_what_single_merges_leave() {
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let batched = Engine::open(&config(dir_a.path(), 1)).unwrap();
+    let single = Engine::open(&config(dir_b.path(), 1)).unwrap();
+    let items: Vec<(RecordKey, VersionSet)> = (0..200u64)
+        .map(|i| (key(&format!("k{}", i % 150)), blind(i + 1, format!("v{i}").as_bytes())))
+        .collect();
+    let results = batched.merge_many(items.clone()).unwrap();
+    assert!(results.iter().all(|r| matches!(r, Ok(true))), "{results:?}");
+    for (key, set) in &items {
+        assert!(single.merge(key, set).unwrap());
+    }
+    // Merging the same sets again changes nothing.
+    assert!(batched.merge_many(items.clone()).unwrap().iter().all(|r| matches!(r, Ok(false))));
+    let partitions: BTreeSet<PartitionId> = items.iter().map(|(key, _)| key.partition).collect();
+    for partition in partitions {
+        for level in 0..3 {
+            assert_eq!(batched.merkle_level(partition, level), single.merkle_level(partition, level));
+        }
+    }
+    assert_eq!(batched.tenant_usage(|_| true), single.tenant_usage(|_| true));
+    for (key, _) in &items {
+        assert_eq!(batched.get(key).unwrap(), single.get(key).unwrap());
+    }
+}
+
+/// Batches take their keys' locks in one order, so batches over the same keys in opposite orders
+/// and single writes beside them never deadlock, and every write is kept (blind writes: siblings).
+#[test]
+fn concurrent_batches_over_shared_keys_and_single_writes_keep_every_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(&config(dir.path(), 1)).unwrap();
+    let names: Vec<String> = (0..64).map(|i| format!("shared-{i}")).collect();
+    let threads: Vec<_> = (0..8)
+        .map(|thread| {
+            let (engine, mut names) = (engine.clone(), names.clone());
+            if thread % 2 == 1 {
+                names.reverse();
+            }
+            std::thread::spawn(move || {
+                for round in 0..10 {
+                    if thread == 0 {
+                        for name in &names {
+                            let value = format!("t{thread}-r{round}");
+                            engine
+                                .coordinate_write_before(
+                                    &key(name),
+                                    blind_write(value.as_bytes()),
+                                    ApplyDeadline::NONE,
+                                )
+                                .unwrap();
+                        }
+                        continue;
+                    }
+                    let batch = names
+                        .iter()
+                        .map(|name| {
+                            (
+                                key(name),
+                                blind_write(format!("t{thread}-r{round}").as_bytes()),
+                                ApplyDeadline::NONE,
+                            )
+                        })
+                        .collect();
+                    for result in engine.coordinate_writes(batch).unwrap() {
+                        result.unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    for name in &names {
+        let set = engine.get(&key(name)).unwrap().unwrap();
+        assert_eq!(set.siblings().len(), 8 * 10, "{name}");
+    }
 }

@@ -55,6 +55,10 @@ fn assert_refuses_writes_and_serves_reads(engine: &Engine) {
     assert_poisoned(write(engine, "after"));
     assert_poisoned(engine.merge(&key("merged"), &blind(9, b"m")));
     assert_poisoned(engine.merge_batch(&[(key("batched"), blind(9, b"b"))]));
+    // A batched call answers each item with the refusal.
+    for result in engine.merge_many(vec![(key("batched"), blind(9, b"b"))]).unwrap() {
+        assert_poisoned(result);
+    }
     assert_poisoned(engine.put_hint(NodeId(2), &key("hinted"), &blind(9, b"h")));
     assert_poisoned(engine.delete_hint_if_unchanged(NodeId(2), &key("hinted"), &blind(9, b"h")));
     // A failed fsync is never retried, not even by an explicit sync.
@@ -130,4 +134,20 @@ fn no_writer_in_a_group_whose_fsync_failed_is_acknowledged() {
         assert!(engine.get(&key(&format!("concurrent-{i}"))).unwrap().is_none());
     }
     assert!(engine.stats().poisoned);
+}
+
+/// A batch whose group commit fails is answered as a whole with the poison (no item is
+/// acknowledged), and none of its items is visible.
+#[test]
+fn a_batch_whose_commit_fails_acknowledges_no_item() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path(), PERIODIC);
+    write(&engine, "before").unwrap();
+    engine.inject_persist_failure_for_tests();
+    let items = (0..10).map(|i| (key(&format!("batch-{i}")), blind(9, b"b"))).collect();
+    assert_poisoned(engine.merge_many(items));
+    for i in 0..10 {
+        assert!(engine.get(&key(&format!("batch-{i}"))).unwrap().is_none());
+    }
+    assert_refuses_writes_and_serves_reads(&engine);
 }

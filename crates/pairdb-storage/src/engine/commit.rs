@@ -245,6 +245,12 @@ impl Engine {
         self.commit.submit(ops, Some(preparing), |ops| self.commit_group(ops)).map_err(EngineError::Poisoned)
     }
 
+    /// Commits the writes of many keys through the group commit; the caller (a batch) holds every
+    /// one of their stripe locks.
+    pub(super) fn commit_writes(&self, ops: Vec<WriteOp>) -> Result<(), EngineError> {
+        self.commit.submit(ops, None, |ops| self.commit_group(ops)).map_err(EngineError::Poisoned)
+    }
+
     /// Waits until everything this thread wrote straight to the journal reached the OS (`periodic`)
     /// or the disk (`always`): one group commit covers it, since the journal is sequential.
     pub(super) fn make_durable(&self) -> Result<(), EngineError> {

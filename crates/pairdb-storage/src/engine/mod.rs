@@ -424,7 +424,16 @@ impl Engine {
     }
 
     fn lock(&self, key: &[u8]) -> MutexGuard<'_, ()> {
-        let stripe = (fnv1a(key) as usize) % self.stripes.len();
+        self.lock_stripe(self.stripe_of(key))
+    }
+
+    /// The lock stripe a record key belongs to.
+    fn stripe_of(&self, key: &[u8]) -> usize {
+        (fnv1a(key) as usize) % self.stripes.len()
+    }
+
+    /// Locks one stripe. A path that holds several takes them in ascending order ([`mutate`]).
+    fn lock_stripe(&self, stripe: usize) -> MutexGuard<'_, ()> {
         // Stripe mutexes guard no data, so a poisoned one is safe to reuse.
         self.stripes[stripe].lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -7,6 +7,14 @@
 //! write path. The tenant key index (keyspace `key_index`) changes in the same batch as the record,
 //! so it can never disagree with the records, on any path and across a crash.
 //!
+//! **Batches.** [`Engine::mutate_many`] is the same path for many records at once (a router's
+//! coalesced coordinate or replicate calls): it takes every item's stripe lock, in ascending stripe
+//! order (so two batches, or a batch and a single write, cannot deadlock: no other path holds more
+//! than one stripe), decides each item as `mutate` would, writes all the decisions as one fjall
+//! batch through the group commit, and only then updates the Merkle trees and usage and lets go of
+//! the locks. Nothing a batch writes is visible before it is durable. A key that occurs more than
+//! once in a batch is decided again in a later round, on the record the earlier round wrote.
+//!
 //! **Minting actors.** A node mints the dots of the writes it coordinates for a record under that
 //! record's own minting actor (keyspace `minting_actors`, key → actor), drawn fresh (random) the
 //! first time the node coordinates the key while it holds the record, and removed *before* the
@@ -76,6 +84,37 @@ fn record_ops(key: &RecordKey, encoded_key: &[u8], existed: bool, change: Change
     ops
 }
 
+/// What a written change leaves for the Merkle tree and the tenant's usage to follow.
+#[derive(Debug)]
+struct Followup {
+    old_entry: Option<Entry>,
+    old_usage: Usage,
+    new_entry: Option<Entry>,
+    new_usage: Usage,
+}
+
+/// The writes of `change` to `key`'s record (`existing` as read under its lock) and what follows
+/// them; `None` when the record stays as it is.
+fn planned(
+    key: &RecordKey,
+    encoded_key: &[u8],
+    existing: Option<VersionSet>,
+    change: Change,
+) -> Option<(Vec<WriteOp>, Followup)> {
+    let (new_entry, new_usage) = match &change {
+        Change::Keep => return None,
+        Change::Put(set) | Change::Mint(set, _) => (Some(Entry::of(set)), Usage::of(set)),
+        Change::Remove => (None, Usage::default()),
+    };
+    let followup = Followup {
+        old_entry: existing.as_ref().map(Entry::of),
+        old_usage: existing.as_ref().map(Usage::of).unwrap_or_default(),
+        new_entry,
+        new_usage,
+    };
+    Some((record_ops(key, encoded_key, existing.is_some(), change), followup))
+}
+
 /// The set a coordinated write leaves: `existing` updated with the new sibling as `actor`, or for a
 /// touch, `existing` merged with the router's read and its live siblings under the context
 /// re-stamped (nothing live under the context: KEY_NOT_FOUND, nothing applied).
@@ -132,19 +171,74 @@ impl Engine {
         let preparing = (apply == Apply::Commit).then(|| self.commit.preparing());
         let existing = self.read_set(&encoded_key)?;
         let (change, out) = decide(existing.as_ref())?;
-        let (new_entry, new_usage) = match &change {
-            Change::Keep => return Ok(out),
-            Change::Put(set) | Change::Mint(set, _) => (Some(Entry::of(set)), Usage::of(set)),
-            Change::Remove => (None, Usage::default()),
-        };
-        let ops = record_ops(key, &encoded_key, existing.is_some(), change);
+        let Some((ops, followup)) = planned(key, &encoded_key, existing, change) else { return Ok(out) };
         match (apply, preparing) {
             (Apply::Commit, Some(preparing)) => self.commit_write(ops, preparing)?,
             _ => self.write_unsynced(ops)?,
         }
-        self.merkle.update(&encoded_key, existing.as_ref().map(Entry::of), new_entry);
-        self.usage.replace(key, existing.as_ref().map(Usage::of).unwrap_or_default(), new_usage);
+        self.follow(key, &encoded_key, followup);
         Ok(out)
+    }
+
+    /// Keeps the partition's Merkle tree and the tenant's usage in step with a written change (call
+    /// with the key's stripe lock held, once the change is in the engine).
+    fn follow(&self, key: &RecordKey, encoded_key: &[u8], followup: Followup) {
+        let Followup { old_entry, old_usage, new_entry, new_usage } = followup;
+        self.merkle.update(encoded_key, old_entry, new_entry);
+        self.usage.replace(key, old_usage, new_usage);
+    }
+
+    /// [`Self::mutate`] for many records, durable at once (see the module docs): one result per
+    /// item, in order. An item `decide` refuses (or whose record cannot be read) fails alone; a
+    /// failed group commit fails the whole call and poisons the write path.
+    pub(super) fn mutate_many<I, T>(
+        &self,
+        items: Vec<(RecordKey, I)>,
+        mut decide: impl FnMut(&RecordKey, &[u8], I, Option<&VersionSet>) -> Result<(Change, T), EngineError>,
+    ) -> Result<Vec<Result<T, EngineError>>, EngineError> {
+        let encoded: Vec<Vec<u8>> = items.iter().map(|(key, _)| key.encode()).collect();
+        // An item's round: how many earlier items of the batch have its key.
+        let mut occurrences: HashMap<&[u8], usize> = HashMap::with_capacity(items.len());
+        let rounds: Vec<usize> = encoded
+            .iter()
+            .map(|key| {
+                let seen = occurrences.entry(key.as_slice()).or_insert(0);
+                *seen += 1;
+                *seen - 1
+            })
+            .collect();
+        let mut pending: Vec<Option<(RecordKey, I)>> = items.into_iter().map(Some).collect();
+        let mut results: Vec<Option<Result<T, EngineError>>> = pending.iter().map(|_| None).collect();
+        for round in 0..=rounds.iter().copied().max().unwrap_or(0) {
+            let members: Vec<usize> = (0..rounds.len()).filter(|i| rounds[*i] == round).collect();
+            let mut decided = Vec::with_capacity(members.len());
+            let stripes: std::collections::BTreeSet<usize> =
+                members.iter().map(|i| self.stripe_of(&encoded[*i])).collect();
+            let _guards: Vec<MutexGuard<'_, ()>> = stripes.into_iter().map(|s| self.lock_stripe(s)).collect();
+            let mut ops = Vec::with_capacity(members.len() * 2);
+            for index in members {
+                // Each index is in exactly one round, so its item is still there.
+                let Some((key, item)) = pending[index].take() else { continue };
+                let encoded_key = &encoded[index];
+                let outcome = self.read_set(encoded_key).and_then(|existing| {
+                    let (change, out) = decide(&key, encoded_key, item, existing.as_ref())?;
+                    if let Some((item_ops, followup)) = planned(&key, encoded_key, existing, change) {
+                        ops.extend(item_ops);
+                        decided.push((index, key, followup));
+                    }
+                    Ok(out)
+                });
+                results[index] = Some(outcome);
+            }
+            if !ops.is_empty() {
+                self.commit_writes(ops)?;
+            }
+            for (index, key, followup) in decided {
+                self.follow(&key, &encoded[index], followup);
+            }
+        }
+        debug_assert!(results.iter().all(Option::is_some), "every item of a batch is decided");
+        Ok(results.into_iter().flatten().collect())
     }
 
     /// Applies a client write as this node's actor and returns the resulting set, durably.
@@ -182,85 +276,95 @@ impl Engine {
         write: CoordinatedWrite,
         deadline: ApplyDeadline,
     ) -> Result<VersionSet, EngineError> {
-        self.coordinate(key, write, deadline, Apply::Commit)
-    }
-
-    /// [`Self::coordinate_write_before`] written straight to the journal: not durable until the
-    /// caller's [`Self::sync_written`] returns, and not to be acknowledged before (a batch of
-    /// coordinated writes shares that one group commit).
-    pub fn coordinate_write_unsynced(
-        &self,
-        key: &RecordKey,
-        write: CoordinatedWrite,
-        deadline: ApplyDeadline,
-    ) -> Result<VersionSet, EngineError> {
-        self.coordinate(key, write, deadline, Apply::Journal)
-    }
-
-    /// Makes everything this thread wrote with the `_unsynced` calls durable (one group commit).
-    pub fn sync_written(&self) -> Result<(), EngineError> {
-        self.make_durable()
-    }
-
-    fn coordinate(
-        &self,
-        key: &RecordKey,
-        write: CoordinatedWrite,
-        deadline: ApplyDeadline,
-        apply: Apply,
-    ) -> Result<VersionSet, EngineError> {
         self.check_writable()?;
         let encoded_key = key.encode();
-        self.mutate(key, apply, |existing| {
-            self.check_tenant(&key.tenant)?;
-            if deadline.passed() {
-                metrics::counter!("pairdb_storage_coordinate_deadline_refusals_total").increment(1);
-                return Err(EngineError::DeadlinePassed);
-            }
-            let now = now_ms();
-            if let Some((condition, observed)) = &write.condition
-                && !pairdb_core::condition::holds_at_coordinator(*condition, existing, observed, now)
-            {
-                metrics::counter!("pairdb_storage_precondition_refusals_total").increment(1);
-                let current = Box::new(existing.cloned().unwrap_or_default());
-                return Err(EngineError::PreconditionFailed { condition: *condition, current });
-            }
-            // A minting actor exists only beside its record (see the module docs).
-            let minting = match existing {
-                Some(_) => self.minting_actor(&encoded_key)?,
-                None => None,
-            };
-            let actor = minting.unwrap_or_else(|| Actor(rand::random::<u64>()));
-            let quota = write.quota;
-            let set = apply_coordinated(existing, write, actor, now)?;
-            quota.check(existing.map(Usage::of).unwrap_or_default(), Usage::of(&set))?;
-            let change =
-                if minting.is_some() { Change::Put(set.clone()) } else { Change::Mint(set.clone(), actor) };
-            Ok((change, set))
+        self.mutate(key, Apply::Commit, |existing| {
+            self.decide_coordinated(key, &encoded_key, write, deadline, existing)
         })
+    }
+
+    /// Applies many coordinated writes (a router's coalesced calls), durably at once, each checked
+    /// and refused on its own as [`Self::coordinate_write_before`] would; one result per write, in
+    /// order. Errs as a whole only when the group commit fails (the write path is then poisoned).
+    pub fn coordinate_writes(
+        &self,
+        writes: Vec<(RecordKey, CoordinatedWrite, ApplyDeadline)>,
+    ) -> Result<Vec<Result<VersionSet, EngineError>>, EngineError> {
+        let items = writes.into_iter().map(|(key, write, deadline)| (key, (write, deadline))).collect();
+        self.mutate_many(items, |key, encoded_key, (write, deadline), existing| {
+            self.check_writable()?;
+            self.decide_coordinated(key, encoded_key, write, deadline, existing)
+        })
+    }
+
+    /// A coordinated write's decision, under the key's stripe lock.
+    fn decide_coordinated(
+        &self,
+        key: &RecordKey,
+        encoded_key: &[u8],
+        write: CoordinatedWrite,
+        deadline: ApplyDeadline,
+        existing: Option<&VersionSet>,
+    ) -> Result<(Change, VersionSet), EngineError> {
+        self.check_tenant(&key.tenant)?;
+        if deadline.passed() {
+            metrics::counter!("pairdb_storage_coordinate_deadline_refusals_total").increment(1);
+            return Err(EngineError::DeadlinePassed);
+        }
+        let now = now_ms();
+        if let Some((condition, observed)) = &write.condition
+            && !pairdb_core::condition::holds_at_coordinator(*condition, existing, observed, now)
+        {
+            metrics::counter!("pairdb_storage_precondition_refusals_total").increment(1);
+            let current = Box::new(existing.cloned().unwrap_or_default());
+            return Err(EngineError::PreconditionFailed { condition: *condition, current });
+        }
+        // A minting actor exists only beside its record (see the module docs).
+        let minting = match existing {
+            Some(_) => self.minting_actor(encoded_key)?,
+            None => None,
+        };
+        let actor = minting.unwrap_or_else(|| Actor(rand::random::<u64>()));
+        let quota = write.quota;
+        let set = apply_coordinated(existing, write, actor, now)?;
+        quota.check(existing.map(Usage::of).unwrap_or_default(), Usage::of(&set))?;
+        let change =
+            if minting.is_some() { Change::Put(set.clone()) } else { Change::Mint(set.clone(), actor) };
+        Ok((change, set))
     }
 
     /// Merges `incoming` into the local replica; returns whether the local set changed.
     pub fn merge(&self, key: &RecordKey, incoming: &VersionSet) -> Result<bool, EngineError> {
-        self.merge_with(key, incoming, Apply::Commit)
-    }
-
-    /// [`Self::merge`] written straight to the journal (durable after [`Self::sync_written`]).
-    pub fn merge_unsynced(&self, key: &RecordKey, incoming: &VersionSet) -> Result<bool, EngineError> {
-        self.merge_with(key, incoming, Apply::Journal)
-    }
-
-    fn merge_with(&self, key: &RecordKey, incoming: &VersionSet, apply: Apply) -> Result<bool, EngineError> {
         self.check_writable()?;
-        self.mutate(key, apply, |existing| {
-            self.check_tenant(&key.tenant)?;
-            let mut set = existing.cloned().unwrap_or_default();
-            if !set.merge_from(incoming) {
-                return Ok((Change::Keep, false));
-            }
-            storable(&set)?;
-            Ok((Change::Put(set), true))
+        self.mutate(key, Apply::Commit, |existing| self.decide_merge(key, incoming, existing))
+    }
+
+    /// Merges many replicas (a router's coalesced replicate calls), durably at once, each refused on
+    /// its own as [`Self::merge`] would; one result per item (whether the set changed), in order.
+    pub fn merge_many(
+        &self,
+        items: Vec<(RecordKey, VersionSet)>,
+    ) -> Result<Vec<Result<bool, EngineError>>, EngineError> {
+        self.mutate_many(items, |key, _, incoming, existing| {
+            self.check_writable()?;
+            self.decide_merge(key, &incoming, existing)
         })
+    }
+
+    /// A replica merge's decision, under the key's stripe lock.
+    fn decide_merge(
+        &self,
+        key: &RecordKey,
+        incoming: &VersionSet,
+        existing: Option<&VersionSet>,
+    ) -> Result<(Change, bool), EngineError> {
+        self.check_tenant(&key.tenant)?;
+        let mut set = existing.cloned().unwrap_or_default();
+        if !set.merge_from(incoming) {
+            return Ok((Change::Keep, false));
+        }
+        storable(&set)?;
+        Ok((Change::Put(set), true))
     }
 
     /// Merges many records with one durability wait; returns how many changed. Each record is written
