@@ -192,6 +192,7 @@ fn known_values(binary: &str, material: &Material) -> Result<BTreeMap<&'static s
             ("listing-share-percent", Integer(50)),
             ("max-clock-offset-ms", Integer(250)),
             ("cache-mb", Integer(32)),
+            ("record-cache-mb", Integer(16)),
             ("disk-reserve-mb", Integer(128)),
             ("meta-addr", text("meta.example:7100")),
             ("zone", text("zone-b")),

@@ -22,6 +22,7 @@ fn open(dir: &std::path::Path, sync: SyncMode) -> Arc<Engine> {
         partitions: PartitionCount::default(),
         sync,
         cache_bytes: 256 * 1024 * 1024,
+        record_cache_bytes: 16 * 1024 * 1024,
         disk_reserve_bytes: 0,
     })
     .unwrap()

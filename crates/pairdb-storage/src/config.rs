@@ -61,6 +61,10 @@ pub struct Config {
     /// Block cache size in MiB.
     #[arg(long, env = "PAIRDB_CACHE_MB", default_value_t = 64)]
     pub cache_mb: u64,
+    /// Record cache size in MiB (0 = none): recently written or read records, in front of the
+    /// engine, so a point read or a replica write that hits it skips the engine's lookups.
+    #[arg(long, env = "PAIRDB_RECORD_CACHE_MB", default_value_t = 64)]
+    pub record_cache_mb: u64,
     /// Writes are refused (DISK_FULL) when free disk space falls below this many MiB.
     #[arg(long, env = "PAIRDB_DISK_RESERVE_MB", default_value_t = 64)]
     pub disk_reserve_mb: u64,
@@ -242,6 +246,7 @@ impl Config {
             listing_share_percent: 10,
             max_clock_offset_ms: 1000,
             cache_mb: 64,
+            record_cache_mb: 64,
             disk_reserve_mb: 64,
             meta_addr: None,
             zone: None,

@@ -62,6 +62,7 @@ pub fn open_engine(config: &Config) -> Result<Arc<Engine>, Error> {
         partitions: config.partitions()?,
         sync: config.sync_mode(),
         cache_bytes: config.cache_mb * 1024 * 1024,
+        record_cache_bytes: config.record_cache_mb * 1024 * 1024,
         disk_reserve_bytes: config.disk_reserve_mb * 1024 * 1024,
     };
     Ok(Engine::open(&engine_config)?)

@@ -26,6 +26,12 @@ pub const FAMILIES: &[Family] = &[
         zero: &[&[]],
     },
     Family {
+        name: "pairdb_storage_record_cache_lookups_total",
+        kind: Kind::Counter,
+        help: "record reads by whether the record cache held the record (hit) or the engine was read (miss)",
+        zero: &[&[("outcome", "hit")], &[("outcome", "miss")]],
+    },
+    Family {
         name: "pairdb_storage_clock_offset_seconds",
         kind: Kind::Gauge,
         help: "how far this node's wall clock is ahead of meta's (negative: behind), measured over the last heartbeat round trip; beyond --max-clock-offset-ms the readiness detail says so",

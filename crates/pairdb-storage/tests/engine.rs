@@ -23,6 +23,7 @@ fn config(dir: &std::path::Path, node_id: u32) -> EngineConfig {
         partitions: PartitionCount::default(),
         sync: SyncMode::Always,
         cache_bytes: 16 * 1024 * 1024,
+        record_cache_bytes: 16 * 1024 * 1024,
         disk_reserve_bytes: 0,
     }
 }
@@ -618,5 +619,59 @@ fn concurrent_batches_over_shared_keys_and_single_writes_keep_every_write() {
     for name in &names {
         let set = engine.get(&key(name)).unwrap().unwrap();
         assert_eq!(set.siblings().len(), 8 * 10, "{name}");
+    }
+}
+
+/// Readers beside a writer (through the record cache) never see a record go back to an older
+/// version, and once the writer is done every reader sees its last write.
+#[test]
+fn reads_beside_writes_never_go_back_and_end_on_the_last_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(&config(dir.path(), 1)).unwrap();
+    let names: Vec<String> = (0..8).map(|i| format!("counted-{i}")).collect();
+    const WRITES: u64 = 300;
+    let writing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writer = {
+        let (engine, names, writing) = (engine.clone(), names.clone(), writing.clone());
+        std::thread::spawn(move || {
+            let mut contexts = vec![VersionVector::new(); names.len()];
+            for round in 1..=WRITES {
+                for (name, context) in names.iter().zip(contexts.iter_mut()) {
+                    let value = round.to_be_bytes().to_vec();
+                    let write = CoordinatedWrite { context: context.clone(), ..blind_write(&value) };
+                    let set = engine.coordinate_write_before(&key(name), write, ApplyDeadline::NONE).unwrap();
+                    assert_eq!(set.siblings().len(), 1);
+                    *context = set.vector().clone();
+                }
+            }
+            writing.store(false, std::sync::atomic::Ordering::Release);
+        })
+    };
+    let round_of = |set: &VersionSet| {
+        let value = set.siblings()[0].value.clone().unwrap();
+        u64::from_be_bytes(value.try_into().unwrap())
+    };
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            let (engine, names, writing) = (engine.clone(), names.clone(), writing.clone());
+            std::thread::spawn(move || {
+                let mut last = vec![0u64; names.len()];
+                while writing.load(std::sync::atomic::Ordering::Acquire) {
+                    for (name, last) in names.iter().zip(last.iter_mut()) {
+                        let Some(set) = engine.get(&key(name)).unwrap() else { continue };
+                        let round = round_of(&set);
+                        assert!(round >= *last, "{name} went back from {last} to {round}");
+                        *last = round;
+                    }
+                }
+            })
+        })
+        .collect();
+    writer.join().unwrap();
+    for reader in readers {
+        reader.join().unwrap();
+    }
+    for name in &names {
+        assert_eq!(round_of(&engine.get(&key(name)).unwrap().unwrap()), WRITES);
     }
 }

@@ -25,6 +25,7 @@ fn open(dir: &std::path::Path) -> std::sync::Arc<Engine> {
         partitions: q(),
         sync: SyncMode::Periodic { interval_ms: 100 },
         cache_bytes: 8 << 20,
+        record_cache_bytes: 16 * 1024 * 1024,
         disk_reserve_bytes: 0,
     })
     .unwrap()
@@ -151,6 +152,10 @@ fn deleted_keys_are_tombstones_until_purged_and_the_index_follows_every_path() {
         })
         .collect();
     assert_eq!(engine.purge_tombstones(&digests, u64::MAX).unwrap(), 34);
+    // Each was just read (so in the record cache): a purged record is gone from every read path.
+    for (key, _) in &digests {
+        assert!(engine.get(key).unwrap().is_none() && engine.get_encoded(key).unwrap().is_none());
+    }
     assert_eq!(keys(&engine, &all("t")), live);
     assert!(engine.verify_key_index().unwrap().consistent());
     assert_eq!(engine.tenant_usage(|_| true)[0].1.tombstones, 0);
@@ -173,8 +178,11 @@ fn deleted_keys_are_tombstones_until_purged_and_the_index_follows_every_path() {
     }
     assert_eq!(deleted, 50);
     assert!(keys(&engine, &all("u")).is_empty());
+    assert!(incoming.iter().all(|(key, _)| engine.get(key).unwrap().is_none()));
 
     // A tenant purge.
+    let live_keys: Vec<RecordKey> = live.iter().map(|k| RecordKey::new(q(), "t", k)).collect();
+    assert!(live_keys.iter().all(|key| engine.get(key).unwrap().is_some()));
     engine.begin_tenant_purge("t", 1, 0).unwrap();
     for space in pairdb_storage::engine::PurgeSpace::ALL {
         let mut after: Option<Vec<u8>> = None;
@@ -187,6 +195,10 @@ fn deleted_keys_are_tombstones_until_purged_and_the_index_follows_every_path() {
         }
     }
     assert!(keys(&engine, &all("t")).is_empty());
+    assert!(
+        live_keys.iter().all(|key| engine.get(key).unwrap().is_none()),
+        "a purged tenant's record is read"
+    );
     assert!(engine.tenant_usage(|_| true).is_empty());
     let check = engine.verify_key_index().unwrap();
     assert!(check.consistent() && check.records == 0, "{check:?}");

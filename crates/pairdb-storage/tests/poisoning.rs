@@ -24,6 +24,7 @@ fn open(dir: &Path, sync: SyncMode) -> Arc<Engine> {
         partitions: PartitionCount::default(),
         sync,
         cache_bytes: 16 * 1024 * 1024,
+        record_cache_bytes: 16 * 1024 * 1024,
         disk_reserve_bytes: 0,
     })
     .unwrap()

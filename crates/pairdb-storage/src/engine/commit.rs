@@ -15,7 +15,7 @@ pub(super) enum Space {
 /// One single-key write waiting for a group commit.
 #[derive(Debug)]
 pub(super) enum WriteOp {
-    Insert(Space, Vec<u8>, Vec<u8>),
+    Insert(Space, Vec<u8>, fjall::Slice),
     Remove(Space, Vec<u8>),
 }
 

@@ -39,7 +39,7 @@ impl Engine {
         storable(&merged)?;
         let mut value = now_ms().to_be_bytes().to_vec();
         value.extend_from_slice(&encode_version_set(&merged));
-        self.commit_write(vec![WriteOp::Insert(Space::Hints, hint_key, value)], preparing)
+        self.commit_write(vec![WriteOp::Insert(Space::Hints, hint_key, value.into())], preparing)
     }
 
     /// Up to `limit` hints for `target_node` (optionally one partition), in key order.

@@ -177,7 +177,7 @@ impl Engine {
                 index_batch.push(WriteOp::Insert(
                     Space::KeyIndex,
                     key.encode_index(),
-                    key.index_value().to_vec(),
+                    key.index_value().into(),
                 ));
                 if index_batch.len() >= INDEX_BUILD_BATCH {
                     self.write_unsynced(std::mem::take(&mut index_batch))?;
@@ -192,7 +192,11 @@ impl Engine {
             }
         }
         if build_index {
-            index_batch.push(WriteOp::Insert(Space::KeyIndex, INDEX_BUILT_MARKER.to_vec(), Vec::new()));
+            index_batch.push(WriteOp::Insert(
+                Space::KeyIndex,
+                INDEX_BUILT_MARKER.to_vec(),
+                fjall::Slice::empty(),
+            ));
             self.write_unsynced(index_batch)?;
             self.make_durable()?;
             tracing::info!(

@@ -53,6 +53,7 @@ mod hints;
 mod listing;
 mod mutate;
 mod poison;
+mod record_cache;
 mod scans;
 mod tenant_purge;
 mod tombstones;
@@ -60,7 +61,7 @@ mod tombstones;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock, TryLockError, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
@@ -84,6 +85,7 @@ pub use tenant_purge::{PurgeSpace, PurgeStep, TenantPurge};
 
 use commit::{CommitQueue, Space, WriteOp};
 use poison::PoisonSignal;
+use record_cache::RecordCache;
 
 /// When writes are fsynced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +104,8 @@ pub struct EngineConfig {
     pub sync: SyncMode,
     /// Block cache size.
     pub cache_bytes: u64,
+    /// Record cache size (0: none) ([`record_cache`]).
+    pub record_cache_bytes: u64,
     /// Writes are refused once free disk space falls below this.
     pub disk_reserve_bytes: u64,
 }
@@ -264,6 +268,8 @@ pub use pairdb_core::gc::TombstonePlacement;
 pub struct Engine {
     db: Database,
     records: Keyspace,
+    /// Recent records, in front of `records` ([`record_cache`]).
+    record_cache: RecordCache,
     hints: Keyspace,
     confirmed: Keyspace,
     quarantine: Keyspace,
@@ -321,6 +327,7 @@ impl Engine {
         let engine = Arc::new(Engine {
             db,
             records,
+            record_cache: RecordCache::new(config.record_cache_bytes),
             hints,
             confirmed,
             quarantine,
@@ -371,12 +378,46 @@ impl Engine {
 
     /// The key's version set, if any.
     pub fn get(&self, key: &RecordKey) -> Result<Option<VersionSet>, EngineError> {
-        self.read_set(&key.encode())
+        match self.read_record_unlocked(&key.encode())? {
+            Some(raw) => decode_version_set(&raw).map(Some).map_err(EngineError::Corrupt),
+            None => Ok(None),
+        }
     }
 
     /// The raw encoded set (for streaming without a decode/encode round trip).
     pub fn get_encoded(&self, key: &RecordKey) -> Result<Option<Vec<u8>>, EngineError> {
-        Ok(self.records.get(key.encode()).map_err(EngineError::Read)?.map(|v| v.to_vec()))
+        Ok(self.read_record_unlocked(&key.encode())?.map(|raw| raw.to_vec()))
+    }
+
+    /// A record as stored, for a caller that holds no stripe lock: through the record cache, which
+    /// it fills only if it gets the record's stripe lock without waiting ([`record_cache`]).
+    fn read_record_unlocked(&self, encoded_key: &[u8]) -> Result<Option<fjall::Slice>, EngineError> {
+        if let Some(hit) = self.record_cache.get(encoded_key) {
+            return Ok(Some(hit));
+        }
+        let _guard = match self.stripes[self.stripe_of(encoded_key)].try_lock() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return self.records.get(encoded_key).map_err(EngineError::Read),
+        };
+        self.read_record_uncached(encoded_key)
+    }
+
+    /// A record as stored, through the record cache; call with its stripe lock held.
+    fn read_record(&self, encoded_key: &[u8]) -> Result<Option<fjall::Slice>, EngineError> {
+        match self.record_cache.get(encoded_key) {
+            Some(hit) => Ok(Some(hit)),
+            None => self.read_record_uncached(encoded_key),
+        }
+    }
+
+    /// Reads the record from fjall and caches it; call with its stripe lock held.
+    fn read_record_uncached(&self, encoded_key: &[u8]) -> Result<Option<fjall::Slice>, EngineError> {
+        let raw = self.records.get(encoded_key).map_err(EngineError::Read)?;
+        if raw.is_some() {
+            self.record_cache.set(encoded_key, raw.as_ref());
+        }
+        Ok(raw)
     }
 
     /// Moves undecodable records from `records` to `quarantine` (durably, before the node serves).
@@ -396,6 +437,7 @@ impl Engine {
                 self.write(|| self.key_index.remove(key.encode_index()))?;
             }
             self.write(|| self.records.remove(raw_key.clone()))?;
+            self.record_cache.set(raw_key, None);
         }
         self.make_durable()?;
         metrics::counter!("pairdb_storage_records_quarantined_total").increment(undecodable.len() as u64);
@@ -407,6 +449,7 @@ impl Engine {
     #[doc(hidden)]
     pub fn insert_raw_record_for_tests(&self, key: &RecordKey, raw: &[u8]) -> Result<(), EngineError> {
         self.write(|| self.records.insert(key.encode(), raw))?;
+        self.record_cache.set(&key.encode(), None);
         self.make_durable()
     }
 
@@ -438,8 +481,9 @@ impl Engine {
         self.stripes[stripe].lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The record's set; call with its stripe lock held.
     fn read_set(&self, encoded_key: &[u8]) -> Result<Option<VersionSet>, EngineError> {
-        match self.records.get(encoded_key).map_err(EngineError::Read)? {
+        match self.read_record(encoded_key)? {
             Some(raw) => decode_version_set(&raw).map(Some).map_err(EngineError::Corrupt),
             None => Ok(None),
         }

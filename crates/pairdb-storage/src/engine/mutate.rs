@@ -25,6 +25,7 @@
 //! a client's old context) would cover, and silently drop, the new acknowledged write (Riak's KV679).
 
 use super::*;
+use fjall::Slice;
 use pairdb_core::dvv::{Actor, NewVersion};
 
 /// What a mutation decided for one record.
@@ -54,31 +55,42 @@ pub(super) enum Apply {
 /// it: a record that exists has its entry (same batch; a directory opened without the index builds
 /// it from the records first), so an update does not write it again — one memtable insert fewer
 /// per replica write.
-fn record_ops(key: &RecordKey, encoded_key: &[u8], existed: bool, change: Change) -> Vec<WriteOp> {
-    let record = || encoded_key.to_vec();
+fn record_ops(
+    key: &RecordKey,
+    encoded_key: &[u8],
+    existed: bool,
+    change: &Change,
+    record: Option<&Slice>,
+) -> Vec<WriteOp> {
     let index_entry = |ops: &mut Vec<WriteOp>| {
         if !existed {
-            ops.push(WriteOp::Insert(Space::KeyIndex, key.encode_index(), key.index_value().to_vec()));
+            ops.push(WriteOp::Insert(Space::KeyIndex, key.encode_index(), key.index_value().into()));
         }
     };
     let mut ops = Vec::with_capacity(3);
-    match change {
-        Change::Keep => {}
-        Change::Put(set) => {
-            ops.push(WriteOp::Insert(Space::Records, record(), encode_version_set(&set)));
+    match (change, record) {
+        (Change::Put(_), Some(record)) => {
+            ops.push(WriteOp::Insert(Space::Records, encoded_key.to_vec(), record.clone()));
             index_entry(&mut ops);
         }
-        Change::Mint(set, actor) => {
-            ops.push(WriteOp::Insert(Space::Records, record(), encode_version_set(&set)));
-            ops.push(WriteOp::Insert(Space::MintingActors, record(), actor.0.to_be_bytes().to_vec()));
+        (Change::Mint(_, actor), Some(record)) => {
+            ops.push(WriteOp::Insert(Space::Records, encoded_key.to_vec(), record.clone()));
+            ops.push(WriteOp::Insert(
+                Space::MintingActors,
+                encoded_key.to_vec(),
+                actor.0.to_be_bytes().into(),
+            ));
             index_entry(&mut ops);
         }
-        Change::Remove => {
+        (Change::Remove, _) => {
             debug_assert!(existed, "only a record that exists is removed");
             // One batch: the minting actor, the index entry and the record go together.
-            ops.push(WriteOp::Remove(Space::MintingActors, record()));
+            ops.push(WriteOp::Remove(Space::MintingActors, encoded_key.to_vec()));
             ops.push(WriteOp::Remove(Space::KeyIndex, key.encode_index()));
-            ops.push(WriteOp::Remove(Space::Records, record()));
+            ops.push(WriteOp::Remove(Space::Records, encoded_key.to_vec()));
+        }
+        (Change::Keep, _) | (Change::Put(_) | Change::Mint(..), None) => {
+            debug_assert!(matches!(change, Change::Keep), "a stored set comes with its encoding");
         }
     }
     ops
@@ -91,6 +103,8 @@ struct Followup {
     old_usage: Usage,
     new_entry: Option<Entry>,
     new_usage: Usage,
+    /// The record as written (`None`: removed), for the record cache.
+    new_record: Option<Slice>,
 }
 
 /// The writes of `change` to `key`'s record (`existing` as read under its lock) and what follows
@@ -106,13 +120,19 @@ fn planned(
         Change::Put(set) | Change::Mint(set, _) => (Some(Entry::of(set)), Usage::of(set)),
         Change::Remove => (None, Usage::default()),
     };
+    let new_record = match &change {
+        Change::Put(set) | Change::Mint(set, _) => Some(Slice::from(encode_version_set(set))),
+        Change::Keep | Change::Remove => None,
+    };
+    let ops = record_ops(key, encoded_key, existing.is_some(), &change, new_record.as_ref());
     let followup = Followup {
         old_entry: existing.as_ref().map(Entry::of),
         old_usage: existing.as_ref().map(Usage::of).unwrap_or_default(),
         new_entry,
         new_usage,
+        new_record,
     };
-    Some((record_ops(key, encoded_key, existing.is_some(), change), followup))
+    Some((ops, followup))
 }
 
 /// The set a coordinated write leaves: `existing` updated with the new sibling as `actor`, or for a
@@ -180,10 +200,11 @@ impl Engine {
         Ok(out)
     }
 
-    /// Keeps the partition's Merkle tree and the tenant's usage in step with a written change (call
+    /// Keeps the record cache, the partition's Merkle tree and the tenant's usage in step with a written change (call
     /// with the key's stripe lock held, once the change is in the engine).
     fn follow(&self, key: &RecordKey, encoded_key: &[u8], followup: Followup) {
-        let Followup { old_entry, old_usage, new_entry, new_usage } = followup;
+        let Followup { old_entry, old_usage, new_entry, new_usage, new_record } = followup;
+        self.record_cache.set(encoded_key, new_record.as_ref());
         self.merkle.update(encoded_key, old_entry, new_entry);
         self.usage.replace(key, old_usage, new_usage);
     }

@@ -191,6 +191,7 @@ impl Engine {
             ops.push(WriteOp::Remove(Space::KeyIndex, key.encode_index()));
         }
         self.write_unsynced(ops)?;
+        self.record_cache.set(raw_key, None);
         if let Some(set) = set {
             self.merkle.update(raw_key, Some(Entry::of(&set)), None);
             if let Some(key) = &key {
