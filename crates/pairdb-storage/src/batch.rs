@@ -81,6 +81,30 @@ fn status_detail(status: &Status) -> ErrorDetail {
     })
 }
 
+/// Gets left for the engine, each with its position in the call.
+pub type Unanswered = Vec<(usize, Result<RecordKey, Status>)>;
+
+/// The gets the record cache answers ([`Engine::cached_encoded`], no disk), at their positions, and
+/// the rest (with their positions) for [`get`] on the blocking pool.
+pub fn get_cached(
+    engine: &Engine,
+    keys: Vec<Result<RecordKey, Status>>,
+) -> (Vec<Option<pb::GetResult>>, Unanswered) {
+    let mut missing = Vec::new();
+    let answered = keys
+        .into_iter()
+        .enumerate()
+        .map(|(position, key)| {
+            let hit = key.as_ref().ok().and_then(|key| engine.cached_encoded(key));
+            if hit.is_none() {
+                missing.push((position, key));
+            }
+            hit.map(|version_set| pb::GetResult { found: true, version_set, error: None })
+        })
+        .collect();
+    (answered, missing)
+}
+
 /// Reads every checked key (a router's coalesced `Get`s); one result per key, in order. A key
 /// whose read fails gets the error a single `Get` would answer; the others are unaffected.
 pub fn get(engine: &Engine, keys: Vec<Result<RecordKey, Status>>) -> Vec<pb::GetResult> {

@@ -517,7 +517,15 @@ impl StorageService for StorageApi {
 
     async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
         let key = self.client_key(request.into_inner().key)?;
-        let encoded = self.blocking("get", move |engine| engine.get_encoded(&key)).await?;
+        // A record in the record cache is answered here: a memory lookup, no blocking-pool hop.
+        let started = Instant::now();
+        let encoded = match self.engine.cached_encoded(&key) {
+            Some(hit) => {
+                record("get", started, &Ok::<_, Status>(()));
+                Some(hit)
+            }
+            None => self.blocking("get", move |engine| engine.get_encoded(&key)).await?,
+        };
         Ok(Response::new(match encoded {
             Some(version_set) => pb::GetResponse { found: true, version_set },
             None => pb::GetResponse { found: false, version_set: Vec::new() },
@@ -532,8 +540,20 @@ impl StorageService for StorageApi {
         crate::batch::check_len(gets.len())?;
         let keys: Vec<Result<RecordKey, Status>> =
             gets.into_iter().map(|get| self.client_key(get.key)).collect();
-        let results = self.blocking("get_many", move |engine| Ok(crate::batch::get(engine, keys))).await?;
-        Ok(Response::new(pb::GetManyResponse { results }))
+        // Records in the record cache are answered here; only the rest go to the blocking pool.
+        let started = Instant::now();
+        let (mut results, missing) = crate::batch::get_cached(&self.engine, keys);
+        if missing.is_empty() {
+            record("get_many", started, &Ok::<_, Status>(()));
+        } else {
+            let (positions, keys): (Vec<usize>, Vec<_>) = missing.into_iter().unzip();
+            let read = self.blocking("get_many", move |engine| Ok(crate::batch::get(engine, keys))).await?;
+            for (position, result) in positions.into_iter().zip(read) {
+                results[position] = Some(result);
+            }
+        }
+        debug_assert!(results.iter().all(Option::is_some), "every get is answered");
+        Ok(Response::new(pb::GetManyResponse { results: results.into_iter().flatten().collect() }))
     }
 
     type StreamPartitionStream = ReceiverStream<Result<pb::PartitionBatch, Status>>;

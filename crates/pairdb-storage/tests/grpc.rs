@@ -550,3 +550,58 @@ async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
     (status, body)
 }
+
+/// `GetMany` answers records the record cache holds on the runtime thread and the rest from the
+/// engine, each at its position: a cached record, a refused key, a record the cache does not hold,
+/// an absent key — and the same again once the engine read filled the cache.
+#[tokio::test]
+async fn get_many_answers_cached_and_uncached_records_in_order() {
+    let node = Node::start(1).await;
+    let mut client = node.client().await;
+    let cached = client
+        .coordinate_write(pb::CoordinateWriteRequest {
+            key: Some(key_ref("t", "cached")),
+            value: Some(b"a".to_vec()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .version_set;
+    // Planted past the cache: on disk, not cached.
+    let planted = encode_version_set(&blind(7, b"b"));
+    let record = pairdb_storage::keys::RecordKey::new(PartitionCount::default(), "t", "planted");
+    node.engine.insert_raw_record_for_tests(&record, &planted).unwrap();
+    let good = key_ref("t", "cached");
+    let wrong_partition = pb::KeyRef { partition: (good.partition + 1) % 4096, ..good.clone() };
+    let gets: Vec<pb::GetRequest> =
+        [good.clone(), wrong_partition, key_ref("t", "planted"), key_ref("t", "absent"), good]
+            .into_iter()
+            .map(|key| pb::GetRequest { key: Some(key) })
+            .collect();
+    for round in 0..2 {
+        let results =
+            client.get_many(pb::GetManyRequest { gets: gets.clone() }).await.unwrap().into_inner().results;
+        let found: Vec<(bool, Vec<u8>)> = results.iter().map(|r| (r.found, r.version_set.clone())).collect();
+        assert_eq!(
+            found,
+            vec![
+                (true, cached.clone()),
+                (false, Vec::new()),
+                (true, planted.clone()),
+                (false, Vec::new()),
+                (true, cached.clone())
+            ],
+            "round {round}"
+        );
+        let errors: Vec<Option<String>> =
+            results.iter().map(|r| r.error.as_ref().map(|e| e.reason.clone())).collect();
+        assert_eq!(
+            errors,
+            vec![None, Some("PARTITION_MISMATCH".to_owned()), None, None, None],
+            "round {round}"
+        );
+    }
+    assert_eq!(get(&mut client, "t", "planted").await, Some(blind(7, b"b")));
+    node.stop().await;
+}

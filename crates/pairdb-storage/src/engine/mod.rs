@@ -389,6 +389,12 @@ impl Engine {
         Ok(self.read_record_unlocked(&key.encode())?.map(|raw| raw.to_vec()))
     }
 
+    /// The key's encoded set if the record cache holds it (`None`: read the engine). A memory
+    /// lookup that never waits on the disk, so a runtime thread may answer a read with it.
+    pub fn cached_encoded(&self, key: &RecordKey) -> Option<Vec<u8>> {
+        self.record_cache.peek(&key.encode()).map(|raw| raw.to_vec())
+    }
+
     /// A record as stored, for a caller that holds no stripe lock: through the record cache, which
     /// it fills only if it gets the record's stripe lock without waiting ([`record_cache`]).
     fn read_record_unlocked(&self, encoded_key: &[u8]) -> Result<Option<fjall::Slice>, EngineError> {

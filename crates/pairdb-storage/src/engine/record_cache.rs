@@ -60,6 +60,14 @@ impl RecordCache {
         found
     }
 
+    /// The entry, counted only when there is one (the caller reads the engine next, through
+    /// [`Self::get`], which counts the miss).
+    pub(super) fn peek(&self, encoded_key: &[u8]) -> Option<Slice> {
+        let found = self.entries.as_ref()?.get(encoded_key)?;
+        metrics::counter!("pairdb_storage_record_cache_lookups_total", "outcome" => "hit").increment(1);
+        Some(found)
+    }
+
     /// Sets K's entry to its record (`None`: K has no record). Call with K's stripe lock held.
     pub(super) fn set(&self, encoded_key: &[u8], record: Option<&Slice>) {
         let Some(entries) = &self.entries else { return };
