@@ -128,13 +128,27 @@ pub fn coordinate(
     engine: &Engine,
     writes: Vec<Result<PreparedWrite, Status>>,
 ) -> Result<Vec<pb::CoordinateWriteResult>, EngineError> {
-    let (positions, checked) =
-        split_checked(writes, |PreparedWrite { key, write, deadline }| (key, write, deadline));
-    let mut applied = engine.coordinate_writes(checked)?.into_iter();
-    Ok(positions
+    let mut checked = Vec::with_capacity(writes.len());
+    // Each position's refusal, or `None`: the engine answers it, in order.
+    let refusals: Vec<Option<ErrorDetail>> = writes
         .into_iter()
-        .map(|position| {
-            match position.and_then(|()| applied.next().ok_or(unanswered()).and_then(|r| r.map_err(detail))) {
+        .map(|prepared| match prepared {
+            Err(refused) => Some(status_detail(&refused)),
+            Ok(PreparedWrite { key, write, deadline }) => {
+                checked.push((key, write, deadline));
+                None
+            }
+        })
+        .collect();
+    let mut applied = engine.coordinate_writes(checked)?.into_iter();
+    Ok(refusals
+        .into_iter()
+        .map(|refusal| {
+            let outcome = match refusal {
+                Some(refused) => Err(refused),
+                None => applied.next().ok_or_else(unanswered).and_then(|r| r.map_err(detail)),
+            };
+            match outcome {
                 Ok(set) => pb::CoordinateWriteResult { version_set: encode_version_set(&set), error: None },
                 Err(error) => pb::CoordinateWriteResult { version_set: Vec::new(), error: Some(error) },
             }
@@ -147,38 +161,28 @@ pub fn replicate(
     engine: &Engine,
     items: Vec<Result<PreparedReplica, Status>>,
 ) -> Result<Vec<pb::ReplicateResult>, EngineError> {
-    // Hints are rare in a batch (an owner is down): each takes its own group commit.
-    let items: Vec<Result<Replica, Status>> = items
+    let mut to_merge = Vec::with_capacity(items.len());
+    // Each position's answer (hinted or not), or `None`: the merge answers it, in order.
+    let answers: Vec<Option<Result<bool, ErrorDetail>>> = items
         .into_iter()
-        .map(|prepared| {
-            prepared.map(|PreparedReplica { key, set, hint_for }| match hint_for {
-                Some(owner) => Replica::Hinted(engine.put_hint(owner, &key, &set).map_err(detail)),
-                None => Replica::Merge(key, set),
-            })
+        .map(|prepared| match prepared {
+            Err(refused) => Some(Err(status_detail(&refused))),
+            // Hints are rare in a batch (an owner is down): each takes its own group commit.
+            Ok(PreparedReplica { key, set, hint_for: Some(owner) }) => {
+                Some(engine.put_hint(owner, &key, &set).map(|()| true).map_err(detail))
+            }
+            Ok(PreparedReplica { key, set, hint_for: None }) => {
+                to_merge.push((key, set));
+                None
+            }
         })
         .collect();
-    let (positions, merges) = split_checked(items, |replica| replica);
-    let (mut hinted, mut to_merge) = (Vec::new(), Vec::new());
-    for replica in merges {
-        match replica {
-            Replica::Hinted(result) => hinted.push(Some(result)),
-            Replica::Merge(key, set) => {
-                hinted.push(None);
-                to_merge.push((key, set));
-            }
-        }
-    }
     let mut merged = engine.merge_many(to_merge)?.into_iter();
-    let mut hinted = hinted.into_iter();
-    Ok(positions
+    Ok(answers
         .into_iter()
-        .map(|position| {
-            let outcome = position.and_then(|()| match hinted.next() {
-                Some(Some(hint)) => hint.map(|()| true),
-                Some(None) => {
-                    merged.next().ok_or(unanswered()).and_then(|r| r.map(|_| false).map_err(detail))
-                }
-                None => Err(unanswered()),
+        .map(|answer| {
+            let outcome = answer.unwrap_or_else(|| {
+                merged.next().ok_or_else(unanswered).and_then(|r| r.map(|_| false).map_err(detail))
             });
             match outcome {
                 Ok(hinted) => pb::ReplicateResult { hinted, error: None },
@@ -186,32 +190,6 @@ pub fn replicate(
             }
         })
         .collect())
-}
-
-/// A checked replicate item: kept as a hint already, or to merge.
-enum Replica {
-    Hinted(Result<(), ErrorDetail>),
-    Merge(RecordKey, VersionSet),
-}
-
-/// Splits a batch into the refusal (or a placeholder) at each position and the checked items, in
-/// order: the engine answers the checked items, one answer each, in the same order.
-fn split_checked<P, T>(
-    items: Vec<Result<P, Status>>,
-    into: impl Fn(P) -> T,
-) -> (Vec<Result<(), ErrorDetail>>, Vec<T>) {
-    let mut checked = Vec::with_capacity(items.len());
-    let positions = items
-        .into_iter()
-        .map(|item| match item {
-            Ok(prepared) => {
-                checked.push(into(prepared));
-                Ok(())
-            }
-            Err(refused) => Err(status_detail(&refused)),
-        })
-        .collect();
-    (positions, checked)
 }
 
 /// The engine answers every item it is given; this is what an item would get if it did not.

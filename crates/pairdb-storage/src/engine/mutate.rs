@@ -96,7 +96,7 @@ fn record_ops(
     ops
 }
 
-/// What a written change leaves for the Merkle tree and the tenant's usage to follow.
+/// What a written change leaves for the record cache, the Merkle tree and the tenant's usage.
 #[derive(Debug)]
 struct Followup {
     old_entry: Option<Entry>,
@@ -200,8 +200,8 @@ impl Engine {
         Ok(out)
     }
 
-    /// Keeps the record cache, the partition's Merkle tree and the tenant's usage in step with a written change (call
-    /// with the key's stripe lock held, once the change is in the engine).
+    /// Keeps the record cache, the partition's Merkle tree and the tenant's usage in step with a
+    /// written change (call with the key's stripe lock held, once the change is in the engine).
     fn follow(&self, key: &RecordKey, encoded_key: &[u8], followup: Followup) {
         let Followup { old_entry, old_usage, new_entry, new_usage, new_record } = followup;
         self.record_cache.set(encoded_key, new_record.as_ref());
@@ -232,34 +232,49 @@ impl Engine {
         let mut results: Vec<Option<Result<T, EngineError>>> = pending.iter().map(|_| None).collect();
         for round in 0..=rounds.iter().copied().max().unwrap_or(0) {
             let members: Vec<usize> = (0..rounds.len()).filter(|i| rounds[*i] == round).collect();
-            let mut decided = Vec::with_capacity(members.len());
-            let stripes: std::collections::BTreeSet<usize> =
-                members.iter().map(|i| self.stripe_of(&encoded[*i])).collect();
-            let _guards: Vec<MutexGuard<'_, ()>> = stripes.into_iter().map(|s| self.lock_stripe(s)).collect();
-            let mut ops = Vec::with_capacity(members.len() * 2);
-            for index in members {
-                // Each index is in exactly one round, so its item is still there.
-                let Some((key, item)) = pending[index].take() else { continue };
-                let encoded_key = &encoded[index];
-                let outcome = self.read_set(encoded_key).and_then(|existing| {
-                    let (change, out) = decide(&key, encoded_key, item, existing.as_ref())?;
-                    if let Some((item_ops, followup)) = planned(&key, encoded_key, existing, change) {
-                        ops.extend(item_ops);
-                        decided.push((index, key, followup));
-                    }
-                    Ok(out)
-                });
-                results[index] = Some(outcome);
-            }
-            if !ops.is_empty() {
-                self.commit_writes(ops)?;
-            }
-            for (index, key, followup) in decided {
-                self.follow(&key, &encoded[index], followup);
-            }
+            self.mutate_round(&members, &encoded, &mut pending, &mut results, &mut decide)?;
         }
         debug_assert!(results.iter().all(Option::is_some), "every item of a batch is decided");
         Ok(results.into_iter().flatten().collect())
+    }
+
+    /// One round of [`Self::mutate_many`]: the `members` (distinct keys) decided under all their
+    /// stripe locks, written in one group commit, then followed, each result at its index.
+    fn mutate_round<I, T>(
+        &self,
+        members: &[usize],
+        encoded: &[Vec<u8>],
+        pending: &mut [Option<(RecordKey, I)>],
+        results: &mut [Option<Result<T, EngineError>>],
+        decide: &mut impl FnMut(&RecordKey, &[u8], I, Option<&VersionSet>) -> Result<(Change, T), EngineError>,
+    ) -> Result<(), EngineError> {
+        let stripes: std::collections::BTreeSet<usize> =
+            members.iter().map(|i| self.stripe_of(&encoded[*i])).collect();
+        // Ascending order: no other path holds more than one stripe, so this cannot deadlock.
+        let _guards: Vec<MutexGuard<'_, ()>> = stripes.into_iter().map(|s| self.lock_stripe(s)).collect();
+        let (mut ops, mut decided) =
+            (Vec::with_capacity(members.len() * 2), Vec::with_capacity(members.len()));
+        for &index in members {
+            // Each index is in exactly one round, so its item is still there.
+            let Some((key, item)) = pending[index].take() else { continue };
+            let encoded_key = &encoded[index];
+            let outcome = self.read_set(encoded_key).and_then(|existing| {
+                let (change, out) = decide(&key, encoded_key, item, existing.as_ref())?;
+                if let Some((item_ops, followup)) = planned(&key, encoded_key, existing, change) {
+                    ops.extend(item_ops);
+                    decided.push((index, key, followup));
+                }
+                Ok(out)
+            });
+            results[index] = Some(outcome);
+        }
+        if !ops.is_empty() {
+            self.commit_writes(ops)?;
+        }
+        for (index, key, followup) in decided {
+            self.follow(&key, &encoded[index], followup);
+        }
+        Ok(())
     }
 
     /// Applies a client write as this node's actor and returns the resulting set, durably.
