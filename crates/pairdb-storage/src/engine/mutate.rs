@@ -115,14 +115,12 @@ fn planned(
     existing: Option<VersionSet>,
     change: Change,
 ) -> Option<(Vec<WriteOp>, Followup)> {
-    let (new_entry, new_usage) = match &change {
+    let (new_entry, new_usage, new_record) = match &change {
         Change::Keep => return None,
-        Change::Put(set) | Change::Mint(set, _) => (Some(Entry::of(set)), Usage::of(set)),
-        Change::Remove => (None, Usage::default()),
-    };
-    let new_record = match &change {
-        Change::Put(set) | Change::Mint(set, _) => Some(Slice::from(encode_version_set(set))),
-        Change::Keep | Change::Remove => None,
+        Change::Put(set) | Change::Mint(set, _) => {
+            (Some(Entry::of(set)), Usage::of(set), Some(Slice::from(encode_version_set(set))))
+        }
+        Change::Remove => (None, Usage::default(), None),
     };
     let ops = record_ops(key, encoded_key, existing.is_some(), &change, new_record.as_ref());
     let followup = Followup {

@@ -10,7 +10,10 @@
 //!   change is in the engine (`mutate`, `mutate_many`, the tenant purge, quarantine, test plants);
 //! - a read fills an entry only while it holds the record's stripe lock (a writer's
 //!   read-merge-write, or a point read that got the lock without waiting);
-//! - nothing is filled before it is durable: a failed group commit returns before the entry changes.
+//! - an entry changes only once its change is in the engine, so a failed write (which poisons the
+//!   write path) leaves it as it was. It is visible exactly when fjall's own memtable shows the
+//!   change: for the group-commit paths after the flush / fsync, for the journal paths (merge
+//!   batches, tombstone purges) before their closing `make_durable`, as fjall's reads are.
 //!
 //! The cache starts empty with the engine, so it never holds what a restart could have lost.
 
