@@ -261,6 +261,7 @@ fn dev_cluster_survives_bench_and_every_command_prints_json() {
     let report = json(&["bench", "--workload", "A", "--duration", &duration, "--records", "2000"]);
     assert_eq!(report["workload"], "A");
     assert_eq!(report["concurrency"], 64);
+    assert_eq!(report["connections"], 4, "as many connections as the gRPC floor's echo uses");
     assert_eq!(report["run"]["errors"], serde_json::json!({}), "{report:#}");
     assert_eq!(report["load"]["errors"], serde_json::json!({}), "{report:#}");
     assert_eq!(report["load"]["operations"], 2000);
@@ -273,7 +274,10 @@ fn dev_cluster_survives_bench_and_every_command_prints_json() {
     }
 
     // The listing workload walks the records the load phase wrote.
-    let listing = json(&["bench", "--workload", "L", "--duration", "2s", "--records", "2000", "--skip-load"]);
+    // One connection instead of the default four: the report says how many the workers shared.
+    let walk = ["bench", "--workload", "L", "--duration", "2s", "--records", "2000", "--skip-load"];
+    let listing = json(&[&walk[..], &["--connections", "1"]].concat());
+    assert_eq!(listing["connections"], 1);
     assert_eq!(listing["run"]["errors"], serde_json::json!({}), "{listing:#}");
     assert!(listing["run"]["listed_keys"].as_u64().unwrap() >= 2000, "{listing:#}");
 

@@ -130,6 +130,10 @@ pub struct BenchArgs {
     /// Seconds each floor case runs (with --ratio-to-floor).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub floor_secs: u64,
+    /// HTTP/2 connections to the router, shared round-robin by the workers (the gRPC floor's
+    /// ratio is stated against its 4-connection echo, so 4 by default).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub connections: u32,
     /// Items per PutMany (workload P), 1..=1000.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub batch_size: u32,
@@ -171,7 +175,8 @@ impl Contexts {
 /// Shared state of one phase.
 #[derive(Debug)]
 struct Phase {
-    client: KvClient,
+    /// One client per connection (`--connections`); worker `i` uses client `i % len`.
+    clients: Vec<KvClient>,
     contexts: Contexts,
     next_operation: AtomicU64,
     value_size: usize,
@@ -179,6 +184,18 @@ struct Phase {
     /// Operations finished and failed so far in this phase, for the live progress line.
     finished_ops: AtomicU64,
     failed_ops: AtomicU64,
+}
+
+/// What one worker sends through: the shared phase and the connection the worker was given.
+struct Session<'a> {
+    phase: &'a Phase,
+    client: &'a KvClient,
+}
+
+impl<'a> Session<'a> {
+    fn of(phase: &'a Phase, worker: u32) -> Self {
+        Self { phase, client: &phase.clients[worker as usize % phase.clients.len()] }
+    }
 }
 
 pub async fn run(globals: &Globals, args: BenchArgs) -> anyhow::Result<()> {
@@ -195,9 +212,12 @@ pub async fn run(globals: &Globals, args: BenchArgs) -> anyhow::Result<()> {
         Some(script) => Some(floor::measure(script, args.floor_secs).await?),
         None => None,
     };
-    let client = globals.kv().await?;
+    let mut clients = Vec::with_capacity(args.connections as usize);
+    for _ in 0..args.connections {
+        clients.push(globals.kv().await?);
+    }
     let phase = Arc::new(Phase {
-        client,
+        clients,
         contexts: Contexts::new(),
         next_operation: AtomicU64::new(0),
         value_size: args.value_size,
@@ -239,6 +259,7 @@ pub async fn run(globals: &Globals, args: BenchArgs) -> anyhow::Result<()> {
         "workload": args.workload.name(),
         "records": args.records,
         "concurrency": args.concurrency,
+        "connections": args.connections,
         "value_size": args.value_size,
         "distribution": format!("{:?}", args.distribution).to_lowercase(),
         "consistency": args.consistency.map(|c| format!("{c:?}").to_lowercase()),
@@ -291,6 +312,7 @@ async fn load_phase(phase: &Arc<Phase>, args: &BenchArgs, show_progress: bool) -
     for worker in 0..args.concurrency {
         let (phase, bar, records, seed) = (phase.clone(), bar.clone(), args.records, args.seed);
         workers.spawn(async move {
+            let session = Session::of(&phase, worker);
             let mut recorder = Recorder::default();
             let mut rng = StdRng::seed_from_u64(seed ^ u64::from(worker).rotate_left(32));
             loop {
@@ -299,7 +321,7 @@ async fn load_phase(phase: &Arc<Phase>, args: &BenchArgs, show_progress: bool) -
                     break;
                 }
                 let sent = Instant::now();
-                put(&phase, record, &mut rng, Vec::new(), Op::Insert, sent, &mut recorder).await;
+                put(&session, record, &mut rng, Vec::new(), Op::Insert, sent, &mut recorder).await;
                 bar.inc(1);
             }
             recorder
@@ -351,6 +373,7 @@ async fn run_phase(
         let (workload, seed, target_rate, batch_size) =
             (args.workload, args.seed, args.target_rate, args.batch_size);
         workers.spawn(async move {
+            let session = Session::of(&phase, worker);
             let mut recorder = Recorder::default();
             let mut rng = StdRng::seed_from_u64(seed.wrapping_add(1) ^ u64::from(worker).rotate_left(17));
             // Listing workloads: where this worker's walk over the tenant is (`None`: start over).
@@ -371,20 +394,21 @@ async fn run_phase(
                 let record = chooser.next(&mut rng);
                 if workload == Workload::P {
                     let records: Vec<u64> = (0..batch_size).map(|_| chooser.next(&mut rng)).collect();
-                    put_many(&phase, &records, &mut rng, due, &mut recorder).await;
+                    put_many(&session, &records, &mut rng, due, &mut recorder).await;
                 } else if matches!(workload, Workload::L | Workload::S) {
                     page_token =
-                        list_page(&phase, workload == Workload::S, page_token, due, &mut recorder).await;
+                        list_page(&session, workload == Workload::S, page_token, due, &mut recorder).await;
                 } else if rng.random_range(0..100) < workload.read_percent() {
-                    read(&phase, record, Op::Read, due, &mut recorder).await;
+                    read(&session, record, Op::Read, due, &mut recorder).await;
                 } else if workload == Workload::F {
-                    let context = read(&phase, record, Op::ReadModifyWrite, due, &mut recorder).await;
+                    let context = read(&session, record, Op::ReadModifyWrite, due, &mut recorder).await;
                     if let Some(context) = context {
-                        put(&phase, record, &mut rng, context, Op::ReadModifyWrite, due, &mut recorder).await;
+                        put(&session, record, &mut rng, context, Op::ReadModifyWrite, due, &mut recorder)
+                            .await;
                     }
                 } else {
                     let context = phase.contexts.get(record);
-                    put(&phase, record, &mut rng, context, Op::Update, due, &mut recorder).await;
+                    put(&session, record, &mut rng, context, Op::Update, due, &mut recorder).await;
                 }
                 phase.finished_ops.fetch_add(1, Ordering::Relaxed);
                 let failed = recorder.error_count() - errors_before;
@@ -407,18 +431,19 @@ async fn run_phase(
 /// One listing page of the walk at `page_token`; returns where the walk goes on (`None`: start
 /// over, after the last page or a failure).
 async fn list_page(
-    phase: &Phase,
+    session: &Session<'_>,
     with_values: bool,
     page_token: Option<String>,
     due: Instant,
     recorder: &mut Recorder,
 ) -> Option<String> {
+    let phase = session.phase;
     let options = pairdb_client::ListOptions { consistency: phase.consistency, ..Default::default() };
     let (op, page) = if with_values {
-        let page = phase.client.scan(&options, page_token.as_deref()).await;
+        let page = session.client.scan(&options, page_token.as_deref()).await;
         (Op::ScanPage, page.map(|p| (p.keys.len(), p.next_page_token)))
     } else {
-        let page = phase.client.list_keys(&options, page_token.as_deref()).await;
+        let page = session.client.list_keys(&options, page_token.as_deref()).await;
         (Op::ListPage, page.map(|p| (p.keys.len(), p.next_page_token)))
     };
     match page {
@@ -478,7 +503,7 @@ fn value(rng: &mut StdRng, size: usize) -> Vec<u8> {
 /// Writes a fresh value to `record`; the latency of `op` runs from `since` (its send or due time;
 /// for read-modify-write, from the read's due time, so it covers both round trips).
 async fn put(
-    phase: &Phase,
+    session: &Session<'_>,
     record: u64,
     rng: &mut StdRng,
     context: Vec<u8>,
@@ -486,8 +511,9 @@ async fn put(
     since: Instant,
     recorder: &mut Recorder,
 ) {
+    let phase = session.phase;
     let options = WriteOptions { consistency: phase.consistency, context, ..WriteOptions::default() };
-    match phase.client.put(&key_of(record), value(rng, phase.value_size), options).await {
+    match session.client.put(&key_of(record), value(rng, phase.value_size), options).await {
         Ok(result) => {
             recorder.record(op, since.elapsed());
             phase.contexts.set(record, result.context);
@@ -497,7 +523,14 @@ async fn put(
 }
 
 /// Writes fresh values to `records` in one PutMany (each with its known context).
-async fn put_many(phase: &Phase, records: &[u64], rng: &mut StdRng, since: Instant, recorder: &mut Recorder) {
+async fn put_many(
+    session: &Session<'_>,
+    records: &[u64],
+    rng: &mut StdRng,
+    since: Instant,
+    recorder: &mut Recorder,
+) {
+    let phase = session.phase;
     let items = records
         .iter()
         .map(|record| pairdb_client::PutManyItem {
@@ -508,7 +541,7 @@ async fn put_many(phase: &Phase, records: &[u64], rng: &mut StdRng, since: Insta
         })
         .collect();
     let options = WriteOptions { consistency: phase.consistency, ..WriteOptions::default() };
-    match phase.client.put_many(items, options).await {
+    match session.client.put_many(items, options).await {
         Ok(reply) => {
             recorder.record(Op::PutMany, since.elapsed());
             for (record, result) in records.iter().zip(reply.results) {
@@ -528,14 +561,15 @@ async fn put_many(phase: &Phase, records: &[u64], rng: &mut StdRng, since: Insta
 /// Reads `record`; returns its context (for read-modify-write) when the read succeeded. A read that is
 /// the first half of a read-modify-write records no latency of its own.
 async fn read(
-    phase: &Phase,
+    session: &Session<'_>,
     record: u64,
     op: Op,
     since: Instant,
     recorder: &mut Recorder,
 ) -> Option<Vec<u8>> {
+    let phase = session.phase;
     let options = ReadOptions { consistency: phase.consistency, ..ReadOptions::default() };
-    match phase.client.get(&key_of(record), options).await {
+    match session.client.get(&key_of(record), options).await {
         Ok(found) => {
             if op == Op::Read {
                 recorder.record(op, since.elapsed());
