@@ -20,8 +20,30 @@ use tonic::transport::Channel;
 const KEYS: usize = 100_000;
 const WRITERS: usize = 32;
 
-fn spawn_node(dir: &std::path::Path, port: u16, sync: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_pairdb-storage"))
+/// The tests run one at a time. Each finds a free port by binding port 0 and letting it go before
+/// its node binds it; two tests doing that at once were once handed the same port, and both then
+/// wrote to, killed and checked one node between them.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A node process, killed if the test fails before it does so itself (no node outlives its test).
+struct Node(Child);
+
+impl Node {
+    fn kill(&mut self) {
+        self.0.kill().unwrap(); // SIGKILL
+        self.0.wait().unwrap();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_node(dir: &std::path::Path, port: u16, sync: &str) -> Node {
+    let child = Command::new(env!("CARGO_BIN_EXE_pairdb-storage"))
         .args(["--node-id", "1", "--insecure-cluster", "--sync", sync, "--listen-addr"])
         .arg(format!("127.0.0.1:{port}"))
         .arg("--data-dir")
@@ -29,7 +51,8 @@ fn spawn_node(dir: &std::path::Path, port: u16, sync: &str) -> Child {
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .spawn()
-        .unwrap()
+        .unwrap();
+    Node(child)
 }
 
 async fn connect(port: u16) -> StorageServiceClient<Channel> {
@@ -54,6 +77,7 @@ fn key_ref(key: &str) -> pb::KeyRef {
 }
 
 async fn crash_and_recover(sync: &'static str) {
+    let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut node = spawn_node(dir.path(), port, sync);
@@ -99,8 +123,7 @@ async fn crash_and_recover(sync: &'static str) {
     let kill_after = Duration::from_millis(300 + u64::from(seed % 2200));
     println!("sync={sync}: SIGKILL after {kill_after:?}");
     tokio::time::sleep(kill_after).await;
-    node.kill().unwrap(); // SIGKILL
-    node.wait().unwrap();
+    node.kill();
     dead.store(true, Ordering::Relaxed);
     for writer in writers {
         writer.await.unwrap();
@@ -128,8 +151,7 @@ async fn crash_and_recover(sync: &'static str) {
     for checker in checkers {
         checker.await.unwrap();
     }
-    node.kill().unwrap();
-    node.wait().unwrap();
+    node.kill();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
