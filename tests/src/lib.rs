@@ -64,9 +64,19 @@ fn build_binaries() -> anyhow::Result<PathBuf> {
 }
 
 /// A free loopback port (bound and released; the race with other processes is accepted in tests).
+/// Never the same port twice in one test process: the tests of a binary run in parallel, and two of
+/// them handed the same just-released port would start their services on one port between them.
 pub fn free_addr() -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?)
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    for _ in 0..100 {
+        let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        if !handed_out.contains(&addr.port()) {
+            handed_out.push(addr.port());
+            return Ok(addr);
+        }
+    }
+    bail!("no loopback port this process has not handed out already")
 }
 
 /// A child process that is killed when dropped.
