@@ -110,6 +110,21 @@ impl Globals {
     pub async fn kv(&self) -> anyhow::Result<KvClient> {
         let options = self.options(self.token.as_ref())?;
         check_address(Target::Router, &self.router).await?;
+        self.connect_kv(options).await
+    }
+
+    /// `count` KV clients, each over its own connection to the router (the address is checked once).
+    pub async fn kv_connections(&self, count: usize) -> anyhow::Result<Vec<KvClient>> {
+        let options = self.options(self.token.as_ref())?;
+        check_address(Target::Router, &self.router).await?;
+        let mut clients = Vec::with_capacity(count);
+        for _ in 0..count {
+            clients.push(self.connect_kv(options.clone()).await?);
+        }
+        Ok(clients)
+    }
+
+    async fn connect_kv(&self, options: ClientOptions) -> anyhow::Result<KvClient> {
         KvClient::connect(&self.router, &self.tenant(), options)
             .await
             .map_err(|error| connect_error(Target::Router, &self.router, error))

@@ -212,10 +212,7 @@ pub async fn run(globals: &Globals, args: BenchArgs) -> anyhow::Result<()> {
         Some(script) => Some(floor::measure(script, args.floor_secs).await?),
         None => None,
     };
-    let mut clients = Vec::with_capacity(args.connections as usize);
-    for _ in 0..args.connections {
-        clients.push(globals.kv().await?);
-    }
+    let clients = globals.kv_connections(args.connections as usize).await?;
     let phase = Arc::new(Phase {
         clients,
         contexts: Contexts::new(),
