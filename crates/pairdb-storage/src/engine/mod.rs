@@ -314,7 +314,10 @@ impl Engine {
         // Journal flushes are ours (group commit in `CommitQueue`): fjall then buffers each write and
         // a whole group goes to the OS (and, with `always`, to the disk) in one call.
         let db = open_database(&engine_dir, config.cache_bytes).map_err(open_err)?;
-        let records = db.keyspace("records", KeyspaceCreateOptions::default).map_err(open_err)?;
+        let records_memtable = records_memtable_bytes(config.node_id);
+        let records = db
+            .keyspace("records", || KeyspaceCreateOptions::default().max_memtable_size(records_memtable))
+            .map_err(open_err)?;
         let hints = db.keyspace("hints", KeyspaceCreateOptions::default).map_err(open_err)?;
         let confirmed =
             db.keyspace("confirmed_tombstones", KeyspaceCreateOptions::default).map_err(open_err)?;
@@ -562,6 +565,14 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// The `records` keyspace's memtable size, 48, 64 or 80 MiB by node id. Replicas receive the same
+/// writes, so with one size their memtables fill, flush and compact at the same moments and every
+/// replica of a key is slow at once; spread sizes put those moments apart. fjall keeps the size a
+/// keyspace was created with: a data directory an earlier release created keeps 64 MiB.
+fn records_memtable_bytes(node_id: NodeId) -> u64 {
+    (48 + 16 * (u64::from(node_id.0) % 3)) << 20
+}
+
 /// How long `open` waits for a previous engine on the same directory to finish closing.
 const LOCKED_WAIT: Duration = Duration::from_secs(5);
 
@@ -614,5 +625,22 @@ fn spawn_maintenance(engine: Weak<Engine>) {
     });
     if let Err(error) = spawned {
         tracing::error!(%error, "cannot start the storage maintenance thread");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three consecutive node ids (one replica set of a small cluster) get three memtable sizes, each
+    /// pair at least a fifth of the larger apart, so their flushes drift apart instead of coinciding.
+    #[test]
+    fn replicas_get_spread_memtable_sizes() {
+        let mut sizes: Vec<u64> = (1..=3).map(|id| records_memtable_bytes(NodeId(id)) >> 20).collect();
+        sizes.sort_unstable();
+        assert!(sizes.iter().all(|mib| (48..=80).contains(mib)), "{sizes:?}");
+        for pair in sizes.windows(2) {
+            assert!((pair[1] - pair[0]) * 5 >= pair[1], "{sizes:?}");
+        }
     }
 }
