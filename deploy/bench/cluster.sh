@@ -7,7 +7,8 @@
 # BIN_DIR holds pairdb, pairdb-meta, pairdb-storage, pairdb-router (e.g. target/release).
 # ROUTER_ARGS adds router flags (e.g. --coalesce-after-in-flight 0); WORKLOADS (default "W C") the
 # run workloads after the load phase; SYNC=always for fsync per group commit; RATE=N runs each
-# workload open loop at N ops/s instead; CONC (default 64) sets the clients. Uses ports 7000, 7100, 7201-7203.
+# workload open loop at N ops/s instead; CONC (default 64) sets the clients; WARM=SECS runs
+# unreported closed-loop updates before the workloads. Uses ports 7000, 7100, 7201-7203.
 set -u
 B=$(cd "$1" && pwd); SECS=${2:-20}; RECORDS=${3:-100000}
 # The bench client (PAIRDB_CLI): another build's `pairdb` may drive an older server build.
@@ -53,6 +54,12 @@ floor_arg="--ratio-to-floor $floor_sh"; [ "${FLOOR:-1}" = 0 ] && floor_arg=""
 $CLI --output json bench --workload W --records $RECORDS --operations 1 --consistency quorum \
   --distribution uniform $floor_arg > $W/load.json
 summary $W/load.json load
+# WARM=SECS first runs closed-loop updates for SECS (unreported), so the workloads meet nodes that
+# have been taking writes for a while (full memtables, flushes and compactions under way).
+if [ "${WARM:-0}" != 0 ]; then
+  $CLI --output json bench --workload W --records $RECORDS --skip-load --duration ${WARM}s \
+    --concurrency ${CONC:-64} --consistency quorum --distribution uniform > /dev/null
+fi
 for w in $WORKLOADS; do
   $CLI --output json bench --workload $w --records $RECORDS --skip-load --duration ${SECS}s \
     --concurrency ${CONC:-64} --consistency quorum --distribution uniform $floor_arg $rate > $W/$w.json
