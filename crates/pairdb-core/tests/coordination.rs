@@ -27,6 +27,7 @@ fn write_plan(required: usize) -> WritePlan {
         required,
         strict_quorum: false,
         suspects: BTreeSet::new(),
+        slow: BTreeSet::new(),
         deadline_ms: 1000,
     }
 }
@@ -158,6 +159,31 @@ fn suspect_replicas_are_skipped_and_strict_quorum_ignores_hints() {
         vec![&WriteReply::QuorumNotReached { acks: 2, hinted_acks: 1, required: 3, failures: vec![] }]
     );
     assert!(write.is_finished());
+}
+
+#[test]
+fn slow_replicas_coordinate_after_the_prompt_ones_and_before_suspects() {
+    let mut plan = write_plan(2);
+    plan.slow = BTreeSet::from([N1]);
+    let mut write = WriteCoordinator::<()>::new(plan);
+    assert_eq!(write.start(0), vec![WriteEffect::Coordinate { node: N2 }]);
+    // A slow node still receives the set and its acknowledgement counts.
+    let effects = write.on_coordinated(N2, (), 1);
+    assert!(effects.contains(&WriteEffect::Replicate { node: N1, hint_for: None, set: () }));
+    assert!(effects.contains(&WriteEffect::Replicate { node: N3, hint_for: None, set: () }));
+    let effects = write.on_replicated(N1, 2);
+    assert!(matches!(replies(&effects).as_slice(), [WriteReply::Acked { acks: 2, .. }]));
+
+    // Order among candidates: prompt, then slow (in list order), then suspects.
+    let mut plan = write_plan(2);
+    plan.slow = BTreeSet::from([N1, N2]);
+    plan.suspects = BTreeSet::from([N3]);
+    let mut write = WriteCoordinator::<()>::new(plan);
+    assert_eq!(write.start(0), vec![WriteEffect::Coordinate { node: N1 }]);
+    let effects = write.on_coordinate_failed(N1, FailureCause::NotApplied, 1);
+    assert_eq!(effects, vec![WriteEffect::Coordinate { node: N2 }]);
+    let effects = write.on_coordinate_failed(N2, FailureCause::NotApplied, 2);
+    assert_eq!(effects, vec![WriteEffect::Coordinate { node: N3 }]);
 }
 
 #[test]

@@ -1064,6 +1064,7 @@ impl Sim {
         let state = &mut self.clients[client];
         state.writes += 1;
         let value = format!("client{client}-write{}", state.writes).into_bytes();
+        let state_writes = state.writes;
         let value = (!self.rng.percent(self.config.tombstone_percent)).then_some(value);
         let required = self.rng.pick(&self.config.write_quorums);
         let strict = self.rng.percent(self.config.strict_percent);
@@ -1074,6 +1075,13 @@ impl Sim {
             required,
             strict_quorum: strict,
             suspects: self.suspects(),
+            // The router's slowness signal is a heuristic: any coordinator order must be safe, so
+            // the order varies from write to write (without drawing from the seeded stream).
+            slow: PREFERENCE
+                .iter()
+                .copied()
+                .filter(|n| (state_writes + u64::from(n.0)).is_multiple_of(4))
+                .collect(),
             deadline_ms: self.now_ms + self.config.deadline_ms,
         };
         let write =

@@ -90,6 +90,8 @@ pub struct Lane<C: Coalesced> {
 
 struct LaneState<C: Coalesced> {
     in_flight: usize,
+    /// When the call now in flight (the newest batch, or the lead call) left; `None` while idle.
+    sent_at: Option<Instant>,
     queue: VecDeque<Waiter<C>>,
 }
 
@@ -111,13 +113,19 @@ impl<C: Coalesced> Lane<C> {
             calls_metric: metrics::counter!("pairdb_router_coalesced_calls_total", "node_id" => node.clone(), "call" => call),
             batches_metric: metrics::counter!("pairdb_router_coalesced_batches_total", "node_id" => node, "call" => call),
             unsupported: AtomicBool::new(false),
-            state: Mutex::new(LaneState { in_flight: 0, queue: VecDeque::new() }),
+            state: Mutex::new(LaneState { in_flight: 0, sent_at: None, queue: VecDeque::new() }),
         }
     }
 
     /// Calls this lane sent inside batches, and how many batches carried them.
     pub fn coalesced(&self) -> (u64, u64) {
         (self.coalesced_calls.load(Ordering::Relaxed), self.batches.load(Ordering::Relaxed))
+    }
+
+    /// How long the call this lane has in flight has been out (`None` while idle): a node stalled
+    /// by a flush, a compaction or a long fsync shows here before any call to it fails.
+    pub fn busy_for(&self, now: Instant) -> Option<std::time::Duration> {
+        self.state().sent_at.map(|sent| now.saturating_duration_since(sent))
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, LaneState<C>> {
@@ -135,6 +143,7 @@ impl<C: Coalesced> Lane<C> {
         let mut state = lane.state();
         if state.in_flight < lane.leads {
             state.in_flight += 1;
+            state.sent_at.get_or_insert_with(Instant::now);
             return Admission::Lead(waiter, LeadSlot { client: client.clone(), kind: PhantomData });
         }
         if state.queue.len() >= MAX_QUEUED {
@@ -171,8 +180,12 @@ impl<C: Coalesced> Lane<C> {
         if batch.is_empty() {
             debug_assert!(state.in_flight > 0);
             state.in_flight -= 1;
+            if state.in_flight == 0 {
+                state.sent_at = None;
+            }
             return None;
         }
+        state.sent_at = Some(now);
         drop(state);
         self.coalesced_calls.fetch_add(batch.len() as u64, Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);
@@ -217,5 +230,39 @@ impl<C: Coalesced> Drop for LeadSlot<C> {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::pool::StoragePool;
+    use crate::storage::CoordinateLane;
+
+    /// A lane counts as busy from the moment its call leaves until the last call in flight ends, and
+    /// the pool names the node slow only past the bound.
+    #[tokio::test]
+    async fn a_lane_is_busy_while_its_call_is_out_and_idle_after() {
+        let pool = StoragePool::new(8, Duration::from_secs(1));
+        let client = pool.client(NodeId(1), "127.0.0.1:9").expect("a lazily connecting client");
+        assert_eq!(client.lanes.coordinate.busy_for(Instant::now()), None);
+        assert!(pool.slow(Duration::ZERO).is_empty());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let Admission::Lead(_waiter, slot) =
+            Lane::<CoordinateLane>::admit(&client, Default::default(), deadline)
+        else {
+            panic!("the first call on an idle lane leads");
+        };
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let busy = client.lanes.coordinate.busy_for(Instant::now()).expect("busy while the call is out");
+        assert!(busy >= Duration::from_millis(30), "{busy:?}");
+        assert_eq!(pool.slow(Duration::from_millis(20)), BTreeSet::from([NodeId(1)]));
+        assert!(pool.slow(Duration::from_secs(3600)).is_empty());
+        drop(slot);
+        assert_eq!(client.lanes.coordinate.busy_for(Instant::now()), None);
+        assert!(pool.slow(Duration::ZERO).is_empty());
     }
 }

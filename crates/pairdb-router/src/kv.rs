@@ -30,6 +30,11 @@ use crate::request::RequestOptions;
 use crate::storage::{CoordinateCall, StorageCalls, StorageKey, wall_clock_ms};
 use crate::view::{ClusterView, ConflictMode, SharedView, TenantSettings};
 
+/// A node with a write call from this router out this long coordinates only when no other owner
+/// answers promptly: its stalls (a flush, a compaction, a long fsync) last hundreds of ms, while a
+/// batched call normally returns within a few ms. Its replica writes still count towards W.
+const SLOW_WRITE_CALL: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Timing knobs of request coordination.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
@@ -365,6 +370,7 @@ impl KvRouter {
             required,
             strict_quorum: options.strict_quorum || tenant.strict_quorum,
             suspects: self.suspects(view),
+            slow: self.pool.slow(SLOW_WRITE_CALL),
             deadline_ms: self.deadline_ms(options),
         };
         Ok((placement.key, plan))

@@ -173,6 +173,19 @@ impl StoragePool {
             .collect()
     }
 
+    /// Nodes whose write calls from this router have had one out for at least `after` (see
+    /// `WritePlan::slow`: they coordinate only when no prompt owner can).
+    pub fn slow(&self, after: Duration) -> BTreeSet<NodeId> {
+        let now = tokio::time::Instant::now();
+        self.nodes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .filter(|c| c.lanes.writes_stalled(now, after))
+            .map(|c| c.node)
+            .collect()
+    }
+
     pub fn all(&self) -> Vec<Arc<NodeClient>> {
         self.nodes.read().unwrap_or_else(PoisonError::into_inner).values().cloned().collect()
     }

@@ -989,6 +989,13 @@ pub struct Lanes {
 }
 
 impl Lanes {
+    /// Whether the node's write calls (coordinate or replicate) have had one out for at least
+    /// `after`: the node is slow right now.
+    pub fn writes_stalled(&self, now: tokio::time::Instant, after: Duration) -> bool {
+        let stalled = |busy: Option<Duration>| busy.is_some_and(|busy| busy >= after);
+        stalled(self.coordinate.busy_for(now)) || stalled(self.replicate.busy_for(now))
+    }
+
     /// Lanes that let `leads` calls of each kind out alone before coalescing (0: never coalesce).
     pub fn new(leads: usize, node: NodeId) -> Self {
         Self {

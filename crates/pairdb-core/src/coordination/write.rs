@@ -28,6 +28,11 @@ pub struct WritePlan {
     /// Nodes the caller's failure view considers down: they are tried last as coordinators and replaced
     /// by fallbacks right away as replication targets.
     pub suspects: BTreeSet<NodeId>,
+    /// Live nodes that answer slowly right now (a call to them has been out longer than the caller's
+    /// bound, e.g. while they flush or compact): tried as coordinators after the other live
+    /// replicas, before suspects; still replication targets. Any owner may coordinate (each record
+    /// mints under its own actor), so this order is a latency choice, never a correctness one.
+    pub slow: BTreeSet<NodeId>,
     pub deadline_ms: u64,
 }
 
@@ -136,10 +141,14 @@ pub struct WriteCoordinator<S> {
 
 impl<S: Clone> WriteCoordinator<S> {
     pub fn new(plan: WritePlan) -> Self {
-        // Live preference-list replicas first, in list order; suspects only as a last resort.
+        // Live preference-list replicas first, in list order, the slow ones after the others;
+        // suspects only as a last resort.
         let (live, suspect): (Vec<NodeId>, Vec<NodeId>) =
             plan.preference.iter().partition(|node| !plan.suspects.contains(node));
-        let candidates = live.into_iter().chain(suspect).collect();
+        let (prompt, slow): (Vec<NodeId>, Vec<NodeId>) =
+            live.into_iter().partition(|node| !plan.slow.contains(node));
+        let candidates: Vec<NodeId> = prompt.into_iter().chain(slow).chain(suspect).collect();
+        debug_assert_eq!(candidates.len(), plan.preference.len(), "every owner is a candidate once");
         Self {
             plan,
             set: None,
