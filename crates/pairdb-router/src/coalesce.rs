@@ -249,7 +249,8 @@ mod tests {
         let pool = StoragePool::new(8, Duration::from_secs(1));
         let client = pool.client(NodeId(1), "127.0.0.1:9").expect("a lazily connecting client");
         assert_eq!(client.lanes.coordinate.busy_for(Instant::now()), None);
-        assert!(pool.slow(Duration::ZERO).is_empty());
+        let nodes = [NodeId(1), NodeId(2)];
+        assert!(pool.slow(&nodes, Duration::ZERO).is_empty());
         let deadline = Instant::now() + Duration::from_secs(5);
         let Admission::Lead(_waiter, slot) =
             Lane::<CoordinateLane>::admit(&client, Default::default(), deadline)
@@ -259,10 +260,14 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(30)).await;
         let busy = client.lanes.coordinate.busy_for(Instant::now()).expect("busy while the call is out");
         assert!(busy >= Duration::from_millis(30), "{busy:?}");
-        assert_eq!(pool.slow(Duration::from_millis(20)), BTreeSet::from([NodeId(1)]));
-        assert!(pool.slow(Duration::from_secs(3600)).is_empty());
+        assert_eq!(pool.slow(&nodes, Duration::from_millis(20)), BTreeSet::from([NodeId(1)]));
+        assert!(
+            pool.slow(&nodes[1..], Duration::from_millis(20)).is_empty(),
+            "only the candidates asked about"
+        );
+        assert!(pool.slow(&nodes, Duration::from_secs(3600)).is_empty());
         drop(slot);
         assert_eq!(client.lanes.coordinate.busy_for(Instant::now()), None);
-        assert!(pool.slow(Duration::ZERO).is_empty());
+        assert!(pool.slow(&nodes, Duration::ZERO).is_empty());
     }
 }

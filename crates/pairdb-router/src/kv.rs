@@ -363,6 +363,7 @@ impl KvRouter {
         options: &RequestOptions,
     ) -> Result<(StorageKey, WritePlan), RouterError> {
         let placement = Self::placement(view, tenant, key)?;
+        let slow = self.pool.slow(&placement.preference, SLOW_WRITE_CALL);
         let plan = WritePlan {
             preference: placement.preference,
             fallbacks: placement.fallbacks,
@@ -370,7 +371,7 @@ impl KvRouter {
             required,
             strict_quorum: options.strict_quorum || tenant.strict_quorum,
             suspects: self.suspects(view),
-            slow: self.pool.slow(SLOW_WRITE_CALL),
+            slow,
             deadline_ms: self.deadline_ms(options),
         };
         Ok((placement.key, plan))

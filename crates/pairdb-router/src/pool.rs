@@ -173,16 +173,16 @@ impl StoragePool {
             .collect()
     }
 
-    /// Nodes whose write calls from this router have had one out for at least `after` (see
-    /// `WritePlan::slow`: they coordinate only when no prompt owner can).
-    pub fn slow(&self, after: Duration) -> BTreeSet<NodeId> {
+    /// Those of `candidates` whose write calls from this router have had one out for at least
+    /// `after` (see `WritePlan::slow`: they coordinate only when no prompt owner can). Looks only
+    /// at the candidates: it runs for every write.
+    pub fn slow(&self, candidates: &[NodeId], after: Duration) -> BTreeSet<NodeId> {
         let now = tokio::time::Instant::now();
-        self.nodes
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .filter(|c| c.lanes.writes_stalled(now, after))
-            .map(|c| c.node)
+        let nodes = self.nodes.read().unwrap_or_else(PoisonError::into_inner);
+        candidates
+            .iter()
+            .filter(|node| nodes.get(node).is_some_and(|c| c.lanes.writes_stalled(now, after)))
+            .copied()
             .collect()
     }
 
