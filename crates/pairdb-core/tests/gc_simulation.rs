@@ -11,8 +11,12 @@
 //!   epoch while writes go to the union of old and new owners, a transfer merging one live old owner's
 //!   records into each gaining node once every live view shows the pending topology, and completion
 //!   once every old and new owner is up (a final merge from every old owner, so migrations themselves
-//!   lose nothing). A migration never gives a node a tenant it owned before (the known gap below;
-//!   `Config::returns` allows it), so a gaining node holds no record of the tenant. Nodes follow the
+//!   lose nothing). Unless `Config::returns` (every fourth seed of the main test), a migration never
+//!   gives a node a tenant it owned before; with it, a gaining node may still hold old records of the
+//!   tenant. Completion also marks every node `nodes_left_holding` names (from the version it
+//!   publishes); a node's unowned-data deletion, once it ran, sends meta (lossy, delayed) the version
+//!   of the view it ran from, and meta clears the marks that covers. Views carry whether any mark
+//!   stands (`ClusterPlacement::unowned_leftovers`), which makes them not quiet. Nodes follow the
 //!   truth through their watch session, each update delayed (at most `view_delay_ms`, well below both
 //!   graces). A session breaks (session `None`, view frozen) and reconnects under a new id with the
 //!   current view. A crashed node keeps its records, minting actors and confirmations, misses every
@@ -61,10 +65,9 @@
 //! replica or an old context covers, and acknowledged writes are lost; with the anti-entropy GC path
 //! running from a frozen view (`ae_gc_needs_session` off) deleted data comes back.
 //!
-//! Known gap, not fixed: a node given back a tenant before its unowned deletion ran still holds
-//! records that missed the deletes and GC of the meantime, and the transfer or anti-entropy brings
-//! deleted data back even under [`Rules::SAFE`] (`gc_simulation_returning_owner_brings_deleted_data_back`,
-//! ignored). The main test does not run such migrations.
+//! A node given back a tenant before its unowned deletion ran still holds records that missed the
+//! deletes of the meantime; with GC ignoring the marks (`gc_waits_for_leftovers` off) the transfer or
+//! anti-entropy brings deleted data back.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -73,6 +76,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 
 use pairdb_core::dvv::{Actor, Dot, VersionSet, VersionVector};
+use pairdb_core::gc::leftovers::{MigrationEnd, depth_changes, nodes_left_holding};
 use pairdb_core::gc::tombstones::{
     confirmed_verdict, gc_cutoff_ms, is_candidate, purge_allowed, replicas_agree,
 };
@@ -80,8 +84,9 @@ use pairdb_core::gc::{
     ClusterPlacement, Confirmation, ConfirmedVerdict, PlacementView, RecordState, SettleTracker,
     TenantPlacement, TenantReplication, TombstonePlacement, placement_holds, stable_placement,
 };
-use pairdb_core::repair::replica_peers;
-use pairdb_core::ring::NodeId;
+use pairdb_core::repair::{TenantSpan, replica_peers};
+use pairdb_core::ring::{Assignment, NodeId};
+use pairdb_core::token::PartitionCount;
 
 use support::Rng;
 
@@ -140,6 +145,11 @@ struct Rules {
     /// The anti-entropy GC path runs only with a live watch session, like the full-ack path. Off: from
     /// whatever view the node holds, live or frozen (the engine before this change).
     ae_gc_needs_session: bool,
+    /// Tombstone GC (both paths) waits while a node a migration left holding records it no longer
+    /// owns (`nodes_left_holding`) has not reported an unowned-data deletion from a view at or past
+    /// that change (`ClusterPlacement::unowned_leftovers`). Off: GC ignores such nodes (the release
+    /// before this change), and a node given back a tenant brings deleted data back.
+    gc_waits_for_leftovers: bool,
 }
 
 impl Rules {
@@ -150,6 +160,7 @@ impl Rules {
         settle_unowned: true,
         per_record_minting_actor: true,
         ae_gc_needs_session: true,
+        gc_waits_for_leftovers: true,
     };
 }
 
@@ -198,6 +209,11 @@ impl Config {
         }
     }
 
+    /// Migrations that may give a node back a tenant it lost, while it may still hold old records.
+    fn returning() -> Self {
+        Self { returns: true, migrations: 4, ..Self::chaos() }
+    }
+
     /// Long session breaks, slow migrations and many of them: views stay frozen across migrations.
     fn frozen() -> Self {
         Self { session_break_ms: (500, 2_000), migration_ms: (150, 1_500), migrations: 6, ..Self::chaos() }
@@ -213,6 +229,8 @@ struct Topology {
     epoch: u64,
     list: Vec<NodeId>,
     pending: Option<(u64, Vec<NodeId>)>,
+    /// Some node meta marked as left holding records has not reported a cleanup past the mark.
+    leftovers: bool,
 }
 
 impl Topology {
@@ -228,6 +246,7 @@ impl Topology {
             self.pending.is_some(),
             vec![tenant("t3"), tenant("t1")],
         )
+        .with_unowned_leftovers(self.leftovers)
     }
 
     fn placement_view(&self, tenant: &str) -> PlacementView {
@@ -318,21 +337,57 @@ enum Msg {
 enum Event {
     ClientWrite,
     Rotate,
-    Deliver { to: NodeId, msg: Msg },
-    Acked { write: usize, from: NodeId },
-    WriteDeadline { write: usize },
-    View { node: NodeId, session: u64, topology: Topology },
-    Reconnect { node: NodeId },
+    Deliver {
+        to: NodeId,
+        msg: Msg,
+    },
+    Acked {
+        write: usize,
+        from: NodeId,
+    },
+    WriteDeadline {
+        write: usize,
+    },
+    View {
+        node: NodeId,
+        session: u64,
+        topology: Topology,
+    },
+    Reconnect {
+        node: NodeId,
+    },
     Chaos,
-    NodeUp { node: NodeId },
-    AntiEntropy { node: NodeId },
-    AeGc { node: NodeId },
-    GcTimeout { round: u64 },
-    FullAck { node: NodeId },
-    Unowned { node: NodeId },
+    NodeUp {
+        node: NodeId,
+    },
+    AntiEntropy {
+        node: NodeId,
+    },
+    AeGc {
+        node: NodeId,
+    },
+    GcTimeout {
+        round: u64,
+    },
+    FullAck {
+        node: NodeId,
+    },
+    Unowned {
+        node: NodeId,
+    },
     MigrationStart,
-    Transfer { epoch: u64 },
-    MigrationComplete { epoch: u64 },
+    Transfer {
+        epoch: u64,
+    },
+    MigrationComplete {
+        epoch: u64,
+    },
+    /// A node's heartbeat reaches meta: its last complete unowned-data deletion ran from the view of
+    /// this version.
+    CleanupReport {
+        node: NodeId,
+        version: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -352,6 +407,9 @@ struct Stats {
     gc_rounds_aborted: u64,
     purges_refused_on_recheck: u64,
     migrations_completed: u64,
+    /// Nodes meta marked as left holding records, and the reports that cleared a mark.
+    leftover_marks: u64,
+    leftover_marks_cleared: u64,
     session_breaks: u64,
     crashes: u64,
 }
@@ -373,6 +431,10 @@ struct Sim<'a> {
     truth: Topology,
     /// (tenant, node) pairs that ever owned data, for migrations that never give data back.
     ever_owned: BTreeSet<(&'static str, NodeId)>,
+    /// Meta's marks: the view version from which a node is known to hold records it no longer owns,
+    /// and the version of the view its last reported complete unowned-data deletion ran from.
+    leftover_since: BTreeMap<NodeId, u64>,
+    cleaned_at: BTreeMap<NodeId, u64>,
     migrations_left: usize,
     nodes: BTreeMap<NodeId, Node>,
     writes: Vec<Write>,
@@ -420,6 +482,7 @@ impl<'a> Sim<'a> {
             epoch: 1,
             list: vec![NodeId(1), NodeId(2), NodeId(3)],
             pending: None,
+            leftovers: false,
         };
         let nodes = NODES
             .into_iter()
@@ -448,6 +511,8 @@ impl<'a> Sim<'a> {
             queue: BTreeMap::new(),
             truth,
             ever_owned,
+            leftover_since: BTreeMap::new(),
+            cleaned_at: BTreeMap::new(),
             migrations_left: config.migrations,
             nodes,
             writes: Vec::new(),
@@ -544,7 +609,14 @@ impl<'a> Sim<'a> {
                 let n = self.nodes.get_mut(&node).unwrap();
                 n.up = true;
                 // The view lives in memory: none until the watch delivers a snapshot.
-                n.view = Topology { known: false, version: 0, epoch: 0, list: Vec::new(), pending: None };
+                n.view = Topology {
+                    known: false,
+                    version: 0,
+                    epoch: 0,
+                    list: Vec::new(),
+                    pending: None,
+                    leftovers: false,
+                };
                 self.after(1, 60, Event::Reconnect { node });
             }
             Event::AntiEntropy { node } if running => {
@@ -575,6 +647,7 @@ impl<'a> Sim<'a> {
                     self.after(30, 60, Event::MigrationComplete { epoch });
                 }
             }
+            Event::CleanupReport { node, version } => self.cleanup_reported(node, version),
             _ => {}
         }
     }
@@ -583,6 +656,9 @@ impl<'a> Sim<'a> {
 
     fn publish(&mut self) {
         self.truth.version += 1;
+        let marked = |n: &NodeId| self.leftover_since[n] > self.cleaned_at.get(n).copied().unwrap_or(0);
+        self.truth.leftovers =
+            self.config.rules.gc_waits_for_leftovers && self.leftover_since.keys().any(marked);
         for node in NODES {
             if let (true, Some(session)) = (self.up(node), self.nodes[&node].session) {
                 let topology = self.truth.clone();
@@ -715,12 +791,43 @@ impl<'a> Sim<'a> {
                 }
             }
         }
+        // Meta marks, in the same change, every node left holding records it no longer owns: from
+        // the version this change publishes, it must report a cleanup made from a view that recent.
+        let assignment = |list: &[NodeId]| {
+            Assignment::from_lists(PartitionCount::new(1).unwrap(), vec![list.to_vec()]).unwrap()
+        };
+        let (before, after) = (assignment(&self.truth.list), assignment(&new));
+        let spans: Vec<TenantSpan> = ["t3", "t1"]
+            .iter()
+            .map(|t| TenantSpan {
+                tenant_id: (*t).to_owned(),
+                old_n: replication_factor(t),
+                new_n: replication_factor(t),
+            })
+            .collect();
+        let depths = depth_changes(&spans, MigrationEnd::Completed);
+        for node in nodes_left_holding(&[&before, &after], &after, &depths) {
+            self.leftover_since.insert(node, self.truth.version + 1);
+            self.stats.leftover_marks += 1;
+        }
         self.truth.epoch = epoch;
         self.truth.list = new;
         self.truth.pending = None;
         self.stats.migrations_completed += 1;
         self.publish();
         true
+    }
+
+    /// Meta hears a node's cleanup report; a mark it clears is published.
+    fn cleanup_reported(&mut self, node: NodeId, version: u64) {
+        let cleaned = self.cleaned_at.entry(node).or_default();
+        *cleaned = (*cleaned).max(version);
+        let cleared = self.leftover_since.get(&node).is_some_and(|since| *since <= version);
+        if cleared {
+            self.leftover_since.remove(&node);
+            self.stats.leftover_marks_cleared += 1;
+            self.publish();
+        }
     }
 
     // ---- Client writes -------------------------------------------------------------------------------
@@ -1048,6 +1155,12 @@ impl<'a> Sim<'a> {
         }
         let doomed = placement.unowned(&node.view.list, me);
         let keys: Vec<Key> = node.records.keys().copied().filter(|k| doomed.drops(tenant_of(*k))).collect();
+        // The deletion below is complete: the next heartbeat says from which view it ran.
+        let version = node.view.version;
+        if !self.rng.percent(self.config.drop_percent) {
+            let max = self.config.max_delay_ms;
+            self.after(1, max, Event::CleanupReport { node: me, version });
+        }
         for key in keys {
             let set = self.nodes.get_mut(&me).unwrap().remove_record(key).unwrap();
             self.stats.unowned_deleted += 1;
@@ -1188,6 +1301,8 @@ impl Stats {
         self.gc_rounds_aborted += s.gc_rounds_aborted;
         self.purges_refused_on_recheck += s.purges_refused_on_recheck;
         self.migrations_completed += s.migrations_completed;
+        self.leftover_marks += s.leftover_marks;
+        self.leftover_marks_cleared += s.leftover_marks_cleared;
         self.session_breaks += s.session_breaks;
         self.crashes += s.crashes;
     }
@@ -1239,14 +1354,19 @@ fn assert_shipped_rules_pass(config: &Config, seeds: &[u64]) {
     }
 }
 
-/// The shipped rules over many seeds (every fourth with frozen views): no invariant breaks, and every
-/// decision that deletes data, and every kind of fault, happens somewhere.
+/// The shipped rules over many seeds (every fourth with frozen views, every fourth with migrations
+/// that give nodes back tenants they lost): no invariant breaks, and every decision that deletes
+/// data, and every kind of fault, happens somewhere.
 #[test]
 fn gc_simulation_many_seeds() {
     const SEEDS: u64 = 400;
     let mut total = Stats::default();
     for seed in 0..SEEDS {
-        let config = if seed % 4 == 3 { Config::frozen() } else { Config::chaos() };
+        let config = match seed % 4 {
+            3 => Config::frozen(),
+            2 => Config::returning(),
+            _ => Config::chaos(),
+        };
         total.add(&run_checked(seed, &config).stats);
     }
     eprintln!("gc simulation, {SEEDS} seeds: {total:?}");
@@ -1262,6 +1382,8 @@ fn gc_simulation_many_seeds() {
         ("GC rounds aborted (a peer silent)", total.gc_rounds_aborted),
         ("purges refused by the re-check", total.purges_refused_on_recheck),
         ("migrations completed", total.migrations_completed),
+        ("nodes marked as left holding records", total.leftover_marks),
+        ("marks cleared by a cleanup report", total.leftover_marks_cleared),
         ("session breaks", total.session_breaks),
         ("crashes", total.crashes),
     ];
@@ -1300,8 +1422,12 @@ fn gc_simulation_catches_purges_on_age_alone() {
 /// landed between the agreement and the purge is deleted with it.
 #[test]
 fn gc_simulation_catches_purges_without_the_recheck() {
-    let config = Config { rules: Rules { recheck_before_purge: false, ..Rules::SAFE }, ..Config::chaos() };
-    assert_caught("purging without the re-check", &config, 0..60, "is gone");
+    let config = Config {
+        rules: Rules { recheck_before_purge: false, ..Rules::SAFE },
+        migrations: 0,
+        ..Config::chaos()
+    };
+    assert_caught("purging without the re-check", &config, 0..300, "is gone");
 }
 
 /// Deleting unowned data from whatever the view says, without a settled live session: a node whose
@@ -1337,12 +1463,14 @@ fn gc_simulation_ae_gc_without_a_session_brings_deleted_data_back() {
     assert_shipped_rules_pass(&config, &caught);
 }
 
-/// Problem (3), not fixed: a migration gives a node back a tenant while it still holds records of it
-/// from before it lost the tenant (its unowned deletion had not run yet). Those records missed the
-/// deletes and GC of the meantime, so the transfer or anti-entropy brings deleted values back.
+/// A migration gives a node back a tenant while it still holds records of it from before it lost the
+/// tenant (its unowned deletion had not run yet). Those records missed the deletes of the meantime;
+/// with tombstone GC ignoring such nodes, the transfer or anti-entropy brings deleted values back.
+/// The same seeds pass when GC waits for the node's cleanup report.
 #[test]
-#[ignore = "known issue: a node given back a tenant before its unowned cleanup ran can bring deleted data back; see ARCHITECTURE.md"]
-fn gc_simulation_returning_owner_brings_deleted_data_back() {
-    let config = Config { returns: true, migrations: 4, ..Config::chaos() };
-    assert_caught("migrations giving data back", &config, 0..200, "came back");
+fn gc_simulation_gc_ignoring_leftovers_brings_deleted_data_back() {
+    let config =
+        Config { rules: Rules { gc_waits_for_leftovers: false, ..Rules::SAFE }, ..Config::returning() };
+    let caught = assert_caught("GC ignoring nodes left holding records", &config, 0..200, "came back");
+    assert_shipped_rules_pass(&config, &caught);
 }

@@ -6,12 +6,14 @@
 //! only while [`placement_holds`]. Both read the same [`PlacementView`], so the rule is written once.
 //!
 //! [`tombstones`] decides when a tombstone-only record may be removed, [`settle`] when data a node
-//! no longer owns may be deleted and when GC may run at all.
+//! no longer owns may be deleted and when GC may run at all, [`leftovers`] which nodes a migration's
+//! end leaves holding records they no longer own (tombstone GC waits for their cleanup).
 //!
 //! Invariant: a placement holds only in a view where [`stable_placement`] would stamp exactly it, so
 //! any topology change, pending migration or replication-factor change since the delete blocks the
 //! purge (the tombstone then waits for anti-entropy, which is always safe).
 
+pub mod leftovers;
 pub mod settle;
 pub mod tombstones;
 

@@ -7,7 +7,8 @@
 //!   unbroken live watch session, for the whole grace period; any change (another session, topology
 //!   epoch, tenant N or N change, a migration) starts the grace over. Placements are compared by value.
 //! - nothing is deleted while a migration is pending or without a topology, and no tombstone is
-//!   collected from a view that is not live;
+//!   collected from a view that is not live, nor while some node may still hold records of a
+//!   partition it stopped owning ([`ClusterPlacement::unowned_leftovers`]);
 //! - a tenant the view does not know is never judged unowned.
 
 use std::collections::BTreeSet;
@@ -42,6 +43,11 @@ pub struct ClusterPlacement {
     pub migration_pending: bool,
     /// Every tenant the view knows, sorted by id.
     pub tenants: Vec<TenantPlacement>,
+    /// Some node stopped owning data in a migration that ended and has not yet reported a complete
+    /// unowned-data deletion made from a view that includes that change
+    /// ([`super::leftovers`]). Its records missed every delete since; were a tombstone collected
+    /// now and the node given the partition back, its stale values would meet no tombstone.
+    pub unowned_leftovers: bool,
 }
 
 impl ClusterPlacement {
@@ -51,14 +57,22 @@ impl ClusterPlacement {
         mut tenants: Vec<TenantPlacement>,
     ) -> Self {
         tenants.sort_unstable();
-        Self { topology_epoch, migration_pending, tenants }
+        Self { topology_epoch, migration_pending, tenants, unowned_leftovers: false }
     }
 
-    /// No owner can change under a decision: a topology, no migration, no N change. Tombstone GC
-    /// (both paths) runs only then.
+    /// The same placement, with some node still holding records it no longer owns (or none).
+    pub fn with_unowned_leftovers(mut self, leftovers: bool) -> Self {
+        self.unowned_leftovers = leftovers;
+        self
+    }
+
+    /// No owner can change under a decision and no former owner holds records that missed deletes:
+    /// a topology, no migration, no N change, no unowned leftovers. Tombstone GC (both paths) runs
+    /// only then.
     pub fn quiet(&self) -> bool {
         self.topology_epoch.is_some()
             && !self.migration_pending
+            && !self.unowned_leftovers
             && self.tenants.iter().all(|t| t.previous_replication_factor.is_none())
     }
 
@@ -246,6 +260,14 @@ mod tests {
         let mut changing = placement(1);
         changing.tenants[1].previous_replication_factor = Some(1);
         assert!(!changing.quiet());
+        let leftovers = placement(1).with_unowned_leftovers(true);
+        assert!(!leftovers.quiet());
+        assert!(!leftovers.tombstone_gc_allowed(Some(1)), "a former owner may get the data back");
+        assert_eq!(
+            leftovers.settled(Some(1)),
+            placement(1).settled(Some(1)),
+            "leftovers do not hold back the deletion that clears them"
+        );
     }
 
     #[test]
