@@ -873,3 +873,99 @@ async fn fully_acknowledged_deletes_are_collected_without_anti_entropy() {
     let report = checker.stop().await.unwrap();
     report.verify(&cluster).await.unwrap().ensure_ok().unwrap();
 }
+
+/// The storage nodes meta says a migration left holding data they have not deleted yet.
+async fn nodes_holding_unowned_data(cluster: &Cluster) -> BTreeSet<u32> {
+    let mut admin = cluster.admin().await.unwrap();
+    let nodes = admin.list_storage_nodes(admin::ListStorageNodesRequest {}).await.unwrap().into_inner().nodes;
+    nodes.into_iter().filter(|n| n.holds_unowned_data).map(|n| n.node_id).collect()
+}
+
+/// A node a migration takes data from holds records that miss every later delete until its
+/// unowned-data deletion runs; were tombstones collected meanwhile and the node given the data back,
+/// its values would come back (`pairdb_core::gc::leftovers`). Lowering N from 3 to 2 leaves every
+/// node holding its third-position partitions: meta marks them, tombstone GC waits on every node while
+/// a mark stands (checked between two reads of the marks, so the check does not depend on timing),
+/// and once the nodes delete that data and report it, the marks clear and the tombstones go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tombstone_gc_waits_for_nodes_a_migration_left_holding_data() {
+    let _serial = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let storage_args = [
+        "--tombstone-grace-secs",
+        "1",
+        "--hint-retention-secs",
+        "1",
+        "--anti-entropy-period-secs",
+        "2",
+        "--unowned-grace-secs",
+        "25",
+    ];
+    let cluster = start(3, 3, &storage_args).await;
+    assert_eq!(nodes_holding_unowned_data(&cluster).await, BTreeSet::new(), "nothing moved yet");
+    let kv = checker::client(&cluster, 0, TENANT, Duration::from_secs(5)).await.unwrap();
+    let keys: Vec<String> = (0..100).map(|i| format!("gc-held-{i}")).collect();
+    let mut contexts = Vec::new();
+    for key in &keys {
+        contexts.push(put_at_all(&kv, key, b"to be deleted").await);
+    }
+
+    let mut admin = cluster.admin().await.unwrap();
+    let lowered = admin
+        .update_replication_factor(admin::UpdateReplicationFactorRequest {
+            tenant_id: TENANT.into(),
+            replication_factor: 2,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    cluster.wait_migration(&lowered.migration_id, MIGRATION_TIMEOUT).await.unwrap();
+    let marked = nodes_holding_unowned_data(&cluster).await;
+    let every_node: BTreeSet<u32> = all_nodes(&cluster).into_iter().map(Cluster::storage_node_id).collect();
+    assert_eq!(marked, every_node, "with 3 nodes every node is third in some lists");
+
+    // Deleted at ALL of the two owners, after the change: both GC paths could collect these once
+    // the grace has passed.
+    let all = WriteOptions { consistency: Consistency::All, ..WriteOptions::default() };
+    for (key, context) in keys.iter().zip(contexts) {
+        let delete = WriteOptions { context, ..all.clone() };
+        let mut attempt = 1;
+        while let Err(error) = kv.delete(key, delete.clone()).await {
+            assert!(attempt < 5, "deleting {key} at ALL failed {attempt} times: {error}");
+            attempt += 1;
+        }
+    }
+    // Several anti-entropy periods and full-ack ticks past the grace.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let still_marked = nodes_holding_unowned_data(&cluster).await;
+    let topology = cluster.topology().await.unwrap();
+    let scan =
+        checker::scan_replicas(&cluster, &topology, TENANT, &keys, &all_nodes(&cluster)).await.unwrap();
+    let marked_after = nodes_holding_unowned_data(&cluster).await;
+    assert!(
+        !still_marked.is_empty() && !marked_after.is_empty(),
+        "the marks cleared within 8 s of the deletes, before the check could run (unowned grace 25 s)"
+    );
+    let collected: Vec<&String> = keys.iter().filter(|key| scan.holders(key).len() < 2).collect();
+    assert!(collected.is_empty(), "tombstones collected while nodes held unowned data: {collected:?}");
+
+    // The nodes delete their third-position data after the unowned grace and report it.
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    while !nodes_holding_unowned_data(&cluster).await.is_empty() {
+        assert!(Instant::now() < deadline, "marks still standing after {SETTLE_TIMEOUT:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    wait_for_replicas(
+        &cluster,
+        TENANT,
+        &keys,
+        2,
+        &all_nodes(&cluster),
+        ReplicaCheck::Absent,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    for key in &keys {
+        assert!(values_at_all(&kv, key).await.is_empty(), "{key} came back after its tombstone was purged");
+    }
+}

@@ -196,6 +196,7 @@ pub fn node_json(node: &admin::StorageNode) -> Value {
         },
         "in_ring": node.in_ring,
         "clock_skewed": node.clock_skewed,
+        "holds_unowned_data": node.holds_unowned_data,
         "partitions_at_position": node.partitions_at_position,
         "heartbeat_age_ms": (node.last_heartbeat_ms != 0).then_some(node.heartbeat_age_ms),
     })

@@ -206,7 +206,8 @@ fn heartbeat_cell(node: &pb::StorageNode) -> String {
 }
 
 /// What an operator must look at: `poisoned` (the write path failed an fsync and refuses writes),
-/// `quarantined=N` (records that did not decode), `clock-skewed`, `not-in-ring`.
+/// `quarantined=N` (records that did not decode), `clock-skewed`, `unowned-data` (a migration left it
+/// holding data it has not deleted yet: tombstone GC waits everywhere), `not-in-ring`.
 fn flags(node: &pb::StorageNode) -> Vec<String> {
     let stats = node.stats.unwrap_or_default();
     let mut flags = Vec::new();
@@ -218,6 +219,9 @@ fn flags(node: &pb::StorageNode) -> Vec<String> {
     }
     if node.clock_skewed {
         flags.push("clock-skewed".to_owned());
+    }
+    if node.holds_unowned_data {
+        flags.push("unowned-data".to_owned());
     }
     if !node.in_ring {
         flags.push("not-in-ring".to_owned());
@@ -298,7 +302,8 @@ mod tests {
         flagged.stats =
             Some(pb::NodeStats { write_path_poisoned: true, quarantined_records: 2, ..Default::default() });
         flagged.clock_skewed = true;
-        assert_eq!(flags(&flagged), ["poisoned", "quarantined=2", "clock-skewed"]);
+        flagged.holds_unowned_data = true;
+        assert_eq!(flags(&flagged), ["poisoned", "quarantined=2", "clock-skewed", "unowned-data"]);
         assert_eq!(flags(&node(2, &[1])), ["-"]);
         let aged = |ms| heartbeat_cell(&pb::StorageNode { heartbeat_age_ms: ms, ..node(1, &[1]) });
         assert_eq!((aged(850), aged(12_500), aged(300_000)), ("850ms".into(), "12s".into(), "5m".into()));

@@ -305,6 +305,7 @@ fn node_json(view: &NodeView) -> Value {
         },
         "in_ring": view.in_ring,
         "clock_skewed": view.clock_skewed,
+        "holds_unowned_data": view.node.holds_unowned_leftovers(),
         "partitions_at_position": view.partitions_at_position,
         // null before the node's first heartbeat.
         "heartbeat_age_ms": view.heartbeat_age_ms,

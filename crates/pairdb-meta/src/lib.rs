@@ -53,6 +53,7 @@ pub mod follower;
 pub mod grpc;
 pub mod http;
 pub mod leader;
+pub mod leftovers;
 pub mod lifecycle;
 pub mod metric_catalogue;
 pub mod model;

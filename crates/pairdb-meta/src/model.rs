@@ -283,6 +283,11 @@ pub struct StorageNode {
     pub stats: NodeStats,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
+    /// The change-log revision from which the node holds records of partitions a migration took from
+    /// it (0 = none known; `pairdb_core::gc::leftovers`).
+    pub leftovers_since_revision: u64,
+    /// The revision of the view the node's last reported complete unowned-data deletion ran from.
+    pub leftovers_cleaned_revision: u64,
 }
 
 impl StorageNode {
@@ -294,6 +299,13 @@ impl StorageNode {
             Membership::Active => NodeStatus::Active,
             Membership::Leaving => NodeStatus::Leaving,
         }
+    }
+
+    /// The node may hold records that missed deletes, of partitions it no longer owns: tombstone GC
+    /// waits (a removed node never comes back with its data directory).
+    pub fn holds_unowned_leftovers(&self) -> bool {
+        self.membership != Membership::Removed
+            && self.leftovers_since_revision > self.leftovers_cleaned_revision
     }
 
     /// The node as placement sees it.

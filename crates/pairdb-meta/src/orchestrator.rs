@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use pairdb_core::gc::leftovers::MigrationEnd;
 use pairdb_core::repair::TenantSpan;
 use pairdb_core::ring::{Assignment, NodeId, NodeSpec, diff};
 use pairdb_core::token::PartitionId;
@@ -335,7 +336,7 @@ fn node_endpoints(nodes: &[StorageNode]) -> BTreeMap<NodeId, NodeEndpoint> {
 
 /// Each active tenant's N before and after `migration` (a tenant being deleted is purged, not
 /// moved).
-fn tenant_replications(tenants: &[Tenant], migration: &Migration) -> Vec<TenantSpan> {
+pub(crate) fn tenant_replications(tenants: &[Tenant], migration: &Migration) -> Vec<TenantSpan> {
     tenants
         .iter()
         .filter(|tenant| tenant.state == crate::model::TenantState::Active)
@@ -423,12 +424,14 @@ async fn complete(meta: &Meta, fence: LeaderFence, migration: Migration) -> Resu
     if stored.state != MigrationState::Running {
         return Ok(());
     }
+    let leftovers = crate::leftovers::announce(&mut tx, &stored, MigrationEnd::Completed).await?;
     if stored.change.kind().changes_ring() {
         tx.set_epochs(stored.to_epoch, 0).await?;
         tx.record_change(ChangeKind::TopologyCurrent, &stored.to_epoch.to_string()).await?;
         tx.record_change(ChangeKind::TopologyPendingCleared, &stored.to_epoch.to_string()).await?;
     }
     crate::lifecycle::settle(&mut tx, &stored, crate::lifecycle::Ending::Completed, now).await?;
+    leftovers.stamp(&mut tx, &stored).await?;
     stored.progress = migration.progress;
     stored.progress.partitions_done = stored.progress.partitions_total;
     stored.done_bitmap = migration.done_bitmap;

@@ -995,6 +995,75 @@ async fn migrations_queue_run_and_cancel() -> anyhow::Result<()> {
     server.shutdown().await
 }
 
+/// The nodes flagged `holds_unowned_data`, by the admin API and in a new watch stream's snapshot
+/// (once this replica's view has caught up and both agree).
+async fn nodes_holding_unowned_data(server: &Server, admin: &mut common::Admin) -> anyhow::Result<Vec<u32>> {
+    let listed = admin.list_storage_nodes(pb::ListStorageNodesRequest {}).await?.into_inner().nodes;
+    let flagged: Vec<u32> = listed.iter().filter(|n| n.holds_unowned_data).map(|n| n.node_id).collect();
+    let expected = flagged.clone();
+    common::eventually(Duration::from_secs(10), "the flags in a watch snapshot", || {
+        let expected = expected.clone();
+        async move {
+            let mut stream =
+                server.cluster().await.ok()?.watch(cluster_pb::WatchRequest::default()).await.ok()?;
+            let first = stream.get_mut().message().await.ok()??;
+            let Some(cluster_pb::watch_event::Event::Snapshot(snapshot)) = first.event else { return None };
+            let watched: Vec<u32> =
+                snapshot.nodes.iter().filter(|n| n.holds_unowned_data).map(|n| n.node_id).collect();
+            (watched == expected).then_some(())
+        }
+    })
+    .await?;
+    Ok(flagged)
+}
+
+/// Ending a migration marks the nodes it leaves holding data they no longer own (completing: the
+/// displaced owners; abandoning: the nodes that were gaining); a heartbeat reporting a cleanup from a
+/// view at least as recent as the mark clears it, an older one does not.
+#[tokio::test]
+async fn migration_ends_mark_the_nodes_left_holding_data_until_they_report_a_cleanup() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mover = Arc::new(common::GatedMover::default());
+    let server = Server::start_with_mover(test_config(dir.path()), mover.clone()).await?;
+    let mut admin = server.admin().await?;
+    add_nodes(&mut admin, 1).await?;
+    admin.create_tenant(create("acme", 1)).await?;
+    assert_eq!(nodes_holding_unowned_data(&server, &mut admin).await?, Vec::<u32>::new());
+
+    // Node 2 takes over first positions from node 1 (N = 1): node 1 holds what it gave away.
+    mover.release();
+    add_nodes_from(&mut admin, 2, 2).await?;
+    assert_eq!(nodes_holding_unowned_data(&server, &mut admin).await?, vec![1]);
+    let mut cluster = server.cluster().await?;
+    let cleanup = |revision: u64| cluster_pb::HeartbeatRequest {
+        node_id: 1,
+        unowned_cleanup_revision: revision,
+        ..Default::default()
+    };
+    cluster.heartbeat(cleanup(1)).await?;
+    assert_eq!(nodes_holding_unowned_data(&server, &mut admin).await?, vec![1], "a view from before the end");
+    cluster.heartbeat(cleanup(1 << 40)).await?;
+    assert_eq!(nodes_holding_unowned_data(&server, &mut admin).await?, vec![1], "a revision not yet made");
+    let mut stream = cluster.watch(cluster_pb::WatchRequest::default()).await?.into_inner();
+    let now = stream.message().await?.map(|event| event.revision).unwrap_or_default();
+    cluster.heartbeat(cleanup(now)).await?;
+    assert_eq!(nodes_holding_unowned_data(&server, &mut admin).await?, Vec::<u32>::new());
+
+    // N 1 → 2 cancelled while running: the second replicas received data and own none of it now.
+    mover.close();
+    let raised = admin
+        .update_replication_factor(pb::UpdateReplicationFactorRequest {
+            tenant_id: "acme".into(),
+            replication_factor: 2,
+        })
+        .await?
+        .into_inner();
+    wait_migration(&mut admin, &raised.migration_id, pb::MigrationState::Running).await?;
+    admin.cancel_migration(pb::CancelMigrationRequest { migration_id: raised.migration_id }).await?;
+    assert_eq!(nodes_holding_unowned_data(&server, &mut admin).await?, vec![1, 2]);
+    server.shutdown().await
+}
+
 #[tokio::test]
 async fn unauthenticated_requests_are_rejected() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

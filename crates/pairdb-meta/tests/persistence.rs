@@ -86,6 +86,7 @@ conformance!(
     api_keys_round_trip,
     storage_nodes_round_trip,
     heartbeats_and_liveness,
+    leftover_marks_clear_only_once_a_report_covers_them,
     topology_versions_round_trip,
     migrations_round_trip,
     change_log_is_contiguous_and_transactional,
@@ -137,6 +138,8 @@ fn node(id: u32) -> StorageNode {
         stats: NodeStats::default(),
         created_at_ms: 5,
         updated_at_ms: 5,
+        leftovers_since_revision: 0,
+        leftovers_cleaned_revision: 0,
     }
 }
 
@@ -356,13 +359,16 @@ async fn heartbeats_and_liveness(store: Store) {
         quarantined_records: 3,
         clock_offset_ms: Some(1_500),
     };
-    assert_eq!(store.record_heartbeat(NodeId(1), &stats, 1_000).await.unwrap(), Some(true));
     assert_eq!(
-        store.record_heartbeat(NodeId(2), &stats, 1_000).await.unwrap(),
+        store.record_heartbeat(NodeId(1), &stats, 0, 1_000).await.unwrap().map(|r| r.alive),
+        Some(true)
+    );
+    assert_eq!(
+        store.record_heartbeat(NodeId(2), &stats, 0, 1_000).await.unwrap().map(|r| r.alive),
         None,
         "removed nodes are unknown"
     );
-    assert_eq!(store.record_heartbeat(NodeId(3), &stats, 1_000).await.unwrap(), None);
+    assert_eq!(store.record_heartbeat(NodeId(3), &stats, 0, 1_000).await.unwrap().map(|r| r.alive), None);
 
     // A heartbeat newer than the cutoff keeps the node alive; an older one does not.
     let mut tx = store.write().await.unwrap();
@@ -370,7 +376,10 @@ async fn heartbeats_and_liveness(store: Store) {
     assert!(tx.mark_node_dead(NodeId(1), 1_001, 2_000).await.unwrap());
     assert!(!tx.mark_node_dead(NodeId(1), 5_000, 2_000).await.unwrap(), "already dead");
     tx.commit().await.unwrap();
-    assert_eq!(store.record_heartbeat(NodeId(1), &stats, 3_000).await.unwrap(), Some(false));
+    assert_eq!(
+        store.record_heartbeat(NodeId(1), &stats, 0, 3_000).await.unwrap().map(|r| r.alive),
+        Some(false)
+    );
 
     let mut tx = store.write().await.unwrap();
     // Configuration updates leave the heartbeat and stats alone.
@@ -394,11 +403,69 @@ async fn heartbeats_and_liveness(store: Store) {
     // just started) leaves it unknown rather than 0.
     for clock_offset_ms in [Some(20), Some(-20), Some(-3_000_000_000_000), None, Some(0)] {
         let stats = NodeStats { clock_offset_ms, ..stats };
-        assert_eq!(store.record_heartbeat(NodeId(1), &stats, 5_000).await.unwrap(), Some(true));
+        assert_eq!(
+            store.record_heartbeat(NodeId(1), &stats, 0, 5_000).await.unwrap().map(|r| r.alive),
+            Some(true)
+        );
         let mut tx = store.read().await.unwrap();
         assert_eq!(tx.get_node(NodeId(1)).await.unwrap().unwrap().stats, stats, "{clock_offset_ms:?}");
         tx.commit().await.unwrap();
     }
+}
+
+async fn leftover_marks_clear_only_once_a_report_covers_them(store: Store) {
+    let mut tx = store.write().await.unwrap();
+    tx.upsert_node(&node(1)).await.unwrap();
+    tx.upsert_node(&node(2)).await.unwrap();
+    while tx.revision() < 80 {
+        tx.record_change(ChangeKind::Node, "1").await.unwrap();
+    }
+    tx.mark_leftovers(&[NodeId(1)], 40).await.unwrap();
+    tx.commit().await.unwrap();
+    let stats = NodeStats::default();
+    let beat = |revision| store.record_heartbeat(NodeId(1), &stats, revision, 1_000);
+    let holds = |store: Store, id| async move {
+        let mut tx = store.read().await.unwrap();
+        let node = tx.get_node(NodeId(id)).await.unwrap().unwrap();
+        tx.commit().await.unwrap();
+        node.holds_unowned_leftovers()
+    };
+    assert!(holds(store.clone(), 1).await);
+    assert!(!holds(store.clone(), 2).await, "unmarked");
+
+    let recorded = beat(39).await.unwrap().unwrap();
+    assert!(recorded.alive && !recorded.leftovers_cleaned, "a cleanup from an older view");
+    let mut tx = store.write().await.unwrap();
+    assert!(!tx.clear_leftovers(NodeId(1)).await.unwrap());
+    tx.commit().await.unwrap();
+    assert!(holds(store.clone(), 1).await);
+
+    assert!(beat(40).await.unwrap().unwrap().leftovers_cleaned);
+    assert!(beat(12).await.unwrap().unwrap().leftovers_cleaned, "the cleaned revision never goes back");
+    assert!(beat(0).await.unwrap().unwrap().leftovers_cleaned, "a restarted node reports 0");
+    let mut tx = store.write().await.unwrap();
+    assert!(tx.clear_leftovers(NodeId(1)).await.unwrap());
+    assert!(!tx.clear_leftovers(NodeId(1)).await.unwrap(), "cleared once");
+    tx.commit().await.unwrap();
+    assert!(!holds(store.clone(), 1).await);
+    assert!(!beat(50).await.unwrap().unwrap().leftovers_cleaned, "no mark left to clear");
+    assert!(beat(81).await.unwrap().is_some());
+
+    // A later mark is not covered by the earlier report.
+    let mut tx = store.write().await.unwrap();
+    tx.mark_leftovers(&[NodeId(1), NodeId(2)], 60).await.unwrap();
+    tx.commit().await.unwrap();
+    assert!(holds(store.clone(), 1).await && holds(store.clone(), 2).await);
+    assert!(!beat(59).await.unwrap().unwrap().leftovers_cleaned);
+    assert!(!beat(81).await.unwrap().unwrap().leftovers_cleaned, "past the last revision: ignored");
+    assert!(beat(80).await.unwrap().unwrap().leftovers_cleaned);
+
+    // A removed node never comes back with its directory: its mark no longer holds GC.
+    let mut tx = store.write().await.unwrap();
+    tx.upsert_node(&StorageNode { membership: Membership::Removed, ..node(2) }).await.unwrap();
+    tx.mark_leftovers(&[NodeId(2)], 70).await.unwrap();
+    tx.commit().await.unwrap();
+    assert!(!holds(store.clone(), 2).await);
 }
 
 async fn topology_versions_round_trip(store: Store) {
@@ -798,7 +865,10 @@ async fn a_database_of_a_previous_release_opens(backend: Backend, url: String, v
         "no clock offset known; the size on disk kept under its new name, no live value bytes yet"
     );
     let stats = NodeStats { keys: 3, clock_offset_ms: Some(-2_000), ..NodeStats::default() };
-    assert_eq!(store.record_heartbeat(NodeId(1), &stats, 8_000).await.unwrap(), Some(true));
+    assert_eq!(
+        store.record_heartbeat(NodeId(1), &stats, 0, 8_000).await.unwrap().map(|r| r.alive),
+        Some(true)
+    );
     let mut tx = store.read().await.unwrap();
     assert_eq!(tx.get_node(NodeId(1)).await.unwrap().unwrap().stats, stats);
     tx.commit().await.unwrap();

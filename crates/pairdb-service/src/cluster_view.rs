@@ -75,6 +75,9 @@ impl TenantSettings {
 pub struct NodeEntry {
     pub address: String,
     pub down: bool,
+    /// A migration left the node holding records it no longer owns and it has not reported deleting
+    /// them yet: no tombstone is collected meanwhile ([`ClusterPlacement::unowned_leftovers`]).
+    pub holds_unowned_data: bool,
 }
 
 /// One consistent picture of the cluster.
@@ -125,6 +128,7 @@ impl ClusterView {
             })
             .collect();
         ClusterPlacement::new(self.current.is_some().then_some(self.epoch), self.pending.is_some(), tenants)
+            .with_unowned_leftovers(self.nodes.values().any(|n| n.holds_unowned_data))
     }
 }
 
@@ -200,7 +204,11 @@ fn context_keys(keys: Option<&pb::ContextKeys>) -> Result<ContextKeyRing, ViewEr
 }
 
 fn node(info: &pb::NodeInfo) -> NodeEntry {
-    NodeEntry { address: info.address.clone(), down: info.status == NodeStatus::Down as i32 }
+    NodeEntry {
+        address: info.address.clone(),
+        down: info.status == NodeStatus::Down as i32,
+        holds_unowned_data: info.holds_unowned_data,
+    }
 }
 
 impl ClusterView {

@@ -88,7 +88,8 @@ pub struct Config {
     #[arg(long, env = "PAIRDB_ANTI_ENTROPY_BYTES_PER_SEC", default_value_t = 16 * 1024 * 1024)]
     pub anti_entropy_bytes_per_sec: u64,
     /// After a topology version became current, data this node no longer owns is deleted once this
-    /// long has passed (routers still on the old version may read it meanwhile).
+    /// long has passed (routers still on the old version may read it meanwhile). Until a node a
+    /// migration took data from has done so, no node collects tombstones.
     #[arg(long, env = "PAIRDB_UNOWNED_GRACE_SECS", default_value_t = 3600)]
     pub unowned_grace_secs: u64,
     /// Tombstones are purged once older than this and every replica holds them (never on time

@@ -217,11 +217,13 @@ impl ClusterMember<'_> {
             weight: config.weight,
             actor: identity.actor.0,
         };
+        let cleanup = Arc::new(membership::UnownedCleanupRevision::default());
         let context = workers::Context {
             engine: engine.clone(),
             view: self.view.clone(),
             clients: self.clients.clone(),
             settings: Arc::new(config.worker_settings()),
+            cleanup: cleanup.clone(),
         };
         let mut tasks = vec![
             pairdb_service::task::spawn(pairdb_service::cluster_view::follow(
@@ -238,6 +240,7 @@ impl ClusterMember<'_> {
                 engine.clone(),
                 self.view.clone(),
                 self.clock,
+                cleanup,
                 stop.clone(),
             )),
         ];

@@ -73,6 +73,24 @@ impl ClockOffset {
     }
 }
 
+/// The watch revision of the view this node's last complete deletion of data it no longer owns ran
+/// from (0: none since the process started), reported with every heartbeat: meta clears a mark a
+/// migration left on this node once the report reaches it (`pairdb_core::gc::leftovers`). Kept in
+/// memory only: after a restart the next complete pass reports again.
+#[derive(Debug, Default)]
+pub struct UnownedCleanupRevision(std::sync::atomic::AtomicU64);
+
+impl UnownedCleanupRevision {
+    /// Records a complete pass from the view of `revision` (the reported revision never goes back).
+    pub fn record(&self, revision: u64) {
+        self.0.fetch_max(revision, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// How often heartbeats carry the node's usage share.
 pub const USAGE_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -84,6 +102,8 @@ pub struct HeartbeatReport {
     pub purged_tenants: Vec<(String, u64)>,
     /// This node's share of every tenant's usage, under the topology epoch it was counted with.
     pub usage: Option<UsageShare>,
+    /// See [`UnownedCleanupRevision`].
+    pub unowned_cleanup_revision: u64,
 }
 
 /// A node's share of its tenants' usage (see the module docs).
@@ -159,6 +179,7 @@ impl NodeRegistry for MetaRegistry {
             usage_reported,
             tenant_usage,
             usage_epoch,
+            unowned_cleanup_revision: report.unowned_cleanup_revision,
         };
         let response = self.client.clone().heartbeat(request).await?.into_inner();
         let meta_unix_ms = (response.meta_unix_ms > 0).then_some(response.meta_unix_ms);
@@ -174,6 +195,7 @@ pub async fn run(
     engine: Arc<Engine>,
     view: SharedView,
     clock: Arc<ClockOffset>,
+    cleanup: Arc<UnownedCleanupRevision>,
     mut shutdown: Shutdown,
 ) {
     let mut backoff = Duration::from_millis(200);
@@ -211,6 +233,7 @@ pub async fn run(
                 report.stats.clock_offset_ms = offset_ms;
                 report.stats.clock_offset_known = true;
             }
+            report.unowned_cleanup_revision = cleanup.get();
             let sent_ms = crate::engine::now_ms();
             let answer = membership.heartbeat(node.node_id, report).await;
             if let Ok(HeartbeatAnswer { meta_unix_ms: Some(meta_ms), .. }) = answer {
@@ -274,6 +297,8 @@ async fn heartbeat_report(
             },
             purged_tenants,
             usage,
+            // The heartbeat loop fills it in.
+            unowned_cleanup_revision: 0,
         }
     })
     .await
@@ -335,6 +360,7 @@ mod tests {
             engine,
             SharedView::default(),
             clock.clone(),
+            Arc::default(),
             stopped,
         ));
         for _ in 0..200 {

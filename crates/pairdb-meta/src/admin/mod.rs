@@ -167,6 +167,18 @@ impl NodeView {
 /// Node → partitions of the current topology holding it at each list position.
 pub type RingPositions = std::collections::BTreeMap<NodeId, Vec<u32>>;
 
+/// What a storage node's heartbeat reports besides its stats.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HeartbeatReport<'a> {
+    /// Deleted tenants (id, purge sequence) whose records and hints the node purged.
+    pub purged_tenants: &'a [(String, u64)],
+    /// The node's share of every tenant's usage, on the heartbeats that carry a usage report.
+    pub usage: Option<&'a [(String, Usage)]>,
+    /// The change-log revision of the view the node's last complete unowned-data deletion ran from
+    /// (0 = none since it started).
+    pub unowned_cleanup_revision: u64,
+}
+
 /// What meta answers a storage node's heartbeat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeartbeatAck {
@@ -446,8 +458,9 @@ async fn new_migration(tx: &mut Tx, change: MigrationChange, now: u64) -> Result
     })
 }
 
-/// Ends an unfinished migration as `state` (cancelled or failed): discards its pending topology and
-/// restores what it changed. The caller commits.
+/// Ends an unfinished migration as `state` (cancelled or failed): discards its pending topology,
+/// restores what it changed and marks the nodes it leaves holding data ([`crate::leftovers`]). The
+/// caller commits.
 pub(crate) async fn abandon(
     tx: &mut Tx,
     migration: &mut Migration,
@@ -455,6 +468,9 @@ pub(crate) async fn abandon(
     reason: &str,
     now: u64,
 ) -> Result<(), MetaError> {
+    let leftovers =
+        crate::leftovers::announce(tx, migration, pairdb_core::gc::leftovers::MigrationEnd::Abandoned)
+            .await?;
     if migration.state == MigrationState::Running && migration.change.kind().changes_ring() {
         let meta_state = tx.meta_state().await?;
         if meta_state.pending_epoch != 0 && meta_state.pending_epoch == migration.to_epoch {
@@ -463,6 +479,7 @@ pub(crate) async fn abandon(
         }
     }
     crate::lifecycle::settle(tx, migration, crate::lifecycle::Ending::Abandoned, now).await?;
+    leftovers.stamp(tx, migration).await?;
     migration.state = state;
     migration.error = reason.to_owned();
     migration.finished_at_ms = now;

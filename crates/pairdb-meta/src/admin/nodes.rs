@@ -66,6 +66,9 @@ impl Meta {
             stats: NodeStats::default(),
             created_at_ms: now,
             updated_at_ms: now,
+            // A new or re-added node starts from an empty data directory: nothing left over.
+            leftovers_since_revision: 0,
+            leftovers_cleaned_revision: 0,
         };
         let state = tx.meta_state().await?;
         if state.current_epoch == 0 {
@@ -382,12 +385,11 @@ impl Meta {
         &self,
         node_id: NodeId,
         stats: NodeStats,
-        purged_tenants: &[(String, u64)],
-        usage: Option<&[(String, Usage)]>,
+        report: &HeartbeatReport<'_>,
     ) -> Result<HeartbeatAck, MetaError> {
         self.partitions()?;
         let received_ms = now_ms();
-        let known = self.record_heartbeat(node_id, stats, purged_tenants, usage, received_ms).await?;
+        let known = self.record_heartbeat(node_id, stats, report, received_ms).await?;
         // Halfway between receiving and answering: the node's estimate takes the round trip's
         // midpoint as the instant meta read its clock, so time spent here must not bias it.
         let answered_ms = now_ms();
@@ -400,37 +402,46 @@ impl Meta {
         &self,
         node_id: NodeId,
         stats: NodeStats,
-        purged_tenants: &[(String, u64)],
-        usage: Option<&[(String, Usage)]>,
+        report: &HeartbeatReport<'_>,
         now: u64,
     ) -> Result<bool, MetaError> {
-        for (tenant, purge_seq) in purged_tenants {
+        for (tenant, purge_seq) in report.purged_tenants {
             if self.inner.store.confirm_tenant_purge(tenant, *purge_seq, node_id, now).await? {
                 tracing::info!(node_id = %node_id, tenant, purge_seq, "storage node purged a deleted tenant");
             }
         }
-        let alive = self.inner.store.record_heartbeat(node_id, &stats, now).await?;
-        if alive.is_some() {
-            self.observe_clock_offset(node_id, &stats);
+        let store = &self.inner.store;
+        let Some(recorded) =
+            store.record_heartbeat(node_id, &stats, report.unowned_cleanup_revision, now).await?
+        else {
+            return Ok(false);
+        };
+        self.observe_clock_offset(node_id, &stats);
+        if let Some(shares) = report.usage {
+            store.record_usage(node_id, shares, now).await?;
         }
-        if alive.is_some()
-            && let Some(shares) = usage
-        {
-            self.inner.store.record_usage(node_id, shares, now).await?;
+        if recorded.alive && !recorded.leftovers_cleaned {
+            return Ok(true);
         }
-        match alive {
-            None => Ok(false),
-            Some(true) => Ok(true),
-            Some(false) => {
-                let (mut tx, now) = self.write().await?;
-                if tx.mark_node_alive(node_id, now).await? {
-                    tx.record_change(ChangeKind::Node, &node_id.to_string()).await?;
-                    tracing::info!(node_id = %node_id, "storage node is alive again");
-                }
-                tx.commit().await?;
-                Ok(true)
-            }
+        let (mut tx, now) = self.write().await?;
+        let mut changed = false;
+        if !recorded.alive && tx.mark_node_alive(node_id, now).await? {
+            changed = true;
+            tracing::info!(node_id = %node_id, "storage node is alive again");
         }
+        if recorded.leftovers_cleaned && tx.clear_leftovers(node_id).await? {
+            changed = true;
+            tracing::info!(
+                node_id = %node_id,
+                revision = report.unowned_cleanup_revision,
+                "storage node deleted the data a migration took from it; tombstone GC no longer waits for it"
+            );
+        }
+        if changed {
+            tx.record_change(ChangeKind::Node, &node_id.to_string()).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Exports a node's reported clock offset and logs when it crosses `--max-clock-offset-ms`, once

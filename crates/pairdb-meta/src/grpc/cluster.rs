@@ -6,6 +6,7 @@ use pairdb_core::ring::NodeId;
 use pairdb_service::shutdown::Shutdown;
 
 use super::*;
+use crate::admin::HeartbeatReport;
 
 /// The verified caller of a cluster-API request (the guard put it there), or UNAUTHENTICATED.
 pub(super) fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
@@ -112,9 +113,14 @@ impl ClusterService for ClusterGrpc {
         // Only the heartbeats that carry a report touch the node's usage (an empty report says the
         // node holds nothing).
         let usage = r.usage_reported.then(|| usage_from_pb(r.tenant_usage));
+        let report = HeartbeatReport {
+            purged_tenants: &purged,
+            usage: usage.as_deref(),
+            unowned_cleanup_revision: r.unowned_cleanup_revision,
+        };
         let ack = self
             .meta
-            .heartbeat(NodeId(r.node_id), stats, &purged, usage.as_deref())
+            .heartbeat(NodeId(r.node_id), stats, &report)
             .await
             .map_err(|e| internal_error_status("Heartbeat", e))?;
         Ok(Response::new(cluster_pb::HeartbeatResponse {

@@ -188,6 +188,7 @@ pub(super) fn node_to_pb(view: &NodeView) -> admin_pb::StorageNode {
         clock_skewed: view.clock_skewed,
         partitions_at_position: view.partitions_at_position.clone(),
         heartbeat_age_ms: view.heartbeat_age_ms.unwrap_or(0),
+        holds_unowned_data: node.holds_unowned_leftovers(),
     }
 }
 
@@ -224,6 +225,7 @@ pub(super) fn node_info_to_pb(node: &StorageNode) -> cluster_pb::NodeInfo {
         zone: node.zone.clone(),
         weight: node.weight,
         status: status_to_pb(node.status()),
+        holds_unowned_data: node.holds_unowned_leftovers(),
     }
 }
 

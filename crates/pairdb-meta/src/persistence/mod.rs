@@ -38,7 +38,12 @@
 //!   engine's size on disk, in `stats_live_bytes` — named before it was understood to be the disk
 //!   size, and kept so for rolling upgrades — and the bytes of its live values,
 //!   `stats_live_value_bytes`), and when
-//!   it last reported its usage (`usage_reported_at_ms`). Removed nodes keep their row; a re-added node keeps the removed
+//!   it last reported its usage (`usage_reported_at_ms`). `leftovers_since_revision`: the change-log
+//!   revision from which a migration's end left the node holding records it no longer owns (0 =
+//!   none; set by the orchestrator, cleared once covered), and `leftovers_cleaned_revision`: the
+//!   revision of the view its last reported complete unowned-data deletion ran from. Stored because
+//!   tombstone GC everywhere waits on them (`pairdb_core::gc::leftovers`): forgetting a mark could
+//!   bring deleted data back through that node. Removed nodes keep their row; a re-added node keeps the removed
 //!   data directory's actor id in `retired_actor_id` so that stale directory cannot rejoin.
 //! - `tenant_usage`: each node's latest share of each tenant's usage (keys, value bytes, siblings,
 //!   tombstones of the partitions it is first in the topology's list of), replaced as a whole by
@@ -812,6 +817,7 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 mod nodes;
+pub use nodes::HeartbeatRecorded;
 mod routers;
 mod rows;
 mod tenants;

@@ -148,6 +148,8 @@ pub(super) struct NodeRow {
     retired_actor_id: i64,
     created_at_ms: i64,
     updated_at_ms: i64,
+    leftovers_since_revision: i64,
+    leftovers_cleaned_revision: i64,
 }
 
 impl TryFrom<NodeRow> for StorageNode {
@@ -179,6 +181,8 @@ impl TryFrom<NodeRow> for StorageNode {
             },
             created_at_ms: to_u64(row.created_at_ms),
             updated_at_ms: to_u64(row.updated_at_ms),
+            leftovers_since_revision: to_u64(row.leftovers_since_revision),
+            leftovers_cleaned_revision: to_u64(row.leftovers_cleaned_revision),
         })
     }
 }

@@ -121,6 +121,8 @@ pub struct Context {
     pub view: SharedView,
     pub clients: InternalClients,
     pub settings: Arc<WorkerSettings>,
+    /// Where [`UnownedCleanup`] records its complete passes for the heartbeat to report.
+    pub cleanup: Arc<crate::membership::UnownedCleanupRevision>,
 }
 
 impl Context {

@@ -136,6 +136,7 @@ mod tests {
             view: pairdb_service::cluster_view::SharedView::default(),
             clients: pairdb_service::clients::InternalClients::insecure(),
             settings: Arc::new(config.worker_settings()),
+            cleanup: Arc::default(),
         }
     }
 

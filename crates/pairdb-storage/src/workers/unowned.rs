@@ -4,6 +4,9 @@
 //! topology that is no longer current, so it deletes nothing until it is back and settled again.
 //! The rule is `pairdb_core::gc::settle` (placements compared by value, time as input); the
 //! placement is re-checked before each partition, and tenants the view does not know are kept.
+//! A pass over every partition that finishes records the revision of the view it ran from, which
+//! the heartbeat reports: meta then clears the mark a migration left on this node, and tombstone GC
+//! everywhere stops waiting for it (`pairdb_core::gc::leftovers`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,8 +43,13 @@ impl UnownedCleanup {
         self.context.view.load().cluster_placement().settled(self.context.view.session())
     }
 
-    async fn drop_unowned(&self, view: &ClusterView, settled: &SettledPlacement) -> Result<(), WorkerError> {
-        let Some(current) = &view.current else { return Ok(()) };
+    /// One pass over every partition with data; `true` if it finished under `settled`.
+    async fn drop_unowned(
+        &self,
+        view: &ClusterView,
+        settled: &SettledPlacement,
+    ) -> Result<bool, WorkerError> {
+        let Some(current) = &view.current else { return Ok(false) };
         let me = self.context.me();
         let placement = view.cluster_placement();
         let mut total = 0;
@@ -49,7 +57,7 @@ impl UnownedCleanup {
             // The placement changed, or the view stopped being live, meanwhile: start over after a
             // new grace period.
             if self.settled_now().as_ref() != Some(settled) {
-                return Ok(());
+                return Ok(false);
             }
             let unowned = Arc::new(placement.unowned(current.list(partition), me));
             if unowned.is_empty() {
@@ -73,7 +81,7 @@ impl UnownedCleanup {
             metrics::counter!("pairdb_storage_unowned_records_deleted_total").increment(total);
             tracing::info!(deleted = total, epoch = view.epoch, "deleted data this node no longer owns");
         }
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -84,8 +92,10 @@ impl Worker for UnownedCleanup {
         let view = self.context.view.load();
         let now = view.cluster_placement().settled(self.context.view.session());
         let now_ms = self.started.elapsed().as_millis() as u64;
-        if let Some(settled) = self.tracker.observe(now, now_ms).cloned() {
-            self.drop_unowned(&view, &settled).await?;
+        if let Some(settled) = self.tracker.observe(now, now_ms).cloned()
+            && self.drop_unowned(&view, &settled).await?
+        {
+            self.context.cleanup.record(view.revision);
         }
         Ok(self.tick())
     }
@@ -138,5 +148,33 @@ mod tests {
         migrating.pending = migrating.current.clone();
         assert_eq!(settled(&shared, &migrating), None, "nothing is deleted during a migration");
         assert_eq!(settled(&shared, &ClusterView::default()), None, "no topology yet");
+    }
+
+    /// A pass that finishes records the revision of the view it ran from (reported with the next
+    /// heartbeat); none is recorded before the placement settled.
+    #[tokio::test]
+    async fn a_finished_pass_records_the_revision_it_ran_from() {
+        use crate::workers::{Context, Worker};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = crate::Config::for_node(1, dir.path().to_path_buf());
+        config.unowned_grace_secs = 0;
+        let context = Context {
+            engine: crate::open_engine(&config).expect("engine"),
+            view: SharedView::default(),
+            clients: pairdb_service::clients::InternalClients::insecure(),
+            settings: Arc::new(config.worker_settings()),
+            cleanup: Arc::default(),
+        };
+        context.view.store(ClusterView { revision: 17, ..view_with_topology(1) });
+        context.view.set_session(1);
+        let mut worker = super::UnownedCleanup::new(context.clone());
+        worker.step().await.expect("step");
+        assert_eq!(context.cleanup.get(), 0, "first sight of the placement: the grace starts");
+        worker.step().await.expect("step");
+        assert_eq!(context.cleanup.get(), 17);
+        context.view.store(ClusterView { revision: 18, ..view_with_topology(1) });
+        context.view.set_session(0);
+        worker.step().await.expect("step");
+        assert_eq!(context.cleanup.get(), 17, "no live session: no pass");
     }
 }
