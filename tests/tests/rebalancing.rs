@@ -216,6 +216,23 @@ async fn values_at_all(kv: &pairdb_client::KvClient, key: &str) -> Vec<Vec<u8>> 
     values
 }
 
+/// Waits until no node holds a record of `keys` (tombstones purged everywhere; `n` replicas per key),
+/// then checks at ALL that none came back.
+async fn assert_purged_and_still_deleted(
+    cluster: &Cluster,
+    kv: &pairdb_client::KvClient,
+    keys: &[String],
+    n: usize,
+) {
+    let nodes = all_nodes(cluster);
+    wait_for_replicas(cluster, TENANT, keys, n, &nodes, ReplicaCheck::Absent, Duration::from_secs(60))
+        .await
+        .unwrap();
+    for key in keys {
+        assert!(values_at_all(kv, key).await.is_empty(), "{key} came back after its tombstone was purged");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn adding_a_fourth_node_moves_a_quarter_of_every_list_position_under_load() {
     let _serial = ONE_CLUSTER_AT_A_TIME.lock().await;
@@ -771,20 +788,7 @@ async fn deleted_keys_do_not_resurrect_when_tombstones_are_collected() {
         assert!(values_at_all(&kv, key).await.is_empty(), "{key} came back");
     }
     // Once every replica holds them, the tombstones are purged.
-    wait_for_replicas(
-        &cluster,
-        TENANT,
-        &keys,
-        3,
-        &all_nodes(&cluster),
-        ReplicaCheck::Absent,
-        Duration::from_secs(60),
-    )
-    .await
-    .unwrap();
-    for key in &keys {
-        assert!(values_at_all(&kv, key).await.is_empty(), "{key} came back after its tombstone was purged");
-    }
+    assert_purged_and_still_deleted(&cluster, &kv, &keys, 3).await;
 
     let report = checker.stop().await.unwrap();
     report.verify(&cluster).await.unwrap().ensure_ok().unwrap();
@@ -954,18 +958,5 @@ async fn tombstone_gc_waits_for_nodes_a_migration_left_holding_data() {
         assert!(Instant::now() < deadline, "marks still standing after {SETTLE_TIMEOUT:?}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    wait_for_replicas(
-        &cluster,
-        TENANT,
-        &keys,
-        2,
-        &all_nodes(&cluster),
-        ReplicaCheck::Absent,
-        Duration::from_secs(60),
-    )
-    .await
-    .unwrap();
-    for key in &keys {
-        assert!(values_at_all(&kv, key).await.is_empty(), "{key} came back after its tombstone was purged");
-    }
+    assert_purged_and_still_deleted(&cluster, &kv, &keys, 2).await;
 }
