@@ -951,6 +951,14 @@ async fn tombstone_gc_waits_for_nodes_a_migration_left_holding_data() {
     );
     let collected: Vec<&String> = keys.iter().filter(|key| scan.holders(key).len() < 2).collect();
     assert!(collected.is_empty(), "tombstones collected while nodes held unowned data: {collected:?}");
+    let held = |cluster: &Cluster| -> Vec<f64> {
+        cluster
+            .storage
+            .iter()
+            .map(|s| metric_sum(s.addr, "pairdb_storage_tombstone_gc_held").unwrap())
+            .collect()
+    };
+    assert_eq!(held(&cluster), vec![1.0; 3], "every node says GC is held");
 
     // The nodes delete their third-position data after the unowned grace and report it.
     let deadline = Instant::now() + SETTLE_TIMEOUT;
@@ -959,4 +967,10 @@ async fn tombstone_gc_waits_for_nodes_a_migration_left_holding_data() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert_purged_and_still_deleted(&cluster, &kv, &keys, 2).await;
+    // Each node sets the gauge on its full-ack GC tick (every second here).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while held(&cluster) != vec![0.0; 3] {
+        assert!(Instant::now() < deadline, "GC still reported held: {:?}", held(&cluster));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -207,6 +207,12 @@ pub const FAMILIES: &[Family] = &[
         zero: &[&[("path", "anti_entropy")], &[("path", "full_ack")]],
     },
     Family {
+        name: "pairdb_storage_tombstone_gc_held",
+        kind: Kind::Gauge,
+        help: "1 while this node's view says a migration left some node holding data it has not deleted yet: no tombstone is collected meanwhile",
+        zero: &[&[]],
+    },
+    Family {
         name: "pairdb_storage_unowned_records_deleted_total",
         kind: Kind::Counter,
         help: "records deleted after a migration moved them elsewhere",
