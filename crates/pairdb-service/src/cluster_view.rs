@@ -128,7 +128,13 @@ impl ClusterView {
             })
             .collect();
         ClusterPlacement::new(self.current.is_some().then_some(self.epoch), self.pending.is_some(), tenants)
-            .with_unowned_leftovers(self.nodes.values().any(|n| n.holds_unowned_data))
+            .with_unowned_leftovers(self.unowned_leftovers())
+    }
+
+    /// Some node a migration left holding data has not reported deleting it: no tombstone may be
+    /// collected ([`ClusterPlacement::unowned_leftovers`]).
+    pub fn unowned_leftovers(&self) -> bool {
+        self.nodes.values().any(|n| n.holds_unowned_data)
     }
 }
 

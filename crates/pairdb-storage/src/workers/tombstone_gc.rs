@@ -136,7 +136,7 @@ impl Worker for ConfirmedGc {
     const NAME: &'static str = "confirmed_tombstone_gc";
 
     async fn step(&mut self) -> Result<Duration, WorkerError> {
-        let held = self.context.view.load().cluster_placement().unowned_leftovers;
+        let held = self.context.view.load().unowned_leftovers();
         metrics::gauge!("pairdb_storage_tombstone_gc_held").set(f64::from(u8::from(held)));
         let mut cursor: Option<Vec<u8>> = None;
         loop {
