@@ -17,6 +17,7 @@ use futures::StreamExt;
 use metrics::SharedString;
 use pairdb_core::expiry::Requested;
 use pairdb_core::reason::{HasReason, Reason};
+use pairdb_core::validation::MAX_REPLICATION_FACTOR;
 use tracing::Instrument;
 
 use crate::admission::{Admission, Client};
@@ -493,10 +494,13 @@ fn options_bytes(options: &RequestOptions) -> Vec<u8> {
     bytes
 }
 
-/// The `consistency` label: a static string but for explicit R/W counts.
+/// The `consistency` label, one of a fixed set: an explicit R/W count above the largest replication
+/// factor (refused with INVALID_CONSISTENCY) is `invalid`, so a caller cannot add a series per value.
 fn consistency_label(options: &RequestOptions) -> SharedString {
+    const EXPLICIT: [&str; MAX_REPLICATION_FACTOR] = ["n1", "n2", "n3", "n4", "n5", "n6", "n7"];
     if options.explicit > 0 {
-        return SharedString::from_owned(format!("n{}", options.explicit));
+        let label = usize::try_from(options.explicit - 1).ok().and_then(|index| EXPLICIT.get(index));
+        return SharedString::const_str(label.copied().unwrap_or("invalid"));
     }
     match options.consistency {
         None => SharedString::const_str("unspecified"),
@@ -532,5 +536,22 @@ fn write_ack(outcome: &WriteOutcome, idempotency_key: String) -> WriteAck {
         hinted_acks: outcome.hinted_acks as u32,
         duplicate: false,
         idempotency_key,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Metric labels come from a fixed set whatever R or W a caller asks for.
+    #[test]
+    fn explicit_counts_label_within_a_fixed_set() {
+        let label = |explicit| consistency_label(&RequestOptions { explicit, ..RequestOptions::default() });
+        assert_eq!(label(1).as_ref(), "n1");
+        assert_eq!(label(MAX_REPLICATION_FACTOR as u32).as_ref(), "n7");
+        for refused in [MAX_REPLICATION_FACTOR as u32 + 1, 1_000, u32::MAX] {
+            assert_eq!(label(refused).as_ref(), "invalid");
+        }
+        assert_eq!(label(0).as_ref(), "unspecified");
     }
 }
