@@ -4,7 +4,8 @@
 //! Expired records are evicted eagerly through a min-heap of deadlines (amortised O(log n) per call);
 //! heap entries made stale by `complete` or `release` are skipped when they surface, and the heap is
 //! rebuilt from the map when stale entries outnumber live ones, so it stays within a constant factor
-//! of the map.
+//! of the map. `State::bytes` is the sum of [`entry_bytes`] over the map: every insert and removal goes
+//! through `put` and `remove`, which keep it.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -30,6 +31,8 @@ struct State {
     records: HashMap<RecordKey, Entry>,
     expiries: BinaryHeap<Reverse<Expiry>>,
     next_token: u128,
+    /// Bytes the records hold ([`entry_bytes`]).
+    bytes: usize,
 }
 
 #[derive(Debug)]
@@ -74,10 +77,13 @@ impl MemoryStore {
         if let Some(entry) = state.records.get(&record_key) {
             return answer_existing(&entry.record, fingerprint);
         }
-        if state.records.len() >= self.settings.memory_max_entries {
+        if state.records.len() >= self.settings.memory_max_entries
+            || state.bytes >= self.settings.memory_max_bytes
+        {
             return Err(IdempotencyError::Unavailable(format!(
-                "memory idempotency store is full ({} records)",
-                state.records.len()
+                "memory idempotency store is full ({} records, {} bytes)",
+                state.records.len(),
+                state.bytes
             )));
         }
         state.next_token += 1;
@@ -121,7 +127,7 @@ impl MemoryStore {
         state.evict_expired(Instant::now());
         let record_key = (reservation.tenant, reservation.key);
         if state.owned_by(&record_key, reservation.token) {
-            state.records.remove(&record_key);
+            state.remove(&record_key);
         }
         Ok(())
     }
@@ -147,7 +153,11 @@ impl State {
             Record::InFlight { token, .. } | Record::Completed { token, .. } => *token,
         };
         self.expiries.push(Reverse(Expiry { at: expires_at, token, key: key.clone() }));
-        self.records.insert(key, Entry { record, expires_at });
+        let key_bytes = key.0.len() + key.1.len();
+        self.bytes += entry_bytes(key_bytes, &record);
+        if let Some(old) = self.records.insert(key, Entry { record, expires_at }) {
+            self.forget_bytes(entry_bytes(key_bytes, &old.record));
+        }
         if self.expiries.len() > 2 * self.records.len() + 1024 {
             self.rebuild_expiries();
         }
@@ -163,9 +173,20 @@ impl State {
                 entry.expires_at == expiry.at && record_token(&entry.record) == expiry.token
             });
             if current {
-                self.records.remove(&expiry.key);
+                self.remove(&expiry.key);
             }
         }
+    }
+
+    fn remove(&mut self, key: &RecordKey) {
+        if let Some(old) = self.records.remove(key) {
+            self.forget_bytes(entry_bytes(key.0.len() + key.1.len(), &old.record));
+        }
+    }
+
+    fn forget_bytes(&mut self, bytes: usize) {
+        debug_assert!(self.bytes >= bytes, "the byte count covers every record it counted");
+        self.bytes = self.bytes.saturating_sub(bytes);
     }
 
     fn rebuild_expiries(&mut self) {
@@ -177,6 +198,17 @@ impl State {
             })
             .collect();
     }
+}
+
+/// What a record counts against [`IdempotencySettings::memory_max_bytes`]: its key (`key_bytes`: tenant
+/// and key), its response, and a fixed allowance for the map entry and its expiry.
+fn entry_bytes(key_bytes: usize, record: &Record) -> usize {
+    const ENTRY_OVERHEAD_BYTES: usize = 128;
+    let response = match record {
+        Record::InFlight { .. } => 0,
+        Record::Completed { response, .. } => response.len(),
+    };
+    ENTRY_OVERHEAD_BYTES + key_bytes + response
 }
 
 fn record_token(record: &Record) -> u128 {
@@ -198,6 +230,34 @@ mod tests {
             memory_max_entries: max_entries,
             ..IdempotencySettings::default()
         }
+    }
+
+    /// Keyed batches record responses of hundreds of KB: the byte bound refuses new keys once the
+    /// recorded responses reach it, answers the recorded keys meanwhile, and frees the bytes of records
+    /// that expire or are released.
+    #[tokio::test(start_paused = true)]
+    async fn recorded_response_bytes_are_bounded() {
+        let settings = IdempotencySettings { memory_max_bytes: 1 << 20, ..settings(1_000) };
+        let store = MemoryStore::new(settings);
+        let fingerprint = Fingerprint::of(&[b"f"]);
+        let response = vec![7u8; 300 << 10];
+        for key in ["a", "b", "c", "d"] {
+            let Ok(Begin::Reserved(reservation)) = store.begin("t", key, &fingerprint) else {
+                panic!("key {key} is reserved while the store has room");
+            };
+            store.complete(reservation, &response).expect("complete");
+        }
+        let full = store.begin("t", "e", &fingerprint);
+        assert!(matches!(full, Err(IdempotencyError::Unavailable(_))), "{full:?}");
+        assert!(matches!(store.begin("t", "a", &fingerprint), Ok(Begin::Completed(_))));
+
+        // A released reservation gives its bytes back; expiry gives back the responses'.
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let Ok(Begin::Reserved(reservation)) = store.begin("t", "e", &fingerprint) else {
+            panic!("the expired records' bytes are free again");
+        };
+        store.release(reservation).expect("release");
+        assert_eq!(store.lock().bytes, 0, "nothing is held once every record is gone");
     }
 
     #[tokio::test(start_paused = true)]

@@ -27,8 +27,11 @@
 //!   yields [`IdempotencyError::Unavailable`], never a hang. Callers fail keyed writes with UNAVAILABLE
 //!   and serve unkeyed writes as usual.
 //! - Both backends are bounded: Redis by its own memory policy and the retention TTL, the memory store by
-//!   [`IdempotencySettings::memory_max_entries`] (it rejects new keys with `Unavailable` when full rather
-//!   than grow).
+//!   [`IdempotencySettings::memory_max_entries`] records and [`IdempotencySettings::memory_max_bytes`]
+//!   of keys and recorded responses (it rejects new keys with `Unavailable` when full rather than grow,
+//!   and never drops a live record to make room: that would let a retry apply its write twice). A
+//!   batch's recorded response holds one acknowledgement per item, ~300 bytes each, so the byte bound
+//!   is the one a tenant sending keyed 1,000-item batches meets first.
 //!
 //! Record encoding (the Redis value; version 1). All integers big-endian:
 //!
@@ -200,6 +203,10 @@ pub struct IdempotencySettings {
     /// Maximum number of records the memory store holds (expired records are evicted first). Default
     /// 1,000,000.
     pub memory_max_entries: usize,
+    /// Maximum bytes of keys and recorded responses the memory store holds; a reservation is refused
+    /// once they reach it, so it is exceeded by at most the responses of reservations in flight.
+    /// Default 256 MiB.
+    pub memory_max_bytes: usize,
 }
 
 impl Default for IdempotencySettings {
@@ -209,6 +216,7 @@ impl Default for IdempotencySettings {
             lease: Duration::from_secs(30),
             operation_timeout: Duration::from_millis(500),
             memory_max_entries: 1_000_000,
+            memory_max_bytes: 256 << 20,
         }
     }
 }
