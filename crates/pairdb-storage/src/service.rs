@@ -616,6 +616,19 @@ impl StorageService for StorageApi {
             ));
         }
         let level = request.level;
+        // A level has 2^level nodes: more indexes than that name some node twice (and would make the
+        // filter below, on a runtime thread, cost their number times the level's nodes).
+        if request.node_indexes.len() > 1 << level {
+            return Err(status(
+                Reason::InvalidArgument,
+                format!(
+                    "level {level} has {} nodes; {} indexes asked for",
+                    1u32 << level,
+                    request.node_indexes.len()
+                ),
+                &[],
+            ));
+        }
         // In memory and cheap: no blocking-pool hop.
         let nodes = self.engine.merkle_level(partition, level);
         let wanted = request.node_indexes;

@@ -406,6 +406,12 @@ async fn partition_stream_matches_a_scan_and_resumes_after_a_cut() {
         .into_inner();
     assert_eq!(summary.nodes.len(), 1);
     assert_eq!(summary.nodes[0].keys, 300);
+    // Level 1 has two nodes: asking for more indexes than that is refused, not filtered.
+    let too_many = client
+        .merkle_summary(pb::MerkleSummaryRequest { partition: target, level: 1, node_indexes: vec![0; 3] })
+        .await
+        .expect_err("three indexes at a two-node level");
+    assert_eq!(too_many.code(), tonic::Code::InvalidArgument);
     node.stop().await;
 }
 
