@@ -390,21 +390,26 @@ impl ManyReply {
         Self { results, duplicate: false, idempotency_key }
     }
 
-    /// The stored form (a `WriteManyResponse`); errors keep their reason and message.
+    /// The stored form (a `WriteManyResponse`); errors keep their reason and message. The batch's
+    /// idempotency key is stored once, not in every item's ack (up to 256 bytes times 1,000 items);
+    /// [`ManyReply::decode`] puts it back, and still reads records that repeat it.
     fn encode(&self) -> Vec<u8> {
         use prost::Message;
+        let stored_ack = |ack: &WriteAck| {
+            let mut stored =
+                pairdb_proto::kv::v1::WriteAck::decode(crate::idempotency::encode_ack(ack).as_slice())
+                    .unwrap_or_default();
+            debug_assert_eq!(stored.idempotency_key, self.idempotency_key, "a batch's items share its key");
+            stored.idempotency_key.clear();
+            stored
+        };
         let results = self
             .results
             .iter()
             .map(|result| match result {
                 Ok(ack) => pairdb_proto::kv::v1::ItemResult {
                     key: String::new(),
-                    ack: Some(
-                        pairdb_proto::kv::v1::WriteAck::decode(
-                            crate::idempotency::encode_ack(ack).as_slice(),
-                        )
-                        .unwrap_or_default(),
-                    ),
+                    ack: Some(stored_ack(ack)),
                     error: None,
                 },
                 Err(error) => pairdb_proto::kv::v1::ItemResult {
@@ -435,7 +440,10 @@ impl ManyReply {
         let mut results = Vec::with_capacity(response.results.len());
         for item in response.results {
             results.push(match (item.ack, item.error) {
-                (Some(ack), _) => {
+                (Some(mut ack), _) => {
+                    if ack.idempotency_key.is_empty() {
+                        ack.idempotency_key.clone_from(&response.idempotency_key);
+                    }
                     Ok(crate::idempotency::decode_ack(&ack.encode_to_vec())
                         .map_err(RouterError::Idempotency)?)
                 }
@@ -553,5 +561,57 @@ mod tests {
             assert_eq!(label(refused).as_ref(), "invalid");
         }
         assert_eq!(label(0).as_ref(), "unspecified");
+    }
+
+    fn ack(key: &str, counter: u64) -> WriteAck {
+        WriteAck {
+            context: vec![7; 40],
+            vector: pairdb_core::dvv::VersionVector::from_entries([(pairdb_core::dvv::Actor(9), counter)]),
+            acks: 2,
+            required: 2,
+            hinted_acks: 0,
+            duplicate: false,
+            idempotency_key: key.to_owned(),
+        }
+    }
+
+    /// A recorded batch holds its key once, replays every item with it, and records written by the
+    /// previous release (the key in every item) still replay.
+    #[test]
+    fn a_recorded_batch_stores_its_key_once_and_replays_it_per_item() {
+        let key = "k".repeat(256);
+        let reply = ManyReply {
+            results: (1..=1_000).map(|counter| Ok(ack(&key, counter))).collect(),
+            duplicate: false,
+            idempotency_key: key.clone(),
+        };
+        let stored = reply.encode();
+        assert!(stored.len() < 100 * 1_000, "{} bytes for 1,000 acks", stored.len());
+        let replayed = ManyReply::decode(&stored).expect("decode");
+        assert_eq!(replayed.results.len(), 1_000);
+        for (counter, result) in (1..=1_000).zip(&replayed.results) {
+            let replayed = result.as_ref().expect("an ack");
+            assert_eq!(replayed.idempotency_key, key);
+            assert_eq!(replayed.vector, ack(&key, counter).vector);
+        }
+
+        use prost::Message;
+        let previous_release = pairdb_proto::kv::v1::WriteManyResponse {
+            results: vec![pairdb_proto::kv::v1::ItemResult {
+                key: String::new(),
+                ack: Some(
+                    pairdb_proto::kv::v1::WriteAck::decode(
+                        crate::idempotency::encode_ack(&ack("old", 1)).as_slice(),
+                    )
+                    .expect("ack"),
+                ),
+                error: None,
+            }],
+            duplicate: false,
+            idempotency_key: "old".to_owned(),
+        }
+        .encode_to_vec();
+        let replayed = ManyReply::decode(&previous_release).expect("decode");
+        assert_eq!(replayed.results[0].as_ref().expect("an ack").idempotency_key, "old");
     }
 }

@@ -30,8 +30,9 @@
 //!   [`IdempotencySettings::memory_max_entries`] records and [`IdempotencySettings::memory_max_bytes`]
 //!   of keys and recorded responses (it rejects new keys with `Unavailable` when full rather than grow,
 //!   and never drops a live record to make room: that would let a retry apply its write twice). A
-//!   batch's recorded response holds one acknowledgement per item, ~300 bytes each, so the byte bound
-//!   is the one a tenant sending keyed 1,000-item batches meets first.
+//!   batch's recorded response holds one acknowledgement per item, ~100 bytes each (its context and
+//!   vector; the batch's key is stored once), so the byte bound is the one a tenant sending keyed
+//!   1,000-item batches meets first.
 //!
 //! Record encoding (the Redis value; version 1). All integers big-endian:
 //!
