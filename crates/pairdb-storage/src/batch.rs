@@ -18,6 +18,23 @@ use crate::keys::RecordKey;
 /// The most items one batched call may carry.
 pub const MAX_BATCH_ITEMS: usize = 1_000;
 
+/// The most records one peer call (`MergeBatch`, `PurgeTombstones`) may carry: the largest
+/// `--stream-batch-max`, which bounds what anti-entropy pushes back after a `GetBatch`; hint delivery
+/// (256) and tombstone GC (1,000 candidates a round) send fewer.
+pub const MAX_PEER_BATCH_ITEMS: usize = 65_536;
+
+/// Refuses a peer call carrying more than [`MAX_PEER_BATCH_ITEMS`] records.
+pub fn check_peer_len(items: usize) -> Result<(), Status> {
+    if items > MAX_PEER_BATCH_ITEMS {
+        return Err(status(
+            Reason::InvalidArgument,
+            format!("a peer call holds at most {MAX_PEER_BATCH_ITEMS} records, not {items}"),
+            &[],
+        ));
+    }
+    Ok(())
+}
+
 /// Refuses an empty or oversized batch.
 pub fn check_len(items: usize) -> Result<(), Status> {
     match items {

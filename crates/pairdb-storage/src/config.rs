@@ -162,7 +162,7 @@ impl Config {
         if !(1..=100_000).contains(&self.max_inflight_requests) {
             return Err(ConfigError::MaxInflight);
         }
-        if !(1..=65_536).contains(&self.stream_batch_max) {
+        if !(1..=crate::batch::MAX_PEER_BATCH_ITEMS).contains(&self.stream_batch_max) {
             return Err(ConfigError::StreamBatch);
         }
         if !(1..=100).contains(&self.listing_share_percent) {

@@ -2,6 +2,7 @@
 //! engine calls and engine errors become statuses. Every engine call runs on the blocking pool, under
 //! a bounded number of in-flight requests.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -499,6 +500,7 @@ impl StorageService for StorageApi {
     ) -> Result<Response<pb::MergeBatchResponse>, Status> {
         let request = request.into_inner();
         let partition = self.check_partition(request.partition)?;
+        crate::batch::check_peer_len(request.records.len())?;
         let mut records = Vec::with_capacity(request.records.len());
         for record in request.records {
             let key = self.record_key(Some(pb::KeyRef {
@@ -571,11 +573,11 @@ impl StorageService for StorageApi {
         // Two batches in flight at most: the stream is paced by the receiver.
         let (sender, receiver) = mpsc::channel(2);
         let api = self.clone();
-        let tenants = request.tenant_ids;
+        let tenants: Arc<BTreeSet<String>> = Arc::new(request.tenant_ids.into_iter().collect());
         let mut cursor = request.cursor;
         pairdb_service::task::spawn(async move {
             loop {
-                let (scan_cursor, scan_tenants) = (cursor.clone(), tenants.clone());
+                let (scan_cursor, scan_tenants) = (cursor.clone(), Arc::clone(&tenants));
                 let batch = api
                     .blocking("stream_partition", move |engine| {
                         engine.scan_partition(partition, &scan_cursor, &scan_tenants, batch_size)
@@ -707,6 +709,7 @@ impl StorageService for StorageApi {
     ) -> Result<Response<pb::PurgeTombstonesResponse>, Status> {
         let request = request.into_inner();
         let partition = self.check_partition(request.partition)?;
+        crate::batch::check_peer_len(request.keys.len())?;
         let mut candidates = Vec::with_capacity(request.keys.len());
         for entry in request.keys {
             let key = self.record_key(Some(pb::KeyRef {

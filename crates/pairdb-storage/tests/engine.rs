@@ -126,7 +126,7 @@ fn partition_scan_returns_exactly_the_partition_and_resumes_from_a_cursor() {
         let mut seen = BTreeSet::new();
         let mut cursor = Vec::new();
         loop {
-            let batch = engine.scan_partition(PartitionId(partition), &cursor, &[], 7).unwrap();
+            let batch = engine.scan_partition(PartitionId(partition), &cursor, &BTreeSet::new(), 7).unwrap();
             for (k, _) in &batch.records {
                 assert_eq!(k.partition.0, partition, "foreign key in partition {partition}");
                 assert!(seen.insert((k.tenant.clone(), k.key.clone())), "duplicate after resume");
@@ -138,8 +138,9 @@ fn partition_scan_returns_exactly_the_partition_and_resumes_from_a_cursor() {
         }
         assert_eq!(seen, expected[partition as usize]);
         // Tenant filter.
-        let only_beta =
-            engine.scan_partition(PartitionId(partition), &[], &["beta".to_owned()], 100_000).unwrap();
+        let only_beta = engine
+            .scan_partition(PartitionId(partition), &[], &BTreeSet::from(["beta".to_owned()]), 100_000)
+            .unwrap();
         assert!(only_beta.done);
         let beta: BTreeSet<_> =
             only_beta.records.iter().map(|(k, _)| (k.tenant.clone(), k.key.clone())).collect();
@@ -380,7 +381,7 @@ fn a_million_keys_survive_a_clean_restart() {
     let engine: Arc<Engine> = Engine::open(&config(dir.path(), 1)).unwrap();
     let mut seen = 0u64;
     for partition in q.partitions() {
-        let batch = engine.scan_partition(partition, &[], &[], usize::MAX / 32).unwrap();
+        let batch = engine.scan_partition(partition, &[], &BTreeSet::new(), usize::MAX / 32).unwrap();
         assert!(batch.done);
         seen += batch.records.len() as u64;
     }

@@ -319,6 +319,24 @@ async fn bad_input_gets_invalid_argument_with_a_reason_and_the_node_keeps_servin
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert_eq!(reason(&status), "MALFORMED_VERSION");
+    // Peer calls carry at most MAX_PEER_BATCH_ITEMS records.
+    let over = pairdb_storage::batch::MAX_PEER_BATCH_ITEMS + 1;
+    let status = client
+        .purge_tombstones(pb::PurgeTombstonesRequest {
+            partition: good.partition,
+            keys: vec![pb::KeyDigest { tenant_id: "t".into(), key: "k".into(), ..Default::default() }; over],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "INVALID_ARGUMENT", "{status:?}");
+    let status = client
+        .merge_batch(pb::MergeBatchRequest {
+            partition: good.partition,
+            records: vec![pb::Record { tenant_id: "t".into(), key: "k".into(), ..Default::default() }; over],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "INVALID_ARGUMENT", "{status:?}");
     // Still serving.
     client.coordinate_write(write(good)).await.unwrap();
     node.stop().await;

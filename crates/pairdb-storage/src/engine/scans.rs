@@ -62,12 +62,13 @@ pub(super) fn successor(key: &[u8]) -> Vec<u8> {
 }
 
 impl Engine {
-    /// Up to `limit` records of `partition` after `cursor` (exclusive), optionally only some tenants.
+    /// Up to `limit` records of `partition` after `cursor` (exclusive), optionally only some tenants
+    /// (a set: a migration may name many, and every record visited is looked up in it).
     pub fn scan_partition(
         &self,
         partition: PartitionId,
         cursor: &[u8],
-        tenants: &[String],
+        tenants: &std::collections::BTreeSet<String>,
         limit: usize,
     ) -> Result<ScanBatch, EngineError> {
         let prefix = partition_prefix(partition);
