@@ -111,6 +111,9 @@ pub async fn run(
             .map_err(|error| Error::Redis(error.to_string()))?,
         None => idempotency::IdempotencyStore::memory(idempotency_settings),
     };
+    if let idempotency::IdempotencyStore::Redis(store) = &idempotency {
+        tokio::spawn(warn_if_redis_evicts(store.clone()));
+    }
     let admission = Arc::new(admission::Admission::new(view.clone(), auth));
     let share_source = match &config.redis_url {
         Some(url) => rate_shares::ShareSource::redis(url).map_err(Error::Redis)?,
@@ -174,4 +177,17 @@ pub async fn run(
     let _ = present.await;
     served?;
     Ok(())
+}
+
+/// Reads Redis's memory settings once and warns if Redis may evict idempotency records
+/// ([`idempotency::eviction_warning`]); silent when they cannot be read.
+async fn warn_if_redis_evicts(store: idempotency::RedisStore) {
+    match store.memory_policy().await {
+        Some((maxmemory_bytes, policy)) => {
+            if let Some(warning) = idempotency::eviction_warning(maxmemory_bytes, &policy) {
+                tracing::warn!("{warning}");
+            }
+        }
+        None => tracing::debug!("could not read redis's maxmemory settings (CONFIG GET)"),
+    }
 }

@@ -519,3 +519,35 @@ async fn redis_cut_connections_give_unavailable_and_the_store_recovers() {
 async fn redis_half_open_connections_give_unavailable_and_the_store_recovers() {
     cut_and_restore(BLACKHOLE).await;
 }
+
+/// The router reads Redis's memory settings once at start, to warn when Redis may evict idempotency
+/// records: a closed port answers nothing (quickly), a real server answers what `CONFIG GET` says.
+#[tokio::test]
+async fn redis_memory_settings_are_read_from_the_server() {
+    let closed = pairdb_router::idempotency::RedisStore::new("redis://127.0.0.1:1", failure_settings())
+        .expect("creating the store does not connect");
+    assert_eq!(closed.memory_policy().await, None);
+
+    let Some(url) = redis_url() else {
+        println!("skipped: {REDIS_URL_ENV} not set");
+        return;
+    };
+    let store = pairdb_router::idempotency::RedisStore::new(&url, failure_settings()).expect("store");
+    let (maxmemory_bytes, policy) = store.memory_policy().await.expect("CONFIG GET answered");
+    let client = ::redis::Client::open(url.as_str()).expect("url");
+    let mut connection = client.get_multiplexed_async_connection().await.expect("connect");
+    let server: Vec<String> = ::redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async(&mut connection)
+        .await
+        .expect("config get");
+    assert_eq!(server, ["maxmemory-policy".to_owned(), policy.clone()]);
+    let server: Vec<String> = ::redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory")
+        .query_async(&mut connection)
+        .await
+        .expect("config get");
+    assert_eq!(server, ["maxmemory".to_owned(), maxmemory_bytes.to_string()]);
+}

@@ -68,7 +68,7 @@ use sha2::{Digest, Sha256};
 use crate::request::WriteAck;
 
 pub use self::memory::MemoryStore;
-pub use self::redis::{InvalidRedisUrl, RedisStore};
+pub use self::redis::{InvalidRedisUrl, RedisStore, eviction_warning};
 
 /// The stored form of a write's acknowledgement (see the module docs).
 pub fn encode_ack(ack: &WriteAck) -> Vec<u8> {

@@ -106,6 +106,16 @@ impl RedisStore {
         })
     }
 
+    /// Redis's `maxmemory` (bytes, 0: no limit) and `maxmemory-policy`, or `None` when they cannot be
+    /// read: Redis unreachable, or `CONFIG GET` refused (managed services often disable it).
+    pub async fn memory_policy(&self) -> Option<(u64, String)> {
+        let mut get = redis::cmd("CONFIG");
+        get.arg("GET").arg("maxmemory*");
+        let pairs: Vec<(String, String)> = self.query(self.deadline(), "config get", get).await.ok()?;
+        let value = |name: &str| pairs.iter().find(|(key, _)| key == name).map(|(_, value)| value.clone());
+        Some((value("maxmemory")?.parse().ok()?, value("maxmemory-policy")?))
+    }
+
     pub(super) async fn begin(
         &self,
         tenant: &str,
@@ -249,6 +259,18 @@ impl RedisStore {
 
 /// The Redis key of one record. The tenant is length-prefixed so that no two (tenant, key) pairs share a
 /// Redis key, whatever bytes they contain.
+/// What to tell the operator about Redis's memory settings: with a memory limit and any policy but
+/// `noeviction`, Redis drops keys when full — idempotency records among them (they all have a TTL, so
+/// the `volatile-*` policies take them too) — and a retry of a dropped key applies its write again.
+pub fn eviction_warning(maxmemory_bytes: u64, policy: &str) -> Option<String> {
+    (maxmemory_bytes > 0 && policy != "noeviction").then(|| {
+        format!(
+            "redis evicts keys when full (maxmemory {maxmemory_bytes} bytes, maxmemory-policy {policy}): \
+             evicted idempotency records let retries apply their writes twice; set maxmemory-policy noeviction"
+        )
+    })
+}
+
 fn redis_key(tenant: &str, key: &str) -> String {
     format!("pairdb:idem:{}:{tenant}:{key}", tenant.len())
 }
@@ -273,6 +295,16 @@ mod tests {
     fn scripts_compare_the_owner_prefix_length() {
         // The scripts take the prefix length from ARGV[1]; keep them in step with the record format.
         assert_eq!(Record::owner_prefix(1).len(), super::super::OWNER_PREFIX_LEN);
+    }
+
+    #[test]
+    fn only_a_policy_that_can_evict_under_a_limit_is_warned_about() {
+        assert_eq!(eviction_warning(0, "allkeys-lru"), None, "no limit: nothing is evicted");
+        assert_eq!(eviction_warning(1 << 30, "noeviction"), None);
+        for policy in ["allkeys-lru", "volatile-ttl", "volatile-lru", "allkeys-random"] {
+            let warning = eviction_warning(1 << 30, policy).expect("a policy that evicts");
+            assert!(warning.contains(policy) && warning.contains("noeviction"), "{warning}");
+        }
     }
 
     #[tokio::test]
