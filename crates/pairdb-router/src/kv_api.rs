@@ -396,12 +396,8 @@ impl ManyReply {
     fn encode(&self) -> Vec<u8> {
         use prost::Message;
         let stored_ack = |ack: &WriteAck| {
-            let mut stored =
-                pairdb_proto::kv::v1::WriteAck::decode(crate::idempotency::encode_ack(ack).as_slice())
-                    .unwrap_or_default();
-            debug_assert_eq!(stored.idempotency_key, self.idempotency_key, "a batch's items share its key");
-            stored.idempotency_key.clear();
-            stored
+            debug_assert_eq!(ack.idempotency_key, self.idempotency_key, "a batch's items share its key");
+            crate::grpc::write_ack(WriteAck { idempotency_key: String::new(), ..ack.clone() })
         };
         let results = self
             .results

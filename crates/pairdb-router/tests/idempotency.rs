@@ -536,18 +536,13 @@ async fn redis_memory_settings_are_read_from_the_server() {
     let (maxmemory_bytes, policy) = store.memory_policy().await.expect("CONFIG GET answered");
     let client = ::redis::Client::open(url.as_str()).expect("url");
     let mut connection = client.get_multiplexed_async_connection().await.expect("connect");
-    let server: Vec<String> = ::redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("maxmemory-policy")
-        .query_async(&mut connection)
-        .await
-        .expect("config get");
-    assert_eq!(server, ["maxmemory-policy".to_owned(), policy.clone()]);
-    let server: Vec<String> = ::redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("maxmemory")
-        .query_async(&mut connection)
-        .await
-        .expect("config get");
-    assert_eq!(server, ["maxmemory".to_owned(), maxmemory_bytes.to_string()]);
+    for (name, read) in [("maxmemory-policy", policy), ("maxmemory", maxmemory_bytes.to_string())] {
+        let server: Vec<String> = ::redis::cmd("CONFIG")
+            .arg("GET")
+            .arg(name)
+            .query_async(&mut connection)
+            .await
+            .expect("config get");
+        assert_eq!(server, [name.to_owned(), read]);
+    }
 }
