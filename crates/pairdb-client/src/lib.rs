@@ -120,10 +120,10 @@ pub async fn connect_with(address: &str, options: &ClientOptions) -> Result<Chan
             .tls_config(tls.clone())
             .map_err(|source| ClientError::InvalidEndpoint { endpoint: endpoint.clone(), source })?;
     }
+    // Concurrent requests on one connection leave in shared `writev`s (`pairdb_proto::transport`).
     builder
         .connect_timeout(options.connect_timeout)
-        .tcp_nodelay(true)
-        .connect()
+        .connect_with_connector(tower::service_fn(pairdb_proto::transport::connect_stepping_aside))
         .await
         .map_err(|source| ClientError::Connect { endpoint, source })
 }

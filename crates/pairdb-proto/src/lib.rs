@@ -4,11 +4,13 @@
 //! never pass them deeper. Every service uses [`codec::StrictCodec`]: a message that does not decode is
 //! the caller's INVALID_ARGUMENT (reason MALFORMED_REQUEST), not the server's INTERNAL. [`status`]
 //! holds the one reason → gRPC code table and the `ErrorDetail` every error status carries;
-//! [`convert`] the wire enum ↔ domain conversions.
+//! [`convert`] the wire enum ↔ domain conversions; [`transport`] the TCP connections every gRPC peer
+//! uses (concurrent frames share one `writev`).
 
 pub mod codec;
 pub mod convert;
 pub mod status;
+pub mod transport;
 
 #[allow(missing_debug_implementations, unused_qualifications, clippy::all, clippy::pedantic)]
 pub mod common {

@@ -84,7 +84,10 @@ impl InternalClients {
         address: &str,
         settings: ChannelSettings,
     ) -> Result<Channel, tonic::transport::Error> {
-        Ok(self.endpoint(address, settings)?.connect_lazy())
+        // Concurrent calls to one node leave in shared `writev`s (`pairdb_proto::transport`).
+        let endpoint = self.endpoint(address, settings)?;
+        Ok(endpoint
+            .connect_with_connector_lazy(tower::service_fn(pairdb_proto::transport::connect_stepping_aside)))
     }
 
     /// The endpoint of `address` with this process's TLS and `settings` (connect it yourself).

@@ -16,6 +16,7 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use futures::Stream;
+use pairdb_proto::transport::StepAside;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -120,7 +121,7 @@ impl Stream for CappedIncoming {
                     metrics::gauge!("pairdb_connections_open", "service" => self.service).increment(1.0);
                     let silent_until = Some(Box::pin(tokio::time::sleep(self.first_byte_timeout)));
                     return Poll::Ready(Some(Ok(CappedStream {
-                        stream,
+                        stream: StepAside::new(stream),
                         _permit: permit,
                         silent_until,
                         service: self.service,
@@ -140,7 +141,8 @@ impl Stream for CappedIncoming {
 
 /// An accepted connection holding one of the listener's connection slots until it closes.
 pub(crate) struct CappedStream {
-    stream: TcpStream,
+    /// Responses finishing together leave in one `writev` ([`StepAside`]).
+    stream: StepAside<TcpStream>,
     _permit: OwnedSemaphorePermit,
     /// Until the first byte arrives: when the connection is closed if it stays silent.
     silent_until: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -162,7 +164,7 @@ impl Connected for CappedStream {
     type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+        self.stream.get_ref().connect_info()
     }
 }
 
