@@ -28,14 +28,21 @@ use tokio::net::TcpStream;
 /// `Endpoint::connect_with_connector(_lazy)` through `tower::service_fn`: the endpoint still adds
 /// TLS, the connect timeout and HTTP/2 keepalive on top.
 pub async fn connect_stepping_aside(uri: http::Uri) -> std::io::Result<TokioIo<StepAside<TcpStream>>> {
-    let unusable = || std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("no host:port in {uri}"));
-    let host = uri.host().ok_or_else(unusable)?;
-    let port = uri.port_u16().ok_or_else(unusable)?;
-    // `http::Uri` keeps an IPv6 literal's brackets.
-    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let (host, port) = host_and_port(&uri)?;
     let stream = TcpStream::connect((host, port)).await?;
     stream.set_nodelay(true)?;
     Ok(TokioIo::new(StepAside::new(stream)))
+}
+
+/// Where `uri` points: its host (an IPv6 literal without the brackets `http::Uri` keeps) and its
+/// port, or the scheme's (80, or 443 for `https`) as tonic's own connector does.
+fn host_and_port(uri: &http::Uri) -> std::io::Result<(&str, u16)> {
+    let host = uri
+        .host()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("no host in {uri}")))?;
+    let default_port = if uri.scheme_str() == Some("https") { 443 } else { 80 };
+    let port = uri.port_u16().unwrap_or(default_port);
+    Ok((host.trim_start_matches('[').trim_end_matches(']'), port))
 }
 
 /// `inner` with one step aside before the first write after each flush.
@@ -139,16 +146,24 @@ mod tests {
         assert_eq!(&got, b"abcdef");
     }
 
-    /// A URI without a port is refused before dialling; an IPv6 literal connects.
+    /// Host and port as tonic's own connector reads them: the scheme's port when none is given,
+    /// IPv6 literals without brackets, and no host refused before dialling.
+    #[test]
+    fn host_and_port_default_by_scheme() {
+        let of = |uri: &str| host_and_port(&uri.parse().expect("uri")).map(|(h, p)| (h.to_owned(), p));
+        assert_eq!(of("http://db.example:7000").expect("ok"), ("db.example".to_owned(), 7000));
+        assert_eq!(of("http://db.example").expect("ok"), ("db.example".to_owned(), 80));
+        assert_eq!(of("https://db.example").expect("ok"), ("db.example".to_owned(), 443));
+        assert_eq!(of("http://[::1]:5").expect("ok"), ("::1".to_owned(), 5));
+        assert_eq!(of("/no/host").expect_err("no host").kind(), std::io::ErrorKind::InvalidInput);
+    }
+
+    /// The connector dials the URI's address and sets TCP_NODELAY.
     #[tokio::test]
-    async fn dials_host_and_port_of_the_uri() {
-        let missing_port = connect_stepping_aside("http://localhost".parse().expect("uri")).await;
-        assert_eq!(missing_port.expect_err("no port").kind(), std::io::ErrorKind::InvalidInput);
-        let Ok(listener) = tokio::net::TcpListener::bind("[::1]:0").await else {
-            return; // no IPv6 loopback on this machine
-        };
+    async fn dials_with_nodelay() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
-        let uri = format!("http://[::1]:{port}").parse().expect("uri");
+        let uri = format!("http://127.0.0.1:{port}").parse().expect("uri");
         let io = connect_stepping_aside(uri).await.expect("connects");
         assert!(io.inner().get_ref().nodelay().expect("nodelay"));
     }
