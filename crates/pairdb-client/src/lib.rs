@@ -120,7 +120,7 @@ pub async fn connect_with(address: &str, options: &ClientOptions) -> Result<Chan
             .tls_config(tls.clone())
             .map_err(|source| ClientError::InvalidEndpoint { endpoint: endpoint.clone(), source })?;
     }
-    // Concurrent requests on one connection leave in shared `writev`s (`pairdb_proto::transport`).
+    // Concurrent requests on one connection leave in shared writes (`pairdb_proto::transport`).
     builder
         .connect_timeout(options.connect_timeout)
         .connect_with_connector(tower::service_fn(pairdb_proto::transport::connect_stepping_aside))

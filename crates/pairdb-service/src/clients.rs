@@ -84,7 +84,7 @@ impl InternalClients {
         address: &str,
         settings: ChannelSettings,
     ) -> Result<Channel, tonic::transport::Error> {
-        // Concurrent calls to one node leave in shared `writev`s (`pairdb_proto::transport`).
+        // Concurrent calls to one node leave in shared writes (`pairdb_proto::transport`).
         let endpoint = self.endpoint(address, settings)?;
         Ok(endpoint
             .connect_with_connector_lazy(tower::service_fn(pairdb_proto::transport::connect_stepping_aside)))

@@ -141,7 +141,7 @@ impl Stream for CappedIncoming {
 
 /// An accepted connection holding one of the listener's connection slots until it closes.
 pub(crate) struct CappedStream {
-    /// Responses finishing together leave in one `writev` ([`StepAside`]).
+    /// Responses finishing together leave in one write ([`StepAside`]).
     stream: StepAside<TcpStream>,
     _permit: OwnedSemaphorePermit,
     /// Until the first byte arrives: when the connection is closed if it stays silent.
