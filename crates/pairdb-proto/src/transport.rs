@@ -1,6 +1,6 @@
 //! The TCP connections of every PairDB gRPC peer (servers, internal channels, the client crate):
 //! [`StepAside`] gathers what a connection's task writes in one turn and writes it at the task's
-//! next turn, so concurrent responses (or requests) share one `writev`; [`connect_stepping_aside`]
+//! next turn, so concurrent responses (or requests) share one write; [`connect_stepping_aside`]
 //! dials a channel's connection with it.
 //!
 //! HTTP/2 (`h2`) writes whatever frames are queued each time its connection task runs, and writes
@@ -36,7 +36,7 @@ const IDLE_CAPACITY_BYTES: usize = 16 * 1024;
 pub const MAX_DEFERRED_FLUSHES: u32 = 64;
 
 /// Dials `uri`'s `host:port` with `TCP_NODELAY`, for a channel whose concurrent requests share
-/// `writev`s (a request's HEADERS and DATA frames too). Give it to
+/// writes (a request's HEADERS and DATA frames too). Give it to
 /// `Endpoint::connect_with_connector(_lazy)` through `tower::service_fn`: the endpoint still adds
 /// TLS, the connect timeout and HTTP/2 keepalive on top.
 pub async fn connect_stepping_aside(uri: http::Uri) -> std::io::Result<TokioIo<StepAside<TcpStream>>> {
