@@ -107,6 +107,7 @@ impl<T: AsyncWrite + Unpin> StepAside<T> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        debug_assert!(self.gathering || self.pending_bytes() == 0, "bytes are held only while gathering");
         if !self.gathering {
             // The first write of a burst waits one turn, so the frames other tasks queue in that
             // turn join it (without this, it would leave alone at the next turn's read).
